@@ -1,0 +1,151 @@
+"""The ``rampup`` command: a thin layer over the library's public functions.
+
+    rampup prepare CONFIG          tokenize the corpus into shards (cached)
+    rampup plan CONFIG             the whole run as a table + PNG, without training
+    rampup train CONFIG [--resume] train (or continue) a run
+    rampup demo [--quick]          staged curriculum vs fixed baseline on the embedded corpus
+    rampup config [SECTION]        every config key with its default and meaning
+
+Every command takes ``--set key.path=value`` (repeatable) to override any config key.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import typing
+from pathlib import Path
+
+from rich.console import Console
+
+from rampup.errors import RampupError
+
+console = Console()
+
+
+def _load(args: argparse.Namespace):
+    from rampup.config import load_config
+
+    return load_config(args.config, args.set or [])
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from rampup.data.prepare import get_prepared
+
+    cfg = _load(args)
+    path = get_prepared(cfg.data)
+    meta = (path / "meta.json").read_text()
+    console.print(f"prepared data in {path}")
+    console.print(meta)
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from rampup.data.prepare import find_prepared
+    from rampup.plan import make_plan, plot_plan, print_plan
+    from rampup.schedule import Schedule
+
+    cfg = _load(args)
+    prepared = find_prepared(cfg.data)
+    tokens_per_epoch = None
+    if prepared is not None:
+        from rampup.data.dataset import TokenDataset
+
+        tokens_per_epoch = TokenDataset.open(prepared, "train").n_tokens
+    schedule = Schedule.build(cfg.schedule, total=cfg.train.duration, tokens_per_epoch=tokens_per_epoch)
+    plan = make_plan(cfg, schedule)
+    print_plan(plan, cfg, console)
+    png = Path(args.png) if args.png else cfg.resolved_out_dir() / "plan.png"
+    plot_plan(plan, png, title=cfg.name)
+    console.print(f"plot: {png}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from rampup.engine.trainer import train
+
+    cfg = _load(args)
+    summary = train(cfg, resume=args.resume, display_mode=args.progress)
+    console.print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['train_time']:.1f}s; "
+                  + ", ".join(f"val loss@{k} {v:.4f}" for k, v in summary["val_loss"].items()))
+    console.print(f"checkpoint: {summary['checkpoint']}\nmetrics: {summary['metrics']}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from rampup.demo import run_demo
+
+    run_demo(args.configs, quick=args.quick, overrides=args.set or [], console=console)
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from pydantic import BaseModel
+
+    from rampup.config import RunConfig
+    from rampup.knobs import KNOBS
+
+    def walk(cls: type[BaseModel], prefix: str) -> None:
+        for name, field in cls.model_fields.items():
+            ann = field.annotation
+            sub = next((a for a in (ann, *typing.get_args(ann)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+            key = f"{prefix}{field.alias or name}"
+            if args.section and not key.startswith(args.section):
+                continue
+            if sub is not None and prefix.count(".") < 2 and name != "stages":
+                console.print(f"[bold]{key}[/]: {field.description or ''}")
+                walk(sub, key + ".")
+            else:
+                default = field.get_default(call_default_factory=True)
+                console.print(f"  {key} = {default!r}  [dim]{field.description or ''}[/]")
+
+    walk(RunConfig, "")
+    console.print("[bold]knobs[/] (set in schedule.knobs or in a stage; numbers may be ramps "
+                  "{ramp: linear|cosine|step|exponential|root, from: A, to: B}):")
+    for k in KNOBS.values():
+        console.print(f"  {k.name}  [dim]{k.doc}[/]")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rampup", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(name: str, help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.add_argument("config", help="YAML run config (see configs/; `rampup config` lists every key)")
+        sp.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.duration='2M tok' (repeatable)")
+        return sp
+
+    with_config("prepare", "tokenize the corpus into token shards (cached)").set_defaults(fn=cmd_prepare)
+    sp = with_config("plan", "print the whole run as a table and write a PNG of its knobs, without training")
+    sp.add_argument("--png", help="where to write the plot (default: OUT_DIR/plan.png)")
+    sp.set_defaults(fn=cmd_plan)
+    sp = with_config("train", "train a run, or continue one with --resume")
+    sp.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    sp.add_argument("--progress", choices=["auto", "rich", "plain", "off"], help="console display (default: log.progress)")
+    sp.set_defaults(fn=cmd_train)
+    sp = sub.add_parser("demo", help="staged curriculum vs fixed baseline on the embedded corpus")
+    sp.add_argument("configs", nargs="*", default=["configs/demo_staged.yaml", "configs/demo_baseline.yaml"],
+                    help="configs to run with the same budget (the last is the baseline)")
+    sp.add_argument("--quick", action="store_true", help="a much shorter run (under a minute), for tests")
+    sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key in every config")
+    sp.set_defaults(fn=cmd_demo)
+    sp = sub.add_parser("config", help="list every config key with its default and meaning")
+    sp.add_argument("section", nargs="?", help="only keys under this prefix, e.g. train")
+    sp.set_defaults(fn=cmd_config)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except RampupError as e:
+        code = getattr(e, "exit_code", 2)
+        print(f"error: {e}", file=sys.stderr)
+        return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""The run configuration: one typed section per concern, loaded from YAML and validated up front.
+
+Everything a run can get wrong in its configuration (a typo in a key, a duration without a unit, a
+stage longer than the model accepts) is caught here, before any data is read or any step runs, and
+reported as a :class:`ConfigError` that names the key and the fix.
+"""
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ValidationError, model_validator
+
+from rampup.configbase import Section
+from rampup.data.config import DataConfig
+from rampup.errors import ConfigError, did_you_mean
+from rampup.models.llm import ModelConfig
+from rampup.optim import OptimizerConfig
+from rampup.schedule import ScheduleConfig
+from rampup.units import Duration, Unit
+
+
+class TrainConfig(Section):
+    """The training loop: budget, precision, device, checkpoints."""
+
+    duration: Duration | None = None
+    """Total training budget ('20M tok', '2 epochs', '1000 steps'). Omit to use the sum of the stage durations."""
+    seed: int = 0
+    """Seeds the model initialisation and the data order."""
+    precision: Literal["bf16", "fp32"] = "bf16"
+    """Autocast dtype for matmuls: bf16 (fast on CPUs with AMX and on GPUs) or fp32. Weights stay fp32."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train; auto picks cuda when available."""
+    micro_batch_tokens: int | None = None
+    """Most tokens in one forward/backward pass; larger steps are split and their gradients accumulated. None: no split."""
+    out_dir: str = "runs/{name}"
+    """Where checkpoints, metrics and plots go; {name} is replaced by the run name."""
+    checkpoint_every: Duration | None = Duration(200, Unit.STEP)
+    """How often to write a checkpoint, in steps, tokens or % of the run (None: only at the end)."""
+    threads: int | None = None
+    """torch.set_num_threads for CPU training (None: PyTorch's default)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.micro_batch_tokens is not None and self.micro_batch_tokens < 1:
+            raise ValueError("train.micro_batch_tokens must be >= 1, or null for no split")
+        if self.checkpoint_every is not None and self.checkpoint_every.unit not in (Unit.STEP, Unit.TOKEN, Unit.FRACTION):
+            raise ValueError("train.checkpoint_every takes steps, tokens or % of the run")
+        if self.checkpoint_every is not None and self.checkpoint_every.value == 0:
+            raise ValueError("train.checkpoint_every must be positive, or null for end-of-run only")
+        return self
+
+
+class EvalConfig(Section):
+    """Validation loss on held-out documents, at one or more context lengths."""
+
+    seq_lens: list[int] = []
+    """Context lengths to evaluate at (empty: the longest seq_len of the schedule)."""
+    every: Duration | None = None
+    """How often to evaluate during training, in steps, tokens or %; the end of the run is always evaluated."""
+    max_tokens: int = 32768
+    """Held-out tokens scored per context length (fewer if the validation split is smaller)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> EvalConfig:
+        if any(n < 1 for n in self.seq_lens):
+            raise ValueError("eval.seq_lens must be positive")
+        if self.max_tokens < 1:
+            raise ValueError("eval.max_tokens must be positive")
+        if self.every is not None and (self.every.unit not in (Unit.STEP, Unit.TOKEN, Unit.FRACTION) or self.every.value == 0):
+            raise ValueError("eval.every takes a positive number of steps, tokens or % of the run")
+        return self
+
+
+class LogConfig(Section):
+    """Metrics and the console."""
+
+    progress: Literal["auto", "rich", "plain", "off"] = "auto"
+    """Console display: a live rich display on a terminal, plain lines otherwise (auto), or off."""
+    every: Duration = Duration(10, Unit.STEP)
+    """How often the plain display prints a line (the metrics file gets every step)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> LogConfig:
+        if self.every.unit is not Unit.STEP or self.every.value < 1:
+            raise ValueError("log.every is a whole number of steps, e.g. '10 steps'")
+        return self
+
+
+class RunConfig(Section):
+    """A whole run. Sections: model, data, schedule, optimizer, train, eval, log."""
+
+    name: str = "run"
+    """Run name, used in out_dir and reports."""
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    log: LogConfig = LogConfig()
+
+    @model_validator(mode="after")
+    def _cross_check(self) -> RunConfig:
+        limit = self.model.max_seq_len
+        for i, st in enumerate(self.schedule.stages):
+            v = st.knobs.get("seq_len")
+            top = max(v.start, v.to) if hasattr(v, "start") else v
+            if top is not None and top > limit:
+                raise ValueError(f"schedule.stages.{i}.seq_len reaches {top:g} but model.max_seq_len is {limit}; "
+                                 "raise model.max_seq_len or shorten the stage")
+        start = self.schedule.knobs.get("seq_len")
+        if start is not None and start > limit:
+            raise ValueError(f"schedule.knobs.seq_len {start} exceeds model.max_seq_len {limit}")
+        for n in self.eval.seq_lens:
+            if n > limit:
+                raise ValueError(f"eval.seq_lens has {n}, beyond model.max_seq_len {limit}")
+        tok = self.data.tokenizer
+        if tok.path is None:
+            if "vocab_size" in tok.model_fields_set and tok.vocab_size != self.model.vocab_size:
+                raise ValueError(f"data.tokenizer.vocab_size {tok.vocab_size} differs from model.vocab_size "
+                                 f"{self.model.vocab_size}; set model.vocab_size only (the trained tokenizer follows it)")
+            tok.vocab_size = self.model.vocab_size
+        if self.data.sampler == "fixed":
+            lens = {st.knobs["seq_len"] for st in self.schedule.stages if "seq_len" in st.knobs}
+            ramps = [x for x in lens if hasattr(x, "start")]
+            if ramps or len(lens | ({start} if start else set())) > 1:
+                raise ValueError("data.sampler 'fixed' serves one sequence length, but the schedule changes "
+                                 "seq_len; use data.sampler: staged")
+        return self
+
+    def resolved_out_dir(self) -> Path:
+        return Path(self.train.out_dir.replace("{name}", self.name))
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading, overrides and readable errors
+
+
+def set_override(tree: dict[str, Any], assignment: str) -> None:
+    """Apply ``a.b.c=value`` to a nested dict (list items by index: ``schedule.stages.1.seq_len=512``)."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects key.path=value, got {assignment!r}")
+    path, raw = assignment.split("=", 1)
+    keys = path.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"--set has an empty key in {path!r}")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    node: Any = tree
+    for i, key in enumerate(keys):
+        last = i == len(keys) - 1
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise ConfigError(f"--set {path}: '{key}' is not an index of the {len(node)}-item list at "
+                                  f"{'.'.join(keys[:i]) or 'top level'}")
+            key = int(key)  # type: ignore[assignment]
+        elif not isinstance(node, dict):
+            raise ConfigError(f"--set {path}: {'.'.join(keys[:i])} is a value, not a section")
+        if last:
+            node[key] = value
+        else:
+            if isinstance(node, dict) and (key not in node or node[key] is None):
+                node[key] = {}
+            node = node[key]
+
+
+def _section_class(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation such as ``X``, ``X | None`` or ``list[X]``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _section_class(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _valid_keys(loc: tuple[Any, ...]) -> list[str]:
+    cls: type[BaseModel] | None = RunConfig
+    for part in loc:
+        if isinstance(part, int) or cls is None:
+            continue
+        field = cls.model_fields.get(part)
+        cls = _section_class(field.annotation) if field else None
+    return list(cls.model_fields) if cls is not None else []
+
+
+def format_validation_error(err: ValidationError, source: str) -> ConfigError:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            key = str(loc[-1])
+            valid = _valid_keys(loc[:-1])
+            hint = did_you_mean(key, valid)
+            where = ".".join(str(p) for p in loc[:-1]) or "the top level"
+            lines.append(f"unknown key '{path}'{hint}; valid keys in {where}: {', '.join(valid)}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            got = e.get("input")
+            shown = f" (got {got!r})" if not isinstance(got, (dict, list)) and e["type"] != "value_error" else ""
+            lines.append(f"{path}: {msg}{shown}")
+    return ConfigError(f"invalid config {source}:\n  " + "\n  ".join(lines))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), *, name: str | None = None) -> RunConfig:
+    """Read a YAML config (or the defaults when ``path`` is None), apply ``--set`` overrides, validate."""
+    tree: dict[str, Any] = {}
+    source = "(defaults)"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist; give the path of a YAML file (see configs/)")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p} is not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{p} must hold a mapping of sections (model:, data:, schedule:, ...)")
+        tree.setdefault("name", name or p.stem)
+    for item in overrides:
+        set_override(tree, item)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as e:
+        raise format_validation_error(e, source) from None
+    except ConfigError as e:
+        raise ConfigError(f"invalid config {source}: {e}") from None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False)
+
+

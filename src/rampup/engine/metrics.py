@@ -1,0 +1,127 @@
+"""Metrics (a JSONL file, the canonical record of a run) and the console display.
+
+Each line of ``metrics.jsonl`` is one event: ``{"event": "step", ...}`` every optimizer step,
+``{"event": "eval", ...}`` per evaluated context length, ``{"event": "stage", ...}`` at each stage
+start. On resume the file is cut back to the checkpoint's step, so it always describes one
+uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from rampup.units import format_tokens
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """All complete records of a metrics file; a line cut off by a crash is ignored."""
+    records = []
+    if not path.is_file():
+        return records
+    with open(path) as f:
+        for line in f:
+            if not line.endswith("\n"):
+                break
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return records
+
+
+class MetricsWriter:
+    """Appends one JSON object per line; ``truncate_after(step)`` rewinds it for a resumed run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._f: TextIO = open(path, "a")
+
+    def truncate_after(self, step: int) -> None:
+        """Keep only records of steps <= ``step`` (what the checkpoint being resumed had seen)."""
+        self._f.close()
+        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.replace(self.path)
+        self._f = open(self.path, "a")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._f.write(json.dumps(record) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class Display:
+    """Live rich progress on a terminal; plain lines every ``every`` steps otherwise; or nothing."""
+
+    def __init__(self, mode: str, total_steps: int, total_tokens: int, every: int, stream: TextIO | None = None) -> None:
+        stream = stream or sys.stdout
+        if mode == "auto":
+            mode = "rich" if stream.isatty() else "plain"
+        self.mode, self.every, self.total_steps, self.total_tokens = mode, every, total_steps, total_tokens
+        self.console = Console(file=stream)
+        self._stream = stream
+        self._progress: Progress | None = None
+        if mode == "rich":
+            self._progress = Progress(
+                TextColumn("[bold]{task.fields[stage]}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=self.console,
+            )
+            self._task = self._progress.add_task("train", total=total_steps, stage="", info="")
+            self._progress.start()
+
+    def print(self, message: str) -> None:
+        if self.mode == "off":
+            return
+        if self._progress is not None:
+            self._progress.console.print(message)
+        else:
+            print(message, file=self._stream, flush=True)
+
+    def step(self, rec: dict[str, Any], eta_s: float) -> None:
+        info = (f"seq {rec['seq_len']} x{rec['batch_size']} | loss {rec['loss']:.4f} | "
+                f"{format_tokens(rec['tok_per_s'])} tok/s")
+        if self._progress is not None:
+            self._progress.update(self._task, completed=rec["step"], stage=rec["stage_name"], info=info)
+        elif self.mode == "plain" and (rec["step"] % self.every == 0 or rec["step"] == self.total_steps):
+            print(f"step {rec['step']}/{self.total_steps} | {rec['stage_name']} | {info} | lr {rec['lr']:.2e} | "
+                  f"{format_tokens(rec['tokens'])}/{format_tokens(self.total_tokens)} tok | eta {_fmt_time(eta_s)}",
+                  file=self._stream, flush=True)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+class Throughput:
+    """Tokens per second over a sliding window of recent steps (stable, unlike one step's rate)."""
+
+    def __init__(self, window: int = 10) -> None:
+        self.window = window
+        self._hist: list[tuple[float, int]] = []
+
+    def update(self, tokens: int) -> float:
+        now = time.perf_counter()
+        self._hist.append((now, tokens))
+        self._hist = self._hist[-(self.window + 1):]
+        if len(self._hist) < 2:
+            return 0.0
+        (t0, n0), (t1, n1) = self._hist[0], self._hist[-1]
+        return (n1 - n0) / max(t1 - t0, 1e-9)

@@ -1,0 +1,305 @@
+"""The training loop: schedule -> sampler -> model step, with metrics, evaluation and checkpoints.
+
+The pieces are plain functions so a user can call them in a loop of their own:
+:func:`train_step` (one optimizer step at any batch shape, with gradient accumulation),
+:func:`evaluate` (held-out loss at one context length) and :func:`train` (the whole run from a
+:class:`RunConfig`, resumable). The model knows nothing of any of this.
+
+Quick check on a CPU (about a minute)::
+
+    rampup train configs/tiny.yaml
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from rampup.config import RunConfig, dump_config
+from rampup.data.dataset import TokenDataset
+from rampup.data.prepare import get_prepared
+from rampup.data.samplers import build_sampler, eval_windows
+from rampup.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rampup.engine.metrics import Display, MetricsWriter
+from rampup.errors import ConfigError, DataError, RampupError
+from rampup.models.llm import DecoderLM, flops_per_token
+from rampup.optim import build_optimizer, lr_at
+from rampup.schedule import Schedule
+from rampup.units import Duration, Unit
+
+
+class Interrupted(RampupError):
+    """Training stopped by a signal after writing a checkpoint; ``exit_code`` is 128 + the signal."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class Progress:
+    """Where the run stands; saved in every checkpoint."""
+
+    step: int = 0
+    tokens: int = 0
+    flops: float = 0.0
+    train_time: float = 0.0
+    """Seconds spent in training steps only (evaluation and checkpointing excluded)."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    lr: float,
+    precision: str = "bf16",
+    micro_batch_tokens: int | None = None,
+    grad_clip: float | None = None,
+) -> tuple[float, float]:
+    """One optimizer step on inputs/targets (B, T); returns (mean loss, grad norm before clipping).
+
+    A batch larger than ``micro_batch_tokens`` is split by rows and the gradients accumulated, each
+    micro-batch weighted by its share of tokens so the result equals the unsplit step.
+    """
+    B, T = x.shape
+    rows = B if micro_batch_tokens is None else max(1, min(B, micro_batch_tokens // T))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    total = torch.zeros((), device=x.device)
+    ctx = autocast(x.device, precision)
+    for i in range(0, B, rows):
+        xb, yb = x[i:i + rows], y[i:i + rows]
+        with ctx:
+            logits = model(xb)  # (b, T, V)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), yb.flatten())
+        loss = loss * (xb.shape[0] / B)
+        loss.backward()
+        total += loss.detach()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip else math.inf)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total.item(), norm.item()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, windows: torch.Tensor, *, precision: str = "bf16",
+             batch_tokens: int = 16384) -> float:
+    """Mean next-token loss over ``windows`` (N, T+1), every position scored."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    T = windows.shape[1] - 1
+    rows = max(1, batch_tokens // T)
+    loss_sum, count = 0.0, 0
+    for i in range(0, windows.shape[0], rows):
+        w = windows[i:i + rows].to(device)
+        with autocast(device, precision):
+            logits = model(w[:, :-1])
+        loss_sum += F.cross_entropy(logits.float().flatten(0, 1), w[:, 1:].flatten(), reduction="sum").item()
+        count += w[:, 1:].numel()
+    model.train(was_training)
+    return loss_sum / count
+
+
+def _every(d: Duration | None, total_tokens: int):
+    """A predicate (step, tokens_before, tokens_after) -> bool firing every ``d``."""
+    if d is None:
+        return lambda step, before, after: False
+    if d.unit is Unit.STEP:
+        n = int(d.value)
+        return lambda step, before, after: step % n == 0
+    n = max(1, d.to_tokens(total_tokens=total_tokens))
+    return lambda step, before, after: after // n > before // n
+
+
+class _SignalFlag:
+    """First SIGTERM/SIGINT asks for a checkpoint and a clean stop; a second SIGINT stops at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _SignalFlag:
+        with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+_COMPARED_ON_RESUME = ("model", "data", "schedule", "optimizer")
+
+
+def _check_resumable(saved: dict[str, Any], cfg: RunConfig) -> None:
+    now = cfg.model_dump(mode="json", by_alias=True)
+    diff = [k for k in _COMPARED_ON_RESUME if saved.get(k) != now.get(k)]
+    for k in ("duration", "seed", "precision", "micro_batch_tokens"):
+        if saved.get("train", {}).get(k) != now["train"].get(k):
+            diff.append(f"train.{k}")
+    if diff:
+        raise ConfigError(f"the config differs from the checkpoint's in: {', '.join(diff)}; resume with the "
+                          "config the run started with (saved as config.yaml in the run folder)")
+
+
+def prepare_run(cfg: RunConfig) -> tuple[Schedule, TokenDataset, TokenDataset, list[int]]:
+    """Everything that can fail on bad input, done before any training compute."""
+    prepared = get_prepared(cfg.data)
+    train_ds = TokenDataset.open(prepared, "train")
+    val_ds = TokenDataset.open(prepared, "val")
+    if train_ds.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"the tokenizer has {train_ds.vocab_size} tokens but model.vocab_size is "
+                          f"{cfg.model.vocab_size}; set model.vocab_size >= {train_ds.vocab_size}")
+    schedule = Schedule.build(cfg.schedule, total=cfg.train.duration, tokens_per_epoch=train_ds.n_tokens)
+    eval_lens = cfg.eval.seq_lens or [schedule.max_knob("seq_len")]
+    for n in eval_lens:
+        if val_ds.n_tokens < n + 1:
+            raise DataError(f"the validation split has {val_ds.n_tokens} tokens, too few for eval at seq_len {n}; "
+                            "raise data.val_fraction or lower eval.seq_lens")
+    return schedule, train_ds, val_ds, eval_lens
+
+
+def train(cfg: RunConfig, *, resume: bool = False, display_mode: str | None = None) -> dict[str, Any]:
+    """Run (or resume) a whole training run; returns the summary also written to summary.json."""
+    schedule, train_ds, val_ds, eval_lens = prepare_run(cfg)
+    out = cfg.resolved_out_dir()
+    ckpt_dir = out / "checkpoints"
+    found = latest_checkpoint(ckpt_dir)
+    if found is not None and not resume:
+        raise ConfigError(f"{out} already holds a checkpoint ({found.name}); pass --resume to continue it, "
+                          "or choose another name / train.out_dir for a new run")
+    if resume and found is None:
+        raise ConfigError(f"--resume: no checkpoint in {ckpt_dir}; run without --resume to start")
+
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = resolve_device(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)
+    model = DecoderLM(cfg.model).to(device)
+    optimizer = build_optimizer(model, cfg.optimizer)
+    sampler = build_sampler(cfg.data.sampler, train_ds, cfg.train.seed, schedule.stages[0].knobs_at(0)["seq_len"])
+    val_windows = {n: eval_windows(val_ds, n, cfg.eval.max_tokens) for n in eval_lens}
+    progress = Progress()
+
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = MetricsWriter(out / "metrics.jsonl")
+    if found is not None:
+        ck = load_checkpoint(found, model, optimizer)
+        _check_resumable(ck.state["config"], cfg)
+        progress = Progress(**ck.state["progress"])
+        sampler.load_state_dict(ck.state["sampler"])
+        metrics.truncate_after(progress.step)
+    else:
+        (out / "config.yaml").write_text(dump_config(cfg))
+        metrics.truncate_after(0)
+
+    total_steps = schedule.num_steps()
+    display = Display(display_mode or cfg.log.progress, total_steps, schedule.total_tokens, int(cfg.log.every.value))
+    should_eval = _every(cfg.eval.every, schedule.total_tokens)
+    should_save = _every(cfg.train.checkpoint_every, schedule.total_tokens)
+    config_dump = cfg.model_dump(mode="json", by_alias=True)
+
+    def checkpoint() -> Path:
+        state = {"progress": asdict(progress), "sampler": sampler.state_dict(), "config": config_dump}
+        return save_checkpoint(ckpt_dir, progress.step, model, optimizer, state)
+
+    def run_eval() -> dict[int, float]:
+        losses = {}
+        for n, w in val_windows.items():
+            losses[n] = evaluate(model, w, precision=cfg.train.precision)
+            metrics.write({"event": "eval", "step": progress.step, "tokens": progress.tokens, "seq_len": n,
+                           "loss": losses[n], "train_time": progress.train_time, "flops": progress.flops})
+        display.print(f"eval @ step {progress.step}: " + ", ".join(f"loss@{n} {v:.4f}" for n, v in losses.items()))
+        return losses
+
+    display.print(f"run '{cfg.name}': {total_steps} steps, {schedule.total_tokens:,} tokens, "
+                  f"{model.num_params():,} non-embedding parameters, device {device}, output {out}"
+                  + (f" (resumed at step {progress.step})" if found else ""))
+    stage_index = schedule.stage_at(progress.tokens).index if progress.step else -1
+    model.train()
+    with _SignalFlag() as flag:
+        try:
+            while progress.tokens < schedule.total_tokens:
+                sp = schedule.step_at(progress.step, progress.tokens)
+                stage = schedule.stages[sp.stage]
+                if sp.stage != stage_index:
+                    stage_index = sp.stage
+                    metrics.write({"event": "stage", "step": progress.step, "tokens": progress.tokens,
+                                   "stage": stage.index, "stage_name": stage.name, "knobs": sp.knobs})
+                    display.print(f"stage {stage.index} '{stage.name}' at step {progress.step}: " +
+                                  ", ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}"
+                                            for k, v in sp.knobs.items()))
+                t0 = time.perf_counter()
+                x, y = sampler.next_batch(sp.seq_len, sp.batch_size)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                lr = lr_at(cfg.optimizer, progress.tokens, schedule.total_tokens) * sp.knobs["lr_mult"]
+                loss, gnorm = train_step(model, optimizer, x, y, lr=lr, precision=cfg.train.precision,
+                                         micro_batch_tokens=cfg.train.micro_batch_tokens,
+                                         grad_clip=cfg.optimizer.grad_clip)
+                dt = time.perf_counter() - t0
+                before = progress.tokens
+                progress.step += 1
+                progress.tokens += sp.tokens
+                progress.flops += flops_per_token(cfg.model, sp.seq_len) * sp.tokens
+                progress.train_time += dt
+                rec = {"event": "step", "step": progress.step, "tokens": progress.tokens, "loss": loss, "lr": lr,
+                       "grad_norm": gnorm, "seq_len": sp.seq_len, "batch_size": sp.batch_size,
+                       "stage": stage.index, "stage_name": stage.name, "tok_per_s": sp.tokens / dt,
+                       "step_time": dt, "train_time": progress.train_time, "flops": progress.flops,
+                       "wall": time.time()}
+                metrics.write(rec)
+                eta = progress.train_time / progress.tokens * (schedule.total_tokens - progress.tokens)
+                display.step(rec, eta)
+                done = progress.tokens >= schedule.total_tokens
+                if not math.isfinite(loss):
+                    raise RampupError(f"loss became {loss} at step {progress.step}; lower optimizer.lr or "
+                                      "resume from the last checkpoint with --resume")
+                if should_eval(progress.step, before, progress.tokens) and not done:
+                    run_eval()
+                if flag.signum is not None:
+                    path = checkpoint()
+                    raise Interrupted(f"stopped by signal {flag.signum} after step {progress.step}; checkpoint "
+                                      f"{path}. Resume with: rampup train CONFIG --resume", 128 + flag.signum)
+                if should_save(progress.step, before, progress.tokens) and not done:
+                    checkpoint()
+            final = run_eval()
+            path = checkpoint()
+        finally:
+            display.close()
+            metrics.close()
+    summary = {"name": cfg.name, "steps": progress.step, "tokens": progress.tokens, "flops": progress.flops,
+               "train_time": progress.train_time, "val_loss": {str(k): v for k, v in final.items()},
+               "checkpoint": str(path), "metrics": str(out / "metrics.jsonl")}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary

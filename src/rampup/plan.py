@@ -1,0 +1,146 @@
+"""``rampup plan``: the whole run as a table and a picture, before a single step runs.
+
+The plan walks :meth:`Schedule.steps` exactly as the engine will, so its step counts and batch shapes
+are the ones training uses. FLOPs follow the PaLM estimate ``6N + 12·L·d·T`` per token (the second
+term is attention), and the plan compares the total with a fixed-length baseline that spends the
+same token budget at the schedule's longest ``seq_len``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from rampup.config import RunConfig
+from rampup.models.llm import flops_per_token
+from rampup.optim import lr_at
+from rampup.schedule import Schedule
+from rampup.units import format_tokens
+
+
+@dataclass
+class StageSummary:
+    index: int
+    name: str
+    start: int
+    end: int
+    steps: int = 0
+    flops: float = 0.0
+    attn_flops: float = 0.0
+    seq_lens: set[int] = field(default_factory=set)
+    shapes: list[tuple[int, int]] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+    extra: dict[str, set[str]] = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    schedule: Schedule
+    stages: list[StageSummary]
+    total_steps: int
+    total_flops: float
+    baseline_flops: float
+    baseline_seq_len: int
+    curve: dict[str, list[float]]
+    """Per step: tokens, seq_len, batch_size, lr — for the PNG."""
+
+    @property
+    def flops_saved(self) -> float:
+        return 1 - self.total_flops / self.baseline_flops
+
+
+def make_plan(cfg: RunConfig, schedule: Schedule) -> Plan:
+    total = schedule.total_tokens
+    stages = [StageSummary(s.index, s.name, s.start, s.end) for s in schedule.stages]
+    curve: dict[str, list[float]] = {"tokens": [], "seq_len": [], "batch_size": [], "lr": []}
+    attn_per_token = 12 * cfg.model.n_layers * cfg.model.dim  # times seq_len
+    n = 0
+    for sp in schedule.steps():
+        st = stages[sp.stage]
+        st.steps += 1
+        st.flops += flops_per_token(cfg.model, sp.seq_len) * sp.tokens
+        st.attn_flops += attn_per_token * sp.seq_len * sp.tokens
+        st.seq_lens.add(sp.seq_len)
+        st.shapes.append((sp.batch_size, sp.seq_len))
+        lr = lr_at(cfg.optimizer, sp.tokens_before, total) * sp.knobs["lr_mult"]
+        st.lrs.append(lr)
+        for k, v in sp.knobs.items():
+            if k not in ("seq_len", "batch_tokens", "lr_mult"):
+                st.extra.setdefault(k, set()).add(str(v))
+        for key, val in (("tokens", sp.tokens_before), ("seq_len", sp.seq_len), ("batch_size", sp.batch_size), ("lr", lr)):
+            curve[key].append(val)
+        n += 1
+    base_len = schedule.max_knob("seq_len")
+    return Plan(schedule, stages, n, sum(s.flops for s in stages), flops_per_token(cfg.model, base_len) * total,
+                base_len, curve)
+
+
+def _span(values: list[float] | set[int], fmt: str = "{:g}") -> str:
+    lo, hi = min(values), max(values)
+    return fmt.format(lo) if lo == hi else f"{fmt.format(lo)}..{fmt.format(hi)}"
+
+
+def plan_table(plan: Plan, cfg: RunConfig) -> Table:
+    t = Table(title=f"plan: {cfg.name} ({format_tokens(plan.schedule.total_tokens)} tokens, {plan.total_steps} steps)")
+    for col in ("stage", "tokens", "steps", "seq_len", "batch (B x T)", "lr", "FLOPs", "attn", "compute"):
+        t.add_column(col, justify="left" if col in ("stage", "batch (B x T)") else "right")
+    extras = sorted({k for s in plan.stages for k in s.extra})
+    for k in extras:
+        t.add_column(k)
+    for s in plan.stages:
+        shapes = sorted(set(s.shapes))
+        shape = f"{shapes[0][0]} x {shapes[0][1]}" if len(shapes) == 1 else \
+            f"{shapes[0][0]} x {shapes[0][1]} .. {shapes[-1][0]} x {shapes[-1][1]}"
+        t.add_row(
+            f"{s.index} {s.name}", f"{format_tokens(s.start)}-{format_tokens(s.end)}", str(s.steps),
+            _span(s.seq_lens), shape, _span(s.lrs, "{:.2e}"), f"{s.flops:.3g}",
+            f"{s.attn_flops / s.flops:.0%}" if s.flops else "-", f"{s.flops / plan.total_flops:.1%}",
+            *[", ".join(sorted(s.extra.get(k, {"-"}))) for k in extras],
+        )
+    return t
+
+
+def print_plan(plan: Plan, cfg: RunConfig, console: Console | None = None) -> None:
+    console = console or Console()
+    console.print(plan_table(plan, cfg))
+    console.print(f"total {plan.total_flops:.3g} FLOPs; a fixed seq_len {plan.baseline_seq_len} baseline of the same "
+                  f"budget needs {plan.baseline_flops:.3g}: this schedule saves {plan.flops_saved:.1%}")
+
+
+def plot_plan(plan: Plan, path: Path, title: str = "") -> Path:
+    """A PNG of seq_len, batch size and learning rate over the run, with stage boundaries marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = plan.curve
+    fig, axes = plt.subplots(3, 1, figsize=(8, 7), sharex=True)
+    for ax, key, label in zip(axes, ("seq_len", "batch_size", "lr"),
+                              ("seq_len (tokens)", "batch size (sequences)", "learning rate")):
+        ax.step(c["tokens"], c[key], where="post")
+        ax.set_ylabel(label)
+        for s in plan.stages[1:]:
+            ax.axvline(s.start, color="grey", ls="--", lw=0.8)
+        ax.grid(alpha=0.3)
+    for s in plan.stages:
+        axes[0].annotate(s.name, ((s.start + s.end) / 2, 1.02), xycoords=("data", "axes fraction"),
+                         ha="center", fontsize=8)
+    axes[-1].set_xlabel("training tokens")
+    fig.suptitle(title or "schedule", y=0.995)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plan_summary(plan: Plan) -> dict[str, Any]:
+    """JSON-able numbers of a plan (for tests and tools)."""
+    return {"total_tokens": plan.schedule.total_tokens, "total_steps": plan.total_steps,
+            "total_flops": plan.total_flops, "baseline_flops": plan.baseline_flops,
+            "stages": [{"name": s.name, "start": s.start, "end": s.end, "steps": s.steps, "flops": s.flops,
+                        "seq_lens": sorted(s.seq_lens)} for s in plan.stages]}
