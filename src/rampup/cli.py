@@ -19,7 +19,7 @@ from rich.console import Console
 
 from rampup.errors import RampupError
 
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 150)
 
 
 def _load(args: argparse.Namespace):
@@ -40,14 +40,14 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from rampup.data.prepare import find_prepared
+    from rampup.data.prepare import prepared_dir
     from rampup.plan import make_plan, plot_plan, print_plan
     from rampup.schedule import Schedule
 
     cfg = _load(args)
-    prepared = find_prepared(cfg.data)
-    tokens_per_epoch = None
-    if prepared is not None:
+    prepared = prepared_dir(cfg.data)
+    tokens_per_epoch = None  # known only once the corpus is prepared; plan never prepares it
+    if (prepared / "meta.json").is_file():
         from rampup.data.dataset import TokenDataset
 
         tokens_per_epoch = TokenDataset.open(prepared, "train").n_tokens

@@ -1,0 +1,125 @@
+"""One split of a prepared corpus: memory-mapped token shards plus the document index."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from rampup.data.prepare import SPLITS, docs_path, read_meta, shard_path
+from rampup.errors import DataError, did_you_mean
+
+
+class TokenDataset:
+    """The documents of one split; each document's tokens end with the EOT token.
+
+    Open with :meth:`TokenDataset.open`; tokens are read from disk on demand (``np.memmap``).
+    """
+
+    def __init__(self, folder: Path, split: str, meta: dict, shards: list[np.ndarray],
+                 index: np.ndarray):
+        self.folder = folder
+        self.split = split
+        self.meta = meta
+        self.shards = shards
+        self.index = index  # (n_docs, 3) int64: shard, start, length
+        self.vocab_size: int = meta["vocab_size"]
+        self.eot_id: int = meta["eot_id"]
+        self.n_docs: int = len(index)
+        self.doc_lengths: np.ndarray = index[:, 2]  # (n_docs,)
+        self.n_tokens: int = int(self.doc_lengths.sum())
+
+    @classmethod
+    def open(cls, prepared_dir: str | Path, split: str) -> TokenDataset:
+        """Open ``split`` ("train" or "val") of a prepared folder; the index is checked against
+        the shards, so a corrupt folder fails here rather than mid-training."""
+        folder = Path(prepared_dir)
+        if split not in SPLITS:
+            raise DataError(
+                f"unknown split '{split}'{did_you_mean(split, SPLITS)}; use one of {SPLITS}")
+        meta = read_meta(folder)
+        info = meta["splits"][split]
+        dtype = np.dtype(meta["dtype"])
+
+        shards = []
+        for s in range(info["n_shards"]):
+            path = shard_path(folder, split, s)
+            if not path.is_file():
+                raise DataError(
+                    f"shard {path} is missing; delete {folder} and run `rampup prepare`")
+            size = path.stat().st_size
+            if size == 0 or size % dtype.itemsize:
+                raise DataError(
+                    f"shard {path} has {size} bytes, not a whole number of {dtype} tokens")
+            shards.append(np.memmap(path, dtype=dtype, mode="r"))
+
+        dpath = docs_path(folder, split)
+        try:
+            index = np.load(dpath, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise DataError(f"document index {dpath} is missing or unreadable ({e}); "
+                            "delete the folder and run `rampup prepare`") from None
+        if index.ndim != 2 or index.shape[1] != 3 or index.dtype != np.int64:
+            raise DataError(f"document index {dpath} has shape {index.shape} and dtype "
+                            f"{index.dtype}; expected (n_docs, 3) int64")
+        if len(index) != info["n_docs"]:
+            raise DataError(f"document index {dpath} lists {len(index)} documents, "
+                            f"meta.json says {info['n_docs']}")
+        _check_index(index, shards, dpath, folder, split, meta["eot_id"])
+        return cls(folder, split, meta, shards, index)
+
+    def doc(self, i: int) -> np.ndarray:
+        """The tokens of document ``i`` (EOT included), a read-only view into its shard."""
+        shard, start, length = self.index[i]
+        return self.shards[shard][start:start + length]
+
+    def read_stream(self, order: np.ndarray, doc_pos: int, offset: int, n: int
+                    ) -> tuple[np.ndarray, int, int]:
+        """Read ``n`` tokens of the documents ``order`` concatenated, from token ``offset`` of
+        document ``order[doc_pos]``.
+
+        Returns (tokens, doc_pos, offset) with the position just after the last token read; the
+        position moves to the next document when one is finished, so ``doc_pos == len(order)``
+        means the order is exhausted. Fewer than ``n`` tokens come back only then.
+        """
+        out = np.empty(n, dtype=self.shards[0].dtype if self.shards else np.uint32)
+        filled = 0
+        while filled < n and doc_pos < len(order):
+            shard, start, length = (int(v) for v in self.index[order[doc_pos]])
+            take = min(n - filled, length - offset)
+            out[filled:filled + take] = self.shards[shard][start + offset:start + offset + take]
+            filled += take
+            offset += take
+            if offset == length:
+                doc_pos, offset = doc_pos + 1, 0
+        return out[:filled], int(doc_pos), int(offset)
+
+
+def _check_index(index: np.ndarray, shards: list[np.ndarray], dpath: Path, folder: Path,
+                 split: str, eot: int) -> None:
+    """Every document lies inside its shard, is non-empty and ends with EOT."""
+    if len(index) == 0:
+        return
+    shard, start, length = index[:, 0], index[:, 1], index[:, 2]
+    bad = np.flatnonzero((shard < 0) | (shard >= len(shards)) | (start < 0) | (length < 1))
+    if len(bad):
+        i = int(bad[0])
+        raise DataError(f"document index {dpath}, row {i}: {index[i].tolist()} (shard, start, "
+                        f"length) is invalid with {len(shards)} shards; the index is corrupt")
+    for s, tokens in enumerate(shards):
+        rows = np.flatnonzero(shard == s)
+        ends = start[rows] + length[rows]
+        past = np.flatnonzero(ends > len(tokens))
+        if len(past):
+            i = int(rows[past[0]])
+            raise DataError(
+                f"document index {dpath}, row {i}: document ends at token offset "
+                f"{int(ends[past[0]])} past the end of {shard_path(folder, split, s)} "
+                f"({len(tokens)} tokens); the index or shard is corrupt: delete the folder and "
+                "run `rampup prepare`"
+            )
+        wrong = np.flatnonzero(tokens[ends - 1] != eot)
+        if len(wrong):
+            i = int(rows[wrong[0]])
+            raise DataError(f"document index {dpath}, row {i}: the document does not end with "
+                            f"the end-of-text token in {shard_path(folder, split, s)}; "
+                            "the index or shard is corrupt")

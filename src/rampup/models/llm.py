@@ -1,0 +1,325 @@
+"""The reference decoder language model: a Llama-style transformer in one readable file.
+
+Pre-norm blocks of RMSNorm -> grouped-query attention with rotary positions -> RMSNorm -> SwiGLU,
+numerically the same as Hugging Face's ``LlamaForCausalLM`` (tests/test_model.py checks parity).
+The model knows nothing of training. Two things exist for progressive training:
+
+- the RoPE cache is non-persistent state that ``DecoderLM.set_rope`` recomputes when a stage
+  changes the context length (plain base change, or frequencies already scaled by YaRN and friends);
+- ``positions`` and ``attn_mask`` let packed sequences restart positions and attend only within
+  their own document.
+
+Try it on a CPU in a second:
+
+    python -c "import torch; from rampup.models import ModelConfig, DecoderLM; \
+m = DecoderLM(ModelConfig(dim=64, n_layers=2)); print(m(torch.randint(0, 4096, (2, 16))).shape)"
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pydantic import field_validator, model_validator
+
+from rampup.configbase import Section
+from rampup.errors import ConfigError
+
+
+class ModelConfig(Section):
+    """Shape of the decoder language model."""
+
+    vocab_size: int = 4096
+    """Number of token ids; must match the tokenizer."""
+    dim: int = 256
+    """Width of the residual stream."""
+    n_layers: int = 4
+    """Number of transformer blocks."""
+    n_heads: int = 4
+    """Number of query heads; dim must be divisible by it."""
+    n_kv_heads: int | None = None
+    """Number of key/value heads (None = n_heads); fewer gives grouped-query attention."""
+    ffn_hidden: int | None = None
+    """Hidden width of the SwiGLU MLP (None = 8/3 * dim rounded up to multiple_of)."""
+    multiple_of: int = 64
+    """The default ffn_hidden is rounded up to a multiple of this."""
+    max_seq_len: int = 1024
+    """Longest sequence the model accepts; size of the RoPE cache."""
+    rope_base: float = 10000.0
+    """RoPE base (theta); larger means slower-rotating, longer-range frequencies."""
+    norm_eps: float = 1e-5
+    """Epsilon of the RMSNorm layers."""
+    tie_embeddings: bool = True
+    """Share the token embedding matrix with the output head."""
+    init_std: float = 0.02
+    """Standard deviation of the normal initialisation of weights."""
+
+    @field_validator("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden",
+                     "multiple_of", "max_seq_len")
+    @classmethod
+    def _positive(cls, v: int | None, info) -> int | None:
+        if v is not None and v <= 0:
+            raise ValueError(f"model.{info.field_name} must be a positive integer, got {v}")
+        return v
+
+    @field_validator("norm_eps", "init_std")
+    @classmethod
+    def _positive_float(cls, v: float, info) -> float:
+        if not v > 0:
+            raise ValueError(f"model.{info.field_name} must be > 0, got {v}")
+        return v
+
+    @field_validator("rope_base")
+    @classmethod
+    def _rope_base(cls, v: float) -> float:
+        if not v > 1:
+            raise ValueError(f"model.rope_base must be > 1 (typically 10000), got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _shapes(self) -> ModelConfig:
+        if self.dim % self.n_heads:
+            raise ValueError(f"model.dim {self.dim} is not divisible by model.n_heads "
+                             f"{self.n_heads}; choose n_heads dividing dim")
+        if self.head_dim % 2:
+            raise ValueError(f"head dim model.dim / model.n_heads = {self.head_dim} must be even "
+                             "for RoPE; change model.dim or model.n_heads")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"model.n_heads {self.n_heads} is not divisible by model.n_kv_heads "
+                             f"{self.kv_heads}; choose n_kv_heads dividing n_heads")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """n_kv_heads resolved (None means one key/value head per query head)."""
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def hidden(self) -> int:
+        """ffn_hidden resolved: SwiGLU's 8/3 * dim keeps the MLP's parameters at 8 * dim^2."""
+        if self.ffn_hidden is not None:
+            return self.ffn_hidden
+        return self.multiple_of * math.ceil(int(8 * self.dim / 3) / self.multiple_of)
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward) following PaLM, appendix B: ``6 N + 12 L d T``.
+
+    N counts the parameters that take part in matmuls (every Linear weight in the blocks plus the
+    output head; embedding lookups and norms are free). ``12 L d T`` is the attention itself, QK^T
+    and AV, counted over the full T x T square (no halving for the causal mask), as PaLM does.
+    """
+    d, kv = cfg.dim, cfg.kv_heads * cfg.head_dim
+    per_layer = d * d + 2 * d * kv + d * d + 3 * d * cfg.hidden  # q, k+v, o, w1+w3+w2
+    n = cfg.n_layers * per_layer + d * cfg.vocab_size
+    return 6.0 * n + 12.0 * cfg.n_layers * d * seq_len
+
+
+# ----------------------------------------------------------------------------- rotary positions
+
+def rope_inv_freq(head_dim: int, base: float, device=None) -> torch.Tensor:
+    """Unscaled RoPE frequencies base^(-2i/head_dim), i < head_dim/2, in fp32."""
+    i = torch.arange(0, head_dim, 2, device=device, dtype=torch.float32)
+    return 1.0 / base ** (i / head_dim)
+
+
+def precompute_rope(head_dim: int, max_seq_len: int, base: float = 10000.0, device=None, *,
+                    inv_freq: torch.Tensor | None = None, attention_scale: float = 1.0):
+    """cos, sin tables, each (max_seq_len, head_dim), in Hugging Face's rotate-half layout.
+
+    Frequency i drives dims i and i + head_dim/2 (hence the duplicated halves). ``attention_scale``
+    multiplies both tables, so q.k scales by its square: YaRN's mscale, as Hugging Face applies it.
+    """
+    if inv_freq is None:
+        inv_freq = rope_inv_freq(head_dim, base, device)
+    inv_freq = inv_freq.to(device=device, dtype=torch.float32)
+    t = torch.arange(max_seq_len, device=device, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq)  # (T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
+    return emb.cos() * attention_scale, emb.sin() * attention_scale
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, H, T, hd) by cos/sin broadcastable to it, e.g. (T, hd) or (B, 1, T, hd)."""
+    # cast the fp32 tables down (as HF does) so bf16 activations stay bf16 under autocast
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+# ----------------------------------------------------------------------------- the blocks
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, self.n_heads * self.hd, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, self.n_kv * self.hd, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, self.n_kv * self.hd, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask: torch.Tensor | None = None):
+        """x (B, T, C); cos/sin broadcastable to (B, 1, T, hd), already gathered at the positions.
+
+        ``mask`` is the complete bool mask (True = may attend), causality included; None means
+        plain causal attention, which lets SDPA pick its fastest kernel.
+        """
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, KV, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, KV, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # enable_gqa shares each kv head among n_heads/n_kv consecutive query heads, the same
+        # grouping as repeat_interleave, without materialising the repeated k and v
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_kv != self.n_heads)  # (B, H, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.hidden, bias=False)  # gate
+        self.w3 = nn.Linear(cfg.dim, cfg.hidden, bias=False)  # up
+        self.w2 = nn.Linear(cfg.hidden, cfg.dim, bias=False)  # down
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+# ----------------------------------------------------------------------------- the model
+
+class DecoderLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        # the RoPE tables are derived state: kept out of state_dict so checkpoints hold only
+        # parameters, and rebuilt by set_rope (the curriculum re-applies it on resume)
+        inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_base)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.rope_base: float = cfg.rope_base
+        self.max_seq_len: int = cfg.max_seq_len
+        self.attention_scale: float = 1.0
+        self.set_rope(cfg.rope_base)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        std = self.cfg.init_std
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=std)
+            elif isinstance(m, nn.RMSNorm):
+                nn.init.ones_(m.weight)
+        # GPT-2: each block adds two projections to the residual stream; shrinking them keeps the
+        # stream's variance independent of depth at initialisation
+        for layer in self.layers:
+            for w in (layer.attn.o_proj.weight, layer.mlp.w2.weight):
+                nn.init.normal_(w, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layers))
+
+    @torch.no_grad()
+    def set_rope(self, base: float | None = None, *, inv_freq: torch.Tensor | None = None,
+                 max_seq_len: int | None = None, attention_scale: float = 1.0) -> None:
+        """Recompute the RoPE tables in place, on the model's device; nothing else changes.
+
+        Give ``base`` for plain RoPE, or ``inv_freq`` (head_dim/2,) for frequencies a context
+        extension method has already scaled; with neither the current frequencies are kept.
+        ``rope_base`` stays the base the frequencies came from; ``inv_freq`` is what is used.
+        """
+        if base is not None and inv_freq is not None:
+            raise ConfigError("set_rope takes either base or inv_freq, not both")
+        half = self.cfg.head_dim // 2
+        if inv_freq is not None and tuple(inv_freq.shape) != (half,):
+            raise ConfigError(f"inv_freq must have shape ({half},) = (head_dim/2,), "
+                              f"got {tuple(inv_freq.shape)}")
+        if base is not None and not base > 1:
+            raise ConfigError(f"rope base must be > 1, got {base}")
+        if max_seq_len is not None and max_seq_len <= 0:
+            raise ConfigError(f"max_seq_len must be positive, got {max_seq_len}")
+        device = self.inv_freq.device
+        if base is not None:
+            self.rope_base = float(base)
+            inv_freq = rope_inv_freq(self.cfg.head_dim, base, device)
+        elif inv_freq is None:
+            inv_freq = self.inv_freq.float()
+        self.inv_freq = inv_freq.to(device=device, dtype=torch.float32).clone()
+        self.max_seq_len = max_seq_len or self.max_seq_len
+        self.attention_scale = float(attention_scale)
+        self.rope_cos, self.rope_sin = precompute_rope(
+            self.cfg.head_dim, self.max_seq_len, device=device, inv_freq=self.inv_freq,
+            attention_scale=self.attention_scale)
+
+    def forward_hidden(self, idx: torch.Tensor, *, positions: torch.Tensor | None = None,
+                       attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-normed hidden states (B, T, dim) for token ids idx (B, T).
+
+        positions: (B, T) long RoPE positions (default 0..T-1), e.g. restarting at each packed
+        document. attn_mask: bool, broadcastable to (B, 1, T, T), True = may attend; it is combined
+        with the causal mask, so it only ever removes keys.
+        """
+        B, T = idx.shape
+        if T > self.max_seq_len:
+            raise ConfigError(f"sequence length {T} exceeds model.max_seq_len {self.max_seq_len}; "
+                              "raise model.max_seq_len or shorten the stage's seq_len")
+        if positions is None:
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, hd), broadcasts over (B, H)
+        else:
+            cos = self.rope_cos[positions].unsqueeze(1)  # (B, 1, T, hd)
+            sin = self.rope_sin[positions].unsqueeze(1)
+        mask = None
+        if attn_mask is not None:
+            if attn_mask.dtype != torch.bool:
+                raise TypeError("attn_mask must be a bool tensor (True = may attend), "
+                                f"got {attn_mask.dtype}")
+            causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+            mask = attn_mask & causal  # (B or 1, 1, T, T)
+        x = self.tok_emb(idx)  # (B, T, C)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask)
+        return self.norm(x)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) hidden states -> (B, T, vocab) logits."""
+        return self.lm_head(h)
+
+    def forward(self, idx: torch.Tensor, *, positions: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids (B, T) -> logits (B, T, vocab)."""
+        return self.logits(self.forward_hidden(idx, positions=positions, attn_mask=attn_mask))
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; shared (tied) tensors count once. non_embedding drops the token
+        embedding, and with it a tied head, as nanoGPT does."""
+        n = sum(p.numel() for p in self.parameters())  # parameters() already de-duplicates
+        return n - self.tok_emb.weight.numel() if non_embedding else n

@@ -1,0 +1,116 @@
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given, settings, strategies as st
+
+from rampup.config import RunConfig, dump_config, load_config, set_override
+from rampup.errors import ConfigError, RampupError
+from rampup.plan import make_plan
+from rampup.schedule import Schedule
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+def write(tmp_path, tree) -> Path:
+    p = tmp_path / "run.yaml"
+    p.write_text(yaml.safe_dump(tree))
+    return p
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_validates_and_plans(path):
+    cfg = load_config(path)
+    assert cfg.name == yaml.safe_load(path.read_text()).get("name", path.stem)
+    schedule = Schedule.build(cfg.schedule, total=cfg.train.duration)
+    plan = make_plan(cfg, schedule)
+    assert plan.total_steps > 0 and plan.total_flops > 0
+    assert sum(s.steps for s in plan.stages) == plan.total_steps
+    assert schedule.max_knob("seq_len") <= cfg.model.max_seq_len
+    # the resolved config written into every run folder loads back to the same config
+    assert RunConfig.model_validate(yaml.safe_load(dump_config(cfg))) == cfg
+
+
+def test_shipped_configs_exist():
+    names = {p.name for p in CONFIGS}
+    assert {"demo_staged.yaml", "demo_baseline.yaml", "tiny.yaml"} <= names
+
+
+@pytest.mark.parametrize("tree, fragment", [
+    ({"modle": {}}, "unknown key 'modle' (did you mean 'model'?)"),
+    ({"model": {"n_layer": 2}}, "unknown key 'model.n_layer' (did you mean 'n_layers'?)"),
+    ({"train": {"duraton": "1M tok"}}, "unknown key 'train.duraton' (did you mean 'duration'?)"),
+    ({"optimizer": {"warmup": 100}}, "has no unit"),
+    ({"train": {"duration": "100"}}, "has no unit"),
+    ({"schedule": {"stages": [{"seq_len": 2048}]}, "model": {"max_seq_len": 1024}}, "raise model.max_seq_len"),
+    ({"schedule": {"stages": [{"duration": "1M tok", "seq_len": 64, "lr_multt": 2}]}}, "did you mean 'lr_mult'"),
+    ({"eval": {"seq_lens": [4096]}}, "beyond model.max_seq_len"),
+    ({"data": {"sampler": "fixed"}, "schedule": {"stages": [{"duration": "50%", "seq_len": 64}, {"seq_len": 128}]}},
+     "use data.sampler: staged"),
+    ({"optimizer": {"warmup": "10 steps"}}, "counted in tokens"),
+    ({"data": {"tokenizer": {"vocab_size": 1000}}, "model": {"vocab_size": 2000}}, "set model.vocab_size only"),
+])
+def test_bad_configs_name_key_and_fix(tmp_path, tree, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, tree))
+    assert fragment in str(info.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("- a list")
+    with pytest.raises(ConfigError, match="mapping of sections"):
+        load_config(bad)
+
+
+def test_overrides(tmp_path):
+    p = write(tmp_path, {"schedule": {"knobs": {"batch_tokens": 4096},
+                                      "stages": [{"duration": "50%", "seq_len": 64}, {"seq_len": 128}]},
+                         "train": {"duration": "1M tok"}})
+    cfg = load_config(p, ["schedule.stages.1.seq_len=256", "train.duration=2M tok", "optimizer.lr=1e-3",
+                          "optimizer.betas=[0.9, 0.99]", "model.max_seq_len=512", "name=other"])
+    assert cfg.schedule.stages[1].knobs["seq_len"] == 256
+    assert str(cfg.train.duration) == "2000000 tok" and cfg.optimizer.lr == 1e-3
+    assert cfg.optimizer.betas == (0.9, 0.99) and cfg.name == "other"
+    with pytest.raises(ConfigError, match="not an index"):
+        load_config(p, ["schedule.stages.5.seq_len=1"])
+    with pytest.raises(ConfigError, match="did you mean 'lr'"):
+        load_config(p, ["optimizer.lrr=1"])
+    with pytest.raises(ConfigError, match="key.path=value"):
+        load_config(p, ["optimizer.lr"])
+
+
+def test_set_override_creates_sections():
+    tree = {}
+    set_override(tree, "train.duration=5M tok")
+    assert tree == {"train": {"duration": "5M tok"}}
+
+
+def test_defaults_alone_are_a_valid_config():
+    cfg = load_config(None)
+    assert cfg.model.vocab_size == cfg.data.tokenizer.vocab_size
+
+
+keys = st.sampled_from(["model.dim", "train.duration", "optimizer.warmup", "schedule.stages.0.seq_len",
+                        "eval.seq_lens", "data.val_fraction", "model.nope", "train", "optimizer.betas"])
+values = st.one_of(st.integers(-5, 5000), st.text(max_size=12), st.floats(allow_nan=True), st.none(),
+                   st.lists(st.integers(0, 3000), max_size=3))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(keys, values), max_size=4))
+def test_fuzz_overrides_validate_or_raise_our_error(pairs):
+    """Any override either validates or raises rampup's own error type, never anything else."""
+    base = CONFIGS[0]
+    overrides = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+                 for k, v in pairs]
+    try:
+        cfg = load_config(base, overrides)
+    except RampupError:
+        return
+    assert isinstance(cfg, RunConfig)

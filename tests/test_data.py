@@ -1,0 +1,288 @@
+"""Preparing corpora: text folders, JSONL and Parquet into token shards, cached by settings."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pydantic
+import pytest
+
+from rampup.data import (
+    EOT,
+    DataConfig,
+    TokenDataset,
+    TokenizerConfig,
+    load_prepared_tokenizer,
+    prepare,
+    read_meta,
+    resolve_source,
+    stdlib_files,
+)
+from rampup.errors import DataError
+
+WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu def class return "
+         "import for while if else print(x) = + - * ( ) : , . ü € 日本").split()
+
+
+def make_texts(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    texts = []
+    for i in range(n):
+        lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 12)))
+                 for _ in range(rng.randint(1, 8))]
+        texts.append(f"doc {i}\n" + "\n".join(lines) + "\n")
+    return texts
+
+
+def cfg_for(source: Path | str, cache: Path, **kw) -> DataConfig:
+    path = kw.pop("tokenizer_path", None)
+    tok = TokenizerConfig(vocab_size=kw.pop("vocab_size", 300), path=path and str(path))
+    return DataConfig(source=str(source), cache_dir=str(cache), tokenizer=tok, **kw)
+
+
+def decoded_docs(folder: Path, split: str) -> list[str]:
+    """Each document's text, decoded from its tokens (the trailing EOT dropped)."""
+    ds = TokenDataset.open(folder, split)
+    tok = load_prepared_tokenizer(folder)
+    out = []
+    for i in range(ds.n_docs):
+        ids = ds.doc(i)
+        assert ids[-1] == ds.eot_id
+        assert ds.eot_id not in ids[:-1]
+        out.append(tok.decode(ids[:-1].tolist()))
+    return out
+
+
+@pytest.fixture
+def text_folder(tmp_path: Path) -> tuple[Path, list[str]]:
+    root = tmp_path / "corpus"
+    (root / "sub").mkdir(parents=True)
+    (root / ".git").mkdir()
+    texts = make_texts(30)
+    for i, text in enumerate(texts):
+        ext = (".txt", ".md", ".py")[i % 3]
+        (root / ("sub" if i % 2 else "") / f"f{i:02d}{ext}").write_text(text, encoding="utf-8")
+    (root / "empty.txt").write_text("  \n")
+    (root / ".hidden.txt").write_text("never read")
+    (root / ".git" / "HEAD").write_text("never read either")
+    (root / "blob.bin").write_bytes(b"\x00\x01\x02" * 10)
+    return root, texts
+
+
+def test_stdlib_files_are_the_standard_library_without_tests() -> None:
+    files = stdlib_files()
+    assert len(files) > 200
+    assert all(f.is_file() and f.suffix == ".py" for f in files)
+    assert not any({"test", "tests", "site-packages", "idlelib"} & set(f.parts) for f in files)
+    assert files == stdlib_files()
+    assert sum(f.stat().st_size for f in files) < 20e6  # the default corpus stays quick to prepare
+
+
+def test_text_folder_round_trips(text_folder, tmp_path: Path) -> None:
+    root, texts = text_folder
+    folder = prepare(cfg_for(root, tmp_path / "cache", val_fraction=0.2))
+    meta = read_meta(folder)
+    assert meta["dtype"] == "uint16"
+    assert meta["n_empty_docs"] == 1 and meta["n_binary_files"] == 1
+    assert meta["splits"]["train"]["n_docs"] + meta["splits"]["val"]["n_docs"] == len(texts)
+    docs = decoded_docs(folder, "train") + decoded_docs(folder, "val")
+    assert sorted(docs) == sorted(texts)
+
+
+def test_index_and_shards_are_consistent(text_folder, tmp_path: Path) -> None:
+    root, _ = text_folder
+    # A small shard size forces several shards; documents never straddle two.
+    folder = prepare(cfg_for(root, tmp_path / "cache", shard_tokens=200, val_fraction=0.2))
+    meta = read_meta(folder)
+    for split in ("train", "val"):
+        index = np.load(folder / f"{split}_docs.npy")
+        info = meta["splits"][split]
+        assert index.dtype == np.int64 and index.shape == (info["n_docs"], 3)
+        assert index[:, 2].sum() == info["n_tokens"]
+        assert info["n_shards"] > 1 if split == "train" else info["n_shards"] >= 1
+        for s in range(info["n_shards"]):
+            raw = np.fromfile(folder / f"{split}_{s:04d}.bin", dtype=np.uint16)
+            rows = index[index[:, 0] == s]
+            # Documents sit back to back and exactly fill their shard.
+            assert rows[0, 1] == 0
+            assert (rows[1:, 1] == rows[:-1, 1] + rows[:-1, 2]).all()
+            assert rows[-1, 1] + rows[-1, 2] == len(raw)
+            assert (raw[rows[:, 1] + rows[:, 2] - 1] == meta["eot_id"]).all()
+    assert decoded_docs(folder, "train")  # still decodes across shards
+
+
+def test_jsonl(tmp_path: Path) -> None:
+    texts = make_texts(12)
+    lines = [json.dumps({"content": t, "id": i}) for i, t in enumerate(texts)]
+    lines.insert(3, "")  # blank lines are not documents
+    lines.append(json.dumps({"content": ""}))  # an empty document is counted, not kept
+    (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
+    folder = prepare(cfg_for(tmp_path / "data.jsonl", tmp_path / "cache", text_field="content"))
+    assert read_meta(folder)["n_empty_docs"] == 1
+    assert sorted(decoded_docs(folder, "train") + decoded_docs(folder, "val")) == sorted(texts)
+
+
+def test_parquet(tmp_path: Path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    texts = make_texts(15)
+    pq.write_table(pa.table({"text": texts + [None]}), tmp_path / "part.parquet", row_group_size=4)
+    folder = prepare(cfg_for(tmp_path / "part.parquet", tmp_path / "cache"))
+    assert read_meta(folder)["n_empty_docs"] == 1
+    assert sorted(decoded_docs(folder, "train") + decoded_docs(folder, "val")) == sorted(texts)
+
+
+def test_parquet_missing_column(tmp_path: Path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "p.parquet")
+    with pytest.raises(DataError, match=r"p\.parquet: no column 'text' \(columns: body\)"):
+        prepare(cfg_for(tmp_path / "p.parquet", tmp_path / "cache"))
+
+
+def test_end_of_text_inside_a_document_is_plain_text(tmp_path: Path) -> None:
+    texts = [f"before {EOT} after", "another document", "and a third"]
+    for i, t in enumerate(texts):
+        (tmp_path / f"{i}.txt").write_text(t)
+    folder = prepare(cfg_for(tmp_path, tmp_path / ".cache"))
+    assert sorted(decoded_docs(folder, "train") + decoded_docs(folder, "val")) == sorted(texts)
+
+
+def test_val_split_is_deterministic_disjoint_and_stable(text_folder, tmp_path: Path) -> None:
+    root, texts = text_folder
+    a = prepare(cfg_for(root, tmp_path / "cache_a", val_fraction=0.3))
+    b = prepare(cfg_for(root, tmp_path / "cache_b", val_fraction=0.3))
+    val_a, val_b = decoded_docs(a, "val"), decoded_docs(b, "val")
+    train = decoded_docs(a, "train")
+    assert val_a == val_b and 0 < len(val_a) < len(texts)
+    assert not set(val_a) & set(train)
+    # The same documents stay held out when the corpus grows.
+    for i, text in enumerate(make_texts(10, seed=1)):
+        (root / f"new{i}.txt").write_text(text)
+    grown = prepare(cfg_for(root, tmp_path / "cache_a", val_fraction=0.3))
+    assert grown != a
+    assert set(val_a) <= set(decoded_docs(grown, "val"))
+
+
+def test_each_split_gets_a_document(tmp_path: Path) -> None:
+    for i, t in enumerate(make_texts(2)):
+        (tmp_path / f"{i}.txt").write_text(t)
+    folder = prepare(cfg_for(tmp_path, tmp_path / ".cache", val_fraction=0.01))
+    meta = read_meta(folder)
+    assert meta["splits"]["train"]["n_docs"] == 1 and meta["splits"]["val"]["n_docs"] == 1
+
+
+def test_cache_is_reused_and_keyed_by_settings(text_folder, tmp_path: Path) -> None:
+    root, _ = text_folder
+    cache = tmp_path / "cache"
+    first = prepare(cfg_for(root, cache))
+    stamp = (first / "meta.json").stat().st_mtime_ns, (first / "train_0000.bin").stat().st_mtime_ns
+    again = prepare(cfg_for(root, cache))
+    assert again == first
+    assert ((first / "meta.json").stat().st_mtime_ns,
+            (first / "train_0000.bin").stat().st_mtime_ns) == stamp
+    changed = {
+        prepare(cfg_for(root, cache, vocab_size=320)),
+        prepare(cfg_for(root, cache, val_fraction=0.1)),
+        prepare(cfg_for(root, cache, max_files=5)),
+    }
+    assert first not in changed and len(changed) == 3
+    (root / "f00.txt").write_text("edited\n")
+    assert prepare(cfg_for(root, cache)) != first
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no temp folders left
+
+
+def test_incomplete_folder_is_prepared_again(text_folder, tmp_path: Path) -> None:
+    root, texts = text_folder
+    cfg = cfg_for(root, tmp_path / "cache", val_fraction=0.2)
+    folder = prepare(cfg)
+    (folder / "meta.json").unlink()  # as if a prepare had died before its last write
+    (folder / "train_0000.bin").write_bytes(b"junk")
+    assert prepare(cfg) == folder
+    assert sorted(decoded_docs(folder, "train") + decoded_docs(folder, "val")) == sorted(texts)
+
+
+def test_loaded_tokenizer_gives_the_same_tokens(text_folder, tmp_path: Path) -> None:
+    root, _ = text_folder
+    trained = prepare(cfg_for(root, tmp_path / "a"))
+    loaded = prepare(cfg_for(root, tmp_path / "b", tokenizer_path=trained / "tokenizer.json"))
+    for split in ("train", "val"):
+        assert (np.fromfile(trained / f"{split}_0000.bin", np.uint16)
+                == np.fromfile(loaded / f"{split}_0000.bin", np.uint16)).all()
+
+
+def test_bad_tokenizer_files(text_folder, tmp_path: Path) -> None:
+    root, _ = text_folder
+    with pytest.raises(DataError, match="nope.json' does not exist"):
+        prepare(cfg_for(root, tmp_path / "c", tokenizer_path=tmp_path / "nope.json"))
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(DataError, match="not a valid tokenizer.json"):
+        prepare(cfg_for(root, tmp_path / "c", tokenizer_path=tmp_path / "bad.json"))
+
+
+def test_missing_source(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"'.*missing' does not exist.*data\.source.*stdlib"):
+        resolve_source(str(tmp_path / "missing"))
+
+
+def test_empty_corpus(tmp_path: Path) -> None:
+    (tmp_path / "corpus").mkdir()
+    with pytest.raises(DataError, match="no files"):
+        prepare(cfg_for(tmp_path / "corpus", tmp_path / "cache"))
+    (tmp_path / "corpus" / "a.txt").write_text("")
+    (tmp_path / "corpus" / "b.txt").write_text("\n\n")
+    with pytest.raises(DataError, match=r"no documents in .*corpus.*2 empty"):
+        prepare(cfg_for(tmp_path / "corpus", tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{not json", r"bad\.jsonl:2: not valid JSON"),
+    ('{"body": "x"}', r"bad\.jsonl:2: no 'text' field.*data\.text_field"),
+    ('{"text": 3}', r"bad\.jsonl:2: field 'text' is int"),
+])
+def test_bad_jsonl_line(tmp_path: Path, line: str, message: str) -> None:
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n' + line + "\n")
+    with pytest.raises(DataError, match=message):
+        prepare(cfg_for(tmp_path / "bad.jsonl", tmp_path / "cache"))
+
+
+def test_open_needs_a_prepared_folder(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="run `rampup prepare`"):
+        TokenDataset.open(tmp_path, "train")
+
+
+def test_index_past_shard_end_is_reported(text_folder, tmp_path: Path) -> None:
+    root, _ = text_folder
+    folder = prepare(cfg_for(root, tmp_path / "cache"))
+    with pytest.raises(DataError, match="did you mean 'train'"):
+        TokenDataset.open(folder, "trian")
+    index = np.load(folder / "train_docs.npy")
+    index[-1, 2] += 5
+    np.save(folder / "train_docs.npy", index)
+    with pytest.raises(DataError, match=r"train_docs\.npy, row \d+: .*offset \d+ past the end of "
+                                        r".*train_0000\.bin"):
+        TokenDataset.open(folder, "train")
+
+
+def test_read_stream_concatenates_documents(text_folder, tmp_path: Path) -> None:
+    root, _ = text_folder
+    ds = TokenDataset.open(prepare(cfg_for(root, tmp_path / "cache")), "train")
+    order = np.array([3, 0, 2])
+    stream = np.concatenate([ds.doc(i) for i in order])
+    got, pos, off = ds.read_stream(order, 0, 2, 10)
+    assert (got == stream[2:12]).all()
+    rest, pos, off = ds.read_stream(order, pos, off, 10**6)
+    assert (rest == stream[12:]).all() and (pos, off) == (3, 0)
+
+
+def test_config_validation() -> None:
+    with pytest.raises(pydantic.ValidationError, match="val_fraction"):
+        DataConfig(val_fraction=0.5)
+    with pytest.raises(pydantic.ValidationError, match="vocab_size"):
+        TokenizerConfig(vocab_size=100)
+    with pytest.raises(pydantic.ValidationError, match="sourc"):
+        DataConfig(sourc="x")
+    for name, field in {**DataConfig.model_fields, **TokenizerConfig.model_fields}.items():
+        assert field.description, f"{name} has no docstring"
