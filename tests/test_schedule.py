@@ -118,3 +118,10 @@ def test_stage_dump_round_trips():
     cfg = ScheduleConfig.model_validate(raw)
     again = ScheduleConfig.model_validate(cfg.model_dump(mode="json"))
     assert again == cfg
+
+
+def test_total_in_steps_needs_one_step_size():
+    s = build([{"duration": "50%", "seq_len": 64}, {"seq_len": 256}], knobs={"batch_tokens": 2048}, total="40 steps")
+    assert s.total_tokens == 40 * 2048 and s.num_steps() == 40
+    with pytest.raises(ConfigError, match="differ in tokens per step"):
+        build([{"duration": "50%", "seq_len": 64}, {"seq_len": 1000}], knobs={"batch_tokens": 2048}, total="40 steps")

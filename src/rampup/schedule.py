@@ -187,8 +187,15 @@ class Schedule:
         if total is not None:
             if total.unit is Unit.FRACTION:
                 raise ConfigError("train.duration cannot be a percentage; give tokens, steps or epochs")
-            one_shape = settings[0] if len(settings) == 1 else None
-            total_tokens = to_tokens(total, one_shape, "train.duration", None)
+            shape = None  # steps/samples convert only when every stage has the same batch shape
+            if total.unit in (Unit.STEP, Unit.SAMPLE):
+                shapes = {(step_tokens(s, "train.duration"), s["seq_len"]) for s in settings}
+                per_step = {n for n, _ in shapes}
+                if len(per_step) > 1 or (total.unit is Unit.SAMPLE and len(shapes) > 1):
+                    raise ConfigError(f"train.duration is in {total.unit.value}s but the stages differ in tokens "
+                                      "per step or seq_len; give train.duration in tokens instead")
+                shape = settings[0]
+            total_tokens = to_tokens(total, shape, "train.duration", None)
         lengths = [to_tokens(st.duration, settings[i], f"stage {i} duration", total_tokens)
                    if st.duration is not None else None for i, st in enumerate(cfg.stages)]
         known = sum(n for n in lengths if n is not None)

@@ -3,9 +3,11 @@
 Every epoch permutes the documents with ``np.random.default_rng([seed, epoch])``, so a sampler's
 whole state is a few integers (JSON-serialisable, see ``state_dict``) and never the global RNG.
 
-- ``StagedSampler``: the permuted documents (each ending in EOT) form one token stream; every
-  call cuts the next ``B*T + 1`` tokens at whatever ``T`` it is given, so a schedule that changes
-  seq_len reads the same stream, each token served once per epoch.
+- ``StagedSampler``: the permuted documents (each ending in EOT) form one token stream, cut into
+  blocks of the run's longest seq_len that are visited in shuffled order; each call cuts the next
+  pieces of whatever ``T`` it is given from the current block, so a schedule that changes seq_len
+  reads the same blocks (each token served at most once per epoch; all of them while T stays
+  constant and divides the block length).
 - ``FixedSampler``: the fixed-length baseline; each epoch's stream is cut into windows of
   ``T + 1`` tokens (neighbours share one boundary token) that are served in shuffled order.
 """
@@ -63,66 +65,100 @@ def _check_batch(seq_len: int, batch_size: int) -> None:
 
 
 class StagedSampler:
-    """Concat-and-chunk over the per-epoch permuted token stream; seq_len may change per call."""
+    """Sequences of any length cut from shuffled blocks of the epoch's stream; seq_len may change per call.
+
+    Each epoch's permuted-document stream is cut into blocks of ``block_len + 1`` tokens (block j is
+    stream[j*W : j*W + W + 1], the same windows the fixed baseline serves), and the blocks are
+    visited in a shuffled order. A call with seq_len T takes consecutive pieces of T + 1 tokens
+    from the current block (neighbours share one boundary token); a piece never crosses a block
+    boundary, so the tail of a block shorter than T is skipped (nothing when T divides W).
+
+    Why blocks rather than one contiguous stream: a step of 16K tokens read contiguously would come
+    from a handful of documents, and such correlated batches make training noisy. With
+    ``block_len`` = the schedule's longest seq_len, a step at that length is exactly the fixed
+    sampler's batch, and a step at T = W/k is the same data reshaped to (-1, T).
+    """
 
     kind = "staged"
 
-    def __init__(self, dataset: TokenDataset, seed: int):
-        if dataset.n_tokens < 2:
-            raise DataError(f"the {dataset.split} split of {dataset.folder} has "
-                            f"{dataset.n_tokens} tokens; a sampler needs at least 2")
+    def __init__(self, dataset: TokenDataset, seed: int, block_len: int):
+        if block_len < 1:
+            raise ConfigError(f"block_len must be >= 1, got {block_len}")
+        self.n_blocks = (dataset.n_tokens - 1) // block_len
+        if self.n_blocks < 1:
+            raise DataError(f"the {dataset.split} split of {dataset.folder} has {dataset.n_tokens} "
+                            f"tokens, fewer than one block of {block_len + 1}; use a larger corpus "
+                            "or a shorter seq_len")
         self.dataset = dataset
         self.seed = seed
+        self.block_len = block_len
         self.epoch = 0
-        self.doc_pos = 0  # cursor: document position in this epoch's order ...
-        self.offset = 0   # ... and token offset inside that document
+        self.block_pos = 0  # cursor: position in this epoch's block order ...
+        self.offset = 0     # ... and token offset inside that block
         self.tokens_served = 0
-        self._orders: dict[int, np.ndarray] = {}
-
-    def _order(self, epoch: int) -> np.ndarray:
-        if epoch not in self._orders:
-            # The current epoch and the next (peeked at for the last target) are all we keep.
-            self._orders = {e: o for e, o in self._orders.items() if e >= self.epoch}
-            self._orders[epoch] = _doc_order(self.dataset.n_docs, self.seed, epoch)
-        return self._orders[epoch]
-
-    def _read(self, epoch: int, doc_pos: int, offset: int, n: int
-              ) -> tuple[np.ndarray, int, int, int]:
-        """n tokens from a stream position, crossing into later epochs as needed."""
-        parts = []
-        while n > 0:
-            order = self._order(epoch)
-            tokens, doc_pos, offset = self.dataset.read_stream(order, doc_pos, offset, n)
-            parts.append(tokens)
-            n -= len(tokens)
-            if doc_pos == len(order):
-                epoch, doc_pos, offset = epoch + 1, 0, 0
-        return np.concatenate(parts), epoch, doc_pos, offset
+        self._plan = _EpochPlan(dataset, seed, block_len, self.n_blocks)
 
     def next_batch(self, seq_len: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         _check_batch(seq_len, batch_size)
-        n = seq_len * batch_size
-        body, epoch, doc_pos, offset = self._read(self.epoch, self.doc_pos, self.offset, n)
-        # The last target is the first token of the next batch: read it without moving the cursor.
-        last, *_ = self._read(epoch, doc_pos, offset, 1)
-        self.epoch, self.doc_pos, self.offset = epoch, doc_pos, offset
-        self.tokens_served += n
-        return _split_xy(np.concatenate([body, last]), batch_size, seq_len)
+        if seq_len > self.block_len:
+            raise ConfigError(f"seq_len {seq_len} exceeds the sampler's block length {self.block_len}; "
+                              "build it with the schedule's longest seq_len")
+        rows = np.empty((batch_size, seq_len + 1), dtype=np.int64)  # (B, T+1)
+        for b in range(batch_size):
+            if self.offset + seq_len > self.block_len:  # the rest of this block is too short
+                self.block_pos, self.offset = self.block_pos + 1, 0
+            if self.block_pos == self.n_blocks:
+                self.epoch, self.block_pos, self.offset = self.epoch + 1, 0, 0
+            block = self._plan.window(self.epoch, self.block_pos)
+            rows[b] = block[self.offset:self.offset + seq_len + 1]
+            self.offset += seq_len
+        self.tokens_served += batch_size * seq_len
+        t = torch.from_numpy(rows)
+        return t[:, :-1].contiguous(), t[:, 1:].contiguous()
 
     def state_dict(self) -> dict:
-        return {"kind": self.kind, "seed": self.seed, "epoch": self.epoch,
-                "doc_pos": self.doc_pos, "offset": self.offset,
+        return {"kind": self.kind, "seed": self.seed, "block_len": self.block_len, "epoch": self.epoch,
+                "block_pos": self.block_pos, "offset": self.offset,
                 "tokens_served": self.tokens_served,
                 "n_docs": self.dataset.n_docs, "n_tokens": self.dataset.n_tokens}
 
     def load_state_dict(self, state: dict) -> None:
         _check_fingerprint(state, self.kind, self.dataset)
+        if state["block_len"] != self.block_len:
+            raise ConfigError(f"sampler state has block length {state['block_len']}, this sampler "
+                              f"{self.block_len}; resume with the schedule the run was started with")
         self.seed = int(state["seed"])
         self.epoch = int(state["epoch"])
-        self.doc_pos = int(state["doc_pos"])
+        self.block_pos = int(state["block_pos"])
         self.offset = int(state["offset"])
         self.tokens_served = int(state["tokens_served"])
-        self._orders = {}
+        self._plan = _EpochPlan(self.dataset, self.seed, self.block_len, self.n_blocks)
+
+
+class _EpochPlan:
+    """One epoch's document order, cumulative offsets and window order, cached for the current epoch."""
+
+    def __init__(self, dataset: TokenDataset, seed: int, window: int, n_windows: int):
+        self.dataset, self.seed, self.window_len, self.n_windows = dataset, seed, window, n_windows
+        self._epoch: int | None = None
+
+    def _build(self, epoch: int) -> None:
+        if self._epoch == epoch:
+            return
+        self._doc_order = _doc_order(self.dataset.n_docs, self.seed, epoch)
+        self._doc_ends = np.cumsum(self.dataset.doc_lengths[self._doc_order])  # (n_docs,)
+        # A stream separate from the document order's, so the two shuffles are independent.
+        self._window_order = np.random.default_rng([self.seed, epoch, 1]).permutation(self.n_windows)
+        self._epoch = epoch
+
+    def window(self, epoch: int, pos: int) -> np.ndarray:
+        """Tokens stream[w*W : w*W + W + 1] of window w = this epoch's pos-th in shuffled order."""
+        self._build(epoch)
+        start = int(self._window_order[pos]) * self.window_len
+        doc_pos = int(np.searchsorted(self._doc_ends, start, side="right"))
+        offset = start - (int(self._doc_ends[doc_pos - 1]) if doc_pos else 0)
+        tokens, _, _ = self.dataset.read_stream(self._doc_order, doc_pos, offset, self.window_len + 1)
+        return tokens
 
 
 class FixedSampler:
@@ -145,25 +181,7 @@ class FixedSampler:
         self.epoch = 0
         self.pos = 0  # next window, as a position in this epoch's window order
         self.tokens_served = 0
-        self._cached_epoch: int | None = None
-
-    def _epoch_plan(self) -> None:
-        """This epoch's document order, its cumulative token offsets and its window order."""
-        if self._cached_epoch == self.epoch:
-            return
-        self._doc_order = _doc_order(self.dataset.n_docs, self.seed, self.epoch)
-        self._doc_ends = np.cumsum(self.dataset.doc_lengths[self._doc_order])  # (n_docs,)
-        # A stream separate from the document order's, so the two shuffles are independent.
-        self._window_order = np.random.default_rng([self.seed, self.epoch, 1]).permutation(
-            self.n_windows)
-        self._cached_epoch = self.epoch
-
-    def _window(self, w: int) -> np.ndarray:
-        start = w * self.seq_len
-        doc_pos = int(np.searchsorted(self._doc_ends, start, side="right"))
-        offset = start - (int(self._doc_ends[doc_pos - 1]) if doc_pos else 0)
-        tokens, _, _ = self.dataset.read_stream(self._doc_order, doc_pos, offset, self.seq_len + 1)
-        return tokens
+        self._plan = _EpochPlan(dataset, seed, seq_len, self.n_windows)
 
     def next_batch(self, seq_len: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         if seq_len != self.seq_len:
@@ -174,8 +192,7 @@ class FixedSampler:
         _check_batch(seq_len, batch_size)
         rows = np.empty((batch_size, seq_len + 1), dtype=np.int64)  # (B, T+1)
         for b in range(batch_size):
-            self._epoch_plan()
-            rows[b] = self._window(int(self._window_order[self.pos]))
+            rows[b] = self._plan.window(self.epoch, self.pos)
             self.pos += 1
             if self.pos == self.n_windows:
                 self.epoch, self.pos = self.epoch + 1, 0
@@ -197,18 +214,19 @@ class FixedSampler:
         self.epoch = int(state["epoch"])
         self.pos = int(state["pos"])
         self.tokens_served = int(state["tokens_served"])
-        self._cached_epoch = None
+        self._plan = _EpochPlan(self.dataset, self.seed, self.seq_len, self.n_windows)
 
 
 SAMPLERS: dict[str, Callable[[TokenDataset, int, int], Sampler]] = {
-    "staged": lambda dataset, seed, seq_len: StagedSampler(dataset, seed),
+    "staged": lambda dataset, seed, seq_len: StagedSampler(dataset, seed, block_len=seq_len),
     "fixed": lambda dataset, seed, seq_len: FixedSampler(dataset, seed, seq_len),
 }
 """kind -> factory(dataset, seed, seq_len); the kinds are data.sampler's choices."""
 
 
 def build_sampler(kind: str, dataset: TokenDataset, seed: int, seq_len: int) -> Sampler:
-    """The sampler ``kind`` over ``dataset``; ``seq_len`` is the fixed sampler's window length."""
+    """The sampler ``kind`` over ``dataset``; ``seq_len`` is the run's longest sequence length
+    (the fixed sampler's window, the staged sampler's block)."""
     if kind not in SAMPLERS:
         raise ConfigError(f"unknown data.sampler '{kind}'{did_you_mean(kind, SAMPLERS)}; "
                           f"choose one of {sorted(SAMPLERS)}")

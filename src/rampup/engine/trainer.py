@@ -208,7 +208,7 @@ def train(cfg: RunConfig, *, resume: bool = False, display_mode: str | None = No
     torch.manual_seed(cfg.train.seed)
     model = DecoderLM(cfg.model).to(device)
     optimizer = build_optimizer(model, cfg.optimizer)
-    sampler = build_sampler(cfg.data.sampler, train_ds, cfg.train.seed, schedule.stages[0].knobs_at(0)["seq_len"])
+    sampler = build_sampler(cfg.data.sampler, train_ds, cfg.train.seed, schedule.max_knob("seq_len"))
     val_windows = {n: eval_windows(val_ds, n, cfg.eval.max_tokens) for n in eval_lens}
     progress = Progress()
 
@@ -279,7 +279,7 @@ def train(cfg: RunConfig, *, resume: bool = False, display_mode: str | None = No
                        "step_time": dt, "train_time": progress.train_time, "flops": progress.flops,
                        "wall": time.time()}
                 metrics.write(rec)
-                eta = progress.train_time / progress.tokens * (schedule.total_tokens - progress.tokens)
+                eta = progress.train_time / progress.tokens * max(0, schedule.total_tokens - progress.tokens)
                 display.step(rec, eta)
                 done = progress.tokens >= schedule.total_tokens
                 if not math.isfinite(loss):

@@ -1,0 +1,158 @@
+"""End-to-end training: real corpus files, real tokenizer, real processes for interruption."""
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import rampup_cmd, run_rampup, tiny_tree, write_config
+from rampup.config import RunConfig
+from rampup.engine.checkpoint import latest_checkpoint
+from rampup.engine.metrics import read_metrics
+from rampup.engine.trainer import train, train_step
+from rampup.errors import ConfigError
+from rampup.models.llm import DecoderLM, ModelConfig
+
+
+def step_losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl") if r["event"] == "step"}
+
+
+def weights(out: Path) -> bytes:
+    return (latest_checkpoint(out / "checkpoints") / "model.safetensors").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_cache, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted")
+    cfg = write_config(out / "run.yaml", tiny_tree(data_cache, out / "run"))
+    res = run_rampup("train", str(cfg))
+    assert res.returncode == 0, res.stderr
+    return out / "run"
+
+
+def test_run_writes_metrics_checkpoints_and_loss_falls(uninterrupted):
+    recs = read_metrics(uninterrupted / "metrics.jsonl")
+    steps = [r for r in recs if r["event"] == "step"]
+    assert [r["step"] for r in steps] == list(range(1, 41))
+    assert {r["seq_len"] for r in steps[:20]} == {64} and {r["seq_len"] for r in steps[20:]} == {256}
+    assert all(r["seq_len"] * r["batch_size"] == 2048 for r in steps)
+    assert [r["stage_name"] for r in recs if r["event"] == "stage"] == ["short", "long"]
+    for key in ("loss", "lr", "tokens", "tok_per_s", "train_time", "flops", "grad_norm"):
+        assert key in steps[-1]
+    first, last = sum(r["loss"] for r in steps[:5]) / 5, sum(r["loss"] for r in steps[-5:]) / 5
+    assert last < first - 0.5, (first, last)
+    evals = {r["seq_len"]: r["loss"] for r in recs if r["event"] == "eval"}
+    assert set(evals) == {64, 256} and all(v < first for v in evals.values())
+    summary = json.loads((uninterrupted / "summary.json").read_text())
+    assert summary["steps"] == 40 and summary["tokens"] == 40 * 2048
+    assert (uninterrupted / "config.yaml").is_file()
+    ckpts = sorted(p.name for p in (uninterrupted / "checkpoints").glob("step_*"))
+    assert ckpts == ["step_0000020", "step_0000030", "step_0000040"]  # keeps the last 3
+
+
+def _wait_for(pred, proc, timeout=120):
+    t0 = time.time()
+    while not pred():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t0 < timeout, "timed out"
+        time.sleep(0.05)
+
+
+def test_sigkill_then_resume_is_bitwise_identical(uninterrupted, data_cache, tmp_path):
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "run.yaml", tiny_tree(data_cache, out))
+    proc = subprocess.Popen(rampup_cmd("train", str(cfg)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _wait_for(lambda: (out / "checkpoints" / "step_0000020").is_dir(), proc)
+    proc.kill()  # SIGKILL: no chance to clean up
+    proc.wait()
+    killed_at = max(step_losses(out))
+    assert killed_at < 40
+    res = run_rampup("train", str(cfg), "--resume")
+    assert res.returncode == 0, res.stderr
+    assert "resumed at step" in res.stdout
+    assert step_losses(out) == step_losses(uninterrupted)  # bitwise: floats compared exactly
+    assert weights(out) == weights(uninterrupted)
+
+
+def test_sigterm_checkpoints_and_exits_then_resumes(uninterrupted, data_cache, tmp_path):
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "run.yaml", tiny_tree(data_cache, out))
+    proc = subprocess.Popen(rampup_cmd("train", str(cfg)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: len(step_losses(out)) >= 5, proc)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "--resume" in stderr
+    stopped = max(step_losses(out))
+    assert latest_checkpoint(out / "checkpoints").name == f"step_{stopped:07d}"
+    res = run_rampup("train", str(cfg), "--resume")
+    assert res.returncode == 0, res.stderr
+    assert step_losses(out) == step_losses(uninterrupted)
+    assert weights(out) == weights(uninterrupted)
+
+
+def test_existing_checkpoint_is_never_overwritten_without_resume(uninterrupted, data_cache, tmp_path):
+    before = weights(uninterrupted)
+    cfg = write_config(tmp_path / "run.yaml", tiny_tree(data_cache, uninterrupted))
+    res = run_rampup("train", str(cfg))
+    assert res.returncode == 2 and "--resume" in res.stderr
+    assert weights(uninterrupted) == before
+
+
+def test_resume_with_a_different_config_is_refused(uninterrupted, data_cache, tmp_path):
+    cfg = write_config(tmp_path / "run.yaml", tiny_tree(data_cache, uninterrupted, optimizer={"lr": 1e-3}))
+    res = run_rampup("train", str(cfg), "--resume")
+    assert res.returncode == 2 and "optimizer" in res.stderr and "config.yaml" in res.stderr
+
+
+@pytest.mark.parametrize("sections, fragment", [
+    ({"data": {"source": "/no/such/corpus"}}, "/no/such/corpus"),
+    ({"schedule": {"knobs": {"batch_tokens": 2048}, "stages": [{"seq_len": 512}]}}, "raise model.max_seq_len"),
+    ({"train": {"duration": "40"}}, "has no unit"),
+    ({"model": {"n_layer": 3}}, "did you mean 'n_layers'"),
+])
+def test_bad_input_fails_fast_with_a_named_error(data_cache, tmp_path, sections, fragment):
+    cfg = write_config(tmp_path / "run.yaml", tiny_tree(data_cache, tmp_path / "out", **sections))
+    t0 = time.time()
+    res = run_rampup("train", str(cfg))
+    assert res.returncode == 2 and fragment in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "out" / "checkpoints").exists()
+    assert time.time() - t0 < 30
+
+
+def test_empty_corpus_is_reported(data_cache, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("   \n")
+    cfg = write_config(tmp_path / "run.yaml", tiny_tree(data_cache, tmp_path / "out", data={"source": str(corpus)}))
+    res = run_rampup("train", str(cfg))
+    assert res.returncode == 2 and "no documents" in res.stderr.lower(), res.stderr
+
+
+def test_gradient_accumulation_matches_one_big_step():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=128, dim=32, n_layers=2, n_heads=4, max_seq_len=64)
+    a, b = DecoderLM(cfg), DecoderLM(cfg)
+    b.load_state_dict(a.state_dict())
+    x = torch.randint(0, 128, (8, 32))
+    y = torch.randint(0, 128, (8, 32))
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (a, b)]
+    la, ga = train_step(a, opts[0], x, y, lr=1e-2, precision="fp32")
+    lb, gb = train_step(b, opts[1], x, y, lr=1e-2, precision="fp32", micro_batch_tokens=64)  # 4 micro-batches
+    assert la == pytest.approx(lb, rel=1e-5) and ga == pytest.approx(gb, rel=1e-4)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-6)
+
+
+def test_train_in_process_returns_summary(data_cache, tmp_path):
+    tree = tiny_tree(data_cache, tmp_path / "out", train={"duration": "6 steps", "checkpoint_every": None},
+                     log={"progress": "off"})
+    summary = train(RunConfig.model_validate(tree))
+    assert summary["steps"] == 6 and set(summary["val_loss"]) == {"64", "256"}
+    with pytest.raises(ConfigError, match="already holds a checkpoint"):
+        train(RunConfig.model_validate(tree))
