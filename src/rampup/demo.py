@@ -16,7 +16,7 @@ from rampup.config import load_config
 from rampup.engine.trainer import train
 from rampup.errors import ConfigError
 
-QUICK = ["train.duration=300K tok", "eval.max_tokens=8192", "train.checkpoint_every=null"]
+QUICK = ["train.duration=160K tok", "eval.max_tokens=8192", "train.checkpoint_every=null"]
 
 
 def run_demo(configs: list[str], *, quick: bool = False, overrides: list[str] = (),

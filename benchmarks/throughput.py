@@ -1,0 +1,176 @@
+"""Engine overhead: tokens/s of ``rampup.engine.trainer.train`` against a bare PyTorch loop.
+
+Both sides train the same ``DecoderLM`` (configs/demo_baseline.yaml's model, same seed), on
+batches of the same shape (B, T) drawn from the same prepared corpus, with bf16 autocast, AdamW
+with the same hyper-parameters and gradient clipping, in the same process and thread count:
+
+- engine: ``train(cfg)`` on demo_baseline.yaml with a fixed seq_len / batch_tokens, a budget of
+  ``--steps`` steps, no intermediate eval or checkpoint and the display off. Its rate is taken
+  from metrics.jsonl: tokens of steps 2..N / (wall of step N - wall of step 1). That window holds
+  everything the engine does between steps (sampler, schedule, LR, metrics file, display) and
+  leaves out start-up, the final eval and the final checkpoint.
+- bare: a dozen lines of hand-written loop (random slices of the token memmap, forward,
+  ``F.cross_entropy``, backward, ``clip_grad_norm_``, step, zero_grad, ``loss.item()``), timed
+  over steps 2..N the same way.
+
+Runs alternate engine, bare, engine, bare, ... so drift on a shared, noisy machine hits both
+sides alike; the headline is the ratio of the median rates (``engine_over_bare``, target 0.97).
+Results go to benchmarks/results/throughput.json.
+
+Run it (about 3 minutes on 2 CPU cores; ``--quick`` for a ~1-minute smoke run)::
+
+    .venv/bin/python benchmarks/throughput.py
+    .venv/bin/python benchmarks/throughput.py --steps 30 --repeats 5 --seq-len 1024
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rampup.config import RunConfig, load_config
+from rampup.data.dataset import TokenDataset
+from rampup.data.prepare import get_prepared
+from rampup.engine.metrics import read_metrics
+from rampup.engine.trainer import train
+from rampup.models.llm import DecoderLM
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE_CONFIG = ROOT / "configs" / "demo_baseline.yaml"
+RESULTS = ROOT / "benchmarks" / "results" / "throughput.json"
+TARGET = 0.97
+
+
+def make_config(steps: int, seq_len: int, batch_tokens: int, out_dir: Path) -> RunConfig:
+    """demo_baseline.yaml at one fixed shape, ``steps`` steps long, with nothing between steps but training."""
+    return load_config(BASE_CONFIG, [
+        f"schedule.knobs.seq_len={seq_len}",
+        f"schedule.knobs.batch_tokens={batch_tokens}",
+        f"train.duration={steps} steps",
+        "train.checkpoint_every=null",
+        f"train.out_dir={out_dir}",
+        "eval.every=null",
+        f"eval.seq_lens=[{seq_len}]",
+        f"eval.max_tokens={seq_len}",  # one window: the final eval is outside the timed window anyway
+        "log.progress='off'",  # quoted: bare YAML off is False
+        f"data.cache_dir={ROOT / '.rampup_cache'}",  # the same cache whatever the working directory
+    ])
+
+
+def rate(walls: list[float], tokens: list[int]) -> float:
+    """Tokens/s over steps 2..N, given each step's end time and token count (step 1 is warm-up)."""
+    return sum(tokens[1:]) / (walls[-1] - walls[0])
+
+
+def run_engine(steps: int, seq_len: int, batch_tokens: int) -> float:
+    with tempfile.TemporaryDirectory(prefix="rampup-bench-") as tmp:
+        cfg = make_config(steps, seq_len, batch_tokens, Path(tmp) / "run")
+        summary = train(cfg, display_mode="off")
+        recs = [r for r in read_metrics(Path(summary["metrics"])) if r.get("event") == "step"]
+    assert len(recs) == steps and all(r["seq_len"] == seq_len for r in recs), "unexpected schedule"
+    steps_tokens = [r["tokens"] - p for r, p in zip(recs, [0] + [r["tokens"] for r in recs[:-1]])]
+    return rate([r["wall"] for r in recs], steps_tokens)
+
+
+def load_tokens(cfg: RunConfig) -> torch.Tensor:
+    """The whole train split as one int64 tensor (read once, outside any timing)."""
+    ds = TokenDataset.open(get_prepared(cfg.data), "train")
+    return torch.from_numpy(np.concatenate([np.asarray(s) for s in ds.shards]).astype(np.int64))
+
+
+def run_bare(cfg: RunConfig, data: torch.Tensor, steps: int) -> float:
+    """The hand-written reference loop; same model, shapes, precision and optimizer settings."""
+    T = cfg.schedule.knobs["seq_len"]
+    B = cfg.schedule.knobs["batch_tokens"] // T
+    oc = cfg.optimizer
+    torch.manual_seed(cfg.train.seed)
+    model = DecoderLM(cfg.model)
+    model.train()
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": oc.weight_decay},
+         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+        lr=oc.lr, betas=oc.betas, eps=oc.eps)
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    walls = []
+    for _ in range(steps):
+        starts = torch.randint(0, len(data) - T - 1, (B,), generator=gen)
+        rows = torch.stack([data[s:s + T + 1] for s in starts.tolist()])  # (B, T+1)
+        x, y = rows[:, :-1], rows[:, 1:]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(x)  # (B, T, V)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, oc.grad_clip if oc.grad_clip else math.inf)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()  # the engine logs every step's loss, so both sides sync once per step
+        walls.append(time.time())
+    return rate(walls, [B * T] * steps)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=20, help="steps per run; steps 2..N are timed (default 20)")
+    ap.add_argument("--repeats", type=int, default=3, help="engine/bare pairs, run alternately (default 3)")
+    ap.add_argument("--seq-len", type=int, default=512, help="fixed sequence length (default 512)")
+    ap.add_argument("--batch-tokens", type=int, default=8192, help="tokens per step (default 8192)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 8 steps, 2 repeats")
+    ap.add_argument("--out", type=Path, default=RESULTS, help=f"results file (default {RESULTS.relative_to(ROOT)})")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.steps, args.repeats = 8, 2
+    if args.steps < 3 or args.repeats < 1:
+        ap.error("--steps must be >= 3 and --repeats >= 1")
+    if args.batch_tokens % args.seq_len:
+        ap.error(f"--batch-tokens {args.batch_tokens} must be a multiple of --seq-len {args.seq_len}")
+
+    cfg = make_config(args.steps, args.seq_len, args.batch_tokens, Path("unused"))
+    data = load_tokens(cfg)  # also prepares the corpus on a first run, before anything is timed
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.repeats} x (engine, bare), "
+          f"{args.steps} steps of {args.batch_tokens // args.seq_len} x {args.seq_len} tokens, bf16")
+    repeats = []
+    t_start = time.perf_counter()
+    for i in range(args.repeats):
+        gc.collect()
+        e = run_engine(args.steps, args.seq_len, args.batch_tokens)
+        gc.collect()
+        b = run_bare(cfg, data, args.steps)
+        repeats.append({"engine_tok_per_s": round(e, 1), "bare_tok_per_s": round(b, 1), "ratio": round(e / b, 4)})
+        print(f"  repeat {i + 1}: engine {e:9,.0f} tok/s   bare {b:9,.0f} tok/s   ratio {e / b:.3f}")
+
+    eng = statistics.median(r["engine_tok_per_s"] for r in repeats)
+    bare = statistics.median(r["bare_tok_per_s"] for r in repeats)
+    ratio = eng / bare
+    result = {
+        "engine_tok_per_s": round(eng, 1), "bare_tok_per_s": round(bare, 1), "engine_over_bare": round(ratio, 4),
+        "repeats": repeats,
+        "config": {"base": str(BASE_CONFIG.relative_to(ROOT)), "steps": args.steps, "timed_steps": args.steps - 1,
+                   "seq_len": args.seq_len, "batch_size": args.batch_tokens // args.seq_len,
+                   "batch_tokens": args.batch_tokens, "precision": "bf16", "model": cfg.model.model_dump(),
+                   "n_params": sum(p.numel() for p in DecoderLM(cfg.model).parameters())},
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "target": TARGET,
+        "meets_target": ratio >= TARGET, "wall_s": round(time.perf_counter() - t_start, 1),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    print(f"\n  {'':8}{'tok/s (median)':>16}\n  {'engine':8}{eng:16,.0f}\n  {'bare':8}{bare:16,.0f}\n"
+          f"  engine/bare = {ratio:.3f} (target {TARGET}: {'met' if ratio >= TARGET else 'NOT met'}); "
+          f"per-repeat ratios {[r['ratio'] for r in repeats]}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"  wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

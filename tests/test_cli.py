@@ -1,0 +1,52 @@
+"""The command line as a user runs it: real processes, real files."""
+import json
+import re
+from pathlib import Path
+
+from conftest import ROOT, run_rampup, tiny_tree, write_config
+
+
+def test_plan_prints_every_stage_and_writes_png(data_cache, tmp_path):
+    cfg = write_config(tmp_path / "run.yaml", tiny_tree(data_cache, tmp_path / "out"))
+    res = run_rampup("plan", str(cfg), "--png", str(tmp_path / "plan.png"))
+    assert res.returncode == 0, res.stderr
+    assert "short" in res.stdout and "long" in res.stdout and "saves" in res.stdout
+    assert re.search(r"\b20\b", res.stdout)  # 20 steps per stage
+    png = (tmp_path / "plan.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert not (tmp_path / "out" / "checkpoints").exists()  # plan never trains
+
+
+def test_plan_every_shipped_config(tmp_path):
+    for cfg in sorted((ROOT / "configs").glob("*.yaml")):
+        res = run_rampup("plan", str(cfg), "--png", str(tmp_path / f"{cfg.stem}.png"), cwd=tmp_path)
+        assert res.returncode == 0, (cfg, res.stderr)
+        assert "FLOPs" in res.stdout
+
+
+def test_config_lists_keys_with_docs():
+    res = run_rampup("config", "train")
+    assert res.returncode == 0
+    assert "train.duration" in res.stdout and "micro_batch_tokens" in res.stdout
+    assert "seq_len" in res.stdout  # knobs are listed with their docs
+
+
+def test_set_override_and_error_on_typo(data_cache, tmp_path):
+    cfg = write_config(tmp_path / "run.yaml", tiny_tree(data_cache, tmp_path / "out"))
+    res = run_rampup("plan", str(cfg), "--set", "train.duration=80 steps", "--png", str(tmp_path / "p.png"))
+    assert res.returncode == 0 and "80 steps" in res.stdout
+    res = run_rampup("plan", str(cfg), "--set", "optimizer.lrr=1")
+    assert res.returncode == 2 and "did you mean 'lr'" in res.stderr
+
+
+def test_demo_quick_runs_both_and_compares(tmp_path):
+    configs = [str(ROOT / "configs" / f) for f in ("demo_staged.yaml", "demo_baseline.yaml")]
+    res = run_rampup("demo", *configs, "--quick", "--set", "train.threads=2", cwd=tmp_path, timeout=240)
+    assert res.returncode == 0, res.stderr
+    assert "demo_staged" in res.stdout and "demo_baseline" in res.stdout and "val loss @ 1024" in res.stdout
+    summaries = [json.loads(p.read_text()) for p in sorted((tmp_path / "runs" / "demo").glob("*/*/summary.json"))]
+    assert {s["name"] for s in summaries} == {"demo_staged", "demo_baseline"}
+    assert len({s["tokens"] // 100_000 for s in summaries}) == 1  # same budget
+    staged = next(s for s in summaries if s["name"] == "demo_staged")
+    base = next(s for s in summaries if s["name"] == "demo_baseline")
+    assert staged["flops"] < base["flops"]  # shorter contexts cost less attention
