@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -108,20 +107,3 @@ class Display:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
-
-
-class Throughput:
-    """Tokens per second over a sliding window of recent steps (stable, unlike one step's rate)."""
-
-    def __init__(self, window: int = 10) -> None:
-        self.window = window
-        self._hist: list[tuple[float, int]] = []
-
-    def update(self, tokens: int) -> float:
-        now = time.perf_counter()
-        self._hist.append((now, tokens))
-        self._hist = self._hist[-(self.window + 1):]
-        if len(self._hist) < 2:
-            return 0.0
-        (t0, n0), (t1, n1) = self._hist[0], self._hist[-1]
-        return (n1 - n0) / max(t1 - t0, 1e-9)
