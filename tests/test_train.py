@@ -157,3 +157,17 @@ def test_train_in_process_returns_summary(data_cache, tmp_path):
     assert summary["steps"] == 6 and set(summary["val_loss"]) == {"64", "256"}
     with pytest.raises(ConfigError, match="already holds a checkpoint"):
         train(RunConfig.model_validate(tree))
+
+
+def test_tensorboard_events_or_a_named_error(data_cache, tmp_path):
+    tree = tiny_tree(data_cache, tmp_path / "out", train={"duration": "3 steps", "checkpoint_every": None},
+                     log={"progress": "off", "tensorboard": True})
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match="pip install tensorboard"):
+            train(RunConfig.model_validate(tree))
+        assert not (tmp_path / "out" / "checkpoints").exists()
+        return
+    train(RunConfig.model_validate(tree))
+    assert list((tmp_path / "out" / "tensorboard").glob("events.out.tfevents.*"))

@@ -81,6 +81,8 @@ class LogConfig(Section):
     """Console display: a live rich display on a terminal, plain lines otherwise (auto), or off."""
     every: Duration = Duration(10, Unit.STEP)
     """How often the plain display prints a line (the metrics file gets every step)."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files to OUT_DIR/tensorboard (needs `pip install tensorboard`)."""
 
     @model_validator(mode="after")
     def _check(self) -> LogConfig:

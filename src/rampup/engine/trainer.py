@@ -28,7 +28,7 @@ from rampup.data.dataset import TokenDataset
 from rampup.data.prepare import get_prepared
 from rampup.data.samplers import build_sampler, eval_windows
 from rampup.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from rampup.engine.metrics import Display, MetricsWriter
+from rampup.engine.metrics import Display, MetricsWriter, tensorboard_writer
 from rampup.errors import ConfigError, DataError, RampupError
 from rampup.models.llm import DecoderLM, flops_per_token
 from rampup.optim import build_optimizer, lr_at
@@ -212,8 +212,9 @@ def train(cfg: RunConfig, *, resume: bool = False, display_mode: str | None = No
     val_windows = {n: eval_windows(val_ds, n, cfg.eval.max_tokens) for n in eval_lens}
     progress = Progress()
 
+    tb = tensorboard_writer(out / "tensorboard") if cfg.log.tensorboard else None  # fails before training
     out.mkdir(parents=True, exist_ok=True)
-    metrics = MetricsWriter(out / "metrics.jsonl")
+    metrics = MetricsWriter(out / "metrics.jsonl", tensorboard=tb)
     if found is not None:
         ck = load_checkpoint(found, model, optimizer)
         _check_resumable(ck.state["config"], cfg)
