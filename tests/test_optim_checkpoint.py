@@ -19,8 +19,8 @@ def cfg(**kw):
 
 def test_warmup_then_cosine_in_tokens():
     c = cfg()
-    assert lr_at(c, 0, TOTAL) == pytest.approx(1e-3 / 100_000)
-    assert lr_at(c, 49_999, TOTAL) == pytest.approx(0.5e-3)
+    assert lr_at(c, 0, TOTAL) == 0.0 and lr_at(c, 8192, TOTAL) == pytest.approx(1e-3 * 8192 / 100_000)
+    assert lr_at(c, 50_000, TOTAL) == pytest.approx(0.5e-3)
     assert lr_at(c, 100_000, TOTAL) == pytest.approx(1e-3)
     mid = 100_000 + 450_000
     assert lr_at(c, mid, TOTAL) == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * 0.5)))

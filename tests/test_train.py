@@ -171,3 +171,20 @@ def test_tensorboard_events_or_a_named_error(data_cache, tmp_path):
         return
     train(RunConfig.model_validate(tree))
     assert list((tmp_path / "out" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_engine_follows_the_plan_step_by_step(uninterrupted):
+    """What `rampup plan` prints is what training did: the same steps, shapes and learning rates."""
+    import yaml
+
+    from rampup.plan import make_plan
+    from rampup.schedule import Schedule
+
+    cfg = RunConfig.model_validate(yaml.safe_load((uninterrupted / "config.yaml").read_text()))
+    plan = make_plan(cfg, Schedule.build(cfg.schedule, total=cfg.train.duration))
+    steps = [r for r in read_metrics(uninterrupted / "metrics.jsonl") if r["event"] == "step"]
+    assert len(steps) == plan.total_steps
+    assert [r["seq_len"] for r in steps] == plan.curve["seq_len"]
+    assert [r["batch_size"] for r in steps] == plan.curve["batch_size"]
+    assert [r["lr"] for r in steps] == pytest.approx(plan.curve["lr"], rel=1e-12)
+    assert steps[0]["lr"] > 0

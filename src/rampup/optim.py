@@ -56,10 +56,13 @@ class OptimizerConfig(Section):
 
 
 def lr_at(cfg: OptimizerConfig, t: int, total_tokens: int) -> float:
-    """Learning rate after ``t`` of ``total_tokens`` tokens, before any ``lr_mult`` knob."""
+    """Learning rate at ``t`` of ``total_tokens`` tokens, before any ``lr_mult`` knob.
+
+    The engine evaluates it at the token count reached by the end of each step (as nanoGPT's
+    ``(it + 1) / warmup_iters``), so the first step of a warmup already moves the weights."""
     warmup = cfg.warmup.to_tokens(total_tokens=total_tokens)
     if t < warmup:
-        return cfg.lr * (t + 1) / warmup  # +1: the first step must not have lr 0 (it would be wasted)
+        return cfg.lr * t / warmup  # the engine asks at the end of each step, so the first lr is > 0
     lo = cfg.lr * cfg.min_lr_ratio
     if cfg.decay == "constant":
         return cfg.lr

@@ -56,16 +56,17 @@ def make_plan(cfg: RunConfig, schedule: Schedule) -> Plan:
     total = schedule.total_tokens
     stages = [StageSummary(s.index, s.name, s.start, s.end) for s in schedule.stages]
     curve: dict[str, list[float]] = {"tokens": [], "seq_len": [], "batch_size": [], "lr": []}
-    attn_per_token = 12 * cfg.model.n_layers * cfg.model.dim  # times seq_len
+    dense_per_token = flops_per_token(cfg.model, 0)  # the 6N term; the rest is attention
     n = 0
     for sp in schedule.steps():
         st = stages[sp.stage]
         st.steps += 1
-        st.flops += flops_per_token(cfg.model, sp.seq_len) * sp.tokens
-        st.attn_flops += attn_per_token * sp.seq_len * sp.tokens
+        per_token = flops_per_token(cfg.model, sp.seq_len)
+        st.flops += per_token * sp.tokens
+        st.attn_flops += (per_token - dense_per_token) * sp.tokens
         st.seq_lens.add(sp.seq_len)
         st.shapes.append((sp.batch_size, sp.seq_len))
-        lr = lr_at(cfg.optimizer, sp.tokens_before, total) * sp.knobs["lr_mult"]
+        lr = lr_at(cfg.optimizer, sp.tokens_before + sp.tokens, total) * sp.knobs["lr_mult"]  # as the engine
         st.lrs.append(lr)
         for k, v in sp.knobs.items():
             if k not in ("seq_len", "batch_tokens", "lr_mult"):

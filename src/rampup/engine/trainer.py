@@ -264,7 +264,8 @@ def train(cfg: RunConfig, *, resume: bool = False, display_mode: str | None = No
                 t0 = time.perf_counter()
                 x, y = sampler.next_batch(sp.seq_len, sp.batch_size)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                lr = lr_at(cfg.optimizer, progress.tokens, schedule.total_tokens) * sp.knobs["lr_mult"]
+                # the step's lr is the schedule's value at the end of the step, so warmup's first step is not ~0
+                lr = lr_at(cfg.optimizer, progress.tokens + sp.tokens, schedule.total_tokens) * sp.knobs["lr_mult"]
                 loss, gnorm = train_step(model, optimizer, x, y, lr=lr, precision=cfg.train.precision,
                                          micro_batch_tokens=cfg.train.micro_batch_tokens,
                                          grad_clip=cfg.optimizer.grad_clip)
