@@ -50,3 +50,34 @@ def test_demo_quick_runs_both_and_compares(tmp_path):
     staged = next(s for s in summaries if s["name"] == "demo_staged")
     base = next(s for s in summaries if s["name"] == "demo_baseline")
     assert staged["flops"] < base["flops"]  # shorter contexts cost less attention
+    demo_dir = next((tmp_path / "runs" / "demo").iterdir())
+    comparison = json.loads((demo_dir / "compare.json").read_text())
+    assert comparison["baseline"] == "demo_baseline" and comparison["seq_lens"] == [1024]
+    assert comparison["targets"]["1024"] == base["val_loss"]["1024"]
+    html = (demo_dir / "report" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 6 and "demo_staged" in html and "time to target" in html
+    assert "report.html" in res.stdout and "compare.json" in res.stdout
+
+
+def test_compare_and_report_commands_on_real_runs(data_cache, tmp_path):
+    """Two real tiny runs (64-then-256 staged vs fixed 256), compared and reported from the CLI."""
+    staged = write_config(tmp_path / "staged.yaml", tiny_tree(
+        data_cache, tmp_path / "staged", train={"duration": "12 steps", "checkpoint_every": None}))
+    fixed = write_config(tmp_path / "fixed.yaml", tiny_tree(
+        data_cache, tmp_path / "fixed", name="fixed", train={"duration": "12 steps", "checkpoint_every": None},
+        schedule={"knobs": {"batch_tokens": 2048, "seq_len": 256}, "stages": [{"name": "full"}]}))
+    for cfg in (staged, fixed):
+        res = run_rampup("train", str(cfg))
+        assert res.returncode == 0, res.stderr
+    res = run_rampup("compare", str(tmp_path / "staged"), str(tmp_path / "fixed"), "--out", str(tmp_path / "cmp"))
+    assert res.returncode == 0, res.stderr
+    result = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert result["baseline"] == "fixed" and result["seq_lens"] == [64, 256]
+    assert "not reached" in res.stdout or "x" in res.stdout
+    assert (tmp_path / "cmp" / "report.html").is_file()
+    res = run_rampup("report", str(tmp_path / "staged"))
+    assert res.returncode == 0 and (tmp_path / "staged" / "report" / "report.html").is_file()
+    res = run_rampup("compare", str(tmp_path / "staged"))
+    assert res.returncode == 2 and "at least two" in res.stderr
+    res = run_rampup("report", str(tmp_path / "nothing"))
+    assert res.returncode == 2 and "nothing" in res.stderr

@@ -4,6 +4,9 @@
     rampup plan CONFIG             the whole run as a table + PNG, without training
     rampup train CONFIG [--resume] train (or continue) a run
     rampup demo [--quick]          staged curriculum vs fixed baseline on the embedded corpus
+    rampup compare RUN_DIR...      time / tokens / FLOPs to the baseline's loss, with an HTML report
+    rampup compare --run A.yaml B.yaml --seeds 3   train the configs, then compare
+    rampup report RUN_DIR          HTML report and PNGs of one run
     rampup config [SECTION]        every config key with its default and meaning
 
 Every command takes ``--set key.path=value`` (repeatable) to override any config key.
@@ -78,6 +81,37 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from rampup.compare import comparison_table, compare_runs, print_comparison, run_and_compare, write_comparison
+    from rampup.errors import ConfigError
+    from rampup.report import report_runs
+
+    out = Path(args.out)
+    if args.run:
+        if args.runs:
+            raise ConfigError("give either run folders or --run CONFIG..., not both")
+        result = run_and_compare(args.run, seeds=args.seeds, overrides=args.set or [], out_root=out / "runs",
+                                 console=console)
+    else:
+        if len(args.runs) < 2:
+            raise ConfigError("rampup compare needs at least two run folders (the baseline last), or --run CONFIG...")
+        result = compare_runs(args.runs, baseline=args.baseline, target_loss=args.target_loss)
+    print_comparison(result, console)
+    json_path = write_comparison(result, out / "compare.json")
+    html = report_runs([Path(p) for g in result["groups"] for p in g["paths"]], out,
+                       extra_tables=[comparison_table(result)])
+    console.print(f"comparison: {json_path}\nreport: {html}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from rampup.report import report_run
+
+    html = report_run(Path(args.run_dir), Path(args.out) if args.out else None)
+    console.print(f"report: {html}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from pydantic import BaseModel
 
@@ -131,6 +165,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--quick", action="store_true", help="a much shorter run (under a minute), for tests")
     sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key in every config")
     sp.set_defaults(fn=cmd_demo)
+    sp = sub.add_parser("compare", help="compare finished runs by time, tokens and FLOPs to a target loss")
+    sp.add_argument("runs", nargs="*", help="run folders; the last (or --baseline) is the baseline")
+    sp.add_argument("--run", nargs="+", metavar="CONFIG", help="train these configs first (same budget), then compare")
+    sp.add_argument("--seeds", type=int, default=1, help="with --run: seeds per config (offset from train.seed)")
+    sp.add_argument("--baseline", help="name or folder of the baseline run (default: the last)")
+    sp.add_argument("--target-loss", type=float, help="target validation loss (default: the baseline's final loss)")
+    sp.add_argument("--out", default="runs/compare", help="where compare.json and the HTML report go")
+    sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="with --run: override a key in every config")
+    sp.set_defaults(fn=cmd_compare)
+    sp = sub.add_parser("report", help="write an HTML report (plots embedded) and PNGs for a run")
+    sp.add_argument("run_dir", help="a run folder (train.out_dir)")
+    sp.add_argument("--out", help="where to write (default: RUN_DIR/report)")
+    sp.set_defaults(fn=cmd_report)
     sp = sub.add_parser("config", help="list every config key with its default and meaning")
     sp.add_argument("section", nargs="?", help="only keys under this prefix, e.g. train")
     sp.set_defaults(fn=cmd_config)

@@ -1,7 +1,8 @@
 """``rampup demo``: a staged curriculum against its fixed-length baseline, same model and budget.
 
-Runs each config in turn into a fresh folder under ``runs/demo/``, then prints the validation loss
-at the longest evaluated context and the training wall-clock of each. ``--quick`` cuts the budget to
+Runs each config in turn into a fresh folder under ``runs/demo/``, prints the validation loss at
+the longest evaluated context and the training wall-clock of each, then compares them by time to
+the baseline's final loss (``compare.json``) and writes an HTML report with the plots. ``--quick`` cuts the budget to
 a few hundred thousand tokens so the whole thing takes well under a minute (used by a test).
 """
 from __future__ import annotations
@@ -47,4 +48,14 @@ def run_demo(configs: list[str], *, quick: bool = False, overrides: list[str] = 
                       f"{base['train_time'] / r['train_time']:.2f}x", f"{r['flops']:.3g}",
                       str(Path(r["metrics"]).parent))
     console.print(table)
+    from rampup.compare import comparison_table, compare_runs, print_comparison, write_comparison
+    from rampup.report import report_runs
+
+    run_dirs = [Path(r["metrics"]).parent for r in results]
+    comparison = compare_runs(run_dirs)  # the baseline is the last run
+    print_comparison(comparison, console)
+    out = root / stamp
+    json_path = write_comparison(comparison, out / "compare.json")
+    html = report_runs(run_dirs, out / "report", extra_tables=[comparison_table(comparison)])
+    console.print(f"runs: {', '.join(map(str, run_dirs))}\ncomparison: {json_path}\nreport: {html}")
     return results
