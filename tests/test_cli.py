@@ -81,3 +81,20 @@ def test_compare_and_report_commands_on_real_runs(data_cache, tmp_path):
     assert res.returncode == 2 and "at least two" in res.stderr
     res = run_rampup("report", str(tmp_path / "nothing"))
     assert res.returncode == 2 and "nothing" in res.stderr
+
+
+def test_compare_run_trains_each_config_with_offset_seeds(data_cache, tmp_path):
+    steps = {"duration": "6 steps", "checkpoint_every": None}
+    staged = write_config(tmp_path / "a.yaml", tiny_tree(data_cache, tmp_path / "unused", name="a", train=steps))
+    fixed = write_config(tmp_path / "b.yaml", tiny_tree(
+        data_cache, tmp_path / "unused", name="b", train=steps,
+        schedule={"knobs": {"batch_tokens": 2048, "seq_len": 256}, "stages": [{"name": "full"}]}))
+    res = run_rampup("compare", "--run", str(staged), str(fixed), "--seeds", "2", "--out", str(tmp_path / "cmp"))
+    assert res.returncode == 0, res.stderr
+    result = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    groups = {g["label"]: g for g in result["groups"]}
+    assert set(groups) == {"a", "b"} and groups["b"]["baseline"]
+    assert sorted(groups["a"]["seeds"]) == [0, 1]  # train.seed 0 offset by 0 and 1
+    losses = [json.loads((tmp_path / "cmp" / "runs" / f"a_seed{i}" / "summary.json").read_text())["val_loss"]
+              for i in (0, 1)]
+    assert losses[0] != losses[1]  # different seeds really trained differently
