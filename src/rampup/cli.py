@@ -34,11 +34,29 @@ def _load(args: argparse.Namespace):
 def cmd_prepare(args: argparse.Namespace) -> int:
     from rampup.data.prepare import get_prepared
 
+    from rich.table import Table
+
+    from rampup.data.buckets import get_buckets
+
     cfg = _load(args)
     path = get_prepared(cfg.data)
     meta = (path / "meta.json").read_text()
     console.print(f"prepared data in {path}")
     console.print(meta)
+    b = cfg.data.buckets
+    buckets = get_buckets(path, b.min_log2, b.max_log2)
+    summary = buckets.summary()
+    console.print(f"length buckets (dataset decomposition) in {buckets.folder}")
+    table = Table()
+    for col in ("bucket", "sequences", "tokens", "share"):
+        table.add_column(col, justify="right")
+    for n, row in summary["buckets"].items():
+        table.add_row(n, f"{row['sequences']:,}", f"{row['tokens']:,}",
+                      f"{row['tokens'] / summary['tokens_total']:.1%}")
+    console.print(table)
+    console.print(f"{summary['tokens_dropped']:,} of {summary['tokens_total']:,} tokens "
+                  f"({summary['tokens_dropped'] / summary['tokens_total']:.2%}) dropped as remainders shorter "
+                  f"than {1 << b.min_log2} + 1 tokens; each sequence also holds one target token past its inputs")
     return 0
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from rampup.configbase import Section
 from rampup.data.config import DataConfig
@@ -41,6 +41,14 @@ class TrainConfig(Section):
     """How often to write a checkpoint, in steps, tokens or % of the run (None: only at the end)."""
     threads: int | None = None
     """torch.set_num_threads for CPU training (None: PyTorch's default)."""
+    compile: bool = False
+    """torch.compile the model for training steps, one static graph per batch shape; the run's
+    distinct shapes must stay within compile_max_graphs (bucketed lengths do, a fine seq_len ramp
+    does not). Compile time is reported apart from train time."""
+    compile_backend: str = "inductor"
+    """torch.compile backend (inductor generates fused kernels; eager/aot_eager only trace)."""
+    compile_max_graphs: int = Field(default=16, ge=1)
+    """Most distinct batch shapes (compiled graphs) a compiled run may have; more is refused at plan time."""
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -62,6 +70,11 @@ class EvalConfig(Section):
     """How often to evaluate during training, in steps, tokens or %; the end of the run is always evaluated."""
     max_tokens: int = 32768
     """Held-out tokens scored per context length (fewer if the validation split is smaller)."""
+    windows: Literal["stream", "documents"] = "stream"
+    """What an evaluation window is: `stream` cuts the held-out documents, concatenated, into
+    windows (the fixed-length baseline's view); `documents` takes windows only from inside single
+    held-out documents at least seq_len + 1 tokens long, so every position has its own document's
+    full context (the fair test of a model trained without cross-document attention)."""
 
     @model_validator(mode="after")
     def _check(self) -> EvalConfig:
@@ -125,12 +138,20 @@ class RunConfig(Section):
                 raise ValueError(f"data.tokenizer.vocab_size {tok.vocab_size} differs from model.vocab_size "
                                  f"{self.model.vocab_size}; set model.vocab_size only (the trained tokenizer follows it)")
             tok.vocab_size = self.model.vocab_size
-        if self.data.sampler == "fixed":
+        knob_keys = set(self.schedule.knobs).union(*(st.knobs for st in self.schedule.stages))
+        if "bucket_odds" in knob_keys and self.data.sampler != "buckets":
+            raise ValueError("the schedule sets bucket_odds, which only the buckets sampler uses; set "
+                             "data.sampler: buckets or remove bucket_odds")
+        if self.data.sampler == "buckets" and self.schedule.seq_len_mode == "truncate":
+            raise ValueError("schedule.seq_len_mode: truncate shapes packed windows; the buckets sampler "
+                             "draws its own lengths, so remove seq_len_mode")
+        if self.data.sampler in ("fixed", "buckets"):
             lens = {st.knobs["seq_len"] for st in self.schedule.stages if "seq_len" in st.knobs}
             ramps = [x for x in lens if hasattr(x, "start")]
             if ramps or len(lens | ({start} if start else set())) > 1:
-                raise ValueError("data.sampler 'fixed' serves one sequence length, but the schedule changes "
-                                 "seq_len; use data.sampler: staged")
+                raise ValueError(f"data.sampler '{self.data.sampler}' needs one constant seq_len (the "
+                                 "longest context), but the schedule changes seq_len; use data.sampler: staged "
+                                 "for a seq_len curriculum")
         return self
 
     def resolved_out_dir(self) -> Path:

@@ -150,3 +150,50 @@ def get_knob(name: str) -> Knob:
     if name not in KNOBS:
         raise ConfigError(f"unknown knob '{name}'{did_you_mean(name, KNOBS)}; knobs: {', '.join(KNOBS)}")
     return KNOBS[name]
+
+
+# ----------------------------------------------------------------------------- bucket odds
+BUCKET_ODDS_PRESETS = ("uniform", "grow-linear", "grow-p2", "shrink-linear", "shrink-p2")
+"""Named odds over length buckets, shortest bucket first (Dataset Decomposition, TECHNIQUES A1):
+grow-* favour short buckets (6,5,4,... or 32,16,8,...), so each cycle grows from short to long;
+shrink-* are the reverse."""
+
+
+def _check_bucket_odds(value: Any) -> Any:
+    if isinstance(value, str):
+        if value not in BUCKET_ODDS_PRESETS:
+            from rampup.errors import did_you_mean
+
+            raise ValueError(f"bucket_odds '{value}' is not a preset{did_you_mean(value, BUCKET_ODDS_PRESETS)}; "
+                             f"use one of {', '.join(BUCKET_ODDS_PRESETS)} or a list of numbers, one per bucket")
+        return value
+    if isinstance(value, (list, tuple)) and value and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        if any(v < 0 for v in value) or not any(v > 0 for v in value):
+            raise ValueError(f"bucket_odds {list(value)} must be >= 0 with at least one > 0")
+        return [float(v) for v in value]
+    raise ValueError(f"bucket_odds takes a preset ({', '.join(BUCKET_ODDS_PRESETS)}) or a list of "
+                     f"numbers (one per bucket, shortest first), got {value!r}")
+
+
+def bucket_odds_weights(odds: Any, n_buckets: int) -> "np.ndarray":
+    """(n_buckets,) float odds, shortest bucket first, for a preset name or an explicit list."""
+    import numpy as np
+
+    odds = _check_bucket_odds(odds)
+    i = np.arange(n_buckets, dtype=np.float64)
+    if isinstance(odds, list):
+        if len(odds) != n_buckets:
+            raise ConfigError(f"bucket_odds has {len(odds)} values but there are {n_buckets} buckets "
+                              "(data.buckets.min_log2..max_log2); give one value per bucket, shortest first")
+        return np.array(odds, dtype=np.float64)
+    return {"uniform": np.ones(n_buckets),
+            "grow-linear": n_buckets - i,
+            "grow-p2": 2.0 ** (n_buckets - 1 - i),
+            "shrink-linear": i + 1,
+            "shrink-p2": 2.0 ** i}[odds]
+
+
+register_knob(Knob("bucket_odds", "Odds of drawing each length bucket (data.sampler: buckets): "
+                   f"{', '.join(BUCKET_ODDS_PRESETS)}, or a list, shortest bucket first.",
+                   default="uniform", rampable=False, check=_check_bucket_odds))

@@ -34,6 +34,12 @@ class StageSummary:
     shapes: list[tuple[int, int]] = field(default_factory=list)
     lrs: list[float] = field(default_factory=list)
     extra: dict[str, set[str]] = field(default_factory=dict)
+    bucket_tokens: dict[int, int] = field(default_factory=dict)
+    """Buckets sampler: tokens per sequence length in this stage (the run's own draws, walked dry)."""
+
+    def bucket_shares(self) -> dict[int, float]:
+        total = sum(self.bucket_tokens.values())
+        return {n: t / total for n, t in sorted(self.bucket_tokens.items())} if total else {}
 
 
 @dataclass
@@ -52,26 +58,52 @@ class Plan:
         return 1 - self.total_flops / self.baseline_flops
 
 
-def make_plan(cfg: RunConfig, schedule: Schedule) -> Plan:
+def step_shapes(cfg: RunConfig, schedule: Schedule) -> list[tuple[int, int]]:
+    """(rows, seq_len) of every step as the sampler will serve it.
+
+    For the buckets sampler that needs the bucket counts (the corpus is prepared and decomposed if
+    it is not yet) and walks the sampler's own draws dry, so a curriculum whose buckets run dry or
+    whose odds do not fit the buckets fails here, before any compute.
+    """
+    if cfg.data.sampler != "buckets":
+        return [(sp.batch_size, sp.seq_len) for sp in schedule.steps()]
+    from rampup.data.bucket_sampler import check_context, plan_buckets
+    from rampup.data.buckets import get_buckets
+    from rampup.data.prepare import get_prepared
+
+    b = cfg.data.buckets
+    check_context(int(schedule.max_knob("seq_len")), b.min_log2, b.max_log2)
+    counts = get_buckets(get_prepared(cfg.data), b.min_log2, b.max_log2).counts()
+    draws = plan_buckets(counts, schedule, seed=cfg.train.seed, cycles=b.cycles, repeat=b.repeat)
+    return [(sp.knobs["batch_tokens"] >> k, 1 << k) for sp, k in zip(schedule.steps(), draws)]
+
+
+def make_plan(cfg: RunConfig, schedule: Schedule, shapes: list[tuple[int, int]] | None = None) -> Plan:
+    """The run step by step; ``shapes`` are :func:`step_shapes` (computed here when not given)."""
     total = schedule.total_tokens
+    shapes = step_shapes(cfg, schedule) if shapes is None else shapes
     stages = [StageSummary(s.index, s.name, s.start, s.end) for s in schedule.stages]
     curve: dict[str, list[float]] = {"tokens": [], "seq_len": [], "batch_size": [], "lr": []}
     dense_per_token = flops_per_token(cfg.model, 0)  # the 6N term; the rest is attention
+    buckets = cfg.data.sampler == "buckets"
     n = 0
-    for sp in schedule.steps():
+    for sp, (rows, seq_len) in zip(schedule.steps(), shapes):
         st = stages[sp.stage]
         st.steps += 1
-        per_token = flops_per_token(cfg.model, sp.seq_len)
-        st.flops += per_token * sp.tokens
-        st.attn_flops += (per_token - dense_per_token) * sp.tokens
-        st.seq_lens.add(sp.seq_len)
-        st.shapes.append((sp.batch_size, sp.seq_len))
+        tokens = rows * seq_len
+        per_token = flops_per_token(cfg.model, seq_len)
+        st.flops += per_token * tokens
+        st.attn_flops += (per_token - dense_per_token) * tokens
+        st.seq_lens.add(seq_len)
+        st.shapes.append((rows, seq_len))
+        if buckets:
+            st.bucket_tokens[seq_len] = st.bucket_tokens.get(seq_len, 0) + tokens
         lr = lr_at(cfg.optimizer, sp.tokens_before + sp.tokens, total) * sp.knobs["lr_mult"]  # as the engine
         st.lrs.append(lr)
         for k, v in sp.knobs.items():
             if k not in ("seq_len", "batch_tokens", "lr_mult"):
                 st.extra.setdefault(k, set()).add(str(v))
-        for key, val in (("tokens", sp.tokens_before), ("seq_len", sp.seq_len), ("batch_size", sp.batch_size), ("lr", lr)):
+        for key, val in (("tokens", sp.tokens_before), ("seq_len", seq_len), ("batch_size", rows), ("lr", lr)):
             curve[key].append(val)
         n += 1
     base_len = schedule.max_knob("seq_len")
@@ -91,6 +123,9 @@ def plan_table(plan: Plan, cfg: RunConfig) -> Table:
     extras = sorted({k for s in plan.stages for k in s.extra})
     for k in extras:
         t.add_column(k)
+    buckets = any(s.bucket_tokens for s in plan.stages)
+    if buckets:
+        t.add_column("tokens per bucket")
     for s in plan.stages:
         shapes = sorted(set(s.shapes))
         shape = f"{shapes[0][0]} x {shapes[0][1]}" if len(shapes) == 1 else \
@@ -100,6 +135,7 @@ def plan_table(plan: Plan, cfg: RunConfig) -> Table:
             _span(s.seq_lens), shape, _span(s.lrs, "{:.2e}"), f"{s.flops:.3g}",
             f"{s.attn_flops / s.flops:.0%}" if s.flops else "-", f"{s.flops / plan.total_flops:.1%}",
             *[", ".join(sorted(s.extra.get(k, {"-"}))) for k in extras],
+            *([" ".join(f"{n}:{p:.0%}" for n, p in s.bucket_shares().items())] if buckets else []),
         )
     return t
 
@@ -144,4 +180,6 @@ def plan_summary(plan: Plan) -> dict[str, Any]:
     return {"total_tokens": plan.schedule.total_tokens, "total_steps": plan.total_steps,
             "total_flops": plan.total_flops, "baseline_flops": plan.baseline_flops,
             "stages": [{"name": s.name, "start": s.start, "end": s.end, "steps": s.steps, "flops": s.flops,
-                        "seq_lens": sorted(s.seq_lens)} for s in plan.stages]}
+                        "seq_lens": sorted(s.seq_lens),
+                        "bucket_shares": {str(n): p for n, p in s.bucket_shares().items()}}
+                       for s in plan.stages]}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import model_serializer, model_validator
 
@@ -71,6 +71,11 @@ class ScheduleConfig(Section):
     """Starting values of knobs, before the first stage changes them (e.g. batch_tokens: 16384)."""
     stages: list[StageConfig] = [StageConfig()]
     """The stages, in order."""
+    seq_len_mode: Literal["reshape", "truncate"] = "reshape"
+    """How a seq_len shorter than the run's longest shapes a step (sequence-length warmup, TECHNIQUES
+    A2): `reshape` keeps tokens per step constant (batch_tokens // seq_len sequences); `truncate`
+    keeps sequences per step constant (batch_tokens // longest seq_len), each cut to seq_len, so
+    tokens per step grow with seq_len."""
 
     @model_validator(mode="before")
     @classmethod
@@ -115,6 +120,11 @@ class Stage:
         return {name: KNOBS[name].evaluate(v, p) for name, v in self.settings.items()}
 
 
+def _rows(batch_tokens: int, seq_len: int, mode: str, longest: int) -> int:
+    """Sequences per step: reshape keeps the tokens per step, truncate the sequences per step."""
+    return max(1, batch_tokens // (longest if mode == "truncate" else seq_len))
+
+
 @dataclass(frozen=True)
 class StepPlan:
     """One optimizer step as the engine will run it."""
@@ -137,10 +147,13 @@ class Schedule:
 
     stages: list[Stage]
     total_tokens: int
+    seq_len_mode: str = "reshape"
     _starts: list[int] = field(init=False, repr=False)
+    _longest: int = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._starts = [s.start for s in self.stages]
+        self._longest = int(self.max_knob("seq_len"))
 
     @classmethod
     def build(
@@ -164,11 +177,13 @@ class Schedule:
             settings.append(s)
             current = s
 
+        longest = int(max(max(v.start, v.to) if isinstance(v, Ramp) else v for v in (s["seq_len"] for s in settings)))
+
         def step_tokens(s: dict[str, Any], what: str) -> int:
             if isinstance(s["seq_len"], Ramp) or isinstance(s["batch_tokens"], Ramp):
                 raise ConfigError(f"{what} is given in steps or samples but seq_len or batch_tokens ramps "
                                   "within it; give that duration in tokens or % instead")
-            return max(1, s["batch_tokens"] // s["seq_len"]) * s["seq_len"]
+            return _rows(s["batch_tokens"], s["seq_len"], cfg.seq_len_mode, longest) * s["seq_len"]
 
         def to_tokens(d: Duration, s: dict[str, Any] | None, what: str, total_tokens: int | None) -> int:
             if d.unit in (Unit.STEP, Unit.SAMPLE):
@@ -220,7 +235,7 @@ class Schedule:
                 raise ConfigError(f"stage {i} ({st.name or f'stage{i}'}) has zero length; remove it or give it a duration")
             stages.append(Stage(i, st.name or f"stage{i}", start, start + n, settings[i]))
             start += n
-        return cls(stages, total_tokens)
+        return cls(stages, total_tokens, cfg.seq_len_mode)
 
     def stage_at(self, t: int) -> Stage:
         i = bisect.bisect_right(self._starts, t) - 1
@@ -234,7 +249,8 @@ class Schedule:
         stage = self.stage_at(t)
         knobs = stage.knobs_at(t)
         seq_len = knobs["seq_len"]
-        return StepPlan(step, t, stage.index, knobs, max(1, knobs["batch_tokens"] // seq_len), seq_len)
+        rows = _rows(knobs["batch_tokens"], seq_len, self.seq_len_mode, self._longest)
+        return StepPlan(step, t, stage.index, knobs, rows, seq_len)
 
     def steps(self) -> Iterator[StepPlan]:
         """Every optimizer step of the run; a step starts at ``tokens_before`` and belongs to its stage."""

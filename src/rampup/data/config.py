@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from rampup.configbase import Section
 
@@ -17,6 +17,31 @@ class TokenizerConfig(Section):
     vocab_size: int = Field(default=4096, ge=257)
     """Vocabulary size of the trained tokenizer (256 byte tokens + the end-of-text token at least).
     Ignored when `path` is set; a tiny corpus may yield fewer merges than asked for."""
+
+
+class BucketsConfig(Section):
+    """Dataset decomposition into power-of-two length buckets (TECHNIQUES A1), for data.sampler: buckets."""
+
+    min_log2: int = 6
+    """Shortest bucket is 2^min_log2 tokens; shorter document remainders are dropped."""
+
+    max_log2: int = 12
+    """Longest bucket is 2^max_log2 tokens; the schedule's seq_len must equal it (the target context)."""
+
+    cycles: int = Field(default=8, ge=1)
+    """Each bucket's share of the run is split into this many cycles; within a cycle buckets are
+    drawn by their odds (knob bucket_odds) until none has a whole batch left (Algorithm 1)."""
+
+    repeat: bool = False
+    """A run needing more tokens than the buckets hold: false refuses it at plan time; true starts a
+    new epoch of every bucket (reshuffled) when they run dry, and logs it."""
+
+    @model_validator(mode="after")
+    def _range(self) -> BucketsConfig:
+        if not 1 <= self.min_log2 <= self.max_log2 <= 24:
+            raise ValueError(f"data.buckets needs 1 <= min_log2 <= max_log2 <= 24, got "
+                             f"{self.min_log2}..{self.max_log2}")
+        return self
 
 
 class DataConfig(Section):
@@ -44,9 +69,30 @@ class DataConfig(Section):
     shard_tokens: int = Field(default=50_000_000, ge=1)
     """Tokens per shard file (a document never spans two shards)."""
 
-    sampler: Literal["staged", "fixed"] = "staged"
+    sampler: Literal["staged", "fixed", "buckets"] = "staged"
     """How batches are cut: `staged` (one token stream cut at whatever seq_len the schedule asks
-    for) or `fixed` (the classic fixed-length baseline: shuffled windows of one seq_len)."""
+    for), `fixed` (the classic fixed-length baseline: shuffled windows of one seq_len) or `buckets`
+    (dataset decomposition: every step one length bucket, sequences from single documents)."""
+
+    buckets: BucketsConfig = Field(default_factory=BucketsConfig)
+    """Length buckets for data.sampler: buckets."""
+
+    doc_mask: bool = False
+    """Packed windows (fixed/staged samplers): attend only within each document (the end-of-text
+    token closes a document) instead of across the whole window."""
+
+    restart_positions: bool = False
+    """With doc_mask: RoPE positions restart at 0 at every document start."""
+
+    @model_validator(mode="after")
+    def _packing(self) -> DataConfig:
+        if self.restart_positions and not self.doc_mask:
+            raise ValueError("data.restart_positions needs data.doc_mask: true (positions restart "
+                             "per document only when attention is masked per document)")
+        if self.doc_mask and self.sampler == "buckets":
+            raise ValueError("data.doc_mask is for packed windows; the buckets sampler never packs "
+                             "two documents into one sequence, so remove doc_mask")
+        return self
 
     @field_validator("val_fraction")
     @classmethod

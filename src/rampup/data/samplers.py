@@ -10,6 +10,8 @@ whole state is a few integers (JSON-serialisable, see ``state_dict``) and never 
   constant and divides the block length).
 - ``FixedSampler``: the fixed-length baseline; each epoch's stream is cut into windows of
   ``T + 1`` tokens (neighbours share one boundary token) that are served in shuffled order.
+- ``BucketSampler`` (:mod:`rampup.data.bucket_sampler`): dataset decomposition, one length bucket
+  per step.
 """
 from __future__ import annotations
 
@@ -29,8 +31,10 @@ class Sampler(Protocol):
     epoch: int
     tokens_served: int
 
-    def next_batch(self, seq_len: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x, y), both (B, T) int64, with y[:, t] the token after x[:, t]."""
+    def take(self, sp) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch of one schedule step (a StepPlan): (x, y), both (B, T) int64, with y[:, t]
+        the token after x[:, t]. B and T are the step's, except for the buckets sampler, which
+        draws T from its buckets and serves batch_tokens / T rows."""
         ...
 
     def state_dict(self) -> dict: ...
@@ -81,7 +85,7 @@ class StagedSampler:
 
     kind = "staged"
 
-    def __init__(self, dataset: TokenDataset, seed: int, block_len: int):
+    def __init__(self, dataset: TokenDataset, seed: int, block_len: int, *, truncate: bool = False):
         if block_len < 1:
             raise ConfigError(f"block_len must be >= 1, got {block_len}")
         self.n_blocks = (dataset.n_tokens - 1) // block_len
@@ -92,6 +96,9 @@ class StagedSampler:
         self.dataset = dataset
         self.seed = seed
         self.block_len = block_len
+        self.truncate = truncate
+        """Sequence-length warmup by truncation: every row is the start of a fresh block, cut to
+        seq_len (the rest of the block is skipped), so a step has as many rows as at full length."""
         self.epoch = 0
         self.block_pos = 0  # cursor: position in this epoch's block order ...
         self.offset = 0     # ... and token offset inside that block
@@ -105,8 +112,8 @@ class StagedSampler:
                               "build it with the schedule's longest seq_len")
         rows = np.empty((batch_size, seq_len + 1), dtype=np.int64)  # (B, T+1)
         for b in range(batch_size):
-            if self.offset + seq_len > self.block_len:  # the rest of this block is too short
-                self.block_pos, self.offset = self.block_pos + 1, 0
+            if self.offset + seq_len > self.block_len or (self.truncate and self.offset):
+                self.block_pos, self.offset = self.block_pos + 1, 0  # next block
             if self.block_pos == self.n_blocks:
                 self.epoch, self.block_pos, self.offset = self.epoch + 1, 0, 0
             block = self._plan.window(self.epoch, self.block_pos)
@@ -116,9 +123,13 @@ class StagedSampler:
         t = torch.from_numpy(rows)
         return t[:, :-1].contiguous(), t[:, 1:].contiguous()
 
+    def take(self, sp) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch of one schedule step (a :class:`rampup.schedule.StepPlan`)."""
+        return self.next_batch(sp.seq_len, sp.batch_size)
+
     def state_dict(self) -> dict:
         return {"kind": self.kind, "seed": self.seed, "block_len": self.block_len, "epoch": self.epoch,
-                "block_pos": self.block_pos, "offset": self.offset,
+                "block_pos": self.block_pos, "offset": self.offset, "truncate": self.truncate,
                 "tokens_served": self.tokens_served,
                 "n_docs": self.dataset.n_docs, "n_tokens": self.dataset.n_tokens}
 
@@ -127,6 +138,9 @@ class StagedSampler:
         if state["block_len"] != self.block_len:
             raise ConfigError(f"sampler state has block length {state['block_len']}, this sampler "
                               f"{self.block_len}; resume with the schedule the run was started with")
+        if state.get("truncate", False) != self.truncate:
+            raise ConfigError("sampler state was saved with another schedule.seq_len_mode; resume with "
+                              "the schedule the run was started with")
         self.seed = int(state["seed"])
         self.epoch = int(state["epoch"])
         self.block_pos = int(state["block_pos"])
@@ -200,6 +214,10 @@ class FixedSampler:
         t = torch.from_numpy(rows)
         return t[:, :-1].contiguous(), t[:, 1:].contiguous()
 
+    def take(self, sp) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch of one schedule step (a :class:`rampup.schedule.StepPlan`)."""
+        return self.next_batch(sp.seq_len, sp.batch_size)
+
     def state_dict(self) -> dict:
         return {"kind": self.kind, "seed": self.seed, "seq_len": self.seq_len,
                 "epoch": self.epoch, "pos": self.pos, "tokens_served": self.tokens_served,
@@ -217,20 +235,43 @@ class FixedSampler:
         self._plan = _EpochPlan(self.dataset, self.seed, self.seq_len, self.n_windows)
 
 
-SAMPLERS: dict[str, Callable[[TokenDataset, int, int], Sampler]] = {
-    "staged": lambda dataset, seed, seq_len: StagedSampler(dataset, seed, block_len=seq_len),
-    "fixed": lambda dataset, seed, seq_len: FixedSampler(dataset, seed, seq_len),
+def _bucket_sampler(dataset: TokenDataset, seed: int, seq_len: int, *, data=None, run_tokens=None,
+                    truncate: bool = False) -> Sampler:
+    from rampup.data.bucket_sampler import BucketSampler, check_context
+    from rampup.data.buckets import get_buckets
+
+    if data is None or run_tokens is None:
+        raise ConfigError("the buckets sampler needs the data config and the run's tokens; "
+                          "build it with sampler_for_run")
+    cfg = data.buckets
+    check_context(seq_len, cfg.min_log2, cfg.max_log2)
+    buckets = get_buckets(dataset.folder, cfg.min_log2, cfg.max_log2, dataset)
+    return BucketSampler(buckets, seed, cycles=cfg.cycles, run_tokens=run_tokens, repeat=cfg.repeat)
+
+
+SAMPLERS: dict[str, Callable[..., Sampler]] = {
+    "staged": lambda dataset, seed, seq_len, truncate=False, **_: StagedSampler(
+        dataset, seed, block_len=seq_len, truncate=truncate),
+    "fixed": lambda dataset, seed, seq_len, **_: FixedSampler(dataset, seed, seq_len),
+    "buckets": _bucket_sampler,
 }
-"""kind -> factory(dataset, seed, seq_len); the kinds are data.sampler's choices."""
+"""kind -> factory(dataset, seed, seq_len, **run facts); the kinds are data.sampler's choices."""
 
 
-def build_sampler(kind: str, dataset: TokenDataset, seed: int, seq_len: int) -> Sampler:
+def build_sampler(kind: str, dataset: TokenDataset, seed: int, seq_len: int, **run) -> Sampler:
     """The sampler ``kind`` over ``dataset``; ``seq_len`` is the run's longest sequence length
-    (the fixed sampler's window, the staged sampler's block)."""
+    (the fixed sampler's window, the staged sampler's block, the longest bucket). The buckets
+    sampler also needs ``data`` (the DataConfig) and ``run_tokens``; staged takes ``truncate``."""
     if kind not in SAMPLERS:
         raise ConfigError(f"unknown data.sampler '{kind}'{did_you_mean(kind, SAMPLERS)}; "
                           f"choose one of {sorted(SAMPLERS)}")
-    return SAMPLERS[kind](dataset, seed, seq_len)
+    return SAMPLERS[kind](dataset, seed, seq_len, **run)
+
+
+def sampler_for_run(data, dataset: TokenDataset, seed: int, schedule) -> Sampler:
+    """The sampler a run config asks for (``data``: its DataConfig, ``schedule``: its Schedule)."""
+    return build_sampler(data.sampler, dataset, seed, int(schedule.max_knob("seq_len")), data=data,
+                         run_tokens=schedule.total_tokens, truncate=schedule.seq_len_mode == "truncate")
 
 
 def eval_windows(dataset: TokenDataset, seq_len: int, max_tokens: int) -> torch.Tensor:
@@ -252,3 +293,33 @@ def eval_windows(dataset: TokenDataset, seq_len: int, max_tokens: int) -> torch.
     tokens, _, _ = dataset.read_stream(order, 0, 0, n * seq_len + 1)
     stream = torch.from_numpy(tokens.astype(np.int64))
     return stream.unfold(0, seq_len + 1, seq_len).contiguous()  # (N, T+1)
+
+
+def document_eval_windows(dataset: TokenDataset, seq_len: int, max_tokens: int) -> torch.Tensor:
+    """(N, seq_len + 1) int64 windows, each inside one document, from the split's documents in order.
+
+    Documents of at least seq_len + 1 tokens are cut into non-overlapping windows of seq_len + 1
+    (the leftover tail of each is skipped), so every scored position sees only its own document;
+    N is capped so that N * seq_len stays within ``max_tokens``.
+    """
+    if seq_len < 1 or max_tokens < seq_len:
+        raise ConfigError(f"eval needs seq_len >= 1 and max_tokens >= seq_len, got {seq_len} and "
+                          f"{max_tokens}")
+    n_max = max_tokens // seq_len
+    rows = []
+    for i in np.flatnonzero(dataset.doc_lengths >= seq_len + 1):
+        doc = dataset.doc(int(i))
+        for start in range(0, len(doc) - seq_len, seq_len + 1):
+            if len(rows) == n_max:
+                break
+            rows.append(np.asarray(doc[start:start + seq_len + 1], dtype=np.int64))
+    if not rows:
+        raise DataError(
+            f"no {dataset.split} document has seq_len + 1 = {seq_len + 1} tokens, so eval.windows: "
+            f"documents has nothing to score at {seq_len}; raise data.val_fraction, lower "
+            "eval.seq_lens, or use eval.windows: stream")
+    return torch.from_numpy(np.stack(rows))  # (N, T+1)
+
+
+EVAL_WINDOWS = {"stream": eval_windows, "documents": document_eval_windows}
+"""eval.windows -> function(dataset, seq_len, max_tokens) returning (N, seq_len + 1) windows."""

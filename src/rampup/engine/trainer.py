@@ -26,12 +26,14 @@ import torch.nn.functional as F
 from rampup.config import RunConfig, dump_config
 from rampup.data.dataset import TokenDataset
 from rampup.data.prepare import get_prepared
-from rampup.data.samplers import build_sampler, eval_windows
+from rampup.data.packing import document_mask, document_positions, segment_ids
+from rampup.data.samplers import EVAL_WINDOWS, Sampler, sampler_for_run
 from rampup.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rampup.engine.metrics import Display, MetricsWriter, tensorboard_writer
 from rampup.errors import ConfigError, DataError, RampupError
 from rampup.models.llm import DecoderLM, flops_per_token
 from rampup.optim import build_optimizer, lr_at
+from rampup.plan import step_shapes
 from rampup.schedule import Schedule
 from rampup.units import Duration, Unit
 
@@ -52,7 +54,9 @@ class Progress:
     tokens: int = 0
     flops: float = 0.0
     train_time: float = 0.0
-    """Seconds spent in training steps only (evaluation and checkpointing excluded)."""
+    """Seconds spent in training steps only (evaluation, checkpointing and compiling excluded)."""
+    compile_time: float = 0.0
+    """Seconds of the steps that compiled a new graph (train.compile), kept out of train_time."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -79,11 +83,15 @@ def train_step(
     precision: str = "bf16",
     micro_batch_tokens: int | None = None,
     grad_clip: float | None = None,
+    attn_mask: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
 ) -> tuple[float, float]:
     """One optimizer step on inputs/targets (B, T); returns (mean loss, grad norm before clipping).
 
     A batch larger than ``micro_batch_tokens`` is split by rows and the gradients accumulated, each
     micro-batch weighted by its share of tokens so the result equals the unsplit step.
+    ``attn_mask`` (B, 1, T, T) bool and ``positions`` (B, T), when given, go to the model with
+    their rows (document-masked packing).
     """
     B, T = x.shape
     rows = B if micro_batch_tokens is None else max(1, min(B, micro_batch_tokens // T))
@@ -93,8 +101,13 @@ def train_step(
     ctx = autocast(x.device, precision)
     for i in range(0, B, rows):
         xb, yb = x[i:i + rows], y[i:i + rows]
+        extra = {}
+        if attn_mask is not None:
+            extra["attn_mask"] = attn_mask[i:i + rows]
+        if positions is not None:
+            extra["positions"] = positions[i:i + rows]
         with ctx:
-            logits = model(xb)  # (b, T, V)
+            logits = model(xb, **extra)  # (b, T, V)
         loss = F.cross_entropy(logits.float().flatten(0, 1), yb.flatten())
         loss = loss * (xb.shape[0] / B)
         loss.backward()
@@ -173,7 +186,25 @@ def _check_resumable(saved: dict[str, Any], cfg: RunConfig) -> None:
                           "config the run started with (saved as config.yaml in the run folder)")
 
 
-def prepare_run(cfg: RunConfig) -> tuple[Schedule, TokenDataset, TokenDataset, list[int]]:
+@dataclass
+class RunInputs:
+    """What :func:`prepare_run` checked and built: everything a run reads, before any compute."""
+
+    schedule: Schedule
+    train_ds: TokenDataset
+    val_ds: TokenDataset
+    eval_lens: list[int]
+    sampler: Sampler
+    shapes: set[tuple[int, int]]
+    """Every (rows, seq_len) batch shape the run will train at, micro-batch splits included."""
+
+
+def _micro_shapes(rows: int, seq_len: int, micro_batch_tokens: int | None) -> set[tuple[int, int]]:
+    per = rows if micro_batch_tokens is None else max(1, min(rows, micro_batch_tokens // seq_len))
+    return {(per, seq_len)} | ({(rows % per, seq_len)} if rows % per else set())
+
+
+def prepare_run(cfg: RunConfig) -> RunInputs:
     """Everything that can fail on bad input, done before any training compute."""
     prepared = get_prepared(cfg.data)
     train_ds = TokenDataset.open(prepared, "train")
@@ -187,12 +218,23 @@ def prepare_run(cfg: RunConfig) -> tuple[Schedule, TokenDataset, TokenDataset, l
         if val_ds.n_tokens < n + 1:
             raise DataError(f"the validation split has {val_ds.n_tokens} tokens, too few for eval at seq_len {n}; "
                             "raise data.val_fraction or lower eval.seq_lens")
-    return schedule, train_ds, val_ds, eval_lens
+    sampler = sampler_for_run(cfg.data, train_ds, cfg.train.seed, schedule)
+    shapes: set[tuple[int, int]] = set()
+    for rows, seq_len in step_shapes(cfg, schedule):  # for buckets: the whole run's draws, dry
+        shapes |= _micro_shapes(rows, seq_len, cfg.train.micro_batch_tokens)
+    if cfg.train.compile and len(shapes) > cfg.train.compile_max_graphs:
+        raise ConfigError(
+            f"train.compile: the run trains at {len(shapes)} distinct batch shapes, more than "
+            f"train.compile_max_graphs ({cfg.train.compile_max_graphs}), and each shape compiles its own "
+            "graph; bucket the lengths (data.sampler: buckets, a seq_len ramp: step, or a coarser "
+            "multiple_of), raise compile_max_graphs, or turn compile off")
+    return RunInputs(schedule, train_ds, val_ds, eval_lens, sampler, shapes)
 
 
 def train(cfg: RunConfig, *, resume: bool = False, display_mode: str | None = None) -> dict[str, Any]:
     """Run (or resume) a whole training run; returns the summary also written to summary.json."""
-    schedule, train_ds, val_ds, eval_lens = prepare_run(cfg)
+    inputs = prepare_run(cfg)
+    schedule, sampler, eval_lens = inputs.schedule, inputs.sampler, inputs.eval_lens
     out = cfg.resolved_out_dir()
     ckpt_dir = out / "checkpoints"
     found = latest_checkpoint(ckpt_dir)
@@ -208,8 +250,15 @@ def train(cfg: RunConfig, *, resume: bool = False, display_mode: str | None = No
     torch.manual_seed(cfg.train.seed)
     model = DecoderLM(cfg.model).to(device)
     optimizer = build_optimizer(model, cfg.optimizer)
-    sampler = build_sampler(cfg.data.sampler, train_ds, cfg.train.seed, schedule.max_knob("seq_len"))
-    val_windows = {n: eval_windows(val_ds, n, cfg.eval.max_tokens) for n in eval_lens}
+    step_model = model
+    if cfg.train.compile:
+        # One static graph per batch shape: the shapes are few (checked in prepare_run), and static
+        # graphs are the fastest; dynamo must be allowed to keep all of them.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(inputs.shapes) + 1)
+        step_model = torch.compile(model, backend=cfg.train.compile_backend, dynamic=False)
+    make_windows = EVAL_WINDOWS[cfg.eval.windows]
+    val_windows = {n: make_windows(inputs.val_ds, n, cfg.eval.max_tokens) for n in eval_lens}
+    eot = inputs.train_ds.eot_id
     progress = Progress()
 
     tb = tensorboard_writer(out / "tensorboard") if cfg.log.tensorboard else None  # fails before training
@@ -248,6 +297,8 @@ def train(cfg: RunConfig, *, resume: bool = False, display_mode: str | None = No
                   f"{model.num_params():,} non-embedding parameters, device {device}, output {out}"
                   + (f" (resumed at step {progress.step})" if found else ""))
     stage_index = schedule.stage_at(progress.tokens).index if progress.step else -1
+    seen_shapes: set[tuple[int, int]] = set()
+    data_epoch = sampler.epoch
     model.train()
     with _SignalFlag() as flag:
         try:
@@ -262,26 +313,46 @@ def train(cfg: RunConfig, *, resume: bool = False, display_mode: str | None = No
                                   ", ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}"
                                             for k, v in sp.knobs.items()))
                 t0 = time.perf_counter()
-                x, y = sampler.next_batch(sp.seq_len, sp.batch_size)
+                x, y = sampler.take(sp)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                mask = positions = None
+                if cfg.data.doc_mask:
+                    seg = segment_ids(x, eot)  # (B, T) document index within each row
+                    mask = document_mask(seg)
+                    positions = document_positions(seg) if cfg.data.restart_positions else None
                 # the step's lr is the schedule's value at the end of the step, so warmup's first step is not ~0
                 lr = lr_at(cfg.optimizer, progress.tokens + sp.tokens, schedule.total_tokens) * sp.knobs["lr_mult"]
-                loss, gnorm = train_step(model, optimizer, x, y, lr=lr, precision=cfg.train.precision,
+                loss, gnorm = train_step(step_model, optimizer, x, y, lr=lr, precision=cfg.train.precision,
                                          micro_batch_tokens=cfg.train.micro_batch_tokens,
-                                         grad_clip=cfg.optimizer.grad_clip)
+                                         grad_clip=cfg.optimizer.grad_clip, attn_mask=mask, positions=positions)
                 dt = time.perf_counter() - t0
+                B, T = x.shape  # the sampler's shape: the buckets sampler picks T itself
+                n_tok = B * T
+                compiled = cfg.train.compile and (B, T) not in seen_shapes
+                seen_shapes.add((B, T))
                 before = progress.tokens
                 progress.step += 1
-                progress.tokens += sp.tokens
-                progress.flops += flops_per_token(cfg.model, sp.seq_len) * sp.tokens
-                progress.train_time += dt
+                progress.tokens += n_tok
+                progress.flops += flops_per_token(cfg.model, T) * n_tok
+                if compiled:
+                    progress.compile_time += dt
+                else:
+                    progress.train_time += dt
                 rec = {"event": "step", "step": progress.step, "tokens": progress.tokens, "loss": loss, "lr": lr,
-                       "grad_norm": gnorm, "seq_len": sp.seq_len, "batch_size": sp.batch_size,
-                       "stage": stage.index, "stage_name": stage.name, "tok_per_s": sp.tokens / dt,
+                       "grad_norm": gnorm, "seq_len": T, "batch_size": B,
+                       "stage": stage.index, "stage_name": stage.name, "tok_per_s": n_tok / dt,
                        "step_time": dt, "train_time": progress.train_time, "flops": progress.flops,
                        "wall": time.time()}
+                if compiled:
+                    rec["compiled"] = True
+                    rec["compile_time"] = progress.compile_time
+                if sampler.epoch != data_epoch:
+                    data_epoch = sampler.epoch
+                    metrics.write({"event": "data_epoch", "step": progress.step, "epoch": data_epoch})
+                    display.print(f"the sampler started data epoch {data_epoch} at step {progress.step} "
+                                  "(every sequence of the earlier epoch has been served)")
                 metrics.write(rec)
-                eta = progress.train_time / progress.tokens * max(0, schedule.total_tokens - progress.tokens)
+                eta = progress.train_time / max(1, progress.tokens) * max(0, schedule.total_tokens - progress.tokens)
                 display.step(rec, eta)
                 done = progress.tokens >= schedule.total_tokens
                 if not math.isfinite(loss):
@@ -301,7 +372,7 @@ def train(cfg: RunConfig, *, resume: bool = False, display_mode: str | None = No
             display.close()
             metrics.close()
     summary = {"name": cfg.name, "steps": progress.step, "tokens": progress.tokens, "flops": progress.flops,
-               "train_time": progress.train_time, "val_loss": {str(k): v for k, v in final.items()},
+               "train_time": progress.train_time, "compile_time": progress.compile_time, "val_loss": {str(k): v for k, v in final.items()},
                "checkpoint": str(path), "metrics": str(out / "metrics.jsonl")}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
