@@ -197,3 +197,14 @@ def bucket_odds_weights(odds: Any, n_buckets: int) -> "np.ndarray":
 register_knob(Knob("bucket_odds", "Odds of drawing each length bucket (data.sampler: buckets): "
                    f"{', '.join(BUCKET_ODDS_PRESETS)}, or a list, shortest bucket first.",
                    default="uniform", rampable=False, check=_check_bucket_odds))
+
+
+def _register_rope() -> None:
+    from rampup.models.rope import RopeSpec, check_rope_knob
+
+    register_knob(Knob("rope", "RoPE method for the stage: {method: base|pi|ntk|dynamic_ntk|yarn, base, "
+                       "factor, original_max_len}; applied to the live model at the stage boundary.",
+                       default=RopeSpec(), rampable=False, check=check_rope_knob))
+
+
+_register_rope()

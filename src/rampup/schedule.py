@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import model_serializer, model_validator
+from pydantic import BaseModel, model_serializer, model_validator
 
 from rampup.configbase import Section
 from rampup.errors import ConfigError, did_you_mean
@@ -59,8 +59,12 @@ class StageConfig(Section):
         if self.duration is not None:
             out["duration"] = str(self.duration)
         for k, v in self.knobs.items():
-            out[k] = v.model_dump(by_alias=True, exclude_defaults=True) | {"from": v.start, "to": v.to} \
-                if isinstance(v, Ramp) else v
+            if isinstance(v, Ramp):
+                out[k] = v.model_dump(by_alias=True, exclude_defaults=True) | {"from": v.start, "to": v.to}
+            elif isinstance(v, BaseModel):  # a structured knob such as rope
+                out[k] = v.model_dump(mode="json", exclude_defaults=True)
+            else:
+                out[k] = v
         return out
 
 
@@ -86,7 +90,7 @@ class ScheduleConfig(Section):
                 knob = get_knob(key) if key in KNOBS else None
                 if knob is None:
                     raise ValueError(f"unknown knob '{key}'{did_you_mean(key, KNOBS)}; knobs: {', '.join(KNOBS)}")
-                if isinstance(value, (dict, Ramp)):
+                if isinstance(value, Ramp) or (isinstance(value, dict) and ("from" in value or "ramp" in value)):
                     raise ValueError(f"schedule.knobs.{key}: starting values are constants; put ramps in a stage")
                 data["knobs"][key] = knob.validate(value)
         return data

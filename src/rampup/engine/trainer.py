@@ -32,6 +32,7 @@ from rampup.engine.checkpoint import latest_checkpoint, load_checkpoint, save_ch
 from rampup.engine.metrics import Display, MetricsWriter, tensorboard_writer
 from rampup.errors import ConfigError, DataError, RampupError
 from rampup.models.llm import DecoderLM, flops_per_token
+from rampup.models.rope import apply_rope_spec
 from rampup.optim import build_optimizer, lr_at
 from rampup.plan import step_shapes
 from rampup.schedule import Schedule
@@ -147,6 +148,11 @@ def _every(d: Duration | None, total_tokens: int):
         return lambda step, before, after: step % n == 0
     n = max(1, d.to_tokens(total_tokens=total_tokens))
     return lambda step, before, after: after // n > before // n
+
+
+def _jsonable(knobs: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.model_dump(mode="json", exclude_defaults=True) if hasattr(v, "model_dump") else v
+            for k, v in knobs.items()}
 
 
 class _SignalFlag:
@@ -284,9 +290,19 @@ def train(cfg: RunConfig, *, resume: bool = False, display_mode: str | None = No
         state = {"progress": asdict(progress), "sampler": sampler.state_dict(), "config": config_dump}
         return save_checkpoint(ckpt_dir, progress.step, model, optimizer, state)
 
+    rope = {"spec": None, "len": None}  # what the model's RoPE tables hold now
+
+    def set_rope(spec, seq_len: int) -> None:
+        """Apply a stage's rope knob to the live model when it (or, for dynamic NTK, the length) changes."""
+        if spec != rope["spec"] or (spec.method == "dynamic_ntk" and seq_len != rope["len"]):
+            apply_rope_spec(model, spec, seq_len)
+            rope.update(spec=spec, len=seq_len)
+
     def run_eval() -> dict[int, float]:
         losses = {}
+        spec = schedule.at(min(progress.tokens, schedule.total_tokens - 1))["rope"]
         for n, w in val_windows.items():
+            set_rope(spec, n)
             losses[n] = evaluate(model, w, precision=cfg.train.precision)
             metrics.write({"event": "eval", "step": progress.step, "tokens": progress.tokens, "seq_len": n,
                            "loss": losses[n], "train_time": progress.train_time, "flops": progress.flops})
@@ -308,13 +324,14 @@ def train(cfg: RunConfig, *, resume: bool = False, display_mode: str | None = No
                 if sp.stage != stage_index:
                     stage_index = sp.stage
                     metrics.write({"event": "stage", "step": progress.step, "tokens": progress.tokens,
-                                   "stage": stage.index, "stage_name": stage.name, "knobs": sp.knobs})
+                                   "stage": stage.index, "stage_name": stage.name, "knobs": _jsonable(sp.knobs)})
                     display.print(f"stage {stage.index} '{stage.name}' at step {progress.step}: " +
                                   ", ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}"
                                             for k, v in sp.knobs.items()))
                 t0 = time.perf_counter()
                 x, y = sampler.take(sp)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                set_rope(sp.knobs["rope"], x.shape[1])
                 mask = positions = None
                 if cfg.data.doc_mask:
                     seg = segment_ids(x, eot)  # (B, T) document index within each row
