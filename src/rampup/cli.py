@@ -130,6 +130,31 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from rampup.longeval import evaluate_run, write_eval
+
+    r = evaluate_run(args.path, lengths=args.lengths, passkey_samples=args.passkey_samples,
+                     max_tokens=args.max_tokens, windows=args.windows, seed=args.seed)
+    console.print(f"{r['checkpoint']} (step {r['step']}, trained at {r['trained_seq_len']}, rope {r['rope']})")
+    t = Table(title="validation loss and passkey accuracy by context length")
+    t.add_column("length", justify="right")
+    t.add_column("loss", justify="right")
+    t.add_column("passkey (by depth)")
+    for n, loss in r["loss"].items():
+        acc = r["passkey"].get(n)
+        t.add_row(n + (" (beyond training)" if int(n) > r["trained_seq_len"] else ""), f"{loss:.4f}",
+                  " ".join(f"{d}:{a:.0%}" for d, a in acc.items()) if acc else "-")
+    console.print(t)
+    pos = r["loss_by_position"]
+    console.print(f"loss by position at {pos['seq_len']}: " +
+                  "  ".join(f"{b['start']}-{b['end']}: {b['loss']:.3f}" for b in pos["buckets"]))
+    out = write_eval(r, args.out or Path(r["checkpoint"]).parent.parent / "eval.json")
+    console.print(f"written: {out}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from pydantic import BaseModel
 
@@ -196,6 +221,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("run_dir", help="a run folder (train.out_dir)")
     sp.add_argument("--out", help="where to write (default: RUN_DIR/report)")
     sp.set_defaults(fn=cmd_report)
+    sp = sub.add_parser("eval", help="long-context evaluation of a run or checkpoint: loss by length (beyond "
+                        "training too) and by position, passkey retrieval by length and depth")
+    sp.add_argument("path", help="a run folder (its latest checkpoint) or a checkpoint folder")
+    sp.add_argument("--lengths", type=int, nargs="+", help="context lengths (default: L/4, L, 2L of the run's L)")
+    sp.add_argument("--passkey-samples", type=int, default=10, help="examples per length and depth (0: skip)")
+    sp.add_argument("--max-tokens", type=int, default=32768, help="held-out tokens scored per length")
+    sp.add_argument("--windows", choices=["stream", "documents"], help="default: the run's eval.windows")
+    sp.add_argument("--seed", type=int, default=0, help="seed of the passkey examples")
+    sp.add_argument("--out", help="where to write the JSON (default: RUN/eval.json)")
+    sp.set_defaults(fn=cmd_eval)
     sp = sub.add_parser("config", help="list every config key with its default and meaning")
     sp.add_argument("section", nargs="?", help="only keys under this prefix, e.g. train")
     sp.set_defaults(fn=cmd_config)

@@ -70,6 +70,10 @@ class EvalConfig(Section):
     """How often to evaluate during training, in steps, tokens or %; the end of the run is always evaluated."""
     max_tokens: int = 32768
     """Held-out tokens scored per context length (fewer if the validation split is smaller)."""
+    passkey_samples: int = Field(default=0, ge=0)
+    """Passkey retrieval examples per (length, depth) at each evaluation (0: off); accuracy is logged."""
+    passkey_depths: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]
+    """Where the key sits in the window, as a fraction of its length."""
     windows: Literal["stream", "documents"] = "stream"
     """What an evaluation window is: `stream` cuts the held-out documents, concatenated, into
     windows (the fixed-length baseline's view); `documents` takes windows only from inside single
@@ -80,6 +84,8 @@ class EvalConfig(Section):
     def _check(self) -> EvalConfig:
         if any(n < 1 for n in self.seq_lens):
             raise ValueError("eval.seq_lens must be positive")
+        if any(not 0 <= d <= 1 for d in self.passkey_depths):
+            raise ValueError(f"eval.passkey_depths are fractions of the window, in [0, 1]; got {self.passkey_depths}")
         if self.max_tokens < 1:
             raise ValueError("eval.max_tokens must be positive")
         if self.every is not None and (self.every.unit not in (Unit.STEP, Unit.TOKEN, Unit.FRACTION) or self.every.value == 0):

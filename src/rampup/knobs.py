@@ -87,6 +87,7 @@ class Knob:
     multiple_of: int = 1
     """Integer knobs: ramp values are rounded down to a multiple of this."""
     minimum: float | None = None
+    maximum: float | None = None
     rampable: bool = True
     check: Callable[[Any], Any] | None = None
     """Validates and normalises a constant value; raises ValueError with a readable message."""
@@ -111,6 +112,8 @@ class Knob:
             raise ValueError(f"knob '{self.name}' takes whole numbers, got {v}")
         if self.minimum is not None and v < self.minimum:
             raise ValueError(f"knob '{self.name}' must be >= {self.minimum:g}, got {v}")
+        if self.maximum is not None and v > self.maximum:
+            raise ValueError(f"knob '{self.name}' must be <= {self.maximum:g}, got {v}")
         return int(v) if self.integer else float(v)
 
     def evaluate(self, value: Any, p: float) -> Any:
@@ -142,6 +145,9 @@ register_knob(Knob("seq_len", "Tokens per training sequence (context length).", 
 register_knob(Knob("batch_tokens", "Tokens per optimizer step (rounded down to whole sequences).",
                    integer=True, minimum=1))
 register_knob(Knob("lr_mult", "Multiplier on the learning-rate schedule.", default=1.0, minimum=0.0))
+register_knob(Knob("passkey_fraction", "Fraction of each step's sequences turned into synthetic passkey-retrieval "
+                   "examples (the row's own text as filler): a data mixture that teaches retrieval.",
+                   default=0.0, minimum=0.0, maximum=1.0))
 
 
 def get_knob(name: str) -> Knob:

@@ -20,18 +20,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from rampup.config import RunConfig, dump_config
 from rampup.data.dataset import TokenDataset
-from rampup.data.prepare import get_prepared
+from rampup.data.prepare import get_prepared, load_prepared_tokenizer
 from rampup.data.packing import document_mask, document_positions, segment_ids
 from rampup.data.samplers import EVAL_WINDOWS, Sampler, sampler_for_run
 from rampup.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rampup.engine.metrics import Display, MetricsWriter, tensorboard_writer
 from rampup.errors import ConfigError, DataError, RampupError
 from rampup.models.llm import DecoderLM, flops_per_token
+from rampup.longeval import PasskeyTemplate, inject_passkeys, passkey_accuracy
 from rampup.models.rope import apply_rope_spec
 from rampup.optim import build_optimizer, lr_at
 from rampup.plan import step_shapes
@@ -265,6 +267,8 @@ def train(cfg: RunConfig, *, resume: bool = False, display_mode: str | None = No
     make_windows = EVAL_WINDOWS[cfg.eval.windows]
     val_windows = {n: make_windows(inputs.val_ds, n, cfg.eval.max_tokens) for n in eval_lens}
     eot = inputs.train_ds.eot_id
+    template = PasskeyTemplate(load_prepared_tokenizer(inputs.train_ds.folder))
+    passkey_stream = np.concatenate([inputs.val_ds.doc(i) for i in range(inputs.val_ds.n_docs)])
     progress = Progress()
 
     tb = tensorboard_writer(out / "tensorboard") if cfg.log.tensorboard else None  # fails before training
@@ -304,6 +308,12 @@ def train(cfg: RunConfig, *, resume: bool = False, display_mode: str | None = No
         for n, w in val_windows.items():
             set_rope(spec, n)
             losses[n] = evaluate(model, w, precision=cfg.train.precision)
+            if cfg.eval.passkey_samples and n >= template.min_len():
+                acc = passkey_accuracy(model, template, passkey_stream, [n], cfg.eval.passkey_depths,
+                                       cfg.eval.passkey_samples, seed=cfg.train.seed, precision=cfg.train.precision)[n]
+                metrics.write({"event": "passkey", "step": progress.step, "tokens": progress.tokens, "seq_len": n,
+                               "accuracy": {f"{d:g}": a for d, a in acc.items()},
+                               "mean": sum(acc.values()) / len(acc), "train_time": progress.train_time})
             metrics.write({"event": "eval", "step": progress.step, "tokens": progress.tokens, "seq_len": n,
                            "loss": losses[n], "train_time": progress.train_time, "flops": progress.flops})
         display.print(f"eval @ step {progress.step}: " + ", ".join(f"loss@{n} {v:.4f}" for n, v in losses.items()))
@@ -330,6 +340,9 @@ def train(cfg: RunConfig, *, resume: bool = False, display_mode: str | None = No
                                             for k, v in sp.knobs.items()))
                 t0 = time.perf_counter()
                 x, y = sampler.take(sp)
+                if sp.knobs["passkey_fraction"] > 0:  # mix synthetic retrieval rows into the batch
+                    inject_passkeys(x, y, sp.knobs["passkey_fraction"], template,
+                                    np.random.default_rng([cfg.train.seed, progress.step, 7]))
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 set_rope(sp.knobs["rope"], x.shape[1])
                 mask = positions = None

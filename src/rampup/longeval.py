@@ -1,0 +1,231 @@
+"""Long-context evaluation: loss by context length and by position, and passkey retrieval.
+
+- :func:`loss_by_position`: the mean next-token loss of each position bucket of long windows
+  (does the model use the far context, or only the last few hundred tokens?).
+- Passkey retrieval (RULER-style, generated from the corpus's own text as filler): a random
+  5-digit key is stated once at a chosen depth of a window of held-out text, and the window ends
+  with a question; the model must predict every token of the key (greedy, teacher-forced).
+  :func:`passkey_accuracy` reports accuracy by length and depth. :func:`inject_passkeys` turns a
+  fraction of a training batch's rows into such examples (the ``passkey_fraction`` knob), with the
+  row's own tokens as filler, so that a small model can learn the task.
+- :func:`evaluate_run`: all of it for a run folder or one of its checkpoints (``rampup eval``),
+  at lengths beyond the trained one too (the RoPE tables are extended; the weights do not depend
+  on their length), with the RoPE method of the run's last stage applied.
+
+Try it after ``rampup train configs/tiny.yaml``::
+
+    rampup eval runs/tiny --lengths 64 256 512
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+
+from rampup.errors import CheckpointError, ConfigError, DataError
+
+NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = " What is the pass key? The pass key is"
+
+
+@dataclass(frozen=True)
+class PasskeyTemplate:
+    """The task's token pieces for one tokenizer; keys are encoded per example."""
+
+    tok: Tokenizer
+
+    def pieces(self, key: int) -> tuple[list[int], list[int], list[int]]:
+        """(needle, question, answer) token ids for ``key``."""
+        needle = self.tok.encode(NEEDLE.format(key=key)).ids
+        question = self.tok.encode(QUESTION).ids
+        answer = self.tok.encode(f" {key}").ids
+        return needle, question, answer
+
+    def min_len(self) -> int:
+        """Shortest window that holds the needle, the question and the answer, with a little filler."""
+        n, q, a = self.pieces(99999)
+        return len(n) + len(q) + len(a) + 8
+
+
+def passkey_example(filler: np.ndarray, seq_len: int, depth: float, key: int,
+                    template: PasskeyTemplate) -> tuple[np.ndarray, int]:
+    """(seq_len + 1 tokens, number of answer tokens at the end) with the needle at ``depth`` in [0, 1].
+
+    The tokens are: filler[:a] + needle + filler[a:f] + question + answer, so the answer is
+    predicted by the last positions of x = tokens[:-1] (targets y = tokens[1:]).
+    """
+    needle, question, answer = template.pieces(key)
+    n_fill = seq_len + 1 - len(needle) - len(question) - len(answer)
+    if n_fill < 1:
+        raise ConfigError(f"a passkey example needs more than {seq_len} tokens with this tokenizer; "
+                          f"use lengths >= {template.min_len()}")
+    if len(filler) < n_fill:
+        raise DataError(f"passkey filler has {len(filler)} tokens, {n_fill} needed")
+    a = int(round(depth * n_fill))
+    out = np.concatenate([filler[:a], needle, filler[a:n_fill], question, answer]).astype(np.int64)
+    return out, len(answer)
+
+
+@torch.no_grad()
+def passkey_accuracy(model: torch.nn.Module, template: PasskeyTemplate, stream: np.ndarray,
+                     lengths: list[int], depths: list[float], samples: int, *, seed: int = 0,
+                     precision: str = "bf16") -> dict[int, dict[float, float]]:
+    """{length: {depth: fraction of examples whose every key token is the model's argmax}}.
+
+    Filler windows are drawn from ``stream`` (held-out tokens) at random offsets; the same seed gives
+    the same examples, so runs are compared on identical questions.
+    """
+    from rampup.engine.trainer import autocast
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    rng = np.random.default_rng(seed)
+    out: dict[int, dict[float, float]] = {}
+    for T in lengths:
+        out[T] = {}
+        for depth in depths:
+            rows, n_ans = [], []
+            for _ in range(samples):
+                start = int(rng.integers(0, max(1, len(stream) - T - 1)))
+                ex, n = passkey_example(stream[start:start + T + 1], T, depth, int(rng.integers(10000, 99999)),
+                                        template)
+                rows.append(ex)
+                n_ans.append(n)
+            batch = torch.from_numpy(np.stack(rows)).to(device)  # (S, T + 1)
+            with autocast(device, precision):
+                pred = model(batch[:, :-1]).argmax(-1)  # (S, T)
+            hits = [bool((pred[i, T - n:] == batch[i, T + 1 - n:]).all()) for i, n in enumerate(n_ans)]
+            out[T][depth] = sum(hits) / len(hits)
+    model.train(was_training)
+    return out
+
+
+def inject_passkeys(x: torch.Tensor, y: torch.Tensor, fraction: float, template: PasskeyTemplate,
+                    rng: np.random.Generator) -> int:
+    """Turn about ``fraction`` of the rows of (x, y) (B, T) into passkey examples, in place.
+
+    Each chosen row keeps its own tokens as filler; rows too short for the task are left alone.
+    Returns the number of rows changed.
+    """
+    B, T = x.shape
+    if fraction <= 0 or T < template.min_len():
+        return 0
+    chosen = np.flatnonzero(rng.random(B) < fraction)
+    for b in chosen.tolist():
+        filler = torch.cat([x[b], y[b, -1:]]).numpy()
+        ex, _ = passkey_example(filler, T, float(rng.random()), int(rng.integers(10000, 99999)), template)
+        t = torch.from_numpy(ex)
+        x[b], y[b] = t[:-1], t[1:]
+    return len(chosen)
+
+
+@torch.no_grad()
+def loss_by_position(model: torch.nn.Module, windows: torch.Tensor, n_buckets: int = 8, *,
+                     precision: str = "bf16", batch_tokens: int = 16384) -> list[dict[str, float]]:
+    """Mean loss per position bucket of ``windows`` (N, T + 1): [{start, end, loss}, ...]."""
+    from rampup.engine.trainer import autocast
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    T = windows.shape[1] - 1
+    total = torch.zeros(T, dtype=torch.float64)
+    rows = max(1, batch_tokens // T)
+    for i in range(0, len(windows), rows):
+        w = windows[i:i + rows].to(device)
+        with autocast(device, precision):
+            logits = model(w[:, :-1])
+        nll = F.cross_entropy(logits.float().transpose(1, 2), w[:, 1:], reduction="none")  # (b, T)
+        total += nll.sum(0).double().cpu()
+    model.train(was_training)
+    per_pos = total / len(windows)
+    edges = np.linspace(0, T, n_buckets + 1).astype(int)
+    return [{"start": int(a), "end": int(b), "loss": float(per_pos[a:b].mean())}
+            for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
+def _find_checkpoint(path: Path) -> tuple[Path, Path]:
+    """(run folder, checkpoint folder) for a run folder or a checkpoint inside one."""
+    from rampup.engine.checkpoint import latest_checkpoint
+
+    path = Path(path)
+    if (path / "state.json").is_file():
+        return path.parent.parent, path
+    ckpt = latest_checkpoint(path / "checkpoints")
+    if ckpt is None:
+        raise CheckpointError(f"{path} is neither a checkpoint nor a run folder with checkpoints; "
+                              "give runs/NAME or runs/NAME/checkpoints/step_N")
+    return path, ckpt
+
+
+def evaluate_run(path: str | Path, *, lengths: list[int] | None = None, passkey_samples: int = 10,
+                 depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0), position_buckets: int = 8,
+                 max_tokens: int = 32768, windows: str | None = None, seed: int = 0) -> dict[str, Any]:
+    """Loss by length, loss by position at the longest length, and passkey accuracy of a checkpoint."""
+    import yaml
+
+    from rampup.config import RunConfig
+    from rampup.data.dataset import TokenDataset
+    from rampup.data.prepare import get_prepared, load_prepared_tokenizer
+    from rampup.data.samplers import EVAL_WINDOWS
+    from rampup.engine.checkpoint import load_checkpoint
+    from rampup.engine.trainer import evaluate
+    from rampup.models.llm import DecoderLM
+    from rampup.models.rope import apply_rope_spec
+    from rampup.schedule import Schedule
+
+    run_dir, ckpt = _find_checkpoint(Path(path))
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{cfg_path} is missing; rampup eval reads the run's config from it")
+    cfg = RunConfig.model_validate(yaml.safe_load(cfg_path.read_text()))
+    schedule = Schedule.build(cfg.schedule, total=cfg.train.duration)
+    trained = int(schedule.max_knob("seq_len"))
+    lengths = sorted(lengths or [max(1, trained // 4), trained, 2 * trained])
+    prepared = get_prepared(cfg.data)
+    val = TokenDataset.open(prepared, "val")
+    template = PasskeyTemplate(load_prepared_tokenizer(prepared))
+
+    model = DecoderLM(cfg.model)
+    ck = load_checkpoint(ckpt, model, None)
+    tokens = int(ck.state["progress"]["tokens"])
+    spec = schedule.at(min(tokens, schedule.total_tokens - 1))["rope"]
+    longest = max(lengths)
+    if longest > model.max_seq_len:  # positions beyond the config's tables: extend them (no weights change)
+        model.set_rope(max_seq_len=longest)
+    make = EVAL_WINDOWS[windows or cfg.eval.windows]
+    result: dict[str, Any] = {"checkpoint": str(ckpt), "step": ck.state["progress"]["step"], "tokens": tokens,
+                              "trained_seq_len": trained, "rope": str(spec), "loss": {}, "passkey": {}}
+    for n in lengths:
+        apply_rope_spec(model, spec, n)
+        result["loss"][str(n)] = evaluate(model, make(val, n, max_tokens), precision=cfg.train.precision)
+    apply_rope_spec(model, spec, longest)
+    result["loss_by_position"] = {"seq_len": longest, "buckets": loss_by_position(
+        model, make(val, longest, max_tokens), position_buckets, precision=cfg.train.precision)}
+    if passkey_samples:
+        stream = np.concatenate([val.doc(i) for i in range(val.n_docs)])
+        if len(stream) < longest + 2:
+            raise DataError(f"the validation split has {len(stream)} tokens, too few for passkey filler at "
+                            f"{longest}; raise data.val_fraction")
+        for n in lengths:
+            if n < template.min_len():
+                continue
+            apply_rope_spec(model, spec, n)
+            acc = passkey_accuracy(model, template, stream, [n], list(depths), passkey_samples, seed=seed,
+                                   precision=cfg.train.precision)[n]
+            result["passkey"][str(n)] = {f"{d:g}": a for d, a in acc.items()}
+    return result
+
+
+def write_eval(result: dict[str, Any], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return path
