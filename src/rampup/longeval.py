@@ -167,8 +167,13 @@ def _find_checkpoint(path: Path) -> tuple[Path, Path]:
 
 def evaluate_run(path: str | Path, *, lengths: list[int] | None = None, passkey_samples: int = 10,
                  depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0), position_buckets: int = 8,
-                 max_tokens: int = 32768, windows: str | None = None, seed: int = 0) -> dict[str, Any]:
-    """Loss by length, loss by position at the longest length, and passkey accuracy of a checkpoint."""
+                 max_tokens: int = 32768, windows: str | None = None, seed: int = 0,
+                 rope=None) -> dict[str, Any]:
+    """Loss by length, loss by position at the longest length, and passkey accuracy of a checkpoint.
+
+    ``rope`` (a RopeSpec) replaces the RoPE method of the run's last stage, e.g. to measure zero-shot
+    extrapolation of a model trained short with each method applied only at evaluation.
+    """
     import yaml
 
     from rampup.config import RunConfig
@@ -196,7 +201,7 @@ def evaluate_run(path: str | Path, *, lengths: list[int] | None = None, passkey_
     model = DecoderLM(cfg.model)
     ck = load_checkpoint(ckpt, model, None)
     tokens = int(ck.state["progress"]["tokens"])
-    spec = schedule.at(min(tokens, schedule.total_tokens - 1))["rope"]
+    spec = rope or schedule.at(min(tokens, schedule.total_tokens - 1))["rope"]
     longest = max(lengths)
     if longest > model.max_seq_len:  # positions beyond the config's tables: extend them (no weights change)
         model.set_rope(max_seq_len=longest)

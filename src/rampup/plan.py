@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rampup.config import RunConfig
+from rampup.knobs import KNOBS
 from rampup.models.llm import flops_per_token
 from rampup.optim import lr_at
 from rampup.schedule import Schedule
@@ -120,7 +121,8 @@ def plan_table(plan: Plan, cfg: RunConfig) -> Table:
     t = Table(title=f"plan: {cfg.name} ({format_tokens(plan.schedule.total_tokens)} tokens, {plan.total_steps} steps)")
     for col in ("stage", "tokens", "steps", "seq_len", "batch (B x T)", "lr", "FLOPs", "attn", "compute"):
         t.add_column(col, justify="left" if col in ("stage", "batch (B x T)") else "right")
-    extras = sorted({k for s in plan.stages for k in s.extra})
+    # other knobs get a column only where the run sets them away from their default
+    extras = sorted({k for s in plan.stages for k, vals in s.extra.items() if vals != {str(KNOBS[k].default)}})
     for k in extras:
         t.add_column(k)
     buckets = any(s.bucket_tokens for s in plan.stages)

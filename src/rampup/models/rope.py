@@ -63,11 +63,11 @@ class RopeSpec(Section):
         return self
 
     def __str__(self) -> str:
-        parts = [self.method]
+        if self.method == "base":
+            return "default" if self.base is None else f"base {self.base:g}"
+        parts = [self.method, f"x{self.factor:g}"]
         if self.base is not None:
             parts.append(f"base {self.base:g}")
-        if self.method != "base":
-            parts.append(f"x{self.factor:g}")
         if self.original_max_len:
             parts.append(f"from {self.original_max_len}")
         return " ".join(parts)
