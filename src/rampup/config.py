@@ -145,6 +145,14 @@ class RunConfig(Section):
                                  f"{self.model.vocab_size}; set model.vocab_size only (the trained tokenizer follows it)")
             tok.vocab_size = self.model.vocab_size
         knob_keys = set(self.schedule.knobs).union(*(st.knobs for st in self.schedule.stages))
+        for i, st in enumerate([None, *self.schedule.stages]):
+            spec = (self.schedule.knobs if st is None else st.knobs).get("attention")
+            layers = sorted(spec.full(self.model.n_layers)) if spec is not None and spec.kind != "causal" else []
+            bad = [n for n in layers if not 0 <= n < self.model.n_layers]
+            if bad:
+                where = "schedule.knobs" if st is None else f"schedule.stages.{i - 1}"
+                raise ValueError(f"{where}.attention.full_layers names layers {bad}, but the model has "
+                                 f"{self.model.n_layers} (0..{self.model.n_layers - 1})")
         if "bucket_odds" in knob_keys and self.data.sampler != "buckets":
             raise ValueError("the schedule sets bucket_odds, which only the buckets sampler uses; set "
                              "data.sampler: buckets or remove bucket_odds")

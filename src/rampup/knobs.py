@@ -213,4 +213,15 @@ def _register_rope() -> None:
                        default=RopeSpec(), rampable=False, check=check_rope_knob))
 
 
+def _register_attention() -> None:
+    from rampup.models.attention import AttentionSpec, check_attention_knob
+
+    register_knob(Knob("attention", "Attention pattern of the stage: causal | window | sinks, or {kind, n_global, "
+                       "full_layers | full_every} for a hybrid of full and windowed layers.",
+                       default=AttentionSpec(), rampable=False, check=check_attention_knob))
+    register_knob(Knob("window", "Sliding-window width in tokens for attention: window or sinks (may ramp).",
+                       default=0, integer=True, minimum=0))
+
+
 _register_rope()
+_register_attention()

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rampup.config import RunConfig
+from rampup.errors import ConfigError
 from rampup.knobs import KNOBS
 from rampup.models.llm import flops_per_token
 from rampup.optim import lr_at
@@ -59,6 +60,21 @@ class Plan:
         return 1 - self.total_flops / self.baseline_flops
 
 
+def check_attention(schedule: Schedule) -> None:
+    """Every windowed step has a window of at least 1 and no larger than its sequence."""
+    for sp in schedule.steps():
+        spec, w = sp.knobs["attention"], sp.knobs["window"]
+        if spec.kind == "causal":
+            continue
+        name = schedule.stages[sp.stage].name
+        if w < 1:
+            raise ConfigError(f"stage '{name}' uses attention '{spec.kind}' but the knob window is {w}; "
+                              "set window (tokens) in the stage or in schedule.knobs")
+        if w > sp.seq_len:
+            raise ConfigError(f"stage '{name}': window {w} is larger than the sequence ({sp.seq_len} tokens) "
+                              f"at step {sp.step}; use a window <= seq_len, or attention: causal")
+
+
 def step_shapes(cfg: RunConfig, schedule: Schedule) -> list[tuple[int, int]]:
     """(rows, seq_len) of every step as the sampler will serve it.
 
@@ -66,6 +82,7 @@ def step_shapes(cfg: RunConfig, schedule: Schedule) -> list[tuple[int, int]]:
     it is not yet) and walks the sampler's own draws dry, so a curriculum whose buckets run dry or
     whose odds do not fit the buckets fails here, before any compute.
     """
+    check_attention(schedule)
     if cfg.data.sampler != "buckets":
         return [(sp.batch_size, sp.seq_len) for sp in schedule.steps()]
     from rampup.data.bucket_sampler import check_context, plan_buckets

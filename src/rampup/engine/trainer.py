@@ -32,8 +32,10 @@ from rampup.data.samplers import EVAL_WINDOWS, Sampler, sampler_for_run
 from rampup.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rampup.engine.metrics import Display, MetricsWriter, tensorboard_writer
 from rampup.errors import ConfigError, DataError, RampupError
+from rampup.knobs import KNOBS
 from rampup.models.llm import DecoderLM, flops_per_token
 from rampup.longeval import PasskeyTemplate, inject_passkeys, passkey_accuracy
+from rampup.models.attention import layer_patterns
 from rampup.models.rope import apply_rope_spec
 from rampup.optim import build_optimizer, lr_at
 from rampup.plan import step_shapes
@@ -302,6 +304,14 @@ def train(cfg: RunConfig, *, resume: bool = False, display_mode: str | None = No
             apply_rope_spec(model, spec, seq_len)
             rope.update(spec=spec, len=seq_len)
 
+    attention = {"now": None}
+
+    def set_attention(spec, window: int) -> None:
+        """Apply a stage's attention pattern (per layer) to the live model when it changes."""
+        if attention["now"] != (spec, window):
+            model.set_attention(layer_patterns(spec, window, cfg.model.n_layers))
+            attention["now"] = (spec, window)
+
     def run_eval() -> dict[int, float]:
         losses = {}
         spec = schedule.at(min(progress.tokens, schedule.total_tokens - 1))["rope"]
@@ -337,7 +347,8 @@ def train(cfg: RunConfig, *, resume: bool = False, display_mode: str | None = No
                                    "stage": stage.index, "stage_name": stage.name, "knobs": _jsonable(sp.knobs)})
                     display.print(f"stage {stage.index} '{stage.name}' at step {progress.step}: " +
                                   ", ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}"
-                                            for k, v in sp.knobs.items()))
+                                            for k, v in sp.knobs.items()
+                                            if k in ("seq_len", "batch_tokens") or v != KNOBS[k].default))
                 t0 = time.perf_counter()
                 x, y = sampler.take(sp)
                 if sp.knobs["passkey_fraction"] > 0:  # mix synthetic retrieval rows into the batch
@@ -345,6 +356,7 @@ def train(cfg: RunConfig, *, resume: bool = False, display_mode: str | None = No
                                     np.random.default_rng([cfg.train.seed, progress.step, 7]))
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 set_rope(sp.knobs["rope"], x.shape[1])
+                set_attention(sp.knobs["attention"], sp.knobs["window"])
                 mask = positions = None
                 if cfg.data.doc_mask:
                     seg = segment_ids(x, eot)  # (B, T) document index within each row

@@ -7,7 +7,8 @@ The model knows nothing of training. Two things exist for progressive training:
 - the RoPE cache is non-persistent state that ``DecoderLM.set_rope`` recomputes when a stage
   changes the context length (plain base change, or frequencies already scaled by YaRN and friends);
 - ``positions`` and ``attn_mask`` let packed sequences restart positions and attend only within
-  their own document.
+  their own document; ``segments`` (document ids, see rampup.data.packing) does the same masking
+  with one causal SDPA call per document, which skips the masked blocks a dense mask computes.
 
 Try it on a CPU in a second:
 
@@ -24,6 +25,8 @@ import torch.nn.functional as F
 from pydantic import field_validator, model_validator
 
 from rampup.configbase import Section
+from rampup.data.packing import DocumentSpans, document_mask, document_spans, per_document_attention
+from rampup.models.attention import Pattern, banded_attention, pattern_mask
 from rampup.errors import ConfigError
 
 
@@ -167,11 +170,16 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, self.n_kv * self.hd, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask: torch.Tensor | None = None):
+    def forward(self, x, cos, sin, mask: torch.Tensor | DocumentSpans | None = None,
+                pattern: Pattern | None = None):
         """x (B, T, C); cos/sin broadcastable to (B, 1, T, hd), already gathered at the positions.
 
+        ``pattern`` (a sliding window, with or without global tokens) restricts attention further:
+        alone it runs the block-banded kernel (memory T * window); with a mask the two are combined.
+
         ``mask`` is the complete bool mask (True = may attend), causality included; None means
-        plain causal attention, which lets SDPA pick its fastest kernel.
+        plain causal attention, which lets SDPA pick its fastest kernel; DocumentSpans means
+        causal attention within each packed document, one SDPA call per document.
         """
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
@@ -180,8 +188,17 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # enable_gqa shares each kv head among n_heads/n_kv consecutive query heads, the same
         # grouping as repeat_interleave, without materialising the repeated k and v
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_kv != self.n_heads)  # (B, H, T, hd)
+        gqa = self.n_kv != self.n_heads
+        if pattern is not None and mask is None:
+            y = banded_attention(q, k, v, pattern)  # (B, H, T, hd)
+        elif pattern is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask & pattern_mask(T, pattern, x.device),
+                                               enable_gqa=gqa)
+        elif isinstance(mask, DocumentSpans):
+            y = per_document_attention(q, k, v, mask, enable_gqa=gqa)  # (B, H, T, hd)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=gqa)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -206,8 +223,8 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+    def forward(self, x, cos, sin, mask=None, pattern=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, pattern)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -233,6 +250,7 @@ class DecoderLM(nn.Module):
         self.max_seq_len: int = cfg.max_seq_len
         self.attention_scale: float = 1.0
         self.set_rope(cfg.rope_base)
+        self.attn_patterns: list[Pattern | None] = [None] * cfg.n_layers  # full causal everywhere
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -281,12 +299,16 @@ class DecoderLM(nn.Module):
             attention_scale=self.attention_scale)
 
     def forward_hidden(self, idx: torch.Tensor, *, positions: torch.Tensor | None = None,
-                       attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                       attn_mask: torch.Tensor | None = None,
+                       segments: torch.Tensor | None = None) -> torch.Tensor:
         """Final-normed hidden states (B, T, dim) for token ids idx (B, T).
 
         positions: (B, T) long RoPE positions (default 0..T-1), e.g. restarting at each packed
         document. attn_mask: bool, broadcastable to (B, 1, T, T), True = may attend; it is combined
-        with the causal mask, so it only ever removes keys.
+        with the causal mask, so it only ever removes keys. segments: (B, T) long document ids,
+        non-decreasing along each row (rampup.data.packing.segment_ids); each token attends only
+        to the earlier tokens of its own document, the same as attn_mask=document_mask(segments)
+        but computed per document (one device sync per call to read the boundaries).
         """
         B, T = idx.shape
         if T > self.max_seq_len:
@@ -298,6 +320,16 @@ class DecoderLM(nn.Module):
             cos = self.rope_cos[positions].unsqueeze(1)  # (B, 1, T, hd)
             sin = self.rope_sin[positions].unsqueeze(1)
         mask = None
+        if segments is not None:
+            if attn_mask is not None:
+                raise ValueError("give attn_mask or segments, not both")
+            if tuple(segments.shape) != (B, T):
+                raise ValueError(f"segments must have the shape of idx {(B, T)}, "
+                                 f"got {tuple(segments.shape)}")
+            if any(self.attn_patterns):  # a window pattern combines with a dense document mask
+                attn_mask = document_mask(segments)
+            else:
+                mask = document_spans(segments)
         if attn_mask is not None:
             if attn_mask.dtype != torch.bool:
                 raise TypeError("attn_mask must be a bool tensor (True = may attend), "
@@ -305,18 +337,26 @@ class DecoderLM(nn.Module):
             causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
             mask = attn_mask & causal  # (B or 1, 1, T, T)
         x = self.tok_emb(idx)  # (B, T, C)
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask)
+        for layer, pattern in zip(self.layers, self.attn_patterns):
+            x = layer(x, cos, sin, mask, pattern)
         return self.norm(x)
+
+    def set_attention(self, patterns: list[Pattern | None]) -> None:
+        """Per layer: None for full causal attention, or a window Pattern (rampup.models.attention)."""
+        if len(patterns) != len(self.layers):
+            raise ConfigError(f"set_attention got {len(patterns)} patterns for {len(self.layers)} layers")
+        self.attn_patterns = list(patterns)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """(B, T, C) hidden states -> (B, T, vocab) logits."""
         return self.lm_head(h)
 
     def forward(self, idx: torch.Tensor, *, positions: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Token ids (B, T) -> logits (B, T, vocab)."""
-        return self.logits(self.forward_hidden(idx, positions=positions, attn_mask=attn_mask))
+                attn_mask: torch.Tensor | None = None,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids (B, T) -> logits (B, T, vocab); keywords as in ``forward_hidden``."""
+        return self.logits(self.forward_hidden(idx, positions=positions, attn_mask=attn_mask,
+                                               segments=segments))
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; shared (tied) tensors count once. non_embedding drops the token

@@ -1,0 +1,152 @@
+"""Attention patterns (TECHNIQUES A4) as schedule knobs, with a block-banded kernel for windows.
+
+Knob ``attention`` chooses the pattern of a stage, knob ``window`` its width (it may ramp):
+
+- ``causal``: every earlier token (the default);
+- ``window``: the last ``window`` tokens, the query's own included (sliding window);
+- ``sinks``: the first ``n_global`` tokens of the sequence plus the last ``window`` tokens
+  (LM-Infinite's Lambda mask, StreamingLLM's sinks + window);
+- hybrid: ``full_layers`` (a list of layer indices) or ``full_every: k`` (layers k-1, 2k-1, ...)
+  keep full causal attention while the other layers use the window pattern (LongGen, Gemma-style).
+
+Document masking of packed windows (``data.doc_mask``) combines with any of these.
+
+:func:`banded_attention` computes a window pattern in blocks of ``window`` queries, each against
+the ``2 * window - 1`` keys it can see (plus the global ones), so memory grows as T * window rather
+than T^2; :func:`pattern_mask` is the dense reference it is tested against.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+
+from rampup.configbase import Section
+
+
+class AttentionSpec(Section):
+    """The attention pattern of a stage (knob ``attention``); its width is the knob ``window``."""
+
+    kind: Literal["causal", "window", "sinks"] = "causal"
+    """causal (full), window (sliding window of `window` tokens) or sinks (n_global first tokens + window)."""
+    n_global: int = Field(default=4, ge=1)
+    """For sinks: how many leading tokens every query also sees."""
+    full_layers: list[int] | None = None
+    """Hybrid: indices of layers that keep full causal attention (the others use the pattern)."""
+    full_every: int | None = Field(default=None, ge=1)
+    """Hybrid: every k-th layer (k-1, 2k-1, ...) keeps full causal attention."""
+
+    @model_validator(mode="after")
+    def _check(self) -> AttentionSpec:
+        if self.full_layers is not None and self.full_every is not None:
+            raise ValueError("attention: give full_layers or full_every, not both")
+        if self.kind == "causal" and (self.full_layers is not None or self.full_every is not None):
+            raise ValueError("attention: full_layers/full_every make a hybrid of a window pattern; "
+                             "set kind: window or sinks")
+        return self
+
+    def full(self, n_layers: int) -> set[int]:
+        """The layers that keep full causal attention."""
+        if self.kind == "causal":
+            return set(range(n_layers))
+        if self.full_layers is not None:
+            return set(self.full_layers)
+        if self.full_every is not None:
+            return {i for i in range(n_layers) if (i + 1) % self.full_every == 0}
+        return set()
+
+    def __str__(self) -> str:
+        if self.kind == "causal":
+            return "causal"
+        s = self.kind + (f"({self.n_global})" if self.kind == "sinks" else "")
+        if self.full_layers is not None:
+            s += f", full layers {self.full_layers}"
+        if self.full_every is not None:
+            s += f", full every {self.full_every} layers"
+        return s
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """What one layer computes: a window of ``window`` tokens plus ``n_global`` leading ones."""
+
+    window: int
+    n_global: int = 0
+
+
+def layer_patterns(spec: AttentionSpec, window: int, n_layers: int) -> list[Pattern | None]:
+    """Per layer: None for full causal attention, else its Pattern."""
+    if spec.kind == "causal":
+        return [None] * n_layers
+    full = spec.full(n_layers)
+    bad = sorted(i for i in full if not 0 <= i < n_layers)
+    if bad:
+        raise ValueError(f"attention.full_layers names layers {bad}, but the model has {n_layers} "
+                         f"(0..{n_layers - 1})")
+    if window < 1:
+        raise ValueError(f"attention '{spec.kind}' needs the knob window >= 1, got {window}")
+    p = Pattern(window, spec.n_global if spec.kind == "sinks" else 0)
+    return [None if i in full else p for i in range(n_layers)]
+
+
+def pattern_mask(T: int, pattern: Pattern, device=None) -> torch.Tensor:
+    """(T, T) bool, True = query i may attend key j: causal, within the window or global."""
+    i = torch.arange(T, device=device)[:, None]
+    j = torch.arange(T, device=device)[None, :]
+    return (j <= i) & ((i - j < pattern.window) | (j < pattern.n_global))
+
+
+def banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+    """Attention of q (B, H, T, hd) over k, v (B, KV, T, hd) restricted to ``pattern``: (B, H, T, hd).
+
+    Queries are cut into nb blocks of c = window; block b sees keys [b*c - w + 1, b*c + c), i.e.
+    c + w - 1 of them, plus the n_global leading keys where the window no longer covers them.
+    """
+    B, H, T, hd = q.shape
+    KV = k.shape[1]
+    if KV != H:  # grouped-query attention: each kv head serves H/KV consecutive query heads
+        k, v = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)
+    w = min(pattern.window, T)
+    c = w
+    nb = math.ceil(T / c)
+    pad = nb * c - T
+    q = F.pad(q, (0, 0, 0, pad))
+    # keys padded by w - 1 on the left (nothing to see before token 0) and to nb * c on the right
+    kp, vp = (F.pad(t, (0, 0, w - 1, pad)) for t in (k, v))
+    L = c + w - 1
+    kb = kp.unfold(2, L, c).transpose(-1, -2)  # (B, H, nb, L, hd)
+    vb = vp.unfold(2, L, c).transpose(-1, -2)
+    r = torch.arange(c, device=q.device)[:, None]
+    s = torch.arange(L, device=q.device)[None, :]
+    b = torch.arange(nb, device=q.device)[:, None, None]
+    key_pos = b * c - (w - 1) + s  # (nb, 1, L) absolute position of each key slot
+    band = (s >= r) & (s <= r + w - 1) & (key_pos >= 0)  # (nb, c, L): 0 <= i - j < w
+    g = min(pattern.n_global, T)
+    if g:
+        qpos = b * c + r  # (nb, c, 1)
+        gpos = torch.arange(g, device=q.device)[None, None, :]
+        seen = qpos - gpos >= w  # global keys the band does not already cover (and causal)
+        kb = torch.cat([k[:, :, None, :g].expand(B, H, nb, g, hd), kb], dim=3)
+        vb = torch.cat([v[:, :, None, :g].expand(B, H, nb, g, hd), vb], dim=3)
+        band = torch.cat([seen, band], dim=2)  # (nb, c, g + L)
+    qb = q.view(B, H, nb, c, hd)
+    y = F.scaled_dot_product_attention(qb.reshape(B, H * nb, c, hd), kb.reshape(B, H * nb, -1, hd),
+                                       vb.reshape(B, H * nb, -1, hd),
+                                       attn_mask=band.repeat(H, 1, 1)[None])  # (B, H*nb, c, hd)
+    return y.view(B, H, nb * c, hd)[:, :, :T]
+
+
+def check_attention_knob(value) -> AttentionSpec:
+    """The ``attention`` knob's validator: a kind name or a mapping -> AttentionSpec."""
+    if isinstance(value, AttentionSpec):
+        return value
+    if isinstance(value, str):
+        return AttentionSpec(kind=value)
+    if isinstance(value, dict):
+        return AttentionSpec.model_validate(value)
+    raise ValueError(f"knob 'attention' takes causal | window | sinks or a mapping such as "
+                     f"{{kind: window, full_every: 3}}, got {value!r}")
