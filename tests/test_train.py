@@ -3,35 +3,17 @@ import json
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import rampup_cmd, run_rampup, tiny_tree, write_config
+from conftest import rampup_cmd, run_rampup, step_losses, tiny_tree, wait_for, weights, write_config
 from rampup.config import RunConfig
 from rampup.engine.checkpoint import latest_checkpoint
 from rampup.engine.metrics import read_metrics
 from rampup.engine.trainer import train, train_step
 from rampup.errors import ConfigError
 from rampup.models.llm import DecoderLM, ModelConfig
-
-
-def step_losses(out: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl") if r["event"] == "step"}
-
-
-def weights(out: Path) -> bytes:
-    return (latest_checkpoint(out / "checkpoints") / "model.safetensors").read_bytes()
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(data_cache, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("uninterrupted")
-    cfg = write_config(out / "run.yaml", tiny_tree(data_cache, out / "run"))
-    res = run_rampup("train", str(cfg))
-    assert res.returncode == 0, res.stderr
-    return out / "run"
 
 
 def test_run_writes_metrics_checkpoints_and_loss_falls(uninterrupted):
@@ -49,24 +31,17 @@ def test_run_writes_metrics_checkpoints_and_loss_falls(uninterrupted):
     assert set(evals) == {64, 256} and all(v < first for v in evals.values())
     summary = json.loads((uninterrupted / "summary.json").read_text())
     assert summary["steps"] == 40 and summary["tokens"] == 40 * 2048
+    assert (summary["skipped_steps"], summary["rollbacks"], summary["lr_scale"]) == (0, 0, 1.0)
     assert (uninterrupted / "config.yaml").is_file()
     ckpts = sorted(p.name for p in (uninterrupted / "checkpoints").glob("step_*"))
     assert ckpts == ["step_0000020", "step_0000030", "step_0000040"]  # keeps the last 3
-
-
-def _wait_for(pred, proc, timeout=120):
-    t0 = time.time()
-    while not pred():
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() - t0 < timeout, "timed out"
-        time.sleep(0.05)
 
 
 def test_sigkill_then_resume_is_bitwise_identical(uninterrupted, data_cache, tmp_path):
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "run.yaml", tiny_tree(data_cache, out))
     proc = subprocess.Popen(rampup_cmd("train", str(cfg)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _wait_for(lambda: (out / "checkpoints" / "step_0000020").is_dir(), proc)
+    wait_for(lambda: (out / "checkpoints" / "step_0000020").is_dir(), proc)
     proc.kill()  # SIGKILL: no chance to clean up
     proc.wait()
     killed_at = max(step_losses(out))
@@ -82,7 +57,7 @@ def test_sigterm_checkpoints_and_exits_then_resumes(uninterrupted, data_cache, t
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "run.yaml", tiny_tree(data_cache, out))
     proc = subprocess.Popen(rampup_cmd("train", str(cfg)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: len(step_losses(out)) >= 5, proc)
+    wait_for(lambda: len(step_losses(out)) >= 5, proc)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, stderr

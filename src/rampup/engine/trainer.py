@@ -321,7 +321,7 @@ def train(cfg: RunConfig, *, resume: bool = False, display_mode: str | None = No
         at = progress.step
         if policy.on_limit == "stop" or progress.rollbacks >= policy.max_rollbacks:
             why = ("train.nonfinite.on_limit is stop" if policy.on_limit == "stop" else
-                   f"the run already rolled back {progress.rollbacks} times (train.nonfinite.max_rollbacks)")
+                   f"all {policy.max_rollbacks} rollbacks that train.nonfinite.max_rollbacks allows are used")
             newest = latest_checkpoint(ckpt_dir)
             raise NonFiniteError(f"{reason} (step {at}); stopping because {why}. The newest checkpoint is "
                                  f"{newest.name if newest else 'none'}: lower optimizer.lr or raise optimizer.warmup "
