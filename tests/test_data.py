@@ -328,6 +328,14 @@ def test_changed_index_fails_its_checksum(text_folder, tmp_path: Path) -> None:
         TokenDataset.open(folder, "train")
 
 
+def test_a_pickled_index_is_refused_not_loaded(text_folder, tmp_path: Path) -> None:
+    root, _ = text_folder
+    folder = prepare(cfg_for(root, tmp_path / "cache"))
+    np.save(folder / "train_docs.npy", np.array([{"shard": 0}], dtype=object), allow_pickle=True)
+    with pytest.raises(DataError, match=r"train_docs\.npy is missing or unreadable .*pickle"):
+        TokenDataset.open(folder, "train")
+
+
 def _undecodable_corpus(root: Path) -> None:
     root.mkdir()
     for i, text in enumerate(make_texts(6)):

@@ -206,3 +206,18 @@ def test_incomplete_or_mismatched_checkpoint_is_a_named_error(tmp_path):
     (path / "state.json").unlink()
     with pytest.raises(CheckpointDamaged, match="state.json is missing"):
         load_checkpoint(path, model, opt)
+
+
+def test_nothing_is_ever_unpickled():
+    """Loading a checkpoint, a config or a dataset must not be able to run code: the source never
+    calls a loader that unpickles (safetensors, JSON, yaml.safe_load and allow_pickle=False only)."""
+    import re
+    from pathlib import Path
+
+    import rampup
+
+    unsafe = re.compile(r"\bpickle\b|\bmarshal\b|torch\.load\((?![^)]*weights_only=True)|"
+                        r"np\.load\((?![^)]*allow_pickle=False)|yaml\.(load|unsafe_load|full_load)\(|yaml\.(Unsafe)?Loader")
+    found = [f"{path.name}:{n}: {line.strip()}" for path in Path(rampup.__file__).parent.rglob("*.py")
+             for n, line in enumerate(path.read_text().splitlines(), 1) if unsafe.search(line)]
+    assert found == []
