@@ -79,7 +79,7 @@ class Progress:
 
 # What a rollback keeps from the timeline it abandons: the record of work done and faults met.
 _KEPT_ON_ROLLBACK = ("flops", "train_time", "compile_time", "skipped_steps", "skipped_tokens", "rollbacks")
-_FAULT_EVENTS = ("skip", "rollback", "damaged_checkpoint")
+_FAULT_EVENTS = ("skip", "rollback")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -301,7 +301,8 @@ def train(cfg: RunConfig, *, resume: bool = False, display_mode: str | None = No
 
     def warn(message: str) -> None:
         print(f"warning: {message}", file=sys.stderr, flush=True)
-        metrics.write({"event": "damaged_checkpoint", "step": progress.step, "message": message})
+        # no step: the record stays through every later resume or rollback, as the damaged folder does
+        metrics.write({"event": "damaged_checkpoint", "message": message})
 
     stage_index, data_epoch = -1, sampler.epoch  # what the loop last announced
 
@@ -356,8 +357,7 @@ def train(cfg: RunConfig, *, resume: bool = False, display_mode: str | None = No
         for n, w in val_windows.items():
             losses[n] = evaluate(model, w, precision=cfg.train.precision)
             metrics.write({"event": "eval", "step": progress.step, "tokens": progress.tokens, "seq_len": n,
-                           "loss": finite_json(losses[n]), "train_time": progress.train_time,
-                           "flops": progress.flops})
+                           "loss": losses[n], "train_time": progress.train_time, "flops": progress.flops})
         display.print(f"eval @ step {progress.step}: " + ", ".join(f"loss@{n} {v:.4f}" for n, v in losses.items()))
         return losses
 
@@ -369,7 +369,7 @@ def train(cfg: RunConfig, *, resume: bool = False, display_mode: str | None = No
             ck = load_latest(ckpt_dir, model, optimizer, report=warn,
                              check=lambda state: _check_resumable(state["config"], cfg))
             restore(ck)
-            metrics.truncate_after(progress.step, keep_events=("damaged_checkpoint",))
+            metrics.truncate_after(progress.step)
         else:
             (out / "config.yaml").write_text(dump_config(cfg))
             metrics.truncate_after(0)
