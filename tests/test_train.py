@@ -1,5 +1,6 @@
 """End-to-end training: real corpus files, real tokenizer, real processes for interruption."""
 import json
+import math
 import signal
 import subprocess
 import time
@@ -123,6 +124,31 @@ def test_gradient_accumulation_matches_one_big_step():
     assert la == pytest.approx(lb, rel=1e-5) and ga == pytest.approx(gb, rel=1e-4)
     for pa, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+
+
+def test_train_step_skips_a_nonfinite_step_entirely():
+    """A NaN loss leaves weights, optimizer state and gradients exactly as they were."""
+    from rampup.engine.faults import NanInjector
+
+    torch.manual_seed(0)
+    model = DecoderLM(ModelConfig(vocab_size=128, dim=32, n_layers=1, n_heads=4, max_seq_len=32))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x, y = torch.randint(0, 128, (4, 16)), torch.randint(0, 128, (4, 16))
+    loss, norm = train_step(model, opt, x, y, lr=1e-2, precision="fp32")
+    assert math.isfinite(loss) and math.isfinite(norm)
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+    state = {k: {n: t.clone() for n, t in st.items()} for k, st in opt.state_dict()["state"].items()}
+    nan = NanInjector({2})
+    with nan.poison(model, 2):
+        loss, norm = train_step(model, opt, x, y, lr=1e-2, precision="fp32", grad_clip=1.0)
+    assert math.isnan(loss) and math.isnan(norm)
+    assert all(torch.equal(params[k], v) for k, v in model.state_dict().items())
+    after = opt.state_dict()["state"]
+    assert all(torch.equal(state[k][n], after[k][n]) for k in state for n in state[k])  # Adam's step count too
+    assert all(p.grad is None for p in model.parameters())
+    with nan.poison(model, 2):  # once per process: the second attempt of step 2 is clean
+        loss, _ = train_step(model, opt, x, y, lr=1e-2, precision="fp32")
+    assert math.isfinite(loss) and not torch.equal(params["lm_head.weight"], model.lm_head.weight)
 
 
 def test_train_in_process_returns_summary(data_cache, tmp_path):
