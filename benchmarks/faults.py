@@ -151,9 +151,10 @@ def weights(out: Path) -> bytes:
 def kill_at_step(b: Bench, i: int) -> dict:
     cfg, out = b.config(f"kill{i}")
     lost, _ = b.kill_at(cfg, out, b.rng.randint(3, STEPS - 3))
+    note = f"killed after step {max(b.steps(out))}, resumed from step {b.ckpt_step(out)}"
     damaged = b.unreported_damage(out)
     same, missing = b.finish(cfg, out)
-    return {"recovered": same, "steps_lost": lost, "data_lost": damaged + missing}
+    return {"recovered": same, "steps_lost": lost, "data_lost": damaged + missing, "note": note}
 
 
 def kill_during_save(b: Bench, i: int) -> dict:
@@ -221,7 +222,8 @@ def full_disk(b: Bench, i: int) -> dict:
     ok = rc == 4 and "File too large" in err and "is intact" in err
     same, missing = b.finish(cfg, out)
     return {"recovered": same and ok and intact, "steps_lost": lost,
-            "data_lost": (not intact) + b.unreported_damage(out) + missing, "note": f"exit {rc}"}
+            "data_lost": (not intact) + b.unreported_damage(out) + missing,
+            "note": f"exit {rc}, {good.name} {'byte-identical' if intact else 'CHANGED'}"}
 
 
 def corrupt_shard(b: Bench, i: int) -> dict:
@@ -274,10 +276,12 @@ FAULTS = {
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| fault | injections | recovered | steps lost (mean / max) | data lost |", "|---|---|---|---|---|"]
+    lines = ["| fault | injections | recovered | steps lost (mean / max) | data lost | what happened |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
+        notes = "; ".join(dict.fromkeys(run["note"] for run in r["runs"] if run.get("note")))
         lines.append(f"| {r['fault']} | {r['injections']} | {r['recovered']}/{r['injections']} | "
-                     f"{r['steps_lost_mean']:.1f} / {r['steps_lost_max']} | {r['data_lost']} |")
+                     f"{r['steps_lost_mean']:.1f} / {r['steps_lost_max']} | {r['data_lost']} | {notes} |")
     return "\n".join(lines)
 
 
