@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,38 @@ def rampup_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "rampup.cli", *args]
 
 
-def run_rampup(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
+def run_rampup(*args: str, timeout: float = 300, env_extra: dict[str, str] | None = None,
+               **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONHASHSEED": "0", **(env_extra or {})}
     return subprocess.run(rampup_cmd(*args), capture_output=True, text=True, timeout=timeout, env=env, **kw)
+
+
+def step_losses(out: Path) -> dict[int, float]:
+    from rampup.engine.metrics import read_metrics
+
+    return {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl") if r["event"] == "step"}
+
+
+def weights(out: Path) -> bytes:
+    from rampup.engine.checkpoint import latest_checkpoint
+
+    return (latest_checkpoint(out / "checkpoints") / "model.safetensors").read_bytes()
+
+
+def wait_for(pred, proc: subprocess.Popen, timeout: float = 120, poll: float = 0.05) -> None:
+    """Poll ``pred`` until true; fail if ``proc`` exits first or time runs out."""
+    t0 = time.time()
+    while not pred():
+        assert proc.poll() is None, f"exited with {proc.returncode} while waiting"
+        assert time.time() - t0 < timeout, "timed out"
+        time.sleep(poll)
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(data_cache, tmp_path_factory) -> Path:
+    """The tiny run trained once without interruption: the reference every resumed run must equal."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    cfg = write_config(out / "run.yaml", tiny_tree(data_cache, out / "run"))
+    res = run_rampup("train", str(cfg))
+    assert res.returncode == 0, res.stderr
+    return out / "run"

@@ -29,6 +29,11 @@ def test_config_lists_keys_with_docs():
     assert res.returncode == 0
     assert "train.duration" in res.stdout and "micro_batch_tokens" in res.stdout
     assert "seq_len" in res.stdout  # knobs are listed with their docs
+    for key in ("train.keep_checkpoints", "train.nonfinite.max_skips", "train.nonfinite.on_limit",
+                "train.nonfinite.lr_factor", "train.nonfinite.max_rollbacks"):
+        assert key in res.stdout
+    res = run_rampup("config", "data")
+    assert "data.verify_checksums = True" in res.stdout and "data.on_undecodable = 'skip'" in res.stdout
 
 
 def test_set_override_and_error_on_typo(data_cache, tmp_path):

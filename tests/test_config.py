@@ -1,8 +1,9 @@
+import math
 from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from rampup.config import RunConfig, dump_config, load_config, set_override
 from rampup.errors import ConfigError, RampupError
@@ -115,3 +116,97 @@ def test_fuzz_overrides_validate_or_raise_our_error(pairs):
     except RampupError:
         return
     assert isinstance(cfg, RunConfig)
+
+
+def _leaf_keys(cls, prefix=()) -> list[tuple[str, ...]]:
+    """Every key path of the config, from the sections' own fields (stages and knobs aside)."""
+    from rampup.config import _section_class
+
+    out = []
+    for name, field in cls.model_fields.items():
+        sub = _section_class(field.annotation)
+        key = prefix + (field.alias or name,)
+        out += _leaf_keys(sub, key) if sub is not None and name not in ("stages", "knobs") else [key]
+    return out
+
+
+LEAVES = _leaf_keys(RunConfig)
+scalars = st.one_of(st.integers(-10, 10**6), st.floats(allow_nan=True, allow_infinity=True), st.booleans(),
+                    st.none(), st.text(max_size=10), st.sampled_from(["1M tok", "25%", "10 steps", "auto", "cpu",
+                                                                      "skip", "rollback", "stdlib", "fp32"]))
+values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                       st.dictionaries(st.text(max_size=5), inner, max_size=3)),
+                      max_leaves=6)
+paths = st.one_of(st.sampled_from(LEAVES), st.lists(st.sampled_from(["model", "train", "nonfinite", "x", "data"]),
+                                                     min_size=1, max_size=3).map(tuple))
+
+
+def _tree(pairs) -> dict:
+    tree: dict = {}
+    for path, value in pairs:
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {}) if isinstance(node.get(key, {}), dict) else {}
+        node[path[-1]] = value
+    return tree
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(paths, values), max_size=6))
+def test_fuzz_config_files_validate_or_raise_our_error(tmp_path, pairs):
+    """Any YAML tree over the real keys (and wrong ones) loads to a RunConfig or raises RampupError."""
+    path = write(tmp_path, _tree(pairs))
+    try:
+        cfg = load_config(path)
+    except RampupError:
+        return
+    assert RunConfig.model_validate(yaml.safe_load(dump_config(cfg))) == cfg
+
+    def finite(x) -> bool:
+        if isinstance(x, dict):
+            return all(finite(v) for v in x.values())
+        if isinstance(x, (list, tuple)):
+            return all(finite(v) for v in x)
+        return not isinstance(x, float) or math.isfinite(x)
+    assert finite(cfg.model_dump())  # a validated config never holds NaN or infinity
+
+
+def _takes_floats(path: tuple[str, ...]) -> bool:
+    cls = RunConfig
+    for key in path[:-1]:
+        from rampup.config import _section_class
+        cls = _section_class(cls.model_fields[key].annotation)
+    return "float" in str(cls.model_fields[path[-1]].annotation)
+
+
+@pytest.mark.parametrize("path", [p for p in LEAVES if _takes_floats(p)], ids=".".join)
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_no_setting_takes_nan_or_infinity(tmp_path, path, value):
+    tree = _tree([(path, "PLACEHOLDER")])
+    text = yaml.safe_dump(tree).replace("PLACEHOLDER", value)
+    (tmp_path / "run.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=".".join(path)):
+        load_config(tmp_path / "run.yaml")
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sampled_from(list("{}[]:,-!&*|>'\"#% \n\tab1.") + ["!!python/object/apply:os.system ", "model:",
+                                                                        "train:", "\n  ", "lr: ", "seed"]),
+                max_size=30).map("".join))
+def test_fuzz_raw_yaml_text_validates_or_raises_our_error(tmp_path, text):
+    """Arbitrary text, tags that would run code under an unsafe loader included: never a crash."""
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    try:
+        load_config(path)
+    except RampupError:
+        pass
+
+
+def test_yaml_tags_never_run_code(tmp_path):
+    marker = tmp_path / "ran"
+    path = tmp_path / "run.yaml"
+    path.write_text(f"name: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+    assert not marker.exists()

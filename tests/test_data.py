@@ -1,6 +1,7 @@
 """Preparing corpora: text folders, JSONL and Parquet into token shards, cached by settings."""
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -20,6 +21,8 @@ from rampup.data import (
     resolve_source,
     stdlib_files,
 )
+from conftest import run_rampup
+from rampup.data.prepare import describe_prepared
 from rampup.errors import DataError
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu def class return "
@@ -264,6 +267,113 @@ def test_index_past_shard_end_is_reported(text_folder, tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"train_docs\.npy, row \d+: .*offset \d+ past the end of "
                                         r".*train_0000\.bin"):
         TokenDataset.open(folder, "train")
+
+
+def _shard_bytes(folder: Path, update) -> None:
+    """Rewrite train_0000.bin through ``update(bytearray)``."""
+    path = folder / "train_0000.bin"
+    blob = bytearray(path.read_bytes())
+    update(blob)
+    path.write_bytes(bytes(blob))
+
+
+def test_flipped_shard_byte_fails_its_checksum(text_folder, tmp_path: Path) -> None:
+    root, _ = text_folder
+    folder = prepare(cfg_for(root, tmp_path / "cache"))
+    info = read_meta(folder)["splits"]["train"]
+    assert [len(s["sha256"]) for s in info["shards"]] == [64] and len(info["index_sha256"]) == 64
+
+    def flip(blob):  # the low bit of the first token: still a valid id, the index checks still pass
+        blob[0] ^= 0x01
+    _shard_bytes(folder, flip)
+    with pytest.raises(DataError, match=r"shard .*train_0000\.bin does not match its sha256 .*verify_checksums"):
+        TokenDataset.open(folder, "train")
+    assert TokenDataset.open(folder, "train", verify=False).n_docs == info["n_docs"]  # the check is optional
+    TokenDataset.open(folder, "val")  # the other split is intact
+
+
+def test_truncated_shard_is_named_with_its_offset(text_folder, tmp_path: Path) -> None:
+    root, _ = text_folder
+    folder = prepare(cfg_for(root, tmp_path / "cache"))
+    size = (folder / "train_0000.bin").stat().st_size
+    with open(folder / "train_0000.bin", "r+b") as f:
+        f.truncate(size - 10)
+    with pytest.raises(DataError, match=rf"train_0000\.bin has {size - 10} bytes, meta.json says {size} .*"
+                                        rf"cut short at byte offset {size - 10}"):
+        TokenDataset.open(folder, "train", verify=False)  # a size check: always on
+
+
+def test_token_outside_the_vocabulary_is_named_with_file_and_offset(text_folder, tmp_path: Path) -> None:
+    """A shard written by another tokenizer: its checksum matches meta.json, its ids do not fit."""
+    root, _ = text_folder
+    folder = prepare(cfg_for(root, tmp_path / "cache"))
+    meta = read_meta(folder)
+    tokens = np.fromfile(folder / "train_0000.bin", dtype=np.uint16)
+    tokens[17] = meta["vocab_size"] + 5
+    tokens.tofile(folder / "train_0000.bin")
+    meta["splits"]["train"]["shards"][0]["sha256"] = hashlib.sha256(tokens.tobytes()).hexdigest()
+    (folder / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=rf"train_0000\.bin: token id {meta['vocab_size'] + 5} at token offset 17 "
+                                        rf"\(byte 34\) is outside the vocabulary of {meta['vocab_size']}"):
+        TokenDataset.open(folder, "train")
+
+
+def test_changed_index_fails_its_checksum(text_folder, tmp_path: Path) -> None:
+    root, _ = text_folder
+    folder = prepare(cfg_for(root, tmp_path / "cache"))
+    index = np.load(folder / "train_docs.npy")
+    index[[0, 1]] = index[[1, 0]]  # two rows swapped: every row is still valid on its own
+    np.save(folder / "train_docs.npy", index)
+    with pytest.raises(DataError, match=r"train_docs\.npy does not match its sha256"):
+        TokenDataset.open(folder, "train")
+
+
+def test_a_pickled_index_is_refused_not_loaded(text_folder, tmp_path: Path) -> None:
+    root, _ = text_folder
+    folder = prepare(cfg_for(root, tmp_path / "cache"))
+    np.save(folder / "train_docs.npy", np.array([{"shard": 0}], dtype=object), allow_pickle=True)
+    with pytest.raises(DataError, match=r"train_docs\.npy is missing or unreadable .*pickle"):
+        TokenDataset.open(folder, "train")
+
+
+def _undecodable_corpus(root: Path) -> None:
+    root.mkdir()
+    for i, text in enumerate(make_texts(6)):
+        (root / f"ok{i}.txt").write_text(text, encoding="utf-8")
+    (root / "latin1.txt").write_bytes("caf\u00e9 au lait\n".encode("latin-1"))  # é as the lone byte 0xE9
+    (root / "docs.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "bad \xff byte"}\n{"text": "   "}\n')
+
+
+@pytest.mark.parametrize("mode", ["skip", "error", "replace"])
+def test_undecodable_inputs_are_skipped_counted_or_refused(tmp_path: Path, mode: str) -> None:
+    _undecodable_corpus(tmp_path / "corpus")
+    cfg = cfg_for(tmp_path / "corpus", tmp_path / "cache", on_undecodable=mode)
+    if mode == "error":
+        with pytest.raises(DataError, match=r"docs\.jsonl:2: not valid UTF-8 at byte offset 31 .*on_undecodable"):
+            prepare(cfg)
+        return
+    meta = read_meta(prepare(cfg))
+    n_docs = meta["splits"]["train"]["n_docs"] + meta["splits"]["val"]["n_docs"]
+    assert meta["n_empty_docs"] == 1
+    if mode == "skip":
+        assert n_docs == 7 and meta["n_undecodable"] == 2
+        assert meta["undecodable"] == [f"{tmp_path / 'corpus' / 'docs.jsonl'}:2 (byte 31)",
+                                       f"{tmp_path / 'corpus' / 'latin1.txt'} (byte 3)"]
+        assert any("2 undecodable inputs" in line for line in describe_prepared(meta))
+    else:
+        assert n_docs == 9 and meta["n_undecodable"] == 0
+
+
+def test_prepare_command_reports_what_it_left_out(tmp_path: Path) -> None:
+    _undecodable_corpus(tmp_path / "corpus")
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(json.dumps({"model": {"vocab_size": 300}, "data": {
+        "source": str(tmp_path / "corpus"), "cache_dir": str(tmp_path / "cache"),
+        "buckets": {"min_log2": 2, "max_log2": 4}}, "schedule": {"stages": [{"seq_len": 16}]}}))
+    res = run_rampup("prepare", str(cfg))
+    assert res.returncode == 0, res.stderr
+    assert "skipped: 1 empty documents, 0 binary files, 2 undecodable inputs" in res.stdout
+    assert "latin1.txt (byte 3)" in res.stdout
 
 
 def test_read_stream_concatenates_documents(text_folder, tmp_path: Path) -> None:

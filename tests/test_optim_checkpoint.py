@@ -1,12 +1,23 @@
 import json
 import math
+import resource
+import subprocess
+import sys
 
 import pytest
 import safetensors.torch
 import torch
 
-from rampup.engine.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
-from rampup.errors import CheckpointError
+from rampup.engine.checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    load_latest,
+    remove_partial_writes,
+    save_checkpoint,
+    verify_checkpoint,
+)
+from rampup.errors import CheckpointDamaged, CheckpointError, NonFiniteError
 from rampup.models.llm import DecoderLM, ModelConfig
 from rampup.optim import OptimizerConfig, build_optimizer, lr_at
 
@@ -75,20 +86,107 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
             json.loads(f.read_text())
 
 
-def test_failed_write_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+# Writes one checkpoint of a 256 KB layer in a real process; exit 4 when the write fails.
+_SAVE_SCRIPT = """
+import sys, torch
+from pathlib import Path
+from rampup.engine.checkpoint import save_checkpoint
+from rampup.errors import CheckpointWriteError
+torch.manual_seed(0)
+model = torch.nn.Linear(256, 256)
+opt = torch.optim.AdamW(model.parameters())
+model(torch.ones(1, 256)).sum().backward()
+opt.step()
+try:
+    save_checkpoint(Path(sys.argv[1]), int(sys.argv[2]), model, opt, {"progress": {"step": int(sys.argv[2])}})
+except CheckpointWriteError as e:
+    print(e, file=sys.stderr)
+    sys.exit(e.exit_code)
+"""
+
+
+def _file_size_limit(limit: int):
+    def apply() -> None:  # in the child: writes past `limit` bytes fail with EFBIG (Python ignores SIGXFSZ)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_failed_write_keeps_the_last_good_checkpoint(tmp_path):
+    """A full disk, for real: a file-size limit (RLIMIT_FSIZE) on the writing process."""
+    ok = subprocess.run([sys.executable, "-c", _SAVE_SCRIPT, str(tmp_path), "1"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    first = tmp_path / "step_0000001"
+    before = {f.name: f.read_bytes() for f in first.iterdir()}
+    res = subprocess.run([sys.executable, "-c", _SAVE_SCRIPT, str(tmp_path), "2"], capture_output=True, text=True,
+                         preexec_fn=_file_size_limit(100_000))
+    assert res.returncode == 4, res.stderr
+    assert "could not write the checkpoint of step 2" in res.stderr and "File too large" in res.stderr
+    assert "step_0000001, is intact" in res.stderr and "--resume" in res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_0000001"]  # no temporary folder left
+    assert {f.name: f.read_bytes() for f in first.iterdir()} == before
+    verify_checkpoint(first)
+    assert (tmp_path / "latest").read_text().strip() == "step_0000001"
+
+
+def test_manifest_catches_a_flipped_byte_and_a_cut(tmp_path):
     model, opt = _trained()
-    first = save_checkpoint(tmp_path, 1, model, opt, {"progress": {"step": 1}})
-    before = (first / "model.safetensors").read_bytes()
+    path = save_checkpoint(tmp_path, 1, model, opt, {})
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"model.safetensors", "optimizer.safetensors", "state.json"}
+    verify_checkpoint(path)
+    blob = bytearray((path / "optimizer.safetensors").read_bytes())
+    blob[-3] ^= 0x01  # one bit, inside a tensor: safetensors itself would load it without complaint
+    (path / "optimizer.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(CheckpointDamaged, match=r"optimizer\.safetensors does not match its sha256"):
+        load_checkpoint(path, model, opt)
+    path2 = save_checkpoint(tmp_path, 2, model, opt, {})
+    with open(path2 / "model.safetensors", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(CheckpointDamaged, match=r"model\.safetensors has 100 bytes, the manifest says \d+"):
+        verify_checkpoint(path2)
 
-    def disk_full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("rampup.engine.checkpoint.save_file", disk_full)  # fault injection
-    with pytest.raises(OSError):
-        save_checkpoint(tmp_path, 2, model, opt, {"progress": {"step": 2}})
-    assert latest_checkpoint(tmp_path) == first
+def test_damaged_latest_is_reported_kept_and_the_previous_used(tmp_path):
+    model, opt = _trained()
+    save_checkpoint(tmp_path, 1, model, opt, {"progress": {"step": 1}})
+    good = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    newest = save_checkpoint(tmp_path, 2, model, opt, {"progress": {"step": 2}})
+    (newest / "state.json").write_text("{}")  # valid JSON, wrong content: only the checksum tells
+    reports = []
+    model2, opt2 = _trained(seed=3)
+    ck = load_latest(tmp_path, model2, opt2, report=reports.append)
+    assert ck.state["progress"]["step"] == 1
+    assert all(torch.equal(good[k], v) for k, v in model2.state_dict().items())
+    assert len(reports) == 1 and "step_0000002" in reports[0] and "state.json" in reports[0]
+    assert "damaged_step_0000002" in reports[0]
+    assert (tmp_path / "damaged_step_0000002" / "state.json").read_text() == "{}"  # kept, never deleted
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000001"]
-    assert (first / "model.safetensors").read_bytes() == before
+    (tmp_path / "step_0000001" / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match="no intact checkpoint.*damaged_step_0000001"):
+        load_latest(tmp_path, model2, opt2, report=reports.append)
+
+
+def test_nonfinite_weights_are_never_written(tmp_path):
+    model, opt = _trained()
+    first = save_checkpoint(tmp_path, 1, model, opt, {})
+    with torch.no_grad():
+        model.layers[0].attn.q_proj.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"step 2: layers\.0\.attn\.q_proj\.weight hold NaN or inf"):
+        save_checkpoint(tmp_path, 2, model, opt, {})
+    assert list_checkpoints(tmp_path) == [first] and sorted(p.name for p in tmp_path.iterdir()) == [
+        "latest", "step_0000001"]
+
+
+def test_partial_writes_are_cleaned_up(tmp_path):
+    model, opt = _trained()
+    save_checkpoint(tmp_path, 1, model, opt, {})
+    (tmp_path / ".tmp_step_0000002_999").mkdir()  # what SIGKILL mid-write leaves
+    (tmp_path / ".tmp_step_0000002_999" / "model.safetensors").write_bytes(b"partial")
+    (tmp_path / ".latest.999").write_text("step_0000002")
+    assert remove_partial_writes(tmp_path) == [".latest.999", ".tmp_step_0000002_999"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_0000001"]
 
 
 def test_keeps_the_last_n(tmp_path):
@@ -102,8 +200,24 @@ def test_incomplete_or_mismatched_checkpoint_is_a_named_error(tmp_path):
     model, opt = _trained()
     path = save_checkpoint(tmp_path, 3, model, opt, {})
     other = DecoderLM(ModelConfig(vocab_size=64, dim=64, n_layers=1, n_heads=2, max_seq_len=16))
-    with pytest.raises(CheckpointError, match="does not fit this model|cannot read"):
+    with pytest.raises(CheckpointError, match="cannot load checkpoint .* into this model") as info:
         load_checkpoint(path, other, None)
+    assert not isinstance(info.value, CheckpointDamaged)  # a wrong config is not damage: never quarantined
     (path / "state.json").unlink()
-    with pytest.raises(CheckpointError, match="incomplete"):
+    with pytest.raises(CheckpointDamaged, match="state.json is missing"):
         load_checkpoint(path, model, opt)
+
+
+def test_nothing_is_ever_unpickled():
+    """Loading a checkpoint, a config or a dataset must not be able to run code: the source never
+    calls a loader that unpickles (safetensors, JSON, yaml.safe_load and allow_pickle=False only)."""
+    import re
+    from pathlib import Path
+
+    import rampup
+
+    unsafe = re.compile(r"\bpickle\b|\bmarshal\b|torch\.load\((?![^)]*weights_only=True)|"
+                        r"np\.load\((?![^)]*allow_pickle=False)|yaml\.(load|unsafe_load|full_load)\(|yaml\.(Unsafe)?Loader")
+    found = [f"{path.name}:{n}: {line.strip()}" for path in Path(rampup.__file__).parent.rglob("*.py")
+             for n, line in enumerate(path.read_text().splitlines(), 1) if unsafe.search(line)]
+    assert found == []

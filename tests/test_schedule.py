@@ -1,9 +1,13 @@
+import itertools
 import math
 
 import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings, strategies as st
 from pydantic import ValidationError
 
-from rampup.errors import ConfigError
+from rampup.config import load_config
+from rampup.errors import ConfigError, RampupError
 from rampup.knobs import KNOBS, Knob, Ramp, register_knob
 from rampup.schedule import Schedule, ScheduleConfig
 from rampup.units import Duration
@@ -125,3 +129,53 @@ def test_total_in_steps_needs_one_step_size():
     assert s.total_tokens == 40 * 2048 and s.num_steps() == 40
     with pytest.raises(ConfigError, match="differ in tokens per step"):
         build([{"duration": "50%", "seq_len": 64}, {"seq_len": 1000}], knobs={"batch_tokens": 2048}, total="40 steps")
+
+
+# Property-based: any schedule section, written as a user would in YAML, either resolves to a schedule
+# whose invariants hold or raises the library's own error; never a crash from deep inside. The
+# strategies are mostly valid with junk mixed in (about one value in ten), so both sides are explored.
+junk = st.sampled_from([0, -3, 0.5, 12.5, float("inf"), float("nan"), "64", True, None, [], {"from": 1}])
+
+
+def mostly(good):
+    return st.integers(0, 9).flatmap(lambda i: junk if i == 9 else good)
+
+
+ramp = st.fixed_dictionaries(
+    {"from": st.integers(1, 2048), "to": st.integers(1, 2048)},
+    optional={"ramp": st.sampled_from(["linear", "cosine", "step", "exponential", "root", "wiggle"]),
+              "degree": st.sampled_from([0.5, 2, 3, 0, -1]), "levels": st.integers(1, 6),
+              "multiple_of": st.sampled_from([None, 1, 8, 0])})
+size = mostly(st.integers(1, 2048))
+durations = mostly(st.sampled_from(["25%", "50%", "10%", "100%", "150%", "10 steps", "1 step", "1M tok",
+                                    "100K tok", "2 epochs", "0.5 epochs", "3 samples", "12", "abc"]))
+knob_values = {"seq_len": st.one_of(size, ramp), "batch_tokens": st.one_of(size, ramp),
+               "lr_mult": mostly(st.one_of(st.floats(0, 4), ramp))}
+stage = st.fixed_dictionaries({"duration": durations}, optional={"name": st.text(max_size=5), **knob_values})
+last_stage = st.fixed_dictionaries({}, optional={"duration": durations, **knob_values})
+schedules = st.fixed_dictionaries(
+    {"stages": st.tuples(st.lists(stage, max_size=3), last_stage).map(lambda t: [*t[0], t[1]]),
+     "knobs": st.fixed_dictionaries({"seq_len": size, "batch_tokens": size}, optional={"lr_mult": st.floats(0, 4)})},
+    optional={"seq_len_mode": st.sampled_from(["reshape", "truncate", "squash"])})
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(schedules, mostly(st.sampled_from(["1M tok", "100K tok", "10 steps", "2 epochs", "50%", None])),
+       st.sampled_from([None, 1, 10**6]), st.floats(0, 1))
+def test_fuzz_schedule_resolves_or_raises_our_error(tmp_path_factory, schedule, total, tokens_per_epoch, frac):
+    path = tmp_path_factory.mktemp("fuzz") / "run.yaml"
+    path.write_text(yaml.safe_dump({"schedule": schedule, "train": {"duration": total},
+                                    "model": {"max_seq_len": 4096}}))
+    try:
+        cfg = load_config(path)
+        s = Schedule.build(cfg.schedule, total=cfg.train.duration, tokens_per_epoch=tokens_per_epoch)
+    except RampupError:
+        return
+    assert s.total_tokens > 0 and s.stages[0].start == 0 and s.stages[-1].end == s.total_tokens
+    assert all(a.end == b.start and a.start < a.end for a, b in zip(s.stages, s.stages[1:]))
+    t = min(int(frac * s.total_tokens), s.total_tokens - 1)
+    sp = s.step_at(0, t)
+    assert 1 <= sp.seq_len <= 4096 and sp.batch_size >= 1 and sp.tokens >= 1
+    assert s.at(t)["lr_mult"] >= 0
+    for sp in itertools.islice(s.steps(), 50):
+        assert sp.tokens >= 1 and sp.tokens_before < s.total_tokens

@@ -1,37 +1,20 @@
 """End-to-end training: real corpus files, real tokenizer, real processes for interruption."""
 import json
+import math
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import rampup_cmd, run_rampup, tiny_tree, write_config
+from conftest import rampup_cmd, run_rampup, step_losses, tiny_tree, wait_for, weights, write_config
 from rampup.config import RunConfig
 from rampup.engine.checkpoint import latest_checkpoint
 from rampup.engine.metrics import read_metrics
 from rampup.engine.trainer import train, train_step
 from rampup.errors import ConfigError
 from rampup.models.llm import DecoderLM, ModelConfig
-
-
-def step_losses(out: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl") if r["event"] == "step"}
-
-
-def weights(out: Path) -> bytes:
-    return (latest_checkpoint(out / "checkpoints") / "model.safetensors").read_bytes()
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(data_cache, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("uninterrupted")
-    cfg = write_config(out / "run.yaml", tiny_tree(data_cache, out / "run"))
-    res = run_rampup("train", str(cfg))
-    assert res.returncode == 0, res.stderr
-    return out / "run"
 
 
 def test_run_writes_metrics_checkpoints_and_loss_falls(uninterrupted):
@@ -49,24 +32,17 @@ def test_run_writes_metrics_checkpoints_and_loss_falls(uninterrupted):
     assert set(evals) == {64, 256} and all(v < first for v in evals.values())
     summary = json.loads((uninterrupted / "summary.json").read_text())
     assert summary["steps"] == 40 and summary["tokens"] == 40 * 2048
+    assert (summary["skipped_steps"], summary["rollbacks"], summary["lr_scale"]) == (0, 0, 1.0)
     assert (uninterrupted / "config.yaml").is_file()
     ckpts = sorted(p.name for p in (uninterrupted / "checkpoints").glob("step_*"))
     assert ckpts == ["step_0000020", "step_0000030", "step_0000040"]  # keeps the last 3
-
-
-def _wait_for(pred, proc, timeout=120):
-    t0 = time.time()
-    while not pred():
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() - t0 < timeout, "timed out"
-        time.sleep(0.05)
 
 
 def test_sigkill_then_resume_is_bitwise_identical(uninterrupted, data_cache, tmp_path):
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "run.yaml", tiny_tree(data_cache, out))
     proc = subprocess.Popen(rampup_cmd("train", str(cfg)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _wait_for(lambda: (out / "checkpoints" / "step_0000020").is_dir(), proc)
+    wait_for(lambda: (out / "checkpoints" / "step_0000020").is_dir(), proc)
     proc.kill()  # SIGKILL: no chance to clean up
     proc.wait()
     killed_at = max(step_losses(out))
@@ -82,7 +58,7 @@ def test_sigterm_checkpoints_and_exits_then_resumes(uninterrupted, data_cache, t
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "run.yaml", tiny_tree(data_cache, out))
     proc = subprocess.Popen(rampup_cmd("train", str(cfg)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: len(step_losses(out)) >= 5, proc)
+    wait_for(lambda: len(step_losses(out)) >= 5, proc)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, stderr
@@ -148,6 +124,31 @@ def test_gradient_accumulation_matches_one_big_step():
     assert la == pytest.approx(lb, rel=1e-5) and ga == pytest.approx(gb, rel=1e-4)
     for pa, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+
+
+def test_train_step_skips_a_nonfinite_step_entirely():
+    """A NaN loss leaves weights, optimizer state and gradients exactly as they were."""
+    from rampup.engine.faults import NanInjector
+
+    torch.manual_seed(0)
+    model = DecoderLM(ModelConfig(vocab_size=128, dim=32, n_layers=1, n_heads=4, max_seq_len=32))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x, y = torch.randint(0, 128, (4, 16)), torch.randint(0, 128, (4, 16))
+    loss, norm = train_step(model, opt, x, y, lr=1e-2, precision="fp32")
+    assert math.isfinite(loss) and math.isfinite(norm)
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+    state = {k: {n: t.clone() for n, t in st.items()} for k, st in opt.state_dict()["state"].items()}
+    nan = NanInjector({2})
+    with nan.poison(model, 2):
+        loss, norm = train_step(model, opt, x, y, lr=1e-2, precision="fp32", grad_clip=1.0)
+    assert math.isnan(loss) and math.isnan(norm)
+    assert all(torch.equal(params[k], v) for k, v in model.state_dict().items())
+    after = opt.state_dict()["state"]
+    assert all(torch.equal(state[k][n], after[k][n]) for k in state for n in state[k])  # Adam's step count too
+    assert all(p.grad is None for p in model.parameters())
+    with nan.poison(model, 2):  # once per process: the second attempt of step 2 is clean
+        loss, _ = train_step(model, opt, x, y, lr=1e-2, precision="fp32")
+    assert math.isfinite(loss) and not torch.equal(params["lm_head.weight"], model.lm_head.weight)
 
 
 def test_train_in_process_returns_summary(data_cache, tmp_path):

@@ -1,8 +1,10 @@
+import math
+
 import pytest
 from hypothesis import given, strategies as st
 
 from rampup.errors import DurationError, RampupError
-from rampup.units import Duration, Unit, format_tokens
+from rampup.units import UNIT_ALIASES, Duration, Unit, format_tokens
 
 
 @pytest.mark.parametrize("text, value, unit", [
@@ -57,3 +59,23 @@ def test_fuzz_parse_never_crashes(x):
     except RampupError:
         return
     assert d.value >= 0 and isinstance(d.unit, Unit)
+
+
+numbers = st.one_of(st.integers(-10, 10**30).map(str), st.floats(allow_nan=True, allow_infinity=True).map(repr),
+                    st.sampled_from(["1e400", ".5", "5.", "1e-400", "0", "00", "1_000", "nan", "inf", ""]))
+units = st.sampled_from([*UNIT_ALIASES, "", "Tok", "STEPS", "stpes", "%%", "parsecs", "é"])
+
+
+@given(numbers, st.sampled_from(["", "k", "K", "M", "B", "G", "T", "x"]), st.sampled_from(["", " ", "  "]), units,
+       st.integers(1, 10**6), st.integers(1, 10**12))
+def test_fuzz_structured_durations_parse_round_trip_and_convert(number, suffix, space, unit, per_step, total):
+    """Near-valid durations: each parses to a finite non-negative value that prints and parses back to
+    itself and converts to whole tokens, or raises the library's DurationError; never anything else."""
+    try:
+        d = Duration.parse(f"{number}{suffix}{space}{unit}")
+    except DurationError:
+        return
+    assert math.isfinite(d.value) and d.value >= 0
+    assert Duration.parse(str(d)) == d
+    n = d.to_tokens(total_tokens=total, tokens_per_step=per_step, tokens_per_sample=per_step, tokens_per_epoch=total)
+    assert isinstance(n, int) and n >= 0

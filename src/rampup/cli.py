@@ -10,6 +10,10 @@
     rampup config [SECTION]        every config key with its default and meaning
 
 Every command takes ``--set key.path=value`` (repeatable) to override any config key.
+
+Exit codes: 0 done; 2 bad config, data or checkpoint; 3 stopped on non-finite numbers
+(train.nonfinite); 4 a checkpoint could not be written (the previous one is intact); 5 a second
+Ctrl-C stopped at once; 128+N stopped by signal N after writing a checkpoint (143 SIGTERM, 130 SIGINT).
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from rampup.errors import RampupError
+from rampup.errors import EXIT_ABORTED, RampupError
 
 console = Console(width=None if sys.stdout.isatty() else 150)
 
@@ -32,17 +36,18 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from rampup.data.prepare import get_prepared
-
     from rich.table import Table
+
+    from rampup.data.prepare import describe_prepared, get_prepared, read_meta
 
     from rampup.data.buckets import get_buckets
 
     cfg = _load(args)
     path = get_prepared(cfg.data)
-    meta = (path / "meta.json").read_text()
+    meta = read_meta(path)
     console.print(f"prepared data in {path}")
-    console.print(meta)
+    for line in describe_prepared(meta):
+        console.print(line)
     b = cfg.data.buckets
     buckets = get_buckets(path, b.min_log2, b.max_log2)
     summary = buckets.summary()
@@ -71,7 +76,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if (prepared / "meta.json").is_file():
         from rampup.data.dataset import TokenDataset
 
-        tokens_per_epoch = TokenDataset.open(prepared, "train").n_tokens
+        tokens_per_epoch = TokenDataset.open(prepared, "train", verify=cfg.data.verify_checksums).n_tokens
     schedule = Schedule.build(cfg.schedule, total=cfg.train.duration, tokens_per_epoch=tokens_per_epoch)
     plan = make_plan(cfg, schedule)
     print_plan(plan, cfg, console)
@@ -88,6 +93,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = train(cfg, resume=args.resume, display_mode=args.progress)
     console.print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['train_time']:.1f}s; "
                   + ", ".join(f"val loss@{k} {v:.4f}" for k, v in summary["val_loss"].items()))
+    if summary["skipped_steps"] or summary["rollbacks"]:
+        console.print(f"non-finite numbers: {summary['skipped_steps']} steps skipped ({summary['skipped_tokens']:,} "
+                      f"tokens not trained on), {summary['rollbacks']} rollbacks, learning rate x{summary['lr_scale']:g}")
     console.print(f"checkpoint: {summary['checkpoint']}\nmetrics: {summary['metrics']}")
     return 0
 
@@ -242,9 +250,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except RampupError as e:
-        code = getattr(e, "exit_code", 2)
         print(f"error: {e}", file=sys.stderr)
-        return code
+        return e.exit_code
+    except KeyboardInterrupt:  # the trainer turns the first Ctrl-C into a checkpoint; this is the second
+        print("stopped at once by a second Ctrl-C: nothing was written for the steps since the last "
+              "checkpoint, which is untouched; continue with: rampup train CONFIG --resume", file=sys.stderr)
+        return EXIT_ABORTED
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from rampup.configbase import Section
 from rampup.data.config import DataConfig
+from rampup.engine.faults import NonFiniteConfig
 from rampup.errors import ConfigError, did_you_mean
 from rampup.models.llm import ModelConfig
 from rampup.optim import OptimizerConfig
@@ -39,6 +40,11 @@ class TrainConfig(Section):
     """Where checkpoints, metrics and plots go; {name} is replaced by the run name."""
     checkpoint_every: Duration | None = Duration(200, Unit.STEP)
     """How often to write a checkpoint, in steps, tokens or % of the run (None: only at the end)."""
+    keep_checkpoints: int = Field(default=3, ge=1)
+    """How many of the newest checkpoints to keep; older ones are deleted after each write
+    (checkpoints found damaged are renamed damaged_step_N and never deleted)."""
+    nonfinite: NonFiniteConfig = Field(default_factory=NonFiniteConfig)
+    """What a non-finite loss or gradient norm does: skip the step; a streak rolls back or stops."""
     threads: int | None = None
     """torch.set_num_threads for CPU training (None: PyTorch's default)."""
     compile: bool = False

@@ -12,4 +12,5 @@ class Section(BaseModel):
         validate_assignment=True,
         use_attribute_docstrings=True,
         frozen=False,
+        allow_inf_nan=False,  # no setting means anything as NaN or infinity; None is the way to say "off"
     )

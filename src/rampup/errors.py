@@ -2,7 +2,18 @@
 
 Every problem a user can cause (a bad config, a missing file, a corrupt shard) is raised as a
 subclass of :class:`RampupError` whose message names the problem and the fix. The CLI prints these
-without a traceback; anything else is a bug in rampup.
+without a traceback and exits with the error's ``exit_code``; anything else is a bug in rampup.
+
+Exit codes of ``rampup``:
+
+====  =======================================================================================
+0     finished
+2     a bad config, corpus, shard or checkpoint (:class:`RampupError`); nothing was trained
+3     training stopped on non-finite numbers (:class:`NonFiniteError`); the last checkpoint is good
+4     a checkpoint could not be written (:class:`CheckpointWriteError`); the previous one is intact
+5     a second Ctrl-C stopped training at once; the last checkpoint is untouched
+128+N stopped by signal N (143 SIGTERM, 130 SIGINT) after writing a checkpoint of the current step
+====  =======================================================================================
 """
 from __future__ import annotations
 
@@ -10,8 +21,16 @@ import difflib
 from collections.abc import Iterable
 
 
+EXIT_ERROR = 2
+EXIT_NONFINITE = 3
+EXIT_CHECKPOINT_WRITE = 4
+EXIT_ABORTED = 5
+
+
 class RampupError(Exception):
     """Base class of every user-facing rampup error."""
+
+    exit_code: int = EXIT_ERROR
 
 
 class ConfigError(RampupError, ValueError):
@@ -28,6 +47,22 @@ class DataError(RampupError):
 
 class CheckpointError(RampupError):
     """A missing or unreadable checkpoint."""
+
+
+class CheckpointDamaged(CheckpointError):
+    """A checkpoint whose files are missing, cut short or differ from its manifest's checksums."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (disk full, file too large, permission); the previous one is intact."""
+
+    exit_code = EXIT_CHECKPOINT_WRITE
+
+
+class NonFiniteError(RampupError):
+    """Training met non-finite numbers it was configured not to survive (train.nonfinite)."""
+
+    exit_code = EXIT_NONFINITE
 
 
 def did_you_mean(word: str, candidates: Iterable[str]) -> str:

@@ -40,6 +40,8 @@ class Ramp(Section):
 
     @model_validator(mode="after")
     def _check(self) -> Ramp:
+        if not all(math.isfinite(v) for v in (self.start, self.to, self.degree)):
+            raise ValueError(f"a ramp needs finite numbers, got from {self.start}, to {self.to}, degree {self.degree}")
         if self.ramp == "exponential" and (self.start <= 0 or self.to <= 0):
             raise ValueError("an exponential ramp needs positive 'from' and 'to' values")
         if self.ramp == "root" and self.degree <= 0:
@@ -108,6 +110,8 @@ class Knob:
     def _check_number(self, v: Any) -> float | int:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise ValueError(f"knob '{self.name}' takes a number or a ramp, got {v!r}")
+        if not math.isfinite(v):
+            raise ValueError(f"knob '{self.name}' takes a finite number, got {v}")
         if self.integer and v != int(v):
             raise ValueError(f"knob '{self.name}' takes whole numbers, got {v}")
         if self.minimum is not None and v < self.minimum:

@@ -87,11 +87,14 @@ def step_shapes(cfg: RunConfig, schedule: Schedule) -> list[tuple[int, int]]:
         return [(sp.batch_size, sp.seq_len) for sp in schedule.steps()]
     from rampup.data.bucket_sampler import check_context, plan_buckets
     from rampup.data.buckets import get_buckets
+    from rampup.data.dataset import TokenDataset
     from rampup.data.prepare import get_prepared
 
     b = cfg.data.buckets
     check_context(int(schedule.max_knob("seq_len")), b.min_log2, b.max_log2)
-    counts = get_buckets(get_prepared(cfg.data), b.min_log2, b.max_log2).counts()
+    prepared = get_prepared(cfg.data)
+    train_ds = TokenDataset.open(prepared, "train", verify=cfg.data.verify_checksums)
+    counts = get_buckets(prepared, b.min_log2, b.max_log2, train_ds).counts()
     draws = plan_buckets(counts, schedule, seed=cfg.train.seed, cycles=b.cycles, repeat=b.repeat)
     return [(sp.knobs["batch_tokens"] >> k, 1 << k) for sp, k in zip(schedule.steps(), draws)]
 

@@ -84,6 +84,16 @@ class DataConfig(Section):
     restart_positions: bool = False
     """With doc_mask: RoPE positions restart at 0 at every document start."""
 
+    on_undecodable: Literal["skip", "error", "replace"] = "skip"
+    """An input file (or JSONL line) that is not valid UTF-8: `skip` leaves it out (counted in
+    meta.json and printed by `rampup prepare`), `error` stops with its path and byte offset,
+    `replace` keeps it with the bad bytes as U+FFFD."""
+
+    verify_checksums: bool = True
+    """Read every token shard in full when it is opened: compare its sha256 with meta.json and check
+    every token id is below the vocabulary size (about 1 GB/s). false skips both; the document
+    index and shard sizes are always checked."""
+
     @model_validator(mode="after")
     def _packing(self) -> DataConfig:
         if self.restart_positions and not self.doc_mask:

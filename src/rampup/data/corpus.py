@@ -1,7 +1,9 @@
 """Finding a corpus's files and reading them as documents (text, JSONL, Parquet).
 
 A document is one text file, one JSONL line or one Parquet row. Documents that are empty (or only
-whitespace) are skipped and counted, never tokenized.
+whitespace) are skipped and counted, never tokenized. A text file or JSONL line that is not valid
+UTF-8 is skipped and counted, stops the prepare with its path and byte offset, or is read with the
+bad bytes replaced, as ``data.on_undecodable`` says.
 """
 from __future__ import annotations
 
@@ -9,8 +11,9 @@ import json
 import os
 import sysconfig
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from rampup.errors import DataError
 
@@ -20,6 +23,9 @@ STDLIB = "stdlib"
 _STDLIB_EXCLUDE = frozenset({"test", "tests", "idlelib", "site-packages", "__pycache__"})
 # A file whose first bytes hold a NUL is binary and is skipped when walking a folder.
 _BINARY_SNIFF = 8192
+_LISTED = 20  # undecodable inputs named in CorpusStats.undecodable (all are counted)
+
+OnUndecodable = Literal["skip", "error", "replace"]
 
 
 @dataclass
@@ -32,6 +38,31 @@ class CorpusStats:
     """Documents skipped because they were empty or only whitespace."""
     n_binary_files: int = 0
     """Files skipped because they looked binary (a NUL byte near the start)."""
+    n_undecodable: int = 0
+    """Text files or JSONL lines skipped because they are not valid UTF-8 (on_undecodable: skip)."""
+    undecodable: list[str] = field(default_factory=list)
+    """The first of them, as 'path (byte N)' or 'path:line (byte N)'."""
+
+    def skip_undecodable(self, where: str) -> None:
+        self.n_undecodable += 1
+        if len(self.undecodable) < _LISTED:
+            self.undecodable.append(where)
+
+
+def _decode(data: bytes, where: str, on_undecodable: OnUndecodable, stats: CorpusStats,
+            base: int = 0) -> str | None:
+    """UTF-8 text of ``data`` (which starts at byte ``base`` of its file); None when it is
+    undecodable and skipped."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if on_undecodable == "replace":
+            return data.decode("utf-8", errors="replace")
+        if on_undecodable == "error":
+            raise DataError(f"{where}: not valid UTF-8 at byte offset {base + e.start} ({e.reason}); convert it to "
+                            "UTF-8 or remove it, or set data.on_undecodable to skip or replace") from None
+        stats.skip_undecodable(f"{where} (byte {base + e.start})")
+        return None
 
 
 def stdlib_files() -> list[Path]:
@@ -75,18 +106,19 @@ def resolve_source(source: str, max_files: int | None = None) -> list[Path]:
 
 
 def iter_documents(
-    paths: list[Path], text_field: str = "text", stats: CorpusStats | None = None
+    paths: list[Path], text_field: str = "text", stats: CorpusStats | None = None,
+    on_undecodable: OnUndecodable = "skip",
 ) -> Iterator[str]:
     """Yield the non-empty documents of ``paths`` in order; ``stats`` (if given) counts them."""
     stats = stats if stats is not None else CorpusStats()
     for path in paths:
         suffix = path.suffix.lower()
         if suffix == ".jsonl":
-            texts = _jsonl_texts(path, text_field)
+            texts = _jsonl_texts(path, text_field, stats, on_undecodable)
         elif suffix == ".parquet":
-            texts = _parquet_texts(path, text_field)
+            texts = _parquet_texts(path, text_field)  # Arrow strings are valid UTF-8 by construction
         else:
-            texts = _file_text(path, stats)
+            texts = _file_text(path, stats, on_undecodable)
         for text in texts:
             if text is None or not text.strip():
                 stats.n_empty += 1
@@ -95,21 +127,26 @@ def iter_documents(
             yield text
 
 
-def _file_text(path: Path, stats: CorpusStats) -> Iterator[str]:
+def _file_text(path: Path, stats: CorpusStats, on_undecodable: OnUndecodable) -> Iterator[str]:
     data = path.read_bytes()
     if b"\0" in data[:_BINARY_SNIFF]:
         stats.n_binary_files += 1
         return
-    # Undecodable bytes become U+FFFD rather than stopping a prepare over one stray byte.
-    yield data.decode("utf-8", errors="replace")
+    text = _decode(data, str(path), on_undecodable, stats)
+    if text is not None:
+        yield text
 
 
-def _jsonl_texts(path: Path, text_field: str) -> Iterator[str | None]:
+def _jsonl_texts(path: Path, text_field: str, stats: CorpusStats,
+                 on_undecodable: OnUndecodable) -> Iterator[str | None]:
     with path.open("rb") as f:
+        offset = 0
         for lineno, raw in enumerate(f, start=1):
-            line = raw.decode("utf-8", errors="replace").strip()
-            if not line:
+            line = _decode(raw, f"{path}:{lineno}", on_undecodable, stats, base=offset)
+            offset += len(raw)
+            if line is None or not line.strip():
                 continue
+            line = line.strip()
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:

@@ -1,12 +1,21 @@
-"""One split of a prepared corpus: memory-mapped token shards plus the document index."""
+"""One split of a prepared corpus: memory-mapped token shards plus the document index.
+
+Opening a split checks it against meta.json before any training: each shard's size (a shard cut
+short is named with the offset where it ends), every document's place in its shard, and, unless
+``verify=False`` (``data.verify_checksums: false``), each shard's sha256 and that every token id
+is below the vocabulary size (named with the file and offset of the first one that is not).
+"""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
 
 from rampup.data.prepare import SPLITS, docs_path, read_meta, shard_path
 from rampup.errors import DataError, did_you_mean
+
+_VERIFY_CHUNK = 8 << 20  # tokens per read when hashing and range-checking a shard
 
 
 class TokenDataset:
@@ -29,9 +38,10 @@ class TokenDataset:
         self.n_tokens: int = int(self.doc_lengths.sum())
 
     @classmethod
-    def open(cls, prepared_dir: str | Path, split: str) -> TokenDataset:
+    def open(cls, prepared_dir: str | Path, split: str, *, verify: bool = True) -> TokenDataset:
         """Open ``split`` ("train" or "val") of a prepared folder; the index is checked against
-        the shards, so a corrupt folder fails here rather than mid-training."""
+        the shards, and with ``verify`` every shard is read in full (checksum, token ids), so a
+        corrupt folder fails here rather than mid-training."""
         folder = Path(prepared_dir)
         if split not in SPLITS:
             raise DataError(
@@ -41,15 +51,18 @@ class TokenDataset:
         dtype = np.dtype(meta["dtype"])
 
         shards = []
-        for s in range(info["n_shards"]):
+        for s, expected in enumerate(info["shards"]):
             path = shard_path(folder, split, s)
             if not path.is_file():
                 raise DataError(
                     f"shard {path} is missing; delete {folder} and run `rampup prepare`")
             size = path.stat().st_size
-            if size == 0 or size % dtype.itemsize:
+            want = expected["tokens"] * dtype.itemsize
+            if size != want:
                 raise DataError(
-                    f"shard {path} has {size} bytes, not a whole number of {dtype} tokens")
+                    f"shard {path} has {size} bytes, meta.json says {want} ({expected['tokens']} {dtype} "
+                    f"tokens): {'cut short at byte offset ' + str(size) if size < want else 'longer than written'}"
+                    f"; delete {folder} and run `rampup prepare`")
             shards.append(np.memmap(path, dtype=dtype, mode="r"))
 
         dpath = docs_path(folder, split)
@@ -65,6 +78,13 @@ class TokenDataset:
             raise DataError(f"document index {dpath} lists {len(index)} documents, "
                             f"meta.json says {info['n_docs']}")
         _check_index(index, shards, dpath, folder, split, meta["eot_id"])
+        if verify:
+            if hashlib.sha256(dpath.read_bytes()).hexdigest() != info["index_sha256"]:
+                raise DataError(f"document index {dpath} does not match its sha256 in meta.json (its bytes "
+                                f"changed after prepare); delete {folder} and run `rampup prepare`")
+            for s, tokens in enumerate(shards):
+                _verify_shard(tokens, shard_path(folder, split, s), info["shards"][s]["sha256"],
+                              meta["vocab_size"], folder)
         return cls(folder, split, meta, shards, index)
 
     def doc(self, i: int) -> np.ndarray:
@@ -123,3 +143,21 @@ def _check_index(index: np.ndarray, shards: list[np.ndarray], dpath: Path, folde
             raise DataError(f"document index {dpath}, row {i}: the document does not end with "
                             f"the end-of-text token in {shard_path(folder, split, s)}; "
                             "the index or shard is corrupt")
+
+
+def _verify_shard(tokens: np.ndarray, path: Path, sha256: str, vocab_size: int, folder: Path) -> None:
+    """One pass over a shard: its sha256 against meta.json, and every token id < vocab_size."""
+    h = hashlib.sha256()
+    for start in range(0, len(tokens), _VERIFY_CHUNK):
+        chunk = np.asarray(tokens[start:start + _VERIFY_CHUNK])
+        h.update(chunk)
+        if len(chunk) and int(chunk.max()) >= vocab_size:
+            at = start + int(np.argmax(chunk >= vocab_size))
+            raise DataError(f"shard {path}: token id {int(tokens[at])} at token offset {at} (byte "
+                            f"{at * tokens.itemsize}) is outside the vocabulary of {vocab_size}; the shard "
+                            f"was written with another tokenizer or is corrupt: delete {folder} and run "
+                            "`rampup prepare`")
+    if h.hexdigest() != sha256:
+        raise DataError(f"shard {path} does not match its sha256 in meta.json (its bytes changed after "
+                        f"prepare); delete {folder} and run `rampup prepare`, or set data.verify_checksums: "
+                        "false to train on it anyway")

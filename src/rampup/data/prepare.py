@@ -6,7 +6,9 @@ The prepared folder (``<cache_dir>/<source name>-<key>/``) holds::
     train_0000.bin, train_0001.bin, ...   raw token ids (uint16, or uint32 for vocabularies > 65535)
     train_docs.npy                        int64 (n_docs, 3): shard id, start, length (EOT included)
     val_0000.bin, ..., val_docs.npy       the same for the held-out documents
-    meta.json                             written last: its presence marks a complete folder
+    meta.json                             written last: its presence marks a complete folder; holds
+                                          each shard's token count and sha256, each index's sha256,
+                                          and what was skipped (empty, binary, undecodable inputs)
 
 ``key`` hashes everything the output depends on (the source files' paths, sizes and mtimes, the
 tokenizer settings, the validation settings, the format version), so changing any of them
@@ -36,7 +38,7 @@ from rampup.data.corpus import STDLIB, CorpusStats, iter_documents, resolve_sour
 from rampup.data.tokenizer import eot_id, load_tokenizer, train_tokenizer
 from rampup.errors import DataError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: shard and index checksums in meta.json
 SPLITS = ("train", "val")
 META = "meta.json"
 TOKENIZER = "tokenizer.json"
@@ -149,6 +151,7 @@ def _location(cfg: DataConfig, files: list[Path]) -> tuple[Path, dict]:
         "tokenizer": tokenizer,
         "val_fraction": cfg.val_fraction,
         "shard_tokens": cfg.shard_tokens,
+        "on_undecodable": cfg.on_undecodable,
     }
     key = hashlib.blake2b(json.dumps(settings, sort_keys=True).encode(), digest_size=8).hexdigest()
     return Path(cfg.cache_dir).expanduser() / f"{name}-{key}", settings
@@ -171,7 +174,7 @@ def _build(
     stats = CorpusStats()
 
     def bucketed() -> Iterator[str]:
-        for text in iter_documents(files, cfg.text_field, stats):
+        for text in iter_documents(files, cfg.text_field, stats, cfg.on_undecodable):
             buckets.append(_val_bucket(text))
             if len(buckets) % 1000 == 0:
                 report("tokenizer", len(buckets), None)
@@ -187,7 +190,7 @@ def _build(
     if not buckets:
         raise DataError(
             f"no documents in {cfg.source} ({len(files)} files, {stats.n_empty} empty documents, "
-            f"{stats.n_binary_files} binary files)"
+            f"{stats.n_binary_files} binary files, {stats.n_undecodable} undecodable inputs)"
         )
     is_val = _assign_val(np.array(buckets), threshold)
 
@@ -201,7 +204,7 @@ def _build(
     # Pass 2: tokenize in chunks (encode_batch runs on all cores) and append to each split's shards.
     writers = {s: _SplitWriter(out, s, dtype, cfg.shard_tokens) for s in SPLITS}
     done = 0
-    for chunk in _chunks(iter_documents(files, cfg.text_field)):
+    for chunk in _chunks(iter_documents(files, cfg.text_field, on_undecodable=cfg.on_undecodable)):
         for enc in tok.encode_batch(chunk):
             ids = np.empty(len(enc.ids) + 1, dtype=dtype)
             ids[:-1] = enc.ids
@@ -220,6 +223,8 @@ def _build(
         "n_files": len(files),
         "n_empty_docs": stats.n_empty,
         "n_binary_files": stats.n_binary_files,
+        "n_undecodable": stats.n_undecodable,
+        "undecodable": stats.undecodable,
         "source": cfg.source,
         "settings": settings,
         "seconds": round(time.perf_counter() - t0, 3),
@@ -254,37 +259,63 @@ def _chunks(docs: Iterator[str]) -> Iterator[list[str]]:
 
 
 class _SplitWriter:
-    """Appends documents to ``{split}_NNNN.bin`` shards; a document never spans two shards."""
+    """Appends documents to ``{split}_NNNN.bin`` shards; a document never spans two shards.
+
+    Each shard's sha256 is computed from the bytes as they are written, for meta.json."""
 
     def __init__(self, folder: Path, split: str, dtype: np.dtype, shard_tokens: int):
         self.folder, self.split, self.dtype, self.shard_tokens = folder, split, dtype, shard_tokens
         self.index: list[tuple[int, int, int]] = []  # (shard, start, length) per document
+        self.shards: list[dict] = []  # {"tokens", "sha256"} per closed shard
         self.n_shards = 0
         self.fill = 0  # tokens in the open shard
         self.n_tokens = 0
         self.file = None
+        self.hash = hashlib.sha256()
 
     def add(self, ids: np.ndarray) -> None:
         if self.file is None or (self.fill > 0 and self.fill + len(ids) > self.shard_tokens):
             self._next_shard()
         ids.tofile(self.file)
+        self.hash.update(ids)  # contiguous: hashed in place
         self.index.append((self.n_shards - 1, self.fill, len(ids)))
         self.fill += len(ids)
         self.n_tokens += len(ids)
 
-    def _next_shard(self) -> None:
+    def _close_shard(self) -> None:
         if self.file is not None:
             self.file.close()
+            self.shards.append({"tokens": self.fill, "sha256": self.hash.hexdigest()})
+
+    def _next_shard(self) -> None:
+        self._close_shard()
         self.file = open(shard_path(self.folder, self.split, self.n_shards), "wb")
+        self.hash = hashlib.sha256()
         self.n_shards += 1
         self.fill = 0
 
     def close(self) -> dict:
-        if self.file is not None:
-            self.file.close()
+        self._close_shard()
         index = np.array(self.index, dtype=np.int64).reshape(-1, 3)
-        np.save(docs_path(self.folder, self.split), index)
-        return {"n_tokens": self.n_tokens, "n_docs": len(self.index), "n_shards": self.n_shards}
+        path = docs_path(self.folder, self.split)
+        np.save(path, index)
+        return {"n_tokens": self.n_tokens, "n_docs": len(self.index), "n_shards": self.n_shards,
+                "shards": self.shards, "index_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+def describe_prepared(meta: dict) -> list[str]:
+    """What `rampup prepare` prints about a prepared folder: its size and what was left out."""
+    splits = meta["splits"]
+    lines = [f"{s}: {info['n_docs']:,} documents, {info['n_tokens']:,} tokens in {info['n_shards']} shards"
+             for s, info in splits.items()]
+    lines.append(f"{meta['n_files']:,} input files, vocabulary {meta['vocab_size']:,} ({meta['dtype']}); "
+                 f"skipped: {meta['n_empty_docs']:,} empty documents, {meta['n_binary_files']:,} binary files, "
+                 f"{meta['n_undecodable']:,} undecodable inputs (data.on_undecodable: "
+                 f"{meta['settings']['on_undecodable']})")
+    if meta["undecodable"]:
+        more = meta["n_undecodable"] - len(meta["undecodable"])
+        lines.append("not valid UTF-8: " + ", ".join(meta["undecodable"]) + (f" and {more} more" if more else ""))
+    return lines
 
 
 def load_prepared_tokenizer(folder: str | Path) -> Tokenizer:

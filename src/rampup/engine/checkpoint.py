@@ -1,31 +1,42 @@
-"""Checkpoints: safetensors for tensors, JSON for everything else, written atomically.
+"""Checkpoints: safetensors for tensors, JSON for everything else, written atomically and checksummed.
 
 Layout of one checkpoint, ``OUT/checkpoints/step_0000100/``::
 
     model.safetensors      weights (tied weights stored once)
     optimizer.safetensors  optimizer state tensors, keyed "<param index>.<name>", plus RNG states
-    state.json             step, tokens, sampler state, optimizer hyper-parameters, config; written last
+    state.json             step, tokens, sampler state, optimizer hyper-parameters, config
+    manifest.json          written last: size and sha256 of each file above (``sha256sum`` agrees)
 
 A checkpoint is built in a temporary folder and renamed into place, and ``OUT/checkpoints/latest``
-(a one-line text file) is replaced atomically afterwards, so a crash at any moment leaves the last
-good checkpoint readable. Nothing is ever unpickled.
+(a one-line text file, for people and scripts) is replaced atomically afterwards, so a crash at any
+moment leaves the last good checkpoint readable. Loading verifies the manifest first; a checkpoint
+that fails (a file cut short, a flipped byte, a file missing) is reported, renamed
+``damaged_step_N`` (kept for inspection, never deleted) and the next newest one is used. Weights or
+optimizer state with a NaN or inf are never written, and a write that fails (disk full, file too
+large, permission) removes its temporary folder and leaves the previous checkpoint as it was.
+Nothing is ever unpickled.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from rampup.errors import CheckpointError
+from rampup.errors import CheckpointDamaged, CheckpointError, CheckpointWriteError, NonFiniteError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+MANIFEST = "manifest.json"
 _FILES = ("model.safetensors", "optimizer.safetensors", "state.json")
+_HASH_CHUNK = 16 << 20
+_PARTIAL = (".tmp_step_", ".old_step_", ".trash_step_", ".latest.")
 
 
 @dataclass
@@ -86,6 +97,19 @@ def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def nonfinite_tensors(tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an inf."""
+    return [name for name, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
 def save_checkpoint(
     ckpt_dir: Path,
     step: int,
@@ -95,71 +119,185 @@ def save_checkpoint(
     *,
     keep: int | None = 3,
 ) -> Path:
-    """Write a checkpoint for ``step`` atomically and point ``latest`` at it. Returns its folder."""
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    """Write a checkpoint for ``step`` atomically and point ``latest`` at it. Returns its folder.
+
+    Raises :class:`NonFiniteError` (writing nothing) if a weight or optimizer tensor is not finite,
+    and :class:`CheckpointWriteError` if the write fails; either way earlier checkpoints are untouched.
+    """
+    tensors, groups = optimizer_tensors(optimizer)
+    bad = nonfinite_tensors(model.state_dict().items())
+    bad += [f"optimizer state {k}" for k in nonfinite_tensors(tensors.items())]
+    if bad:
+        raise NonFiniteError(f"not writing the checkpoint of step {step}: {', '.join(bad[:3])}"
+                             f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''} hold NaN or inf")
     final = ckpt_dir / f"step_{step:07d}"
     tmp = ckpt_dir / f".tmp_step_{step:07d}_{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
-    tensors, groups = optimizer_tensors(optimizer)
-    save_file(tensors | rng_tensors(), str(tmp / "optimizer.safetensors"))
-    for name in ("model.safetensors", "optimizer.safetensors"):
-        with open(tmp / name, "rb+") as f:
-            os.fsync(f.fileno())
-    _write_json(tmp / "state.json", dict(state, step=step, format_version=FORMAT_VERSION, optimizer_groups=groups))
-    _fsync_dir(tmp)
-    if final.exists():  # an earlier run wrote this step and we resumed before it: replace it whole
-        old = ckpt_dir / f".old_step_{step:07d}_{os.getpid()}"
-        final.rename(old)
-        shutil.rmtree(old)
-    tmp.rename(final)
-    latest_tmp = ckpt_dir / f".latest.{os.getpid()}"
-    latest_tmp.write_text(final.name + "\n")
-    os.replace(latest_tmp, ckpt_dir / "latest")
-    _fsync_dir(ckpt_dir)
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        save_model(model, str(tmp / "model.safetensors"))
+        save_file(tensors | rng_tensors(), str(tmp / "optimizer.safetensors"))
+        for name in ("model.safetensors", "optimizer.safetensors"):
+            with open(tmp / name, "rb+") as f:
+                os.fsync(f.fileno())
+        _write_json(tmp / "state.json", dict(state, step=step, format_version=FORMAT_VERSION,
+                                             optimizer_groups=groups))
+        # hashes of the files as they are on disk, read back: what a later load will check
+        _write_json(tmp / MANIFEST, {"format_version": FORMAT_VERSION, "step": step, "files": {
+            name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)} for name in _FILES}})
+        _fsync_dir(tmp)
+        if final.exists():  # an earlier run wrote this step and we resumed before it: replace it whole
+            old = ckpt_dir / f".old_step_{step:07d}_{os.getpid()}"
+            final.rename(old)
+            shutil.rmtree(old)
+        tmp.rename(final)
+        latest_tmp = ckpt_dir / f".latest.{os.getpid()}"
+        latest_tmp.write_text(final.name + "\n")
+        os.replace(latest_tmp, ckpt_dir / "latest")
+        _fsync_dir(ckpt_dir)
+    except Exception as e:  # OSError, or safetensors' own error type wrapping one
+        shutil.rmtree(tmp, ignore_errors=True)
+        newest = latest_checkpoint(ckpt_dir)
+        kept = f"the newest checkpoint, {newest}, is intact" if newest else "no earlier checkpoint exists"
+        raise CheckpointWriteError(
+            f"could not write the checkpoint of step {step} to {ckpt_dir}: {e}; {kept}. Free disk space "
+            "or fix the folder's permissions, then continue with: rampup train CONFIG --resume") from None
+    except BaseException:  # a second Ctrl-C mid-write: leave no half-written folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if keep is not None:
         for old in list_checkpoints(ckpt_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            # renamed first, so a crash mid-delete never leaves a half-deleted step_N that looks damaged
+            trash = ckpt_dir / f".trash_{old.name}_{os.getpid()}"
+            old.rename(trash)
+            shutil.rmtree(trash, ignore_errors=True)
     return final
 
 
+def _step_of(path: Path) -> int | None:
+    name = path.name
+    if not name.startswith("step_") or not name[5:].isdigit():
+        return None
+    return int(name[5:])
+
+
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:
-    """Complete checkpoints (state.json present), oldest first."""
+    """Checkpoint folders (``step_N``), oldest first. Each was renamed into place whole; whether
+    it is still intact is what :func:`verify_checkpoint` checks."""
     if not ckpt_dir.is_dir():
         return []
-    found = [p for p in ckpt_dir.glob("step_*") if p.is_dir() and all((p / f).is_file() for f in _FILES)]
-    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+    found = [p for p in ckpt_dir.iterdir() if p.is_dir() and _step_of(p) is not None]
+    return sorted(found, key=_step_of)
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    """The checkpoint ``latest`` points at, or the newest complete one if that pointer is missing."""
-    pointer = ckpt_dir / "latest"
-    if pointer.is_file():
-        cand = ckpt_dir / pointer.read_text().strip()
-        if all((cand / f).is_file() for f in _FILES):
-            return cand
-    done = list_checkpoints(ckpt_dir)
-    return done[-1] if done else None
+    """The newest checkpoint folder (by step), unverified; None if there is none."""
+    found = list_checkpoints(ckpt_dir)
+    return found[-1] if found else None
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> Checkpoint:
-    """Load weights (and optimizer + RNG state when ``optimizer`` is given) from a checkpoint folder."""
+def remove_partial_writes(ckpt_dir: Path) -> list[str]:
+    """Delete what a killed writer left behind (temporary folders and files); returns their names.
+
+    Only one process writes a run's checkpoints, so this is called when a run starts."""
+    removed = []
+    if ckpt_dir.is_dir():
+        for p in ckpt_dir.iterdir():
+            if p.name.startswith(_PARTIAL):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+                removed.append(p.name)
+    return sorted(removed)
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Check every file of a checkpoint against its manifest; :class:`CheckpointDamaged` names the first problem."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        raise CheckpointDamaged(f"checkpoint {path} has no {MANIFEST} (written by a rampup without "
+                                "checksums, or damaged), so it cannot be verified") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointDamaged(f"checkpoint {path}: {MANIFEST} is unreadable ({e})") from None
+    for name in _FILES:
+        f = path / name
+        if name not in files:
+            raise CheckpointDamaged(f"checkpoint {path}: {MANIFEST} does not list {name}")
+        if not f.is_file():
+            raise CheckpointDamaged(f"checkpoint {path}: {name} is missing")
+        size = f.stat().st_size
+        if size != files[name]["bytes"]:
+            raise CheckpointDamaged(f"checkpoint {path}: {name} has {size} bytes, the manifest says "
+                                    f"{files[name]['bytes']} (cut short or overwritten)")
+        if sha256_file(f) != files[name]["sha256"]:
+            raise CheckpointDamaged(f"checkpoint {path}: {name} does not match its sha256 in the manifest "
+                                    "(its bytes changed after it was written)")
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                    *, verify: bool = True, check: Callable[[dict[str, Any]], None] | None = None) -> Checkpoint:
+    """Load weights (and optimizer + RNG state when ``optimizer`` is given) from a checkpoint folder.
+
+    With ``verify`` the files are first checked against the manifest (:class:`CheckpointDamaged`);
+    ``check`` sees state.json before any tensor is loaded and may refuse it by raising.
+    """
+    if verify:
+        verify_checkpoint(path)
     missing = [f for f in _FILES if not (path / f).is_file()]
     if missing:
-        raise CheckpointError(f"checkpoint {path} is incomplete (missing {', '.join(missing)}); "
-                              "point to another checkpoint or start a fresh run")
+        raise CheckpointDamaged(f"checkpoint {path} is incomplete (missing {', '.join(missing)}); "
+                                "point to another checkpoint or start a fresh run")
     try:
         state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path / 'state.json'}: {e}") from None
+    if check is not None:
+        check(state)
+    try:
         missing_keys, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+        tensors = load_file(str(path / "optimizer.safetensors")) if optimizer is not None else {}
+    except Exception as e:  # OSError, a shape mismatch, or safetensors' own error type
+        raise CheckpointError(f"cannot load checkpoint {path} into this model ({e}); use the config it was "
+                              "trained with (config.yaml in the run folder)") from None
     if missing_keys or unexpected:
         raise CheckpointError(f"checkpoint {path} does not fit this model (missing {sorted(missing_keys)[:3]}, "
                               f"unexpected {sorted(unexpected)[:3]}); use the config it was trained with")
     if optimizer is not None:
-        tensors = load_file(str(path / "optimizer.safetensors"))
         load_optimizer_tensors(optimizer, tensors, state["optimizer_groups"])
         restore_rng(tensors)
     return Checkpoint(path, state)
+
+
+def quarantine(path: Path) -> Path:
+    """Rename a damaged checkpoint to ``damaged_step_N`` (never deleted; not a candidate again)."""
+    target = path.with_name(f"damaged_{path.name}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"damaged_{path.name}.{n}")
+    path.rename(target)
+    return target
+
+
+def load_latest(ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                report: Callable[[str], None], check: Callable[[dict[str, Any]], None] | None = None
+                ) -> Checkpoint | None:
+    """Load the newest checkpoint that verifies; None when there is no checkpoint at all.
+
+    Each damaged one met on the way is reported through ``report`` and renamed ``damaged_step_N``.
+    If every checkpoint is damaged, :class:`CheckpointError` lists them.
+    """
+    damaged = []
+    for path in reversed(list_checkpoints(ckpt_dir)):
+        try:
+            return load_checkpoint(path, model, optimizer, check=check)
+        except CheckpointDamaged as e:
+            moved = quarantine(path)
+            damaged.append(moved.name)
+            report(f"{e}; moved it to {moved.name} and falling back to the previous checkpoint")
+    if damaged:
+        raise CheckpointError(f"no intact checkpoint in {ckpt_dir}: {', '.join(damaged)} failed verification "
+                              "and were kept under those names; start a fresh run in another train.out_dir")
+    return None

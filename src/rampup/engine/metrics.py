@@ -2,8 +2,9 @@
 
 Each line of ``metrics.jsonl`` is one event: ``{"event": "step", ...}`` every optimizer step,
 ``{"event": "eval", ...}`` per evaluated context length, ``{"event": "stage", ...}`` at each stage
-start. On resume the file is cut back to the checkpoint's step, so it always describes one
-uninterrupted run.
+start; ``skip`` (a step with a non-finite loss or gradient norm, not applied), ``rollback`` and
+``damaged_checkpoint`` record faults. On resume the file is cut back to the checkpoint's step, so it
+always describes one uninterrupted run; a rollback cuts it back too but keeps its fault records.
 """
 from __future__ import annotations
 
@@ -58,10 +59,11 @@ class MetricsWriter:
         self._f: TextIO = open(path, "a")
         self._tb = tensorboard
 
-    def truncate_after(self, step: int) -> None:
-        """Keep only records of steps <= ``step`` (what the checkpoint being resumed had seen)."""
+    def truncate_after(self, step: int, keep_events: tuple[str, ...] = ()) -> None:
+        """Keep only records of steps <= ``step`` (what the checkpoint being resumed had seen), and
+        those of the ``keep_events`` kinds (a rollback keeps the record of the steps it undid)."""
         self._f.close()
-        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
+        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step or r.get("event") in keep_events]
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         tmp.replace(self.path)

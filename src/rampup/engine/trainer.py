@@ -15,6 +15,7 @@ import contextlib
 import json
 import math
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,9 +30,16 @@ from rampup.data.dataset import TokenDataset
 from rampup.data.prepare import get_prepared, load_prepared_tokenizer
 from rampup.data.packing import document_mask, document_positions, segment_ids
 from rampup.data.samplers import EVAL_WINDOWS, Sampler, sampler_for_run
-from rampup.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rampup.engine.checkpoint import (
+    Checkpoint,
+    latest_checkpoint,
+    load_latest,
+    remove_partial_writes,
+    save_checkpoint,
+)
+from rampup.engine.faults import NanInjector, finite_json
 from rampup.engine.metrics import Display, MetricsWriter, tensorboard_writer
-from rampup.errors import ConfigError, DataError, RampupError
+from rampup.errors import ConfigError, DataError, NonFiniteError, RampupError
 from rampup.knobs import KNOBS
 from rampup.models.llm import DecoderLM, flops_per_token
 from rampup.longeval import PasskeyTemplate, inject_passkeys, passkey_accuracy
@@ -62,6 +70,21 @@ class Progress:
     """Seconds spent in training steps only (evaluation, checkpointing and compiling excluded)."""
     compile_time: float = 0.0
     """Seconds of the steps that compiled a new graph (train.compile), kept out of train_time."""
+    skipped_steps: int = 0
+    """Steps not applied because their loss or gradient norm was not finite (train.nonfinite)."""
+    skipped_tokens: int = 0
+    """Tokens of the skipped steps: served by the sampler, never trained on."""
+    consecutive_skips: int = 0
+    """Skipped steps in a row up to now; train.nonfinite.max_skips of them trigger on_limit."""
+    rollbacks: int = 0
+    """Rollbacks to an earlier checkpoint so far (train.nonfinite.on_limit: rollback)."""
+    lr_scale: float = 1.0
+    """Learning-rate multiple left by rollbacks (train.nonfinite.lr_factor per rollback)."""
+
+
+# What a rollback keeps from the timeline it abandons: the record of work done and faults met.
+_KEPT_ON_ROLLBACK = ("flops", "train_time", "compile_time", "skipped_steps", "skipped_tokens", "rollbacks")
+_FAULT_EVENTS = ("skip", "rollback")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -93,7 +116,8 @@ def train_step(
 ) -> tuple[float, float]:
     """One optimizer step on inputs/targets (B, T); returns (mean loss, grad norm before clipping).
 
-    A batch larger than ``micro_batch_tokens`` is split by rows and the gradients accumulated, each
+    If the loss or the gradient norm is not finite the gradients are discarded and the optimizer
+    is not stepped (its state is untouched); the returned values say so. A batch larger than ``micro_batch_tokens`` is split by rows and the gradients accumulated, each
     micro-batch weighted by its share of tokens so the result equals the unsplit step.
     ``attn_mask`` (B, 1, T, T) bool and ``positions`` (B, T), when given, go to the model with
     their rows (document-masked packing).
@@ -118,9 +142,11 @@ def train_step(
         loss.backward()
         total += loss.detach()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip else math.inf)
-    optimizer.step()
+    loss_value, norm_value = total.item(), norm.item()  # the one host sync of the step
+    if math.isfinite(loss_value) and math.isfinite(norm_value):
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return total.item(), norm.item()
+    return loss_value, norm_value
 
 
 @torch.no_grad()
@@ -217,8 +243,8 @@ def _micro_shapes(rows: int, seq_len: int, micro_batch_tokens: int | None) -> se
 def prepare_run(cfg: RunConfig) -> RunInputs:
     """Everything that can fail on bad input, done before any training compute."""
     prepared = get_prepared(cfg.data)
-    train_ds = TokenDataset.open(prepared, "train")
-    val_ds = TokenDataset.open(prepared, "val")
+    train_ds = TokenDataset.open(prepared, "train", verify=cfg.data.verify_checksums)
+    val_ds = TokenDataset.open(prepared, "val", verify=cfg.data.verify_checksums)
     if train_ds.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"the tokenizer has {train_ds.vocab_size} tokens but model.vocab_size is "
                           f"{cfg.model.vocab_size}; set model.vocab_size >= {train_ds.vocab_size}")
@@ -253,6 +279,8 @@ def train(cfg: RunConfig, *, resume: bool = False, display_mode: str | None = No
                           "or choose another name / train.out_dir for a new run")
     if resume and found is None:
         raise ConfigError(f"--resume: no checkpoint in {ckpt_dir}; run without --resume to start")
+    nan_faults = NanInjector.from_env()
+    policy = cfg.train.nonfinite
 
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -276,25 +304,65 @@ def train(cfg: RunConfig, *, resume: bool = False, display_mode: str | None = No
     tb = tensorboard_writer(out / "tensorboard") if cfg.log.tensorboard else None  # fails before training
     out.mkdir(parents=True, exist_ok=True)
     metrics = MetricsWriter(out / "metrics.jsonl", tensorboard=tb)
-    if found is not None:
-        ck = load_checkpoint(found, model, optimizer)
-        _check_resumable(ck.state["config"], cfg)
-        progress = Progress(**ck.state["progress"])
-        sampler.load_state_dict(ck.state["sampler"])
-        metrics.truncate_after(progress.step)
-    else:
-        (out / "config.yaml").write_text(dump_config(cfg))
-        metrics.truncate_after(0)
-
     total_steps = schedule.num_steps()
     display = Display(display_mode or cfg.log.progress, total_steps, schedule.total_tokens, int(cfg.log.every.value))
     should_eval = _every(cfg.eval.every, schedule.total_tokens)
     should_save = _every(cfg.train.checkpoint_every, schedule.total_tokens)
     config_dump = cfg.model_dump(mode="json", by_alias=True)
+    resume_hint = f"rampup train {out / 'config.yaml'} --resume"
+
+    def warn(message: str) -> None:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+        # no step: the record stays through every later resume or rollback, as the damaged folder does
+        metrics.write({"event": "damaged_checkpoint", "message": message})
+
+    stage_index, data_epoch = -1, sampler.epoch  # what the loop last announced
+
+    def restore(ck: Checkpoint) -> None:
+        nonlocal progress, stage_index, data_epoch
+        progress = Progress(**ck.state["progress"])
+        sampler.load_state_dict(ck.state["sampler"])
+        stage_index = schedule.stage_at(progress.tokens).index if progress.step else -1
+        data_epoch = sampler.epoch
 
     def checkpoint() -> Path:
         state = {"progress": asdict(progress), "sampler": sampler.state_dict(), "config": config_dump}
-        return save_checkpoint(ckpt_dir, progress.step, model, optimizer, state)
+        return save_checkpoint(ckpt_dir, progress.step, model, optimizer, state, keep=cfg.train.keep_checkpoints)
+
+    def rollback_or_stop(reason: str) -> None:
+        """train.nonfinite.on_limit: back to the newest intact checkpoint at a lower lr, or stop."""
+        at = progress.step
+        if policy.on_limit == "stop" or progress.rollbacks >= policy.max_rollbacks:
+            why = ("train.nonfinite.on_limit is stop" if policy.on_limit == "stop" else
+                   f"all {policy.max_rollbacks} rollbacks that train.nonfinite.max_rollbacks allows are used")
+            newest = latest_checkpoint(ckpt_dir)
+            raise NonFiniteError(f"{reason} (step {at}); stopping because {why}. The newest checkpoint is "
+                                 f"{newest.name if newest else 'none'}: lower optimizer.lr or raise optimizer.warmup "
+                                 f"and start a new run, or continue with {resume_hint}")
+        kept = {k: getattr(progress, k) for k in _KEPT_ON_ROLLBACK}
+        lr_scale = progress.lr_scale * policy.lr_factor
+        ck = load_latest(ckpt_dir, model, optimizer, report=warn)
+        if ck is None:
+            raise NonFiniteError(f"{reason} (step {at}), before the first checkpoint, so there is nothing to "
+                                 "roll back to; lower optimizer.lr, raise optimizer.warmup or checkpoint earlier "
+                                 "(train.checkpoint_every), and start again")
+        restore(ck)
+        for k, v in kept.items():
+            setattr(progress, k, v)
+        progress.rollbacks += 1
+        progress.lr_scale, progress.consecutive_skips = lr_scale, 0
+        metrics.truncate_after(progress.step, keep_events=_FAULT_EVENTS)
+        metrics.write({"event": "rollback", "step": progress.step, "from_step": at, "reason": reason,
+                       "checkpoint": ck.path.name, "lr_scale": lr_scale})
+        display.print(f"{reason} at step {at}: rolled back to {ck.path.name} with the learning rate x{lr_scale:g} "
+                      f"(rollback {progress.rollbacks} of at most {policy.max_rollbacks})")
+
+    def save_or_roll_back() -> Path | None:
+        try:
+            return checkpoint()
+        except NonFiniteError as e:
+            rollback_or_stop(str(e))
+            return None
 
     rope = {"spec": None, "len": None}  # what the model's RoPE tables hold now
 
@@ -329,92 +397,124 @@ def train(cfg: RunConfig, *, resume: bool = False, display_mode: str | None = No
         display.print(f"eval @ step {progress.step}: " + ", ".join(f"loss@{n} {v:.4f}" for n, v in losses.items()))
         return losses
 
-    display.print(f"run '{cfg.name}': {total_steps} steps, {schedule.total_tokens:,} tokens, "
-                  f"{model.num_params():,} non-embedding parameters, device {device}, output {out}"
-                  + (f" (resumed at step {progress.step})" if found else ""))
-    stage_index = schedule.stage_at(progress.tokens).index if progress.step else -1
-    seen_shapes: set[tuple[int, int]] = set()
-    data_epoch = sampler.epoch
-    model.train()
-    with _SignalFlag() as flag:
-        try:
-            while progress.tokens < schedule.total_tokens:
-                sp = schedule.step_at(progress.step, progress.tokens)
-                stage = schedule.stages[sp.stage]
-                if sp.stage != stage_index:
-                    stage_index = sp.stage
-                    metrics.write({"event": "stage", "step": progress.step, "tokens": progress.tokens,
-                                   "stage": stage.index, "stage_name": stage.name, "knobs": _jsonable(sp.knobs)})
-                    display.print(f"stage {stage.index} '{stage.name}' at step {progress.step}: " +
-                                  ", ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}"
-                                            for k, v in sp.knobs.items()
-                                            if k in ("seq_len", "batch_tokens") or v != KNOBS[k].default))
-                t0 = time.perf_counter()
-                x, y = sampler.take(sp)
-                if sp.knobs["passkey_fraction"] > 0:  # mix synthetic retrieval rows into the batch
-                    inject_passkeys(x, y, sp.knobs["passkey_fraction"], template,
-                                    np.random.default_rng([cfg.train.seed, progress.step, 7]))
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                set_rope(sp.knobs["rope"], x.shape[1])
-                set_attention(sp.knobs["attention"], sp.knobs["window"])
-                mask = positions = None
-                if cfg.data.doc_mask:
-                    seg = segment_ids(x, eot)  # (B, T) document index within each row
-                    mask = document_mask(seg)
-                    positions = document_positions(seg) if cfg.data.restart_positions else None
-                # the step's lr is the schedule's value at the end of the step, so warmup's first step is not ~0
-                lr = lr_at(cfg.optimizer, progress.tokens + sp.tokens, schedule.total_tokens) * sp.knobs["lr_mult"]
-                loss, gnorm = train_step(step_model, optimizer, x, y, lr=lr, precision=cfg.train.precision,
-                                         micro_batch_tokens=cfg.train.micro_batch_tokens,
-                                         grad_clip=cfg.optimizer.grad_clip, attn_mask=mask, positions=positions)
-                dt = time.perf_counter() - t0
-                B, T = x.shape  # the sampler's shape: the buckets sampler picks T itself
-                n_tok = B * T
-                compiled = cfg.train.compile and (B, T) not in seen_shapes
-                seen_shapes.add((B, T))
-                before = progress.tokens
-                progress.step += 1
-                progress.tokens += n_tok
-                progress.flops += flops_per_token(cfg.model, T) * n_tok
-                if compiled:
-                    progress.compile_time += dt
-                else:
-                    progress.train_time += dt
-                rec = {"event": "step", "step": progress.step, "tokens": progress.tokens, "loss": loss, "lr": lr,
-                       "grad_norm": gnorm, "seq_len": T, "batch_size": B,
-                       "stage": stage.index, "stage_name": stage.name, "tok_per_s": n_tok / dt,
-                       "step_time": dt, "train_time": progress.train_time, "flops": progress.flops,
-                       "wall": time.time()}
-                if compiled:
-                    rec["compiled"] = True
-                    rec["compile_time"] = progress.compile_time
-                if sampler.epoch != data_epoch:
-                    data_epoch = sampler.epoch
-                    metrics.write({"event": "data_epoch", "step": progress.step, "epoch": data_epoch})
-                    display.print(f"the sampler started data epoch {data_epoch} at step {progress.step} "
-                                  "(every sequence of the earlier epoch has been served)")
-                metrics.write(rec)
-                eta = progress.train_time / max(1, progress.tokens) * max(0, schedule.total_tokens - progress.tokens)
-                display.step(rec, eta)
-                done = progress.tokens >= schedule.total_tokens
-                if not math.isfinite(loss):
-                    raise RampupError(f"loss became {loss} at step {progress.step}; lower optimizer.lr or "
-                                      "resume from the last checkpoint with --resume")
-                if should_eval(progress.step, before, progress.tokens) and not done:
-                    run_eval()
-                if flag.signum is not None:
-                    path = checkpoint()
-                    raise Interrupted(f"stopped by signal {flag.signum} after step {progress.step}; checkpoint "
-                                      f"{path}. Resume with: rampup train CONFIG --resume", 128 + flag.signum)
-                if should_save(progress.step, before, progress.tokens) and not done:
-                    checkpoint()
-            final = run_eval()
-            path = checkpoint()
-        finally:
-            display.close()
-            metrics.close()
+    try:
+        removed = remove_partial_writes(ckpt_dir)
+        if removed:
+            display.print(f"removed what a killed checkpoint write left in {ckpt_dir}: {', '.join(removed)}")
+        if resume:
+            ck = load_latest(ckpt_dir, model, optimizer, report=warn,
+                             check=lambda state: _check_resumable(state["config"], cfg))
+            restore(ck)
+            metrics.truncate_after(progress.step)
+        else:
+            (out / "config.yaml").write_text(dump_config(cfg))
+            metrics.truncate_after(0)
+        display.print(f"run '{cfg.name}': {total_steps} steps, {schedule.total_tokens:,} tokens, "
+                      f"{model.num_params():,} non-embedding parameters, device {device}, output {out}"
+                      + (f" (resumed at step {progress.step})" if resume else ""))
+        seen_shapes: set[tuple[int, int]] = set()
+        model.train()
+        with _SignalFlag() as flag:
+            while True:
+                while progress.tokens < schedule.total_tokens:
+                    sp = schedule.step_at(progress.step, progress.tokens)
+                    stage = schedule.stages[sp.stage]
+                    if sp.stage != stage_index:
+                        stage_index = sp.stage
+                        metrics.write({"event": "stage", "step": progress.step, "tokens": progress.tokens,
+                                       "stage": stage.index, "stage_name": stage.name,
+                                       "knobs": _jsonable(sp.knobs)})
+                        display.print(f"stage {stage.index} '{stage.name}' at step {progress.step}: " +
+                                      ", ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}"
+                                                for k, v in sp.knobs.items()
+                                                if k in ("seq_len", "batch_tokens") or v != KNOBS[k].default))
+                    t0 = time.perf_counter()
+                    x, y = sampler.take(sp)
+                    if sp.knobs["passkey_fraction"] > 0:  # mix synthetic retrieval rows into the batch
+                        inject_passkeys(x, y, sp.knobs["passkey_fraction"], template,
+                                        np.random.default_rng([cfg.train.seed, progress.step, 7]))
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    set_rope(sp.knobs["rope"], x.shape[1])
+                    set_attention(sp.knobs["attention"], sp.knobs["window"])
+                    mask = positions = None
+                    if cfg.data.doc_mask:
+                        seg = segment_ids(x, eot)  # (B, T) document index within each row
+                        mask = document_mask(seg)
+                        positions = document_positions(seg) if cfg.data.restart_positions else None
+                    # the step's lr is the schedule's value at the end of the step, so warmup's first step is not ~0
+                    lr = (lr_at(cfg.optimizer, progress.tokens + sp.tokens, schedule.total_tokens)
+                          * sp.knobs["lr_mult"] * progress.lr_scale)
+                    with nan_faults.poison(step_model, progress.step + 1):
+                        loss, gnorm = train_step(step_model, optimizer, x, y, lr=lr, precision=cfg.train.precision,
+                                                 micro_batch_tokens=cfg.train.micro_batch_tokens,
+                                                 grad_clip=cfg.optimizer.grad_clip, attn_mask=mask,
+                                                 positions=positions)
+                    dt = time.perf_counter() - t0
+                    B, T = x.shape  # the sampler's shape: the buckets sampler picks T itself
+                    n_tok = B * T
+                    compiled = cfg.train.compile and (B, T) not in seen_shapes
+                    seen_shapes.add((B, T))
+                    before = progress.tokens
+                    progress.step += 1
+                    progress.tokens += n_tok
+                    progress.flops += flops_per_token(cfg.model, T) * n_tok
+                    if compiled:
+                        progress.compile_time += dt
+                    else:
+                        progress.train_time += dt
+                    if math.isfinite(loss) and math.isfinite(gnorm):
+                        progress.consecutive_skips = 0
+                        rec = {"event": "step", "step": progress.step, "tokens": progress.tokens, "loss": loss,
+                               "lr": lr, "grad_norm": gnorm, "seq_len": T, "batch_size": B,
+                               "stage": stage.index, "stage_name": stage.name, "tok_per_s": n_tok / dt,
+                               "step_time": dt, "train_time": progress.train_time, "flops": progress.flops,
+                               "wall": time.time()}
+                        if compiled:
+                            rec["compiled"] = True
+                            rec["compile_time"] = progress.compile_time
+                        metrics.write(rec)
+                        eta = progress.train_time / max(1, progress.tokens) * max(0, schedule.total_tokens - progress.tokens)
+                        display.step(rec, eta)
+                    else:
+                        progress.skipped_steps += 1
+                        progress.skipped_tokens += n_tok
+                        progress.consecutive_skips += 1
+                        metrics.write({"event": "skip", "step": progress.step, "tokens": progress.tokens,
+                                       "loss": finite_json(loss), "grad_norm": finite_json(gnorm), "lr": lr,
+                                       "in_a_row": progress.consecutive_skips})
+                        display.print(f"step {progress.step}: loss {loss}, grad norm {gnorm}: skipped, not applied "
+                                      f"({progress.consecutive_skips} in a row; {policy.max_skips} trigger "
+                                      f"{policy.on_limit})")
+                        if progress.consecutive_skips >= policy.max_skips:
+                            rollback_or_stop(f"{progress.consecutive_skips} steps in a row had a non-finite loss "
+                                             "or gradient norm")
+                            continue
+                    if sampler.epoch != data_epoch:
+                        data_epoch = sampler.epoch
+                        metrics.write({"event": "data_epoch", "step": progress.step, "epoch": data_epoch})
+                        display.print(f"the sampler started data epoch {data_epoch} at step {progress.step} "
+                                      "(every sequence of the earlier epoch has been served)")
+                    done = progress.tokens >= schedule.total_tokens
+                    if should_eval(progress.step, before, progress.tokens) and not done:
+                        run_eval()
+                    if flag.signum is not None:
+                        path = save_or_roll_back() or latest_checkpoint(ckpt_dir)
+                        raise Interrupted(f"stopped by signal {flag.signum} after step {progress.step}; checkpoint "
+                                          f"{path}. Resume with: {resume_hint}", 128 + flag.signum)
+                    if should_save(progress.step, before, progress.tokens) and not done:
+                        save_or_roll_back()
+                final = run_eval()
+                path = save_or_roll_back()
+                if path is not None:
+                    break
+    finally:
+        display.close()
+        metrics.close()
     summary = {"name": cfg.name, "steps": progress.step, "tokens": progress.tokens, "flops": progress.flops,
-               "train_time": progress.train_time, "compile_time": progress.compile_time, "val_loss": {str(k): v for k, v in final.items()},
+               "train_time": progress.train_time, "compile_time": progress.compile_time,
+               "val_loss": {str(k): v for k, v in final.items()},
+               "skipped_steps": progress.skipped_steps, "skipped_tokens": progress.skipped_tokens,
+               "rollbacks": progress.rollbacks, "lr_scale": progress.lr_scale,
                "checkpoint": str(path), "metrics": str(out / "metrics.jsonl")}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary

@@ -1,0 +1,89 @@
+"""What training does about non-finite numbers, and the testing hook that injects them.
+
+A step whose loss or gradient norm is not finite is *skipped*: its gradients are discarded and the
+optimizer is not stepped, but the step still counts (step number, tokens and the learning-rate
+schedule move on, and the sampler has served its batch). Counting it keeps the run on the plan
+that ``rampup plan`` printed and never feeds the same bad batch again; the tokens of skipped steps
+are reported, so the loss of data is visible. ``max_skips`` skipped steps in a row mean the run
+has diverged rather than met one bad batch: it then rolls back to the newest intact checkpoint and
+continues with the learning rate multiplied by ``lr_factor`` (saved in every later checkpoint, so a
+resumed run keeps it), or stops, as configured.
+
+Testing hook (no mocks needed to exercise all of this with a real process)::
+
+    RAMPUP_FAULT_NAN_STEPS=6,7,8 rampup train configs/tiny.yaml
+
+makes the model's output NaN in steps 6, 7 and 8 (numbered from 1, as in metrics.jsonl) the first
+time this process trains each of them, so the loss and every gradient are NaN, as after a
+transient fault. A rollback replays those steps cleanly; a new process (a resumed run) poisons them
+again.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from rampup.configbase import Section
+from rampup.errors import ConfigError
+
+NAN_STEPS_ENV = "RAMPUP_FAULT_NAN_STEPS"
+
+
+class NonFiniteConfig(Section):
+    """A non-finite loss or gradient norm skips the step; a streak of them rolls back or stops."""
+
+    max_skips: int = Field(default=3, ge=1)
+    """Skipped steps in a row that count as divergence and trigger on_limit (1: the first one does)."""
+    on_limit: Literal["rollback", "stop"] = "rollback"
+    """After max_skips skipped steps in a row (or weights found non-finite when saving): `rollback`
+    reloads the newest intact checkpoint (weights, optimizer, data position) and continues with the
+    learning rate times lr_factor; `stop` ends the run (exit code 3), keeping the last checkpoint."""
+    lr_factor: float = Field(default=0.5, gt=0, le=1)
+    """Each rollback multiplies the learning rate by this for the rest of the run (saved in checkpoints)."""
+    max_rollbacks: int = Field(default=3, ge=0)
+    """Rollbacks allowed in one run; the next divergence stops it (exit code 3)."""
+
+
+def finite_json(x: float) -> float | str:
+    """``x``, or "nan" / "inf" / "-inf" as a string: metrics.jsonl stays standard JSON."""
+    return x if math.isfinite(x) else str(x)
+
+
+class NanInjector:
+    """The RAMPUP_FAULT_NAN_STEPS testing hook: NaN model output at listed steps, once per process."""
+
+    def __init__(self, steps: set[int]) -> None:
+        self.pending = set(steps)
+
+    @classmethod
+    def from_env(cls) -> NanInjector:
+        raw = os.environ.get(NAN_STEPS_ENV, "").strip()
+        if not raw:
+            return cls(set())
+        try:
+            steps = {int(s) for s in raw.split(",") if s.strip()}
+        except ValueError:
+            raise ConfigError(f"{NAN_STEPS_ENV}={raw!r}: expected step numbers separated by commas, "
+                              "e.g. 6,7,8 (a testing hook; unset it for normal training)") from None
+        if any(s < 1 for s in steps):
+            raise ConfigError(f"{NAN_STEPS_ENV}={raw!r}: steps are numbered from 1")
+        return cls(steps)
+
+    @contextlib.contextmanager
+    def poison(self, model: torch.nn.Module, step: int) -> Iterator[None]:
+        """Within the block, ``model``'s output is NaN if ``step`` is listed and not yet poisoned."""
+        if step not in self.pending:
+            yield
+            return
+        self.pending.discard(step)
+        handle = model.register_forward_hook(lambda module, args, out: out * float("nan"))
+        try:
+            yield
+        finally:
+            handle.remove()

@@ -1,0 +1,200 @@
+"""Faults injected into real training processes: SIGKILL (also mid-checkpoint), Ctrl-C twice, a full
+disk, NaN losses. Every recovered run must end bitwise equal to the uninterrupted one on CPU."""
+import json
+import os
+import random
+import resource
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import rampup_cmd, run_rampup, step_losses, tiny_tree, wait_for, weights, write_config
+from rampup.engine.checkpoint import latest_checkpoint, list_checkpoints, verify_checkpoint
+from rampup.engine.faults import NAN_STEPS_ENV
+from rampup.engine.metrics import read_metrics
+
+
+def start(cfg, out, *, env=None, preexec_fn=None) -> subprocess.Popen:
+    """`rampup train` in the background, resuming when a checkpoint exists; output to files in the run's parent."""
+    resume = ["--resume"] if latest_checkpoint(out / "checkpoints") else []
+    log = out.parent / f"log_{time.monotonic_ns()}"
+    return subprocess.Popen(rampup_cmd("train", str(cfg), *resume), stdout=open(f"{log}.out", "w"),
+                            stderr=open(f"{log}.err", "w"), env={**os.environ, "PYTHONHASHSEED": "0", **(env or {})},
+                            preexec_fn=preexec_fn)
+
+
+def killed_after_checkpoint(data_cache, tmp_path, step: int):
+    """A tiny run SIGKILLed once its checkpoint of ``step`` exists: (config path, run folder)."""
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "run.yaml", tiny_tree(data_cache, out))
+    proc = start(cfg, out)
+    wait_for(lambda: (out / "checkpoints" / f"step_{step:07d}").is_dir(), proc)
+    proc.kill()
+    proc.wait()
+    return cfg, out
+
+
+def resume_to_the_end(cfg, out, reference) -> subprocess.CompletedProcess:
+    """`rampup train --resume` must finish bitwise equal to ``reference`` (losses and weights)."""
+    res = run_rampup("train", str(cfg), "--resume")
+    assert res.returncode == 0, res.stderr
+    assert step_losses(out) == step_losses(reference)  # bitwise: floats compared exactly
+    assert weights(out) == weights(reference)
+    return res
+
+
+def partial_writes(out) -> list[str]:
+    ckpts = out / "checkpoints"
+    return [n for n in os.listdir(ckpts) if n.startswith(".")] if ckpts.is_dir() else []
+
+
+def test_sigkill_at_random_moments_and_mid_checkpoint_resumes_bitwise(uninterrupted, data_cache, tmp_path):
+    """Five SIGKILLs in one run at seeded random steps, every other one while a checkpoint is being
+    written (its temporary folder exists); each time the run resumes from what is on disk."""
+    rng = random.Random(6)
+    out = tmp_path / "run"
+    # a checkpoint every step, so kills often land in a write; checkpointing never changes the numbers
+    cfg = write_config(tmp_path / "run.yaml", tiny_tree(data_cache, out, train={"checkpoint_every": "1 step"}))
+    mid_write = 0
+    for i in range(5):
+        proc = start(cfg, out)
+        target = max(step_losses(out), default=0) + rng.randint(1, 6)
+        wait_for(lambda: max(step_losses(out), default=0) >= target, proc, poll=0.01)
+        if i % 2:  # kill inside the next checkpoint write
+            wait_for(lambda: any(n.startswith(".tmp_step_") for n in partial_writes(out)), proc, poll=0.0005)
+        proc.kill()
+        proc.wait()
+        mid_write += any(n.startswith(".tmp_step_") for n in partial_writes(out))
+        for path in list_checkpoints(out / "checkpoints"):
+            verify_checkpoint(path)  # a kill never leaves a damaged checkpoint, only a temporary folder
+        assert max(step_losses(out)) < 40
+    assert mid_write >= 1, "no kill landed inside a checkpoint write"
+    proc = start(cfg, out)
+    assert proc.wait(timeout=120) == 0
+    assert partial_writes(out) == []  # what the killed writers left was cleaned up
+    assert step_losses(out) == step_losses(uninterrupted)  # bitwise: floats compared exactly
+    assert weights(out) == weights(uninterrupted)
+
+
+def test_second_ctrl_c_stops_at_once_and_leaves_the_checkpoint(data_cache, tmp_path):
+    out = tmp_path / "run"
+    # ~1 s steps, so both signals land inside one step
+    cfg = write_config(tmp_path / "run.yaml", tiny_tree(data_cache, out, schedule={"knobs": {"batch_tokens": 32768}},
+                                                        train={"checkpoint_every": "2 steps"}))
+    proc = subprocess.Popen(rampup_cmd("train", str(cfg)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: (out / "checkpoints" / "step_0000002").is_dir() and max(step_losses(out), default=0) >= 2, proc)
+    time.sleep(0.2)
+    before = {f.name: f.read_bytes() for f in (out / "checkpoints" / "step_0000002").iterdir()}
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 5, stderr
+    assert "second Ctrl-C" in stderr and "--resume" in stderr and "Traceback" not in stderr
+    assert max(step_losses(out)) == 2
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_0000002"] and partial_writes(out) == []
+    assert {f.name: f.read_bytes() for f in (out / "checkpoints" / "step_0000002").iterdir()} == before
+
+
+def test_full_disk_keeps_the_previous_checkpoint_then_resumes(uninterrupted, data_cache, tmp_path):
+    """RLIMIT_FSIZE makes every write past 200 KB fail with EFBIG, as a full disk would."""
+    cfg, out = killed_after_checkpoint(data_cache, tmp_path, 10)
+    good = out / "checkpoints" / "step_0000010"
+    before = {f.name: f.read_bytes() for f in good.iterdir()}
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+    res = run_rampup("train", str(cfg), "--resume", preexec_fn=small_files)
+    assert res.returncode == 4, res.stderr
+    assert "could not write the checkpoint of step 20" in res.stderr and "File too large" in res.stderr
+    assert f"{good}, is intact" in res.stderr and "--resume" in res.stderr and "Traceback" not in res.stderr
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_0000010"] and partial_writes(out) == []
+    assert {f.name: f.read_bytes() for f in good.iterdir()} == before
+    resume_to_the_end(cfg, out, uninterrupted)
+
+
+def test_damaged_latest_checkpoint_is_reported_and_the_previous_resumed(uninterrupted, data_cache, tmp_path):
+    cfg, out = killed_after_checkpoint(data_cache, tmp_path, 20)
+    with open(out / "checkpoints" / "step_0000020" / "model.safetensors", "r+b") as f:
+        f.truncate(1000)  # a copy cut short
+    res = resume_to_the_end(cfg, out, uninterrupted)
+    assert "step_0000020: model.safetensors has 1000 bytes" in res.stderr and "damaged_step_0000020" in res.stderr
+    assert "resumed at step 10" in res.stdout
+    assert (out / "checkpoints" / "damaged_step_0000020" / "model.safetensors").stat().st_size == 1000
+    assert any(r["event"] == "damaged_checkpoint" for r in read_metrics(out / "metrics.jsonl"))
+
+
+def test_a_nan_step_is_skipped_and_counted(uninterrupted, data_cache, tmp_path):
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "run.yaml", tiny_tree(data_cache, out))
+    res = run_rampup("train", str(cfg), env_extra={NAN_STEPS_ENV: "7"})
+    assert res.returncode == 0, res.stderr
+    assert "step 7: loss nan, grad norm nan: skipped" in res.stdout and "1 steps skipped" in res.stdout
+    recs = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in recs if r["event"] == "skip"] == [7]
+    losses, ref = step_losses(out), step_losses(uninterrupted)
+    assert sorted(losses) == [s for s in range(1, 41) if s != 7]
+    assert all(losses[s] == ref[s] for s in range(1, 7))  # identical until the fault
+    assert losses[8] != ref[8]  # step 7's update really was not applied
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["skipped_steps"], summary["skipped_tokens"], summary["rollbacks"]) == (1, 2048, 0)
+    assert all(torch.isfinite(t).all() for t in load_file(latest_checkpoint(out / "checkpoints") / "model.safetensors").values())
+
+
+def test_nan_streak_rolls_back_at_a_lower_lr_and_resumes_exactly(uninterrupted, data_cache, tmp_path):
+    """Steps 12-14 NaN: rollback to step 10 with lr x0.5. A copy of the run killed twice (right after
+    the rollback, and after the next checkpoint saved the lowered lr) ends bitwise equal to it."""
+    nan = {NAN_STEPS_ENV: "12,13,14"}
+    ref_out = tmp_path / "ref"
+    ref_cfg = write_config(tmp_path / "ref.yaml", tiny_tree(data_cache, ref_out))
+    res = run_rampup("train", str(ref_cfg), env_extra=nan)
+    assert res.returncode == 0, res.stderr
+    recs = read_metrics(ref_out / "metrics.jsonl")
+    rollback = [r for r in recs if r["event"] == "rollback"]
+    assert [(r["from_step"], r["step"], r["checkpoint"], r["lr_scale"]) for r in rollback] == [
+        (14, 10, "step_0000010", 0.5)]
+    assert [r["step"] for r in recs if r["event"] == "skip"] == [12, 13, 14]
+    steps = {r["step"]: r for r in recs if r["event"] == "step"}
+    ref_steps = {r["step"]: r for r in read_metrics(uninterrupted / "metrics.jsonl") if r["event"] == "step"}
+    assert sorted(steps) == list(range(1, 41))  # the undone steps 11-14 are trained again, once each
+    assert all(steps[s]["loss"] == ref_steps[s]["loss"] for s in range(1, 11))
+    assert all(steps[s]["lr"] == 0.5 * ref_steps[s]["lr"] for s in range(11, 41))
+    summary = json.loads((ref_out / "summary.json").read_text())
+    assert (summary["skipped_steps"], summary["rollbacks"], summary["lr_scale"]) == (3, 1, 0.5)
+
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "run.yaml", tiny_tree(data_cache, out))
+    proc = start(cfg, out, env=nan)
+    wait_for(lambda: any(r["event"] == "rollback" for r in read_metrics(out / "metrics.jsonl")), proc, poll=0.01)
+    proc.kill()  # before step 20's checkpoint: the resumed run meets the NaNs again and rolls back again
+    proc.wait()
+    assert latest_checkpoint(out / "checkpoints").name == "step_0000010"
+    proc = start(cfg, out, env=nan)
+    wait_for(lambda: max(step_losses(out), default=0) >= 22, proc)
+    proc.kill()  # after step 20's checkpoint, which carries lr_scale 0.5
+    proc.wait()
+    assert json.loads((out / "checkpoints" / "step_0000020" / "state.json").read_text())["progress"]["lr_scale"] == 0.5
+    proc = start(cfg, out, env=nan)
+    assert proc.wait(timeout=120) == 0
+    assert step_losses(out) == step_losses(ref_out)
+    assert weights(out) == weights(ref_out)
+
+
+@pytest.mark.parametrize("nonfinite, nan_steps, fragment", [
+    ({"on_limit": "stop", "max_skips": 1}, "12", "on_limit is stop. The newest checkpoint is step_0000010"),
+    ({"max_rollbacks": 0}, "12,13,14", "all 0 rollbacks that train.nonfinite.max_rollbacks allows are used"),
+    ({}, "2,3,4", "before the first checkpoint, so there is nothing to roll back to"),
+])
+def test_nonfinite_limit_stops_with_exit_3(data_cache, tmp_path, nonfinite, nan_steps, fragment):
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "run.yaml", tiny_tree(data_cache, out, train={"nonfinite": nonfinite}))
+    res = run_rampup("train", str(cfg), env_extra={NAN_STEPS_ENV: nan_steps})
+    assert res.returncode == 3, res.stderr
+    assert fragment in res.stderr and "Traceback" not in res.stderr
+    for path in list_checkpoints(out / "checkpoints"):
+        verify_checkpoint(path)
