@@ -141,6 +141,18 @@ def test_document_masked_micro_batches_match_the_whole_step():
     assert la == pytest.approx(lb, rel=1e-5)
     for pa, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+    # the engine's path: per-document attention from segment ids, split into micro-batches
+    c = DecoderLM(cfg)
+    c.load_state_dict(b.state_dict())
+    b2 = DecoderLM(cfg)
+    b2.load_state_dict(b.state_dict())
+    opts = [torch.optim.SGD(m.parameters(), lr=1.0) for m in (b2, c)]
+    lm, _ = train_step(b2, opts[0], x, y, lr=1.0, precision="fp32", attn_mask=mask, positions=pos)
+    ls, _ = train_step(c, opts[1], x, y, lr=1.0, precision="fp32", segments=seg, positions=pos,
+                       micro_batch_tokens=64)
+    assert lm == pytest.approx(ls, rel=1e-5)
+    for pa, pb in zip(b2.parameters(), c.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
 
 
 def test_document_masked_run_trains(data_cache, tmp_path):

@@ -18,7 +18,7 @@ Two ways to run the attention:
   cannot skip the masked blocks as it does for ``is_causal``, so it computes the full T x T square.
 - ``document_spans`` + ``per_document_attention``: one causal SDPA call per document slice
   (batched over rows that share their boundaries), so the work is sum(len^2) / 2 instead of T^2.
-  Building the spans reads the boundaries on the host: one device sync per forward.
+  Building the spans reads the boundaries on the host: device syncs once per forward.
 
 ``document_block_mask`` builds the same mask as a flex_attention BlockMask. On CPU (torch 2.13)
 flex_attention has no backward pass at all, so it is for inference or for CUDA.
@@ -84,7 +84,7 @@ class DocumentSpans:
 
 
 def document_spans(seg: torch.Tensor) -> DocumentSpans:
-    """The per-document attention plan of (B, T) segment ids (one device -> host copy).
+    """The per-document attention plan of (B, T) segment ids, read on the host (syncs with the device).
 
     Documents must be contiguous runs of equal ids, as ``segment_ids`` makes them.
     """
@@ -110,16 +110,19 @@ def per_document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Causal attention within each document: q (B, H, T, hd), k/v (B, KV, T, hd) -> (B, H, T, hd).
 
     The same result as SDPA with ``document_mask``, computed as one ``is_causal`` SDPA call per
-    document slice; autograd flows through the slices and concatenations.
+    document slice. The slices come from ``split``, whose backward is one concatenation (indexing
+    would make every slice's backward write a zero-filled gradient of the full size).
     """
     if (q.shape[0], q.shape[2]) != (spans.batch_size, spans.seq_len):
         raise ValueError(f"spans are for (B, T) = ({spans.batch_size}, {spans.seq_len}), "
                          f"q has B = {q.shape[0]}, T = {q.shape[2]}")
+    rows = [r1 - r0 for r0, r1, _ in spans.groups]
     outs = []
-    for r0, r1, bounds in spans.groups:
-        pieces = [F.scaled_dot_product_attention(
-            q[r0:r1, :, s:e], k[r0:r1, :, s:e], v[r0:r1, :, s:e], is_causal=True,
-            enable_gqa=enable_gqa) for s, e in zip(bounds, bounds[1:])]  # each (rows, H, len, hd)
+    for qg, kg, vg, (_, _, bounds) in zip(q.split(rows), k.split(rows), v.split(rows), spans.groups):
+        lengths = [e - s for s, e in zip(bounds, bounds[1:])]
+        pieces = [F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=enable_gqa)
+                  for qd, kd, vd in zip(qg.split(lengths, dim=2), kg.split(lengths, dim=2),
+                                        vg.split(lengths, dim=2))]  # each (rows, H, length, hd)
         outs.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 

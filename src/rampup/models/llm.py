@@ -308,7 +308,7 @@ class DecoderLM(nn.Module):
         with the causal mask, so it only ever removes keys. segments: (B, T) long document ids,
         non-decreasing along each row (rampup.data.packing.segment_ids); each token attends only
         to the earlier tokens of its own document, the same as attn_mask=document_mask(segments)
-        but computed per document (one device sync per call to read the boundaries).
+        but computed per document (reading the boundaries syncs with the device once per call).
         """
         B, T = idx.shape
         if T > self.max_seq_len:
