@@ -46,7 +46,7 @@ def test_set_override_and_error_on_typo(data_cache, tmp_path):
 
 def test_demo_quick_runs_both_and_compares(tmp_path):
     configs = [str(ROOT / "configs" / f) for f in ("demo_staged.yaml", "demo_baseline.yaml")]
-    res = run_rampup("demo", *configs, "--quick", "--set", "train.threads=2", cwd=tmp_path, timeout=240)
+    res = run_rampup("demo", *configs, "--quick", "--set", "train.threads=2", cwd=tmp_path, timeout=600)
     assert res.returncode == 0, res.stderr
     assert "demo_staged" in res.stdout and "demo_baseline" in res.stdout and "val loss @ 1024" in res.stdout
     summaries = [json.loads(p.read_text()) for p in sorted((tmp_path / "runs" / "demo").glob("*/*/summary.json"))]

@@ -48,7 +48,13 @@ def test_stages_carry_values_and_resolve_percentages():
                {"name": "c", "seq_len": {"from": 256, "to": 1024}}])
     assert [(x.name, x.start, x.end) for x in s.stages] == [("a", 0, 250_000), ("b", 250_000, 500_000),
                                                             ("c", 500_000, 1_000_000)]
-    assert s.at(0) == {"seq_len": 128, "batch_tokens": 8192, "lr_mult": 2.0, "bucket_odds": "uniform"}
+    from rampup.knobs import KNOBS
+
+    at0 = s.at(0)
+    assert {k: at0[k] for k in ("seq_len", "batch_tokens", "lr_mult")} == {"seq_len": 128, "batch_tokens": 8192,
+                                                                          "lr_mult": 2.0}
+    assert set(at0) == set(KNOBS)  # every registered knob has a value; unset ones their default
+    assert all(at0[k] == KNOBS[k].default for k in set(KNOBS) - {"seq_len", "batch_tokens", "lr_mult"})
     assert s.at(300_000)["lr_mult"] == 2.0  # carried over from stage a
     assert s.at(750_000)["seq_len"] == 640
     assert s.stage_at(499_999).name == "b" and s.stage_at(500_000).name == "c"
