@@ -15,7 +15,7 @@ wall-clock to reach the full arm's final validation loss at L (ratio full / arm)
 L/4, L and 2L (held-out documents), passkey accuracy at L. The headline is the best method's
 time-to-target ratio (target 1.5). Results: benchmarks/results/context_extension.json and .png.
 
-Run it (about 15 minutes on 2 CPU cores; ``--quick`` for a smoke run of about 2 minutes)::
+Run it (about 20 minutes on 2 quiet CPU cores; ``--quick`` for a smoke run of about 2 minutes)::
 
     .venv/bin/python benchmarks/context_extension.py
 """
@@ -51,12 +51,12 @@ def rope_for(method: str, scale: float, short: int) -> dict:
 
 def base_tree(L: int, tokens: str, out: Path, seed: int) -> dict:
     return {
-        "model": {"vocab_size": 2048, "dim": 192, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2,
+        "model": {"vocab_size": 2048, "dim": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2,
                   "max_seq_len": 4 * L},
         "data": {"source": "stdlib", "sampler": "staged", "val_fraction": 0.05},
         "optimizer": {"lr": 3e-3, "warmup": "5%", "decay": "cosine"},
         "train": {"duration": tokens, "seed": seed, "checkpoint_every": None, "out_dir": str(out)},
-        "eval": {"seq_lens": [L // 4, L, 2 * L], "windows": "documents", "every": "5%", "max_tokens": 32768},
+        "eval": {"seq_lens": [L // 4, L, 2 * L], "windows": "documents", "every": "10%", "max_tokens": 16384},
         "log": {"progress": "off"},
     }
 
@@ -107,15 +107,16 @@ def plot(arms: dict[str, Path], L: int, path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seq-len", type=int, default=2048, help="target context L")
-    ap.add_argument("--tokens", default="1.5M tok", help="token budget of every arm")
-    ap.add_argument("--batch-tokens", type=int, default=16384)
+    ap.add_argument("--tokens", default="1M tok", help="token budget of every arm")
+    ap.add_argument("--batch-tokens", type=int, default=8192)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-root", default="runs/context_extension")
     ap.add_argument("--reuse", action="store_true", help="skip arms whose summary.json exists")
     ap.add_argument("--passkey-samples", type=int, default=10)
     ap.add_argument("--quick", action="store_true", help="L=512, 200K tokens, two methods: a smoke run")
     args = ap.parse_args()
-    L, tokens, methods = args.seq_len, args.tokens, METHODS
+    L, tokens, methods = args.seq_len, args.tokens, tuple(args.methods)
     if args.quick:
         L, tokens, methods = 512, "200K tok", ("abf", "yarn")
     root = Path(args.out_root)
