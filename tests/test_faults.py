@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from conftest import rampup_cmd, run_rampup, step_losses, tiny_tree, wait_for, weights, write_config
 from rampup.engine.checkpoint import latest_checkpoint, list_checkpoints, verify_checkpoint
-from rampup.engine.faults import NAN_STEPS_ENV
+from rampup.engine.faults import NAN_STEPS_ENV, STALL_STEPS_ENV
 from rampup.engine.metrics import read_metrics
 
 
@@ -80,24 +80,45 @@ def test_sigkill_at_random_moments_and_mid_checkpoint_resumes_bitwise(uninterrup
     assert weights(out) == weights(uninterrupted)
 
 
-def test_second_ctrl_c_stops_at_once_and_leaves_the_checkpoint(data_cache, tmp_path):
+def stalled_at_step_3(data_cache, tmp_path, seconds: float):
+    """A tiny run (checkpoint every 2 steps) whose step 3 stalls inside the step (the testing hook
+    sleeps there), waited for until the stall has begun: (process, run folder, stderr file)."""
     out = tmp_path / "run"
-    # ~1 s steps, so both signals land inside one step
-    cfg = write_config(tmp_path / "run.yaml", tiny_tree(data_cache, out, schedule={"knobs": {"batch_tokens": 32768}},
-                                                        train={"checkpoint_every": "2 steps"}))
-    proc = subprocess.Popen(rampup_cmd("train", str(cfg)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: (out / "checkpoints" / "step_0000002").is_dir() and max(step_losses(out), default=0) >= 2, proc)
-    time.sleep(0.2)
+    cfg = write_config(tmp_path / "run.yaml", tiny_tree(data_cache, out, train={"checkpoint_every": "2 steps"}))
+    err = tmp_path / "stderr.txt"
+    proc = subprocess.Popen(rampup_cmd("train", str(cfg)), stdout=subprocess.DEVNULL, stderr=open(err, "w"),
+                            text=True, env={**os.environ, STALL_STEPS_ENV: f"3:{seconds}"})
+    wait_for(lambda: "step 3 stalls" in err.read_text(), proc)
+    return proc, out, err
+
+
+def test_second_ctrl_c_stops_at_once_and_leaves_the_checkpoint(data_cache, tmp_path):
+    proc, out, err = stalled_at_step_3(data_cache, tmp_path, 120)  # both signals surely land mid-step
+    assert (out / "checkpoints" / "step_0000002").is_dir()
     before = {f.name: f.read_bytes() for f in (out / "checkpoints" / "step_0000002").iterdir()}
     proc.send_signal(signal.SIGINT)
-    time.sleep(0.3)
+    time.sleep(0.5)
+    assert proc.poll() is None, "a first Ctrl-C must finish the step, not stop the process"
     proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=60)
+    proc.wait(timeout=60)
+    stderr = err.read_text()
     assert proc.returncode == 5, stderr
     assert "second Ctrl-C" in stderr and "--resume" in stderr and "Traceback" not in stderr
     assert max(step_losses(out)) == 2
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_0000002"] and partial_writes(out) == []
     assert {f.name: f.read_bytes() for f in (out / "checkpoints" / "step_0000002").iterdir()} == before
+
+
+def test_first_ctrl_c_mid_step_finishes_the_step_and_checkpoints_it(data_cache, tmp_path):
+    proc, out, err = stalled_at_step_3(data_cache, tmp_path, 2)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+    stderr = err.read_text()
+    assert proc.returncode == 130, stderr
+    assert "--resume" in stderr and "Traceback" not in stderr
+    assert max(step_losses(out)) == 3
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_0000002", "step_0000003"]
+    verify_checkpoint(out / "checkpoints" / "step_0000003")
 
 
 def test_full_disk_keeps_the_previous_checkpoint_then_resumes(uninterrupted, data_cache, tmp_path):

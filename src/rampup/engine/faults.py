@@ -16,13 +16,16 @@ Testing hook (no mocks needed to exercise all of this with a real process)::
 makes the model's output NaN in steps 6, 7 and 8 (numbered from 1, as in metrics.jsonl) the first
 time this process trains each of them, so the loss and every gradient are NaN, as after a
 transient fault. A rollback replays those steps cleanly; a new process (a resumed run) poisons them
-again.
+again. ``RAMPUP_FAULT_STALL_STEPS=3:60`` makes step 3 stall for 60 s before its forward pass (a hung
+read or collective), announced on stderr, so a test can signal a process that is surely mid-step.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import os
+import sys
+import time
 from collections.abc import Iterator
 from typing import Literal
 
@@ -33,6 +36,7 @@ from rampup.configbase import Section
 from rampup.errors import ConfigError
 
 NAN_STEPS_ENV = "RAMPUP_FAULT_NAN_STEPS"
+STALL_STEPS_ENV = "RAMPUP_FAULT_STALL_STEPS"
 
 
 class NonFiniteConfig(Section):
@@ -87,3 +91,35 @@ class NanInjector:
             yield
         finally:
             handle.remove()
+
+
+class StallInjector:
+    """The RAMPUP_FAULT_STALL_STEPS testing hook: ``STEP:SECONDS[,STEP:SECONDS]``, each stall once per process.
+
+    The stall is a plain ``time.sleep`` inside the step, so signals are handled as they would be in
+    the middle of a long step: a first Ctrl-C is noted and the stall goes on, a second one stops it."""
+
+    def __init__(self, stalls: dict[int, float]) -> None:
+        self.pending = dict(stalls)
+
+    @classmethod
+    def from_env(cls) -> StallInjector:
+        raw = os.environ.get(STALL_STEPS_ENV, "").strip()
+        stalls: dict[int, float] = {}
+        for item in filter(None, (x.strip() for x in raw.split(","))):
+            step, sep, secs = item.partition(":")
+            try:
+                stalls[int(step)] = float(secs) if sep else 60.0
+            except ValueError:
+                raise ConfigError(f"{STALL_STEPS_ENV}={raw!r}: expected STEP:SECONDS items separated by commas, "
+                                  "e.g. 3:60 (a testing hook; unset it for normal training)") from None
+        if any(s < 1 or not math.isfinite(t) or t < 0 for s, t in stalls.items()):
+            raise ConfigError(f"{STALL_STEPS_ENV}={raw!r}: steps are numbered from 1 and seconds must be >= 0")
+        return cls(stalls)
+
+    def maybe_stall(self, step: int) -> None:
+        secs = self.pending.pop(step, None)
+        if secs is None:
+            return
+        print(f"testing hook {STALL_STEPS_ENV}: step {step} stalls for {secs:g} s", file=sys.stderr, flush=True)
+        time.sleep(secs)

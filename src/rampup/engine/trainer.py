@@ -37,7 +37,7 @@ from rampup.engine.checkpoint import (
     remove_partial_writes,
     save_checkpoint,
 )
-from rampup.engine.faults import NanInjector, finite_json
+from rampup.engine.faults import NanInjector, StallInjector, finite_json
 from rampup.engine.metrics import Display, MetricsWriter, tensorboard_writer
 from rampup.errors import ConfigError, DataError, NonFiniteError, RampupError
 from rampup.knobs import KNOBS
@@ -284,6 +284,7 @@ def train(cfg: RunConfig, *, resume: bool = False, display_mode: str | None = No
     if resume and found is None:
         raise ConfigError(f"--resume: no checkpoint in {ckpt_dir}; run without --resume to start")
     nan_faults = NanInjector.from_env()
+    stall_faults = StallInjector.from_env()
     policy = cfg.train.nonfinite
 
     if cfg.train.threads:
@@ -449,6 +450,7 @@ def train(cfg: RunConfig, *, resume: bool = False, display_mode: str | None = No
                     # the step's lr is the schedule's value at the end of the step, so warmup's first step is not ~0
                     lr = (lr_at(cfg.optimizer, progress.tokens + sp.tokens, schedule.total_tokens)
                           * sp.knobs["lr_mult"] * progress.lr_scale)
+                    stall_faults.maybe_stall(progress.step + 1)
                     with nan_faults.poison(step_model, progress.step + 1):
                         loss, gnorm = train_step(step_model, optimizer, x, y, lr=lr, precision=cfg.train.precision,
                                                  micro_batch_tokens=cfg.train.micro_batch_tokens,
