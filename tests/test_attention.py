@@ -8,7 +8,8 @@ from rampup.config import RunConfig
 from rampup.engine.metrics import read_metrics
 from rampup.engine.trainer import train
 from rampup.errors import ConfigError
-from rampup.models.attention import AttentionSpec, Pattern, banded_attention, layer_patterns, pattern_mask
+from rampup.models.attention import (AttentionSpec, Pattern, banded_attention, layer_patterns,
+                                     masked_pattern_attention, pattern_mask)
 from rampup.models.llm import DecoderLM, ModelConfig
 
 
@@ -99,3 +100,68 @@ def test_windowed_stage_is_applied_and_bad_windows_are_refused(data_cache, tmp_p
     with pytest.raises(ValueError, match="names layers \\[7\\]"):
         RunConfig.model_validate(tree)
     assert not (tmp_path / "bad").exists()
+
+
+def capped_reference(q_raw, k_raw, v, pattern, cos, sin):
+    """LM-Infinite written out pair by pair: query i, key j scored at RoPE distance i - j inside the
+    window and at distance ``window`` for the global tokens outside it (q rotated at that distance,
+    k at 0); then the Lambda mask, softmax and values."""
+    from rampup.models.llm import apply_rope
+
+    T, hd = q_raw.shape[2], q_raw.shape[3]
+    rep = q_raw.shape[1] // k_raw.shape[1]
+    k0 = apply_rope(k_raw, cos[0], sin[0]).repeat_interleave(rep, 1)
+    scores = torch.empty(q_raw.shape[0], q_raw.shape[1], T, T)
+    for i in range(T):
+        for j in range(i + 1):
+            d = i - j if i - j < pattern.window else pattern.window
+            qi = apply_rope(q_raw[:, :, i], cos[d], sin[d])
+            scores[:, :, i, j] = (qi * k0[:, :, j]).sum(-1) * hd ** -0.5
+    mask = pattern_mask(T, pattern)
+    att = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    return att @ v.repeat_interleave(rep, 1)
+
+
+@pytest.mark.parametrize("T, window, n_global, H, KV", [(23, 5, 2, 4, 2), (16, 4, 3, 2, 2), (12, 3, 1, 2, 1)])
+def test_capped_global_distance_matches_the_pairwise_reference(T, window, n_global, H, KV):
+    """Capped sinks (LM-Infinite): the banded kernel and the dense masked path both equal the
+    pair-by-pair definition, outputs and gradients, and differ from true-distance sinks."""
+    from rampup.models.llm import apply_rope, precompute_rope
+
+    torch.manual_seed(T)
+    hd = 8
+    cos, sin = precompute_rope(hd, 64)
+    q_raw = torch.randn(2, H, T, hd, requires_grad=True)
+    k_raw = torch.randn(2, KV, T, hd, requires_grad=True)
+    v = torch.randn(2, KV, T, hd, requires_grad=True)
+    p = Pattern(window, n_global, capped=True)
+    q, k = apply_rope(q_raw, cos[:T], sin[:T]), apply_rope(k_raw, cos[:T], sin[:T])
+    q_cap, k_cap = apply_rope(q_raw, cos[window], sin[window]), apply_rope(k_raw[:, :, :n_global], cos[0], sin[0])
+    ref = capped_reference(q_raw, k_raw, v, p, cos, sin)
+    banded = banded_attention(q, k, v, p, q_cap, k_cap)
+    dense = masked_pattern_attention(q, k, v, torch.ones(1, 1, T, T, dtype=torch.bool).tril(), p, q_cap, k_cap)
+    g = torch.randn_like(ref)
+    want = torch.autograd.grad(ref, (q_raw, k_raw, v), g, retain_graph=True)
+    for y in (banded, dense):
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+        for a, b in zip(torch.autograd.grad(y, (q_raw, k_raw, v), g, retain_graph=True), want):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(banded_attention(q, k, v, Pattern(window, n_global)), banded, atol=1e-3)
+
+
+def test_model_with_capped_sinks():
+    torch.manual_seed(0)
+    model = DecoderLM(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64))
+    x = torch.randint(0, 64, (2, 40))
+    spec = AttentionSpec(kind="sinks", n_global=2, capped_distance=True)
+    model.set_attention(layer_patterns(spec, 8, 2))
+    capped = model(x)
+    torch.testing.assert_close(capped, model(x, attn_mask=torch.ones(1, 1, 40, 40, dtype=torch.bool)),
+                               rtol=1e-5, atol=1e-5)  # banded and dense-mask paths agree
+    model.set_attention(layer_patterns(AttentionSpec(kind="sinks", n_global=2), 8, 2))
+    uncapped = model(x)
+    torch.testing.assert_close(capped[:, :8], uncapped[:, :8])  # before position `window` nothing changes
+    assert not torch.allclose(capped[:, 20:], uncapped[:, 20:], atol=1e-4)
+    assert str(spec) == "sinks(2, capped)"
+    with pytest.raises(ValueError, match="capped_distance applies to the global tokens"):
+        AttentionSpec(kind="window", capped_distance=True)

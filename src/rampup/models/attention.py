@@ -5,7 +5,9 @@ Knob ``attention`` chooses the pattern of a stage, knob ``window`` its width (it
 - ``causal``: every earlier token (the default);
 - ``window``: the last ``window`` tokens, the query's own included (sliding window);
 - ``sinks``: the first ``n_global`` tokens of the sequence plus the last ``window`` tokens
-  (LM-Infinite's Lambda mask, StreamingLLM's sinks + window);
+  (LM-Infinite's Lambda mask, StreamingLLM's sinks + window); with ``capped_distance: true`` a query
+  sees the global tokens it reaches outside its window at relative distance ``window`` (LM-Infinite's
+  distance limit: RoPE never shows a distance longer than the window the model was trained on);
 - hybrid: ``full_layers`` (a list of layer indices) or ``full_every: k`` (layers k-1, 2k-1, ...)
   keep full causal attention while the other layers use the window pattern (LongGen, Gemma-style).
 
@@ -35,6 +37,10 @@ class AttentionSpec(Section):
     """causal (full), window (sliding window of `window` tokens) or sinks (n_global first tokens + window)."""
     n_global: int = Field(default=4, ge=1)
     """For sinks: how many leading tokens every query also sees."""
+    capped_distance: bool = False
+    """For sinks: global tokens outside a query's window are seen at relative (RoPE) distance
+    `window` instead of their true distance (LM-Infinite). False: their true distance (StreamingLLM
+    style masks)."""
     full_layers: list[int] | None = None
     """Hybrid: indices of layers that keep full causal attention (the others use the pattern)."""
     full_every: int | None = Field(default=None, ge=1)
@@ -44,6 +50,8 @@ class AttentionSpec(Section):
     def _check(self) -> AttentionSpec:
         if self.full_layers is not None and self.full_every is not None:
             raise ValueError("attention: give full_layers or full_every, not both")
+        if self.capped_distance and self.kind != "sinks":
+            raise ValueError("attention: capped_distance applies to the global tokens of kind: sinks")
         if self.kind == "causal" and (self.full_layers is not None or self.full_every is not None):
             raise ValueError("attention: full_layers/full_every make a hybrid of a window pattern; "
                              "set kind: window or sinks")
@@ -62,7 +70,8 @@ class AttentionSpec(Section):
     def __str__(self) -> str:
         if self.kind == "causal":
             return "causal"
-        s = self.kind + (f"({self.n_global})" if self.kind == "sinks" else "")
+        s = self.kind + (f"({self.n_global}{', capped' if self.capped_distance else ''})"
+                         if self.kind == "sinks" else "")
         if self.full_layers is not None:
             s += f", full layers {self.full_layers}"
         if self.full_every is not None:
@@ -72,10 +81,12 @@ class AttentionSpec(Section):
 
 @dataclass(frozen=True)
 class Pattern:
-    """What one layer computes: a window of ``window`` tokens plus ``n_global`` leading ones."""
+    """What one layer computes: a window of ``window`` tokens plus ``n_global`` leading ones, seen
+    at their true distance or (``capped``) at distance ``window``."""
 
     window: int
     n_global: int = 0
+    capped: bool = False
 
 
 def layer_patterns(spec: AttentionSpec, window: int, n_layers: int) -> list[Pattern | None]:
@@ -89,7 +100,8 @@ def layer_patterns(spec: AttentionSpec, window: int, n_layers: int) -> list[Patt
                          f"(0..{n_layers - 1})")
     if window < 1:
         raise ValueError(f"attention '{spec.kind}' needs the knob window >= 1, got {window}")
-    p = Pattern(window, spec.n_global if spec.kind == "sinks" else 0)
+    sinks = spec.kind == "sinks"
+    p = Pattern(window, spec.n_global if sinks else 0, sinks and spec.capped_distance)
     return [None if i in full else p for i in range(n_layers)]
 
 
@@ -100,20 +112,29 @@ def pattern_mask(T: int, pattern: Pattern, device=None) -> torch.Tensor:
     return (j <= i) & ((i - j < pattern.window) | (j < pattern.n_global))
 
 
-def banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+def banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
+                     q_cap: torch.Tensor | None = None, k_cap: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of q (B, H, T, hd) over k, v (B, KV, T, hd) restricted to ``pattern``: (B, H, T, hd).
 
     Queries are cut into nb blocks of c = window; block b sees keys [b*c - w + 1, b*c + c), i.e.
     c + w - 1 of them, plus the n_global leading keys where the window no longer covers them.
+    With ``q_cap`` (B, H, T, hd) and ``k_cap`` (B, KV, n_global, hd) those global keys are scored
+    as q_cap . k_cap instead of q . k (:func:`capped_global_rope`: the distance-capped scores).
     """
     B, H, T, hd = q.shape
     KV = k.shape[1]
     if KV != H:  # grouped-query attention: each kv head serves H/KV consecutive query heads
         k, v = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)
+        if k_cap is not None:
+            k_cap = k_cap.repeat_interleave(H // KV, dim=1)
     w = min(pattern.window, T)
     c = w
     nb = math.ceil(T / c)
     pad = nb * c - T
+    g = min(pattern.n_global, T)
+    capped = g > 0 and q_cap is not None
+    if capped:  # score band keys with q and global keys with q_cap: [q, q_cap] . [k, 0] and . [0, k_cap]
+        q = torch.cat([q, q_cap], dim=-1)
     q = F.pad(q, (0, 0, 0, pad))
     # keys padded by w - 1 on the left (nothing to see before token 0) and to nb * c on the right
     kp, vp = (F.pad(t, (0, 0, w - 1, pad)) for t in (k, v))
@@ -125,19 +146,48 @@ def banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
     b = torch.arange(nb, device=q.device)[:, None, None]
     key_pos = b * c - (w - 1) + s  # (nb, 1, L) absolute position of each key slot
     band = (s >= r) & (s <= r + w - 1) & (key_pos >= 0)  # (nb, c, L): 0 <= i - j < w
-    g = min(pattern.n_global, T)
     if g:
         qpos = b * c + r  # (nb, c, 1)
         gpos = torch.arange(g, device=q.device)[None, None, :]
         seen = qpos - gpos >= w  # global keys the band does not already cover (and causal)
-        kb = torch.cat([k[:, :, None, :g].expand(B, H, nb, g, hd), kb], dim=3)
+        kg = k[:, :, :g]
+        if capped:
+            kb = torch.cat([kb, torch.zeros_like(kb)], dim=-1)
+            kg = torch.cat([torch.zeros_like(k_cap), k_cap], dim=-1)
+        kb = torch.cat([kg[:, :, None].expand(B, H, nb, g, kg.shape[-1]), kb], dim=3)
         vb = torch.cat([v[:, :, None, :g].expand(B, H, nb, g, hd), vb], dim=3)
         band = torch.cat([seen, band], dim=2)  # (nb, c, g + L)
-    qb = q.view(B, H, nb, c, hd)
-    y = F.scaled_dot_product_attention(qb.reshape(B, H * nb, c, hd), kb.reshape(B, H * nb, -1, hd),
-                                       vb.reshape(B, H * nb, -1, hd),
-                                       attn_mask=band.repeat(H, 1, 1)[None])  # (B, H*nb, c, hd)
+    qb = q.view(B, H, nb, c, q.shape[-1])
+    y = F.scaled_dot_product_attention(qb.reshape(B, H * nb, c, -1), kb.reshape(B, H * nb, -1, kb.shape[-1]),
+                                       vb.reshape(B, H * nb, -1, hd), attn_mask=band.repeat(H, 1, 1)[None],
+                                       scale=hd ** -0.5)  # (B, H*nb, c, hd)
     return y.view(B, H, nb * c, hd)[:, :, :T]
+
+
+def masked_pattern_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                             pattern: Pattern, q_cap: torch.Tensor | None = None,
+                             k_cap: torch.Tensor | None = None) -> torch.Tensor:
+    """``pattern`` combined with a dense bool ``mask`` (B or 1, 1, T, T), e.g. a document mask.
+
+    Without capping this is SDPA under mask & pattern_mask. With ``q_cap``/``k_cap`` (as in
+    :func:`banded_attention`) the n_global leading keys are added again in front, scored as
+    q_cap . k_cap and visible only outside the window, while the original keys keep the window."""
+    T = q.shape[2]
+    gqa = k.shape[1] != q.shape[1]
+    g = min(pattern.n_global, T)
+    if not g or q_cap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask & pattern_mask(T, pattern, q.device),
+                                              enable_gqa=gqa)
+    i = torch.arange(T, device=q.device)[:, None]
+    j = torch.arange(g, device=q.device)[None, :]
+    outside = i - j >= pattern.window  # (T, g) global keys a query sees at the capped distance
+    full_mask = torch.cat([mask[..., :g] & outside, mask & pattern_mask(T, Pattern(pattern.window), q.device)], -1)
+    qq = torch.cat([q, q_cap], dim=-1)
+    kk = torch.cat([torch.cat([torch.zeros_like(k_cap), k_cap], dim=-1),
+                    torch.cat([k, torch.zeros_like(k)], dim=-1)], dim=2)
+    vv = torch.cat([v[:, :, :g], v], dim=2)
+    return F.scaled_dot_product_attention(qq, kk, vv, attn_mask=full_mask, scale=q.shape[-1] ** -0.5,
+                                          enable_gqa=gqa)
 
 
 def check_attention_knob(value) -> AttentionSpec:

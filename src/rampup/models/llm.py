@@ -26,7 +26,7 @@ from pydantic import field_validator, model_validator
 
 from rampup.configbase import Section
 from rampup.data.packing import DocumentSpans, document_mask, document_spans, per_document_attention
-from rampup.models.attention import Pattern, banded_attention, pattern_mask
+from rampup.models.attention import Pattern, banded_attention, masked_pattern_attention
 from rampup.errors import ConfigError
 
 
@@ -171,11 +171,14 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.dim, bias=False)
 
     def forward(self, x, cos, sin, mask: torch.Tensor | DocumentSpans | None = None,
-                pattern: Pattern | None = None):
+                pattern: Pattern | None = None, cap_rope: tuple[torch.Tensor, ...] | None = None):
         """x (B, T, C); cos/sin broadcastable to (B, 1, T, hd), already gathered at the positions.
 
         ``pattern`` (a sliding window, with or without global tokens) restricts attention further:
         alone it runs the block-banded kernel (memory T * window); with a mask the two are combined.
+        ``cap_rope`` = (cos, sin) at position ``window`` and at position 0, for a pattern whose
+        global tokens are seen at a capped distance (LM-Infinite): q rotated at ``window``, the
+        global keys at 0, so their relative distance is ``window`` whatever their true one.
 
         ``mask`` is the complete bool mask (True = may attend), causality included; None means
         plain causal attention, which lets SDPA pick its fastest kernel; DocumentSpans means
@@ -185,15 +188,18 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, KV, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, KV, T, hd)
+        q_cap = k_cap = None
+        if cap_rope is not None and pattern is not None and pattern.capped and pattern.n_global:
+            cos_w, sin_w, cos_0, sin_0 = cap_rope
+            q_cap, k_cap = apply_rope(q, cos_w, sin_w), apply_rope(k[:, :, :pattern.n_global], cos_0, sin_0)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # enable_gqa shares each kv head among n_heads/n_kv consecutive query heads, the same
         # grouping as repeat_interleave, without materialising the repeated k and v
         gqa = self.n_kv != self.n_heads
         if pattern is not None and mask is None:
-            y = banded_attention(q, k, v, pattern)  # (B, H, T, hd)
+            y = banded_attention(q, k, v, pattern, q_cap, k_cap)  # (B, H, T, hd)
         elif pattern is not None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask & pattern_mask(T, pattern, x.device),
-                                               enable_gqa=gqa)
+            y = masked_pattern_attention(q, k, v, mask, pattern, q_cap, k_cap)
         elif isinstance(mask, DocumentSpans):
             y = per_document_attention(q, k, v, mask, enable_gqa=gqa)  # (B, H, T, hd)
         else:
@@ -223,8 +229,8 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask=None, pattern=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, pattern)
+    def forward(self, x, cos, sin, mask=None, pattern=None, cap_rope=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, pattern, cap_rope)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -338,7 +344,10 @@ class DecoderLM(nn.Module):
             mask = attn_mask & causal  # (B or 1, 1, T, T)
         x = self.tok_emb(idx)  # (B, T, C)
         for layer, pattern in zip(self.layers, self.attn_patterns):
-            x = layer(x, cos, sin, mask, pattern)
+            cap = None
+            if pattern is not None and pattern.capped and T > pattern.window:  # some globals lie outside windows
+                cap = (self.rope_cos[pattern.window], self.rope_sin[pattern.window], self.rope_cos[0], self.rope_sin[0])
+            x = layer(x, cos, sin, mask, pattern, cap)
         return self.norm(x)
 
     def set_attention(self, patterns: list[Pattern | None]) -> None:
