@@ -124,35 +124,33 @@ def test_seq_len_warmup_truncate_keeps_sequences_and_reshape_keeps_tokens(data_c
     assert all(r["seq_len"] % 8 == 0 for r in trunc)
 
 
+def same_sgd_step(model: DecoderLM, x, y, step_a: dict, step_b: dict) -> DecoderLM:
+    """Two copies of ``model`` take one SGD step with train_step keywords ``step_a`` and ``step_b``;
+    asserts equal losses and updated weights; returns the second copy."""
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    opts = [torch.optim.SGD(m.parameters(), lr=1.0) for m in (a, b)]
+    la, _ = train_step(a, opts[0], x, y, lr=1.0, precision="fp32", **step_a)
+    lb, _ = train_step(b, opts[1], x, y, lr=1.0, precision="fp32", **step_b)
+    assert la == pytest.approx(lb, rel=1e-5)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+    return b
+
+
 def test_document_masked_micro_batches_match_the_whole_step():
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, max_seq_len=64)
-    a, b = DecoderLM(cfg), DecoderLM(cfg)
-    b.load_state_dict(a.state_dict())
     x = torch.randint(1, 64, (6, 32))
     x[x % 7 == 0] = 0  # token 0 is the end-of-text: several documents per row
     y = torch.roll(x, -1, 1)
     seg = segment_ids(x, 0)
     mask, pos = document_mask(seg), document_positions(seg)
-    opts = [torch.optim.SGD(m.parameters(), lr=1.0) for m in (a, b)]
-    la, _ = train_step(a, opts[0], x, y, lr=1.0, precision="fp32", attn_mask=mask, positions=pos)
-    lb, _ = train_step(b, opts[1], x, y, lr=1.0, precision="fp32", attn_mask=mask, positions=pos,
-                       micro_batch_tokens=64)
-    assert la == pytest.approx(lb, rel=1e-5)
-    for pa, pb in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+    # a dense document mask: the whole step equals the step split into micro-batches
+    b = same_sgd_step(DecoderLM(cfg), x, y, {"attn_mask": mask, "positions": pos},
+                      {"attn_mask": mask, "positions": pos, "micro_batch_tokens": 64})
     # the engine's path: per-document attention from segment ids, split into micro-batches
-    c = DecoderLM(cfg)
-    c.load_state_dict(b.state_dict())
-    b2 = DecoderLM(cfg)
-    b2.load_state_dict(b.state_dict())
-    opts = [torch.optim.SGD(m.parameters(), lr=1.0) for m in (b2, c)]
-    lm, _ = train_step(b2, opts[0], x, y, lr=1.0, precision="fp32", attn_mask=mask, positions=pos)
-    ls, _ = train_step(c, opts[1], x, y, lr=1.0, precision="fp32", segments=seg, positions=pos,
-                       micro_batch_tokens=64)
-    assert lm == pytest.approx(ls, rel=1e-5)
-    for pa, pb in zip(b2.parameters(), c.parameters()):
-        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+    same_sgd_step(b, x, y, {"attn_mask": mask, "positions": pos},
+                  {"segments": seg, "positions": pos, "micro_batch_tokens": 64})
 
 
 def test_document_masked_run_trains(data_cache, tmp_path):
