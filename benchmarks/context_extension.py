@@ -26,10 +26,11 @@ AdamW lr 1.5e-3 with warmup-stable-decay (its 20% cool-down coincides with the e
 in recipes that extend context while annealing). Why not the curriculum benchmark's 8K tokens per
 step and cosine decay: at this size learning is limited by optimizer steps, and 122 steps of 8K left
 every run near the unigram loss (6.3 nats) with a seed spread of 0.45 that hid every method effect;
-one sequence per step gives 4x the steps at the same tokens/s. Probes that chose this (separate runs,
-but with seeds 0 and 1, which the results also use; wsd was chosen on seed 0): at 2048 and 500K tokens, 8K -> 2K tokens per step took the loss from 5.92 to
-5.36 (seed 1: 6.29 -> 5.43); lr 7e-4 / 1.5e-3 / 3e-3 gave 5.43 / 5.36 / 5.71; at 4096, seed 0, full
-vs extend-abf ended 5.33 vs 5.33 with cosine and 5.18 vs 5.15 with wsd. L = 4096 rather than 2048
+one sequence per step gives 4x the steps at the same tokens/s. Probes that chose this (separate
+runs, but with seeds 0 and 1, which the results also use; wsd was chosen on seed 0): at 2048 and
+500K tokens, 8K -> 2K tokens per step took the loss from 5.92 to 5.36 (seed 1: 6.29 -> 5.43); lr
+7e-4 / 1.5e-3 / 3e-3 gave 5.43 / 5.36 / 5.71; at 4096, seed 0, full vs extend-abf ended 5.33 vs
+5.33 with cosine and 5.18 vs 5.15 with wsd. L = 4096 rather than 2048
 because training at L/4 is only 1.4x faster per token than at L for 2048 on this CPU (1.85x for
 4096), so at 2048 even an extension run as good per token as the baseline could not reach 1.5x.
 Every arm is evaluated every 10% of its tokens at L/4 and L (2L once at the end); time to target is
@@ -72,7 +73,7 @@ def rope_for(method: str, scale: float, short: int) -> dict:
             "dynamic_ntk": {"method": "dynamic_ntk", "factor": 1.0, "original_max_len": short}}[method]
 
 
-def base_tree(L: int, tokens: str, out: Path, seed: int, decay: str = "cosine") -> dict:
+def base_tree(L: int, tokens: str, out: Path, seed: int, decay: str = "wsd") -> dict:
     return {
         "model": {"vocab_size": 2048, "dim": 192, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2,
                   "max_seq_len": 4 * L},
@@ -85,7 +86,7 @@ def base_tree(L: int, tokens: str, out: Path, seed: int, decay: str = "cosine") 
 
 
 def arm_tree(arm: str, L: int, tokens: str, out: Path, seed: int, batch_tokens: int,
-             decay: str = "cosine") -> dict:
+             decay: str = "wsd") -> dict:
     tree = base_tree(L, tokens, out, seed, decay)
     knobs = {"batch_tokens": batch_tokens, "passkey_fraction": 0.1}
     if arm == "full":
