@@ -119,7 +119,7 @@ def banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
     Queries are cut into nb blocks of c = window; block b sees keys [b*c - w + 1, b*c + c), i.e.
     c + w - 1 of them, plus the n_global leading keys where the window no longer covers them.
     With ``q_cap`` (B, H, T, hd) and ``k_cap`` (B, KV, n_global, hd) those global keys are scored
-    as q_cap . k_cap instead of q . k (:func:`capped_global_rope`: the distance-capped scores).
+    as q_cap . k_cap instead of q . k (the distance-capped scores: see ``Attention.forward``'s cap_rope).
     """
     B, H, T, hd = q.shape
     KV = k.shape[1]
