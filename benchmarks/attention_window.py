@@ -53,6 +53,8 @@ def measure(kind: str, T: int, w: int) -> dict | None:
 
 
 def main() -> None:
+    from rampup.precision import machine_info
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
@@ -69,6 +71,7 @@ def main() -> None:
     both = [r for r in rows if r["dense"] and r["banded"]]
     last = both[-1]
     out = {
+        "machine": machine_info("fp32"),
         "window": args.window, "shape": "q/k/v (1, 4, T, 64) fp32, forward + backward", "rows": rows,
         "at_T": last["T"],
         "dense_over_banded_peak_memory": last["dense"]["extra_peak_mib"] / max(last["banded"]["extra_peak_mib"], 1.0),

@@ -57,6 +57,7 @@ from rampup.engine.metrics import read_metrics
 from rampup.engine.trainer import train
 from rampup.longeval import evaluate_run
 from rampup.models.rope import RopeSpec
+from rampup.precision import machine_info, resolve_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -218,6 +219,7 @@ def main() -> None:
     best = max(reached, key=reached.get) if reached else None
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     out = {
+        "machine": machine_info(resolve_precision("auto").precision),
         "date": datetime.date.today().isoformat(), "commit": commit,
         "setup": {"target_seq_len": L, "tokens": tokens, "batch_tokens": batch_tokens,
                   "model": base_tree(L, tokens, root, 0)["model"],

@@ -72,6 +72,7 @@ from rampup.compare import compare_runs, print_comparison, time_to_target
 from rampup.config import RunConfig, load_config
 from rampup.engine.metrics import read_metrics
 from rampup.models.llm import DecoderLM, flops_per_token
+from rampup.precision import machine_info, resolve_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "configs" / "curriculum"
@@ -642,6 +643,7 @@ def main(argv: list[str] | None = None) -> dict:
     attn_share = 1 - flops_per_token(base_cfg.model, 0) / flops_per_token(base_cfg.model, L)
 
     result = {
+        "machine": machine_info(resolve_precision(base_cfg.train.precision).precision),
         "headline": headline,
         "target": {"time_to_target_ratio": TARGET_RATIO, "final_loss": "median final loss at L no worse than the baseline's"},
         "meets_target": {n: verdict[n] for n in curricula},

@@ -60,6 +60,7 @@ from rampup.data.packing import (
     segment_ids,
 )
 from rampup.models import DecoderLM, ModelConfig
+from rampup.precision import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "doc_mask.json"
@@ -342,6 +343,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     per_doc_wins = all(s["per_doc_over_masked_sdpa_time"] < 1 for r in clean for s in r["ratios"].values())
     result = {
+        "machine": machine_info("fp32 and bf16, both timed"),
         "headline": {
             "faster_backend": "per_doc" if per_doc_wins else "mixed: see runs",
             "model_per_doc_over_masked_sdpa_time_geomean": geomean("per_doc_over_masked_sdpa_time", model_runs),

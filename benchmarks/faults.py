@@ -52,6 +52,7 @@ from rampup.engine.checkpoint import latest_checkpoint, list_checkpoints, verify
 from rampup.engine.faults import NAN_STEPS_ENV  # noqa: E402
 from rampup.engine.metrics import read_metrics  # noqa: E402
 from rampup.errors import CheckpointDamaged  # noqa: E402
+from rampup.precision import machine_info, resolve_precision  # noqa: E402
 
 STEPS = 40
 
@@ -316,7 +317,7 @@ def main() -> None:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    result = {"config": f"configs/tiny.yaml, {STEPS} steps, checkpoint every 10 steps, 1 thread", "seed": args.seed,
+    result = {"machine": machine_info(resolve_precision("auto").precision), "config": f"configs/tiny.yaml, {STEPS} steps, checkpoint every 10 steps, 1 thread", "seed": args.seed,
               "repeats": args.repeats, "seconds": round(time.time() - t0, 1), "faults": rows,
               "torch": torch.__version__, "loadavg_1m": os.getloadavg()[0]}
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

@@ -1,7 +1,8 @@
 """Engine overhead: tokens/s of ``rampup.engine.trainer.train`` against a bare PyTorch loop.
 
 Both sides train the same ``DecoderLM`` (configs/demo_baseline.yaml's model, same seed), on
-batches of the same shape (B, T) drawn from the same prepared corpus, with bf16 autocast, AdamW
+batches of the same shape (B, T) drawn from the same prepared corpus, in the precision
+``train.precision: auto`` resolves to on this machine (``--precision`` overrides), AdamW
 with the same hyper-parameters and gradient clipping, in the same process and thread count:
 
 - engine: ``train(cfg)`` on demo_baseline.yaml with a fixed seq_len / batch_tokens, a budget of
@@ -16,7 +17,9 @@ with the same hyper-parameters and gradient clipping, in the same process and th
 Runs alternate engine, bare, engine, bare, ... so drift on a shared, noisy machine hits both
 sides alike; the headline is the ratio of the median rates (``engine_over_bare``, target 0.97).
 A second ratio, of the median step intervals, is less sensitive to stalls caused by other processes.
-Results go to benchmarks/results/throughput.json.
+After the pairs, the bare loop runs alternately in fp32 and bf16 (``--precision-repeats``) to give
+``bf16_over_fp32``: the tokens/s of the demo model in each precision on this machine, which is what
+``auto`` bets on. Results go to benchmarks/results/throughput.json, with the machine they ran on.
 
 Run it (about 3 minutes on 2 CPU cores; ``--quick`` for a ~1-minute smoke run)::
 
@@ -46,6 +49,7 @@ from rampup.data.prepare import get_prepared
 from rampup.engine.metrics import read_metrics
 from rampup.engine.trainer import train
 from rampup.models.llm import DecoderLM
+from rampup.precision import autocast, machine_info, resolve_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_CONFIG = ROOT / "configs" / "demo_baseline.yaml"
@@ -53,7 +57,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "throughput.json"
 TARGET = 0.97
 
 
-def make_config(steps: int, seq_len: int, batch_tokens: int, out_dir: Path) -> RunConfig:
+def make_config(steps: int, seq_len: int, batch_tokens: int, out_dir: Path, precision: str = "auto") -> RunConfig:
     """demo_baseline.yaml at one fixed shape, ``steps`` steps long, with nothing between steps but training."""
     return load_config(BASE_CONFIG, [
         f"schedule.knobs.seq_len={seq_len}",
@@ -61,6 +65,7 @@ def make_config(steps: int, seq_len: int, batch_tokens: int, out_dir: Path) -> R
         f"train.duration={steps} steps",
         "train.checkpoint_every=null",
         "train.device=cpu",  # the bare loop runs on the CPU too
+        f"train.precision={precision}",
         f"train.out_dir={out_dir}",
         "eval.every=null",
         f"eval.seq_lens=[{seq_len}]",
@@ -77,9 +82,9 @@ def rate(walls: list[float], tokens: list[int]) -> tuple[float, float]:
     return sum(tokens[1:]) / (walls[-1] - walls[0]), statistics.median(np.diff(walls).tolist())
 
 
-def run_engine(steps: int, seq_len: int, batch_tokens: int) -> tuple[float, float]:
+def run_engine(steps: int, seq_len: int, batch_tokens: int, precision: str) -> tuple[float, float]:
     with tempfile.TemporaryDirectory(prefix="rampup-bench-") as tmp:
-        cfg = make_config(steps, seq_len, batch_tokens, Path(tmp) / "run")
+        cfg = make_config(steps, seq_len, batch_tokens, Path(tmp) / "run", precision)
         summary = train(cfg, display_mode="off")
         recs = [r for r in read_metrics(Path(summary["metrics"])) if r.get("event") == "step"]
     assert len(recs) == steps and all(r["seq_len"] == seq_len for r in recs), "unexpected schedule"
@@ -93,7 +98,7 @@ def load_tokens(cfg: RunConfig) -> torch.Tensor:
     return torch.from_numpy(np.concatenate([np.asarray(s) for s in ds.shards]).astype(np.int64))
 
 
-def run_bare(cfg: RunConfig, data: torch.Tensor, steps: int) -> tuple[float, float]:
+def run_bare(cfg: RunConfig, data: torch.Tensor, steps: int, precision: str) -> tuple[float, float]:
     """The hand-written reference loop; same model, shapes, precision and optimizer settings."""
     T = cfg.schedule.knobs["seq_len"]
     B = cfg.schedule.knobs["batch_tokens"] // T
@@ -112,7 +117,7 @@ def run_bare(cfg: RunConfig, data: torch.Tensor, steps: int) -> tuple[float, flo
         starts = torch.randint(0, len(data) - T - 1, (B,), generator=gen)
         rows = torch.stack([data[s:s + T + 1] for s in starts.tolist()])  # (B, T+1)
         x, y = rows[:, :-1], rows[:, 1:]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast(torch.device("cpu"), precision):
             logits = model(x)  # (B, T, V)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         loss.backward()
@@ -130,6 +135,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=5, help="engine/bare pairs, run alternately (default 5)")
     ap.add_argument("--seq-len", type=int, default=512, help="fixed sequence length (default 512)")
     ap.add_argument("--batch-tokens", type=int, default=4096, help="tokens per step (default 4096)")
+    ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                    help="precision of the engine/bare pairs (default auto: what train.precision: auto picks here)")
+    ap.add_argument("--precision-repeats", type=int, default=3,
+                    help="bare-loop fp32/bf16 pairs for bf16_over_fp32 (default 3; 0 skips)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 6 steps, 2 repeats")
     ap.add_argument("--out", type=Path, default=RESULTS, help=f"results file (default {RESULTS.relative_to(ROOT)})")
     args = ap.parse_args(argv)
@@ -142,16 +151,20 @@ def main(argv: list[str] | None = None) -> dict:
 
     cfg = make_config(args.steps, args.seq_len, args.batch_tokens, Path("unused"))
     data = load_tokens(cfg)  # also prepares the corpus on a first run, before anything is timed
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.repeats} x (engine, bare), "
-          f"{args.steps} steps of {args.batch_tokens // args.seq_len} x {args.seq_len} tokens, bf16")
+    resolved = resolve_precision(args.precision, "cpu")
+    prec = resolved.precision
+    machine = machine_info(prec)
+    print(f"{machine['cpu']} ({machine['cpu_capability']}), torch {torch.__version__}, {torch.get_num_threads()} "
+          f"threads; {resolved.line()}\n{args.repeats} x (engine, bare), "
+          f"{args.steps} steps of {args.batch_tokens // args.seq_len} x {args.seq_len} tokens, {prec}")
     repeats = []
     load_before = os.getloadavg()[0]
     t_start = time.perf_counter()
     for i in range(args.repeats):
         gc.collect()
-        e, e_step = run_engine(args.steps, args.seq_len, args.batch_tokens)
+        e, e_step = run_engine(args.steps, args.seq_len, args.batch_tokens, prec)
         gc.collect()
-        b, b_step = run_bare(cfg, data, args.steps)
+        b, b_step = run_bare(cfg, data, args.steps, prec)
         repeats.append({"engine_tok_per_s": round(e, 1), "bare_tok_per_s": round(b, 1), "ratio": round(e / b, 4),
                         "engine_median_step_s": round(e_step, 4), "bare_median_step_s": round(b_step, 4)})
         print(f"  repeat {i + 1}: engine {e:9,.0f} tok/s   bare {b:9,.0f} tok/s   ratio {e / b:.3f}   "
@@ -163,13 +176,25 @@ def main(argv: list[str] | None = None) -> dict:
     # Secondary, noise-robust view: ratio of the median step intervals (bare / engine).
     step_ratio = (statistics.median(r["bare_median_step_s"] for r in repeats)
                   / statistics.median(r["engine_median_step_s"] for r in repeats))
+    by_precision: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    for i in range(args.precision_repeats):
+        for p in ("fp32", "bf16"):
+            gc.collect()
+            by_precision[p].append(round(run_bare(cfg, data, args.steps, p)[0], 1))
+        print(f"  bare loop, pair {i + 1}: fp32 {by_precision['fp32'][-1]:9,.0f} tok/s   "
+              f"bf16 {by_precision['bf16'][-1]:9,.0f} tok/s")
+    bf16_over_fp32 = (round(statistics.median(by_precision["bf16"]) / statistics.median(by_precision["fp32"]), 3)
+                      if args.precision_repeats else None)
     result = {
+        "machine": machine,
         "engine_tok_per_s": round(eng, 1), "bare_tok_per_s": round(bare, 1), "engine_over_bare": round(ratio, 4),
         "engine_over_bare_by_median_step": round(step_ratio, 4),
         "repeats": repeats,
+        "bf16_over_fp32": bf16_over_fp32,
+        "bare_tok_per_s_by_precision": by_precision,
         "config": {"base": str(BASE_CONFIG.relative_to(ROOT)), "steps": args.steps, "timed_steps": args.steps - 1,
                    "seq_len": args.seq_len, "batch_size": args.batch_tokens // args.seq_len,
-                   "batch_tokens": args.batch_tokens, "precision": "bf16", "model": cfg.model.model_dump(),
+                   "batch_tokens": args.batch_tokens, "precision": prec, "model": cfg.model.model_dump(),
                    "n_params": sum(p.numel() for p in DecoderLM(cfg.model).parameters())},
         "torch": torch.__version__, "threads": torch.get_num_threads(), "target": TARGET,
         "meets_target": ratio >= TARGET,
@@ -180,7 +205,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\n  {'':8}{'tok/s (median)':>16}\n  {'engine':8}{eng:16,.0f}\n  {'bare':8}{bare:16,.0f}\n"
           f"  engine/bare = {ratio:.3f} (target {TARGET}: {'met' if ratio >= TARGET else 'NOT met'}); "
           f"per-repeat ratios {[r['ratio'] for r in repeats]}\n"
-          f"  by median step interval: {step_ratio:.3f}")
+          f"  by median step interval: {step_ratio:.3f}\n"
+          f"  bare loop bf16 / fp32 tokens/s on this machine: {bf16_over_fp32}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"  wrote {args.out}")

@@ -3,6 +3,8 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 from conftest import ROOT, run_rampup, tiny_tree, write_config
 
 
@@ -17,6 +19,7 @@ def test_plan_prints_every_stage_and_writes_png(data_cache, tmp_path):
     assert not (tmp_path / "out" / "checkpoints").exists()  # plan never trains
 
 
+@pytest.mark.slow
 def test_plan_every_shipped_config(tmp_path):
     for cfg in sorted((ROOT / "configs").glob("*.yaml")):
         res = run_rampup("plan", str(cfg), "--png", str(tmp_path / f"{cfg.stem}.png"), cwd=tmp_path)
@@ -44,6 +47,7 @@ def test_set_override_and_error_on_typo(data_cache, tmp_path):
     assert res.returncode == 2 and "did you mean 'lr'" in res.stderr
 
 
+@pytest.mark.slow
 def test_demo_quick_runs_both_and_compares(tmp_path):
     configs = [str(ROOT / "configs" / f) for f in ("demo_staged.yaml", "demo_baseline.yaml")]
     res = run_rampup("demo", *configs, "--quick", "--set", "train.threads=2", cwd=tmp_path, timeout=600)
@@ -59,11 +63,14 @@ def test_demo_quick_runs_both_and_compares(tmp_path):
     comparison = json.loads((demo_dir / "compare.json").read_text())
     assert comparison["baseline"] == "demo_baseline" and comparison["seq_lens"] == [1024]
     assert comparison["targets"]["1024"] == base["val_loss"]["1024"]
+    staged_cmp = next(g for g in comparison["groups"] if not g["baseline"])["lengths"]["1024"]
+    assert staged_cmp["seeds"][0]["reached"] and staged_cmp["speedup_wall"]["median"] > 1.0, staged_cmp
     html = (demo_dir / "report" / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 6 and "demo_staged" in html and "time to target" in html
     assert "report.html" in res.stdout and "compare.json" in res.stdout
 
 
+@pytest.mark.slow
 def test_compare_and_report_commands_on_real_runs(data_cache, tmp_path):
     """Two real tiny runs (64-then-256 staged vs fixed 256), compared and reported from the CLI."""
     staged = write_config(tmp_path / "staged.yaml", tiny_tree(
@@ -88,6 +95,7 @@ def test_compare_and_report_commands_on_real_runs(data_cache, tmp_path):
     assert res.returncode == 2 and "nothing" in res.stderr
 
 
+@pytest.mark.slow
 def test_compare_run_trains_each_config_with_offset_seeds(data_cache, tmp_path):
     steps = {"duration": "6 steps", "checkpoint_every": None}
     staged = write_config(tmp_path / "a.yaml", tiny_tree(data_cache, tmp_path / "unused", name="a", train=steps))

@@ -61,6 +61,7 @@ def test_bucket_run_has_constant_tokens_and_follows_the_plan(bucket_run):
     assert steps[-1]["loss"] < steps[0]["loss"] - 0.5
 
 
+@pytest.mark.slow
 def test_bucket_run_killed_and_resumed_is_bitwise_identical(bucket_run, data_cache, tmp_path):
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "run.yaml", bucket_tree(data_cache, out))

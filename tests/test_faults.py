@@ -17,6 +17,8 @@ from rampup.engine.checkpoint import latest_checkpoint, list_checkpoints, verify
 from rampup.engine.faults import NAN_STEPS_ENV, STALL_STEPS_ENV
 from rampup.engine.metrics import read_metrics
 
+pytestmark = pytest.mark.slow  # every test here trains real processes
+
 
 def start(cfg, out, *, env=None, preexec_fn=None) -> subprocess.Popen:
     """`rampup train` in the background, resuming when a checkpoint exists; output to files in the run's parent."""

@@ -103,6 +103,7 @@ def test_loss_by_position_averages_to_the_window_loss():
     assert np.mean([b["loss"] for b in buckets]) == pytest.approx(full, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_rampup_eval_reports_lengths_beyond_training(data_cache, tmp_path):
     tree = tiny_tree(data_cache, tmp_path / "run", train={"duration": "8 steps", "checkpoint_every": None})
     tree["schedule"]["stages"][1]["rope"] = {"method": "yarn", "factor": 4, "original_max_len": 64}

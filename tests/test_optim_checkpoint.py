@@ -111,6 +111,7 @@ def _file_size_limit(limit: int):
     return apply
 
 
+@pytest.mark.slow
 def test_failed_write_keeps_the_last_good_checkpoint(tmp_path):
     """A full disk, for real: a file-size limit (RLIMIT_FSIZE) on the writing process."""
     ok = subprocess.run([sys.executable, "-c", _SAVE_SCRIPT, str(tmp_path), "1"], capture_output=True, text=True)

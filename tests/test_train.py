@@ -38,6 +38,7 @@ def test_run_writes_metrics_checkpoints_and_loss_falls(uninterrupted):
     assert ckpts == ["step_0000020", "step_0000030", "step_0000040"]  # keeps the last 3
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bitwise_identical(uninterrupted, data_cache, tmp_path):
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "run.yaml", tiny_tree(data_cache, out))
@@ -54,6 +55,7 @@ def test_sigkill_then_resume_is_bitwise_identical(uninterrupted, data_cache, tmp
     assert weights(out) == weights(uninterrupted)
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_then_resumes(uninterrupted, data_cache, tmp_path):
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "run.yaml", tiny_tree(data_cache, out))

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from rampup.configbase import Section
+from rampup.configbase import Section, choice
 from rampup.data.config import DataConfig
 from rampup.engine.faults import NonFiniteConfig
 from rampup.errors import ConfigError, did_you_mean
@@ -30,8 +30,10 @@ class TrainConfig(Section):
     """Total training budget ('20M tok', '2 epochs', '1000 steps'). Omit to use the sum of the stage durations."""
     seed: int = 0
     """Seeds the model initialisation and the data order."""
-    precision: Literal["bf16", "fp32"] = "bf16"
-    """Autocast dtype for matmuls: bf16 (fast on CPUs with AMX and on GPUs) or fp32. Weights stay fp32."""
+    precision: choice("auto", "bf16", "fp32") = "auto"
+    """Autocast dtype for matmuls: auto (bf16 where the hardware runs it natively -- AMX or AVX-512 bf16
+    CPUs, recent GPUs -- measured once per machine; fp32 elsewhere), bf16 or fp32. Weights stay fp32.
+    A resumed run keeps the precision it started with."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train; auto picks cuda when available."""
     micro_batch_tokens: int | None = None
@@ -102,7 +104,7 @@ class EvalConfig(Section):
 class LogConfig(Section):
     """Metrics and the console."""
 
-    progress: Literal["auto", "rich", "plain", "off"] = "auto"
+    progress: choice("auto", "rich", "plain", "off") = "auto"
     """Console display: a live rich display on a terminal, plain lines otherwise (auto), or off."""
     every: Duration = Duration(10, Unit.STEP)
     """How often the plain display prints a line (the metrics file gets every step)."""

@@ -75,13 +75,13 @@ def passkey_example(filler: np.ndarray, seq_len: int, depth: float, key: int,
 @torch.no_grad()
 def passkey_accuracy(model: torch.nn.Module, template: PasskeyTemplate, stream: np.ndarray,
                      lengths: list[int], depths: list[float], samples: int, *, seed: int = 0,
-                     precision: str = "bf16") -> dict[int, dict[float, float]]:
+                     precision: str = "auto") -> dict[int, dict[float, float]]:
     """{length: {depth: fraction of examples whose every key token is the model's argmax}}.
 
     Filler windows are drawn from ``stream`` (held-out tokens) at random offsets; the same seed gives
     the same examples, so runs are compared on identical questions.
     """
-    from rampup.engine.trainer import autocast
+    from rampup.precision import autocast
 
     was_training = model.training
     model.eval()
@@ -128,9 +128,9 @@ def inject_passkeys(x: torch.Tensor, y: torch.Tensor, fraction: float, template:
 
 @torch.no_grad()
 def loss_by_position(model: torch.nn.Module, windows: torch.Tensor, n_buckets: int = 8, *,
-                     precision: str = "bf16", batch_tokens: int = 16384) -> list[dict[str, float]]:
+                     precision: str = "auto", batch_tokens: int = 16384) -> list[dict[str, float]]:
     """Mean loss per position bucket of ``windows`` (N, T + 1): [{start, end, loss}, ...]."""
-    from rampup.engine.trainer import autocast
+    from rampup.precision import autocast
 
     was_training = model.training
     model.eval()
@@ -181,7 +181,7 @@ def evaluate_run(path: str | Path, *, lengths: list[int] | None = None, passkey_
     from rampup.data.prepare import get_prepared, load_prepared_tokenizer
     from rampup.data.samplers import EVAL_WINDOWS
     from rampup.engine.checkpoint import load_checkpoint
-    from rampup.engine.trainer import evaluate
+    from rampup.engine.trainer import evaluate, saved_precision
     from rampup.models.llm import DecoderLM
     from rampup.models.rope import apply_rope_spec
     from rampup.schedule import Schedule
@@ -201,6 +201,7 @@ def evaluate_run(path: str | Path, *, lengths: list[int] | None = None, passkey_
     model = DecoderLM(cfg.model)
     ck = load_checkpoint(ckpt, model, None)
     tokens = int(ck.state["progress"]["tokens"])
+    precision = saved_precision(ck.state, torch.device("cpu")).precision  # what the run trained in
     spec = rope or schedule.at(min(tokens, schedule.total_tokens - 1))["rope"]
     longest = max(lengths)
     if longest > model.max_seq_len:  # positions beyond the config's tables: extend them (no weights change)
@@ -210,10 +211,10 @@ def evaluate_run(path: str | Path, *, lengths: list[int] | None = None, passkey_
                               "trained_seq_len": trained, "rope": str(spec), "loss": {}, "passkey": {}}
     for n in lengths:
         apply_rope_spec(model, spec, n)
-        result["loss"][str(n)] = evaluate(model, make(val, n, max_tokens), precision=cfg.train.precision)
+        result["loss"][str(n)] = evaluate(model, make(val, n, max_tokens), precision=precision)
     apply_rope_spec(model, spec, longest)
     result["loss_by_position"] = {"seq_len": longest, "buckets": loss_by_position(
-        model, make(val, longest, max_tokens), position_buckets, precision=cfg.train.precision)}
+        model, make(val, longest, max_tokens), position_buckets, precision=precision)}
     if passkey_samples:
         stream = np.concatenate([val.doc(i) for i in range(val.n_docs)])
         if len(stream) < longest + 2:
@@ -224,7 +225,7 @@ def evaluate_run(path: str | Path, *, lengths: list[int] | None = None, passkey_
                 continue
             apply_rope_spec(model, spec, n)
             acc = passkey_accuracy(model, template, stream, [n], list(depths), passkey_samples, seed=seed,
-                                   precision=cfg.train.precision)[n]
+                                   precision=precision)[n]
             result["passkey"][str(n)] = {f"{d:g}": a for d, a in acc.items()}
     return result
 

@@ -47,6 +47,7 @@ from rampup.models.attention import layer_patterns
 from rampup.models.rope import apply_rope_spec
 from rampup.optim import build_optimizer, lr_at
 from rampup.plan import step_shapes
+from rampup.precision import Precision, autocast, bf16_slow_warning, resolve_precision
 from rampup.schedule import Schedule
 from rampup.units import Duration, Unit
 
@@ -95,12 +96,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
 def train_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -108,7 +103,7 @@ def train_step(
     y: torch.Tensor,
     *,
     lr: float,
-    precision: str = "bf16",
+    precision: str = "auto",
     micro_batch_tokens: int | None = None,
     grad_clip: float | None = None,
     attn_mask: torch.Tensor | None = None,
@@ -154,7 +149,7 @@ def train_step(
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, windows: torch.Tensor, *, precision: str = "bf16",
+def evaluate(model: torch.nn.Module, windows: torch.Tensor, *, precision: str = "auto",
              batch_tokens: int = 16384) -> float:
     """Mean next-token loss over ``windows`` (N, T+1), every position scored."""
     was_training = model.training
@@ -226,6 +221,21 @@ def _check_resumable(saved: dict[str, Any], cfg: RunConfig) -> None:
                           "config the run started with (saved as config.yaml in the run folder)")
 
 
+def saved_precision(state: dict[str, Any], device: torch.device) -> Precision:
+    """The precision a checkpoint's run trained in (bitwise resume keeps it on any machine).
+
+    Checkpoints written before train.precision: auto carry none: they trained in their config's
+    precision, bf16 unless it said fp32."""
+    saved = state.get("precision")
+    if saved is None:
+        requested = state.get("config", {}).get("train", {}).get("precision", "bf16")
+        saved = {"precision": "fp32" if requested == "fp32" else "bf16", "requested": requested,
+                 "reason": "written before train.precision: auto"}
+    here = resolve_precision("auto", device)  # native_bf16 describes the machine it runs on now
+    return Precision(saved["precision"], saved.get("requested", saved["precision"]), here.native_bf16,
+                     saved.get("reason", ""))
+
+
 @dataclass
 class RunInputs:
     """What :func:`prepare_run` checked and built: everything a run reads, before any compute."""
@@ -290,6 +300,7 @@ def train(cfg: RunConfig, *, resume: bool = False, display_mode: str | None = No
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
+    precision = resolve_precision(cfg.train.precision, device)  # a bf16 request CUDA cannot honour fails here
     torch.manual_seed(cfg.train.seed)
     model = DecoderLM(cfg.model).to(device)
     optimizer = build_optimizer(model, cfg.optimizer)
@@ -324,14 +335,16 @@ def train(cfg: RunConfig, *, resume: bool = False, display_mode: str | None = No
     stage_index, data_epoch = -1, sampler.epoch  # what the loop last announced
 
     def restore(ck: Checkpoint) -> None:
-        nonlocal progress, stage_index, data_epoch
+        nonlocal progress, stage_index, data_epoch, precision
         progress = Progress(**ck.state["progress"])
+        precision = saved_precision(ck.state, device)
         sampler.load_state_dict(ck.state["sampler"])
         stage_index = schedule.stage_at(progress.tokens).index if progress.step else -1
         data_epoch = sampler.epoch
 
     def checkpoint() -> Path:
-        state = {"progress": asdict(progress), "sampler": sampler.state_dict(), "config": config_dump}
+        state = {"progress": asdict(progress), "sampler": sampler.state_dict(), "config": config_dump,
+                 "precision": precision.as_dict()}
         return save_checkpoint(ckpt_dir, progress.step, model, optimizer, state, keep=cfg.train.keep_checkpoints)
 
     def rollback_or_stop(reason: str) -> None:
@@ -390,10 +403,10 @@ def train(cfg: RunConfig, *, resume: bool = False, display_mode: str | None = No
         spec = schedule.at(min(progress.tokens, schedule.total_tokens - 1))["rope"]
         for n, w in val_windows.items():
             set_rope(spec, n)
-            losses[n] = evaluate(model, w, precision=cfg.train.precision)
+            losses[n] = evaluate(model, w, precision=precision.precision)
             if cfg.eval.passkey_samples and n >= template.min_len():
                 acc = passkey_accuracy(model, template, passkey_stream, [n], cfg.eval.passkey_depths,
-                                       cfg.eval.passkey_samples, seed=cfg.train.seed, precision=cfg.train.precision)[n]
+                                       cfg.eval.passkey_samples, seed=cfg.train.seed, precision=precision.precision)[n]
                 metrics.write({"event": "passkey", "step": progress.step, "tokens": progress.tokens, "seq_len": n,
                                "accuracy": {f"{d:g}": a for d, a in acc.items()},
                                "mean": sum(acc.values()) / len(acc), "train_time": progress.train_time})
@@ -414,9 +427,15 @@ def train(cfg: RunConfig, *, resume: bool = False, display_mode: str | None = No
         else:
             (out / "config.yaml").write_text(dump_config(cfg))
             metrics.truncate_after(0)
+            metrics.write({"event": "run", "step": 0, "name": cfg.name, "device": str(device),
+                           "precision": precision.as_dict()})
         display.print(f"run '{cfg.name}': {total_steps} steps, {schedule.total_tokens:,} tokens, "
                       f"{model.num_params():,} non-embedding parameters, device {device}, output {out}"
                       + (f" (resumed at step {progress.step})" if resume else ""))
+        display.print(precision.line() + (" -- kept from the run's start, for a bitwise resume" if resume else ""))
+        slow = bf16_slow_warning(precision, device, resumed=resume)
+        if slow:
+            print(f"warning: {slow}", file=sys.stderr, flush=True)
         seen_shapes: set[tuple[int, int]] = set()
         model.train()
         with _SignalFlag() as flag:
@@ -452,7 +471,7 @@ def train(cfg: RunConfig, *, resume: bool = False, display_mode: str | None = No
                           * sp.knobs["lr_mult"] * progress.lr_scale)
                     stall_faults.maybe_stall(progress.step + 1)
                     with nan_faults.poison(step_model, progress.step + 1):
-                        loss, gnorm = train_step(step_model, optimizer, x, y, lr=lr, precision=cfg.train.precision,
+                        loss, gnorm = train_step(step_model, optimizer, x, y, lr=lr, precision=precision.precision,
                                                  micro_batch_tokens=cfg.train.micro_batch_tokens,
                                                  grad_clip=cfg.optimizer.grad_clip, segments=seg,
                                                  positions=positions)
@@ -521,7 +540,7 @@ def train(cfg: RunConfig, *, resume: bool = False, display_mode: str | None = No
                "train_time": progress.train_time, "compile_time": progress.compile_time,
                "val_loss": {str(k): v for k, v in final.items()},
                "skipped_steps": progress.skipped_steps, "skipped_tokens": progress.skipped_tokens,
-               "rollbacks": progress.rollbacks, "lr_scale": progress.lr_scale,
+               "rollbacks": progress.rollbacks, "lr_scale": progress.lr_scale, "precision": precision.as_dict(),
                "checkpoint": str(path), "metrics": str(out / "metrics.jsonl")}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from pydantic import field_validator, model_validator
 
 from rampup.configbase import Section
-from rampup.data.packing import DocumentSpans, document_mask, document_spans, per_document_attention
+from rampup.models.docmask import DocumentSpans, document_mask, document_spans, per_document_attention
 from rampup.models.attention import Pattern, banded_attention, masked_pattern_attention
 from rampup.errors import ConfigError
 
