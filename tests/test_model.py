@@ -198,7 +198,7 @@ def test_invalid_config_names_the_field(kw, field):
 def test_flops_per_token_hand_count():
     cfg = ModelConfig(**TINY)
     n = 2 * (32 * 32 + 2 * 32 * 16 + 32 * 32 + 3 * 32 * 64) + 32 * 100  # block matmuls + head
-    assert flops_per_token(cfg, 16) == 6 * n + 12 * 2 * 32 * 16
+    assert flops_per_token(cfg, 16) == 6 * n + 12 * 2 * 32 * (16 + 1) / 2  # causal: the half square, 17/2 keys per query
     # matmul parameters are the non-embedding ones minus norms, plus the (tied) head
     m = tiny()
     norms = sum(p.numel() for name, p in m.named_parameters() if "norm" in name)

@@ -110,6 +110,9 @@ class LogConfig(Section):
     """How often the plain display prints a line (the metrics file gets every step)."""
     tensorboard: bool = False
     """Also write TensorBoard event files to OUT_DIR/tensorboard (needs `pip install tensorboard`)."""
+    wandb: choice("off", "offline", "online") = "off"
+    """Also log to Weights & Biases in OUT_DIR/wandb (needs `pip install wandb`): offline writes files
+    only (no network; `wandb sync` uploads them later), online streams to the server."""
 
     @model_validator(mode="after")
     def _check(self) -> LogConfig:
@@ -133,16 +136,9 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _cross_check(self) -> RunConfig:
+        from rampup.knobs import check_knobs
+
         limit = self.model.max_seq_len
-        for i, st in enumerate(self.schedule.stages):
-            v = st.knobs.get("seq_len")
-            top = max(v.start, v.to) if hasattr(v, "start") else v
-            if top is not None and top > limit:
-                raise ValueError(f"schedule.stages.{i}.seq_len reaches {top:g} but model.max_seq_len is {limit}; "
-                                 "raise model.max_seq_len or shorten the stage")
-        start = self.schedule.knobs.get("seq_len")
-        if start is not None and start > limit:
-            raise ValueError(f"schedule.knobs.seq_len {start} exceeds model.max_seq_len {limit}")
         for n in self.eval.seq_lens:
             if n > limit:
                 raise ValueError(f"eval.seq_lens has {n}, beyond model.max_seq_len {limit}")
@@ -152,28 +148,10 @@ class RunConfig(Section):
                 raise ValueError(f"data.tokenizer.vocab_size {tok.vocab_size} differs from model.vocab_size "
                                  f"{self.model.vocab_size}; set model.vocab_size only (the trained tokenizer follows it)")
             tok.vocab_size = self.model.vocab_size
-        knob_keys = set(self.schedule.knobs).union(*(st.knobs for st in self.schedule.stages))
-        for i, st in enumerate([None, *self.schedule.stages]):
-            spec = (self.schedule.knobs if st is None else st.knobs).get("attention")
-            layers = sorted(spec.full(self.model.n_layers)) if spec is not None and spec.kind != "causal" else []
-            bad = [n for n in layers if not 0 <= n < self.model.n_layers]
-            if bad:
-                where = "schedule.knobs" if st is None else f"schedule.stages.{i - 1}"
-                raise ValueError(f"{where}.attention.full_layers names layers {bad}, but the model has "
-                                 f"{self.model.n_layers} (0..{self.model.n_layers - 1})")
-        if "bucket_odds" in knob_keys and self.data.sampler != "buckets":
-            raise ValueError("the schedule sets bucket_odds, which only the buckets sampler uses; set "
-                             "data.sampler: buckets or remove bucket_odds")
         if self.data.sampler == "buckets" and self.schedule.seq_len_mode == "truncate":
             raise ValueError("schedule.seq_len_mode: truncate shapes packed windows; the buckets sampler "
                              "draws its own lengths, so remove seq_len_mode")
-        if self.data.sampler in ("fixed", "buckets"):
-            lens = {st.knobs["seq_len"] for st in self.schedule.stages if "seq_len" in st.knobs}
-            ramps = [x for x in lens if hasattr(x, "start")]
-            if ramps or len(lens | ({start} if start else set())) > 1:
-                raise ValueError(f"data.sampler '{self.data.sampler}' needs one constant seq_len (the "
-                                 "longest context), but the schedule changes seq_len; use data.sampler: staged "
-                                 "for a seq_len curriculum")
+        check_knobs(self)  # each knob's own cross-checks (seq_len within the model, attention layers, ...)
         return self
 
     def resolved_out_dir(self) -> Path:

@@ -1,15 +1,27 @@
-"""The registry of schedule knobs and the ramps between their values.
+"""The registry of schedule knobs, the ramps between their values, and what each knob does.
 
-A knob is a named quantity the schedule may change over the run (``seq_len``, ``batch_tokens``,
-``lr_mult``; later issues register ``rope``, ``attention``, bucket odds...). Each stage sets a knob
-to a constant or to a :class:`Ramp` between two values; the engine reads ``Schedule.at(t)`` and never
-needs to know which knobs exist. Adding a knob is one :func:`register_knob` call.
+A knob is a named quantity the schedule may change over the run. Each stage sets a knob to a
+constant or to a :class:`Ramp` between two values; ``Schedule.at(t)`` gives every knob's value. A
+knob carries its effect (Composer's algorithm, without the event zoo), declared beside its check:
+
+- ``apply(ctx, value)``: what setting the value does to the model, sampler or optimizer (the engine
+  calls it when ``key`` changes, which by default is when the value changes, and again on resume);
+- ``on_batch(ctx, batch, value)``: a change to each step's batch (a data mixture);
+- ``graph_key(value)``: the part of the value that makes a new compiled graph (None: none);
+- ``check_config(cfg)`` / ``check_plan(cfg, schedule)``: cross-checks run before any compute.
+
+The engine, ``plan`` and the config never name a knob: they call these through :class:`KnobRunner`
+and :func:`check_knobs`. Adding a knob with an effect is one :func:`register_knob` call in the knob's
+own module (tests/test_seams.py adds one from outside the package). The built-in knobs live with what
+they act on: ``seq_len`` and ``batch_tokens`` here, ``lr_mult`` in rampup.optim, ``rope`` in
+rampup.models.rope, ``attention`` and ``window`` in rampup.models.attention, ``passkey_fraction`` in
+rampup.longeval, ``bucket_odds`` in rampup.data.bucket_sampler.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -93,6 +105,20 @@ class Knob:
     rampable: bool = True
     check: Callable[[Any], Any] | None = None
     """Validates and normalises a constant value; raises ValueError with a readable message."""
+    apply: Callable[[Any, Any], None] | None = None
+    """apply(ctx, value): the value's effect on ctx.model / ctx.sampler / ctx.optimizer (a KnobContext)."""
+    key: Callable[[Any, dict[str, Any], int], Any] | None = None
+    """key(value, knobs, length) -> what apply depends on (default: the value); apply runs when it changes.
+    ``length`` is the batch's sequence length (it differs from seq_len for the buckets sampler and in
+    evaluation)."""
+    on_batch: Callable[[Any, Any, Any], None] | None = None
+    """on_batch(ctx, batch, value): changes one step's (CPU) batch in place, e.g. mixes in examples."""
+    graph_key: Callable[[Any], Any] | None = None
+    """graph_key(value) -> hashable part of the value that compiles a new graph (None: never does)."""
+    check_config: Callable[[Any], None] | None = None
+    """check_config(cfg): cross-checks against the rest of the RunConfig; raises ValueError."""
+    check_plan: Callable[[Any, Any], None] | None = None
+    """check_plan(cfg, schedule): plan-time checks over the resolved schedule; raises ConfigError."""
 
     def validate(self, value: Any) -> Any:
         if isinstance(value, Ramp):
@@ -145,13 +171,6 @@ def register_knob(knob: Knob) -> Knob:
     return knob
 
 
-register_knob(Knob("seq_len", "Tokens per training sequence (context length).", integer=True, minimum=1))
-register_knob(Knob("batch_tokens", "Tokens per optimizer step (rounded down to whole sequences).",
-                   integer=True, minimum=1))
-register_knob(Knob("lr_mult", "Multiplier on the learning-rate schedule.", default=1.0, minimum=0.0))
-register_knob(Knob("passkey_fraction", "Fraction of each step's sequences turned into synthetic passkey-retrieval "
-                   "examples (the row's own text as filler): a data mixture that teaches retrieval.",
-                   default=0.0, minimum=0.0, maximum=1.0))
 
 
 def get_knob(name: str) -> Knob:
@@ -162,70 +181,166 @@ def get_knob(name: str) -> Knob:
     return KNOBS[name]
 
 
-# ----------------------------------------------------------------------------- bucket odds
-BUCKET_ODDS_PRESETS = ("uniform", "grow-linear", "grow-p2", "shrink-linear", "shrink-p2")
-"""Named odds over length buckets, shortest bucket first (Dataset Decomposition, TECHNIQUES A1):
-grow-* favour short buckets (6,5,4,... or 32,16,8,...), so each cycle grows from short to long;
-shrink-* are the reverse."""
 
 
-def _check_bucket_odds(value: Any) -> Any:
-    if isinstance(value, str):
-        if value not in BUCKET_ODDS_PRESETS:
-            from rampup.errors import did_you_mean
+# ----------------------------------------------------------------------------- running knobs
 
-            raise ValueError(f"bucket_odds '{value}' is not a preset{did_you_mean(value, BUCKET_ODDS_PRESETS)}; "
-                             f"use one of {', '.join(BUCKET_ODDS_PRESETS)} or a list of numbers, one per bucket")
-        return value
-    if isinstance(value, (list, tuple)) and value and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-        if any(v < 0 for v in value) or not any(v > 0 for v in value):
-            raise ValueError(f"bucket_odds {list(value)} must be >= 0 with at least one > 0")
-        return [float(v) for v in value]
-    raise ValueError(f"bucket_odds takes a preset ({', '.join(BUCKET_ODDS_PRESETS)}) or a list of "
-                     f"numbers (one per bucket, shortest first), got {value!r}")
+@dataclass
+class KnobContext:
+    """What a knob's effect may act on. ``lr_mult`` is the product the engine multiplies into the
+    learning rate (knobs that scale it set their factor in ``lr_factors``)."""
 
+    model: Any
+    """The ModelAdapter (rampup.models.adapter)."""
+    optimizer: Any = None
+    sampler: Any = None
+    data: Any = None
+    """The run's data (RunData in rampup.engine.trainer), for knobs that need its resources."""
+    seed: int = 0
+    step: int = 0
+    length: int = 0
+    """The sequence length of the batch being applied to."""
+    knobs: dict[str, Any] = field(default_factory=dict)
+    """Every knob's value at this step (a knob whose effect reads another's)."""
+    lr_factors: dict[str, float] = field(default_factory=dict)
+    cache: dict[str, Any] = field(default_factory=dict)
+    """Per-run scratch space for knobs (e.g. a tokenizer-derived template built once)."""
 
-def bucket_odds_weights(odds: Any, n_buckets: int) -> "np.ndarray":
-    """(n_buckets,) float odds, shortest bucket first, for a preset name or an explicit list."""
-    import numpy as np
-
-    odds = _check_bucket_odds(odds)
-    i = np.arange(n_buckets, dtype=np.float64)
-    if isinstance(odds, list):
-        if len(odds) != n_buckets:
-            raise ConfigError(f"bucket_odds has {len(odds)} values but there are {n_buckets} buckets "
-                              "(data.buckets.min_log2..max_log2); give one value per bucket, shortest first")
-        return np.array(odds, dtype=np.float64)
-    return {"uniform": np.ones(n_buckets),
-            "grow-linear": n_buckets - i,
-            "grow-p2": 2.0 ** (n_buckets - 1 - i),
-            "shrink-linear": i + 1,
-            "shrink-p2": 2.0 ** i}[odds]
+    @property
+    def lr_mult(self) -> float:
+        return math.prod(self.lr_factors.values())
 
 
-register_knob(Knob("bucket_odds", "Odds of drawing each length bucket (data.sampler: buckets): "
-                   f"{', '.join(BUCKET_ODDS_PRESETS)}, or a list, shortest bucket first.",
-                   default="uniform", rampable=False, check=_check_bucket_odds))
+class KnobRunner:
+    """Applies knob values to a run without knowing their names.
+
+    ``apply(knobs, length)`` calls each knob's ``apply`` whose key changed since the last call;
+    ``batch(knobs, batch)`` runs the ``on_batch`` effects; ``save()`` / ``restore(saved)`` let an
+    evaluation set other values (RoPE per length) and put the training ones back afterwards.
+    """
+
+    def __init__(self, ctx: KnobContext) -> None:
+        self.ctx = ctx
+        self._keys: dict[str, Any] = {}
+        self._last: tuple[dict[str, Any], int] | None = None
+
+    def apply(self, knobs: dict[str, Any], length: int) -> list[str]:
+        """Apply every knob whose key changed; returns the names applied."""
+        applied = []
+        self.ctx.length, self.ctx.knobs = length, knobs
+        for name, value in knobs.items():
+            knob = KNOBS[name]
+            if knob.apply is None or not self.ctx.model.supports(name):  # unsupported: refused at plan time
+                continue
+            k = knob.key(value, knobs, length) if knob.key is not None else value
+            if name in self._keys and self._keys[name] == k:
+                continue
+            knob.apply(self.ctx, value)
+            self._keys[name] = k
+            applied.append(name)
+        self._last = (knobs, length)
+        return applied
+
+    def batch(self, knobs: dict[str, Any], batch: Any) -> None:
+        self.ctx.knobs = knobs
+        for name, value in knobs.items():
+            if KNOBS[name].on_batch is not None:
+                KNOBS[name].on_batch(self.ctx, batch, value)
+
+    def reset(self) -> None:
+        """Forget what was applied: the next ``apply`` applies every knob (after a resume or rollback)."""
+        self._keys.clear()
+
+    def save(self) -> tuple[dict[str, Any], int] | None:
+        return self._last
+
+    def restore(self, saved: tuple[dict[str, Any], int] | None) -> None:
+        if saved is not None:
+            self.apply(*saved)
 
 
-def _register_rope() -> None:
-    from rampup.models.rope import RopeSpec, check_rope_knob
-
-    register_knob(Knob("rope", "RoPE method for the stage: {method: base|pi|ntk|dynamic_ntk|yarn, base, "
-                       "factor, original_max_len}; applied to the live model at the stage boundary.",
-                       default=RopeSpec(), rampable=False, check=check_rope_knob))
+def graph_id(knobs: dict[str, Any], shape: tuple[int, ...]) -> tuple:
+    """What identifies one compiled graph: the batch shape and every knob's graph_key."""
+    return (tuple(shape), *((n, KNOBS[n].graph_key(v)) for n, v in sorted(knobs.items())
+                           if KNOBS[n].graph_key is not None))
 
 
-def _register_attention() -> None:
-    from rampup.models.attention import AttentionSpec, check_attention_knob
+def check_knobs(cfg: Any, schedule: Any = None) -> None:
+    """Every knob's cross-checks: against the config (``check_config``, ValueError) and, given the
+    resolved schedule, at plan time (``check_plan``, ConfigError)."""
+    for knob in KNOBS.values():
+        if schedule is None and knob.check_config is not None:
+            knob.check_config(cfg)
+        if schedule is not None and knob.check_plan is not None:
+            knob.check_plan(cfg, schedule)
 
-    register_knob(Knob("attention", "Attention pattern of the stage: causal | window | sinks, or {kind, n_global, "
-                       "full_layers | full_every} for a hybrid of full and windowed layers.",
-                       default=AttentionSpec(), rampable=False, check=check_attention_knob))
-    register_knob(Knob("window", "Sliding-window width in tokens for attention: window or sinks (may ramp).",
-                       default=0, integer=True, minimum=0))
+
+def check_supported(adapter: Any, schedule_cfg: Any) -> None:
+    """A knob the schedule sets away from its default that the model cannot honour is an error."""
+    for name in sorted(knob_keys_set(schedule_cfg)):
+        if adapter.supports(name):
+            continue
+        values = [schedule_cfg.knobs.get(name)] + [st.knobs.get(name) for st in schedule_cfg.stages]
+        if any(v is not None and v != KNOBS[name].default for v in values):
+            raise ConfigError(f"the schedule sets knob '{name}', which this model ({type(adapter).__name__}) "
+                              "cannot honour; remove it from the schedule or use a model that supports it")
 
 
-_register_rope()
-_register_attention()
+def knob_keys_set(schedule_cfg: Any) -> set[str]:
+    """Knobs a ScheduleConfig sets anywhere (starting values or stages)."""
+    return set(schedule_cfg.knobs).union(*(st.knobs for st in schedule_cfg.stages))
+
+
+def _check_seq_len_limit(cfg: Any) -> None:
+    limit = cfg.model.max_seq_len
+    for i, st in enumerate(cfg.schedule.stages):
+        v = st.knobs.get("seq_len")
+        top = max(v.start, v.to) if isinstance(v, Ramp) else v
+        if top is not None and top > limit:
+            raise ValueError(f"schedule.stages.{i}.seq_len reaches {top:g} but model.max_seq_len is {limit}; "
+                             "raise model.max_seq_len or shorten the stage")
+    start = cfg.schedule.knobs.get("seq_len")
+    if start is not None and start > limit:
+        raise ValueError(f"schedule.knobs.seq_len {start} exceeds model.max_seq_len {limit}")
+
+
+def _check_one_length(cfg: Any) -> None:
+    if cfg.data.sampler in ("fixed", "buckets"):
+        start = cfg.schedule.knobs.get("seq_len")
+        lens = {st.knobs["seq_len"] for st in cfg.schedule.stages if "seq_len" in st.knobs}
+        ramps = [x for x in lens if isinstance(x, Ramp)]
+        if ramps or len(lens | ({start} if start else set())) > 1:
+            raise ValueError(f"data.sampler '{cfg.data.sampler}' needs one constant seq_len (the "
+                             "longest context), but the schedule changes seq_len; use data.sampler: staged "
+                             "for a seq_len curriculum")
+
+
+def _check_seq_len(cfg: Any) -> None:
+    _check_seq_len_limit(cfg)
+    _check_one_length(cfg)
+
+
+register_knob(Knob("seq_len", "Tokens per training sequence (context length).", integer=True, minimum=1,
+                   check_config=_check_seq_len))
+register_knob(Knob("batch_tokens", "Tokens per optimizer step (rounded down to whole sequences).",
+                   integer=True, minimum=1))
+
+
+def _register_builtin_knobs() -> None:
+    """The knobs defined beside what they act on (each module calls register_knob on import)."""
+    import importlib
+
+    for module in ("rampup.optim", "rampup.models.rope", "rampup.models.attention", "rampup.longeval",
+                   "rampup.data.bucket_sampler"):
+        importlib.import_module(module)
+
+
+_register_builtin_knobs()
+
+
+def __getattr__(name: str) -> Any:  # bucket odds moved to the bucket sampler, their knob's module
+    if name in ("bucket_odds_weights", "BUCKET_ODDS_PRESETS"):
+        from rampup.data import bucket_sampler
+
+        return getattr(bucket_sampler, name)
+    raise AttributeError(name)

@@ -127,24 +127,31 @@ def inject_passkeys(x: torch.Tensor, y: torch.Tensor, fraction: float, template:
 
 
 @torch.no_grad()
-def loss_by_position(model: torch.nn.Module, windows: torch.Tensor, n_buckets: int = 8, *,
-                     precision: str = "auto", batch_tokens: int = 16384) -> list[dict[str, float]]:
-    """Mean loss per position bucket of ``windows`` (N, T + 1): [{start, end, loss}, ...]."""
-    from rampup.precision import autocast
+def loss_by_position(model, windows: torch.Tensor, n_buckets: int = 8, *,
+                     precision: str = "auto", batch_tokens: int = 16384, task=None) -> list[dict[str, float]]:
+    """Mean loss per position bucket of ``windows`` (N, T + 1): [{start, end, loss}, ...].
 
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
+    ``model`` is a ModelAdapter, or a plain module mapping token ids to logits; the loss is the
+    task's own (per token, ``reduction='none'``)."""
+    from rampup.engine.evaluation import window_batches
+    from rampup.models.adapter import ModuleAdapter
+    from rampup.precision import autocast
+    from rampup.tasks import CausalLM
+
+    adapter = model if hasattr(model, "module") else ModuleAdapter(model)
+    task = task or CausalLM()
+    module = adapter.module
+    was_training = module.training
+    module.eval()
+    device = next(module.parameters()).device
     T = windows.shape[1] - 1
     total = torch.zeros(T, dtype=torch.float64)
-    rows = max(1, batch_tokens // T)
-    for i in range(0, len(windows), rows):
-        w = windows[i:i + rows].to(device)
+    for x, y in window_batches(windows, batch_tokens):
+        batch = task.make_batch(x, y, training=False).to(device)
         with autocast(device, precision):
-            logits = model(w[:, :-1])
-        nll = F.cross_entropy(logits.float().transpose(1, 2), w[:, 1:], reduction="none")  # (b, T)
+            nll = task.loss(adapter, batch, reduction="none")  # (b, T)
         total += nll.sum(0).double().cpu()
-    model.train(was_training)
+    module.train(was_training)
     per_pos = total / len(windows)
     edges = np.linspace(0, T, n_buckets + 1).astype(int)
     return [{"start": int(a), "end": int(b), "loss": float(per_pos[a:b].mean())}
@@ -171,8 +178,11 @@ def evaluate_run(path: str | Path, *, lengths: list[int] | None = None, passkey_
                  rope=None) -> dict[str, Any]:
     """Loss by length, loss by position at the longest length, and passkey accuracy of a checkpoint.
 
-    ``rope`` (a RopeSpec) replaces the RoPE method of the run's last stage, e.g. to measure zero-shot
-    extrapolation of a model trained short with each method applied only at evaluation.
+    The scoring is the engine's own evaluation path (rampup.engine.evaluation): the knobs of the
+    run's stage at the checkpoint (RoPE method, attention pattern and window) are applied at each
+    length, so a run whose last stage is windowed is scored windowed. ``rope`` (a RopeSpec) replaces
+    the RoPE method, e.g. to measure zero-shot extrapolation of a model trained short with each
+    method applied only at evaluation.
     """
     import yaml
 
@@ -181,10 +191,12 @@ def evaluate_run(path: str | Path, *, lengths: list[int] | None = None, passkey_
     from rampup.data.prepare import get_prepared, load_prepared_tokenizer
     from rampup.data.samplers import EVAL_WINDOWS
     from rampup.engine.checkpoint import load_checkpoint
-    from rampup.engine.trainer import evaluate, saved_precision
-    from rampup.models.llm import DecoderLM
-    from rampup.models.rope import apply_rope_spec
+    from rampup.engine.evaluation import evaluate_lengths, window_batches
+    from rampup.knobs import KnobContext, KnobRunner
+    from rampup.models.adapter import DecoderLMAdapter
+    from rampup.precision import saved_precision
     from rampup.schedule import Schedule
+    from rampup.tasks import CausalLM
 
     run_dir, ckpt = _find_checkpoint(Path(path))
     cfg_path = run_dir / "config.yaml"
@@ -198,35 +210,45 @@ def evaluate_run(path: str | Path, *, lengths: list[int] | None = None, passkey_
     val = TokenDataset.open(prepared, "val")
     template = PasskeyTemplate(load_prepared_tokenizer(prepared))
 
-    model = DecoderLM(cfg.model)
+    adapter = DecoderLMAdapter.build(cfg.model)
+    model = adapter.module
     ck = load_checkpoint(ckpt, model, None)
     tokens = int(ck.state["progress"]["tokens"])
     precision = saved_precision(ck.state, torch.device("cpu")).precision  # what the run trained in
-    spec = rope or schedule.at(min(tokens, schedule.total_tokens - 1))["rope"]
+    knobs = schedule.at(min(tokens, schedule.total_tokens - 1))
+    if rope is not None:
+        knobs = knobs | {"rope": rope}
     longest = max(lengths)
     if longest > model.max_seq_len:  # positions beyond the config's tables: extend them (no weights change)
         model.set_rope(max_seq_len=longest)
+    task = CausalLM()
+    runner = KnobRunner(KnobContext(adapter))
     make = EVAL_WINDOWS[windows or cfg.eval.windows]
     result: dict[str, Any] = {"checkpoint": str(ckpt), "step": ck.state["progress"]["step"], "tokens": tokens,
-                              "trained_seq_len": trained, "rope": str(spec), "loss": {}, "passkey": {}}
-    for n in lengths:
-        apply_rope_spec(model, spec, n)
-        result["loss"][str(n)] = evaluate(model, make(val, n, max_tokens), precision=precision)
-    apply_rope_spec(model, spec, longest)
-    result["loss_by_position"] = {"seq_len": longest, "buckets": loss_by_position(
-        model, make(val, longest, max_tokens), position_buckets, precision=precision)}
+                              "trained_seq_len": trained, "rope": str(knobs["rope"]),
+                              "attention": str(knobs["attention"]) + (f", window {knobs['window']}"
+                                                                      if knobs["attention"].kind != "causal" else ""),
+                              "loss": {}, "passkey": {}}
+    stream = None
     if passkey_samples:
         stream = np.concatenate([val.doc(i) for i in range(val.n_docs)])
         if len(stream) < longest + 2:
             raise DataError(f"the validation split has {len(stream)} tokens, too few for passkey filler at "
                             f"{longest}; raise data.val_fraction")
-        for n in lengths:
-            if n < template.min_len():
-                continue
-            apply_rope_spec(model, spec, n)
-            acc = passkey_accuracy(model, template, stream, [n], list(depths), passkey_samples, seed=seed,
-                                   precision=precision)[n]
-            result["passkey"][str(n)] = {f"{d:g}": a for d, a in acc.items()}
+
+    def passkey(n: int, loss: float) -> None:
+        if stream is None or n < template.min_len():
+            return
+        acc = passkey_accuracy(model, template, stream, [n], list(depths), passkey_samples, seed=seed,
+                               precision=precision)[n]
+        result["passkey"][str(n)] = {f"{d:g}": a for d, a in acc.items()}
+
+    sets = {n: window_batches(make(val, n, max_tokens)) for n in lengths}
+    losses = evaluate_lengths(adapter, task, runner, knobs, sets, precision=precision, each=passkey)
+    result["loss"] = {str(n): v for n, v in losses.items()}
+    runner.apply(knobs, longest)
+    result["loss_by_position"] = {"seq_len": longest, "buckets": loss_by_position(
+        adapter, make(val, longest, max_tokens), position_buckets, precision=precision, task=task)}
     return result
 
 
@@ -235,3 +257,23 @@ def write_eval(result: dict[str, Any], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
     return path
+
+
+# ----------------------------------------------------------------------------- the passkey_fraction knob
+
+def _mix_passkeys(ctx, batch, fraction: float) -> None:
+    """on_batch: turn ~fraction of the step's rows into passkey examples (seeded by run seed and step)."""
+    if fraction <= 0:
+        return
+    template = ctx.cache.get("passkey_template")
+    if template is None:
+        template = ctx.cache["passkey_template"] = ctx.data.passkey_template()
+    inject_passkeys(batch.inputs, batch.targets, fraction, template,
+                    np.random.default_rng([ctx.seed, ctx.step, 7]))
+
+
+from rampup.knobs import Knob, register_knob  # noqa: E402  (rampup.knobs imports this module)
+
+register_knob(Knob("passkey_fraction", "Fraction of each step's sequences turned into synthetic passkey-retrieval "
+                   "examples (the row's own text as filler): a data mixture that teaches retrieval.",
+                   default=0.0, minimum=0.0, maximum=1.0, on_batch=_mix_passkeys))

@@ -80,12 +80,29 @@ def lr_at(cfg: OptimizerConfig, t: int, total_tokens: int) -> float:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only; ``fused``/``foreach`` left to PyTorch's default."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
+    """AdamW over every parameter, in named groups (``decay``: matrices, ``no_decay``: norms and
+    biases), each with its own ``lr_mult`` that the step multiplies into the learning rate.
+
+    Every parameter is in the optimizer even if it does not require a gradient now: a frozen one
+    simply gets no gradient (AdamW skips it), so the optimizer's state keeps one layout whatever
+    trains, and a checkpoint from any stage loads in any other. ``fused``/``foreach`` are left to
+    PyTorch's default."""
+    params = list(model.parameters())  # de-duplicated: a tied weight appears once
     groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"name": "decay", "params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay,
+         "lr_mult": 1.0},
+        {"name": "no_decay", "params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_mult": 1.0},
     ]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+
+# ----------------------------------------------------------------------------- the lr_mult knob
+
+def _apply_lr_mult(ctx, value: float) -> None:
+    ctx.lr_factors["lr_mult"] = value
+
+
+from rampup.knobs import Knob, register_knob  # noqa: E402  (rampup.knobs imports this module)
+
+register_knob(Knob("lr_mult", "Multiplier on the learning-rate schedule.", default=1.0, minimum=0.0,
+                   apply=_apply_lr_mult))

@@ -1,9 +1,12 @@
 """``rampup plan``: the whole run as a table and a picture, before a single step runs.
 
 The plan walks :meth:`Schedule.steps` exactly as the engine will, so its step counts and batch shapes
-are the ones training uses. FLOPs follow the PaLM estimate ``6N + 12·L·d·T`` per token (the second
-term is attention), and the plan compares the total with a fixed-length baseline that spends the
-same token budget at the schedule's longest ``seq_len``.
+are the ones training uses, and applies every step's knobs to a weightless (meta-device) copy of the
+model as the engine does to the live one. FLOPs are the model adapter's count of what the kernels
+compute (``rampup.models.llm.flops_per_token``: 6N plus attention over the query-key pairs each
+layer scores, the half square for causal attention, about T x window for a window), the same
+convention the engine's metrics, compare and the benchmarks use; the plan compares the total with a
+fixed-length causal baseline that spends the same token budget at the schedule's longest ``seq_len``.
 """
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ from rich.table import Table
 
 from rampup.config import RunConfig
 from rampup.errors import ConfigError
-from rampup.knobs import KNOBS
+from rampup.knobs import KNOBS, KnobContext, KnobRunner, check_knobs, check_supported
+from rampup.models.adapter import DecoderLMAdapter
 from rampup.models.llm import flops_per_token
 from rampup.optim import lr_at
 from rampup.schedule import Schedule
@@ -60,21 +64,6 @@ class Plan:
         return 1 - self.total_flops / self.baseline_flops
 
 
-def check_attention(schedule: Schedule) -> None:
-    """Every windowed step has a window of at least 1 and no larger than its sequence."""
-    for sp in schedule.steps():
-        spec, w = sp.knobs["attention"], sp.knobs["window"]
-        if spec.kind == "causal":
-            continue
-        name = schedule.stages[sp.stage].name
-        if w < 1:
-            raise ConfigError(f"stage '{name}' uses attention '{spec.kind}' but the knob window is {w}; "
-                              "set window (tokens) in the stage or in schedule.knobs")
-        if w > sp.seq_len:
-            raise ConfigError(f"stage '{name}': window {w} is larger than the sequence ({sp.seq_len} tokens) "
-                              f"at step {sp.step}; use a window <= seq_len, or attention: causal")
-
-
 def step_shapes(cfg: RunConfig, schedule: Schedule) -> list[tuple[int, int]]:
     """(rows, seq_len) of every step as the sampler will serve it.
 
@@ -82,7 +71,7 @@ def step_shapes(cfg: RunConfig, schedule: Schedule) -> list[tuple[int, int]]:
     it is not yet) and walks the sampler's own draws dry, so a curriculum whose buckets run dry or
     whose odds do not fit the buckets fails here, before any compute.
     """
-    check_attention(schedule)
+    check_knobs(cfg, schedule)  # every knob's plan-time checks (windows within their sequences, ...)
     if cfg.data.sampler != "buckets":
         return [(sp.batch_size, sp.seq_len) for sp in schedule.steps()]
     from rampup.data.bucket_sampler import check_context, plan_buckets
@@ -105,21 +94,27 @@ def make_plan(cfg: RunConfig, schedule: Schedule, shapes: list[tuple[int, int]] 
     shapes = step_shapes(cfg, schedule) if shapes is None else shapes
     stages = [StageSummary(s.index, s.name, s.start, s.end) for s in schedule.stages]
     curve: dict[str, list[float]] = {"tokens": [], "seq_len": [], "batch_size": [], "lr": []}
-    dense_per_token = flops_per_token(cfg.model, 0)  # the 6N term; the rest is attention
+    # the knobs act on a weightless copy of the model (meta device), as they will on the live one,
+    # and the adapter counts the FLOPs of what it then computes (honest attention FLOPs per pattern)
+    adapter = DecoderLMAdapter.build(cfg.model, "meta")
+    check_supported(adapter, cfg.schedule)
+    runner = KnobRunner(KnobContext(adapter))
+    dense_per_token = adapter.flops_per_item((1, 0))  # the 6N term; the rest is attention
     buckets = cfg.data.sampler == "buckets"
     n = 0
     for sp, (rows, seq_len) in zip(schedule.steps(), shapes):
         st = stages[sp.stage]
         st.steps += 1
         tokens = rows * seq_len
-        per_token = flops_per_token(cfg.model, seq_len)
+        runner.apply(sp.knobs, seq_len)
+        per_token = adapter.flops_per_item((rows, seq_len))
         st.flops += per_token * tokens
         st.attn_flops += (per_token - dense_per_token) * tokens
         st.seq_lens.add(seq_len)
         st.shapes.append((rows, seq_len))
         if buckets:
             st.bucket_tokens[seq_len] = st.bucket_tokens.get(seq_len, 0) + tokens
-        lr = lr_at(cfg.optimizer, sp.tokens_before + sp.tokens, total) * sp.knobs["lr_mult"]  # as the engine
+        lr = lr_at(cfg.optimizer, sp.tokens_before + sp.tokens, total) * runner.ctx.lr_mult  # as the engine
         st.lrs.append(lr)
         for k, v in sp.knobs.items():
             if k not in ("seq_len", "batch_tokens", "lr_mult"):

@@ -167,6 +167,21 @@ def resolve_precision(requested: str, device: torch.device | str = "cpu") -> Pre
     return out
 
 
+def saved_precision(state: dict, device: torch.device) -> Precision:
+    """The precision a checkpoint's run trained in (bitwise resume keeps it on any machine).
+
+    Checkpoints written before train.precision: auto carry none: they trained in their config's
+    precision, bf16 unless it said fp32."""
+    saved = state.get("precision")
+    if saved is None:
+        requested = state.get("config", {}).get("train", {}).get("precision", "bf16")
+        saved = {"precision": "fp32" if requested == "fp32" else "bf16", "requested": requested,
+                 "reason": "written before train.precision: auto"}
+    here = resolve_precision("auto", device)  # native_bf16 describes the machine it runs on now
+    return Precision(saved["precision"], saved.get("requested", saved["precision"]), here.native_bf16,
+                     saved.get("reason", ""))
+
+
 def bf16_slow_warning(p: Precision, device: torch.device | str = "cpu", *, resumed: bool = False) -> str | None:
     """The one-line warning for bf16 on a ``device`` that does not run it natively, else None."""
     here = resolve_precision("auto", device)

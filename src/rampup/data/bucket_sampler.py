@@ -21,12 +21,15 @@ odds, no token reads), so ``rampup plan`` can walk a run exactly as the sampler 
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
 from rampup.data.buckets import BucketSet
-from rampup.errors import ConfigError, DataError
-from rampup.knobs import bucket_odds_weights
+from rampup.data.dataset import check_sampler_state
+from rampup.errors import ConfigError, DataError, did_you_mean
+from rampup.knobs import Knob, register_knob
 
 
 def check_context(seq_len: int, min_log2: int, max_log2: int) -> None:
@@ -36,6 +39,60 @@ def check_context(seq_len: int, min_log2: int, max_log2: int) -> None:
                           f"so the schedule's seq_len must be the longest bucket, {1 << max_log2}; got "
                           f"{seq_len}: set seq_len: {1 << max_log2} or data.buckets.max_log2 to log2 of "
                           "your target context")
+
+
+# ----------------------------------------------------------------------------- the bucket_odds knob
+BUCKET_ODDS_PRESETS = ("uniform", "grow-linear", "grow-p2", "shrink-linear", "shrink-p2")
+"""Named odds over length buckets, shortest bucket first (Dataset Decomposition, TECHNIQUES A1):
+grow-* favour short buckets (6,5,4,... or 32,16,8,...), so each cycle grows from short to long;
+shrink-* are the reverse."""
+
+
+def _check_bucket_odds(value: Any) -> Any:  # noqa: C901
+    if isinstance(value, str):
+        if value not in BUCKET_ODDS_PRESETS:
+            raise ValueError(f"bucket_odds '{value}' is not a preset{did_you_mean(value, BUCKET_ODDS_PRESETS)}; "
+                             f"use one of {', '.join(BUCKET_ODDS_PRESETS)} or a list of numbers, one per bucket")
+        return value
+    if isinstance(value, (list, tuple)) and value and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        if any(v < 0 for v in value) or not any(v > 0 for v in value):
+            raise ValueError(f"bucket_odds {list(value)} must be >= 0 with at least one > 0")
+        return [float(v) for v in value]
+    raise ValueError(f"bucket_odds takes a preset ({', '.join(BUCKET_ODDS_PRESETS)}) or a list of "
+                     f"numbers (one per bucket, shortest first), got {value!r}")
+
+
+def bucket_odds_weights(odds: Any, n_buckets: int) -> "np.ndarray":
+    """(n_buckets,) float odds, shortest bucket first, for a preset name or an explicit list."""
+    odds = _check_bucket_odds(odds)
+    i = np.arange(n_buckets, dtype=np.float64)
+    if isinstance(odds, list):
+        if len(odds) != n_buckets:
+            raise ConfigError(f"bucket_odds has {len(odds)} values but there are {n_buckets} buckets "
+                              "(data.buckets.min_log2..max_log2); give one value per bucket, shortest first")
+        return np.array(odds, dtype=np.float64)
+    return {"uniform": np.ones(n_buckets),
+            "grow-linear": n_buckets - i,
+            "grow-p2": 2.0 ** (n_buckets - 1 - i),
+            "shrink-linear": i + 1,
+            "shrink-p2": 2.0 ** i}[odds]
+
+
+def _only_for_buckets(cfg) -> None:
+    from rampup.knobs import knob_keys_set
+
+    if "bucket_odds" in knob_keys_set(cfg.schedule) and cfg.data.sampler != "buckets":
+        raise ValueError("the schedule sets bucket_odds, which only the buckets sampler uses; set "
+                         "data.sampler: buckets or remove bucket_odds")
+
+
+# no apply: the bucket sampler reads the odds of each step itself (BucketSampler.take)
+register_knob(Knob("bucket_odds", "Odds of drawing each length bucket (data.sampler: buckets): "
+                   f"{', '.join(BUCKET_ODDS_PRESETS)}, or a list, shortest bucket first.",
+                   default="uniform", rampable=False, check=_check_bucket_odds, check_config=_only_for_buckets))
+
+
 
 
 class BucketCurriculum:
@@ -164,9 +221,7 @@ class BucketSampler:
                 "curriculum": self.curriculum.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        from rampup.data.samplers import _check_fingerprint
-
-        _check_fingerprint(state, self.kind, self.dataset)
+        check_sampler_state(state, self.kind, self.dataset)
         self.seed = int(state["seed"])
         self.curriculum.seed = self.seed
         self.curriculum.load_state_dict(state["curriculum"])

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from rampup.data.prepare import SPLITS, docs_path, read_meta, shard_path
-from rampup.errors import DataError, did_you_mean
+from rampup.errors import ConfigError, DataError, did_you_mean
 
 _VERIFY_CHUNK = 8 << 20  # tokens per read when hashing and range-checking a shard
 
@@ -161,3 +161,15 @@ def _verify_shard(tokens: np.ndarray, path: Path, sha256: str, vocab_size: int, 
         raise DataError(f"shard {path} does not match its sha256 in meta.json (its bytes changed after "
                         f"prepare); delete {folder} and run `rampup prepare`, or set data.verify_checksums: "
                         "false to train on it anyway")
+
+
+def check_sampler_state(state: dict, kind: str, dataset: TokenDataset) -> None:
+    """A sampler's saved state must be for this kind of sampler and this dataset."""
+    if state.get("kind") != kind:
+        raise ConfigError(f"sampler state is for a '{state.get('kind')}' sampler, not '{kind}'; "
+                          "resume with the data.sampler the run was started with")
+    saved = (state["n_docs"], state["n_tokens"])
+    if saved != (dataset.n_docs, dataset.n_tokens):
+        raise DataError(f"sampler state was saved for a dataset of {saved[0]} documents and "
+                        f"{saved[1]} tokens, this one has {dataset.n_docs} and "
+                        f"{dataset.n_tokens}; resume with the data the run was started with")

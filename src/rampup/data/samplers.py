@@ -20,7 +20,9 @@ from typing import Callable, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from rampup.data.dataset import TokenDataset
+from rampup.data.bucket_sampler import BucketSampler, check_context
+from rampup.data.buckets import get_buckets
+from rampup.data.dataset import TokenDataset, check_sampler_state as _check_fingerprint
 from rampup.errors import ConfigError, DataError, did_you_mean
 
 
@@ -50,17 +52,6 @@ def _split_xy(buf: np.ndarray, batch_size: int, seq_len: int) -> tuple[torch.Ten
     """(B*T + 1,) tokens -> x, y of shape (B, T) each, y shifted by one token."""
     t = torch.from_numpy(buf.astype(np.int64))
     return t[:-1].view(batch_size, seq_len), t[1:].view(batch_size, seq_len)
-
-
-def _check_fingerprint(state: dict, kind: str, dataset: TokenDataset) -> None:
-    if state.get("kind") != kind:
-        raise ConfigError(f"sampler state is for a '{state.get('kind')}' sampler, not '{kind}'; "
-                          "resume with the data.sampler the run was started with")
-    saved = (state["n_docs"], state["n_tokens"])
-    if saved != (dataset.n_docs, dataset.n_tokens):
-        raise DataError(f"sampler state was saved for a dataset of {saved[0]} documents and "
-                        f"{saved[1]} tokens, this one has {dataset.n_docs} and "
-                        f"{dataset.n_tokens}; resume with the data the run was started with")
 
 
 def _check_batch(seq_len: int, batch_size: int) -> None:
@@ -237,8 +228,6 @@ class FixedSampler:
 
 def _bucket_sampler(dataset: TokenDataset, seed: int, seq_len: int, *, data=None, run_tokens=None,
                     truncate: bool = False) -> Sampler:
-    from rampup.data.bucket_sampler import BucketSampler, check_context
-    from rampup.data.buckets import get_buckets
 
     if data is None or run_tokens is None:
         raise ConfigError("the buckets sampler needs the data config and the run's tokens; "

@@ -16,7 +16,6 @@ from typing import Any, TextIO
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from rampup.errors import ConfigError
 from rampup.units import format_tokens
 
 
@@ -36,28 +35,18 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def tensorboard_writer(log_dir: Path) -> Any:
-    """A TensorBoard SummaryWriter, or a named error when the optional package is missing."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ConfigError("log.tensorboard is true but the tensorboard package is not installed; "
-                          "pip install tensorboard, or set log.tensorboard: false") from None
-    return SummaryWriter(log_dir=str(log_dir))
-
-
 class MetricsWriter:
     """Appends one JSON object per line; ``truncate_after(step)`` rewinds it for a resumed run.
 
-    The JSONL file is the canonical record; an optional TensorBoard writer mirrors the numbers
-    (step records as train/*, eval records as eval/loss@T).
+    The JSONL file is the canonical record; ``mirrors`` (rampup.engine.loggers: TensorBoard, W&B)
+    get every record after it is written.
     """
 
-    def __init__(self, path: Path, tensorboard: Any = None) -> None:
+    def __init__(self, path: Path, mirrors: list[Any] = ()) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._f: TextIO = open(path, "a")
-        self._tb = tensorboard
+        self._mirrors = list(mirrors)
 
     def truncate_after(self, step: int, keep_events: tuple[str, ...] = ()) -> None:
         """Keep only records of steps <= ``step`` (what the checkpoint being resumed had seen), and
@@ -72,17 +61,13 @@ class MetricsWriter:
     def write(self, record: dict[str, Any]) -> None:
         self._f.write(json.dumps(record) + "\n")
         self._f.flush()
-        if self._tb is not None:
-            if record["event"] == "step":
-                for key in ("loss", "lr", "seq_len", "batch_size", "tok_per_s", "grad_norm"):
-                    self._tb.add_scalar(f"train/{key}", record[key], record["tokens"])
-            elif record["event"] == "eval":
-                self._tb.add_scalar(f"eval/loss@{record['seq_len']}", record["loss"], record["tokens"])
+        for mirror in self._mirrors:
+            mirror.log(record)
 
     def close(self) -> None:
         self._f.close()
-        if self._tb is not None:
-            self._tb.close()
+        for mirror in self._mirrors:
+            mirror.close()
 
 
 def _fmt_time(seconds: float) -> str:

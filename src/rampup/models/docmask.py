@@ -46,6 +46,20 @@ class DocumentSpans:
     seq_len: int
     groups: tuple[tuple[int, int, tuple[int, ...]], ...]
 
+    def rows(self, i: int, j: int) -> DocumentSpans:
+        """The spans of rows i..j (a micro-batch), rows renumbered from 0."""
+        j = min(j, self.batch_size)
+        groups = tuple((max(r0, i) - i, min(r1, j) - i, b) for r0, r1, b in self.groups if r0 < j and r1 > i)
+        return DocumentSpans(j - i, self.seq_len, groups)
+
+    def segment_ids(self, device=None) -> torch.Tensor:
+        """(B, T) long document index of each token (as segment_ids of the data side)."""
+        seg = torch.empty(self.batch_size, self.seq_len, dtype=torch.long)
+        for r0, r1, bounds in self.groups:
+            for n, (s, e) in enumerate(zip(bounds, bounds[1:])):
+                seg[r0:r1, s:e] = n
+        return seg.to(device)
+
     @property
     def n_calls(self) -> int:
         """SDPA calls per attention layer."""

@@ -110,17 +110,45 @@ class ModelConfig(Section):
         return self.multiple_of * math.ceil(int(8 * self.dim / 3) / self.multiple_of)
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward) following PaLM, appendix B: ``6 N + 12 L d T``.
+def attended_keys(T: int, pattern: Pattern | None = None) -> int:
+    """Query-key pairs a causal attention layer scores over T tokens: T(T+1)/2 for full causal
+    attention, about T x window for a sliding window (plus the global tokens a query sees outside it)."""
+    if T <= 0:
+        return 0
+    if pattern is None or pattern.window >= T:
+        return T * (T + 1) // 2
+    w, g = pattern.window, pattern.n_global
+    pairs = w * (w + 1) // 2 + (T - w) * w  # min(i + 1, w) summed over queries i
+    if g:  # query i also sees globals j < g with j <= i - w: min(g, i - w + 1) of them when positive
+        n = T - w  # queries i = w .. T-1 contribute min(g, i - w + 1)
+        full = max(0, n - g)
+        pairs += g * (g + 1) // 2 + full * g if n >= g else n * (n + 1) // 2
+    return pairs
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, *, patterns: list[Pattern | None] | None = None,
+                    doc_lengths: list[list[int]] | None = None) -> float:
+    """Training FLOPs per token (forward + backward) as the kernels compute them: ``6 N + 12 d K / T``.
 
     N counts the parameters that take part in matmuls (every Linear weight in the blocks plus the
-    output head; embedding lookups and norms are free). ``12 L d T`` is the attention itself, QK^T
-    and AV, counted over the full T x T square (no halving for the causal mask), as PaLM does.
+    output head; embedding lookups and norms are free), 6N being PaLM's forward + backward count.
+    K is the number of query-key pairs each layer scores in a sequence of T = ``seq_len`` tokens
+    (QK^T and AV are 4 d FLOPs per pair forward, 12 d forward + backward): T(T+1)/2 for causal
+    attention (the half square causal kernels compute), about T x window for a window ``patterns``
+    entry (per layer, None = causal), and the sum over documents for document masking
+    (``doc_lengths``: per row, the lengths of its documents). PaLM's ``12 L d T`` counts the full
+    square; for causal attention that overstates the attention term about two-fold.
     """
     d, kv = cfg.dim, cfg.kv_heads * cfg.head_dim
     per_layer = d * d + 2 * d * kv + d * d + 3 * d * cfg.hidden  # q, k+v, o, w1+w3+w2
     n = cfg.n_layers * per_layer + d * cfg.vocab_size
-    return 6.0 * n + 12.0 * cfg.n_layers * d * seq_len
+    if seq_len <= 0:
+        return 6.0 * n
+    patterns = patterns if patterns is not None else [None] * cfg.n_layers
+    rows = doc_lengths if doc_lengths is not None else [[seq_len]]
+    tokens = sum(sum(r) for r in rows)
+    pairs = sum(attended_keys(L, p) for p in patterns for r in rows for L in r)  # over layers and documents
+    return 6.0 * n + 12.0 * d * pairs / tokens
 
 
 # ----------------------------------------------------------------------------- rotary positions
@@ -306,7 +334,8 @@ class DecoderLM(nn.Module):
 
     def forward_hidden(self, idx: torch.Tensor, *, positions: torch.Tensor | None = None,
                        attn_mask: torch.Tensor | None = None,
-                       segments: torch.Tensor | None = None) -> torch.Tensor:
+                       segments: torch.Tensor | None = None,
+                       spans: DocumentSpans | None = None) -> torch.Tensor:
         """Final-normed hidden states (B, T, dim) for token ids idx (B, T).
 
         positions: (B, T) long RoPE positions (default 0..T-1), e.g. restarting at each packed
@@ -315,6 +344,8 @@ class DecoderLM(nn.Module):
         non-decreasing along each row (rampup.data.packing.segment_ids); each token attends only
         to the earlier tokens of its own document, the same as attn_mask=document_mask(segments)
         but computed per document (reading the boundaries syncs with the device once per call).
+        spans: the same documents as a precomputed DocumentSpans (the engine builds it on the host
+        from the CPU batch, so the forward pass never syncs).
         """
         B, T = idx.shape
         if T > self.max_seq_len:
@@ -326,6 +357,15 @@ class DecoderLM(nn.Module):
             cos = self.rope_cos[positions].unsqueeze(1)  # (B, 1, T, hd)
             sin = self.rope_sin[positions].unsqueeze(1)
         mask = None
+        if spans is not None:
+            if segments is not None or attn_mask is not None:
+                raise ValueError("give one of attn_mask, segments or spans")
+            if (spans.batch_size, spans.seq_len) != (B, T):
+                raise ValueError(f"spans are for {(spans.batch_size, spans.seq_len)}, idx is {(B, T)}")
+            if any(self.attn_patterns):  # a window pattern combines with a dense document mask
+                attn_mask = document_mask(spans.segment_ids(idx.device))
+            else:
+                mask = spans
         if segments is not None:
             if attn_mask is not None:
                 raise ValueError("give attn_mask or segments, not both")
@@ -362,10 +402,10 @@ class DecoderLM(nn.Module):
 
     def forward(self, idx: torch.Tensor, *, positions: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None,
-                segments: torch.Tensor | None = None) -> torch.Tensor:
+                segments: torch.Tensor | None = None, spans: DocumentSpans | None = None) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, vocab); keywords as in ``forward_hidden``."""
         return self.logits(self.forward_hidden(idx, positions=positions, attn_mask=attn_mask,
-                                               segments=segments))
+                                               segments=segments, spans=spans))
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; shared (tied) tensors count once. non_embedding drops the token

@@ -1,0 +1,54 @@
+"""The checkpointer seam: how a :class:`~rampup.engine.state.TrainState` reaches disk and comes back.
+
+The contract every implementation keeps (today's :class:`LocalCheckpointer`; a
+``torch.distributed.checkpoint`` one later, without changing the loop): a checkpoint is written
+whole or not at all (temporary folder, atomic rename), carries a manifest of sha256 checksums that
+is verified on load, a damaged one is reported and set aside (``damaged_step_N``, never deleted) and
+the next newest used, non-finite tensors are never written, and a failed write leaves the previous
+checkpoint intact.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from rampup.engine.checkpoint import Checkpoint, latest_checkpoint, load_latest, remove_partial_writes, save_checkpoint
+
+
+class Checkpointer(Protocol):
+    folder: Path
+
+    def save(self, state, extra: dict[str, Any]) -> Path:
+        """Write ``state`` at its progress.step (plus JSON ``extra``, e.g. the config); returns where."""
+        ...
+
+    def load_latest(self, state, *, report: Callable[[str], None],
+                    check: Callable[[dict[str, Any]], None] | None = None) -> Checkpoint | None:
+        """Load the newest intact checkpoint into ``state``'s model and optimizer (not its JSON
+        tree: the caller decides what to restore); None if there is none."""
+        ...
+
+    def latest(self) -> Path | None: ...
+
+    def clean_partial(self) -> list[str]: ...
+
+
+class LocalCheckpointer:
+    """Safetensors + JSON in one folder per step (rampup.engine.checkpoint), for one process."""
+
+    def __init__(self, folder: Path, keep: int | None = 3) -> None:
+        self.folder, self.keep = folder, keep
+
+    def save(self, state, extra: dict[str, Any]) -> Path:
+        return save_checkpoint(self.folder, state.progress.step, state.model.module, state.optimizer,
+                               state.state_dict() | extra, keep=self.keep)
+
+    def load_latest(self, state, *, report, check=None) -> Checkpoint | None:
+        return load_latest(self.folder, state.model.module, state.optimizer, report=report, check=check)
+
+    def latest(self) -> Path | None:
+        return latest_checkpoint(self.folder)
+
+    def clean_partial(self) -> list[str]:
+        return remove_partial_writes(self.folder)

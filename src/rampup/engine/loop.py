@@ -1,0 +1,407 @@
+"""The engine: a :class:`Trainer` whose loop reads in one screen (:meth:`Trainer.fit`).
+
+Everything it runs plugs in through a seam: the model through a ModelAdapter
+(rampup.models.adapter), the batch and loss through a Task (rampup.tasks), the data through RunData
+(rampup.engine.trainer), knob effects through the knob registry (rampup.knobs: the loop applies
+whatever changed without knowing any knob's name), checkpoints through a Checkpointer
+(rampup.engine.checkpointer), metrics mirrors through Loggers (rampup.engine.loggers). Stage
+changes, evaluation, checkpointing and rollback are named methods.
+
+Guarantees kept from the single-function engine: a run stopped at any step resumes bitwise on CPU;
+a non-finite step is skipped, a streak rolls back to the newest intact checkpoint at a lower lr (or
+stops); the first SIGTERM/SIGINT checkpoints and exits 128+N, a second Ctrl-C stops at once.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rampup.config import RunConfig, dump_config
+from rampup.engine.checkpoint import Checkpoint
+from rampup.engine.checkpointer import LocalCheckpointer
+from rampup.engine.evaluation import evaluate_lengths
+from rampup.engine.faults import NanInjector, StallInjector, finite_json
+from rampup.engine.loggers import build_loggers
+from rampup.engine.metrics import Display, MetricsWriter
+from rampup.engine.state import KEPT_ON_ROLLBACK, TrainState
+from rampup.engine.trainer import Interrupted, RunData, micro_shapes, optimizer_step, prepare_run, resolve_device
+from rampup.errors import ConfigError, NonFiniteError
+from rampup.knobs import KNOBS, KnobContext, KnobRunner, check_supported, graph_id
+from rampup.optim import build_optimizer, lr_at
+from rampup.precision import bf16_slow_warning, resolve_precision, saved_precision
+from rampup.units import Duration, Unit
+
+_FAULT_EVENTS = ("skip", "rollback")
+_COMPARED_ON_RESUME = ("model", "data", "schedule", "optimizer")
+
+
+def _every(d: Duration | None, total_tokens: int):
+    """A predicate (step, tokens_before, tokens_after) -> bool firing every ``d``."""
+    if d is None:
+        return lambda step, before, after: False
+    if d.unit is Unit.STEP:
+        n = int(d.value)
+        return lambda step, before, after: step % n == 0
+    n = max(1, d.to_tokens(total_tokens=total_tokens))
+    return lambda step, before, after: after // n > before // n
+
+
+def _jsonable(knobs: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.model_dump(mode="json", exclude_defaults=True) if hasattr(v, "model_dump") else v
+            for k, v in knobs.items()}
+
+
+class _SignalFlag:
+    """First SIGTERM/SIGINT asks for a checkpoint and a clean stop; a second SIGINT stops at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _SignalFlag:
+        with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def check_resumable(saved: dict[str, Any], cfg: RunConfig) -> None:
+    now = cfg.model_dump(mode="json", by_alias=True)
+    diff = [k for k in _COMPARED_ON_RESUME if saved.get(k) != now.get(k)]
+    for k in ("duration", "seed", "precision", "micro_batch_tokens"):
+        if saved.get("train", {}).get(k) != now["train"].get(k):
+            diff.append(f"train.{k}")
+    if diff:
+        raise ConfigError(f"the config differs from the checkpoint's in: {', '.join(diff)}; resume with the "
+                          "config the run started with (saved as config.yaml in the run folder)")
+
+
+class Trainer:
+    """One run: built (and checked) in ``__init__``, trained by :meth:`run`."""
+
+    def __init__(self, cfg: RunConfig, *, resume: bool = False, display_mode: str | None = None,
+                 build_model=None, task=None, data: RunData | None = None) -> None:
+        from rampup.models.adapter import DecoderLMAdapter
+        from rampup.tasks import CausalLM
+
+        self.cfg, self.resume = cfg, resume
+        self.data = data if data is not None else prepare_run(cfg)
+        self.schedule = self.data.schedule
+        self.out = out = cfg.resolved_out_dir()
+        self.checkpointer = LocalCheckpointer(out / "checkpoints", keep=cfg.train.keep_checkpoints)
+        found = self.checkpointer.latest()
+        if found is not None and not resume:
+            raise ConfigError(f"{out} already holds a checkpoint ({found.name}); pass --resume to continue it, "
+                              "or choose another name / train.out_dir for a new run")
+        if resume and found is None:
+            raise ConfigError(f"--resume: no checkpoint in {self.checkpointer.folder}; run without --resume to start")
+        self.nan_faults, self.stall_faults = NanInjector.from_env(), StallInjector.from_env()
+        self.policy = cfg.train.nonfinite
+
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.device = resolve_device(cfg.train.device)
+        precision = resolve_precision(cfg.train.precision, self.device)  # a bf16 request CUDA cannot honour fails here
+        torch.manual_seed(cfg.train.seed)
+        adapter = (build_model or (lambda c, d: DecoderLMAdapter.build(c.model, d)))(cfg, self.device)
+        check_supported(adapter, cfg.schedule)
+        optimizer = build_optimizer(adapter.module, cfg.optimizer)
+        if cfg.train.compile:
+            # One static graph per batch shape and graph-making knob value: they are few (checked in
+            # prepare_run), and static graphs are the fastest; dynamo must be allowed to keep all of them.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                                       len(self.data.graphs) + 1)
+            adapter.compile(backend=cfg.train.compile_backend, dynamic=False)
+        self.task = task if task is not None else CausalLM(self.data.eot_id, doc_mask=cfg.data.doc_mask,
+                                                           restart_positions=cfg.data.restart_positions)
+        self.state = TrainState(adapter, optimizer, self.data.sampler, precision)
+        self.knobs = KnobRunner(KnobContext(adapter, optimizer, self.data.sampler, self.data, seed=cfg.train.seed))
+
+        config_dump = cfg.model_dump(mode="json", by_alias=True)
+        mirrors = build_loggers(cfg.log, out, cfg.name, config_dump)  # a missing package fails before training
+        out.mkdir(parents=True, exist_ok=True)
+        self.metrics = MetricsWriter(out / "metrics.jsonl", mirrors=mirrors)
+        self.display = Display(display_mode or cfg.log.progress, self.schedule.num_steps(),
+                               self.schedule.total_tokens, int(cfg.log.every.value))
+        self.should_eval = _every(cfg.eval.every, self.schedule.total_tokens)
+        self.should_save = _every(cfg.train.checkpoint_every, self.schedule.total_tokens)
+        self.extra_state = {"config": config_dump}
+        self.resume_hint = f"rampup train {out / 'config.yaml'} --resume"
+        self.stage_index, self.data_epoch = -1, self.data.sampler.epoch  # what the loop last announced
+        self.seen_graphs: set[tuple] = set()
+        self.flag = _SignalFlag()
+
+    @property
+    def progress(self):
+        return self.state.progress
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> dict[str, Any]:
+        try:
+            self.start()
+            with self.flag:
+                final, path = self.fit()
+        finally:
+            self.display.close()
+            self.metrics.close()
+        return self.write_summary(final, path)
+
+    def fit(self) -> tuple[dict[int, float], Path]:
+        """Every step of the schedule, then the final evaluation and checkpoint (trained on again if
+        that checkpoint found non-finite weights and rolled back)."""
+        while True:
+            while self.progress.tokens < self.schedule.total_tokens:
+                if not self.train_step():
+                    continue  # rolled back: the step after the restored checkpoint is next
+                self.after_step()
+            final = self.evaluate()
+            path = self.save()
+            if path is not None:
+                return final, path
+
+    def train_step(self) -> bool:
+        """One optimizer step with its knobs applied and its record written; False if it rolled back."""
+        p, cfg = self.progress, self.cfg
+        sp = self.schedule.step_at(p.step, p.tokens)
+        self.enter_stage(sp)
+        t0 = time.perf_counter()
+        batch = self.next_batch(sp)
+        # the step's lr is the schedule's value at the end of the step, so warmup's first step is not ~0
+        lr = (lr_at(cfg.optimizer, p.tokens + sp.tokens, self.schedule.total_tokens)
+              * self.knobs.ctx.lr_mult * p.lr_scale)
+        self.stall_faults.maybe_stall(p.step + 1)
+        with self.nan_faults.poison(self.state.model.head, p.step + 1):
+            loss, gnorm = optimizer_step(self.state.model, self.task, self.state.optimizer, batch, lr=lr,
+                                         precision=self.state.precision.precision,
+                                         micro_batch_items=cfg.train.micro_batch_tokens,
+                                         grad_clip=cfg.optimizer.grad_clip)
+        return self.record_step(sp, batch, loss, gnorm, lr, time.perf_counter() - t0)
+
+    def after_step(self) -> None:
+        """Data epochs, evaluation, a pending signal and checkpoints, in that order."""
+        p, before = self.progress, self._tokens_before
+        if self.data.sampler.epoch != self.data_epoch:
+            self.data_epoch = self.data.sampler.epoch
+            self.metrics.write({"event": "data_epoch", "step": p.step, "epoch": self.data_epoch})
+            self.display.print(f"the sampler started data epoch {self.data_epoch} at step {p.step} "
+                               "(every sequence of the earlier epoch has been served)")
+        done = p.tokens >= self.schedule.total_tokens
+        if self.should_eval(p.step, before, p.tokens) and not done:
+            self.evaluate()
+        if self.flag.signum is not None:
+            path = self.save() or self.checkpointer.latest()
+            raise Interrupted(f"stopped by signal {self.flag.signum} after step {p.step}; checkpoint "
+                              f"{path}. Resume with: {self.resume_hint}", 128 + self.flag.signum)
+        if self.should_save(p.step, before, p.tokens) and not done:
+            self.save()
+
+    # ------------------------------------------------------------------ the parts of a step
+    def enter_stage(self, sp) -> None:
+        if sp.stage == self.stage_index:
+            return
+        self.stage_index = sp.stage
+        stage, p = self.schedule.stages[sp.stage], self.progress
+        self.metrics.write({"event": "stage", "step": p.step, "tokens": p.tokens, "stage": stage.index,
+                            "stage_name": stage.name, "knobs": _jsonable(sp.knobs)})
+        self.display.print(f"stage {stage.index} '{stage.name}' at step {p.step}: " +
+                           ", ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}"
+                                     for k, v in sp.knobs.items() if v != KNOBS[k].default))
+
+    def next_batch(self, sp):
+        """The sampler's batch of this step, with the knobs' batch effects, on the device, and
+        every knob whose value (or the batch's length) changed applied."""
+        from rampup.models.adapter import Batch
+
+        x, y = self.data.sampler.take(sp)
+        raw = Batch(x, y, {})
+        self.knobs.ctx.step = self.progress.step
+        self.knobs.batch(sp.knobs, raw)  # on the CPU tensors, in place (a data mixture)
+        batch = self.task.make_batch(raw.inputs, raw.targets)
+        self.knobs.apply(sp.knobs, batch.items // batch.rows)
+        return batch.to(self.device)
+
+    def record_step(self, sp, batch, loss: float, gnorm: float, lr: float, dt: float) -> bool:
+        p, cfg = self.progress, self.cfg
+        B, n_items = batch.rows, batch.items
+        T = n_items // B  # the sampler's shape: the buckets sampler picks T itself
+        graphs = {graph_id(sp.knobs, s) for s in micro_shapes(B, T, cfg.train.micro_batch_tokens)}
+        compiled = cfg.train.compile and not graphs <= self.seen_graphs
+        self.seen_graphs |= graphs
+        flops = self.state.model.flops_per_item(tuple(batch.inputs.shape), doc_lengths=self.task.doc_lengths(batch))
+        self._tokens_before = p.tokens
+        p.step += 1
+        p.tokens += n_items
+        p.flops += flops * n_items
+        if compiled:
+            p.compile_time += dt
+        else:
+            p.train_time += dt
+        stage = self.schedule.stages[sp.stage]
+        if math.isfinite(loss) and math.isfinite(gnorm):
+            p.consecutive_skips = 0
+            rec = {"event": "step", "step": p.step, "tokens": p.tokens, "loss": loss, "lr": lr, "grad_norm": gnorm,
+                   "seq_len": T, "batch_size": B, "stage": stage.index, "stage_name": stage.name,
+                   "tok_per_s": n_items / dt, "step_time": dt, "train_time": p.train_time, "flops": p.flops,
+                   "wall": time.time()}
+            if compiled:
+                rec["compiled"] = True
+                rec["compile_time"] = p.compile_time
+            self.metrics.write(rec)
+            eta = p.train_time / max(1, p.tokens) * max(0, self.schedule.total_tokens - p.tokens)
+            self.display.step(rec, eta)
+            return True
+        p.skipped_steps += 1
+        p.skipped_tokens += n_items
+        p.consecutive_skips += 1
+        self.metrics.write({"event": "skip", "step": p.step, "tokens": p.tokens, "loss": finite_json(loss),
+                            "grad_norm": finite_json(gnorm), "lr": lr, "in_a_row": p.consecutive_skips})
+        self.display.print(f"step {p.step}: loss {loss}, grad norm {gnorm}: skipped, not applied "
+                           f"({p.consecutive_skips} in a row; {self.policy.max_skips} trigger {self.policy.on_limit})")
+        if p.consecutive_skips >= self.policy.max_skips:
+            self.rollback_or_stop(f"{p.consecutive_skips} steps in a row had a non-finite loss or gradient norm")
+            return False
+        return True
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self) -> dict[int, float]:
+        """Held-out loss at every evaluation length with the run's current knobs (the one eval path)."""
+        p, cfg = self.progress, self.cfg
+        prec = self.state.precision.precision
+        knobs = self.schedule.at(min(p.tokens, self.schedule.total_tokens - 1))
+
+        def each(n: int, loss: float) -> None:
+            if cfg.eval.passkey_samples:
+                self._passkey(n, prec)
+            self.metrics.write({"event": "eval", "step": p.step, "tokens": p.tokens, "seq_len": n, "loss": loss,
+                                "train_time": p.train_time, "flops": p.flops})
+
+        losses = evaluate_lengths(self.state.model, self.task, self.knobs, knobs, self.data.eval_sets,
+                                  precision=prec, each=each)
+        self.display.print(f"eval @ step {p.step}: " + ", ".join(f"loss@{n} {v:.4f}" for n, v in losses.items()))
+        return losses
+
+    def _passkey(self, n: int, precision: str) -> None:
+        from rampup.longeval import passkey_accuracy
+
+        cache = self.knobs.ctx.cache
+        if "passkey_template" not in cache:
+            cache["passkey_template"] = self.data.passkey_template()
+        if "passkey_stream" not in cache:
+            cache["passkey_stream"] = self.data.passkey_stream()
+        template, p, cfg = cache["passkey_template"], self.progress, self.cfg
+        if n < template.min_len():
+            return
+        acc = passkey_accuracy(self.state.model.module, template, cache["passkey_stream"], [n], cfg.eval.passkey_depths,
+                               cfg.eval.passkey_samples, seed=cfg.train.seed, precision=precision)[n]
+        self.metrics.write({"event": "passkey", "step": p.step, "tokens": p.tokens, "seq_len": n,
+                            "accuracy": {f"{d:g}": a for d, a in acc.items()},
+                            "mean": sum(acc.values()) / len(acc), "train_time": p.train_time})
+
+    # ------------------------------------------------------------------ checkpoints, resume, rollback
+    def start(self) -> None:
+        removed = self.checkpointer.clean_partial()
+        if removed:
+            self.display.print(f"removed what a killed checkpoint write left in {self.checkpointer.folder}: "
+                               f"{', '.join(removed)}")
+        if self.resume:
+            ck = self.checkpointer.load_latest(self.state, report=self.warn,
+                                               check=lambda st: check_resumable(st["config"], self.cfg))
+            self.restore(ck)
+            self.metrics.truncate_after(self.progress.step)
+        else:
+            (self.out / "config.yaml").write_text(dump_config(self.cfg))
+            self.metrics.truncate_after(0)
+            self.metrics.write({"event": "run", "step": 0, "name": self.cfg.name, "device": str(self.device),
+                                "precision": self.state.precision.as_dict()})
+        s, prec = self.schedule, self.state.precision
+        self.display.print(f"run '{self.cfg.name}': {self.display.total_steps} steps, {s.total_tokens:,} tokens, "
+                           f"{self.state.model.num_params():,} non-embedding parameters, device {self.device}, "
+                           f"output {self.out}" + (f" (resumed at step {self.progress.step})" if self.resume else ""))
+        self.display.print(prec.line() + (" -- kept from the run's start, for a bitwise resume" if self.resume else ""))
+        slow = bf16_slow_warning(prec, self.device, resumed=self.resume)
+        if slow:
+            print(f"warning: {slow}", file=sys.stderr, flush=True)
+        self.state.model.module.train()
+
+    def warn(self, message: str) -> None:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+        # no step: the record stays through every later resume or rollback, as the damaged folder does
+        self.metrics.write({"event": "damaged_checkpoint", "message": message})
+
+    def restore(self, ck: Checkpoint) -> None:
+        """Take the checkpoint's progress, sampler, parts and precision; knobs are re-applied at the next step."""
+        self.state.load_state_dict(ck.state)
+        self.state.precision = saved_precision(ck.state, self.device)
+        p = self.progress
+        self.stage_index = self.schedule.stage_at(p.tokens).index if p.step else -1
+        self.data_epoch = self.data.sampler.epoch
+        self.knobs.reset()
+
+    def checkpoint(self) -> Path:
+        return self.checkpointer.save(self.state, self.extra_state)
+
+    def save(self) -> Path | None:
+        """A checkpoint of this step; None if the weights were not finite and the run rolled back."""
+        try:
+            return self.checkpoint()
+        except NonFiniteError as e:
+            self.rollback_or_stop(str(e))
+            return None
+
+    def rollback_or_stop(self, reason: str) -> None:
+        """train.nonfinite.on_limit: back to the newest intact checkpoint at a lower lr, or stop."""
+        p, policy = self.progress, self.policy
+        at = p.step
+        if policy.on_limit == "stop" or p.rollbacks >= policy.max_rollbacks:
+            why = ("train.nonfinite.on_limit is stop" if policy.on_limit == "stop" else
+                   f"all {policy.max_rollbacks} rollbacks that train.nonfinite.max_rollbacks allows are used")
+            newest = self.checkpointer.latest()
+            raise NonFiniteError(f"{reason} (step {at}); stopping because {why}. The newest checkpoint is "
+                                 f"{newest.name if newest else 'none'}: lower optimizer.lr or raise optimizer.warmup "
+                                 f"and start a new run, or continue with {self.resume_hint}")
+        kept = {k: getattr(p, k) for k in KEPT_ON_ROLLBACK}
+        lr_scale = p.lr_scale * policy.lr_factor
+        ck = self.checkpointer.load_latest(self.state, report=self.warn)
+        if ck is None:
+            raise NonFiniteError(f"{reason} (step {at}), before the first checkpoint, so there is nothing to "
+                                 "roll back to; lower optimizer.lr, raise optimizer.warmup or checkpoint earlier "
+                                 "(train.checkpoint_every), and start again")
+        self.restore(ck)
+        p = self.progress
+        for k, v in kept.items():
+            setattr(p, k, v)
+        p.rollbacks += 1
+        p.lr_scale, p.consecutive_skips = lr_scale, 0
+        self.metrics.truncate_after(p.step, keep_events=_FAULT_EVENTS)
+        self.metrics.write({"event": "rollback", "step": p.step, "from_step": at, "reason": reason,
+                            "checkpoint": ck.path.name, "lr_scale": lr_scale})
+        self.display.print(f"{reason} at step {at}: rolled back to {ck.path.name} with the learning rate "
+                           f"x{lr_scale:g} (rollback {p.rollbacks} of at most {policy.max_rollbacks})")
+
+    def write_summary(self, final: dict[int, float], path: Path) -> dict[str, Any]:
+        p = self.progress
+        summary = {"name": self.cfg.name, "steps": p.step, "tokens": p.tokens, "flops": p.flops,
+                   "train_time": p.train_time, "compile_time": p.compile_time,
+                   "val_loss": {str(k): v for k, v in final.items()},
+                   "skipped_steps": p.skipped_steps, "skipped_tokens": p.skipped_tokens,
+                   "rollbacks": p.rollbacks, "lr_scale": p.lr_scale, "precision": self.state.precision.as_dict(),
+                   "checkpoint": str(path), "metrics": str(self.out / "metrics.jsonl")}
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        return summary

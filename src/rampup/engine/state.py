@@ -1,0 +1,74 @@
+"""What a run is at one step, and everything about it that must survive a restart.
+
+:class:`TrainState` owns the model adapter, the optimizer, the sampler, the :class:`Progress`, the
+resolved precision and any extra ``parts`` (later: EMA weights, teachers, mixture state). Its
+``state_dict()`` / ``load_state_dict()`` follow torchtitan's ``Stateful``: the checkpointer saves
+the model's and optimizer's tensors itself and this JSON-able tree beside them, so the
+single-process safetensors checkpointer and, later, ``torch.distributed.checkpoint`` save the same
+tree. A part is anything with ``state_dict()`` / ``load_state_dict()`` whose state is JSON-able.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from rampup.precision import Precision
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class Progress:
+    """Where the run stands; saved in every checkpoint."""
+
+    step: int = 0
+    tokens: int = 0
+    flops: float = 0.0
+    train_time: float = 0.0
+    """Seconds spent in training steps only (evaluation, checkpointing and compiling excluded)."""
+    compile_time: float = 0.0
+    """Seconds of the steps that compiled a new graph (train.compile), kept out of train_time."""
+    skipped_steps: int = 0
+    """Steps not applied because their loss or gradient norm was not finite (train.nonfinite)."""
+    skipped_tokens: int = 0
+    """Tokens of the skipped steps: served by the sampler, never trained on."""
+    consecutive_skips: int = 0
+    """Skipped steps in a row up to now; train.nonfinite.max_skips of them trigger on_limit."""
+    rollbacks: int = 0
+    """Rollbacks to an earlier checkpoint so far (train.nonfinite.on_limit: rollback)."""
+    lr_scale: float = 1.0
+    """Learning-rate multiple left by rollbacks (train.nonfinite.lr_factor per rollback)."""
+
+
+KEPT_ON_ROLLBACK = ("flops", "train_time", "compile_time", "skipped_steps", "skipped_tokens", "rollbacks")
+"""What a rollback keeps from the timeline it abandons: the record of work done and faults met."""
+
+
+@dataclass
+class TrainState:
+    model: Any
+    """A ModelAdapter (rampup.models.adapter)."""
+    optimizer: torch.optim.Optimizer
+    sampler: Stateful
+    precision: Precision
+    progress: Progress = field(default_factory=Progress)
+    parts: dict[str, Stateful] = field(default_factory=dict)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The JSON-able part of the state (the checkpointer adds model and optimizer tensors)."""
+        return {"progress": asdict(self.progress), "sampler": self.sampler.state_dict(),
+                "precision": self.precision.as_dict(),
+                "parts": {name: part.state_dict() for name, part in self.parts.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.progress = Progress(**state["progress"])
+        self.sampler.load_state_dict(state["sampler"])
+        for name, part in self.parts.items():
+            if name in state.get("parts", {}):
+                part.load_state_dict(state["parts"][name])

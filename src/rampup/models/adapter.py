@@ -1,0 +1,230 @@
+"""The model seam: what the engine may ask of a model, and rampup's own DecoderLM behind it.
+
+torchtitan's ``ModelSpec`` idea: the model is built, wrapped, checkpointed and converted by
+functions outside it, and knows nothing of training. The engine, the knobs and the tasks talk to a
+:class:`ModelAdapter` only, so a Hugging Face causal LM or an image classifier plugs in by writing
+one adapter (tests/test_seams.py trains a classifier over plain vectors through the engine).
+
+An adapter holds ``module`` (the ``nn.Module`` the optimizer, checkpointer and compile see) and
+answers:
+
+- ``forward(batch) -> ModelOutput``: hidden states plus the head that maps them to outputs, so a loss
+  can run the head itself (tiled over the sequence later); ``hidden_states(batch, layers)`` for
+  distillation;
+- ``blocks()`` (name, module) of the repeated blocks, for freezing by layer, activation
+  checkpointing and FSDP wrapping; ``wrap_block(index, fn)`` replaces one (tiled MLP later);
+- ``flops_per_item(shape, **how)``: training FLOPs per loss item at a batch shape, counting what the
+  kernels compute (see :func:`rampup.models.llm.flops_per_token`);
+- ``supports(knob)``: knobs it can honour; a schedule that sets another one is refused at plan time;
+- ``to_hf_state_dict`` / ``from_hf_state_dict``: its weights under Hugging Face's names.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+import torch.nn as nn
+
+from rampup.errors import ConfigError
+
+
+@dataclass
+class ModelOutput:
+    """What a forward pass gives a loss: hidden states and the head that turns them into outputs."""
+
+    hidden: torch.Tensor
+    """(B, T, C) for a sequence model, (B, C) for a classifier."""
+    head: nn.Module
+    """hidden -> logits; a module so that a loss may apply it in tiles."""
+
+
+@dataclass
+class Batch:
+    """One step's data: model inputs, targets and per-row extras (positions, document spans...).
+
+    Nothing here assumes tokens: ``inputs`` may be token ids (B, T) or features (B, D)."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    extra: dict[str, Any]
+    """Keyword arguments of the forward pass, each with a leading batch dimension (or a
+    ``rows(i, j)`` method, like DocumentSpans)."""
+
+    @property
+    def rows(self) -> int:
+        return self.inputs.shape[0]
+
+    @property
+    def items(self) -> int:
+        """Loss items (tokens of a language model, samples of a classifier)."""
+        return self.targets.numel()
+
+    def slice(self, i: int, j: int) -> Batch:
+        """Rows i..j, for gradient accumulation."""
+        extra = {k: (v.rows(i, j) if hasattr(v, "rows") else v[i:j]) for k, v in self.extra.items()}
+        return Batch(self.inputs[i:j], self.targets[i:j], extra)
+
+    def to(self, device: torch.device) -> Batch:
+        extra = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in self.extra.items()}
+        return Batch(self.inputs.to(device, non_blocking=True), self.targets.to(device, non_blocking=True), extra)
+
+
+@runtime_checkable
+class ModelAdapter(Protocol):
+    """What the engine needs from a model (see the module docstring)."""
+
+    module: nn.Module
+    head: nn.Module
+
+    def forward(self, batch: Batch) -> ModelOutput: ...
+
+    def hidden_states(self, batch: Batch, layers: Iterable[int]) -> dict[int, torch.Tensor]: ...
+
+    def blocks(self) -> list[tuple[str, nn.Module]]: ...
+
+    def wrap_block(self, index: int, fn: Callable[[nn.Module], nn.Module]) -> None: ...
+
+    def flops_per_item(self, shape: tuple[int, ...], **how: Any) -> float: ...
+
+    def supports(self, knob: str) -> bool: ...
+
+    def compile(self, **kwargs: Any) -> None: ...
+
+    def num_params(self) -> int: ...
+
+    def to_hf_state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def from_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
+
+class ModuleAdapter:
+    """The smallest adapter: a module whose forward gives the outputs (logits) itself."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module, self.head = module, nn.Identity()
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        return ModelOutput(self.module(batch.inputs, **batch.extra), self.head)
+
+    def supports(self, knob: str) -> bool:
+        return False
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())
+
+
+class DecoderLMAdapter:
+    """rampup's reference :class:`~rampup.models.llm.DecoderLM` behind the seam."""
+
+    KNOBS = frozenset({"seq_len", "batch_tokens", "lr_mult", "passkey_fraction", "bucket_odds", "rope",
+                       "attention", "window"})
+    """Every knob rampup ships acts on the reference model."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.head = module.lm_head
+        self._hidden = module.forward_hidden  # replaced by a compiled version by compile()
+
+    @classmethod
+    def build(cls, cfg, device: torch.device | str = "cpu") -> DecoderLMAdapter:
+        """A fresh model from a ModelConfig, initialised from torch's current RNG."""
+        from rampup.models.llm import DecoderLM
+
+        return cls(DecoderLM(cfg).to(device))
+
+    @property
+    def cfg(self):
+        return self.module.cfg
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        # the compiled graphs are for training shapes only; evaluation runs eagerly
+        hidden = self._hidden if self.module.training else self.module.forward_hidden
+        return ModelOutput(hidden(batch.inputs, **batch.extra), self.head)
+
+    def hidden_states(self, batch: Batch, layers: Iterable[int]) -> dict[int, torch.Tensor]:
+        """Residual stream after each block in ``layers`` (block i's output), plus the final-normed
+        hidden states under key ``len(blocks)``."""
+        wanted = sorted(set(layers))
+        n = len(self.module.layers)
+        bad = [i for i in wanted if not 0 <= i <= n]
+        if bad:
+            raise ConfigError(f"hidden_states: layers {bad} do not exist; the model has blocks 0..{n - 1} "
+                              f"(and {n} for the final norm)")
+        out: dict[int, torch.Tensor] = {}
+        hooks = [self.module.layers[i].register_forward_hook(lambda m, a, y, i=i: out.__setitem__(i, y))
+                 for i in wanted if i < n]
+        try:
+            h = self.module.forward_hidden(batch.inputs, **batch.extra)
+        finally:
+            for hk in hooks:
+                hk.remove()
+        if n in wanted:
+            out[n] = h
+        return out
+
+    def blocks(self) -> list[tuple[str, nn.Module]]:
+        return [(f"layers.{i}", b) for i, b in enumerate(self.module.layers)]
+
+    def wrap_block(self, index: int, fn: Callable[[nn.Module], nn.Module]) -> None:
+        self.module.layers[index] = fn(self.module.layers[index])
+
+    def set_rope(self, spec, seq_len: int | None = None) -> None:
+        from rampup.models.rope import apply_rope_spec
+
+        apply_rope_spec(self.module, spec, seq_len)
+
+    def set_attention(self, spec, window: int) -> None:
+        from rampup.models.attention import layer_patterns
+
+        self.module.set_attention(layer_patterns(spec, window, len(self.module.layers)))
+
+    def attention_state(self) -> Any:
+        return list(self.module.attn_patterns)
+
+    def flops_per_item(self, shape: tuple[int, ...], *, doc_lengths: list[list[int]] | None = None,
+                       **_: Any) -> float:
+        """Training FLOPs per token of a (B, T) batch at the live attention patterns."""
+        from rampup.models.llm import flops_per_token
+
+        return flops_per_token(self.cfg, shape[-1], patterns=self.module.attn_patterns, doc_lengths=doc_lengths)
+
+    def supports(self, knob: str) -> bool:
+        return knob in self.KNOBS
+
+    def compile(self, **kwargs: Any) -> None:
+        """torch.compile the hidden-state forward (the head stays eager, so a loss may tile it)."""
+        self._hidden = torch.compile(self.module.forward_hidden, **kwargs)
+
+    def num_params(self) -> int:
+        return self.module.num_params()
+
+    # ------------------------------------------------------------------ Hugging Face names
+    _HF_LAYER = {"attn_norm.weight": "input_layernorm.weight", "mlp_norm.weight": "post_attention_layernorm.weight",
+                 "attn.q_proj.weight": "self_attn.q_proj.weight", "attn.k_proj.weight": "self_attn.k_proj.weight",
+                 "attn.v_proj.weight": "self_attn.v_proj.weight", "attn.o_proj.weight": "self_attn.o_proj.weight",
+                 "mlp.w1.weight": "mlp.gate_proj.weight", "mlp.w3.weight": "mlp.up_proj.weight",
+                 "mlp.w2.weight": "mlp.down_proj.weight"}
+    _HF_TOP = {"tok_emb.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+               "lm_head.weight": "lm_head.weight"}
+
+    def _to_hf_key(self, key: str) -> str:
+        if key in self._HF_TOP:
+            return self._HF_TOP[key]
+        _, i, rest = key.split(".", 2)  # layers.{i}.{rest}
+        return f"model.layers.{i}.{self._HF_LAYER[rest]}"
+
+    def to_hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights under LlamaForCausalLM's names (a tied head appears under both names, as in HF)."""
+        return {self._to_hf_key(k): v for k, v in self.module.state_dict().items()}
+
+    def from_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        ours = {self._to_hf_key(k): k for k in self.module.state_dict()}
+        missing = sorted(set(ours) - set(state))
+        if self.cfg.tie_embeddings:
+            missing = [k for k in missing if k != "lm_head.weight"]
+        if missing:
+            raise ConfigError(f"the Hugging Face state dict lacks {missing[:3]}; is it a Llama-family model "
+                              "with this config's shape?")
+        self.module.load_state_dict({ours[k]: v for k, v in state.items() if k in ours}, strict=False)
