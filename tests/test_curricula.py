@@ -200,3 +200,28 @@ def test_bucket_odds_without_the_bucket_sampler_is_refused(data_cache, tmp_path)
     with pytest.raises(ValueError, match="only the buckets sampler"):
         RunConfig.model_validate(tree)
     assert issubclass(DataError, RampupError)
+
+
+def test_compile_bound_counts_the_graphs_a_window_ramp_makes_and_books_their_time(data_cache, tmp_path):
+    """window 32 -> 128 in 4 steps of width at one batch shape: 4 graphs, each compile kept out of train time."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    tree = tiny_tree(data_cache, tmp_path / "out", train={"duration": "16 steps", "compile": True,
+                                                         "compile_backend": "eager", "checkpoint_every": None},
+                     log={"progress": "off"}, eval={"seq_lens": [256], "max_tokens": 512})
+    tree["schedule"] = {"knobs": {"batch_tokens": 1024, "seq_len": 256},
+                        "stages": [{"name": "grow", "attention": {"kind": "window"},
+                                    "window": {"from": 32, "to": 128, "ramp": "step", "levels": 4}}]}
+    summary = train(RunConfig.model_validate(tree))
+    steps = steps_of(tmp_path / "out")
+    assert {(r["batch_size"], r["seq_len"]) for r in steps} == {(4, 256)}
+    compiled = [r["step"] for r in steps if r.get("compiled")]
+    assert compiled == [1, 5, 9, 13]  # each new width compiles once, at its first step
+    assert counters["stats"]["unique_graphs"] == 4
+    assert summary["compile_time"] > 0
+    assert summary["compile_time"] == pytest.approx(sum(r["step_time"] for r in steps if r.get("compiled")))
+    tree["train"] |= {"compile_max_graphs": 3, "out_dir": str(tmp_path / "bounded")}
+    with pytest.raises(ConfigError, match="needs 4 compiled graphs"):
+        train(RunConfig.model_validate(tree))

@@ -119,3 +119,32 @@ def test_rampup_eval_reports_lengths_beyond_training(data_cache, tmp_path):
     assert r["loss_by_position"]["seq_len"] == 512 and len(r["loss_by_position"]["buckets"]) == 8
     bad = run_rampup("eval", str(tmp_path / "nothing"))
     assert bad.returncode == 2 and "neither a checkpoint nor a run folder" in bad.stderr
+
+
+def test_rampup_eval_scores_a_windowed_run_with_its_window(data_cache, tmp_path):
+    """The run's last stage is windowed: rampup eval scores it windowed, as the run's own final eval did."""
+    from conftest import tiny_tree
+
+    from rampup.config import RunConfig
+    from rampup.data.dataset import TokenDataset
+    from rampup.data.prepare import get_prepared
+    from rampup.data.samplers import eval_windows
+    from rampup.engine.checkpoint import latest_checkpoint, load_checkpoint
+    from rampup.engine.trainer import evaluate, train
+    from rampup.longeval import evaluate_run
+    from rampup.models.llm import DecoderLM
+
+    out = tmp_path / "run"
+    tree = tiny_tree(data_cache, out, train={"duration": "12 steps", "checkpoint_every": None},
+                     eval={"seq_lens": [256], "max_tokens": 2048}, log={"progress": "off"})
+    tree["schedule"]["stages"][1] |= {"attention": {"kind": "window"}, "window": 16}
+    cfg = RunConfig.model_validate(tree)
+    summary = train(cfg)
+    r = evaluate_run(out, lengths=[256], passkey_samples=0, max_tokens=2048)
+    assert r["attention"] == "window, window 16"
+    assert r["loss"]["256"] == pytest.approx(summary["val_loss"]["256"], abs=1e-6)
+    model = DecoderLM(cfg.model)  # full causal attention: what rampup eval used to score
+    load_checkpoint(latest_checkpoint(out / "checkpoints"), model, None)
+    val = TokenDataset.open(get_prepared(cfg.data), "val")
+    full = evaluate(model, eval_windows(val, 256, 2048), precision=summary["precision"]["precision"])
+    assert abs(full - r["loss"]["256"]) > 20e-6  # 20x the tolerance above: the window really changed the score

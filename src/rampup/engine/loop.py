@@ -32,7 +32,8 @@ from rampup.engine.faults import NanInjector, StallInjector, finite_json
 from rampup.engine.loggers import build_loggers
 from rampup.engine.metrics import Display, MetricsWriter
 from rampup.engine.state import KEPT_ON_ROLLBACK, TrainState
-from rampup.engine.trainer import Interrupted, RunData, micro_shapes, optimizer_step, prepare_run, resolve_device
+from rampup.engine.rundata import RunData, micro_shapes, prepare_run
+from rampup.engine.step import Interrupted, optimizer_step, resolve_device
 from rampup.errors import ConfigError, NonFiniteError
 from rampup.knobs import KNOBS, KnobContext, KnobRunner, check_supported, graph_id
 from rampup.optim import build_optimizer, lr_at

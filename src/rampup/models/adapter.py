@@ -134,6 +134,18 @@ class DecoderLMAdapter:
 
         return cls(DecoderLM(cfg).to(device))
 
+    @classmethod
+    def load(cls, cfg, weights: str, device: torch.device | str = "cpu") -> DecoderLMAdapter:
+        """A model with the weights of a safetensors file (a checkpoint's model.safetensors)."""
+        from safetensors.torch import load_model
+
+        adapter = cls.build(cfg, device)
+        missing, unexpected = load_model(adapter.module, weights, strict=False, device=str(device))
+        if missing or unexpected:
+            raise ConfigError(f"{weights} does not fit this model config (missing {sorted(missing)[:3]}, "
+                              f"unexpected {sorted(unexpected)[:3]}); use the config it was trained with")
+        return adapter
+
     @property
     def cfg(self):
         return self.module.cfg
