@@ -145,7 +145,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     r = evaluate_run(args.path, lengths=args.lengths, passkey_samples=args.passkey_samples,
                      max_tokens=args.max_tokens, windows=args.windows, seed=args.seed)
-    console.print(f"{r['checkpoint']} (step {r['step']}, trained at {r['trained_seq_len']}, rope {r['rope']})")
+    console.print(f"{r['checkpoint']} (step {r['step']}, trained at {r['trained_seq_len']}, rope {r['rope']}, attention {r['attention']})")
     t = Table(title="validation loss and passkey accuracy by context length")
     t.add_column("length", justify="right")
     t.add_column("loss", justify="right")

@@ -7,7 +7,9 @@ knob carries its effect (Composer's algorithm, without the event zoo), declared 
 - ``apply(ctx, value)``: what setting the value does to the model, sampler or optimizer (the engine
   calls it when ``key`` changes, which by default is when the value changes, and again on resume);
 - ``on_batch(ctx, batch, value)``: a change to each step's batch (a data mixture);
-- ``graph_key(value)``: the part of the value that makes a new compiled graph (None: none);
+- ``graph_key(value)``: the part of the value that makes a new compiled graph (None: none); a
+  knob's FLOPs are what its ``apply`` makes the model compute, which the model adapter counts
+  (``ModelAdapter.flops_per_item``), so plan, metrics and compare see them without knowing the knob;
 - ``check_config(cfg)`` / ``check_plan(cfg, schedule)``: cross-checks run before any compute.
 
 The engine, ``plan`` and the config never name a knob: they call these through :class:`KnobRunner`
