@@ -8,6 +8,7 @@
     rampup compare --run A.yaml B.yaml --seeds 3   train the configs, then compare
     rampup report RUN_DIR          HTML report and PNGs of one run
     rampup config [SECTION]        every config key with its default and meaning
+    rampup export RUN --format hf OUT_DIR   a folder Hugging Face from_pretrained loads
 
 Every command takes ``--set key.path=value`` (repeatable) to override any config key.
 
@@ -163,6 +164,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from rampup.export import export_hf
+
+    out = export_hf(args.path, args.out_dir, dtype=args.dtype)
+    console.print(f"exported {args.path} as a Hugging Face model: {out} "
+                  "(AutoModelForCausalLM / AutoTokenizer .from_pretrained)")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from pydantic import BaseModel
 
@@ -239,6 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0, help="seed of the passkey examples")
     sp.add_argument("--out", help="where to write the JSON (default: RUN/eval.json)")
     sp.set_defaults(fn=cmd_eval)
+    sp = sub.add_parser("export", help="write a run or checkpoint as a Hugging Face model folder (config, "
+                        "safetensors weights, fast tokenizer)")
+    sp.add_argument("path", help="a run folder (its latest checkpoint) or a checkpoint folder")
+    sp.add_argument("out_dir", help="a new (or empty) folder to write")
+    sp.add_argument("--format", choices=["hf"], default="hf", help="output format (hf: Hugging Face transformers)")
+    sp.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                    help="dtype of the written weights (default float32)")
+    sp.set_defaults(fn=cmd_export)
     sp = sub.add_parser("config", help="list every config key with its default and meaning")
     sp.add_argument("section", nargs="?", help="only keys under this prefix, e.g. train")
     sp.set_defaults(fn=cmd_config)

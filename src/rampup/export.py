@@ -1,0 +1,126 @@
+"""``rampup export RUN|CHECKPOINT --format hf OUT_DIR``: a folder Hugging Face ``from_pretrained`` loads.
+
+The reference decoder LM is a Llama; its export carries the RoPE and attention settings of the
+run's last stage, as the family's own config expresses them:
+
+- RoPE: ``base`` and ``ntk`` (a base change, b' = b * s^(d/(d-2))) as ``rope_theta``; ``pi`` as
+  ``linear`` scaling; ``dynamic_ntk`` as ``dynamic`` (its original length becomes
+  ``max_position_embeddings``, as Hugging Face's rule reads it); ``yarn`` as ``yarn`` with its
+  original length, beta_fast and beta_slow;
+- attention: causal exports as ``LlamaForCausalLM``; a sliding window on every layer as
+  ``MistralForCausalLM`` (``sliding_window``). A hybrid of full and windowed layers is refused:
+  Qwen2 expresses it (``layer_types``), but ``AutoTokenizer`` loads every qwen2 folder with Qwen's
+  tokenizer class, which splits text differently from rampup's. Sinks (global tokens) have no
+  Hugging Face family and are refused.
+
+Weights are written as safetensors in the chosen dtype, and rampup's tokenizer as a fast tokenizer
+(tokenizer.json) with its end-of-text token as eos. The folder is built beside OUT_DIR and renamed
+into place, so a failed export leaves nothing half-written; an existing non-empty OUT_DIR is refused.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rampup.errors import CheckpointError, ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def hf_rope(spec, model_cfg) -> tuple[dict[str, Any], int | None]:
+    """(rope_parameters, max_position_embeddings override) for a RopeSpec."""
+    base = spec.base or model_cfg.rope_base
+    d = model_cfg.head_dim
+    if spec.method == "base":
+        return {"rope_type": "default", "rope_theta": base}, None
+    if spec.method == "ntk":
+        return {"rope_type": "default", "rope_theta": base * spec.factor ** (d / (d - 2))}, None
+    if spec.method == "pi":
+        return {"rope_type": "linear", "rope_theta": base, "factor": spec.factor}, None
+    if spec.method == "dynamic_ntk":
+        return {"rope_type": "dynamic", "rope_theta": base, "factor": spec.factor}, spec.original_max_len
+    return {"rope_type": "yarn", "rope_theta": base, "factor": spec.factor,
+            "original_max_position_embeddings": spec.original_max_len,
+            "beta_fast": spec.beta_fast, "beta_slow": spec.beta_slow}, None
+
+
+def hf_config(model_cfg, knobs: dict[str, Any], *, eos_token_id: int | None, dtype: str):
+    """The transformers config of the reference model with a stage's rope/attention knobs."""
+    import transformers
+
+    spec, window = knobs["attention"], knobs["window"]
+    rope, max_pos = hf_rope(knobs["rope"], model_cfg)
+    common = dict(vocab_size=model_cfg.vocab_size, hidden_size=model_cfg.dim, intermediate_size=model_cfg.hidden,
+                  num_hidden_layers=model_cfg.n_layers, num_attention_heads=model_cfg.n_heads,
+                  num_key_value_heads=model_cfg.kv_heads, head_dim=model_cfg.head_dim, hidden_act="silu",
+                  max_position_embeddings=max_pos or model_cfg.max_seq_len, rms_norm_eps=model_cfg.norm_eps,
+                  tie_word_embeddings=model_cfg.tie_embeddings, rope_parameters=rope,
+                  eos_token_id=eos_token_id, bos_token_id=None, pad_token_id=None, dtype=dtype)
+    if spec.kind == "sinks":
+        raise ConfigError(f"the run's last stage uses attention '{spec}' (global tokens plus a window), which no "
+                          "Hugging Face model family expresses; export a run whose last stage is causal or window")
+    if spec.kind == "causal":
+        return transformers.LlamaConfig(attention_bias=False, mlp_bias=False, **common)
+    if spec.full(model_cfg.n_layers):
+        # Qwen2 expresses per-layer windows (layer_types), but AutoTokenizer gives every qwen2 folder
+        # Qwen's own tokenizer class, which re-splits text with Qwen's pattern: the export would load
+        # and tokenize differently from the run. Refused until there is a family that keeps our tokenizer.
+        raise ConfigError(f"the run's last stage mixes full and windowed layers ('{spec}'); the Hugging Face "
+                          "family for that (Qwen2) would load a different tokenizer, so it is not exported; "
+                          "export a run whose last stage is causal or windowed on every layer")
+    return transformers.MistralConfig(sliding_window=window, **common)
+
+
+def export_hf(path: str | Path, out_dir: str | Path, *, dtype: str = "float32") -> Path:
+    """Write the checkpoint at ``path`` (a run folder: its latest) as a Hugging Face model folder."""
+    import transformers
+    import yaml
+
+    from rampup.config import RunConfig
+    from rampup.data.prepare import get_prepared, load_prepared_tokenizer
+    from rampup.data.tokenizer import EOT, eot_id
+    from rampup.engine.checkpoint import load_checkpoint
+    from rampup.longeval import _find_checkpoint
+    from rampup.models.adapter import DecoderLMAdapter
+    from rampup.schedule import Schedule
+
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{out} exists and is not an empty folder; export into a new folder (nothing was written)")
+    run_dir, ckpt = _find_checkpoint(Path(path))
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{cfg_path} is missing; export reads the run's config from it")
+    cfg = RunConfig.model_validate(yaml.safe_load(cfg_path.read_text()))
+    schedule = Schedule.build(cfg.schedule, total=cfg.train.duration)
+    adapter = DecoderLMAdapter.build(cfg.model)
+    state = load_checkpoint(ckpt, adapter.module, None).state  # verifies the manifest: a damaged one is refused
+    knobs = schedule.at(min(int(state["progress"]["tokens"]), schedule.total_tokens - 1))
+    tok = load_prepared_tokenizer(get_prepared(cfg.data))
+    hf_cfg = hf_config(cfg.model, knobs, eos_token_id=eot_id(tok), dtype=dtype)
+    model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(adapter.to_hf_state_dict(), strict=False)
+    missing = [k for k in missing if not (cfg.model.tie_embeddings and k == "lm_head.weight")]  # tied: one tensor
+    if missing or unexpected:
+        raise ConfigError(f"export to {type(model).__name__} does not match the weights (missing {missing[:3]}, "
+                          f"unexpected {list(unexpected)[:3]})")
+    model.to(DTYPES[dtype])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOT,
+                                                model_max_length=hf_cfg.max_position_embeddings)
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        fast.save_pretrained(tmp)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
