@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from rampup.errors import CheckpointError, ConfigError
+from rampup.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -77,27 +77,18 @@ def hf_config(model_cfg, knobs: dict[str, Any], *, eos_token_id: int | None, dty
 def export_hf(path: str | Path, out_dir: str | Path, *, dtype: str = "float32") -> Path:
     """Write the checkpoint at ``path`` (a run folder: its latest) as a Hugging Face model folder."""
     import transformers
-    import yaml
-
-    from rampup.config import RunConfig
     from rampup.data.prepare import get_prepared, load_prepared_tokenizer
     from rampup.data.tokenizer import EOT, eot_id
     from rampup.engine.checkpoint import load_checkpoint
-    from rampup.longeval import _find_checkpoint
+    from rampup.longeval import open_run
     from rampup.models.adapter import DecoderLMAdapter
-    from rampup.schedule import Schedule
 
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{out} exists and is not an empty folder; export into a new folder (nothing was written)")
-    run_dir, ckpt = _find_checkpoint(Path(path))
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        raise CheckpointError(f"{cfg_path} is missing; export reads the run's config from it")
-    cfg = RunConfig.model_validate(yaml.safe_load(cfg_path.read_text()))
-    schedule = Schedule.build(cfg.schedule, total=cfg.train.duration)
+    ckpt, cfg, schedule = open_run(path, "rampup export")
     adapter = DecoderLMAdapter.build(cfg.model)
     state = load_checkpoint(ckpt, adapter.module, None).state  # verifies the manifest: a damaged one is refused
     knobs = schedule.at(min(int(state["progress"]["tokens"]), schedule.total_tokens - 1))

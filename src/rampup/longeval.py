@@ -172,6 +172,21 @@ def _find_checkpoint(path: Path) -> tuple[Path, Path]:
     return path, ckpt
 
 
+def open_run(path: str | Path, command: str):
+    """(checkpoint folder, RunConfig, Schedule) of a run folder or one of its checkpoints."""
+    import yaml
+
+    from rampup.config import RunConfig
+    from rampup.schedule import Schedule
+
+    run_dir, ckpt = _find_checkpoint(Path(path))
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{cfg_path} is missing; {command} reads the run's config from it")
+    cfg = RunConfig.model_validate(yaml.safe_load(cfg_path.read_text()))
+    return ckpt, cfg, Schedule.build(cfg.schedule, total=cfg.train.duration)
+
+
 def evaluate_run(path: str | Path, *, lengths: list[int] | None = None, passkey_samples: int = 10,
                  depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0), position_buckets: int = 8,
                  max_tokens: int = 32768, windows: str | None = None, seed: int = 0,
@@ -184,9 +199,6 @@ def evaluate_run(path: str | Path, *, lengths: list[int] | None = None, passkey_
     the RoPE method, e.g. to measure zero-shot extrapolation of a model trained short with each
     method applied only at evaluation.
     """
-    import yaml
-
-    from rampup.config import RunConfig
     from rampup.data.dataset import TokenDataset
     from rampup.data.prepare import get_prepared, load_prepared_tokenizer
     from rampup.data.samplers import EVAL_WINDOWS
@@ -195,15 +207,9 @@ def evaluate_run(path: str | Path, *, lengths: list[int] | None = None, passkey_
     from rampup.knobs import KnobContext, KnobRunner
     from rampup.models.adapter import DecoderLMAdapter
     from rampup.precision import saved_precision
-    from rampup.schedule import Schedule
     from rampup.tasks import CausalLM
 
-    run_dir, ckpt = _find_checkpoint(Path(path))
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        raise CheckpointError(f"{cfg_path} is missing; rampup eval reads the run's config from it")
-    cfg = RunConfig.model_validate(yaml.safe_load(cfg_path.read_text()))
-    schedule = Schedule.build(cfg.schedule, total=cfg.train.duration)
+    ckpt, cfg, schedule = open_run(path, "rampup eval")
     trained = int(schedule.max_knob("seq_len"))
     lengths = sorted(lengths or [max(1, trained // 4), trained, 2 * trained])
     prepared = get_prepared(cfg.data)
