@@ -280,9 +280,13 @@ def check_knobs(cfg: Any, schedule: Any = None) -> None:
 def check_supported(adapter: Any, schedule_cfg: Any) -> None:
     """A knob the schedule sets away from its default that the model cannot honour is an error."""
     for name in sorted(knob_keys_set(schedule_cfg)):
-        if adapter.supports(name):
-            continue
         values = [schedule_cfg.knobs.get(name)] + [st.knobs.get(name) for st in schedule_cfg.stages]
+        if adapter.supports(name):
+            if hasattr(adapter, "check_knob"):  # values a supported knob still cannot take on this model
+                for v in values:
+                    if v is not None:
+                        adapter.check_knob(name, v)
+            continue
         if any(v is not None and v != KNOBS[name].default for v in values):
             raise ConfigError(f"the schedule sets knob '{name}', which this model ({type(adapter).__name__}) "
                               "cannot honour; remove it from the schedule or use a model that supports it")

@@ -1,0 +1,185 @@
+"""Hugging Face causal LMs behind rampup's model seam: Llama, Qwen2, Mistral, GPT-NeoX and GPT-2.
+
+:class:`HFCausalLMAdapter` wraps a ``transformers`` ``*ForCausalLM`` so that the engine trains it
+like the reference model (``train(cfg, build_model=...)``). What the knobs do to it:
+
+- ``rope``: the model's own rotary embedding gets the stage's frequencies (rampup.models.rope, the
+  same formulas as the reference model), over the rotary dimension the model really uses (GPT-NeoX
+  rotates only ``partial_rotary_factor`` of each head); GPT-2's learned positions take no RoPE
+  method, so the knob is refused before any compute;
+- ``attention``/``window``: a sliding window on every layer through the model's own
+  ``sliding_window`` (Mistral); other patterns and families are refused;
+- ``seq_len`` up to the model's ``max_position_embeddings``.
+
+Loading runs no code from files: safetensors weights only (a folder with pickled ``.bin`` weights
+is refused with the conversion to do), never ``trust_remote_code``; weights are fp32 master weights
+whatever their saved dtype. Document masking (data.doc_mask) is not supported for these models yet.
+
+    from rampup.models.hf import HFCausalLMAdapter
+    adapter = HFCausalLMAdapter.from_config({"model_type": "llama", "hidden_size": 64, ...})
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from rampup.errors import ConfigError
+from rampup.models.adapter import Batch, ModelOutput
+
+FAMILIES = ("llama", "qwen2", "mistral", "gpt_neox", "gpt2")
+_WINDOWED = ("mistral",)
+
+
+class HFCausalLMAdapter:
+    def __init__(self, module: nn.Module) -> None:
+        family = module.config.model_type
+        if family not in FAMILIES:
+            raise ConfigError(f"Hugging Face model type '{family}' is not supported; rampup supports "
+                              f"{', '.join(FAMILIES)}")
+        self.module, self.family = module, family
+        self.head = module.get_output_embeddings()
+        self.base = module.base_model
+        self._rotary = next((m for m in module.modules() if hasattr(m, "inv_freq")), None)
+        self._base_theta = (module.config.rope_parameters or {}).get("rope_theta") if self._rotary else None
+        self._hidden = self.base.forward
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_config(cls, config: dict[str, Any], device: torch.device | str = "cpu") -> HFCausalLMAdapter:
+        """A freshly initialised model from an inline config (``model_type`` plus its fields)."""
+        import transformers
+
+        config = dict(config)
+        family = config.pop("model_type", None)
+        if family not in FAMILIES:
+            raise ConfigError(f"model_type {family!r} is not supported; give one of {', '.join(FAMILIES)}")
+        hf_cfg = transformers.AutoConfig.for_model(family, **config)
+        module = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
+        return cls(module.to(device))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: torch.device | str = "cpu") -> HFCausalLMAdapter:
+        """A local model folder (config.json + safetensors), weights as fp32 master weights."""
+        import transformers
+
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"{path} has no config.json; give a Hugging Face model folder (save_pretrained)")
+        if not list(path.glob("*.safetensors")):
+            hint = (" It holds pickled .bin weights, which rampup never loads (they can run code): convert "
+                    "them once with transformers: AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR, "
+                    "safe_serialization=True)") if list(path.glob("*.bin")) else ""
+            raise ConfigError(f"{path} has no safetensors weights.{hint}")
+        family = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False).model_type
+        if family not in FAMILIES:
+            raise ConfigError(f"{path} holds a '{family}' model; rampup supports {', '.join(FAMILIES)}")
+        module = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
+                                                                   trust_remote_code=False)
+        return cls(module.to(device))
+
+    # ------------------------------------------------------------------ the seam
+    def forward(self, batch: Batch) -> ModelOutput:
+        extra = dict(batch.extra)
+        if "spans" in extra or "segments" in extra or "attn_mask" in extra:
+            raise ConfigError(f"document masking (data.doc_mask) is not supported for Hugging Face models "
+                              f"({self.family}) yet; set data.doc_mask: false")
+        kwargs = {"position_ids": extra.pop("positions")} if "positions" in extra else {}
+        hidden = self._hidden if self.module.training else self.base.forward
+        return ModelOutput(hidden(input_ids=batch.inputs, **kwargs).last_hidden_state, self.head)
+
+    def hidden_states(self, batch: Batch, layers: Iterable[int]) -> dict[int, torch.Tensor]:
+        """Hidden states after block i (i < n), and the final-normed ones under key n."""
+        out = self.base(input_ids=batch.inputs, output_hidden_states=True)
+        n = len(self.blocks())
+        states = {i: out.hidden_states[i + 1] for i in range(n - 1)} | {n - 1: None, n: out.last_hidden_state}
+        got = {i: states[i] for i in layers}
+        if any(v is None for v in got.values()):  # HF's last entry is after the final norm
+            raise ConfigError(f"hidden_states: block {n - 1}'s output before the final norm is not exposed by "
+                              f"{self.family}; use {n} for the final hidden states")
+        return got
+
+    def _block_list(self) -> tuple[str, nn.ModuleList]:
+        for name, child in self.base.named_children():
+            if isinstance(child, nn.ModuleList):
+                return name, child
+        raise ConfigError(f"{self.family}: no list of blocks found")
+
+    def blocks(self) -> list[tuple[str, nn.Module]]:
+        prefix = self.module.base_model_prefix
+        name, blocks = self._block_list()
+        return [(f"{prefix}.{name}.{i}", b) for i, b in enumerate(blocks)]
+
+    def wrap_block(self, index: int, fn: Callable[[nn.Module], nn.Module]) -> None:
+        _, blocks = self._block_list()
+        blocks[index] = fn(blocks[index])
+
+    def supports(self, knob: str) -> bool:
+        if knob == "rope":
+            return self._rotary is not None
+        if knob in ("attention", "window"):
+            return self.family in _WINDOWED
+        return knob in ("seq_len", "batch_tokens", "lr_mult", "passkey_fraction", "bucket_odds")
+
+    def check_knob(self, knob: str, value: Any) -> None:
+        """Values of a supported knob this model still cannot take (raises ConfigError)."""
+        hybrid = value is not None and knob == "attention" and value.kind != "causal" and value.full(len(self.blocks()))
+        if knob == "attention" and value is not None and (value.kind == "sinks" or hybrid):
+            raise ConfigError(f"{self.family} has one sliding window for every layer; attention '{value}' "
+                              "(sinks or a full/window hybrid) cannot be expressed")
+        if knob == "seq_len" and value is not None:
+            top = max(value.start, value.to) if hasattr(value, "start") else value
+            limit = self.module.config.max_position_embeddings
+            if top > limit:
+                raise ConfigError(f"seq_len {top:g} is beyond this {self.family} model's position limit "
+                                  f"(max_position_embeddings {limit})")
+
+    # knob effects (called by the knobs' apply through ctx.model)
+    @torch.no_grad()
+    def set_rope(self, spec, seq_len: int | None = None) -> None:
+        from rampup.models.rope import rope_frequencies
+
+        rotary_dim = 2 * self._rotary.inv_freq.numel()
+        inv_freq, scale = rope_frequencies(spec, rotary_dim, self._base_theta, seq_len)
+        device = self._rotary.inv_freq.device
+        self._rotary.inv_freq = inv_freq.to(device)
+        if hasattr(self._rotary, "original_inv_freq"):
+            self._rotary.original_inv_freq = inv_freq.to(device)
+        self._rotary.attention_scaling = scale
+
+    def set_attention(self, spec, window: int) -> None:
+        self.module.config.sliding_window = None if spec.kind == "causal" else int(window)
+
+    def flops_per_item(self, shape: tuple[int, ...], **_: Any) -> float:
+        """6N (matmul weights: every >= 2-d parameter but the embeddings, plus the head) + attention pairs."""
+        from rampup.models.attention import Pattern
+        from rampup.models.llm import attended_keys
+
+        embeddings = {id(m.weight) for m in self.module.modules() if isinstance(m, nn.Embedding)}
+        n = sum(p.numel() for p in self.module.parameters() if p.dim() >= 2 and id(p) not in embeddings)
+        n += self.head.weight.numel()
+        T = shape[-1]
+        if T <= 0:
+            return 6.0 * n
+        cfg = self.module.config
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        w = getattr(cfg, "sliding_window", None)
+        pairs = attended_keys(T, Pattern(w) if w else None) * len(self.blocks())
+        return 6.0 * n + 12.0 * heads * head_dim * pairs / T
+
+    def compile(self, **kwargs: Any) -> None:
+        self._hidden = torch.compile(self.base.forward, **kwargs)
+
+    def num_params(self) -> int:
+        embeddings = {id(m.weight) for m in self.module.modules() if isinstance(m, nn.Embedding)}
+        return sum(p.numel() for p in self.module.parameters() if id(p) not in embeddings)
+
+    def to_hf_state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.module.state_dict())
+
+    def from_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(state, strict=False)

@@ -1,0 +1,137 @@
+"""Hugging Face causal LMs trained through rampup's engine: Llama, Qwen2, Mistral, GPT-NeoX, GPT-2.
+
+Tiny random models are built from configs (no network); the corpus and tokenizer are rampup's own."""
+import shutil
+
+import pytest
+import torch
+
+from conftest import tiny_tree
+from rampup.config import RunConfig
+from rampup.errors import ConfigError
+from rampup.models.adapter import Batch
+
+transformers = pytest.importorskip("transformers")
+from rampup.models.hf import HFCausalLMAdapter  # noqa: E402
+
+SMALL = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "max_position_embeddings": 256}
+FAMILIES = {
+    "llama": {"model_type": "llama", "num_key_value_heads": 2, **SMALL},
+    "qwen2": {"model_type": "qwen2", "num_key_value_heads": 2, **SMALL},
+    "gpt_neox": {"model_type": "gpt_neox", "rotary_pct": 0.25, **SMALL},  # rotates a quarter of each head
+    "gpt2": {"model_type": "gpt2", "vocab_size": 512, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256,
+             "bos_token_id": None, "eos_token_id": None},
+}
+ROPE_STAGE = {"rope": {"method": "yarn", "factor": 4, "original_max_len": 64}}
+
+
+def builder(config):
+    def build(cfg, device):
+        return HFCausalLMAdapter.from_config(config, device)
+    return build
+
+
+def run(data_cache, out, family, *, last=None, resume=False):
+    from rampup.engine.trainer import train
+
+    tree = tiny_tree(data_cache, out, train={"duration": "16 steps", "checkpoint_every": "8 steps"},
+                     log={"progress": "off"})
+    tree["schedule"]["stages"][1] |= (last if last is not None else ({} if family == "gpt2" else ROPE_STAGE))
+    return train(RunConfig.model_validate(tree), resume=resume, build_model=builder(FAMILIES[family]))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_each_family_trains_through_the_engine_and_resumes_bitwise(data_cache, tmp_path, family):
+    full = run(data_cache, tmp_path / "full", family)
+    assert full["steps"] == 16 and full["val_loss"]["256"] < 5.9  # learned: uniform over 512 tokens is 6.24
+    shutil.copytree(tmp_path / "full", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step_0000016")
+    resumed = run(data_cache, tmp_path / "resumed", family, resume=True)
+    assert resumed["val_loss"] == full["val_loss"]
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        assert (tmp_path / "resumed" / "checkpoints" / "step_0000016" / name).read_bytes() == \
+            (tmp_path / "full" / "checkpoints" / "step_0000016" / name).read_bytes()
+
+
+def test_a_rope_method_on_gpt2_is_refused_before_compute(data_cache, tmp_path):
+    with pytest.raises(ConfigError, match="knob 'rope', which this model"):
+        run(data_cache, tmp_path / "gpt2", "gpt2", last=ROPE_STAGE)
+    assert not (tmp_path / "gpt2").exists()
+
+
+def test_rope_through_llamas_own_rotary_embedding_equals_the_reference_model():
+    from rampup.models import DecoderLM, ModelConfig
+    from rampup.models.adapter import DecoderLMAdapter
+    from rampup.models.rope import RopeSpec
+
+    torch.manual_seed(0)
+    hf = HFCausalLMAdapter.from_config(FAMILIES["llama"] | {"tie_word_embeddings": False, "rms_norm_eps": 1e-5})
+    ref = DecoderLMAdapter(DecoderLM(ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                                 ffn_hidden=128, max_seq_len=256, tie_embeddings=False)))
+    ref.from_hf_state_dict(hf.to_hf_state_dict())
+    x = torch.randint(0, 512, (2, 200), generator=torch.Generator().manual_seed(1))
+    for spec in (RopeSpec(method="yarn", factor=4, original_max_len=64), RopeSpec(method="pi", factor=2),
+                 RopeSpec(base=500000.0)):
+        hf.set_rope(spec, 200)
+        ref.set_rope(spec, 200)
+        b = Batch(x, x, {})
+        with torch.no_grad():
+            ours, theirs = ref.forward(b), hf.forward(b)
+            torch.testing.assert_close(theirs.head(theirs.hidden), ours.head(ours.hidden), atol=2e-5, rtol=1e-4)
+
+
+def test_gpt_neox_rescales_only_its_rotary_dimensions():
+    from rampup.models.rope import RopeSpec, rope_frequencies
+
+    a = HFCausalLMAdapter.from_config(FAMILIES["gpt_neox"])
+    rot = a._rotary
+    assert rot.inv_freq.numel() == 2  # head_dim 16 x 0.25 = 4 rotary dims
+    before = rot.inv_freq.clone()
+    a.set_rope(RopeSpec(method="pi", factor=2))
+    torch.testing.assert_close(rot.inv_freq, before / 2)
+    assert torch.equal(rot.inv_freq, rope_frequencies(RopeSpec(method="pi", factor=2), 4, 10000.0)[0])
+
+
+def test_mistral_windows_through_its_own_sliding_window():
+    from rampup.models.attention import AttentionSpec
+
+    torch.manual_seed(0)
+    a = HFCausalLMAdapter.from_config({"model_type": "mistral", "num_key_value_heads": 2, **SMALL})
+    torch.manual_seed(0)
+    native = transformers.MistralForCausalLM(transformers.MistralConfig(
+        num_key_value_heads=2, sliding_window=16, **SMALL)).eval()
+    native.load_state_dict(a.module.state_dict())
+    a.module.eval()
+    x = torch.randint(0, 512, (1, 100), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = native(x).logits
+        a.set_attention(AttentionSpec(kind="window"), 16)
+        out = a.forward(Batch(x, x, {}))
+        torch.testing.assert_close(out.head(out.hidden), full)
+        a.set_attention(AttentionSpec(), 0)
+        out = a.forward(Batch(x, x, {}))
+        assert not torch.allclose(out.head(out.hidden), full)
+    with pytest.raises(ConfigError, match="one sliding window for every layer"):
+        a.check_knob("attention", AttentionSpec(kind="sinks"))
+    with pytest.raises(ConfigError, match="position limit"):
+        a.check_knob("seq_len", 512)
+
+
+def test_model_folders_load_safetensors_only_and_name_what_is_wrong(tmp_path):
+    a = HFCausalLMAdapter.from_config(FAMILIES["llama"])
+    a.module.save_pretrained(tmp_path / "ok", safe_serialization=True)
+    b = HFCausalLMAdapter.from_pretrained(tmp_path / "ok")
+    x = torch.randint(0, 512, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(b.module(x).logits, a.module.eval()(x).logits)
+    assert next(b.module.parameters()).dtype == torch.float32
+    (tmp_path / "bin").mkdir()
+    shutil.copy(tmp_path / "ok" / "config.json", tmp_path / "bin" / "config.json")
+    torch.save(a.module.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    with pytest.raises(ConfigError, match="pickled .bin weights.*safe_serialization=True"):
+        HFCausalLMAdapter.from_pretrained(tmp_path / "bin")
+    with pytest.raises(ConfigError, match="no config.json"):
+        HFCausalLMAdapter.from_pretrained(tmp_path / "nothing")
+    with pytest.raises(ConfigError, match="'opt' is not supported.*llama, qwen2, mistral, gpt_neox, gpt2"):
+        HFCausalLMAdapter.from_config({"model_type": "opt", "vocab_size": 512, "hidden_size": 64})
