@@ -2,6 +2,7 @@
 
 Tiny random models are built from configs (no network); the corpus and tokenizer are rampup's own."""
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,3 +136,78 @@ def test_model_folders_load_safetensors_only_and_name_what_is_wrong(tmp_path):
         HFCausalLMAdapter.from_pretrained(tmp_path / "nothing")
     with pytest.raises(ConfigError, match="'opt' is not supported.*llama, qwen2, mistral, gpt_neox, gpt2"):
         HFCausalLMAdapter.from_config({"model_type": "opt", "vocab_size": 512, "hidden_size": 64})
+
+
+# ----------------------------------------------------------------------------- shipped configs, model.source: hf
+SHIPPED = sorted((Path(__file__).parent.parent / "configs" / "hf").glob("*.yaml"))
+
+
+def shipped(path, data_cache, out):
+    from rampup.config import load_config
+
+    small = [f"data.cache_dir={data_cache}", "data.max_files=40", f"train.out_dir={out}", "train.duration=8 steps",
+             "train.checkpoint_every=4 steps", "eval.max_tokens=2048", "eval.every=null", "log.progress=plain",
+             "schedule.knobs.batch_tokens=2048"]
+    if "buckets" in path.name:
+        small += ["data.buckets.max_log2=8", "schedule.knobs.seq_len=256", "data.buckets.repeat=true",
+                  "eval.seq_lens=[256]"]
+    else:
+        small += ["schedule.stages.0.seq_len=64", "schedule.stages.1.seq_len=256", "eval.seq_lens=[256]"]
+    return load_config(path, small)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_hf_configs_train_and_resume_bitwise(data_cache, tmp_path, path):
+    from rampup.engine.trainer import train
+
+    cfg = shipped(path, data_cache, tmp_path / "full")
+    assert cfg.model.source == "hf"
+    full = train(cfg)
+    assert full["steps"] == 8
+    shutil.copytree(tmp_path / "full", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step_0000008")
+    resumed = train(shipped(path, data_cache, tmp_path / "resumed"), resume=True)
+    assert resumed["val_loss"] == full["val_loss"]
+    assert (tmp_path / "resumed" / "checkpoints" / "step_0000008" / "model.safetensors").read_bytes() == \
+        (tmp_path / "full" / "checkpoints" / "step_0000008" / "model.safetensors").read_bytes()
+
+
+def test_an_hf_run_exports_with_its_last_stages_rope(data_cache, tmp_path):
+    from rampup.engine.checkpoint import latest_checkpoint, load_checkpoint
+    from rampup.engine.trainer import train
+    from rampup.export import export_hf
+    from rampup.knobs import KnobContext, KnobRunner
+    from rampup.models.build import build_adapter
+    from rampup.schedule import Schedule
+
+    cfg = shipped(SHIPPED[[p.stem for p in SHIPPED].index("gpt_neox_staged")], data_cache, tmp_path / "run")
+    train(cfg)
+    out = export_hf(tmp_path / "run", tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert hf.config.rope_parameters["rope_type"] == "linear" and hf.config.rope_parameters["factor"] == 4
+    assert hf.config.rope_parameters["partial_rotary_factor"] == 0.25
+    ours = build_adapter(cfg.model)
+    load_checkpoint(latest_checkpoint(tmp_path / "run" / "checkpoints"), ours.module, None)
+    s = Schedule.build(cfg.schedule, total=cfg.train.duration)
+    KnobRunner(KnobContext(ours)).apply(s.at(s.total_tokens - 1), 256)
+    ours.module.eval()
+    x = torch.randint(0, 2048, (2, 256), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        o = ours.forward(Batch(x, x, {}))
+        torch.testing.assert_close(hf(x).logits, o.head(o.hidden))
+
+
+def test_bad_hf_model_settings_are_config_errors(tmp_path):
+    from rampup.config import load_config
+
+    with pytest.raises(ConfigError, match="exactly one of model.path"):
+        load_config(None, ["model.source=hf"])
+    with pytest.raises(ConfigError, match="has no config.json"):
+        load_config(None, ["model.source=hf", f"model.path={tmp_path}"])
+    with pytest.raises(ConfigError, match="'bert' is not supported"):
+        load_config(None, ["model.source=hf", "model.hf_config={model_type: bert}"])
+    with pytest.raises(ConfigError, match="for model.source: hf"):
+        load_config(None, [f"model.path={tmp_path}"])
+    with pytest.raises(ConfigError, match="exceeds model.max_seq_len 128"):
+        load_config(None, ["model.source=hf", "model.hf_config={model_type: llama, max_position_embeddings: 128}",
+                           "schedule.knobs.seq_len=256", "schedule.knobs.batch_tokens=1024"])

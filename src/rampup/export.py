@@ -30,10 +30,9 @@ from rampup.errors import ConfigError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def hf_rope(spec, model_cfg) -> tuple[dict[str, Any], int | None]:
-    """(rope_parameters, max_position_embeddings override) for a RopeSpec."""
-    base = spec.base or model_cfg.rope_base
-    d = model_cfg.head_dim
+def hf_rope(spec, model_base: float, d: int) -> tuple[dict[str, Any], int | None]:
+    """(rope_parameters, max_position_embeddings override) for a RopeSpec over d rotary dims."""
+    base = spec.base or model_base
     if spec.method == "base":
         return {"rope_type": "default", "rope_theta": base}, None
     if spec.method == "ntk":
@@ -52,7 +51,7 @@ def hf_config(model_cfg, knobs: dict[str, Any], *, eos_token_id: int | None, dty
     import transformers
 
     spec, window = knobs["attention"], knobs["window"]
-    rope, max_pos = hf_rope(knobs["rope"], model_cfg)
+    rope, max_pos = hf_rope(knobs["rope"], model_cfg.rope_base, model_cfg.head_dim)
     common = dict(vocab_size=model_cfg.vocab_size, hidden_size=model_cfg.dim, intermediate_size=model_cfg.hidden,
                   num_hidden_layers=model_cfg.n_layers, num_attention_heads=model_cfg.n_heads,
                   num_key_value_heads=model_cfg.kv_heads, head_dim=model_cfg.head_dim, hidden_act="silu",
@@ -74,6 +73,22 @@ def hf_config(model_cfg, knobs: dict[str, Any], *, eos_token_id: int | None, dty
     return transformers.MistralConfig(sliding_window=window, **common)
 
 
+def hf_model_with_knobs(adapter, knobs: dict[str, Any], dtype: str):
+    """A Hugging Face model trained by rampup, its config carrying the last stage's RoPE and window."""
+    from rampup.knobs import KnobContext, KnobRunner
+
+    model = adapter.module
+    KnobRunner(KnobContext(adapter)).apply(knobs, model.config.max_position_embeddings)  # sets sliding_window
+    if adapter.supports("rope"):
+        rope, max_pos = hf_rope(knobs["rope"], adapter._base_theta, 2 * adapter._rotary.inv_freq.numel())
+        partial = (model.config.rope_parameters or {}).get("partial_rotary_factor")
+        model.config.rope_parameters = rope | ({"partial_rotary_factor": partial} if partial else {})
+        if max_pos:
+            model.config.max_position_embeddings = max_pos
+    model.config.dtype = dtype
+    return model
+
+
 def export_hf(path: str | Path, out_dir: str | Path, *, dtype: str = "float32") -> Path:
     """Write the checkpoint at ``path`` (a run folder: its latest) as a Hugging Face model folder."""
     import transformers
@@ -81,7 +96,7 @@ def export_hf(path: str | Path, out_dir: str | Path, *, dtype: str = "float32") 
     from rampup.data.tokenizer import EOT, eot_id
     from rampup.engine.checkpoint import load_checkpoint
     from rampup.longeval import open_run
-    from rampup.models.adapter import DecoderLMAdapter
+    from rampup.models.build import build_adapter
 
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -89,17 +104,21 @@ def export_hf(path: str | Path, out_dir: str | Path, *, dtype: str = "float32") 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{out} exists and is not an empty folder; export into a new folder (nothing was written)")
     ckpt, cfg, schedule = open_run(path, "rampup export")
-    adapter = DecoderLMAdapter.build(cfg.model)
+    adapter = build_adapter(cfg.model)
     state = load_checkpoint(ckpt, adapter.module, None).state  # verifies the manifest: a damaged one is refused
     knobs = schedule.at(min(int(state["progress"]["tokens"]), schedule.total_tokens - 1))
     tok = load_prepared_tokenizer(get_prepared(cfg.data))
-    hf_cfg = hf_config(cfg.model, knobs, eos_token_id=eot_id(tok), dtype=dtype)
-    model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(adapter.to_hf_state_dict(), strict=False)
-    missing = [k for k in missing if not (cfg.model.tie_embeddings and k == "lm_head.weight")]  # tied: one tensor
-    if missing or unexpected:
-        raise ConfigError(f"export to {type(model).__name__} does not match the weights (missing {missing[:3]}, "
-                          f"unexpected {list(unexpected)[:3]})")
+    if cfg.model.source == "hf":
+        model = hf_model_with_knobs(adapter, knobs, dtype)
+        hf_cfg = model.config
+    else:
+        hf_cfg = hf_config(cfg.model, knobs, eos_token_id=eot_id(tok), dtype=dtype)
+        model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
+        missing, unexpected = model.load_state_dict(adapter.to_hf_state_dict(), strict=False)
+        missing = [k for k in missing if not (cfg.model.tie_embeddings and k == "lm_head.weight")]  # tied: one tensor
+        if missing or unexpected:
+            raise ConfigError(f"export to {type(model).__name__} does not match the weights (missing {missing[:3]}, "
+                              f"unexpected {list(unexpected)[:3]})")
     model.to(DTYPES[dtype])
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOT,
                                                 model_max_length=hf_cfg.max_position_embeddings)

@@ -73,7 +73,17 @@ def passkey_example(filler: np.ndarray, seq_len: int, depth: float, key: int,
 
 
 @torch.no_grad()
-def passkey_accuracy(model: torch.nn.Module, template: PasskeyTemplate, stream: np.ndarray,
+def _logits(model, x: torch.Tensor) -> torch.Tensor:
+    """Logits of a ModelAdapter (hidden states through its head) or of a module returning them."""
+    if hasattr(model, "head") and hasattr(model, "module"):
+        from rampup.models.adapter import Batch
+
+        out = model.forward(Batch(x, x, {}))
+        return out.head(out.hidden)
+    return model(x)
+
+
+def passkey_accuracy(model, template: PasskeyTemplate, stream: np.ndarray,
                      lengths: list[int], depths: list[float], samples: int, *, seed: int = 0,
                      precision: str = "auto") -> dict[int, dict[float, float]]:
     """{length: {depth: fraction of examples whose every key token is the model's argmax}}.
@@ -83,9 +93,10 @@ def passkey_accuracy(model: torch.nn.Module, template: PasskeyTemplate, stream: 
     """
     from rampup.precision import autocast
 
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
+    module = model.module if hasattr(model, "module") else model  # an adapter or a plain module
+    was_training = module.training
+    module.eval()
+    device = next(module.parameters()).device
     rng = np.random.default_rng(seed)
     out: dict[int, dict[float, float]] = {}
     for T in lengths:
@@ -100,10 +111,10 @@ def passkey_accuracy(model: torch.nn.Module, template: PasskeyTemplate, stream: 
                 n_ans.append(n)
             batch = torch.from_numpy(np.stack(rows)).to(device)  # (S, T + 1)
             with autocast(device, precision):
-                pred = model(batch[:, :-1]).argmax(-1)  # (S, T)
+                pred = _logits(model, batch[:, :-1]).argmax(-1)  # (S, T)
             hits = [bool((pred[i, T - n:] == batch[i, T + 1 - n:]).all()) for i, n in enumerate(n_ans)]
             out[T][depth] = sum(hits) / len(hits)
-    model.train(was_training)
+    module.train(was_training)
     return out
 
 
@@ -205,7 +216,7 @@ def evaluate_run(path: str | Path, *, lengths: list[int] | None = None, passkey_
     from rampup.engine.checkpoint import load_checkpoint
     from rampup.engine.evaluation import evaluate_lengths, window_batches
     from rampup.knobs import KnobContext, KnobRunner
-    from rampup.models.adapter import DecoderLMAdapter
+    from rampup.models.build import build_adapter
     from rampup.precision import saved_precision
     from rampup.tasks import CausalLM
 
@@ -216,7 +227,7 @@ def evaluate_run(path: str | Path, *, lengths: list[int] | None = None, passkey_
     val = TokenDataset.open(prepared, "val")
     template = PasskeyTemplate(load_prepared_tokenizer(prepared))
 
-    adapter = DecoderLMAdapter.build(cfg.model)
+    adapter = build_adapter(cfg.model)
     model = adapter.module
     ck = load_checkpoint(ckpt, model, None)
     tokens = int(ck.state["progress"]["tokens"])
@@ -225,7 +236,7 @@ def evaluate_run(path: str | Path, *, lengths: list[int] | None = None, passkey_
     if rope is not None:
         knobs = knobs | {"rope": rope}
     longest = max(lengths)
-    if longest > model.max_seq_len:  # positions beyond the config's tables: extend them (no weights change)
+    if cfg.model.source == "reference" and longest > model.max_seq_len:  # extend the RoPE tables (no weights change)
         model.set_rope(max_seq_len=longest)
     task = CausalLM()
     runner = KnobRunner(KnobContext(adapter))
@@ -245,7 +256,7 @@ def evaluate_run(path: str | Path, *, lengths: list[int] | None = None, passkey_
     def passkey(n: int, loss: float) -> None:
         if stream is None or n < template.min_len():
             return
-        acc = passkey_accuracy(model, template, stream, [n], list(depths), passkey_samples, seed=seed,
+        acc = passkey_accuracy(adapter, template, stream, [n], list(depths), passkey_samples, seed=seed,
                                precision=precision)[n]
         result["passkey"][str(n)] = {f"{d:g}": a for d, a in acc.items()}
 

@@ -20,8 +20,7 @@ from rich.table import Table
 from rampup.config import RunConfig
 from rampup.errors import ConfigError
 from rampup.knobs import KNOBS, KnobContext, KnobRunner, check_knobs, check_supported
-from rampup.models.adapter import DecoderLMAdapter
-from rampup.models.llm import flops_per_token
+from rampup.models.build import build_adapter
 from rampup.optim import lr_at
 from rampup.schedule import Schedule
 from rampup.units import format_tokens
@@ -96,7 +95,7 @@ def make_plan(cfg: RunConfig, schedule: Schedule, shapes: list[tuple[int, int]] 
     curve: dict[str, list[float]] = {"tokens": [], "seq_len": [], "batch_size": [], "lr": []}
     # the knobs act on a weightless copy of the model (meta device), as they will on the live one,
     # and the adapter counts the FLOPs of what it then computes (honest attention FLOPs per pattern)
-    adapter = DecoderLMAdapter.build(cfg.model, "meta")
+    adapter = build_adapter(cfg.model, "meta")
     check_supported(adapter, cfg.schedule)
     runner = KnobRunner(KnobContext(adapter))
     dense_per_token = adapter.flops_per_item((1, 0))  # the 6N term; the rest is attention
@@ -123,7 +122,8 @@ def make_plan(cfg: RunConfig, schedule: Schedule, shapes: list[tuple[int, int]] 
             curve[key].append(val)
         n += 1
     base_len = schedule.max_knob("seq_len")
-    return Plan(schedule, stages, n, sum(s.flops for s in stages), flops_per_token(cfg.model, base_len) * total,
+    baseline = build_adapter(cfg.model, "meta").flops_per_item((1, base_len))  # causal, default knobs
+    return Plan(schedule, stages, n, sum(s.flops for s in stages), baseline * total,
                 base_len, curve)
 
 

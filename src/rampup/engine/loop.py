@@ -99,7 +99,7 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, *, resume: bool = False, display_mode: str | None = None,
                  build_model=None, task=None, data: RunData | None = None) -> None:
-        from rampup.models.adapter import DecoderLMAdapter
+        from rampup.models.build import build_adapter
         from rampup.tasks import CausalLM
 
         self.cfg, self.resume = cfg, resume
@@ -121,7 +121,7 @@ class Trainer:
         self.device = resolve_device(cfg.train.device)
         precision = resolve_precision(cfg.train.precision, self.device)  # a bf16 request CUDA cannot honour fails here
         torch.manual_seed(cfg.train.seed)
-        adapter = (build_model or (lambda c, d: DecoderLMAdapter.build(c.model, d)))(cfg, self.device)
+        adapter = (build_model or (lambda c, d: build_adapter(c.model, d)))(cfg, self.device)
         check_supported(adapter, cfg.schedule)
         optimizer = build_optimizer(adapter.module, cfg.optimizer)
         if cfg.train.compile:
@@ -309,7 +309,7 @@ class Trainer:
         template, p, cfg = cache["passkey_template"], self.progress, self.cfg
         if n < template.min_len():
             return
-        acc = passkey_accuracy(self.state.model.module, template, cache["passkey_stream"], [n], cfg.eval.passkey_depths,
+        acc = passkey_accuracy(self.state.model, template, cache["passkey_stream"], [n], cfg.eval.passkey_depths,
                                cfg.eval.passkey_samples, seed=cfg.train.seed, precision=precision)[n]
         self.metrics.write({"event": "passkey", "step": p.step, "tokens": p.tokens, "seq_len": n,
                             "accuracy": {f"{d:g}": a for d, a in acc.items()},

@@ -240,3 +240,4 @@ class DecoderLMAdapter:
             raise ConfigError(f"the Hugging Face state dict lacks {missing[:3]}; is it a Llama-family model "
                               "with this config's shape?")
         self.module.load_state_dict({ours[k]: v for k, v in state.items() if k in ours}, strict=False)
+

@@ -30,7 +30,7 @@ import torch.nn as nn
 from rampup.errors import ConfigError
 from rampup.models.adapter import Batch, ModelOutput
 
-FAMILIES = ("llama", "qwen2", "mistral", "gpt_neox", "gpt2")
+from rampup.models.llm import HF_FAMILIES as FAMILIES  # noqa: E402
 _WINDOWED = ("mistral",)
 
 
@@ -58,8 +58,18 @@ class HFCausalLMAdapter:
         if family not in FAMILIES:
             raise ConfigError(f"model_type {family!r} is not supported; give one of {', '.join(FAMILIES)}")
         hf_cfg = transformers.AutoConfig.for_model(family, **config)
-        module = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
-        return cls(module.to(device))
+        with torch.device(device):
+            module = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
+        return cls(module)
+
+    @classmethod
+    def from_folder_config(cls, path: str | Path, device: torch.device | str = "meta") -> HFCausalLMAdapter:
+        """The architecture of a model folder without its weights (for plans, on the meta device)."""
+        import transformers
+
+        hf_cfg = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
+        with torch.device(device):
+            return cls(transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32))
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: torch.device | str = "cpu") -> HFCausalLMAdapter:

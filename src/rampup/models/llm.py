@@ -17,22 +17,36 @@ m = DecoderLM(ModelConfig(dim=64, n_layers=2)); print(m(torch.randint(0, 4096, (
 """
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import field_validator, model_validator
 
-from rampup.configbase import Section
+from rampup.configbase import Section, choice
 from rampup.models.docmask import DocumentSpans, document_mask, document_spans, per_document_attention
 from rampup.models.attention import Pattern, banded_attention, masked_pattern_attention
 from rampup.errors import ConfigError
 
 
-class ModelConfig(Section):
-    """Shape of the decoder language model."""
+HF_FAMILIES = ("llama", "qwen2", "mistral", "gpt_neox", "gpt2")
+"""Hugging Face model types that model.source: hf accepts (rampup.models.hf)."""
 
+
+class ModelConfig(Section):
+    """The model: rampup's reference decoder LM (its shape below) or a Hugging Face causal LM."""
+
+    source: choice("reference", "hf") = "reference"
+    """reference: rampup's DecoderLM, shaped by the fields below; hf: a Hugging Face causal LM
+    (Llama, Qwen2, Mistral, GPT-NeoX, GPT-2) from model.path or model.hf_config."""
+    path: str | None = None
+    """source hf: a local model folder (config.json and safetensors weights), for continued pre-training."""
+    hf_config: dict[str, Any] | None = None
+    """source hf: an inline transformers config with its model_type, for a freshly initialised model."""
     vocab_size: int = 4096
     """Number of token ids; must match the tokenizer."""
     dim: int = 256
@@ -79,6 +93,29 @@ class ModelConfig(Section):
         if not v > 1:
             raise ValueError(f"model.rope_base must be > 1 (typically 10000), got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _hf(self) -> ModelConfig:
+        if self.source == "reference":
+            if self.path is not None or self.hf_config is not None:
+                raise ValueError("model.path and model.hf_config are for model.source: hf; set source: hf or remove them")
+            return self
+        if (self.path is None) == (self.hf_config is None):
+            raise ValueError("model.source hf needs exactly one of model.path (a local model folder) or "
+                             "model.hf_config (an inline config with model_type)")
+        if self.path is not None:
+            cfg_file = Path(self.path) / "config.json"
+            if not cfg_file.is_file():
+                raise ValueError(f"model.path {self.path} has no config.json; give a Hugging Face model folder")
+            d = json.loads(cfg_file.read_text())
+        else:
+            d = self.hf_config
+        if d.get("model_type") not in HF_FAMILIES:
+            raise ValueError(f"model type {d.get('model_type')!r} is not supported; use one of {', '.join(HF_FAMILIES)}")
+        # the Hugging Face config is the truth for what rampup checks against (tokenizer, seq_len)
+        self.__dict__["vocab_size"] = int(d.get("vocab_size") or self.vocab_size)
+        self.__dict__["max_seq_len"] = int(d.get("max_position_embeddings") or d.get("n_positions") or self.max_seq_len)
+        return self
 
     @model_validator(mode="after")
     def _shapes(self) -> ModelConfig:

@@ -1,0 +1,20 @@
+"""Which adapter a ModelConfig asks for (kept apart from both adapters, which must not import each other)."""
+from __future__ import annotations
+
+import torch
+
+from rampup.models.adapter import DecoderLMAdapter
+
+
+def build_adapter(cfg, device: torch.device | str = "cpu"):
+    """The adapter a ModelConfig asks for: the reference DecoderLM, or a Hugging Face causal LM
+    (its folder's weights, or fresh from its inline config; on the meta device, weights are not read)."""
+    if cfg.source == "reference":
+        return DecoderLMAdapter.build(cfg, device)
+    from rampup.models.hf import HFCausalLMAdapter
+
+    if cfg.hf_config is not None:
+        return HFCausalLMAdapter.from_config(cfg.hf_config, device)
+    if str(device) == "meta":
+        return HFCausalLMAdapter.from_folder_config(cfg.path, device)
+    return HFCausalLMAdapter.from_pretrained(cfg.path, device)
