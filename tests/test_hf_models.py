@@ -211,3 +211,54 @@ def test_bad_hf_model_settings_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="exceeds model.max_seq_len 128"):
         load_config(None, ["model.source=hf", "model.hf_config={model_type: llama, max_position_embeddings: 128}",
                            "schedule.knobs.seq_len=256", "schedule.knobs.batch_tokens=1024"])
+
+
+def model_folder(folder, *, with_tokenizer=True):
+    """A local Hugging Face model folder, as `save_pretrained` writes it: a tiny Llama and a real BPE
+    tokenizer (trained here on the standard library's own source) whose end-of-text token is </s>."""
+    import sysconfig
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    texts = [p.read_text(errors="replace") for p in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:30]]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=600, special_tokens=["<s>", "</s>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    a = HFCausalLMAdapter.from_config(FAMILIES["llama"] | {"vocab_size": tok.get_vocab_size(), "eos_token_id": 1,
+                                                           "bos_token_id": 0})
+    a.module.save_pretrained(folder, safe_serialization=True)
+    if with_tokenizer:
+        transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", bos_token="<s>").save_pretrained(folder)
+    return tok
+
+
+def test_continued_pretraining_uses_the_models_own_tokenizer_and_eos(data_cache, tmp_path):
+    from rampup.config import load_config
+    from rampup.data.dataset import TokenDataset
+    from rampup.data.prepare import get_prepared
+    from rampup.engine.trainer import train
+
+    tok = model_folder(tmp_path / "model")
+    cfg = load_config(None, ["model.source=hf", f"model.path={tmp_path / 'model'}", "data.max_files=40",
+                             f"data.cache_dir={tmp_path / 'cache'}", f"train.out_dir={tmp_path / 'run'}",
+                             "train.duration=6 steps", "train.checkpoint_every=null", "log.progress=off",
+                             "schedule.knobs.seq_len=128", "schedule.knobs.batch_tokens=1024",
+                             "eval.max_tokens=1024"])
+    assert cfg.data.tokenizer.path == str(tmp_path / "model" / "tokenizer.json") and cfg.data.tokenizer.eot == "</s>"
+    summary = train(cfg)
+    ds = TokenDataset.open(get_prepared(cfg.data), "train")
+    assert ds.eot_id == tok.token_to_id("</s>") == 1 and ds.vocab_size == tok.get_vocab_size()
+    assert all(int(ds.doc(i)[-1]) == 1 for i in range(ds.n_docs))  # every document ends with the model's eos
+    assert summary["steps"] == 6
+    out = __import__("rampup.export", fromlist=["export_hf"]).export_hf(tmp_path / "run", tmp_path / "hf")
+    assert transformers.AutoTokenizer.from_pretrained(out).eos_token == "</s>"
+
+
+def test_a_model_folder_without_a_fast_tokenizer_is_named(tmp_path):
+    from rampup.config import load_config
+
+    model_folder(tmp_path / "model", with_tokenizer=False)
+    with pytest.raises(ConfigError, match="has no tokenizer.json"):
+        load_config(None, ["model.source=hf", f"model.path={tmp_path / 'model'}"])

@@ -121,6 +121,26 @@ class LogConfig(Section):
         return self
 
 
+def hf_folder_tokenizer(folder: Path) -> tuple[str, str]:
+    """(tokenizer.json path, eos token) of a Hugging Face model folder; ValueError naming what is missing."""
+    import json
+
+    fast = folder / "tokenizer.json"
+    if not fast.is_file():
+        raise ValueError(f"model.path {folder} has no tokenizer.json (a fast tokenizer); write one with "
+                         "transformers: AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR), or set "
+                         "data.tokenizer.path")
+    eos = None
+    tc = folder / "tokenizer_config.json"
+    if tc.is_file():
+        eos = json.loads(tc.read_text()).get("eos_token")
+        eos = eos.get("content") if isinstance(eos, dict) else eos
+    if eos is None:
+        raise ValueError(f"model.path {folder}: its tokenizer_config.json names no eos_token, which rampup needs "
+                         "to end every document; set data.tokenizer.eot to the model's end-of-text token")
+    return str(fast), eos
+
+
 class RunConfig(Section):
     """A whole run. Sections: model, data, schedule, optimizer, train, eval, log."""
 
@@ -143,6 +163,11 @@ class RunConfig(Section):
             if n > limit:
                 raise ValueError(f"eval.seq_lens has {n}, beyond model.max_seq_len {limit}")
         tok = self.data.tokenizer
+        if self.model.source == "hf" and self.model.path is not None and tok.path is None:
+            # continued pre-training: the corpus is tokenized by the model's own tokenizer, ending
+            # documents with its own eos
+            tok.path, eos = hf_folder_tokenizer(Path(self.model.path))
+            tok.eot = tok.eot or eos
         if tok.path is None:
             if "vocab_size" in tok.model_fields_set and tok.vocab_size != self.model.vocab_size:
                 raise ValueError(f"data.tokenizer.vocab_size {tok.vocab_size} differs from model.vocab_size "

@@ -112,7 +112,7 @@ def export_hf(path: str | Path, out_dir: str | Path, *, dtype: str = "float32") 
         model = hf_model_with_knobs(adapter, knobs, dtype)
         hf_cfg = model.config
     else:
-        hf_cfg = hf_config(cfg.model, knobs, eos_token_id=eot_id(tok), dtype=dtype)
+        hf_cfg = hf_config(cfg.model, knobs, eos_token_id=eot_id(tok, cfg.data.tokenizer.eot or EOT), dtype=dtype)
         model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
         missing, unexpected = model.load_state_dict(adapter.to_hf_state_dict(), strict=False)
         missing = [k for k in missing if not (cfg.model.tie_embeddings and k == "lm_head.weight")]  # tied: one tensor
@@ -120,7 +120,7 @@ def export_hf(path: str | Path, out_dir: str | Path, *, dtype: str = "float32") 
             raise ConfigError(f"export to {type(model).__name__} does not match the weights (missing {missing[:3]}, "
                               f"unexpected {list(unexpected)[:3]})")
     model.to(DTYPES[dtype])
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOT,
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=cfg.data.tokenizer.eot or EOT,
                                                 model_max_length=hf_cfg.max_position_embeddings)
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)

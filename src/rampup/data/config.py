@@ -14,6 +14,10 @@ class TokenizerConfig(Section):
     path: str | None = None
     """A Hugging Face tokenizer.json to load; unset trains a byte-level BPE on the corpus."""
 
+    eot: str | None = None
+    """The token that ends every document: None means rampup's `<|endoftext|>`; for model.source: hf
+    with model.path it is the model's own eos token (set from the model folder)."""
+
     vocab_size: int = Field(default=4096, ge=257)
     """Vocabulary size of the trained tokenizer (256 byte tokens + the end-of-text token at least).
     Ignored when `path` is set; a tiny corpus may yield fewer merges than asked for."""

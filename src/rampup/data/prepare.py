@@ -35,7 +35,7 @@ from tokenizers import Tokenizer
 
 from rampup.data.config import DataConfig
 from rampup.data.corpus import STDLIB, CorpusStats, iter_documents, resolve_source
-from rampup.data.tokenizer import eot_id, load_tokenizer, train_tokenizer
+from rampup.data.tokenizer import EOT, eot_id, load_tokenizer, train_tokenizer
 from rampup.errors import DataError
 
 FORMAT_VERSION = 2  # 2: shard and index checksums in meta.json
@@ -140,6 +140,8 @@ def _location(cfg: DataConfig, files: list[Path]) -> tuple[Path, dict]:
         sha = hashlib.blake2b(tok_path.read_bytes(), digest_size=16).hexdigest() \
             if tok_path.is_file() else None
         tokenizer = {"path": str(tok_path), "blake2b": sha}
+        if cfg.tokenizer.eot is not None:
+            tokenizer["eot"] = cfg.tokenizer.eot
     else:
         tokenizer = {"train_vocab_size": cfg.tokenizer.vocab_size}
     settings = {
@@ -195,7 +197,7 @@ def _build(
     is_val = _assign_val(np.array(buckets), threshold)
 
     vocab_size = tok.get_vocab_size()
-    eot = eot_id(tok)
+    eot = eot_id(tok, cfg.tokenizer.eot or EOT)
     dtype = token_dtype(vocab_size)
     tok.save(str(out / TOKENIZER))
     # A literal "<|endoftext|>" inside a document is text, not a document boundary.

@@ -44,12 +44,13 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise DataError(f"tokenizer file '{path}' is not a valid tokenizer.json: {e}") from None
 
 
-def eot_id(tok: Tokenizer) -> int:
-    """The id of ``EOT``; a loaded tokenizer without it cannot mark document ends."""
-    i = tok.token_to_id(EOT)
+def eot_id(tok: Tokenizer, token: str = EOT) -> int:
+    """The id of the end-of-text ``token``; a loaded tokenizer without it cannot mark document ends."""
+    i = tok.token_to_id(token)
     if i is None:
         raise DataError(
-            f"the tokenizer has no '{EOT}' token, which rampup uses to end every document; "
-            "add it as a special token or let rampup train a tokenizer (unset data.tokenizer.path)"
+            f"the tokenizer has no '{token}' token, which rampup uses to end every document; "
+            "add it as a special token, name the tokenizer's own end-of-text token in data.tokenizer.eot, "
+            "or let rampup train a tokenizer (unset data.tokenizer.path)"
         )
     return i
