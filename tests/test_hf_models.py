@@ -110,6 +110,11 @@ def test_mistral_windows_through_its_own_sliding_window():
         a.set_attention(AttentionSpec(kind="window"), 16)
         out = a.forward(Batch(x, x, {}))
         torch.testing.assert_close(out.head(out.hidden), full)
+        from rampup.tasks import CausalLM
+
+        one_doc = CausalLM(-1, doc_mask=True).make_batch(x, x)  # no end-of-text: one document per row
+        out = a.forward(one_doc)  # a given mask bypasses Mistral's own: the window is folded into it
+        torch.testing.assert_close(out.head(out.hidden), full)
         a.set_attention(AttentionSpec(), 0)
         out = a.forward(Batch(x, x, {}))
         assert not torch.allclose(out.head(out.hidden), full)
@@ -262,3 +267,31 @@ def test_a_model_folder_without_a_fast_tokenizer_is_named(tmp_path):
     model_folder(tmp_path / "model", with_tokenizer=False)
     with pytest.raises(ConfigError, match="has no tokenizer.json"):
         load_config(None, ["model.source=hf", f"model.path={tmp_path / 'model'}"])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
+def test_document_masking_equals_each_document_alone(family):
+    from rampup.data.packing import document_positions, segment_ids
+    from rampup.tasks import CausalLM
+
+    a = HFCausalLMAdapter.from_config(FAMILIES[family])
+    a.module.eval()
+    x = torch.randint(1, 512, (2, 30), generator=torch.Generator().manual_seed(3))
+    x[0, 9] = x[1, 19] = 0  # token 0 ends a document
+    b = CausalLM(0, doc_mask=True, restart_positions=True).make_batch(x, x)
+    assert torch.equal(b.extra["positions"], document_positions(segment_ids(x, 0)))
+    with torch.no_grad():
+        packed = a.forward(b).hidden
+        for row, cut in ((0, 10), (1, 20)):
+            alone = torch.cat([a.forward(Batch(x[row:row + 1, :cut], x, {})).hidden,
+                               a.forward(Batch(x[row:row + 1, cut:], x, {})).hidden], dim=1)
+            torch.testing.assert_close(packed[row:row + 1], alone)
+
+
+def test_an_hf_model_trains_with_document_masking(data_cache, tmp_path):
+    from rampup.engine.trainer import train
+
+    tree = tiny_tree(data_cache, tmp_path / "run", train={"duration": "6 steps", "checkpoint_every": None},
+                     log={"progress": "off"}, data={"doc_mask": True, "restart_positions": True})
+    summary = train(RunConfig.model_validate(tree), build_model=builder(FAMILIES["llama"]))
+    assert summary["steps"] == 6 and summary["val_loss"]["256"] < 6.2

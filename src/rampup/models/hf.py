@@ -13,7 +13,9 @@ like the reference model (``train(cfg, build_model=...)``). What the knobs do to
 
 Loading runs no code from files: safetensors weights only (a folder with pickled ``.bin`` weights
 is refused with the conversion to do), never ``trust_remote_code``; weights are fp32 master weights
-whatever their saved dtype. Document masking (data.doc_mask) is not supported for these models yet.
+whatever their saved dtype. Document masking (data.doc_mask) goes in as a 4-d bool attention mask
+(dense, T x T per row: every family takes it) with position ids restarting per document when
+data.restart_positions is set (GPT-2's learned positions need that to see each document alone).
 
     from rampup.models.hf import HFCausalLMAdapter
     adapter = HFCausalLMAdapter.from_config({"model_type": "llama", "hidden_size": 64, ...})
@@ -94,12 +96,32 @@ class HFCausalLMAdapter:
     # ------------------------------------------------------------------ the seam
     def forward(self, batch: Batch) -> ModelOutput:
         extra = dict(batch.extra)
-        if "spans" in extra or "segments" in extra or "attn_mask" in extra:
-            raise ConfigError(f"document masking (data.doc_mask) is not supported for Hugging Face models "
-                              f"({self.family}) yet; set data.doc_mask: false")
         kwargs = {"position_ids": extra.pop("positions")} if "positions" in extra else {}
+        mask = self._document_mask(batch.inputs, extra)
+        if mask is not None:
+            kwargs["attention_mask"] = mask
         hidden = self._hidden if self.module.training else self.base.forward
         return ModelOutput(hidden(input_ids=batch.inputs, **kwargs).last_hidden_state, self.head)
+
+    def _document_mask(self, idx: torch.Tensor, extra: dict[str, Any]) -> torch.Tensor | None:
+        """Document masking as the 4-d bool mask (B, 1, T, T) every family's attention accepts, the
+        model's own sliding window folded in (its mask function is bypassed by a given mask)."""
+        from rampup.models.docmask import document_mask
+
+        spans, seg, mask = extra.pop("spans", None), extra.pop("segments", None), extra.pop("attn_mask", None)
+        if spans is not None:
+            seg = spans.segment_ids(idx.device)
+        if seg is not None:
+            mask = document_mask(seg)
+        if mask is None:
+            return None
+        T = idx.shape[1]
+        i = torch.arange(T, device=idx.device)
+        allowed = i[:, None] >= i[None, :]  # causal, in case the given mask is not
+        w = getattr(self.module.config, "sliding_window", None)
+        if w:
+            allowed = allowed & (i[:, None] - i[None, :] < w)
+        return mask & allowed
 
     def hidden_states(self, batch: Batch, layers: Iterable[int]) -> dict[int, torch.Tensor]:
         """Hidden states after block i (i < n), and the final-normed ones under key n."""
