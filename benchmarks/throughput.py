@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 
 from rampup.config import RunConfig, load_config
 from rampup.data.dataset import TokenDataset
@@ -57,9 +58,20 @@ RESULTS = ROOT / "benchmarks" / "results" / "throughput.json"
 TARGET = 0.97
 
 
-def make_config(steps: int, seq_len: int, batch_tokens: int, out_dir: Path, precision: str = "auto") -> RunConfig:
+def hf_overrides(cfg: RunConfig) -> list[str]:
+    """The same-shape Hugging Face LlamaForCausalLM as the reference model of ``cfg`` (model.source: hf)."""
+    m = cfg.model
+    hf = {"model_type": "llama", "vocab_size": m.vocab_size, "hidden_size": m.dim, "intermediate_size": m.hidden,
+          "num_hidden_layers": m.n_layers, "num_attention_heads": m.n_heads, "num_key_value_heads": m.kv_heads,
+          "max_position_embeddings": m.max_seq_len, "rms_norm_eps": m.norm_eps, "rope_theta": m.rope_base,
+          "tie_word_embeddings": m.tie_embeddings}
+    return ["model.source=hf", "model.hf_config=" + yaml.safe_dump(hf, default_flow_style=True).strip()]
+
+
+def make_config(steps: int, seq_len: int, batch_tokens: int, out_dir: Path, precision: str = "auto",
+                extra: list[str] = ()) -> RunConfig:
     """demo_baseline.yaml at one fixed shape, ``steps`` steps long, with nothing between steps but training."""
-    return load_config(BASE_CONFIG, [
+    return load_config(BASE_CONFIG, [*extra, 
         f"schedule.knobs.seq_len={seq_len}",
         f"schedule.knobs.batch_tokens={batch_tokens}",
         f"train.duration={steps} steps",
@@ -82,9 +94,9 @@ def rate(walls: list[float], tokens: list[int]) -> tuple[float, float]:
     return sum(tokens[1:]) / (walls[-1] - walls[0]), statistics.median(np.diff(walls).tolist())
 
 
-def run_engine(steps: int, seq_len: int, batch_tokens: int, precision: str) -> tuple[float, float]:
+def run_engine(steps: int, seq_len: int, batch_tokens: int, precision: str, extra: list[str] = ()) -> tuple[float, float]:
     with tempfile.TemporaryDirectory(prefix="rampup-bench-") as tmp:
-        cfg = make_config(steps, seq_len, batch_tokens, Path(tmp) / "run", precision)
+        cfg = make_config(steps, seq_len, batch_tokens, Path(tmp) / "run", precision, extra)
         summary = train(cfg, display_mode="off")
         recs = [r for r in read_metrics(Path(summary["metrics"])) if r.get("event") == "step"]
     assert len(recs) == steps and all(r["seq_len"] == seq_len for r in recs), "unexpected schedule"
@@ -98,13 +110,21 @@ def load_tokens(cfg: RunConfig) -> torch.Tensor:
     return torch.from_numpy(np.concatenate([np.asarray(s) for s in ds.shards]).astype(np.int64))
 
 
-def run_bare(cfg: RunConfig, data: torch.Tensor, steps: int, precision: str) -> tuple[float, float]:
-    """The hand-written reference loop; same model, shapes, precision and optimizer settings."""
+def run_bare(cfg: RunConfig, data: torch.Tensor, steps: int, precision: str, hf: bool = False) -> tuple[float, float]:
+    """The hand-written reference loop; same model, shapes, precision and optimizer settings
+    (``hf``: the same-shape transformers LlamaForCausalLM instead of rampup's DecoderLM)."""
     T = cfg.schedule.knobs["seq_len"]
     B = cfg.schedule.knobs["batch_tokens"] // T
     oc = cfg.optimizer
     torch.manual_seed(cfg.train.seed)
-    model = DecoderLM(cfg.model)
+    if hf:
+        import transformers
+
+        hf_cfg = yaml.safe_load(hf_overrides(cfg)[1].split("=", 1)[1])
+        model = transformers.AutoModelForCausalLM.from_config(
+            transformers.AutoConfig.for_model(hf_cfg.pop("model_type"), **hf_cfg), dtype=torch.float32)
+    else:
+        model = DecoderLM(cfg.model)
     model.train()
     params = list(model.parameters())
     optimizer = torch.optim.AdamW(
@@ -118,7 +138,7 @@ def run_bare(cfg: RunConfig, data: torch.Tensor, steps: int, precision: str) -> 
         rows = torch.stack([data[s:s + T + 1] for s in starts.tolist()])  # (B, T+1)
         x, y = rows[:, :-1], rows[:, 1:]
         with autocast(torch.device("cpu"), precision):
-            logits = model(x)  # (B, T, V)
+            logits = model(x).logits if hf else model(x)  # (B, T, V)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, oc.grad_clip if oc.grad_clip else math.inf)
@@ -139,6 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
                     help="precision of the engine/bare pairs (default auto: what train.precision: auto picks here)")
     ap.add_argument("--precision-repeats", type=int, default=3,
                     help="bare-loop fp32/bf16 pairs for bf16_over_fp32 (default 3; 0 skips)")
+    ap.add_argument("--no-hf", action="store_true", help="skip the Hugging Face Llama arms")
     ap.add_argument("--quick", action="store_true", help="smoke run: 6 steps, 2 repeats")
     ap.add_argument("--out", type=Path, default=RESULTS, help=f"results file (default {RESULTS.relative_to(ROOT)})")
     args = ap.parse_args(argv)
@@ -169,6 +190,14 @@ def main(argv: list[str] | None = None) -> dict:
                         "engine_median_step_s": round(e_step, 4), "bare_median_step_s": round(b_step, 4)})
         print(f"  repeat {i + 1}: engine {e:9,.0f} tok/s   bare {b:9,.0f} tok/s   ratio {e / b:.3f}   "
               f"median step {e_step:.3f} s vs {b_step:.3f} s")
+        if not args.no_hf:
+            gc.collect()
+            he, _ = run_engine(args.steps, args.seq_len, args.batch_tokens, prec, hf_overrides(cfg))
+            gc.collect()
+            hb, _ = run_bare(cfg, data, args.steps, prec, hf=True)
+            repeats[-1] |= {"hf_engine_tok_per_s": round(he, 1), "hf_bare_tok_per_s": round(hb, 1),
+                            "hf_ratio": round(he / hb, 4)}
+            print(f"            HF Llama: engine {he:9,.0f} tok/s   bare {hb:9,.0f} tok/s   ratio {he / hb:.3f}")
 
     eng = statistics.median(r["engine_tok_per_s"] for r in repeats)
     bare = statistics.median(r["bare_tok_per_s"] for r in repeats)
@@ -185,8 +214,18 @@ def main(argv: list[str] | None = None) -> dict:
               f"bf16 {by_precision['bf16'][-1]:9,.0f} tok/s")
     bf16_over_fp32 = (round(statistics.median(by_precision["bf16"]) / statistics.median(by_precision["fp32"]), 3)
                       if args.precision_repeats else None)
+    hf = {}
+    if not args.no_hf:
+        he = statistics.median(r["hf_engine_tok_per_s"] for r in repeats)
+        hb = statistics.median(r["hf_bare_tok_per_s"] for r in repeats)
+        hf = {"hf_engine_tok_per_s": round(he, 1), "hf_bare_tok_per_s": round(hb, 1),
+              "hf_engine_over_bare": round(he / hb, 4),
+              "reference_over_hf_llama_under_engine": round(eng / he, 4)}
+        print(f"  HF Llama: engine/bare = {he / hb:.3f}; rampup DecoderLM / same-shape LlamaForCausalLM under "
+              f"the engine = {eng / he:.3f}")
     result = {
         "machine": machine,
+        **hf,
         "engine_tok_per_s": round(eng, 1), "bare_tok_per_s": round(bare, 1), "engine_over_bare": round(ratio, 4),
         "engine_over_bare_by_median_step": round(step_ratio, 4),
         "repeats": repeats,

@@ -213,6 +213,11 @@ def test_bad_hf_model_settings_are_config_errors(tmp_path):
         load_config(None, ["model.source=hf", "model.hf_config={model_type: bert}"])
     with pytest.raises(ConfigError, match="for model.source: hf"):
         load_config(None, [f"model.path={tmp_path}"])
+    from rampup.models.build import build_adapter
+
+    cfg = load_config(None, ["model.source=hf", "model.hf_config={model_type: llama, rms_norm_eps: 1e-5}"])
+    with pytest.raises(ConfigError, match="not a valid llama config.*write 1.0e-5"):
+        build_adapter(cfg.model, "meta")  # what rampup plan and train do first
     with pytest.raises(ConfigError, match="exceeds model.max_seq_len 128"):
         load_config(None, ["model.source=hf", "model.hf_config={model_type: llama, max_position_embeddings: 128}",
                            "schedule.knobs.seq_len=256", "schedule.knobs.batch_tokens=1024"])

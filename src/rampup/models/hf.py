@@ -59,7 +59,11 @@ class HFCausalLMAdapter:
         family = config.pop("model_type", None)
         if family not in FAMILIES:
             raise ConfigError(f"model_type {family!r} is not supported; give one of {', '.join(FAMILIES)}")
-        hf_cfg = transformers.AutoConfig.for_model(family, **config)
+        try:
+            hf_cfg = transformers.AutoConfig.for_model(family, **config)
+        except (TypeError, ValueError) as e:  # transformers' strict config fields
+            raise ConfigError(f"model.hf_config is not a valid {family} config: {e} (YAML reads a float "
+                              "written 1e-5 as a string: write 1.0e-5)") from None
         with torch.device(device):
             module = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
         return cls(module)
