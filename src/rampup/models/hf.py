@@ -61,8 +61,9 @@ class HFCausalLMAdapter:
             raise ConfigError(f"model_type {family!r} is not supported; give one of {', '.join(FAMILIES)}")
         try:
             hf_cfg = transformers.AutoConfig.for_model(family, **config)
-        except (TypeError, ValueError) as e:  # transformers' strict config fields
-            raise ConfigError(f"model.hf_config is not a valid {family} config: {e} (YAML reads a float "
+        except Exception as e:  # transformers validates its config fields strictly (its own error types)
+            why = " ".join(str(e).split())
+            raise ConfigError(f"model.hf_config is not a valid {family} config: {why} (YAML reads a float "
                               "written 1e-5 as a string: write 1.0e-5)") from None
         with torch.device(device):
             module = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
