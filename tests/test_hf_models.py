@@ -300,3 +300,36 @@ def test_an_hf_model_trains_with_document_masking(data_cache, tmp_path):
                      log={"progress": "off"}, data={"doc_mask": True, "restart_positions": True})
     summary = train(RunConfig.model_validate(tree), build_model=builder(FAMILIES["llama"]))
     assert summary["steps"] == 6 and summary["val_loss"]["256"] < 6.2
+
+
+@pytest.mark.slow
+def test_a_shipped_hf_config_killed_mid_run_resumes_bitwise(data_cache, tmp_path):
+    """Real processes: `rampup train configs/hf/llama_staged.yaml` (shrunk by --set) SIGKILLed after its
+    step-4 checkpoint, while the RoPE change of its last stage lies ahead, then resumed with --resume."""
+    import subprocess
+
+    from conftest import rampup_cmd, run_rampup, step_losses, wait_for, weights
+
+    path = next(p for p in SHIPPED if p.stem == "llama_staged")
+
+    def sets(out):
+        small = [f"data.cache_dir={data_cache}", "data.max_files=40", f"train.out_dir={out}",
+                 "train.duration=8 steps", "train.checkpoint_every=2 steps", "eval.max_tokens=2048",
+                 "eval.every=null", "log.progress=plain", "schedule.knobs.batch_tokens=2048",
+                 "schedule.stages.0.seq_len=64", "schedule.stages.1.seq_len=256", "eval.seq_lens=[256]",
+                 "train.threads=1"]
+        return [a for s in small for a in ("--set", s)]
+
+    ref = run_rampup("train", str(path), *sets(tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stderr
+    out = tmp_path / "run"
+    env = {**__import__("os").environ, "PYTHONHASHSEED": "0", "RAMPUP_FAULT_STALL_STEPS": "5:60"}
+    proc = subprocess.Popen(rampup_cmd("train", str(path), *sets(out)), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env)
+    wait_for(lambda: (out / "checkpoints" / "step_0000004").is_dir(), proc)
+    proc.kill()
+    proc.wait()
+    res = run_rampup("train", str(out / "config.yaml"), "--resume")
+    assert res.returncode == 0, res.stderr
+    assert step_losses(out) == step_losses(tmp_path / "ref")  # bitwise: floats compared exactly
+    assert weights(out) == weights(tmp_path / "ref")
