@@ -147,34 +147,21 @@ def test_model_folders_load_safetensors_only_and_name_what_is_wrong(tmp_path):
 SHIPPED = sorted((Path(__file__).parent.parent / "configs" / "hf").glob("*.yaml"))
 
 
+def overrides(path, data_cache, out):
+    """--set values that shrink a shipped HF config to a few steps on the tests' small corpus."""
+    small = [f"data.cache_dir={data_cache}", "data.max_files=40", f"train.out_dir={out}", "train.duration=8 steps",
+             "train.checkpoint_every=2 steps", "eval.max_tokens=2048", "eval.every=null", "log.progress=plain",
+             "schedule.knobs.batch_tokens=2048", "train.threads=1"]
+    if "buckets" in path.name:
+        return small + ["data.buckets.max_log2=8", "schedule.knobs.seq_len=256", "data.buckets.repeat=true",
+                        "eval.seq_lens=[256]"]
+    return small + ["schedule.stages.0.seq_len=64", "schedule.stages.1.seq_len=256", "eval.seq_lens=[256]"]
+
+
 def shipped(path, data_cache, out):
     from rampup.config import load_config
 
-    small = [f"data.cache_dir={data_cache}", "data.max_files=40", f"train.out_dir={out}", "train.duration=8 steps",
-             "train.checkpoint_every=4 steps", "eval.max_tokens=2048", "eval.every=null", "log.progress=plain",
-             "schedule.knobs.batch_tokens=2048"]
-    if "buckets" in path.name:
-        small += ["data.buckets.max_log2=8", "schedule.knobs.seq_len=256", "data.buckets.repeat=true",
-                  "eval.seq_lens=[256]"]
-    else:
-        small += ["schedule.stages.0.seq_len=64", "schedule.stages.1.seq_len=256", "eval.seq_lens=[256]"]
-    return load_config(path, small)
-
-
-@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
-def test_shipped_hf_configs_train_and_resume_bitwise(data_cache, tmp_path, path):
-    from rampup.engine.trainer import train
-
-    cfg = shipped(path, data_cache, tmp_path / "full")
-    assert cfg.model.source == "hf"
-    full = train(cfg)
-    assert full["steps"] == 8
-    shutil.copytree(tmp_path / "full", tmp_path / "resumed")
-    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step_0000008")
-    resumed = train(shipped(path, data_cache, tmp_path / "resumed"), resume=True)
-    assert resumed["val_loss"] == full["val_loss"]
-    assert (tmp_path / "resumed" / "checkpoints" / "step_0000008" / "model.safetensors").read_bytes() == \
-        (tmp_path / "full" / "checkpoints" / "step_0000008" / "model.safetensors").read_bytes()
+    return load_config(path, overrides(path, data_cache, out))
 
 
 def test_an_hf_run_exports_with_its_last_stages_rope(data_cache, tmp_path):
@@ -303,27 +290,22 @@ def test_an_hf_model_trains_with_document_masking(data_cache, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_shipped_hf_config_killed_mid_run_resumes_bitwise(data_cache, tmp_path):
-    """Real processes: `rampup train configs/hf/llama_staged.yaml` (shrunk by --set) SIGKILLed after its
-    step-4 checkpoint, while the RoPE change of its last stage lies ahead, then resumed with --resume."""
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_hf_configs_killed_mid_run_resume_bitwise(data_cache, tmp_path, path):
+    """Real processes: `rampup train configs/hf/X.yaml` (shrunk by --set) SIGKILLed mid-step after its
+    step-4 checkpoint (the staged configs' RoPE change still ahead), then resumed with --resume."""
+    import os
     import subprocess
 
     from conftest import rampup_cmd, run_rampup, step_losses, wait_for, weights
 
-    path = next(p for p in SHIPPED if p.stem == "llama_staged")
-
     def sets(out):
-        small = [f"data.cache_dir={data_cache}", "data.max_files=40", f"train.out_dir={out}",
-                 "train.duration=8 steps", "train.checkpoint_every=2 steps", "eval.max_tokens=2048",
-                 "eval.every=null", "log.progress=plain", "schedule.knobs.batch_tokens=2048",
-                 "schedule.stages.0.seq_len=64", "schedule.stages.1.seq_len=256", "eval.seq_lens=[256]",
-                 "train.threads=1"]
-        return [a for s in small for a in ("--set", s)]
+        return [a for s in overrides(path, data_cache, out) for a in ("--set", s)]
 
     ref = run_rampup("train", str(path), *sets(tmp_path / "ref"))
     assert ref.returncode == 0, ref.stderr
     out = tmp_path / "run"
-    env = {**__import__("os").environ, "PYTHONHASHSEED": "0", "RAMPUP_FAULT_STALL_STEPS": "5:60"}
+    env = {**os.environ, "PYTHONHASHSEED": "0", "RAMPUP_FAULT_STALL_STEPS": "5:60"}
     proc = subprocess.Popen(rampup_cmd("train", str(path), *sets(out)), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=env)
     wait_for(lambda: (out / "checkpoints" / "step_0000004").is_dir(), proc)
@@ -333,3 +315,30 @@ def test_a_shipped_hf_config_killed_mid_run_resumes_bitwise(data_cache, tmp_path
     assert res.returncode == 0, res.stderr
     assert step_losses(out) == step_losses(tmp_path / "ref")  # bitwise: floats compared exactly
     assert weights(out) == weights(tmp_path / "ref")
+
+
+def test_qwen2_windows_and_hybrids_through_its_own_layer_types():
+    from rampup.models.attention import AttentionSpec
+
+    torch.manual_seed(0)
+    a = HFCausalLMAdapter.from_config(FAMILIES["qwen2"])
+    a.module.eval()
+    x = torch.randint(0, 512, (1, 100), generator=torch.Generator().manual_seed(4))
+    for spec, types in ((AttentionSpec(kind="window"), ["sliding_attention"] * 2),
+                        (AttentionSpec(kind="window", full_layers=[1]), ["sliding_attention", "full_attention"])):
+        native = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+            num_key_value_heads=2, use_sliding_window=True, sliding_window=16, layer_types=types, **SMALL)).eval()
+        native.load_state_dict(a.module.state_dict())
+        a.set_attention(spec, 16)
+        with torch.no_grad():
+            out = a.forward(Batch(x, x, {}))
+            torch.testing.assert_close(out.head(out.hidden), native(x).logits)
+    a.set_attention(AttentionSpec(), 0)  # back to full causal attention
+    plain = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(num_key_value_heads=2, **SMALL)).eval()
+    plain.load_state_dict(a.module.state_dict())
+    with torch.no_grad():
+        out = a.forward(Batch(x, x, {}))
+        torch.testing.assert_close(out.head(out.hidden), plain(x).logits)
+    a.check_knob("attention", AttentionSpec(kind="window", full_layers=[1]))  # a hybrid is fine on Qwen2
+    with pytest.raises(ConfigError, match="cannot be expressed"):
+        a.check_knob("attention", AttentionSpec(kind="sinks"))

@@ -7,8 +7,9 @@ like the reference model (``train(cfg, build_model=...)``). What the knobs do to
   same formulas as the reference model), over the rotary dimension the model really uses (GPT-NeoX
   rotates only ``partial_rotary_factor`` of each head); GPT-2's learned positions take no RoPE
   method, so the knob is refused before any compute;
-- ``attention``/``window``: a sliding window on every layer through the model's own
-  ``sliding_window`` (Mistral); other patterns and families are refused;
+- ``attention``/``window``: a sliding window through the model's own support: on every layer
+  (Mistral's ``sliding_window``), or on every layer or a chosen mix (Qwen2's ``layer_types``);
+  sinks, and other families, are refused;
 - ``seq_len`` up to the model's ``max_position_embeddings``.
 
 Loading runs no code from files: safetensors weights only (a folder with pickled ``.bin`` weights
@@ -33,7 +34,7 @@ from rampup.errors import ConfigError
 from rampup.models.adapter import Batch, ModelOutput
 
 from rampup.models.llm import HF_FAMILIES as FAMILIES  # noqa: E402
-_WINDOWED = ("mistral",)
+_WINDOWED = ("mistral", "qwen2")
 
 
 class HFCausalLMAdapter:
@@ -123,10 +124,21 @@ class HFCausalLMAdapter:
         T = idx.shape[1]
         i = torch.arange(T, device=idx.device)
         allowed = i[:, None] >= i[None, :]  # causal, in case the given mask is not
-        w = getattr(self.module.config, "sliding_window", None)
+        windows = set(self._layer_windows())
+        if len(windows) > 1:
+            raise ConfigError(f"document masking with a mix of full and windowed layers is not supported for "
+                              f"{self.family}; use one window for every layer or data.doc_mask: false")
+        w = windows.pop()
         if w:
             allowed = allowed & (i[:, None] - i[None, :] < w)
         return mask & allowed
+
+    def _layer_windows(self) -> list[int | None]:
+        """Per block, the sliding window its attention uses (None: full causal)."""
+        cfg, n = self.module.config, len(self._block_list()[1])
+        if self.family == "qwen2":  # per-layer types; sliding_window alone means nothing there
+            return [cfg.sliding_window if t == "sliding_attention" else None for t in cfg.layer_types[:n]]
+        return [getattr(cfg, "sliding_window", None)] * n
 
     def hidden_states(self, batch: Batch, layers: Iterable[int]) -> dict[int, torch.Tensor]:
         """Hidden states after block i (i < n), and the final-normed ones under key n."""
@@ -164,9 +176,9 @@ class HFCausalLMAdapter:
     def check_knob(self, knob: str, value: Any) -> None:
         """Values of a supported knob this model still cannot take (raises ConfigError)."""
         hybrid = value is not None and knob == "attention" and value.kind != "causal" and value.full(len(self.blocks()))
-        if knob == "attention" and value is not None and (value.kind == "sinks" or hybrid):
-            raise ConfigError(f"{self.family} has one sliding window for every layer; attention '{value}' "
-                              "(sinks or a full/window hybrid) cannot be expressed")
+        if knob == "attention" and value is not None and (value.kind == "sinks" or (hybrid and self.family != "qwen2")):
+            raise ConfigError(f"{self.family} has one sliding window for every layer (Qwen2 also takes a mix of "
+                              f"full and windowed layers); attention '{value}' cannot be expressed")
         if knob == "seq_len" and value is not None:
             top = max(value.start, value.to) if hasattr(value, "start") else value
             limit = self.module.config.max_position_embeddings
@@ -188,7 +200,20 @@ class HFCausalLMAdapter:
         self._rotary.attention_scaling = scale
 
     def set_attention(self, spec, window: int) -> None:
-        self.module.config.sliding_window = None if spec.kind == "causal" else int(window)
+        cfg = self.module.config
+        if self.family != "qwen2":
+            cfg.sliding_window = None if spec.kind == "causal" else int(window)
+            return
+        # Qwen2 fixes each layer's window when it is built: set the config and every layer alike
+        blocks = self._block_list()[1]
+        full = set(range(len(blocks))) if spec.kind == "causal" else spec.full(len(blocks))
+        cfg.layer_types = ["full_attention" if i in full else "sliding_attention" for i in range(len(blocks))]
+        cfg.use_sliding_window = len(full) < len(blocks)
+        cfg.sliding_window = int(window) if cfg.use_sliding_window else None
+        self.base.has_sliding_layers = cfg.use_sliding_window
+        for i, block in enumerate(blocks):
+            block.self_attn.layer_type = cfg.layer_types[i]
+            block.self_attn.sliding_window = cfg.sliding_window if i not in full else None
 
     def flops_per_item(self, shape: tuple[int, ...], **_: Any) -> float:
         """6N (matmul weights: every >= 2-d parameter but the embeddings, plus the head) + attention pairs."""
@@ -204,8 +229,7 @@ class HFCausalLMAdapter:
         cfg = self.module.config
         heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        w = getattr(cfg, "sliding_window", None)
-        pairs = attended_keys(T, Pattern(w) if w else None) * len(self.blocks())
+        pairs = sum(attended_keys(T, Pattern(w) if w else None) for w in self._layer_windows())
         return 6.0 * n + 12.0 * heads * head_dim * pairs / T
 
     def compile(self, **kwargs: Any) -> None:
