@@ -342,3 +342,26 @@ def test_qwen2_windows_and_hybrids_through_its_own_layer_types():
     a.check_knob("attention", AttentionSpec(kind="window", full_layers=[1]))  # a hybrid is fine on Qwen2
     with pytest.raises(ConfigError, match="cannot be expressed"):
         a.check_knob("attention", AttentionSpec(kind="sinks"))
+
+
+def test_bf16_weights_become_fp32_master_weights_unless_asked_to_stay(data_cache, tmp_path):
+    from rampup.config import load_config
+    from rampup.engine.trainer import train
+    from rampup.models.build import build_adapter
+
+    model_folder(tmp_path / "model")
+    m = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.bfloat16)
+    m.save_pretrained(tmp_path / "bf16", safe_serialization=True)  # a folder that stores bf16 weights
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "bf16" / f).write_bytes((tmp_path / "model" / f).read_bytes())
+    base = ["model.source=hf", f"model.path={tmp_path / 'bf16'}", "data.max_files=40",
+            f"data.cache_dir={tmp_path / 'cache'}", "train.duration=2 steps", "train.checkpoint_every=null",
+            "log.progress=off", "schedule.knobs.seq_len=128", "schedule.knobs.batch_tokens=1024", "eval.max_tokens=512"]
+    cfg = load_config(None, base + [f"train.out_dir={tmp_path / 'a'}"])
+    assert {p.dtype for p in build_adapter(cfg.model).module.parameters()} == {torch.float32}
+    kept = load_config(None, base + [f"train.out_dir={tmp_path / 'b'}", "model.weights_dtype=bfloat16"])
+    adapter = build_adapter(kept.model)
+    assert {p.dtype for p in adapter.module.parameters()} == {torch.bfloat16}
+    assert train(kept)["steps"] == 2
+    with pytest.raises(ConfigError, match="weights_dtype is for model.source: hf"):
+        load_config(None, ["model.weights_dtype=bfloat16"])

@@ -13,8 +13,9 @@ def build_adapter(cfg, device: torch.device | str = "cpu"):
         return DecoderLMAdapter.build(cfg, device)
     from rampup.models.hf import HFCausalLMAdapter
 
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.weights_dtype]
     if cfg.hf_config is not None:
-        return HFCausalLMAdapter.from_config(cfg.hf_config, device)
+        return HFCausalLMAdapter.from_config(cfg.hf_config, device, dtype)
     if str(device) == "meta":
         return HFCausalLMAdapter.from_folder_config(cfg.path, device)
-    return HFCausalLMAdapter.from_pretrained(cfg.path, device)
+    return HFCausalLMAdapter.from_pretrained(cfg.path, device, dtype)

@@ -52,7 +52,8 @@ class HFCausalLMAdapter:
 
     # ------------------------------------------------------------------ building
     @classmethod
-    def from_config(cls, config: dict[str, Any], device: torch.device | str = "cpu") -> HFCausalLMAdapter:
+    def from_config(cls, config: dict[str, Any], device: torch.device | str = "cpu",
+                    dtype: torch.dtype = torch.float32) -> HFCausalLMAdapter:
         """A freshly initialised model from an inline config (``model_type`` plus its fields)."""
         import transformers
 
@@ -67,7 +68,7 @@ class HFCausalLMAdapter:
             raise ConfigError(f"model.hf_config is not a valid {family} config: {why} (YAML reads a float "
                               "written 1e-5 as a string: write 1.0e-5)") from None
         with torch.device(device):
-            module = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
+            module = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
         return cls(module)
 
     @classmethod
@@ -80,8 +81,10 @@ class HFCausalLMAdapter:
             return cls(transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32))
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: torch.device | str = "cpu") -> HFCausalLMAdapter:
-        """A local model folder (config.json + safetensors), weights as fp32 master weights."""
+    def from_pretrained(cls, path: str | Path, device: torch.device | str = "cpu",
+                        dtype: torch.dtype = torch.float32) -> HFCausalLMAdapter:
+        """A local model folder (config.json + safetensors), its weights in ``dtype`` (default fp32
+        master weights, whatever the folder stores)."""
         import transformers
 
         path = Path(path)
@@ -95,7 +98,7 @@ class HFCausalLMAdapter:
         family = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False).model_type
         if family not in FAMILIES:
             raise ConfigError(f"{path} holds a '{family}' model; rampup supports {', '.join(FAMILIES)}")
-        module = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
+        module = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
                                                                    trust_remote_code=False)
         return cls(module.to(device))
 

@@ -47,6 +47,10 @@ class ModelConfig(Section):
     """source hf: a local model folder (config.json and safetensors weights), for continued pre-training."""
     hf_config: dict[str, Any] | None = None
     """source hf: an inline transformers config with its model_type, for a freshly initialised model."""
+    weights_dtype: choice("float32", "bfloat16") = "float32"
+    """source hf: the dtype the weights train in. float32 (the default) keeps fp32 master weights
+    whatever the folder stores (bf16 weights are upcast); bfloat16 trains them as they are, at half the
+    memory and with bf16 optimizer state."""
     vocab_size: int = 4096
     """Number of token ids; must match the tokenizer."""
     dim: int = 256
@@ -97,6 +101,9 @@ class ModelConfig(Section):
     @model_validator(mode="after")
     def _hf(self) -> ModelConfig:
         if self.source == "reference":
+            if self.weights_dtype != "float32":
+                raise ValueError("model.weights_dtype is for model.source: hf; the reference model keeps fp32 "
+                                 "weights (train.precision sets the compute dtype)")
             if self.path is not None or self.hf_config is not None:
                 raise ValueError("model.path and model.hf_config are for model.source: hf; set source: hf or remove them")
             return self
