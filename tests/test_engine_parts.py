@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rampup.models import DecoderLM, ModelConfig
+from rampup.models import ModelConfig
 from rampup.models.adapter import Batch, DecoderLMAdapter
 from rampup.models.llm import flops_per_token
 from rampup.optim import OptimizerConfig, build_optimizer

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from conftest import run_rampup, tiny_tree, write_config
+from conftest import run_rampup, tiny_tree
 from rampup.config import RunConfig
 
 transformers = pytest.importorskip("transformers")

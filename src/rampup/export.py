@@ -80,7 +80,7 @@ def hf_model_with_knobs(adapter, knobs: dict[str, Any], dtype: str):
     model = adapter.module
     KnobRunner(KnobContext(adapter)).apply(knobs, model.config.max_position_embeddings)  # sets sliding_window
     if adapter.supports("rope"):
-        rope, max_pos = hf_rope(knobs["rope"], adapter._base_theta, 2 * adapter._rotary.inv_freq.numel())
+        rope, max_pos = hf_rope(knobs["rope"], adapter.rope_base, adapter.rotary_dim)
         partial = (model.config.rope_parameters or {}).get("partial_rotary_factor")
         model.config.rope_parameters = rope | ({"partial_rotary_factor": partial} if partial else {})
         if max_pos:

@@ -18,7 +18,6 @@ from rich.console import Console
 from rich.table import Table
 
 from rampup.config import RunConfig
-from rampup.errors import ConfigError
 from rampup.knobs import KNOBS, KnobContext, KnobRunner, check_knobs, check_supported
 from rampup.models.build import build_adapter
 from rampup.optim import lr_at

@@ -32,10 +32,6 @@ class RunData:
     val_ds: Any = None
     eot_id: int | None = None
 
-    @property
-    def eval_lens(self) -> list[int]:
-        return list(self.eval_sets)
-
     def passkey_template(self):
         from rampup.data.prepare import load_prepared_tokenizer
         from rampup.longeval import PasskeyTemplate

@@ -192,9 +192,6 @@ class DecoderLMAdapter:
 
         self.module.set_attention(layer_patterns(spec, window, len(self.module.layers)))
 
-    def attention_state(self) -> Any:
-        return list(self.module.attn_patterns)
-
     def flops_per_item(self, shape: tuple[int, ...], *, doc_lengths: list[list[int]] | None = None,
                        **_: Any) -> float:
         """Training FLOPs per token of a (B, T) batch at the live attention patterns."""

@@ -49,6 +49,20 @@ class HFCausalLMAdapter:
         self._rotary = next((m for m in module.modules() if hasattr(m, "inv_freq")), None)
         self._base_theta = (module.config.rope_parameters or {}).get("rope_theta") if self._rotary else None
         self._hidden = self.base.forward
+        # matmul weights (every >= 2-d parameter but the embeddings) plus the head: fixed for the model's life
+        embeddings = {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding)}
+        self._matmul_params = sum(p.numel() for p in module.parameters() if p.dim() >= 2 and id(p) not in embeddings)
+        self._matmul_params += self.head.weight.numel()
+        self._non_embedding = sum(p.numel() for p in module.parameters() if id(p) not in embeddings)
+
+    @property
+    def rotary_dim(self) -> int | None:
+        """How many dimensions of each head RoPE rotates (None: learned positions, e.g. GPT-2)."""
+        return 2 * self._rotary.inv_freq.numel() if self._rotary is not None else None
+
+    @property
+    def rope_base(self) -> float | None:
+        return self._base_theta
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -194,8 +208,7 @@ class HFCausalLMAdapter:
     def set_rope(self, spec, seq_len: int | None = None) -> None:
         from rampup.models.rope import rope_frequencies
 
-        rotary_dim = 2 * self._rotary.inv_freq.numel()
-        inv_freq, scale = rope_frequencies(spec, rotary_dim, self._base_theta, seq_len)
+        inv_freq, scale = rope_frequencies(spec, self.rotary_dim, self._base_theta, seq_len)
         device = self._rotary.inv_freq.device
         self._rotary.inv_freq = inv_freq.to(device)
         if hasattr(self._rotary, "original_inv_freq"):
@@ -223,9 +236,7 @@ class HFCausalLMAdapter:
         from rampup.models.attention import Pattern
         from rampup.models.llm import attended_keys
 
-        embeddings = {id(m.weight) for m in self.module.modules() if isinstance(m, nn.Embedding)}
-        n = sum(p.numel() for p in self.module.parameters() if p.dim() >= 2 and id(p) not in embeddings)
-        n += self.head.weight.numel()
+        n = self._matmul_params
         T = shape[-1]
         if T <= 0:
             return 6.0 * n
@@ -239,8 +250,7 @@ class HFCausalLMAdapter:
         self._hidden = torch.compile(self.base.forward, **kwargs)
 
     def num_params(self) -> int:
-        embeddings = {id(m.weight) for m in self.module.modules() if isinstance(m, nn.Embedding)}
-        return sum(p.numel() for p in self.module.parameters() if id(p) not in embeddings)
+        return self._non_embedding
 
     def to_hf_state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.module.state_dict())
