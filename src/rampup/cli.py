@@ -9,6 +9,7 @@
     rampup report RUN_DIR          HTML report and PNGs of one run
     rampup config [SECTION]        every config key with its default and meaning
     rampup export RUN --format hf OUT_DIR   a folder Hugging Face from_pretrained loads
+    rampup probe CONFIG --memory-limit 8GiB   the longest seq_len that trains within the limit
 
 Every command takes ``--set key.path=value`` (repeatable) to override any config key.
 
@@ -79,11 +80,55 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
         tokens_per_epoch = TokenDataset.open(prepared, "train", verify=cfg.data.verify_checksums).n_tokens
     schedule = Schedule.build(cfg.schedule, total=cfg.train.duration, tokens_per_epoch=tokens_per_epoch)
-    plan = make_plan(cfg, schedule)
+    plan = make_plan(cfg, schedule, memory="detail" if args.memory else "peak")
     print_plan(plan, cfg, console)
     png = Path(args.png) if args.png else cfg.resolved_out_dir() / "plan.png"
     plot_plan(plan, png, title=cfg.name)
     console.print(f"plot: {png}")
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.table import Table
+
+    from rampup.memory import check_static_fits, format_bytes, parse_bytes
+    from rampup.probe import probe
+
+    cfg = _load(args)
+    limit = parse_bytes(args.memory_limit, "--memory-limit")
+    if args.above_rest:
+        mode = "above_rest"
+    else:
+        mode = "total"
+        d = cfg.model_dump(mode="json", by_alias=True)
+        d["train"]["memory_limit"] = args.memory_limit
+        from rampup.config import RunConfig
+
+        check_static_fits(RunConfig.model_validate(d))
+    techniques = [t.replace("-", " ") for t in args.techniques]
+
+    def log(t) -> None:
+        console.print(f"  {t.technique}: seq_len {t.seq_len}: " + (
+            f"ok, peak {format_bytes(t.peak_above_rest)} above rest, {t.step_time:.1f}s" if t.ok else f"failed ({t.why})"))
+
+    res = probe(cfg, limit, techniques, mode=mode, rows=args.rows, start=args.start, stop=args.max_seq_len,
+                granule=args.granule, refine=args.refine, timeout=args.timeout, log=log)
+    table = Table(title=f"longest seq_len of one {args.rows}-row training step within {format_bytes(limit)} "
+                        f"({'above the resting footprint' if mode == 'above_rest' else 'of data, whole process'}), "
+                        f"{res['precision']}")
+    for col in ("technique", "settings at that length", "longest seq_len", "x plain", "peak above rest", "step time"):
+        table.add_column(col, justify="left" if col in ("technique", "settings at that length") else "right")
+    for name, r in res["techniques"].items():
+        ok = [t for t in r["trials"] if t["ok"] and t["seq_len"] == r["longest"]]
+        table.add_row(name, r["settings"], str(r["longest"] or f"< {args.start}"),
+                      f"{r['x_plain']:.1f}x" if r["x_plain"] else "-",
+                      format_bytes(ok[0]["peak_above_rest"]) if ok else "-", f"{ok[0]['step_time']:.1f}s" if ok else "-")
+    console.print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
+        console.print(f"results: {args.json}")
     return 0
 
 
@@ -215,7 +260,25 @@ def build_parser() -> argparse.ArgumentParser:
     with_config("prepare", "tokenize the corpus into token shards (cached)").set_defaults(fn=cmd_prepare)
     sp = with_config("plan", "print the whole run as a table and write a PNG of its knobs, without training")
     sp.add_argument("--png", help="where to write the plot (default: OUT_DIR/plan.png)")
+    sp.add_argument("--memory", action="store_true", help="also estimate each stage's peak memory with each "
+                    "memory technique alone and all together")
     sp.set_defaults(fn=cmd_plan)
+    sp = with_config("probe", "find by measurement the longest seq_len that trains within a memory limit, "
+                     "plain and with each memory technique (each trial in a child process held to the limit)")
+    sp.add_argument("--memory-limit", required=True, help="e.g. 8GiB: the child's whole data (or, with "
+                    "--above-rest, what a step may add to its resting footprint)")
+    sp.add_argument("--above-rest", action="store_true", help="count the limit above the resting footprint "
+                    "once the model and optimizer state are built")
+    sp.add_argument("--techniques", nargs="+", default=["plain", "loss-tiles", "mlp-tiles", "ckpt-selective",
+                    "ckpt-full", "all"], help="plain, loss-tiles, mlp-tiles, ckpt-selective, ckpt-full, all, as-set")
+    sp.add_argument("--rows", type=int, default=1, help="sequences per step (default 1)")
+    sp.add_argument("--start", type=int, default=256, help="first length tried (then doubled)")
+    sp.add_argument("--max-seq-len", type=int, help="longest length tried (default: model.max_seq_len)")
+    sp.add_argument("--granule", type=int, default=256, help="lengths are multiples of this when bisecting")
+    sp.add_argument("--refine", type=int, default=2, help="bisection steps after the doubling")
+    sp.add_argument("--timeout", type=float, help="seconds a trial may take (a slower one counts as failed)")
+    sp.add_argument("--json", help="write the results here")
+    sp.set_defaults(fn=cmd_probe)
     sp = with_config("train", "train a run, or continue one with --resume")
     sp.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     sp.add_argument("--progress", choices=["auto", "rich", "plain", "off"], help="console display (default: log.progress)")

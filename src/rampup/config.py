@@ -47,6 +47,9 @@ class TrainConfig(Section):
     (checkpoints found damaged are renamed damaged_step_N and never deleted)."""
     nonfinite: NonFiniteConfig = Field(default_factory=NonFiniteConfig)
     """What a non-finite loss or gradient norm does: skip the step; a streak rolls back or stops."""
+    memory_limit: str | int | None = None
+    """Memory a training step may use ('8GiB', '512MiB'), for the memory knobs' ``auto`` and the check
+    that the model fits at all (None: the cgroup's limit or the machine's available memory)."""
     threads: int | None = None
     """torch.set_num_threads for CPU training (None: PyTorch's default)."""
     compile: bool = False
@@ -60,6 +63,10 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
+        if self.memory_limit is not None:
+            from rampup.memory import parse_bytes
+
+            parse_bytes(self.memory_limit, "train.memory_limit")
         if self.micro_batch_tokens is not None and self.micro_batch_tokens < 1:
             raise ValueError("train.micro_batch_tokens must be >= 1, or null for no split")
         if self.checkpoint_every is not None and self.checkpoint_every.unit not in (Unit.STEP, Unit.TOKEN, Unit.FRACTION):

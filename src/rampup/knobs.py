@@ -121,6 +121,9 @@ class Knob:
     """check_config(cfg): cross-checks against the rest of the RunConfig; raises ValueError."""
     check_plan: Callable[[Any, Any], None] | None = None
     """check_plan(cfg, schedule): plan-time checks over the resolved schedule; raises ConfigError."""
+    check_model: Callable[[Any, Any], None] | None = None
+    """check_model(adapter, value): a value the built model cannot take (a block that does not exist);
+    raises ConfigError. Run on every value the schedule sets, before any compute."""
 
     def validate(self, value: Any) -> Any:
         if isinstance(value, Ramp):
@@ -207,6 +210,13 @@ class KnobContext:
     lr_factors: dict[str, float] = field(default_factory=dict)
     cache: dict[str, Any] = field(default_factory=dict)
     """Per-run scratch space for knobs (e.g. a tokenizer-derived template built once)."""
+    cfg: Any = None
+    """The RunConfig (knobs whose effect depends on the run: memory ``auto`` estimates the model's steps)."""
+    precision: str = "fp32"
+    """The run's resolved precision."""
+    rows: int = 0
+    """Rows of the batch being applied to (0: unknown, batch_tokens // length)."""
+    device: Any = "cpu"
 
     @property
     def lr_mult(self) -> float:
@@ -281,6 +291,10 @@ def check_supported(adapter: Any, schedule_cfg: Any) -> None:
     """A knob the schedule sets away from its default that the model cannot honour is an error."""
     for name in sorted(knob_keys_set(schedule_cfg)):
         values = [schedule_cfg.knobs.get(name)] + [st.knobs.get(name) for st in schedule_cfg.stages]
+        if adapter.supports(name) and KNOBS[name].check_model is not None:
+            for v in values:
+                if v is not None:
+                    KNOBS[name].check_model(adapter, v)
         if adapter.supports(name):
             if hasattr(adapter, "check_knob"):  # values a supported knob still cannot take on this model
                 for v in values:
@@ -337,7 +351,7 @@ def _register_builtin_knobs() -> None:
     import importlib
 
     for module in ("rampup.optim", "rampup.models.rope", "rampup.models.attention", "rampup.longeval",
-                   "rampup.data.bucket_sampler"):
+                   "rampup.data.bucket_sampler", "rampup.memory"):
         importlib.import_module(module)
 
 

@@ -40,6 +40,12 @@ class StageSummary:
     extra: dict[str, set[str]] = field(default_factory=dict)
     bucket_tokens: dict[int, int] = field(default_factory=dict)
     """Buckets sampler: tokens per sequence length in this stage (the run's own draws, walked dry)."""
+    biggest: tuple[int, int, dict[str, Any]] | None = None
+    """(rows, seq_len, knobs) of the stage's most memory-hungry step (most tokens, then longest)."""
+    memory: Any = None
+    """MemoryEstimate of that step with the stage's memory knobs (rampup.memory); None if not estimated."""
+    memory_by_technique: dict[str, Any] = field(default_factory=dict)
+    """With ``make_plan(..., memory="detail")``: the same step's estimate with each technique alone and all."""
 
     def bucket_shares(self) -> dict[int, float]:
         total = sum(self.bucket_tokens.values())
@@ -86,8 +92,13 @@ def step_shapes(cfg: RunConfig, schedule: Schedule) -> list[tuple[int, int]]:
     return [(sp.knobs["batch_tokens"] >> k, 1 << k) for sp, k in zip(schedule.steps(), draws)]
 
 
-def make_plan(cfg: RunConfig, schedule: Schedule, shapes: list[tuple[int, int]] | None = None) -> Plan:
-    """The run step by step; ``shapes`` are :func:`step_shapes` (computed here when not given)."""
+def make_plan(cfg: RunConfig, schedule: Schedule, shapes: list[tuple[int, int]] | None = None,
+              memory: str = "peak") -> Plan:
+    """The run step by step; ``shapes`` are :func:`step_shapes` (computed here when not given).
+
+    ``memory``: ``peak`` estimates each stage's peak memory (rampup.memory.estimate_step, a traced step
+    on fake tensors) at its most memory-hungry step; ``detail`` also with each technique alone and all
+    of them together; ``off`` skips it."""
     total = schedule.total_tokens
     shapes = step_shapes(cfg, schedule) if shapes is None else shapes
     stages = [StageSummary(s.index, s.name, s.start, s.end) for s in schedule.stages]
@@ -96,7 +107,17 @@ def make_plan(cfg: RunConfig, schedule: Schedule, shapes: list[tuple[int, int]] 
     # and the adapter counts the FLOPs of what it then computes (honest attention FLOPs per pattern)
     adapter = build_adapter(cfg.model, "meta")
     check_supported(adapter, cfg.schedule)
-    runner = KnobRunner(KnobContext(adapter))
+    precision = "fp32"
+    if memory != "off":
+        from rampup.engine.step import resolve_device
+        from rampup.precision import resolve_precision
+
+        device = resolve_device(cfg.train.device)
+        precision = resolve_precision(cfg.train.precision, device).precision
+        from rampup.memory import check_static_fits
+
+        check_static_fits(cfg, device)
+    runner = KnobRunner(KnobContext(adapter, cfg=cfg, precision=precision))
     dense_per_token = adapter.flops_per_item((1, 0))  # the 6N term; the rest is attention
     buckets = cfg.data.sampler == "buckets"
     n = 0
@@ -104,7 +125,10 @@ def make_plan(cfg: RunConfig, schedule: Schedule, shapes: list[tuple[int, int]] 
         st = stages[sp.stage]
         st.steps += 1
         tokens = rows * seq_len
+        runner.ctx.rows = rows
         runner.apply(sp.knobs, seq_len)
+        if st.biggest is None or (tokens, seq_len) > (st.biggest[0] * st.biggest[1], st.biggest[1]):
+            st.biggest = (rows, seq_len, sp.knobs)
         per_token = adapter.flops_per_item((rows, seq_len))
         st.flops += per_token * tokens
         st.attn_flops += (per_token - dense_per_token) * tokens
@@ -120,10 +144,42 @@ def make_plan(cfg: RunConfig, schedule: Schedule, shapes: list[tuple[int, int]] 
         for key, val in (("tokens", sp.tokens_before), ("seq_len", seq_len), ("batch_size", rows), ("lr", lr)):
             curve[key].append(val)
         n += 1
+    if memory != "off":
+        _estimate_memory(cfg, stages, runner.ctx, detail=memory == "detail")
     base_len = schedule.max_knob("seq_len")
     baseline = build_adapter(cfg.model, "meta").flops_per_item((1, base_len))  # causal, default knobs
     return Plan(schedule, stages, n, sum(s.flops for s in stages), baseline * total,
                 base_len, curve)
+
+
+TECHNIQUES = {"plain": {}, "loss tiles": {"loss_shards": "auto"}, "mlp tiles": {"mlp_shards": "auto"},
+              "ckpt selective": {"activation_checkpoint": "selective"}, "ckpt full": {"activation_checkpoint": "full"},
+              "all": {"loss_shards": "auto", "mlp_shards": "auto", "activation_checkpoint": "full"}}
+"""What ``rampup plan --memory`` and ``rampup probe`` compare (auto shard counts: about 1024 tokens per
+loss shard, seq_len / width MLP shards)."""
+
+
+def technique_settings(name: str, rows: int, seq_len: int, width: int):
+    from rampup.memory import MemorySettings, auto_levels, requested
+
+    s = requested(TECHNIQUES[name])
+    return auto_levels(s, rows, seq_len, width)[-1] if name != "plain" else MemorySettings()
+
+
+def _estimate_memory(cfg: RunConfig, stages: list[StageSummary], ctx: KnobContext, *, detail: bool) -> None:
+    from rampup.memory import _width, check_auto, estimate_step, requested, resolve
+
+    for st in stages:
+        if st.biggest is None:
+            continue
+        rows, T, knobs = st.biggest
+        check_auto(ctx, [(knobs, rows, T)])  # an auto stage that fits under no setting fails here
+        settings = resolve(ctx, knobs, rows, T)[0] if ctx.cfg is not None else requested(knobs)
+        st.memory = estimate_step(cfg, knobs, rows, T, ctx.precision, settings)
+        if detail:
+            for name in TECHNIQUES:
+                st.memory_by_technique[name] = estimate_step(
+                    cfg, knobs, rows, T, ctx.precision, technique_settings(name, rows, T, _width(ctx.model)))
 
 
 def _span(values: list[float] | set[int], fmt: str = "{:g}") -> str:
@@ -133,7 +189,9 @@ def _span(values: list[float] | set[int], fmt: str = "{:g}") -> str:
 
 def plan_table(plan: Plan, cfg: RunConfig) -> Table:
     t = Table(title=f"plan: {cfg.name} ({format_tokens(plan.schedule.total_tokens)} tokens, {plan.total_steps} steps)")
-    for col in ("stage", "tokens", "steps", "seq_len", "batch (B x T)", "lr", "FLOPs", "attn", "compute"):
+    memory = any(s.memory is not None for s in plan.stages)
+    for col in ("stage", "tokens", "steps", "seq_len", "batch (B x T)", "lr", "FLOPs", "attn", "compute",
+                *(("peak memory",) if memory else ())):
         t.add_column(col, justify="left" if col in ("stage", "batch (B x T)") else "right")
     # other knobs get a column only where the run sets them away from their default
     extras = sorted({k for s in plan.stages for k, vals in s.extra.items() if vals != {str(KNOBS[k].default)}})
@@ -150,15 +208,44 @@ def plan_table(plan: Plan, cfg: RunConfig) -> Table:
             f"{s.index} {s.name}", f"{format_tokens(s.start)}-{format_tokens(s.end)}", str(s.steps),
             _span(s.seq_lens), shape, _span(s.lrs, "{:.2e}"), f"{s.flops:.3g}",
             f"{s.attn_flops / s.flops:.0%}" if s.flops else "-", f"{s.flops / plan.total_flops:.1%}",
+            *((_memory_cell(s),) if memory else ()),
             *[", ".join(sorted(s.extra.get(k, {"-"}))) for k in extras],
             *([" ".join(f"{n}:{p:.0%}" for n, p in s.bucket_shares().items())] if buckets else []),
         )
     return t
 
 
+def _memory_cell(s: StageSummary) -> str:
+    from rampup.memory import format_bytes
+
+    if s.memory is None:
+        return "-"
+    return f"{format_bytes(s.memory.peak)} ({s.memory.settings.describe()})"
+
+
+def memory_table(plan: Plan) -> Table:
+    """Per stage: the static part, activations and peak as set, and the peak with each technique."""
+    from rampup.memory import format_bytes
+
+    names = list(plan.stages[0].memory_by_technique) if plan.stages else []
+    t = Table(title="estimated peak memory of each stage's largest step (tensors; a traced step on fake tensors)")
+    for col in ("stage", "step (B x T)", "params+grads+AdamW", "activations", "peak as set", *names):
+        t.add_column(col, justify="left" if col == "stage" else "right")
+    for s in plan.stages:
+        if s.memory is None:
+            continue
+        m = s.memory
+        t.add_row(f"{s.index} {s.name}", f"{s.biggest[0]} x {s.biggest[1]}", format_bytes(m.static),
+                  format_bytes(m.activations), format_bytes(m.peak),
+                  *[format_bytes(s.memory_by_technique[n].peak) for n in names])
+    return t
+
+
 def print_plan(plan: Plan, cfg: RunConfig, console: Console | None = None) -> None:
     console = console or Console()
     console.print(plan_table(plan, cfg))
+    if any(s.memory_by_technique for s in plan.stages):
+        console.print(memory_table(plan))
     console.print(f"total {plan.total_flops:.3g} FLOPs; a fixed seq_len {plan.baseline_seq_len} baseline of the same "
                   f"budget needs {plan.baseline_flops:.3g}: this schedule saves {plan.flops_saved:.1%}")
 
@@ -197,5 +284,7 @@ def plan_summary(plan: Plan) -> dict[str, Any]:
             "total_flops": plan.total_flops, "baseline_flops": plan.baseline_flops,
             "stages": [{"name": s.name, "start": s.start, "end": s.end, "steps": s.steps, "flops": s.flops,
                         "seq_lens": sorted(s.seq_lens),
+                        "memory": s.memory.as_dict() if s.memory is not None else None,
+                        "memory_by_technique": {k: v.as_dict() for k, v in s.memory_by_technique.items()},
                         "bucket_shares": {str(n): p for n, p in s.bucket_shares().items()}}
                        for s in plan.stages]}

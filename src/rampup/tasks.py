@@ -57,7 +57,18 @@ class CausalLM:
         return out.head(out.hidden)  # (B, T, V)
 
     def loss(self, adapter: ModelAdapter, batch: Batch, *, reduction: str = "mean") -> torch.Tensor:
-        logits = self.logits(adapter, batch)
+        out = adapter.forward(batch)
+        if out.loss_shards > 1 and reduction != "none":  # tiled: the full logits never exist
+            from rampup.models.tiling import tiled_head_loss
+
+            targets = batch.targets
+
+            def shard_loss(logits: torch.Tensor, sl: slice) -> torch.Tensor:
+                return F.cross_entropy(logits.float().flatten(0, 1), targets[:, sl].flatten(), reduction="sum")
+
+            total = tiled_head_loss(out.hidden, out.head, shard_loss, out.loss_shards)
+            return total / targets.numel() if reduction == "mean" else total
+        logits = out.head(out.hidden)  # (B, T, V)
         if reduction == "none":  # (B, T) per-token negative log-likelihood
             return F.cross_entropy(logits.float().transpose(1, 2), batch.targets, reduction="none")
         return F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(), reduction=reduction)

@@ -133,7 +133,12 @@ class Trainer:
         self.task = task if task is not None else CausalLM(self.data.eot_id, doc_mask=cfg.data.doc_mask,
                                                            restart_positions=cfg.data.restart_positions)
         self.state = TrainState(adapter, optimizer, self.data.sampler, precision)
-        self.knobs = KnobRunner(KnobContext(adapter, optimizer, self.data.sampler, self.data, seed=cfg.train.seed))
+        self.knobs = KnobRunner(KnobContext(adapter, optimizer, self.data.sampler, self.data, seed=cfg.train.seed,
+                                            cfg=cfg, precision=precision.precision, device=self.device))
+        if cfg.train.memory_limit is not None:  # the model must fit before any step
+            from rampup.memory import check_static_fits
+
+            check_static_fits(cfg, self.device)
 
         config_dump = cfg.model_dump(mode="json", by_alias=True)
         mirrors = build_loggers(cfg.log, out, cfg.name, config_dump)  # a missing package fails before training
@@ -235,6 +240,7 @@ class Trainer:
         self.knobs.ctx.step = self.progress.step
         self.knobs.batch(sp.knobs, raw)  # on the CPU tensors, in place (a data mixture)
         batch = self.task.make_batch(raw.inputs, raw.targets)
+        self.knobs.ctx.rows = batch.rows
         self.knobs.apply(sp.knobs, batch.items // batch.rows)
         return batch.to(self.device)
 

@@ -45,11 +45,25 @@ def optimizer_step(adapter, task, optimizer: torch.optim.Optimizer, batch: Batch
     items is split by rows and the gradients accumulated, each micro-batch weighted by its share of
     rows so the result equals the unsplit step.
     """
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_mult", 1.0)
+    total = accumulate_gradients(adapter, task, batch, precision=precision, micro_batch_items=micro_batch_items)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else math.inf)
+    loss_value, norm_value = total.item(), norm.item()  # the one host sync of the step
+    if math.isfinite(loss_value) and math.isfinite(norm_value):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_value, norm_value
+
+
+def accumulate_gradients(adapter, task, batch: Batch, *, precision: str = "auto",
+                         micro_batch_items: int | None = None) -> torch.Tensor:
+    """Forward and backward of ``batch`` in micro-batches of at most ``micro_batch_items`` items, each
+    weighted by its share of rows; returns the mean loss (a 0-d tensor, not synced)."""
     B = batch.rows
     per_row = max(1, batch.items // B)
     rows = B if micro_batch_items is None else max(1, min(B, micro_batch_items // per_row))
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_mult", 1.0)
     device = batch.inputs.device
     total = torch.zeros((), device=device)
     ctx = autocast(device, precision)
@@ -60,13 +74,7 @@ def optimizer_step(adapter, task, optimizer: torch.optim.Optimizer, batch: Batch
         loss = loss * (part.rows / B)
         loss.backward()
         total += loss.detach()
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else math.inf)
-    loss_value, norm_value = total.item(), norm.item()  # the one host sync of the step
-    if math.isfinite(loss_value) and math.isfinite(norm_value):
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss_value, norm_value
+    return total
 
 
 def train_step(

@@ -38,6 +38,8 @@ class ModelOutput:
     """(B, T, C) for a sequence model, (B, C) for a classifier."""
     head: nn.Module
     """hidden -> logits; a module so that a loss may apply it in tiles."""
+    loss_shards: int = 1
+    """Sequence shards the loss should apply the head over (the loss_shards knob; 1: all at once)."""
 
 
 @dataclass
@@ -119,12 +121,14 @@ class DecoderLMAdapter:
     """rampup's reference :class:`~rampup.models.llm.DecoderLM` behind the seam."""
 
     KNOBS = frozenset({"seq_len", "batch_tokens", "lr_mult", "passkey_fraction", "bucket_odds", "rope",
-                       "attention", "window"})
+                       "attention", "window", "loss_shards", "mlp_shards", "activation_checkpoint",
+                       "activation_offload"})
     """Every knob rampup ships acts on the reference model."""
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
         self.head = module.lm_head
+        self.loss_shards = 1  # the loss_shards knob (rampup.memory)
         self._hidden = module.forward_hidden  # replaced by a compiled version by compile()
 
     @classmethod
@@ -153,7 +157,7 @@ class DecoderLMAdapter:
     def forward(self, batch: Batch) -> ModelOutput:
         # the compiled graphs are for training shapes only; evaluation runs eagerly
         hidden = self._hidden if self.module.training else self.module.forward_hidden
-        return ModelOutput(hidden(batch.inputs, **batch.extra), self.head)
+        return ModelOutput(hidden(batch.inputs, **batch.extra), self.head, self.loss_shards)
 
     def hidden_states(self, batch: Batch, layers: Iterable[int]) -> dict[int, torch.Tensor]:
         """Residual stream after each block in ``layers`` (block i's output), plus the final-normed

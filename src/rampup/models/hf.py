@@ -46,6 +46,7 @@ class HFCausalLMAdapter:
         self.module, self.family = module, family
         self.head = module.get_output_embeddings()
         self.base = module.base_model
+        self.loss_shards = 1  # the loss_shards knob (rampup.memory)
         self._rotary = next((m for m in module.modules() if hasattr(m, "inv_freq")), None)
         self._base_theta = (module.config.rope_parameters or {}).get("rope_theta") if self._rotary else None
         self._hidden = self.base.forward
@@ -124,7 +125,9 @@ class HFCausalLMAdapter:
         if mask is not None:
             kwargs["attention_mask"] = mask
         hidden = self._hidden if self.module.training else self.base.forward
-        return ModelOutput(hidden(input_ids=batch.inputs, **kwargs).last_hidden_state, self.head)
+        # no KV cache in training: it would hold every layer's keys and values (checkpointing included)
+        out = hidden(input_ids=batch.inputs, use_cache=False, **kwargs)
+        return ModelOutput(out.last_hidden_state, self.head, self.loss_shards)
 
     def _document_mask(self, idx: torch.Tensor, extra: dict[str, Any]) -> torch.Tensor | None:
         """Document masking as the 4-d bool mask (B, 1, T, T) every family's attention accepts, the
@@ -188,7 +191,8 @@ class HFCausalLMAdapter:
             return self._rotary is not None
         if knob in ("attention", "window"):
             return self.family in _WINDOWED
-        return knob in ("seq_len", "batch_tokens", "lr_mult", "passkey_fraction", "bucket_odds")
+        return knob in ("seq_len", "batch_tokens", "lr_mult", "passkey_fraction", "bucket_odds", "loss_shards",
+                        "mlp_shards", "activation_checkpoint", "activation_offload")
 
     def check_knob(self, knob: str, value: Any) -> None:
         """Values of a supported knob this model still cannot take (raises ConfigError)."""
