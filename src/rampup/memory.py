@@ -191,14 +191,19 @@ def _is_auto(s: MemorySettings) -> bool:
     return s.loss_shards == -1 or s.mlp_shards == -1 or s.activation_checkpoint == "auto"
 
 
-def auto_levels(s: MemorySettings, rows: int, seq_len: int, width: int) -> list[MemorySettings]:
+LOSS_SHARD_LOGITS = 2**23
+"""``loss_shards: auto`` sizes shards so each one's logits hold about this many numbers."""
+
+
+def auto_levels(s: MemorySettings, rows: int, seq_len: int, width: int, vocab: int = 32768) -> list[MemorySettings]:
     """The candidates ``auto`` tries, cheapest first; knobs not set to auto keep their values."""
     plain = replace(s, loss_shards=1 if s.loss_shards == -1 else s.loss_shards,
                     mlp_shards=1 if s.mlp_shards == -1 else s.mlp_shards,
                     activation_checkpoint="none" if s.activation_checkpoint == "auto" else s.activation_checkpoint)
     levels = [plain]
-    if s.loss_shards == -1:  # shards of about 1024 tokens
-        levels.append(replace(levels[-1], loss_shards=min(seq_len, max(1, math.ceil(rows * seq_len / 1024)))))
+    if s.loss_shards == -1:  # shards whose fp32 logits hold about 8M numbers (32 MiB)
+        per_shard = max(64, LOSS_SHARD_LOGITS // vocab)
+        levels.append(replace(levels[-1], loss_shards=min(seq_len, max(1, math.ceil(rows * seq_len / per_shard)))))
     if s.mlp_shards == -1:  # ALST: about seq_len / hidden shards
         levels.append(replace(levels[-1], mlp_shards=min(seq_len, max(1, math.ceil(seq_len / width)))))
     if s.activation_checkpoint == "auto":
@@ -226,7 +231,7 @@ def resolve(ctx: Any, knobs: dict[str, Any], rows: int, seq_len: int) -> tuple[M
         return ctx.cache[key]
     cfg = ctx.cfg
     limit, _ = memory_limit(cfg, ctx.device)
-    for level in auto_levels(s, rows, seq_len, _width(ctx.model)):
+    for level in auto_levels(s, rows, seq_len, _width(ctx.model), cfg.model.vocab_size):
         est = estimate_step(cfg, knobs, rows, seq_len, ctx.precision, level)
         fits = est.peak * ESTIMATE_MARGIN + RUNTIME_ALLOWANCE <= limit
         if fits:
@@ -297,7 +302,7 @@ def _apply_memory(ctx: Any, value: Any) -> None:
         if ctx.cfg is not None and length:
             settings = resolve(ctx, ctx.knobs, rows, length)[0]
         else:  # no run to estimate for: auto is off
-            settings = auto_levels(settings, rows, max(1, length), _width(ctx.model))[0]
+            settings = auto_levels(settings, rows, max(1, length), 1)[0]
     apply_memory(ctx.model, settings)
     ctx.cache["memory_last"] = key
     ctx.cache["memory_settings"] = settings
@@ -364,10 +369,12 @@ register_knob(Knob("activation_offload", "Keep what checkpointed blocks save for
 class _LiveBytes(TorchDispatchMode):
     """Counts the bytes of every storage an op creates, until it is freed; keeps the peak."""
 
-    def __init__(self) -> None:
+    def __init__(self, existing=()) -> None:
         super().__init__()
         self.live: dict[int, int] = {}
         self.current = self.peak = 0
+        self.existing = {t.untyped_storage()._cdata for t in existing}
+        """Storages made before tracking (parameters, buffers, optimizer state): their views are free."""
 
     def _free(self, key: int) -> None:
         self.current -= self.live.pop(key, 0)
@@ -378,7 +385,7 @@ class _LiveBytes(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 st = t.untyped_storage()
                 key = st._cdata
-                if key not in self.live:
+                if key not in self.live and key not in self.existing:
                     self.live[key] = st.nbytes()
                     self.current += self.live[key]
                     self.peak = max(self.peak, self.current)
@@ -452,7 +459,6 @@ def estimate_step(cfg: Any, knobs: dict[str, Any], rows: int, seq_len: int, prec
 
     from rampup.engine.step import accumulate_gradients
     from rampup.knobs import KnobContext, KnobRunner
-    from rampup.models.adapter import Batch
     from rampup.optim import build_optimizer
     from rampup.tasks import CausalLM
 
@@ -478,7 +484,8 @@ def estimate_step(cfg: Any, knobs: dict[str, Any], rows: int, seq_len: int, prec
         param_bytes = _storage_bytes(adapter.module.parameters())
         opt_bytes = _storage_bytes(t for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t))
         grad_bytes = _storage_bytes(p for p in params if p.requires_grad)
-        tracker = _LiveBytes()
+        state = [t for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t)]
+        tracker = _LiveBytes([*adapter.module.parameters(), *adapter.module.buffers(), *state])
         with tracker:
             accumulate_gradients(adapter, task, batch, precision=precision,
                                  micro_batch_items=cfg.train.micro_batch_tokens)

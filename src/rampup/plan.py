@@ -62,6 +62,7 @@ class Plan:
     baseline_seq_len: int
     curve: dict[str, list[float]]
     """Per step: tokens, seq_len, batch_size, lr — for the PNG."""
+    vocab_size: int = 0
 
     @property
     def flops_saved(self) -> float:
@@ -149,7 +150,7 @@ def make_plan(cfg: RunConfig, schedule: Schedule, shapes: list[tuple[int, int]] 
     base_len = schedule.max_knob("seq_len")
     baseline = build_adapter(cfg.model, "meta").flops_per_item((1, base_len))  # causal, default knobs
     return Plan(schedule, stages, n, sum(s.flops for s in stages), baseline * total,
-                base_len, curve)
+                base_len, curve, cfg.model.vocab_size)
 
 
 TECHNIQUES = {"plain": {}, "loss tiles": {"loss_shards": "auto"}, "mlp tiles": {"mlp_shards": "auto"},
@@ -159,11 +160,11 @@ TECHNIQUES = {"plain": {}, "loss tiles": {"loss_shards": "auto"}, "mlp tiles": {
 loss shard, seq_len / width MLP shards)."""
 
 
-def technique_settings(name: str, rows: int, seq_len: int, width: int):
+def technique_settings(name: str, rows: int, seq_len: int, width: int, vocab: int):
     from rampup.memory import MemorySettings, auto_levels, requested
 
     s = requested(TECHNIQUES[name])
-    return auto_levels(s, rows, seq_len, width)[-1] if name != "plain" else MemorySettings()
+    return auto_levels(s, rows, seq_len, width, vocab)[-1] if name != "plain" else MemorySettings()
 
 
 def _estimate_memory(cfg: RunConfig, stages: list[StageSummary], ctx: KnobContext, *, detail: bool) -> None:
@@ -179,7 +180,7 @@ def _estimate_memory(cfg: RunConfig, stages: list[StageSummary], ctx: KnobContex
         if detail:
             for name in TECHNIQUES:
                 st.memory_by_technique[name] = estimate_step(
-                    cfg, knobs, rows, T, ctx.precision, technique_settings(name, rows, T, _width(ctx.model)))
+                    cfg, knobs, rows, T, ctx.precision, technique_settings(name, rows, T, _width(ctx.model), cfg.model.vocab_size))
 
 
 def _span(values: list[float] | set[int], fmt: str = "{:g}") -> str:
@@ -229,14 +230,16 @@ def memory_table(plan: Plan) -> Table:
 
     names = list(plan.stages[0].memory_by_technique) if plan.stages else []
     t = Table(title="estimated peak memory of each stage's largest step (tensors; a traced step on fake tensors)")
-    for col in ("stage", "step (B x T)", "params+grads+AdamW", "activations", "peak as set", *names):
+    for col in ("stage", "step (B x T)", "params+grads+AdamW", "full fp32 logits", "activations",
+                "peak as set", *names):
         t.add_column(col, justify="left" if col == "stage" else "right")
     for s in plan.stages:
         if s.memory is None:
             continue
         m = s.memory
-        t.add_row(f"{s.index} {s.name}", f"{s.biggest[0]} x {s.biggest[1]}", format_bytes(m.static),
-                  format_bytes(m.activations), format_bytes(m.peak),
+        rows, T, _ = s.biggest
+        t.add_row(f"{s.index} {s.name}", f"{rows} x {T}", format_bytes(m.static),
+                  format_bytes(rows * T * plan.vocab_size * 4), format_bytes(m.activations), format_bytes(m.peak),
                   *[format_bytes(s.memory_by_technique[n].peak) for n in names])
     return t
 

@@ -86,6 +86,14 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     optimizer_step(adapter, task, optimizer, batch(warm), lr=1e-4, precision=prec,
                    micro_batch_items=cfg.train.micro_batch_tokens)
     b = batch(T)
+    if spec.get("repeat"):  # timing, no limit: the step's median over ``repeat`` steps after one at T
+        times = []
+        for _ in range(spec["repeat"] + 1):
+            t0 = time.perf_counter()
+            optimizer_step(adapter, task, optimizer, b, lr=1e-4, precision=prec,
+                           micro_batch_items=cfg.train.micro_batch_tokens)
+            times.append(time.perf_counter() - t0)
+        return {"ok": True, "times": times[1:]}
     rest, _ = rss_bytes()
     data = _vm("VmData")
     limit = spec["limit"] if spec["mode"] == "total" else data + spec["limit"]
@@ -131,6 +139,23 @@ def run_trial(cfg: Any, knobs: dict[str, Any], seq_len: int, settings: Any, limi
     out = json.loads(line)
     return Trial(seq_len, out["ok"], out.get("why", ""), out.get("peak_above_rest", 0), out.get("step_time", 0.0),
                  out.get("rest", 0))
+
+
+def time_steps(cfg: Any, knobs: dict[str, Any], seq_len: int, settings: Any, *, repeat: int = 3, rows: int = 1,
+               precision: str = "fp32", threads: int | None = None) -> list[float]:
+    """Seconds of each of ``repeat`` training steps at (rows, seq_len) in a fresh child (no memory limit)."""
+    from dataclasses import asdict
+
+    from rampup.memory import malloc_env
+
+    spec = {"config": cfg.model_dump(mode="json", by_alias=True), "knobs": _jsonable(knobs), "seq_len": seq_len,
+            "rows": rows, "precision": precision, "settings": asdict(settings), "repeat": repeat, "threads": threads}
+    res = subprocess.run([sys.executable, "-m", "rampup.probe", "--child"], input=json.dumps(spec),
+                         capture_output=True, text=True, env=malloc_env())
+    out = json.loads(res.stdout.strip().splitlines()[-1]) if res.returncode == 0 and res.stdout.strip() else None
+    if not out or not out.get("ok"):
+        raise RuntimeError(f"timing child failed: {res.stderr[-500:]}")
+    return out["times"]
 
 
 def _jsonable(knobs: dict[str, Any]) -> dict[str, Any]:
@@ -192,7 +217,7 @@ def probe(cfg: Any, limit: int, techniques: list[str], *, mode: str = "total", r
     """For each technique (rampup.plan.TECHNIQUES, or 'as set': the run's own memory knobs), the longest
     seq_len of one ``rows`` x seq_len training step within ``limit`` bytes, with every trial."""
     from rampup.engine.step import resolve_device
-    from rampup.memory import _fake_adapter, _width, requested
+    from rampup.memory import _fake_adapter, _is_auto as _auto, _width, requested
     from rampup.plan import TECHNIQUES, technique_settings
     from rampup.precision import resolve_precision
     from rampup.schedule import Schedule
@@ -219,8 +244,8 @@ def probe(cfg: Any, limit: int, techniques: list[str], *, mode: str = "total", r
         def settings(T: int, name=name):
             if name == "as set":
                 s = requested(knobs)
-                return technique_settings("plain", rows, T, width) if s.loss_shards == -1 else s
-            return technique_settings(name, rows, T, width)
+                return technique_settings("plain", rows, T, width, cfg.model.vocab_size) if _auto(s) else s
+            return technique_settings(name, rows, T, width, cfg.model.vocab_size)
 
         def trial(T: int, name=name) -> Trial:
             t = run_trial(cfg, knobs, T, settings(T), limit, mode=mode, rows=rows, precision=precision,

@@ -139,6 +139,12 @@ class Trainer:
             from rampup.memory import check_static_fits
 
             check_static_fits(cfg, self.device)
+        self.memory_auto = []
+        if getattr(self.data, "auto_memory_steps", None):  # what auto picks per shape, or why nothing fits
+            from rampup.memory import check_auto
+
+            self.memory_auto = check_auto(self.knobs.ctx, self.data.auto_memory_steps)
+        self.memory_settings = None
 
         config_dump = cfg.model_dump(mode="json", by_alias=True)
         mirrors = build_loggers(cfg.log, out, cfg.name, config_dump)  # a missing package fails before training
@@ -242,6 +248,11 @@ class Trainer:
         batch = self.task.make_batch(raw.inputs, raw.targets)
         self.knobs.ctx.rows = batch.rows
         self.knobs.apply(sp.knobs, batch.items // batch.rows)
+        mem = self.knobs.ctx.cache.get("memory_settings")
+        if mem is not None and mem != self.memory_settings:
+            self.memory_settings = mem
+            self.metrics.write({"event": "memory", "step": self.progress.step, "seq_len": batch.items // batch.rows,
+                                "rows": batch.rows, "settings": mem.describe()})
         return batch.to(self.device)
 
     def record_step(self, sp, batch, loss: float, gnorm: float, lr: float, dt: float) -> bool:
@@ -342,6 +353,8 @@ class Trainer:
                            f"{self.state.model.num_params():,} non-embedding parameters, device {self.device}, "
                            f"output {self.out}" + (f" (resumed at step {self.progress.step})" if self.resume else ""))
         self.display.print(prec.line() + (" -- kept from the run's start, for a bitwise resume" if self.resume else ""))
+        for rows, T, chosen in self.memory_auto:
+            self.display.print(f"memory auto: {rows} x {T} steps train with {chosen.describe()}")
         slow = bf16_slow_warning(prec, self.device, resumed=self.resume)
         if slow:
             print(f"warning: {slow}", file=sys.stderr, flush=True)

@@ -9,10 +9,10 @@ An adapter holds ``module`` (the ``nn.Module`` the optimizer, checkpointer and c
 answers:
 
 - ``forward(batch) -> ModelOutput``: hidden states plus the head that maps them to outputs, so a loss
-  can run the head itself (tiled over the sequence later); ``hidden_states(batch, layers)`` for
+  can run the head itself (``loss_shards``: tiled over the sequence, rampup.models.tiling); ``hidden_states(batch, layers)`` for
   distillation;
 - ``blocks()`` (name, module) of the repeated blocks, for freezing by layer, activation
-  checkpointing and FSDP wrapping; ``wrap_block(index, fn)`` replaces one (tiled MLP later);
+  checkpointing, tiled MLPs (rampup.memory) and FSDP wrapping; ``wrap_block(index, fn)`` replaces one;
 - ``flops_per_item(shape, **how)``: training FLOPs per loss item at a batch shape, counting what the
   kernels compute (see :func:`rampup.models.llm.flops_per_token`);
 - ``supports(knob)``: knobs it can honour; a schedule that sets another one is refused at plan time;
