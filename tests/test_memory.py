@@ -297,3 +297,28 @@ def test_probe_finds_longer_contexts_with_the_techniques_in_held_children(tmp_pa
     failed = [t for t in plain["trials"] if not t["ok"]]
     assert failed and failed[0]["why"] == "memory"  # the child's allocation failed, not the machine
     assert "longest seq_len" in res.stdout
+
+
+def test_auto_in_a_run_picks_per_stage_what_the_limit_needs(data_cache, tmp_path):
+    """The short stage (1K tokens a step) fits plain; the long one (4K) only with tiled loss."""
+    from rampup.engine.metrics import read_metrics
+    from rampup.engine.trainer import train
+    from rampup.memory import RUNTIME_ALLOWANCE, auto_levels, requested
+
+    tree = tiny_tree(data_cache, tmp_path / "run", train={"duration": "20K tok", "checkpoint_every": None,
+                                                          "threads": 1, "precision": "fp32"}, log={"progress": "off"})
+    tree["model"]["vocab_size"] = 8192
+    tree["schedule"]["knobs"]["loss_shards"] = "auto"
+    tree["schedule"]["stages"][0]["batch_tokens"] = 1024
+    tree["schedule"]["stages"][1]["batch_tokens"] = 4096
+    cfg = RunConfig.model_validate(tree)
+    levels = auto_levels(requested({"loss_shards": "auto"}), 16, 256, 64, 8192)
+    short = estimate_step(cfg, {}, 16, 64, "fp32", levels[0]).peak
+    long_plain = estimate_step(cfg, {}, 16, 256, "fp32", levels[0]).peak
+    tiled = estimate_step(cfg, {}, 16, 256, "fp32", levels[1]).peak
+    limit = int(max(short, tiled) * 1.1 + RUNTIME_ALLOWANCE) + 2**20
+    assert limit < long_plain * 1.1 + RUNTIME_ALLOWANCE
+    tree["train"]["memory_limit"] = f"{limit // 2**20}MiB"
+    train(RunConfig.model_validate(tree))
+    mem = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["event"] == "memory"]
+    assert [(r["seq_len"], r["settings"]) for r in mem] == [(64, "plain"), (256, levels[1].describe())]
