@@ -242,9 +242,19 @@ def probe(cfg: Any, limit: int, techniques: list[str], *, mode: str = "total", r
                                "techniques": {}}
     for name in techniques:
         def settings(T: int, name=name):
-            if name == "as set":
+            if name == "as set":  # the run's own memory knobs; auto chooses for this limit, as training would
                 s = requested(knobs)
-                return technique_settings("plain", rows, T, width, cfg.model.vocab_size) if _auto(s) else s
+                if not _auto(s):
+                    return s
+                from rampup.knobs import KnobContext
+                from rampup.memory import resolve
+                from rampup.models.build import build_adapter
+
+                d = cfg.model_dump(mode="json", by_alias=True)
+                d["train"]["memory_limit"] = f"{limit}B"
+                ctx = KnobContext(build_adapter(cfg.model, "meta"), cfg=type(cfg).model_validate(d),
+                                  precision=precision)
+                return resolve(ctx, knobs, rows, T)[0]
             return technique_settings(name, rows, T, width, cfg.model.vocab_size)
 
         def trial(T: int, name=name) -> Trial:
