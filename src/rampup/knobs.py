@@ -121,6 +121,9 @@ class Knob:
     """check_config(cfg): cross-checks against the rest of the RunConfig; raises ValueError."""
     check_plan: Callable[[Any, Any], None] | None = None
     """check_plan(cfg, schedule): plan-time checks over the resolved schedule; raises ConfigError."""
+    on_stage: Callable[[Any, Any, dict[str, Any]], None] | None = None
+    """on_stage(ctx, value, previous_knobs): at the first step of every stage after the first, after
+    ``apply`` (an optimizer-state reset); runs again on a resume at exactly that step, never otherwise."""
     check_model: Callable[[Any, Any], None] | None = None
     """check_model(adapter, value): a value the built model cannot take (a block that does not exist);
     raises ConfigError. Run on every value the schedule sets, before any compute."""
@@ -259,6 +262,17 @@ class KnobRunner:
             if KNOBS[name].on_batch is not None:
                 KNOBS[name].on_batch(self.ctx, batch, value)
 
+    def stage_start(self, knobs: dict[str, Any], previous: dict[str, Any]) -> list[str]:
+        """The ``on_stage`` effects of a stage's first step (``previous``: the knobs at the end of the last stage)."""
+        self.ctx.knobs = knobs
+        ran = []
+        for name, value in knobs.items():
+            knob = KNOBS[name]
+            if knob.on_stage is not None and self.ctx.model.supports(name):
+                knob.on_stage(self.ctx, value, previous)
+                ran.append(name)
+        return ran
+
     def reset(self) -> None:
         """Forget what was applied: the next ``apply`` applies every knob (after a resume or rollback)."""
         self._keys.clear()
@@ -351,7 +365,7 @@ def _register_builtin_knobs() -> None:
     import importlib
 
     for module in ("rampup.optim", "rampup.models.rope", "rampup.models.attention", "rampup.longeval",
-                   "rampup.data.bucket_sampler", "rampup.memory"):
+                   "rampup.data.bucket_sampler", "rampup.memory", "rampup.transitions"):
         importlib.import_module(module)
 
 

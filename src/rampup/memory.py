@@ -472,7 +472,9 @@ def estimate_step(cfg: Any, knobs: dict[str, Any], rows: int, seq_len: int, prec
     with FakeTensorMode(allow_non_fake_inputs=True):
         adapter = _fake_adapter(cfg.model)
         adapter.module.train()
-        optimizer = build_optimizer(adapter.module, cfg.optimizer)
+        from rampup.transitions import uses_parameter_groups
+
+        optimizer = build_optimizer(adapter.module, cfg.optimizer, uses_parameter_groups(cfg.schedule))
         others = {k: v for k, v in knobs.items() if k not in MEMORY_KNOBS}
         KnobRunner(KnobContext(adapter, optimizer, cfg=cfg, precision=precision)).apply(others, seq_len)
         apply_memory(adapter, settings)

@@ -79,15 +79,20 @@ def lr_at(cfg: OptimizerConfig, t: int, total_tokens: int) -> float:
     return lo + (cfg.lr - lo) * 0.5 * (1 + math.cos(math.pi * p))
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, per_parameter: bool = False) -> torch.optim.AdamW:
     """AdamW over every parameter, in named groups (``decay``: matrices, ``no_decay``: norms and
     biases), each with its own ``lr_mult`` that the step multiplies into the learning rate.
 
     Every parameter is in the optimizer even if it does not require a gradient now: a frozen one
     simply gets no gradient (AdamW skips it), so the optimizer's state keeps one layout whatever
-    trains, and a checkpoint from any stage loads in any other. ``fused``/``foreach`` are left to
-    PyTorch's default."""
+    trains, and a checkpoint from any stage loads in any other. ``per_parameter`` gives every parameter
+    its own group (named by its first name; rampup.transitions sets their ``lr_mult``), for runs with
+    learning-rate groups. ``fused``/``foreach`` are left to PyTorch's default."""
     params = list(model.parameters())  # de-duplicated: a tied weight appears once
+    if per_parameter:  # lr_groups / lr_layer_decay: one group per parameter, named by its first name
+        groups = [{"name": name, "params": [p], "weight_decay": cfg.weight_decay if p.dim() >= 2 else 0.0,
+                   "lr_mult": 1.0} for name, p in model.named_parameters()]
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
     groups = [
         {"name": "decay", "params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay,
          "lr_mult": 1.0},

@@ -22,6 +22,7 @@ from rampup.knobs import KNOBS, KnobContext, KnobRunner, check_knobs, check_supp
 from rampup.models.build import build_adapter
 from rampup.optim import lr_at
 from rampup.schedule import Schedule
+from rampup.transitions import backward_flops_saved, trainable_count
 from rampup.units import format_tokens
 
 
@@ -44,6 +45,11 @@ class StageSummary:
     """(rows, seq_len, knobs) of the stage's most memory-hungry step (most tokens, then longest)."""
     memory: Any = None
     """MemoryEstimate of that step with the stage's memory knobs (rampup.memory); None if not estimated."""
+    trainable: int = 0
+    """Trainable parameters at the stage's last step (the freeze knob)."""
+    total_params: int = 0
+    backward_saved: float = 0.0
+    """FLOPs the stage's frozen parameters save (rampup.transitions.backward_flops_saved), over its steps."""
     memory_by_technique: dict[str, Any] = field(default_factory=dict)
     """With ``make_plan(..., memory="detail")``: the same step's estimate with each technique alone and all."""
 
@@ -132,6 +138,9 @@ def make_plan(cfg: RunConfig, schedule: Schedule, shapes: list[tuple[int, int]] 
             st.biggest = (rows, seq_len, sp.knobs)
         per_token = adapter.flops_per_item((rows, seq_len))
         st.flops += per_token * tokens
+        st.trainable = trainable_count(adapter)
+        st.total_params = sum(p.numel() for p in adapter.module.parameters())
+        st.backward_saved += backward_flops_saved(adapter) * tokens
         st.attn_flops += (per_token - dense_per_token) * tokens
         st.seq_lens.add(seq_len)
         st.shapes.append((rows, seq_len))
@@ -191,8 +200,9 @@ def _span(values: list[float] | set[int], fmt: str = "{:g}") -> str:
 def plan_table(plan: Plan, cfg: RunConfig) -> Table:
     t = Table(title=f"plan: {cfg.name} ({format_tokens(plan.schedule.total_tokens)} tokens, {plan.total_steps} steps)")
     memory = any(s.memory is not None for s in plan.stages)
+    frozen = any(s.trainable < s.total_params for s in plan.stages)
     for col in ("stage", "tokens", "steps", "seq_len", "batch (B x T)", "lr", "FLOPs", "attn", "compute",
-                *(("peak memory",) if memory else ())):
+                *(("trainable", "backward saved") if frozen else ()), *(("peak memory",) if memory else ())):
         t.add_column(col, justify="left" if col in ("stage", "batch (B x T)") else "right")
     # other knobs get a column only where the run sets them away from their default
     extras = sorted({k for s in plan.stages for k, vals in s.extra.items() if vals != {str(KNOBS[k].default)}})
@@ -209,6 +219,8 @@ def plan_table(plan: Plan, cfg: RunConfig) -> Table:
             f"{s.index} {s.name}", f"{format_tokens(s.start)}-{format_tokens(s.end)}", str(s.steps),
             _span(s.seq_lens), shape, _span(s.lrs, "{:.2e}"), f"{s.flops:.3g}",
             f"{s.attn_flops / s.flops:.0%}" if s.flops else "-", f"{s.flops / plan.total_flops:.1%}",
+            *((f"{s.trainable / s.total_params:.0%} ({s.trainable:,})",
+               f"{s.backward_saved / s.flops:.0%}" if s.flops else "-") if frozen else ()),
             *((_memory_cell(s),) if memory else ()),
             *[", ".join(sorted(s.extra.get(k, {"-"}))) for k in extras],
             *([" ".join(f"{n}:{p:.0%}" for n, p in s.bucket_shares().items())] if buckets else []),
@@ -288,6 +300,7 @@ def plan_summary(plan: Plan) -> dict[str, Any]:
             "stages": [{"name": s.name, "start": s.start, "end": s.end, "steps": s.steps, "flops": s.flops,
                         "seq_lens": sorted(s.seq_lens),
                         "memory": s.memory.as_dict() if s.memory is not None else None,
+                        "trainable": s.trainable, "backward_saved": s.backward_saved,
                         "memory_by_technique": {k: v.as_dict() for k, v in s.memory_by_technique.items()},
                         "bucket_shares": {str(n): p for n, p in s.bucket_shares().items()}}
                        for s in plan.stages]}

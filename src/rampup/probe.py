@@ -65,7 +65,9 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     T, rows, prec = spec["seq_len"], spec["rows"], spec["precision"]
     torch.manual_seed(0)
     adapter = build_adapter(cfg.model, "cpu")
-    optimizer = build_optimizer(adapter.module, cfg.optimizer)
+    from rampup.transitions import uses_parameter_groups
+
+    optimizer = build_optimizer(adapter.module, cfg.optimizer, uses_parameter_groups(cfg.schedule))
     from rampup.knobs import KnobContext, KnobRunner
     from rampup.memory import MEMORY_KNOBS
 

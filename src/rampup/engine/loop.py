@@ -123,7 +123,9 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         adapter = (build_model or (lambda c, d: build_adapter(c.model, d)))(cfg, self.device)
         check_supported(adapter, cfg.schedule)
-        optimizer = build_optimizer(adapter.module, cfg.optimizer)
+        from rampup.transitions import uses_parameter_groups
+
+        optimizer = build_optimizer(adapter.module, cfg.optimizer, uses_parameter_groups(cfg.schedule))
         if cfg.train.compile:
             # One static graph per batch shape and graph-making knob value: they are few (checked in
             # prepare_run), and static graphs are the fastest; dynamo must be allowed to keep all of them.
@@ -248,6 +250,9 @@ class Trainer:
         batch = self.task.make_batch(raw.inputs, raw.targets)
         self.knobs.ctx.rows = batch.rows
         self.knobs.apply(sp.knobs, batch.items // batch.rows)
+        stage = self.schedule.stages[sp.stage]
+        if stage.index > 0 and self.progress.tokens == stage.start:  # a stage's first step (also on a resume there)
+            self.knobs.stage_start(sp.knobs, self.schedule.at(stage.start - 1))
         mem = self.knobs.ctx.cache.get("memory_settings")
         if mem is not None and mem != self.memory_settings:
             self.memory_settings = mem

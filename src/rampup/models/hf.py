@@ -192,7 +192,8 @@ class HFCausalLMAdapter:
         if knob in ("attention", "window"):
             return self.family in _WINDOWED
         return knob in ("seq_len", "batch_tokens", "lr_mult", "passkey_fraction", "bucket_odds", "loss_shards",
-                        "mlp_shards", "activation_checkpoint", "activation_offload")
+                        "mlp_shards", "activation_checkpoint", "activation_offload", "freeze", "lr_groups",
+                        "lr_layer_decay", "optimizer_state")
 
     def check_knob(self, knob: str, value: Any) -> None:
         """Values of a supported knob this model still cannot take (raises ConfigError)."""
