@@ -165,3 +165,68 @@ def test_killed_around_a_transition_resumes_bitwise(data_cache, tmp_path):
     assert res.returncode == 0, res.stderr
     assert step_losses(out) == step_losses(tmp_path / "ref")  # bitwise
     assert weights(out) == weights(tmp_path / "ref")
+
+
+# ----------------------------------------------------------------------------- EMA
+
+def test_ema_follows_its_half_life_in_tokens():
+    from rampup.ema import EMA
+    from rampup.units import Duration
+
+    m = torch.nn.Linear(3, 2)
+    ema = EMA(m, Duration.parse("1000 tok"))
+    start = m.weight.detach().clone()
+    with torch.no_grad():
+        m.weight.add_(1.0)
+    ema.update(1000)  # one half-life: halfway
+    torch.testing.assert_close(ema.tensors()["weight"], start + 0.5)
+    ema.update(500)
+    torch.testing.assert_close(ema.tensors()["weight"], start + 1 - 0.5 * 0.5 ** 0.5)
+    raw = m.weight.detach().clone()
+    with ema.applied():
+        assert torch.equal(m.weight, ema.tensors()["weight"])
+    assert torch.equal(m.weight, raw)  # the raw weights come back bitwise
+
+
+@pytest.mark.slow
+def test_ema_is_checkpointed_evaluated_resumed_bitwise_and_exported(data_cache, tmp_path):
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    from rampup.engine.checkpoint import latest_checkpoint
+    from rampup.engine.metrics import read_metrics
+
+    def tree(out):
+        return tiny_tree(data_cache, out, train={"checkpoint_every": "5 steps", "keep_checkpoints": 1,
+                                                 "ema": {"half_life": "8K tok", "evaluate": True}},
+                         eval={"seq_lens": [256], "every": "10 steps", "max_tokens": 2048})
+
+    ref = write_config(tmp_path / "ref.yaml", tree(tmp_path / "ref"))
+    assert run_rampup("train", str(ref)).returncode == 0
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "run.yaml", tree(out))
+    env = {**os.environ, "PYTHONHASHSEED": "0", "RAMPUP_FAULT_STALL_STEPS": "16:60"}
+    proc = subprocess.Popen(rampup_cmd("train", str(cfg)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    wait_for(lambda: (out / "checkpoints" / "step_0000015").is_dir(), proc)
+    proc.kill()
+    proc.wait()
+    assert run_rampup("train", str(cfg), "--resume").returncode == 0
+    assert step_losses(out) == step_losses(tmp_path / "ref") and weights(out) == weights(tmp_path / "ref")
+    parts = [load_file(latest_checkpoint(d / "checkpoints") / "parts.safetensors") for d in (out, tmp_path / "ref")]
+    assert parts[0].keys() == parts[1].keys() and all(torch.equal(parts[0][k], parts[1][k]) for k in parts[0])
+    evals = [[r["loss"] for r in read_metrics(d / "metrics.jsonl") if r["event"] == "eval"] for d in (out, tmp_path / "ref")]
+    assert evals[0] == evals[1] and len(evals[0]) == 4  # steps 10, 20, 30 and the end, all scored with EMA weights
+    # the raw model scores differently from the average it exports
+    res = run_rampup("export", str(out), str(tmp_path / "hf_ema"), "--ema")
+    assert res.returncode == 0, res.stderr
+    raw = run_rampup("export", str(out), str(tmp_path / "hf_raw"))
+    assert raw.returncode == 0
+    a = load_file(tmp_path / "hf_ema" / "model.safetensors")
+    b = load_file(tmp_path / "hf_raw" / "model.safetensors")
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(a[name], parts[0]["ema/layers.0.mlp.w3.weight"]) and not torch.equal(a[name], b[name])
+    from rampup.ema import load_ema_weights
+
+    with pytest.raises(ConfigError, match="holds no EMA weights"):  # a checkpoint of a run without train.ema
+        load_ema_weights(torch.nn.Linear(2, 2), {}, "step_0000040")

@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from rampup.configbase import Section, choice
 from rampup.data.config import DataConfig
+from rampup.ema import EMAConfig
 from rampup.engine.faults import NonFiniteConfig
 from rampup.errors import ConfigError, did_you_mean
 from rampup.models.llm import ModelConfig
@@ -47,6 +48,9 @@ class TrainConfig(Section):
     (checkpoints found damaged are renamed damaged_step_N and never deleted)."""
     nonfinite: NonFiniteConfig = Field(default_factory=NonFiniteConfig)
     """What a non-finite loss or gradient norm does: skip the step; a streak rolls back or stops."""
+    ema: EMAConfig | None = None
+    """An exponential moving average of the weights ({half_life: '20K tok', evaluate: false}), kept in every
+    checkpoint; None: off."""
     memory_limit: str | int | None = None
     """Memory a training step may use ('8GiB', '512MiB'), for the memory knobs' ``auto`` and the check
     that the model fits at all (None: the cgroup's limit or the machine's available memory)."""

@@ -89,7 +89,7 @@ def hf_model_with_knobs(adapter, knobs: dict[str, Any], dtype: str):
     return model
 
 
-def export_hf(path: str | Path, out_dir: str | Path, *, dtype: str = "float32") -> Path:
+def export_hf(path: str | Path, out_dir: str | Path, *, dtype: str = "float32", ema: bool = False) -> Path:
     """Write the checkpoint at ``path`` (a run folder: its latest) as a Hugging Face model folder."""
     import transformers
     from rampup.data.prepare import get_prepared, load_prepared_tokenizer
@@ -105,7 +105,12 @@ def export_hf(path: str | Path, out_dir: str | Path, *, dtype: str = "float32") 
         raise ConfigError(f"{out} exists and is not an empty folder; export into a new folder (nothing was written)")
     ckpt, cfg, schedule = open_run(path, "rampup export")
     adapter = build_adapter(cfg.model)
-    state = load_checkpoint(ckpt, adapter.module, None).state  # verifies the manifest: a damaged one is refused
+    ck = load_checkpoint(ckpt, adapter.module, None)  # verifies the manifest: a damaged one is refused
+    state = ck.state
+    if ema:  # the averaged weights instead of the raw ones (train.ema)
+        from rampup.ema import load_ema_weights
+
+        load_ema_weights(adapter.module, ck.part_tensors, str(ckpt))
     knobs = schedule.at(min(int(state["progress"]["tokens"]), schedule.total_tokens - 1))
     tok = load_prepared_tokenizer(get_prepared(cfg.data))
     if cfg.model.source == "hf":

@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,8 @@ from rampup.errors import CheckpointDamaged, CheckpointError, CheckpointWriteErr
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 _FILES = ("model.safetensors", "optimizer.safetensors", "state.json")
+PARTS = "parts.safetensors"
+"""Optional: tensors of the run's parts (EMA weights, ...), listed in the manifest when written."""
 _HASH_CHUNK = 16 << 20
 _PARTIAL = (".tmp_step_", ".old_step_", ".trash_step_", ".latest.")
 
@@ -43,6 +45,8 @@ _PARTIAL = (".tmp_step_", ".old_step_", ".trash_step_", ".latest.")
 class Checkpoint:
     path: Path
     state: dict[str, Any]
+    part_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Tensors of the TrainState's parts (EMA weights, ...), from parts.safetensors when present."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -118,6 +122,7 @@ def save_checkpoint(
     state: dict[str, Any],
     *,
     keep: int | None = 3,
+    part_tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a checkpoint for ``step`` atomically and point ``latest`` at it. Returns its folder.
 
@@ -127,6 +132,7 @@ def save_checkpoint(
     tensors, groups = optimizer_tensors(optimizer)
     bad = nonfinite_tensors(model.state_dict().items())
     bad += [f"optimizer state {k}" for k in nonfinite_tensors(tensors.items())]
+    bad += [f"part {k}" for k in nonfinite_tensors((part_tensors or {}).items())]
     if bad:
         raise NonFiniteError(f"not writing the checkpoint of step {step}: {', '.join(bad[:3])}"
                              f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''} hold NaN or inf")
@@ -139,14 +145,18 @@ def save_checkpoint(
         tmp.mkdir()
         save_model(model, str(tmp / "model.safetensors"))
         save_file(tensors | rng_tensors(), str(tmp / "optimizer.safetensors"))
-        for name in ("model.safetensors", "optimizer.safetensors"):
+        files = list(_FILES)
+        if part_tensors:
+            save_file({k: v.contiguous() for k, v in part_tensors.items()}, str(tmp / PARTS))
+            files.append(PARTS)
+        for name in (n for n in files if n.endswith(".safetensors")):
             with open(tmp / name, "rb+") as f:
                 os.fsync(f.fileno())
         _write_json(tmp / "state.json", dict(state, step=step, format_version=FORMAT_VERSION,
                                              optimizer_groups=groups))
         # hashes of the files as they are on disk, read back: what a later load will check
         _write_json(tmp / MANIFEST, {"format_version": FORMAT_VERSION, "step": step, "files": {
-            name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)} for name in _FILES}})
+            name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)} for name in files}})
         _fsync_dir(tmp)
         if final.exists():  # an earlier run wrote this step and we resumed before it: replace it whole
             old = ckpt_dir / f".old_step_{step:07d}_{os.getpid()}"
@@ -221,7 +231,7 @@ def verify_checkpoint(path: Path) -> None:
                                 "checksums, or damaged), so it cannot be verified") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointDamaged(f"checkpoint {path}: {MANIFEST} is unreadable ({e})") from None
-    for name in _FILES:
+    for name in (*_FILES, *([PARTS] if PARTS in files or (path / PARTS).exists() else [])):
         f = path / name
         if name not in files:
             raise CheckpointDamaged(f"checkpoint {path}: {MANIFEST} does not list {name}")
@@ -267,7 +277,8 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     if optimizer is not None:
         load_optimizer_tensors(optimizer, tensors, state["optimizer_groups"])
         restore_rng(tensors)
-    return Checkpoint(path, state)
+    parts = load_file(str(path / PARTS)) if (path / PARTS).is_file() else {}
+    return Checkpoint(path, state, parts)
 
 
 def quarantine(path: Path) -> Path:

@@ -42,7 +42,7 @@ class LocalCheckpointer:
 
     def save(self, state, extra: dict[str, Any]) -> Path:
         return save_checkpoint(self.folder, state.progress.step, state.model.module, state.optimizer,
-                               state.state_dict() | extra, keep=self.keep)
+                               state.state_dict() | extra, keep=self.keep, part_tensors=state.part_tensors())
 
     def load_latest(self, state, *, report, check=None) -> Checkpoint | None:
         return load_latest(self.folder, state.model.module, state.optimizer, report=report, check=check)

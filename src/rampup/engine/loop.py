@@ -86,7 +86,7 @@ class _SignalFlag:
 def check_resumable(saved: dict[str, Any], cfg: RunConfig) -> None:
     now = cfg.model_dump(mode="json", by_alias=True)
     diff = [k for k in _COMPARED_ON_RESUME if saved.get(k) != now.get(k)]
-    for k in ("duration", "seed", "precision", "micro_batch_tokens"):
+    for k in ("duration", "seed", "precision", "micro_batch_tokens", "ema"):
         if saved.get("train", {}).get(k) != now["train"].get(k):
             diff.append(f"train.{k}")
     if diff:
@@ -135,6 +135,10 @@ class Trainer:
         self.task = task if task is not None else CausalLM(self.data.eot_id, doc_mask=cfg.data.doc_mask,
                                                            restart_positions=cfg.data.restart_positions)
         self.state = TrainState(adapter, optimizer, self.data.sampler, precision)
+        if cfg.train.ema is not None:
+            from rampup.ema import EMA
+
+            self.state.parts["ema"] = EMA(adapter.module, cfg.train.ema.half_life)
         self.knobs = KnobRunner(KnobContext(adapter, optimizer, self.data.sampler, self.data, seed=cfg.train.seed,
                                             cfg=cfg, precision=precision.precision, device=self.device))
         if cfg.train.memory_limit is not None:  # the model must fit before any step
@@ -206,6 +210,8 @@ class Trainer:
                                          precision=self.state.precision.precision,
                                          micro_batch_items=cfg.train.micro_batch_tokens,
                                          grad_clip=cfg.optimizer.grad_clip)
+        if "ema" in self.state.parts and math.isfinite(loss) and math.isfinite(gnorm):  # applied steps only
+            self.state.parts["ema"].update(batch.items)
         return self.record_step(sp, batch, loss, gnorm, lr, time.perf_counter() - t0)
 
     def after_step(self) -> None:
@@ -315,8 +321,10 @@ class Trainer:
             self.metrics.write({"event": "eval", "step": p.step, "tokens": p.tokens, "seq_len": n, "loss": loss,
                                 "train_time": p.train_time, "flops": p.flops})
 
-        losses = evaluate_lengths(self.state.model, self.task, self.knobs, knobs, self.data.eval_sets,
-                                  precision=prec, each=each)
+        ema = self.state.parts.get("ema") if cfg.train.ema is not None and cfg.train.ema.evaluate else None
+        with ema.applied() if ema is not None else contextlib.nullcontext():
+            losses = evaluate_lengths(self.state.model, self.task, self.knobs, knobs, self.data.eval_sets,
+                                      precision=prec, each=each)
         self.display.print(f"eval @ step {p.step}: " + ", ".join(f"loss@{n} {v:.4f}" for n, v in losses.items()))
         return losses
 
@@ -372,7 +380,7 @@ class Trainer:
 
     def restore(self, ck: Checkpoint) -> None:
         """Take the checkpoint's progress, sampler, parts and precision; knobs are re-applied at the next step."""
-        self.state.load_state_dict(ck.state)
+        self.state.load_state_dict(ck.state, ck.part_tensors)
         self.state.precision = saved_precision(ck.state, self.device)
         p = self.progress
         self.stage_index = self.schedule.stage_at(p.tokens).index if p.step else -1

@@ -5,7 +5,8 @@ resolved precision and any extra ``parts`` (later: EMA weights, teachers, mixtur
 ``state_dict()`` / ``load_state_dict()`` follow torchtitan's ``Stateful``: the checkpointer saves
 the model's and optimizer's tensors itself and this JSON-able tree beside them, so the
 single-process safetensors checkpointer and, later, ``torch.distributed.checkpoint`` save the same
-tree. A part is anything with ``state_dict()`` / ``load_state_dict()`` whose state is JSON-able.
+tree. A part is anything with ``state_dict()`` / ``load_state_dict()`` whose state is JSON-able;
+a part with tensors (EMA weights) also has ``tensors()`` / ``load_tensors()``, saved beside them.
 """
 from __future__ import annotations
 
@@ -66,9 +67,17 @@ class TrainState:
                 "precision": self.precision.as_dict(),
                 "parts": {name: part.state_dict() for name, part in self.parts.items()}}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> None:
         self.progress = Progress(**state["progress"])
         self.sampler.load_state_dict(state["sampler"])
         for name, part in self.parts.items():
             if name in state.get("parts", {}):
                 part.load_state_dict(state["parts"][name])
+            if hasattr(part, "load_tensors"):
+                prefix = f"{name}/"
+                part.load_tensors({k[len(prefix):]: v for k, v in (tensors or {}).items() if k.startswith(prefix)})
+
+    def part_tensors(self) -> dict[str, torch.Tensor]:
+        """Every part's tensors, keyed ``PART/NAME`` (what parts.safetensors holds)."""
+        return {f"{name}/{k}": v for name, part in self.parts.items() if hasattr(part, "tensors")
+                for k, v in part.tensors().items()}

@@ -1,0 +1,98 @@
+"""An exponential moving average of the weights, part of the run's state (``train.ema``).
+
+After every applied optimizer step, each parameter's shadow moves toward it:
+``shadow = decay * shadow + (1 - decay) * param`` with ``decay = 0.5 ** (step / half_life)``, the
+step and the half-life both in tokens (a step of n tokens) or both in steps. The shadow weights are in
+every checkpoint (``parts.safetensors``), so a resumed run continues the same average bitwise;
+``train.ema.evaluate`` scores evaluations with them, and ``rampup export --ema`` exports them.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from pydantic import model_validator
+
+from rampup.configbase import Section
+from rampup.errors import ConfigError
+from rampup.units import Duration, Unit
+
+
+class EMAConfig(Section):
+    """Exponential moving average of the weights."""
+
+    half_life: Duration
+    """After this many tokens ('20K tok') or steps ('100 steps') a weight's old value weighs half."""
+    evaluate: bool = False
+    """Score every evaluation (and the run's final losses) with the averaged weights instead of the raw ones."""
+
+    @model_validator(mode="after")
+    def _check(self) -> EMAConfig:
+        if self.half_life.unit not in (Unit.TOKEN, Unit.STEP) or not self.half_life.value > 0:
+            raise ValueError(f"train.ema.half_life takes a positive number of tokens or steps ('20K tok', "
+                             f"'100 steps'), got {self.half_life}")
+        return self
+
+
+class EMA:
+    """The shadow weights of ``module``'s parameters (a TrainState part)."""
+
+    def __init__(self, module: torch.nn.Module, half_life: Duration) -> None:
+        self.module, self.half_life = module, half_life
+        self.names = [n for n, _ in module.named_parameters()]
+        self.shadow = [p.detach().clone() for p in module.parameters()]
+        self.updates = 0
+
+    def decay(self, tokens: int) -> float:
+        n = 1 if self.half_life.unit is Unit.STEP else tokens
+        return 0.5 ** (n / self.half_life.value)
+
+    @torch.no_grad()
+    def update(self, tokens: int) -> None:
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.module.parameters()], 1.0 - self.decay(tokens))
+        self.updates += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"updates": self.updates, "half_life": str(self.half_life)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.updates = int(state["updates"])
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names, self.shadow))
+
+    @torch.no_grad()
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        missing = [n for n in self.names if n not in tensors]
+        if missing:
+            raise ConfigError(f"the checkpoint holds no EMA weights for {missing[0]} (was it written before "
+                              "train.ema was set?); resume with the config the run started with")
+        for name, t in zip(self.names, self.shadow):
+            t.copy_(tensors[name])
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """The module holds the averaged weights inside the block; its own come back bitwise after."""
+        params = list(self.module.parameters())
+        with torch.no_grad():
+            raw = [p.detach().clone() for p in params]
+            for p, s in zip(params, self.shadow):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, r in zip(params, raw):
+                    p.copy_(r)
+
+
+def load_ema_weights(module: torch.nn.Module, part_tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Put a checkpoint's EMA weights (its ``parts.safetensors``) into ``module``."""
+    ema = {k[len("ema/"):]: v for k, v in part_tensors.items() if k.startswith("ema/")}
+    if not ema:
+        raise ConfigError(f"{where} holds no EMA weights; train with train.ema set, or export without --ema")
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.copy_(ema[name])
