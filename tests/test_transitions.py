@@ -230,3 +230,106 @@ def test_ema_is_checkpointed_evaluated_resumed_bitwise_and_exported(data_cache, 
 
     with pytest.raises(ConfigError, match="holds no EMA weights"):  # a checkpoint of a run without train.ema
         load_ema_weights(torch.nn.Linear(2, 2), {}, "step_0000040")
+
+
+# ----------------------------------------------------------------------------- teachers
+
+def test_progressive_self_distillation_is_the_soft_target_cross_entropy(tied):
+    """At T = 1, label weight 1 - a and distill weight a give the gradient of CE against
+    (1 - a) one-hot + a p_teacher (PS-KD), tiled or not."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from rampup.distill import DistillTask
+    from rampup.memory import MemorySettings, apply_memory
+    from rampup.models.adapter import Batch
+    from rampup.tasks import CausalLM
+
+    a = 0.3
+    teacher = copy.deepcopy(tied)
+    with torch.no_grad():
+        for p in teacher.module.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    teacher.module.eval()
+    x, y = torch.randint(0, 512, (2, 32)), torch.randint(0, 512, (2, 32))
+
+    class One:
+        active = teacher
+
+    grads = []
+    for shards in (1, 4):
+        s = copy.deepcopy(tied)
+        apply_memory(s, MemorySettings(loss_shards=shards))
+        task = DistillTask(CausalLM(), One())
+        task.weights = (1 - a, a, 1.0)
+        task.loss(s, Batch(x, y, {})).backward()
+        grads.append({n: p.grad for n, p in s.module.named_parameters()})
+    s = copy.deepcopy(tied)
+    with torch.no_grad():
+        p_t = F.softmax(teacher.module(x), -1)
+    target = (1 - a) * F.one_hot(y, 512).float() + a * p_t
+    (-(target * F.log_softmax(s.module(x), -1)).sum(-1).mean()).backward()
+    for n, p in s.module.named_parameters():
+        for g in grads:
+            torch.testing.assert_close(g[n], p.grad, rtol=1e-4, atol=1e-6)
+
+
+def _teacher_tree(data_cache, out, **train):
+    t = tiny_tree(data_cache, out, train={"checkpoint_every": "1 step", "keep_checkpoints": 1, **train})
+    t["schedule"]["stages"][1] |= {"teacher": "previous_stage", "distill_weight": {"from": 0.0, "to": 0.5},
+                                   "label_weight": 0.8, "distill_temperature": 2.0}
+    return t
+
+
+@pytest.mark.slow
+def test_a_previous_stage_teacher_changes_training_and_resumes_bitwise(data_cache, tmp_path):
+    """The stage-0 snapshot teaches stage 1; killed at the boundary's checkpoint, right after, and later
+    (keep_checkpoints 1: the snapshot lives in every checkpoint), each resume equals the uninterrupted run."""
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    from rampup.engine.checkpoint import latest_checkpoint
+
+    ref = write_config(tmp_path / "ref.yaml", _teacher_tree(data_cache, tmp_path / "ref"))
+    assert run_rampup("train", str(ref)).returncode == 0
+    plain = tiny_tree(data_cache, tmp_path / "plain", train={"checkpoint_every": None})
+    assert run_rampup("train", str(write_config(tmp_path / "plain.yaml", plain))).returncode == 0
+    a, b = step_losses(tmp_path / "ref"), step_losses(tmp_path / "plain")
+    assert all(a[s] == b[s] for s in range(1, 21)) and all(a[s] != b[s] for s in range(22, 41))
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "run.yaml", _teacher_tree(data_cache, out))
+    for ckpt in (20, 21, 33):
+        resume = ["--resume"] if (out / "checkpoints").is_dir() else []
+        env = {**os.environ, "PYTHONHASHSEED": "0", "RAMPUP_FAULT_STALL_STEPS": f"{ckpt + 1}:60"}
+        proc = subprocess.Popen(rampup_cmd("train", str(cfg), *resume), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, env=env)
+        wait_for(lambda: (out / "checkpoints" / f"step_{ckpt:07d}").is_dir(), proc)
+        proc.kill()
+        proc.wait()
+    res = run_rampup("train", str(cfg), "--resume")
+    assert res.returncode == 0, res.stderr
+    assert step_losses(out) == a and weights(out) == weights(tmp_path / "ref")
+    parts = load_file(latest_checkpoint(out / "checkpoints") / "parts.safetensors")
+    assert any(k.startswith("teachers/short/") for k in parts)
+
+
+def test_bad_teachers_are_named_before_compute(data_cache, tmp_path):
+    from rampup.engine.trainer import Trainer
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text('{"model_type": "llama", "vocab_size": 1000}')
+    cases = [({0: {"teacher": "previous_stage"}}, "no previous stage"),
+             ({0: {"teacher": "stage:long"}}, "must be an earlier stage"),
+             ({1: {"teacher": "run:/no/such/run"}}, "no such folder"),
+             ({1: {"teacher": f"hf:{hf}"}}, "vocabulary of 1000 tokens"),
+             ({1: {"teacher": "yesterday"}}, "is not one of")]
+    for stages, words in cases:
+        tree = tiny_tree(data_cache, tmp_path / "run")
+        for i, k in stages.items():
+            tree["schedule"]["stages"][i] |= k
+        with pytest.raises((ConfigError, ValueError), match=words):
+            Trainer(RunConfig.model_validate(tree))
+        assert not (tmp_path / "run" / "checkpoints").exists()

@@ -220,6 +220,10 @@ class KnobContext:
     rows: int = 0
     """Rows of the batch being applied to (0: unknown, batch_tokens // length)."""
     device: Any = "cpu"
+    parts: dict[str, Any] = field(default_factory=dict)
+    """The TrainState's parts (teachers, EMA), for knobs that act on them."""
+    tokens: int = 0
+    """Tokens trained before the step being applied to."""
 
     @property
     def lr_mult(self) -> float:
@@ -365,7 +369,8 @@ def _register_builtin_knobs() -> None:
     import importlib
 
     for module in ("rampup.optim", "rampup.models.rope", "rampup.models.attention", "rampup.longeval",
-                   "rampup.data.bucket_sampler", "rampup.memory", "rampup.transitions"):
+                   "rampup.data.bucket_sampler", "rampup.memory", "rampup.transitions",
+                   "rampup.distill"):
         importlib.import_module(module)
 
 

@@ -140,7 +140,14 @@ class Trainer:
 
             self.state.parts["ema"] = EMA(adapter.module, cfg.train.ema.half_life)
         self.knobs = KnobRunner(KnobContext(adapter, optimizer, self.data.sampler, self.data, seed=cfg.train.seed,
-                                            cfg=cfg, precision=precision.precision, device=self.device))
+                                            cfg=cfg, precision=precision.precision, device=self.device,
+                                            parts=self.state.parts))
+        from rampup.distill import DistillTask, Teachers, uses_teacher
+
+        if uses_teacher(cfg.schedule):  # the loss gains the distillation term; teachers are part of the state
+            self.state.parts["teachers"] = Teachers(cfg, self.schedule, precision.precision)
+            self.task = DistillTask(self.task, self.state.parts["teachers"])
+            self.knobs.ctx.cache["distill_task"] = self.task
         if cfg.train.memory_limit is not None:  # the model must fit before any step
             from rampup.memory import check_static_fits
 
@@ -254,11 +261,11 @@ class Trainer:
         self.knobs.ctx.step = self.progress.step
         self.knobs.batch(sp.knobs, raw)  # on the CPU tensors, in place (a data mixture)
         batch = self.task.make_batch(raw.inputs, raw.targets)
-        self.knobs.ctx.rows = batch.rows
-        self.knobs.apply(sp.knobs, batch.items // batch.rows)
+        self.knobs.ctx.rows, self.knobs.ctx.tokens = batch.rows, self.progress.tokens
         stage = self.schedule.stages[sp.stage]
         if stage.index > 0 and self.progress.tokens == stage.start:  # a stage's first step (also on a resume there)
             self.knobs.stage_start(sp.knobs, self.schedule.at(stage.start - 1))
+        self.knobs.apply(sp.knobs, batch.items // batch.rows)
         mem = self.knobs.ctx.cache.get("memory_settings")
         if mem is not None and mem != self.memory_settings:
             self.memory_settings = mem

@@ -1,0 +1,271 @@
+"""Teachers and distillation per stage (../shared/TECHNIQUES.md C: cross-stage and progressive
+distillation, progressive self-distillation).
+
+Knobs:
+
+- ``teacher``: ``none`` | ``previous_stage`` (the model as it was at the end of the previous stage) |
+  ``stage:NAME`` (as it was at the end of stage NAME, an earlier one) | ``run:PATH`` (the latest
+  checkpoint of a rampup run folder, or a checkpoint folder, with that run's own model config) |
+  ``hf:PATH`` (a local Hugging Face model folder). A stage sequence may change teacher at every stage.
+- ``distill_weight`` (default 0) and ``label_weight`` (default 1), both may ramp: the loss is
+  ``label_weight * CE(labels) + distill_weight * T^2 * KL(p_teacher^T || p_student^T)``;
+  ``distill_temperature`` T (default 1).
+- Progressive self-distillation (PS-KD for language models) is ``teacher: previous_stage`` with
+  ``distill_weight`` ramping a and ``label_weight`` 1 - a: at T = 1 the gradient is that of the
+  cross-entropy against ``(1 - a) one-hot + a p_teacher`` (no per-example memory needed).
+
+A teacher runs without gradients, in eval mode, in the run's precision, and never enters the
+optimizer. Its logits are computed shard by shard with the student's (``loss_shards``), so a tiled
+loss never holds either model's full logits. Snapshot teachers (``previous_stage``, ``stage:NAME``)
+are taken at the first step of the stage after the one they snapshot, from the live weights, and
+saved in every checkpoint (``parts.safetensors``), so they survive the rotation of old checkpoints
+and a resume is exact. Every teacher is rebuilt the same way (a fresh model of its config, its
+weights loaded, its stage's RoPE and attention knobs applied), whether taken now or read back.
+A teacher whose vocabulary differs from the run's is refused before any compute.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from rampup.errors import ConfigError
+
+MODEL_KNOBS = ("rope", "attention", "window")
+"""Knobs that shape a snapshot teacher as they shaped the model at its snapshot."""
+
+
+def check_teacher(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"knob 'teacher' takes none | previous_stage | stage:NAME | run:PATH | hf:PATH, got {value!r}")
+    v = value.strip()
+    kind, _, arg = v.partition(":")
+    if v in ("none", "previous_stage") or (kind in ("stage", "run", "hf") and arg.strip()):
+        return v
+    raise ValueError(f"teacher '{v}' is not one of none, previous_stage, stage:NAME, run:PATH, hf:PATH")
+
+
+def uses_teacher(schedule_cfg: Any) -> bool:
+    vals = [schedule_cfg.knobs.get("teacher")] + [st.knobs.get("teacher") for st in schedule_cfg.stages]
+    return any(v not in (None, "none") for v in vals)
+
+
+# ----------------------------------------------------------------------------- the teacher part
+
+class Teachers:
+    """The run's teachers (a TrainState part): snapshots by stage name, built teachers by source."""
+
+    def __init__(self, cfg: Any, schedule: Any, precision: str) -> None:
+        self.cfg, self.schedule, self.precision = cfg, schedule, precision
+        self.snapshots: dict[str, dict[str, torch.Tensor]] = {}
+        """Stage name -> the model's weights at the end of that stage."""
+        self._built: dict[str, Any] = {}
+        self.active: Any = None
+        self.active_name = "none"
+
+    # -- state
+    def state_dict(self) -> dict[str, Any]:
+        return {"snapshots": sorted(self.snapshots), "active": self.active_name}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._built.clear()
+        self.active, self.active_name = None, "none"
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f"{stage}/{k}": v for stage, sd in self.snapshots.items() for k, v in sd.items()}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.snapshots = {}
+        for key, v in tensors.items():
+            stage, _, name = key.partition("/")
+            self.snapshots.setdefault(stage, {})[name] = v
+
+    # -- snapshots and teachers
+    def snapshot(self, stage_name: str, module: torch.nn.Module) -> None:
+        self.snapshots[stage_name] = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        self._built.pop(f"stage:{stage_name}", None)
+
+    def select(self, spec: str, vocab_size: int) -> None:
+        """Make ``spec`` the active teacher (built once per source)."""
+        self.active_name = spec
+        if spec == "none":
+            self.active = None
+            return
+        if spec not in self._built:
+            self._built[spec] = self._build(spec, vocab_size)
+        self.active = self._built[spec]
+
+    def _build(self, spec: str, vocab_size: int):
+        from rampup.knobs import KnobContext, KnobRunner
+        from rampup.models.build import build_adapter
+
+        kind, _, arg = spec.partition(":")
+        if kind == "stage":
+            if arg not in self.snapshots:
+                raise ConfigError(f"teacher '{spec}': stage '{arg}' has not ended yet, so there is no snapshot of it; "
+                                  "a stage's snapshot teaches only the stages after it")
+            stage = next(s for s in self.schedule.stages if s.name == arg)
+            adapter = build_adapter(self.cfg.model, "cpu")
+            adapter.module.load_state_dict(self.snapshots[arg], strict=False)
+            knobs = self.schedule.at(stage.end - 1)
+            KnobRunner(KnobContext(adapter, cfg=self.cfg, precision=self.precision)).apply(
+                {k: v for k, v in knobs.items() if k in MODEL_KNOBS}, knobs["seq_len"])
+        elif kind == "run":
+            adapter = load_run_teacher(arg)
+        else:  # hf
+            from rampup.models.hf import HFCausalLMAdapter
+
+            adapter = HFCausalLMAdapter.from_pretrained(arg)
+        teacher_vocab = adapter.head.weight.shape[0]
+        if teacher_vocab != vocab_size:
+            raise ConfigError(f"teacher '{spec}' has a vocabulary of {teacher_vocab} tokens, the run's model "
+                              f"{vocab_size}; a teacher must share the run's tokenizer")
+        adapter.module.eval()
+        for p in adapter.module.parameters():
+            p.requires_grad_(False)
+        return adapter
+
+
+def load_run_teacher(path: str):
+    """The model of a rampup run folder (its latest checkpoint) or of one checkpoint folder."""
+    from rampup.engine.checkpoint import load_checkpoint
+    from rampup.longeval import open_run
+    from rampup.models.build import build_adapter
+
+    if not Path(path).exists():
+        raise ConfigError(f"teacher run:{path}: no such folder; give a rampup run folder or checkpoint folder")
+    ckpt, cfg, _ = open_run(path, "a teacher")
+    adapter = build_adapter(cfg.model, "cpu")
+    load_checkpoint(ckpt, adapter.module, None)
+    return adapter
+
+
+def check_static(cfg: Any, schedule_cfg: Any) -> None:
+    """Plan-time checks: stage names exist and come before the stage they teach; folders exist."""
+    names = [st.name for st in schedule_cfg.stages]
+    for i, st in enumerate(schedule_cfg.stages):
+        spec = st.knobs.get("teacher")
+        if spec is None:
+            continue
+        kind, _, arg = spec.partition(":")
+        if spec == "previous_stage" and i == 0:
+            raise ConfigError("teacher: previous_stage in the first stage: there is no previous stage")
+        if kind == "stage" and arg not in names[:i]:
+            raise ConfigError(f"teacher '{spec}' in stage {i} ('{st.name}'): the teacher must be an earlier stage "
+                              f"(earlier stages: {', '.join(names[:i]) or 'none'})")
+        if kind in ("run", "hf") and not Path(arg).exists():
+            raise ConfigError(f"teacher '{spec}': no such folder")
+        if kind == "hf" and not (Path(arg) / "config.json").is_file():
+            raise ConfigError(f"teacher '{spec}': {arg} has no config.json; give a Hugging Face model folder")
+        if kind in ("run", "hf"):
+            vocab = _folder_vocab(kind, arg)
+            if vocab is not None and vocab != cfg.model.vocab_size:
+                raise ConfigError(f"teacher '{spec}' has a vocabulary of {vocab} tokens, the run's model "
+                                  f"{cfg.model.vocab_size}; a teacher must share the run's tokenizer")
+
+
+def _folder_vocab(kind: str, arg: str) -> int | None:
+    import json
+
+    import yaml
+
+    p = Path(arg)
+    if kind == "hf":
+        return json.loads((p / "config.json").read_text()).get("vocab_size")
+    for folder in (p, *p.parents[:2]):
+        if (folder / "config.yaml").is_file():
+            return (yaml.safe_load((folder / "config.yaml").read_text()).get("model") or {}).get("vocab_size", 4096)
+    return None
+
+
+# ----------------------------------------------------------------------------- knob effects
+
+def _on_stage(ctx: Any, value: Any, previous: dict[str, Any]) -> None:
+    """At a stage's first step: snapshot the stage that just ended if a later stage learns from it."""
+    teachers = ctx.parts.get("teachers")
+    if teachers is None:
+        return
+    schedule = teachers.schedule
+    idx = next(i for i, s in enumerate(schedule.stages) if s.start == ctx.tokens)
+    ended = schedule.stages[idx - 1].name
+    if value == "previous_stage" or any(s.knobs_at(s.start).get("teacher") == f"stage:{ended}"
+                                        for s in schedule.stages[idx:]):
+        teachers.snapshot(ended, ctx.model.module)
+    _apply_teacher(ctx, value)  # previous_stage names a new teacher at every stage
+
+
+def _apply_teacher(ctx: Any, value: str) -> None:
+    teachers = ctx.parts.get("teachers")
+    if teachers is None:
+        return
+    spec = value
+    if value == "previous_stage":
+        schedule = teachers.schedule
+        stage = next(s for s in reversed(schedule.stages) if s.start <= ctx.tokens)
+        spec = f"stage:{schedule.stages[stage.index - 1].name}"
+    teachers.select(spec, ctx.model.head.weight.shape[0])
+
+
+class DistillTask:
+    """A task whose loss adds the knobs' distillation term to the wrapped task's label loss."""
+
+    def __init__(self, task: Any, teachers: Teachers) -> None:
+        self.task, self.teachers = task, teachers
+        self.weights = (1.0, 0.0, 1.0)  # label, distill, temperature (set by the knobs each step)
+
+    def make_batch(self, x, y, *, training: bool = True):
+        return self.task.make_batch(x, y, training=training)
+
+    def doc_lengths(self, batch):
+        return self.task.doc_lengths(batch)
+
+    def loss(self, adapter: Any, batch: Any, *, reduction: str = "mean") -> torch.Tensor:
+        label_w, distill_w, tau = self.weights
+        teacher = self.teachers.active
+        if teacher is None or distill_w == 0 or reduction == "none" or not torch.is_grad_enabled():
+            loss = self.task.loss(adapter, batch, reduction=reduction)
+            return loss * label_w if reduction != "none" and torch.is_grad_enabled() else loss
+        from rampup.models.tiling import tiled_head_loss
+
+        out = adapter.forward(batch)
+        with torch.no_grad():
+            t_out = teacher.forward(batch)
+        targets = batch.targets
+
+        def shard_loss(logits: torch.Tensor, sl: slice) -> torch.Tensor:
+            with torch.no_grad():
+                t_logits = t_out.head(t_out.hidden[:, sl]).float()
+            s = logits.float()
+            ce = F.cross_entropy(s.flatten(0, 1), targets[:, sl].flatten(), reduction="sum")
+            kl = F.kl_div(F.log_softmax(s / tau, -1), F.log_softmax(t_logits / tau, -1), log_target=True,
+                          reduction="sum")
+            return label_w * ce + distill_w * tau * tau * kl
+
+        if out.loss_shards > 1:
+            total = tiled_head_loss(out.hidden, out.head, shard_loss, out.loss_shards)
+        else:
+            total = shard_loss(out.head(out.hidden), slice(None))
+        return total / targets.numel() if reduction == "mean" else total
+
+
+def _apply_weights(ctx: Any, value: Any) -> None:
+    task = ctx.cache.get("distill_task")
+    if task is not None:
+        k = ctx.knobs
+        task.weights = (float(k.get("label_weight", 1.0)), float(k.get("distill_weight", 0.0)),
+                        float(k.get("distill_temperature", 1.0)))
+
+
+from rampup.knobs import Knob, register_knob  # noqa: E402  (rampup.knobs imports this module)
+
+register_knob(Knob("teacher", "The stage's teacher: none | previous_stage | stage:NAME | run:PATH | hf:PATH.",
+                   default="none", rampable=False, check=check_teacher, apply=_apply_teacher, on_stage=_on_stage,
+                   check_config=lambda cfg: check_static(cfg, cfg.schedule)))
+register_knob(Knob("distill_weight", "Weight of the distillation KL to the teacher (may ramp).", default=0.0,
+                   minimum=0.0, apply=_apply_weights))
+register_knob(Knob("label_weight", "Weight of the label cross-entropy (may ramp; PS-KD: 1 - distill_weight).",
+                   default=1.0, minimum=0.0, apply=_apply_weights))
+register_knob(Knob("distill_temperature", "Softmax temperature of the distillation KL.", default=1.0,
+                   minimum=1e-3, apply=_apply_weights))
