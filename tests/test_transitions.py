@@ -14,6 +14,21 @@ from rampup.models.llm import ModelConfig
 from rampup.transitions import frozen_names, lr_multipliers, trainable_names
 
 
+def kill_after_checkpoints(cfg, out, steps):
+    """For each step: `rampup train` (resuming when there is a checkpoint) stalled in the next step and
+    SIGKILLed once the step's checkpoint exists; the next process resumes from it."""
+    import subprocess
+
+    for ckpt in steps:
+        resume = ["--resume"] if (out / "checkpoints").is_dir() else []
+        env = {**os.environ, "PYTHONHASHSEED": "0", "RAMPUP_FAULT_STALL_STEPS": f"{ckpt + 1}:60"}
+        proc = subprocess.Popen(rampup_cmd("train", str(cfg), *resume), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, env=env)
+        wait_for(lambda: (out / "checkpoints" / f"step_{ckpt:07d}").is_dir(), proc)
+        proc.kill()
+        proc.wait()
+
+
 @pytest.fixture(scope="module")
 def tied():
     torch.manual_seed(0)
@@ -138,7 +153,6 @@ def test_killed_around_a_transition_resumes_bitwise(data_cache, tmp_path):
     """Unfreezing with a reset of every moment and layer decay at step 20 of 40; real processes SIGKILLed
     with keep_checkpoints 1 at the boundary's checkpoint, right after the transition, and at seeded
     random steps, each resumed in a fresh process: losses and final weights equal the uninterrupted run."""
-    import subprocess
 
     def tree(out):
         t = tiny_tree(data_cache, out, train={"checkpoint_every": "1 step", "keep_checkpoints": 1})
@@ -151,16 +165,9 @@ def test_killed_around_a_transition_resumes_bitwise(data_cache, tmp_path):
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "run.yaml", tree(out))
     rng = random.Random(15)
-    # (checkpoint to kill after, the step to stall in): the boundary, right after it, and random ones
+    # the boundary's checkpoint, the one right after it, and two at seeded random steps
     kills = [(20, 21), (21, 22)] + sorted((s, s + 1) for s in rng.sample(range(3, 38), 2))
-    for ckpt, stall in sorted(kills):
-        resume = ["--resume"] if (out / "checkpoints").is_dir() else []
-        env = {**os.environ, "PYTHONHASHSEED": "0", "RAMPUP_FAULT_STALL_STEPS": f"{stall}:60"}
-        proc = subprocess.Popen(rampup_cmd("train", str(cfg), *resume), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, env=env)
-        wait_for(lambda: (out / "checkpoints" / f"step_{ckpt:07d}").is_dir(), proc)
-        proc.kill()
-        proc.wait()
+    kill_after_checkpoints(cfg, out, [c for c, _ in sorted(kills)])
     res = run_rampup("train", str(cfg), "--resume")
     assert res.returncode == 0, res.stderr
     assert step_losses(out) == step_losses(tmp_path / "ref")  # bitwise
@@ -286,7 +293,6 @@ def _teacher_tree(data_cache, out, **train):
 def test_a_previous_stage_teacher_changes_training_and_resumes_bitwise(data_cache, tmp_path):
     """The stage-0 snapshot teaches stage 1; killed at the boundary's checkpoint, right after, and later
     (keep_checkpoints 1: the snapshot lives in every checkpoint), each resume equals the uninterrupted run."""
-    import subprocess
 
     from safetensors.torch import load_file
 
@@ -300,14 +306,7 @@ def test_a_previous_stage_teacher_changes_training_and_resumes_bitwise(data_cach
     assert all(a[s] == b[s] for s in range(1, 21)) and all(a[s] != b[s] for s in range(22, 41))
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "run.yaml", _teacher_tree(data_cache, out))
-    for ckpt in (20, 21, 33):
-        resume = ["--resume"] if (out / "checkpoints").is_dir() else []
-        env = {**os.environ, "PYTHONHASHSEED": "0", "RAMPUP_FAULT_STALL_STEPS": f"{ckpt + 1}:60"}
-        proc = subprocess.Popen(rampup_cmd("train", str(cfg), *resume), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, env=env)
-        wait_for(lambda: (out / "checkpoints" / f"step_{ckpt:07d}").is_dir(), proc)
-        proc.kill()
-        proc.wait()
+    kill_after_checkpoints(cfg, out, [20, 21, 33])
     res = run_rampup("train", str(cfg), "--resume")
     assert res.returncode == 0, res.stderr
     assert step_losses(out) == a and weights(out) == weights(tmp_path / "ref")
