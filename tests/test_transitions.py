@@ -332,3 +332,64 @@ def test_bad_teachers_are_named_before_compute(data_cache, tmp_path):
         with pytest.raises((ConfigError, ValueError), match=words):
             Trainer(RunConfig.model_validate(tree))
         assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_plan_shows_trainable_parameters_teacher_cost_and_backward_saved(data_cache, tmp_path):
+    from rampup.plan import make_plan, plan_summary
+    from rampup.schedule import Schedule
+
+    tree = _teacher_tree(data_cache, tmp_path)
+    tree["schedule"]["stages"][0]["freeze"] = "bottom:1"
+    tree["schedule"]["stages"][1]["freeze"] = "none"
+    cfg = RunConfig.model_validate(tree)
+    short, long = plan_summary(make_plan(cfg, Schedule.build(cfg.schedule, total=cfg.train.duration),
+                                         memory="off"))["stages"]
+    params = sum(p.numel() for p in DecoderLMAdapter.build(cfg.model, "meta").module.parameters())
+    assert short["trainable"] < long["trainable"] == params
+    assert short["backward_saved"] > 0 == long["backward_saved"]
+    assert short["teacher"] == "none" and long["teacher"] == "previous_stage"
+    assert long["teacher_flops"] == pytest.approx(long["flops"] / 3)  # its forward on the same model
+    assert long["teacher_bytes"] == 4 * params
+
+
+@pytest.mark.slow
+def test_hidden_state_distillation_from_a_narrower_run_through_a_learned_projection(data_cache, tmp_path):
+    """A 32-wide rampup run teaches the 64-wide model's stage 1 (logit KL + hidden MSE at two block pairs,
+    through projections trained with it and kept in its checkpoints); killed after the transition, the
+    resumed run equals the uninterrupted one."""
+    from safetensors.torch import load_file
+
+    from rampup.engine.checkpoint import latest_checkpoint
+    from rampup.engine.trainer import Trainer
+
+    small = tiny_tree(data_cache, tmp_path / "teacher", train={"duration": "8 steps", "checkpoint_every": None})
+    small["model"] |= {"dim": 32, "n_heads": 2, "n_kv_heads": 1}
+    assert run_rampup("train", str(write_config(tmp_path / "teacher.yaml", small))).returncode == 0
+
+    def tree(out):
+        t = tiny_tree(data_cache, out, train={"checkpoint_every": "1 step", "keep_checkpoints": 1})
+        t["schedule"]["stages"][1] |= {"teacher": f"run:{tmp_path / 'teacher'}", "distill_weight": 0.5,
+                                       "distill_hidden": "1:0,final:final", "distill_hidden_weight": 0.1}
+        return t
+
+    ref = write_config(tmp_path / "ref.yaml", tree(tmp_path / "ref"))
+    res = run_rampup("train", str(ref))
+    assert res.returncode == 0, res.stderr
+    t = Trainer(RunConfig.model_validate(tree(tmp_path / "fresh")))
+    assert [g["name"] for g in t.state.optimizer.param_groups][-1] == "distill_projections"
+    parts = load_file(latest_checkpoint(tmp_path / "ref" / "checkpoints") / "parts.safetensors")
+    proj = {k: v for k, v in parts.items() if k.startswith("projections/")}
+    assert len(proj) == 2 and all(v.shape == (32, 64) for v in proj.values())
+    first = {k: v for k, v in t.state.parts["projections"].tensors().items()}
+    assert all(not torch.equal(first[k.split("/", 1)[1]], v) for k, v in proj.items())  # they trained
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "run.yaml", tree(out))
+    kill_after_checkpoints(cfg, out, [24])
+    assert run_rampup("train", str(cfg), "--resume").returncode == 0
+    assert step_losses(out) == step_losses(tmp_path / "ref") and weights(out) == weights(tmp_path / "ref")
+    for bad, words in (("4:0", "student block 4 does not exist"), ("1:3", "teacher block 3 does not exist"),
+                       ("1-0", "STUDENT:TEACHER")):
+        t = tree(tmp_path / "bad")
+        t["schedule"]["stages"][1]["distill_hidden"] = bad
+        with pytest.raises((ConfigError, ValueError), match=words):
+            Trainer(RunConfig.model_validate(t))

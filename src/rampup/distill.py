@@ -10,6 +10,10 @@ Knobs:
 - ``distill_weight`` (default 0) and ``label_weight`` (default 1), both may ramp: the loss is
   ``label_weight * CE(labels) + distill_weight * T^2 * KL(p_teacher^T || p_student^T)``;
   ``distill_temperature`` T (default 1).
+- ``distill_hidden``: ``"S:T,S:T"`` pairs of a student block and a teacher block (``final`` for the
+  final-normed states) whose outputs are matched by mean squared error with weight
+  ``distill_hidden_weight`` (may ramp); when the widths differ, a learned projection (student width
+  to teacher width, one per pair, trained with the model, in every checkpoint) maps the student's.
 - Progressive self-distillation (PS-KD for language models) is ``teacher: previous_stage`` with
   ``distill_weight`` ramping a and ``label_weight`` 1 - a: at T = 1 the gradient is that of the
   cross-entropy against ``(1 - a) one-hot + a p_teacher`` (no per-example memory needed).
@@ -208,12 +212,81 @@ def _apply_teacher(ctx: Any, value: str) -> None:
     teachers.select(spec, ctx.model.head.weight.shape[0])
 
 
-class DistillTask:
-    """A task whose loss adds the knobs' distillation term to the wrapped task's label loss."""
+def parse_pairs(spec: str) -> list[tuple[str, str]]:
+    """'1:3,final:final' -> [('1', '3'), ('final', 'final')]; '' or 'none' -> []."""
+    if spec in ("", "none"):
+        return []
+    out = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        s, sep, t = part.partition(":")
+        if not sep or not all(x == "final" or x.isdigit() for x in (s, t)):
+            raise ValueError(f"distill_hidden '{spec}': each pair is STUDENT:TEACHER, a block index or 'final' "
+                             f"on each side (e.g. '1:3,final:final'), got '{part}'")
+        out.append((s, t))
+    return out
 
-    def __init__(self, task: Any, teachers: Teachers) -> None:
+
+def _check_pairs(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"knob 'distill_hidden' takes 'STUDENT:TEACHER,...' block pairs, got {value!r}")
+    parse_pairs(value.strip())
+    return value.strip()
+
+
+def _check_layer(side: str, index: str, n: int, what: str) -> None:
+    if index != "final" and int(index) >= n:
+        raise ConfigError(f"distill_hidden: {side} block {index} does not exist; {what} has blocks 0-{n - 1} "
+                          "(or 'final')")
+
+
+def _capture(adapter: Any, wanted: set[str], store: dict[str, torch.Tensor]):
+    """Forward hooks that keep the outputs of the wanted blocks (by index) in ``store``."""
+    hooks = []
+    for i, (_, block) in enumerate(adapter.blocks()):
+        if str(i) in wanted:
+            def hook(m, args, out, i=i):
+                store[str(i)] = out[0] if isinstance(out, tuple) else out
+            hooks.append(block.register_forward_hook(hook))
+    return hooks
+
+
+class Projections:
+    """Learned maps from student to teacher width, one per (teacher, pair) needing one (a TrainState part)."""
+
+    def __init__(self) -> None:
+        self.maps = torch.nn.ModuleDict()
+
+    def add(self, key: str, d_in: int, d_out: int, device: Any = "cpu") -> None:
+        m = torch.nn.Linear(d_in, d_out, bias=False, device=device)
+        torch.nn.init.normal_(m.weight, std=d_in ** -0.5)
+        self.maps[key] = m
+
+    def parameters(self):
+        return self.maps.parameters()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"maps": sorted(self.maps)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass  # the maps are made from the schedule; their weights come back through load_tensors
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.maps.state_dict().items()}
+
+    @torch.no_grad()
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        if tensors:
+            self.maps.load_state_dict(tensors)
+
+
+class DistillTask:
+    """A task whose loss adds the knobs' distillation terms to the wrapped task's label loss."""
+
+    def __init__(self, task: Any, teachers: Teachers, projections: Projections | None = None) -> None:
         self.task, self.teachers = task, teachers
+        self.projections = projections if projections is not None else Projections()
         self.weights = (1.0, 0.0, 1.0)  # label, distill, temperature (set by the knobs each step)
+        self.hidden: tuple[list[tuple[str, str]], float] = ([], 0.0)  # pairs, weight
 
     def make_batch(self, x, y, *, training: bool = True):
         return self.task.make_batch(x, y, training=training)
@@ -223,15 +296,29 @@ class DistillTask:
 
     def loss(self, adapter: Any, batch: Any, *, reduction: str = "mean") -> torch.Tensor:
         label_w, distill_w, tau = self.weights
+        pairs, hidden_w = self.hidden
         teacher = self.teachers.active
-        if teacher is None or distill_w == 0 or reduction == "none" or not torch.is_grad_enabled():
+        if teacher is None or (distill_w == 0 and hidden_w == 0) or reduction == "none" or not torch.is_grad_enabled():
             loss = self.task.loss(adapter, batch, reduction=reduction)
             return loss * label_w if reduction != "none" and torch.is_grad_enabled() else loss
         from rampup.models.tiling import tiled_head_loss
 
-        out = adapter.forward(batch)
-        with torch.no_grad():
-            t_out = teacher.forward(batch)
+        s_states: dict[str, torch.Tensor] = {}
+        t_states: dict[str, torch.Tensor] = {}
+        hooks = _capture(adapter, {s for s, _ in pairs}, s_states) if hidden_w else []
+        try:
+            out = adapter.forward(batch)
+        finally:
+            for h in hooks:
+                h.remove()
+        hooks = _capture(teacher, {t for _, t in pairs}, t_states) if hidden_w else []
+        try:
+            with torch.no_grad():
+                t_out = teacher.forward(batch)
+        finally:
+            for h in hooks:
+                h.remove()
+        s_states["final"], t_states["final"] = out.hidden, t_out.hidden
         targets = batch.targets
 
         def shard_loss(logits: torch.Tensor, sl: slice) -> torch.Tensor:
@@ -247,7 +334,18 @@ class DistillTask:
             total = tiled_head_loss(out.hidden, out.head, shard_loss, out.loss_shards)
         else:
             total = shard_loss(out.head(out.hidden), slice(None))
-        return total / targets.numel() if reduction == "mean" else total
+        total = total / targets.numel() if reduction == "mean" else total
+        if hidden_w:
+            mse = 0.0
+            for s, t in pairs:
+                h_s, h_t = s_states[s].float(), t_states[t].float()
+                key = f"{self.teachers.active_name}|{s}:{t}".replace(".", "_")
+                if h_s.shape[-1] != h_t.shape[-1]:
+                    h_s = self.projections.maps[key](h_s)
+                mse = mse + F.mse_loss(h_s, h_t, reduction="mean")
+            scale = 1.0 if reduction == "mean" else targets.numel()
+            total = total + hidden_w * scale * mse / len(pairs)
+        return total
 
 
 def _apply_weights(ctx: Any, value: Any) -> None:
@@ -256,6 +354,35 @@ def _apply_weights(ctx: Any, value: Any) -> None:
         k = ctx.knobs
         task.weights = (float(k.get("label_weight", 1.0)), float(k.get("distill_weight", 0.0)),
                         float(k.get("distill_temperature", 1.0)))
+        task.hidden = (parse_pairs(k.get("distill_hidden", "none")), float(k.get("distill_hidden_weight", 0.0)))
+
+
+def _width(adapter: Any) -> int:
+    return int(adapter.head.weight.shape[1])
+
+
+def build_projections(cfg: Any, schedule: Any, adapter: Any, projections: Projections, device: Any = "cpu") -> None:
+    """Every projection the schedule's hidden-state losses need, made before training (so the optimizer's
+    layout never changes); a teacher or student block that does not exist is an error here."""
+    from rampup.plan import teacher_adapter
+
+    for st in schedule.stages:
+        knobs = st.knobs_at(st.start)
+        pairs = parse_pairs(knobs.get("distill_hidden", "none"))
+        spec = knobs.get("teacher", "none")
+        if not pairs:
+            continue
+        if spec == "none":
+            raise ConfigError(f"stage '{st.name}' sets distill_hidden but has no teacher; set teacher")
+        teacher = teacher_adapter(cfg, spec)
+        names = (f"stage:{schedule.stages[st.index - 1].name}" if spec == "previous_stage" else spec)
+        for s, t in pairs:
+            _check_layer("student", s, len(adapter.blocks()), "the model")
+            _check_layer("teacher", t, len(teacher.blocks()), f"teacher '{spec}'")
+            if _width(adapter) != _width(teacher):
+                key = f"{names}|{s}:{t}".replace(".", "_")
+                if key not in projections.maps:
+                    projections.add(key, _width(adapter), _width(teacher), device)
 
 
 from rampup.knobs import Knob, register_knob  # noqa: E402  (rampup.knobs imports this module)
@@ -263,6 +390,11 @@ from rampup.knobs import Knob, register_knob  # noqa: E402  (rampup.knobs import
 register_knob(Knob("teacher", "The stage's teacher: none | previous_stage | stage:NAME | run:PATH | hf:PATH.",
                    default="none", rampable=False, check=check_teacher, apply=_apply_teacher, on_stage=_on_stage,
                    check_config=lambda cfg: check_static(cfg, cfg.schedule)))
+register_knob(Knob("distill_hidden", "Hidden-state MSE to the teacher at block pairs 'STUDENT:TEACHER,...' "
+                   "(indices or final; a learned projection where widths differ).", default="none",
+                   rampable=False, check=_check_pairs, apply=_apply_weights))
+register_knob(Knob("distill_hidden_weight", "Weight of the hidden-state MSE (may ramp).", default=0.0, minimum=0.0,
+                   apply=_apply_weights))
 register_knob(Knob("distill_weight", "Weight of the distillation KL to the teacher (may ramp).", default=0.0,
                    minimum=0.0, apply=_apply_weights))
 register_knob(Knob("label_weight", "Weight of the label cross-entropy (may ramp; PS-KD: 1 - distill_weight).",

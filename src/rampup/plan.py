@@ -48,6 +48,11 @@ class StageSummary:
     trainable: int = 0
     """Trainable parameters at the stage's last step (the freeze knob)."""
     total_params: int = 0
+    teacher: str = "none"
+    teacher_flops: float = 0.0
+    """Forward FLOPs of the stage's teacher over its steps (no backward runs through a teacher)."""
+    teacher_bytes: int = 0
+    """The teacher's weights (fp32), held beside the model."""
     backward_saved: float = 0.0
     """FLOPs the stage's frozen parameters save (rampup.transitions.backward_flops_saved), over its steps."""
     memory_by_technique: dict[str, Any] = field(default_factory=dict)
@@ -126,6 +131,7 @@ def make_plan(cfg: RunConfig, schedule: Schedule, shapes: list[tuple[int, int]] 
         check_static_fits(cfg, device)
     runner = KnobRunner(KnobContext(adapter, cfg=cfg, precision=precision))
     dense_per_token = adapter.flops_per_item((1, 0))  # the 6N term; the rest is attention
+    teachers: dict[str, Any] = {}
     buckets = cfg.data.sampler == "buckets"
     n = 0
     for sp, (rows, seq_len) in zip(schedule.steps(), shapes):
@@ -141,6 +147,12 @@ def make_plan(cfg: RunConfig, schedule: Schedule, shapes: list[tuple[int, int]] 
         st.trainable = trainable_count(adapter)
         st.total_params = sum(p.numel() for p in adapter.module.parameters())
         st.backward_saved += backward_flops_saved(adapter) * tokens
+        spec = sp.knobs.get("teacher", "none")
+        if spec != "none":
+            teacher = teachers.get(spec) or teachers.setdefault(spec, teacher_adapter(cfg, spec))
+            st.teacher = spec
+            st.teacher_flops += teacher.flops_per_item((rows, seq_len)) / 3 * tokens  # forward: 2N of 6N, 4d of 12d
+            st.teacher_bytes = sum(p.numel() * 4 for p in teacher.module.parameters())
         st.attn_flops += (per_token - dense_per_token) * tokens
         st.seq_lens.add(seq_len)
         st.shapes.append((rows, seq_len))
@@ -201,8 +213,10 @@ def plan_table(plan: Plan, cfg: RunConfig) -> Table:
     t = Table(title=f"plan: {cfg.name} ({format_tokens(plan.schedule.total_tokens)} tokens, {plan.total_steps} steps)")
     memory = any(s.memory is not None for s in plan.stages)
     frozen = any(s.trainable < s.total_params for s in plan.stages)
+    taught = any(s.teacher != "none" for s in plan.stages)
     for col in ("stage", "tokens", "steps", "seq_len", "batch (B x T)", "lr", "FLOPs", "attn", "compute",
-                *(("trainable", "backward saved") if frozen else ()), *(("peak memory",) if memory else ())):
+                *(("trainable", "backward saved") if frozen else ()), *(("teacher (+FLOPs, weights)",) if taught else ()),
+                *(("peak memory",) if memory else ())):
         t.add_column(col, justify="left" if col in ("stage", "batch (B x T)") else "right")
     # other knobs get a column only where the run sets them away from their default
     extras = sorted({k for s in plan.stages for k, vals in s.extra.items() if vals != {str(KNOBS[k].default)}})
@@ -221,6 +235,7 @@ def plan_table(plan: Plan, cfg: RunConfig) -> Table:
             f"{s.attn_flops / s.flops:.0%}" if s.flops else "-", f"{s.flops / plan.total_flops:.1%}",
             *((f"{s.trainable / s.total_params:.0%} ({s.trainable:,})",
                f"{s.backward_saved / s.flops:.0%}" if s.flops else "-") if frozen else ()),
+            *((_teacher_cell(s),) if taught else ()),
             *((_memory_cell(s),) if memory else ()),
             *[", ".join(sorted(s.extra.get(k, {"-"}))) for k in extras],
             *([" ".join(f"{n}:{p:.0%}" for n, p in s.bucket_shares().items())] if buckets else []),
@@ -228,12 +243,35 @@ def plan_table(plan: Plan, cfg: RunConfig) -> Table:
     return t
 
 
+def teacher_adapter(cfg: RunConfig, spec: str):
+    """A weightless (meta) copy of a teacher's model, for its FLOPs and size."""
+    kind, _, arg = spec.partition(":")
+    if kind == "run":
+        from rampup.longeval import open_run
+
+        return build_adapter(open_run(arg, "a teacher")[1].model, "meta")
+    if kind == "hf":
+        from rampup.models.hf import HFCausalLMAdapter
+
+        return HFCausalLMAdapter.from_folder_config(arg, "meta")
+    return build_adapter(cfg.model, "meta")  # a snapshot of the run's own model
+
+
+def _teacher_cell(s: StageSummary) -> str:
+    from rampup.memory import format_bytes
+
+    if s.teacher == "none":
+        return "-"
+    return f"{s.teacher} (+{s.teacher_flops / s.flops:.0%}, {format_bytes(s.teacher_bytes)})"
+
+
 def _memory_cell(s: StageSummary) -> str:
     from rampup.memory import format_bytes
 
     if s.memory is None:
         return "-"
-    return f"{format_bytes(s.memory.peak)} ({s.memory.settings.describe()})"
+    teacher = f" + teacher {format_bytes(s.teacher_bytes)}" if s.teacher_bytes else ""
+    return f"{format_bytes(s.memory.peak + s.teacher_bytes)} ({s.memory.settings.describe()}{teacher})"
 
 
 def memory_table(plan: Plan) -> Table:
@@ -300,7 +338,8 @@ def plan_summary(plan: Plan) -> dict[str, Any]:
             "stages": [{"name": s.name, "start": s.start, "end": s.end, "steps": s.steps, "flops": s.flops,
                         "seq_lens": sorted(s.seq_lens),
                         "memory": s.memory.as_dict() if s.memory is not None else None,
-                        "trainable": s.trainable, "backward_saved": s.backward_saved,
+                        "trainable": s.trainable, "backward_saved": s.backward_saved, "teacher": s.teacher,
+                        "teacher_flops": s.teacher_flops, "teacher_bytes": s.teacher_bytes,
                         "memory_by_technique": {k: v.as_dict() for k, v in s.memory_by_technique.items()},
                         "bucket_shares": {str(n): p for n, p in s.bucket_shares().items()}}
                        for s in plan.stages]}

@@ -145,8 +145,16 @@ class Trainer:
         from rampup.distill import DistillTask, Teachers, uses_teacher
 
         if uses_teacher(cfg.schedule):  # the loss gains the distillation term; teachers are part of the state
+            from rampup.distill import Projections, build_projections
+
             self.state.parts["teachers"] = Teachers(cfg, self.schedule, precision.precision)
-            self.task = DistillTask(self.task, self.state.parts["teachers"])
+            projections = Projections()
+            build_projections(cfg, self.schedule, adapter, projections, self.device)
+            if len(projections.maps):  # learned with the model: in the optimizer from the first step
+                self.state.parts["projections"] = projections
+                optimizer.add_param_group({"name": "distill_projections", "params": list(projections.parameters()),
+                                           "weight_decay": 0.0, "lr_mult": 1.0})
+            self.task = DistillTask(self.task, self.state.parts["teachers"], projections)
             self.knobs.ctx.cache["distill_task"] = self.task
         if cfg.train.memory_limit is not None:  # the model must fit before any step
             from rampup.memory import check_static_fits

@@ -123,7 +123,8 @@ class DecoderLMAdapter:
     KNOBS = frozenset({"seq_len", "batch_tokens", "lr_mult", "passkey_fraction", "bucket_odds", "rope",
                        "attention", "window", "loss_shards", "mlp_shards", "activation_checkpoint",
                        "activation_offload", "freeze", "lr_groups", "lr_layer_decay", "optimizer_state",
-                       "teacher", "distill_weight", "label_weight", "distill_temperature"})
+                       "teacher", "distill_weight", "label_weight", "distill_temperature",
+                       "distill_hidden", "distill_hidden_weight"})
     """Every knob rampup ships acts on the reference model."""
 
     def __init__(self, module: nn.Module) -> None:

@@ -194,7 +194,7 @@ class HFCausalLMAdapter:
         return knob in ("seq_len", "batch_tokens", "lr_mult", "passkey_fraction", "bucket_odds", "loss_shards",
                         "mlp_shards", "activation_checkpoint", "activation_offload", "freeze", "lr_groups",
                         "lr_layer_decay", "optimizer_state", "teacher", "distill_weight", "label_weight",
-                        "distill_temperature")
+                        "distill_temperature", "distill_hidden", "distill_hidden_weight")
 
     def check_knob(self, knob: str, value: Any) -> None:
         """Values of a supported knob this model still cannot take (raises ConfigError)."""
