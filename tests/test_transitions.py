@@ -393,3 +393,71 @@ def test_hidden_state_distillation_from_a_narrower_run_through_a_learned_project
         t["schedule"]["stages"][1]["distill_hidden"] = bad
         with pytest.raises((ConfigError, ValueError), match=words):
             Trainer(RunConfig.model_validate(t))
+
+
+# ----------------------------------------------------------------------------- growth
+
+def test_zero_growth_preserves_the_function_and_stacking_copies_blocks(tied):
+    import copy
+
+    from rampup.growth import grow
+    from rampup.optim import OptimizerConfig, build_optimizer
+
+    x = torch.randint(0, 512, (2, 32))
+    for method in ("zero", "stack"):
+        a = copy.deepcopy(tied)
+        opt = build_optimizer(a.module, OptimizerConfig())
+        a.module(x).sum().backward()
+        opt.step()
+        moments = {id(p): st["exp_avg"].clone() for p, st in opt.state.items()}
+        with torch.no_grad():
+            before = a.module(x)
+        assert grow(a, 6, method, opt)
+        assert len(a.module.layers) == 6 and a.cfg.n_layers == 6
+        fresh = build_optimizer(DecoderLMAdapter.build(a.cfg).module, OptimizerConfig())
+        assert [len(g["params"]) for g in opt.param_groups] == [len(g["params"]) for g in fresh.param_groups]
+        assert all(torch.equal(opt.state[p]["exp_avg"], m) for p in opt.state for i, m in moments.items() if id(p) == i)
+        with torch.no_grad():
+            after = a.module(x)
+        if method == "zero":
+            torch.testing.assert_close(after, before)  # function-preserving
+            a.module(x).sum().backward()
+            assert a.module.layers[5].mlp.w2.weight.grad.abs().sum() > 0  # the new blocks learn
+        else:
+            for i in (4, 5):
+                for (n, p), (_, q) in zip(a.module.layers[i].named_parameters(),
+                                          a.module.layers[i - 4].named_parameters()):
+                    assert torch.equal(p, q), n
+            assert not torch.allclose(after, before)
+
+
+@pytest.mark.slow
+def test_a_run_grown_mid_way_resumes_into_the_grown_model_and_exports(data_cache, tmp_path):
+    from rampup.engine.metrics import read_metrics
+
+    def tree(out):
+        t = tiny_tree(data_cache, out, train={"checkpoint_every": "1 step", "keep_checkpoints": 1})
+        t["schedule"]["stages"][1] |= {"depth": 4, "growth": "stack"}
+        return t
+
+    ref = write_config(tmp_path / "ref.yaml", tree(tmp_path / "ref"))
+    res = run_rampup("plan", str(ref), "--png", str(tmp_path / "p.png"))
+    assert res.returncode == 0, res.stderr
+    assert run_rampup("train", str(ref)).returncode == 0
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "run.yaml", tree(out))
+    kill_after_checkpoints(cfg, out, [20, 26])  # before the growth (resumes and grows), after it (resumes grown)
+    assert run_rampup("train", str(cfg), "--resume").returncode == 0
+    assert step_losses(out) == step_losses(tmp_path / "ref") and weights(out) == weights(tmp_path / "ref")
+    flops = [r["flops"] for r in read_metrics(out / "metrics.jsonl") if r["event"] == "step"]
+    assert flops[25] - flops[24] > 1.5 * (flops[5] - flops[4])  # the grown model costs more per step
+    res = run_rampup("export", str(out), str(tmp_path / "hf"))
+    assert res.returncode == 0, res.stderr
+    import json
+
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["num_hidden_layers"] == 4
+    bad = tiny_tree(data_cache, tmp_path / "bad")
+    bad["schedule"]["stages"][0]["depth"] = 4
+    bad["schedule"]["stages"][1]["depth"] = 3
+    res = run_rampup("plan", str(write_config(tmp_path / "bad.yaml", bad)))
+    assert res.returncode == 2 and "depth only grows" in res.stderr

@@ -112,7 +112,12 @@ class Teachers:
                                   "a stage's snapshot teaches only the stages after it")
             stage = next(s for s in self.schedule.stages if s.name == arg)
             adapter = build_adapter(self.cfg.model, "cpu")
-            adapter.module.load_state_dict(self.snapshots[arg], strict=False)
+            layers = {int(k.split(".")[1]) for k in self.snapshots[arg] if k.startswith("layers.")}
+            if layers and hasattr(adapter.module, "tok_emb"):  # the snapshot of a model that grew
+                from rampup.growth import grow
+
+                grow(adapter, max(layers) + 1)
+            adapter.module.load_state_dict(self.snapshots[arg])
             knobs = self.schedule.at(stage.end - 1)
             KnobRunner(KnobContext(adapter, cfg=self.cfg, precision=self.precision)).apply(
                 {k: v for k, v in knobs.items() if k in MODEL_KNOBS}, knobs["seq_len"])
@@ -142,6 +147,9 @@ def load_run_teacher(path: str):
         raise ConfigError(f"teacher run:{path}: no such folder; give a rampup run folder or checkpoint folder")
     ckpt, cfg, _ = open_run(path, "a teacher")
     adapter = build_adapter(cfg.model, "cpu")
+    from rampup.growth import fit_to_checkpoint
+
+    fit_to_checkpoint(adapter, ckpt)
     load_checkpoint(ckpt, adapter.module, None)
     return adapter
 

@@ -105,6 +105,9 @@ def export_hf(path: str | Path, out_dir: str | Path, *, dtype: str = "float32", 
         raise ConfigError(f"{out} exists and is not an empty folder; export into a new folder (nothing was written)")
     ckpt, cfg, schedule = open_run(path, "rampup export")
     adapter = build_adapter(cfg.model)
+    from rampup.growth import fit_to_checkpoint
+
+    fit_to_checkpoint(adapter, ckpt)  # a run that grew: the model at the checkpoint's depth
     ck = load_checkpoint(ckpt, adapter.module, None)  # verifies the manifest: a damaged one is refused
     state = ck.state
     if ema:  # the averaged weights instead of the raw ones (train.ema)
@@ -117,7 +120,7 @@ def export_hf(path: str | Path, out_dir: str | Path, *, dtype: str = "float32", 
         model = hf_model_with_knobs(adapter, knobs, dtype)
         hf_cfg = model.config
     else:
-        hf_cfg = hf_config(cfg.model, knobs, eos_token_id=eot_id(tok, cfg.data.tokenizer.eot or EOT), dtype=dtype)
+        hf_cfg = hf_config(adapter.cfg, knobs, eos_token_id=eot_id(tok, cfg.data.tokenizer.eot or EOT), dtype=dtype)
         model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
         missing, unexpected = model.load_state_dict(adapter.to_hf_state_dict(), strict=False)
         missing = [k for k in missing if not (cfg.model.tie_embeddings and k == "lm_head.weight")]  # tied: one tensor

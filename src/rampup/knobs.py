@@ -121,6 +121,9 @@ class Knob:
     """check_config(cfg): cross-checks against the rest of the RunConfig; raises ValueError."""
     check_plan: Callable[[Any, Any], None] | None = None
     """check_plan(cfg, schedule): plan-time checks over the resolved schedule; raises ConfigError."""
+    restructures: bool = False
+    """Its ``apply`` changes the model's structure (depth growth): it applies before every other knob,
+    and every other knob applies again after it (to the new blocks)."""
     on_stage: Callable[[Any, Any, dict[str, Any]], None] | None = None
     """on_stage(ctx, value, previous_knobs): at the first step of every stage after the first, after
     ``apply`` (an optimizer-state reset); runs again on a resume at exactly that step, never otherwise."""
@@ -247,18 +250,30 @@ class KnobRunner:
         """Apply every knob whose key changed; returns the names applied."""
         applied = []
         self.ctx.length, self.ctx.knobs = length, knobs
+        first = [n for n in knobs if KNOBS[n].restructures]
+        for name in first:
+            if self._apply_one(name, knobs[name], knobs, length):
+                applied.append(name)
+        if applied:  # the model changed shape: everything else applies to it again
+            self._keys = {n: k for n, k in self._keys.items() if n in first}
         for name, value in knobs.items():
-            knob = KNOBS[name]
-            if knob.apply is None or not self.ctx.model.supports(name):  # unsupported: refused at plan time
+            if name in first:
                 continue
-            k = knob.key(value, knobs, length) if knob.key is not None else value
-            if name in self._keys and self._keys[name] == k:
-                continue
-            knob.apply(self.ctx, value)
-            self._keys[name] = k
-            applied.append(name)
+            if self._apply_one(name, value, knobs, length):
+                applied.append(name)
         self._last = (knobs, length)
         return applied
+
+    def _apply_one(self, name: str, value: Any, knobs: dict[str, Any], length: int) -> bool:
+        knob = KNOBS[name]
+        if knob.apply is None or not self.ctx.model.supports(name):  # unsupported: refused at plan time
+            return False
+        k = knob.key(value, knobs, length) if knob.key is not None else value
+        if name in self._keys and self._keys[name] == k:
+            return False
+        knob.apply(self.ctx, value)
+        self._keys[name] = k
+        return True
 
     def batch(self, knobs: dict[str, Any], batch: Any) -> None:
         self.ctx.knobs = knobs
@@ -370,7 +385,7 @@ def _register_builtin_knobs() -> None:
 
     for module in ("rampup.optim", "rampup.models.rope", "rampup.models.attention", "rampup.longeval",
                    "rampup.data.bucket_sampler", "rampup.memory", "rampup.transitions",
-                   "rampup.distill"):
+                   "rampup.distill", "rampup.growth"):
         importlib.import_module(module)
 
 

@@ -227,6 +227,9 @@ def evaluate_run(path: str | Path, *, lengths: list[int] | None = None, passkey_
     template = PasskeyTemplate(load_prepared_tokenizer(prepared))
 
     adapter = build_adapter(cfg.model)
+    from rampup.growth import fit_to_checkpoint
+
+    fit_to_checkpoint(adapter, ckpt)  # a run that grew: the model at the checkpoint's depth
     model = adapter.module
     ck = load_checkpoint(ckpt, model, None)
     tokens = int(ck.state["progress"]["tokens"])

@@ -247,7 +247,8 @@ def verify_checkpoint(path: Path) -> None:
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    *, verify: bool = True, check: Callable[[dict[str, Any]], None] | None = None) -> Checkpoint:
+                    *, verify: bool = True, check: Callable[[dict[str, Any]], None] | None = None,
+                    prepare: Callable[[Path], None] | None = None) -> Checkpoint:
     """Load weights (and optimizer + RNG state when ``optimizer`` is given) from a checkpoint folder.
 
     With ``verify`` the files are first checked against the manifest (:class:`CheckpointDamaged`);
@@ -265,6 +266,8 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         raise CheckpointError(f"cannot read {path / 'state.json'}: {e}") from None
     if check is not None:
         check(state)
+    if prepare is not None:  # e.g. grow the model to the checkpoint's depth before its tensors load
+        prepare(path)
     try:
         missing_keys, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
         tensors = load_file(str(path / "optimizer.safetensors")) if optimizer is not None else {}
@@ -293,8 +296,8 @@ def quarantine(path: Path) -> Path:
 
 
 def load_latest(ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                report: Callable[[str], None], check: Callable[[dict[str, Any]], None] | None = None
-                ) -> Checkpoint | None:
+                report: Callable[[str], None], check: Callable[[dict[str, Any]], None] | None = None,
+                prepare: Callable[[Path], None] | None = None) -> Checkpoint | None:
     """Load the newest checkpoint that verifies; None when there is no checkpoint at all.
 
     Each damaged one met on the way is reported through ``report`` and renamed ``damaged_step_N``.
@@ -303,7 +306,7 @@ def load_latest(ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.optim.O
     damaged = []
     for path in reversed(list_checkpoints(ckpt_dir)):
         try:
-            return load_checkpoint(path, model, optimizer, check=check)
+            return load_checkpoint(path, model, optimizer, check=check, prepare=prepare)
         except CheckpointDamaged as e:
             moved = quarantine(path)
             damaged.append(moved.name)

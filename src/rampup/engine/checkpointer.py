@@ -45,7 +45,10 @@ class LocalCheckpointer:
                                state.state_dict() | extra, keep=self.keep, part_tensors=state.part_tensors())
 
     def load_latest(self, state, *, report, check=None) -> Checkpoint | None:
-        return load_latest(self.folder, state.model.module, state.optimizer, report=report, check=check)
+        from rampup.growth import fit_to_checkpoint
+
+        return load_latest(self.folder, state.model.module, state.optimizer, report=report, check=check,
+                           prepare=lambda path: fit_to_checkpoint(state.model, path, state.optimizer))
 
     def latest(self) -> Path | None:
         return latest_checkpoint(self.folder)

@@ -1,0 +1,143 @@
+"""Growing the reference model's depth at a stage boundary (progressive stacking and its kin).
+
+Knobs: ``depth`` (blocks from this stage on; 0: the model's own ``n_layers``) and ``growth``, how
+the new blocks start:
+
+- ``zero`` (the default): new blocks on top, initialised as the model initialises blocks but with
+  their two residual output projections (attention ``o_proj``, MLP ``w2``) at zero, so each adds
+  nothing to the residual stream: **function-preserving** (outputs unchanged at the moment of growth,
+  tested with assert_close), and the new blocks still receive gradients through their projections.
+- ``stack``: new block i copies block ``i mod n`` (StackBERT / MSG: doubling copies the whole stack
+  on top). Not function-preserving: what it promises, and what is tested, is that each new block
+  starts equal to the block it copies.
+
+Width growth (Net2Net / bert2BERT) is not built; Hugging Face models refuse ``depth``.
+
+The optimizer keeps every old parameter's moments (the mapping is exact) and starts the new ones
+from nothing; its groups are re-laid in the grown model's parameter order, the same order a model
+built at that depth has, so a checkpoint written after a growth loads into a model grown from the
+run's config: a run killed after a growth resumes into the grown model (tested bitwise).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rampup.errors import ConfigError
+
+
+def _check_method(value: Any) -> str:
+    if value not in ("zero", "stack"):
+        raise ValueError(f"knob 'growth' takes zero (function-preserving) or stack, got {value!r}")
+    return value
+
+
+@torch.no_grad()
+def grow(adapter: Any, depth: int, method: str = "zero", optimizer: torch.optim.Optimizer | None = None) -> bool:
+    """Grow the reference model to ``depth`` blocks in place (and the optimizer's groups); False if it
+    already has them."""
+    from rampup.models.llm import Block
+
+    module = adapter.module
+    n = len(module.layers)
+    if depth <= n:
+        if depth < n:
+            raise ConfigError(f"depth {depth}: the model already has {n} blocks; depth only grows")
+        return False
+    cfg = module.cfg.model_copy(update={"n_layers": depth})
+    like = module.tok_emb.weight
+    std = cfg.init_std
+    for i in range(n, depth):
+        with torch.device(like.device):
+            block = Block(cfg)  # fp32 like the reference model (built in place: fake and meta models too)
+        for m in block.modules():
+            if isinstance(m, torch.nn.Linear):
+                torch.nn.init.normal_(m.weight, mean=0.0, std=std)
+            elif isinstance(m, torch.nn.RMSNorm):
+                torch.nn.init.ones_(m.weight)
+        if method == "stack":
+            block.load_state_dict(module.layers[i % n].state_dict())
+        else:
+            for w in (block.attn.o_proj.weight, block.mlp.w2.weight):
+                torch.nn.init.zeros_(w)
+        module.layers.append(block)
+    module.cfg = cfg
+    module.attn_patterns = list(module.attn_patterns) + [None] * (depth - n)  # the attention knob re-applies
+    if optimizer is not None:
+        relayout(optimizer, module)
+    return True
+
+
+def relayout(optimizer: torch.optim.Optimizer, module: torch.nn.Module) -> None:
+    """Put every parameter of ``module`` in the optimizer, in the order a freshly built optimizer has;
+    moments stay with their parameters (``optimizer.state`` is keyed by them)."""
+    names = dict(module.named_parameters())
+    order = list(names.values())
+    groups = optimizer.param_groups
+    by_name = {g.get("name"): g for g in groups}
+    extra = [g for g in groups if g.get("name") not in {"decay", "no_decay", *names}]
+    if "decay" in by_name and "no_decay" in by_name:
+        by_name["decay"]["params"] = [p for p in order if p.dim() >= 2]
+        by_name["no_decay"]["params"] = [p for p in order if p.dim() < 2]
+        optimizer.param_groups[:] = [by_name["decay"], by_name["no_decay"], *extra]
+        return
+    template = next(g for g in groups if g.get("name") in names)
+    decay = max(g["weight_decay"] for g in groups if g.get("name") in names)
+    for name, p in names.items():
+        if name not in by_name:
+            optimizer.add_param_group({k: v for k, v in template.items() if k != "params"} |
+                                      {"name": name, "params": [p], "lr_mult": 1.0,
+                                       "weight_decay": decay if p.dim() >= 2 else 0.0})
+    by_name = {g.get("name"): g for g in optimizer.param_groups}
+    optimizer.param_groups[:] = [by_name[name] for name in names] + extra
+
+
+def checkpoint_depth(path: Path) -> int | None:
+    """How many blocks the reference model in a checkpoint folder has (None: no ``layers.N`` keys)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        idx = {int(k.split(".")[1]) for k in f.keys() if k.startswith("layers.")}
+    return max(idx) + 1 if idx else None
+
+
+def fit_to_checkpoint(adapter: Any, path: Path, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Grow a freshly built reference model to the depth of the checkpoint about to be loaded into it."""
+    if not hasattr(adapter.module, "layers") or not hasattr(adapter.module, "tok_emb"):
+        return
+    depth = checkpoint_depth(path)
+    if depth is not None and depth > len(adapter.module.layers):
+        grow(adapter, depth, "zero", optimizer)
+    elif depth is not None and depth < len(adapter.module.layers):
+        raise ConfigError(f"checkpoint {path} holds a {depth}-block model but the run's model has already grown "
+                          f"to {len(adapter.module.layers)} blocks; a rollback cannot cross a growth (resume from a "
+                          "checkpoint after it)")
+
+
+def _apply_depth(ctx: Any, value: int) -> None:
+    depth = int(value) or int(ctx.cfg.model.n_layers if ctx.cfg is not None else len(ctx.model.module.layers))
+    if grow(ctx.model, depth, ctx.knobs.get("growth", "zero"), ctx.optimizer):
+        ctx.cache.pop("memory_last", None)  # the new blocks take the memory knobs too
+
+
+def _check_plan(cfg: Any, schedule: Any) -> None:
+    last = cfg.model.n_layers
+    for st in schedule.stages:
+        d = int(st.knobs_at(st.start).get("depth", 0)) or cfg.model.n_layers
+        if d < last:
+            raise ConfigError(f"stage '{st.name}' sets depth {d} after {last}: depth only grows "
+                              f"(and starts at model.n_layers {cfg.model.n_layers} or more)")
+        last = d
+    if cfg.model.source != "reference" and any(st.knobs_at(st.start).get("depth", 0) for st in schedule.stages):
+        raise ConfigError("depth growth is built for the reference model only")
+
+
+from rampup.knobs import Knob, register_knob  # noqa: E402  (rampup.knobs imports this module)
+
+register_knob(Knob("depth", "Blocks of the model from this stage on (0: model.n_layers); grows at the boundary, "
+                   "as knob 'growth' says.", default=0, integer=True, minimum=0, rampable=False, apply=_apply_depth,
+                   graph_key=lambda v: v, check_plan=_check_plan, restructures=True))
+register_knob(Knob("growth", "How new blocks start: zero (function-preserving: zero output projections) or "
+                   "stack (copies of the existing blocks).", default="zero", rampable=False, check=_check_method))
