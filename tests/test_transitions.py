@@ -461,3 +461,19 @@ def test_a_run_grown_mid_way_resumes_into_the_grown_model_and_exports(data_cache
     bad["schedule"]["stages"][1]["depth"] = 3
     res = run_rampup("plan", str(write_config(tmp_path / "bad.yaml", bad)))
     assert res.returncode == 2 and "depth only grows" in res.stderr
+
+
+def test_ema_follows_a_model_that_grows(tied):
+    import copy
+
+    from rampup.ema import EMA
+    from rampup.growth import grow
+    from rampup.units import Duration
+
+    a = copy.deepcopy(tied)
+    ema = EMA(a.module, Duration.parse("10 steps"))
+    ema.update(1)
+    grow(a, 6)
+    ema.update(1)
+    assert set(ema.tensors()) == {n for n, _ in a.module.named_parameters()}
+    assert torch.equal(ema.tensors()["layers.5.mlp.w2.weight"], a.module.layers[5].mlp.w2.weight)

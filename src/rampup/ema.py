@@ -41,9 +41,15 @@ class EMA:
 
     def __init__(self, module: torch.nn.Module, half_life: Duration) -> None:
         self.module, self.half_life = module, half_life
-        self.names = [n for n, _ in module.named_parameters()]
-        self.shadow = [p.detach().clone() for p in module.parameters()]
+        self.shadow: dict[str, torch.Tensor] = {n: p.detach().clone() for n, p in module.named_parameters()}
         self.updates = 0
+
+    def _follow(self) -> list[torch.Tensor]:
+        """The shadows in parameter order; a parameter the model grew starts at its own value."""
+        for n, p in self.module.named_parameters():
+            if n not in self.shadow:
+                self.shadow[n] = p.detach().clone()
+        return [self.shadow[n] for n, _ in self.module.named_parameters()]
 
     def decay(self, tokens: int) -> float:
         n = 1 if self.half_life.unit is Unit.STEP else tokens
@@ -51,7 +57,7 @@ class EMA:
 
     @torch.no_grad()
     def update(self, tokens: int) -> None:
-        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.module.parameters()], 1.0 - self.decay(tokens))
+        torch._foreach_lerp_(self._follow(), [p.detach() for p in self.module.parameters()], 1.0 - self.decay(tokens))
         self.updates += 1
 
     def state_dict(self) -> dict[str, Any]:
@@ -61,16 +67,17 @@ class EMA:
         self.updates = int(state["updates"])
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return dict(zip(self.names, self.shadow))
+        self._follow()
+        return dict(self.shadow)
 
     @torch.no_grad()
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        missing = [n for n in self.names if n not in tensors]
+        names = [n for n, _ in self.module.named_parameters()]
+        missing = [n for n in names if n not in tensors]
         if missing:
             raise ConfigError(f"the checkpoint holds no EMA weights for {missing[0]} (was it written before "
                               "train.ema was set?); resume with the config the run started with")
-        for name, t in zip(self.names, self.shadow):
-            t.copy_(tensors[name])
+        self.shadow = {n: tensors[n].clone() for n in names}
 
     @contextlib.contextmanager
     def applied(self) -> Iterator[None]:
@@ -78,7 +85,7 @@ class EMA:
         params = list(self.module.parameters())
         with torch.no_grad():
             raw = [p.detach().clone() for p in params]
-            for p, s in zip(params, self.shadow):
+            for p, s in zip(params, self._follow()):
                 p.copy_(s)
         try:
             yield
