@@ -477,3 +477,59 @@ def test_ema_follows_a_model_that_grows(tied):
     ema.update(1)
     assert set(ema.tensors()) == {n for n, _ in a.module.named_parameters()}
     assert torch.equal(ema.tensors()["layers.5.mlp.w2.weight"], a.module.layers[5].mlp.w2.weight)
+
+
+# ----------------------------------------------------------------------------- sub-networks
+
+def test_an_extracted_subnetwork_computes_what_it_did_inside_the_full_model(tied):
+    from rampup.subnets import active, draw, extract
+
+    x = torch.randint(0, 512, (2, 24))
+    with torch.no_grad():
+        with active(tied, 2, 96):
+            inside = tied.module(x)
+        full = tied.module(x)
+        alone = extract(tied, 2, 96).module(x)
+    torch.testing.assert_close(alone, inside)
+    assert not torch.allclose(full, inside)
+    draws = {draw("depth:2-4,mlp:0.5-1.0", 0, s, 4, 192) for s in range(40)}
+    assert len(draws) > 5 and all(2 <= d <= 4 and 96 <= k <= 192 and k % 8 == 0 for d, k in draws)
+    assert draw("depth:2-4,mlp:0.5-1.0", 0, 7, 4, 192) == draw("depth:2-4,mlp:0.5-1.0", 0, 7, 4, 192)
+
+
+@pytest.mark.slow
+def test_subnetwork_training_resumes_bitwise_and_exports_a_chosen_subnetwork(data_cache, tmp_path):
+    transformers = pytest.importorskip("transformers")
+
+    def tree(out):
+        t = tiny_tree(data_cache, out, train={"checkpoint_every": "1 step", "keep_checkpoints": 1})
+        t["schedule"]["stages"][1] |= {"subnet": "depth:1-2,mlp:0.25-1.0"}
+        return t
+
+    ref = write_config(tmp_path / "ref.yaml", tree(tmp_path / "ref"))
+    assert run_rampup("train", str(ref)).returncode == 0
+    plain = tiny_tree(data_cache, tmp_path / "plain", train={"checkpoint_every": None})
+    assert run_rampup("train", str(write_config(tmp_path / "plain.yaml", plain))).returncode == 0
+    a, b = step_losses(tmp_path / "ref"), step_losses(tmp_path / "plain")
+    assert all(a[s] == b[s] for s in range(1, 21)) and a[25] != b[25]
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "run.yaml", tree(out))
+    kill_after_checkpoints(cfg, out, [23])
+    assert run_rampup("train", str(cfg), "--resume").returncode == 0
+    assert step_losses(out) == a and weights(out) == weights(tmp_path / "ref")
+    res = run_rampup("export", str(out), str(tmp_path / "hf"), "--subnet", "depth=1,mlp=0.5")
+    assert res.returncode == 0, res.stderr
+    from rampup.engine.checkpoint import latest_checkpoint, load_checkpoint
+    from rampup.subnets import active
+
+    adapter = DecoderLMAdapter.build(RunConfig.model_validate(tree(out)).model)
+    load_checkpoint(latest_checkpoint(out / "checkpoints"), adapter.module, None)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert hf.config.num_hidden_layers == 1 and hf.config.intermediate_size == 96
+    x = torch.randint(0, 512, (1, 32))
+    with torch.no_grad(), active(adapter, 1, 96):
+        torch.testing.assert_close(hf(x).logits, adapter.module(x), rtol=1e-4, atol=1e-4)
+    bad = tree(tmp_path / "bad")
+    bad["schedule"]["stages"][1]["subnet"] = "depth:1-5,mlp:0.5-1.0"
+    res = run_rampup("plan", str(write_config(tmp_path / "bad.yaml", bad)))
+    assert res.returncode == 2 and "has 2 blocks" in res.stderr

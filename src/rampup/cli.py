@@ -212,7 +212,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from rampup.export import export_hf
 
-    out = export_hf(args.path, args.out_dir, dtype=args.dtype, ema=args.ema)
+    out = export_hf(args.path, args.out_dir, dtype=args.dtype, ema=args.ema, subnet=args.subnet)
     console.print(f"exported {args.path} as a Hugging Face model: {out} "
                   "(AutoModelForCausalLM / AutoTokenizer .from_pretrained)")
     return 0
@@ -319,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--format", choices=["hf"], default="hf", help="output format (hf: Hugging Face transformers)")
     sp.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                     help="dtype of the written weights (default float32)")
+    sp.add_argument("--subnet", metavar="depth=D,mlp=F", help="export the sub-network of the lowest D blocks "
+                    "with the first F of each MLP's units (rampup.subnets)")
     sp.add_argument("--ema", action="store_true", help="export the run's EMA weights (train.ema) instead of the raw ones")
     sp.set_defaults(fn=cmd_export)
     sp = sub.add_parser("config", help="list every config key with its default and meaning")

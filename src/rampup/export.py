@@ -89,7 +89,8 @@ def hf_model_with_knobs(adapter, knobs: dict[str, Any], dtype: str):
     return model
 
 
-def export_hf(path: str | Path, out_dir: str | Path, *, dtype: str = "float32", ema: bool = False) -> Path:
+def export_hf(path: str | Path, out_dir: str | Path, *, dtype: str = "float32", ema: bool = False,
+              subnet: str | None = None) -> Path:
     """Write the checkpoint at ``path`` (a run folder: its latest) as a Hugging Face model folder."""
     import transformers
     from rampup.data.prepare import get_prepared, load_prepared_tokenizer
@@ -114,6 +115,13 @@ def export_hf(path: str | Path, out_dir: str | Path, *, dtype: str = "float32", 
         from rampup.ema import load_ema_weights
 
         load_ema_weights(adapter.module, ck.part_tensors, str(ckpt))
+    if subnet is not None:  # a sub-network of the model (rampup.subnets), as a standalone model
+        from rampup.subnets import extract, parse_export
+
+        if cfg.model.source != "reference":
+            raise ConfigError("--subnet extracts sub-networks of the reference model only")
+        depth, frac = parse_export(subnet)
+        adapter = extract(adapter, depth, max(1, int(round(frac * adapter.cfg.hidden))))
     knobs = schedule.at(min(int(state["progress"]["tokens"]), schedule.total_tokens - 1))
     tok = load_prepared_tokenizer(get_prepared(cfg.data))
     if cfg.model.source == "hf":

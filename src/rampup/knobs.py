@@ -385,7 +385,7 @@ def _register_builtin_knobs() -> None:
 
     for module in ("rampup.optim", "rampup.models.rope", "rampup.models.attention", "rampup.longeval",
                    "rampup.data.bucket_sampler", "rampup.memory", "rampup.transitions",
-                   "rampup.distill", "rampup.growth"):
+                   "rampup.distill", "rampup.growth", "rampup.subnets"):
         importlib.import_module(module)
 
 

@@ -156,6 +156,11 @@ class Trainer:
                                            "weight_decay": 0.0, "lr_mult": 1.0})
             self.task = DistillTask(self.task, self.state.parts["teachers"], projections)
             self.knobs.ctx.cache["distill_task"] = self.task
+        from rampup.subnets import SubnetTask, uses_subnets
+
+        if uses_subnets(cfg.schedule):  # sampled sub-networks, taught by the full network
+            self.task = SubnetTask(self.task)
+            self.knobs.ctx.cache["subnet_task"] = self.task
         if cfg.train.memory_limit is not None:  # the model must fit before any step
             from rampup.memory import check_static_fits
 

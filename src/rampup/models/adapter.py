@@ -124,7 +124,8 @@ class DecoderLMAdapter:
                        "attention", "window", "loss_shards", "mlp_shards", "activation_checkpoint",
                        "activation_offload", "freeze", "lr_groups", "lr_layer_decay", "optimizer_state",
                        "teacher", "distill_weight", "label_weight", "distill_temperature",
-                       "distill_hidden", "distill_hidden_weight", "depth", "growth"})
+                       "distill_hidden", "distill_hidden_weight", "depth", "growth",
+                       "subnet"})
     """Every knob rampup ships acts on the reference model."""
 
     def __init__(self, module: nn.Module) -> None:

@@ -289,8 +289,14 @@ class MLP(nn.Module):
         self.w3 = nn.Linear(cfg.dim, cfg.hidden, bias=False)  # up
         self.w2 = nn.Linear(cfg.hidden, cfg.dim, bias=False)  # down
 
+        self.active_hidden: int | None = None
+        """Sub-network training (rampup.subnets): only the first this-many hidden units (None: all)."""
+
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        k = self.active_hidden
+        if k is None:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return F.linear(F.silu(F.linear(x, self.w1.weight[:k])) * F.linear(x, self.w3.weight[:k]), self.w2.weight[:, :k])
 
 
 class Block(nn.Module):
@@ -329,6 +335,8 @@ class DecoderLM(nn.Module):
         self.attention_scale: float = 1.0
         self.set_rope(cfg.rope_base)
         self.attn_patterns: list[Pattern | None] = [None] * cfg.n_layers  # full causal everywhere
+        self.active_depth: int | None = None
+        """Sub-network training (rampup.subnets): only the lowest this-many blocks run (None: all)."""
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -427,7 +435,8 @@ class DecoderLM(nn.Module):
             causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
             mask = attn_mask & causal  # (B or 1, 1, T, T)
         x = self.tok_emb(idx)  # (B, T, C)
-        for layer, pattern in zip(self.layers, self.attn_patterns):
+        depth = self.active_depth or len(self.layers)  # a sub-network runs the lowest blocks only
+        for layer, pattern in zip(self.layers[:depth], self.attn_patterns[:depth]):
             cap = None
             if pattern is not None and pattern.capped and T > pattern.window:  # some globals lie outside windows
                 cap = (self.rope_cos[pattern.window], self.rope_sin[pattern.window], self.rope_cos[0], self.rope_sin[0])

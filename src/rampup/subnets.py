@@ -1,0 +1,176 @@
+"""Training sampled sub-networks of the reference model (Once-for-All / BigNAS style), and extracting one.
+
+Knob ``subnet``: ``none`` or ``depth:A-B,mlp:F-G``. At every step of a stage that sets it, a
+sub-network is drawn (seeded by the run's seed and the step, so a resume draws the same ones): the
+lowest ``d`` blocks, d uniform in A..B, each MLP keeping its first ``k`` hidden units, k / hidden
+uniform in F..G (rounded to a multiple of 8). The step's loss is the full network's cross-entropy
+plus the sub-network's KL to the full network's (detached) predictions: the full network is the
+sub-networks' teacher (in-place distillation), and every weight a sub-network uses is shared.
+
+``rampup export RUN OUT --subnet depth=2,mlp=0.5`` writes the chosen sub-network as a standalone
+model (its blocks and MLP units sliced out); its outputs equal the sub-network's inside the full
+model (tested).
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from rampup.errors import ConfigError
+
+_SPEC = re.compile(r"depth:(\d+)-(\d+),mlp:([0-9.]+)-([0-9.]+)")
+
+
+def check_subnet(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"knob 'subnet' takes none or depth:A-B,mlp:F-G, got {value!r}")
+    v = value.replace(" ", "")
+    if v == "none":
+        return v
+    m = _SPEC.fullmatch(v)
+    if m is None:
+        raise ValueError(f"subnet '{value}' is not none or depth:A-B,mlp:F-G (e.g. depth:2-4,mlp:0.5-1.0)")
+    a, b, f, g = int(m[1]), int(m[2]), float(m[3]), float(m[4])
+    if not (1 <= a <= b) or not (0 < f <= g <= 1):
+        raise ValueError(f"subnet '{value}': need 1 <= A <= B blocks and 0 < F <= G <= 1 of the MLP")
+    return v
+
+
+def _ranges(spec: str) -> tuple[int, int, float, float]:
+    m = _SPEC.fullmatch(spec)
+    return int(m[1]), int(m[2]), float(m[3]), float(m[4])
+
+
+def draw(spec: str, seed: int, step: int, n_layers: int, hidden: int) -> tuple[int, int]:
+    """(depth, hidden units) of the sub-network of ``step``."""
+    a, b, f, g = _ranges(spec)
+    if b > n_layers:
+        raise ConfigError(f"subnet '{spec}': the model has {n_layers} blocks")
+    rng = random.Random(seed * 1_000_003 + step)
+    depth = rng.randint(a, b)
+    k = int(round(rng.uniform(f, g) * hidden / 8)) * 8
+    return depth, min(hidden, max(8, k))
+
+
+@contextlib.contextmanager
+def active(adapter: Any, depth: int, hidden: int) -> Iterator[None]:
+    module = adapter.module
+    module.active_depth = depth
+    for layer in module.layers:
+        layer.mlp.active_hidden = hidden
+    try:
+        yield
+    finally:
+        module.active_depth = None
+        for layer in module.layers:
+            layer.mlp.active_hidden = None
+
+
+class SubnetTask:
+    """The wrapped task's loss plus, when the step draws a sub-network, its KL to the full network."""
+
+    def __init__(self, task: Any) -> None:
+        self.task = task
+        self.current: tuple[int, int] | None = None
+
+    def make_batch(self, x, y, *, training: bool = True):
+        return self.task.make_batch(x, y, training=training)
+
+    def doc_lengths(self, batch):
+        return self.task.doc_lengths(batch)
+
+    def loss(self, adapter: Any, batch: Any, *, reduction: str = "mean") -> torch.Tensor:
+        if self.current is None or reduction == "none" or not torch.is_grad_enabled():
+            return self.task.loss(adapter, batch, reduction=reduction)
+        out = adapter.forward(batch)
+        logits = out.head(out.hidden).float()
+        targets = batch.targets
+        full = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+        with active(adapter, *self.current):
+            sub = adapter.forward(batch)
+            s_logits = sub.head(sub.hidden).float()
+        kd = F.kl_div(F.log_softmax(s_logits, -1), F.log_softmax(logits.detach(), -1), log_target=True,
+                      reduction="sum")
+        total = full + kd
+        return total / targets.numel() if reduction == "mean" else total
+
+
+def _on_batch(ctx: Any, batch: Any, value: str) -> None:
+    task = ctx.cache.get("subnet_task")
+    if task is None:
+        return
+    if value == "none":
+        task.current = None
+        return
+    cfg = ctx.model.cfg
+    task.current = draw(value, ctx.seed, ctx.step, cfg.n_layers, cfg.hidden)
+
+
+def _check_plan(cfg: Any, schedule: Any) -> None:
+    for st in schedule.stages:
+        k = st.knobs_at(st.start)
+        v = k.get("subnet", "none")
+        if v == "none":
+            continue
+        if cfg.model.source != "reference":
+            raise ConfigError("subnet training is built for the reference model only")
+        if _ranges(v)[1] > cfg.model.n_layers:
+            raise ConfigError(f"subnet '{v}' in stage '{st.name}': the model has {cfg.model.n_layers} blocks")
+        if k.get("loss_shards", 1) != 1 or k.get("teacher", "none") != "none":
+            raise ConfigError(f"subnet in stage '{st.name}' comes with its own loss (the full network teaches); "
+                              "it does not combine with loss_shards or a teacher yet")
+
+
+def uses_subnets(schedule_cfg: Any) -> bool:
+    vals = [schedule_cfg.knobs.get("subnet")] + [st.knobs.get("subnet") for st in schedule_cfg.stages]
+    return any(v not in (None, "none") for v in vals)
+
+
+def parse_export(spec: str) -> tuple[int, float]:
+    m = re.fullmatch(r"depth=(\d+),mlp=([0-9.]+)", spec.replace(" ", ""))
+    if m is None or not 0 < float(m[2]) <= 1 or int(m[1]) < 1:
+        raise ConfigError(f"--subnet '{spec}' is not depth=D,mlp=F (e.g. depth=2,mlp=0.5)")
+    return int(m[1]), float(m[2])
+
+
+@torch.no_grad()
+def extract(adapter: Any, depth: int, hidden: int):
+    """A standalone reference model holding the sub-network's weights (blocks and MLP units sliced)."""
+    from rampup.models.adapter import DecoderLMAdapter
+    from rampup.models.llm import DecoderLM
+
+    module = adapter.module
+    if depth > len(module.layers) or not 0 < hidden <= module.cfg.hidden:
+        raise ConfigError(f"sub-network depth {depth} / {hidden} MLP units is not inside this model "
+                          f"({len(module.layers)} blocks, {module.cfg.hidden} units)")
+    cfg = module.cfg.model_copy(update={"n_layers": depth, "ffn_hidden": hidden})
+    small = DecoderLM(cfg)
+    state = {}
+    for k, v in module.state_dict().items():
+        if k.startswith("layers."):
+            i = int(k.split(".")[1])
+            if i >= depth:
+                continue
+            if k.endswith(("mlp.w1.weight", "mlp.w3.weight")):
+                v = v[:hidden]
+            elif k.endswith("mlp.w2.weight"):
+                v = v[:, :hidden]
+        state[k] = v.clone()
+    small.load_state_dict(state)
+    small.set_rope(inv_freq=module.inv_freq, max_seq_len=module.max_seq_len, attention_scale=module.attention_scale)
+    small.rope_base = module.rope_base
+    small.set_attention(module.attn_patterns[:depth])
+    return DecoderLMAdapter(small)
+
+
+from rampup.knobs import Knob, register_knob  # noqa: E402  (rampup.knobs imports this module)
+
+register_knob(Knob("subnet", "Train a sampled sub-network each step with the full network as its teacher: none | "
+                   "depth:A-B,mlp:F-G.", default="none", rampable=False, check=check_subnet, on_batch=_on_batch,
+                   check_plan=_check_plan))
