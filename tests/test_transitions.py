@@ -436,7 +436,8 @@ def test_a_run_grown_mid_way_resumes_into_the_grown_model_and_exports(data_cache
     from rampup.engine.metrics import read_metrics
 
     def tree(out):
-        t = tiny_tree(data_cache, out, train={"checkpoint_every": "1 step", "keep_checkpoints": 1})
+        t = tiny_tree(data_cache, out, train={"checkpoint_every": "1 step", "keep_checkpoints": 1},
+                      eval={"every": "10 steps"})  # an evaluation at the boundary: growth waits for the step
         t["schedule"]["stages"][1] |= {"depth": 4, "growth": "stack"}
         return t
 

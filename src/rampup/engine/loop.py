@@ -334,6 +334,9 @@ class Trainer:
         p, cfg = self.progress, self.cfg
         prec = self.state.precision.precision
         knobs = self.schedule.at(min(p.tokens, self.schedule.total_tokens - 1))
+        trained = self.knobs.save()
+        if trained is not None:  # a knob that restructures the model (growth) acts at its step, never in evaluation
+            knobs = {k: trained[0][k] if KNOBS[k].restructures and k in trained[0] else v for k, v in knobs.items()}
 
         def each(n: int, loss: float) -> None:
             if cfg.eval.passkey_samples:
