@@ -432,13 +432,13 @@ def test_zero_growth_preserves_the_function_and_stacking_copies_blocks(tied):
 
 
 @pytest.mark.slow
-def test_a_run_grown_mid_way_resumes_into_the_grown_model_and_exports(data_cache, tmp_path):
+def test_a_run_grown_deeper_and_wider_mid_way_resumes_into_the_grown_model_and_exports(data_cache, tmp_path):
     from rampup.engine.metrics import read_metrics
 
     def tree(out):
         t = tiny_tree(data_cache, out, train={"checkpoint_every": "1 step", "keep_checkpoints": 1},
                       eval={"every": "10 steps"})  # an evaluation at the boundary: growth waits for the step
-        t["schedule"]["stages"][1] |= {"depth": 4, "growth": "stack"}
+        t["schedule"]["stages"][1] |= {"depth": 4, "growth": "stack", "mlp_width": 256}
         return t
 
     ref = write_config(tmp_path / "ref.yaml", tree(tmp_path / "ref"))
@@ -456,7 +456,8 @@ def test_a_run_grown_mid_way_resumes_into_the_grown_model_and_exports(data_cache
     assert res.returncode == 0, res.stderr
     import json
 
-    assert json.loads((tmp_path / "hf" / "config.json").read_text())["num_hidden_layers"] == 4
+    hf_cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert hf_cfg["num_hidden_layers"] == 4 and hf_cfg["intermediate_size"] == 256
     bad = tiny_tree(data_cache, tmp_path / "bad")
     bad["schedule"]["stages"][0]["depth"] = 4
     bad["schedule"]["stages"][1]["depth"] = 3
@@ -534,3 +535,34 @@ def test_subnetwork_training_resumes_bitwise_and_exports_a_chosen_subnetwork(dat
     bad["schedule"]["stages"][1]["subnet"] = "depth:1-5,mlp:0.5-1.0"
     res = run_rampup("plan", str(write_config(tmp_path / "bad.yaml", bad)))
     assert res.returncode == 2 and "has 2 blocks" in res.stderr
+
+
+def test_net2net_mlp_widening_preserves_the_function(tied):
+    import copy
+
+    from rampup.growth import widen_mlp
+    from rampup.optim import OptimizerConfig, build_optimizer
+
+    x = torch.randint(0, 512, (2, 32))
+    a = copy.deepcopy(tied)
+    opt = build_optimizer(a.module, OptimizerConfig())
+    a.module(x).sum().backward()
+    opt.step()
+    with torch.no_grad():
+        before = a.module(x)
+    assert widen_mlp(a, 320, 0.0, opt)
+    assert a.module.layers[0].mlp.w2.weight.shape == (64, 320) and a.cfg.hidden == 320
+    with torch.no_grad():
+        torch.testing.assert_close(a.module(x), before)  # function-preserving
+    params = [p for g in opt.param_groups for p in g["params"]]
+    assert all(any(p is q for p in params) for q in a.module.parameters())  # the new matrices are optimized
+    a.module(x).sum().backward()
+    opt.step()  # moments of the widened matrices restart, the rest continue
+    b = copy.deepcopy(tied)
+    with torch.no_grad():
+        plain = b.module(x)
+        widen_mlp(b, 320, 0.5, None)
+        noisy = b.module(x)
+    assert not torch.equal(noisy, plain) and torch.allclose(noisy, plain, atol=0.1)  # near, not equal
+    with pytest.raises(ConfigError, match="only grows"):
+        widen_mlp(a, 128)

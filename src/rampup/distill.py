@@ -114,8 +114,9 @@ class Teachers:
             adapter = build_adapter(self.cfg.model, "cpu")
             layers = {int(k.split(".")[1]) for k in self.snapshots[arg] if k.startswith("layers.")}
             if layers and hasattr(adapter.module, "tok_emb"):  # the snapshot of a model that grew
-                from rampup.growth import grow
+                from rampup.growth import grow, widen_mlp
 
+                widen_mlp(adapter, self.snapshots[arg]["layers.0.mlp.w1.weight"].shape[0])
                 grow(adapter, max(layers) + 1)
             adapter.module.load_state_dict(self.snapshots[arg])
             knobs = self.schedule.at(stage.end - 1)

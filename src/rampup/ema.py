@@ -45,9 +45,9 @@ class EMA:
         self.updates = 0
 
     def _follow(self) -> list[torch.Tensor]:
-        """The shadows in parameter order; a parameter the model grew starts at its own value."""
+        """The shadows in parameter order; a parameter the model grew (or widened) starts at its own value."""
         for n, p in self.module.named_parameters():
-            if n not in self.shadow:
+            if n not in self.shadow or self.shadow[n].shape != p.shape:  # grown, or widened: starts afresh
                 self.shadow[n] = p.detach().clone()
         return [self.shadow[n] for n, _ in self.module.named_parameters()]
 

@@ -11,7 +11,14 @@ the new blocks start:
   on top). Not function-preserving: what it promises, and what is tested, is that each new block
   starts equal to the block it copies.
 
-Width growth (Net2Net / bert2BERT) is not built; Hugging Face models refuse ``depth``.
+Knob ``mlp_width`` (hidden units of every MLP from this stage on; 0: the model's own) widens the
+SwiGLU MLPs as Net2WiderNet does: new unit j copies unit ``j mod h`` (its rows of ``w1`` and
+``w3``), and each copied unit's column of ``w2`` is divided among its copies, so the output is
+unchanged: **function-preserving** (tested with assert_close). ``growth_noise`` (default 0) adds
+that fraction of the init std as noise to the copies' ``w1`` rows to break their symmetry (then only
+approximately preserving). The widened matrices' AdamW moments restart (the other parameters keep
+theirs). Widening the residual stream is not built; Hugging Face models refuse ``depth`` and
+``mlp_width``.
 
 The optimizer keeps every old parameter's moments (the mapping is exact) and starts the new ones
 from nothing; its groups are re-laid in the grown model's parameter order, the same order a model
@@ -94,6 +101,43 @@ def relayout(optimizer: torch.optim.Optimizer, module: torch.nn.Module) -> None:
     optimizer.param_groups[:] = [by_name[name] for name in names] + extra
 
 
+@torch.no_grad()
+def widen_mlp(adapter: Any, hidden: int, noise: float = 0.0, optimizer: torch.optim.Optimizer | None = None,
+              seed: int = 0) -> bool:
+    """Widen every MLP of the reference model to ``hidden`` units in place (Net2WiderNet, see above)."""
+    module = adapter.module
+    old = module.layers[0].mlp.w1.weight.shape[0]
+    if hidden <= old:
+        if hidden < old:
+            raise ConfigError(f"mlp_width {hidden}: the MLPs already have {old} units; the width only grows")
+        return False
+    src = torch.arange(hidden) % old
+    counts = torch.tensor([hidden // old + (j < hidden % old) for j in range(old)],  # copies of each unit
+                          dtype=module.tok_emb.weight.dtype)
+    g = torch.Generator().manual_seed(seed)
+    replaced = {}
+    for layer in module.layers:
+        mlp = layer.mlp
+        w1, w3, w2 = mlp.w1.weight, mlp.w3.weight, mlp.w2.weight
+        n1, n3 = w1[src].clone(), w3[src].clone()
+        if noise:
+            n1[old:] += noise * module.cfg.init_std * torch.randn(n1[old:].shape, generator=g).to(n1)
+        n2 = w2[:, src] / counts[src].to(w2)
+        for lin, new in ((mlp.w1, n1), (mlp.w3, n3), (mlp.w2, n2)):
+            p = torch.nn.Parameter(new, requires_grad=lin.weight.requires_grad)
+            replaced[id(lin.weight)] = p
+            lin.weight = p
+            lin.in_features, lin.out_features = new.shape[1], new.shape[0]
+    module.cfg = module.cfg.model_copy(update={"ffn_hidden": hidden})
+    if optimizer is not None:
+        for p_old in list(optimizer.state):
+            if id(p_old) in replaced:
+                del optimizer.state[p_old]  # a widened matrix's moments restart
+        for group in optimizer.param_groups:
+            group["params"] = [replaced.get(id(p), p) for p in group["params"]]
+    return True
+
+
 def checkpoint_depth(path: Path) -> int | None:
     """How many blocks the reference model in a checkpoint folder has (None: no ``layers.N`` keys)."""
     from safetensors import safe_open
@@ -103,11 +147,21 @@ def checkpoint_depth(path: Path) -> int | None:
     return max(idx) + 1 if idx else None
 
 
+def checkpoint_mlp_width(path: Path) -> int | None:
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        return f.get_slice("layers.0.mlp.w1.weight").get_shape()[0] if "layers.0.mlp.w1.weight" in f.keys() else None
+
+
 def fit_to_checkpoint(adapter: Any, path: Path, optimizer: torch.optim.Optimizer | None = None) -> None:
     """Grow a freshly built reference model to the depth of the checkpoint about to be loaded into it."""
     if not hasattr(adapter.module, "layers") or not hasattr(adapter.module, "tok_emb"):
         return
     depth = checkpoint_depth(path)
+    width = checkpoint_mlp_width(path)
+    if width is not None and width > adapter.module.layers[0].mlp.w1.weight.shape[0]:
+        widen_mlp(adapter, width, 0.0, optimizer)
     if depth is not None and depth > len(adapter.module.layers):
         grow(adapter, depth, "zero", optimizer)
     elif depth is not None and depth < len(adapter.module.layers):
@@ -122,6 +176,12 @@ def _apply_depth(ctx: Any, value: int) -> None:
         ctx.cache.pop("memory_last", None)  # the new blocks take the memory knobs too
 
 
+def _apply_width(ctx: Any, value: int) -> None:
+    hidden = int(value) or ctx.model.module.layers[0].mlp.w1.weight.shape[0]
+    if widen_mlp(ctx.model, hidden, float(ctx.knobs.get("growth_noise", 0.0)), ctx.optimizer, ctx.seed):
+        ctx.cache.pop("memory_last", None)
+
+
 def _check_plan(cfg: Any, schedule: Any) -> None:
     last = cfg.model.n_layers
     for st in schedule.stages:
@@ -130,8 +190,15 @@ def _check_plan(cfg: Any, schedule: Any) -> None:
             raise ConfigError(f"stage '{st.name}' sets depth {d} after {last}: depth only grows "
                               f"(and starts at model.n_layers {cfg.model.n_layers} or more)")
         last = d
-    if cfg.model.source != "reference" and any(st.knobs_at(st.start).get("depth", 0) for st in schedule.stages):
-        raise ConfigError("depth growth is built for the reference model only")
+    if cfg.model.source != "reference" and any(st.knobs_at(st.start).get(k, 0) for st in schedule.stages
+                                               for k in ("depth", "mlp_width")):
+        raise ConfigError("depth and mlp_width growth are built for the reference model only")
+    last = cfg.model.hidden if cfg.model.source == "reference" else 0
+    for st in schedule.stages:
+        w = int(st.knobs_at(st.start).get("mlp_width", 0)) or last
+        if w < last:
+            raise ConfigError(f"stage '{st.name}' sets mlp_width {w} after {last}: the width only grows")
+        last = w
 
 
 from rampup.knobs import Knob, register_knob  # noqa: E402  (rampup.knobs imports this module)
@@ -139,5 +206,10 @@ from rampup.knobs import Knob, register_knob  # noqa: E402  (rampup.knobs import
 register_knob(Knob("depth", "Blocks of the model from this stage on (0: model.n_layers); grows at the boundary, "
                    "as knob 'growth' says.", default=0, integer=True, minimum=0, rampable=False, apply=_apply_depth,
                    graph_key=lambda v: v, check_plan=_check_plan, restructures=True))
+register_knob(Knob("mlp_width", "Hidden units of every MLP from this stage on (0: the model's own); widens "
+                   "function-preservingly (Net2WiderNet) at the boundary.", default=0, integer=True, minimum=0,
+                   rampable=False, apply=_apply_width, graph_key=lambda v: v, restructures=True))
+register_knob(Knob("growth_noise", "Symmetry-breaking noise on widened MLP units, as a fraction of the init std.",
+                   default=0.0, minimum=0.0, rampable=False))
 register_knob(Knob("growth", "How new blocks start: zero (function-preserving: zero output projections) or "
                    "stack (copies of the existing blocks).", default="zero", rampable=False, check=_check_method))

@@ -125,7 +125,7 @@ class DecoderLMAdapter:
                        "activation_offload", "freeze", "lr_groups", "lr_layer_decay", "optimizer_state",
                        "teacher", "distill_weight", "label_weight", "distill_temperature",
                        "distill_hidden", "distill_hidden_weight", "depth", "growth",
-                       "subnet"})
+                       "subnet", "mlp_width", "growth_noise"})
     """Every knob rampup ships acts on the reference model."""
 
     def __init__(self, module: nn.Module) -> None:
