@@ -117,7 +117,7 @@ def loss_on(run: Path, windows, precision: str) -> float:
     from rampup.models.build import build_adapter
     from rampup.tasks import CausalLM
 
-    ckpt, cfg, _ = open_run(run, "benchmark")
+    _, cfg, _ = open_run(run, "benchmark")
     adapter = build_adapter(cfg.model)
     load_checkpoint(latest_checkpoint(run / "checkpoints"), adapter.module, None)
     adapter.module.eval()

@@ -262,7 +262,7 @@ def test_progressive_self_distillation_is_the_soft_target_cross_entropy(tied):
     x, y = torch.randint(0, 512, (2, 32)), torch.randint(0, 512, (2, 32))
 
     class One:
-        active = teacher
+        active, active_name = teacher, "stage:short"
 
     grads = []
     for shards in (1, 4):
@@ -566,3 +566,26 @@ def test_net2net_mlp_widening_preserves_the_function(tied):
     assert not torch.equal(noisy, plain) and torch.allclose(noisy, plain, atol=0.1)  # near, not equal
     with pytest.raises(ConfigError, match="only grows"):
         widen_mlp(a, 128)
+
+
+@pytest.mark.slow
+def test_an_ema_teacher_for_progressive_self_distillation_resumes_bitwise(data_cache, tmp_path):
+    """PS-KD with the run's own EMA as teacher (a ramping from 0 to 0.4), SIGKILLed after the transition."""
+    def tree(out):
+        t = tiny_tree(data_cache, out, train={"checkpoint_every": "1 step", "keep_checkpoints": 1,
+                                              "ema": {"half_life": "4 steps"}})
+        t["schedule"]["stages"][1] |= {"teacher": "ema", "distill_weight": {"from": 0.0, "to": 0.4},
+                                       "label_weight": {"from": 1.0, "to": 0.6}}
+        return t
+
+    ref = write_config(tmp_path / "ref.yaml", tree(tmp_path / "ref"))
+    assert run_rampup("train", str(ref)).returncode == 0
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "run.yaml", tree(out))
+    kill_after_checkpoints(cfg, out, [22])
+    assert run_rampup("train", str(cfg), "--resume").returncode == 0
+    assert step_losses(out) == step_losses(tmp_path / "ref") and weights(out) == weights(tmp_path / "ref")
+    no_ema = tiny_tree(data_cache, tmp_path / "bad")
+    no_ema["schedule"]["stages"][1]["teacher"] = "ema"
+    res = run_rampup("plan", str(write_config(tmp_path / "bad.yaml", no_ema)))
+    assert res.returncode == 2 and "needs train.ema" in res.stderr

@@ -3,7 +3,8 @@ distillation, progressive self-distillation).
 
 Knobs:
 
-- ``teacher``: ``none`` | ``previous_stage`` (the model as it was at the end of the previous stage) |
+- ``teacher``: ``none`` | ``ema`` (the run's moving average of its own weights, ``train.ema``, as it
+  is at each step) | ``previous_stage`` (the model as it was at the end of the previous stage) |
   ``stage:NAME`` (as it was at the end of stage NAME, an earlier one) | ``run:PATH`` (the latest
   checkpoint of a rampup run folder, or a checkpoint folder, with that run's own model config) |
   ``hf:PATH`` (a local Hugging Face model folder). A stage sequence may change teacher at every stage.
@@ -43,12 +44,13 @@ MODEL_KNOBS = ("rope", "attention", "window")
 
 def check_teacher(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"knob 'teacher' takes none | previous_stage | stage:NAME | run:PATH | hf:PATH, got {value!r}")
+        raise ValueError(f"knob 'teacher' takes none | ema | previous_stage | stage:NAME | run:PATH | hf:PATH, "
+                         f"got {value!r}")
     v = value.strip()
     kind, _, arg = v.partition(":")
-    if v in ("none", "previous_stage") or (kind in ("stage", "run", "hf") and arg.strip()):
+    if v in ("none", "previous_stage", "ema") or (kind in ("stage", "run", "hf") and arg.strip()):
         return v
-    raise ValueError(f"teacher '{v}' is not one of none, previous_stage, stage:NAME, run:PATH, hf:PATH")
+    raise ValueError(f"teacher '{v}' is not one of none, ema, previous_stage, stage:NAME, run:PATH, hf:PATH")
 
 
 def uses_teacher(schedule_cfg: Any) -> bool:
@@ -68,6 +70,8 @@ class Teachers:
         self._built: dict[str, Any] = {}
         self.active: Any = None
         self.active_name = "none"
+        self.ema: Any = None
+        """The run's EMA part (train.ema), for ``teacher: ema``."""
 
     # -- state
     def state_dict(self) -> dict[str, Any]:
@@ -87,6 +91,18 @@ class Teachers:
             self.snapshots.setdefault(stage, {})[name] = v
 
     # -- snapshots and teachers
+    @torch.no_grad()
+    def refresh_from_ema(self, teacher: Any) -> None:
+        shadows = self.ema.tensors()
+        if set(shadows) != {n for n, _ in teacher.module.named_parameters()} or any(
+                p.shape != shadows[n].shape for n, p in teacher.module.named_parameters()):
+            from rampup.growth import grow, widen_mlp  # the model grew since: the teacher follows
+
+            widen_mlp(teacher, shadows["layers.0.mlp.w1.weight"].shape[0])
+            grow(teacher, 1 + max(int(n.split(".")[1]) for n in shadows if n.startswith("layers.")))
+        for name, p in teacher.module.named_parameters():
+            p.copy_(shadows[name])
+
     def snapshot(self, stage_name: str, module: torch.nn.Module) -> None:
         self.snapshots[stage_name] = {k: v.detach().clone() for k, v in module.state_dict().items()}
         self._built.pop(f"stage:{stage_name}", None)
@@ -106,7 +122,9 @@ class Teachers:
         from rampup.models.build import build_adapter
 
         kind, _, arg = spec.partition(":")
-        if kind == "stage":
+        if spec == "ema":  # its weights are the EMA's shadows, copied in before every use (DistillTask.loss)
+            adapter = build_adapter(self.cfg.model, "cpu")
+        elif kind == "stage":
             if arg not in self.snapshots:
                 raise ConfigError(f"teacher '{spec}': stage '{arg}' has not ended yet, so there is no snapshot of it; "
                                   "a stage's snapshot teaches only the stages after it")
@@ -163,6 +181,8 @@ def check_static(cfg: Any, schedule_cfg: Any) -> None:
         if spec is None:
             continue
         kind, _, arg = spec.partition(":")
+        if spec == "ema" and cfg.train.ema is None:
+            raise ConfigError("teacher: ema needs train.ema (the moving average it learns from); set train.ema.half_life")
         if spec == "previous_stage" and i == 0:
             raise ConfigError("teacher: previous_stage in the first stage: there is no previous stage")
         if kind == "stage" and arg not in names[:i]:
@@ -320,6 +340,8 @@ class DistillTask:
         finally:
             for h in hooks:
                 h.remove()
+        if self.teachers.active_name == "ema":  # the average as it is now (the model may have grown)
+            self.teachers.refresh_from_ema(teacher)
         hooks = _capture(teacher, {t for _, t in pairs}, t_states) if hidden_w else []
         try:
             with torch.no_grad():

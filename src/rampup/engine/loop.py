@@ -148,6 +148,7 @@ class Trainer:
             from rampup.distill import Projections, build_projections
 
             self.state.parts["teachers"] = Teachers(cfg, self.schedule, precision.precision)
+            self.state.parts["teachers"].ema = self.state.parts.get("ema")
             projections = Projections()
             build_projections(cfg, self.schedule, adapter, projections, self.device)
             if len(projections.maps):  # learned with the model: in the optimizer from the first step
