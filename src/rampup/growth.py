@@ -154,10 +154,17 @@ def checkpoint_mlp_width(path: Path) -> int | None:
         return f.get_slice("layers.0.mlp.w1.weight").get_shape()[0] if "layers.0.mlp.w1.weight" in f.keys() else None
 
 
-def fit_to_checkpoint(adapter: Any, path: Path, optimizer: torch.optim.Optimizer | None = None) -> None:
-    """Grow a freshly built reference model to the depth of the checkpoint about to be loaded into it."""
+def fit_to_checkpoint(adapter: Any, path: Path, optimizer: torch.optim.Optimizer | None = None, *,
+                      verify: bool = True) -> None:
+    """Grow a freshly built reference model to the depth (and MLP width) of the checkpoint about to be
+    loaded into it; ``verify`` first checks the checkpoint against its manifest (a damaged one is named,
+    never read)."""
     if not hasattr(adapter.module, "layers") or not hasattr(adapter.module, "tok_emb"):
         return
+    if verify:
+        from rampup.engine.checkpoint import verify_checkpoint
+
+        verify_checkpoint(path)
     depth = checkpoint_depth(path)
     width = checkpoint_mlp_width(path)
     if width is not None and width > adapter.module.layers[0].mlp.w1.weight.shape[0]:

@@ -48,7 +48,8 @@ class LocalCheckpointer:
         from rampup.growth import fit_to_checkpoint
 
         return load_latest(self.folder, state.model.module, state.optimizer, report=report, check=check,
-                           prepare=lambda path: fit_to_checkpoint(state.model, path, state.optimizer))
+                           prepare=lambda path: fit_to_checkpoint(state.model, path, state.optimizer,
+                                                                  verify=False))  # verified just before
 
     def latest(self) -> Path | None:
         return latest_checkpoint(self.folder)
