@@ -589,3 +589,30 @@ def test_an_ema_teacher_for_progressive_self_distillation_resumes_bitwise(data_c
     no_ema["schedule"]["stages"][1]["teacher"] = "ema"
     res = run_rampup("plan", str(write_config(tmp_path / "bad.yaml", no_ema)))
     assert res.returncode == 2 and "needs train.ema" in res.stderr
+
+
+@pytest.mark.slow
+def test_a_teacher_with_another_tokenizer_or_a_damaged_checkpoint_is_refused_before_compute(data_cache, tmp_path):
+    import shutil
+
+    from rampup.engine.trainer import Trainer
+
+    other = tiny_tree(data_cache, tmp_path / "other", train={"duration": "2 steps", "checkpoint_every": None},
+                      data={"source": "/usr/include", "max_files": 30})  # the same vocabulary size, other tokens
+    assert run_rampup("train", str(write_config(tmp_path / "other.yaml", other))).returncode == 0
+    tree = tiny_tree(data_cache, tmp_path / "student")
+    tree["schedule"]["stages"][1] |= {"teacher": f"run:{tmp_path / 'other'}", "distill_weight": 0.5}
+    with pytest.raises(ConfigError, match="tokenizes differently"):
+        Trainer(RunConfig.model_validate(tree))
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tmp_path / "other", damaged)
+    ckpt = next((damaged / "checkpoints").glob("step_*"))
+    with open(ckpt / "model.safetensors", "r+b") as f:
+        f.seek(300)
+        b = f.read(1)
+        f.seek(300)
+        f.write(bytes([b[0] ^ 1]))
+    tree["schedule"]["stages"][1]["teacher"] = f"run:{damaged}"
+    with pytest.raises(ValueError, match="cannot be loaded.*sha256"):
+        RunConfig.model_validate(tree)
+    assert not (tmp_path / "student" / "checkpoints").exists()

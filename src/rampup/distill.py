@@ -192,11 +192,42 @@ def check_static(cfg: Any, schedule_cfg: Any) -> None:
             raise ConfigError(f"teacher '{spec}': no such folder")
         if kind == "hf" and not (Path(arg) / "config.json").is_file():
             raise ConfigError(f"teacher '{spec}': {arg} has no config.json; give a Hugging Face model folder")
+        if kind == "run":  # a damaged or unreadable teacher checkpoint is named now, not at its stage
+            from rampup.engine.checkpoint import verify_checkpoint
+            from rampup.errors import RampupError
+            from rampup.longeval import open_run
+
+            try:
+                verify_checkpoint(open_run(arg, "a teacher")[0])
+            except RampupError as e:
+                raise ConfigError(f"teacher '{spec}' cannot be loaded: {e}") from None
         if kind in ("run", "hf"):
             vocab = _folder_vocab(kind, arg)
             if vocab is not None and vocab != cfg.model.vocab_size:
                 raise ConfigError(f"teacher '{spec}' has a vocabulary of {vocab} tokens, the run's model "
                                   f"{cfg.model.vocab_size}; a teacher must share the run's tokenizer")
+
+
+def check_tokenizer(spec: str, cfg: Any, own: Any) -> None:
+    """A run: or hf: teacher must tokenize as the run does: the same vocabulary, token for token.
+    ``own`` is the run's tokenizer (tokenizers.Tokenizer); a teacher whose tokenizer cannot be found
+    (a run not prepared here) is checked by vocabulary size only."""
+    from tokenizers import Tokenizer
+
+    kind, _, arg = spec.partition(":")
+    theirs = None
+    if kind == "hf" and (Path(arg) / "tokenizer.json").is_file():
+        theirs = Tokenizer.from_file(str(Path(arg) / "tokenizer.json"))
+    elif kind == "run":
+        from rampup.data.prepare import TOKENIZER, prepared_dir
+        from rampup.longeval import open_run
+
+        folder = prepared_dir(open_run(arg, "a teacher")[1].data)
+        if (folder / TOKENIZER).is_file():
+            theirs = Tokenizer.from_file(str(folder / TOKENIZER))
+    if theirs is not None and theirs.get_vocab() != own.get_vocab():
+        raise ConfigError(f"teacher '{spec}' tokenizes differently from this run (its vocabulary maps tokens to "
+                          "other ids); a teacher must share the run's tokenizer")
 
 
 def _folder_vocab(kind: str, arg: str) -> int | None:

@@ -147,6 +147,14 @@ class Trainer:
         if uses_teacher(cfg.schedule):  # the loss gains the distillation term; teachers are part of the state
             from rampup.distill import Projections, build_projections
 
+            if self.data.train_ds is not None:  # run:/hf: teachers must tokenize as this run does
+                from rampup.data.prepare import load_prepared_tokenizer
+                from rampup.distill import check_tokenizer
+
+                own = load_prepared_tokenizer(self.data.train_ds.folder)
+                for spec in {st.knobs.get("teacher") for st in cfg.schedule.stages} - {None}:
+                    if spec.partition(":")[0] in ("run", "hf"):
+                        check_tokenizer(spec, cfg, own)
             self.state.parts["teachers"] = Teachers(cfg, self.schedule, precision.precision)
             self.state.parts["teachers"].ema = self.state.parts.get("ema")
             projections = Projections()
