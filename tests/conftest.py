@@ -34,6 +34,15 @@ def tiny_tree(cache: Path, out_dir: Path, **sections) -> dict:
     return tree
 
 
+def flip_bit(path: Path, offset: int) -> None:
+    """Damage a file in place: flip the lowest bit of the byte at ``offset``."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 1]))
+
+
 def write_config(path: Path, tree: dict) -> Path:
     path.write_text(yaml.safe_dump(tree))
     return path

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from conftest import run_rampup, tiny_tree
+from conftest import flip_bit, run_rampup, tiny_tree
 from rampup.config import RunConfig
 
 transformers = pytest.importorskip("transformers")
@@ -103,10 +103,6 @@ def test_export_refuses_what_it_cannot_write(data_cache, tmp_path):
     assert res.returncode == 2 and "not an empty folder" in res.stderr
     assert (busy / "keep.txt").read_text() == "mine" and len(list(busy.iterdir())) == 1
     ckpt = next((run / "checkpoints").glob("step_*"))
-    with open(ckpt / "model.safetensors", "r+b") as f:
-        f.seek(200)
-        b = f.read(1)
-        f.seek(200)
-        f.write(bytes([b[0] ^ 1]))
+    flip_bit(ckpt / "model.safetensors", 200)
     res = run_rampup("export", str(ckpt), str(tmp_path / "hf2"))
     assert res.returncode == 2 and "sha256" in res.stderr and not (tmp_path / "hf2").exists()

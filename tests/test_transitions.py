@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from conftest import rampup_cmd, run_rampup, step_losses, tiny_tree, wait_for, weights, write_config
+from conftest import flip_bit, rampup_cmd, run_rampup, step_losses, tiny_tree, wait_for, weights, write_config
 from rampup.config import RunConfig
 from rampup.errors import ConfigError
 from rampup.models.adapter import DecoderLMAdapter
@@ -607,11 +607,7 @@ def test_a_teacher_with_another_tokenizer_or_a_damaged_checkpoint_is_refused_bef
     damaged = tmp_path / "damaged"
     shutil.copytree(tmp_path / "other", damaged)
     ckpt = next((damaged / "checkpoints").glob("step_*"))
-    with open(ckpt / "model.safetensors", "r+b") as f:
-        f.seek(300)
-        b = f.read(1)
-        f.seek(300)
-        f.write(bytes([b[0] ^ 1]))
+    flip_bit(ckpt / "model.safetensors", 300)
     tree["schedule"]["stages"][1]["teacher"] = f"run:{damaged}"
     with pytest.raises(ValueError, match="cannot be loaded.*sha256"):
         RunConfig.model_validate(tree)
