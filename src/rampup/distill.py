@@ -410,6 +410,31 @@ class DistillTask:
         return total
 
 
+def attach_teachers(cfg: Any, schedule: Any, data: Any, state: Any, task: Any, ctx: Any, device: Any) -> Any:
+    """For a schedule with teachers: check run:/hf: teachers' tokenizers, add the Teachers part (and the
+    learned projections, in the optimizer from step 1) to the TrainState, and return the task with the
+    distillation terms; other schedules get ``task`` back unchanged."""
+    if not uses_teacher(cfg.schedule):
+        return task
+    if data.train_ds is not None:  # run:/hf: teachers must tokenize as this run does
+        from rampup.data.prepare import load_prepared_tokenizer
+
+        own = load_prepared_tokenizer(data.train_ds.folder)
+        for spec in {st.knobs.get("teacher") for st in cfg.schedule.stages} - {None}:
+            if spec.partition(":")[0] in ("run", "hf"):
+                check_tokenizer(spec, cfg, own)
+    teachers = state.parts["teachers"] = Teachers(cfg, schedule, state.precision.precision)
+    teachers.ema = state.parts.get("ema")
+    projections = Projections()
+    build_projections(cfg, schedule, state.model, projections, device)
+    if len(projections.maps):  # learned with the model: in the optimizer from the first step
+        state.parts["projections"] = projections
+        state.optimizer.add_param_group({"name": "distill_projections", "params": list(projections.parameters()),
+                                         "weight_decay": 0.0, "lr_mult": 1.0})
+    ctx.cache["distill_task"] = DistillTask(task, teachers, projections)
+    return ctx.cache["distill_task"]
+
+
 def _apply_weights(ctx: Any, value: Any) -> None:
     task = ctx.cache.get("distill_task")
     if task is not None:

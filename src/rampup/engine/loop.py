@@ -142,29 +142,9 @@ class Trainer:
         self.knobs = KnobRunner(KnobContext(adapter, optimizer, self.data.sampler, self.data, seed=cfg.train.seed,
                                             cfg=cfg, precision=precision.precision, device=self.device,
                                             parts=self.state.parts))
-        from rampup.distill import DistillTask, Teachers, uses_teacher
+        from rampup.distill import attach_teachers
 
-        if uses_teacher(cfg.schedule):  # the loss gains the distillation term; teachers are part of the state
-            from rampup.distill import Projections, build_projections
-
-            if self.data.train_ds is not None:  # run:/hf: teachers must tokenize as this run does
-                from rampup.data.prepare import load_prepared_tokenizer
-                from rampup.distill import check_tokenizer
-
-                own = load_prepared_tokenizer(self.data.train_ds.folder)
-                for spec in {st.knobs.get("teacher") for st in cfg.schedule.stages} - {None}:
-                    if spec.partition(":")[0] in ("run", "hf"):
-                        check_tokenizer(spec, cfg, own)
-            self.state.parts["teachers"] = Teachers(cfg, self.schedule, precision.precision)
-            self.state.parts["teachers"].ema = self.state.parts.get("ema")
-            projections = Projections()
-            build_projections(cfg, self.schedule, adapter, projections, self.device)
-            if len(projections.maps):  # learned with the model: in the optimizer from the first step
-                self.state.parts["projections"] = projections
-                optimizer.add_param_group({"name": "distill_projections", "params": list(projections.parameters()),
-                                           "weight_decay": 0.0, "lr_mult": 1.0})
-            self.task = DistillTask(self.task, self.state.parts["teachers"], projections)
-            self.knobs.ctx.cache["distill_task"] = self.task
+        self.task = attach_teachers(cfg, self.schedule, self.data, self.state, self.task, self.knobs.ctx, self.device)
         from rampup.subnets import SubnetTask, uses_subnets
 
         if uses_subnets(cfg.schedule):  # sampled sub-networks, taught by the full network
