@@ -29,6 +29,30 @@ def kill_after_checkpoints(cfg, out, steps):
         proc.wait()
 
 
+N, B = 20, 10  # steps of the runs killed here, and the last step of their first stage (the transition is B + 1)
+
+
+def short_tree(data_cache, out, **sections):
+    """tiny_tree cut to N steps, checkpointed every step and keeping one (what a kill must survive)."""
+    train = {"duration": f"{N} steps", "checkpoint_every": "1 step", "keep_checkpoints": 1, **sections.pop("train", {})}
+    return tiny_tree(data_cache, out, train=train, **sections)
+
+
+def kill_steps(seed, *also, n=1):
+    """Checkpoints to SIGKILL after: the transition's first step, those given, and n at seeded random steps."""
+    rng = random.Random(seed)
+    return sorted({B + 1, *also, *rng.sample(range(2, N), n)})
+
+
+@pytest.fixture(scope="module")
+def plain(data_cache, tmp_path_factory):
+    """The N-step run without any transition, uninterrupted."""
+    out = tmp_path_factory.mktemp("plain")
+    tree = short_tree(data_cache, out / "run", train={"checkpoint_every": None})
+    assert run_rampup("train", str(write_config(out / "plain.yaml", tree))).returncode == 0
+    return step_losses(out / "run")
+
+
 @pytest.fixture(scope="module")
 def tied():
     torch.manual_seed(0)
@@ -119,7 +143,7 @@ def test_optimizer_state_is_reset_at_the_boundary_as_asked(data_cache, tmp_path)
 
 
 def test_lr_groups_reach_the_optimizer_groups(data_cache, tmp_path):
-    t = _run(data_cache, tmp_path / "run", s0={"lr_groups": {"layers.*": 0.01}},
+    t = _run(data_cache, tmp_path / "run", s0={"lr_groups": {"layers.*": {"from": 0.01, "to": 1.0}, "norm.*": 0.5}},
              s1={"lr_groups": {}, "lr_layer_decay": 2.6})
     lrs = {}
     record = t.record_step
@@ -129,8 +153,10 @@ def test_lr_groups_reach_the_optimizer_groups(data_cache, tmp_path):
         return record(sp, batch, loss, gnorm, lr, dt)
     t.record_step = spy
     t.run()
-    assert lrs[0]["layers.0.attn.q_proj.weight"] == pytest.approx(0.01)
-    assert lrs[0]["norm.weight"] == pytest.approx(1.0)
+    assert lrs[0]["layers.0.attn.q_proj.weight"] == pytest.approx(0.01)  # the backbone's multiplier ramps
+    assert lrs[3]["layers.0.attn.q_proj.weight"] == pytest.approx(0.01 + 0.99 * 3 / 6)  # step 3 of the stage's 6
+    assert lrs[0]["norm.weight"] == lrs[5]["norm.weight"] == pytest.approx(0.5)
+    assert lrs[0]["tok_emb.weight"] == pytest.approx(1.0)
     assert lrs[11]["layers.1.attn.q_proj.weight"] == pytest.approx(2.6 ** -1)
     assert lrs[11]["layers.0.attn.q_proj.weight"] == pytest.approx(2.6 ** -2)
 
@@ -140,7 +166,9 @@ def test_bad_transition_knobs_are_named_before_compute(data_cache, tmp_path):
 
     for knobs, words in (({"freeze": "layerz.*"}, "matches no parameter"), ({"freeze": "bottom:x"}, "whole K"),
                          ({"optimizer_state": "forget"}, "keep | reset | reset_new"),
-                         ({"lr_groups": {"head.*": 2}}, "matches no parameter"), ({"lr_layer_decay": 0.5}, ">= 1")):
+                         ({"lr_groups": {"head.*": 2}}, "matches no parameter"), ({"lr_layer_decay": 0.5}, ">= 1"),
+                         ({"lr_groups": {"layers.*": {"from": 1, "to": -1}}}, "negative multipliers"),
+                         ({"width": 96}, "whole multiple"), ({"width": 32}, "only grows")):
         tree = tiny_tree(data_cache, tmp_path / "run")
         tree["schedule"]["stages"][1] |= knobs
         with pytest.raises((ConfigError, ValueError), match=words):
@@ -150,12 +178,12 @@ def test_bad_transition_knobs_are_named_before_compute(data_cache, tmp_path):
 
 @pytest.mark.slow
 def test_killed_around_a_transition_resumes_bitwise(data_cache, tmp_path):
-    """Unfreezing with a reset of every moment and layer decay at step 20 of 40; real processes SIGKILLed
+    """Unfreezing with a reset of every moment and layer decay at step B + 1 of N; real processes SIGKILLed
     with keep_checkpoints 1 at the boundary's checkpoint, right after the transition, and at seeded
     random steps, each resumed in a fresh process: losses and final weights equal the uninterrupted run."""
 
     def tree(out):
-        t = tiny_tree(data_cache, out, train={"checkpoint_every": "1 step", "keep_checkpoints": 1})
+        t = short_tree(data_cache, out)
         t["schedule"]["stages"][0] |= {"freeze": "bottom:1", "lr_groups": {"layers.1.*": 0.3}}
         t["schedule"]["stages"][1] |= {"freeze": "none", "optimizer_state": "reset", "lr_layer_decay": 2.0}
         return t
@@ -164,10 +192,7 @@ def test_killed_around_a_transition_resumes_bitwise(data_cache, tmp_path):
     assert run_rampup("train", str(ref)).returncode == 0
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "run.yaml", tree(out))
-    rng = random.Random(15)
-    # the boundary's checkpoint, the one right after it, and two at seeded random steps
-    kills = [(20, 21), (21, 22)] + sorted((s, s + 1) for s in rng.sample(range(3, 38), 2))
-    kill_after_checkpoints(cfg, out, [c for c, _ in sorted(kills)])
+    kill_after_checkpoints(cfg, out, kill_steps(15, B, n=2))  # the boundary, right after it, two seeded random
     res = run_rampup("train", str(cfg), "--resume")
     assert res.returncode == 0, res.stderr
     assert step_losses(out) == step_losses(tmp_path / "ref")  # bitwise
@@ -205,17 +230,17 @@ def test_ema_is_checkpointed_evaluated_resumed_bitwise_and_exported(data_cache, 
     from rampup.engine.metrics import read_metrics
 
     def tree(out):
-        return tiny_tree(data_cache, out, train={"checkpoint_every": "5 steps", "keep_checkpoints": 1,
-                                                 "ema": {"half_life": "8K tok", "evaluate": True}},
-                         eval={"seq_lens": [256], "every": "10 steps", "max_tokens": 2048})
+        return short_tree(data_cache, out, train={"checkpoint_every": "5 steps",
+                                                  "ema": {"half_life": "8K tok", "evaluate": True}},
+                          eval={"seq_lens": [256], "every": "5 steps", "max_tokens": 2048})
 
     ref = write_config(tmp_path / "ref.yaml", tree(tmp_path / "ref"))
     assert run_rampup("train", str(ref)).returncode == 0
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "run.yaml", tree(out))
-    env = {**os.environ, "PYTHONHASHSEED": "0", "RAMPUP_FAULT_STALL_STEPS": "16:60"}
+    env = {**os.environ, "PYTHONHASHSEED": "0", "RAMPUP_FAULT_STALL_STEPS": "11:60"}
     proc = subprocess.Popen(rampup_cmd("train", str(cfg)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    wait_for(lambda: (out / "checkpoints" / "step_0000015").is_dir(), proc)
+    wait_for(lambda: (out / "checkpoints" / "step_0000010").is_dir(), proc)
     proc.kill()
     proc.wait()
     assert run_rampup("train", str(cfg), "--resume").returncode == 0
@@ -223,7 +248,7 @@ def test_ema_is_checkpointed_evaluated_resumed_bitwise_and_exported(data_cache, 
     parts = [load_file(latest_checkpoint(d / "checkpoints") / "parts.safetensors") for d in (out, tmp_path / "ref")]
     assert parts[0].keys() == parts[1].keys() and all(torch.equal(parts[0][k], parts[1][k]) for k in parts[0])
     evals = [[r["loss"] for r in read_metrics(d / "metrics.jsonl") if r["event"] == "eval"] for d in (out, tmp_path / "ref")]
-    assert evals[0] == evals[1] and len(evals[0]) == 4  # steps 10, 20, 30 and the end, all scored with EMA weights
+    assert evals[0] == evals[1] and len(evals[0]) == 4  # steps 5, 10, 15 and the end, all scored with EMA weights
     # the raw model scores differently from the average it exports
     res = run_rampup("export", str(out), str(tmp_path / "hf_ema"), "--ema")
     assert res.returncode == 0, res.stderr
@@ -283,14 +308,14 @@ def test_progressive_self_distillation_is_the_soft_target_cross_entropy(tied):
 
 
 def _teacher_tree(data_cache, out, **train):
-    t = tiny_tree(data_cache, out, train={"checkpoint_every": "1 step", "keep_checkpoints": 1, **train})
+    t = short_tree(data_cache, out, train=train)
     t["schedule"]["stages"][1] |= {"teacher": "previous_stage", "distill_weight": {"from": 0.0, "to": 0.5},
                                    "label_weight": 0.8, "distill_temperature": 2.0}
     return t
 
 
 @pytest.mark.slow
-def test_a_previous_stage_teacher_changes_training_and_resumes_bitwise(data_cache, tmp_path):
+def test_a_previous_stage_teacher_changes_training_and_resumes_bitwise(data_cache, tmp_path, plain):
     """The stage-0 snapshot teaches stage 1; killed at the boundary's checkpoint, right after, and later
     (keep_checkpoints 1: the snapshot lives in every checkpoint), each resume equals the uninterrupted run."""
 
@@ -300,13 +325,11 @@ def test_a_previous_stage_teacher_changes_training_and_resumes_bitwise(data_cach
 
     ref = write_config(tmp_path / "ref.yaml", _teacher_tree(data_cache, tmp_path / "ref"))
     assert run_rampup("train", str(ref)).returncode == 0
-    plain = tiny_tree(data_cache, tmp_path / "plain", train={"checkpoint_every": None})
-    assert run_rampup("train", str(write_config(tmp_path / "plain.yaml", plain))).returncode == 0
-    a, b = step_losses(tmp_path / "ref"), step_losses(tmp_path / "plain")
-    assert all(a[s] == b[s] for s in range(1, 21)) and all(a[s] != b[s] for s in range(22, 41))
+    a, b = step_losses(tmp_path / "ref"), plain
+    assert all(a[s] == b[s] for s in range(1, B + 1)) and all(a[s] != b[s] for s in range(B + 2, N + 1))
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "run.yaml", _teacher_tree(data_cache, out))
-    kill_after_checkpoints(cfg, out, [20, 21, 33])
+    kill_after_checkpoints(cfg, out, kill_steps(21, B))
     res = run_rampup("train", str(cfg), "--resume")
     assert res.returncode == 0, res.stderr
     assert step_losses(out) == a and weights(out) == weights(tmp_path / "ref")
@@ -367,7 +390,7 @@ def test_hidden_state_distillation_from_a_narrower_run_through_a_learned_project
     assert run_rampup("train", str(write_config(tmp_path / "teacher.yaml", small))).returncode == 0
 
     def tree(out):
-        t = tiny_tree(data_cache, out, train={"checkpoint_every": "1 step", "keep_checkpoints": 1})
+        t = short_tree(data_cache, out)
         t["schedule"]["stages"][1] |= {"teacher": f"run:{tmp_path / 'teacher'}", "distill_weight": 0.5,
                                        "distill_hidden": "1:0,final:final", "distill_hidden_weight": 0.1}
         return t
@@ -384,7 +407,7 @@ def test_hidden_state_distillation_from_a_narrower_run_through_a_learned_project
     assert all(not torch.equal(first[k.split("/", 1)[1]], v) for k, v in proj.items())  # they trained
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "run.yaml", tree(out))
-    kill_after_checkpoints(cfg, out, [24])
+    kill_after_checkpoints(cfg, out, kill_steps(24))
     assert run_rampup("train", str(cfg), "--resume").returncode == 0
     assert step_losses(out) == step_losses(tmp_path / "ref") and weights(out) == weights(tmp_path / "ref")
     for bad, words in (("4:0", "student block 4 does not exist"), ("1:3", "teacher block 3 does not exist"),
@@ -433,12 +456,13 @@ def test_zero_growth_preserves_the_function_and_stacking_copies_blocks(tied):
 
 @pytest.mark.slow
 def test_a_run_grown_deeper_and_wider_mid_way_resumes_into_the_grown_model_and_exports(data_cache, tmp_path):
+    """Stage 1 stacks two more blocks, widens the MLPs and doubles the residual stream; killed before the
+    growth (the resume grows), right after it and at a seeded random step (the resume builds the grown model)."""
     from rampup.engine.metrics import read_metrics
 
     def tree(out):
-        t = tiny_tree(data_cache, out, train={"checkpoint_every": "1 step", "keep_checkpoints": 1},
-                      eval={"every": "10 steps"})  # an evaluation at the boundary: growth waits for the step
-        t["schedule"]["stages"][1] |= {"depth": 4, "growth": "stack", "mlp_width": 256}
+        t = short_tree(data_cache, out, eval={"every": f"{B} steps"})  # an evaluation at the boundary: growth waits for the step
+        t["schedule"]["stages"][1] |= {"depth": 4, "growth": "stack", "mlp_width": 256, "width": 128}
         return t
 
     ref = write_config(tmp_path / "ref.yaml", tree(tmp_path / "ref"))
@@ -447,17 +471,18 @@ def test_a_run_grown_deeper_and_wider_mid_way_resumes_into_the_grown_model_and_e
     assert run_rampup("train", str(ref)).returncode == 0
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "run.yaml", tree(out))
-    kill_after_checkpoints(cfg, out, [20, 26])  # before the growth (resumes and grows), after it (resumes grown)
+    kill_after_checkpoints(cfg, out, kill_steps(26, B))  # before the growth (resumes and grows), after it (grown)
     assert run_rampup("train", str(cfg), "--resume").returncode == 0
     assert step_losses(out) == step_losses(tmp_path / "ref") and weights(out) == weights(tmp_path / "ref")
     flops = [r["flops"] for r in read_metrics(out / "metrics.jsonl") if r["event"] == "step"]
-    assert flops[25] - flops[24] > 1.5 * (flops[5] - flops[4])  # the grown model costs more per step
+    assert flops[B + 5] - flops[B + 4] > 1.5 * (flops[5] - flops[4])  # the grown model costs more per step
     res = run_rampup("export", str(out), str(tmp_path / "hf"))
     assert res.returncode == 0, res.stderr
     import json
 
     hf_cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
-    assert hf_cfg["num_hidden_layers"] == 4 and hf_cfg["intermediate_size"] == 256
+    assert hf_cfg["num_hidden_layers"] == 4 and hf_cfg["intermediate_size"] == 256 and hf_cfg["hidden_size"] == 128
+    assert hf_cfg["num_attention_heads"] == 8 and hf_cfg["num_key_value_heads"] == 4  # heads repeated, size kept
     bad = tiny_tree(data_cache, tmp_path / "bad")
     bad["schedule"]["stages"][0]["depth"] = 4
     bad["schedule"]["stages"][1]["depth"] = 3
@@ -500,23 +525,21 @@ def test_an_extracted_subnetwork_computes_what_it_did_inside_the_full_model(tied
 
 
 @pytest.mark.slow
-def test_subnetwork_training_resumes_bitwise_and_exports_a_chosen_subnetwork(data_cache, tmp_path):
+def test_subnetwork_training_resumes_bitwise_and_exports_a_chosen_subnetwork(data_cache, tmp_path, plain):
     transformers = pytest.importorskip("transformers")
 
     def tree(out):
-        t = tiny_tree(data_cache, out, train={"checkpoint_every": "1 step", "keep_checkpoints": 1})
+        t = short_tree(data_cache, out)
         t["schedule"]["stages"][1] |= {"subnet": "depth:1-2,mlp:0.25-1.0"}
         return t
 
     ref = write_config(tmp_path / "ref.yaml", tree(tmp_path / "ref"))
     assert run_rampup("train", str(ref)).returncode == 0
-    plain = tiny_tree(data_cache, tmp_path / "plain", train={"checkpoint_every": None})
-    assert run_rampup("train", str(write_config(tmp_path / "plain.yaml", plain))).returncode == 0
-    a, b = step_losses(tmp_path / "ref"), step_losses(tmp_path / "plain")
-    assert all(a[s] == b[s] for s in range(1, 21)) and a[25] != b[25]
+    a, b = step_losses(tmp_path / "ref"), plain
+    assert all(a[s] == b[s] for s in range(1, B + 1)) and a[B + 5] != b[B + 5]
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "run.yaml", tree(out))
-    kill_after_checkpoints(cfg, out, [23])
+    kill_after_checkpoints(cfg, out, kill_steps(23))
     assert run_rampup("train", str(cfg), "--resume").returncode == 0
     assert step_losses(out) == a and weights(out) == weights(tmp_path / "ref")
     res = run_rampup("export", str(out), str(tmp_path / "hf"), "--subnet", "depth=1,mlp=0.5")
@@ -572,8 +595,7 @@ def test_net2net_mlp_widening_preserves_the_function(tied):
 def test_an_ema_teacher_for_progressive_self_distillation_resumes_bitwise(data_cache, tmp_path):
     """PS-KD with the run's own EMA as teacher (a ramping from 0 to 0.4), SIGKILLed after the transition."""
     def tree(out):
-        t = tiny_tree(data_cache, out, train={"checkpoint_every": "1 step", "keep_checkpoints": 1,
-                                              "ema": {"half_life": "4 steps"}})
+        t = short_tree(data_cache, out, train={"ema": {"half_life": "4 steps"}})
         t["schedule"]["stages"][1] |= {"teacher": "ema", "distill_weight": {"from": 0.0, "to": 0.4},
                                        "label_weight": {"from": 1.0, "to": 0.6}}
         return t
@@ -582,7 +604,7 @@ def test_an_ema_teacher_for_progressive_self_distillation_resumes_bitwise(data_c
     assert run_rampup("train", str(ref)).returncode == 0
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "run.yaml", tree(out))
-    kill_after_checkpoints(cfg, out, [22])
+    kill_after_checkpoints(cfg, out, kill_steps(22))
     assert run_rampup("train", str(cfg), "--resume").returncode == 0
     assert step_losses(out) == step_losses(tmp_path / "ref") and weights(out) == weights(tmp_path / "ref")
     no_ema = tiny_tree(data_cache, tmp_path / "bad")
@@ -612,3 +634,94 @@ def test_a_teacher_with_another_tokenizer_or_a_damaged_checkpoint_is_refused_bef
     with pytest.raises(ValueError, match="cannot be loaded.*sha256"):
         RunConfig.model_validate(tree)
     assert not (tmp_path / "student" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("tie, kv_heads", [(True, None), (False, 2)])
+def test_residual_width_growth_preserves_the_function(tie, kv_heads):
+    """bert2BERT-style widening by whole copies: outputs unchanged (tied and untied heads, grouped-query
+    attention), the result is the architecture a model built at that width has, every matrix trains,
+    noise breaks the copies' symmetry, and a width that is not a whole multiple is refused."""
+    import copy
+
+    from rampup.growth import grow, widen_model
+    from rampup.optim import OptimizerConfig, build_optimizer
+
+    torch.manual_seed(0)
+    a = DecoderLMAdapter.build(ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=kv_heads,
+                                           max_seq_len=128, tie_embeddings=tie))
+    opt = build_optimizer(a.module, OptimizerConfig())
+    x = torch.randint(0, 512, (2, 32))
+    a.module(x).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    with torch.no_grad():
+        before = a.module(x)
+    assert widen_model(a, 192, 0.0, opt)
+    with torch.no_grad():
+        torch.testing.assert_close(a.module(x), before)  # function-preserving
+    assert (a.cfg.dim, a.cfg.n_heads, a.cfg.kv_heads, a.cfg.head_dim) == (192, 12, 3 * (kv_heads or 4), 16)
+    fresh = DecoderLMAdapter.build(a.cfg).module
+    assert [(n, p.shape) for n, p in fresh.named_parameters()] == [(n, p.shape) for n, p in a.module.named_parameters()]
+    assert (a.module.lm_head.weight is a.module.tok_emb.weight) == tie
+    assert not opt.state  # every matrix changed shape: every moment restarts
+    params = [p for g in opt.param_groups for p in g["params"]]
+    assert all(any(p is q for p in params) for q in a.module.parameters())
+    a.module(x).sum().backward()
+    opt.step()
+    grow(a, 3, "zero", opt)  # a block added after the widening has the new width
+    with torch.no_grad():
+        a.module(x)
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        ref = a.module(x)
+        widen_model(b, 384, 0.1)
+        noisy = b.module(x)
+    assert not torch.equal(noisy, ref) and torch.allclose(noisy, ref, atol=0.1)  # near, not equal
+    with pytest.raises(ConfigError, match="not a multiple"):
+        widen_model(a, 200)
+    with pytest.raises(ConfigError, match="only grows"):
+        widen_model(a, 64)
+
+
+def test_the_memory_estimate_holds_the_teacher(data_cache, tmp_path):
+    """A teaching step's traced peak adds the teacher's weights and, at least, its full fp32 logits; tiling
+    the loss tiles the teacher's logits too."""
+    from rampup.memory import MemorySettings, estimate_step
+    from rampup.schedule import Schedule
+
+    cfg = RunConfig.model_validate(tiny_tree(data_cache, tmp_path))
+    knobs = dict(Schedule.build(cfg.schedule, total=cfg.train.duration).at(0))
+    taught = knobs | {"teacher": "previous_stage", "distill_weight": 0.5}
+    plain, kd = estimate_step(cfg, knobs, 8, 256), estimate_step(cfg, taught, 8, 256)
+    tiled = estimate_step(cfg, taught | {"loss_shards": 4}, 8, 256, settings=MemorySettings(loss_shards=4))
+    params = sum(p.numel() * 4 for p in DecoderLMAdapter.build(cfg.model, "meta").module.parameters())
+    assert plain.teacher == 0 and kd.teacher == tiled.teacher == params
+    assert kd.peak >= plain.peak + params + 8 * 256 * 512 * 4
+    assert tiled.peak < kd.peak - 2 * 8 * 256 * 512 * 4
+    assert estimate_step(cfg, taught | {"distill_weight": 0.0}, 8, 256).teacher == 0  # weight 0: no teacher runs
+
+
+def test_subnetwork_loss_tiled_equals_untiled(tied):
+    """With loss_shards the full network's CE and the sub-network's KL to it run tiled through the shared
+    head: the same loss and gradients as untiled."""
+    import copy
+
+    from rampup.memory import MemorySettings, apply_memory
+    from rampup.models.adapter import Batch
+    from rampup.subnets import SubnetTask
+    from rampup.tasks import CausalLM
+
+    x, y = torch.randint(0, 512, (2, 32)), torch.randint(0, 512, (2, 32))
+    results = []
+    for shards in (1, 4):
+        a = copy.deepcopy(tied)
+        apply_memory(a, MemorySettings(loss_shards=shards))
+        task = SubnetTask(CausalLM())
+        task.current = (2, 96)
+        loss = task.loss(a, Batch(x, y, {}))
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in a.module.named_parameters()}))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for n, g in results[0][1].items():
+        torch.testing.assert_close(results[1][1][n], g, rtol=1e-4, atol=1e-6)
+    assert results[0][1]["layers.3.mlp.w1.weight"].abs().sum() > 0  # the full network trains too

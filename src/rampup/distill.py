@@ -96,10 +96,9 @@ class Teachers:
         shadows = self.ema.tensors()
         if set(shadows) != {n for n, _ in teacher.module.named_parameters()} or any(
                 p.shape != shadows[n].shape for n, p in teacher.module.named_parameters()):
-            from rampup.growth import grow, widen_mlp  # the model grew since: the teacher follows
+            from rampup.growth import fit_to_tensors
 
-            widen_mlp(teacher, shadows["layers.0.mlp.w1.weight"].shape[0])
-            grow(teacher, 1 + max(int(n.split(".")[1]) for n in shadows if n.startswith("layers.")))
+            fit_to_tensors(teacher, shadows)  # the model grew since: the teacher follows
         for name, p in teacher.module.named_parameters():
             p.copy_(shadows[name])
 
@@ -130,12 +129,9 @@ class Teachers:
                                   "a stage's snapshot teaches only the stages after it")
             stage = next(s for s in self.schedule.stages if s.name == arg)
             adapter = build_adapter(self.cfg.model, "cpu")
-            layers = {int(k.split(".")[1]) for k in self.snapshots[arg] if k.startswith("layers.")}
-            if layers and hasattr(adapter.module, "tok_emb"):  # the snapshot of a model that grew
-                from rampup.growth import grow, widen_mlp
+            from rampup.growth import fit_to_tensors
 
-                widen_mlp(adapter, self.snapshots[arg]["layers.0.mlp.w1.weight"].shape[0])
-                grow(adapter, max(layers) + 1)
+            fit_to_tensors(adapter, self.snapshots[arg])  # the snapshot of a model that grew
             adapter.module.load_state_dict(self.snapshots[arg])
             knobs = self.schedule.at(stage.end - 1)
             KnobRunner(KnobContext(adapter, cfg=self.cfg, precision=self.precision)).apply(

@@ -17,8 +17,16 @@ SwiGLU MLPs as Net2WiderNet does: new unit j copies unit ``j mod h`` (its rows o
 unchanged: **function-preserving** (tested with assert_close). ``growth_noise`` (default 0) adds
 that fraction of the init std as noise to the copies' ``w1`` rows to break their symmetry (then only
 approximately preserving). The widened matrices' AdamW moments restart (the other parameters keep
-theirs). Widening the residual stream is not built; Hugging Face models refuse ``depth`` and
-``mlp_width``.
+theirs).
+
+Knob ``width`` (the residual stream, model dim; 0: the model's own) widens by a whole multiple k,
+bert2BERT's function-preserving initialisation with whole copies (``widen_model``): every stream
+coordinate and every head is repeated k times, readers of the stream divide their copied columns by k,
+RMSNorm weights are tiled (the norm of whole copies is the copies of the norm, eps included):
+**function-preserving** (tested with assert_close, tied and untied heads; ``growth_noise`` breaks the
+copies' symmetry, approximately preserving). A non-multiple width is refused: partial copies change
+every RMSNorm's mean square. Every matrix changes shape, so every moment restarts. Hugging Face models
+refuse ``depth``, ``mlp_width`` and ``width``.
 
 The optimizer keeps every old parameter's moments (the mapping is exact) and starts the new ones
 from nothing; its groups are re-laid in the grown model's parameter order, the same order a model
@@ -138,6 +146,105 @@ def widen_mlp(adapter: Any, hidden: int, noise: float = 0.0, optimizer: torch.op
     return True
 
 
+@torch.no_grad()
+def widen_model(adapter: Any, dim: int, noise: float = 0.0, optimizer: torch.optim.Optimizer | None = None,
+                seed: int = 0) -> bool:
+    """Widen the residual stream of the reference model to ``dim`` (an integer multiple k of its width) in
+    place, function-preservingly (bert2BERT's function-preserving initialisation, with whole copies):
+
+    - every residual coordinate is repeated k times, unscaled: the embedding's columns and the output rows
+      of every matrix writing into the stream (``o_proj``, ``w2``) are tiled;
+    - the heads are repeated k times (head size fixed, so RoPE is unchanged; key/value heads too, so the
+      grouping of query heads stays);
+    - every matrix reading the stream (``q/k/v_proj``, ``w1``, ``w3``, an untied head) has its input
+      columns tiled and divided by k, and ``o_proj`` its input columns (the heads' outputs) too;
+    - RMSNorm weights are tiled: the norm of k whole copies equals the copies of the norm, exactly
+      (the mean square is the same, so even eps acts the same), which partial copies would not give.
+      A tied head reads the tiled embedding, so the final norm's weight is also divided by k.
+
+    ``noise`` adds that fraction of the init std to the copies' rows (heads and stream coordinates) to
+    break their symmetry (then only approximately preserving). Every matrix changes shape, so every
+    AdamW moment restarts."""
+    module = adapter.module
+    old = module.tok_emb.weight.shape[1]
+    if dim <= old:
+        if dim < old:
+            raise ConfigError(f"width {dim}: the model is already {old} wide; the width only grows")
+        return False
+    if dim % old:
+        raise ConfigError(f"width {dim} is not a multiple of the model's width {old}: function-preserving "
+                          f"widening repeats every coordinate equally (choose {2 * old}, {3 * old}, ...)")
+    k = dim // old
+    g = torch.Generator().manual_seed(seed)
+    std = module.cfg.init_std
+
+    def noisy(t: torch.Tensor, rows: int) -> torch.Tensor:
+        if noise:  # the copies only: the first ``rows`` rows stay the original's
+            t[rows:] += noise * std * torch.randn(t[rows:].shape, generator=g).to(t)
+        return t
+
+    def out_rows(w: torch.Tensor) -> torch.Tensor:  # a matrix writing into the stream: repeat its rows
+        return noisy(w.repeat(k, 1), w.shape[0])
+
+    def in_cols(w: torch.Tensor) -> torch.Tensor:  # a matrix reading the stream: repeat its columns / k
+        return w.repeat(1, k) / k
+
+    replaced: dict[int, torch.nn.Parameter] = {}
+
+    def put(owner: torch.nn.Module, attr: str, new: torch.Tensor) -> None:
+        old_p = getattr(owner, attr)
+        if id(old_p) in replaced:  # a tied weight, already widened
+            setattr(owner, attr, replaced[id(old_p)])
+            return
+        p = torch.nn.Parameter(new.contiguous(), requires_grad=old_p.requires_grad)
+        replaced[id(old_p)] = p
+        setattr(owner, attr, p)
+
+    def norm(n: torch.nn.RMSNorm, scale: float = 1.0) -> None:
+        put(n, "weight", n.weight.repeat(k) * scale)
+        n.normalized_shape = (dim,)
+
+    tied = module.lm_head.weight is module.tok_emb.weight
+    put(module.tok_emb, "weight", noisy(module.tok_emb.weight.t().repeat(k, 1), old).t())
+    module.tok_emb.embedding_dim = dim
+    for layer in module.layers:
+        a, m = layer.attn, layer.mlp
+        for lin in (a.q_proj, a.k_proj, a.v_proj):
+            put(lin, "weight", out_rows(in_cols(lin.weight)))  # heads repeated, reading the wider stream
+        put(a.o_proj, "weight", out_rows(in_cols(a.o_proj.weight)))  # sums the copied heads, writes copies
+        a.n_heads, a.n_kv = a.n_heads * k, a.n_kv * k
+        for lin in (m.w1, m.w3):
+            put(lin, "weight", in_cols(lin.weight))
+        put(m.w2, "weight", out_rows(m.w2.weight))
+        norm(layer.attn_norm)
+        norm(layer.mlp_norm)
+        for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.w1, m.w3, m.w2):
+            lin.out_features, lin.in_features = lin.weight.shape
+    norm(module.norm, 1.0 / k if tied else 1.0)
+    if tied:
+        module.lm_head.weight = module.tok_emb.weight
+    else:
+        put(module.lm_head, "weight", in_cols(module.lm_head.weight))
+    module.lm_head.in_features = dim
+    cfg = module.cfg
+    module.cfg = cfg.model_copy(update={"dim": dim, "n_heads": cfg.n_heads * k, "ffn_hidden": cfg.hidden,
+                                        "n_kv_heads": None if cfg.n_kv_heads is None else cfg.n_kv_heads * k})
+    if optimizer is not None:
+        for p_old in list(optimizer.state):
+            if id(p_old) in replaced:
+                del optimizer.state[p_old]
+        for group in optimizer.param_groups:
+            group["params"] = [replaced.get(id(p), p) for p in group["params"]]
+    return True
+
+
+def checkpoint_width(path: Path) -> int | None:
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), "pt") as f:  # the stream's width: the final norm's size
+        return f.get_slice("norm.weight").get_shape()[0] if "norm.weight" in f.keys() else None
+
+
 def checkpoint_depth(path: Path) -> int | None:
     """How many blocks the reference model in a checkpoint folder has (None: no ``layers.N`` keys)."""
     from safetensors import safe_open
@@ -154,27 +261,46 @@ def checkpoint_mlp_width(path: Path) -> int | None:
         return f.get_slice("layers.0.mlp.w1.weight").get_shape()[0] if "layers.0.mlp.w1.weight" in f.keys() else None
 
 
+def fit_to_shapes(adapter: Any, dim: int | None, mlp_width: int | None, depth: int | None,
+                  optimizer: torch.optim.Optimizer | None = None, where: str = "the checkpoint") -> None:
+    """Grow a reference model to a residual width, MLP width and depth (None: keep), as a run that grew
+    left them; a model already past them cannot shrink back."""
+    module = adapter.module
+    if dim is not None and dim > module.tok_emb.weight.shape[1]:
+        widen_model(adapter, dim, 0.0, optimizer)
+    if mlp_width is not None and mlp_width > module.layers[0].mlp.w1.weight.shape[0]:
+        widen_mlp(adapter, mlp_width, 0.0, optimizer)
+    if depth is not None and depth > len(module.layers):
+        grow(adapter, depth, "zero", optimizer)
+    elif depth is not None and depth < len(module.layers):
+        raise ConfigError(f"{where} holds a {depth}-block model but the run's model has already grown "
+                          f"to {len(module.layers)} blocks; a rollback cannot cross a growth (resume from a "
+                          "checkpoint after it)")
+
+
+def fit_to_tensors(adapter: Any, tensors: dict[str, torch.Tensor]) -> None:
+    """Grow a reference model to the architecture of a state dict (a snapshot, the EMA's shadows)."""
+    if not hasattr(adapter.module, "tok_emb"):
+        return
+    layers = {int(k.split(".")[1]) for k in tensors if k.startswith("layers.")}
+    fit_to_shapes(adapter, tensors["norm.weight"].shape[0] if "norm.weight" in tensors else None,
+                  tensors["layers.0.mlp.w1.weight"].shape[0] if "layers.0.mlp.w1.weight" in tensors else None,
+                  max(layers) + 1 if layers else None, where="the weights")
+
+
 def fit_to_checkpoint(adapter: Any, path: Path, optimizer: torch.optim.Optimizer | None = None, *,
                       verify: bool = True) -> None:
-    """Grow a freshly built reference model to the depth (and MLP width) of the checkpoint about to be
-    loaded into it; ``verify`` first checks the checkpoint against its manifest (a damaged one is named,
-    never read)."""
+    """Grow a freshly built reference model to the architecture (width, MLP width, depth) of the
+    checkpoint about to be loaded into it; ``verify`` first checks the checkpoint against its manifest
+    (a damaged one is named, never read)."""
     if not hasattr(adapter.module, "layers") or not hasattr(adapter.module, "tok_emb"):
         return
     if verify:
         from rampup.engine.checkpoint import verify_checkpoint
 
         verify_checkpoint(path)
-    depth = checkpoint_depth(path)
-    width = checkpoint_mlp_width(path)
-    if width is not None and width > adapter.module.layers[0].mlp.w1.weight.shape[0]:
-        widen_mlp(adapter, width, 0.0, optimizer)
-    if depth is not None and depth > len(adapter.module.layers):
-        grow(adapter, depth, "zero", optimizer)
-    elif depth is not None and depth < len(adapter.module.layers):
-        raise ConfigError(f"checkpoint {path} holds a {depth}-block model but the run's model has already grown "
-                          f"to {len(adapter.module.layers)} blocks; a rollback cannot cross a growth (resume from a "
-                          "checkpoint after it)")
+    fit_to_shapes(adapter, checkpoint_width(path), checkpoint_mlp_width(path), checkpoint_depth(path), optimizer,
+                  f"checkpoint {path}")
 
 
 def _apply_depth(ctx: Any, value: int) -> None:
@@ -189,6 +315,12 @@ def _apply_width(ctx: Any, value: int) -> None:
         ctx.cache.pop("memory_last", None)
 
 
+def _apply_model_width(ctx: Any, value: int) -> None:
+    dim = int(value) or ctx.model.module.tok_emb.weight.shape[1]
+    if widen_model(ctx.model, dim, float(ctx.knobs.get("growth_noise", 0.0)), ctx.optimizer, ctx.seed):
+        ctx.cache.pop("memory_last", None)
+
+
 def _check_plan(cfg: Any, schedule: Any) -> None:
     last = cfg.model.n_layers
     for st in schedule.stages:
@@ -198,8 +330,23 @@ def _check_plan(cfg: Any, schedule: Any) -> None:
                               f"(and starts at model.n_layers {cfg.model.n_layers} or more)")
         last = d
     if cfg.model.source != "reference" and any(st.knobs_at(st.start).get(k, 0) for st in schedule.stages
-                                               for k in ("depth", "mlp_width")):
-        raise ConfigError("depth and mlp_width growth are built for the reference model only")
+                                               for k in ("depth", "mlp_width", "width")):
+        raise ConfigError("depth, mlp_width and width growth are built for the reference model only")
+    if cfg.model.source != "reference":
+        return
+    last = cfg.model.dim
+    for st in schedule.stages:
+        knobs = st.knobs_at(st.start)
+        w = int(knobs.get("width", 0)) or last
+        if w < last or w % last:
+            raise ConfigError(f"stage '{st.name}' sets width {w} after {last}: the residual width only grows, "
+                              f"by a whole multiple ({2 * last}, {3 * last}, ...), so that widening preserves "
+                              "the function")
+        if w != cfg.model.dim and any(s.knobs_at(s.start).get("distill_hidden") not in (None, "", "none")
+                                      for s in schedule.stages):
+            raise ConfigError(f"stage '{st.name}' widens the model, but distill_hidden's learned projections are "
+                              "sized for the starting width; use logit distillation with a width growth")
+        last = w
     last = cfg.model.hidden if cfg.model.source == "reference" else 0
     for st in schedule.stages:
         w = int(st.knobs_at(st.start).get("mlp_width", 0)) or last
@@ -216,7 +363,10 @@ register_knob(Knob("depth", "Blocks of the model from this stage on (0: model.n_
 register_knob(Knob("mlp_width", "Hidden units of every MLP from this stage on (0: the model's own); widens "
                    "function-preservingly (Net2WiderNet) at the boundary.", default=0, integer=True, minimum=0,
                    rampable=False, apply=_apply_width, graph_key=lambda v: v, restructures=True))
-register_knob(Knob("growth_noise", "Symmetry-breaking noise on widened MLP units, as a fraction of the init std.",
+register_knob(Knob("width", "Residual-stream width (model dim) from this stage on (0: model.dim); a whole multiple, "
+                   "widened function-preservingly (bert2BERT's FPI) at the boundary.", default=0, integer=True,
+                   minimum=0, rampable=False, apply=_apply_model_width, graph_key=lambda v: v, restructures=True))
+register_knob(Knob("growth_noise", "Symmetry-breaking noise on widened units and heads, as a fraction of the init std.",
                    default=0.0, minimum=0.0, rampable=False))
 register_knob(Knob("growth", "How new blocks start: zero (function-preserving: zero output projections) or "
                    "stack (copies of the existing blocks).", default="zero", rampable=False, check=_check_method))

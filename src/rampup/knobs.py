@@ -127,6 +127,9 @@ class Knob:
     on_stage: Callable[[Any, Any, dict[str, Any]], None] | None = None
     """on_stage(ctx, value, previous_knobs): at the first step of every stage after the first, after
     ``apply`` (an optimizer-state reset); runs again on a resume at exactly that step, never otherwise."""
+    evaluate_value: Callable[[Any, float], Any] | None = None
+    """evaluate_value(value, p): a structured value's setting at stage progress p (lr_groups, whose
+    multipliers may each ramp); default: a Ramp evaluates, anything else is constant."""
     check_model: Callable[[Any, Any], None] | None = None
     """check_model(adapter, value): a value the built model cannot take (a block that does not exist);
     raises ConfigError. Run on every value the schedule sets, before any compute."""
@@ -159,6 +162,8 @@ class Knob:
 
     def evaluate(self, value: Any, p: float) -> Any:
         """The knob's value at progress p through a stage where it is set to ``value``."""
+        if self.evaluate_value is not None:
+            return self.evaluate_value(value, p)
         if not isinstance(value, Ramp):
             return value
         v = value.value(p)

@@ -404,10 +404,13 @@ class MemoryEstimate:
     """Most bytes the step holds above params and optimizer state: gradients, activations, logits,
     temporaries (gradients included, as they exist at the end of backward)."""
     settings: MemorySettings = field(default_factory=MemorySettings)
+    teacher: int = 0
+    """The step's teacher's weights (rampup.distill), held beside the model; its forward's activations
+    are in ``step_peak``."""
 
     @property
     def static(self) -> int:
-        return self.params + self.grads + self.optimizer
+        return self.params + self.grads + self.optimizer + self.teacher
 
     @property
     def activations(self) -> int:
@@ -415,10 +418,10 @@ class MemoryEstimate:
 
     @property
     def peak(self) -> int:
-        return self.params + self.optimizer + self.step_peak
+        return self.params + self.optimizer + self.teacher + self.step_peak
 
     def as_dict(self) -> dict[str, Any]:
-        return {"params": self.params, "grads": self.grads, "optimizer": self.optimizer,
+        return {"params": self.params, "grads": self.grads, "optimizer": self.optimizer, "teacher": self.teacher,
                 "activations": self.activations, "peak": self.peak, "settings": self.settings.describe()}
 
 
@@ -454,7 +457,10 @@ def estimate_step(cfg: Any, knobs: dict[str, Any], rows: int, seq_len: int, prec
     ``knobs`` are the step's knob values (RoPE, attention pattern ...); ``settings`` the memory
     techniques (default: the knobs' own, ``auto`` read as off). The step is the engine's: micro-
     batches of ``train.micro_batch_tokens``, the task's loss at ``precision``, gradient clipping, an
-    AdamW step whose state already exists (a step after the first)."""
+    AdamW step whose state already exists (a step after the first). A stage with a teacher (knob
+    ``teacher`` and a distillation weight) adds the teacher's weights and its no-grad forward inside the
+    loss, as the distillation task runs it; a snapshot teacher is taken at the model's current shape (an
+    upper bound for a model that grew since)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from rampup.engine.step import accumulate_gradients
@@ -487,14 +493,61 @@ def estimate_step(cfg: Any, knobs: dict[str, Any], rows: int, seq_len: int, prec
         opt_bytes = _storage_bytes(t for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t))
         grad_bytes = _storage_bytes(p for p in params if p.requires_grad)
         state = [t for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t)]
-        tracker = _LiveBytes([*adapter.module.parameters(), *adapter.module.buffers(), *state])
+        task, teacher = _with_teacher(cfg, knobs, adapter, task, precision, seq_len)
+        teacher_tensors = [] if teacher is None else [*teacher.module.parameters(), *teacher.module.buffers()]
+        tracker = _LiveBytes([*adapter.module.parameters(), *adapter.module.buffers(), *state, *teacher_tensors])
         with tracker:
             accumulate_gradients(adapter, task, batch, precision=precision,
                                  micro_batch_items=cfg.train.micro_batch_tokens)
             torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.grad_clip or math.inf)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-    return MemoryEstimate(param_bytes, grad_bytes, opt_bytes, tracker.peak, settings)
+    return MemoryEstimate(param_bytes, grad_bytes, opt_bytes, tracker.peak, settings,
+                          _storage_bytes(teacher.module.parameters()) if teacher is not None else 0)
+
+
+def _with_teacher(cfg: Any, knobs: dict[str, Any], adapter: Any, task: Any, precision: str, seq_len: int):
+    """(task, teacher): the distillation task around ``task`` with a fake teacher, when the knobs teach."""
+    from rampup.distill import DistillTask, Projections, parse_pairs
+
+    spec = knobs.get("teacher", "none")
+    pairs = parse_pairs(knobs.get("distill_hidden", "none"))
+    weights = (float(knobs.get("label_weight", 1.0)), float(knobs.get("distill_weight", 0.0)),
+               float(knobs.get("distill_temperature", 1.0)))
+    hidden_w = float(knobs.get("distill_hidden_weight", 0.0)) if pairs else 0.0
+    if spec in (None, "none") or (weights[1] == 0 and hidden_w == 0):
+        return task, None
+    kind, _, arg = spec.partition(":")
+    if kind == "run":
+        from rampup.longeval import open_run
+
+        teacher = _fake_adapter(open_run(arg, "a teacher")[1].model)
+    elif kind == "hf":
+        from rampup.models.hf import HFCausalLMAdapter
+
+        teacher = HFCausalLMAdapter.from_folder_config(arg, "cpu")
+    else:  # a snapshot or the EMA of the run's own model, at its present shape
+        teacher = _fake_adapter(adapter.module.cfg if hasattr(adapter.module, "tok_emb") else cfg.model)
+    from rampup.knobs import KnobContext, KnobRunner
+    from rampup.distill import MODEL_KNOBS
+
+    KnobRunner(KnobContext(teacher, cfg=cfg, precision=precision)).apply(
+        {k: v for k, v in knobs.items() if k in MODEL_KNOBS}, seq_len)
+    teacher.module.eval()
+    for p in teacher.module.parameters():
+        p.requires_grad_(False)
+
+    class _One:  # the Teachers part's view the task reads
+        active, active_name = teacher, spec
+
+    projections = Projections()
+    d_s, d_t = int(adapter.head.weight.shape[1]), int(teacher.head.weight.shape[1])
+    for s, t in pairs:
+        if d_s != d_t:
+            projections.add(f"{spec}|{s}:{t}".replace(".", "_"), d_s, d_t)
+    distill = DistillTask(task, _One(), projections)
+    distill.weights, distill.hidden = weights, (pairs, hidden_w)
+    return distill, teacher
 
 
 def static_footprint(cfg: Any) -> MemoryEstimate:

@@ -38,7 +38,8 @@ class StageSummary:
     seq_lens: set[int] = field(default_factory=set)
     shapes: list[tuple[int, int]] = field(default_factory=list)
     lrs: list[float] = field(default_factory=list)
-    extra: dict[str, set[str]] = field(default_factory=dict)
+    extra: dict[str, list[str]] = field(default_factory=dict)
+    """Other knobs' distinct values in the stage, in the order they first appear."""
     bucket_tokens: dict[int, int] = field(default_factory=dict)
     """Buckets sampler: tokens per sequence length in this stage (the run's own draws, walked dry)."""
     biggest: tuple[int, int, dict[str, Any]] | None = None
@@ -162,7 +163,9 @@ def make_plan(cfg: RunConfig, schedule: Schedule, shapes: list[tuple[int, int]] 
         st.lrs.append(lr)
         for k, v in sp.knobs.items():
             if k not in ("seq_len", "batch_tokens", "lr_mult"):
-                st.extra.setdefault(k, set()).add(str(v))
+                vals = st.extra.setdefault(k, [])
+                if _knob_text(v) not in vals:
+                    vals.append(_knob_text(v))
         for key, val in (("tokens", sp.tokens_before), ("seq_len", seq_len), ("batch_size", rows), ("lr", lr)):
             curve[key].append(val)
         n += 1
@@ -204,6 +207,18 @@ def _estimate_memory(cfg: RunConfig, stages: list[StageSummary], ctx: KnobContex
                     cfg, knobs, rows, T, ctx.precision, technique_settings(name, rows, T, _width(ctx.model), cfg.model.vocab_size))
 
 
+def _knob_text(v: Any) -> str:
+    if isinstance(v, dict):  # lr_groups: {glob: multiplier}
+        return "{" + ", ".join(f"{k}: {x:.3g}" if isinstance(x, float) else f"{k}: {x}" for k, x in v.items()) + "}"
+    return str(v)
+
+
+def _values_cell(vals: list[str] | None) -> str:
+    if not vals:
+        return "-"
+    return ", ".join(vals) if len(vals) <= 3 else f"{vals[0]} .. {vals[-1]} ({len(vals)} values)"
+
+
 def _span(values: list[float] | set[int], fmt: str = "{:g}") -> str:
     lo, hi = min(values), max(values)
     return fmt.format(lo) if lo == hi else f"{fmt.format(lo)}..{fmt.format(hi)}"
@@ -219,7 +234,7 @@ def plan_table(plan: Plan, cfg: RunConfig) -> Table:
                 *(("peak memory",) if memory else ())):
         t.add_column(col, justify="left" if col in ("stage", "batch (B x T)") else "right")
     # other knobs get a column only where the run sets them away from their default
-    extras = sorted({k for s in plan.stages for k, vals in s.extra.items() if vals != {str(KNOBS[k].default)}})
+    extras = sorted({k for s in plan.stages for k, vals in s.extra.items() if vals != [_knob_text(KNOBS[k].default)]})
     for k in extras:
         t.add_column(k)
     buckets = any(s.bucket_tokens for s in plan.stages)
@@ -237,7 +252,7 @@ def plan_table(plan: Plan, cfg: RunConfig) -> Table:
                f"{s.backward_saved / s.flops:.0%}" if s.flops else "-") if frozen else ()),
             *((_teacher_cell(s),) if taught else ()),
             *((_memory_cell(s),) if memory else ()),
-            *[", ".join(sorted(s.extra.get(k, {"-"}))) for k in extras],
+            *[_values_cell(s.extra.get(k)) for k in extras],
             *([" ".join(f"{n}:{p:.0%}" for n, p in s.bucket_shares().items())] if buckets else []),
         )
     return t

@@ -5,7 +5,9 @@ sub-network is drawn (seeded by the run's seed and the step, so a resume draws t
 lowest ``d`` blocks, d uniform in A..B, each MLP keeping its first ``k`` hidden units, k / hidden
 uniform in F..G (rounded to a multiple of 8). The step's loss is the full network's cross-entropy
 plus the sub-network's KL to the full network's (detached) predictions: the full network is the
-sub-networks' teacher (in-place distillation), and every weight a sub-network uses is shared.
+sub-networks' teacher (in-place distillation), and every weight a sub-network uses is shared. With
+``loss_shards`` both networks' head and loss run tiled (their hidden states side by side through the
+shared head), so neither's full logits exist. A stage with ``subnet`` takes no other teacher.
 
 ``rampup export RUN OUT --subnet depth=2,mlp=0.5`` writes the chosen sub-network as a standalone
 model (its blocks and MLP units sliced out); its outputs equal the sub-network's inside the full
@@ -89,15 +91,26 @@ class SubnetTask:
         if self.current is None or reduction == "none" or not torch.is_grad_enabled():
             return self.task.loss(adapter, batch, reduction=reduction)
         out = adapter.forward(batch)
-        logits = out.head(out.hidden).float()
-        targets = batch.targets
-        full = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
         with active(adapter, *self.current):
             sub = adapter.forward(batch)
-            s_logits = sub.head(sub.hidden).float()
-        kd = F.kl_div(F.log_softmax(s_logits, -1), F.log_softmax(logits.detach(), -1), log_target=True,
-                      reduction="sum")
-        total = full + kd
+        targets = batch.targets
+        rows = targets.shape[0]
+
+        def shard_loss(logits: torch.Tensor, sl: slice) -> torch.Tensor:
+            # rows [0, B): the full network (cross-entropy); [B, 2B): the sub-network, taught by it
+            full, s_logits = logits[:rows].float(), logits[rows:].float()
+            ce = F.cross_entropy(full.flatten(0, 1), targets[:, sl].flatten(), reduction="sum")
+            kd = F.kl_div(F.log_softmax(s_logits, -1), F.log_softmax(full.detach(), -1), log_target=True,
+                          reduction="sum")
+            return ce + kd
+
+        both = torch.cat([out.hidden, sub.hidden])  # the head is shared: one pass over both
+        if out.loss_shards > 1:  # tiled: neither network's full logits ever exist
+            from rampup.models.tiling import tiled_head_loss
+
+            total = tiled_head_loss(both, out.head, shard_loss, out.loss_shards)
+        else:
+            total = shard_loss(out.head(both), slice(None))
         return total / targets.numel() if reduction == "mean" else total
 
 
@@ -122,9 +135,10 @@ def _check_plan(cfg: Any, schedule: Any) -> None:
             raise ConfigError("subnet training is built for the reference model only")
         if _ranges(v)[1] > cfg.model.n_layers:
             raise ConfigError(f"subnet '{v}' in stage '{st.name}': the model has {cfg.model.n_layers} blocks")
-        if k.get("loss_shards", 1) != 1 or k.get("teacher", "none") != "none":
-            raise ConfigError(f"subnet in stage '{st.name}' comes with its own loss (the full network teaches); "
-                              "it does not combine with loss_shards or a teacher yet")
+        if k.get("teacher", "none") != "none":
+            raise ConfigError(f"subnet in stage '{st.name}' comes with its own teacher (the full network teaches "
+                              "its sub-networks); remove the stage's teacher, or train the sub-networks in a "
+                              "stage without one")
 
 
 def uses_subnets(schedule_cfg: Any) -> bool:

@@ -9,7 +9,8 @@ Three knobs, set per stage like any other (../shared/TECHNIQUES.md C):
   gets no gradient, so AdamW neither updates nor decays it, and no backward runs into a frozen
   prefix; every parameter stays in the optimizer, so a checkpoint from any stage loads in any other.
 - ``lr_groups``: learning-rate multipliers by glob (``{"layers.*": 0.01, "lm_head.*": 1}``: a slow
-  learner); ``lr_layer_decay``: discriminative rates by depth (BEiT/ELECTRA layer decay, ULMFiT's
+  learner), each a number or a ramp across its stage (``{"layers.*": {from: 0.01, to: 1}}``: the
+  backbone warms up to full speed); ``lr_layer_decay``: discriminative rates by depth (BEiT/ELECTRA layer decay, ULMFiT's
   factor 2.6): the head and final norm at 1, block l at factor^-(n - l), the embeddings at
   factor^-(n + 1). It may ramp. Both multiply the schedule's lr, and ``lr_mult``.
 - ``optimizer_state``: at the first step of the stage, ``keep`` (the default) the moments, ``reset``
@@ -152,15 +153,34 @@ def _apply_trainable(ctx: Any, value: Any) -> None:
 # ----------------------------------------------------------------------------- lr groups
 
 
-def check_lr_groups(value: Any) -> dict[str, float]:
+def check_lr_groups(value: Any) -> dict[str, Any]:
+    """{glob: multiplier}, each multiplier a number >= 0 or a ramp across the stage ({from: 0.01, to: 1})."""
+    from rampup.knobs import Ramp
+
     if not isinstance(value, dict):
         raise ValueError(f"knob 'lr_groups' takes a mapping of parameter-name globs to lr multipliers, got {value!r}")
-    out = {}
+    out: dict[str, Any] = {}
     for k, v in value.items():
+        if isinstance(v, dict) and ("from" in v or "ramp" in v):
+            v = Ramp.model_validate(v)
+        if isinstance(v, Ramp):
+            if min(v.start, v.to) < 0:
+                raise ValueError(f"lr_groups['{k}'] ramps through negative multipliers ({v.describe()})")
+            out[str(k)] = v
+            continue
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-            raise ValueError(f"lr_groups['{k}'] must be a number >= 0, got {v!r}")
+            raise ValueError(f"lr_groups['{k}'] must be a number >= 0 or a ramp ({{from: 0.01, to: 1}}), got {v!r}")
         out[str(k)] = float(v)
     return out
+
+
+def evaluate_lr_groups(value: Any, p: float) -> Any:
+    """lr_groups at stage progress p: every ramping multiplier at its value there."""
+    from rampup.knobs import Ramp
+
+    if not isinstance(value, dict):
+        return value
+    return {k: v.value(p) if isinstance(v, Ramp) else v for k, v in value.items()}
 
 
 def lr_multipliers(adapter: Any, groups: dict[str, float], layer_decay: float) -> dict[str, float]:
@@ -268,9 +288,9 @@ register_knob(Knob("freeze", "What does not train: none | globs | blocks:A-B | b
                    apply=_apply_trainable, graph_key=lambda v: v,
                    check_model=lambda a, v: trainable_names(v, a)))
 register_knob(Knob("lr_groups", "Learning-rate multipliers by parameter-name glob, e.g. {'layers.*': 0.01}.",
-                   default={}, rampable=False, check=check_lr_groups, apply=_apply_lr_groups,
+                   default={}, rampable=False, check=check_lr_groups, apply=_apply_lr_groups, evaluate_value=evaluate_lr_groups,
                    key=lambda v, k, n: (tuple(sorted((v or {}).items())), k.get("lr_layer_decay", 1.0)),
-                   check_model=lambda a, v: lr_multipliers(a, v, 1.0)))
+                   check_model=lambda a, v: lr_multipliers(a, evaluate_lr_groups(v, 0.0), 1.0)))
 register_knob(Knob("lr_layer_decay", "Discriminative learning rates: block l-1 trains at block l's lr / this "
                    "factor (1: off).", default=1.0, minimum=1.0, apply=_apply_lr_groups,
                    key=lambda v, k, n: (tuple(sorted((k.get("lr_groups") or {}).items())), v)))

@@ -125,7 +125,7 @@ class DecoderLMAdapter:
                        "activation_offload", "freeze", "lr_groups", "lr_layer_decay", "optimizer_state",
                        "teacher", "distill_weight", "label_weight", "distill_temperature",
                        "distill_hidden", "distill_hidden_weight", "depth", "growth",
-                       "subnet", "mlp_width", "growth_noise"})
+                       "subnet", "mlp_width", "width", "growth_noise"})
     """Every knob rampup ships acts on the reference model."""
 
     def __init__(self, module: nn.Module) -> None:
@@ -139,6 +139,9 @@ class DecoderLMAdapter:
         """A fresh model from a ModelConfig, initialised from torch's current RNG."""
         from rampup.models.llm import DecoderLM
 
+        if torch.device(device).type == "meta":  # built in place: .to("meta") would untie a tied head
+            with torch.device("meta"):
+                return cls(DecoderLM(cfg))
         return cls(DecoderLM(cfg).to(device))
 
     @classmethod
