@@ -116,7 +116,7 @@ def test_stage_boundary_applies_rope_to_the_live_model(data_cache, tmp_path):
     tree["schedule"]["stages"][1]["rope"] = spec
     cfg = RunConfig.model_validate(tree)
     plan = make_plan(cfg, Schedule.build(cfg.schedule, total=cfg.train.duration))
-    assert plan.stages[1].extra["rope"] == {"yarn x4 from 64"} and plan.stages[0].extra["rope"] == {"default"}
+    assert plan.stages[1].extra["rope"] == ["yarn x4 from 64"] and plan.stages[0].extra["rope"] == ["default"]
     assert "rope" in [c.header for c in plan_table(plan, cfg).columns]
     summary = train(cfg)
     stages = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]

@@ -468,6 +468,51 @@ def build_projections(cfg: Any, schedule: Any, adapter: Any, projections: Projec
                     projections.add(key, _width(adapter), _width(teacher), device)
 
 
+def estimate_teacher(cfg: Any, knobs: dict[str, Any], adapter: Any, task: Any, precision: str, seq_len: int):
+    """rampup.memory's step hook: the distillation task around ``task`` with a fake teacher, the teacher's
+    tensors and weight bytes, when the knobs teach (None otherwise)."""
+    from rampup.memory import _fake_adapter, _storage_bytes
+
+    spec = knobs.get("teacher", "none")
+    pairs = parse_pairs(knobs.get("distill_hidden", "none"))
+    weights = (float(knobs.get("label_weight", 1.0)), float(knobs.get("distill_weight", 0.0)),
+               float(knobs.get("distill_temperature", 1.0)))
+    hidden_w = float(knobs.get("distill_hidden_weight", 0.0)) if pairs else 0.0
+    if spec in (None, "none") or (weights[1] == 0 and hidden_w == 0):
+        return None
+    kind, _, arg = spec.partition(":")
+    if kind == "run":
+        from rampup.longeval import open_run
+
+        teacher = _fake_adapter(open_run(arg, "a teacher")[1].model)
+    elif kind == "hf":
+        from rampup.models.hf import HFCausalLMAdapter
+
+        teacher = HFCausalLMAdapter.from_folder_config(arg, "cpu")
+    else:  # a snapshot or the EMA of the run's own model, at its present shape
+        teacher = _fake_adapter(adapter.module.cfg if hasattr(adapter.module, "tok_emb") else cfg.model)
+    from rampup.knobs import KnobContext, KnobRunner
+
+    KnobRunner(KnobContext(teacher, cfg=cfg, precision=precision)).apply(
+        {k: v for k, v in knobs.items() if k in MODEL_KNOBS}, seq_len)
+    teacher.module.eval()
+    for p in teacher.module.parameters():
+        p.requires_grad_(False)
+
+    class _One:  # the Teachers part's view the task reads
+        active, active_name = teacher, spec
+
+    projections = Projections()
+    d_s, d_t = int(adapter.head.weight.shape[1]), int(teacher.head.weight.shape[1])
+    for s, t in pairs:
+        if d_s != d_t:
+            projections.add(f"{spec}|{s}:{t}".replace(".", "_"), d_s, d_t)
+    distill = DistillTask(task, _One(), projections)
+    distill.weights, distill.hidden = weights, (pairs, hidden_w)
+    return distill, [*teacher.module.parameters(), *teacher.module.buffers()], _storage_bytes(teacher.module.parameters())
+
+
+
 from rampup.knobs import Knob, register_knob  # noqa: E402  (rampup.knobs imports this module)
 
 register_knob(Knob("teacher", "The stage's teacher: none | previous_stage | stage:NAME | run:PATH | hf:PATH.",
@@ -484,3 +529,7 @@ register_knob(Knob("label_weight", "Weight of the label cross-entropy (may ramp;
                    default=1.0, minimum=0.0, apply=_apply_weights))
 register_knob(Knob("distill_temperature", "Softmax temperature of the distillation KL.", default=1.0,
                    minimum=1e-3, apply=_apply_weights))
+
+from rampup.memory import STEP_HOOKS  # noqa: E402
+
+STEP_HOOKS.append(estimate_teacher)

@@ -27,6 +27,7 @@ import math
 import os
 import re
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -450,6 +451,12 @@ def _fake_adapter(model_cfg: Any):
     return build_adapter(model_cfg, "cpu")
 
 
+STEP_HOOKS: list[Callable[..., Any]] = []
+"""hook(cfg, knobs, adapter, task, precision, seq_len) -> None, or (task, tensors held beside the model,
+their bytes) for a step that runs more than the model: rampup.distill adds the stage's teacher. Called
+inside the fake-tensor trace."""
+
+
 def estimate_step(cfg: Any, knobs: dict[str, Any], rows: int, seq_len: int, precision: str = "fp32",
                   settings: MemorySettings | None = None) -> MemoryEstimate:
     """Peak tensor memory of one training step of ``cfg``'s model at (rows, seq_len), traced on fake tensors.
@@ -493,61 +500,20 @@ def estimate_step(cfg: Any, knobs: dict[str, Any], rows: int, seq_len: int, prec
         opt_bytes = _storage_bytes(t for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t))
         grad_bytes = _storage_bytes(p for p in params if p.requires_grad)
         state = [t for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t)]
-        task, teacher = _with_teacher(cfg, knobs, adapter, task, precision, seq_len)
-        teacher_tensors = [] if teacher is None else [*teacher.module.parameters(), *teacher.module.buffers()]
-        tracker = _LiveBytes([*adapter.module.parameters(), *adapter.module.buffers(), *state, *teacher_tensors])
+        held, held_bytes = [], 0  # what the step's hooks add beside the model (a teacher)
+        for hook in STEP_HOOKS:
+            found = hook(cfg, knobs, adapter, task, precision, seq_len)
+            if found is not None:
+                task, tensors, n = found
+                held, held_bytes = held + tensors, held_bytes + n
+        tracker = _LiveBytes([*adapter.module.parameters(), *adapter.module.buffers(), *state, *held])
         with tracker:
             accumulate_gradients(adapter, task, batch, precision=precision,
                                  micro_batch_items=cfg.train.micro_batch_tokens)
             torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.grad_clip or math.inf)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-    return MemoryEstimate(param_bytes, grad_bytes, opt_bytes, tracker.peak, settings,
-                          _storage_bytes(teacher.module.parameters()) if teacher is not None else 0)
-
-
-def _with_teacher(cfg: Any, knobs: dict[str, Any], adapter: Any, task: Any, precision: str, seq_len: int):
-    """(task, teacher): the distillation task around ``task`` with a fake teacher, when the knobs teach."""
-    from rampup.distill import DistillTask, Projections, parse_pairs
-
-    spec = knobs.get("teacher", "none")
-    pairs = parse_pairs(knobs.get("distill_hidden", "none"))
-    weights = (float(knobs.get("label_weight", 1.0)), float(knobs.get("distill_weight", 0.0)),
-               float(knobs.get("distill_temperature", 1.0)))
-    hidden_w = float(knobs.get("distill_hidden_weight", 0.0)) if pairs else 0.0
-    if spec in (None, "none") or (weights[1] == 0 and hidden_w == 0):
-        return task, None
-    kind, _, arg = spec.partition(":")
-    if kind == "run":
-        from rampup.longeval import open_run
-
-        teacher = _fake_adapter(open_run(arg, "a teacher")[1].model)
-    elif kind == "hf":
-        from rampup.models.hf import HFCausalLMAdapter
-
-        teacher = HFCausalLMAdapter.from_folder_config(arg, "cpu")
-    else:  # a snapshot or the EMA of the run's own model, at its present shape
-        teacher = _fake_adapter(adapter.module.cfg if hasattr(adapter.module, "tok_emb") else cfg.model)
-    from rampup.knobs import KnobContext, KnobRunner
-    from rampup.distill import MODEL_KNOBS
-
-    KnobRunner(KnobContext(teacher, cfg=cfg, precision=precision)).apply(
-        {k: v for k, v in knobs.items() if k in MODEL_KNOBS}, seq_len)
-    teacher.module.eval()
-    for p in teacher.module.parameters():
-        p.requires_grad_(False)
-
-    class _One:  # the Teachers part's view the task reads
-        active, active_name = teacher, spec
-
-    projections = Projections()
-    d_s, d_t = int(adapter.head.weight.shape[1]), int(teacher.head.weight.shape[1])
-    for s, t in pairs:
-        if d_s != d_t:
-            projections.add(f"{spec}|{s}:{t}".replace(".", "_"), d_s, d_t)
-    distill = DistillTask(task, _One(), projections)
-    distill.weights, distill.hidden = weights, (pairs, hidden_w)
-    return distill, teacher
+    return MemoryEstimate(param_bytes, grad_bytes, opt_bytes, tracker.peak, settings, held_bytes)
 
 
 def static_footprint(cfg: Any) -> MemoryEstimate:
