@@ -26,7 +26,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from rampup.errors import EXIT_ABORTED, RampupError
+from rampup.errors import EXIT_ABORTED, ConfigError, RampupError
 
 console = Console(width=None if sys.stdout.isatty() else 150)
 
@@ -132,11 +132,43 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _without(argv: list[str], flags: tuple[str, ...]) -> list[str]:
+    """argv without ``flags`` and their values (``--nproc 2`` or ``--nproc=2``)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in flags:
+            skip = True
+            continue
+        if a.split("=", 1)[0] in flags:
+            continue
+        out.append(a)
+    return out
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    import os
+
     from rampup.engine.trainer import train
 
     cfg = _load(args)
-    summary = train(cfg, resume=args.resume, display_mode=args.progress)
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc {args.nproc}: give the number of processes, 1 or more")
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:  # this process becomes torchrun
+        from rampup.distributed import launch
+
+        argv = [a for a in sys.argv[1:]]
+        return launch(_without(argv, ("--nproc", "--max-restarts")), args.nproc, args.max_restarts)
+    resume = args.resume
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0:  # torchrun restarted the job after a failure
+        from rampup.engine.checkpointer import LocalCheckpointer
+
+        resume = resume or LocalCheckpointer(cfg.resolved_out_dir() / "checkpoints", keep=1).latest() is not None
+    summary = train(cfg, resume=resume, display_mode=args.progress)
+    if int(os.environ.get("RANK", 0)) != 0:
+        return 0  # rank 0 reports
     console.print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['train_time']:.1f}s; "
                   + ", ".join(f"val loss@{k} {v:.4f}" for k, v in summary["val_loss"].items()))
     if summary["skipped_steps"] or summary["rollbacks"]:
@@ -282,6 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = with_config("train", "train a run, or continue one with --resume")
     sp.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     sp.add_argument("--progress", choices=["auto", "rich", "plain", "off"], help="console display (default: log.progress)")
+    sp.add_argument("--nproc", type=int, default=1, help="processes on this machine, launched through torchrun "
+                    "(train.strategy: ddp); for many machines run torchrun ... -m rampup train CONFIG yourself")
+    sp.add_argument("--max-restarts", type=int, default=0, help="with --nproc: times torchrun restarts the job after "
+                    "a process fails; each restart resumes from the latest checkpoint")
     sp.set_defaults(fn=cmd_train)
     sp = sub.add_parser("demo", help="staged curriculum vs fixed baseline on the embedded corpus")
     sp.add_argument("configs", nargs="*", default=["configs/demo_staged.yaml", "configs/demo_baseline.yaml"],
@@ -334,7 +370,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except RampupError as e:
-        print(f"error: {e}", file=sys.stderr)
+        import os
+
+        from rampup.engine.step import Interrupted
+
+        if not (isinstance(e, Interrupted) and os.environ.get("RANK", "0") != "0"):  # one voice: rank 0's
+            print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:  # the trainer turns the first Ctrl-C into a checkpoint; this is the second
         print("stopped at once by a second Ctrl-C: nothing was written for the steps since the last "

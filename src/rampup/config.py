@@ -37,6 +37,13 @@ class TrainConfig(Section):
     A resumed run keeps the precision it started with."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train; auto picks cuda when available."""
+    strategy: choice("ddp", "fsdp") = "ddp"
+    """How a run under torchrun (more than one process) holds the model: ddp (DistributedDataParallel,
+    every rank a replica); fsdp (FSDP2 sharding) is not built yet. One process ignores it."""
+    backend: choice("auto", "gloo", "nccl") = "auto"
+    """torch.distributed backend: auto is nccl on CUDA GPUs and gloo on CPUs."""
+    collective_timeout: float = Field(default=600.0, gt=0)
+    """Seconds a collective may wait for the other ranks before the job fails (a rank that hangs)."""
     micro_batch_tokens: int | None = None
     """Most tokens in one forward/backward pass; larger steps are split and their gradients accumulated. None: no split."""
     out_dir: str = "runs/{name}"

@@ -59,6 +59,10 @@ class CheckpointWriteError(CheckpointError):
     exit_code = EXIT_CHECKPOINT_WRITE
 
 
+class DistributedError(RampupError):
+    """A collective with the other ranks of a torchrun job failed or timed out (a rank hung or died)."""
+
+
 class NonFiniteError(RampupError):
     """Training met non-finite numbers it was configured not to survive (train.nonfinite)."""
 

@@ -37,6 +37,8 @@ from rampup.errors import ConfigError
 
 NAN_STEPS_ENV = "RAMPUP_FAULT_NAN_STEPS"
 STALL_STEPS_ENV = "RAMPUP_FAULT_STALL_STEPS"
+STALL_RANK_ENV = "RAMPUP_FAULT_STALL_RANK"
+"""With it, only that rank (torchrun's RANK) stalls."""
 
 
 class NonFiniteConfig(Section):
@@ -120,6 +122,9 @@ class StallInjector:
     def maybe_stall(self, step: int) -> None:
         secs = self.pending.pop(step, None)
         if secs is None:
+            return
+        only = os.environ.get(STALL_RANK_ENV)
+        if only is not None and only != os.environ.get("RANK", "0"):  # a distributed run: one rank hangs
             return
         print(f"testing hook {STALL_STEPS_ENV}: step {step} stalls for {secs:g} s", file=sys.stderr, flush=True)
         time.sleep(secs)

@@ -30,7 +30,7 @@ from rampup.engine.checkpointer import LocalCheckpointer
 from rampup.engine.evaluation import evaluate_lengths
 from rampup.engine.faults import NanInjector, StallInjector, finite_json
 from rampup.engine.loggers import build_loggers
-from rampup.engine.metrics import Display, MetricsWriter
+from rampup.engine.metrics import Display, MetricsWriter, NullMetrics
 from rampup.engine.state import KEPT_ON_ROLLBACK, TrainState
 from rampup.engine.rundata import RunData, micro_shapes, prepare_run
 from rampup.engine.step import Interrupted, optimizer_step, resolve_device
@@ -102,8 +102,16 @@ class Trainer:
         from rampup.models.build import build_adapter
         from rampup.tasks import CausalLM
 
+        from rampup.distributed import device_for, setup
+
         self.cfg, self.resume = cfg, resume
+        self.dist = setup(cfg)  # one process, or this rank of the job torchrun started
+        if not self.dist.main:
+            self.dist.barrier()  # rank 0 prepares (tokenizes, caches) the corpus first
         self.data = data if data is not None else prepare_run(cfg)
+        if self.dist.main:
+            self.dist.barrier()
+        self.dist.check_rows(sorted(self.data.shapes))
         self.schedule = self.data.schedule
         self.out = out = cfg.resolved_out_dir()
         self.checkpointer = LocalCheckpointer(out / "checkpoints", keep=cfg.train.keep_checkpoints)
@@ -118,7 +126,7 @@ class Trainer:
 
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        self.device = resolve_device(cfg.train.device)
+        self.device = device_for(self.dist, resolve_device(cfg.train.device))
         precision = resolve_precision(cfg.train.precision, self.device)  # a bf16 request CUDA cannot honour fails here
         torch.manual_seed(cfg.train.seed)
         adapter = (build_model or (lambda c, d: build_adapter(c.model, d)))(cfg, self.device)
@@ -158,13 +166,17 @@ class Trainer:
         if getattr(self.data, "auto_memory_steps", None):  # what auto picks per shape, or why nothing fits
             from rampup.memory import check_auto
 
-            self.memory_auto = check_auto(self.knobs.ctx, self.data.auto_memory_steps)
+            self.memory_auto = check_auto(self.knobs.ctx, [(k, rows // self.dist.world, T)  # a rank's rows
+                                                           for k, rows, T in self.data.auto_memory_steps])
         self.memory_settings = None
 
         config_dump = cfg.model_dump(mode="json", by_alias=True)
-        mirrors = build_loggers(cfg.log, out, cfg.name, config_dump)  # a missing package fails before training
-        out.mkdir(parents=True, exist_ok=True)
-        self.metrics = MetricsWriter(out / "metrics.jsonl", mirrors=mirrors)
+        if self.dist.main:
+            mirrors = build_loggers(cfg.log, out, cfg.name, config_dump)  # a missing package fails before training
+            out.mkdir(parents=True, exist_ok=True)
+            self.metrics = MetricsWriter(out / "metrics.jsonl", mirrors=mirrors)
+        else:  # one voice: rank 0 writes the record
+            self.metrics, display_mode = NullMetrics(), "off"
         self.display = Display(display_mode or cfg.log.progress, self.schedule.num_steps(),
                                self.schedule.total_tokens, int(cfg.log.every.value))
         self.should_eval = _every(cfg.eval.every, self.schedule.total_tokens)
@@ -183,12 +195,14 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         try:
             self.start()
-            with self.flag:
+            with self.flag, self.dist.named_failures():
                 final, path = self.fit()
         finally:
             self.display.close()
             self.metrics.close()
-        return self.write_summary(final, path)
+        summary = self.write_summary(final, path)
+        self.dist.close()
+        return summary
 
     def fit(self) -> tuple[dict[int, float], Path]:
         """Every step of the schedule, then the final evaluation and checkpoint (trained on again if
@@ -214,13 +228,14 @@ class Trainer:
         lr = (lr_at(cfg.optimizer, p.tokens + sp.tokens, self.schedule.total_tokens)
               * self.knobs.ctx.lr_mult * p.lr_scale)
         self.stall_faults.maybe_stall(p.step + 1)
+        self.dist.heartbeat(p.step + 1)  # this rank is at the step's collectives
         with self.nan_faults.poison(self.state.model.head, p.step + 1):
             loss, gnorm = optimizer_step(self.state.model, self.task, self.state.optimizer, batch, lr=lr,
                                          precision=self.state.precision.precision,
                                          micro_batch_items=cfg.train.micro_batch_tokens,
-                                         grad_clip=cfg.optimizer.grad_clip)
+                                         grad_clip=cfg.optimizer.grad_clip, dist=self.dist)
         if "ema" in self.state.parts and math.isfinite(loss) and math.isfinite(gnorm):  # applied steps only
-            self.state.parts["ema"].update(batch.items)
+            self.state.parts["ema"].update(batch.items * self.dist.world)  # the global batch's tokens
         return self.record_step(sp, batch, loss, gnorm, lr, time.perf_counter() - t0)
 
     def after_step(self) -> None:
@@ -234,7 +249,8 @@ class Trainer:
         done = p.tokens >= self.schedule.total_tokens
         if self.should_eval(p.step, before, p.tokens) and not done:
             self.evaluate()
-        if self.flag.signum is not None:
+        if self.dist.any(self.flag.signum is not None):  # a signal on any rank stops every rank here
+            self.flag.signum = self.flag.signum or self.dist.broadcast(self.flag.signum) or signal.SIGTERM
             path = self.save() or self.checkpointer.latest()
             raise Interrupted(f"stopped by signal {self.flag.signum} after step {p.step}; checkpoint "
                               f"{path}. Resume with: {self.resume_hint}", 128 + self.flag.signum)
@@ -262,12 +278,14 @@ class Trainer:
         raw = Batch(x, y, {})
         self.knobs.ctx.step = self.progress.step
         self.knobs.batch(sp.knobs, raw)  # on the CPU tensors, in place (a data mixture)
-        batch = self.task.make_batch(raw.inputs, raw.targets)
+        # every rank draws the same global batch and trains on its own rows of it
+        batch = self.task.make_batch(self.dist.shard_rows(raw.inputs), self.dist.shard_rows(raw.targets))
         self.knobs.ctx.rows, self.knobs.ctx.tokens = batch.rows, self.progress.tokens
         stage = self.schedule.stages[sp.stage]
         if stage.index > 0 and self.progress.tokens == stage.start:  # a stage's first step (also on a resume there)
             self.knobs.stage_start(sp.knobs, self.schedule.at(stage.start - 1))
         self.knobs.apply(sp.knobs, batch.items // batch.rows)
+        self.dist.wrap(self.state.model)  # DDP over the trainable parameters, rebuilt when they change
         mem = self.knobs.ctx.cache.get("memory_settings")
         if mem is not None and mem != self.memory_settings:
             self.memory_settings = mem
@@ -277,9 +295,9 @@ class Trainer:
 
     def record_step(self, sp, batch, loss: float, gnorm: float, lr: float, dt: float) -> bool:
         p, cfg = self.progress, self.cfg
-        B, n_items = batch.rows, batch.items
+        B, n_items = batch.rows * self.dist.world, batch.items * self.dist.world  # the global batch
         T = n_items // B  # the sampler's shape: the buckets sampler picks T itself
-        graphs = {graph_id(sp.knobs, s) for s in micro_shapes(B, T, cfg.train.micro_batch_tokens)}
+        graphs = {graph_id(sp.knobs, s) for s in micro_shapes(batch.rows, T, cfg.train.micro_batch_tokens)}
         compiled = cfg.train.compile and not graphs <= self.seen_graphs
         self.seen_graphs |= graphs
         flops = self.state.model.flops_per_item(tuple(batch.inputs.shape), doc_lengths=self.task.doc_lengths(batch))
@@ -359,24 +377,29 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints, resume, rollback
     def start(self) -> None:
-        removed = self.checkpointer.clean_partial()
+        removed = self.checkpointer.clean_partial() if self.dist.main else []
+        self.dist.barrier()
         if removed:
             self.display.print(f"removed what a killed checkpoint write left in {self.checkpointer.folder}: "
                                f"{', '.join(removed)}")
         if self.resume:
-            ck = self.checkpointer.load_latest(self.state, report=self.warn,
-                                               check=lambda st: check_resumable(st["config"], self.cfg))
+            ck = self.load_latest(check=lambda st: check_resumable(st["config"], self.cfg))
             self.restore(ck)
             self.metrics.truncate_after(self.progress.step)
         else:
-            (self.out / "config.yaml").write_text(dump_config(self.cfg))
+            if self.dist.main:
+                (self.out / "config.yaml").write_text(dump_config(self.cfg))
             self.metrics.truncate_after(0)
             self.metrics.write({"event": "run", "step": 0, "name": self.cfg.name, "device": str(self.device),
-                                "precision": self.state.precision.as_dict()})
+                                "precision": self.state.precision.as_dict(), "world_size": self.dist.world,
+                                **({"strategy": self.cfg.train.strategy, "backend": self.dist.backend}
+                                   if self.dist.enabled else {})})
         s, prec = self.schedule, self.state.precision
         self.display.print(f"run '{self.cfg.name}': {self.display.total_steps} steps, {s.total_tokens:,} tokens, "
                            f"{self.state.model.num_params():,} non-embedding parameters, device {self.device}, "
-                           f"output {self.out}" + (f" (resumed at step {self.progress.step})" if self.resume else ""))
+                           f"output {self.out}" + (f" (resumed at step {self.progress.step})" if self.resume else "") +
+                           (f"; {self.dist.world} processes ({self.cfg.train.strategy}, {self.dist.backend})"
+                            if self.dist.enabled else ""))
         self.display.print(prec.line() + (" -- kept from the run's start, for a bitwise resume" if self.resume else ""))
         for rows, T, chosen in self.memory_auto:
             self.display.print(f"memory auto: {rows} x {T} steps train with {chosen.describe()}")
@@ -403,12 +426,29 @@ class Trainer:
         return self.checkpointer.save(self.state, self.extra_state)
 
     def save(self) -> Path | None:
-        """A checkpoint of this step; None if the weights were not finite and the run rolled back."""
-        try:
-            return self.checkpoint()
-        except NonFiniteError as e:
-            self.rollback_or_stop(str(e))
+        """A checkpoint of this step (rank 0 writes it, every rank waits); None if the weights were not
+        finite and the run rolled back."""
+        path, error = None, None
+        if self.dist.main:
+            try:
+                path = self.checkpoint()
+            except NonFiniteError as e:
+                error = str(e)
+        path, error = self.dist.broadcast((path, error))
+        if error is not None:
+            self.rollback_or_stop(error)
             return None
+        return path
+
+    def load_latest(self, check=None) -> Checkpoint | None:
+        """The newest intact checkpoint: rank 0 verifies (setting damaged ones aside) before the others read."""
+        ck = None
+        if self.dist.main:
+            ck = self.checkpointer.load_latest(self.state, report=self.warn, check=check)
+        self.dist.barrier()
+        if not self.dist.main:
+            ck = self.checkpointer.load_latest(self.state, report=self.warn, check=check)
+        return ck
 
     def rollback_or_stop(self, reason: str) -> None:
         """train.nonfinite.on_limit: back to the newest intact checkpoint at a lower lr, or stop."""
@@ -423,7 +463,7 @@ class Trainer:
                                  f"and start a new run, or continue with {self.resume_hint}")
         kept = {k: getattr(p, k) for k in KEPT_ON_ROLLBACK}
         lr_scale = p.lr_scale * policy.lr_factor
-        ck = self.checkpointer.load_latest(self.state, report=self.warn)
+        ck = self.load_latest()
         if ck is None:
             raise NonFiniteError(f"{reason} (step {at}), before the first checkpoint, so there is nothing to "
                                  "roll back to; lower optimizer.lr, raise optimizer.warmup or checkpoint earlier "
@@ -448,5 +488,6 @@ class Trainer:
                    "skipped_steps": p.skipped_steps, "skipped_tokens": p.skipped_tokens,
                    "rollbacks": p.rollbacks, "lr_scale": p.lr_scale, "precision": self.state.precision.as_dict(),
                    "checkpoint": str(path), "metrics": str(self.out / "metrics.jsonl")}
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        if self.dist.main:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         return summary

@@ -70,6 +70,21 @@ class MetricsWriter:
             mirror.close()
 
 
+class NullMetrics:
+    """The metrics of a rank other than 0 in a distributed run: rank 0 writes the one record."""
+
+    path = None
+
+    def truncate_after(self, step: int, keep_events: tuple[str, ...] = ()) -> None:
+        pass
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _fmt_time(seconds: float) -> str:
     seconds = int(seconds)
     h, rem = divmod(seconds, 3600)

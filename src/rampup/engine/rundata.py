@@ -33,6 +33,8 @@ class RunData:
     eot_id: int | None = None
     auto_memory_steps: list[tuple[dict[str, Any], int, int]] = field(default_factory=list)
     """(knobs, rows, seq_len) of each distinct step shape whose memory knobs say ``auto`` (rampup.memory)."""
+    shapes: set[tuple[int, int]] = field(default_factory=set)
+    """Every distinct (global rows, seq_len) of a training step."""
 
     def passkey_template(self):
         from rampup.data.prepare import load_prepared_tokenizer
@@ -89,13 +91,15 @@ def prepare_run(cfg: RunConfig) -> RunData:
     from rampup.memory import _is_auto, requested
 
     graphs: set[tuple] = set()
+    shapes: set[tuple[int, int]] = set()
     auto: dict[tuple, tuple[dict[str, Any], int, int]] = {}
     for sp, (rows, seq_len) in zip(schedule.steps(), step_shapes(cfg, schedule)):  # buckets: the draws, dry
         graphs |= {graph_id(sp.knobs, s) for s in micro_shapes(rows, seq_len, cfg.train.micro_batch_tokens)}
+        shapes.add((rows, seq_len))
         mem = requested(sp.knobs)
         if _is_auto(mem):
             auto.setdefault((mem, rows, seq_len), (sp.knobs, rows, seq_len))
     check_graphs(cfg, graphs)
     make_windows = EVAL_WINDOWS[cfg.eval.windows]
     eval_sets = {n: window_batches(make_windows(val_ds, n, cfg.eval.max_tokens)) for n in eval_lens}
-    return RunData(schedule, sampler, eval_sets, graphs, train_ds, val_ds, train_ds.eot_id, list(auto.values()))
+    return RunData(schedule, sampler, eval_sets, graphs, train_ds, val_ds, train_ds.eot_id, list(auto.values()), shapes)

@@ -7,7 +7,9 @@
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Any
 
 import torch
 
@@ -36,7 +38,7 @@ def resolve_device(name: str) -> torch.device:
 
 def optimizer_step(adapter, task, optimizer: torch.optim.Optimizer, batch: Batch, *, lr: float,
                    precision: str = "auto", micro_batch_items: int | None = None,
-                   grad_clip: float | None = None) -> tuple[float, float]:
+                   grad_clip: float | None = None, dist: Any = None) -> tuple[float, float]:
     """One optimizer step on ``batch``; returns (mean loss, grad norm before clipping).
 
     Each parameter group's lr is ``lr`` times the group's own ``lr_mult``. If the loss or the
@@ -44,11 +46,18 @@ def optimizer_step(adapter, task, optimizer: torch.optim.Optimizer, batch: Batch
     state is untouched); the returned values say so. A batch of more than ``micro_batch_items``
     items is split by rows and the gradients accumulated, each micro-batch weighted by its share of
     rows so the result equals the unsplit step.
+
+    ``dist`` (rampup.distributed.Dist): this rank's rows of a global batch; the gradients are averaged
+    over ranks (DDP) and the returned loss is the mean over ranks, so every rank decides alike.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_mult", 1.0)
-    total = accumulate_gradients(adapter, task, batch, precision=precision, micro_batch_items=micro_batch_items)
+    total = accumulate_gradients(adapter, task, batch, precision=precision, micro_batch_items=micro_batch_items,
+                                 dist=dist)
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    if dist is not None and dist.enabled:
+        dist.sync_outside(params, adapter.module)
+        total = dist.mean(total)
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else math.inf)
     loss_value, norm_value = total.item(), norm.item()  # the one host sync of the step
     if math.isfinite(loss_value) and math.isfinite(norm_value):
@@ -58,7 +67,7 @@ def optimizer_step(adapter, task, optimizer: torch.optim.Optimizer, batch: Batch
 
 
 def accumulate_gradients(adapter, task, batch: Batch, *, precision: str = "auto",
-                         micro_batch_items: int | None = None) -> torch.Tensor:
+                         micro_batch_items: int | None = None, dist: Any = None) -> torch.Tensor:
     """Forward and backward of ``batch`` in micro-batches of at most ``micro_batch_items`` items, each
     weighted by its share of rows; returns the mean loss (a 0-d tensor, not synced)."""
     B = batch.rows
@@ -67,12 +76,14 @@ def accumulate_gradients(adapter, task, batch: Batch, *, precision: str = "auto"
     device = batch.inputs.device
     total = torch.zeros((), device=device)
     ctx = autocast(device, precision)
+    sync = dist.no_sync if dist is not None else (lambda last: contextlib.nullcontext())
     for i in range(0, B, rows):
         part = batch.slice(i, i + rows)
-        with ctx:
-            loss = task.loss(adapter, part)
-        loss = loss * (part.rows / B)
-        loss.backward()
+        with sync(i + rows >= B):  # DDP: gradients are all-reduced in the last micro-batch's backward
+            with ctx:
+                loss = task.loss(adapter, part)
+            loss = loss * (part.rows / B)
+            loss.backward()
         total += loss.detach()
     return total
 

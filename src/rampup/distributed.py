@@ -1,0 +1,277 @@
+"""Scale-out through PyTorch's own distributed engine: torchrun launches, torch.distributed
+communicates, DistributedDataParallel holds the model.
+
+How a run splits over ranks (``train.strategy: ddp``, on as soon as torchrun starts more than one
+process):
+
+- **The same run at any world size.** Every rank draws the same global batch from its own copy of the
+  sampler (the same bucket, so the same shape, on every rank each step) and trains on its own
+  contiguous rows of it: the ranks' sequences are disjoint and their union is what one process reads.
+  The global tokens per step, the schedule, the sampler state and so the checkpoint do not depend on
+  the world size; per-rank micro-batches (``train.micro_batch_tokens``) come from the rank's rows.
+- **Gradients** are averaged by DDP's bucketed all-reduce (``no_sync`` on all micro-batches but the
+  last). Parameters outside the model that train with it (distillation projections) are averaged
+  after backward. DDP registers only trainable parameters when it wraps, so the wrapper is rebuilt
+  whenever the trainable set or the architecture changes (unfreezing, growth).
+- **One voice.** The loss is averaged over ranks before it is logged or judged (the gradient norm is
+  already the same everywhere), so every rank skips or applies a step together; a stop signal on any
+  rank stops all at the same step. Only rank 0 writes metrics, reports and checkpoints (the
+  single-process format, with its manifest and atomic rename: world-size independent); the others
+  wait for each write and read checkpoints after rank 0 has checked them.
+
+FSDP2 (``fully_shard``) and torch.distributed.checkpoint are the next step (``train.strategy: fsdp``
+is refused by name until then).
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from rampup.errors import ConfigError
+
+
+@dataclass
+class Dist:
+    """This process's place in the job (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    backend: str = ""
+    timeout: float = 0.0
+    ddp: Any = None
+    """The DistributedDataParallel wrapper of the model's training forward (None: one process)."""
+    _signature: tuple = field(default=(), repr=False)
+    _plain_hidden: Any = field(default=None, repr=False)
+    _adapter: Any = field(default=None, repr=False)
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    # ----------------------------------------------------------------- collectives
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any rank (every rank gets the same answer)."""
+        if not self.enabled:
+            return flag
+        t = torch.tensor([int(flag)], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean of a 0-d tensor over ranks."""
+        if not self.enabled:
+            return value
+        value = value.detach().clone()
+        dist.all_reduce(value)
+        return value / self.world
+
+    # ----------------------------------------------------------------- the batch
+    def shard_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous rows of a global batch (checked divisible at start)."""
+        if not self.enabled:
+            return x
+        b = x.shape[0] // self.world
+        return x[self.rank * b:(self.rank + 1) * b]
+
+    def check_rows(self, shapes: list[tuple[int, int]], batch_tokens_hint: str = "") -> None:
+        """A step whose global rows do not split evenly over the ranks is an error before compute."""
+        if not self.enabled:
+            return
+        bad = sorted({(r, t) for r, t in shapes if r % self.world})
+        if bad:
+            r, t = bad[0]
+            raise ConfigError(f"world size {self.world} does not divide the global batch: steps of {r} rows x {t} "
+                              f"tokens cannot be split evenly over the ranks{batch_tokens_hint}; choose a world "
+                              f"size dividing every step's rows, or a batch_tokens giving a multiple of {self.world} "
+                              "rows at every length")
+
+    # ----------------------------------------------------------------- the model
+    def wrap(self, adapter: Any, extra_params: Callable[[], list[torch.nn.Parameter]] = list) -> None:
+        """(Re)build the DDP wrapper of the adapter's training forward when the trainable parameters or
+        their shapes changed since the last call (cheap otherwise)."""
+        if not self.enabled:
+            return
+        module = adapter.module
+        signature = tuple((id(p), tuple(p.shape)) for p in module.parameters() if p.requires_grad)
+        if signature == self._signature:
+            return
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        if self._plain_hidden is None:
+            self._plain_hidden = adapter._hidden
+        device_ids = [self.local_rank] if next(module.parameters()).device.type == "cuda" else None
+        # no buffer sync in forward: the only buffers are RoPE tables every rank computes itself
+        import inspect
+
+        buffers = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                   else {"broadcast_buffers": False})
+        self.ddp = DDP(_Forward(module, self._plain_hidden), device_ids=device_ids,
+                       init_sync=self._signature == (), **buffers)
+        adapter._hidden = self.ddp
+        self._adapter, self._signature = adapter, signature
+
+    @contextlib.contextmanager
+    def no_sync(self, last: bool) -> Iterator[None]:
+        """Inside a micro-batch that is not the step's last: no gradient all-reduce yet."""
+        if self.ddp is None or last:
+            yield
+            return
+        with self.ddp.no_sync():
+            yield
+
+    def sync_outside(self, params: list[torch.nn.Parameter], module: torch.nn.Module) -> None:
+        """Average the gradients of trained parameters DDP does not hold (distillation projections)."""
+        if not self.enabled:
+            return
+        inside = {id(p) for p in module.parameters()}
+        for p in params:
+            if id(p) not in inside and p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= self.world
+
+    @contextlib.contextmanager
+    def named_failures(self) -> Iterator[None]:
+        """A collective that fails or times out (another rank hung or died) becomes an error naming this
+        rank and the timeout, instead of a backend traceback."""
+        if not self.enabled:
+            yield
+            return
+        try:
+            yield
+        except (RuntimeError, dist.DistError) as e:
+            from rampup.errors import DistributedError, RampupError
+
+            if isinstance(e, RampupError):
+                raise
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise DistributedError(
+                f"rank {self.rank} of {self.world}: a collective with the other ranks failed ({first}); "
+                f"{self._behind()} (longer than train.collective_timeout, {self.timeout:g} s) or died. "
+                "torchrun's --max-restarts restarts the job from the latest checkpoint") from e
+
+    def heartbeat(self, step: int) -> None:
+        """Note in the job's store the step this rank is starting (read when a collective fails)."""
+        if self.enabled:
+            with contextlib.suppress(Exception):
+                dist.distributed_c10d._get_default_store().set(f"rampup/step/{self.rank}", str(step))
+
+    def _behind(self) -> str:
+        """Which ranks are behind the others (the hung ones), from the heartbeats."""
+        try:
+            store = dist.distributed_c10d._get_default_store()
+            keys = [f"rampup/step/{r}" for r in range(self.world)]
+            steps = {r: int(store.get(k)) for r, k in enumerate(keys) if store.check([k])}
+        except Exception:  # the store went with the failing rank
+            return "another rank hung"
+        if not steps or len(set(steps.values())) == 1:
+            return "another rank hung"
+        top = max(steps.values())
+        late = sorted(r for r, s in steps.items() if s < top)
+        return (f"rank {', '.join(map(str, late))} hung in step {min(steps[r] for r in late)} while rank "
+                f"{self.rank} reached step {steps.get(self.rank, top)}")
+
+    def close(self) -> None:
+        """Leave the job: every rank together, after the DDP wrapper (and its reducer threads) is gone."""
+        if self._adapter is not None:
+            self._adapter._hidden = self._plain_hidden
+        self.ddp = self._adapter = None
+        if self.enabled and dist.is_initialized():
+            import gc
+
+            gc.collect()
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+class _Forward(torch.nn.Module):
+    """The model's training forward (hidden states) as a module DDP can wrap; its parameters are the
+    model's own."""
+
+    def __init__(self, module: torch.nn.Module, fn: Callable[..., Any]) -> None:
+        super().__init__()
+        self.inner = module
+        self._fn = fn
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._fn(*args, **kwargs)
+
+
+def from_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) as torchrun sets them; (0, 1, 0) without it."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def setup(cfg: Any) -> Dist:
+    """Join the job torchrun started (a no-op for one process): the backend, the device, the timeout."""
+    rank, world, local = from_env()
+    strategy, backend = cfg.train.strategy, cfg.train.backend
+    if world == 1:
+        return Dist()
+    if strategy == "fsdp":
+        raise ConfigError("train.strategy fsdp (FSDP2, fully_shard) is not built yet; use train.strategy: ddp")
+    if cfg.train.compile:
+        raise ConfigError("train.compile with more than one process is not built yet; set train.compile: false")
+    cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    if backend == "auto":
+        backend = "nccl" if cuda else "gloo"
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ConfigError("train.backend nccl needs CUDA GPUs, and this machine has none; use train.backend: gloo "
+                          "(or auto) for CPU processes")
+    if cuda:
+        if local >= torch.cuda.device_count():
+            raise ConfigError(f"LOCAL_RANK {local} but this machine has {torch.cuda.device_count()} GPUs; start at "
+                              "most one process per GPU (torchrun --nproc_per_node)")
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=cfg.train.collective_timeout)
+        store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+        # torchrun's agent keeps one store across restarts: without a prefix per attempt, a restarted
+        # rank can read the address a dead rank of the previous attempt published, and fail to connect
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend, store=dist.PrefixStore(f"rampup/attempt_{attempt}", store), rank=rank,
+                                world_size=world, timeout=timeout)
+    return Dist(rank, world, local, backend, cfg.train.collective_timeout)
+
+
+def device_for(d: Dist, device: torch.device) -> torch.device:
+    """On CUDA each process takes the GPU of its LOCAL_RANK."""
+    if d.enabled and device.type == "cuda":
+        return torch.device("cuda", d.local_rank)
+    return device
+
+
+def launch(argv: list[str], nproc: int, max_restarts: int) -> int:
+    """``rampup train CONFIG --nproc N``: become torchrun on this machine (standalone rendezvous), which
+    starts N processes of ``python -m rampup`` with the same arguments."""
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           f"--max-restarts={max_restarts}", "-m", "rampup", *argv]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, cmd)  # the launcher is torchrun itself: a SIGTERM to it reaches the workers
+    return 0  # not reached

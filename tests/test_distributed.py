@@ -1,0 +1,230 @@
+"""Scale-out with real processes: torchrun, gloo, 2 ranks on this machine (rampup.distributed)."""
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import rampup_cmd, run_rampup, tiny_tree, wait_for, weights, write_config
+from rampup.engine.metrics import read_metrics
+
+pytestmark = pytest.mark.slow
+
+TOL = dict(rel=2e-4, abs=1e-5)
+"""Two ranks average two half-batch means where one process takes one mean: fp32 rounding differs, and
+AdamW carries it forward. Measured on this machine: losses within 2e-6 relative, gradient norms 1e-5."""
+
+
+def staged(data_cache, out, **train):
+    """The tiny staged run (64 then 256 tokens) in fp32, frozen bottom block in stage 0, unfrozen in 1."""
+    t = tiny_tree(data_cache, out, train={"precision": "fp32", "checkpoint_every": "10 steps", **train})
+    t["schedule"]["stages"][0]["freeze"] = "bottom:1"
+    t["schedule"]["stages"][1]["freeze"] = "none"
+    return t
+
+
+def records(out: Path) -> dict[int, tuple[float, float]]:
+    return {r["step"]: (r["loss"], r["grad_norm"]) for r in read_metrics(out / "metrics.jsonl") if r["event"] == "step"}
+
+
+def assert_match(a: dict, b: dict, steps) -> None:
+    for s in steps:
+        assert a[s][0] == pytest.approx(b[s][0], **TOL), f"loss at step {s}"
+        assert a[s][1] == pytest.approx(b[s][1], **TOL), f"grad norm at step {s}"
+
+
+def train(cfg: Path, *args: str, nproc: int = 1, env: dict | None = None, timeout: float = 300):
+    extra = ("--nproc", str(nproc)) if nproc > 1 else ()
+    res = run_rampup("train", str(cfg), *extra, *args, timeout=timeout, env_extra=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+@pytest.fixture(scope="module")
+def one_rank(data_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one")
+    train(write_config(out / "run.yaml", staged(data_cache, out / "run")))
+    return out / "run"
+
+
+@pytest.fixture(scope="module")
+def two_ranks(data_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("two")
+    res = train(write_config(out / "run.yaml", staged(data_cache, out / "run")), nproc=2)
+    return out / "run", res
+
+
+def test_two_ranks_match_one_rank_step_by_step_through_a_stage_change_and_an_unfreeze(one_rank, two_ranks):
+    two, res = two_ranks
+    a, b = records(two), records(one_rank)
+    assert sorted(a) == sorted(b) == list(range(1, 41))
+    assert_match(a, b, a)  # losses and gradient norms: DDP averages, it does not sum over the ranks
+    steps = [r for r in read_metrics(two / "metrics.jsonl") if r["event"] == "step"]
+    assert steps[0]["batch_size"] == 32 and steps[-1]["batch_size"] == 8  # the global batch, not a rank's
+    assert steps[-1]["tokens"] == 40 * 2048
+    run = next(r for r in read_metrics(two / "metrics.jsonl") if r["event"] == "run")
+    assert run["world_size"] == 2
+    # one voice: one metrics file, one summary, rank 0's progress lines only
+    assert res.stdout.count("done: 40 steps") == 1
+    assert not any(p.name.startswith("metrics") and p.name != "metrics.jsonl" for p in two.iterdir())
+
+
+def test_a_bucket_curriculum_draws_the_same_shapes_and_matches_one_rank(data_cache, tmp_path):
+    from test_curricula import bucket_tree
+
+    outs = {}
+    for n in (1, 2):
+        out = tmp_path / f"r{n}"
+        t = bucket_tree(data_cache, out, train={"precision": "fp32", "checkpoint_every": None, "duration": "24 steps"})
+        train(write_config(tmp_path / f"r{n}.yaml", t), nproc=n)
+        outs[n] = out
+    shapes = [[(r["seq_len"], r["batch_size"]) for r in read_metrics(o / "metrics.jsonl") if r["event"] == "step"]
+              for o in outs.values()]
+    assert shapes[0] == shapes[1] and len({s for s, _ in shapes[0]}) > 2
+    assert_match(records(outs[2]), records(outs[1]), range(1, 25))
+
+
+def test_every_kind_of_knob_and_transition_behaves_the_same_on_two_ranks(data_cache, tmp_path):
+    """RoPE change (YaRN), a window, freezing then unfreezing with a moment reset, ramping lr groups and
+    layer decay, a previous-stage teacher, the memory techniques and EMA: 2 ranks match 1 step by step."""
+    outs = {}
+    for n in (1, 2):
+        t = staged(data_cache, tmp_path / f"r{n}", duration="24 steps", checkpoint_every=None,
+                   ema={"half_life": "8K tok", "evaluate": True})
+        t["schedule"]["stages"][0] |= {"lr_groups": {"layers.1.*": {"from": 0.3, "to": 1.0}}, "loss_shards": 2,
+                                       "attention": {"kind": "window"}, "window": 32}
+        t["schedule"]["stages"][1] |= {"optimizer_state": "reset_new", "lr_layer_decay": 2.0,
+                                       "teacher": "previous_stage", "distill_weight": {"from": 0.0, "to": 0.4},
+                                       "rope": {"method": "yarn", "factor": 4, "original_max_len": 64},
+                                       "activation_checkpoint": "selective", "mlp_shards": 2}
+        train(write_config(tmp_path / f"r{n}.yaml", t), nproc=n)
+        outs[n] = tmp_path / f"r{n}"
+    assert_match(records(outs[2]), records(outs[1]), range(1, 25))
+    ev = [[r["loss"] for r in read_metrics(o / "metrics.jsonl") if r["event"] == "eval"] for o in outs.values()]
+    assert ev[0] == pytest.approx(ev[1], **TOL)
+
+
+def test_sampler_rows_split_disjointly_and_cover_a_bucket_epoch(data_cache, tmp_path):
+    """Over a whole bucket epoch, the ranks' rows of every step are disjoint and their union is exactly
+    what one process trains on (the real bucket sampler, sharded as the trainer shards it)."""
+    from test_curricula import bucket_tree
+
+    from rampup.config import RunConfig
+    from rampup.distributed import Dist
+    from rampup.engine.rundata import prepare_run
+
+    tree = bucket_tree(data_cache, tmp_path / "run", train={"duration": "400 steps"})
+    tree["data"]["buckets"]["repeat"] = True  # a second epoch starts once the first is served
+    cfg = RunConfig.model_validate(tree)
+    data = prepare_run(cfg)
+    ranks = [Dist(rank=r, world=2) for r in range(2)]
+    single, union = [], []
+    steps = iter(data.schedule.steps())
+    while data.sampler.epoch == 0:
+        x, _ = data.sampler.take(next(steps))
+        rows = [tuple(map(tuple, d.shard_rows(x).tolist())) for d in ranks]
+        assert not set(rows[0]) & set(rows[1]) or len(set(map(tuple, x.tolist()))) < x.shape[0]
+        single += [tuple(r) for r in x.tolist()]
+        union += [r for part in rows for r in part]
+    assert sorted(union) == sorted(single) and len(single) > 100
+
+
+def test_save_at_two_ranks_resume_at_one_and_the_reverse(data_cache, tmp_path, one_rank, two_ranks):
+    """Checkpoints are world-size independent: a 2-rank checkpoint continues in one process and a
+    1-rank one in two, and the continued losses match the uninterrupted run."""
+    import shutil
+
+    ref = records(one_rank)
+    for name, src, nproc in (("2to1", two_ranks[0], 1), ("1to2", one_rank, 2)):
+        out = tmp_path / name
+        (out / "checkpoints").mkdir(parents=True)
+        shutil.copytree(src / "checkpoints" / "step_0000020", out / "checkpoints" / "step_0000020")
+        shutil.copy(src / "metrics.jsonl", out / "metrics.jsonl")  # the resume keeps the records up to step 20
+        cfg = write_config(tmp_path / f"{name}.yaml", staged(data_cache, out))
+        train(cfg, "--resume", nproc=nproc)
+        assert_match(records(out), ref, range(21, 41))
+
+
+def _children(pid: int) -> list[int]:
+    """Live processes whose parent is ``pid`` (from /proc)."""
+    kids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                kids.append(int(d.name))
+    return kids
+
+
+def _rank(pid: int) -> int:
+    env = dict(kv.split("=", 1) for kv in (Path("/proc") / str(pid) / "environ").read_text().split("\0") if "=" in kv)
+    return int(env["RANK"])
+
+
+def test_a_rank_killed_mid_run_restarts_and_finishes_with_the_uninterrupted_weights(data_cache, tmp_path, two_ranks):
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "run.yaml", staged(data_cache, out))
+    env = {**os.environ, "PYTHONHASHSEED": "0", "RAMPUP_FAULT_STALL_STEPS": "25:8"}
+    proc = subprocess.Popen(rampup_cmd("train", str(cfg), "--nproc", "2", "--max-restarts", "1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    wait_for(lambda: (out / "checkpoints" / "step_0000020").is_dir(), proc)
+    time.sleep(1.0)
+    workers = {_rank(w): w for w in _children(proc.pid)}
+    assert sorted(workers) == [0, 1], workers
+    os.kill(workers[0], signal.SIGKILL)  # rank 0 (the one that writes) dies in step 25's stall
+    stdout, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert weights(out) == weights(two_ranks[0])  # bitwise: resumed from step 20 by torchrun's restart
+    assert records(out) == records(two_ranks[0])
+
+
+def test_sigterm_to_the_launcher_checkpoints_once_and_exits_cleanly(data_cache, tmp_path, two_ranks):
+    from rampup.engine.checkpoint import latest_checkpoint
+
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "run.yaml", staged(data_cache, out, checkpoint_every=None))
+    env = {**os.environ, "PYTHONHASHSEED": "0", "RAMPUP_FAULT_STALL_STEPS": "12:5"}
+    proc = subprocess.Popen(rampup_cmd("train", str(cfg), "--nproc", "2"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    wait_for(lambda: len(records(out)) >= 11 if (out / "metrics.jsonl").exists() else False, proc)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    stopped = max(records(out))
+    assert latest_checkpoint(out / "checkpoints").name == f"step_{stopped:07d}"
+    assert stderr.count("stopped by signal") == 1 and "--resume" in stderr, stderr[-3000:]
+    train(cfg, "--resume", nproc=2)
+    assert weights(out) == weights(two_ranks[0])
+
+
+def test_a_rank_that_hangs_in_a_collective_is_timed_out_and_named(data_cache, tmp_path):
+    """Rank 1 stalls 12 s in step 5; rank 0 gives up after train.collective_timeout (3 s) and names it."""
+    cfg = write_config(tmp_path / "run.yaml", staged(data_cache, tmp_path / "run", collective_timeout=3))
+    res = run_rampup("train", str(cfg), "--nproc", "2", timeout=120,
+                     env_extra={"RAMPUP_FAULT_STALL_STEPS": "5:12", "RAMPUP_FAULT_STALL_RANK": "1"})
+    assert res.returncode != 0
+    assert "rank 0 of 2: a collective with the other ranks failed" in res.stderr, res.stderr[-3000:]
+    assert "rank 1 hung in step 4 while rank 0 reached step 5" in res.stderr
+    assert "train.collective_timeout, 3 s" in res.stderr
+
+
+@pytest.mark.parametrize("tree, words", [
+    ({"train": {"strategy": "fsdp"}}, "fsdp"),
+    ({"train": {"backend": "nccl"}}, "nccl needs CUDA"),
+    ({"schedule": {"knobs": {"batch_tokens": 3072}, "stages": [{"name": "s", "seq_len": 1024}]}},
+     "does not divide the global batch"),
+])
+def test_bad_distributed_settings_are_named_before_compute(data_cache, tmp_path, tree, words):
+    t = tiny_tree(data_cache, tmp_path / "run")
+    for k, v in tree.items():
+        t[k] = {**t[k], **v} if k == "train" else v
+    t["model"]["max_seq_len"] = 1024
+    res = run_rampup("train", str(write_config(tmp_path / "bad.yaml", t)), "--nproc", "2", timeout=120)
+    assert res.returncode != 0 and words in res.stderr, res.stderr[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert torch.distributed.is_available()
