@@ -72,6 +72,72 @@ def test_two_ranks_match_one_rank_step_by_step_through_a_stage_change_and_an_unf
     assert not any(p.name.startswith("metrics") and p.name != "metrics.jsonl" for p in two.iterdir())
 
 
+def test_fsdp2_matches_one_rank_through_an_unfreeze_and_its_checkpoints_resume_at_any_world_size(
+        data_cache, tmp_path, one_rank):
+    """FSDP2 (fully_shard per block): losses and gradient norms match one process step by step (gloo's
+    reduce-scatter averages); its checkpoint (gathered to the single-process format) resumes in one
+    process, and a one-process checkpoint resumes sharded over two."""
+    import shutil
+
+    from safetensors import safe_open
+
+    out = tmp_path / "fsdp"
+    train(write_config(tmp_path / "fsdp.yaml", staged(data_cache, out, strategy="fsdp")), nproc=2)
+    ref = records(one_rank)
+    assert_match(records(out), ref, range(1, 41))
+    run = next(r for r in read_metrics(out / "metrics.jsonl") if r["event"] == "run")
+    assert run["strategy"] == "fsdp" and run["world_size"] == 2
+    with safe_open(str(out / "checkpoints" / "step_0000020" / "model.safetensors"), "pt") as f:
+        assert f.get_slice("layers.0.mlp.w1.weight").get_shape() == [192, 64]  # whole, not a shard
+    for name, src, nproc, strategy in (("2to1", out, 1, "ddp"), ("1to2", one_rank, 2, "fsdp")):
+        dst = tmp_path / name
+        (dst / "checkpoints").mkdir(parents=True)
+        shutil.copytree(src / "checkpoints" / "step_0000020", dst / "checkpoints" / "step_0000020")
+        shutil.copy(src / "metrics.jsonl", dst / "metrics.jsonl")
+        train(write_config(tmp_path / f"{name}.yaml", staged(data_cache, dst, strategy=strategy)), "--resume",
+              nproc=nproc)
+        assert_match(records(dst), ref, range(21, 41))
+
+
+def test_the_gathered_optimizer_state_keeps_the_moments_of_parameters_frozen_after_training(tmp_path):
+    """pytorch #192202: the state-dict helpers drop the optimizer state of parameters that do not require
+    grad. A parameter trained, then frozen, keeps its moments through rampup's gather and its load."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from rampup.distributed import full_state, set_full_state
+    from rampup.models.adapter import DecoderLMAdapter
+    from rampup.models.llm import ModelConfig
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, max_seq_len=32)
+        torch.manual_seed(0)
+        a = DecoderLMAdapter.build(cfg)
+        mesh = init_device_mesh("cpu", (1,))
+        for _, block in a.blocks():
+            fully_shard(block, mesh=mesh)
+        fully_shard(a.module, mesh=mesh)
+        opt = torch.optim.AdamW(a.module.parameters(), lr=1e-2)
+        a.module(torch.randint(0, 64, (2, 16))).sum().backward()
+        opt.step()
+        for p in a.module.layers[0].parameters():
+            p.requires_grad_(False)  # frozen after a step: its moments exist
+        model_sd, optim_sd = full_state(a, opt)
+        assert "layers.0.mlp.w1.weight" in optim_sd["state"]
+        b = DecoderLMAdapter.build(cfg)
+        opt_b = torch.optim.AdamW(b.module.parameters(), lr=1e-2)
+        set_full_state(b, opt_b, model_sd, optim_sd)
+        w1 = b.module.layers[0].mlp.w1.weight
+        assert torch.equal(opt_b.state[w1]["exp_avg"], optim_sd["state"]["layers.0.mlp.w1.weight"]["exp_avg"])
+        assert all(p.requires_grad for p in b.module.parameters())  # the target's flags are left as they were
+        assert not any(p.requires_grad for p in a.module.layers[0].parameters())
+    finally:
+        dist.destroy_process_group()
+
+
 def test_a_bucket_curriculum_draws_the_same_shapes_and_matches_one_rank(data_cache, tmp_path):
     from test_curricula import bucket_tree
 
@@ -87,19 +153,23 @@ def test_a_bucket_curriculum_draws_the_same_shapes_and_matches_one_rank(data_cac
     assert_match(records(outs[2]), records(outs[1]), range(1, 25))
 
 
-def test_every_kind_of_knob_and_transition_behaves_the_same_on_two_ranks(data_cache, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_every_kind_of_knob_and_transition_behaves_the_same_on_two_ranks(data_cache, tmp_path, strategy):
     """RoPE change (YaRN), a window, freezing then unfreezing with a moment reset, ramping lr groups and
-    layer decay, a previous-stage teacher, the memory techniques and EMA: 2 ranks match 1 step by step."""
+    layer decay, the memory techniques, and (DDP) a previous-stage teacher and EMA: 2 ranks match 1 step
+    by step."""
     outs = {}
+    ddp = strategy == "ddp"
     for n in (1, 2):
-        t = staged(data_cache, tmp_path / f"r{n}", duration="24 steps", checkpoint_every=None,
-                   ema={"half_life": "8K tok", "evaluate": True})
+        t = staged(data_cache, tmp_path / f"r{n}", duration="24 steps", checkpoint_every=None, strategy=strategy,
+                   **({"ema": {"half_life": "8K tok", "evaluate": True}} if ddp else {}))
         t["schedule"]["stages"][0] |= {"lr_groups": {"layers.1.*": {"from": 0.3, "to": 1.0}}, "loss_shards": 2,
                                        "attention": {"kind": "window"}, "window": 32}
         t["schedule"]["stages"][1] |= {"optimizer_state": "reset_new", "lr_layer_decay": 2.0,
-                                       "teacher": "previous_stage", "distill_weight": {"from": 0.0, "to": 0.4},
                                        "rope": {"method": "yarn", "factor": 4, "original_max_len": 64},
                                        "activation_checkpoint": "selective", "mlp_shards": 2}
+        if ddp:
+            t["schedule"]["stages"][1] |= {"teacher": "previous_stage", "distill_weight": {"from": 0.0, "to": 0.4}}
         train(write_config(tmp_path / f"r{n}.yaml", t), nproc=n)
         outs[n] = tmp_path / f"r{n}"
     assert_match(records(outs[2]), records(outs[1]), range(1, 25))
@@ -214,7 +284,7 @@ def test_a_rank_that_hangs_in_a_collective_is_timed_out_and_named(data_cache, tm
 
 
 @pytest.mark.parametrize("tree, words", [
-    ({"train": {"strategy": "fsdp"}}, "fsdp"),
+    ({"train": {"strategy": "fsdp", "ema": {"half_life": "1K tok"}}}, "train.ema with train.strategy fsdp"),
     ({"train": {"backend": "nccl"}}, "nccl needs CUDA"),
     ({"schedule": {"knobs": {"batch_tokens": 3072}, "stages": [{"name": "s", "seq_len": 1024}]}},
      "does not divide the global batch"),

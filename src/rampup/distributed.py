@@ -19,8 +19,15 @@ process):
   single-process format, with its manifest and atomic rename: world-size independent); the others
   wait for each write and read checkpoints after rank 0 has checked them.
 
-FSDP2 (``fully_shard``) and torch.distributed.checkpoint are the next step (``train.strategy: fsdp``
-is refused by name until then).
+``train.strategy: fsdp`` shards the reference model with FSDP2 (``fully_shard`` on a 1-D DeviceMesh):
+each block is one unit, the embedding, final norm and (tied) head are the root's. Parameters,
+gradients and AdamW state are 1/W per rank; gradients are reduce-scattered (averaged). Checkpoints
+stay world-size independent: the full state is gathered (``get_model_state_dict`` /
+``get_optimizer_state_dict`` with ``full_state_dict``) into an unsharded replica that rank 0 writes in
+the single-process format, and every rank reads a checkpoint into a replica and shards it
+(``set_model_state_dict``). Not yet with FSDP2 (refused by name): Hugging Face models, growth,
+sub-networks, teachers, train.ema; and torch.distributed.checkpoint's sharded format (each rank
+writing its own shards), which a model too large for one host's memory will need.
 """
 from __future__ import annotations
 
@@ -46,6 +53,7 @@ class Dist:
     local_rank: int = 0
     backend: str = ""
     timeout: float = 0.0
+    strategy: str = "ddp"
     ddp: Any = None
     """The DistributedDataParallel wrapper of the model's training forward (None: one process)."""
     _signature: tuple = field(default=(), repr=False)
@@ -59,6 +67,10 @@ class Dist:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def fsdp(self) -> bool:
+        return self.enabled and self.strategy == "fsdp"
 
     # ----------------------------------------------------------------- collectives
     def barrier(self) -> None:
@@ -113,7 +125,7 @@ class Dist:
     def wrap(self, adapter: Any, extra_params: Callable[[], list[torch.nn.Parameter]] = list) -> None:
         """(Re)build the DDP wrapper of the adapter's training forward when the trainable parameters or
         their shapes changed since the last call (cheap otherwise)."""
-        if not self.enabled:
+        if not self.enabled or self.fsdp:  # FSDP2's hooks reduce-scatter the gradients themselves
             return
         module = adapter.module
         signature = tuple((id(p), tuple(p.shape)) for p in module.parameters() if p.requires_grad)
@@ -143,6 +155,21 @@ class Dist:
         with self.ddp.no_sync():
             yield
 
+    def shard(self, adapter: Any, device: torch.device) -> None:
+        """FSDP2: every block one unit, the rest the root's; the training forward goes through the
+        root's hooks (``forward_hidden`` registered as an FSDP forward method)."""
+        if not self.fsdp:
+            return
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+        mesh = init_device_mesh(device.type, (self.world,))
+        for _, block in adapter.blocks():
+            fully_shard(block, mesh=mesh)
+        fully_shard(adapter.module, mesh=mesh)
+        register_fsdp_forward_method(adapter.module, "forward_hidden")
+        adapter._hidden = adapter.module.forward_hidden
+
     def sync_outside(self, params: list[torch.nn.Parameter], module: torch.nn.Module) -> None:
         """Average the gradients of trained parameters DDP does not hold (distillation projections)."""
         if not self.enabled:
@@ -165,7 +192,9 @@ class Dist:
         except (RuntimeError, dist.DistError) as e:
             from rampup.errors import DistributedError, RampupError
 
-            if isinstance(e, RampupError):
+            words = ("gloo", "nccl", "timed out", "timeout", "connection", "collective", "peer")
+            if isinstance(e, RampupError) or not (isinstance(e, dist.DistError) or
+                                                  any(w in str(e).lower() for w in words)):
                 raise
             first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
             raise DistributedError(
@@ -220,6 +249,123 @@ class _Forward(torch.nn.Module):
         return self._fn(*args, **kwargs)
 
 
+_FSDP_NOT_YET = {"depth": 0, "width": 0, "mlp_width": 0, "subnet": "none", "teacher": "none"}
+
+
+def check_fsdp(cfg: Any) -> None:
+    """What FSDP2 does not run yet, refused by name before compute."""
+    from rampup.knobs import knob_keys_set
+
+    if cfg.model.source != "reference":
+        raise ConfigError("train.strategy fsdp shards rampup's reference model only so far; use train.strategy: ddp "
+                          "for Hugging Face models")
+    if cfg.train.ema is not None:
+        raise ConfigError("train.ema with train.strategy fsdp is not built yet (the average would be sharded too); "
+                          "use train.strategy: ddp")
+    sched = cfg.schedule
+    for name in sorted(knob_keys_set(sched) & set(_FSDP_NOT_YET)):
+        values = [sched.knobs.get(name)] + [st.knobs.get(name) for st in sched.stages]
+        if any(v not in (None, _FSDP_NOT_YET[name]) for v in values):
+            raise ConfigError(f"knob '{name}' with train.strategy fsdp is not built yet (growth, sub-networks and "
+                              "teachers change or copy the sharded model); use train.strategy: ddp")
+
+
+@contextlib.contextmanager
+def _all_trainable(module: torch.nn.Module) -> Iterator[None]:
+    """The state-dict helpers skip the optimizer state of parameters that do not require grad; a frozen
+    parameter's moments (trained in an earlier stage) must survive a checkpoint (pytorch #192202)."""
+    frozen = [p for p in module.parameters() if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+
+
+def full_state(adapter: Any, optimizer: torch.optim.Optimizer, *, to_rank0: bool = True) -> tuple[dict, dict]:
+    """(model, optimizer) state dicts with full, unsharded tensors, frozen parameters' optimizer state
+    included. ``to_rank0``: gathered to rank 0's CPU (a collective under FSDP2; the other ranks get
+    empty dicts); otherwise every rank its own (for a plain, unsharded module)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=to_rank0)
+    with _all_trainable(adapter.module):
+        return (get_model_state_dict(adapter.module, options=opts),
+                get_optimizer_state_dict(adapter.module, optimizer, options=opts))
+
+
+def set_full_state(adapter: Any, optimizer: torch.optim.Optimizer | None, model_sd: dict, optim_sd: dict | None) -> None:
+    """Load full state dicts into a (sharded or plain) model and its optimizer; every rank shards its part."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    set_model_state_dict(adapter.module, model_sd, options=StateDictOptions(full_state_dict=True))
+    if optimizer is not None and optim_sd is not None:
+        # not strict: a parameter never stepped yet (frozen since the start) has no state to load
+        with _all_trainable(adapter.module):
+            set_optimizer_state_dict(adapter.module, optimizer, optim_sd,
+                                     options=StateDictOptions(full_state_dict=True, strict=False))
+        # the helper first gives every parameter a zero state (a step at lr 0); one that had none (never
+        # stepped) must have none again, or its first real step's bias correction would be off
+        saved = set(optim_sd.get("state", {}))
+        for name, p in adapter.module.named_parameters():
+            if name not in saved:
+                optimizer.state.pop(p, None)
+
+
+class ReplicaCheckpointer:
+    """Checkpoints of a sharded (FSDP2) model in the single-process format: saved from, and loaded
+    through, an unsharded CPU replica, so they are world-size independent (save with N, resume with M)."""
+
+    collective = True
+    """``save`` gathers from every rank: every rank calls it (rank 0 alone writes)."""
+
+    def __init__(self, local: Any, dist_: Dist, make_replica: Callable[[], tuple[Any, torch.optim.Optimizer]]) -> None:
+        self.local, self.dist, self.make_replica = local, dist_, make_replica
+        self.folder = local.folder
+        self._loaded: tuple[Any, torch.optim.Optimizer] | None = None
+
+    def _replica_state(self, state: Any, adapter: Any, optimizer: torch.optim.Optimizer) -> Any:
+        import copy
+
+        shadow = copy.copy(state)
+        shadow.model, shadow.optimizer = adapter, optimizer
+        return shadow
+
+    def save(self, state: Any, extra: dict[str, Any]):
+        model_sd, optim_sd = full_state(state.model, state.optimizer)
+        if not self.dist.main:
+            return None
+        adapter, optimizer = self.make_replica()
+        set_full_state(adapter, optimizer, model_sd, optim_sd)
+        return self.local.save(self._replica_state(state, adapter, optimizer), extra)
+
+    def load_latest(self, state: Any, *, report, check=None):
+        """Read (and verify) the newest checkpoint into a replica; :meth:`install` then shards it."""
+        adapter, optimizer = self.make_replica()
+        ck = self.local.load_latest(self._replica_state(state, adapter, optimizer), report=report, check=check)
+        self._loaded = (adapter, optimizer) if ck is not None else None
+        return ck  # the trainer restores its JSON-able state and parts, as after a plain load
+
+    def install(self, state: Any) -> None:
+        """Every rank together: shard the replica read by :meth:`load_latest` into the live model."""
+        if self._loaded is None:
+            return
+        adapter, optimizer = self._loaded
+        model_sd, optim_sd = full_state(adapter, optimizer, to_rank0=False)
+        set_full_state(state.model, state.optimizer, model_sd, optim_sd)
+        self._loaded = None
+
+    def latest(self):
+        return self.local.latest()
+
+    def clean_partial(self) -> list[str]:
+        return self.local.clean_partial()
+
+
 def from_env() -> tuple[int, int, int]:
     """(rank, world size, local rank) as torchrun sets them; (0, 1, 0) without it."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
@@ -232,7 +378,7 @@ def setup(cfg: Any) -> Dist:
     if world == 1:
         return Dist()
     if strategy == "fsdp":
-        raise ConfigError("train.strategy fsdp (FSDP2, fully_shard) is not built yet; use train.strategy: ddp")
+        check_fsdp(cfg)
     if cfg.train.compile:
         raise ConfigError("train.compile with more than one process is not built yet; set train.compile: false")
     cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
@@ -254,7 +400,7 @@ def setup(cfg: Any) -> Dist:
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         dist.init_process_group(backend, store=dist.PrefixStore(f"rampup/attempt_{attempt}", store), rank=rank,
                                 world_size=world, timeout=timeout)
-    return Dist(rank, world, local, backend, cfg.train.collective_timeout)
+    return Dist(rank, world, local, backend, cfg.train.collective_timeout, strategy=strategy)
 
 
 def device_for(d: Dist, device: torch.device) -> torch.device:

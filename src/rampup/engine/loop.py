@@ -133,7 +133,16 @@ class Trainer:
         check_supported(adapter, cfg.schedule)
         from rampup.transitions import uses_parameter_groups
 
+        self.dist.shard(adapter, self.device)  # FSDP2: before the optimizer, which then holds the shards
         optimizer = build_optimizer(adapter.module, cfg.optimizer, uses_parameter_groups(cfg.schedule))
+        if self.dist.fsdp:
+            from rampup.distributed import ReplicaCheckpointer
+
+            def replica():
+                with torch.random.fork_rng(devices=[]):  # building it must not move the run's RNG
+                    a = build_adapter(cfg.model, "cpu")
+                return a, build_optimizer(a.module, cfg.optimizer, uses_parameter_groups(cfg.schedule))
+            self.checkpointer = ReplicaCheckpointer(self.checkpointer, self.dist, replica)
         if cfg.train.compile:
             # One static graph per batch shape and graph-making knob value: they are few (checked in
             # prepare_run), and static graphs are the fastest; dynamo must be allowed to keep all of them.
@@ -429,7 +438,7 @@ class Trainer:
         """A checkpoint of this step (rank 0 writes it, every rank waits); None if the weights were not
         finite and the run rolled back."""
         path, error = None, None
-        if self.dist.main:
+        if self.dist.main or getattr(self.checkpointer, "collective", False):  # FSDP2 gathers on every rank
             try:
                 path = self.checkpoint()
             except NonFiniteError as e:
@@ -448,6 +457,8 @@ class Trainer:
         self.dist.barrier()
         if not self.dist.main:
             ck = self.checkpointer.load_latest(self.state, report=self.warn, check=check)
+        if hasattr(self.checkpointer, "install"):  # FSDP2: every rank shards what it read
+            self.checkpointer.install(self.state)
         return ck
 
     def rollback_or_stop(self, reason: str) -> None:

@@ -59,6 +59,8 @@ def optimizer_step(adapter, task, optimizer: torch.optim.Optimizer, batch: Batch
         dist.sync_outside(params, adapter.module)
         total = dist.mean(total)
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else math.inf)
+    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor over the ranks' shards
+        norm = norm.full_tensor()
     loss_value, norm_value = total.item(), norm.item()  # the one host sync of the step
     if math.isfinite(loss_value) and math.isfinite(norm_value):
         optimizer.step()
