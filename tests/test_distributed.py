@@ -82,7 +82,8 @@ def test_fsdp2_matches_one_rank_through_an_unfreeze_and_its_checkpoints_resume_a
     from safetensors import safe_open
 
     out = tmp_path / "fsdp"
-    train(write_config(tmp_path / "fsdp.yaml", staged(data_cache, out, strategy="fsdp")), nproc=2)
+    res = train(write_config(tmp_path / "fsdp.yaml", staged(data_cache, out, strategy="fsdp")), nproc=2)
+    assert res.stderr.count("warning: train.strategy fsdp shards a model of") == 1  # too small: a warning
     ref = records(one_rank)
     assert_match(records(out), ref, range(1, 41))
     run = next(r for r in read_metrics(out / "metrics.jsonl") if r["event"] == "run")
@@ -156,8 +157,8 @@ def test_a_bucket_curriculum_draws_the_same_shapes_and_matches_one_rank(data_cac
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_every_kind_of_knob_and_transition_behaves_the_same_on_two_ranks(data_cache, tmp_path, strategy):
     """RoPE change (YaRN), a window, freezing then unfreezing with a moment reset, ramping lr groups and
-    layer decay, the memory techniques, and (DDP) a previous-stage teacher and EMA: 2 ranks match 1 step
-    by step."""
+    layer decay, the memory techniques, and (DDP) a previous-stage teacher, EMA and growth in depth and
+    width: 2 ranks match 1 step by step."""
     outs = {}
     ddp = strategy == "ddp"
     for n in (1, 2):
@@ -169,7 +170,8 @@ def test_every_kind_of_knob_and_transition_behaves_the_same_on_two_ranks(data_ca
                                        "rope": {"method": "yarn", "factor": 4, "original_max_len": 64},
                                        "activation_checkpoint": "selective", "mlp_shards": 2}
         if ddp:
-            t["schedule"]["stages"][1] |= {"teacher": "previous_stage", "distill_weight": {"from": 0.0, "to": 0.4}}
+            t["schedule"]["stages"][1] |= {"teacher": "previous_stage", "distill_weight": {"from": 0.0, "to": 0.4},
+                                           "depth": 3, "width": 128}  # DDP re-wraps the grown model
         train(write_config(tmp_path / f"r{n}.yaml", t), nproc=n)
         outs[n] = tmp_path / f"r{n}"
     assert_match(records(outs[2]), records(outs[1]), range(1, 25))

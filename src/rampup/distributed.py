@@ -163,6 +163,14 @@ class Dist:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
+        n = sum(p.numel() for p in adapter.module.parameters())
+        if self.main and 16 * n < SMALL_FOR_FSDP:
+            import sys
+
+            print(f"warning: train.strategy fsdp shards a model of {n:,} parameters ({16 * n / 2**20:.1f} MiB with "
+                  f"gradients and AdamW state) over {self.world} ranks: it saves little memory and adds an "
+                  "all-gather per block; train.strategy: ddp is faster for a model this small", file=sys.stderr,
+                  flush=True)
         mesh = init_device_mesh(device.type, (self.world,))
         for _, block in adapter.blocks():
             fully_shard(block, mesh=mesh)
@@ -248,6 +256,9 @@ class _Forward(torch.nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self._fn(*args, **kwargs)
 
+
+SMALL_FOR_FSDP = 256 * 2**20
+"""Bytes of parameters, gradients and AdamW state below which sharding is not worth it (a warning)."""
 
 _FSDP_NOT_YET = {"depth": 0, "width": 0, "mlp_width": 0, "subnet": "none", "teacher": "none"}
 
