@@ -51,6 +51,12 @@ _UNITS = {"": None, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g
           "gib": 2**30, "ti": 2**40, "tib": 2**40}
 
 
+STEP_HOOKS: list[Callable[..., Any]] = []
+"""hook(cfg, knobs, adapter, task, precision, seq_len) -> None, or (task, tensors held beside the model,
+their bytes) for a step that runs more than the model: rampup.distill adds the stage's teacher. Called
+inside the fake-tensor trace."""
+
+
 def parse_bytes(value: Any, what: str = "a memory size") -> int:
     """'8GiB', '512 MiB', '16GB', '1.5Gi' -> bytes (binary Ki/Mi/Gi, decimal K/M/G); a unit is required."""
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
@@ -449,12 +455,6 @@ def _fake_adapter(model_cfg: Any):
 
         return DecoderLMAdapter(DecoderLM(model_cfg))
     return build_adapter(model_cfg, "cpu")
-
-
-STEP_HOOKS: list[Callable[..., Any]] = []
-"""hook(cfg, knobs, adapter, task, precision, seq_len) -> None, or (task, tensors held beside the model,
-their bytes) for a step that runs more than the model: rampup.distill adds the stage's teacher. Called
-inside the fake-tensor trace."""
 
 
 def estimate_step(cfg: Any, knobs: dict[str, Any], rows: int, seq_len: int, precision: str = "fp32",
