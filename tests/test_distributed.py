@@ -242,7 +242,7 @@ def _rank(pid: int) -> int:
 def test_a_rank_killed_mid_run_restarts_and_finishes_with_the_uninterrupted_weights(data_cache, tmp_path, two_ranks):
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "run.yaml", staged(data_cache, out))
-    env = {**os.environ, "PYTHONHASHSEED": "0", "RAMPUP_FAULT_STALL_STEPS": "25:8"}
+    env = {**os.environ, "PYTHONHASHSEED": "0", "RAMPUP_FAULT_STALL_STEPS": "25:4"}
     proc = subprocess.Popen(rampup_cmd("train", str(cfg), "--nproc", "2", "--max-restarts", "1"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     wait_for(lambda: (out / "checkpoints" / "step_0000020").is_dir(), proc)
@@ -261,7 +261,7 @@ def test_sigterm_to_the_launcher_checkpoints_once_and_exits_cleanly(data_cache, 
 
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "run.yaml", staged(data_cache, out, checkpoint_every=None))
-    env = {**os.environ, "PYTHONHASHSEED": "0", "RAMPUP_FAULT_STALL_STEPS": "12:5"}
+    env = {**os.environ, "PYTHONHASHSEED": "0", "RAMPUP_FAULT_STALL_STEPS": "12:3"}
     proc = subprocess.Popen(rampup_cmd("train", str(cfg), "--nproc", "2"), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
     wait_for(lambda: len(records(out)) >= 11 if (out / "metrics.jsonl").exists() else False, proc)
@@ -275,14 +275,14 @@ def test_sigterm_to_the_launcher_checkpoints_once_and_exits_cleanly(data_cache, 
 
 
 def test_a_rank_that_hangs_in_a_collective_is_timed_out_and_named(data_cache, tmp_path):
-    """Rank 1 stalls 12 s in step 5; rank 0 gives up after train.collective_timeout (3 s) and names it."""
-    cfg = write_config(tmp_path / "run.yaml", staged(data_cache, tmp_path / "run", collective_timeout=3))
+    """Rank 1 stalls 8 s in step 5; rank 0 gives up after train.collective_timeout (2 s) and names it."""
+    cfg = write_config(tmp_path / "run.yaml", staged(data_cache, tmp_path / "run", collective_timeout=2))
     res = run_rampup("train", str(cfg), "--nproc", "2", timeout=120,
-                     env_extra={"RAMPUP_FAULT_STALL_STEPS": "5:12", "RAMPUP_FAULT_STALL_RANK": "1"})
+                     env_extra={"RAMPUP_FAULT_STALL_STEPS": "5:8", "RAMPUP_FAULT_STALL_RANK": "1"})
     assert res.returncode != 0
     assert "rank 0 of 2: a collective with the other ranks failed" in res.stderr, res.stderr[-3000:]
     assert "rank 1 hung in step 4 while rank 0 reached step 5" in res.stderr
-    assert "train.collective_timeout, 3 s" in res.stderr
+    assert "train.collective_timeout, 2 s" in res.stderr
 
 
 @pytest.mark.parametrize("tree, words", [
