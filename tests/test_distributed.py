@@ -274,6 +274,27 @@ def test_sigterm_to_the_launcher_checkpoints_once_and_exits_cleanly(data_cache, 
     assert weights(out) == weights(two_ranks[0])
 
 
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(data_cache, tmp_path):
+    """SIGTERM to rank 1 alone (a scheduler signalling one process): the ranks agree, rank 0 writes one
+    checkpoint of the step they stop after, and the run resumes from it."""
+    from rampup.engine.checkpoint import latest_checkpoint
+
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "run.yaml", staged(data_cache, out, checkpoint_every=None))
+    env = {**os.environ, "PYTHONHASHSEED": "0", "RAMPUP_FAULT_STALL_STEPS": "8:3"}
+    proc = subprocess.Popen(rampup_cmd("train", str(cfg), "--nproc", "2"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    wait_for(lambda: len(records(out)) >= 7 if (out / "metrics.jsonl").exists() else False, proc)
+    workers = {_rank(w): w for w in _children(proc.pid)}
+    os.kill(workers[1], signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    stopped = max(records(out))
+    assert [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_")] == \
+        [f"step_{stopped:07d}"] and stopped < 40
+    assert f"stopped by signal 15 after step {stopped}" in stderr, stderr[-3000:]
+    assert latest_checkpoint(out / "checkpoints").name == f"step_{stopped:07d}"
+
+
 def test_a_rank_that_hangs_in_a_collective_is_timed_out_and_named(data_cache, tmp_path):
     """Rank 1 stalls 8 s in step 5; rank 0 gives up after train.collective_timeout (2 s) and names it."""
     cfg = write_config(tmp_path / "run.yaml", staged(data_cache, tmp_path / "run", collective_timeout=2))

@@ -259,7 +259,8 @@ class Trainer:
         if self.should_eval(p.step, before, p.tokens) and not done:
             self.evaluate()
         if self.dist.any(self.flag.signum is not None):  # a signal on any rank stops every rank here
-            self.flag.signum = self.flag.signum or self.dist.broadcast(self.flag.signum) or signal.SIGTERM
+            sent = self.dist.broadcast(self.flag.signum)  # every rank joins: rank 0 may have none
+            self.flag.signum = self.flag.signum or sent or signal.SIGTERM
             path = self.save() or self.checkpointer.latest()
             raise Interrupted(f"stopped by signal {self.flag.signum} after step {p.step}; checkpoint "
                               f"{path}. Resume with: {self.resume_hint}", 128 + self.flag.signum)
