@@ -1,4 +1,5 @@
 """Scale-out with real processes: torchrun, gloo, 2 ranks on this machine (rampup.distributed)."""
+import contextlib
 import os
 import signal
 import subprocess
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import rampup_cmd, run_rampup, tiny_tree, wait_for, weights, write_config
+from conftest import rampup_cmd, tiny_tree, wait_for, weights, write_config
 from rampup.engine.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -36,9 +37,39 @@ def assert_match(a: dict, b: dict, steps) -> None:
         assert a[s][1] == pytest.approx(b[s][1], **TOL), f"grad norm at step {s}"
 
 
+_JOBS: list[subprocess.Popen] = []
+
+
+def job(*args: str, env_extra: dict | None = None) -> subprocess.Popen:
+    """``rampup ARGS`` in its own session, so that torchrun and its workers go together if a test fails."""
+    env = {**os.environ, "PYTHONHASHSEED": "0", **(env_extra or {})}
+    proc = subprocess.Popen(rampup_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    _JOBS.append(proc)
+    return proc
+
+
+@pytest.fixture(autouse=True)
+def _no_orphans():
+    """Whatever a test leaves running (a timeout, a failed assertion) is killed with its workers."""
+    yield
+    while _JOBS:
+        proc = _JOBS.pop()
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def run_job(*args: str, timeout: float = 300, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    proc = job(*args, env_extra=env_extra)
+    stdout, stderr = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
 def train(cfg: Path, *args: str, nproc: int = 1, env: dict | None = None, timeout: float = 300):
     extra = ("--nproc", str(nproc)) if nproc > 1 else ()
-    res = run_rampup("train", str(cfg), *extra, *args, timeout=timeout, env_extra=env)
+    res = run_job("train", str(cfg), *extra, *args, timeout=timeout, env_extra=env)
     assert res.returncode == 0, res.stderr[-3000:]
     return res
 
@@ -242,9 +273,8 @@ def _rank(pid: int) -> int:
 def test_a_rank_killed_mid_run_restarts_and_finishes_with_the_uninterrupted_weights(data_cache, tmp_path, two_ranks):
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "run.yaml", staged(data_cache, out))
-    env = {**os.environ, "PYTHONHASHSEED": "0", "RAMPUP_FAULT_STALL_STEPS": "25:4"}
-    proc = subprocess.Popen(rampup_cmd("train", str(cfg), "--nproc", "2", "--max-restarts", "1"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = job("train", str(cfg), "--nproc", "2", "--max-restarts", "1",
+               env_extra={"RAMPUP_FAULT_STALL_STEPS": "25:4"})
     wait_for(lambda: (out / "checkpoints" / "step_0000020").is_dir(), proc)
     time.sleep(1.0)
     workers = {_rank(w): w for w in _children(proc.pid)}
@@ -261,9 +291,7 @@ def test_sigterm_to_the_launcher_checkpoints_once_and_exits_cleanly(data_cache, 
 
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "run.yaml", staged(data_cache, out, checkpoint_every=None))
-    env = {**os.environ, "PYTHONHASHSEED": "0", "RAMPUP_FAULT_STALL_STEPS": "12:3"}
-    proc = subprocess.Popen(rampup_cmd("train", str(cfg), "--nproc", "2"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    proc = job("train", str(cfg), "--nproc", "2", env_extra={"RAMPUP_FAULT_STALL_STEPS": "12:3"})
     wait_for(lambda: len(records(out)) >= 11 if (out / "metrics.jsonl").exists() else False, proc)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
@@ -281,9 +309,7 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(data_cache, tmp_
 
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "run.yaml", staged(data_cache, out, checkpoint_every=None))
-    env = {**os.environ, "PYTHONHASHSEED": "0", "RAMPUP_FAULT_STALL_STEPS": "8:3"}
-    proc = subprocess.Popen(rampup_cmd("train", str(cfg), "--nproc", "2"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    proc = job("train", str(cfg), "--nproc", "2", env_extra={"RAMPUP_FAULT_STALL_STEPS": "8:3"})
     wait_for(lambda: len(records(out)) >= 7 if (out / "metrics.jsonl").exists() else False, proc)
     workers = {_rank(w): w for w in _children(proc.pid)}
     os.kill(workers[1], signal.SIGTERM)
@@ -298,7 +324,7 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(data_cache, tmp_
 def test_a_rank_that_hangs_in_a_collective_is_timed_out_and_named(data_cache, tmp_path):
     """Rank 1 stalls 8 s in step 5; rank 0 gives up after train.collective_timeout (2 s) and names it."""
     cfg = write_config(tmp_path / "run.yaml", staged(data_cache, tmp_path / "run", collective_timeout=2))
-    res = run_rampup("train", str(cfg), "--nproc", "2", timeout=120,
+    res = run_job("train", str(cfg), "--nproc", "2", timeout=120,
                      env_extra={"RAMPUP_FAULT_STALL_STEPS": "5:8", "RAMPUP_FAULT_STALL_RANK": "1"})
     assert res.returncode != 0
     assert "rank 0 of 2: a collective with the other ranks failed" in res.stderr, res.stderr[-3000:]
@@ -317,7 +343,7 @@ def test_bad_distributed_settings_are_named_before_compute(data_cache, tmp_path,
     for k, v in tree.items():
         t[k] = {**t[k], **v} if k == "train" else v
     t["model"]["max_seq_len"] = 1024
-    res = run_rampup("train", str(write_config(tmp_path / "bad.yaml", t)), "--nproc", "2", timeout=120)
+    res = run_job("train", str(write_config(tmp_path / "bad.yaml", t)), "--nproc", "2", timeout=120)
     assert res.returncode != 0 and words in res.stderr, res.stderr[-2000:]
     assert not (tmp_path / "run" / "checkpoints").exists()
     assert torch.distributed.is_available()
