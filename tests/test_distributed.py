@@ -188,26 +188,43 @@ def test_a_bucket_curriculum_draws_the_same_shapes_and_matches_one_rank(data_cac
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_every_kind_of_knob_and_transition_behaves_the_same_on_two_ranks(data_cache, tmp_path, strategy):
     """RoPE change (YaRN), a window, freezing then unfreezing with a moment reset, ramping lr groups and
-    layer decay, the memory techniques, and (DDP) a previous-stage teacher, EMA and growth in depth and
-    width: 2 ranks match 1 step by step."""
+    layer decay, the memory techniques, a previous-stage teacher, an evaluated EMA, and (DDP) growth in
+    depth and width: 2 ranks match 1 step by step, and the 2-rank checkpoint (EMA and teacher snapshot
+    in it) continues in one process as the 1-rank run does."""
+    import shutil
+
     outs = {}
     ddp = strategy == "ddp"
-    for n in (1, 2):
-        t = staged(data_cache, tmp_path / f"r{n}", duration="24 steps", checkpoint_every=None, strategy=strategy,
-                   **({"ema": {"half_life": "8K tok", "evaluate": True}} if ddp else {}))
+
+    def tree(out, n):
+        t = staged(data_cache, out, duration="24 steps", checkpoint_every="6 steps", strategy=strategy,
+                   ema={"half_life": "8K tok", "evaluate": True})
         t["schedule"]["stages"][0] |= {"lr_groups": {"layers.1.*": {"from": 0.3, "to": 1.0}}, "loss_shards": 2,
                                        "attention": {"kind": "window"}, "window": 32}
         t["schedule"]["stages"][1] |= {"optimizer_state": "reset_new", "lr_layer_decay": 2.0,
                                        "rope": {"method": "yarn", "factor": 4, "original_max_len": 64},
                                        "activation_checkpoint": "selective", "mlp_shards": 2}
+        t["schedule"]["stages"][1] |= {"teacher": "previous_stage", "distill_weight": {"from": 0.0, "to": 0.4}}
         if ddp:
-            t["schedule"]["stages"][1] |= {"teacher": "previous_stage", "distill_weight": {"from": 0.0, "to": 0.4},
-                                           "depth": 3, "width": 128}  # DDP re-wraps the grown model
-        train(write_config(tmp_path / f"r{n}.yaml", t), nproc=n)
+            t["schedule"]["stages"][1] |= {"depth": 3, "width": 128}  # DDP re-wraps the grown model
+        return t
+
+    for n in (1, 2):
         outs[n] = tmp_path / f"r{n}"
+        train(write_config(tmp_path / f"r{n}.yaml", tree(outs[n], n)), nproc=n)
     assert_match(records(outs[2]), records(outs[1]), range(1, 25))
     ev = [[r["loss"] for r in read_metrics(o / "metrics.jsonl") if r["event"] == "eval"] for o in outs.values()]
     assert ev[0] == pytest.approx(ev[1], **TOL)
+    # the step-18 checkpoint (stage 1: teacher snapshot, EMA) of each run, continued at the other world size
+    for name, src, n in (("2to1", outs[2], 1), ("1to2", outs[1], 2)):
+        back = tmp_path / name
+        (back / "checkpoints").mkdir(parents=True)
+        shutil.copytree(src / "checkpoints" / "step_0000018", back / "checkpoints" / "step_0000018")
+        shutil.copy(src / "metrics.jsonl", back / "metrics.jsonl")
+        train(write_config(tmp_path / f"{name}.yaml", tree(back, n)), "--resume", nproc=n)
+        assert_match(records(back), records(outs[1]), range(19, 25))
+        ev_back = [r["loss"] for r in read_metrics(back / "metrics.jsonl") if r["event"] == "eval"]
+        assert ev_back[-1] == pytest.approx(ev[0][-1], **TOL)  # scored with the EMA weights
 
 
 def test_sampler_rows_split_disjointly_and_cover_a_bucket_epoch(data_cache, tmp_path):
@@ -333,7 +350,9 @@ def test_a_rank_that_hangs_in_a_collective_is_timed_out_and_named(data_cache, tm
 
 
 @pytest.mark.parametrize("tree, words", [
-    ({"train": {"strategy": "fsdp", "ema": {"half_life": "1K tok"}}}, "train.ema with train.strategy fsdp"),
+    ({"train": {"strategy": "fsdp"}, "schedule": {"knobs": {"batch_tokens": 2048},
+                                                  "stages": [{"name": "s", "seq_len": 64, "depth": 3}]}},
+     "knob 'depth' with train.strategy fsdp"),
     ({"train": {"backend": "nccl"}}, "nccl needs CUDA"),
     ({"schedule": {"knobs": {"batch_tokens": 3072}, "stages": [{"name": "s", "seq_len": 1024}]}},
      "does not divide the global batch"),

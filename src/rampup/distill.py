@@ -93,7 +93,9 @@ class Teachers:
     # -- snapshots and teachers
     @torch.no_grad()
     def refresh_from_ema(self, teacher: Any) -> None:
-        shadows = self.ema.tensors()
+        from rampup.ema import full
+
+        shadows = {k: full(v) for k, v in self.ema.tensors().items()}  # a sharded average is gathered
         if set(shadows) != {n for n, _ in teacher.module.named_parameters()} or any(
                 p.shape != shadows[n].shape for n, p in teacher.module.named_parameters()):
             from rampup.growth import fit_to_tensors
@@ -103,7 +105,10 @@ class Teachers:
             p.copy_(shadows[name])
 
     def snapshot(self, stage_name: str, module: torch.nn.Module) -> None:
-        self.snapshots[stage_name] = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        from rampup.ema import full
+
+        # whole tensors: a sharded (FSDP2) model is gathered, on every rank at the same step
+        self.snapshots[stage_name] = {k: full(v.detach()).clone() for k, v in module.state_dict().items()}
         self._built.pop(f"stage:{stage_name}", None)
 
     def select(self, spec: str, vocab_size: int) -> None:

@@ -25,8 +25,9 @@ gradients and AdamW state are 1/W per rank; gradients are reduce-scattered (aver
 stay world-size independent: the full state is gathered (``get_model_state_dict`` /
 ``get_optimizer_state_dict`` with ``full_state_dict``) into an unsharded replica that rank 0 writes in
 the single-process format, and every rank reads a checkpoint into a replica and shards it
-(``set_model_state_dict``). Not yet with FSDP2 (refused by name): Hugging Face models, growth,
-sub-networks, teachers, train.ema; and torch.distributed.checkpoint's sharded format (each rank
+(``set_model_state_dict``). The EMA's shadows are sharded like the parameters (gathered for a
+checkpoint); teachers' snapshots are whole on every rank. Not yet with FSDP2 (refused by name): Hugging
+Face models, growth, sub-networks; and torch.distributed.checkpoint's sharded format (each rank
 writing its own shards), which a model too large for one host's memory will need.
 """
 from __future__ import annotations
@@ -260,7 +261,7 @@ class _Forward(torch.nn.Module):
 SMALL_FOR_FSDP = 256 * 2**20
 """Bytes of parameters, gradients and AdamW state below which sharding is not worth it (a warning)."""
 
-_FSDP_NOT_YET = {"depth": 0, "width": 0, "mlp_width": 0, "subnet": "none", "teacher": "none"}
+_FSDP_NOT_YET = {"depth": 0, "width": 0, "mlp_width": 0, "subnet": "none"}
 
 
 def check_fsdp(cfg: Any) -> None:
@@ -270,15 +271,12 @@ def check_fsdp(cfg: Any) -> None:
     if cfg.model.source != "reference":
         raise ConfigError("train.strategy fsdp shards rampup's reference model only so far; use train.strategy: ddp "
                           "for Hugging Face models")
-    if cfg.train.ema is not None:
-        raise ConfigError("train.ema with train.strategy fsdp is not built yet (the average would be sharded too); "
-                          "use train.strategy: ddp")
     sched = cfg.schedule
     for name in sorted(knob_keys_set(sched) & set(_FSDP_NOT_YET)):
         values = [sched.knobs.get(name)] + [st.knobs.get(name) for st in sched.stages]
         if any(v not in (None, _FSDP_NOT_YET[name]) for v in values):
-            raise ConfigError(f"knob '{name}' with train.strategy fsdp is not built yet (growth, sub-networks and "
-                              "teachers change or copy the sharded model); use train.strategy: ddp")
+            raise ConfigError(f"knob '{name}' with train.strategy fsdp is not built yet (growth and sub-networks "
+                              "change the sharded model's structure); use train.strategy: ddp")
 
 
 @contextlib.contextmanager
@@ -347,12 +345,17 @@ class ReplicaCheckpointer:
         return shadow
 
     def save(self, state: Any, extra: dict[str, Any]):
+        from rampup.ema import full
+
         model_sd, optim_sd = full_state(state.model, state.optimizer)
+        parts = {k: full(v) for k, v in state.part_tensors().items()}  # a sharded EMA: gathered on every rank
         if not self.dist.main:
             return None
         adapter, optimizer = self.make_replica()
         set_full_state(adapter, optimizer, model_sd, optim_sd)
-        return self.local.save(self._replica_state(state, adapter, optimizer), extra)
+        shadow = self._replica_state(state, adapter, optimizer)
+        shadow.part_tensors = lambda: parts
+        return self.local.save(shadow, extra)
 
     def load_latest(self, state: Any, *, report, check=None):
         """Read (and verify) the newest checkpoint into a replica; :meth:`install` then shards it."""

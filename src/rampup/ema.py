@@ -77,7 +77,8 @@ class EMA:
         if missing:
             raise ConfigError(f"the checkpoint holds no EMA weights for {missing[0]} (was it written before "
                               "train.ema was set?); resume with the config the run started with")
-        self.shadow = {n: tensors[n].clone() for n in names}
+        params = dict(self.module.named_parameters())
+        self.shadow = {n: _like(tensors[n], params[n]) for n in names}
 
     @contextlib.contextmanager
     def applied(self) -> Iterator[None]:
@@ -93,6 +94,21 @@ class EMA:
             with torch.no_grad():
                 for p, r in zip(params, raw):
                     p.copy_(r)
+
+
+def _like(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``t`` (a full tensor) laid out as ``param``: this rank's shard of it for an FSDP2 (DTensor) parameter."""
+    if hasattr(param, "device_mesh") and not hasattr(t, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        # every rank holds the whole tensor: each keeps its own shard, no communication
+        return distribute_tensor(t.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+    return t.clone()
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's whole value on every rank (a collective), anything else as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def load_ema_weights(module: torch.nn.Module, part_tensors: dict[str, torch.Tensor], where: str) -> None:
