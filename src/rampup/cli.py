@@ -159,8 +159,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:  # this process becomes torchrun
         from rampup.distributed import launch
 
-        argv = [a for a in sys.argv[1:]]
-        return launch(_without(argv, ("--nproc", "--max-restarts")), args.nproc, args.max_restarts)
+        return launch(_without(sys.argv[1:], ("--nproc", "--max-restarts")), args.nproc, args.max_restarts)
     resume = args.resume
     if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0:  # torchrun restarted the job after a failure
         from rampup.engine.checkpointer import LocalCheckpointer
@@ -278,6 +277,16 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_arguments(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    sp.add_argument("--progress", choices=["auto", "rich", "plain", "off"], help="console display (default: log.progress)")
+    sp.add_argument("--nproc", type=int, default=1, help="processes on this machine, launched through torchrun "
+                    "(train.strategy: ddp or fsdp); for many machines run torchrun ... -m rampup train CONFIG yourself")
+    sp.add_argument("--max-restarts", type=int, default=0, help="with --nproc: times torchrun restarts the job after "
+                    "a process fails; each restart resumes from the latest checkpoint")
+    sp.set_defaults(fn=cmd_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rampup", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -311,14 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--timeout", type=float, help="seconds a trial may take (a slower one counts as failed)")
     sp.add_argument("--json", help="write the results here")
     sp.set_defaults(fn=cmd_probe)
-    sp = with_config("train", "train a run, or continue one with --resume")
-    sp.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
-    sp.add_argument("--progress", choices=["auto", "rich", "plain", "off"], help="console display (default: log.progress)")
-    sp.add_argument("--nproc", type=int, default=1, help="processes on this machine, launched through torchrun "
-                    "(train.strategy: ddp); for many machines run torchrun ... -m rampup train CONFIG yourself")
-    sp.add_argument("--max-restarts", type=int, default=0, help="with --nproc: times torchrun restarts the job after "
-                    "a process fails; each restart resumes from the latest checkpoint")
-    sp.set_defaults(fn=cmd_train)
+    _train_arguments(with_config("train", "train a run, or continue one with --resume"))
     sp = sub.add_parser("demo", help="staged curriculum vs fixed baseline on the embedded corpus")
     sp.add_argument("configs", nargs="*", default=["configs/demo_staged.yaml", "configs/demo_baseline.yaml"],
                     help="configs to run with the same budget (the last is the baseline)")

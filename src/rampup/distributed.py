@@ -78,6 +78,15 @@ class Dist:
         if self.enabled:
             dist.barrier()
 
+    def main_first(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` on rank 0, then on the other ranks (what rank 0 writes or checks, they read)."""
+        if not self.main:
+            self.barrier()
+        out = fn()
+        if self.main:
+            self.barrier()
+        return out
+
     def any(self, flag: bool) -> bool:
         """Whether ``flag`` is true on any rank (every rank gets the same answer)."""
         if not self.enabled:
@@ -178,6 +187,21 @@ class Dist:
         fully_shard(adapter.module, mesh=mesh)
         register_fsdp_forward_method(adapter.module, "forward_hidden")
         adapter._hidden = adapter.module.forward_hidden
+
+    def checkpointer(self, local: Any, cfg: Any) -> Any:
+        """The run's checkpointer: ``local`` itself, or under FSDP2 one that goes through an unsharded
+        replica of the model and optimizer (built without moving the run's RNG)."""
+        if not self.fsdp:
+            return local
+        from rampup.models.build import build_adapter
+        from rampup.optim import build_optimizer
+        from rampup.transitions import uses_parameter_groups
+
+        def replica():
+            with torch.random.fork_rng(devices=[]):
+                a = build_adapter(cfg.model, "cpu")
+            return a, build_optimizer(a.module, cfg.optimizer, uses_parameter_groups(cfg.schedule))
+        return ReplicaCheckpointer(local, self, replica)
 
     def sync_outside(self, params: list[torch.nn.Parameter], module: torch.nn.Module) -> None:
         """Average the gradients of trained parameters DDP does not hold (distillation projections)."""

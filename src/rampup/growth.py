@@ -137,12 +137,7 @@ def widen_mlp(adapter: Any, hidden: int, noise: float = 0.0, optimizer: torch.op
             lin.weight = p
             lin.in_features, lin.out_features = new.shape[1], new.shape[0]
     module.cfg = module.cfg.model_copy(update={"ffn_hidden": hidden})
-    if optimizer is not None:
-        for p_old in list(optimizer.state):
-            if id(p_old) in replaced:
-                del optimizer.state[p_old]  # a widened matrix's moments restart
-        for group in optimizer.param_groups:
-            group["params"] = [replaced.get(id(p), p) for p in group["params"]]
+    _swap_in_optimizer(optimizer, replaced)  # a widened matrix's moments restart
     return True
 
 
@@ -175,67 +170,85 @@ def widen_model(adapter: Any, dim: int, noise: float = 0.0, optimizer: torch.opt
         raise ConfigError(f"width {dim} is not a multiple of the model's width {old}: function-preserving "
                           f"widening repeats every coordinate equally (choose {2 * old}, {3 * old}, ...)")
     k = dim // old
-    g = torch.Generator().manual_seed(seed)
-    std = module.cfg.init_std
-
-    def noisy(t: torch.Tensor, rows: int) -> torch.Tensor:
-        if noise:  # the copies only: the first ``rows`` rows stay the original's
-            t[rows:] += noise * std * torch.randn(t[rows:].shape, generator=g).to(t)
-        return t
-
-    def out_rows(w: torch.Tensor) -> torch.Tensor:  # a matrix writing into the stream: repeat its rows
-        return noisy(w.repeat(k, 1), w.shape[0])
-
-    def in_cols(w: torch.Tensor) -> torch.Tensor:  # a matrix reading the stream: repeat its columns / k
-        return w.repeat(1, k) / k
-
-    replaced: dict[int, torch.nn.Parameter] = {}
-
-    def put(owner: torch.nn.Module, attr: str, new: torch.Tensor) -> None:
-        old_p = getattr(owner, attr)
-        if id(old_p) in replaced:  # a tied weight, already widened
-            setattr(owner, attr, replaced[id(old_p)])
-            return
-        p = torch.nn.Parameter(new.contiguous(), requires_grad=old_p.requires_grad)
-        replaced[id(old_p)] = p
-        setattr(owner, attr, p)
-
-    def norm(n: torch.nn.RMSNorm, scale: float = 1.0) -> None:
-        put(n, "weight", n.weight.repeat(k) * scale)
-        n.normalized_shape = (dim,)
-
+    t = _Tiler(k, dim, noise, module.cfg.init_std, seed)
     tied = module.lm_head.weight is module.tok_emb.weight
-    put(module.tok_emb, "weight", noisy(module.tok_emb.weight.t().repeat(k, 1), old).t())
+    t.put(module.tok_emb, "weight", t.noisy(module.tok_emb.weight.t().repeat(k, 1), old).t())
     module.tok_emb.embedding_dim = dim
     for layer in module.layers:
-        a, m = layer.attn, layer.mlp
-        for lin in (a.q_proj, a.k_proj, a.v_proj):
-            put(lin, "weight", out_rows(in_cols(lin.weight)))  # heads repeated, reading the wider stream
-        put(a.o_proj, "weight", out_rows(in_cols(a.o_proj.weight)))  # sums the copied heads, writes copies
-        a.n_heads, a.n_kv = a.n_heads * k, a.n_kv * k
-        for lin in (m.w1, m.w3):
-            put(lin, "weight", in_cols(lin.weight))
-        put(m.w2, "weight", out_rows(m.w2.weight))
-        norm(layer.attn_norm)
-        norm(layer.mlp_norm)
-        for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.w1, m.w3, m.w2):
-            lin.out_features, lin.in_features = lin.weight.shape
-    norm(module.norm, 1.0 / k if tied else 1.0)
+        t.widen_block(layer)
+    t.norm(module.norm, 1.0 / k if tied else 1.0)
     if tied:
         module.lm_head.weight = module.tok_emb.weight
     else:
-        put(module.lm_head, "weight", in_cols(module.lm_head.weight))
+        t.put(module.lm_head, "weight", t.in_cols(module.lm_head.weight))
     module.lm_head.in_features = dim
     cfg = module.cfg
     module.cfg = cfg.model_copy(update={"dim": dim, "n_heads": cfg.n_heads * k, "ffn_hidden": cfg.hidden,
                                         "n_kv_heads": None if cfg.n_kv_heads is None else cfg.n_kv_heads * k})
-    if optimizer is not None:
-        for p_old in list(optimizer.state):
-            if id(p_old) in replaced:
-                del optimizer.state[p_old]
-        for group in optimizer.param_groups:
-            group["params"] = [replaced.get(id(p), p) for p in group["params"]]
+    _swap_in_optimizer(optimizer, t.replaced)
     return True
+
+
+class _Tiler:
+    """The copies ``widen_model`` makes: k whole copies of every stream coordinate and head."""
+
+    def __init__(self, k: int, dim: int, noise: float, std: float, seed: int) -> None:
+        self.k, self.dim, self.noise, self.std = k, dim, noise, std
+        self.gen = torch.Generator().manual_seed(seed)
+        self.replaced: dict[int, torch.nn.Parameter] = {}
+        """id(old parameter) -> its widened replacement."""
+
+    def noisy(self, t: torch.Tensor, rows: int) -> torch.Tensor:
+        if self.noise:  # the copies only: the first ``rows`` rows stay the original's
+            t[rows:] += self.noise * self.std * torch.randn(t[rows:].shape, generator=self.gen).to(t)
+        return t
+
+    def out_rows(self, w: torch.Tensor) -> torch.Tensor:
+        """A matrix writing into the stream (or producing heads): its rows repeated."""
+        return self.noisy(w.repeat(self.k, 1), w.shape[0])
+
+    def in_cols(self, w: torch.Tensor) -> torch.Tensor:
+        """A matrix reading the stream (or the copied heads): its columns repeated and divided by k."""
+        return w.repeat(1, self.k) / self.k
+
+    def put(self, owner: torch.nn.Module, attr: str, new: torch.Tensor) -> None:
+        old_p = getattr(owner, attr)
+        if id(old_p) in self.replaced:  # a tied weight, already widened
+            setattr(owner, attr, self.replaced[id(old_p)])
+            return
+        p = torch.nn.Parameter(new.contiguous(), requires_grad=old_p.requires_grad)
+        self.replaced[id(old_p)] = p
+        setattr(owner, attr, p)
+
+    def norm(self, n: torch.nn.RMSNorm, scale: float = 1.0) -> None:
+        self.put(n, "weight", n.weight.repeat(self.k) * scale)
+        n.normalized_shape = (self.dim,)
+
+    def widen_block(self, layer: torch.nn.Module) -> None:
+        a, m = layer.attn, layer.mlp
+        for lin in (a.q_proj, a.k_proj, a.v_proj):
+            self.put(lin, "weight", self.out_rows(self.in_cols(lin.weight)))  # heads repeated, wider stream read
+        self.put(a.o_proj, "weight", self.out_rows(self.in_cols(a.o_proj.weight)))  # sums copied heads
+        a.n_heads, a.n_kv = a.n_heads * self.k, a.n_kv * self.k
+        for lin in (m.w1, m.w3):
+            self.put(lin, "weight", self.in_cols(lin.weight))
+        self.put(m.w2, "weight", self.out_rows(m.w2.weight))
+        self.norm(layer.attn_norm)
+        self.norm(layer.mlp_norm)
+        for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.w1, m.w3, m.w2):
+            lin.out_features, lin.in_features = lin.weight.shape
+
+
+def _swap_in_optimizer(optimizer: torch.optim.Optimizer | None, replaced: dict[int, torch.nn.Parameter]) -> None:
+    """Replaced (reshaped) parameters take their predecessors' places in the optimizer's groups; their
+    moments restart."""
+    if optimizer is None:
+        return
+    for p_old in list(optimizer.state):
+        if id(p_old) in replaced:
+            del optimizer.state[p_old]
+    for group in optimizer.param_groups:
+        group["params"] = [replaced.get(id(p), p) for p in group["params"]]
 
 
 def checkpoint_width(path: Path) -> int | None:

@@ -18,6 +18,8 @@ from rampup.engine.checkpoint import Checkpoint, latest_checkpoint, load_latest,
 
 class Checkpointer(Protocol):
     folder: Path
+    collective: bool
+    """``save`` needs every rank (it gathers a sharded model); otherwise rank 0 alone calls it."""
 
     def save(self, state, extra: dict[str, Any]) -> Path:
         """Write ``state`` at its progress.step (plus JSON ``extra``, e.g. the config); returns where."""
@@ -29,6 +31,11 @@ class Checkpointer(Protocol):
         tree: the caller decides what to restore); None if there is none."""
         ...
 
+    def install(self, state) -> None:
+        """After every rank's ``load_latest``, all ranks together: put what was read into ``state``
+        (a sharded model takes its shards here)."""
+        ...
+
     def latest(self) -> Path | None: ...
 
     def clean_partial(self) -> list[str]: ...
@@ -37,8 +44,13 @@ class Checkpointer(Protocol):
 class LocalCheckpointer:
     """Safetensors + JSON in one folder per step (rampup.engine.checkpoint), for one process."""
 
+    collective = False
+
     def __init__(self, folder: Path, keep: int | None = 3) -> None:
         self.folder, self.keep = folder, keep
+
+    def install(self, state) -> None:
+        pass  # load_latest loaded the model and optimizer in place
 
     def save(self, state, extra: dict[str, Any]) -> Path:
         return save_checkpoint(self.folder, state.progress.step, state.model.module, state.optimizer,

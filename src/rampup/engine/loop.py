@@ -106,11 +106,8 @@ class Trainer:
 
         self.cfg, self.resume = cfg, resume
         self.dist = setup(cfg)  # one process, or this rank of the job torchrun started
-        if not self.dist.main:
-            self.dist.barrier()  # rank 0 prepares (tokenizes, caches) the corpus first
-        self.data = data if data is not None else prepare_run(cfg)
-        if self.dist.main:
-            self.dist.barrier()
+        # rank 0 prepares (tokenizes, caches) the corpus before the others read it
+        self.data = data if data is not None else self.dist.main_first(lambda: prepare_run(cfg))
         self.dist.check_rows(sorted(self.data.shapes))
         self.schedule = self.data.schedule
         self.out = out = cfg.resolved_out_dir()
@@ -135,14 +132,7 @@ class Trainer:
 
         self.dist.shard(adapter, self.device)  # FSDP2: before the optimizer, which then holds the shards
         optimizer = build_optimizer(adapter.module, cfg.optimizer, uses_parameter_groups(cfg.schedule))
-        if self.dist.fsdp:
-            from rampup.distributed import ReplicaCheckpointer
-
-            def replica():
-                with torch.random.fork_rng(devices=[]):  # building it must not move the run's RNG
-                    a = build_adapter(cfg.model, "cpu")
-                return a, build_optimizer(a.module, cfg.optimizer, uses_parameter_groups(cfg.schedule))
-            self.checkpointer = ReplicaCheckpointer(self.checkpointer, self.dist, replica)
+        self.checkpointer = self.dist.checkpointer(self.checkpointer, cfg)  # FSDP2: through an unsharded replica
         if cfg.train.compile:
             # One static graph per batch shape and graph-making knob value: they are few (checked in
             # prepare_run), and static graphs are the fastest; dynamo must be allowed to keep all of them.
@@ -167,27 +157,9 @@ class Trainer:
         if uses_subnets(cfg.schedule):  # sampled sub-networks, taught by the full network
             self.task = SubnetTask(self.task)
             self.knobs.ctx.cache["subnet_task"] = self.task
-        if cfg.train.memory_limit is not None:  # the model must fit before any step
-            from rampup.memory import check_static_fits
-
-            check_static_fits(cfg, self.device)
-        self.memory_auto = []
-        if getattr(self.data, "auto_memory_steps", None):  # what auto picks per shape, or why nothing fits
-            from rampup.memory import check_auto
-
-            self.memory_auto = check_auto(self.knobs.ctx, [(k, rows // self.dist.world, T)  # a rank's rows
-                                                           for k, rows, T in self.data.auto_memory_steps])
-        self.memory_settings = None
-
+        self.memory_auto, self.memory_settings = self.check_memory(), None
         config_dump = cfg.model_dump(mode="json", by_alias=True)
-        if self.dist.main:
-            mirrors = build_loggers(cfg.log, out, cfg.name, config_dump)  # a missing package fails before training
-            out.mkdir(parents=True, exist_ok=True)
-            self.metrics = MetricsWriter(out / "metrics.jsonl", mirrors=mirrors)
-        else:  # one voice: rank 0 writes the record
-            self.metrics, display_mode = NullMetrics(), "off"
-        self.display = Display(display_mode or cfg.log.progress, self.schedule.num_steps(),
-                               self.schedule.total_tokens, int(cfg.log.every.value))
+        self.metrics, self.display = self.open_record(config_dump, display_mode)
         self.should_eval = _every(cfg.eval.every, self.schedule.total_tokens)
         self.should_save = _every(cfg.train.checkpoint_every, self.schedule.total_tokens)
         self.extra_state = {"config": config_dump}
@@ -195,6 +167,32 @@ class Trainer:
         self.stage_index, self.data_epoch = -1, self.data.sampler.epoch  # what the loop last announced
         self.seen_graphs: set[tuple] = set()
         self.flag = _SignalFlag()
+
+    def check_memory(self) -> list:
+        """Before any step: the model fits train.memory_limit; what ``auto`` picks per shape (a rank's rows),
+        or why nothing fits."""
+        cfg = self.cfg
+        if cfg.train.memory_limit is not None:
+            from rampup.memory import check_static_fits
+
+            check_static_fits(cfg, self.device)
+        if not getattr(self.data, "auto_memory_steps", None):
+            return []
+        from rampup.memory import check_auto
+
+        return check_auto(self.knobs.ctx, [(k, rows // self.dist.world, T) for k, rows, T in self.data.auto_memory_steps])
+
+    def open_record(self, config_dump: dict, display_mode: str | None):
+        """(metrics writer, display): rank 0 writes the one record (its loggers' packages checked now)."""
+        cfg, out = self.cfg, self.out
+        if self.dist.main:
+            mirrors = build_loggers(cfg.log, out, cfg.name, config_dump)  # a missing package fails before training
+            out.mkdir(parents=True, exist_ok=True)
+            metrics = MetricsWriter(out / "metrics.jsonl", mirrors=mirrors)
+        else:
+            metrics, display_mode = NullMetrics(), "off"
+        return metrics, Display(display_mode or cfg.log.progress, self.schedule.num_steps(),
+                                self.schedule.total_tokens, int(cfg.log.every.value))
 
     @property
     def progress(self):
@@ -439,7 +437,7 @@ class Trainer:
         """A checkpoint of this step (rank 0 writes it, every rank waits); None if the weights were not
         finite and the run rolled back."""
         path, error = None, None
-        if self.dist.main or getattr(self.checkpointer, "collective", False):  # FSDP2 gathers on every rank
+        if self.dist.main or self.checkpointer.collective:  # FSDP2 gathers on every rank
             try:
                 path = self.checkpoint()
             except NonFiniteError as e:
@@ -452,14 +450,8 @@ class Trainer:
 
     def load_latest(self, check=None) -> Checkpoint | None:
         """The newest intact checkpoint: rank 0 verifies (setting damaged ones aside) before the others read."""
-        ck = None
-        if self.dist.main:
-            ck = self.checkpointer.load_latest(self.state, report=self.warn, check=check)
-        self.dist.barrier()
-        if not self.dist.main:
-            ck = self.checkpointer.load_latest(self.state, report=self.warn, check=check)
-        if hasattr(self.checkpointer, "install"):  # FSDP2: every rank shards what it read
-            self.checkpointer.install(self.state)
+        ck = self.dist.main_first(lambda: self.checkpointer.load_latest(self.state, report=self.warn, check=check))
+        self.checkpointer.install(self.state)  # every rank together (FSDP2 shards what it read)
         return ck
 
     def rollback_or_stop(self, reason: str) -> None:
