@@ -5,6 +5,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 ROOT = Path(__file__).parent.parent
@@ -65,9 +66,12 @@ def step_losses(out: Path) -> dict[int, float]:
 
 
 def weights(out: Path) -> bytes:
-    from rampup.engine.checkpoint import latest_checkpoint
+    """The latest checkpoint's weights as bytes, in name order (either checkpoint format)."""
+    from rampup.engine.checkpoint import latest_checkpoint, model_tensors
 
-    return (latest_checkpoint(out / "checkpoints") / "model.safetensors").read_bytes()
+    tensors = model_tensors(latest_checkpoint(out / "checkpoints"))
+    return b"".join(k.encode() + tensors[k].contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                    for k in sorted(tensors))
 
 
 def wait_for(pred, proc: subprocess.Popen, timeout: float = 120, poll: float = 0.05) -> None:

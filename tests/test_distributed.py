@@ -106,11 +106,12 @@ def test_two_ranks_match_one_rank_step_by_step_through_a_stage_change_and_an_unf
 def test_fsdp2_matches_one_rank_through_an_unfreeze_and_its_checkpoints_resume_at_any_world_size(
         data_cache, tmp_path, one_rank):
     """FSDP2 (fully_shard per block): losses and gradient norms match one process step by step (gloo's
-    reduce-scatter averages); its checkpoint (gathered to the single-process format) resumes in one
-    process, and a one-process checkpoint resumes sharded over two."""
+    reduce-scatter averages); its checkpoint (DCP shards, one file per rank) resumes in one process, and
+    a one-process checkpoint (single-file format) resumes sharded over two."""
+    import json
     import shutil
 
-    from safetensors import safe_open
+    from rampup.engine.checkpoint import model_shapes
 
     out = tmp_path / "fsdp"
     res = train(write_config(tmp_path / "fsdp.yaml", staged(data_cache, out, strategy="fsdp")), nproc=2)
@@ -119,8 +120,16 @@ def test_fsdp2_matches_one_rank_through_an_unfreeze_and_its_checkpoints_resume_a
     assert_match(records(out), ref, range(1, 41))
     run = next(r for r in read_metrics(out / "metrics.jsonl") if r["event"] == "run")
     assert run["strategy"] == "fsdp" and run["world_size"] == 2
-    with safe_open(str(out / "checkpoints" / "step_0000020" / "model.safetensors"), "pt") as f:
-        assert f.get_slice("layers.0.mlp.w1.weight").get_shape() == [192, 64]  # whole, not a shard
+    # torch.distributed.checkpoint: each rank wrote its own shards; the index knows the whole shapes
+    ck = out / "checkpoints" / "step_0000020"
+    assert sorted(p.name for p in (ck / "dcp").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert not (ck / "model.safetensors").exists()
+    assert model_shapes(ck)["layers.0.mlp.w1.weight"] == (192, 64)
+    manifest = json.loads((ck / "manifest.json").read_text())["files"]
+    assert set(manifest) == {"dcp/.metadata", "dcp/__0_0.distcp", "dcp/__1_0.distcp", "state.json"}
+    # sharded: each rank's file holds about half the weights and moments (not rank 0 alone)
+    sizes = [manifest[f"dcp/__{r}_0.distcp"]["bytes"] for r in (0, 1)]
+    assert min(sizes) > 0.3 * sum(sizes)
     for name, src, nproc, strategy in (("2to1", out, 1, "ddp"), ("1to2", one_rank, 2, "fsdp")):
         dst = tmp_path / name
         (dst / "checkpoints").mkdir(parents=True)
@@ -133,12 +142,17 @@ def test_fsdp2_matches_one_rank_through_an_unfreeze_and_its_checkpoints_resume_a
 
 def test_the_gathered_optimizer_state_keeps_the_moments_of_parameters_frozen_after_training(tmp_path):
     """pytorch #192202: the state-dict helpers drop the optimizer state of parameters that do not require
-    grad. A parameter trained, then frozen, keeps its moments through rampup's gather and its load."""
+    grad. A parameter trained, then frozen, keeps its moments through rampup's gather and its load, and
+    through the sharded (DCP) format; a parameter never stepped gets no invented state."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from rampup.distributed import full_state, set_full_state
+    import json
+
+    from rampup.distributed import Dist, full_state, set_full_state
+    from rampup.engine.checkpoint import finish
+    from rampup.engine.sharded import load_into, save_sharded
     from rampup.models.adapter import DecoderLMAdapter
     from rampup.models.llm import ModelConfig
 
@@ -153,10 +167,23 @@ def test_the_gathered_optimizer_state_keeps_the_moments_of_parameters_frozen_aft
             fully_shard(block, mesh=mesh)
         fully_shard(a.module, mesh=mesh)
         opt = torch.optim.AdamW(a.module.parameters(), lr=1e-2)
+        a.module.norm.weight.requires_grad_(False)  # frozen from the start: never stepped, no state
         a.module(torch.randint(0, 64, (2, 16))).sum().backward()
         opt.step()
         for p in a.module.layers[0].parameters():
             p.requires_grad_(False)  # frozen after a step: its moments exist
+        a.module.norm.weight.requires_grad_(True)
+        # the sharded format (torch.distributed.checkpoint) keeps them too, and invents none
+        save_sharded(tmp_path / "ck", 1, a.module, opt, {}, Dist(), keep=None, parts={}, finish=finish)
+        c = DecoderLMAdapter.build(cfg)
+        opt_c = torch.optim.AdamW(c.module.parameters(), lr=1e-2)
+        ck = tmp_path / "ck" / "step_0000001"
+        load_into(ck, c.module, opt_c, json.loads((ck / "state.json").read_text())["optimizer_groups"])
+        w1_a, w1_c = a.module.layers[0].mlp.w1.weight, c.module.layers[0].mlp.w1.weight
+        assert torch.equal(opt_c.state[w1_c]["exp_avg"], opt.state[w1_a]["exp_avg"].full_tensor())
+        assert torch.equal(w1_c.detach(), w1_a.full_tensor())
+        assert c.module.norm.weight not in opt_c.state and len(opt_c.state) == len(opt.state)
+        a.module.norm.weight.requires_grad_(False)
         model_sd, optim_sd = full_state(a, opt)
         assert "layers.0.mlp.w1.weight" in optim_sd["state"]
         b = DecoderLMAdapter.build(cfg)

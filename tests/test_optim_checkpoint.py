@@ -86,19 +86,25 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
             json.loads(f.read_text())
 
 
-# Writes one checkpoint of a 256 KB layer in a real process; exit 4 when the write fails.
+# Writes one checkpoint of a 256 KB layer in a real process, in either format; exit 4 when the write fails.
 _SAVE_SCRIPT = """
 import sys, torch
 from pathlib import Path
-from rampup.engine.checkpoint import save_checkpoint
+from rampup.distributed import Dist
+from rampup.engine.checkpoint import finish, save_checkpoint
+from rampup.engine.sharded import save_sharded
 from rampup.errors import CheckpointWriteError
 torch.manual_seed(0)
 model = torch.nn.Linear(256, 256)
 opt = torch.optim.AdamW(model.parameters())
 model(torch.ones(1, 256)).sum().backward()
 opt.step()
+folder, step, fmt = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 try:
-    save_checkpoint(Path(sys.argv[1]), int(sys.argv[2]), model, opt, {"progress": {"step": int(sys.argv[2])}})
+    if fmt == "dcp":
+        save_sharded(folder, step, model, opt, {"progress": {"step": step}}, Dist(), keep=3, parts={}, finish=finish)
+    else:
+        save_checkpoint(folder, step, model, opt, {"progress": {"step": step}})
 except CheckpointWriteError as e:
     print(e, file=sys.stderr)
     sys.exit(e.exit_code)
@@ -112,19 +118,22 @@ def _file_size_limit(limit: int):
 
 
 @pytest.mark.slow
-def test_failed_write_keeps_the_last_good_checkpoint(tmp_path):
+@pytest.mark.parametrize("fmt", ["single", "dcp"])
+def test_failed_write_keeps_the_last_good_checkpoint(tmp_path, fmt):
     """A full disk, for real: a file-size limit (RLIMIT_FSIZE) on the writing process."""
-    ok = subprocess.run([sys.executable, "-c", _SAVE_SCRIPT, str(tmp_path), "1"], capture_output=True, text=True)
+    ok = subprocess.run([sys.executable, "-c", _SAVE_SCRIPT, str(tmp_path), "1", fmt], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     first = tmp_path / "step_0000001"
-    before = {f.name: f.read_bytes() for f in first.iterdir()}
-    res = subprocess.run([sys.executable, "-c", _SAVE_SCRIPT, str(tmp_path), "2"], capture_output=True, text=True,
+    before = {f: f.read_bytes() for f in first.rglob("*") if f.is_file()}
+    res = subprocess.run([sys.executable, "-c", _SAVE_SCRIPT, str(tmp_path), "2", fmt], capture_output=True, text=True,
                          preexec_fn=_file_size_limit(100_000))
     assert res.returncode == 4, res.stderr
-    assert "could not write the checkpoint of step 2" in res.stderr and "File too large" in res.stderr
+    # torch.save (DCP's shard writer) reports the short write as a position mismatch, not EFBIG
+    assert "could not write the checkpoint of step 2" in res.stderr and (
+        "File too large" in res.stderr if fmt == "single" else "unexpected pos" in res.stderr)
     assert "step_0000001, is intact" in res.stderr and "--resume" in res.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_0000001"]  # no temporary folder left
-    assert {f.name: f.read_bytes() for f in first.iterdir()} == before
+    assert {f: f.read_bytes() for f in first.rglob("*") if f.is_file()} == before
     verify_checkpoint(first)
     assert (tmp_path / "latest").read_text().strip() == "step_0000001"
 
@@ -211,7 +220,9 @@ def test_incomplete_or_mismatched_checkpoint_is_a_named_error(tmp_path):
 
 def test_nothing_is_ever_unpickled():
     """Loading a checkpoint, a config or a dataset must not be able to run code: the source never
-    calls a loader that unpickles (safetensors, JSON, yaml.safe_load and allow_pickle=False only)."""
+    calls a loader that unpickles (safetensors, JSON, yaml.safe_load and allow_pickle=False only). The
+    one pickle is DCP's index of a sharded checkpoint, read by rampup.engine.sharded's restricted
+    unpickler (tested below)."""
     import re
     from pathlib import Path
 
@@ -221,4 +232,112 @@ def test_nothing_is_ever_unpickled():
                         r"np\.load\((?![^)]*allow_pickle=False)|yaml\.(load|unsafe_load|full_load)\(|yaml\.(Unsafe)?Loader")
     found = [f"{path.name}:{n}: {line.strip()}" for path in Path(rampup.__file__).parent.rglob("*.py")
              for n, line in enumerate(path.read_text().splitlines(), 1) if unsafe.search(line)]
-    assert found == []
+    assert [f for f in found if not f.startswith("sharded.py:")] == []
+    sharded_src = (Path(rampup.__file__).parent / "engine" / "sharded.py").read_text()
+    assert "pickle.load(" not in sharded_src and "pickle.loads(" not in sharded_src
+
+
+class _Payload:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch /tmp/rampup_pwned",))
+
+
+def _sharded(tmp_path, step, model, opt, parts=None, keep=None):
+    from rampup.distributed import Dist
+    from rampup.engine.checkpoint import finish
+    from rampup.engine.sharded import save_sharded
+
+    return save_sharded(tmp_path, step, model, opt, {"progress": {"step": step}}, Dist(), keep=keep,
+                        parts=parts or {}, finish=finish)
+
+
+def test_sharded_checkpoint_round_trip_is_exact_and_reads_like_the_single_file_format(tmp_path):
+    """torch.distributed.checkpoint in one process: weights, AdamW moments (keyed by name), parts and
+    the RNG come back exactly; a tied weight is stored once; readers see the same tensors as in the
+    single-file format."""
+    from rampup.engine.checkpoint import model_shapes, model_tensors
+
+    model, opt = _trained()
+    ema = {"ema.tok_emb.weight": torch.randn(64, 32)}
+    torch.manual_seed(123)
+    expected_draw = torch.rand(3)
+    torch.manual_seed(123)
+    path = _sharded(tmp_path / "dcp", 7, model, opt, parts=ema)
+    single = save_checkpoint(tmp_path / "single", 7, model, opt, {})
+    assert sorted(json.loads((path / "manifest.json").read_text())["files"]) == [
+        "dcp/.metadata", "dcp/__0_0.distcp", "state.json"]
+    a, b = model_tensors(path), model_tensors(single)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)  # tied head/embedding once in both
+    assert model_shapes(path) == model_shapes(single)
+    torch.manual_seed(999)
+    model2, opt2 = _trained(seed=1)
+    ck = load_checkpoint(path, model2, opt2)
+    assert torch.equal(torch.rand(3), expected_draw)  # the RNG state of the save
+    assert ck.state["progress"]["step"] == 7 and torch.equal(ck.part_tensors["ema.tok_emb.weight"],
+                                                              ema["ema.tok_emb.weight"])
+    for x, y in zip(model.state_dict().values(), model2.state_dict().values()):
+        assert torch.equal(x, y)
+    assert model2.lm_head.weight is model2.tok_emb.weight  # still tied after the load
+    s1, s2 = opt.state_dict(), opt2.state_dict()
+    assert s1["state"].keys() == s2["state"].keys()
+    for k in s1["state"]:
+        for name in s1["state"][k]:
+            assert torch.equal(s1["state"][k][name], s2["state"][k][name])
+    assert s1["param_groups"] == s2["param_groups"]
+
+
+def test_a_damaged_shard_is_reported_kept_and_the_previous_checkpoint_used(tmp_path):
+    from conftest import flip_bit
+
+    model, opt = _trained()
+    _sharded(tmp_path, 1, model, opt)
+    good = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    newest = _sharded(tmp_path, 2, model, opt)
+    flip_bit(newest / "dcp" / "__0_0.distcp", 5000)
+    reports = []
+    model2, opt2 = _trained(seed=3)
+    ck = load_latest(tmp_path, model2, opt2, report=reports.append)
+    assert ck.state["progress"]["step"] == 1 and all(torch.equal(good[k], v) for k, v in model2.state_dict().items())
+    assert len(reports) == 1 and "dcp/__0_0.distcp does not match its sha256" in reports[0]
+    assert (tmp_path / "damaged_step_0000002" / "dcp" / "__0_0.distcp").is_file()  # kept, never deleted
+    (tmp_path / "step_0000001" / "dcp" / "__0_0.distcp").unlink()
+    with pytest.raises(CheckpointDamaged, match=r"dcp/__0_0\.distcp is missing"):
+        verify_checkpoint(tmp_path / "step_0000001")
+
+
+def test_sharded_checkpoints_refuse_nonfinite_weights_and_another_model(tmp_path):
+    model, opt = _trained()
+    first = _sharded(tmp_path, 1, model, opt, keep=3)
+    other = DecoderLM(ModelConfig(vocab_size=64, dim=64, n_layers=1, n_heads=2, max_seq_len=16))
+    with pytest.raises(CheckpointError, match=r"does not fit this model \(layers\.0\.attn\.k_proj\.weight is \[32, 32\] there but \[64, 64\] here") as info:
+        load_checkpoint(first, other, None)
+    assert not isinstance(info.value, CheckpointDamaged)
+    with torch.no_grad():
+        model.layers[0].attn.q_proj.weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"step 2: layers\.0\.attn\.q_proj\.weight hold NaN or inf"):
+        _sharded(tmp_path, 2, model, opt, keep=3)
+    assert list_checkpoints(tmp_path) == [first] and sorted(p.name for p in tmp_path.iterdir()) == [
+        "latest", "step_0000001"]
+
+
+def test_the_index_of_a_sharded_checkpoint_cannot_run_code(tmp_path):
+    """DCP's .metadata is a pickle: rampup reads it with an unpickler that admits DCP's own dataclasses,
+    torch sizes and dtypes, nothing callable."""
+    import os
+    import pickle
+
+    from rampup.engine.sharded import read_metadata
+
+    model, opt = _trained()
+    path = _sharded(tmp_path, 1, model, opt)
+    assert "model/lm_head.weight" in read_metadata(path).state_dict_metadata  # the real index reads
+    (path / "dcp" / ".metadata").write_bytes(pickle.dumps(_Payload()))
+    if os.path.exists("/tmp/rampup_pwned"):
+        os.unlink("/tmp/rampup_pwned")
+    with pytest.raises(CheckpointDamaged, match=r"\.metadata is unreadable \(posix\.system is not part of DCP"):
+        read_metadata(path)
+    assert not os.path.exists("/tmp/rampup_pwned")

@@ -39,7 +39,8 @@ class TrainConfig(Section):
     """Where to train; auto picks cuda when available."""
     strategy: choice("ddp", "fsdp") = "ddp"
     """How a run under torchrun (more than one process) holds the model: ddp (DistributedDataParallel,
-    every rank a replica); fsdp (FSDP2 sharding) is not built yet. One process ignores it."""
+    every rank a replica) or fsdp (FSDP2: parameters, gradients and AdamW state sharded over the ranks).
+    One process ignores it."""
     backend: choice("auto", "gloo", "nccl") = "auto"
     """torch.distributed backend: auto is nccl on CUDA GPUs and gloo on CPUs."""
     collective_timeout: float = Field(default=600.0, gt=0)
@@ -50,6 +51,10 @@ class TrainConfig(Section):
     """Where checkpoints, metrics and plots go; {name} is replaced by the run name."""
     checkpoint_every: Duration | None = Duration(200, Unit.STEP)
     """How often to write a checkpoint, in steps, tokens or % of the run (None: only at the end)."""
+    checkpoint_format: choice("auto", "dcp") = "auto"
+    """auto: one process writes single-file safetensors checkpoints, several processes write
+    torch.distributed.checkpoint (DCP) shards, each rank its own; dcp: shards in one process too.
+    Either format resumes at any world size, and export, eval and teachers read both."""
     keep_checkpoints: int = Field(default=3, ge=1)
     """How many of the newest checkpoints to keep; older ones are deleted after each write
     (checkpoints found damaged are renamed damaged_step_N and never deleted)."""

@@ -15,20 +15,20 @@ process):
   whenever the trainable set or the architecture changes (unfreezing, growth).
 - **One voice.** The loss is averaged over ranks before it is logged or judged (the gradient norm is
   already the same everywhere), so every rank skips or applies a step together; a stop signal on any
-  rank stops all at the same step. Only rank 0 writes metrics, reports and checkpoints (the
-  single-process format, with its manifest and atomic rename: world-size independent); the others
-  wait for each write and read checkpoints after rank 0 has checked them.
+  rank stops all at the same step. Only rank 0 writes metrics, reports and checkpoint metadata; the
+  others wait for each write and read checkpoints after rank 0 has checked them.
+- **Checkpoints** are torch.distributed.checkpoint (DCP) shards (rampup.engine.sharded): every rank
+  writes its own part, rank 0 adds the JSON state and the sha256 manifest, and the folder is renamed
+  into place whole. Keys are parameter names, so a checkpoint saved by N ranks resumes on M, with
+  either strategy or in one process; a single-process checkpoint resumes on N ranks too.
 
 ``train.strategy: fsdp`` shards the reference model with FSDP2 (``fully_shard`` on a 1-D DeviceMesh):
 each block is one unit, the embedding, final norm and (tied) head are the root's. Parameters,
-gradients and AdamW state are 1/W per rank; gradients are reduce-scattered (averaged). Checkpoints
-stay world-size independent: the full state is gathered (``get_model_state_dict`` /
-``get_optimizer_state_dict`` with ``full_state_dict``) into an unsharded replica that rank 0 writes in
-the single-process format, and every rank reads a checkpoint into a replica and shards it
-(``set_model_state_dict``). The EMA's shadows are sharded like the parameters (gathered for a
-checkpoint); teachers' snapshots are whole on every rank. Not yet with FSDP2 (refused by name): Hugging
-Face models, growth, sub-networks; and torch.distributed.checkpoint's sharded format (each rank
-writing its own shards), which a model too large for one host's memory will need.
+gradients and AdamW state are 1/W per rank; gradients are reduce-scattered (averaged). Each rank
+saves and loads only its shards (no rank ever holds the whole model); a single-process checkpoint is
+read into an unsharded replica that is then sharded (``set_model_state_dict``). The EMA's shadows are
+sharded like the parameters; teachers' snapshots are whole on every rank. Not yet with FSDP2 (refused
+by name): Hugging Face models, growth, sub-networks.
 """
 from __future__ import annotations
 
@@ -189,10 +189,15 @@ class Dist:
         adapter._hidden = adapter.module.forward_hidden
 
     def checkpointer(self, local: Any, cfg: Any) -> Any:
-        """The run's checkpointer: ``local`` itself, or under FSDP2 one that goes through an unsharded
-        replica of the model and optimizer (built without moving the run's RNG)."""
-        if not self.fsdp:
+        """The run's checkpointer: ``local`` (the single-process format) for one process, else the
+        sharded one (torch.distributed.checkpoint: every rank writes its shards), which under FSDP2 reads
+        a single-process checkpoint through an unsharded replica (built without moving the run's RNG)."""
+        if not self.enabled and cfg.train.checkpoint_format != "dcp":
             return local
+        from rampup.engine.checkpointer import ShardedCheckpointer
+
+        if not self.fsdp:
+            return ShardedCheckpointer(local, self)
         from rampup.models.build import build_adapter
         from rampup.optim import build_optimizer
         from rampup.transitions import uses_parameter_groups
@@ -201,7 +206,23 @@ class Dist:
             with torch.random.fork_rng(devices=[]):
                 a = build_adapter(cfg.model, "cpu")
             return a, build_optimizer(a.module, cfg.optimizer, uses_parameter_groups(cfg.schedule))
-        return ReplicaCheckpointer(local, self, replica)
+        return ShardedCheckpointer(local, self, replica)
+
+    def union(self, items: list[str]) -> list[str]:
+        """Every rank's ``items``, rank 0's first (the same list on every rank)."""
+        if not self.enabled:
+            return list(items)
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, list(items))
+        return [x for part in out for x in part]
+
+    def first_error(self, error: str | None) -> str | None:
+        """The lowest failing rank's error, named, on every rank (None if no rank failed)."""
+        if not self.enabled:
+            return error
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, error)
+        return next((f"rank {r}: {e}" for r, e in enumerate(out) if e is not None), None)
 
     def sync_outside(self, params: list[torch.nn.Parameter], module: torch.nn.Module) -> None:
         """Average the gradients of trained parameters DDP does not hold (distillation projections)."""
@@ -347,61 +368,6 @@ def set_full_state(adapter: Any, optimizer: torch.optim.Optimizer | None, model_
         for name, p in adapter.module.named_parameters():
             if name not in saved:
                 optimizer.state.pop(p, None)
-
-
-class ReplicaCheckpointer:
-    """Checkpoints of a sharded (FSDP2) model in the single-process format: saved from, and loaded
-    through, an unsharded CPU replica, so they are world-size independent (save with N, resume with M)."""
-
-    collective = True
-    """``save`` gathers from every rank: every rank calls it (rank 0 alone writes)."""
-
-    def __init__(self, local: Any, dist_: Dist, make_replica: Callable[[], tuple[Any, torch.optim.Optimizer]]) -> None:
-        self.local, self.dist, self.make_replica = local, dist_, make_replica
-        self.folder = local.folder
-        self._loaded: tuple[Any, torch.optim.Optimizer] | None = None
-
-    def _replica_state(self, state: Any, adapter: Any, optimizer: torch.optim.Optimizer) -> Any:
-        import copy
-
-        shadow = copy.copy(state)
-        shadow.model, shadow.optimizer = adapter, optimizer
-        return shadow
-
-    def save(self, state: Any, extra: dict[str, Any]):
-        from rampup.ema import full
-
-        model_sd, optim_sd = full_state(state.model, state.optimizer)
-        parts = {k: full(v) for k, v in state.part_tensors().items()}  # a sharded EMA: gathered on every rank
-        if not self.dist.main:
-            return None
-        adapter, optimizer = self.make_replica()
-        set_full_state(adapter, optimizer, model_sd, optim_sd)
-        shadow = self._replica_state(state, adapter, optimizer)
-        shadow.part_tensors = lambda: parts
-        return self.local.save(shadow, extra)
-
-    def load_latest(self, state: Any, *, report, check=None):
-        """Read (and verify) the newest checkpoint into a replica; :meth:`install` then shards it."""
-        adapter, optimizer = self.make_replica()
-        ck = self.local.load_latest(self._replica_state(state, adapter, optimizer), report=report, check=check)
-        self._loaded = (adapter, optimizer) if ck is not None else None
-        return ck  # the trainer restores its JSON-able state and parts, as after a plain load
-
-    def install(self, state: Any) -> None:
-        """Every rank together: shard the replica read by :meth:`load_latest` into the live model."""
-        if self._loaded is None:
-            return
-        adapter, optimizer = self._loaded
-        model_sd, optim_sd = full_state(adapter, optimizer, to_rank0=False)
-        set_full_state(state.model, state.optimizer, model_sd, optim_sd)
-        self._loaded = None
-
-    def latest(self):
-        return self.local.latest()
-
-    def clean_partial(self) -> list[str]:
-        return self.local.clean_partial()
 
 
 def from_env() -> tuple[int, int, int]:

@@ -252,26 +252,25 @@ def _swap_in_optimizer(optimizer: torch.optim.Optimizer | None, replaced: dict[i
 
 
 def checkpoint_width(path: Path) -> int | None:
-    from safetensors import safe_open
+    from rampup.engine.checkpoint import model_shapes
 
-    with safe_open(str(path / "model.safetensors"), "pt") as f:  # the stream's width: the final norm's size
-        return f.get_slice("norm.weight").get_shape()[0] if "norm.weight" in f.keys() else None
+    shape = model_shapes(path).get("norm.weight")  # the stream's width: the final norm's size
+    return shape[0] if shape else None
 
 
 def checkpoint_depth(path: Path) -> int | None:
     """How many blocks the reference model in a checkpoint folder has (None: no ``layers.N`` keys)."""
-    from safetensors import safe_open
+    from rampup.engine.checkpoint import model_shapes
 
-    with safe_open(str(path / "model.safetensors"), "pt") as f:
-        idx = {int(k.split(".")[1]) for k in f.keys() if k.startswith("layers.")}
+    idx = {int(k.split(".")[1]) for k in model_shapes(path) if k.startswith("layers.")}
     return max(idx) + 1 if idx else None
 
 
 def checkpoint_mlp_width(path: Path) -> int | None:
-    from safetensors import safe_open
+    from rampup.engine.checkpoint import model_shapes
 
-    with safe_open(str(path / "model.safetensors"), "pt") as f:
-        return f.get_slice("layers.0.mlp.w1.weight").get_shape()[0] if "layers.0.mlp.w1.weight" in f.keys() else None
+    shape = model_shapes(path).get("layers.0.mlp.w1.weight")
+    return shape[0] if shape else None
 
 
 def fit_to_shapes(adapter: Any, dim: int | None, mlp_width: int | None, depth: int | None,

@@ -1,5 +1,9 @@
 """Checkpoints: safetensors for tensors, JSON for everything else, written atomically and checksummed.
 
+This is the single-process format; a run of several processes writes the sharded one
+(rampup.engine.sharded, torch.distributed.checkpoint) with the same guarantees, and every reader
+here (resume, export, eval, teachers) takes either.
+
 Layout of one checkpoint, ``OUT/checkpoints/step_0000100/``::
 
     model.safetensors      weights (tied weights stored once)
@@ -145,28 +149,14 @@ def save_checkpoint(
         tmp.mkdir()
         save_model(model, str(tmp / "model.safetensors"))
         save_file(tensors | rng_tensors(), str(tmp / "optimizer.safetensors"))
-        files = list(_FILES)
+        files = ["model.safetensors", "optimizer.safetensors"]
         if part_tensors:
             save_file({k: v.contiguous() for k, v in part_tensors.items()}, str(tmp / PARTS))
             files.append(PARTS)
-        for name in (n for n in files if n.endswith(".safetensors")):
+        for name in files:
             with open(tmp / name, "rb+") as f:
                 os.fsync(f.fileno())
-        _write_json(tmp / "state.json", dict(state, step=step, format_version=FORMAT_VERSION,
-                                             optimizer_groups=groups))
-        # hashes of the files as they are on disk, read back: what a later load will check
-        _write_json(tmp / MANIFEST, {"format_version": FORMAT_VERSION, "step": step, "files": {
-            name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)} for name in files}})
-        _fsync_dir(tmp)
-        if final.exists():  # an earlier run wrote this step and we resumed before it: replace it whole
-            old = ckpt_dir / f".old_step_{step:07d}_{os.getpid()}"
-            final.rename(old)
-            shutil.rmtree(old)
-        tmp.rename(final)
-        latest_tmp = ckpt_dir / f".latest.{os.getpid()}"
-        latest_tmp.write_text(final.name + "\n")
-        os.replace(latest_tmp, ckpt_dir / "latest")
-        _fsync_dir(ckpt_dir)
+        finish(tmp, final, dict(state, optimizer_groups=groups), files)
     except Exception as e:  # OSError, or safetensors' own error type wrapping one
         shutil.rmtree(tmp, ignore_errors=True)
         newest = latest_checkpoint(ckpt_dir)
@@ -178,12 +168,39 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if keep is not None:
-        for old in list_checkpoints(ckpt_dir)[:-keep]:
-            # renamed first, so a crash mid-delete never leaves a half-deleted step_N that looks damaged
-            trash = ckpt_dir / f".trash_{old.name}_{os.getpid()}"
-            old.rename(trash)
-            shutil.rmtree(trash, ignore_errors=True)
+        prune(ckpt_dir, keep)
     return final
+
+
+def finish(tmp: Path, final: Path, state: dict[str, Any], files: list[str]) -> Path:
+    """Complete a checkpoint whose tensor files are in ``tmp``: state.json, then the manifest of every
+    file (hashes of the bytes on disk, read back: what a later load checks), then the atomic rename
+    to ``final`` and ``latest``. Both formats end here."""
+    ckpt_dir, step = final.parent, _step_of(final)
+    _write_json(tmp / "state.json", dict(state, step=step, format_version=FORMAT_VERSION))
+    files = [*files, "state.json"]
+    _write_json(tmp / MANIFEST, {"format_version": FORMAT_VERSION, "step": step, "files": {
+        name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)} for name in files}})
+    _fsync_dir(tmp)
+    if final.exists():  # an earlier run wrote this step and we resumed before it: replace it whole
+        old = ckpt_dir / f".old_step_{step:07d}_{os.getpid()}"
+        final.rename(old)
+        shutil.rmtree(old)
+    tmp.rename(final)
+    latest_tmp = ckpt_dir / f".latest.{os.getpid()}"
+    latest_tmp.write_text(final.name + "\n")
+    os.replace(latest_tmp, ckpt_dir / "latest")
+    _fsync_dir(ckpt_dir)
+    return final
+
+
+def prune(ckpt_dir: Path, keep: int) -> None:
+    """Delete all but the ``keep`` newest checkpoints (damaged ones are not candidates)."""
+    for old in list_checkpoints(ckpt_dir)[:-keep]:
+        # renamed first, so a crash mid-delete never leaves a half-deleted step_N that looks damaged
+        trash = ckpt_dir / f".trash_{old.name}_{os.getpid()}"
+        old.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def _step_of(path: Path) -> int | None:
@@ -231,7 +248,15 @@ def verify_checkpoint(path: Path) -> None:
                                 "checksums, or damaged), so it cannot be verified") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointDamaged(f"checkpoint {path}: {MANIFEST} is unreadable ({e})") from None
-    for name in (*_FILES, *([PARTS] if PARTS in files or (path / PARTS).exists() else [])):
+    from rampup.engine.sharded import DCP_DIR, METADATA, is_sharded
+
+    if is_sharded(path):  # every rank's shard file, DCP's index and state.json
+        shards = [str(p.relative_to(path)) for p in sorted((path / DCP_DIR).iterdir()) if p.is_file()]
+        required = sorted({*shards, f"{DCP_DIR}/{METADATA}", "state.json",
+                           *(n for n in files if n.startswith(f"{DCP_DIR}/"))})
+    else:
+        required = [*_FILES, *([PARTS] if PARTS in files or (path / PARTS).exists() else [])]
+    for name in required:
         f = path / name
         if name not in files:
             raise CheckpointDamaged(f"checkpoint {path}: {MANIFEST} does not list {name}")
@@ -256,6 +281,19 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     """
     if verify:
         verify_checkpoint(path)
+    from rampup.engine import sharded
+
+    if sharded.is_sharded(path):
+        state = sharded.read_state(path)
+        if check is not None:
+            check(state)
+        if prepare is not None:
+            prepare(path)
+        metadata = sharded.read_metadata(path)
+        rng = sharded.load_into(path, model, optimizer, state.get("optimizer_groups"), metadata)
+        if optimizer is not None:
+            restore_rng(rng)
+        return Checkpoint(path, state, sharded.read_full(path, "part/", metadata))
     missing = [f for f in _FILES if not (path / f).is_file()]
     if missing:
         raise CheckpointDamaged(f"checkpoint {path} is incomplete (missing {', '.join(missing)}); "
@@ -284,6 +322,27 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     return Checkpoint(path, state, parts)
 
 
+def model_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The model's full tensors in a checkpoint folder (either format), on the CPU, unverified."""
+    from rampup.engine import sharded
+
+    if sharded.is_sharded(path):
+        return sharded.read_full(path, "model/")
+    return load_file(str(path / "model.safetensors"))
+
+
+def model_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """The model's tensor names and shapes in a checkpoint folder (either format), reading no weights."""
+    from rampup.engine import sharded
+
+    if sharded.is_sharded(path):
+        return sharded.model_shapes(path)
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
 def quarantine(path: Path) -> Path:
     """Rename a damaged checkpoint to ``damaged_step_N`` (never deleted; not a candidate again)."""
     target = path.with_name(f"damaged_{path.name}")
@@ -295,18 +354,23 @@ def quarantine(path: Path) -> Path:
     return target
 
 
-def load_latest(ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def load_latest(ckpt_dir: Path, model: torch.nn.Module | None, optimizer: torch.optim.Optimizer | None,
                 report: Callable[[str], None], check: Callable[[dict[str, Any]], None] | None = None,
-                prepare: Callable[[Path], None] | None = None) -> Checkpoint | None:
+                prepare: Callable[[Path], None] | None = None,
+                load: Callable[[Path], Checkpoint] | None = None) -> Checkpoint | None:
     """Load the newest checkpoint that verifies; None when there is no checkpoint at all.
 
     Each damaged one met on the way is reported through ``report`` and renamed ``damaged_step_N``.
-    If every checkpoint is damaged, :class:`CheckpointError` lists them.
+    If every checkpoint is damaged, :class:`CheckpointError` lists them. ``load`` replaces
+    :func:`load_checkpoint` (a sharded model reads its own way), after the same verification.
     """
     damaged = []
     for path in reversed(list_checkpoints(ckpt_dir)):
         try:
-            return load_checkpoint(path, model, optimizer, check=check, prepare=prepare)
+            if load is None:
+                return load_checkpoint(path, model, optimizer, check=check, prepare=prepare)
+            verify_checkpoint(path)
+            return load(path)
         except CheckpointDamaged as e:
             moved = quarantine(path)
             damaged.append(moved.name)
