@@ -14,8 +14,10 @@ from rampup.errors import ConfigError, DataError
 
 
 def make_run(root: Path, folder: str, evals: dict[int, list[tuple[float, float]]], *, name: str | None = None,
-             seed: int = 0, lr: float = 3e-3, data: dict | None = None, summary: bool = True) -> Path:
-    """A run folder whose eval at each length goes through (train_time, loss) pairs; tokens = 100 * time."""
+             seed: int = 0, lr: float = 3e-3, data: dict | None = None, summary: bool = True,
+             compile_time: float | None = None, precision: str | None = None) -> Path:
+    """A run folder whose eval at each length goes through (train_time, loss) pairs; tokens = 100 * time.
+    ``compile_time``: seconds of compiling, all before the first eval; ``precision``: the run event's."""
     out = root / folder
     out.mkdir(parents=True)
     cfg = RunConfig.model_validate({"name": name or folder, "optimizer": {"lr": lr}, "data": data or {},
@@ -23,6 +25,9 @@ def make_run(root: Path, folder: str, evals: dict[int, list[tuple[float, float]]
                                     "eval": {"seq_lens": sorted(evals)}})
     (out / "config.yaml").write_text(dump_config(cfg))
     lines, step = [], 0
+    if precision is not None:
+        lines.append({"event": "run", "step": 0, "name": cfg.name, "device": "cpu",
+                      "precision": {"precision": precision, "requested": "auto", "native_bf16": True, "reason": ""}})
     n_points = max(len(v) for v in evals.values())
     for i in range(n_points):
         t = next(v[i][0] for v in evals.values() if i < len(v))
@@ -34,7 +39,8 @@ def make_run(root: Path, folder: str, evals: dict[int, list[tuple[float, float]]
             if i < len(pts):
                 tt, loss = pts[i]
                 lines.append({"event": "eval", "step": step, "tokens": int(100 * tt), "seq_len": n, "loss": loss,
-                              "train_time": tt, "flops": 1e9 * tt})
+                              "train_time": tt, "flops": 1e9 * tt,
+                              **({"compile_time": compile_time} if compile_time is not None else {})})
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     if summary:
         last = {n: pts[-1][1] for n, pts in evals.items()}
@@ -56,9 +62,29 @@ def render(result: dict) -> str:
 
 def test_time_to_target_first_hit_no_interpolation():
     evals = [(100, 10.0, 1e9, 5.0), (200, 20.0, 2e9, 4.0), (300, 30.0, 3e9, 3.0)]
-    assert time_to_target(evals, 4.5) == {"tokens": 200, "train_time": 20.0, "flops": 2e9}
-    assert time_to_target(evals, 4.0) == {"tokens": 200, "train_time": 20.0, "flops": 2e9}
+    hit = {"tokens": 200, "train_time": 20.0, "compile_time": 0.0, "time": 20.0, "flops": 2e9}
+    assert time_to_target(evals, 4.5) == hit and time_to_target(evals, 4.0) == hit
     assert time_to_target(evals, 2.0) is None
+    compiled = [(t, tt, f, loss, 7.5) for t, tt, f, loss in evals]  # 7.5 s of graph building before
+    assert time_to_target(compiled, 4.5) == {**hit, "compile_time": 7.5, "time": 27.5}
+
+
+def test_compile_time_counts_toward_time_to_target_and_mixed_precisions_are_flagged(tmp_path):
+    """An arm that compiled pays its compile time: the wall-clock speed-up includes it, the one
+    without is shown beside it; arms at different resolved precisions get a warning and a label."""
+    fast = make_run(tmp_path, "fast", {256: [(10, 5.0), (20, 3.4)]}, lr=1e-3, compile_time=12.0, precision="bf16")
+    base = make_run(tmp_path, "base", {256: [(10, 5.5), (40, 3.5)]}, precision="fp32")
+    result = compare_runs([fast, base])
+    r = row(result, "fast", 256)
+    assert r["seeds"][0]["time"] == 32.0 and r["compile_time"]["median"] == 12.0
+    assert r["speedup_wall"]["median"] == pytest.approx(40 / 32)
+    assert r["speedup_wall_excl_compile"]["median"] == pytest.approx(40 / 20)
+    assert any("different precisions ('fast' bf16, 'base' fp32)" in w for w in result["warnings"])
+    text = render(result)
+    assert "fast, bf16" in text and "base (baseline), fp32" in text and "1.25x" in text and "2.00x" in text
+    same = compare_runs([make_run(tmp_path, "a", {256: [(10, 3.0)]}, precision="fp32"),
+                         make_run(tmp_path, "b", {256: [(10, 3.0)]}, lr=1e-3, precision="fp32")])
+    assert not any("precision" in w for w in same["warnings"]) and ", fp32" not in render(same)
 
 
 def test_speedup_against_baseline_recomputed(tmp_path):
@@ -114,7 +140,7 @@ def test_unreachable_target_is_null(tmp_path):
     write_comparison(result, tmp_path / "compare.json")
     assert '"train_time": null' in (tmp_path / "compare.json").read_text()
     line = next(ln for ln in render(result).splitlines() if "slow" in ln)
-    assert line.count("not reached") == 5  # time, tokens, FLOPs, both speed-ups
+    assert line.count("not reached") == 7  # time, its compile part, tokens, FLOPs, the three speed-ups
 
 
 def test_explicit_target_loss_overrides(tmp_path):
@@ -168,7 +194,7 @@ def test_truncated_metrics_still_load(tmp_path):
     with open(d / "metrics.jsonl", "a") as f:
         f.write('{"event": "eval", "step": 3, "tokens": 3000, "seq_len": 256, "lo')
     run = load_run(d)
-    assert run.evals[256] == [(1000, 10.0, 1e10, 5.0), (2000, 20.0, 2e10, 4.0)]
+    assert run.evals[256] == [(1000, 10.0, 1e10, 5.0, 0.0), (2000, 20.0, 2e10, 4.0, 0.0)]  # no compile recorded: 0
     assert run.final == {256: 4.0} and run.seed == 0 and len(run.steps) == 2
 
 

@@ -11,6 +11,12 @@ least half of the baseline seeds reach it). Time-to-target is read off the FIRST
 that evaluation, so the reported time is an upper bound (conservative, and coarser when evaluations
 are sparse). A target never reached is ``None`` (null in JSON, "not reached" on screen), never a number.
 
+Time is accounted honestly: with ``train.compile`` the steps that built a graph are compile time,
+not train time, and time to target is their sum (``time``: an arm with six bucket shapes pays six
+compiles); ``speedup_wall`` compares that sum, ``speedup_wall_excl_compile`` train time alone. Runs
+trained at different resolved precisions (bf16 against fp32) are flagged: their wall-clock
+differs for a reason that is not the curriculum.
+
 Example (CPU, after two runs have finished)::
 
     from rampup.compare import compare_runs, print_comparison
@@ -49,12 +55,14 @@ class Run:
     name: str
     path: Path
     config: dict[str, Any]
-    evals: dict[int, list[tuple[int, float, float, float]]]
-    """seq_len -> [(tokens, train_time, flops, loss)] in the order evaluated."""
+    evals: dict[int, list[tuple[int, float, float, float, float]]]
+    """seq_len -> [(tokens, train_time, flops, loss, compile_time)] in the order evaluated."""
     steps: list[dict[str, Any]] = field(default_factory=list)
     final: dict[int, float] = field(default_factory=dict)
     """seq_len -> loss of the last evaluation at that length."""
     seed: int = 0
+    precision: str = ""
+    """The resolved autocast precision the run trained at (bf16, fp32; "" if not recorded)."""
     group_key: str = ""
     """The config without name, train.seed and train.out_dir: runs with equal keys are seeds of one group."""
 
@@ -85,11 +93,15 @@ def load_run(run_dir: str | Path) -> Run:
     records = read_metrics(path / "metrics.jsonl")
     if not records:
         raise DataError(f"{path / 'metrics.jsonl'} is missing or empty; the run in {path} recorded no metrics")
-    evals: dict[int, list[tuple[int, float, float, float]]] = {}
+    evals: dict[int, list[tuple[int, float, float, float, float]]] = {}
+    precision = ""
     for r in records:
         if r.get("event") == "eval":
             evals.setdefault(int(r["seq_len"]), []).append(
-                (int(r["tokens"]), float(r["train_time"]), float(r["flops"]), float(r["loss"])))
+                (int(r["tokens"]), float(r["train_time"]), float(r["flops"]), float(r["loss"]),
+                 float(r.get("compile_time", 0.0))))
+        elif r.get("event") == "run" and isinstance(r.get("precision"), dict):
+            precision = str(r["precision"].get("precision", ""))
     if not evals:
         raise DataError(f"{path / 'metrics.jsonl'} has no evaluation; the run in {path} stopped before its first eval")
     return Run(
@@ -100,18 +112,22 @@ def load_run(run_dir: str | Path) -> Run:
         steps=[r for r in records if r.get("event") == "step"],
         final={n: e[-1][3] for n, e in evals.items()},
         seed=int((config.get("train") or {}).get("seed", 0)),
+        precision=precision,
         group_key=_group_key(config),
     )
 
 
-def time_to_target(evals: Sequence[tuple[int, float, float, float]], target: float) -> dict[str, float] | None:
-    """Tokens, train_time and FLOPs at the first evaluation with loss <= ``target``; None if never reached.
+def time_to_target(evals: Sequence[tuple[float, ...]], target: float) -> dict[str, float] | None:
+    """Tokens, train_time, compile_time, their sum (``time``) and FLOPs at the first evaluation with
+    loss <= ``target``; None if never reached. Entries are (tokens, train_time, flops, loss[, compile_time]).
 
     No interpolation between evaluations: the result is an upper bound on when the target was crossed.
     """
-    for tokens, train_time, flops, loss in evals:
+    for tokens, train_time, flops, loss, *rest in evals:
         if loss <= target:
-            return {"tokens": tokens, "train_time": train_time, "flops": flops}
+            compile_time = float(rest[0]) if rest else 0.0
+            return {"tokens": tokens, "train_time": train_time, "compile_time": compile_time,
+                    "time": train_time + compile_time, "flops": flops}
     return None
 
 
@@ -200,17 +216,25 @@ def compare_runs(run_dirs: Sequence[str | Path], *, baseline: str | None = None,
         targets[n] = target_loss if target_loss is not None else statistics.median_high(
             r.final[n] for r in groups[base_key])
 
+    axes = ("tokens", "time", "train_time", "compile_time", "flops")
+
     def per_length(members: list[Run], n: int) -> dict[str, Any]:
         seeds = []
         for r in sorted(members, key=lambda r: r.seed):
             hit = time_to_target(r.evals[n], targets[n])
             seeds.append({"run": r.name, "path": str(r.path), "seed": r.seed, "final_loss": r.final[n],
-                          "reached": hit is not None,
-                          **{k: (hit[k] if hit else None) for k in ("tokens", "train_time", "flops")}})
+                          "reached": hit is not None, **{k: (hit[k] if hit else None) for k in axes}})
         return {"target": targets[n],
                 "final_loss": _spread([s["final_loss"] for s in seeds]),
-                **{k: _spread([s[k] for s in seeds]) for k in ("tokens", "train_time", "flops")},
+                **{k: _spread([s[k] for s in seeds]) for k in axes},
                 "seeds": seeds}
+
+    precisions = {labels[key]: sorted({r.precision for r in members if r.precision}) for key, members in groups.items()}
+    if len({p for ps in precisions.values() for p in ps}) > 1:
+        listed = ", ".join(f"'{g}' {'/'.join(ps)}" for g, ps in precisions.items() if ps)
+        warnings.append(f"the runs trained at different precisions ({listed}): their wall-clock differs for a "
+                        "reason that is not the curriculum; set the same train.precision (bf16 or fp32) in every "
+                        "run to compare time")
 
     out_groups = []
     base_lengths = {n: per_length(groups[base_key], n) for n in shared}
@@ -219,13 +243,14 @@ def compare_runs(run_dirs: Sequence[str | Path], *, baseline: str | None = None,
         for n in shared:
             d = base_lengths[n] if key == base_key else per_length(members, n)
             d = copy.deepcopy(d)
-            for axis, name in (("train_time", "speedup_wall"), ("flops", "speedup_flops")):
+            for axis, name in (("time", "speedup_wall"), ("train_time", "speedup_wall_excl_compile"),
+                               ("flops", "speedup_flops")):
                 ref = base_lengths[n][axis]["median"]
                 # the slowest seed gives the smallest speed-up
                 d[name] = {"median": _ratio(ref, d[axis]["median"]), "min": _ratio(ref, d[axis]["max"]),
                            "max": _ratio(ref, d[axis]["min"])}
             lengths[str(n)] = d
-        out_groups.append({"label": labels[key], "baseline": key == base_key,
+        out_groups.append({"label": labels[key], "baseline": key == base_key, "precision": precisions[labels[key]],
                            "runs": [r.name for r in members], "paths": [str(r.path) for r in members],
                            "seeds": sorted(r.seed for r in members), "lengths": lengths})
     out_groups.sort(key=lambda g: g["baseline"])  # baseline last, like the input convention
@@ -255,8 +280,8 @@ def _fmt_stat(st: dict[str, float | None], fmt, n_seeds: int) -> str:
     return text
 
 
-COLUMNS = ("group", "seeds", "eval len", "final loss", "time to target", "tokens to target",
-           "FLOPs to target", "speed-up (wall)", "speed-up (FLOPs)")
+COLUMNS = ("group", "seeds", "eval len", "final loss", "time to target", "of which compile", "tokens to target",
+           "FLOPs to target", "speed-up (wall)", "speed-up (wall, excl. compile)", "speed-up (FLOPs)")
 
 
 def comparison_table(result: dict[str, Any]) -> tuple[str, list[str], list[list[str]]]:
@@ -264,19 +289,24 @@ def comparison_table(result: dict[str, Any]) -> tuple[str, list[str], list[list[
     targets = ", ".join(f"{t:.4f} @ {n}" for n, t in result["targets"].items())
     how = "given" if result["target_loss"] is not None else f"median final loss of '{result['baseline']}'"
     rows = []
+    mixed = len({p for g in result["groups"] for p in g.get("precision") or []}) > 1
     for g in result["groups"]:
         k = len(g["seeds"])
         for i, (n, d) in enumerate(g["lengths"].items()):
             reached = sum(s["reached"] for s in d["seeds"])
+            prec = "/".join(g.get("precision") or [])
             rows.append([
-                (g["label"] + (" (baseline)" if g["baseline"] else "")) if i == 0 else "",
+                (g["label"] + (" (baseline)" if g["baseline"] else "") + (f", {prec}" if prec and mixed else ""))
+                if i == 0 else "",
                 str(k) if i == 0 else "",
                 n,
                 _fmt_stat(d["final_loss"], lambda v: f"{v:.4f}", k),
-                _fmt_stat(d["train_time"], _fmt_time, k) + (f" [{reached}/{k} reached]" if 0 < reached < k else ""),
+                _fmt_stat(d["time"], _fmt_time, k) + (f" [{reached}/{k} reached]" if 0 < reached < k else ""),
+                _fmt_stat(d["compile_time"], _fmt_time, k),
                 _fmt_stat(d["tokens"], format_tokens, k),
                 _fmt_stat(d["flops"], lambda v: f"{v:.3g}", k),
                 _fmt_stat(d["speedup_wall"], lambda v: f"{v:.2f}x", k),
+                _fmt_stat(d["speedup_wall_excl_compile"], lambda v: f"{v:.2f}x", k),
                 _fmt_stat(d["speedup_flops"], lambda v: f"{v:.2f}x", k),
             ])
     return f"time to target loss ({targets}; {how}); median (min–max) over seeds", list(COLUMNS), rows

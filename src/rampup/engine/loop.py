@@ -357,7 +357,7 @@ class Trainer:
             if cfg.eval.passkey_samples:
                 self._passkey(n, prec)
             self.metrics.write({"event": "eval", "step": p.step, "tokens": p.tokens, "seq_len": n, "loss": loss,
-                                "train_time": p.train_time, "flops": p.flops})
+                                "train_time": p.train_time, "compile_time": p.compile_time, "flops": p.flops})
 
         ema = self.state.parts.get("ema") if cfg.train.ema is not None and cfg.train.ema.evaluate else None
         with ema.applied() if ema is not None else contextlib.nullcontext():
