@@ -85,9 +85,10 @@ def wait_for(pred, proc: subprocess.Popen, timeout: float = 120, poll: float = 0
 
 @pytest.fixture(scope="session")
 def uninterrupted(data_cache, tmp_path_factory) -> Path:
-    """The tiny run trained once without interruption: the reference every resumed run must equal."""
+    """The tiny run trained once without interruption: the reference every resumed run must equal.
+    It profiles every 8th step (the resumed runs do not: profiling must not change a number)."""
     out = tmp_path_factory.mktemp("uninterrupted")
-    cfg = write_config(out / "run.yaml", tiny_tree(data_cache, out / "run"))
+    cfg = write_config(out / "run.yaml", tiny_tree(data_cache, out / "run", train={"profile_every": 8}))
     res = run_rampup("train", str(cfg))
     assert res.returncode == 0, res.stderr
     return out / "run"

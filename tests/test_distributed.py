@@ -151,7 +151,6 @@ def test_the_gathered_optimizer_state_keeps_the_moments_of_parameters_frozen_aft
     import json
 
     from rampup.distributed import Dist, full_state, set_full_state
-    from rampup.engine.checkpoint import finish
     from rampup.engine.sharded import load_into, save_sharded
     from rampup.models.adapter import DecoderLMAdapter
     from rampup.models.llm import ModelConfig
@@ -174,7 +173,7 @@ def test_the_gathered_optimizer_state_keeps_the_moments_of_parameters_frozen_aft
             p.requires_grad_(False)  # frozen after a step: its moments exist
         a.module.norm.weight.requires_grad_(True)
         # the sharded format (torch.distributed.checkpoint) keeps them too, and invents none
-        save_sharded(tmp_path / "ck", 1, a.module, opt, {}, Dist(), keep=None, parts={}, finish=finish)
+        save_sharded(tmp_path / "ck", 1, a.module, opt, {}, Dist(), keep=None, parts={})
         c = DecoderLMAdapter.build(cfg)
         opt_c = torch.optim.AdamW(c.module.parameters(), lr=1e-2)
         ck = tmp_path / "ck" / "step_0000001"

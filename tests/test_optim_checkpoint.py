@@ -91,7 +91,7 @@ _SAVE_SCRIPT = """
 import sys, torch
 from pathlib import Path
 from rampup.distributed import Dist
-from rampup.engine.checkpoint import finish, save_checkpoint
+from rampup.engine.checkpoint import save_checkpoint
 from rampup.engine.sharded import save_sharded
 from rampup.errors import CheckpointWriteError
 torch.manual_seed(0)
@@ -102,7 +102,7 @@ opt.step()
 folder, step, fmt = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 try:
     if fmt == "dcp":
-        save_sharded(folder, step, model, opt, {"progress": {"step": step}}, Dist(), keep=3, parts={}, finish=finish)
+        save_sharded(folder, step, model, opt, {"progress": {"step": step}}, Dist(), keep=3, parts={})
     else:
         save_checkpoint(folder, step, model, opt, {"progress": {"step": step}})
 except CheckpointWriteError as e:
@@ -246,11 +246,10 @@ class _Payload:
 
 def _sharded(tmp_path, step, model, opt, parts=None, keep=None):
     from rampup.distributed import Dist
-    from rampup.engine.checkpoint import finish
     from rampup.engine.sharded import save_sharded
 
     return save_sharded(tmp_path, step, model, opt, {"progress": {"step": step}}, Dist(), keep=keep,
-                        parts=parts or {}, finish=finish)
+                        parts=parts or {})
 
 
 def test_sharded_checkpoint_round_trip_is_exact_and_reads_like_the_single_file_format(tmp_path):

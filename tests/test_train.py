@@ -38,6 +38,36 @@ def test_run_writes_metrics_checkpoints_and_loss_falls(uninterrupted):
     assert ckpts == ["step_0000020", "step_0000030", "step_0000040"]  # keeps the last 3
 
 
+def test_steps_record_achieved_flops_against_the_roof_and_sampled_profiles_split_the_step(uninterrupted):
+    """Every step: honest FLOPs per second and their share of this machine's matmul roof; every 8th
+    (train.profile_every): torch.profiler's seconds in forward, backward, optimizer and host work.
+    The report tabulates both per batch shape."""
+    from rampup.report import shape_profile, shape_table_rows
+
+    recs = read_metrics(uninterrupted / "metrics.jsonl")
+    run = next(r for r in recs if r["event"] == "run")
+    assert run["roof_gflops"] > 1.0
+    steps = {r["step"]: r for r in recs if r["event"] == "step"}
+    for r in steps.values():
+        step_flops = r["flops"] - steps.get(r["step"] - 1, {"flops": 0.0})["flops"]
+        assert r["flops_per_s"] == pytest.approx(step_flops / r["step_time"], rel=1e-9)
+        assert r["roof_share"] == pytest.approx(r["flops_per_s"] / (run["roof_gflops"] * 1e9), rel=1e-9)
+        assert 0 < r["roof_share"] < 1.5
+    profiles = [r for r in recs if r["event"] == "profile"]
+    assert [p["step"] for p in profiles] == [8, 16, 24, 32, 40]
+    for p in profiles:
+        parts = [p[k] for k in ("forward", "backward", "optimizer", "host")]
+        assert all(v >= 0 for v in parts) and p["forward"] > 0 and p["backward"] > 0 and p["optimizer"] > 0
+        assert sum(parts) == pytest.approx(p["step_time"], rel=1e-6) and p["step_time"] == steps[p["step"]]["step_time"]
+        assert (p["rows"], p["seq_len"]) == (steps[p["step"]]["batch_size"], steps[p["step"]]["seq_len"])
+    shapes = shape_profile(recs)
+    assert list(shapes) == [(32, 64), (8, 256)]
+    assert [d["steps"] for d in shapes.values()] == [20, 20] and [d["profiled_steps"] for d in shapes.values()] == [2, 3]
+    assert sum(shapes[(8, 256)]["shares"].values()) == pytest.approx(1.0)
+    rows = shape_table_rows("tiny", recs)
+    assert [r[1] for r in rows] == ["32 x 64", "8 x 256"] and all(r[5].endswith("%") for r in rows)
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_is_bitwise_identical(uninterrupted, data_cache, tmp_path):
     out = tmp_path / "run"

@@ -66,6 +66,9 @@ class TrainConfig(Section):
     memory_limit: str | int | None = None
     """Memory a training step may use ('8GiB', '512MiB'), for the memory knobs' ``auto`` and the check
     that the model fits at all (None: the cgroup's limit or the machine's available memory)."""
+    profile_every: int = Field(default=0, ge=0)
+    """Profile every Nth step with torch.profiler (0: off): a ``profile`` record in metrics.jsonl with the
+    step's seconds in forward, backward, optimizer and host work (the rest: data, knobs, Python)."""
     threads: int | None = None
     """torch.set_num_threads for CPU training (None: PyTorch's default)."""
     compile: bool = False

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from rampup.engine.sharded import all_trainable as _all_trainable, full_state, set_full_state  # noqa: F401
 from rampup.errors import ConfigError
 
 
@@ -322,52 +323,6 @@ def check_fsdp(cfg: Any) -> None:
         if any(v not in (None, _FSDP_NOT_YET[name]) for v in values):
             raise ConfigError(f"knob '{name}' with train.strategy fsdp is not built yet (growth and sub-networks "
                               "change the sharded model's structure); use train.strategy: ddp")
-
-
-@contextlib.contextmanager
-def _all_trainable(module: torch.nn.Module) -> Iterator[None]:
-    """The state-dict helpers skip the optimizer state of parameters that do not require grad; a frozen
-    parameter's moments (trained in an earlier stage) must survive a checkpoint (pytorch #192202)."""
-    frozen = [p for p in module.parameters() if not p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(True)
-    try:
-        yield
-    finally:
-        for p in frozen:
-            p.requires_grad_(False)
-
-
-def full_state(adapter: Any, optimizer: torch.optim.Optimizer, *, to_rank0: bool = True) -> tuple[dict, dict]:
-    """(model, optimizer) state dicts with full, unsharded tensors, frozen parameters' optimizer state
-    included. ``to_rank0``: gathered to rank 0's CPU (a collective under FSDP2; the other ranks get
-    empty dicts); otherwise every rank its own (for a plain, unsharded module)."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=to_rank0)
-    with _all_trainable(adapter.module):
-        return (get_model_state_dict(adapter.module, options=opts),
-                get_optimizer_state_dict(adapter.module, optimizer, options=opts))
-
-
-def set_full_state(adapter: Any, optimizer: torch.optim.Optimizer | None, model_sd: dict, optim_sd: dict | None) -> None:
-    """Load full state dicts into a (sharded or plain) model and its optimizer; every rank shards its part."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
-
-    set_model_state_dict(adapter.module, model_sd, options=StateDictOptions(full_state_dict=True))
-    if optimizer is not None and optim_sd is not None:
-        # not strict: a parameter never stepped yet (frozen since the start) has no state to load
-        with _all_trainable(adapter.module):
-            set_optimizer_state_dict(adapter.module, optimizer, optim_sd,
-                                     options=StateDictOptions(full_state_dict=True, strict=False))
-        # the helper first gives every parameter a zero state (a step at lr 0); one that had none (never
-        # stepped) must have none again, or its first real step's bias correction would be off
-        saved = set(optim_sd.get("state", {}))
-        for name, p in adapter.module.named_parameters():
-            if name not in saved:
-                optimizer.state.pop(p, None)
 
 
 def from_env() -> tuple[int, int, int]:

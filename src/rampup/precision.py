@@ -120,6 +120,47 @@ def probe_cpu_bf16(*, use_cache: bool = True) -> dict:
     return result
 
 
+def matmul_roof(precision: str, device: torch.device | str = "cpu", *, use_cache: bool = True) -> float:
+    """GFLOP/s this machine reaches on a large square matmul in ``precision`` (bf16 | fp32) with the
+    current thread count: the roof achieved FLOP/s are measured against. Cached per machine like the
+    precision probe; on CUDA measured on the device (not cached)."""
+    device = torch.device(device)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    key, path = f"roof|{precision}|{_probe_key()}", _cache_path()
+    cache: dict = {}
+    if use_cache and device.type == "cpu":
+        with contextlib.suppress(OSError, ValueError):
+            cache = json.loads(path.read_text())
+        if isinstance(cache.get(key), (int, float)):
+            return float(cache[key])
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    best, n = 0.0, 512
+    g = torch.Generator().manual_seed(0)
+    while True:  # grow the size until one matmul takes long enough to time (a slow dtype stops early)
+        a = torch.randn(n, n, generator=g).to(device, dtype)
+        b = torch.randn(n, n, generator=g).to(device, dtype)
+        a @ b
+        sync()
+        took = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            a @ b
+            sync()
+            took = min(took, time.perf_counter() - t0)
+        best = max(best, 2 * n**3 / took / 1e9)
+        if took > 0.05 or n >= 4096:
+            break
+        n *= 2
+    best = round(best, 1)
+    if use_cache and device.type == "cpu":
+        with contextlib.suppress(OSError):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(cache | {key: best}, indent=1))
+            tmp.replace(path)
+    return best
+
+
 def cpu_native_bf16() -> tuple[bool, str]:
     """(native?, why) for this CPU as torch will really run it."""
     cap = torch.backends.cpu.get_cpu_capability()

@@ -392,7 +392,53 @@ def _tables(loaded: list[tuple[str, list[dict], dict]]) -> list[Table]:
             stage_rows.append([name, stage, format_tokens(st.get("tokens", 0)) if st else "-",
                                f"{steps_per_stage.get(stage, 0):,}", format_tokens(v), knob_text or "-"])
     stages = ("Throughput per stage", ["run", "stage", "starts at (tokens)", "steps", "median tokens/s", "knobs"], stage_rows)
-    return [summary, stages]
+    shape_rows = [row for name, records, _ in loaded for row in shape_table_rows(name, records)]
+    shapes = ("Where the time goes, per batch shape (honest FLOPs against this machine's matmul roof; shares "
+              "from train.profile_every)", SHAPE_COLUMNS, shape_rows)
+    return [summary, stages, shapes]
+
+
+SHAPE_COLUMNS = ["run", "rows x length", "steps", "median step", "GFLOP/s", "of roof", "forward", "backward",
+                 "optimizer", "host", "profiled steps"]
+
+
+def shape_profile(records: list[dict]) -> dict[tuple[int, int], dict[str, Any]]:
+    """Per (rows, seq_len) of the step records: steps, median step time and achieved FLOP/s, its share
+    of the run's matmul roof, and the mean shares of the profiled steps (forward, backward, optimizer, host)."""
+    out: dict[tuple[int, int], dict[str, Any]] = {}
+    for r in _events(records, "step"):
+        if "flops_per_s" not in r:
+            continue
+        d = out.setdefault((int(r["batch_size"]), int(r["seq_len"])), {"times": [], "flops": [], "roof": []})
+        d["times"].append(float(r["step_time"]))
+        d["flops"].append(float(r["flops_per_s"]))
+        if "roof_share" in r:
+            d["roof"].append(float(r["roof_share"]))
+    prof: dict[tuple[int, int], list[dict]] = {}
+    for r in _events(records, "profile"):
+        prof.setdefault((int(r["rows"]), int(r["seq_len"])), []).append(r)
+    for key, d in out.items():
+        d["steps"] = len(d["times"])
+        d["median_step_time"] = statistics.median(d.pop("times"))
+        d["median_flops_per_s"] = statistics.median(d.pop("flops"))
+        roof = d.pop("roof")
+        d["roof_share"] = statistics.median(roof) if roof else None
+        ps = prof.get(key, [])
+        d["profiled_steps"] = len(ps)
+        d["shares"] = ({part: statistics.fmean(p[part] / p["step_time"] for p in ps if p["step_time"] > 0)
+                        for part in ("forward", "backward", "optimizer", "host")} if ps else None)
+    return dict(sorted(out.items(), key=lambda kv: (kv[0][1], kv[0][0])))
+
+
+def shape_table_rows(name: str, records: list[dict]) -> list[list[str]]:
+    rows = []
+    for (b, t), d in shape_profile(records).items():
+        sh = d["shares"] or {}
+        pct = lambda v: "-" if v is None else f"{100 * v:.0f}%"  # noqa: E731
+        rows.append([name, f"{b} x {t}", f"{d['steps']:,}", f"{1000 * d['median_step_time']:.0f} ms",
+                     f"{d['median_flops_per_s'] / 1e9:.1f}", pct(d["roof_share"]),
+                     *(pct(sh.get(k)) for k in ("forward", "backward", "optimizer", "host")), str(d["profiled_steps"])])
+    return rows
 
 
 def _unique_names(loaded: list[tuple[str, list[dict], dict]], dirs: list[Path]) -> list[tuple[str, list[dict], dict]]:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from rampup.engine.checkpoint import (Checkpoint, finish, latest_checkpoint, load_checkpoint, load_latest,
+from rampup.engine.checkpoint import (Checkpoint, latest_checkpoint, load_checkpoint, load_latest,
                                      remove_partial_writes, restore_rng, save_checkpoint)
 
 
@@ -91,8 +91,7 @@ class ShardedCheckpointer:
         from rampup.engine.sharded import save_sharded
 
         return save_sharded(self.folder, state.progress.step, state.model.module, state.optimizer,
-                            state.state_dict() | extra, self.dist, keep=self.keep, parts=state.part_tensors(),
-                            finish=finish)
+                            state.state_dict() | extra, self.dist, keep=self.keep, parts=state.part_tensors())
 
     def load_latest(self, state, *, report, check=None) -> Checkpoint | None:
         """Verify and pick the newest intact checkpoint and read its JSON state and parts; the model
@@ -136,7 +135,7 @@ class ShardedCheckpointer:
             _, path, groups, metadata = pending
             restore_rng(load_into(path, state.model.module, state.optimizer, groups, metadata))
             return
-        from rampup.distributed import full_state, set_full_state
+        from rampup.engine.sharded import full_state, set_full_state
 
         _, adapter, optimizer = pending
         model_sd, optim_sd = full_state(adapter, optimizer, to_rank0=False)

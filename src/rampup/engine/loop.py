@@ -166,6 +166,8 @@ class Trainer:
         self.resume_hint = f"rampup train {out / 'config.yaml'} --resume"
         self.stage_index, self.data_epoch = -1, self.data.sampler.epoch  # what the loop last announced
         self.seen_graphs: set[tuple] = set()
+        self.roof = 0.0
+        """GFLOP/s of a large matmul at the run's precision here (measured in :meth:`start`)."""
         self.flag = _SignalFlag()
 
     def check_memory(self) -> list:
@@ -236,14 +238,21 @@ class Trainer:
               * self.knobs.ctx.lr_mult * p.lr_scale)
         self.stall_faults.maybe_stall(p.step + 1)
         self.dist.heartbeat(p.step + 1)  # this rank is at the step's collectives
-        with self.nan_faults.poison(self.state.model.head, p.step + 1):
+        every = cfg.train.profile_every
+        profiler = _StepProfiler() if every and (p.step + 1) % every == 0 else contextlib.nullcontext()
+        with profiler, self.nan_faults.poison(self.state.model.head, p.step + 1):
             loss, gnorm = optimizer_step(self.state.model, self.task, self.state.optimizer, batch, lr=lr,
                                          precision=self.state.precision.precision,
                                          micro_batch_items=cfg.train.micro_batch_tokens,
                                          grad_clip=cfg.optimizer.grad_clip, dist=self.dist)
-        if "ema" in self.state.parts and math.isfinite(loss) and math.isfinite(gnorm):  # applied steps only
-            self.state.parts["ema"].update(batch.items * self.dist.world)  # the global batch's tokens
-        return self.record_step(sp, batch, loss, gnorm, lr, time.perf_counter() - t0)
+            if "ema" in self.state.parts and math.isfinite(loss) and math.isfinite(gnorm):  # applied steps only
+                self.state.parts["ema"].update(batch.items * self.dist.world)  # the global batch's tokens
+        dt = time.perf_counter() - t0
+        applied = self.record_step(sp, batch, loss, gnorm, lr, dt)
+        if isinstance(profiler, _StepProfiler):
+            self.metrics.write({"event": "profile", "step": self.progress.step, "rows": batch.rows * self.dist.world,
+                                "seq_len": batch.items // batch.rows, "step_time": dt, **profiler.seconds(dt)})
+        return applied
 
     def after_step(self) -> None:
         """Data epochs, evaluation, a pending signal and checkpoints, in that order."""
@@ -309,6 +318,7 @@ class Trainer:
         compiled = cfg.train.compile and not graphs <= self.seen_graphs
         self.seen_graphs |= graphs
         flops = self.state.model.flops_per_item(tuple(batch.inputs.shape), doc_lengths=self.task.doc_lengths(batch))
+        achieved = flops * n_items / dt  # honest FLOPs per second of the whole job
         self._tokens_before = p.tokens
         p.step += 1
         p.tokens += n_items
@@ -323,7 +333,9 @@ class Trainer:
             rec = {"event": "step", "step": p.step, "tokens": p.tokens, "loss": loss, "lr": lr, "grad_norm": gnorm,
                    "seq_len": T, "batch_size": B, "stage": stage.index, "stage_name": stage.name,
                    "tok_per_s": n_items / dt, "step_time": dt, "train_time": p.train_time, "flops": p.flops,
-                   "wall": time.time()}
+                   "flops_per_s": achieved, "wall": time.time()}
+            if self.roof:
+                rec["roof_share"] = achieved / (self.roof * 1e9 * self.dist.world)
             if compiled:
                 rec["compiled"] = True
                 rec["compile_time"] = p.compile_time
@@ -385,6 +397,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints, resume, rollback
     def start(self) -> None:
+        from rampup.precision import matmul_roof
+
         removed = self.checkpointer.clean_partial() if self.dist.main else []
         self.dist.barrier()
         if removed:
@@ -394,12 +408,15 @@ class Trainer:
             ck = self.load_latest(check=lambda st: check_resumable(st["config"], self.cfg))
             self.restore(ck)
             self.metrics.truncate_after(self.progress.step)
-        else:
+        # the matmul roof of this machine at the run's precision: achieved FLOP/s are read against it
+        self.roof = matmul_roof(self.state.precision.precision, self.device)
+        if not self.resume:
             if self.dist.main:
                 (self.out / "config.yaml").write_text(dump_config(self.cfg))
             self.metrics.truncate_after(0)
             self.metrics.write({"event": "run", "step": 0, "name": self.cfg.name, "device": str(self.device),
                                 "precision": self.state.precision.as_dict(), "world_size": self.dist.world,
+                                "roof_gflops": self.roof,
                                 **({"strategy": self.cfg.train.strategy, "backend": self.dist.backend}
                                    if self.dist.enabled else {})})
         s, prec = self.schedule, self.state.precision
@@ -495,3 +512,44 @@ class Trainer:
         if self.dist.main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         return summary
+
+
+class _StepProfiler:
+    """torch.profiler over one step: the seconds spent in the step's labelled regions (forward,
+    backward, optimizer: rampup.engine.step.REGIONS) and the rest (host work)."""
+
+    def __enter__(self) -> _StepProfiler:
+        from torch.profiler import ProfilerActivity, profile
+
+        self._prof = profile(activities=[ProfilerActivity.CPU])
+        with _quiet_fd2():
+            self._prof.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        with _quiet_fd2():
+            self._prof.__exit__(*exc)
+
+    def seconds(self, total: float) -> dict[str, float]:
+        from rampup.engine.step import REGIONS
+
+        spent = {e.key: e.cpu_time_total / 1e6 for e in self._prof.key_averages() if e.key in REGIONS}
+        out = {r.split(".", 1)[1]: spent.get(r, 0.0) for r in REGIONS}
+        out["host"] = max(0.0, total - sum(out.values()))
+        return out
+
+
+@contextlib.contextmanager
+def _quiet_fd2():
+    """Kineto prints a line to the process's stderr at every profiler start and stop: not for the user."""
+    import os
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

@@ -30,12 +30,13 @@ import os
 import pickle
 import shutil
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from rampup.engine.folders import finish, latest_checkpoint, nonfinite_tensors, prune, rng_tensors
 from rampup.errors import CheckpointDamaged, CheckpointError, CheckpointWriteError, NonFiniteError
 
 DCP_DIR = "dcp"
@@ -133,6 +134,52 @@ def _load(dcp: Any, target: dict[str, Any], path: Path, metadata: Any) -> None:
 
 
 # ---------------------------------------------------------------------------- state dicts
+@contextlib.contextmanager
+def all_trainable(module: torch.nn.Module) -> Iterator[None]:
+    """The state-dict helpers skip the optimizer state of parameters that do not require grad; a frozen
+    parameter's moments (trained in an earlier stage) must survive a checkpoint (pytorch #192202)."""
+    frozen = [p for p in module.parameters() if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+
+
+def full_state(adapter: Any, optimizer: torch.optim.Optimizer, *, to_rank0: bool = True) -> tuple[dict, dict]:
+    """(model, optimizer) state dicts with full, unsharded tensors, frozen parameters' optimizer state
+    included. ``to_rank0``: gathered to rank 0's CPU (a collective under FSDP2; the other ranks get
+    empty dicts); otherwise every rank its own (for a plain, unsharded module)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=to_rank0)
+    with all_trainable(adapter.module):
+        return (get_model_state_dict(adapter.module, options=opts),
+                get_optimizer_state_dict(adapter.module, optimizer, options=opts))
+
+
+def set_full_state(adapter: Any, optimizer: torch.optim.Optimizer | None, model_sd: dict, optim_sd: dict | None) -> None:
+    """Load full state dicts into a (sharded or plain) model and its optimizer; every rank shards its part."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    set_model_state_dict(adapter.module, model_sd, options=StateDictOptions(full_state_dict=True))
+    if optimizer is not None and optim_sd is not None:
+        # not strict: a parameter never stepped yet (frozen since the start) has no state to load
+        with all_trainable(adapter.module):
+            set_optimizer_state_dict(adapter.module, optimizer, optim_sd,
+                                     options=StateDictOptions(full_state_dict=True, strict=False))
+        # the helper first gives every parameter a zero state (a step at lr 0); one that had none (never
+        # stepped) must have none again, or its first real step's bias correction would be off
+        saved = set(optim_sd.get("state", {}))
+        for name, p in adapter.module.named_parameters():
+            if name not in saved:
+                optimizer.state.pop(p, None)
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
@@ -150,12 +197,10 @@ def live_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None)
     parameter name; frozen parameters' optimizer state included (pytorch #192202)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    from rampup.distributed import _all_trainable
-
     model_sd = get_model_state_dict(module)
     if optimizer is None:
         return model_sd, {}
-    with _all_trainable(module):
+    with all_trainable(module):
         return model_sd, get_optimizer_state_dict(module, optimizer)
 
 
@@ -180,8 +225,6 @@ def load_into(path: Path, module: torch.nn.Module, optimizer: torch.optim.Optimi
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
-
-    from rampup.distributed import _all_trainable
 
     metadata = read_metadata(path) if metadata is None else metadata
     saved = saved_tensors(metadata)
@@ -212,7 +255,7 @@ def load_into(path: Path, module: torch.nn.Module, optimizer: torch.optim.Optimi
     set_model_state_dict(module, model_sd)
     if optimizer is not None:
         groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in groups or []]  # JSON made a list
-        with _all_trainable(module):
+        with all_trainable(module):
             set_optimizer_state_dict(module, optimizer, {"state": state, "param_groups": groups},
                                      options=StateDictOptions(strict=False))
         for name, p in module.named_parameters():  # the helper gave every parameter a zero state first
@@ -232,10 +275,9 @@ def _cause(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[-1][:300]}" if text else type(e).__name__
 
 def save_sharded(ckpt_dir: Path, step: int, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 state: dict[str, Any], dist_: Any, *, keep: int | None, parts: dict[str, torch.Tensor],
-                 finish: Callable[[Path, Path, dict[str, Any], list[str]], Path]) -> Path:
+                 state: dict[str, Any], dist_: Any, *, keep: int | None, parts: dict[str, torch.Tensor]) -> Path:
     """Every rank together: write this step's shards into a temporary folder (DCP), then rank 0 adds
-    state.json and the manifest and renames it into place (``finish``). Returns the folder on every rank.
+    state.json and the manifest and renames it into place. Returns the folder on every rank.
 
     :class:`NonFiniteError` (nothing written) if any rank's shard holds a NaN or inf;
     :class:`CheckpointWriteError` on every rank if any rank's write failed (earlier checkpoints intact).
@@ -243,7 +285,6 @@ def save_sharded(ckpt_dir: Path, step: int, module: torch.nn.Module, optimizer: 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemWriter
 
-    from rampup.engine.checkpoint import nonfinite_tensors, rng_tensors
 
     flat, groups = flat_state(module, optimizer, parts, dist_.broadcast(rng_tensors()))
     bad = dist_.union(nonfinite_tensors((k, _local(v)) for k, v in flat.items()))
@@ -282,16 +323,12 @@ def save_sharded(ckpt_dir: Path, step: int, module: torch.nn.Module, optimizer: 
     if error is not None:
         if dist_.main:
             shutil.rmtree(tmp, ignore_errors=True)
-        from rampup.engine.checkpoint import latest_checkpoint
-
         newest = latest_checkpoint(ckpt_dir)
         kept = f"the newest checkpoint, {newest}, is intact" if newest else "no earlier checkpoint exists"
         raise CheckpointWriteError(
             f"could not write the checkpoint of step {step} to {ckpt_dir}: {error}; {kept}. Free disk space "
             "or fix the folder's permissions, then continue with: rampup train CONFIG --resume")
     if keep is not None and dist_.main:
-        from rampup.engine.checkpoint import prune
-
         prune(ckpt_dir, keep)
     return final
 

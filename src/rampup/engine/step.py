@@ -12,12 +12,17 @@ import math
 from typing import Any
 
 import torch
+from torch.profiler import record_function
 
 from rampup.engine.evaluation import eval_loss, window_batches
 from rampup.errors import ConfigError, RampupError
 from rampup.models.adapter import Batch, ModuleAdapter
 from rampup.precision import autocast
 from rampup.tasks import CausalLM
+
+
+REGIONS = ("rampup.forward", "rampup.backward", "rampup.optimizer")
+"""The torch.profiler labels of a step's parts (the loss in forward; clipping and the update in optimizer)."""
 
 
 class Interrupted(RampupError):
@@ -55,16 +60,17 @@ def optimizer_step(adapter, task, optimizer: torch.optim.Optimizer, batch: Batch
     total = accumulate_gradients(adapter, task, batch, precision=precision, micro_batch_items=micro_batch_items,
                                  dist=dist)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    if dist is not None and dist.enabled:
-        dist.sync_outside(params, adapter.module)
-        total = dist.mean(total)
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else math.inf)
-    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor over the ranks' shards
-        norm = norm.full_tensor()
-    loss_value, norm_value = total.item(), norm.item()  # the one host sync of the step
-    if math.isfinite(loss_value) and math.isfinite(norm_value):
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    with record_function(REGIONS[2]):
+        if dist is not None and dist.enabled:
+            dist.sync_outside(params, adapter.module)
+            total = dist.mean(total)
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else math.inf)
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor over the ranks' shards
+            norm = norm.full_tensor()
+        loss_value, norm_value = total.item(), norm.item()  # the one host sync of the step
+        if math.isfinite(loss_value) and math.isfinite(norm_value):
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     return loss_value, norm_value
 
 
@@ -82,10 +88,12 @@ def accumulate_gradients(adapter, task, batch: Batch, *, precision: str = "auto"
     for i in range(0, B, rows):
         part = batch.slice(i, i + rows)
         with sync(i + rows >= B):  # DDP: gradients are all-reduced in the last micro-batch's backward
-            with ctx:
-                loss = task.loss(adapter, part)
-            loss = loss * (part.rows / B)
-            loss.backward()
+            with record_function(REGIONS[0]):
+                with ctx:
+                    loss = task.loss(adapter, part)
+                loss = loss * (part.rows / B)
+            with record_function(REGIONS[1]):
+                loss.backward()
         total += loss.detach()
     return total
 
