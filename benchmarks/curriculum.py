@@ -516,6 +516,71 @@ def plot(res: dict[str, Any], L: int, target: float, table: dict[int, float] | N
 
 # ----------------------------------------------------------------------------------------------
 
+def predict(arms: dict[str, tuple[Path, RunConfig]], L: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """rampup plan's train-time estimate and honest FLOPs of every arm (before any run), and the corpus's
+    document lengths and cross-document share at L."""
+    from dataclasses import asdict
+
+    from rampup.calibrate import Calibrator, corpus_stats, estimate_time
+    from rampup.data.dataset import TokenDataset
+    from rampup.data.prepare import get_prepared
+    from rampup.plan import make_plan, step_shapes
+    from rampup.schedule import Schedule
+
+    out = {}
+    for name, (_, cfg) in arms.items():
+        t0 = time.perf_counter()
+        prepared = get_prepared(cfg.data)
+        train = TokenDataset.open(prepared, "train", verify=False)
+        sched = Schedule.build(cfg.schedule, total=cfg.train.duration, tokens_per_epoch=train.n_tokens)
+        shapes = step_shapes(cfg, sched)
+        plan = make_plan(cfg, sched, shapes, memory="off")
+        cal = Calibrator(cfg)
+        est = estimate_time(cfg, sched, shapes, plan, calibrator=cal)
+        out[name] = {**est.as_dict(), "flops": plan.total_flops, "tokens": sched.total_tokens,
+                     "calibration_s": round(time.perf_counter() - t0, 1)}
+    corpus = asdict(corpus_stats(train.doc_lengths, L))
+    return out, corpus
+
+
+def fmt_opt(v: float | None, fmt: str = ".2f", suffix: str = "x") -> str:
+    return "n/a" if v is None else f"{v:{fmt}}{suffix}"
+
+
+def physical_limits(res: dict[str, Any], predictions: dict[str, Any]) -> dict[str, Any]:
+    """Per arm: the measured time ratio split into token efficiency and per-token wall speed-up, the
+    honest-FLOPs limit of the latter, and the plan's estimate against the measured train time."""
+    def per_token(name: str, key: str) -> float | None:
+        vals = []
+        for s in res[name]["seeds"]:
+            summary = json.loads((Path(s["path"]) / "summary.json").read_text())
+            vals.append(summary[key] / summary["tokens"])
+        return statistics.median(vals) if vals else None
+
+    base_time, base_flops = per_token(BASELINE, "train_time"), per_token(BASELINE, "flops")
+    base_tok = res[BASELINE]["tokens_to_target"]["median"]
+    out = {}
+    for name, a in res.items():
+        t, f = per_token(name, "train_time"), per_token(name, "flops")
+        wall = base_time / t if (t and base_time) else None
+        flops = base_flops / f if (f and base_flops) else None
+        tok = a["tokens_to_target"]["median"]
+        measured = a["total_train_time_s"]["median"]
+        pred = predictions[name]["total_seconds"]
+        out[name] = {
+            "time_to_target_ratio": a["time_to_target_ratio"]["median"],
+            "token_efficiency": (base_tok / tok) if (tok and base_tok) else None,
+            "wall_speedup_at_equal_tokens": wall,
+            "honest_flops_speedup_at_equal_tokens": flops,
+            "wall_over_flops_speedup": (wall / flops) if (wall and flops) else None,
+            "plan_estimate_s": pred, "measured_train_time_s": measured,
+            "plan_estimate_error": (pred / measured - 1) if measured else None,
+            "plan_estimate_within_15pct": bool(measured) and abs(pred / measured - 1) <= 0.15,
+            "plan_expected_saving": predictions[name]["expected_saving"],
+        }
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("config_dir", nargs="?", type=Path, default=CONFIG_DIR,
@@ -559,6 +624,18 @@ def main(argv: list[str] | None = None) -> dict:
           f"parameters ({model.num_params() / 1e6:.2f}M non-embedding); budget {base_cfg.train.duration}; "
           f"runs under {out_root}", flush=True)
 
+    # Predict before compute: rampup plan's train-time estimate of every arm (calibrated steps of each
+    # batch shape, cached per machine), and the corpus's document lengths and cross-document share.
+    if args.wait_quiet > 0:
+        wait_quiet(args.wait_quiet)
+    predictions, corpus = predict(arms, L)
+    for name, p in predictions.items():
+        print(f"  plan estimate {name}: {p['total_seconds']:.0f} s of training ({p['measured_shapes']} shape(s) "
+              f"calibrated now, {p['calibration_s']:.0f} s); honest FLOPs {p['flops']:.3g}", flush=True)
+    print(f"  corpus: {corpus['documents']:,} documents, median {corpus['percentiles']['p50']:,} tokens, "
+          f"{corpus['share_in_docs_shorter_than_L']:.0%} of tokens in documents shorter than {L}; a fixed {L} baseline "
+          f"scores {corpus['cross_document_share']:.0%} of its attention pairs across documents", flush=True)
+
     t_start = time.perf_counter()
     runs = []
     for seed in range(args.seeds):  # interleaved: every arm once per seed round
@@ -591,6 +668,14 @@ def main(argv: list[str] | None = None) -> dict:
     print_table(res, target, L, args.seeds)
 
     curricula = [n for n in arms if n != BASELINE]
+    honest = physical_limits(res, predictions)
+    for n, h in honest.items():
+        print(f"  {n}: measured {fmt_opt(h['time_to_target_ratio'])} time to target = token efficiency "
+              f"{fmt_opt(h['token_efficiency'])} x per-token wall speed-up {fmt_opt(h['wall_speedup_at_equal_tokens'])}; "
+              f"physical limit (honest FLOPs ratio at equal tokens) {fmt_opt(h['honest_flops_speedup_at_equal_tokens'])}, "
+              f"so wall / FLOPs speed-up = {fmt_opt(h['wall_over_flops_speedup'], '.2f', '')} (target >= 0.9); plan "
+              f"estimate {h['plan_estimate_s']:.0f} s vs measured {h['measured_train_time_s']:.0f} s "
+              f"({h['plan_estimate_error']:+.1%}, target within 15%)", flush=True)
     base_final = res[BASELINE]["final_loss"]["median"]
     headline: dict[str, Any] = {}
     verdict = {}
@@ -656,6 +741,16 @@ def main(argv: list[str] | None = None) -> dict:
                      "best_baseline_seed_target: the lowest baseline final loss as target, the time of that "
                      "baseline seed to it as reference"),
             **sens},
+        "honest": {
+            "what": ("per arm: time_to_target_ratio = token_efficiency (baseline tokens to target / the arm's) x "
+                     "wall_speedup_at_equal_tokens (baseline seconds per token / the arm's, whole runs); its physical "
+                     "limit is honest_flops_speedup_at_equal_tokens (FLOPs per token as the kernels compute them: half "
+                     "the square for causal attention); wall_over_flops_speedup is how much of that limit the wall-clock "
+                     "gets (target >= 0.9). plan_estimate_s is rampup plan's prediction before any run (calibrated steps "
+                     "of each batch shape), against the measured median train time (target within 15%)"),
+            "arms": honest,
+            "corpus": corpus,
+            "predictions": predictions},
         "limits": {
             "attention_share_of_flops_at_L": round(attn_share, 3),
             "baseline_tok_per_s": base_rate,

@@ -10,6 +10,7 @@ from conftest import ROOT, run_rampup, tiny_tree, write_config
 
 def test_plan_prints_every_stage_and_writes_png(data_cache, tmp_path):
     cfg = write_config(tmp_path / "run.yaml", tiny_tree(data_cache, tmp_path / "out"))
+    assert run_rampup("prepare", str(cfg)).returncode == 0
     res = run_rampup("plan", str(cfg), "--png", str(tmp_path / "plan.png"))
     assert res.returncode == 0, res.stderr
     assert "short" in res.stdout and "long" in res.stdout and "saves" in res.stdout
@@ -17,12 +18,18 @@ def test_plan_prints_every_stage_and_writes_png(data_cache, tmp_path):
     png = (tmp_path / "plan.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert not (tmp_path / "out" / "checkpoints").exists()  # plan never trains
+    # the corpus is prepared: its document lengths and the share of a fixed baseline's attention across documents
+    flat = " ".join(res.stdout.split())  # rich wraps long lines anywhere
+    assert re.search(r"corpus: [\d,]+ training documents.*median [\d,]+", flat)
+    assert re.search(r"scores \d+% of its attention pairs across document boundaries", flat)
+    # the train-time estimate from calibrated steps of both shapes (32 x 64, 8 x 256) and the baseline's
+    assert "estimated train time" in flat and re.search(r"32x64 \d+ ms, 8x256 \d+ ms", flat)
 
 
 @pytest.mark.slow
 def test_plan_every_shipped_config(tmp_path):
     for cfg in sorted((ROOT / "configs").glob("*.yaml")):
-        res = run_rampup("plan", str(cfg), "--png", str(tmp_path / f"{cfg.stem}.png"), cwd=tmp_path)
+        res = run_rampup("plan", str(cfg), "--png", str(tmp_path / f"{cfg.stem}.png"), "--no-time", cwd=tmp_path)
         assert res.returncode == 0, (cfg, res.stderr)
         assert "FLOPs" in res.stdout
 

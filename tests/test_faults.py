@@ -171,7 +171,8 @@ def test_a_nan_step_is_skipped_and_counted(uninterrupted, data_cache, tmp_path):
 
 def test_nan_streak_rolls_back_at_a_lower_lr_and_resumes_exactly(uninterrupted, data_cache, tmp_path):
     """Steps 12-14 NaN: rollback to step 10 with lr x0.5. A copy of the run killed twice (right after
-    the rollback, and after the next checkpoint saved the lowered lr) ends bitwise equal to it."""
+    the rollback, and after the next checkpoint saved the lowered lr) ends bitwise equal to it, and
+    that copy checkpoints in the sharded (DCP) format, so the rollback and resumes read shards."""
     nan = {NAN_STEPS_ENV: "12,13,14"}
     ref_out = tmp_path / "ref"
     ref_cfg = write_config(tmp_path / "ref.yaml", tiny_tree(data_cache, ref_out))
@@ -190,8 +191,9 @@ def test_nan_streak_rolls_back_at_a_lower_lr_and_resumes_exactly(uninterrupted, 
     summary = json.loads((ref_out / "summary.json").read_text())
     assert (summary["skipped_steps"], summary["rollbacks"], summary["lr_scale"]) == (3, 1, 0.5)
 
+    # the killed copy writes torch.distributed.checkpoint shards: rollback and resume through them
     out = tmp_path / "run"
-    cfg = write_config(tmp_path / "run.yaml", tiny_tree(data_cache, out))
+    cfg = write_config(tmp_path / "run.yaml", tiny_tree(data_cache, out, train={"checkpoint_format": "dcp"}))
     proc = start(cfg, out, env=nan)
     wait_for(lambda: any(r["event"] == "rollback" for r in read_metrics(out / "metrics.jsonl")), proc, poll=0.01)
     proc.kill()  # before step 20's checkpoint: the resumed run meets the NaNs again and rolls back again
@@ -202,6 +204,7 @@ def test_nan_streak_rolls_back_at_a_lower_lr_and_resumes_exactly(uninterrupted, 
     proc.kill()  # after step 20's checkpoint, which carries lr_scale 0.5
     proc.wait()
     assert json.loads((out / "checkpoints" / "step_0000020" / "state.json").read_text())["progress"]["lr_scale"] == 0.5
+    assert (out / "checkpoints" / "step_0000020" / "dcp" / ".metadata").is_file()
     proc = start(cfg, out, env=nan)
     assert proc.wait(timeout=120) == 0
     assert step_losses(out) == step_losses(ref_out)

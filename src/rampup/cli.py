@@ -75,13 +75,26 @@ def cmd_plan(args: argparse.Namespace) -> int:
     cfg = _load(args)
     prepared = prepared_dir(cfg.data)
     tokens_per_epoch = None  # known only once the corpus is prepared; plan never prepares it
-    if (prepared / "meta.json").is_file():
-        from rampup.data.dataset import TokenDataset
+    from rampup.data.dataset import TokenDataset
 
+    if (prepared / "meta.json").is_file():
         tokens_per_epoch = TokenDataset.open(prepared, "train", verify=cfg.data.verify_checksums).n_tokens
     schedule = Schedule.build(cfg.schedule, total=cfg.train.duration, tokens_per_epoch=tokens_per_epoch)
     plan = make_plan(cfg, schedule, memory="detail" if args.memory else "peak")
     print_plan(plan, cfg, console)
+    if (prepared / "meta.json").is_file():
+        from rampup.calibrate import corpus_stats, print_corpus_stats
+
+        print_corpus_stats(corpus_stats(TokenDataset.open(prepared, "train", verify=False).doc_lengths,
+                                        plan.baseline_seq_len), console)
+    else:
+        console.print(f"corpus not prepared yet ({prepared}): `rampup prepare` it for its document lengths")
+    if not args.no_time:
+        from rampup.calibrate import estimate_time, print_time_estimate
+
+        shapes = list(zip(plan.curve["batch_size"], plan.curve["seq_len"]))
+        est = estimate_time(cfg, schedule, shapes, plan)
+        print_time_estimate(est, schedule, console, plan.baseline_seq_len)
     png = Path(args.png) if args.png else cfg.resolved_out_dir() / "plan.png"
     plot_plan(plan, png, title=cfg.name)
     console.print(f"plot: {png}")
@@ -303,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--png", help="where to write the plot (default: OUT_DIR/plan.png)")
     sp.add_argument("--memory", action="store_true", help="also estimate each stage's peak memory with each "
                     "memory technique alone and all together")
+    sp.add_argument("--no-time", action="store_true", help="skip the train-time estimate (which times a few real "
+                    "steps of each batch shape on this machine the first time, then reads them from a cache)")
     sp.set_defaults(fn=cmd_plan)
     sp = with_config("probe", "find by measurement the longest seq_len that trains within a memory limit, "
                      "plain and with each memory technique (each trial in a child process held to the limit)")
