@@ -11,6 +11,7 @@ import torch
 
 from conftest import rampup_cmd, tiny_tree, wait_for, weights, write_config
 from rampup.engine.metrics import read_metrics
+from rampup.errors import ConfigError
 
 pytestmark = pytest.mark.slow
 
@@ -382,6 +383,7 @@ def test_a_rank_that_hangs_in_a_collective_is_timed_out_and_named(data_cache, tm
     ({"train": {"backend": "nccl"}}, "nccl needs CUDA"),
     ({"schedule": {"knobs": {"batch_tokens": 3072}, "stages": [{"name": "s", "seq_len": 1024}]}},
      "does not divide the global batch"),
+    ({"train": {"context_parallel": 2}}, "train.context_parallel 2: it needs CUDA GPUs"),
 ])
 def test_bad_distributed_settings_are_named_before_compute(data_cache, tmp_path, tree, words):
     t = tiny_tree(data_cache, tmp_path / "run")
@@ -392,3 +394,23 @@ def test_bad_distributed_settings_are_named_before_compute(data_cache, tmp_path,
     assert res.returncode != 0 and words in res.stderr, res.stderr[-2000:]
     assert not (tmp_path / "run" / "checkpoints").exists()
     assert torch.distributed.is_available()
+
+
+@pytest.mark.parametrize("section, value, world, words", [
+    ("data", {"doc_mask": True}, 2, r"document masks \(data.doc_mask\) cannot be split"),
+    ("schedule", {"knobs": {"batch_tokens": 2048, "window": 32}, "stages": [{"name": "s", "seq_len": 64}]}, 2,
+     "the banded window kernel"),
+    ("schedule", None, 3, "the world size 3 is not a multiple of it"),
+    ("schedule", None, 2, "rampup has not wired it yet"),
+])
+def test_context_parallel_on_gpus_names_what_stands_in_its_way(data_cache, tmp_path, section, value, world, words):
+    """A config for CUDA (validated here without a GPU: the check reads the config, before any device)."""
+    from rampup.config import RunConfig
+    from rampup.distributed import check_context_parallel
+
+    t = tiny_tree(data_cache, tmp_path / "run", train={"device": "cuda", "context_parallel": 2})
+    if value is not None:
+        t[section] = {**t[section], **value}
+    with pytest.raises(ConfigError, match=words):
+        check_context_parallel(RunConfig.model_validate(t), world)
+    check_context_parallel(RunConfig.model_validate(tiny_tree(data_cache, tmp_path / "run")), world)  # 1: off

@@ -272,10 +272,11 @@ def print_time_estimate(est: TimeEstimate, schedule: Any, console: Any, baseline
     console.print(t)
     shapes = ", ".join(f"{r}x{n} {1000 * d['seconds_per_step']:.0f} ms" for (r, n), d in sorted(est.shapes.items(),
                                                                                               key=lambda kv: kv[0][1]))
+    verdict = (f"expected to save {est.saved:.0%} of the wall-clock" if est.saved >= 0 else
+               f"expected to take {-est.saved:.0%} more wall-clock (what it adds costs more than its shorter steps save)")
     console.print(f"estimated train time {_fmt_seconds(est.total)}; a fixed seq_len {baseline_seq_len} baseline of the same "
-                  f"budget: {_fmt_seconds(est.baseline)}, so this schedule is expected to save {est.saved:.0%} of the "
-                  f"wall-clock at equal tokens ({est.measured} shape(s) timed now, the rest from the cache; per step: "
-                  f"{shapes})")
+                  f"budget: {_fmt_seconds(est.baseline)}, so this schedule is {verdict} at equal tokens "
+                  f"({est.measured} shape(s) timed now, the rest from the cache; per step: {shapes})")
 
 
 def print_corpus_stats(s: CorpusStats, console: Any) -> None:

@@ -43,6 +43,10 @@ class TrainConfig(Section):
     One process ignores it."""
     backend: choice("auto", "gloo", "nccl") = "auto"
     """torch.distributed backend: auto is nccl on CUDA GPUs and gloo on CPUs."""
+    context_parallel: int = Field(default=1, ge=1)
+    """Ranks one sequence is split over (context parallelism: ring attention over SDPA). 1: off. Not
+    built yet: PyTorch's ring attention shards SDPA's CUDA flash / efficient kernels only, and rampup has
+    had no GPUs to test it on, so any other value is refused with the reason before compute."""
     collective_timeout: float = Field(default=600.0, gt=0)
     """Seconds a collective may wait for the other ranks before the job fails (a rank that hangs)."""
     micro_batch_tokens: int | None = None

@@ -310,6 +310,33 @@ SMALL_FOR_FSDP = 256 * 2**20
 _FSDP_NOT_YET = {"depth": 0, "width": 0, "mlp_width": 0, "subnet": "none"}
 
 
+def check_context_parallel(cfg: Any, world: int) -> None:
+    """``train.context_parallel`` above 1, refused by name with what stands in the way (before compute)."""
+    from rampup.knobs import knob_keys_set
+
+    n = cfg.train.context_parallel
+    if n == 1:
+        return
+    cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    sched = cfg.schedule
+    windowed = "window" in knob_keys_set(sched) and any(
+        v not in (None, 0) for v in [sched.knobs.get("window")] + [st.knobs.get("window") for st in sched.stages])
+    if not cuda:
+        why = ("it needs CUDA GPUs: PyTorch's ring attention (torch.distributed.tensor.experimental.context_parallel) "
+               "shards SDPA's CUDA flash and memory-efficient kernels, and the CPU kernel "
+               "(aten._scaled_dot_product_flash_attention_for_cpu) has no sharding strategy")
+    elif cfg.data.doc_mask:
+        why = "ring attention runs causal SDPA without a mask, so document masks (data.doc_mask) cannot be split"
+    elif windowed:
+        why = "the banded window kernel (knob 'window') is not SDPA's causal attention, which ring attention splits"
+    elif world % n:
+        why = f"the world size {world} is not a multiple of it"
+    else:
+        why = "rampup has not wired it yet (no GPUs to test ring attention on)"
+    raise ConfigError(f"train.context_parallel {n}: {why}; set train.context_parallel: 1 (the long-context "
+                      "alternatives here: the memory knobs loss_shards, mlp_shards and activation_checkpoint)")
+
+
 def check_fsdp(cfg: Any) -> None:
     """What FSDP2 does not run yet, refused by name before compute."""
     from rampup.knobs import knob_keys_set
@@ -334,6 +361,7 @@ def setup(cfg: Any) -> Dist:
     """Join the job torchrun started (a no-op for one process): the backend, the device, the timeout."""
     rank, world, local = from_env()
     strategy, backend = cfg.train.strategy, cfg.train.backend
+    check_context_parallel(cfg, world)
     if world == 1:
         return Dist()
     if strategy == "fsdp":

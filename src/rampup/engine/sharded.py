@@ -274,6 +274,7 @@ def _cause(e: BaseException) -> str:
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[-1][:300]}" if text else type(e).__name__
 
+
 def save_sharded(ckpt_dir: Path, step: int, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  state: dict[str, Any], dist_: Any, *, keep: int | None, parts: dict[str, torch.Tensor]) -> Path:
     """Every rank together: write this step's shards into a temporary folder (DCP), then rank 0 adds
@@ -284,7 +285,6 @@ def save_sharded(ckpt_dir: Path, step: int, module: torch.nn.Module, optimizer: 
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemWriter
-
 
     flat, groups = flat_state(module, optimizer, parts, dist_.broadcast(rng_tensors()))
     bad = dist_.union(nonfinite_tensors((k, _local(v)) for k, v in flat.items()))
@@ -303,22 +303,26 @@ def save_sharded(ckpt_dir: Path, step: int, module: torch.nn.Module, optimizer: 
     except OSError as e:
         error = str(e)
     error = dist_.broadcast(error)
-    files: list[str] = []
-    if error is None:
-        try:
-            with _quiet():
-                dcp.save(flat, storage_writer=FileSystemWriter(str(tmp / DCP_DIR), sync_files=True),
-                         no_dist=not dist_.enabled)
-        except (Exception, dcp.CheckpointException) as e:  # the latter (a BaseException) gathers every rank's
-            error = _cause(e)
-        error = dist_.first_error(error)
     final = None
-    if error is None and dist_.main:
-        try:
-            files = sorted(str(p.relative_to(tmp)) for p in (tmp / DCP_DIR).iterdir() if p.is_file())
-            final = finish(tmp, ckpt_dir / f"step_{step:07d}", dict(state, optimizer_groups=groups), files)
-        except Exception as e:
-            error = str(e)
+    try:
+        if error is None:
+            try:
+                with _quiet():
+                    dcp.save(flat, storage_writer=FileSystemWriter(str(tmp / DCP_DIR), sync_files=True),
+                             no_dist=not dist_.enabled)
+            except (Exception, dcp.CheckpointException) as e:  # the latter (a BaseException) gathers every rank's
+                error = _cause(e)
+            error = dist_.first_error(error)
+        if error is None and dist_.main:
+            try:
+                files = sorted(str(p.relative_to(tmp)) for p in (tmp / DCP_DIR).iterdir() if p.is_file())
+                final = finish(tmp, ckpt_dir / f"step_{step:07d}", dict(state, optimizer_groups=groups), files)
+            except Exception as e:
+                error = str(e)
+    except BaseException:  # a second Ctrl-C mid-write: leave no half-written folder behind
+        if dist_.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     final, error = dist_.broadcast((final, error))
     if error is not None:
         if dist_.main:
