@@ -383,7 +383,6 @@ def test_a_rank_that_hangs_in_a_collective_is_timed_out_and_named(data_cache, tm
     ({"train": {"backend": "nccl"}}, "nccl needs CUDA"),
     ({"schedule": {"knobs": {"batch_tokens": 3072}, "stages": [{"name": "s", "seq_len": 1024}]}},
      "does not divide the global batch"),
-    ({"train": {"context_parallel": 2}}, "train.context_parallel 2: it needs CUDA GPUs"),
 ])
 def test_bad_distributed_settings_are_named_before_compute(data_cache, tmp_path, tree, words):
     t = tiny_tree(data_cache, tmp_path / "run")
@@ -397,6 +396,7 @@ def test_bad_distributed_settings_are_named_before_compute(data_cache, tmp_path,
 
 
 @pytest.mark.parametrize("section, value, world, words", [
+    ("train", {"device": "cpu"}, 2, "train.context_parallel 2: it needs CUDA GPUs"),
     ("data", {"doc_mask": True}, 2, r"document masks \(data.doc_mask\) cannot be split"),
     ("schedule", {"knobs": {"batch_tokens": 2048, "window": 32}, "stages": [{"name": "s", "seq_len": 64}]}, 2,
      "the banded window kernel"),
@@ -404,7 +404,8 @@ def test_bad_distributed_settings_are_named_before_compute(data_cache, tmp_path,
     ("schedule", None, 2, "rampup has not wired it yet"),
 ])
 def test_context_parallel_on_gpus_names_what_stands_in_its_way(data_cache, tmp_path, section, value, world, words):
-    """A config for CUDA (validated here without a GPU: the check reads the config, before any device)."""
+    """A CPU run is refused for want of a CPU kernel; a config for CUDA is validated here without a GPU
+    (the check reads the config, before any device), and each obstacle is named."""
     from rampup.config import RunConfig
     from rampup.distributed import check_context_parallel
 

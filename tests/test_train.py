@@ -122,6 +122,7 @@ def test_resume_with_a_different_config_is_refused(uninterrupted, data_cache, tm
     ({"schedule": {"knobs": {"batch_tokens": 2048}, "stages": [{"seq_len": 512}]}}, "raise model.max_seq_len"),
     ({"train": {"duration": "40"}}, "has no unit"),
     ({"model": {"n_layer": 3}}, "did you mean 'n_layers'"),
+    ({"train": {"context_parallel": 2}}, "train.context_parallel 2: it needs CUDA GPUs"),
 ])
 def test_bad_input_fails_fast_with_a_named_error(data_cache, tmp_path, sections, fragment):
     cfg = write_config(tmp_path / "run.yaml", tiny_tree(data_cache, tmp_path / "out", **sections))

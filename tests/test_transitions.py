@@ -466,7 +466,7 @@ def test_a_run_grown_deeper_and_wider_mid_way_resumes_into_the_grown_model_and_e
         return t
 
     ref = write_config(tmp_path / "ref.yaml", tree(tmp_path / "ref"))
-    res = run_rampup("plan", str(ref), "--png", str(tmp_path / "p.png"))
+    res = run_rampup("plan", str(ref), "--png", str(tmp_path / "p.png"), "--no-time")
     assert res.returncode == 0, res.stderr
     assert run_rampup("train", str(ref)).returncode == 0
     out = tmp_path / "run"
