@@ -167,6 +167,27 @@ def _check_same_data(runs: list[Run]) -> None:
                           "validation losses are not comparable")
 
 
+def _baseline_key(runs: list[Run], labels: dict[str, str], baseline: str | None) -> str:
+    """The group key of ``baseline`` (a run name, group label or run folder); default: the last run's group."""
+    if baseline is None:
+        return runs[-1].group_key
+    matches = [r.group_key for r in runs
+               if baseline in (r.name, labels[r.group_key]) or Path(baseline).resolve() == r.path.resolve()]
+    if not matches:
+        known = sorted({r.name for r in runs} | set(labels.values()))
+        raise ConfigError(f"baseline '{baseline}' is none of the compared runs; give one of {known} or a run folder")
+    return matches[0]
+
+
+def _precision_warning(precisions: dict[str, list[str]]) -> list[str]:
+    """A warning when the groups trained at different resolved precisions (label -> precisions)."""
+    if len({p for ps in precisions.values() for p in ps}) <= 1:
+        return []
+    listed = ", ".join(f"'{g}' {'/'.join(ps)}" for g, ps in precisions.items() if ps)
+    return [f"the runs trained at different precisions ({listed}): their wall-clock differs for a reason that is "
+            "not the curriculum; set the same train.precision (bf16 or fp32) in every run to compare time"]
+
+
 def compare_runs(run_dirs: Sequence[str | Path], *, baseline: str | None = None,
                  target_loss: float | None = None) -> dict[str, Any]:
     """Group runs by config (seeds together) and measure each group against the baseline group.
@@ -189,15 +210,7 @@ def compare_runs(run_dirs: Sequence[str | Path], *, baseline: str | None = None,
             label, i = f"{_label(members)} ({i})", i + 1
         labels[key] = label
 
-    if baseline is None:
-        base_key = runs[-1].group_key
-    else:
-        matches = [r.group_key for r in runs
-                   if baseline in (r.name, labels[r.group_key]) or Path(baseline).resolve() == r.path.resolve()]
-        if not matches:
-            known = sorted({r.name for r in runs} | set(labels.values()))
-            raise ConfigError(f"baseline '{baseline}' is none of the compared runs; give one of {known} or a run folder")
-        base_key = matches[0]
+    base_key = _baseline_key(runs, labels, baseline)
 
     all_lens = set().union(*(r.evals for r in runs))
     shared = sorted(set.intersection(*(set(r.evals) for r in runs)))
@@ -230,11 +243,7 @@ def compare_runs(run_dirs: Sequence[str | Path], *, baseline: str | None = None,
                 "seeds": seeds}
 
     precisions = {labels[key]: sorted({r.precision for r in members if r.precision}) for key, members in groups.items()}
-    if len({p for ps in precisions.values() for p in ps}) > 1:
-        listed = ", ".join(f"'{g}' {'/'.join(ps)}" for g, ps in precisions.items() if ps)
-        warnings.append(f"the runs trained at different precisions ({listed}): their wall-clock differs for a "
-                        "reason that is not the curriculum; set the same train.precision (bf16 or fp32) in every "
-                        "run to compare time")
+    warnings += _precision_warning(precisions)
 
     out_groups = []
     base_lengths = {n: per_length(groups[base_key], n) for n in shared}
