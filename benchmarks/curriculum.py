@@ -68,6 +68,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from rampup.calibrate import others_cpu_seconds
 from rampup.compare import compare_runs, print_comparison, time_to_target
 from rampup.config import RunConfig, load_config
 from rampup.engine.metrics import read_metrics
@@ -124,24 +125,13 @@ def check_same_setup(arms: dict[str, tuple[Path, RunConfig]]) -> None:
                              "optimizer, train and eval settings and batch_tokens")
 
 
-def others_cpu_s() -> float:
-    """CPU seconds every process but this one and its finished children has used since boot (Linux)."""
-    try:
-        f = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:8]]
-        busy = (f[0] + f[1] + f[2] + f[5] + f[6]) / os.sysconf("SC_CLK_TCK")  # user nice system irq softirq
-    except (OSError, ValueError):
-        return 0.0
-    t = os.times()
-    return busy - t.user - t.system - t.children_user - t.children_system
-
-
 def wait_quiet(max_s: float) -> float:
     """Wait (at most ``max_s``) until other processes use < 0.1 CPU-s per second over 5 s; seconds waited."""
     t0 = time.time()
     while time.time() - t0 < max_s:
-        a = others_cpu_s()
+        a = others_cpu_seconds()
         time.sleep(5)
-        if (others_cpu_s() - a) / 5 < 0.1:
+        if (others_cpu_seconds() - a) / 5 < 0.1:
             break
     return time.time() - t0
 
@@ -182,7 +172,7 @@ def run_one(name: str, path: Path, seed: int, out_dir: Path, overrides: list[str
             shutil.rmtree(out_dir)  # a crashed or stale run of ours: start afresh
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         waited = round(wait_quiet(quiet_s), 1) if quiet_s > 0 else 0.0
-        load0, other0, t0 = os.getloadavg()[0], others_cpu_s(), time.perf_counter()
+        load0, other0, t0 = os.getloadavg()[0], others_cpu_seconds(), time.perf_counter()
         print(f"  {name} seed {seed} -> {out_dir} (log {log})" + (f" [attempt {attempt + 1}]" if attempt else "")
               + (f" after waiting {waited:.0f}s for quiet" if waited >= 10 else ""), flush=True)
         with open(log, "w") as fh:
@@ -191,7 +181,7 @@ def run_one(name: str, path: Path, seed: int, out_dir: Path, overrides: list[str
             except subprocess.TimeoutExpired:
                 rc = "timeout"
         wall = time.perf_counter() - t0
-        other = others_cpu_s() - other0
+        other = others_cpu_seconds() - other0
         if rc != 0 or not (out_dir / "summary.json").is_file():
             tail = "".join(log.read_text().splitlines(keepends=True)[-20:])
             raise SystemExit(f"run {name} seed {seed} failed ({rc}); last lines of {log}:\n{tail}")
@@ -651,9 +641,9 @@ def main(argv: list[str] | None = None) -> dict:
             wait_quiet(args.wait_quiet)
         lens = sorted({T for T in CAL_LENS if T <= L} | {L})
         print(f"  calibrating the step cost at seq_len {lens} ({args.calibrate_repeats} repeats)", flush=True)
-        other0, t0 = others_cpu_s(), time.perf_counter()
+        other0, t0 = others_cpu_seconds(), time.perf_counter()
         table = calibrate(base_cfg, lens, args.calibrate_repeats)
-        cal_contention = round((others_cpu_s() - other0) / (time.perf_counter() - t0), 3)
+        cal_contention = round((others_cpu_seconds() - other0) / (time.perf_counter() - t0), 3)
         print("    tokens/s: " + ", ".join(f"{T}: {1 / c:,.0f}" for T, c in table.items())
               + f"; other processes used {cal_contention} CPU-s per s meanwhile", flush=True)
         if cal_contention > args.max_contention:

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, run_rampup, tiny_tree, write_config
+from rampup.engine.faults import CLOCK_SCALE_ENV
 
 
 def test_plan_prints_every_stage_and_writes_png(data_cache, tmp_path):
@@ -26,14 +27,6 @@ def test_plan_prints_every_stage_and_writes_png(data_cache, tmp_path):
     assert "estimated train time" in flat and re.search(r"32x64 \d+ ms, 8x256 \d+ ms", flat)
 
 
-@pytest.mark.slow
-def test_plan_every_shipped_config(tmp_path):
-    for cfg in sorted((ROOT / "configs").glob("*.yaml")):
-        res = run_rampup("plan", str(cfg), "--png", str(tmp_path / f"{cfg.stem}.png"), "--no-time", cwd=tmp_path)
-        assert res.returncode == 0, (cfg, res.stderr)
-        assert "FLOPs" in res.stdout
-
-
 def test_config_lists_keys_with_docs():
     res = run_rampup("config", "train")
     assert res.returncode == 0
@@ -52,12 +45,18 @@ def test_set_override_and_error_on_typo(data_cache, tmp_path):
     assert res.returncode == 0 and "80 steps" in res.stdout
     res = run_rampup("plan", str(cfg), "--set", "optimizer.lrr=1")
     assert res.returncode == 2 and "did you mean 'lr'" in res.stderr
+    res = run_rampup("plan", str(cfg), "--time-budget", "0")
+    assert res.returncode == 2 and "--time-budget 0: give a positive number of seconds" in res.stderr
 
 
 @pytest.mark.slow
 def test_demo_quick_runs_both_and_compares(tmp_path):
+    """The curriculum reaches the baseline's loss in fewer tokens and FLOPs; wall-clock is reported, never
+    asserted. The curriculum trains under a clock that says it ran 4x slower (as on a loaded machine), so
+    an assertion on wall-clock time or its ratio would fail here every time, not on a busy day."""
     configs = [str(ROOT / "configs" / f) for f in ("demo_staged.yaml", "demo_baseline.yaml")]
-    res = run_rampup("demo", *configs, "--quick", "--set", "train.threads=2", cwd=tmp_path, timeout=600)
+    res = run_rampup("demo", *configs, "--quick", "--set", "train.threads=2", cwd=tmp_path, timeout=600,
+                     env_extra={CLOCK_SCALE_ENV: "demo_staged:4"})
     assert res.returncode == 0, res.stderr
     assert "demo_staged" in res.stdout and "demo_baseline" in res.stdout and "val loss @ 1024" in res.stdout
     summaries = [json.loads(p.read_text()) for p in sorted((tmp_path / "runs" / "demo").glob("*/*/summary.json"))]
@@ -71,7 +70,9 @@ def test_demo_quick_runs_both_and_compares(tmp_path):
     assert comparison["baseline"] == "demo_baseline" and comparison["seq_lens"] == [1024]
     assert comparison["targets"]["1024"] == base["val_loss"]["1024"]
     staged_cmp = next(g for g in comparison["groups"] if not g["baseline"])["lengths"]["1024"]
-    assert staged_cmp["seeds"][0]["reached"] and staged_cmp["speedup_wall"]["median"] > 1.0, staged_cmp
+    assert staged_cmp["seeds"][0]["reached"], staged_cmp
+    assert staged_cmp["speedup_tokens"]["median"] > 1.0 and staged_cmp["speedup_flops"]["median"] > 1.0, staged_cmp
+    assert staged["clock_scale"] == 4 and "clock_scale" not in base  # the hook reached the curriculum alone
     html = (demo_dir / "report" / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 6 and "demo_staged" in html and "time to target" in html
     assert "report.html" in res.stdout and "compare.json" in res.stdout

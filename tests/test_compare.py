@@ -140,7 +140,7 @@ def test_unreachable_target_is_null(tmp_path):
     write_comparison(result, tmp_path / "compare.json")
     assert '"train_time": null' in (tmp_path / "compare.json").read_text()
     line = next(ln for ln in render(result).splitlines() if "slow" in ln)
-    assert line.count("not reached") == 7  # time, its compile part, tokens, FLOPs, the three speed-ups
+    assert line.count("not reached") == 8  # time, its compile part, tokens, FLOPs, the four speed-ups
 
 
 def test_explicit_target_loss_overrides(tmp_path):

@@ -1,13 +1,15 @@
+import io
 import math
 from pathlib import Path
 
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings, strategies as st
+from rich.console import Console
 
 from rampup.config import RunConfig, dump_config, load_config, set_override
 from rampup.errors import ConfigError, RampupError
-from rampup.plan import make_plan
+from rampup.plan import make_plan, plot_plan, print_plan
 from rampup.schedule import Schedule
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("**/*.yaml"))
@@ -20,14 +22,20 @@ def write(tmp_path, tree) -> Path:
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_every_shipped_config_validates_and_plans(path, data_cache):
+def test_every_shipped_config_validates_and_plans(path, data_cache, tmp_path):
     cfg = load_config(path)
     assert cfg.name == yaml.safe_load(path.read_text()).get("name", path.stem)
     schedule = Schedule.build(cfg.schedule, total=cfg.train.duration)
     # a buckets run's plan walks the sampler over the real buckets: prepare into the test cache
-    plan = make_plan(load_config(path, [f"data.cache_dir={data_cache}"]), schedule)
+    planned = load_config(path, [f"data.cache_dir={data_cache}"])
+    plan = make_plan(planned, schedule)
     assert plan.total_steps > 0 and plan.total_flops > 0
     assert sum(s.steps for s in plan.stages) == plan.total_steps
+    # what `rampup plan` prints and draws of it (the time estimate is tested in test_calibrate)
+    out = io.StringIO()
+    print_plan(plan, planned, Console(file=out, width=200))
+    assert "FLOPs" in out.getvalue() and all(s.name in out.getvalue() for s in schedule.stages)
+    assert plot_plan(plan, tmp_path / "plan.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert schedule.max_knob("seq_len") <= cfg.model.max_seq_len
     # the resolved config written into every run folder loads back to the same config
     assert RunConfig.model_validate(yaml.safe_load(dump_config(cfg))) == cfg

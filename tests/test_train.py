@@ -126,12 +126,11 @@ def test_resume_with_a_different_config_is_refused(uninterrupted, data_cache, tm
 ])
 def test_bad_input_fails_fast_with_a_named_error(data_cache, tmp_path, sections, fragment):
     cfg = write_config(tmp_path / "run.yaml", tiny_tree(data_cache, tmp_path / "out", **sections))
-    t0 = time.time()
     res = run_rampup("train", str(cfg))
     assert res.returncode == 2 and fragment in res.stderr, res.stderr
     assert "Traceback" not in res.stderr
-    assert not (tmp_path / "out" / "checkpoints").exists()
-    assert time.time() - t0 < 30
+    # refused before compute: no step ran (no metrics, no checkpoint), whatever the machine's speed
+    assert not (tmp_path / "out" / "checkpoints").exists() and not (tmp_path / "out" / "metrics.jsonl").exists()
 
 
 def test_empty_corpus_is_reported(data_cache, tmp_path):

@@ -72,6 +72,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from rampup.plan import make_plan, plot_plan, print_plan
     from rampup.schedule import Schedule
 
+    if not args.time_budget > 0:
+        raise ConfigError(f"--time-budget {args.time_budget:g}: give a positive number of seconds (or --no-time)")
     cfg = _load(args)
     prepared = prepared_dir(cfg.data)
     tokens_per_epoch = None  # known only once the corpus is prepared; plan never prepares it
@@ -90,10 +92,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         console.print(f"corpus not prepared yet ({prepared}): `rampup prepare` it for its document lengths")
     if not args.no_time:
-        from rampup.calibrate import estimate_time, print_time_estimate
+        from rampup.calibrate import Calibrator, estimate_time, print_time_estimate
 
         shapes = list(zip(plan.curve["batch_size"], plan.curve["seq_len"]))
-        est = estimate_time(cfg, schedule, shapes, plan)
+        cal = Calibrator(cfg, budget=args.time_budget, recalibrate=args.recalibrate,
+                         progress=lambda line: console.print(f"  {line}", highlight=False))
+        console.print(f"timing a few small steps for the train-time estimate (at most {args.time_budget:g} s; "
+                      "cached for next time; --no-time skips it)")
+        est = estimate_time(cfg, schedule, shapes, plan, calibrator=cal)
         print_time_estimate(est, schedule, console, plan.baseline_seq_len)
     png = Path(args.png) if args.png else cfg.resolved_out_dir() / "plan.png"
     plot_plan(plan, png, title=cfg.name)
@@ -316,8 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--png", help="where to write the plot (default: OUT_DIR/plan.png)")
     sp.add_argument("--memory", action="store_true", help="also estimate each stage's peak memory with each "
                     "memory technique alone and all together")
-    sp.add_argument("--no-time", action="store_true", help="skip the train-time estimate (which times a few real "
-                    "steps of each batch shape on this machine the first time, then reads them from a cache)")
+    sp.add_argument("--no-time", action="store_true", help="skip the train-time estimate (which times a few small "
+                    "real steps on this machine the first time, then reads them from a cache)")
+    sp.add_argument("--time-budget", type=float, default=10.0, metavar="SECONDS",
+                    help="seconds the train-time estimate may spend timing steps (default 10; the first shape is "
+                    "always timed, a shape that would overrun is shrunk or left to its FLOPs)")
+    sp.add_argument("--recalibrate", action="store_true", help="time the steps again whatever the cache holds")
     sp.set_defaults(fn=cmd_plan)
     sp = with_config("probe", "find by measurement the longest seq_len that trains within a memory limit, "
                      "plain and with each memory technique (each trial in a child process held to the limit)")

@@ -13,7 +13,9 @@ are sparse). A target never reached is ``None`` (null in JSON, "not reached" on 
 
 Time is accounted honestly: with ``train.compile`` the steps that built a graph are compile time,
 not train time, and time to target is their sum (``time``: an arm with six bucket shapes pays six
-compiles); ``speedup_wall`` compares that sum, ``speedup_wall_excl_compile`` train time alone. Runs
+compiles); ``speedup_wall`` compares that sum, ``speedup_wall_excl_compile`` train time alone;
+``speedup_tokens`` and ``speedup_flops`` compare tokens and FLOPs to target, which a loaded machine
+cannot change (deterministic for a seed on a CPU: what tests assert). Runs
 trained at different resolved precisions (bf16 against fp32) are flagged: their wall-clock
 differs for a reason that is not the curriculum.
 
@@ -253,7 +255,7 @@ def compare_runs(run_dirs: Sequence[str | Path], *, baseline: str | None = None,
             d = base_lengths[n] if key == base_key else per_length(members, n)
             d = copy.deepcopy(d)
             for axis, name in (("time", "speedup_wall"), ("train_time", "speedup_wall_excl_compile"),
-                               ("flops", "speedup_flops")):
+                               ("tokens", "speedup_tokens"), ("flops", "speedup_flops")):
                 ref = base_lengths[n][axis]["median"]
                 # the slowest seed gives the smallest speed-up
                 d[name] = {"median": _ratio(ref, d[axis]["median"]), "min": _ratio(ref, d[axis]["max"]),
@@ -290,7 +292,8 @@ def _fmt_stat(st: dict[str, float | None], fmt, n_seeds: int) -> str:
 
 
 COLUMNS = ("group", "seeds", "eval len", "final loss", "time to target", "of which compile", "tokens to target",
-           "FLOPs to target", "speed-up (wall)", "speed-up (wall, excl. compile)", "speed-up (FLOPs)")
+           "FLOPs to target", "speed-up (wall)", "speed-up (wall, excl. compile)", "speed-up (tokens)",
+           "speed-up (FLOPs)")
 
 
 def comparison_table(result: dict[str, Any]) -> tuple[str, list[str], list[list[str]]]:
@@ -316,6 +319,7 @@ def comparison_table(result: dict[str, Any]) -> tuple[str, list[str], list[list[
                 _fmt_stat(d["flops"], lambda v: f"{v:.3g}", k),
                 _fmt_stat(d["speedup_wall"], lambda v: f"{v:.2f}x", k),
                 _fmt_stat(d["speedup_wall_excl_compile"], lambda v: f"{v:.2f}x", k),
+                _fmt_stat(d["speedup_tokens"], lambda v: f"{v:.2f}x", k),
                 _fmt_stat(d["speedup_flops"], lambda v: f"{v:.2f}x", k),
             ])
     return f"time to target loss ({targets}; {how}); median (min–max) over seeds", list(COLUMNS), rows

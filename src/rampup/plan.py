@@ -72,6 +72,7 @@ class Plan:
     total_flops: float
     baseline_flops: float
     baseline_seq_len: int
+    """The schedule's longest seq_len (a whole number of tokens)."""
     curve: dict[str, list[float]]
     """Per step: tokens, seq_len, batch_size, lr — for the PNG."""
     vocab_size: int = 0
@@ -171,7 +172,7 @@ def make_plan(cfg: RunConfig, schedule: Schedule, shapes: list[tuple[int, int]] 
         n += 1
     if memory != "off":
         _estimate_memory(cfg, stages, runner.ctx, detail=memory == "detail")
-    base_len = schedule.max_knob("seq_len")
+    base_len = int(schedule.max_knob("seq_len"))
     baseline = build_adapter(cfg.model, "meta").flops_per_item((1, base_len))  # causal, default knobs
     return Plan(schedule, stages, n, sum(s.flops for s in stages), baseline * total,
                 base_len, curve, cfg.model.vocab_size)
@@ -242,11 +243,11 @@ def plan_table(plan: Plan, cfg: RunConfig) -> Table:
         t.add_column("tokens per bucket")
     for s in plan.stages:
         shapes = sorted(set(s.shapes))
-        shape = f"{shapes[0][0]} x {shapes[0][1]}" if len(shapes) == 1 else \
-            f"{shapes[0][0]} x {shapes[0][1]} .. {shapes[-1][0]} x {shapes[-1][1]}"
+        shape = f"{shapes[0][0]} x {shapes[0][1]:,}" if len(shapes) == 1 else \
+            f"{shapes[0][0]} x {shapes[0][1]:,} .. {shapes[-1][0]} x {shapes[-1][1]:,}"
         t.add_row(
             f"{s.index} {s.name}", f"{format_tokens(s.start)}-{format_tokens(s.end)}", str(s.steps),
-            _span(s.seq_lens), shape, _span(s.lrs, "{:.2e}"), f"{s.flops:.3g}",
+            _span(s.seq_lens, "{:,}"), shape, _span(s.lrs, "{:.2e}"), f"{s.flops:.3g}",
             f"{s.attn_flops / s.flops:.0%}" if s.flops else "-", f"{s.flops / plan.total_flops:.1%}",
             *((f"{s.trainable / s.total_params:.0%} ({s.trainable:,})",
                f"{s.backward_saved / s.flops:.0%}" if s.flops else "-") if frozen else ()),
@@ -314,7 +315,7 @@ def print_plan(plan: Plan, cfg: RunConfig, console: Console | None = None) -> No
     console.print(plan_table(plan, cfg))
     if any(s.memory_by_technique for s in plan.stages):
         console.print(memory_table(plan))
-    console.print(f"total {plan.total_flops:.3g} FLOPs; a fixed seq_len {plan.baseline_seq_len} baseline of the same "
+    console.print(f"total {plan.total_flops:.3g} FLOPs; a fixed seq_len {plan.baseline_seq_len:,} baseline of the same "
                   f"budget needs {plan.baseline_flops:.3g}: this schedule saves {plan.flops_saved:.1%}")
 
 

@@ -18,6 +18,10 @@ time this process trains each of them, so the loss and every gradient are NaN, a
 transient fault. A rollback replays those steps cleanly; a new process (a resumed run) poisons them
 again. ``RAMPUP_FAULT_STALL_STEPS=3:60`` makes step 3 stall for 60 s before its forward pass (a hung
 read or collective), announced on stderr, so a test can signal a process that is surely mid-step.
+``RAMPUP_FAULT_CLOCK_SCALE=demo_staged:4`` records every step of the run named ``demo_staged`` as
+taking 4 times as long as it did, as if the machine had been loaded while that run trained (no
+sleep: it costs nothing). The suite runs its curriculum-against-baseline comparisons under it, so a
+test that asserted a wall-clock time or ratio would fail every time instead of on a busy day.
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ from rampup.errors import ConfigError
 
 NAN_STEPS_ENV = "RAMPUP_FAULT_NAN_STEPS"
 STALL_STEPS_ENV = "RAMPUP_FAULT_STALL_STEPS"
+CLOCK_SCALE_ENV = "RAMPUP_FAULT_CLOCK_SCALE"
 STALL_RANK_ENV = "RAMPUP_FAULT_STALL_RANK"
 """With it, only that rank (torchrun's RANK) stalls."""
 
@@ -128,3 +133,20 @@ class StallInjector:
             return
         print(f"testing hook {STALL_STEPS_ENV}: step {step} stalls for {secs:g} s", file=sys.stderr, flush=True)
         time.sleep(secs)
+
+
+def clock_scale(run_name: str) -> float:
+    """The RAMPUP_FAULT_CLOCK_SCALE testing hook: ``NAME:FACTOR[,NAME:FACTOR]``; this run's factor (1 if unnamed)."""
+    raw = os.environ.get(CLOCK_SCALE_ENV, "").strip()
+    factors: dict[str, float] = {}
+    for item in filter(None, (x.strip() for x in raw.split(","))):
+        name, sep, factor = item.rpartition(":")
+        try:
+            factors[name] = float(factor)
+        except ValueError:
+            factors[name] = math.nan
+        if not sep or not name or not math.isfinite(factors[name]) or factors[name] <= 0:
+            raise ConfigError(f"{CLOCK_SCALE_ENV}={raw!r}: expected RUN_NAME:FACTOR items separated by commas, "
+                              "each factor a positive number, e.g. demo_staged:4 (a testing hook; unset it for "
+                              "normal training)")
+    return factors.get(run_name, 1.0)
