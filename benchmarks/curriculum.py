@@ -790,7 +790,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"calibrated {'n/a' if c is None else f'{c:.2f}x'}), "
               f"final loss {headline[f'final_loss_at_{L}_{n}']:.4f} vs baseline {base_final:.4f}: "
               f"{'MEETS' if verdict[n]['meets_target'] else 'does NOT meet'} the target")
-    print(f"  sensitivity to the target (measured train_time; median (min..max) over seeds):")
+    print("  sensitivity to the target (measured train_time; median (min..max) over seeds):")
     for n in curricula:
         m = sens["arms"][n]["measured"]
         print(f"    {n:17} paired by seed {fmt_range(m['paired_ratio'], '.2f', args.seeds):>22}   target = best baseline "

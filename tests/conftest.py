@@ -1,5 +1,7 @@
+import contextlib
 import os
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -57,6 +59,26 @@ def run_rampup(*args: str, timeout: float = 300, env_extra: dict[str, str] | Non
                **kw) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONHASHSEED": "0", **(env_extra or {})}
     return subprocess.run(rampup_cmd(*args), capture_output=True, text=True, timeout=timeout, env=env, **kw)
+
+
+@contextlib.contextmanager
+def alongside(*args: str, timeout: float = 600):
+    """``rampup ARGS`` in a background process while the block runs, asserted successful at its end.
+
+    The suite's runs are single-threaded: an uninterrupted reference trains on the second core while
+    the test kills and resumes its twin (the results are bitwise the same either way)."""
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(rampup_cmd(*args), stdout=log, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "PYTHONHASHSEED": "0"})
+        try:
+            yield proc
+            proc.wait(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        log.seek(0)
+        assert proc.returncode == 0, log.read()[-3000:]
 
 
 def step_losses(out: Path) -> dict[int, float]:

@@ -1,7 +1,6 @@
 """The command line as a user runs it: real processes, real files."""
 import json
 import re
-from pathlib import Path
 
 import pytest
 

@@ -297,20 +297,19 @@ def test_shipped_hf_configs_killed_mid_run_resume_bitwise(data_cache, tmp_path, 
     import os
     import subprocess
 
-    from conftest import rampup_cmd, run_rampup, step_losses, wait_for, weights
+    from conftest import alongside, rampup_cmd, run_rampup, step_losses, wait_for, weights
 
     def sets(out):
         return [a for s in overrides(path, data_cache, out) for a in ("--set", s)]
 
-    ref = run_rampup("train", str(path), *sets(tmp_path / "ref"))
-    assert ref.returncode == 0, ref.stderr
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONHASHSEED": "0", "RAMPUP_FAULT_STALL_STEPS": "5:60"}
-    proc = subprocess.Popen(rampup_cmd("train", str(path), *sets(out)), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=env)
-    wait_for(lambda: (out / "checkpoints" / "step_0000004").is_dir(), proc)
-    proc.kill()
-    proc.wait()
+    with alongside("train", str(path), *sets(tmp_path / "ref")):
+        proc = subprocess.Popen(rampup_cmd("train", str(path), *sets(out)), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, env=env)
+        wait_for(lambda: (out / "checkpoints" / "step_0000004").is_dir(), proc)
+        proc.kill()
+        proc.wait()
     res = run_rampup("train", str(out / "config.yaml"), "--resume")
     assert res.returncode == 0, res.stderr
     assert step_losses(out) == step_losses(tmp_path / "ref")  # bitwise: floats compared exactly

@@ -3,7 +3,6 @@ import json
 import math
 import signal
 import subprocess
-import time
 
 import pytest
 import torch

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from conftest import flip_bit, rampup_cmd, run_rampup, step_losses, tiny_tree, wait_for, weights, write_config
+from conftest import alongside, flip_bit, rampup_cmd, run_rampup, step_losses, tiny_tree, wait_for, weights, write_config
 from rampup.config import RunConfig
 from rampup.errors import ConfigError
 from rampup.models.adapter import DecoderLMAdapter
@@ -189,10 +189,10 @@ def test_killed_around_a_transition_resumes_bitwise(data_cache, tmp_path):
         return t
 
     ref = write_config(tmp_path / "ref.yaml", tree(tmp_path / "ref"))
-    assert run_rampup("train", str(ref)).returncode == 0
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "run.yaml", tree(out))
-    kill_after_checkpoints(cfg, out, kill_steps(15, B, n=2))  # the boundary, right after it, two seeded random
+    with alongside("train", str(ref)):
+        kill_after_checkpoints(cfg, out, kill_steps(15, B, n=2))  # the boundary, right after it, two seeded random
     res = run_rampup("train", str(cfg), "--resume")
     assert res.returncode == 0, res.stderr
     assert step_losses(out) == step_losses(tmp_path / "ref")  # bitwise
@@ -222,7 +222,6 @@ def test_ema_follows_its_half_life_in_tokens():
 
 @pytest.mark.slow
 def test_ema_is_checkpointed_evaluated_resumed_bitwise_and_exported(data_cache, tmp_path):
-    import subprocess
 
     from safetensors.torch import load_file
 
@@ -235,14 +234,10 @@ def test_ema_is_checkpointed_evaluated_resumed_bitwise_and_exported(data_cache, 
                           eval={"seq_lens": [256], "every": "5 steps", "max_tokens": 2048})
 
     ref = write_config(tmp_path / "ref.yaml", tree(tmp_path / "ref"))
-    assert run_rampup("train", str(ref)).returncode == 0
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "run.yaml", tree(out))
-    env = {**os.environ, "PYTHONHASHSEED": "0", "RAMPUP_FAULT_STALL_STEPS": "11:60"}
-    proc = subprocess.Popen(rampup_cmd("train", str(cfg)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    wait_for(lambda: (out / "checkpoints" / "step_0000010").is_dir(), proc)
-    proc.kill()
-    proc.wait()
+    with alongside("train", str(ref)):
+        kill_after_checkpoints(cfg, out, [10])
     assert run_rampup("train", str(cfg), "--resume").returncode == 0
     assert step_losses(out) == step_losses(tmp_path / "ref") and weights(out) == weights(tmp_path / "ref")
     parts = [load_file(latest_checkpoint(d / "checkpoints") / "parts.safetensors") for d in (out, tmp_path / "ref")]
@@ -324,12 +319,12 @@ def test_a_previous_stage_teacher_changes_training_and_resumes_bitwise(data_cach
     from rampup.engine.checkpoint import latest_checkpoint
 
     ref = write_config(tmp_path / "ref.yaml", _teacher_tree(data_cache, tmp_path / "ref"))
-    assert run_rampup("train", str(ref)).returncode == 0
-    a, b = step_losses(tmp_path / "ref"), plain
-    assert all(a[s] == b[s] for s in range(1, B + 1)) and all(a[s] != b[s] for s in range(B + 2, N + 1))
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "run.yaml", _teacher_tree(data_cache, out))
-    kill_after_checkpoints(cfg, out, kill_steps(21, B))
+    with alongside("train", str(ref)):
+        kill_after_checkpoints(cfg, out, kill_steps(21, B))
+    a, b = step_losses(tmp_path / "ref"), plain
+    assert all(a[s] == b[s] for s in range(1, B + 1)) and all(a[s] != b[s] for s in range(B + 2, N + 1))
     res = run_rampup("train", str(cfg), "--resume")
     assert res.returncode == 0, res.stderr
     assert step_losses(out) == a and weights(out) == weights(tmp_path / "ref")
@@ -396,8 +391,10 @@ def test_hidden_state_distillation_from_a_narrower_run_through_a_learned_project
         return t
 
     ref = write_config(tmp_path / "ref.yaml", tree(tmp_path / "ref"))
-    res = run_rampup("train", str(ref))
-    assert res.returncode == 0, res.stderr
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "run.yaml", tree(out))
+    with alongside("train", str(ref)):
+        kill_after_checkpoints(cfg, out, kill_steps(24))
     t = Trainer(RunConfig.model_validate(tree(tmp_path / "fresh")))
     assert [g["name"] for g in t.state.optimizer.param_groups][-1] == "distill_projections"
     parts = load_file(latest_checkpoint(tmp_path / "ref" / "checkpoints") / "parts.safetensors")
@@ -405,9 +402,6 @@ def test_hidden_state_distillation_from_a_narrower_run_through_a_learned_project
     assert len(proj) == 2 and all(v.shape == (32, 64) for v in proj.values())
     first = {k: v for k, v in t.state.parts["projections"].tensors().items()}
     assert all(not torch.equal(first[k.split("/", 1)[1]], v) for k, v in proj.items())  # they trained
-    out = tmp_path / "run"
-    cfg = write_config(tmp_path / "run.yaml", tree(out))
-    kill_after_checkpoints(cfg, out, kill_steps(24))
     assert run_rampup("train", str(cfg), "--resume").returncode == 0
     assert step_losses(out) == step_losses(tmp_path / "ref") and weights(out) == weights(tmp_path / "ref")
     for bad, words in (("4:0", "student block 4 does not exist"), ("1:3", "teacher block 3 does not exist"),
@@ -468,10 +462,10 @@ def test_a_run_grown_deeper_and_wider_mid_way_resumes_into_the_grown_model_and_e
     ref = write_config(tmp_path / "ref.yaml", tree(tmp_path / "ref"))
     res = run_rampup("plan", str(ref), "--png", str(tmp_path / "p.png"), "--no-time")
     assert res.returncode == 0, res.stderr
-    assert run_rampup("train", str(ref)).returncode == 0
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "run.yaml", tree(out))
-    kill_after_checkpoints(cfg, out, kill_steps(26, B))  # before the growth (resumes and grows), after it (grown)
+    with alongside("train", str(ref)):
+        kill_after_checkpoints(cfg, out, kill_steps(26, B))  # before the growth (resumes and grows), after it (grown)
     assert run_rampup("train", str(cfg), "--resume").returncode == 0
     assert step_losses(out) == step_losses(tmp_path / "ref") and weights(out) == weights(tmp_path / "ref")
     flops = [r["flops"] for r in read_metrics(out / "metrics.jsonl") if r["event"] == "step"]
@@ -534,12 +528,12 @@ def test_subnetwork_training_resumes_bitwise_and_exports_a_chosen_subnetwork(dat
         return t
 
     ref = write_config(tmp_path / "ref.yaml", tree(tmp_path / "ref"))
-    assert run_rampup("train", str(ref)).returncode == 0
-    a, b = step_losses(tmp_path / "ref"), plain
-    assert all(a[s] == b[s] for s in range(1, B + 1)) and a[B + 5] != b[B + 5]
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "run.yaml", tree(out))
-    kill_after_checkpoints(cfg, out, kill_steps(23))
+    with alongside("train", str(ref)):
+        kill_after_checkpoints(cfg, out, kill_steps(23))
+    a, b = step_losses(tmp_path / "ref"), plain
+    assert all(a[s] == b[s] for s in range(1, B + 1)) and a[B + 5] != b[B + 5]
     assert run_rampup("train", str(cfg), "--resume").returncode == 0
     assert step_losses(out) == a and weights(out) == weights(tmp_path / "ref")
     res = run_rampup("export", str(out), str(tmp_path / "hf"), "--subnet", "depth=1,mlp=0.5")
@@ -601,10 +595,10 @@ def test_an_ema_teacher_for_progressive_self_distillation_resumes_bitwise(data_c
         return t
 
     ref = write_config(tmp_path / "ref.yaml", tree(tmp_path / "ref"))
-    assert run_rampup("train", str(ref)).returncode == 0
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "run.yaml", tree(out))
-    kill_after_checkpoints(cfg, out, kill_steps(22))
+    with alongside("train", str(ref)):
+        kill_after_checkpoints(cfg, out, kill_steps(22))
     assert run_rampup("train", str(cfg), "--resume").returncode == 0
     assert step_losses(out) == step_losses(tmp_path / "ref") and weights(out) == weights(tmp_path / "ref")
     no_ema = tiny_tree(data_cache, tmp_path / "bad")
