@@ -26,6 +26,18 @@ def test_plan_prints_every_stage_and_writes_png(data_cache, tmp_path):
     assert "estimated train time" in flat and re.search(r"32x64 \d+ ms, 8x256 \d+ ms", flat)
 
 
+def test_help_lists_every_command_and_plan_never_writes_into_a_run(uninterrupted, tmp_path):
+    from rampup.cli import build_parser
+
+    res = run_rampup("--help")
+    commands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    assert all(f"rampup {c}" in res.stdout for c in commands), res.stdout
+    before = sorted(p.name for p in uninterrupted.iterdir())
+    res = run_rampup("plan", str(uninterrupted / "config.yaml"), "--no-time", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in uninterrupted.iterdir()) == before and (tmp_path / "tiny.plan.png").is_file()
+
+
 def test_config_lists_keys_with_docs():
     res = run_rampup("config", "train")
     assert res.returncode == 0
@@ -35,7 +47,11 @@ def test_config_lists_keys_with_docs():
                 "train.nonfinite.lr_factor", "train.nonfinite.max_rollbacks"):
         assert key in res.stdout
     res = run_rampup("config", "data")
-    assert "data.verify_checksums = True" in res.stdout and "data.on_undecodable = 'skip'" in res.stdout
+    assert "data.verify_checksums: true" in res.stdout and "data.on_undecodable: skip" in res.stdout
+    # defaults as a user writes them in YAML
+    res = run_rampup("config", env_extra={"COLUMNS": "300"})
+    assert "optimizer.warmup: 2%" in res.stdout and "train.ema.half_life: (required)" in res.stdout
+    assert "PydanticUndefined" not in res.stdout and "Duration(" not in res.stdout and "Spec(" not in res.stdout
 
 
 def test_set_override_and_error_on_typo(data_cache, tmp_path):

@@ -59,11 +59,27 @@ def test_shipped_configs_exist():
      "use data.sampler: staged"),
     ({"optimizer": {"warmup": "10 steps"}}, "counted in tokens"),
     ({"data": {"tokenizer": {"vocab_size": 1000}}, "model": {"vocab_size": 2000}}, "set model.vocab_size only"),
+    ({"schedule": {"stages": [{"rope": {"method": "yarn", "factor": 2, "original_max_length": 512}}]}},
+     "unknown key 'schedule.stages.0.rope.original_max_length' (did you mean 'original_max_len'?); valid keys in "
+     "schedule.stages.0.rope: method, base, factor, original_max_len"),
+    ({"schedule": {"knobs": {"batch_tokens": 1024, "attention": {"kindd": "window"}}}},
+     "unknown key 'schedule.knobs.attention.kindd' (did you mean 'kind'?)"),
+    ({"schedule": {"stages": [{"duration": 0.7, "seq_len": 64}, {"seq_len": 128}]}},
+     "schedule.stages.0.duration: duration 0.7 has no unit; a share of the run is written '70%'"),
 ])
 def test_bad_configs_name_key_and_fix(tmp_path, tree, fragment):
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, tree))
-    assert fragment in str(info.value)
+    assert fragment in str(info.value) and "(top level)" not in str(info.value)
+
+
+def test_every_knob_check_of_one_file_is_reported_at_once(tmp_path):
+    """Two knobs' problems in one file: both named in one error, not one per run."""
+    tree = {"model": {"max_seq_len": 1024}, "data": {"sampler": "fixed"},
+            "schedule": {"stages": [{"duration": "50%", "seq_len": 64}, {"seq_len": 2048}]}}
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, tree))
+    assert "schedule.stages.1.seq_len reaches 2048" in str(info.value) and "use data.sampler: staged" in str(info.value)
 
 
 def test_missing_and_malformed_files(tmp_path):
@@ -218,3 +234,14 @@ def test_yaml_tags_never_run_code(tmp_path):
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(path)
     assert not marker.exists()
+
+
+def test_paths_in_a_config_file_are_read_from_its_folder(tmp_path):
+    (tmp_path / "proj" / "corpus").mkdir(parents=True)
+    path = tmp_path / "proj" / "run.yaml"
+    path.write_text(yaml.safe_dump({"data": {"source": "corpus"}}))
+    assert load_config(path).data.source == str(tmp_path / "proj" / "corpus")
+    assert load_config(path, ["data.source=elsewhere"]).data.source == "elsewhere"  # --set: where it was typed
+    path.write_text(yaml.safe_dump({"model": {"source": "hf", "path": "missing"}}))
+    with pytest.raises(ConfigError, match=f"model.path {tmp_path / 'proj' / 'missing'} does not exist"):
+        load_config(path)

@@ -341,7 +341,7 @@ def test_sigterm_to_the_launcher_checkpoints_once_and_exits_cleanly(data_cache, 
     stdout, stderr = proc.communicate(timeout=120)
     stopped = max(records(out))
     assert latest_checkpoint(out / "checkpoints").name == f"step_{stopped:07d}"
-    assert stderr.count("stopped by signal") == 1 and "--resume" in stderr, stderr[-3000:]
+    assert stderr.count("stopped: by signal") == 1 and "--resume" in stderr, stderr[-3000:]
     train(cfg, "--resume", nproc=2)
     assert weights(out) == weights(two_ranks[0])
 
@@ -361,7 +361,7 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(data_cache, tmp_
     stopped = max(records(out))
     assert [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_")] == \
         [f"step_{stopped:07d}"] and stopped < 40
-    assert f"stopped by signal 15 after step {stopped}" in stderr, stderr[-3000:]
+    assert f"stopped: by signal 15 (SIGTERM) after step {stopped}" in stderr, stderr[-3000:]
     assert latest_checkpoint(out / "checkpoints").name == f"step_{stopped:07d}"
 
 

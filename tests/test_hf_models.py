@@ -205,7 +205,7 @@ def test_bad_hf_model_settings_are_config_errors(tmp_path):
     cfg = load_config(None, ["model.source=hf", "model.hf_config={model_type: llama, rms_norm_eps: 1e-5}"])
     with pytest.raises(ConfigError, match="not a valid llama config.*write 1.0e-5"):
         build_adapter(cfg.model, "meta")  # what rampup plan and train do first
-    with pytest.raises(ConfigError, match="exceeds model.max_seq_len 128"):
+    with pytest.raises(ConfigError, match="seq_len reaches 256 but this Hugging Face model takes 128 positions"):
         load_config(None, ["model.source=hf", "model.hf_config={model_type: llama, max_position_embeddings: 128}",
                            "schedule.knobs.seq_len=256", "schedule.knobs.batch_tokens=1024"])
 
@@ -251,6 +251,37 @@ def test_continued_pretraining_uses_the_models_own_tokenizer_and_eos(data_cache,
     assert summary["steps"] == 6
     out = __import__("rampup.export", fromlist=["export_hf"]).export_hf(tmp_path / "run", tmp_path / "hf")
     assert transformers.AutoTokenizer.from_pretrained(out).eos_token == "</s>"
+
+
+def test_an_hf_folder_trains_past_its_positions_where_a_stage_rope_covers_them(tmp_path):
+    """A 256-position Llama folder, 70% at 128 then 512: refused without a rope that covers 512 (the
+    error names one), accepted with YaRN x2 from 256 (model.max_seq_len becomes 512, and the model
+    declares it), or with model.max_seq_len set (any rope method, plain RoPE included)."""
+    from rampup.config import load_config
+    from rampup.models.build import build_adapter
+
+    model_folder(tmp_path / "model")
+    base = ["model.source=hf", f"model.path={tmp_path / 'model'}", "schedule.knobs.batch_tokens=2048",
+            "schedule.stages=[{name: short, duration: 70%, seq_len: 128}, {name: long, seq_len: 512}]"]
+    with pytest.raises(ConfigError, match=r"schedule.stages.1.seq_len reaches 512 but this Hugging Face model takes "
+                       r"256 positions \(max_position_embeddings of .*model\); give the stage a rope that covers it, "
+                       r"e.g. rope: \{method: yarn, factor: 2, original_max_len: 256\}"):
+        load_config(None, base)
+    yarn = "schedule.stages.1.rope={method: yarn, factor: 2, original_max_len: 256}"
+    cfg = load_config(None, [*base, yarn, "eval.seq_lens=[128, 512]"])
+    assert cfg.model.max_seq_len == 512
+    assert build_adapter(cfg.model, "meta").module.config.max_position_embeddings == 512
+    # a rope set earlier holds in later stages; one whose factor x original falls short does not cover
+    assert load_config(None, [*base, yarn.replace("stages.1", "knobs")]).model.max_seq_len == 512
+    with pytest.raises(ConfigError, match="reaches 512"):
+        load_config(None, [*base, "schedule.stages.1.rope={method: pi, factor: 1.5}"])
+    # model.max_seq_len set by the user overrides the folder's limit for every method
+    assert load_config(None, [*base, "model.max_seq_len=512"]).model.max_seq_len == 512
+    with pytest.raises(ConfigError, match=r"reaches 512 but this Hugging Face model takes 384 positions \(model.max_seq_len\)"):
+        load_config(None, [*base, "model.max_seq_len=384", yarn])
+    # learned positions cannot grow
+    with pytest.raises(ConfigError, match="GPT-2 learns one embedding per position"):
+        load_config(None, ["model.source=hf", "model.max_seq_len=512", "model.hf_config={model_type: gpt2, n_positions: 256}"])
 
 
 def test_a_model_folder_without_a_fast_tokenizer_is_named(tmp_path):

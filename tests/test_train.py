@@ -93,7 +93,8 @@ def test_sigterm_checkpoints_and_exits_then_resumes(uninterrupted, data_cache, t
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, stderr
-    assert "--resume" in stderr
+    assert "--resume" in stderr and "stopped: by signal 15 (SIGTERM)" in stderr and "error:" not in stderr
+    assert stderr.strip().splitlines()[-1].startswith("stopped: ")
     stopped = max(step_losses(out))
     assert latest_checkpoint(out / "checkpoints").name == f"step_{stopped:07d}"
     res = run_rampup("train", str(cfg), "--resume")
@@ -110,10 +111,46 @@ def test_existing_checkpoint_is_never_overwritten_without_resume(uninterrupted, 
     assert weights(uninterrupted) == before
 
 
+def test_resume_of_a_finished_run_changes_nothing_and_names_init_from(uninterrupted, tmp_path):
+    files = {p: p.read_bytes() for p in sorted(uninterrupted.rglob("*")) if p.is_file()}
+    res = run_rampup("train", str(uninterrupted / "config.yaml"), "--resume")
+    assert res.returncode == 0, res.stderr
+    flat = " ".join(res.stdout.split())
+    assert "had already finished (40 steps" in flat and f"train.init_from={uninterrupted}" in flat
+    assert {p: p.read_bytes() for p in sorted(uninterrupted.rglob("*")) if p.is_file()} == files  # no record, no write
+
+
+def test_init_from_starts_a_new_run_from_a_runs_weights_with_its_tokenizer(uninterrupted, data_cache, tmp_path):
+    from tokenizers import Tokenizer, models
+
+    from rampup.data.prepare import TOKENIZER, prepared_dir
+    from rampup.engine.checkpoint import model_tensors
+    from rampup.engine.loop import Trainer
+
+    tree = tiny_tree(data_cache, tmp_path / "more", train={"init_from": str(uninterrupted), "duration": "4 steps",
+                                                          "checkpoint_every": None}, log={"progress": "off"})
+    cfg = RunConfig.model_validate(tree)
+    source = RunConfig.model_validate(tiny_tree(data_cache, uninterrupted))
+    assert cfg.data.tokenizer.path == str(prepared_dir(source.data) / TOKENIZER)  # the source's tokenizer
+    t = Trainer(cfg)
+    saved = model_tensors(latest_checkpoint(uninterrupted / "checkpoints"))
+    live = t.state.model.module.state_dict()
+    assert all(torch.equal(live[k], v) for k, v in saved.items())  # the source's weights, every tensor
+    assert t.progress.step == 0 and not t.state.optimizer.state  # schedule and optimizer start fresh
+    t.metrics.close()
+    # another tokenizer is refused by name; so is a source that does not exist
+    other = tmp_path / "other.json"
+    Tokenizer(models.WordLevel({"a": 0, "b": 1}, unk_token="a")).save(str(other))
+    with pytest.raises(ValueError, match="is not the tokenizer of train.init_from"):  # pydantic's, as a config's
+        RunConfig.model_validate({**tree, "data": {**tree["data"], "tokenizer": {"path": str(other)}}})
+    with pytest.raises(ValueError, match="train.init_from .*nowhere does not exist"):
+        RunConfig.model_validate({**tree, "train": {**tree["train"], "init_from": str(tmp_path / "nowhere")}})
+
+
 def test_resume_with_a_different_config_is_refused(uninterrupted, data_cache, tmp_path):
     cfg = write_config(tmp_path / "run.yaml", tiny_tree(data_cache, uninterrupted, optimizer={"lr": 1e-3}))
     res = run_rampup("train", str(cfg), "--resume")
-    assert res.returncode == 2 and "optimizer" in res.stderr and "config.yaml" in res.stderr
+    assert res.returncode == 2 and "optimizer.lr: 0.003 -> 0.001" in res.stderr and "config.yaml" in res.stderr
 
 
 @pytest.mark.parametrize("sections, fragment", [

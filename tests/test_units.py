@@ -21,7 +21,7 @@ def test_parse(text, value, unit):
     ("500", "has no unit"), (500, "has no unit"), (2.5, "has no unit"), ("5 parsecs", "unknown unit"),
     ("3 stpes", "did you mean 'steps'"), ("abc", "cannot read"), ("150%", "cannot exceed 100%"),
     ("1.5 steps", "whole number"), ("-3 tok", "cannot read"), ("4M %", "takes no"), (None, "must be a string"),
-    (True, "must be a string"),
+    (True, "must be a string"), (0.7, "a share of the run is written '70%'"), ("0.7", "written '70%'"),
 ])
 def test_parse_errors_name_the_units(bad, fragment):
     with pytest.raises(DurationError, match=fragment) as info:

@@ -7,6 +7,7 @@
     rampup compare RUN_DIR...      time / tokens / FLOPs to the baseline's loss, with an HTML report
     rampup compare --run A.yaml B.yaml --seeds 3   train the configs, then compare
     rampup report RUN_DIR          HTML report and PNGs of one run
+    rampup eval RUN [--lengths ...]   loss by length and position, passkey retrieval
     rampup config [SECTION]        every config key with its default and meaning
     rampup export RUN --format hf OUT_DIR   a folder Hugging Face from_pretrained loads
     rampup probe CONFIG --memory-limit 8GiB   the longest seq_len that trains within the limit
@@ -101,10 +102,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
                       "cached for next time; --no-time skips it)")
         est = estimate_time(cfg, schedule, shapes, plan, calibrator=cal)
         print_time_estimate(est, schedule, console, plan.baseline_seq_len)
-    png = Path(args.png) if args.png else cfg.resolved_out_dir() / "plan.png"
+    png = Path(args.png) if args.png else _plan_png(cfg)
     plot_plan(plan, png, title=cfg.name)
     console.print(f"plot: {png}")
     return 0
+
+
+def _plan_png(cfg) -> Path:
+    """OUT_DIR/plan.png before the run starts; once its folder holds a run, the plot goes to the current
+    folder instead (a plan never writes into a run)."""
+    out = cfg.resolved_out_dir()
+    if (out / "metrics.jsonl").exists() or (out / "checkpoints").exists():
+        return Path(f"{cfg.name}.plan.png")
+    return out / "plan.png"
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
@@ -187,6 +197,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = train(cfg, resume=resume, display_mode=args.progress)
     if int(os.environ.get("RANK", 0)) != 0:
         return 0  # rank 0 reports
+    if summary.get("already_finished"):
+        out = cfg.resolved_out_dir()
+        console.print(f"run '{cfg.name}' had already finished ({summary['steps']} steps, {summary['tokens']:,} tokens): "
+                      f"nothing to resume, its checkpoint and records are as they were. To train on from its "
+                      f"weights, start a new run with --set train.init_from={out} (a new out_dir, a fresh "
+                      "schedule, optimizer and data order)")
+        return 0
     console.print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['train_time']:.1f}s; "
                   + ", ".join(f"val loss@{k} {v:.4f}" for k, v in summary["val_loss"].items()))
     if summary["skipped_steps"] or summary["rollbacks"]:
@@ -240,8 +257,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rampup.longeval import evaluate_run, write_eval
 
     r = evaluate_run(args.path, lengths=args.lengths, passkey_samples=args.passkey_samples,
-                     max_tokens=args.max_tokens, windows=args.windows, seed=args.seed)
-    console.print(f"{r['checkpoint']} (step {r['step']}, trained at {r['trained_seq_len']}, rope {r['rope']}, attention {r['attention']})")
+                     max_tokens=args.max_tokens, windows=args.windows, seed=args.seed, data=args.data)
+    what = (f"step {r['step']}, trained at {r['trained_seq_len']}" if r["kind"] == "checkpoint" else
+            f"a Hugging Face folder of {r['trained_seq_len']} positions")
+    console.print(f"{r['checkpoint']} ({what}, rope {r['rope']}, attention {r['attention']}); scored on {r['data']}: "
+                  f"{r['scored']['windows']} windows, at most {r['scored']['max_tokens']:,} tokens per length, {r['precision']}")
     t = Table(title="validation loss and passkey accuracy by context length")
     t.add_column("length", justify="right")
     t.add_column("loss", justify="right")
@@ -254,7 +274,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     pos = r["loss_by_position"]
     console.print(f"loss by position at {pos['seq_len']}: " +
                   "  ".join(f"{b['start']}-{b['end']}: {b['loss']:.3f}" for b in pos["buckets"]))
-    out = write_eval(r, args.out or Path(r["checkpoint"]).parent.parent / "eval.json")
+    default = (Path(r["checkpoint"]).parent.parent / "eval.json" if r["kind"] == "checkpoint"
+               else Path(f"eval_{Path(r['checkpoint']).name}.json"))  # never written into a model folder
+    out = write_eval(r, args.out or default)
     console.print(f"written: {out}")
     return 0
 
@@ -286,14 +308,40 @@ def cmd_config(args: argparse.Namespace) -> int:
                 walk(sub, key + ".")
             else:
                 default = field.get_default(call_default_factory=True)
-                console.print(f"  {key} = {default!r}  [dim]{field.description or ''}[/]")
+                console.print(f"  {key}: {_as_yaml(default)}  [dim]{field.description or ''}[/]", highlight=False)
 
     walk(RunConfig, "")
     console.print("[bold]knobs[/] (set in schedule.knobs or in a stage; numbers may be ramps "
                   "{ramp: linear|cosine|step|exponential|root, from: A, to: B}):")
     for k in KNOBS.values():
-        console.print(f"  {k.name}  [dim]{k.doc}[/]")
+        shown = f" (default {_as_yaml(k.default)})" if k.default is not None else " (no default: set it)"
+        console.print(f"  {k.name}{shown}  [dim]{k.doc}[/]", highlight=False)
     return 0
+
+
+def _as_yaml(value: typing.Any) -> str:
+    """A default as a user writes it in YAML: '2%' for a duration, {method: base} for a model, (required)."""
+    import yaml
+    from pydantic import BaseModel
+    from pydantic_core import PydanticUndefined
+
+    from rampup.units import Duration
+
+    def plain(v: typing.Any) -> typing.Any:
+        if isinstance(v, Duration):
+            return str(v)
+        if isinstance(v, BaseModel):
+            return v.model_dump(mode="json", exclude_none=True)
+        if isinstance(v, dict):
+            return {str(k): plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v if v is None or isinstance(v, (bool, int, float, str)) else str(v)
+
+    if value is PydanticUndefined:
+        return "(required)"
+    text = yaml.safe_dump(plain(value), default_flow_style=True, width=10_000, sort_keys=False)
+    return text.strip().removesuffix("...").strip()
 
 
 def _train_arguments(sp: argparse.ArgumentParser) -> None:
@@ -367,13 +415,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_report)
     sp = sub.add_parser("eval", help="long-context evaluation of a run or checkpoint: loss by length (beyond "
                         "training too) and by position, passkey retrieval by length and depth")
-    sp.add_argument("path", help="a run folder (its latest checkpoint) or a checkpoint folder")
+    sp.add_argument("path", help="a run folder (its latest checkpoint), a checkpoint folder, or a Hugging Face "
+                    "model folder (a base model, or an export)")
+    sp.add_argument("--data", metavar="RUN|CONFIG", help="score on the held-out split of this run's (or config's) "
+                    "corpus (required for a Hugging Face folder; its tokenizer must be the model's)")
     sp.add_argument("--lengths", type=int, nargs="+", help="context lengths (default: L/4, L, 2L of the run's L)")
     sp.add_argument("--passkey-samples", type=int, default=10, help="examples per length and depth (0: skip)")
-    sp.add_argument("--max-tokens", type=int, default=32768, help="held-out tokens scored per length")
-    sp.add_argument("--windows", choices=["stream", "documents"], help="default: the run's eval.windows")
+    sp.add_argument("--max-tokens", type=int, help="held-out tokens scored per length (default: the data's "
+                    "eval.max_tokens, as the run's own evaluation)")
+    sp.add_argument("--windows", choices=["stream", "documents"], help="default: the data's eval.windows")
     sp.add_argument("--seed", type=int, default=0, help="seed of the passkey examples")
-    sp.add_argument("--out", help="where to write the JSON (default: RUN/eval.json)")
+    sp.add_argument("--out", help="where to write the JSON (default: RUN/eval.json; eval_FOLDER.json here for a "
+                    "Hugging Face folder)")
     sp.set_defaults(fn=cmd_eval)
     sp = sub.add_parser("export", help="write a run or checkpoint as a Hugging Face model folder (config, "
                         "safetensors weights, fast tokenizer)")
@@ -401,7 +454,10 @@ def main(argv: list[str] | None = None) -> int:
 
         from rampup.engine.step import Interrupted
 
-        if not (isinstance(e, Interrupted) and os.environ.get("RANK", "0") != "0"):  # one voice: rank 0's
+        if isinstance(e, Interrupted):  # a requested stop, not a failure: what was kept and how to go on
+            if os.environ.get("RANK", "0") == "0":  # one voice: rank 0's
+                print(f"stopped: {e}", file=sys.stderr)
+        else:
             print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:  # the trainer turns the first Ctrl-C into a checkpoint; this is the second

@@ -31,6 +31,9 @@ class TrainConfig(Section):
     """Total training budget ('20M tok', '2 epochs', '1000 steps'). Omit to use the sum of the stage durations."""
     seed: int = 0
     """Seeds the model initialisation and the data order."""
+    init_from: str | None = None
+    """Start from existing weights: a run folder, one of its checkpoints, or a Hugging Face model folder
+    (schedule, optimizer and data order fresh; the corpus is tokenized with the source's tokenizer)."""
     precision: choice("auto", "bf16", "fp32") = "auto"
     """Autocast dtype for matmuls: auto (bf16 where the hardware runs it natively -- AMX or AVX-512 bf16
     CPUs, recent GPUs -- measured once per machine; fp32 elsewhere), bf16 or fp32. Weights stay fp32.
@@ -188,11 +191,11 @@ class RunConfig(Section):
     def _cross_check(self) -> RunConfig:
         from rampup.knobs import check_knobs
 
-        limit = self.model.max_seq_len
-        for n in self.eval.seq_lens:
-            if n > limit:
-                raise ValueError(f"eval.seq_lens has {n}, beyond model.max_seq_len {limit}")
         tok = self.data.tokenizer
+        if self.train.init_from is not None:
+            from rampup.initfrom import check_tokenizer
+
+            check_tokenizer(self)  # the source's tokenizer, or a named refusal of another one
         if self.model.source == "hf" and self.model.path is not None and tok.path is None:
             # continued pre-training: the corpus is tokenized by the model's own tokenizer, ending
             # documents with its own eos
@@ -207,6 +210,10 @@ class RunConfig(Section):
             raise ValueError("schedule.seq_len_mode: truncate shapes packed windows; the buckets sampler "
                              "draws its own lengths, so remove seq_len_mode")
         check_knobs(self)  # each knob's own cross-checks (seq_len within the model, attention layers, ...)
+        limit = self.model.max_seq_len  # after the seq_len check, which a rope-covered extension raises
+        for n in self.eval.seq_lens:
+            if n > limit:
+                raise ValueError(f"eval.seq_lens has {n}, beyond model.max_seq_len {limit}")
         return self
 
     def resolved_out_dir(self) -> Path:
@@ -256,20 +263,28 @@ def _section_class(annotation: Any) -> type[BaseModel] | None:
 
 
 def _valid_keys(loc: tuple[Any, ...]) -> list[str]:
-    cls: type[BaseModel] | None = RunConfig
+    from rampup.knobs import KNOBS
+    from rampup.schedule import ScheduleConfig, StageConfig
+
+    cls: Any = RunConfig
     for part in loc:
         if isinstance(part, int) or cls is None:
             continue
-        field = cls.model_fields.get(part)
-        cls = _section_class(field.annotation) if field else None
-    return list(cls.model_fields) if cls is not None else []
+        if cls in (StageConfig, "knobs") and part in KNOBS:  # a knob's value: its own model, if structured
+            cls = KNOBS[part].spec
+        elif cls is ScheduleConfig and part == "knobs":
+            cls = "knobs"
+        else:
+            field = cls.model_fields.get(part) if isinstance(cls, type) else None
+            cls = _section_class(field.annotation) if field else None
+    return list(cls.model_fields) if isinstance(cls, type) and issubclass(cls, BaseModel) else []
 
 
 def format_validation_error(err: ValidationError, source: str) -> ConfigError:
     lines = []
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        path = ".".join(str(p) for p in loc) or "(top level)"
+        path = ".".join(str(p) for p in loc)
         if e["type"] == "extra_forbidden":
             key = str(loc[-1])
             valid = _valid_keys(loc[:-1])
@@ -280,8 +295,23 @@ def format_validation_error(err: ValidationError, source: str) -> ConfigError:
             msg = e["msg"].removeprefix("Value error, ")
             got = e.get("input")
             shown = f" (got {got!r})" if not isinstance(got, (dict, list)) and e["type"] != "value_error" else ""
-            lines.append(f"{path}: {msg}{shown}")
+            lines.append(f"{path}: {msg}{shown}" if path else f"{msg}{shown}")  # cross-checks name their keys
     return ConfigError(f"invalid config {source}:\n  " + "\n  ".join(lines))
+
+
+_FILE_PATHS = (("model", "path"), ("data", "source"), ("data", "tokenizer", "path"), ("train", "init_from"))
+"""Settings that name files: a relative path in a config file means relative to that file (``--set``
+values stay relative to the current folder, where the user typed them)."""
+
+
+def _resolve_paths(tree: dict[str, Any], folder: Path) -> None:
+    for keys in _FILE_PATHS:
+        node: Any = tree
+        for k in keys[:-1]:
+            node = node.get(k) if isinstance(node, dict) else None
+        value = node.get(keys[-1]) if isinstance(node, dict) else None
+        if isinstance(value, str) and value and value != "stdlib" and not Path(value).expanduser().is_absolute():
+            node[keys[-1]] = str(folder / value)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), *, name: str | None = None) -> RunConfig:
@@ -300,6 +330,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), *, na
         if not isinstance(tree, dict):
             raise ConfigError(f"{p} must hold a mapping of sections (model:, data:, schedule:, ...)")
         tree.setdefault("name", name or p.stem)
+        _resolve_paths(tree, p.resolve().parent)
     for item in overrides:
         set_override(tree, item)
     try:

@@ -14,7 +14,8 @@ run's last stage, as the family's own config expresses them:
   Hugging Face family and are refused.
 
 Weights are written as safetensors in the chosen dtype, and rampup's tokenizer as a fast tokenizer
-(tokenizer.json) with its end-of-text token as eos. The folder is built beside OUT_DIR and renamed
+(tokenizer.json) with its end-of-text token as eos; a run of a Hugging Face folder exports that
+folder's own tokenizer whole (bos, unk and pad tokens, chat template), with the run's position limit. The folder is built beside OUT_DIR and renamed
 into place, so a failed export leaves nothing half-written; an existing non-empty OUT_DIR is refused.
 """
 from __future__ import annotations
@@ -89,6 +90,21 @@ def hf_model_with_knobs(adapter, knobs: dict[str, Any], dtype: str):
     return model
 
 
+def _source_tokenizer(cfg, tok):
+    """The Hugging Face folder's own tokenizer, whole (bos/unk/pad tokens, chat template, its class), when
+    the run trained an HF folder with it; None otherwise (rampup's tokenizer is written instead)."""
+    import json
+
+    import transformers
+
+    folder = Path(cfg.model.path) if cfg.model.source == "hf" and cfg.model.path else None
+    if folder is None or not (folder / "tokenizer.json").is_file():
+        return None
+    if json.loads((folder / "tokenizer.json").read_text()).get("model") != json.loads(tok.to_str()).get("model"):
+        return None  # the run tokenized with another tokenizer (data.tokenizer.path): that one is exported
+    return transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+
+
 def export_hf(path: str | Path, out_dir: str | Path, *, dtype: str = "float32", ema: bool = False,
               subnet: str | None = None) -> Path:
     """Write the checkpoint at ``path`` (a run folder: its latest) as a Hugging Face model folder."""
@@ -136,8 +152,10 @@ def export_hf(path: str | Path, out_dir: str | Path, *, dtype: str = "float32", 
             raise ConfigError(f"export to {type(model).__name__} does not match the weights (missing {missing[:3]}, "
                               f"unexpected {list(unexpected)[:3]})")
     model.to(DTYPES[dtype])
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=cfg.data.tokenizer.eot or EOT,
-                                                model_max_length=hf_cfg.max_position_embeddings)
+    fast = _source_tokenizer(cfg, tok)
+    if fast is None:
+        fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=cfg.data.tokenizer.eot or EOT)
+    fast.model_max_length = hf_cfg.max_position_embeddings
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     try:

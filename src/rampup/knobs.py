@@ -130,11 +130,26 @@ class Knob:
     evaluate_value: Callable[[Any, float], Any] | None = None
     """evaluate_value(value, p): a structured value's setting at stage progress p (lr_groups, whose
     multipliers may each ramp); default: a Ramp evaluates, anything else is constant."""
+    spec: type | None = None
+    """A structured knob's pydantic model (rope's RopeSpec): an error in one of its keys is reported at
+    its full path with the model's valid keys."""
     check_model: Callable[[Any, Any], None] | None = None
     """check_model(adapter, value): a value the built model cannot take (a block that does not exist);
     raises ConfigError. Run on every value the schedule sets, before any compute."""
 
     def validate(self, value: Any) -> Any:
+        """The value checked and normalised; a structured value's own errors keep their keys under the
+        knob's name (``rope.original_max_length``), so the config error names the whole path."""
+        from pydantic import ValidationError
+
+        try:
+            return self._validate(value)
+        except ValidationError as e:
+            raise ValidationError.from_exception_data(e.title, [
+                {"type": err["type"], "loc": (self.name, *err["loc"]), "input": err["input"],
+                 **({"ctx": err["ctx"]} if "ctx" in err else {})} for err in e.errors()]) from None
+
+    def _validate(self, value: Any) -> Any:
         if isinstance(value, Ramp):
             if not self.rampable:
                 raise ValueError(f"knob '{self.name}' cannot ramp; give a constant value")
@@ -142,7 +157,7 @@ class Knob:
                 self._check_number(v)
             return value
         if isinstance(value, dict) and self.rampable and ("from" in value or "ramp" in value):
-            return self.validate(Ramp.model_validate(value))
+            return self._validate(Ramp.model_validate(value))
         if self.check is not None:
             return self.check(value)
         return self._check_number(value)
@@ -318,11 +333,17 @@ def graph_id(knobs: dict[str, Any], shape: tuple[int, ...]) -> tuple:
 def check_knobs(cfg: Any, schedule: Any = None) -> None:
     """Every knob's cross-checks: against the config (``check_config``, ValueError) and, given the
     resolved schedule, at plan time (``check_plan``, ConfigError)."""
+    problems = []
     for knob in KNOBS.values():
         if schedule is None and knob.check_config is not None:
-            knob.check_config(cfg)
+            try:
+                knob.check_config(cfg)
+            except ValueError as e:  # every knob's problem with the file at once, not one per run
+                problems.append(str(e))
         if schedule is not None and knob.check_plan is not None:
             knob.check_plan(cfg, schedule)
+    if problems:
+        raise ValueError("\n  ".join(problems))
 
 
 def check_supported(adapter: Any, schedule_cfg: Any) -> None:
@@ -349,17 +370,43 @@ def knob_keys_set(schedule_cfg: Any) -> set[str]:
     return set(schedule_cfg.knobs).union(*(st.knobs for st in schedule_cfg.stages))
 
 
+def _top(v: Any) -> float | None:
+    return max(v.start, v.to) if isinstance(v, Ramp) else v
+
+
 def _check_seq_len_limit(cfg: Any) -> None:
-    limit = cfg.model.max_seq_len
-    for i, st in enumerate(cfg.schedule.stages):
-        v = st.knobs.get("seq_len")
-        top = max(v.start, v.to) if isinstance(v, Ramp) else v
-        if top is not None and top > limit:
-            raise ValueError(f"schedule.stages.{i}.seq_len reaches {top:g} but model.max_seq_len is {limit}; "
+    """Every stage's seq_len within the model's positions. A Hugging Face model without model.max_seq_len
+    set may go past its folder's limit where the stage's rope (pi, ntk, yarn; inherited from earlier
+    stages) covers the length, factor x original; model.max_seq_len then becomes the longest such length
+    (what evaluation may score and what an export declares)."""
+    m = cfg.model
+    limit, longest = m.max_seq_len, m.max_seq_len
+    rope, seq = cfg.schedule.knobs.get("rope"), cfg.schedule.knobs.get("seq_len")
+    for i, st in enumerate([None, *cfg.schedule.stages]):
+        where = "schedule.knobs.seq_len" if st is None else f"schedule.stages.{i - 1}.seq_len"
+        if st is not None:
+            rope, seq = st.knobs.get("rope", rope), st.knobs.get("seq_len", seq)
+        top = _top(seq)
+        if top is None or top <= limit:
+            continue
+        covers = (m.extendable and rope is not None and rope.method in ("pi", "ntk", "yarn")
+                  and rope.factor * (rope.original_max_len or m.native_positions) >= top)
+        if covers:
+            longest = max(longest, int(top))
+        elif m.source != "hf":
+            raise ValueError(f"{where} reaches {top:g} but model.max_seq_len is {limit}; "
                              "raise model.max_seq_len or shorten the stage")
-    start = cfg.schedule.knobs.get("seq_len")
-    if start is not None and start > limit:
-        raise ValueError(f"schedule.knobs.seq_len {start} exceeds model.max_seq_len {limit}")
+        else:
+            native = m.native_positions or limit
+            raise ValueError(
+                f"{where} reaches {top:g} but this Hugging Face model takes {limit} positions"
+                + (" (model.max_seq_len)" if not m.extendable else
+                   f" (max_position_embeddings of {m.path})" if m.path else " (its max_position_embeddings)")
+                + f"; give the stage a rope that covers it, e.g. rope: {{method: yarn, factor: "
+                f"{math.ceil(top / native)}, original_max_len: {native}}} (factor x original >= {top:g}), "
+                "or set model.max_seq_len to train past the limit with any rope")
+    if longest > limit:
+        m.__dict__["max_seq_len"] = longest
 
 
 def _check_one_length(cfg: Any) -> None:
@@ -374,8 +421,14 @@ def _check_one_length(cfg: Any) -> None:
 
 
 def _check_seq_len(cfg: Any) -> None:
-    _check_seq_len_limit(cfg)
-    _check_one_length(cfg)
+    problems = []
+    for check in (_check_seq_len_limit, _check_one_length):
+        try:
+            check(cfg)
+        except ValueError as e:
+            problems.append(str(e))
+    if problems:
+        raise ValueError("\n  ".join(problems))
 
 
 register_knob(Knob("seq_len", "Tokens per training sequence (context length).", integer=True, minimum=1,

@@ -197,56 +197,90 @@ def open_run(path: str | Path, command: str):
     return ckpt, cfg, Schedule.build(cfg.schedule, total=cfg.train.duration)
 
 
+def _data_config(data: str | Path):
+    """The RunConfig whose corpus ``--data`` names: a run folder (its config.yaml) or a config file."""
+    import yaml
+
+    from rampup.config import RunConfig, load_config
+
+    p = Path(data)
+    if (p / "config.yaml").is_file():
+        return RunConfig.model_validate(yaml.safe_load((p / "config.yaml").read_text()))
+    if p.is_file():
+        return load_config(p)
+    raise ConfigError(f"--data {p} is neither a run folder (with config.yaml) nor a config file")
+
+
+def _is_hf_folder(path: Path) -> bool:
+    return (path / "config.json").is_file() and not (path / "checkpoints").exists() and not (path / "state.json").exists()
+
+
+def _same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
+    return json.loads(a.to_str()).get("model") == json.loads(b.to_str()).get("model")
+
+
 def evaluate_run(path: str | Path, *, lengths: list[int] | None = None, passkey_samples: int = 10,
                  depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0), position_buckets: int = 8,
-                 max_tokens: int = 32768, windows: str | None = None, seed: int = 0,
-                 rope=None) -> dict[str, Any]:
-    """Loss by length, loss by position at the longest length, and passkey accuracy of a checkpoint.
+                 max_tokens: int | None = None, windows: str | None = None, seed: int = 0,
+                 rope=None, data: str | Path | None = None) -> dict[str, Any]:
+    """Loss by length, loss by position at the longest length, and passkey accuracy of a checkpoint or
+    of a Hugging Face model folder (the base model, or an export).
 
     The scoring is the engine's own evaluation path (rampup.engine.evaluation): the knobs of the
     run's stage at the checkpoint (RoPE method, attention pattern and window) are applied at each
-    length, so a run whose last stage is windowed is scored windowed. ``rope`` (a RopeSpec) replaces
-    the RoPE method, e.g. to measure zero-shot extrapolation of a model trained short with each
-    method applied only at evaluation.
+    length, so a run whose last stage is windowed is scored windowed; a Hugging Face folder is scored
+    as its own config says (its RoPE scaling included), in fp32. ``data`` (a run folder or config)
+    gives the held-out split scored: required for a folder, optional for a run (its own corpus by
+    default); its tokenizer must be the model's. ``max_tokens`` and ``windows`` default to that
+    config's eval settings, so a run's checkpoint scores exactly as its own evaluation did. ``rope``
+    (a RopeSpec) replaces the RoPE method, e.g. to measure zero-shot extrapolation.
     """
     from rampup.data.dataset import TokenDataset
     from rampup.data.prepare import get_prepared, load_prepared_tokenizer
     from rampup.data.samplers import EVAL_WINDOWS
-    from rampup.engine.checkpoint import load_checkpoint
     from rampup.engine.evaluation import evaluate_lengths, window_batches
     from rampup.knobs import KnobContext, KnobRunner
-    from rampup.models.build import build_adapter
-    from rampup.precision import saved_precision
     from rampup.tasks import CausalLM
 
-    ckpt, cfg, schedule = open_run(path, "rampup eval")
-    trained = int(schedule.max_knob("seq_len"))
+    path = Path(path)
+    if _is_hf_folder(path):
+        if data is None:
+            raise ConfigError(f"{path} is a Hugging Face model folder: give --data RUN|CONFIG, the run or config "
+                              "whose held-out split to score it on")
+        adapter, cfg, knobs, precision, trained, meta = _hf_folder_model(path, _data_config(data), rope)
+    else:
+        adapter, cfg, knobs, precision, trained, meta = _checkpoint_model(path, rope)
+        if data is not None:
+            own = load_prepared_tokenizer(get_prepared(cfg.data))
+            cfg = _data_config(data)
+            if not _same_tokenizer(own, load_prepared_tokenizer(get_prepared(cfg.data))):
+                raise ConfigError(f"--data {data} is tokenized with another tokenizer than {path}'s run; score a "
+                                  "model on data tokenized with its own tokenizer")
+    max_tokens = max_tokens or cfg.eval.max_tokens
+    windows = windows or cfg.eval.windows
     lengths = sorted(lengths or [max(1, trained // 4), trained, 2 * trained])
     prepared = get_prepared(cfg.data)
     val = TokenDataset.open(prepared, "val")
     template = PasskeyTemplate(load_prepared_tokenizer(prepared))
-
-    adapter = build_adapter(cfg.model)
-    from rampup.growth import fit_to_checkpoint
-
-    fit_to_checkpoint(adapter, ckpt)  # a run that grew: the model at the checkpoint's depth
-    model = adapter.module
-    ck = load_checkpoint(ckpt, model, None)
-    tokens = int(ck.state["progress"]["tokens"])
-    precision = saved_precision(ck.state, torch.device("cpu")).precision  # what the run trained in
-    knobs = schedule.at(min(tokens, schedule.total_tokens - 1))
-    if rope is not None:
-        knobs = knobs | {"rope": rope}
+    if meta.get("tokenizer") is not None and not _same_tokenizer(meta.pop("tokenizer"), template.tok):
+        raise ConfigError(f"{path}'s tokenizer differs from the one --data {data} was tokenized with; score it on "
+                          "data prepared with the model's own tokenizer (a run of this model, or a config "
+                          "whose model.path is this folder)")
+    meta.pop("tokenizer", None)
     longest = max(lengths)
-    if cfg.model.source == "reference" and longest > model.max_seq_len:  # extend the RoPE tables (no weights change)
-        model.set_rope(max_seq_len=longest)
+    model = adapter.module
+    if cfg.model.source == "reference" and meta["kind"] == "checkpoint" and longest > model.max_seq_len:
+        model.set_rope(max_seq_len=longest)  # extend the RoPE tables (no weights change)
     task = CausalLM()
     runner = KnobRunner(KnobContext(adapter))
-    make = EVAL_WINDOWS[windows or cfg.eval.windows]
-    result: dict[str, Any] = {"checkpoint": str(ckpt), "step": ck.state["progress"]["step"], "tokens": tokens,
-                              "trained_seq_len": trained, "rope": str(knobs["rope"]),
-                              "attention": str(knobs["attention"]) + (f", window {knobs['window']}"
-                                                                      if knobs["attention"].kind != "causal" else ""),
+    make = EVAL_WINDOWS[windows]
+    result: dict[str, Any] = {**meta, "trained_seq_len": trained,
+                              "rope": str(knobs["rope"]) if "rope" in knobs else meta.get("rope", "as configured"),
+                              "attention": (str(knobs["attention"]) + (f", window {knobs['window']}"
+                                                                       if knobs["attention"].kind != "causal" else ""))
+                              if "attention" in knobs else "as configured",
+                              "data": str(data) if data is not None else str(prepared), "precision": precision,
+                              "scored": {"max_tokens": max_tokens, "windows": windows, "tokens": {}},
                               "loss": {}, "passkey": {}}
     stream = None
     if passkey_samples:
@@ -262,13 +296,54 @@ def evaluate_run(path: str | Path, *, lengths: list[int] | None = None, passkey_
                                precision=precision)[n]
         result["passkey"][str(n)] = {f"{d:g}": a for d, a in acc.items()}
 
-    sets = {n: window_batches(make(val, n, max_tokens)) for n in lengths}
+    made = {n: make(val, n, max_tokens) for n in lengths}
+    result["scored"]["tokens"] = {str(n): int(w.shape[0] * (w.shape[1] - 1)) for n, w in made.items()}
+    sets = {n: window_batches(w) for n, w in made.items()}
     losses = evaluate_lengths(adapter, task, runner, knobs, sets, precision=precision, each=passkey)
     result["loss"] = {str(n): v for n, v in losses.items()}
     runner.apply(knobs, longest)
     result["loss_by_position"] = {"seq_len": longest, "buckets": loss_by_position(
         adapter, make(val, longest, max_tokens), position_buckets, precision=precision, task=task)}
     return result
+
+
+def _checkpoint_model(path: Path, rope) -> tuple:
+    """(adapter with the checkpoint's weights, its RunConfig, knobs at the checkpoint, precision, trained
+    length, record fields) of a run folder or checkpoint."""
+    from rampup.engine.checkpoint import load_checkpoint
+    from rampup.growth import fit_to_checkpoint
+    from rampup.models.build import build_adapter
+    from rampup.precision import saved_precision
+
+    ckpt, cfg, schedule = open_run(path, "rampup eval")
+    adapter = build_adapter(cfg.model)
+    fit_to_checkpoint(adapter, ckpt)  # a run that grew: the model at the checkpoint's depth
+    ck = load_checkpoint(ckpt, adapter.module, None)
+    tokens = int(ck.state["progress"]["tokens"])
+    precision = saved_precision(ck.state, torch.device("cpu")).precision  # what the run trained in
+    knobs = schedule.at(min(tokens, schedule.total_tokens - 1))
+    if rope is not None:
+        knobs = knobs | {"rope": rope}
+    meta = {"kind": "checkpoint", "checkpoint": str(ckpt), "step": ck.state["progress"]["step"], "tokens": tokens}
+    return adapter, cfg, knobs, precision, int(schedule.max_knob("seq_len")), meta
+
+
+def _hf_folder_model(folder: Path, cfg, rope) -> tuple:
+    """The same for a Hugging Face model folder scored on ``cfg``'s corpus: no knobs (its own config's RoPE
+    and attention), fp32, trained length = its max_position_embeddings."""
+    from rampup.models.hf import HFCausalLMAdapter
+
+    adapter = HFCausalLMAdapter.from_pretrained(folder)
+    if not (folder / "tokenizer.json").is_file():
+        raise ConfigError(f"{folder} has no tokenizer.json, so rampup cannot check it matches --data's tokenizer")
+    knobs = {"rope": rope} if rope is not None else {}
+    conf = adapter.module.config
+    params = getattr(conf, "rope_parameters", None) or {}
+    meta = {"kind": "hf_folder", "checkpoint": str(folder), "step": None, "tokens": None,
+            "rope": params.get("rope_type", "default") + (f" x{params['factor']:g}" if params.get("factor") else ""),
+            "tokenizer": Tokenizer.from_file(str(folder / "tokenizer.json"))}
+    trained = int(getattr(conf, "max_position_embeddings", None) or conf.n_positions)
+    return adapter, cfg, knobs, "fp32", trained, meta
 
 
 def write_eval(result: dict[str, Any], path: str | Path) -> Path:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, model_serializer, model_validator
+from pydantic import BaseModel, ValidationError, model_serializer, model_validator
 
 from rampup.configbase import Section
 from rampup.errors import ConfigError, did_you_mean
@@ -92,7 +92,12 @@ class ScheduleConfig(Section):
                     raise ValueError(f"unknown knob '{key}'{did_you_mean(key, KNOBS)}; knobs: {', '.join(KNOBS)}")
                 if isinstance(value, Ramp) or (isinstance(value, dict) and ("from" in value or "ramp" in value)):
                     raise ValueError(f"schedule.knobs.{key}: starting values are constants; put ramps in a stage")
-                data["knobs"][key] = knob.validate(value)
+                try:
+                    data["knobs"][key] = knob.validate(value)
+                except ValidationError as e:  # keep the path: schedule.knobs.rope.<key>
+                    raise ValidationError.from_exception_data(e.title, [
+                        {"type": err["type"], "loc": ("knobs", *err["loc"]), "input": err["input"],
+                         **({"ctx": err["ctx"]} if "ctx" in err else {})} for err in e.errors()]) from None
         return data
 
     @model_validator(mode="after")

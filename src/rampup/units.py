@@ -67,6 +67,9 @@ class Duration:
         if isinstance(text, bool) or not isinstance(text, (str, int, float)):
             raise DurationError(f"a duration must be a string such as '4M tok', got {text!r}")
         if isinstance(text, (int, float)):
+            if isinstance(text, float) and 0 < text < 1:  # a fraction of the run, written as a number
+                raise DurationError(f"duration {text!r} has no unit; a share of the run is written "
+                                    f"'{text * 100:g}%' ({_UNIT_HELP})")
             raise DurationError(
                 f"duration {text!r} has no unit; write e.g. '{text} steps' or '{text} tok' ({_UNIT_HELP})"
             )
@@ -74,6 +77,9 @@ class Duration:
         if not m:
             raise DurationError(f"cannot read duration {text!r}; {_UNIT_HELP}")
         number, suffix, unit_name = m.groups()
+        if not unit_name and not suffix and 0 < float(number) < 1:
+            raise DurationError(f"duration {text!r} has no unit; a share of the run is written "
+                                f"'{float(number) * 100:g}%' ({_UNIT_HELP})")
         if not unit_name:
             raise DurationError(
                 f"duration {text!r} has no unit; write e.g. '{text.strip()} steps' or "

@@ -83,15 +83,38 @@ class _SignalFlag:
             signal.signal(s, h)
 
 
+def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a.b.c": value}`` of a nested dict (lists by index)."""
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, list):
+        items = enumerate(tree)
+    else:
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for k, v in items:
+        out |= _leaves(v, f"{prefix}.{k}" if prefix else str(k))
+    return out or {prefix: tree}
+
+
+def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for every setting that differs (a key one side lacks shows as missing)."""
+    a, b = _leaves(saved), _leaves(now)
+    return [f"{k}: {a.get(k, '(missing)')} -> {b.get(k, '(missing)')}" for k in sorted(a.keys() | b.keys())
+            if a.get(k, ...) != b.get(k, ...)]
+
+
 def check_resumable(saved: dict[str, Any], cfg: RunConfig) -> None:
     now = cfg.model_dump(mode="json", by_alias=True)
-    diff = [k for k in _COMPARED_ON_RESUME if saved.get(k) != now.get(k)]
-    for k in ("duration", "seed", "precision", "micro_batch_tokens", "ema"):
-        if saved.get("train", {}).get(k) != now["train"].get(k):
-            diff.append(f"train.{k}")
-    if diff:
-        raise ConfigError(f"the config differs from the checkpoint's in: {', '.join(diff)}; resume with the "
-                          "config the run started with (saved as config.yaml in the run folder)")
+    compared = {k: saved.get(k) for k in _COMPARED_ON_RESUME}, {k: now.get(k) for k in _COMPARED_ON_RESUME}
+    train = ("duration", "seed", "precision", "micro_batch_tokens", "ema")
+    changes = config_changes(
+        compared[0] | {"train": {k: saved.get("train", {}).get(k) for k in train}},
+        compared[1] | {"train": {k: now["train"].get(k) for k in train}})
+    if changes:
+        shown = "; ".join(changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8 else "")
+        raise ConfigError(f"the config differs from the checkpoint's: {shown}. Resume with the config the run "
+                          "started with (saved as config.yaml in the run folder)")
 
 
 class Trainer:
@@ -129,6 +152,10 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         adapter = (build_model or (lambda c, d: build_adapter(c.model, d)))(cfg, self.device)
         check_supported(adapter, cfg.schedule)
+        if cfg.train.init_from is not None and not resume:  # a resume takes its own checkpoint's weights
+            from rampup.initfrom import load_weights
+
+            load_weights(adapter, cfg.train.init_from)
         from rampup.transitions import uses_parameter_groups
 
         self.dist.shard(adapter, self.device)  # FSDP2: before the optimizer, which then holds the shards
@@ -205,6 +232,8 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         try:
             self.start()
+            if self.resume and self.progress.tokens >= self.schedule.total_tokens:
+                return self.finished_summary()  # nothing to resume: records and checkpoint stay as they are
             with self.flag, self.dist.named_failures():
                 final, path = self.fit()
         finally:
@@ -213,6 +242,22 @@ class Trainer:
         summary = self.write_summary(final, path)
         self.dist.close()
         return summary
+
+    def finished_summary(self) -> dict[str, Any]:
+        """The summary of a run that had already finished when --resume was asked (its summary.json, or
+        one made from its last checkpoint), marked ``already_finished``."""
+        self.dist.close()
+        path = self.out / "summary.json"
+        if path.is_file():
+            summary = json.loads(path.read_text())
+        else:
+            p = self.progress
+            summary = {"name": self.cfg.name, "steps": p.step, "tokens": p.tokens, "flops": p.flops,
+                       "train_time": p.train_time, "compile_time": p.compile_time, "val_loss": {},
+                       "skipped_steps": p.skipped_steps, "skipped_tokens": p.skipped_tokens,
+                       "rollbacks": p.rollbacks, "lr_scale": p.lr_scale,
+                       "checkpoint": str(self.checkpointer.latest()), "metrics": str(self.out / "metrics.jsonl")}
+        return summary | {"already_finished": True}
 
     def fit(self) -> tuple[dict[int, float], Path]:
         """Every step of the schedule, then the final evaluation and checkpoint (trained on again if
@@ -270,7 +315,8 @@ class Trainer:
             sent = self.dist.broadcast(self.flag.signum)  # every rank joins: rank 0 may have none
             self.flag.signum = self.flag.signum or sent or signal.SIGTERM
             path = self.save() or self.checkpointer.latest()
-            raise Interrupted(f"stopped by signal {self.flag.signum} after step {p.step}; checkpoint "
+            raise Interrupted(f"by signal {self.flag.signum} ({signal.Signals(self.flag.signum).name}) after step "
+                              f"{p.step}; checkpoint "
                               f"{path}. Resume with: {self.resume_hint}", 128 + self.flag.signum)
         if self.should_save(p.step, before, p.tokens) and not done:
             self.save()

@@ -245,7 +245,7 @@ from rampup.knobs import Knob, register_knob  # noqa: E402  (rampup.knobs import
 
 register_knob(Knob("attention", "Attention pattern of the stage: causal | window | sinks, or {kind, n_global, "
                    "full_layers | full_every} for a hybrid of full and windowed layers.",
-                   default=AttentionSpec(), rampable=False, check=check_attention_knob, apply=_apply_attention,
+                   default=AttentionSpec(), rampable=False, check=check_attention_knob, spec=AttentionSpec, apply=_apply_attention,
                    key=_attention_key, graph_key=lambda spec: spec.model_dump_json(), check_config=_check_full_layers,
                    check_plan=_check_windows))
 # the window's effect is the attention knob's (its key includes the window); each width is its own graph

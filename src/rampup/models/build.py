@@ -15,7 +15,10 @@ def build_adapter(cfg, device: torch.device | str = "cpu"):
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.weights_dtype]
     if cfg.hf_config is not None:
-        return HFCausalLMAdapter.from_config(cfg.hf_config, device, dtype)
-    if str(device) == "meta":
-        return HFCausalLMAdapter.from_folder_config(cfg.path, device)
-    return HFCausalLMAdapter.from_pretrained(cfg.path, device, dtype)
+        adapter = HFCausalLMAdapter.from_config(cfg.hf_config, device, dtype)
+    elif str(device) == "meta":
+        adapter = HFCausalLMAdapter.from_folder_config(cfg.path, device)
+    else:
+        adapter = HFCausalLMAdapter.from_pretrained(cfg.path, device, dtype)
+    adapter.extend_positions(cfg.max_seq_len)  # past the folder's limit where the run was allowed to go
+    return adapter

@@ -10,7 +10,9 @@ like the reference model (``train(cfg, build_model=...)``). What the knobs do to
 - ``attention``/``window``: a sliding window through the model's own support: on every layer
   (Mistral's ``sliding_window``), or on every layer or a chosen mix (Qwen2's ``layer_types``);
   sinks, and other families, are refused;
-- ``seq_len`` up to the model's ``max_position_embeddings``.
+- ``seq_len`` up to the model's ``max_position_embeddings``, or beyond it where model.max_seq_len is
+  set or a stage's rope (pi, ntk, yarn) covers the length (:meth:`extend_positions`; the export then
+  declares the new limit with the last stage's scaling).
 
 Loading runs no code from files: safetensors weights only (a folder with pickled ``.bin`` weights
 is refused with the conversion to do), never ``trust_remote_code``; weights are fp32 master weights
@@ -204,10 +206,25 @@ class HFCausalLMAdapter:
                               f"full and windowed layers); attention '{value}' cannot be expressed")
         if knob == "seq_len" and value is not None:
             top = max(value.start, value.to) if hasattr(value, "start") else value
-            limit = self.module.config.max_position_embeddings
+            cfg = self.module.config
+            limit = cfg.max_position_embeddings if self._rotary is not None else cfg.n_positions
             if top > limit:
                 raise ConfigError(f"seq_len {top:g} is beyond this {self.family} model's position limit "
                                   f"(max_position_embeddings {limit})")
+
+    def extend_positions(self, n: int) -> None:
+        """Declare ``n`` positions (model.max_seq_len past the folder's limit, which a stage's rope covers):
+        the config the model is exported with carries it. Learned positions (GPT-2) cannot grow."""
+        cfg = self.module.config
+        if self._rotary is None:
+            if n > cfg.n_positions:
+                raise ConfigError(f"{self.family} learns one embedding per position ({cfg.n_positions}); it "
+                                  f"cannot take {n}")
+            return
+        if n > cfg.max_position_embeddings:
+            cfg.max_position_embeddings = n
+            if hasattr(self._rotary, "max_seq_len_cached"):
+                self._rotary.max_seq_len_cached = n
 
     # knob effects (called by the knobs' apply through ctx.model)
     @torch.no_grad()

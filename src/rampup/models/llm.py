@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import field_validator, model_validator
+from pydantic import PrivateAttr, field_validator, model_validator
 
 from rampup.configbase import Section, choice
 from rampup.models.docmask import DocumentSpans, document_mask, document_spans, per_document_attention
@@ -66,7 +66,9 @@ class ModelConfig(Section):
     multiple_of: int = 64
     """The default ffn_hidden is rounded up to a multiple of this."""
     max_seq_len: int = 1024
-    """Longest sequence the model accepts; size of the RoPE cache."""
+    """Longest sequence the model accepts; size of the RoPE cache. source hf: the folder's
+    max_position_embeddings unless set; a stage whose rope (pi, ntk, yarn) covers a longer seq_len
+    (factor x original) raises it, and setting it allows any rope method beyond the folder's limit."""
     rope_base: float = 10000.0
     """RoPE base (theta); larger means slower-rotating, longer-range frequencies."""
     norm_eps: float = 1e-5
@@ -75,6 +77,7 @@ class ModelConfig(Section):
     """Share the token embedding matrix with the output head."""
     init_std: float = 0.02
     """Standard deviation of the normal initialisation of weights."""
+    _native_positions: int | None = PrivateAttr(default=None)
 
     @field_validator("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden",
                      "multiple_of", "max_seq_len")
@@ -112,6 +115,9 @@ class ModelConfig(Section):
                              "model.hf_config (an inline config with model_type)")
         if self.path is not None:
             cfg_file = Path(self.path) / "config.json"
+            if not Path(self.path).exists():
+                raise ValueError(f"model.path {self.path} does not exist; give a Hugging Face model folder "
+                                 "(a relative path is read from the config file's folder)")
             if not cfg_file.is_file():
                 raise ValueError(f"model.path {self.path} has no config.json; give a Hugging Face model folder")
             d = json.loads(cfg_file.read_text())
@@ -119,10 +125,27 @@ class ModelConfig(Section):
             d = self.hf_config
         if d.get("model_type") not in HF_FAMILIES:
             raise ValueError(f"model type {d.get('model_type')!r} is not supported; use one of {', '.join(HF_FAMILIES)}")
-        # the Hugging Face config is the truth for what rampup checks against (tokenizer, seq_len)
+        # the Hugging Face config is the truth for what rampup checks against (tokenizer, positions)
         self.__dict__["vocab_size"] = int(d.get("vocab_size") or self.vocab_size)
-        self.__dict__["max_seq_len"] = int(d.get("max_position_embeddings") or d.get("n_positions") or self.max_seq_len)
+        native = int(d.get("max_position_embeddings") or d.get("n_positions") or self.max_seq_len)
+        self._native_positions = native
+        if "max_seq_len" not in self.model_fields_set:
+            self.__dict__["max_seq_len"] = native  # raised where a stage's rope covers a longer seq_len
+        elif d.get("model_type") == "gpt2" and self.max_seq_len > native:
+            raise ValueError(f"model.max_seq_len {self.max_seq_len}: GPT-2 learns one embedding per position "
+                             f"({native} in this model), so it cannot take longer sequences; lower it to {native}")
         return self
+
+    @property
+    def native_positions(self) -> int | None:
+        """source hf: the positions the model was built for (its config's max_position_embeddings)."""
+        return self._native_positions
+
+    @property
+    def extendable(self) -> bool:
+        """source hf without model.max_seq_len set: a stage's rope (pi, ntk, yarn) may cover lengths past
+        the model's positions (factor x original)."""
+        return self.source == "hf" and "max_seq_len" not in self.model_fields_set and self.native_positions is not None
 
     @model_validator(mode="after")
     def _shapes(self) -> ModelConfig:

@@ -145,4 +145,4 @@ from rampup.knobs import Knob, register_knob  # noqa: E402  (rampup.knobs import
 
 register_knob(Knob("rope", "RoPE method for the stage: {method: base|pi|ntk|dynamic_ntk|yarn, base, "
                    "factor, original_max_len}; applied to the live model at the stage boundary.",
-                   default=RopeSpec(), rampable=False, check=check_rope_knob, apply=_apply_rope, key=_rope_key))
+                   default=RopeSpec(), rampable=False, check=check_rope_knob, spec=RopeSpec, apply=_apply_rope, key=_rope_key))
