@@ -21,6 +21,7 @@ def write(tmp_path, tree) -> Path:
     return p
 
 
+@pytest.mark.slow  # prepares corpora and traces each plan's memory: ~30 s in all
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_validates_and_plans(path, data_cache, tmp_path):
     cfg = load_config(path)

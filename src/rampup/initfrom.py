@@ -24,17 +24,18 @@ class InitSource:
     """``run`` (a rampup checkpoint) or ``hf`` (a Hugging Face model folder)."""
     path: Path
     """The checkpoint folder, or the model folder."""
-    tokenizer: Path
-    """The tokenizer.json its token ids belong to."""
+    tokenizer: Path | None
+    """The tokenizer.json its token ids belong to (None: not looked up)."""
     run_config: Any = None
     """The source run's RunConfig (kind ``run``)."""
 
 
-def resolve(path: str | Path) -> InitSource:
-    """What ``train.init_from`` names; a ConfigError says what is missing."""
+def resolve(path: str | Path, config_cls: Any = None) -> InitSource:
+    """What ``train.init_from`` names; a ConfigError says what is missing. ``config_cls`` (RunConfig, passed
+    in so that this module does not import the config that imports it) reads a source run's config and
+    finds its tokenizer; without it the source's tokenizer is not looked up."""
     import yaml
 
-    from rampup.config import RunConfig
     from rampup.data.prepare import TOKENIZER, prepared_dir
     from rampup.engine.checkpoint import latest_checkpoint
 
@@ -51,7 +52,9 @@ def resolve(path: str | Path) -> InitSource:
     if ckpt is None or not (run / "config.yaml").is_file():
         raise ConfigError(f"train.init_from {p} is neither a run folder with checkpoints, a checkpoint, nor a "
                           "Hugging Face model folder (config.json)")
-    cfg = RunConfig.model_validate(yaml.safe_load((run / "config.yaml").read_text()))
+    if config_cls is None:
+        return InitSource("run", ckpt, None)
+    cfg = config_cls.model_validate(yaml.safe_load((run / "config.yaml").read_text()))
     tok = Path(cfg.data.tokenizer.path) if cfg.data.tokenizer.path else prepared_dir(cfg.data) / TOKENIZER
     if not tok.is_file():
         raise ConfigError(f"train.init_from {p}: its tokenizer ({tok}) is not on this machine; prepare the "
@@ -62,7 +65,7 @@ def resolve(path: str | Path) -> InitSource:
 
 def check_tokenizer(cfg: Any) -> None:
     """Set the new run's tokenizer to the source's, or refuse a different one (called while validating)."""
-    src = resolve(cfg.train.init_from)
+    src = resolve(cfg.train.init_from, type(cfg))
     tok = cfg.data.tokenizer
     if tok.path is not None and _vocab(Path(tok.path)) != _vocab(src.tokenizer):
         raise ConfigError(f"data.tokenizer.path {tok.path} is not the tokenizer of train.init_from "
