@@ -26,6 +26,7 @@ def test_plan_prints_every_stage_and_writes_png(data_cache, tmp_path):
     assert "estimated train time" in flat and re.search(r"32x64 \d+ ms, 8x256 \d+ ms", flat)
 
 
+@pytest.mark.slow  # real processes
 def test_help_lists_every_command_and_plan_never_writes_into_a_run(uninterrupted, tmp_path):
     from rampup.cli import build_parser
 

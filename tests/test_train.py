@@ -111,6 +111,7 @@ def test_existing_checkpoint_is_never_overwritten_without_resume(uninterrupted, 
     assert weights(uninterrupted) == before
 
 
+@pytest.mark.slow  # real processes
 def test_resume_of_a_finished_run_changes_nothing_and_names_init_from(uninterrupted, tmp_path):
     files = {p: p.read_bytes() for p in sorted(uninterrupted.rglob("*")) if p.is_file()}
     res = run_rampup("train", str(uninterrupted / "config.yaml"), "--resume")
@@ -120,6 +121,7 @@ def test_resume_of_a_finished_run_changes_nothing_and_names_init_from(uninterrup
     assert {p: p.read_bytes() for p in sorted(uninterrupted.rglob("*")) if p.is_file()} == files  # no record, no write
 
 
+@pytest.mark.slow  # real processes
 def test_init_from_starts_a_new_run_from_a_runs_weights_with_its_tokenizer(uninterrupted, data_cache, tmp_path):
     from tokenizers import Tokenizer, models
 
@@ -153,6 +155,7 @@ def test_resume_with_a_different_config_is_refused(uninterrupted, data_cache, tm
     assert res.returncode == 2 and "optimizer.lr: 0.003 -> 0.001" in res.stderr and "config.yaml" in res.stderr
 
 
+@pytest.mark.slow  # real processes
 @pytest.mark.parametrize("sections, fragment", [
     ({"data": {"source": "/no/such/corpus"}}, "/no/such/corpus"),
     ({"schedule": {"knobs": {"batch_tokens": 2048}, "stages": [{"seq_len": 512}]}}, "raise model.max_seq_len"),
