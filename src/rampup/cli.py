@@ -354,6 +354,22 @@ def _train_arguments(sp: argparse.ArgumentParser) -> None:
     sp.set_defaults(fn=cmd_train)
 
 
+def _eval_arguments(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("path", help="a run folder (its latest checkpoint), a checkpoint folder, or a Hugging Face "
+                    "model folder (a base model, or an export)")
+    sp.add_argument("--data", metavar="RUN|CONFIG", help="score on the held-out split of this run's (or config's) "
+                    "corpus (required for a Hugging Face folder; its tokenizer must be the model's)")
+    sp.add_argument("--lengths", type=int, nargs="+", help="context lengths (default: L/4, L, 2L of the run's L)")
+    sp.add_argument("--passkey-samples", type=int, default=10, help="examples per length and depth (0: skip)")
+    sp.add_argument("--max-tokens", type=int, help="held-out tokens scored per length (default: the data's "
+                    "eval.max_tokens, as the run's own evaluation)")
+    sp.add_argument("--windows", choices=["stream", "documents"], help="default: the data's eval.windows")
+    sp.add_argument("--seed", type=int, default=0, help="seed of the passkey examples")
+    sp.add_argument("--out", help="where to write the JSON (default: RUN/eval.json; eval_FOLDER.json here for a "
+                    "Hugging Face folder)")
+    sp.set_defaults(fn=cmd_eval)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rampup", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -415,19 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_report)
     sp = sub.add_parser("eval", help="long-context evaluation of a run or checkpoint: loss by length (beyond "
                         "training too) and by position, passkey retrieval by length and depth")
-    sp.add_argument("path", help="a run folder (its latest checkpoint), a checkpoint folder, or a Hugging Face "
-                    "model folder (a base model, or an export)")
-    sp.add_argument("--data", metavar="RUN|CONFIG", help="score on the held-out split of this run's (or config's) "
-                    "corpus (required for a Hugging Face folder; its tokenizer must be the model's)")
-    sp.add_argument("--lengths", type=int, nargs="+", help="context lengths (default: L/4, L, 2L of the run's L)")
-    sp.add_argument("--passkey-samples", type=int, default=10, help="examples per length and depth (0: skip)")
-    sp.add_argument("--max-tokens", type=int, help="held-out tokens scored per length (default: the data's "
-                    "eval.max_tokens, as the run's own evaluation)")
-    sp.add_argument("--windows", choices=["stream", "documents"], help="default: the data's eval.windows")
-    sp.add_argument("--seed", type=int, default=0, help="seed of the passkey examples")
-    sp.add_argument("--out", help="where to write the JSON (default: RUN/eval.json; eval_FOLDER.json here for a "
-                    "Hugging Face folder)")
-    sp.set_defaults(fn=cmd_eval)
+    _eval_arguments(sp)
     sp = sub.add_parser("export", help="write a run or checkpoint as a Hugging Face model folder (config, "
                         "safetensors weights, fast tokenizer)")
     sp.add_argument("path", help="a run folder (its latest checkpoint) or a checkpoint folder")

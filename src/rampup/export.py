@@ -93,14 +93,15 @@ def hf_model_with_knobs(adapter, knobs: dict[str, Any], dtype: str):
 def _source_tokenizer(cfg, tok):
     """The Hugging Face folder's own tokenizer, whole (bos/unk/pad tokens, chat template, its class), when
     the run trained an HF folder with it; None otherwise (rampup's tokenizer is written instead)."""
-    import json
-
     import transformers
+    from tokenizers import Tokenizer
+
+    from rampup.data.tokenizer import same_tokenizer
 
     folder = Path(cfg.model.path) if cfg.model.source == "hf" and cfg.model.path else None
     if folder is None or not (folder / "tokenizer.json").is_file():
         return None
-    if json.loads((folder / "tokenizer.json").read_text()).get("model") != json.loads(tok.to_str()).get("model"):
+    if not same_tokenizer(Tokenizer.from_file(str(folder / "tokenizer.json")), tok):
         return None  # the run tokenized with another tokenizer (data.tokenizer.path): that one is exported
     return transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
 

@@ -10,11 +10,11 @@ run folder. The new run tokenizes its corpus with the source's tokenizer (a toke
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rampup.data.tokenizer import same_tokenizer
 from rampup.errors import ConfigError
 
 
@@ -67,23 +67,25 @@ def check_tokenizer(cfg: Any) -> None:
     """Set the new run's tokenizer to the source's, or refuse a different one (called while validating)."""
     src = resolve(cfg.train.init_from, type(cfg))
     tok = cfg.data.tokenizer
-    if tok.path is not None and _vocab(Path(tok.path)) != _vocab(src.tokenizer):
+    if tok.path is not None and not same_tokenizer(_load(Path(tok.path)), _load(src.tokenizer)):
         raise ConfigError(f"data.tokenizer.path {tok.path} is not the tokenizer of train.init_from "
                           f"{cfg.train.init_from} ({src.tokenizer}): the weights' token ids would mean other "
                           "text; remove data.tokenizer.path to use the source's")
     tok.path = str(src.tokenizer)
     if src.run_config is not None:
         tok.eot = tok.eot or src.run_config.data.tokenizer.eot
-    n = len(_vocab(src.tokenizer))
+    n = _load(src.tokenizer).get_vocab_size()
     if n > cfg.model.vocab_size:
         raise ConfigError(f"train.init_from {cfg.train.init_from}: its tokenizer has {n} tokens but "
                           f"model.vocab_size is {cfg.model.vocab_size}; set model.vocab_size to the source model's")
 
 
-def _vocab(path: Path) -> dict[str, int]:
+def _load(path: Path):
+    from tokenizers import Tokenizer
+
     try:
-        return json.loads(path.read_text())["model"]["vocab"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises its own exception type for a malformed file
         raise ConfigError(f"{path} is not a readable tokenizer.json ({e})") from None
 
 

@@ -215,10 +215,6 @@ def _is_hf_folder(path: Path) -> bool:
     return (path / "config.json").is_file() and not (path / "checkpoints").exists() and not (path / "state.json").exists()
 
 
-def _same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
-    return json.loads(a.to_str()).get("model") == json.loads(b.to_str()).get("model")
-
-
 def evaluate_run(path: str | Path, *, lengths: list[int] | None = None, passkey_samples: int = 10,
                  depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0), position_buckets: int = 8,
                  max_tokens: int | None = None, windows: str | None = None, seed: int = 0,
@@ -238,6 +234,7 @@ def evaluate_run(path: str | Path, *, lengths: list[int] | None = None, passkey_
     from rampup.data.dataset import TokenDataset
     from rampup.data.prepare import get_prepared, load_prepared_tokenizer
     from rampup.data.samplers import EVAL_WINDOWS
+    from rampup.data.tokenizer import same_tokenizer
     from rampup.engine.evaluation import evaluate_lengths, window_batches
     from rampup.knobs import KnobContext, KnobRunner
     from rampup.tasks import CausalLM
@@ -253,7 +250,7 @@ def evaluate_run(path: str | Path, *, lengths: list[int] | None = None, passkey_
         if data is not None:
             own = load_prepared_tokenizer(get_prepared(cfg.data))
             cfg = _data_config(data)
-            if not _same_tokenizer(own, load_prepared_tokenizer(get_prepared(cfg.data))):
+            if not same_tokenizer(own, load_prepared_tokenizer(get_prepared(cfg.data))):
                 raise ConfigError(f"--data {data} is tokenized with another tokenizer than {path}'s run; score a "
                                   "model on data tokenized with its own tokenizer")
     max_tokens = max_tokens or cfg.eval.max_tokens
@@ -262,7 +259,7 @@ def evaluate_run(path: str | Path, *, lengths: list[int] | None = None, passkey_
     prepared = get_prepared(cfg.data)
     val = TokenDataset.open(prepared, "val")
     template = PasskeyTemplate(load_prepared_tokenizer(prepared))
-    if meta.get("tokenizer") is not None and not _same_tokenizer(meta.pop("tokenizer"), template.tok):
+    if meta.get("tokenizer") is not None and not same_tokenizer(meta.pop("tokenizer"), template.tok):
         raise ConfigError(f"{path}'s tokenizer differs from the one --data {data} was tokenized with; score it on "
                           "data prepared with the model's own tokenizer (a run of this model, or a config "
                           "whose model.path is this folder)")
@@ -274,14 +271,7 @@ def evaluate_run(path: str | Path, *, lengths: list[int] | None = None, passkey_
     task = CausalLM()
     runner = KnobRunner(KnobContext(adapter))
     make = EVAL_WINDOWS[windows]
-    result: dict[str, Any] = {**meta, "trained_seq_len": trained,
-                              "rope": str(knobs["rope"]) if "rope" in knobs else meta.get("rope", "as configured"),
-                              "attention": (str(knobs["attention"]) + (f", window {knobs['window']}"
-                                                                       if knobs["attention"].kind != "causal" else ""))
-                              if "attention" in knobs else "as configured",
-                              "data": str(data) if data is not None else str(prepared), "precision": precision,
-                              "scored": {"max_tokens": max_tokens, "windows": windows, "tokens": {}},
-                              "loss": {}, "passkey": {}}
+    result = _record(meta, knobs, trained, data if data is not None else prepared, precision, max_tokens, windows)
     stream = None
     if passkey_samples:
         stream = np.concatenate([val.doc(i) for i in range(val.n_docs)])
@@ -305,6 +295,19 @@ def evaluate_run(path: str | Path, *, lengths: list[int] | None = None, passkey_
     result["loss_by_position"] = {"seq_len": longest, "buckets": loss_by_position(
         adapter, make(val, longest, max_tokens), position_buckets, precision=precision, task=task)}
     return result
+
+
+def _record(meta: dict[str, Any], knobs: dict[str, Any], trained: int, data: Any, precision: str,
+            max_tokens: int, windows: str) -> dict[str, Any]:
+    """eval.json's header: what was scored (model, RoPE and attention, data, windows, precision)."""
+    attention = "as configured"
+    if "attention" in knobs:
+        spec = knobs["attention"]
+        attention = str(spec) + (f", window {knobs['window']}" if spec.kind != "causal" else "")
+    return {**meta, "trained_seq_len": trained,
+            "rope": str(knobs["rope"]) if "rope" in knobs else meta.get("rope", "as configured"),
+            "attention": attention, "data": str(data), "precision": precision,
+            "scored": {"max_tokens": max_tokens, "windows": windows, "tokens": {}}, "loss": {}, "passkey": {}}
 
 
 def _checkpoint_model(path: Path, rope) -> tuple:

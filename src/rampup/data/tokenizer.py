@@ -54,3 +54,11 @@ def eot_id(tok: Tokenizer, token: str = EOT) -> int:
             "or let rampup train a tokenizer (unset data.tokenizer.path)"
         )
     return i
+
+
+def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
+    """Whether two tokenizers map text to the same ids (their models: vocabulary and merges), whatever
+    their special-token or template settings."""
+    import json
+
+    return json.loads(a.to_str()).get("model") == json.loads(b.to_str()).get("model")
