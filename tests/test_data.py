@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -396,3 +397,74 @@ def test_config_validation() -> None:
         DataConfig(sourc="x")
     for name, field in {**DataConfig.model_fields, **TokenizerConfig.model_fields}.items():
         assert field.description, f"{name} has no docstring"
+
+
+def test_hf_datasets_folder_is_read_as_its_arrow_files(tmp_path: Path) -> None:
+    from datasets import Dataset, DatasetDict
+
+    texts = make_texts(30)
+    ds = Dataset.from_dict({"body": texts, "n": list(range(30))})
+    ds.save_to_disk(str(tmp_path / "one"), num_shards=3)  # three Arrow stream files
+    folder = prepare(cfg_for(tmp_path / "one", tmp_path / "cache", text_field="body"))
+    meta = read_meta(folder)
+    assert sorted(decoded_docs(folder, "train") + decoded_docs(folder, "val")) == sorted(texts)
+    assert meta["n_files"] == 3 and meta["bytes_skipped"] == 0  # the JSON metadata is not read as text
+    with pytest.raises(DataError, match=r"no column 'text' \(columns: body, n\); set data.text_field"):
+        prepare(cfg_for(tmp_path / "one", tmp_path / "cache"))
+    with pytest.raises(DataError, match=r"data.split 'train' picks a split of a Hugging Face DatasetDict.*remove"):
+        prepare(cfg_for(tmp_path / "one", tmp_path / "cache", text_field="body", split="train"))
+
+    other = make_texts(8, seed=3)
+    DatasetDict({"train": Dataset.from_dict({"text": texts}), "test": Dataset.from_dict({"text": other})}
+                ).save_to_disk(str(tmp_path / "dict"))
+    with pytest.raises(DataError, match=r"DatasetDict with splits train, test; set data.split"):
+        prepare(cfg_for(tmp_path / "dict", tmp_path / "cache"))
+    with pytest.raises(DataError, match=r"data.split 'validation' is not a split of .*its splits: train, test"):
+        prepare(cfg_for(tmp_path / "dict", tmp_path / "cache", split="validation"))
+    test_split = prepare(cfg_for(tmp_path / "dict", tmp_path / "cache", split="test"))
+    assert sorted(decoded_docs(test_split, "train") + decoded_docs(test_split, "val")) == sorted(other)
+    # a datasets folder inside a walked folder: its Arrow files, not its metadata
+    (tmp_path / "mixed").mkdir()
+    (tmp_path / "mixed" / "notes.txt").write_text("a plain text document")
+    ds.rename_column("body", "text").save_to_disk(str(tmp_path / "mixed" / "saved"))
+    files = resolve_source(str(tmp_path / "mixed"))
+    assert [f.name for f in files] == ["notes.txt", "data-00000-of-00001.arrow"]
+
+
+def test_mostly_unreadable_folder_names_what_it_skipped(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "readme.txt").write_text("the only text in here\n")
+    (src / "weights.bin").write_bytes(b"\0\1" * 50_000)
+    (src / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\0" + bytes(range(256)) * 40)
+    meta = read_meta(prepare(cfg_for(src, tmp_path / "cache")))
+    lines = " ".join(describe_prepared(meta))
+    assert re.search(r"only 0\.\d% of the .* is readable text: skipped weights\.bin \(97\.7 KiB\), logo\.png", lines), lines
+    text = tmp_path / "text"
+    text.mkdir()
+    (text / "a.txt").write_text("only text here " * 100)
+    assert "readable text" not in " ".join(describe_prepared(read_meta(prepare(cfg_for(text, tmp_path / "cache")))))
+
+
+def test_plan_warns_when_the_budget_repeats_a_small_corpus(tmp_path: Path, capsys) -> None:
+    from conftest import tiny_tree, write_config
+    from rampup.cli import main
+
+    src = tmp_path / "docs"
+    src.mkdir()
+    for i, t in enumerate(make_texts(20)):
+        (src / f"{i}.txt").write_text(t)
+    small = write_config(tmp_path / "small.yaml", tiny_tree(tmp_path / "cache", tmp_path / "out",
+                                                            data={"source": str(src), "max_files": None}))
+    assert main(["plan", str(small), "--no-time", "--png", str(tmp_path / "p.png")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert re.search(r"warning: the run's 81,920 tokens are over \d+ epochs of .*docs \(at most [\d,]+ tokens", out), out
+    assert main(["prepare", str(small)]) == 0
+    capsys.readouterr()
+    assert main(["plan", str(small), "--no-time", "--png", str(tmp_path / "p.png")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert re.search(r"warning: the run's 81,920 tokens are \d+ epochs of this corpus's [\d,]+ training tokens", out)
+    # the same budget on the default corpus: no warning
+    big = write_config(tmp_path / "big.yaml", tiny_tree(tmp_path / "cache", tmp_path / "out"))
+    assert main(["plan", str(big), "--no-time", "--png", str(tmp_path / "p.png")]) == 0
+    assert "warning" not in capsys.readouterr().out

@@ -87,11 +87,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print_plan(plan, cfg, console)
     if (prepared / "meta.json").is_file():
         from rampup.calibrate import corpus_stats, print_corpus_stats
+        from rampup.data.prepare import corpus_warnings, read_meta
 
         print_corpus_stats(corpus_stats(TokenDataset.open(prepared, "train", verify=False).doc_lengths,
                                         plan.baseline_seq_len), console)
+        warnings = corpus_warnings(read_meta(prepared), budget_tokens=schedule.total_tokens,
+                                   sampler=cfg.data.sampler)
     else:
+        from rampup.data.prepare import unprepared_warnings
+
         console.print(f"corpus not prepared yet ({prepared}): `rampup prepare` it for its document lengths")
+        warnings = unprepared_warnings(cfg.data, schedule.total_tokens)
+    for w in warnings:
+        console.print(f"[yellow]warning:[/] {w}", highlight=False)
     if not args.no_time:
         from rampup.calibrate import Calibrator, estimate_time, print_time_estimate
 

@@ -52,11 +52,16 @@ class DataConfig(Section):
     """The training corpus and how it is prepared (tokenized once, cached on disk)."""
 
     source: str = "stdlib"
-    """The corpus: `stdlib` (this Python's standard library, an embedded default), or a path to
-    a file or folder of text files (.txt, .md, .py, ...), .jsonl files or .parquet files."""
+    """The corpus: `stdlib` (this Python's standard library, an embedded default), a path to
+    a file or folder of text files (.txt, .md, .py, ...), .jsonl, .parquet or .arrow files, or a
+    Hugging Face `datasets` folder written by `save_to_disk` (read as its Arrow files)."""
 
     text_field: str = "text"
-    """The JSONL field or Parquet column that holds each document's text."""
+    """The JSONL field, or the Parquet or Arrow column, that holds each document's text."""
+
+    split: str | None = None
+    """The split of a Hugging Face `DatasetDict` folder to read (e.g. `train`); needed for such a
+    folder, refused for any other source. rampup holds out its own validation documents from it."""
 
     cache_dir: str = ".rampup_cache"
     """Where prepared data (tokenizer, token shards, document index) is written and reused."""

@@ -34,7 +34,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from rampup.data.config import DataConfig
-from rampup.data.corpus import STDLIB, CorpusStats, iter_documents, resolve_source
+from rampup.data.corpus import BINARY_SNIFF, READABLE_SHARE, STDLIB, CorpusStats, iter_documents, resolve_source
 from rampup.data.tokenizer import EOT, eot_id, load_tokenizer, train_tokenizer
 from rampup.errors import DataError
 
@@ -46,6 +46,8 @@ TOKENIZER = "tokenizer.json"
 # val_fraction * _VAL_BUCKETS; hashing the text keeps the same documents out on every prepare.
 _VAL_BUCKETS = 10_000
 _ENCODE_CHUNK_CHARS = 4_000_000
+MAX_EPOCHS = 4
+"""A staged or fixed run over more epochs of its corpus than this is warned about (plan and train)."""
 
 Progress = Callable[[str, int, "int | None"], None]
 """progress(phase, done, total): phase is "tokenizer" or "tokenize"; done/total count documents."""
@@ -85,7 +87,7 @@ def read_meta(folder: str | Path) -> dict:
 
 def prepared_dir(cfg: DataConfig) -> Path:
     """Where ``cfg``'s prepared data lives (whether or not it has been prepared yet)."""
-    return _location(cfg, resolve_source(cfg.source, cfg.max_files))[0]
+    return _location(cfg, resolve_source(cfg.source, cfg.max_files, cfg.split))[0]
 
 
 def get_prepared(cfg: DataConfig, *, progress: Progress | None = None) -> Path:
@@ -100,7 +102,7 @@ def prepare(cfg: DataConfig, *, progress: Progress | None = None, force: bool = 
     a temporary name and renamed into place, with meta.json written last, so an interrupted
     prepare leaves nothing that looks complete.
     """
-    files = resolve_source(cfg.source, cfg.max_files)
+    files = resolve_source(cfg.source, cfg.max_files, cfg.split)
     final, settings = _location(cfg, files)
     if not force and (final / META).is_file():
         return final
@@ -155,6 +157,8 @@ def _location(cfg: DataConfig, files: list[Path]) -> tuple[Path, dict]:
         "shard_tokens": cfg.shard_tokens,
         "on_undecodable": cfg.on_undecodable,
     }
+    if cfg.split is not None:  # keyed only when set: the folders prepared before data.split stay valid
+        settings["split"] = cfg.split
     key = hashlib.blake2b(json.dumps(settings, sort_keys=True).encode(), digest_size=8).hexdigest()
     return Path(cfg.cache_dir).expanduser() / f"{name}-{key}", settings
 
@@ -227,6 +231,10 @@ def _build(
         "n_binary_files": stats.n_binary_files,
         "n_undecodable": stats.n_undecodable,
         "undecodable": stats.undecodable,
+        "bytes_total": stats.bytes_total,
+        "bytes_skipped": stats.bytes_skipped,
+        "skipped_files": stats.skipped,
+        "n_skipped_files": stats.n_skipped_files,
         "source": cfg.source,
         "settings": settings,
         "seconds": round(time.perf_counter() - t0, 3),
@@ -305,6 +313,32 @@ class _SplitWriter:
                 "shards": self.shards, "index_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 
 
+def unprepared_warnings(cfg: DataConfig, budget_tokens: int) -> list[str]:
+    """:func:`corpus_warnings` before the corpus is prepared, from its files alone: a byte-level
+    tokenizer's token is at least one byte, so the readable bytes bound the corpus's tokens."""
+    from rampup.memory import format_bytes
+
+    files = resolve_source(cfg.source, cfg.max_files, cfg.split)
+    readable, total, binary = 0, 0, []
+    for f in files:
+        size = f.stat().st_size
+        total += size
+        if f.suffix.lower() not in (".jsonl", ".parquet", ".arrow"):
+            with f.open("rb") as fh:
+                if b"\0" in fh.read(BINARY_SNIFF):
+                    binary.append((str(f), size))
+                    continue
+        readable += size
+    binary.sort(key=lambda x: -x[1])
+    out = corpus_warnings({"bytes_total": total, "bytes_skipped": total - readable, "skipped_files": binary,
+                           "n_skipped_files": len(binary), "source": cfg.source})
+    if cfg.sampler in ("staged", "fixed") and budget_tokens > MAX_EPOCHS * readable:
+        out.append(f"the run's {budget_tokens:,} tokens are over {budget_tokens / max(readable, 1):.0f} epochs of "
+                f"{cfg.source} (at most {readable:,} tokens: {format_bytes(readable)} of readable files; over "
+                f"{MAX_EPOCHS} repeats a model mostly memorises); use a larger corpus or a shorter train.duration")
+    return out
+
+
 def describe_prepared(meta: dict) -> list[str]:
     """What `rampup prepare` prints about a prepared folder: its size and what was left out."""
     splits = meta["splits"]
@@ -317,7 +351,32 @@ def describe_prepared(meta: dict) -> list[str]:
     if meta["undecodable"]:
         more = meta["n_undecodable"] - len(meta["undecodable"])
         lines.append("not valid UTF-8: " + ", ".join(meta["undecodable"]) + (f" and {more} more" if more else ""))
-    return lines
+    return lines + corpus_warnings(meta)
+
+
+def corpus_warnings(meta: dict, *, budget_tokens: int | None = None, sampler: str | None = None) -> list[str]:
+    """What is worth a warning about a prepared corpus: most of its bytes skipped as unreadable, and
+    (given the run's token budget and sampler) a corpus that the run would repeat many times."""
+    from rampup.memory import format_bytes
+
+    out = []
+    total, skipped = meta.get("bytes_total", 0), meta.get("bytes_skipped", 0)
+    if total and (total - skipped) < READABLE_SHARE * total:
+        files = meta.get("skipped_files", [])
+        named = ", ".join(f"{Path(p).name} ({format_bytes(n)})" for p, n in files[:5])
+        more = meta.get("n_skipped_files", len(files)) - len(files[:5])
+        hint = ("; a Hugging Face datasets folder (save_to_disk)? point data.source at the folder that holds "
+                "its state.json (or dataset_dict.json, with data.split)"
+                if any(str(p).endswith(".arrow") for p, _ in files) else "")
+        out.append(f"only {(total - skipped) / total:.1%} of the {format_bytes(total)} in {meta['source']} is "
+                   f"readable text: skipped {named}" + (f" and {more} more" if more > 0 else "") +
+                   " (binary or not UTF-8)" + hint)
+    train = meta["splits"]["train"]["n_tokens"] if "splits" in meta else 0
+    if budget_tokens and sampler in ("staged", "fixed") and train and budget_tokens > MAX_EPOCHS * train:
+        out.append(f"the run's {budget_tokens:,} tokens are {budget_tokens / train:.0f} epochs of this corpus's "
+                   f"{train:,} training tokens (over {MAX_EPOCHS} repeats a model mostly memorises); use a larger "
+                   "corpus or a shorter train.duration")
+    return out
 
 
 def load_prepared_tokenizer(folder: str | Path) -> Tokenizer:

@@ -476,8 +476,8 @@ class Trainer:
         for rows, T, chosen in self.memory_auto:
             self.display.print(f"memory auto: {rows} x {T} steps train with {chosen.describe()}")
         slow = bf16_slow_warning(prec, self.device, resumed=self.resume)
-        if slow:
-            print(f"warning: {slow}", file=sys.stderr, flush=True)
+        for w in ([slow] if slow else []) + (self.data.warnings if self.dist.main else []):
+            print(f"warning: {w}", file=sys.stderr, flush=True)
         self.state.model.module.train()
 
     def warn(self, message: str) -> None:

@@ -35,6 +35,8 @@ class RunData:
     """(knobs, rows, seq_len) of each distinct step shape whose memory knobs say ``auto`` (rampup.memory)."""
     shapes: set[tuple[int, int]] = field(default_factory=set)
     """Every distinct (global rows, seq_len) of a training step."""
+    warnings: list[str] = field(default_factory=list)
+    """What the run prints as warnings at its start (a corpus mostly skipped, or repeated many times)."""
 
     def passkey_template(self):
         from rampup.data.prepare import load_prepared_tokenizer
@@ -71,7 +73,7 @@ def check_graphs(cfg: RunConfig, graphs: set[tuple]) -> None:
 def prepare_run(cfg: RunConfig) -> RunData:
     """Everything that can fail on bad input, done before any training compute."""
     from rampup.data.dataset import TokenDataset
-    from rampup.data.prepare import get_prepared
+    from rampup.data.prepare import corpus_warnings, get_prepared, read_meta
     from rampup.data.samplers import EVAL_WINDOWS, sampler_for_run
     from rampup.plan import step_shapes
 
@@ -102,4 +104,6 @@ def prepare_run(cfg: RunConfig) -> RunData:
     check_graphs(cfg, graphs)
     make_windows = EVAL_WINDOWS[cfg.eval.windows]
     eval_sets = {n: window_batches(make_windows(val_ds, n, cfg.eval.max_tokens)) for n in eval_lens}
-    return RunData(schedule, sampler, eval_sets, graphs, train_ds, val_ds, train_ds.eot_id, list(auto.values()), shapes)
+    warnings = corpus_warnings(read_meta(prepared), budget_tokens=schedule.total_tokens, sampler=cfg.data.sampler)
+    return RunData(schedule, sampler, eval_sets, graphs, train_ds, val_ds, train_ds.eot_id, list(auto.values()), shapes,
+                   warnings)
