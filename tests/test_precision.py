@@ -21,7 +21,8 @@ RESOLVE = """
 import json, torch
 from rampup.precision import cpu_bf16_instructions, probe_cpu_bf16, resolve_precision
 p = resolve_precision("auto", "cpu")
-print(json.dumps({"auto": p.as_dict(), "cpuid": cpu_bf16_instructions(), "probe": probe_cpu_bf16()}))
+cpuid = cpu_bf16_instructions()  # without the instructions nothing is probed (nor cached): don't probe here either
+print(json.dumps({"auto": p.as_dict(), "cpuid": cpuid, "probe": probe_cpu_bf16() if cpuid else None}))
 """
 
 
@@ -45,7 +46,8 @@ def test_auto_is_not_fooled_by_a_limited_instruction_set(tmp_path):
     else:
         assert full["auto"]["native_bf16"] == (full["probe"]["bf16_gflops"] >= 1.2 * full["probe"]["fp32_gflops"])
     # both measurements are cached under their own key (the ISA variable is part of it)
-    cache = json.loads((tmp_path / "precision.json").read_text())
+    path = tmp_path / "precision.json"
+    cache = json.loads(path.read_text()) if path.exists() else {}
     assert len(cache) == (2 if full["cpuid"] else 1 if limited["cpuid"] else 0)
 
 
@@ -99,7 +101,8 @@ def test_bf16_on_a_cpu_without_it_warns_once_before_the_first_step(data_cache, t
     assert res.returncode == 0, res.stdout
     out = res.stdout
     assert out.count("warning: training in bf16 as asked") == 1
-    assert "train.precision: auto" in out and "bf16 is not native here" in out
+    assert "train.precision: auto" in out
+    assert "bf16 is not native here" in out or "has no AVX-512 bf16 or AMX instructions" in out
     assert out.index("warning: training in bf16") < out.index("step 3/3")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["precision"]["precision"] == "bf16" and not summary["precision"]["native_bf16"]
