@@ -342,6 +342,7 @@ def test_sigterm_to_the_launcher_checkpoints_once_and_exits_cleanly(data_cache, 
     stopped = max(records(out))
     assert latest_checkpoint(out / "checkpoints").name == f"step_{stopped:07d}"
     assert stderr.count("stopped: by signal") == 1 and "--resume" in stderr, stderr[-3000:]
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr[-3000:]  # as one process
     train(cfg, "--resume", nproc=2)
     assert weights(out) == weights(two_ranks[0])
 

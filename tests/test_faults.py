@@ -224,3 +224,61 @@ def test_nonfinite_limit_stops_with_exit_3(data_cache, tmp_path, nonfinite, nan_
     assert fragment in res.stderr and "Traceback" not in res.stderr
     for path in list_checkpoints(out / "checkpoints"):
         verify_checkpoint(path)
+
+
+def test_one_process_per_run_folder_and_kill_9_leaves_no_stale_lock(uninterrupted, data_cache, tmp_path):
+    """A second `rampup train` into a live run's folder, fresh or --resume, is refused before it writes
+    anything, naming the holder; once the holder is killed (-9) the run resumes bitwise."""
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "run.yaml", tiny_tree(data_cache, out))
+    proc = start(cfg, out, env={STALL_STEPS_ENV: "12:60"})  # holds the folder, stalled in step 12
+    wait_for(lambda: (out / "checkpoints" / "step_0000010").is_dir(), proc)
+    before = (out / "metrics.jsonl").read_bytes()
+    for extra in ((), ("--resume",)):
+        res = run_rampup("train", str(cfg), *extra)
+        assert res.returncode == 2, res.stderr
+        assert f"is in use by another rampup process (pid {proc.pid}: " in res.stderr and "Traceback" not in res.stderr
+    assert (out / "metrics.jsonl").read_bytes()[:len(before)] == before  # the live run's record untouched
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_0000010"]
+    proc.kill()
+    proc.wait()
+    resume_to_the_end(cfg, out, uninterrupted)
+
+
+def test_unparsable_checkpoints_set_aside_and_a_full_disk_while_writing_metrics(uninterrupted, data_cache, tmp_path):
+    """Pickle bytes as step 30's model.safetensors and not-JSON as step 20's state.json, each with its sha256
+    written into the manifest: both are set aside as damaged and the run resumes from step 10. That resume
+    runs under RLIMIT_FSIZE just above metrics.jsonl's size: its record crosses it a few steps on (EFBIG, as
+    a full disk); then a limit below the record's size fails the resume's rewrite of it. Each time: exit 4
+    and a message, the checkpoint intact. Then the run resumes to the end, bitwise."""
+    import hashlib
+    import pickle
+
+    from rampup.engine.folders import MANIFEST
+
+    cfg, out = killed_after_checkpoint(data_cache, tmp_path, 30)
+    for step, name, data in ((30, "model.safetensors", pickle.dumps({"weights": list(range(1000))})),
+                             (20, "state.json", b"\x80\x04not json at all")):
+        folder = out / "checkpoints" / f"step_{step:07d}"
+        (folder / name).write_bytes(data)
+        manifest = json.loads((folder / MANIFEST).read_text())
+        manifest["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        (folder / MANIFEST).write_text(json.dumps(manifest))
+    good = out / "checkpoints" / "step_0000010"
+    before = {f.name: f.read_bytes() for f in good.iterdir()}
+    size = sum(len(line) for line in (out / "metrics.jsonl").read_text().splitlines(keepends=True)
+               if json.loads(line).get("step", 0) <= 10)  # the record cut back to step 10
+    for i, limit in enumerate((size + 3000, size // 2)):  # 3000: the damage records, a few steps
+        res = run_rampup("train", str(cfg), "--resume",
+                         preexec_fn=lambda n=limit: resource.setrlimit(resource.RLIMIT_FSIZE, (n, n)))
+        assert res.returncode == 4, res.stderr
+        if i == 0:
+            assert "step_0000030: model.safetensors matches its manifest but cannot be read" in res.stderr
+            assert "step_0000020: state.json matches its manifest but cannot be read" in res.stderr
+            assert "resumed at step 10" in res.stdout
+        assert f"could not write the run's record {out / 'metrics.jsonl'}: File too large" in res.stderr
+        assert "checkpoints are untouched" in res.stderr and "--resume" in res.stderr and "Traceback" not in res.stderr
+        assert {f.name: f.read_bytes() for f in good.iterdir()} == before
+        assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_0000010"]
+    assert {"damaged_step_0000030", "damaged_step_0000020"} <= {p.name for p in (out / "checkpoints").iterdir()}
+    resume_to_the_end(cfg, out, uninterrupted)

@@ -70,7 +70,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from rampup.data.prepare import prepared_dir
-    from rampup.plan import make_plan, plot_plan, print_plan
+    from rampup.plan import make_plan, memory_warnings, plot_plan, print_plan
     from rampup.schedule import Schedule
 
     if not args.time_budget > 0:
@@ -85,6 +85,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     schedule = Schedule.build(cfg.schedule, total=cfg.train.duration, tokens_per_epoch=tokens_per_epoch)
     plan = make_plan(cfg, schedule, memory="detail" if args.memory else "peak")
     print_plan(plan, cfg, console)
+    too_big = memory_warnings(plan, cfg)
     if (prepared / "meta.json").is_file():
         from rampup.calibrate import corpus_stats, print_corpus_stats
         from rampup.data.prepare import corpus_warnings, read_meta
@@ -98,7 +99,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
         console.print(f"corpus not prepared yet ({prepared}): `rampup prepare` it for its document lengths")
         warnings = unprepared_warnings(cfg.data, schedule.total_tokens)
-    for w in warnings:
+    for w in too_big + warnings:
         console.print(f"[yellow]warning:[/] {w}", highlight=False)
     if not args.no_time:
         from rampup.calibrate import Calibrator, estimate_time, print_time_estimate
@@ -120,7 +121,7 @@ def _plan_png(cfg) -> Path:
     """OUT_DIR/plan.png before the run starts; once its folder holds a run, the plot goes to the current
     folder instead (a plan never writes into a run)."""
     out = cfg.resolved_out_dir()
-    if (out / "metrics.jsonl").exists() or (out / "checkpoints").exists():
+    if out.exists() and not out.is_dir() or (out / "metrics.jsonl").exists() or (out / "checkpoints").exists():
         return Path(f"{cfg.name}.plan.png")
     return out / "plan.png"
 

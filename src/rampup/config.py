@@ -76,8 +76,8 @@ class TrainConfig(Section):
     profile_every: int = Field(default=0, ge=0)
     """Profile every Nth step with torch.profiler (0: off): a ``profile`` record in metrics.jsonl with the
     step's seconds in forward, backward, optimizer and host work (the rest: data, knobs, Python)."""
-    threads: int | None = None
-    """torch.set_num_threads for CPU training (None: PyTorch's default)."""
+    threads: int | None = Field(default=None, ge=1)
+    """torch.set_num_threads for CPU training, at least 1 (None: PyTorch's default)."""
     compile: bool = False
     """torch.compile the model for training steps, one static graph per batch shape; the run's
     distinct shapes must stay within compile_max_graphs (bucketed lengths do, a fine seq_len ramp
@@ -321,10 +321,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), *, na
     if path is not None:
         p = Path(path)
         source = str(p)
+        if p.is_dir():
+            inside = " (a run folder: its config is " + str(p / "config.yaml") + ")" if (p / "config.yaml").is_file() else ""
+            raise ConfigError(f"config {p} is a folder, not a file{inside}; give the path of a YAML file (see configs/)")
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist; give the path of a YAML file (see configs/)")
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
+            tree = yaml.safe_load(p.read_bytes().decode("utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {p} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8 "
+                              "(a YAML config is text)") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {p}: {e.strerror}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{p} is not valid YAML: {e}") from None
         if not isinstance(tree, dict):

@@ -398,13 +398,30 @@ def device_for(d: Dist, device: torch.device) -> torch.device:
 
 
 def launch(argv: list[str], nproc: int, max_restarts: int) -> int:
-    """``rampup train CONFIG --nproc N``: become torchrun on this machine (standalone rendezvous), which
-    starts N processes of ``python -m rampup`` with the same arguments."""
+    """``rampup train CONFIG --nproc N``: run torchrun's launcher in this process (standalone rendezvous),
+    which starts N processes of ``python -m rampup`` with the same arguments.
+
+    A signal to this process reaches the workers (rank 0 checkpoints and says so, once) and the launcher
+    exits as one process would: 128+N, no torchrun traceback. A failed worker has already printed its
+    own error; the launcher exits with that worker's code (the lowest failing rank's)."""
+    import logging
     import sys
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           f"--max-restarts={max_restarts}", "-m", "rampup", *argv]
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    args = get_args_parser().parse_args(["--standalone", f"--nproc_per_node={nproc}",
+                                         f"--max-restarts={max_restarts}", "-m", "rampup", *argv])
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)  # its shutdown notes: the workers speak
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable, cmd)  # the launcher is torchrun itself: a SIGTERM to it reaches the workers
-    return 0  # not reached
+    try:
+        run(args)
+    except SignalException as e:
+        return 128 + int(e.sigval)
+    except ChildFailedError as e:
+        rank = min(e.failures)
+        code = e.failures[rank].exitcode
+        return code if code > 0 else 128 - code  # a worker killed by signal N reads -N
+    return 0

@@ -10,7 +10,8 @@ Exit codes of ``rampup``:
 0     finished
 2     a bad config, corpus, shard or checkpoint (:class:`RampupError`); nothing was trained
 3     training stopped on non-finite numbers (:class:`NonFiniteError`); the last checkpoint is good
-4     a checkpoint could not be written (:class:`CheckpointWriteError`); the previous one is intact
+4     a checkpoint or the run's record could not be written (:class:`CheckpointWriteError`,
+      :class:`RecordWriteError`: disk full, file too large, permission); the checkpoints are intact
 5     a second Ctrl-C stopped training at once; the last checkpoint is untouched
 128+N stopped by signal N (143 SIGTERM, 130 SIGINT) after writing a checkpoint of the current step
 ====  =======================================================================================
@@ -55,6 +56,12 @@ class CheckpointDamaged(CheckpointError):
 
 class CheckpointWriteError(CheckpointError):
     """A checkpoint could not be written (disk full, file too large, permission); the previous one is intact."""
+
+    exit_code = EXIT_CHECKPOINT_WRITE
+
+
+class RecordWriteError(RampupError):
+    """The run's record (metrics.jsonl, summary) could not be written; its checkpoints are untouched."""
 
     exit_code = EXIT_CHECKPOINT_WRITE
 

@@ -267,6 +267,39 @@ def check_auto(ctx: Any, steps: list[tuple[dict[str, Any], int, int]]) -> list[t
     return out
 
 
+def check_fits(ctx: Any, steps: dict[tuple[int, int], dict[str, Any]], world: int = 1) -> None:
+    """Every training step shape whose memory knobs are set (not ``auto``) fits the memory limit: a
+    step whose traced estimate exceeds it is an error now, before any compute. Only shapes whose
+    residual stream and logits alone pass a quarter of the limit are traced (the rest cost nothing)."""
+    limit, source = None, ""
+    width, depth = _width(ctx.model), _depth(ctx.model)
+    vocab = ctx.cfg.model.vocab_size
+    bound = {}
+    for (rows, T), knobs in steps.items():
+        if _is_auto(requested(knobs)):
+            continue  # check_auto's
+        bound[(rows // world, T)] = ((rows // world) * T * (width * depth + vocab) * 2, knobs)
+    for (rows, T), (lower, knobs) in sorted(bound.items(), key=lambda kv: -kv[1][0])[:3]:
+        if limit is None:
+            limit, source = memory_limit(ctx.cfg, ctx.device)
+        if lower <= limit / 4:
+            return
+        est = estimate_step(ctx.cfg, knobs, rows, T, ctx.precision, requested(knobs))
+        if est.peak > limit:
+            raise ConfigError(f"a {rows} x {T} training step needs about {format_bytes(est.peak)} (a traced estimate: "
+                              f"{est.settings.describe()}), more than the memory limit {format_bytes(limit)} ({source}); "
+                              "lower batch_tokens or seq_len, set train.micro_batch_tokens, turn on a memory knob "
+                              "(activation_checkpoint, loss_chunk, ... or auto), or raise train.memory_limit")
+
+
+def _depth(adapter: Any) -> int:
+    cfg = getattr(adapter, "cfg", None)
+    if cfg is not None and hasattr(cfg, "n_layers"):
+        return cfg.n_layers
+    conf = getattr(adapter.module, "config", None)
+    return int(getattr(conf, "num_hidden_layers", None) or getattr(conf, "n_layer", None) or 1)
+
+
 def _width(adapter: Any) -> int:
     cfg = getattr(adapter, "cfg", None)
     if cfg is not None and hasattr(cfg, "dim"):
@@ -480,9 +513,10 @@ def estimate_step(cfg: Any, knobs: dict[str, Any], rows: int, seq_len: int, prec
         if _is_auto(settings):
             settings = auto_levels(settings, rows, seq_len, 1)[0]
     task = CausalLM(0, doc_mask=cfg.data.doc_mask, restart_positions=cfg.data.restart_positions)
-    x = torch.zeros(rows, seq_len, dtype=torch.long)  # one document per row: the mask's memory does not depend on it
-    batch = task.make_batch(x, x.clone())
     with FakeTensorMode(allow_non_fake_inputs=True):
+        # fake too: a plan of a step far beyond this machine's memory must not allocate it
+        x = torch.zeros(rows, seq_len, dtype=torch.long)  # one document per row: the mask's memory does not depend on it
+        batch = task.make_batch(x, x.clone())
         adapter = _fake_adapter(cfg.model)
         adapter.module.train()
         from rampup.transitions import uses_parameter_groups

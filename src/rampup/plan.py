@@ -319,6 +319,27 @@ def print_plan(plan: Plan, cfg: RunConfig, console: Console | None = None) -> No
                   f"budget needs {plan.baseline_flops:.3g}: this schedule saves {plan.flops_saved:.1%}")
 
 
+def memory_warnings(plan: Plan, cfg: RunConfig) -> list[str]:
+    """A stage whose largest step's estimate exceeds the memory limit (train.memory_limit, else what
+    this machine offers when the run would train here): training will refuse it before any step."""
+    import torch
+
+    from rampup.memory import format_bytes, memory_limit
+
+    here = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
+    if cfg.train.memory_limit is None and not here:
+        return []  # the run's GPU is not this machine's
+    limit, source = memory_limit(cfg, "cpu")
+    out = []
+    for s in plan.stages:
+        if s.memory is not None and s.memory.peak > limit and s.biggest is not None:
+            rows, T, _ = s.biggest
+            out.append(f"stage {s.index} {s.name}: a {rows:,} x {T:,} step needs about {format_bytes(s.memory.peak)}, "
+                       f"more than the memory limit {format_bytes(limit)} ({source}); training refuses it before "
+                       "any step: lower batch_tokens or seq_len, set train.micro_batch_tokens or a memory knob")
+    return out
+
+
 def plot_plan(plan: Plan, path: Path, title: str = "") -> Path:
     """A PNG of seq_len, batch size and learning rate over the run, with stage boundaries marked."""
     import matplotlib

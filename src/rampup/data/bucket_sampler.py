@@ -217,7 +217,7 @@ class BucketSampler:
 
     def state_dict(self) -> dict:
         return {"kind": self.kind, "seed": self.seed, "tokens_served": self.tokens_served,
-                "n_docs": self.dataset.n_docs, "n_tokens": self.dataset.n_tokens,
+                "n_docs": self.dataset.n_docs, "n_tokens": self.dataset.n_tokens, "data_id": self.dataset.identity,
                 "curriculum": self.curriculum.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:

@@ -152,6 +152,10 @@ def get_buckets(prepared: str | Path, min_log2: int, max_log2: int,
 
 def _write(folder: Path, dataset: TokenDataset, min_log2: int, max_log2: int) -> None:
     starts, dropped = decompose(dataset, min_log2, max_log2)
+    from rampup.data.prepare import remove_stale_tmp
+
+    if folder.parent.is_dir():
+        remove_stale_tmp(folder.parent)
     tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

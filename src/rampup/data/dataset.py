@@ -37,6 +37,17 @@ class TokenDataset:
         self.doc_lengths: np.ndarray = index[:, 2]  # (n_docs,)
         self.n_tokens: int = int(self.doc_lengths.sum())
 
+    @property
+    def identity(self) -> str:
+        """The split's token stream as a short hash of the checksums ``prepare`` recorded (its
+        document index and every shard): equal exactly when the served tokens are the same."""
+        info = self.meta["splits"][self.split]
+        h = hashlib.blake2b(digest_size=12)
+        h.update(info["index_sha256"].encode())
+        for shard in info["shards"]:
+            h.update(shard["sha256"].encode())
+        return h.hexdigest()
+
     @classmethod
     def open(cls, prepared_dir: str | Path, split: str, *, verify: bool = True) -> TokenDataset:
         """Open ``split`` ("train" or "val") of a prepared folder; the index is checked against
@@ -169,7 +180,12 @@ def check_sampler_state(state: dict, kind: str, dataset: TokenDataset) -> None:
         raise ConfigError(f"sampler state is for a '{state.get('kind')}' sampler, not '{kind}'; "
                           "resume with the data.sampler the run was started with")
     saved = (state["n_docs"], state["n_tokens"])
-    if saved != (dataset.n_docs, dataset.n_tokens):
-        raise DataError(f"sampler state was saved for a dataset of {saved[0]} documents and "
-                        f"{saved[1]} tokens, this one has {dataset.n_docs} and "
-                        f"{dataset.n_tokens}; resume with the data the run was started with")
+    same_id = state.get("data_id", dataset.identity) == dataset.identity  # checkpoints before data_id: counts only
+    if saved != (dataset.n_docs, dataset.n_tokens) or not same_id:
+        what = (f"{saved[0]:,} documents and {saved[1]:,} tokens then, {dataset.n_docs:,} and {dataset.n_tokens:,} now"
+                if saved != (dataset.n_docs, dataset.n_tokens) else
+                f"the same {dataset.n_docs:,} documents and {dataset.n_tokens:,} tokens, but other tokens "
+                f"(data id {state['data_id']} then, {dataset.identity} now: files edited, swapped or replaced)")
+        raise DataError(f"the corpus changed since the run started: its {dataset.split} split has {what}; "
+                        "a resume continues only on the data the run started with: restore those files, or "
+                        "start a new run on the new data from this one's weights with train.init_from: RUN_DIR")

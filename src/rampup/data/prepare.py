@@ -107,6 +107,7 @@ def prepare(cfg: DataConfig, *, progress: Progress | None = None, force: bool = 
     if not force and (final / META).is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(final.parent)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -122,6 +123,28 @@ def prepare(cfg: DataConfig, *, progress: Progress | None = None, force: bool = 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_tmp(cache: Path) -> list[str]:
+    """Remove the ``.NAME.tmp-PID`` folders of prepares whose process is gone (killed mid-way); a live
+    one (a concurrent prepare) is left alone. Returns the names removed."""
+    removed = []
+    for p in cache.glob(".*.tmp-*"):
+        pid = p.name.rsplit(".tmp-", 1)[1]
+        if p.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+    return removed
 
 
 def _location(cfg: DataConfig, files: list[Path]) -> tuple[Path, dict]:

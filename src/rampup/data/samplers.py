@@ -122,7 +122,7 @@ class StagedSampler:
         return {"kind": self.kind, "seed": self.seed, "block_len": self.block_len, "epoch": self.epoch,
                 "block_pos": self.block_pos, "offset": self.offset, "truncate": self.truncate,
                 "tokens_served": self.tokens_served,
-                "n_docs": self.dataset.n_docs, "n_tokens": self.dataset.n_tokens}
+                "n_docs": self.dataset.n_docs, "n_tokens": self.dataset.n_tokens, "data_id": self.dataset.identity}
 
     def load_state_dict(self, state: dict) -> None:
         _check_fingerprint(state, self.kind, self.dataset)
@@ -212,7 +212,7 @@ class FixedSampler:
     def state_dict(self) -> dict:
         return {"kind": self.kind, "seed": self.seed, "seq_len": self.seq_len,
                 "epoch": self.epoch, "pos": self.pos, "tokens_served": self.tokens_served,
-                "n_docs": self.dataset.n_docs, "n_tokens": self.dataset.n_tokens}
+                "n_docs": self.dataset.n_docs, "n_tokens": self.dataset.n_tokens, "data_id": self.dataset.identity}
 
     def load_state_dict(self, state: dict) -> None:
         _check_fingerprint(state, self.kind, self.dataset)

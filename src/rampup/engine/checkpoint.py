@@ -158,6 +158,30 @@ def verify_checkpoint(path: Path) -> None:
         if sha256_file(f) != files[name]["sha256"]:
             raise CheckpointDamaged(f"checkpoint {path}: {name} does not match its sha256 in the manifest "
                                     "(its bytes changed after it was written)")
+    check_readable(path, required)
+
+
+def check_readable(path: Path, names: list[str]) -> None:
+    """Every file of a checkpoint parses (state.json as a JSON object, each safetensors file's header,
+    DCP's index): a checkpoint whose manifest matches bytes that are not a checkpoint's is damaged too."""
+    from safetensors import safe_open
+
+    from rampup.engine.sharded import read_metadata
+
+    for name in names:
+        f = path / name
+        try:
+            if name == "state.json":
+                if not isinstance(json.loads(f.read_text()), dict):
+                    raise ValueError("not a JSON object")
+            elif name.endswith(".safetensors"):
+                with safe_open(str(f), "pt") as sf:
+                    sf.keys()
+        except Exception as e:  # OSError, ValueError, safetensors' own error type
+            raise CheckpointDamaged(f"checkpoint {path}: {name} matches its manifest but cannot be read "
+                                    f"({type(e).__name__}: {e})") from None
+    if any(n.endswith(".metadata") for n in names):
+        read_metadata(path)  # CheckpointDamaged when unreadable
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,

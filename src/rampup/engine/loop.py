@@ -30,7 +30,7 @@ from rampup.engine.checkpointer import LocalCheckpointer
 from rampup.engine.evaluation import evaluate_lengths
 from rampup.engine.faults import NanInjector, StallInjector, clock_scale, finite_json
 from rampup.engine.loggers import build_loggers
-from rampup.engine.metrics import Display, MetricsWriter, NullMetrics
+from rampup.engine.metrics import Display, MetricsWriter, NullMetrics, write_record_file
 from rampup.engine.state import KEPT_ON_ROLLBACK, TrainState
 from rampup.engine.rundata import RunData, micro_shapes, prepare_run
 from rampup.engine.step import Interrupted, optimizer_step, resolve_device
@@ -122,10 +122,7 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, *, resume: bool = False, display_mode: str | None = None,
                  build_model=None, task=None, data: RunData | None = None) -> None:
-        from rampup.models.build import build_adapter
-        from rampup.tasks import CausalLM
-
-        from rampup.distributed import device_for, setup
+        from rampup.distributed import setup
 
         self.cfg, self.resume = cfg, resume
         self.dist = setup(cfg)  # one process, or this rank of the job torchrun started
@@ -134,6 +131,24 @@ class Trainer:
         self.dist.check_rows(sorted(self.data.shapes))
         self.schedule = self.data.schedule
         self.out = out = cfg.resolved_out_dir()
+        from rampup.engine.runlock import RunLock
+
+        # one process per run folder, taken before anything is read from or written to it (rank 0: the job's)
+        self.lock = RunLock(out).acquire() if self.dist.main else None
+        try:
+            self._build(cfg, display_mode, build_model, task)
+        except BaseException:  # a refused run lets go of its folder at once (in-process callers retry)
+            if self.lock is not None:
+                self.lock.release(undo=True)
+            raise
+
+    def _build(self, cfg: RunConfig, display_mode: str | None, build_model, task) -> None:
+        from rampup.models.build import build_adapter
+        from rampup.tasks import CausalLM
+
+        from rampup.distributed import device_for
+
+        out, resume = self.out, self.resume
         self.checkpointer = LocalCheckpointer(out / "checkpoints", keep=cfg.train.keep_checkpoints)
         found = self.checkpointer.latest()
         if found is not None and not resume:
@@ -197,6 +212,8 @@ class Trainer:
         self.roof = 0.0
         """GFLOP/s of a large matmul at the run's precision here (measured in :meth:`start`)."""
         self.flag = _SignalFlag()
+        self.damage: list[str] = []
+        """Damaged checkpoints met by the last load, not yet in the record."""
 
     def check_memory(self) -> list:
         """Before any step: the model fits train.memory_limit; what ``auto`` picks per shape (a rank's rows),
@@ -206,6 +223,10 @@ class Trainer:
             from rampup.memory import check_static_fits
 
             check_static_fits(cfg, self.device)
+        if getattr(self.data, "step_knobs", None):
+            from rampup.memory import check_fits
+
+            check_fits(self.knobs.ctx, self.data.step_knobs, self.dist.world)
         if not getattr(self.data, "auto_memory_steps", None):
             return []
         from rampup.memory import check_auto
@@ -231,17 +252,21 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict[str, Any]:
         try:
-            self.start()
-            if self.resume and self.progress.tokens >= self.schedule.total_tokens:
-                return self.finished_summary()  # nothing to resume: records and checkpoint stay as they are
-            with self.flag, self.dist.named_failures():
-                final, path = self.fit()
+            try:
+                self.start()
+                if self.resume and self.progress.tokens >= self.schedule.total_tokens:
+                    return self.finished_summary()  # nothing to resume: records and checkpoint stay as they are
+                with self.flag, self.dist.named_failures():
+                    final, path = self.fit()
+            finally:
+                self.display.close()
+                self.metrics.close()
+            summary = self.write_summary(final, path)
+            self.dist.close()
+            return summary
         finally:
-            self.display.close()
-            self.metrics.close()
-        summary = self.write_summary(final, path)
-        self.dist.close()
-        return summary
+            if self.lock is not None:
+                self.lock.release()
 
     def finished_summary(self) -> dict[str, Any]:
         """The summary of a run that had already finished when --resume was asked (its summary.json, or
@@ -455,11 +480,12 @@ class Trainer:
             ck = self.load_latest(check=lambda st: check_resumable(st["config"], self.cfg))
             self.restore(ck)
             self.metrics.truncate_after(self.progress.step)
+            self.record_damage()
         # the matmul roof of this machine at the run's precision: achieved FLOP/s are read against it
         self.roof = matmul_roof(self.state.precision.precision, self.device)
         if not self.resume:
             if self.dist.main:
-                (self.out / "config.yaml").write_text(dump_config(self.cfg))
+                write_record_file(self.out / "config.yaml", dump_config(self.cfg))
             self.metrics.truncate_after(0)
             self.metrics.write({"event": "run", "step": 0, "name": self.cfg.name, "device": str(self.device),
                                 "precision": self.state.precision.as_dict(), "world_size": self.dist.world,
@@ -481,9 +507,15 @@ class Trainer:
         self.state.model.module.train()
 
     def warn(self, message: str) -> None:
+        """A damaged checkpoint set aside: said now, recorded once the record is cut back to the checkpoint
+        used (:meth:`record_damage`), so that a write failure cannot come before the rewrite."""
         print(f"warning: {message}", file=sys.stderr, flush=True)
-        # no step: the record stays through every later resume or rollback, as the damaged folder does
-        self.metrics.write({"event": "damaged_checkpoint", "message": message})
+        self.damage.append(message)
+
+    def record_damage(self) -> None:
+        for message in self.damage:  # no step: the record stays through every later resume or rollback
+            self.metrics.write({"event": "damaged_checkpoint", "message": message})
+        self.damage = []
 
     def restore(self, ck: Checkpoint) -> None:
         """Take the checkpoint's progress, sampler, parts and precision; knobs are re-applied at the next step."""
@@ -543,6 +575,7 @@ class Trainer:
         p.rollbacks += 1
         p.lr_scale, p.consecutive_skips = lr_scale, 0
         self.metrics.truncate_after(p.step, keep_events=_FAULT_EVENTS)
+        self.record_damage()
         self.metrics.write({"event": "rollback", "step": p.step, "from_step": at, "reason": reason,
                             "checkpoint": ck.path.name, "lr_scale": lr_scale})
         self.display.print(f"{reason} at step {at}: rolled back to {ck.path.name} with the learning rate "
@@ -559,7 +592,7 @@ class Trainer:
         if self.clock_scale != 1:
             summary["clock_scale"] = self.clock_scale  # the testing hook made its times lie: say so
         if self.dist.main:
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+            write_record_file(self.out / "summary.json", json.dumps(summary, indent=1) + "\n")
         return summary
 
 

@@ -16,6 +16,7 @@ from typing import Any, TextIO
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from rampup.errors import RecordWriteError
 from rampup.units import format_tokens
 
 
@@ -35,6 +36,24 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def _write_failed(path: Path, e: OSError) -> RecordWriteError:
+    return RecordWriteError(
+        f"could not write the run's record {path}: {e.strerror or e}; the run's checkpoints are untouched (the "
+        "record is cut back to the checkpoint on resume). Free disk space or fix the folder's permissions, then "
+        "continue with: rampup train CONFIG --resume")
+
+
+def write_record_file(path: Path, text: str) -> None:
+    """Write one file of the run's record (config.yaml, summary.json) whole, or raise :class:`RecordWriteError`."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _write_failed(path, e) from None
+
+
 class MetricsWriter:
     """Appends one JSON object per line; ``truncate_after(step)`` rewinds it for a resumed run.
 
@@ -44,28 +63,48 @@ class MetricsWriter:
 
     def __init__(self, path: Path, mirrors: list[Any] = ()) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._f: TextIO = open(path, "a")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._f: TextIO = open(path, "a")
+        except OSError as e:
+            raise self._failed(e) from None
         self._mirrors = list(mirrors)
+
+    def _failed(self, e: OSError) -> RecordWriteError:
+        return _write_failed(self.path, e)
 
     def truncate_after(self, step: int, keep_events: tuple[str, ...] = ()) -> None:
         """Keep only records of steps <= ``step`` (what the checkpoint being resumed had seen), and
-        those of the ``keep_events`` kinds (a rollback keeps the record of the steps it undid)."""
-        self._f.close()
+        those of the ``keep_events`` kinds (a rollback keeps the record of the steps it undid).
+        Written to a new file and renamed over the old one: a failure leaves the old record whole."""
+        self._close_file()
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step or r.get("event") in keep_events]
         tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        tmp.replace(self.path)
-        self._f = open(self.path, "a")
+        try:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            tmp.replace(self.path)
+            self._f = open(self.path, "a")
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise self._failed(e) from None
 
     def write(self, record: dict[str, Any]) -> None:
-        self._f.write(json.dumps(record) + "\n")
-        self._f.flush()
+        try:
+            self._f.write(json.dumps(record) + "\n")
+            self._f.flush()
+        except OSError as e:
+            raise self._failed(e) from None
         for mirror in self._mirrors:
             mirror.log(record)
 
+    def _close_file(self) -> None:
+        try:
+            self._f.close()
+        except OSError:  # the buffered tail could not be written: the record was already reported failed
+            pass
+
     def close(self) -> None:
-        self._f.close()
+        self._close_file()
         for mirror in self._mirrors:
             mirror.close()
 

@@ -35,6 +35,8 @@ class RunData:
     """(knobs, rows, seq_len) of each distinct step shape whose memory knobs say ``auto`` (rampup.memory)."""
     shapes: set[tuple[int, int]] = field(default_factory=set)
     """Every distinct (global rows, seq_len) of a training step."""
+    step_knobs: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)
+    """The knobs of the first step of each distinct (global rows, seq_len): its memory is checked before any step."""
     warnings: list[str] = field(default_factory=list)
     """What the run prints as warnings at its start (a corpus mostly skipped, or repeated many times)."""
 
@@ -94,10 +96,12 @@ def prepare_run(cfg: RunConfig) -> RunData:
 
     graphs: set[tuple] = set()
     shapes: set[tuple[int, int]] = set()
+    step_knobs: dict[tuple[int, int], dict[str, Any]] = {}
     auto: dict[tuple, tuple[dict[str, Any], int, int]] = {}
     for sp, (rows, seq_len) in zip(schedule.steps(), step_shapes(cfg, schedule)):  # buckets: the draws, dry
         graphs |= {graph_id(sp.knobs, s) for s in micro_shapes(rows, seq_len, cfg.train.micro_batch_tokens)}
         shapes.add((rows, seq_len))
+        step_knobs.setdefault((rows, seq_len), sp.knobs)
         mem = requested(sp.knobs)
         if _is_auto(mem):
             auto.setdefault((mem, rows, seq_len), (sp.knobs, rows, seq_len))
@@ -106,4 +110,4 @@ def prepare_run(cfg: RunConfig) -> RunData:
     eval_sets = {n: window_batches(make_windows(val_ds, n, cfg.eval.max_tokens)) for n in eval_lens}
     warnings = corpus_warnings(read_meta(prepared), budget_tokens=schedule.total_tokens, sampler=cfg.data.sampler)
     return RunData(schedule, sampler, eval_sets, graphs, train_ds, val_ds, train_ds.eot_id, list(auto.values()), shapes,
-                   warnings)
+                   step_knobs, warnings)
