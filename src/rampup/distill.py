@@ -118,7 +118,10 @@ class Teachers:
             self.active = None
             return
         if spec not in self._built:
-            self._built[spec] = self._build(spec, vocab_size)
+            from rampup.seeding import untouched_rng
+
+            with untouched_rng():  # a model built to hold loaded weights draws nothing that training sees
+                self._built[spec] = self._build(spec, vocab_size)
         self.active = self._built[spec]
 
     def _build(self, spec: str, vocab_size: int):
@@ -165,8 +168,11 @@ def load_run_teacher(path: str):
 
     if not Path(path).exists():
         raise ConfigError(f"teacher run:{path}: no such folder; give a rampup run folder or checkpoint folder")
+    from rampup.seeding import untouched_rng
+
     ckpt, cfg, _ = open_run(path, "a teacher")
-    adapter = build_adapter(cfg.model, "cpu")
+    with untouched_rng():  # its weights are the checkpoint's
+        adapter = build_adapter(cfg.model, "cpu")
     from rampup.growth import fit_to_checkpoint
 
     fit_to_checkpoint(adapter, ckpt)
@@ -312,14 +318,19 @@ def _capture(adapter: Any, wanted: set[str], store: dict[str, torch.Tensor]):
 
 
 class Projections:
-    """Learned maps from student to teacher width, one per (teacher, pair) needing one (a TrainState part)."""
+    """Learned maps from student to teacher width, one per (teacher, pair) needing one (a TrainState part).
+    Each map starts from its own generator, (run seed, its key: rampup.seeding)."""
 
-    def __init__(self) -> None:
+    def __init__(self, seed: int = 0) -> None:
         self.maps = torch.nn.ModuleDict()
+        self.seed = seed
 
     def add(self, key: str, d_in: int, d_out: int, device: Any = "cpu") -> None:
-        m = torch.nn.Linear(d_in, d_out, bias=False, device=device)
-        torch.nn.init.normal_(m.weight, std=d_in ** -0.5)
+        from rampup.seeding import generator, normal_, untouched_rng
+
+        with untouched_rng(device):
+            m = torch.nn.Linear(d_in, d_out, bias=False, device=device)
+        normal_(m.weight, d_in ** -0.5, generator(self.seed, f"distill.projection:{key}"))
         self.maps[key] = m
 
     def parameters(self):
@@ -426,7 +437,7 @@ def attach_teachers(cfg: Any, schedule: Any, data: Any, state: Any, task: Any, c
                 check_tokenizer(spec, cfg, own)
     teachers = state.parts["teachers"] = Teachers(cfg, schedule, state.precision.precision)
     teachers.ema = state.parts.get("ema")
-    projections = Projections()
+    projections = Projections(cfg.train.seed)
     build_projections(cfg, schedule, state.model, projections, device)
     if len(projections.maps):  # learned with the model: in the optimizer from the first step
         state.parts["projections"] = projections

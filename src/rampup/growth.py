@@ -50,10 +50,13 @@ def _check_method(value: Any) -> str:
 
 
 @torch.no_grad()
-def grow(adapter: Any, depth: int, method: str = "zero", optimizer: torch.optim.Optimizer | None = None) -> bool:
+def grow(adapter: Any, depth: int, method: str = "zero", optimizer: torch.optim.Optimizer | None = None, *,
+         seed: int = 0, step: int = 0) -> bool:
     """Grow the reference model to ``depth`` blocks in place (and the optimizer's groups); False if it
-    already has them."""
+    already has them. New block i draws its weights from its own generator, (``seed``, block i, ``step``:
+    rampup.seeding), never from torch's global one, so a resumed run grows the same blocks."""
     from rampup.models.llm import Block
+    from rampup.seeding import generator, normal_, untouched_rng
 
     module = adapter.module
     n = len(module.layers)
@@ -65,11 +68,12 @@ def grow(adapter: Any, depth: int, method: str = "zero", optimizer: torch.optim.
     like = module.tok_emb.weight
     std = cfg.init_std
     for i in range(n, depth):
-        with torch.device(like.device):
+        with torch.device(like.device), untouched_rng(like.device):
             block = Block(cfg)  # fp32 like the reference model (built in place: fake and meta models too)
+        gen = generator(seed, f"growth.block{i}", step)
         for m in block.modules():
             if isinstance(m, torch.nn.Linear):
-                torch.nn.init.normal_(m.weight, mean=0.0, std=std)
+                normal_(m.weight, std, gen)
             elif isinstance(m, torch.nn.RMSNorm):
                 torch.nn.init.ones_(m.weight)
         if method == "stack":
@@ -111,7 +115,7 @@ def relayout(optimizer: torch.optim.Optimizer, module: torch.nn.Module) -> None:
 
 @torch.no_grad()
 def widen_mlp(adapter: Any, hidden: int, noise: float = 0.0, optimizer: torch.optim.Optimizer | None = None,
-              seed: int = 0) -> bool:
+              seed: int = 0, step: int = 0) -> bool:
     """Widen every MLP of the reference model to ``hidden`` units in place (Net2WiderNet, see above)."""
     module = adapter.module
     old = module.layers[0].mlp.w1.weight.shape[0]
@@ -122,7 +126,9 @@ def widen_mlp(adapter: Any, hidden: int, noise: float = 0.0, optimizer: torch.op
     src = torch.arange(hidden) % old
     counts = torch.tensor([hidden // old + (j < hidden % old) for j in range(old)],  # copies of each unit
                           dtype=module.tok_emb.weight.dtype)
-    g = torch.Generator().manual_seed(seed)
+    from rampup.seeding import generator
+
+    g = generator(seed, "growth.mlp_width", step)
     replaced = {}
     for layer in module.layers:
         mlp = layer.mlp
@@ -143,7 +149,7 @@ def widen_mlp(adapter: Any, hidden: int, noise: float = 0.0, optimizer: torch.op
 
 @torch.no_grad()
 def widen_model(adapter: Any, dim: int, noise: float = 0.0, optimizer: torch.optim.Optimizer | None = None,
-                seed: int = 0) -> bool:
+                seed: int = 0, step: int = 0) -> bool:
     """Widen the residual stream of the reference model to ``dim`` (an integer multiple k of its width) in
     place, function-preservingly (bert2BERT's function-preserving initialisation, with whole copies):
 
@@ -170,7 +176,7 @@ def widen_model(adapter: Any, dim: int, noise: float = 0.0, optimizer: torch.opt
         raise ConfigError(f"width {dim} is not a multiple of the model's width {old}: function-preserving "
                           f"widening repeats every coordinate equally (choose {2 * old}, {3 * old}, ...)")
     k = dim // old
-    t = _Tiler(k, dim, noise, module.cfg.init_std, seed)
+    t = _Tiler(k, dim, noise, module.cfg.init_std, seed, step)
     tied = module.lm_head.weight is module.tok_emb.weight
     t.put(module.tok_emb, "weight", t.noisy(module.tok_emb.weight.t().repeat(k, 1), old).t())
     module.tok_emb.embedding_dim = dim
@@ -192,9 +198,11 @@ def widen_model(adapter: Any, dim: int, noise: float = 0.0, optimizer: torch.opt
 class _Tiler:
     """The copies ``widen_model`` makes: k whole copies of every stream coordinate and head."""
 
-    def __init__(self, k: int, dim: int, noise: float, std: float, seed: int) -> None:
+    def __init__(self, k: int, dim: int, noise: float, std: float, seed: int, step: int) -> None:
+        from rampup.seeding import generator
+
         self.k, self.dim, self.noise, self.std = k, dim, noise, std
-        self.gen = torch.Generator().manual_seed(seed)
+        self.gen = generator(seed, "growth.width", step)
         self.replaced: dict[int, torch.nn.Parameter] = {}
         """id(old parameter) -> its widened replacement."""
 
@@ -317,19 +325,19 @@ def fit_to_checkpoint(adapter: Any, path: Path, optimizer: torch.optim.Optimizer
 
 def _apply_depth(ctx: Any, value: int) -> None:
     depth = int(value) or int(ctx.cfg.model.n_layers if ctx.cfg is not None else len(ctx.model.module.layers))
-    if grow(ctx.model, depth, ctx.knobs.get("growth", "zero"), ctx.optimizer):
+    if grow(ctx.model, depth, ctx.knobs.get("growth", "zero"), ctx.optimizer, seed=ctx.seed, step=ctx.step):
         ctx.cache.pop("memory_last", None)  # the new blocks take the memory knobs too
 
 
 def _apply_width(ctx: Any, value: int) -> None:
     hidden = int(value) or ctx.model.module.layers[0].mlp.w1.weight.shape[0]
-    if widen_mlp(ctx.model, hidden, float(ctx.knobs.get("growth_noise", 0.0)), ctx.optimizer, ctx.seed):
+    if widen_mlp(ctx.model, hidden, float(ctx.knobs.get("growth_noise", 0.0)), ctx.optimizer, ctx.seed, ctx.step):
         ctx.cache.pop("memory_last", None)
 
 
 def _apply_model_width(ctx: Any, value: int) -> None:
     dim = int(value) or ctx.model.module.tok_emb.weight.shape[1]
-    if widen_model(ctx.model, dim, float(ctx.knobs.get("growth_noise", 0.0)), ctx.optimizer, ctx.seed):
+    if widen_model(ctx.model, dim, float(ctx.knobs.get("growth_noise", 0.0)), ctx.optimizer, ctx.seed, ctx.step):
         ctx.cache.pop("memory_last", None)
 
 

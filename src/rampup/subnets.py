@@ -16,7 +16,6 @@ model (tested).
 from __future__ import annotations
 
 import contextlib
-import random
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from rampup.errors import ConfigError
+from rampup.seeding import py_random
 
 _SPEC = re.compile(r"depth:(\d+)-(\d+),mlp:([0-9.]+)-([0-9.]+)")
 
@@ -54,7 +54,7 @@ def draw(spec: str, seed: int, step: int, n_layers: int, hidden: int) -> tuple[i
     a, b, f, g = _ranges(spec)
     if b > n_layers:
         raise ConfigError(f"subnet '{spec}': the model has {n_layers} blocks")
-    rng = random.Random(seed * 1_000_003 + step)
+    rng = py_random(seed, "subnet", step)
     depth = rng.randint(a, b)
     k = int(round(rng.uniform(f, g) * hidden / 8)) * 8
     return depth, min(hidden, max(8, k))
@@ -62,16 +62,15 @@ def draw(spec: str, seed: int, step: int, n_layers: int, hidden: int) -> tuple[i
 
 @contextlib.contextmanager
 def active(adapter: Any, depth: int, hidden: int) -> Iterator[None]:
+    """Forward passes inside the block run the sub-network. The model hands ``hidden`` to every block as an
+    argument, so a checkpointed block or tiled MLP recomputes in backward (after the block has ended)
+    the sub-network it ran forward, not the full one."""
     module = adapter.module
-    module.active_depth = depth
-    for layer in module.layers:
-        layer.mlp.active_hidden = hidden
+    module.active_depth, module.active_hidden = depth, hidden
     try:
         yield
     finally:
-        module.active_depth = None
-        for layer in module.layers:
-            layer.mlp.active_hidden = None
+        module.active_depth = module.active_hidden = None
 
 
 class SubnetTask:
@@ -91,6 +90,11 @@ class SubnetTask:
         if self.current is None or reduction == "none" or not torch.is_grad_enabled():
             return self.task.loss(adapter, batch, reduction=reduction)
         out = adapter.forward(batch)
+        # bf16: autocast caches the weights' casts for the rest of the step's region, so the sub-network's
+        # blocks would cast nothing forward, while their recomputation in backward (a selectively
+        # checkpointed block, in its own autocast region) casts each weight: the op sequences would differ.
+        # Without the cache both cast each weight once.
+        torch.clear_autocast_cache()
         with active(adapter, *self.current):
             sub = adapter.forward(batch)
         targets = batch.targets

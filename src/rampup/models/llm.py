@@ -312,11 +312,10 @@ class MLP(nn.Module):
         self.w3 = nn.Linear(cfg.dim, cfg.hidden, bias=False)  # up
         self.w2 = nn.Linear(cfg.hidden, cfg.dim, bias=False)  # down
 
-        self.active_hidden: int | None = None
-        """Sub-network training (rampup.subnets): only the first this-many hidden units (None: all)."""
-
-    def forward(self, x):
-        k = self.active_hidden
+    def forward(self, x, hidden: int | None = None):
+        """``hidden``: sub-network training (rampup.subnets) runs only the first this-many units (None: all);
+        an argument, not module state, so that a recomputation in backward runs the same units."""
+        k = hidden
         if k is None:
             return self.w2(F.silu(self.w1(x)) * self.w3(x))
         return F.linear(F.silu(F.linear(x, self.w1.weight[:k])) * F.linear(x, self.w3.weight[:k]), self.w2.weight[:, :k])
@@ -330,9 +329,9 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask=None, pattern=None, cap_rope=None):
+    def forward(self, x, cos, sin, mask=None, pattern=None, cap_rope=None, mlp_hidden=None):
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, pattern, cap_rope)
-        return x + self.mlp(self.mlp_norm(x))
+        return x + self.mlp(self.mlp_norm(x), mlp_hidden)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -360,6 +359,9 @@ class DecoderLM(nn.Module):
         self.attn_patterns: list[Pattern | None] = [None] * cfg.n_layers  # full causal everywhere
         self.active_depth: int | None = None
         """Sub-network training (rampup.subnets): only the lowest this-many blocks run (None: all)."""
+        self.active_hidden: int | None = None
+        """Sub-network training: each block's MLP runs its first this-many hidden units (None: all),
+        passed to the blocks as an argument (a checkpointed block recomputes what it ran)."""
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -463,7 +465,7 @@ class DecoderLM(nn.Module):
             cap = None
             if pattern is not None and pattern.capped and T > pattern.window:  # some globals lie outside windows
                 cap = (self.rope_cos[pattern.window], self.rope_sin[pattern.window], self.rope_cos[0], self.rope_sin[0])
-            x = layer(x, cos, sin, mask, pattern, cap)
+            x = layer(x, cos, sin, mask, pattern, cap, self.active_hidden)
         return self.norm(x)
 
     def set_attention(self, patterns: list[Pattern | None]) -> None:

@@ -98,11 +98,12 @@ def _class_forward(module: nn.Module) -> Callable:
     return type(module).forward.__get__(module)
 
 
-def _tiled_forward(inner: Callable, shards: int, x: torch.Tensor) -> torch.Tensor:
+def _tiled_forward(inner: Callable, shards: int, x: torch.Tensor, *args) -> torch.Tensor:
+    # ``args`` (a sub-network's hidden units) go to every shard's recomputation as they came forward
     chunks = x.split(_shard_step(shards, x.shape[1], "mlp_shards"), dim=1)
     if not torch.is_grad_enabled():
-        return torch.cat([inner(c) for c in chunks], dim=1)
-    return torch.cat([checkpoint(inner, c, use_reentrant=False) for c in chunks], dim=1)
+        return torch.cat([inner(c, *args) for c in chunks], dim=1)
+    return torch.cat([checkpoint(inner, c, *args, use_reentrant=False) for c in chunks], dim=1)
 
 
 def tile_mlp(mlp: nn.Module, shards: int) -> None:
