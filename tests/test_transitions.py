@@ -1,5 +1,6 @@
 """Stage transitions of what trains: freezing, learning-rate groups, optimizer state at a boundary,
 on the reference model, through the engine, and killed around the transition in real processes."""
+import json
 import os
 import random
 
@@ -330,6 +331,20 @@ def test_a_previous_stage_teacher_changes_training_and_resumes_bitwise(data_cach
     assert step_losses(out) == a and weights(out) == weights(tmp_path / "ref")
     parts = load_file(latest_checkpoint(out / "checkpoints") / "parts.safetensors")
     assert any(k.startswith("teachers/short/") for k in parts)
+
+
+def test_an_evaluation_at_a_stage_boundary_scores_the_stage_just_trained(data_cache, tmp_path):
+    """eval.every landing on the last step of a stage whose successor learns from its snapshot: the
+    evaluation uses the ended stage's knobs (it used the next stage's, whose teacher does not exist yet)."""
+    from rampup.config import RunConfig
+    from rampup.engine.trainer import Trainer
+
+    t = _teacher_tree(data_cache, tmp_path / "run", checkpoint_every=None)
+    t["eval"] |= {"every": f"{B} steps"}
+    summary = Trainer(RunConfig.model_validate(t), display_mode="off").run()
+    evals = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+             if r["event"] == "eval"]
+    assert summary["steps"] == N and {r["step"] for r in evals} == {B, N}
 
 
 def test_bad_teachers_are_named_before_compute(data_cache, tmp_path):

@@ -432,7 +432,9 @@ class Trainer:
         """Held-out loss at every evaluation length with the run's current knobs (the one eval path)."""
         p, cfg = self.progress, self.cfg
         prec = self.state.precision.precision
-        knobs = self.schedule.at(min(p.tokens, self.schedule.total_tokens - 1))
+        # the knobs of the last token trained: at a stage boundary the stage just ended, not the next one
+        # (whose teacher, a snapshot of the stage ending, does not exist yet)
+        knobs = self.schedule.at(max(0, min(p.tokens, self.schedule.total_tokens) - 1))
         trained = self.knobs.save()
         if trained is not None:  # a knob that restructures the model (growth) acts at its step, never in evaluation
             knobs = {k: trained[0][k] if KNOBS[k].restructures and k in trained[0] else v for k, v in knobs.items()}
