@@ -53,7 +53,7 @@ def measure(kind: str, T: int, w: int) -> dict | None:
 
 
 def main() -> None:
-    from rampup.precision import machine_info
+    from rampup.engine.precision import machine_info
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--window", type=int, default=256)

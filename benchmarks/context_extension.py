@@ -51,13 +51,13 @@ import subprocess
 import time
 from pathlib import Path
 
-from rampup.compare import compare_runs, load_run, time_to_target
+from rampup.tools.compare import compare_runs, load_run, time_to_target
 from rampup.config import RunConfig
-from rampup.engine.metrics import read_metrics
+from rampup.engine.records import read_metrics
 from rampup.engine.trainer import train
-from rampup.longeval import evaluate_run
+from rampup.tools.longeval import evaluate_run
 from rampup.models.rope import RopeSpec
-from rampup.precision import machine_info, resolve_precision
+from rampup.engine.precision import machine_info, resolve_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

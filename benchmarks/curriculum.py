@@ -68,12 +68,12 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from rampup.calibrate import others_cpu_seconds
-from rampup.compare import compare_runs, print_comparison, time_to_target
+from rampup.tools.calibrate import others_cpu_seconds
+from rampup.tools.compare import compare_runs, print_comparison, time_to_target
 from rampup.config import RunConfig, load_config
-from rampup.engine.metrics import read_metrics
+from rampup.engine.records import read_metrics
 from rampup.models.llm import DecoderLM, flops_per_token
-from rampup.precision import machine_info, resolve_precision
+from rampup.engine.precision import machine_info, resolve_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "configs" / "curriculum"
@@ -240,7 +240,7 @@ def calibrate(cfg: RunConfig, lens: list[int], repeats: int) -> dict[int, float]
     rotating order: a cost table that other processes on the machine can only make slower, and the
     minimum shrugs that off unless the contention lasts through every repeat."""
     from rampup.engine.trainer import train_step
-    from rampup.optim import build_optimizer
+    from rampup.engine.optim import build_optimizer
 
     torch.manual_seed(0)
     model = DecoderLM(cfg.model)
@@ -376,7 +376,7 @@ def sensitivity(res: dict[str, Any], L: int, table: dict[int, float] | None) -> 
     - strict: the best baseline seed's final loss as the target and that seed's time to it as the
       reference (the hardest target any baseline seed set).
     Times are measured train_time and, with a calibration, the calibrated clock too."""
-    from rampup.compare import load_run
+    from rampup.tools.compare import load_run
 
     def curves(path: str) -> dict[str, list]:
         out = {"measured": load_run(path).evals[L]}
@@ -465,7 +465,7 @@ def plot(res: dict[str, Any], L: int, target: float, table: dict[int, float] | N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from rampup.compare import load_run
+    from rampup.tools.compare import load_run
 
     panels = [("train time (s): measured, compute only, no eval", "time_to_target_ratio", 1)]
     if table:
@@ -511,11 +511,11 @@ def predict(arms: dict[str, tuple[Path, RunConfig]], L: int) -> tuple[dict[str, 
     document lengths and cross-document share at L."""
     from dataclasses import asdict
 
-    from rampup.calibrate import Calibrator, corpus_stats, estimate_time
+    from rampup.tools.calibrate import Calibrator, corpus_stats, estimate_time
     from rampup.data.dataset import TokenDataset
     from rampup.data.prepare import get_prepared
-    from rampup.plan import make_plan, step_shapes
-    from rampup.schedule import Schedule
+    from rampup.tools.plan import make_plan, step_shapes
+    from rampup.schedule.stages import Schedule
 
     out = {}
     for name, (_, cfg) in arms.items():

@@ -60,7 +60,7 @@ from rampup.data.packing import (
     segment_ids,
 )
 from rampup.models import DecoderLM, ModelConfig
-from rampup.precision import machine_info
+from rampup.engine.precision import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "doc_mask.json"

@@ -48,11 +48,11 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from rampup.config import dump_config, load_config  # noqa: E402
 from rampup.data.prepare import prepared_dir  # noqa: E402
-from rampup.engine.checkpoint import latest_checkpoint, list_checkpoints, verify_checkpoint  # noqa: E402
+from rampup.engine.checkpoint.format import latest_checkpoint, list_checkpoints, verify_checkpoint  # noqa: E402
 from rampup.engine.faults import NAN_STEPS_ENV  # noqa: E402
-from rampup.engine.metrics import read_metrics  # noqa: E402
+from rampup.engine.records import read_metrics  # noqa: E402
 from rampup.errors import CheckpointDamaged  # noqa: E402
-from rampup.precision import machine_info, resolve_precision  # noqa: E402
+from rampup.engine.precision import machine_info, resolve_precision  # noqa: E402
 
 STEPS = 40
 

@@ -2,7 +2,7 @@
 
 A 20M-parameter reference model (4 layers, width 256, untied 32,768-token vocabulary) trains one
 1-row step at growing lengths in child processes held by RLIMIT_DATA to a cap above their resting
-footprint (model, AdamW state and kernels loaded: rampup.probe). For the plain loop, each technique
+footprint (model, AdamW state and kernels loaded: rampup.tools.probe). For the plain loop, each technique
 alone (tiled loss, tiled MLP, selective and full activation checkpointing) and all together (tiled
 loss + tiled MLP + full checkpointing), the longest length that completes (doubling from 512, then
 two bisections); lengths the traced estimate (rampup.memory.estimate_step) puts above twice the cap
@@ -43,10 +43,10 @@ def config(precision: str):
 
 def main() -> None:
 
-    from rampup.memory import estimate_step, format_bytes
-    from rampup.plan import technique_settings
-    from rampup.precision import machine_info, resolve_precision
-    from rampup.probe import longest, run_trial, time_steps
+    from rampup.knobs.memory import estimate_step, format_bytes
+    from rampup.tools.plan import technique_settings
+    from rampup.engine.precision import machine_info, resolve_precision
+    from rampup.tools.probe import longest, run_trial, time_steps
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cap", default="640MiB", help="memory a step may add to the resting footprint")
@@ -59,7 +59,7 @@ def main() -> None:
                     "of the existing results (no trials or timings are rerun)")
     args = ap.parse_args()
 
-    from rampup.memory import parse_bytes
+    from rampup.knobs.memory import parse_bytes
 
     cap = parse_bytes(args.cap)
     precision = resolve_precision(args.precision, "cpu").precision
@@ -89,7 +89,7 @@ def main() -> None:
             s = settings(arm, T)
             est = estimate_step(cfg, {}, 1, T, precision, s)
             if est.step_peak > 2 * cap:
-                from rampup.probe import Trial
+                from rampup.tools.probe import Trial
 
                 t = Trial(T, False, f"not run: estimated {format_bytes(est.step_peak)} > 2x the cap")
             else:
@@ -131,7 +131,7 @@ def main() -> None:
 def growth(cfg, arms, precision, settings) -> dict:
     """Each arm's step memory (the traced estimate) at 1K..64K, and its marginal bytes per token per
     doubling: constant for memory linear in length, doubling per doubling for quadratic memory."""
-    from rampup.memory import estimate_step
+    from rampup.knobs.memory import estimate_step
 
     lengths = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
     out = {}

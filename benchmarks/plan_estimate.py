@@ -63,10 +63,10 @@ def plan_every_config() -> list[dict]:
 
 
 def three_estimates(path: str, overrides: list[str], train: bool) -> dict:
-    from rampup.calibrate import Calibrator, cost_class, estimate_time
+    from rampup.tools.calibrate import Calibrator, cost_class, estimate_time
     from rampup.config import load_config
-    from rampup.plan import make_plan
-    from rampup.schedule import Schedule
+    from rampup.tools.plan import make_plan
+    from rampup.schedule.stages import Schedule
 
     cfg = load_config(ROOT / path, overrides)
     sched = Schedule.build(cfg.schedule, total=cfg.train.duration)
@@ -115,7 +115,7 @@ def replay_stored(name: str) -> list[dict]:
     model on the shapes that a fresh plan would time there, predict the run, compare with its train time."""
     import numpy as np
 
-    from rampup.calibrate import _Flops, fit_step_time
+    from rampup.tools.calibrate import _Flops, fit_step_time
     from rampup.config import load_config
 
     data = json.loads((ROOT / "benchmarks" / "results" / f"{name}.json").read_text())
@@ -142,7 +142,7 @@ def replay_stored(name: str) -> list[dict]:
 
 
 def main() -> dict:
-    from rampup.precision import machine_info, resolve_precision
+    from rampup.engine.precision import machine_info, resolve_precision
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--train", action="store_true", help="also train each arm here and compare with its train time")

@@ -4,7 +4,7 @@ Each config (cut to a few steps by overrides, so one run is seconds) trains once
 every step; then, for every checkpoint but the last, a copy of the run folder as a process killed right
 after writing that checkpoint leaves it is resumed by ``rampup train --resume`` in a fresh process and run
 to the end. Per-step losses, gradient norms, evaluations and final weights must equal the uninterrupted
-run's bitwise (rampup.resumecheck). One config also runs on 2 ranks, DDP and FSDP2 (torchrun).
+run's bitwise (rampup.tools.resumecheck). One config also runs on 2 ranks, DDP and FSDP2 (torchrun).
 
     python benchmarks/resume_sweep.py                 # everything (~15-25 min on 2 cores)
     python benchmarks/resume_sweep.py --only tiny     # one config
@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from rampup.precision import cpu_bf16_instructions, cpu_model
-from rampup.resumecheck import checkpointed, subprocess_runner, sweep
+from rampup.engine.precision import cpu_bf16_instructions, cpu_model
+from rampup.tools.resumecheck import checkpointed, subprocess_runner, sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "resume_sweep.json"

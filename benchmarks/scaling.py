@@ -79,7 +79,7 @@ def tree(out: Path, steps: int, threads: int) -> dict:
 
 
 def run_arm(work: Path, nproc: int, steps: int, threads: int) -> dict:
-    from rampup.engine.metrics import read_metrics
+    from rampup.engine.records import read_metrics
 
     out = work / f"n{nproc}"
     cfg = work / f"n{nproc}.yaml"

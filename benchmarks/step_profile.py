@@ -31,10 +31,10 @@ RESULTS = ROOT / "benchmarks" / "results" / "step_profile.json"
 
 def main(argv: list[str] | None = None) -> dict:
     from rampup.config import load_config
-    from rampup.engine.metrics import read_metrics
+    from rampup.engine.records import read_metrics
     from rampup.models.llm import flops_per_token
-    from rampup.precision import machine_info, matmul_roof, resolve_precision
-    from rampup.report import shape_profile
+    from rampup.engine.precision import machine_info, matmul_roof, resolve_precision
+    from rampup.tools.report import shape_profile
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("config", nargs="?", type=Path, default=ROOT / "configs" / "curriculum_4096" / "baseline.yaml")

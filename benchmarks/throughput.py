@@ -47,10 +47,10 @@ import yaml
 from rampup.config import RunConfig, load_config
 from rampup.data.dataset import TokenDataset
 from rampup.data.prepare import get_prepared
-from rampup.engine.metrics import read_metrics
+from rampup.engine.records import read_metrics
 from rampup.engine.trainer import train
 from rampup.models.llm import DecoderLM
-from rampup.precision import autocast, machine_info, resolve_precision
+from rampup.engine.precision import autocast, machine_info, resolve_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_CONFIG = ROOT / "configs" / "demo_baseline.yaml"

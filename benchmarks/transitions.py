@@ -65,7 +65,7 @@ def summary(run: Path) -> dict:
 
 
 def compared(runs: list[Path], baseline: str) -> dict:
-    from rampup.compare import compare_runs
+    from rampup.tools.compare import compare_runs
 
     res = compare_runs([str(r) for r in runs], baseline=baseline)
     out = {"target": res["targets"][str(SEQ)], "arms": {}}
@@ -111,11 +111,11 @@ def distillation(work: Path, seeds: int, budget: str) -> dict:
 
 
 def loss_on(run: Path, windows, precision: str) -> float:
-    from rampup.engine.checkpoint import latest_checkpoint, load_checkpoint
+    from rampup.engine.checkpoint.format import latest_checkpoint, load_checkpoint
     from rampup.engine.evaluation import eval_loss
-    from rampup.longeval import open_run
+    from rampup.tools.longeval import open_run
     from rampup.models.build import build_adapter
-    from rampup.tasks import CausalLM
+    from rampup.engine.tasks import CausalLM
 
     _, cfg, _ = open_run(run, "benchmark")
     adapter = build_adapter(cfg.model)
@@ -130,8 +130,8 @@ def unfreezing(work: Path, seeds: int, budget: str) -> dict:
     from rampup.data.prepare import get_prepared
     from rampup.data.samplers import EVAL_WINDOWS
     from rampup.engine.evaluation import window_batches
-    from rampup.export import export_hf
-    from rampup.precision import resolve_precision
+    from rampup.tools.export import export_hf
+    from rampup.engine.precision import resolve_precision
 
     base_tree_a = base_tree("base", work / "base", budget=budget, model={"dim": 128, "n_layers": 4}, seed=100)
     base = train(base_tree_a, work)
@@ -164,7 +164,7 @@ def unfreezing(work: Path, seeds: int, budget: str) -> dict:
 
 
 def main() -> None:
-    from rampup.precision import machine_info, resolve_precision
+    from rampup.engine.precision import machine_info, resolve_precision
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=3)

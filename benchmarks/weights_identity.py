@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from resume_sweep import CONFIGS, SMALL, machine  # noqa: E402 (the sweep's configs, one list)
 
-from rampup.resumecheck import copy_at, subprocess_runner  # noqa: E402
+from rampup.tools.resumecheck import copy_at, subprocess_runner  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "weights_identity.json"

@@ -82,14 +82,14 @@ def alongside(*args: str, timeout: float = 600):
 
 
 def step_losses(out: Path) -> dict[int, float]:
-    from rampup.engine.metrics import read_metrics
+    from rampup.engine.records import read_metrics
 
     return {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl") if r["event"] == "step"}
 
 
 def weights(out: Path) -> bytes:
     """The latest checkpoint's weights as bytes, in name order (either checkpoint format)."""
-    from rampup.engine.checkpoint import latest_checkpoint, model_tensors
+    from rampup.engine.checkpoint.format import latest_checkpoint, model_tensors
 
     tensors = model_tensors(latest_checkpoint(out / "checkpoints"))
     return b"".join(k.encode() + tensors[k].contiguous().view(-1).view(torch.uint8).numpy().tobytes()

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from conftest import tiny_tree
 from rampup.config import RunConfig
-from rampup.engine.metrics import read_metrics
+from rampup.engine.records import read_metrics
 from rampup.engine.trainer import train
 from rampup.errors import ConfigError
 from rampup.models.attention import (AttentionSpec, Pattern, banded_attention, layer_patterns,

@@ -16,8 +16,8 @@ from rampup.data import DataConfig, TokenDataset, TokenizerConfig, prepare
 from rampup.data.bucket_sampler import BucketCurriculum, BucketSampler, plan_buckets
 from rampup.data.buckets import decompose_document, get_buckets, long_doc_odds
 from rampup.errors import ConfigError, DataError
-from rampup.knobs import bucket_odds_weights
-from rampup.schedule import Schedule, ScheduleConfig
+from rampup.schedule.registry import bucket_odds_weights
+from rampup.schedule.stages import Schedule, ScheduleConfig
 from rampup.units import Duration
 
 

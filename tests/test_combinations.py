@@ -20,8 +20,8 @@ import torch
 from conftest import ROOT, tiny_tree
 from rampup.config import RunConfig
 from rampup.errors import ConfigError
-from rampup.knobs import KNOBS
-from rampup.resumecheck import RunRecord, checkpointed, copy_at, differences, sweep
+from rampup.schedule.registry import KNOBS
+from rampup.tools.resumecheck import RunRecord, checkpointed, copy_at, differences, sweep
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ def pair_tree(cache: Path, out: Path, families, precision: str) -> dict:
 
 def train_untouched(cfg: RunConfig, resume: bool = False) -> None:
     """Train (or resume) in this process; not one draw from torch's global generator in the whole run."""
-    from rampup.engine.loop import Trainer
+    from rampup.engine.trainer import Trainer
 
     t = Trainer(cfg, resume=resume)
     state = torch.get_rng_state()
@@ -116,7 +116,7 @@ def train_untouched(cfg: RunConfig, resume: bool = False) -> None:
 
 @pytest.mark.parametrize("pair", PAIRS, ids="+".join)
 def test_every_pair_of_knob_families_trains_and_resumes_or_is_refused_with_its_reason(data_cache, tmp_path, pair):
-    from rampup.engine.loop import Trainer
+    from rampup.engine.trainer import Trainer
 
     for precision in ("fp32", "bf16") if BF16 & set(pair) else ("fp32",):
         out = tmp_path / precision
@@ -143,12 +143,12 @@ def test_a_subnetwork_under_recomputation_gets_the_gradients_it_gets_without(pre
     """Case 2: a sub-network's blocks checkpointed (full, selective) or its MLPs tiled recompute in backward
     the sub-network they ran forward (it used to be the full one: a CheckpointError in fp32, a missing
     cast in bf16's selective recomputation)."""
-    from rampup.memory import MemorySettings, apply_memory
+    from rampup.knobs.memory import MemorySettings, apply_memory
     from rampup.models.adapter import DecoderLMAdapter
     from rampup.models.llm import ModelConfig
-    from rampup.precision import autocast
-    from rampup.subnets import SubnetTask
-    from rampup.tasks import CausalLM
+    from rampup.engine.precision import autocast
+    from rampup.knobs.subnets import SubnetTask
+    from rampup.engine.tasks import CausalLM
 
     torch.manual_seed(0)
     adapter = DecoderLMAdapter.build(ModelConfig(vocab_size=512, dim=32, n_layers=4, n_heads=2, max_seq_len=64))

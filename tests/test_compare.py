@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from rampup.compare import compare_runs, load_run, print_comparison, time_to_target, write_comparison
+from rampup.tools.compare import compare_runs, load_run, print_comparison, time_to_target, write_comparison
 from rampup.config import RunConfig, dump_config
 from rampup.errors import ConfigError, DataError
 
@@ -218,7 +218,7 @@ def test_group_key_ignores_seed_out_dir_and_name(tmp_path):
 
 
 def test_run_and_compare_checks_configs_before_training(tmp_path):
-    from rampup.compare import run_and_compare
+    from rampup.tools.compare import run_and_compare
     a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
     a.write_text("train: {duration: '10 steps'}\n")
     b.write_text("train: {duration: '20 steps'}\n")

@@ -9,8 +9,8 @@ from rich.console import Console
 
 from rampup.config import RunConfig, dump_config, load_config, set_override
 from rampup.errors import ConfigError, RampupError
-from rampup.plan import make_plan, plot_plan, print_plan
-from rampup.schedule import Schedule
+from rampup.tools.plan import make_plan, plot_plan, print_plan
+from rampup.schedule.stages import Schedule
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("**/*.yaml"))
 

@@ -1,4 +1,4 @@
-"""Scale-out with real processes: torchrun, gloo, 2 ranks on this machine (rampup.distributed)."""
+"""Scale-out with real processes: torchrun, gloo, 2 ranks on this machine (rampup.engine.distributed)."""
 import contextlib
 import os
 import signal
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import rampup_cmd, tiny_tree, wait_for, weights, write_config
-from rampup.engine.metrics import read_metrics
+from rampup.engine.records import read_metrics
 from rampup.errors import ConfigError
 
 pytestmark = pytest.mark.slow
@@ -112,7 +112,7 @@ def test_fsdp2_matches_one_rank_through_an_unfreeze_and_its_checkpoints_resume_a
     import json
     import shutil
 
-    from rampup.engine.checkpoint import model_shapes
+    from rampup.engine.checkpoint.format import model_shapes
 
     out = tmp_path / "fsdp"
     res = train(write_config(tmp_path / "fsdp.yaml", staged(data_cache, out, strategy="fsdp")), nproc=2)
@@ -151,8 +151,8 @@ def test_the_gathered_optimizer_state_keeps_the_moments_of_parameters_frozen_aft
 
     import json
 
-    from rampup.distributed import Dist, full_state, set_full_state
-    from rampup.engine.sharded import load_into, save_sharded
+    from rampup.engine.distributed import Dist, full_state, set_full_state
+    from rampup.engine.checkpoint.sharded import load_into, save_sharded
     from rampup.models.adapter import DecoderLMAdapter
     from rampup.models.llm import ModelConfig
 
@@ -260,7 +260,7 @@ def test_sampler_rows_split_disjointly_and_cover_a_bucket_epoch(data_cache, tmp_
     from test_curricula import bucket_tree
 
     from rampup.config import RunConfig
-    from rampup.distributed import Dist
+    from rampup.engine.distributed import Dist
     from rampup.engine.rundata import prepare_run
 
     tree = bucket_tree(data_cache, tmp_path / "run", train={"duration": "400 steps"})
@@ -331,7 +331,7 @@ def test_a_rank_killed_mid_run_restarts_and_finishes_with_the_uninterrupted_weig
 
 
 def test_sigterm_to_the_launcher_checkpoints_once_and_exits_cleanly(data_cache, tmp_path, two_ranks):
-    from rampup.engine.checkpoint import latest_checkpoint
+    from rampup.engine.checkpoint.format import latest_checkpoint
 
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "run.yaml", staged(data_cache, out, checkpoint_every=None))
@@ -350,7 +350,7 @@ def test_sigterm_to_the_launcher_checkpoints_once_and_exits_cleanly(data_cache, 
 def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(data_cache, tmp_path):
     """SIGTERM to rank 1 alone (a scheduler signalling one process): the ranks agree, rank 0 writes one
     checkpoint of the step they stop after, and the run resumes from it."""
-    from rampup.engine.checkpoint import latest_checkpoint
+    from rampup.engine.checkpoint.format import latest_checkpoint
 
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "run.yaml", staged(data_cache, out, checkpoint_every=None))
@@ -408,7 +408,7 @@ def test_context_parallel_on_gpus_names_what_stands_in_its_way(data_cache, tmp_p
     """A CPU run is refused for want of a CPU kernel; a config for CUDA is validated here without a GPU
     (the check reads the config, before any device), and each obstacle is named."""
     from rampup.config import RunConfig
-    from rampup.distributed import check_context_parallel
+    from rampup.engine.distributed import check_context_parallel
 
     t = tiny_tree(data_cache, tmp_path / "run", train={"device": "cuda", "context_parallel": 2})
     if value is not None:

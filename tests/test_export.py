@@ -28,10 +28,10 @@ def trained(data_cache, tmp_path, last):
 
 
 def ours(cfg, run):
-    from rampup.engine.checkpoint import latest_checkpoint, load_checkpoint
-    from rampup.knobs import KnobContext, KnobRunner
+    from rampup.engine.checkpoint.format import latest_checkpoint, load_checkpoint
+    from rampup.schedule.registry import KnobContext, KnobRunner
     from rampup.models.adapter import DecoderLMAdapter
-    from rampup.schedule import Schedule
+    from rampup.schedule.stages import Schedule
 
     a = DecoderLMAdapter.build(cfg.model)
     load_checkpoint(latest_checkpoint(run / "checkpoints"), a.module, None)
@@ -42,7 +42,7 @@ def ours(cfg, run):
 
 @pytest.mark.parametrize("kind", sorted(LAST_STAGE))
 def test_export_loads_in_transformers_with_equal_logits_and_greedy_tokens(data_cache, tmp_path, kind):
-    from rampup.export import export_hf
+    from rampup.tools.export import export_hf
 
     last, family = LAST_STAGE[kind]
     cfg, run = trained(data_cache, tmp_path, last)
@@ -68,7 +68,7 @@ def test_export_loads_in_transformers_with_equal_logits_and_greedy_tokens(data_c
 
 
 def test_export_rope_settings_are_the_last_stages(data_cache, tmp_path):
-    from rampup.export import export_hf
+    from rampup.tools.export import export_hf
 
     cfg, run = trained(data_cache, tmp_path, LAST_STAGE["llama_yarn"][0])
     out = export_hf(run, tmp_path / "hf", dtype="bfloat16")
@@ -83,7 +83,7 @@ def test_export_rope_settings_are_the_last_stages(data_cache, tmp_path):
 
 def test_export_refuses_what_it_cannot_write(data_cache, tmp_path):
     from rampup.errors import ConfigError
-    from rampup.export import hf_config
+    from rampup.tools.export import hf_config
 
     hybrid = RunConfig.model_validate(tiny_tree(data_cache, tmp_path / "x")).model
     from rampup.models.attention import AttentionSpec

@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import rampup_cmd, run_rampup, step_losses, tiny_tree, wait_for, weights, write_config
-from rampup.engine.checkpoint import latest_checkpoint, list_checkpoints, verify_checkpoint
+from rampup.engine.checkpoint.format import latest_checkpoint, list_checkpoints, verify_checkpoint
 from rampup.engine.faults import NAN_STEPS_ENV, STALL_STEPS_ENV
-from rampup.engine.metrics import read_metrics
+from rampup.engine.records import read_metrics
 
 pytestmark = pytest.mark.slow  # every test here trains real processes
 
@@ -254,7 +254,7 @@ def test_unparsable_checkpoints_set_aside_and_a_full_disk_while_writing_metrics(
     import hashlib
     import pickle
 
-    from rampup.engine.folders import MANIFEST
+    from rampup.engine.checkpoint.folders import MANIFEST
 
     cfg, out = killed_after_checkpoint(data_cache, tmp_path, 30)
     for step, name, data in ((30, "model.safetensors", pickle.dumps({"weights": list(range(1000))})),

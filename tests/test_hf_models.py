@@ -110,7 +110,7 @@ def test_mistral_windows_through_its_own_sliding_window():
         a.set_attention(AttentionSpec(kind="window"), 16)
         out = a.forward(Batch(x, x, {}))
         torch.testing.assert_close(out.head(out.hidden), full)
-        from rampup.tasks import CausalLM
+        from rampup.engine.tasks import CausalLM
 
         one_doc = CausalLM(-1, doc_mask=True).make_batch(x, x)  # no end-of-text: one document per row
         out = a.forward(one_doc)  # a given mask bypasses Mistral's own: the window is folded into it
@@ -165,12 +165,12 @@ def shipped(path, data_cache, out):
 
 
 def test_an_hf_run_exports_with_its_last_stages_rope(data_cache, tmp_path):
-    from rampup.engine.checkpoint import latest_checkpoint, load_checkpoint
+    from rampup.engine.checkpoint.format import latest_checkpoint, load_checkpoint
     from rampup.engine.trainer import train
-    from rampup.export import export_hf
-    from rampup.knobs import KnobContext, KnobRunner
+    from rampup.tools.export import export_hf
+    from rampup.schedule.registry import KnobContext, KnobRunner
     from rampup.models.build import build_adapter
-    from rampup.schedule import Schedule
+    from rampup.schedule.stages import Schedule
 
     cfg = shipped(SHIPPED[[p.stem for p in SHIPPED].index("gpt_neox_staged")], data_cache, tmp_path / "run")
     train(cfg)
@@ -249,7 +249,7 @@ def test_continued_pretraining_uses_the_models_own_tokenizer_and_eos(data_cache,
     assert ds.eot_id == tok.token_to_id("</s>") == 1 and ds.vocab_size == tok.get_vocab_size()
     assert all(int(ds.doc(i)[-1]) == 1 for i in range(ds.n_docs))  # every document ends with the model's eos
     assert summary["steps"] == 6
-    out = __import__("rampup.export", fromlist=["export_hf"]).export_hf(tmp_path / "run", tmp_path / "hf")
+    out = __import__("rampup.tools.export", fromlist=["export_hf"]).export_hf(tmp_path / "run", tmp_path / "hf")
     assert transformers.AutoTokenizer.from_pretrained(out).eos_token == "</s>"
 
 
@@ -295,7 +295,7 @@ def test_a_model_folder_without_a_fast_tokenizer_is_named(tmp_path):
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
 def test_document_masking_equals_each_document_alone(family):
     from rampup.data.packing import document_positions, segment_ids
-    from rampup.tasks import CausalLM
+    from rampup.engine.tasks import CausalLM
 
     a = HFCausalLMAdapter.from_config(FAMILIES[family])
     a.module.eval()

@@ -97,11 +97,11 @@ def test_continue_an_hf_model_past_its_positions_compare_before_and_after_and_sh
     assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<s>", "</s>", "<pad>") and tok.chat_template
     # the exported model's logits equal the last checkpoint's as rampup runs it (fp32)
     from rampup.config import RunConfig
-    from rampup.engine.checkpoint import latest_checkpoint, load_checkpoint
-    from rampup.knobs import KnobContext, KnobRunner
+    from rampup.engine.checkpoint.format import latest_checkpoint, load_checkpoint
+    from rampup.schedule.registry import KnobContext, KnobRunner
     from rampup.models.adapter import Batch
     from rampup.models.build import build_adapter
-    from rampup.schedule import Schedule
+    from rampup.schedule.stages import Schedule
 
     cfg = RunConfig.model_validate(yaml.safe_load((run / "config.yaml").read_text()))
     adapter = build_adapter(cfg.model)
@@ -118,7 +118,7 @@ def test_continue_an_hf_model_past_its_positions_compare_before_and_after_and_sh
     out = hf.generate(ids[:, :20], max_new_tokens=5, do_sample=False)
     assert out.shape == (1, 25)
     # and the export scores as the run did on its data
-    from rampup.longeval import evaluate_run
+    from rampup.tools.longeval import evaluate_run
 
     shipped = evaluate_run(tmp_path / "hf", data=run, lengths=[256], passkey_samples=0)
     assert shipped["loss"]["256"] == pytest.approx(after["loss"]["256"], rel=1e-4)

@@ -7,7 +7,7 @@ import pytest
 from conftest import tiny_tree
 from rampup.config import RunConfig
 from rampup.engine.loggers import scalars
-from rampup.engine.metrics import read_metrics
+from rampup.engine.records import read_metrics
 from rampup.engine.trainer import train
 
 

@@ -9,7 +9,7 @@ from conftest import run_rampup, tiny_tree, write_config
 from rampup.data import DataConfig, TokenizerConfig, prepare
 from rampup.data.prepare import load_prepared_tokenizer
 from rampup.errors import ConfigError
-from rampup.longeval import (
+from rampup.tools.longeval import (
     PasskeyTemplate,
     inject_passkeys,
     loss_by_position,
@@ -129,9 +129,9 @@ def test_rampup_eval_scores_a_windowed_run_with_its_window(data_cache, tmp_path)
     from rampup.data.dataset import TokenDataset
     from rampup.data.prepare import get_prepared
     from rampup.data.samplers import eval_windows
-    from rampup.engine.checkpoint import latest_checkpoint, load_checkpoint
+    from rampup.engine.checkpoint.format import latest_checkpoint, load_checkpoint
     from rampup.engine.trainer import evaluate, train
-    from rampup.longeval import evaluate_run
+    from rampup.tools.longeval import evaluate_run
     from rampup.models.llm import DecoderLM
 
     out = tmp_path / "run"

@@ -13,12 +13,12 @@ import torch.nn.functional as F
 from conftest import run_rampup, step_losses, tiny_tree, write_config
 from rampup.config import RunConfig
 from rampup.errors import ConfigError
-from rampup.memory import MemorySettings, apply_memory, estimate_step, parse_bytes
+from rampup.knobs.memory import MemorySettings, apply_memory, estimate_step, parse_bytes
 from rampup.models.adapter import Batch, DecoderLMAdapter
 from rampup.models.llm import ModelConfig
 from rampup.models.tiling import tiled_head_loss
-from rampup.precision import autocast
-from rampup.tasks import CausalLM
+from rampup.engine.precision import autocast
+from rampup.engine.tasks import CausalLM
 
 CPU = torch.device("cpu")
 SETTINGS = [MemorySettings(loss_shards=4), MemorySettings(mlp_shards=4), MemorySettings(activation_checkpoint="full"),
@@ -145,7 +145,7 @@ def test_offloaded_checkpoints_give_the_plain_gradients_on_cuda():
 def test_a_schedule_turns_techniques_on_for_its_long_stage_only(data_cache, tmp_path):
     """Checkpointing recomputes the same numbers: the run with it in its long stage trains bitwise like
     the run without; the techniques are on in that stage only, and are recorded with the stage."""
-    from rampup.engine.metrics import read_metrics
+    from rampup.engine.records import read_metrics
     from rampup.engine.trainer import Trainer
 
     plain = tiny_tree(data_cache, tmp_path / "plain", train={"duration": "12 steps", "checkpoint_every": None,
@@ -231,8 +231,8 @@ def _bench_cfg(limit=None, **model):
 
 
 def test_auto_turns_on_what_the_limit_needs_and_refuses_what_nothing_fits():
-    from rampup.knobs import KnobContext
-    from rampup.memory import check_auto, resolve
+    from rampup.schedule.registry import KnobContext
+    from rampup.knobs.memory import check_auto, resolve
 
     knobs = {"loss_shards": "auto", "mlp_shards": "auto", "activation_checkpoint": "auto"}
     cfg = _bench_cfg()
@@ -251,8 +251,8 @@ def test_auto_turns_on_what_the_limit_needs_and_refuses_what_nothing_fits():
 
 
 def test_plan_shows_each_stages_peak_memory_and_what_each_technique_buys(data_cache, tmp_path):
-    from rampup.plan import make_plan, plan_summary
-    from rampup.schedule import Schedule
+    from rampup.tools.plan import make_plan, plan_summary
+    from rampup.schedule.stages import Schedule
 
     tree = tiny_tree(data_cache, tmp_path, train={"precision": "fp32"})
     tree["model"]["vocab_size"] = 8192  # a vocabulary whose logits matter
@@ -273,7 +273,7 @@ def test_plan_shows_each_stages_peak_memory_and_what_each_technique_buys(data_ca
 @pytest.mark.slow
 def test_the_estimate_matches_measured_peaks_of_real_steps():
     """Within 15% of the peak RSS a real step adds to its process (children, malloc returning freed blocks)."""
-    from rampup.probe import run_trial
+    from rampup.tools.probe import run_trial
 
     cfg = _bench_cfg()
     for settings in (MemorySettings(), MemorySettings(loss_shards=8), MemorySettings(8, 8, "full")):
@@ -302,9 +302,9 @@ def test_probe_finds_longer_contexts_with_the_techniques_in_held_children(tmp_pa
 
 def test_auto_in_a_run_picks_per_stage_what_the_limit_needs(data_cache, tmp_path):
     """The short stage (1K tokens a step) fits plain; the long one (4K) only with tiled loss."""
-    from rampup.engine.metrics import read_metrics
+    from rampup.engine.records import read_metrics
     from rampup.engine.trainer import train
-    from rampup.memory import RUNTIME_ALLOWANCE, auto_levels, requested
+    from rampup.knobs.memory import RUNTIME_ALLOWANCE, auto_levels, requested
 
     tree = tiny_tree(data_cache, tmp_path / "run", train={"duration": "20K tok", "checkpoint_every": None,
                                                           "threads": 1, "precision": "fp32"}, log={"progress": "off"})

@@ -14,7 +14,7 @@ HOME = Path("/tmp/rampup_pre_layout_fixture")
 
 def test_pre_layout_checkpoint_resumes_bitwise(monkeypatch):
     from rampup.config import load_config
-    from rampup.engine.loop import Trainer
+    from rampup.engine.trainer import Trainer
 
     shutil.rmtree(HOME, ignore_errors=True)
     shutil.copytree(FIXTURE, HOME)

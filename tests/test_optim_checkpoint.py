@@ -8,7 +8,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from rampup.engine.checkpoint import (
+from rampup.engine.checkpoint.format import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -19,7 +19,7 @@ from rampup.engine.checkpoint import (
 )
 from rampup.errors import CheckpointDamaged, CheckpointError, NonFiniteError
 from rampup.models.llm import DecoderLM, ModelConfig
-from rampup.optim import OptimizerConfig, build_optimizer, lr_at
+from rampup.engine.optim import OptimizerConfig, build_optimizer, lr_at
 
 TOTAL = 1_000_000
 
@@ -90,9 +90,9 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
 _SAVE_SCRIPT = """
 import sys, torch
 from pathlib import Path
-from rampup.distributed import Dist
-from rampup.engine.checkpoint import save_checkpoint
-from rampup.engine.sharded import save_sharded
+from rampup.engine.distributed import Dist
+from rampup.engine.checkpoint.format import save_checkpoint
+from rampup.engine.checkpoint.sharded import save_sharded
 from rampup.errors import CheckpointWriteError
 torch.manual_seed(0)
 model = torch.nn.Linear(256, 256)
@@ -221,7 +221,7 @@ def test_incomplete_or_mismatched_checkpoint_is_a_named_error(tmp_path):
 def test_nothing_is_ever_unpickled():
     """Loading a checkpoint, a config or a dataset must not be able to run code: the source never
     calls a loader that unpickles (safetensors, JSON, yaml.safe_load and allow_pickle=False only). The
-    one pickle is DCP's index of a sharded checkpoint, read by rampup.engine.sharded's restricted
+    one pickle is DCP's index of a sharded checkpoint, read by rampup.engine.checkpoint.sharded's restricted
     unpickler (tested below)."""
     import re
     from pathlib import Path
@@ -245,8 +245,8 @@ class _Payload:
 
 
 def _sharded(tmp_path, step, model, opt, parts=None, keep=None):
-    from rampup.distributed import Dist
-    from rampup.engine.sharded import save_sharded
+    from rampup.engine.distributed import Dist
+    from rampup.engine.checkpoint.sharded import save_sharded
 
     return save_sharded(tmp_path, step, model, opt, {"progress": {"step": step}}, Dist(), keep=keep,
                         parts=parts or {})
@@ -256,7 +256,7 @@ def test_sharded_checkpoint_round_trip_is_exact_and_reads_like_the_single_file_f
     """torch.distributed.checkpoint in one process: weights, AdamW moments (keyed by name), parts and
     the RNG come back exactly; a tied weight is stored once; readers see the same tensors as in the
     single-file format."""
-    from rampup.engine.checkpoint import model_shapes, model_tensors
+    from rampup.engine.checkpoint.format import model_shapes, model_tensors
 
     model, opt = _trained()
     ema = {"ema.tok_emb.weight": torch.randn(64, 32)}
@@ -329,7 +329,7 @@ def test_the_index_of_a_sharded_checkpoint_cannot_run_code(tmp_path):
     import os
     import pickle
 
-    from rampup.engine.sharded import read_metadata
+    from rampup.engine.checkpoint.sharded import read_metadata
 
     model, opt = _trained()
     path = _sharded(tmp_path, 1, model, opt)

@@ -19,7 +19,7 @@ SLOW_BF16 = {"ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 RESOLVE = """
 import json, torch
-from rampup.precision import cpu_bf16_instructions, probe_cpu_bf16, resolve_precision
+from rampup.engine.precision import cpu_bf16_instructions, probe_cpu_bf16, resolve_precision
 p = resolve_precision("auto", "cpu")
 cpuid = cpu_bf16_instructions()  # without the instructions nothing is probed (nor cached): don't probe here either
 print(json.dumps({"auto": p.as_dict(), "cpuid": cpuid, "probe": probe_cpu_bf16() if cpuid else None}))
@@ -69,7 +69,7 @@ def test_the_probe_is_cached_per_machine(tmp_path):
 def test_explicit_choices_are_obeyed_and_unknown_ones_refused():
     from rampup.config import load_config
     from rampup.errors import ConfigError
-    from rampup.precision import resolve_precision
+    from rampup.engine.precision import resolve_precision
 
     assert resolve_precision("fp32", "cpu").precision == "fp32"
     assert resolve_precision("bf16", "cpu").precision == "bf16"

@@ -17,7 +17,7 @@ from rampup.errors import ConfigError, DataError
 def test_a_resume_on_another_corpus_is_refused(tmp_path):
     """Two files' contents swapped between stop and resume: the same document and token counts, another
     token stream. The sampler's state records the prepared data's checksums; the resume is refused."""
-    from rampup.engine.loop import Trainer
+    from rampup.engine.trainer import Trainer
 
     src = tmp_path / "docs"
     src.mkdir()
@@ -47,7 +47,7 @@ def test_a_resume_on_another_corpus_is_refused(tmp_path):
 
 
 def test_a_step_that_cannot_fit_is_refused_before_compute_and_plan_never_allocates_it(data_cache, tmp_path, capsys):
-    from rampup.engine.loop import Trainer
+    from rampup.engine.trainer import Trainer
 
     for batch in (10**12, 10**8):
         out = tmp_path / f"run{batch}"

@@ -9,7 +9,7 @@ import pytest
 
 from rampup.config import RunConfig, dump_config
 from rampup.errors import DataError
-from rampup.report import FIGURES, report_run, report_runs
+from rampup.tools.report import FIGURES, report_run, report_runs
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -8,8 +8,8 @@ from pydantic import ValidationError
 
 from rampup.config import load_config
 from rampup.errors import ConfigError, RampupError
-from rampup.knobs import KNOBS, Knob, Ramp, register_knob
-from rampup.schedule import Schedule, ScheduleConfig
+from rampup.schedule.registry import KNOBS, Knob, Ramp, register_knob
+from rampup.schedule.stages import Schedule, ScheduleConfig
 from rampup.units import Duration
 
 
@@ -48,7 +48,7 @@ def test_stages_carry_values_and_resolve_percentages():
                {"name": "c", "seq_len": {"from": 256, "to": 1024}}])
     assert [(x.name, x.start, x.end) for x in s.stages] == [("a", 0, 250_000), ("b", 250_000, 500_000),
                                                             ("c", 500_000, 1_000_000)]
-    from rampup.knobs import KNOBS
+    from rampup.schedule.registry import KNOBS
 
     at0 = s.at(0)
     assert {k: at0[k] for k in ("seq_len", "batch_tokens", "lr_mult")} == {"seq_len": 128, "batch_tokens": 8192,

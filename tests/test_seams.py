@@ -10,13 +10,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rampup.config import RunConfig
-from rampup.engine.checkpoint import latest_checkpoint
-from rampup.engine.metrics import read_metrics
+from rampup.engine.checkpoint.format import latest_checkpoint
+from rampup.engine.records import read_metrics
 from rampup.engine.trainer import RunData, train
 from rampup.errors import ConfigError
-from rampup.knobs import KNOBS, Knob, register_knob
+from rampup.schedule.registry import KNOBS, Knob, register_knob
 from rampup.models.adapter import Batch, ModelOutput
-from rampup.schedule import Schedule
+from rampup.schedule.stages import Schedule
 
 D, C, N_TRAIN, N_VAL = 16, 4, 2048, 512
 

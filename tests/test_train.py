@@ -9,8 +9,8 @@ import torch
 
 from conftest import rampup_cmd, run_rampup, step_losses, tiny_tree, wait_for, weights, write_config
 from rampup.config import RunConfig
-from rampup.engine.checkpoint import latest_checkpoint
-from rampup.engine.metrics import read_metrics
+from rampup.engine.checkpoint.format import latest_checkpoint
+from rampup.engine.records import read_metrics
 from rampup.engine.trainer import train, train_step
 from rampup.errors import ConfigError
 from rampup.models.llm import DecoderLM, ModelConfig
@@ -41,7 +41,7 @@ def test_steps_record_achieved_flops_against_the_roof_and_sampled_profiles_split
     """Every step: honest FLOPs per second and their share of this machine's matmul roof; every 8th
     (train.profile_every): torch.profiler's seconds in forward, backward, optimizer and host work.
     The report tabulates both per batch shape."""
-    from rampup.report import shape_profile, shape_table_rows
+    from rampup.tools.report import shape_profile, shape_table_rows
 
     recs = read_metrics(uninterrupted / "metrics.jsonl")
     run = next(r for r in recs if r["event"] == "run")
@@ -126,8 +126,8 @@ def test_init_from_starts_a_new_run_from_a_runs_weights_with_its_tokenizer(unint
     from tokenizers import Tokenizer, models
 
     from rampup.data.prepare import TOKENIZER, prepared_dir
-    from rampup.engine.checkpoint import model_tensors
-    from rampup.engine.loop import Trainer
+    from rampup.engine.checkpoint.format import model_tensors
+    from rampup.engine.trainer import Trainer
 
     tree = tiny_tree(data_cache, tmp_path / "more", train={"init_from": str(uninterrupted), "duration": "4 steps",
                                                           "checkpoint_every": None}, log={"progress": "off"})
@@ -249,8 +249,8 @@ def test_engine_follows_the_plan_step_by_step(uninterrupted):
     """What `rampup plan` prints is what training did: the same steps, shapes and learning rates."""
     import yaml
 
-    from rampup.plan import make_plan
-    from rampup.schedule import Schedule
+    from rampup.tools.plan import make_plan
+    from rampup.schedule.stages import Schedule
 
     cfg = RunConfig.model_validate(yaml.safe_load((uninterrupted / "config.yaml").read_text()))
     plan = make_plan(cfg, Schedule.build(cfg.schedule, total=cfg.train.duration))

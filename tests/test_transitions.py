@@ -12,7 +12,7 @@ from rampup.config import RunConfig
 from rampup.errors import ConfigError
 from rampup.models.adapter import DecoderLMAdapter
 from rampup.models.llm import ModelConfig
-from rampup.transitions import frozen_names, lr_multipliers, trainable_names
+from rampup.knobs.transitions import frozen_names, lr_multipliers, trainable_names
 
 
 def kill_after_checkpoints(cfg, out, steps):
@@ -130,7 +130,7 @@ def test_frozen_parameters_get_no_gradient_no_update_no_decay_and_stay_in_the_op
 
 
 def test_optimizer_state_is_reset_at_the_boundary_as_asked(data_cache, tmp_path):
-    from rampup.transitions import parameter_names
+    from rampup.knobs.transitions import parameter_names
 
     for policy in ("keep", "reset", "reset_new"):
         t = _run(data_cache, tmp_path / policy, s0={"freeze": "bottom:1"},
@@ -203,7 +203,7 @@ def test_killed_around_a_transition_resumes_bitwise(data_cache, tmp_path):
 # ----------------------------------------------------------------------------- EMA
 
 def test_ema_follows_its_half_life_in_tokens():
-    from rampup.ema import EMA
+    from rampup.knobs.ema import EMA
     from rampup.units import Duration
 
     m = torch.nn.Linear(3, 2)
@@ -226,8 +226,8 @@ def test_ema_is_checkpointed_evaluated_resumed_bitwise_and_exported(data_cache, 
 
     from safetensors.torch import load_file
 
-    from rampup.engine.checkpoint import latest_checkpoint
-    from rampup.engine.metrics import read_metrics
+    from rampup.engine.checkpoint.format import latest_checkpoint
+    from rampup.engine.records import read_metrics
 
     def tree(out):
         return short_tree(data_cache, out, train={"checkpoint_every": "5 steps",
@@ -254,7 +254,7 @@ def test_ema_is_checkpointed_evaluated_resumed_bitwise_and_exported(data_cache, 
     b = load_file(tmp_path / "hf_raw" / "model.safetensors")
     name = "model.layers.0.mlp.up_proj.weight"
     assert torch.equal(a[name], parts[0]["ema/layers.0.mlp.w3.weight"]) and not torch.equal(a[name], b[name])
-    from rampup.ema import load_ema_weights
+    from rampup.knobs.ema import load_ema_weights
 
     with pytest.raises(ConfigError, match="holds no EMA weights"):  # a checkpoint of a run without train.ema
         load_ema_weights(torch.nn.Linear(2, 2), {}, "step_0000040")
@@ -269,10 +269,10 @@ def test_progressive_self_distillation_is_the_soft_target_cross_entropy(tied):
 
     import torch.nn.functional as F
 
-    from rampup.distill import DistillTask
-    from rampup.memory import MemorySettings, apply_memory
+    from rampup.knobs.distill import DistillTask
+    from rampup.knobs.memory import MemorySettings, apply_memory
     from rampup.models.adapter import Batch
-    from rampup.tasks import CausalLM
+    from rampup.engine.tasks import CausalLM
 
     a = 0.3
     teacher = copy.deepcopy(tied)
@@ -317,7 +317,7 @@ def test_a_previous_stage_teacher_changes_training_and_resumes_bitwise(data_cach
 
     from safetensors.torch import load_file
 
-    from rampup.engine.checkpoint import latest_checkpoint
+    from rampup.engine.checkpoint.format import latest_checkpoint
 
     ref = write_config(tmp_path / "ref.yaml", _teacher_tree(data_cache, tmp_path / "ref"))
     out = tmp_path / "run"
@@ -368,8 +368,8 @@ def test_bad_teachers_are_named_before_compute(data_cache, tmp_path):
 
 
 def test_plan_shows_trainable_parameters_teacher_cost_and_backward_saved(data_cache, tmp_path):
-    from rampup.plan import make_plan, plan_summary
-    from rampup.schedule import Schedule
+    from rampup.tools.plan import make_plan, plan_summary
+    from rampup.schedule.stages import Schedule
 
     tree = _teacher_tree(data_cache, tmp_path)
     tree["schedule"]["stages"][0]["freeze"] = "bottom:1"
@@ -392,7 +392,7 @@ def test_hidden_state_distillation_from_a_narrower_run_through_a_learned_project
     resumed run equals the uninterrupted one."""
     from safetensors.torch import load_file
 
-    from rampup.engine.checkpoint import latest_checkpoint
+    from rampup.engine.checkpoint.format import latest_checkpoint
     from rampup.engine.trainer import Trainer
 
     small = tiny_tree(data_cache, tmp_path / "teacher", train={"duration": "8 steps", "checkpoint_every": None})
@@ -432,8 +432,8 @@ def test_hidden_state_distillation_from_a_narrower_run_through_a_learned_project
 def test_zero_growth_preserves_the_function_and_stacking_copies_blocks(tied):
     import copy
 
-    from rampup.growth import grow
-    from rampup.optim import OptimizerConfig, build_optimizer
+    from rampup.knobs.growth import grow
+    from rampup.engine.optim import OptimizerConfig, build_optimizer
 
     x = torch.randint(0, 512, (2, 32))
     for method in ("zero", "stack"):
@@ -467,7 +467,7 @@ def test_zero_growth_preserves_the_function_and_stacking_copies_blocks(tied):
 def test_a_run_grown_deeper_and_wider_mid_way_resumes_into_the_grown_model_and_exports(data_cache, tmp_path):
     """Stage 1 stacks two more blocks, widens the MLPs and doubles the residual stream; killed before the
     growth (the resume grows), right after it and at a seeded random step (the resume builds the grown model)."""
-    from rampup.engine.metrics import read_metrics
+    from rampup.engine.records import read_metrics
 
     def tree(out):
         t = short_tree(data_cache, out, eval={"every": f"{B} steps"})  # an evaluation at the boundary: growth waits for the step
@@ -502,8 +502,8 @@ def test_a_run_grown_deeper_and_wider_mid_way_resumes_into_the_grown_model_and_e
 def test_ema_follows_a_model_that_grows(tied):
     import copy
 
-    from rampup.ema import EMA
-    from rampup.growth import grow
+    from rampup.knobs.ema import EMA
+    from rampup.knobs.growth import grow
     from rampup.units import Duration
 
     a = copy.deepcopy(tied)
@@ -518,7 +518,7 @@ def test_ema_follows_a_model_that_grows(tied):
 # ----------------------------------------------------------------------------- sub-networks
 
 def test_an_extracted_subnetwork_computes_what_it_did_inside_the_full_model(tied):
-    from rampup.subnets import active, draw, extract
+    from rampup.knobs.subnets import active, draw, extract
 
     x = torch.randint(0, 512, (2, 24))
     with torch.no_grad():
@@ -553,8 +553,8 @@ def test_subnetwork_training_resumes_bitwise_and_exports_a_chosen_subnetwork(dat
     assert step_losses(out) == a and weights(out) == weights(tmp_path / "ref")
     res = run_rampup("export", str(out), str(tmp_path / "hf"), "--subnet", "depth=1,mlp=0.5")
     assert res.returncode == 0, res.stderr
-    from rampup.engine.checkpoint import latest_checkpoint, load_checkpoint
-    from rampup.subnets import active
+    from rampup.engine.checkpoint.format import latest_checkpoint, load_checkpoint
+    from rampup.knobs.subnets import active
 
     adapter = DecoderLMAdapter.build(RunConfig.model_validate(tree(out)).model)
     load_checkpoint(latest_checkpoint(out / "checkpoints"), adapter.module, None)
@@ -572,8 +572,8 @@ def test_subnetwork_training_resumes_bitwise_and_exports_a_chosen_subnetwork(dat
 def test_net2net_mlp_widening_preserves_the_function(tied):
     import copy
 
-    from rampup.growth import widen_mlp
-    from rampup.optim import OptimizerConfig, build_optimizer
+    from rampup.knobs.growth import widen_mlp
+    from rampup.engine.optim import OptimizerConfig, build_optimizer
 
     x = torch.randint(0, 512, (2, 32))
     a = copy.deepcopy(tied)
@@ -652,8 +652,8 @@ def test_residual_width_growth_preserves_the_function(tie, kv_heads):
     noise breaks the copies' symmetry, and a width that is not a whole multiple is refused."""
     import copy
 
-    from rampup.growth import grow, widen_model
-    from rampup.optim import OptimizerConfig, build_optimizer
+    from rampup.knobs.growth import grow, widen_model
+    from rampup.engine.optim import OptimizerConfig, build_optimizer
 
     torch.manual_seed(0)
     a = DecoderLMAdapter.build(ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=kv_heads,
@@ -695,8 +695,8 @@ def test_residual_width_growth_preserves_the_function(tie, kv_heads):
 def test_the_memory_estimate_holds_the_teacher(data_cache, tmp_path):
     """A teaching step's traced peak adds the teacher's weights and, at least, its full fp32 logits; tiling
     the loss tiles the teacher's logits too."""
-    from rampup.memory import MemorySettings, estimate_step
-    from rampup.schedule import Schedule
+    from rampup.knobs.memory import MemorySettings, estimate_step
+    from rampup.schedule.stages import Schedule
 
     cfg = RunConfig.model_validate(tiny_tree(data_cache, tmp_path))
     knobs = dict(Schedule.build(cfg.schedule, total=cfg.train.duration).at(0))
@@ -715,10 +715,10 @@ def test_subnetwork_loss_tiled_equals_untiled(tied):
     head: the same loss and gradients as untiled."""
     import copy
 
-    from rampup.memory import MemorySettings, apply_memory
+    from rampup.knobs.memory import MemorySettings, apply_memory
     from rampup.models.adapter import Batch
-    from rampup.subnets import SubnetTask
-    from rampup.tasks import CausalLM
+    from rampup.knobs.subnets import SubnetTask
+    from rampup.engine.tasks import CausalLM
 
     x, y = torch.randint(0, 512, (2, 32)), torch.randint(0, 512, (2, 32))
     results = []

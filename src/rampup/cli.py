@@ -41,9 +41,8 @@ def _load(args: argparse.Namespace):
 def cmd_prepare(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from rampup.data.prepare import describe_prepared, get_prepared, read_meta
-
     from rampup.data.buckets import get_buckets
+    from rampup.data.prepare import describe_prepared, get_prepared, read_meta
 
     cfg = _load(args)
     path = get_prepared(cfg.data)
@@ -70,8 +69,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from rampup.data.prepare import prepared_dir
-    from rampup.plan import make_plan, memory_warnings, plot_plan, print_plan
-    from rampup.schedule import Schedule
+    from rampup.schedule.stages import Schedule
+    from rampup.tools.plan import make_plan, memory_warnings, plot_plan, print_plan
 
     if not args.time_budget > 0:
         raise ConfigError(f"--time-budget {args.time_budget:g}: give a positive number of seconds (or --no-time)")
@@ -87,8 +86,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print_plan(plan, cfg, console)
     too_big = memory_warnings(plan, cfg)
     if (prepared / "meta.json").is_file():
-        from rampup.calibrate import corpus_stats, print_corpus_stats
         from rampup.data.prepare import corpus_warnings, read_meta
+        from rampup.tools.calibrate import corpus_stats, print_corpus_stats
 
         print_corpus_stats(corpus_stats(TokenDataset.open(prepared, "train", verify=False).doc_lengths,
                                         plan.baseline_seq_len), console)
@@ -102,7 +101,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for w in too_big + warnings:
         console.print(f"[yellow]warning:[/] {w}", highlight=False)
     if not args.no_time:
-        from rampup.calibrate import Calibrator, estimate_time, print_time_estimate
+        from rampup.tools.calibrate import (
+            Calibrator,
+            estimate_time,
+            print_time_estimate,
+        )
 
         shapes = list(zip(plan.curve["batch_size"], plan.curve["seq_len"]))
         cal = Calibrator(cfg, budget=args.time_budget, recalibrate=args.recalibrate,
@@ -131,8 +134,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
     from rich.table import Table
 
-    from rampup.memory import check_static_fits, format_bytes, parse_bytes
-    from rampup.probe import probe
+    from rampup.knobs.memory import check_static_fits, format_bytes, parse_bytes
+    from rampup.tools.probe import probe
 
     cfg = _load(args)
     limit = parse_bytes(args.memory_limit, "--memory-limit")
@@ -195,12 +198,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise ConfigError(f"--nproc {args.nproc}: give the number of processes, 1 or more")
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:  # this process becomes torchrun
-        from rampup.distributed import launch
+        from rampup.engine.distributed import launch
 
         return launch(_without(sys.argv[1:], ("--nproc", "--max-restarts")), args.nproc, args.max_restarts)
     resume = args.resume
     if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0:  # torchrun restarted the job after a failure
-        from rampup.engine.checkpointer import LocalCheckpointer
+        from rampup.engine.checkpoint.local import LocalCheckpointer
 
         resume = resume or LocalCheckpointer(cfg.resolved_out_dir() / "checkpoints", keep=1).latest() is not None
     summary = train(cfg, resume=resume, display_mode=args.progress)
@@ -223,16 +226,22 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from rampup.demo import run_demo
+    from rampup.tools.demo import run_demo
 
     run_demo(args.configs, quick=args.quick, overrides=args.set or [], console=console)
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from rampup.compare import comparison_table, compare_runs, print_comparison, run_and_compare, write_comparison
     from rampup.errors import ConfigError
-    from rampup.report import report_runs
+    from rampup.tools.compare import (
+        compare_runs,
+        comparison_table,
+        print_comparison,
+        run_and_compare,
+        write_comparison,
+    )
+    from rampup.tools.report import report_runs
 
     out = Path(args.out)
     if args.run:
@@ -253,7 +262,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from rampup.report import report_run
+    from rampup.tools.report import report_run
 
     html = report_run(Path(args.run_dir), Path(args.out) if args.out else None)
     console.print(f"report: {html}")
@@ -263,7 +272,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from rampup.longeval import evaluate_run, write_eval
+    from rampup.tools.longeval import evaluate_run, write_eval
 
     r = evaluate_run(args.path, lengths=args.lengths, passkey_samples=args.passkey_samples,
                      max_tokens=args.max_tokens, windows=args.windows, seed=args.seed, data=args.data)
@@ -291,7 +300,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from rampup.export import export_hf
+    from rampup.tools.export import export_hf
 
     out = export_hf(args.path, args.out_dir, dtype=args.dtype, ema=args.ema, subnet=args.subnet)
     console.print(f"exported {args.path} as a Hugging Face model: {out} "
@@ -303,7 +312,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     from pydantic import BaseModel
 
     from rampup.config import RunConfig
-    from rampup.knobs import KNOBS
+    from rampup.schedule.registry import KNOBS
 
     def walk(cls: type[BaseModel], prefix: str) -> None:
         for name, field in cls.model_fields.items():
@@ -449,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                     help="dtype of the written weights (default float32)")
     sp.add_argument("--subnet", metavar="depth=D,mlp=F", help="export the sub-network of the lowest D blocks "
-                    "with the first F of each MLP's units (rampup.subnets)")
+                    "with the first F of each MLP's units (rampup.knobs.subnets)")
     sp.add_argument("--ema", action="store_true", help="export the run's EMA weights (train.ema) instead of the raw ones")
     sp.set_defaults(fn=cmd_export)
     sp = sub.add_parser("config", help="list every config key with its default and meaning")

@@ -15,12 +15,12 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from rampup.configbase import Section, choice
 from rampup.data.config import DataConfig
-from rampup.ema import EMAConfig
 from rampup.engine.faults import NonFiniteConfig
+from rampup.engine.optim import OptimizerConfig
 from rampup.errors import ConfigError, did_you_mean
+from rampup.knobs.ema import EMAConfig
 from rampup.models.llm import ModelConfig
-from rampup.optim import OptimizerConfig
-from rampup.schedule import ScheduleConfig
+from rampup.schedule.stages import ScheduleConfig
 from rampup.units import Duration, Unit
 
 
@@ -90,7 +90,7 @@ class TrainConfig(Section):
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         if self.memory_limit is not None:
-            from rampup.memory import parse_bytes
+            from rampup.units import parse_bytes
 
             parse_bytes(self.memory_limit, "train.memory_limit")
         if self.micro_batch_tokens is not None and self.micro_batch_tokens < 1:
@@ -189,11 +189,11 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _cross_check(self) -> RunConfig:
-        from rampup.knobs import check_knobs
+        from rampup.schedule.registry import check_knobs
 
         tok = self.data.tokenizer
         if self.train.init_from is not None:
-            from rampup.initfrom import check_tokenizer
+            from rampup.engine.initfrom import check_tokenizer
 
             check_tokenizer(self)  # the source's tokenizer, or a named refusal of another one
         if self.model.source == "hf" and self.model.path is not None and tok.path is None:
@@ -263,8 +263,8 @@ def _section_class(annotation: Any) -> type[BaseModel] | None:
 
 
 def _valid_keys(loc: tuple[Any, ...]) -> list[str]:
-    from rampup.knobs import KNOBS
-    from rampup.schedule import ScheduleConfig, StageConfig
+    from rampup.schedule.registry import KNOBS
+    from rampup.schedule.stages import ScheduleConfig, StageConfig
 
     cls: Any = RunConfig
     for part in loc:

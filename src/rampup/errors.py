@@ -21,7 +21,6 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
-
 EXIT_ERROR = 2
 EXIT_NONFINITE = 3
 EXIT_CHECKPOINT_WRITE = 4

@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import GetCoreSchemaHandler
 from pydantic_core import core_schema
 
-from rampup.errors import DurationError, did_you_mean
+from rampup.errors import ConfigError, DurationError, did_you_mean
 
 
 class Unit(str, enum.Enum):
@@ -143,3 +143,31 @@ def format_tokens(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.3g}{suffix}"
     return f"{n:.0f}"
+
+
+_UNITS = {"": None, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20, "gi": 2**30,
+          "gib": 2**30, "ti": 2**40, "tib": 2**40}
+
+
+def parse_bytes(value: Any, what: str = "a memory size") -> int:
+    """'8GiB', '512 MiB', '16GB', '1.5Gi' -> bytes (binary Ki/Mi/Gi, decimal K/M/G); a unit is required."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"{what} must be a size such as '8GiB', got {value!r}")
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+    unit = _UNITS.get(m.group(2).lower(), "bad") if m else "bad"
+    if unit is None or isinstance(value, (int, float)):
+        raise ConfigError(f"{what} {value!r} has no unit; write it with one, e.g. '8GiB' or '512MiB'")
+    if unit == "bad":
+        raise ConfigError(f"{what} {value!r} is not a size; write e.g. '8GiB', '512MiB' or '16GB'")
+    n = int(float(m.group(1)) * unit)
+    if n <= 0:
+        raise ConfigError(f"{what} must be positive, got {value!r}")
+    return n
+
+
+def format_bytes(n: float) -> str:
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.0f} B"

@@ -29,7 +29,6 @@ import torch
 from rampup.data.buckets import BucketSet
 from rampup.data.dataset import check_sampler_state
 from rampup.errors import ConfigError, DataError, did_you_mean
-from rampup.knobs import Knob, register_knob
 
 
 def check_context(seq_len: int, min_log2: int, max_log2: int) -> None:
@@ -41,7 +40,6 @@ def check_context(seq_len: int, min_log2: int, max_log2: int) -> None:
                           "your target context")
 
 
-# ----------------------------------------------------------------------------- the bucket_odds knob
 BUCKET_ODDS_PRESETS = ("uniform", "grow-linear", "grow-p2", "shrink-linear", "shrink-p2")
 """Named odds over length buckets, shortest bucket first (Dataset Decomposition, TECHNIQUES A1):
 grow-* favour short buckets (6,5,4,... or 32,16,8,...), so each cycle grows from short to long;
@@ -77,22 +75,6 @@ def bucket_odds_weights(odds: Any, n_buckets: int) -> "np.ndarray":
             "grow-p2": 2.0 ** (n_buckets - 1 - i),
             "shrink-linear": i + 1,
             "shrink-p2": 2.0 ** i}[odds]
-
-
-def _only_for_buckets(cfg) -> None:
-    from rampup.knobs import knob_keys_set
-
-    if "bucket_odds" in knob_keys_set(cfg.schedule) and cfg.data.sampler != "buckets":
-        raise ValueError("the schedule sets bucket_odds, which only the buckets sampler uses; set "
-                         "data.sampler: buckets or remove bucket_odds")
-
-
-# no apply: the bucket sampler reads the odds of each step itself (BucketSampler.take)
-register_knob(Knob("bucket_odds", "Odds of drawing each length bucket (data.sampler: buckets): "
-                   f"{', '.join(BUCKET_ODDS_PRESETS)}, or a list, shortest bucket first.",
-                   default="uniform", rampable=False, check=_check_bucket_odds, check_config=_only_for_buckets))
-
-
 
 
 class BucketCurriculum:

@@ -34,9 +34,17 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from rampup.data.config import DataConfig
-from rampup.data.corpus import BINARY_SNIFF, READABLE_SHARE, STDLIB, CorpusStats, iter_documents, resolve_source
+from rampup.data.corpus import (
+    BINARY_SNIFF,
+    READABLE_SHARE,
+    STDLIB,
+    CorpusStats,
+    iter_documents,
+    resolve_source,
+)
 from rampup.data.tokenizer import EOT, eot_id, load_tokenizer, train_tokenizer
 from rampup.errors import DataError
+from rampup.units import format_bytes
 
 FORMAT_VERSION = 2  # 2: shard and index checksums in meta.json
 SPLITS = ("train", "val")
@@ -339,8 +347,6 @@ class _SplitWriter:
 def unprepared_warnings(cfg: DataConfig, budget_tokens: int) -> list[str]:
     """:func:`corpus_warnings` before the corpus is prepared, from its files alone: a byte-level
     tokenizer's token is at least one byte, so the readable bytes bound the corpus's tokens."""
-    from rampup.memory import format_bytes
-
     files = resolve_source(cfg.source, cfg.max_files, cfg.split)
     readable, total, binary = 0, 0, []
     for f in files:
@@ -380,8 +386,6 @@ def describe_prepared(meta: dict) -> list[str]:
 def corpus_warnings(meta: dict, *, budget_tokens: int | None = None, sampler: str | None = None) -> list[str]:
     """What is worth a warning about a prepared corpus: most of its bytes skipped as unreadable, and
     (given the run's token budget and sampler) a corpus that the run would repeat many times."""
-    from rampup.memory import format_bytes
-
     out = []
     total, skipped = meta.get("bytes_total", 0), meta.get("bytes_skipped", 0)
     if total and (total - skipped) < READABLE_SHARE * total:

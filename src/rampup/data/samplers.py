@@ -15,33 +15,17 @@ whole state is a few integers (JSON-serialisable, see ``state_dict``) and never 
 """
 from __future__ import annotations
 
-from typing import Callable, Protocol, runtime_checkable
+from typing import Callable
 
 import numpy as np
 import torch
 
 from rampup.data.bucket_sampler import BucketSampler, check_context
 from rampup.data.buckets import get_buckets
-from rampup.data.dataset import TokenDataset, check_sampler_state as _check_fingerprint
+from rampup.data.dataset import TokenDataset
+from rampup.data.dataset import check_sampler_state as _check_fingerprint
 from rampup.errors import ConfigError, DataError, did_you_mean
-
-
-@runtime_checkable
-class Sampler(Protocol):
-    """What the engine needs from a sampler."""
-
-    epoch: int
-    tokens_served: int
-
-    def take(self, sp) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch of one schedule step (a StepPlan): (x, y), both (B, T) int64, with y[:, t]
-        the token after x[:, t]. B and T are the step's, except for the buckets sampler, which
-        draws T from its buckets and serves batch_tokens / T rows."""
-        ...
-
-    def state_dict(self) -> dict: ...
-
-    def load_state_dict(self, state: dict) -> None: ...
+from rampup.protocols import Sampler
 
 
 def _doc_order(n_docs: int, seed: int, epoch: int) -> np.ndarray:

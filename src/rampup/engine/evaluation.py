@@ -11,10 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import numpy as np
 import torch
 
+from rampup.data.passkey import PasskeyTemplate, passkey_example
+from rampup.engine.precision import autocast
 from rampup.models.adapter import ModelAdapter
-from rampup.precision import autocast
 
 
 @torch.no_grad()
@@ -61,3 +63,49 @@ def evaluate_lengths(adapter: ModelAdapter, task, runner, knobs: dict[str, Any],
     finally:
         runner.restore(saved)
     return losses
+
+
+@torch.no_grad()
+def _logits(model, x: torch.Tensor) -> torch.Tensor:
+    """Logits of a ModelAdapter (hidden states through its head) or of a module returning them."""
+    if hasattr(model, "head") and hasattr(model, "module"):
+        from rampup.models.adapter import Batch
+
+        out = model.forward(Batch(x, x, {}))
+        return out.head(out.hidden)
+    return model(x)
+
+
+def passkey_accuracy(model, template: PasskeyTemplate, stream: np.ndarray,
+                     lengths: list[int], depths: list[float], samples: int, *, seed: int = 0,
+                     precision: str = "auto") -> dict[int, dict[float, float]]:
+    """{length: {depth: fraction of examples whose every key token is the model's argmax}}.
+
+    Filler windows are drawn from ``stream`` (held-out tokens) at random offsets; the same seed gives
+    the same examples, so runs are compared on identical questions.
+    """
+    from rampup.engine.precision import autocast
+
+    module = model.module if hasattr(model, "module") else model  # an adapter or a plain module
+    was_training = module.training
+    module.eval()
+    device = next(module.parameters()).device
+    rng = np.random.default_rng(seed)
+    out: dict[int, dict[float, float]] = {}
+    for T in lengths:
+        out[T] = {}
+        for depth in depths:
+            rows, n_ans = [], []
+            for _ in range(samples):
+                start = int(rng.integers(0, max(1, len(stream) - T - 1)))
+                ex, n = passkey_example(stream[start:start + T + 1], T, depth, int(rng.integers(10000, 99999)),
+                                        template)
+                rows.append(ex)
+                n_ans.append(n)
+            batch = torch.from_numpy(np.stack(rows)).to(device)  # (S, T + 1)
+            with autocast(device, precision):
+                pred = _logits(model, batch[:, :-1]).argmax(-1)  # (S, T)
+            hits = [bool((pred[i, T - n:] == batch[i, T + 1 - n:]).all()) for i, n in enumerate(n_ans)]
+            out[T][depth] = sum(hits) / len(hits)
+    module.train(was_training)
+    return out

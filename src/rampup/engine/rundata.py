@@ -5,13 +5,25 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
-from rampup.config import RunConfig
+from rampup.data.bucket_sampler import check_context, plan_buckets
+from rampup.data.buckets import get_buckets
+from rampup.data.dataset import TokenDataset
+from rampup.data.passkey import PasskeyTemplate
+from rampup.data.prepare import (
+    corpus_warnings,
+    get_prepared,
+    load_prepared_tokenizer,
+    read_meta,
+)
+from rampup.data.samplers import EVAL_WINDOWS, sampler_for_run
 from rampup.engine.evaluation import window_batches
 from rampup.errors import ConfigError, DataError
-from rampup.knobs import graph_id
-from rampup.schedule import Schedule
+from rampup.protocols import RunSettings
+from rampup.schedule.registry import check_knobs, graph_id
+from rampup.schedule.stages import Schedule
 
 
 @dataclass
@@ -31,27 +43,30 @@ class RunData:
     train_ds: Any = None
     val_ds: Any = None
     eot_id: int | None = None
-    auto_memory_steps: list[tuple[dict[str, Any], int, int]] = field(default_factory=list)
-    """(knobs, rows, seq_len) of each distinct step shape whose memory knobs say ``auto`` (rampup.memory)."""
+    step_shapes: list[tuple[int, int]] = field(default_factory=list)
+    """(global rows, seq_len) of every training step, in order (the buckets sampler's draws, walked dry)."""
     shapes: set[tuple[int, int]] = field(default_factory=set)
     """Every distinct (global rows, seq_len) of a training step."""
     step_knobs: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)
     """The knobs of the first step of each distinct (global rows, seq_len): its memory is checked before any step."""
     warnings: list[str] = field(default_factory=list)
     """What the run prints as warnings at its start (a corpus mostly skipped, or repeated many times)."""
+    _passkey: PasskeyTemplate | None = field(default=None, repr=False)
+    _stream: np.ndarray | None = field(default=None, repr=False)
 
-    def passkey_template(self):
-        from rampup.data.prepare import load_prepared_tokenizer
-        from rampup.longeval import PasskeyTemplate
-
+    def passkey_template(self) -> PasskeyTemplate:
+        """The passkey pieces for the run's tokenizer (built once)."""
         if self.train_ds is None:
             raise ConfigError("passkey examples need a token corpus and its tokenizer (data.source)")
-        return PasskeyTemplate(load_prepared_tokenizer(self.train_ds.folder))
+        if self._passkey is None:
+            self._passkey = PasskeyTemplate(load_prepared_tokenizer(self.train_ds.folder))
+        return self._passkey
 
-    def passkey_stream(self):
-        import numpy as np
-
-        return np.concatenate([self.val_ds.doc(i) for i in range(self.val_ds.n_docs)])
+    def passkey_stream(self) -> np.ndarray:
+        """The validation split as one token stream: passkey filler (built once)."""
+        if self._stream is None:
+            self._stream = np.concatenate([self.val_ds.doc(i) for i in range(self.val_ds.n_docs)])
+        return self._stream
 
 
 RunInputs = RunData  # the name before the data seam
@@ -62,7 +77,7 @@ def micro_shapes(rows: int, seq_len: int, micro_batch_tokens: int | None) -> set
     return {(per, seq_len)} | ({(rows % per, seq_len)} if rows % per else set())
 
 
-def check_graphs(cfg: RunConfig, graphs: set[tuple]) -> None:
+def check_graphs(cfg: RunSettings, graphs: set[tuple]) -> None:
     if cfg.train.compile and len(graphs) > cfg.train.compile_max_graphs:
         raise ConfigError(
             f"train.compile: the run needs {len(graphs)} compiled graphs (distinct batch shapes, and knob "
@@ -72,13 +87,8 @@ def check_graphs(cfg: RunConfig, graphs: set[tuple]) -> None:
             "multiple_of), step the window, raise compile_max_graphs, or turn compile off")
 
 
-def prepare_run(cfg: RunConfig) -> RunData:
+def prepare_run(cfg: RunSettings) -> RunData:
     """Everything that can fail on bad input, done before any training compute."""
-    from rampup.data.dataset import TokenDataset
-    from rampup.data.prepare import corpus_warnings, get_prepared, read_meta
-    from rampup.data.samplers import EVAL_WINDOWS, sampler_for_run
-    from rampup.plan import step_shapes
-
     prepared = get_prepared(cfg.data)
     train_ds = TokenDataset.open(prepared, "train", verify=cfg.data.verify_checksums)
     val_ds = TokenDataset.open(prepared, "val", verify=cfg.data.verify_checksums)
@@ -92,22 +102,34 @@ def prepare_run(cfg: RunConfig) -> RunData:
             raise DataError(f"the validation split has {val_ds.n_tokens} tokens, too few for eval at seq_len {n}; "
                             "raise data.val_fraction or lower eval.seq_lens")
     sampler = sampler_for_run(cfg.data, train_ds, cfg.train.seed, schedule)
-    from rampup.memory import _is_auto, requested
-
     graphs: set[tuple] = set()
-    shapes: set[tuple[int, int]] = set()
     step_knobs: dict[tuple[int, int], dict[str, Any]] = {}
-    auto: dict[tuple, tuple[dict[str, Any], int, int]] = {}
-    for sp, (rows, seq_len) in zip(schedule.steps(), step_shapes(cfg, schedule)):  # buckets: the draws, dry
+    every = step_shapes(cfg, schedule)  # buckets: the draws, walked dry
+    for sp, (rows, seq_len) in zip(schedule.steps(), every):
         graphs |= {graph_id(sp.knobs, s) for s in micro_shapes(rows, seq_len, cfg.train.micro_batch_tokens)}
-        shapes.add((rows, seq_len))
         step_knobs.setdefault((rows, seq_len), sp.knobs)
-        mem = requested(sp.knobs)
-        if _is_auto(mem):
-            auto.setdefault((mem, rows, seq_len), (sp.knobs, rows, seq_len))
     check_graphs(cfg, graphs)
     make_windows = EVAL_WINDOWS[cfg.eval.windows]
     eval_sets = {n: window_batches(make_windows(val_ds, n, cfg.eval.max_tokens)) for n in eval_lens}
     warnings = corpus_warnings(read_meta(prepared), budget_tokens=schedule.total_tokens, sampler=cfg.data.sampler)
-    return RunData(schedule, sampler, eval_sets, graphs, train_ds, val_ds, train_ds.eot_id, list(auto.values()), shapes,
+    return RunData(schedule, sampler, eval_sets, graphs, train_ds, val_ds, train_ds.eot_id, every, set(step_knobs),
                    step_knobs, warnings)
+
+
+def step_shapes(cfg: RunSettings, schedule: Schedule) -> list[tuple[int, int]]:
+    """(rows, seq_len) of every step as the sampler will serve it.
+
+    For the buckets sampler that needs the bucket counts (the corpus is prepared and decomposed if
+    it is not yet) and walks the sampler's own draws dry, so a curriculum whose buckets run dry or
+    whose odds do not fit the buckets fails here, before any compute.
+    """
+    check_knobs(cfg, schedule)  # every knob's plan-time checks (windows within their sequences, ...)
+    if cfg.data.sampler != "buckets":
+        return [(sp.batch_size, sp.seq_len) for sp in schedule.steps()]
+    b = cfg.data.buckets
+    check_context(int(schedule.max_knob("seq_len")), b.min_log2, b.max_log2)
+    prepared = get_prepared(cfg.data)
+    train_ds = TokenDataset.open(prepared, "train", verify=cfg.data.verify_checksums)
+    counts = get_buckets(prepared, b.min_log2, b.max_log2, train_ds).counts()
+    draws = plan_buckets(counts, schedule, seed=cfg.train.seed, cycles=b.cycles, repeat=b.repeat)
+    return [(sp.knobs["batch_tokens"] >> k, 1 << k) for sp, k in zip(schedule.steps(), draws)]

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import torch
 
-from rampup.precision import Precision
+from rampup.engine.precision import Precision
 
 
 class Stateful(Protocol):

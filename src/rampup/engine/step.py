@@ -15,11 +15,10 @@ import torch
 from torch.profiler import record_function
 
 from rampup.engine.evaluation import eval_loss, window_batches
+from rampup.engine.precision import autocast
 from rampup.errors import ConfigError, RampupError
 from rampup.models.adapter import Batch, ModuleAdapter
-from rampup.precision import autocast
-from rampup.tasks import CausalLM
-
+from rampup.engine.tasks import CausalLM
 
 REGIONS = ("rampup.forward", "rampup.backward", "rampup.optimizer")
 """The torch.profiler labels of a step's parts (the loss in forward; clipping and the update in optimizer)."""

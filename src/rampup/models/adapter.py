@@ -12,7 +12,7 @@ answers:
   can run the head itself (``loss_shards``: tiled over the sequence, rampup.models.tiling); ``hidden_states(batch, layers)`` for
   distillation;
 - ``blocks()`` (name, module) of the repeated blocks, for freezing by layer, activation
-  checkpointing, tiled MLPs (rampup.memory) and FSDP wrapping; ``wrap_block(index, fn)`` replaces one;
+  checkpointing, tiled MLPs (rampup.knobs.memory) and FSDP wrapping; ``wrap_block(index, fn)`` replaces one;
 - ``flops_per_item(shape, **how)``: training FLOPs per loss item at a batch shape, counting what the
   kernels compute (see :func:`rampup.models.llm.flops_per_token`);
 - ``supports(knob)``: knobs it can honour; a schedule that sets another one is refused at plan time;
@@ -21,84 +21,16 @@ answers:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from rampup.errors import ConfigError
-
-
-@dataclass
-class ModelOutput:
-    """What a forward pass gives a loss: hidden states and the head that turns them into outputs."""
-
-    hidden: torch.Tensor
-    """(B, T, C) for a sequence model, (B, C) for a classifier."""
-    head: nn.Module
-    """hidden -> logits; a module so that a loss may apply it in tiles."""
-    loss_shards: int = 1
-    """Sequence shards the loss should apply the head over (the loss_shards knob; 1: all at once)."""
-
-
-@dataclass
-class Batch:
-    """One step's data: model inputs, targets and per-row extras (positions, document spans...).
-
-    Nothing here assumes tokens: ``inputs`` may be token ids (B, T) or features (B, D)."""
-
-    inputs: torch.Tensor
-    targets: torch.Tensor
-    extra: dict[str, Any]
-    """Keyword arguments of the forward pass, each with a leading batch dimension (or a
-    ``rows(i, j)`` method, like DocumentSpans)."""
-
-    @property
-    def rows(self) -> int:
-        return self.inputs.shape[0]
-
-    @property
-    def items(self) -> int:
-        """Loss items (tokens of a language model, samples of a classifier)."""
-        return self.targets.numel()
-
-    def slice(self, i: int, j: int) -> Batch:
-        """Rows i..j, for gradient accumulation."""
-        extra = {k: (v.rows(i, j) if hasattr(v, "rows") else v[i:j]) for k, v in self.extra.items()}
-        return Batch(self.inputs[i:j], self.targets[i:j], extra)
-
-    def to(self, device: torch.device) -> Batch:
-        extra = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in self.extra.items()}
-        return Batch(self.inputs.to(device, non_blocking=True), self.targets.to(device, non_blocking=True), extra)
-
-
-@runtime_checkable
-class ModelAdapter(Protocol):
-    """What the engine needs from a model (see the module docstring)."""
-
-    module: nn.Module
-    head: nn.Module
-
-    def forward(self, batch: Batch) -> ModelOutput: ...
-
-    def hidden_states(self, batch: Batch, layers: Iterable[int]) -> dict[int, torch.Tensor]: ...
-
-    def blocks(self) -> list[tuple[str, nn.Module]]: ...
-
-    def wrap_block(self, index: int, fn: Callable[[nn.Module], nn.Module]) -> None: ...
-
-    def flops_per_item(self, shape: tuple[int, ...], **how: Any) -> float: ...
-
-    def supports(self, knob: str) -> bool: ...
-
-    def compile(self, **kwargs: Any) -> None: ...
-
-    def num_params(self) -> int: ...
-
-    def to_hf_state_dict(self) -> dict[str, torch.Tensor]: ...
-
-    def from_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+from rampup.protocols import Batch, ModelOutput
+from rampup.protocols import (
+    ModelAdapter as ModelAdapter,  # re-exported: its home before rampup.protocols
+)
 
 
 class ModuleAdapter:
@@ -131,7 +63,7 @@ class DecoderLMAdapter:
     def __init__(self, module: nn.Module) -> None:
         self.module = module
         self.head = module.lm_head
-        self.loss_shards = 1  # the loss_shards knob (rampup.memory)
+        self.loss_shards = 1  # the loss_shards knob (rampup.knobs.memory)
         self._hidden = module.forward_hidden  # replaced by a compiled version by compile()
 
     @classmethod

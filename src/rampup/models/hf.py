@@ -34,8 +34,8 @@ import torch.nn as nn
 
 from rampup.errors import ConfigError
 from rampup.models.adapter import Batch, ModelOutput
-
 from rampup.models.llm import HF_FAMILIES as FAMILIES  # noqa: E402
+
 _WINDOWED = ("mistral", "qwen2")
 
 
@@ -48,7 +48,7 @@ class HFCausalLMAdapter:
         self.module, self.family = module, family
         self.head = module.get_output_embeddings()
         self.base = module.base_model
-        self.loss_shards = 1  # the loss_shards knob (rampup.memory)
+        self.loss_shards = 1  # the loss_shards knob (rampup.knobs.memory)
         self._rotary = next((m for m in module.modules() if hasattr(m, "inv_freq")), None)
         self._base_theta = (module.config.rope_parameters or {}).get("rope_theta") if self._rotary else None
         self._hidden = self.base.forward

@@ -28,10 +28,14 @@ import torch.nn.functional as F
 from pydantic import PrivateAttr, field_validator, model_validator
 
 from rampup.configbase import Section, choice
-from rampup.models.docmask import DocumentSpans, document_mask, document_spans, per_document_attention
-from rampup.models.attention import Pattern, banded_attention, masked_pattern_attention
 from rampup.errors import ConfigError
-
+from rampup.models.attention import Pattern, banded_attention, masked_pattern_attention
+from rampup.models.docmask import (
+    DocumentSpans,
+    document_mask,
+    document_spans,
+    per_document_attention,
+)
 
 HF_FAMILIES = ("llama", "qwen2", "mistral", "gpt_neox", "gpt2")
 """Hugging Face model types that model.source: hf accepts (rampup.models.hf)."""
@@ -313,7 +317,7 @@ class MLP(nn.Module):
         self.w2 = nn.Linear(cfg.hidden, cfg.dim, bias=False)  # down
 
     def forward(self, x, hidden: int | None = None):
-        """``hidden``: sub-network training (rampup.subnets) runs only the first this-many units (None: all);
+        """``hidden``: sub-network training (rampup.knobs.subnets) runs only the first this-many units (None: all);
         an argument, not module state, so that a recomputation in backward runs the same units."""
         k = hidden
         if k is None:
@@ -358,7 +362,7 @@ class DecoderLM(nn.Module):
         self.set_rope(cfg.rope_base)
         self.attn_patterns: list[Pattern | None] = [None] * cfg.n_layers  # full causal everywhere
         self.active_depth: int | None = None
-        """Sub-network training (rampup.subnets): only the lowest this-many blocks run (None: all)."""
+        """Sub-network training (rampup.knobs.subnets): only the lowest this-many blocks run (None: all)."""
         self.active_hidden: int | None = None
         """Sub-network training: each block's MLP runs its first this-many hidden units (None: all),
         passed to the blocks as an argument (a checkpointed block recomputes what it ran)."""

@@ -128,21 +128,3 @@ def check_rope_knob(value) -> RopeSpec:
         raise ValueError(f"knob 'rope' takes a mapping such as {{method: yarn, factor: 4, "
                          f"original_max_len: 512}}, got {value!r}")
     return RopeSpec.model_validate(value)
-
-
-# ----------------------------------------------------------------------------- the rope knob
-
-def _rope_key(spec: RopeSpec, knobs: dict, length: int):
-    # dynamic NTK recomputes its base from the length of each forward pass
-    return (spec, length if spec.method == "dynamic_ntk" else None)
-
-
-def _apply_rope(ctx, spec: RopeSpec) -> None:
-    ctx.model.set_rope(spec, ctx.length)
-
-
-from rampup.knobs import Knob, register_knob  # noqa: E402  (rampup.knobs imports this module)
-
-register_knob(Knob("rope", "RoPE method for the stage: {method: base|pi|ntk|dynamic_ntk|yarn, base, "
-                   "factor, original_max_len}; applied to the live model at the stage boundary.",
-                   default=RopeSpec(), rampable=False, check=check_rope_knob, spec=RopeSpec, apply=_apply_rope, key=_rope_key))

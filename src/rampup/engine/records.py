@@ -1,0 +1,180 @@
+"""Metrics (a JSONL file, the canonical record of a run) and the console display.
+
+Each line of ``metrics.jsonl`` is one event: ``{"event": "step", ...}`` every optimizer step,
+``{"event": "eval", ...}`` per evaluated context length, ``{"event": "stage", ...}`` at each stage
+start; ``skip`` (a step with a non-finite loss or gradient norm, not applied), ``rollback`` and
+``damaged_checkpoint`` record faults. On resume the file is cut back to the checkpoint's step, so it
+always describes one uninterrupted run; a rollback cuts it back too but keeps its fault records.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from rampup.errors import RecordWriteError
+from rampup.units import format_tokens
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """All complete records of a metrics file; a line cut off by a crash is ignored."""
+    records = []
+    if not path.is_file():
+        return records
+    with open(path) as f:
+        for line in f:
+            if not line.endswith("\n"):
+                break
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return records
+
+
+def _write_failed(path: Path, e: OSError) -> RecordWriteError:
+    return RecordWriteError(
+        f"could not write the run's record {path}: {e.strerror or e}; the run's checkpoints are untouched (the "
+        "record is cut back to the checkpoint on resume). Free disk space or fix the folder's permissions, then "
+        "continue with: rampup train CONFIG --resume")
+
+
+def write_record_file(path: Path, text: str) -> None:
+    """Write one file of the run's record (config.yaml, summary.json) whole, or raise :class:`RecordWriteError`."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _write_failed(path, e) from None
+
+
+class MetricsWriter:
+    """Appends one JSON object per line; ``truncate_after(step)`` rewinds it for a resumed run.
+
+    The JSONL file is the canonical record; ``mirrors`` (rampup.engine.loggers: TensorBoard, W&B)
+    get every record after it is written.
+    """
+
+    def __init__(self, path: Path, mirrors: list[Any] = ()) -> None:
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._f: TextIO = open(path, "a")
+        except OSError as e:
+            raise self._failed(e) from None
+        self._mirrors = list(mirrors)
+
+    def _failed(self, e: OSError) -> RecordWriteError:
+        return _write_failed(self.path, e)
+
+    def truncate_after(self, step: int, keep_events: tuple[str, ...] = ()) -> None:
+        """Keep only records of steps <= ``step`` (what the checkpoint being resumed had seen), and
+        those of the ``keep_events`` kinds (a rollback keeps the record of the steps it undid).
+        Written to a new file and renamed over the old one: a failure leaves the old record whole."""
+        self._close_file()
+        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step or r.get("event") in keep_events]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        try:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            tmp.replace(self.path)
+            self._f = open(self.path, "a")
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise self._failed(e) from None
+
+    def write(self, record: dict[str, Any]) -> None:
+        try:
+            self._f.write(json.dumps(record) + "\n")
+            self._f.flush()
+        except OSError as e:
+            raise self._failed(e) from None
+        for mirror in self._mirrors:
+            mirror.log(record)
+
+    def _close_file(self) -> None:
+        try:
+            self._f.close()
+        except OSError:  # the buffered tail could not be written: the record was already reported failed
+            pass
+
+    def close(self) -> None:
+        self._close_file()
+        for mirror in self._mirrors:
+            mirror.close()
+
+
+class NullMetrics:
+    """The metrics of a rank other than 0 in a distributed run: rank 0 writes the one record."""
+
+    path = None
+
+    def truncate_after(self, step: int, keep_events: tuple[str, ...] = ()) -> None:
+        pass
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class Display:
+    """Live rich progress on a terminal; plain lines every ``every`` steps otherwise; or nothing."""
+
+    def __init__(self, mode: str, total_steps: int, total_tokens: int, every: int, stream: TextIO | None = None) -> None:
+        stream = stream or sys.stdout
+        if mode == "auto":
+            mode = "rich" if stream.isatty() else "plain"
+        self.mode, self.every, self.total_steps, self.total_tokens = mode, every, total_steps, total_tokens
+        self.console = Console(file=stream)
+        self._stream = stream
+        self._progress: Progress | None = None
+        if mode == "rich":
+            self._progress = Progress(
+                TextColumn("[bold]{task.fields[stage]}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=self.console,
+            )
+            self._task = self._progress.add_task("train", total=total_steps, stage="", info="")
+            self._progress.start()
+
+    def print(self, message: str) -> None:
+        if self.mode == "off":
+            return
+        if self._progress is not None:
+            self._progress.console.print(message)
+        else:
+            print(message, file=self._stream, flush=True)
+
+    def step(self, rec: dict[str, Any], eta_s: float) -> None:
+        info = (f"seq {rec['seq_len']} x{rec['batch_size']} | loss {rec['loss']:.4f} | "
+                f"{format_tokens(rec['tok_per_s'])} tok/s")
+        if self._progress is not None:
+            self._progress.update(self._task, completed=rec["step"], stage=rec["stage_name"], info=info)
+        elif self.mode == "plain" and (rec["step"] % self.every == 0 or rec["step"] == self.total_steps):
+            print(f"step {rec['step']}/{self.total_steps} | {rec['stage_name']} | {info} | lr {rec['lr']:.2e} | "
+                  f"{format_tokens(rec['tokens'])}/{format_tokens(self.total_tokens)} tok | eta {_fmt_time(eta_s)}",
+                  file=self._stream, flush=True)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None

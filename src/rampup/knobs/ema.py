@@ -1,0 +1,147 @@
+"""An exponential moving average of the weights, part of the run's state (``train.ema``).
+
+After every applied optimizer step, each parameter's shadow moves toward it:
+``shadow = decay * shadow + (1 - decay) * param`` with ``decay = 0.5 ** (step / half_life)``, the
+step and the half-life both in tokens (a step of n tokens) or both in steps. The shadow weights are in
+every checkpoint (``parts.safetensors``), so a resumed run continues the same average bitwise;
+``train.ema.evaluate`` scores evaluations with them, and ``rampup export --ema`` exports them.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from pydantic import model_validator
+
+from rampup.configbase import Section
+from rampup.errors import ConfigError
+from rampup.schedule.registry import Family, KnobContext, RunSetup, register_family
+from rampup.units import Duration, Unit
+
+
+class EMAConfig(Section):
+    """Exponential moving average of the weights."""
+
+    half_life: Duration
+    """After this many tokens ('20K tok') or steps ('100 steps') a weight's old value weighs half."""
+    evaluate: bool = False
+    """Score every evaluation (and the run's final losses) with the averaged weights instead of the raw ones."""
+
+    @model_validator(mode="after")
+    def _check(self) -> EMAConfig:
+        if self.half_life.unit not in (Unit.TOKEN, Unit.STEP) or not self.half_life.value > 0:
+            raise ValueError(f"train.ema.half_life takes a positive number of tokens or steps ('20K tok', "
+                             f"'100 steps'), got {self.half_life}")
+        return self
+
+
+class EMA:
+    """The shadow weights of ``module``'s parameters (a TrainState part)."""
+
+    def __init__(self, module: torch.nn.Module, half_life: Duration) -> None:
+        self.module, self.half_life = module, half_life
+        self.shadow: dict[str, torch.Tensor] = {n: p.detach().clone() for n, p in module.named_parameters()}
+        self.updates = 0
+
+    def _follow(self) -> list[torch.Tensor]:
+        """The shadows in parameter order; a parameter the model grew (or widened) starts at its own value."""
+        for n, p in self.module.named_parameters():
+            if n not in self.shadow or self.shadow[n].shape != p.shape:  # grown, or widened: starts afresh
+                self.shadow[n] = p.detach().clone()
+        return [self.shadow[n] for n, _ in self.module.named_parameters()]
+
+    def decay(self, tokens: int) -> float:
+        n = 1 if self.half_life.unit is Unit.STEP else tokens
+        return 0.5 ** (n / self.half_life.value)
+
+    @torch.no_grad()
+    def update(self, tokens: int) -> None:
+        torch._foreach_lerp_(self._follow(), [p.detach() for p in self.module.parameters()], 1.0 - self.decay(tokens))
+        self.updates += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"updates": self.updates, "half_life": str(self.half_life)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.updates = int(state["updates"])
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        self._follow()
+        return dict(self.shadow)
+
+    @torch.no_grad()
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        names = [n for n, _ in self.module.named_parameters()]
+        missing = [n for n in names if n not in tensors]
+        if missing:
+            raise ConfigError(f"the checkpoint holds no EMA weights for {missing[0]} (was it written before "
+                              "train.ema was set?); resume with the config the run started with")
+        params = dict(self.module.named_parameters())
+        self.shadow = {n: _like(tensors[n], params[n]) for n in names}
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """The module holds the averaged weights inside the block; its own come back bitwise after."""
+        params = list(self.module.parameters())
+        with torch.no_grad():
+            raw = [p.detach().clone() for p in params]
+            for p, s in zip(params, self._follow()):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, r in zip(params, raw):
+                    p.copy_(r)
+
+
+def _like(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``t`` (a full tensor) laid out as ``param``: this rank's shard of it for an FSDP2 (DTensor) parameter."""
+    if hasattr(param, "device_mesh") and not hasattr(t, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        # every rank holds the whole tensor: each keeps its own shard, no communication
+        return distribute_tensor(t.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+    return t.clone()
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's whole value on every rank (a collective), anything else as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def load_ema_weights(module: torch.nn.Module, part_tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Put a checkpoint's EMA weights (its ``parts.safetensors``) into ``module``."""
+    ema = {k[len("ema/"):]: v for k, v in part_tensors.items() if k.startswith("ema/")}
+    if not ema:
+        raise ConfigError(f"{where} holds no EMA weights; train with train.ema set, or export without --ema")
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.copy_(ema[name])
+
+
+class EMAFamily(Family):
+    """``train.ema``: the shadow weights are a checkpointed part, follow every applied step, and score the
+    evaluations when ``train.ema.evaluate`` asks. First, so that a teacher may be the EMA."""
+
+    name = "ema"
+    order = -10
+
+    def setup(self, run: RunSetup) -> None:
+        if run.cfg.train.ema is not None:
+            run.parts["ema"] = EMA(run.ctx.model.module, run.cfg.train.ema.half_life)
+
+    def after_step(self, ctx: KnobContext, tokens: int) -> None:
+        if "ema" in ctx.parts:
+            ctx.parts["ema"].update(tokens)
+
+    def evaluating(self, ctx: KnobContext) -> contextlib.AbstractContextManager:
+        ema = ctx.parts.get("ema")
+        if ema is None or ctx.cfg is None or not ctx.cfg.train.ema.evaluate:
+            return contextlib.nullcontext()
+        return ema.applied()
+
+
+register_family(EMAFamily())

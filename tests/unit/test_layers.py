@@ -1,0 +1,147 @@
+"""The architecture, enforced: every import in src/rampup (at the top of a module, inside functions, and
+the knob families rampup.knobs discovers) points down the layer order stated in rampup/__init__.py, the
+import graph has no cycle, few imports hide inside functions, and no function is longer than a screen."""
+from __future__ import annotations
+
+import ast
+import pkgutil
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+PKG = SRC / "rampup"
+
+LAYERS = [
+    {"rampup.errors", "rampup.units", "rampup.protocols", "rampup.configbase", "rampup.seeding"},
+    {"rampup.schedule"},
+    {"rampup.models", "rampup.data"},
+    {"rampup.engine"},
+    {"rampup.knobs"},
+    {"rampup.config"},
+    {"rampup.tools", "rampup.integrations"},
+    {"rampup.cli", "rampup.__main__", "rampup"},
+]
+"""Lowest first: a module may import from its own layer's packages or lower ones (``rampup`` itself, the
+public API, re-exports from every layer)."""
+
+MAX_FUNCTION_LINES = 60
+MAX_INNER_IMPORTS = 30
+
+INNER_IMPORTS_NOW = 274
+"""Import statements inside functions today (issue 26 targets fewer than MAX_INNER_IMPORTS): a ratchet that
+only goes down. Lower it whenever a change removes some; the test fails if the count rises above it."""
+
+LONG_FUNCTIONS_NOW = {
+    "rampup.cli.build_parser", "rampup.data.prepare._build", "rampup.schedule.stages.build",
+    "rampup.tools.compare.compare_runs", "rampup.tools.calibrate.calibrate", "rampup.tools.export.export_hf",
+    "rampup.tools.plan.make_plan", "rampup.tools.longeval.evaluate_run", "rampup.tools.probe._child",
+}
+"""Functions over MAX_FUNCTION_LINES today, to be split: the list may only shrink (a function split below the
+limit must leave it, and no other may join it)."""
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(SRC).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in PKG.rglob("*.py")}
+
+
+def imports(path: Path, known: set[str]) -> list[tuple[str, bool, int]]:
+    """(imported rampup module, inside a function, line) for every import statement in the file."""
+    tree = ast.parse(path.read_text())
+    me = module_name(path)
+    package = me if path.name == "__init__.py" else me.rpartition(".")[0]
+    inner: set[int] = set()
+    for fn in ast.walk(tree):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            inner |= {id(n) for n in ast.walk(fn) if isinstance(n, (ast.Import, ast.ImportFrom))}
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            names = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
+        else:
+            continue
+        for n in names:
+            out.append((n, id(node) in inner, node.lineno))
+    return out
+
+
+def layer(module: str) -> int:
+    for i, group in enumerate(LAYERS):
+        if any(module == g or module.startswith(g + ".") for g in group if g != "rampup") or module in group:
+            return i
+    raise AssertionError(f"{module} is in no layer: add its package to LAYERS and to rampup/__init__.py")
+
+
+def graph() -> tuple[dict[str, set[str]], list[tuple[str, int]]]:
+    mods = modules()
+    known = set(mods)
+    g: dict[str, set[str]] = {m: set() for m in mods}
+    inner = []
+    for m, p in mods.items():
+        for target, in_function, line in imports(p, known):
+            if in_function and (f"{m}:{line}", target) not in inner:
+                inner.append((f"{m}:{line}", target))
+            if target.startswith("rampup"):
+                while target not in known and "." in target:
+                    target = target.rpartition(".")[0]
+                if target in known and target != m:
+                    g[m].add(target)
+    import rampup.knobs as families  # the families rampup.knobs discovers are its imports too
+
+    for info in pkgutil.iter_modules(families.__path__):
+        g["rampup.knobs"].add(f"rampup.knobs.{info.name}")
+    return g, inner
+
+
+def test_every_import_points_down_the_layers():
+    g, _ = graph()
+    upward = [f"{a} -> {b}" for a, deps in g.items() for b in deps if layer(b) > layer(a)]
+    assert not upward, "imports up the layer order:\n  " + "\n  ".join(sorted(upward))
+
+
+def test_the_import_graph_has_no_cycle():
+    g, _ = graph()
+    # a package imports its own modules (re-exports); its modules importing the package's name is the cycle
+    state: dict[str, int] = {}
+    cycles: list[list[str]] = []
+
+    def visit(n: str, path: list[str]) -> None:
+        state[n] = 1
+        for d in sorted(g[n]):
+            if state.get(d) == 1:
+                cycles.append(path[path.index(d):] + [d] if d in path else [n, d])
+            elif d not in state:
+                visit(d, [*path, d])
+        state[n] = 2
+
+    for n in sorted(g):
+        if n not in state:
+            visit(n, [n])
+    assert not cycles, "import cycles:\n  " + "\n  ".join(" -> ".join(c) for c in cycles[:10])
+
+
+def test_few_imports_hide_inside_functions():
+    _, inner = graph()
+    statements = {where for where, _ in inner}
+    assert len(statements) <= INNER_IMPORTS_NOW, f"{len(statements)} import statements inside functions:\n  " + \
+        "\n  ".join(f"{where} {what}" for where, what in inner)
+
+
+def test_no_function_is_longer_than_a_screen():
+    long = []
+    for p in PKG.rglob("*.py"):
+        for fn in ast.walk(ast.parse(p.read_text())):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = fn.end_lineno - fn.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    long.append(f"{module_name(p)}.{fn.name}")
+    assert set(long) == LONG_FUNCTIONS_NOW, f"new: {sorted(set(long) - LONG_FUNCTIONS_NOW)}; now short enough " \
+        f"(remove from LONG_FUNCTIONS_NOW): {sorted(LONG_FUNCTIONS_NOW - set(long))}"
