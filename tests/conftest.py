@@ -1,8 +1,8 @@
 import contextlib
 import os
 import subprocess
-import tempfile
 import sys
+import tempfile
 import time
 from pathlib import Path
 

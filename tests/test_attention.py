@@ -2,14 +2,20 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import tiny_tree
+
 from rampup.config import RunConfig
 from rampup.engine.records import read_metrics
 from rampup.engine.trainer import train
 from rampup.errors import ConfigError
-from rampup.models.attention import (AttentionSpec, Pattern, banded_attention, layer_patterns,
-                                     masked_pattern_attention, pattern_mask)
+from rampup.models.attention import (
+    AttentionSpec,
+    Pattern,
+    banded_attention,
+    layer_patterns,
+    masked_pattern_attention,
+    pattern_mask,
+)
 from rampup.models.llm import DecoderLM, ModelConfig
 
 

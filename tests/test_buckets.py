@@ -13,10 +13,14 @@ import pytest
 import torch
 
 from rampup.data import DataConfig, TokenDataset, TokenizerConfig, prepare
-from rampup.data.bucket_sampler import BucketCurriculum, BucketSampler, plan_buckets
+from rampup.data.bucket_sampler import (
+    BucketCurriculum,
+    BucketSampler,
+    bucket_odds_weights,
+    plan_buckets,
+)
 from rampup.data.buckets import decompose_document, get_buckets, long_doc_odds
 from rampup.errors import ConfigError, DataError
-from rampup.schedule.registry import bucket_odds_weights
 from rampup.schedule.stages import Schedule, ScheduleConfig
 from rampup.units import Duration
 

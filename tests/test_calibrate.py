@@ -4,9 +4,16 @@ import json
 import numpy as np
 import pytest
 
-from rampup.tools.calibrate import Calibrator, _Flops, corpus_stats, cross_document_share, estimate_time, fit_step_time
 from rampup.config import RunConfig
 from rampup.schedule.stages import Schedule
+from rampup.tools.calibrate import (
+    Calibrator,
+    _Flops,
+    corpus_stats,
+    cross_document_share,
+    estimate_time,
+    fit_step_time,
+)
 
 
 def test_cross_document_share_counts_the_pairs_a_fixed_window_scores_across_documents():

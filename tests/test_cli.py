@@ -3,8 +3,8 @@ import json
 import re
 
 import pytest
-
 from conftest import ROOT, run_rampup, tiny_tree, write_config
+
 from rampup.engine.faults import CLOCK_SCALE_ENV
 
 

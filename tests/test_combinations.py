@@ -16,12 +16,18 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, tiny_tree
+
 from rampup.config import RunConfig
 from rampup.errors import ConfigError
 from rampup.schedule.registry import KNOBS
-from rampup.tools.resumecheck import RunRecord, checkpointed, copy_at, differences, sweep
+from rampup.tools.resumecheck import (
+    RunRecord,
+    checkpointed,
+    copy_at,
+    differences,
+    sweep,
+)
 
 
 @dataclass(frozen=True)
@@ -143,12 +149,12 @@ def test_a_subnetwork_under_recomputation_gets_the_gradients_it_gets_without(pre
     """Case 2: a sub-network's blocks checkpointed (full, selective) or its MLPs tiled recompute in backward
     the sub-network they ran forward (it used to be the full one: a CheckpointError in fp32, a missing
     cast in bf16's selective recomputation)."""
+    from rampup.engine.precision import autocast
+    from rampup.engine.tasks import CausalLM
     from rampup.knobs.memory import MemorySettings, apply_memory
+    from rampup.knobs.subnets import SubnetTask
     from rampup.models.adapter import DecoderLMAdapter
     from rampup.models.llm import ModelConfig
-    from rampup.engine.precision import autocast
-    from rampup.knobs.subnets import SubnetTask
-    from rampup.engine.tasks import CausalLM
 
     torch.manual_seed(0)
     adapter = DecoderLMAdapter.build(ModelConfig(vocab_size=512, dim=32, n_layers=4, n_heads=2, max_seq_len=64))

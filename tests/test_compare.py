@@ -8,9 +8,15 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from rampup.tools.compare import compare_runs, load_run, print_comparison, time_to_target, write_comparison
 from rampup.config import RunConfig, dump_config
 from rampup.errors import ConfigError, DataError
+from rampup.tools.compare import (
+    compare_runs,
+    load_run,
+    print_comparison,
+    time_to_target,
+    write_comparison,
+)
 
 
 def make_run(root: Path, folder: str, evals: dict[int, list[tuple[float, float]]], *, name: str | None = None,

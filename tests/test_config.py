@@ -4,13 +4,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from rich.console import Console
 
 from rampup.config import RunConfig, dump_config, load_config, set_override
 from rampup.errors import ConfigError, RampupError
-from rampup.tools.plan import make_plan, plot_plan, print_plan
 from rampup.schedule.stages import Schedule
+from rampup.tools.plan import make_plan, plot_plan, print_plan
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("**/*.yaml"))
 

@@ -6,8 +6,8 @@ import subprocess
 import pytest
 import torch
 import yaml
-
 from conftest import rampup_cmd, run_rampup, tiny_tree, wait_for, write_config
+
 from rampup.config import RunConfig
 from rampup.data.packing import document_mask, document_positions, segment_ids
 from rampup.engine.checkpoint.format import latest_checkpoint
@@ -15,8 +15,8 @@ from rampup.engine.records import read_metrics
 from rampup.engine.trainer import train, train_step
 from rampup.errors import ConfigError, DataError, RampupError
 from rampup.models.llm import DecoderLM, ModelConfig
-from rampup.tools.plan import make_plan, plan_summary
 from rampup.schedule.stages import Schedule
+from rampup.tools.plan import make_plan, plan_summary
 
 BUCKETS = {
     "data": {"sampler": "buckets", "buckets": {"min_log2": 5, "max_log2": 8, "cycles": 3}},

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pydantic
 import pytest
+from conftest import run_rampup
 
 from rampup.data import (
     EOT,
@@ -22,7 +23,6 @@ from rampup.data import (
     resolve_source,
     stdlib_files,
 )
-from conftest import run_rampup
 from rampup.data.prepare import describe_prepared
 from rampup.errors import DataError
 
@@ -448,6 +448,7 @@ def test_mostly_unreadable_folder_names_what_it_skipped(tmp_path: Path) -> None:
 
 def test_plan_warns_when_the_budget_repeats_a_small_corpus(tmp_path: Path, capsys) -> None:
     from conftest import tiny_tree, write_config
+
     from rampup.cli import main
 
     src = tmp_path / "docs"

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import rampup_cmd, tiny_tree, wait_for, weights, write_config
+
 from rampup.engine.records import read_metrics
 from rampup.errors import ConfigError
 
@@ -145,14 +145,14 @@ def test_the_gathered_optimizer_state_keeps_the_moments_of_parameters_frozen_aft
     """pytorch #192202: the state-dict helpers drop the optimizer state of parameters that do not require
     grad. A parameter trained, then frozen, keeps its moments through rampup's gather and its load, and
     through the sharded (DCP) format; a parameter never stepped gets no invented state."""
+    import json
+
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    import json
-
-    from rampup.engine.distributed import Dist, full_state, set_full_state
     from rampup.engine.checkpoint.sharded import load_into, save_sharded
+    from rampup.engine.distributed import Dist, full_state, set_full_state
     from rampup.models.adapter import DecoderLMAdapter
     from rampup.models.llm import ModelConfig
 

@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from rampup.engine.optim import OptimizerConfig, build_optimizer
+from rampup.engine.tasks import CausalLM
 from rampup.models import ModelConfig
 from rampup.models.adapter import Batch, DecoderLMAdapter
 from rampup.models.llm import flops_per_token
-from rampup.engine.optim import OptimizerConfig, build_optimizer
-from rampup.engine.tasks import CausalLM
 
 SRC = Path(__file__).parent.parent / "src" / "rampup"
 TINY = dict(vocab_size=100, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=64)
@@ -188,7 +188,12 @@ def test_flops_match_torch_flop_counter(T):
 
 
 def test_flops_count_windows_and_documents():
-    from rampup.models.attention import AttentionSpec, Pattern, layer_patterns, pattern_mask
+    from rampup.models.attention import (
+        AttentionSpec,
+        Pattern,
+        layer_patterns,
+        pattern_mask,
+    )
 
     cfg = ModelConfig(**TINY)
     dense = flops_per_token(cfg, 0)

@@ -3,8 +3,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import flip_bit, run_rampup, tiny_tree
+
 from rampup.config import RunConfig
 
 transformers = pytest.importorskip("transformers")
@@ -29,8 +29,8 @@ def trained(data_cache, tmp_path, last):
 
 def ours(cfg, run):
     from rampup.engine.checkpoint.format import latest_checkpoint, load_checkpoint
-    from rampup.schedule.registry import KnobContext, KnobRunner
     from rampup.models.adapter import DecoderLMAdapter
+    from rampup.schedule.registry import KnobContext, KnobRunner
     from rampup.schedule.stages import Schedule
 
     a = DecoderLMAdapter.build(cfg.model)

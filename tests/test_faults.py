@@ -10,10 +10,22 @@ import time
 
 import pytest
 import torch
+from conftest import (
+    rampup_cmd,
+    run_rampup,
+    step_losses,
+    tiny_tree,
+    wait_for,
+    weights,
+    write_config,
+)
 from safetensors.torch import load_file
 
-from conftest import rampup_cmd, run_rampup, step_losses, tiny_tree, wait_for, weights, write_config
-from rampup.engine.checkpoint.format import latest_checkpoint, list_checkpoints, verify_checkpoint
+from rampup.engine.checkpoint.format import (
+    latest_checkpoint,
+    list_checkpoints,
+    verify_checkpoint,
+)
 from rampup.engine.faults import NAN_STEPS_ENV, STALL_STEPS_ENV
 from rampup.engine.records import read_metrics
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_tree
+
 from rampup.config import RunConfig
 from rampup.errors import ConfigError
 from rampup.models.adapter import Batch
@@ -167,10 +167,10 @@ def shipped(path, data_cache, out):
 def test_an_hf_run_exports_with_its_last_stages_rope(data_cache, tmp_path):
     from rampup.engine.checkpoint.format import latest_checkpoint, load_checkpoint
     from rampup.engine.trainer import train
-    from rampup.tools.export import export_hf
-    from rampup.schedule.registry import KnobContext, KnobRunner
     from rampup.models.build import build_adapter
+    from rampup.schedule.registry import KnobContext, KnobRunner
     from rampup.schedule.stages import Schedule
+    from rampup.tools.export import export_hf
 
     cfg = shipped(SHIPPED[[p.stem for p in SHIPPED].index("gpt_neox_staged")], data_cache, tmp_path / "run")
     train(cfg)
@@ -331,7 +331,14 @@ def test_shipped_hf_configs_killed_mid_run_resume_bitwise(data_cache, tmp_path, 
     import os
     import subprocess
 
-    from conftest import alongside, rampup_cmd, run_rampup, step_losses, wait_for, weights
+    from conftest import (
+        alongside,
+        rampup_cmd,
+        run_rampup,
+        step_losses,
+        wait_for,
+        weights,
+    )
 
     def sets(out):
         return [a for s in overrides(path, data_cache, out) for a in ("--set", s)]

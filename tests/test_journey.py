@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import rampup_cmd, run_rampup, wait_for
 
 transformers = pytest.importorskip("transformers")
@@ -98,9 +97,9 @@ def test_continue_an_hf_model_past_its_positions_compare_before_and_after_and_sh
     # the exported model's logits equal the last checkpoint's as rampup runs it (fp32)
     from rampup.config import RunConfig
     from rampup.engine.checkpoint.format import latest_checkpoint, load_checkpoint
-    from rampup.schedule.registry import KnobContext, KnobRunner
     from rampup.models.adapter import Batch
     from rampup.models.build import build_adapter
+    from rampup.schedule.registry import KnobContext, KnobRunner
     from rampup.schedule.stages import Schedule
 
     cfg = RunConfig.model_validate(yaml.safe_load((run / "config.yaml").read_text()))

@@ -3,8 +3,8 @@ mirror the same numbers through one interface."""
 import json
 
 import pytest
-
 from conftest import tiny_tree
+
 from rampup.config import RunConfig
 from rampup.engine.loggers import scalars
 from rampup.engine.records import read_metrics

@@ -4,19 +4,15 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import run_rampup, tiny_tree, write_config
+
 from rampup.data import DataConfig, TokenizerConfig, prepare
+from rampup.data.passkey import PasskeyTemplate, inject_passkeys, passkey_example
 from rampup.data.prepare import load_prepared_tokenizer
+from rampup.engine.evaluation import passkey_accuracy
 from rampup.errors import ConfigError
-from rampup.tools.longeval import (
-    PasskeyTemplate,
-    inject_passkeys,
-    loss_by_position,
-    passkey_accuracy,
-    passkey_example,
-)
 from rampup.models.llm import DecoderLM, ModelConfig
+from rampup.tools.longeval import loss_by_position
 
 
 @pytest.fixture(scope="module")
@@ -131,8 +127,8 @@ def test_rampup_eval_scores_a_windowed_run_with_its_window(data_cache, tmp_path)
     from rampup.data.samplers import eval_windows
     from rampup.engine.checkpoint.format import latest_checkpoint, load_checkpoint
     from rampup.engine.trainer import evaluate, train
-    from rampup.tools.longeval import evaluate_run
     from rampup.models.llm import DecoderLM
+    from rampup.tools.longeval import evaluate_run
 
     out = tmp_path / "run"
     tree = tiny_tree(data_cache, out, train={"duration": "12 steps", "checkpoint_every": None},

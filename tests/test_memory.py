@@ -9,16 +9,16 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import run_rampup, step_losses, tiny_tree, write_config
+
 from rampup.config import RunConfig
+from rampup.engine.precision import autocast
+from rampup.engine.tasks import CausalLM
 from rampup.errors import ConfigError
 from rampup.knobs.memory import MemorySettings, apply_memory, estimate_step, parse_bytes
 from rampup.models.adapter import Batch, DecoderLMAdapter
 from rampup.models.llm import ModelConfig
 from rampup.models.tiling import tiled_head_loss
-from rampup.engine.precision import autocast
-from rampup.engine.tasks import CausalLM
 
 CPU = torch.device("cpu")
 SETTINGS = [MemorySettings(loss_shards=4), MemorySettings(mlp_shards=4), MemorySettings(activation_checkpoint="full"),
@@ -231,8 +231,8 @@ def _bench_cfg(limit=None, **model):
 
 
 def test_auto_turns_on_what_the_limit_needs_and_refuses_what_nothing_fits():
-    from rampup.schedule.registry import KnobContext
     from rampup.knobs.memory import check_auto, resolve
+    from rampup.schedule.registry import KnobContext
 
     knobs = {"loss_shards": "auto", "mlp_shards": "auto", "activation_checkpoint": "auto"}
     cfg = _bench_cfg()
@@ -251,8 +251,8 @@ def test_auto_turns_on_what_the_limit_needs_and_refuses_what_nothing_fits():
 
 
 def test_plan_shows_each_stages_peak_memory_and_what_each_technique_buys(data_cache, tmp_path):
-    from rampup.tools.plan import make_plan, plan_summary
     from rampup.schedule.stages import Schedule
+    from rampup.tools.plan import make_plan, plan_summary
 
     tree = tiny_tree(data_cache, tmp_path, train={"precision": "fp32"})
     tree["model"]["vocab_size"] = 8192  # a vocabulary whose logits matter

@@ -17,9 +17,9 @@ from rampup.engine.checkpoint.format import (
     save_checkpoint,
     verify_checkpoint,
 )
+from rampup.engine.optim import OptimizerConfig, build_optimizer, lr_at
 from rampup.errors import CheckpointDamaged, CheckpointError, NonFiniteError
 from rampup.models.llm import DecoderLM, ModelConfig
-from rampup.engine.optim import OptimizerConfig, build_optimizer, lr_at
 
 TOTAL = 1_000_000
 
@@ -245,8 +245,8 @@ class _Payload:
 
 
 def _sharded(tmp_path, step, model, opt, parts=None, keep=None):
-    from rampup.engine.distributed import Dist
     from rampup.engine.checkpoint.sharded import save_sharded
+    from rampup.engine.distributed import Dist
 
     return save_sharded(tmp_path, step, model, opt, {"progress": {"step": step}}, Dist(), keep=keep,
                         parts=parts or {})

@@ -12,8 +12,14 @@ import sys
 
 import pytest
 import yaml
-
-from conftest import rampup_cmd, run_rampup, step_losses, tiny_tree, weights, write_config
+from conftest import (
+    rampup_cmd,
+    run_rampup,
+    step_losses,
+    tiny_tree,
+    weights,
+    write_config,
+)
 
 SLOW_BF16 = {"ONEDNN_MAX_CPU_ISA": "AVX2"}
 
@@ -68,8 +74,8 @@ def test_the_probe_is_cached_per_machine(tmp_path):
 
 def test_explicit_choices_are_obeyed_and_unknown_ones_refused():
     from rampup.config import load_config
-    from rampup.errors import ConfigError
     from rampup.engine.precision import resolve_precision
+    from rampup.errors import ConfigError
 
     assert resolve_precision("fp32", "cpu").precision == "fp32"
     assert resolve_precision("bf16", "cpu").precision == "bf16"

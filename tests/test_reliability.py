@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import tiny_tree, write_config
+
 from rampup.cli import main
 from rampup.config import RunConfig
 from rampup.errors import ConfigError, DataError

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 import yaml
-
 from conftest import tiny_tree
+
 from rampup.config import RunConfig
 from rampup.data.dataset import TokenDataset
 from rampup.data.prepare import get_prepared
@@ -16,8 +16,8 @@ from rampup.engine.checkpoint.format import latest_checkpoint, load_checkpoint
 from rampup.engine.trainer import evaluate, train
 from rampup.models.llm import DecoderLM, ModelConfig
 from rampup.models.rope import RopeSpec, apply_rope_spec, rope_frequencies
-from rampup.tools.plan import make_plan, plan_table
 from rampup.schedule.stages import Schedule
+from rampup.tools.plan import make_plan, plan_table
 
 D, B = 32, 10000.0
 I = torch.arange(D // 2, dtype=torch.float64)

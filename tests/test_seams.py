@@ -14,8 +14,8 @@ from rampup.engine.checkpoint.format import latest_checkpoint
 from rampup.engine.records import read_metrics
 from rampup.engine.trainer import RunData, train
 from rampup.errors import ConfigError
-from rampup.schedule.registry import KNOBS, Knob, register_knob
 from rampup.models.adapter import Batch, ModelOutput
+from rampup.schedule.registry import KNOBS, Knob, register_knob
 from rampup.schedule.stages import Schedule
 
 D, C, N_TRAIN, N_VAL = 16, 4, 2048, 512

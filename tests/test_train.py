@@ -6,8 +6,16 @@ import subprocess
 
 import pytest
 import torch
+from conftest import (
+    rampup_cmd,
+    run_rampup,
+    step_losses,
+    tiny_tree,
+    wait_for,
+    weights,
+    write_config,
+)
 
-from conftest import rampup_cmd, run_rampup, step_losses, tiny_tree, wait_for, weights, write_config
 from rampup.config import RunConfig
 from rampup.engine.checkpoint.format import latest_checkpoint
 from rampup.engine.records import read_metrics
@@ -249,8 +257,8 @@ def test_engine_follows_the_plan_step_by_step(uninterrupted):
     """What `rampup plan` prints is what training did: the same steps, shapes and learning rates."""
     import yaml
 
-    from rampup.tools.plan import make_plan
     from rampup.schedule.stages import Schedule
+    from rampup.tools.plan import make_plan
 
     cfg = RunConfig.model_validate(yaml.safe_load((uninterrupted / "config.yaml").read_text()))
     plan = make_plan(cfg, Schedule.build(cfg.schedule, total=cfg.train.duration))

@@ -6,13 +6,23 @@ import random
 
 import pytest
 import torch
+from conftest import (
+    alongside,
+    flip_bit,
+    rampup_cmd,
+    run_rampup,
+    step_losses,
+    tiny_tree,
+    wait_for,
+    weights,
+    write_config,
+)
 
-from conftest import alongside, flip_bit, rampup_cmd, run_rampup, step_losses, tiny_tree, wait_for, weights, write_config
 from rampup.config import RunConfig
 from rampup.errors import ConfigError
+from rampup.knobs.transitions import frozen_names, lr_multipliers, trainable_names
 from rampup.models.adapter import DecoderLMAdapter
 from rampup.models.llm import ModelConfig
-from rampup.knobs.transitions import frozen_names, lr_multipliers, trainable_names
 
 
 def kill_after_checkpoints(cfg, out, steps):
@@ -269,10 +279,10 @@ def test_progressive_self_distillation_is_the_soft_target_cross_entropy(tied):
 
     import torch.nn.functional as F
 
+    from rampup.engine.tasks import CausalLM
     from rampup.knobs.distill import DistillTask
     from rampup.knobs.memory import MemorySettings, apply_memory
     from rampup.models.adapter import Batch
-    from rampup.engine.tasks import CausalLM
 
     a = 0.3
     teacher = copy.deepcopy(tied)
@@ -368,8 +378,8 @@ def test_bad_teachers_are_named_before_compute(data_cache, tmp_path):
 
 
 def test_plan_shows_trainable_parameters_teacher_cost_and_backward_saved(data_cache, tmp_path):
-    from rampup.tools.plan import make_plan, plan_summary
     from rampup.schedule.stages import Schedule
+    from rampup.tools.plan import make_plan, plan_summary
 
     tree = _teacher_tree(data_cache, tmp_path)
     tree["schedule"]["stages"][0]["freeze"] = "bottom:1"
@@ -432,8 +442,8 @@ def test_hidden_state_distillation_from_a_narrower_run_through_a_learned_project
 def test_zero_growth_preserves_the_function_and_stacking_copies_blocks(tied):
     import copy
 
-    from rampup.knobs.growth import grow
     from rampup.engine.optim import OptimizerConfig, build_optimizer
+    from rampup.knobs.growth import grow
 
     x = torch.randint(0, 512, (2, 32))
     for method in ("zero", "stack"):
@@ -572,8 +582,8 @@ def test_subnetwork_training_resumes_bitwise_and_exports_a_chosen_subnetwork(dat
 def test_net2net_mlp_widening_preserves_the_function(tied):
     import copy
 
-    from rampup.knobs.growth import widen_mlp
     from rampup.engine.optim import OptimizerConfig, build_optimizer
+    from rampup.knobs.growth import widen_mlp
 
     x = torch.randint(0, 512, (2, 32))
     a = copy.deepcopy(tied)
@@ -652,8 +662,8 @@ def test_residual_width_growth_preserves_the_function(tie, kv_heads):
     noise breaks the copies' symmetry, and a width that is not a whole multiple is refused."""
     import copy
 
-    from rampup.knobs.growth import grow, widen_model
     from rampup.engine.optim import OptimizerConfig, build_optimizer
+    from rampup.knobs.growth import grow, widen_model
 
     torch.manual_seed(0)
     a = DecoderLMAdapter.build(ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=kv_heads,
@@ -715,10 +725,10 @@ def test_subnetwork_loss_tiled_equals_untiled(tied):
     head: the same loss and gradients as untiled."""
     import copy
 
-    from rampup.knobs.memory import MemorySettings, apply_memory
-    from rampup.models.adapter import Batch
-    from rampup.knobs.subnets import SubnetTask
     from rampup.engine.tasks import CausalLM
+    from rampup.knobs.memory import MemorySettings, apply_memory
+    from rampup.knobs.subnets import SubnetTask
+    from rampup.models.adapter import Batch
 
     x, y = torch.randint(0, 512, (2, 32)), torch.randint(0, 512, (2, 32))
     results = []

@@ -8,11 +8,24 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import tiny_tree, write_config
 
 from rampup.engine.trainer import Trainer
-from rampup.schedule.registry import FAMILIES, KNOBS, Family, Knob, register_family, register_knob
-from rampup.tools.resumecheck import RunRecord, checkpointed, copy_at, differences, in_process
-from conftest import tiny_tree, write_config
+from rampup.schedule.registry import (
+    FAMILIES,
+    KNOBS,
+    Family,
+    Knob,
+    register_family,
+    register_knob,
+)
+from rampup.tools.resumecheck import (
+    RunRecord,
+    checkpointed,
+    copy_at,
+    differences,
+    in_process,
+)
 
 
 class HeadPenalty:

@@ -16,9 +16,9 @@ from torch.profiler import record_function
 
 from rampup.engine.evaluation import eval_loss, window_batches
 from rampup.engine.precision import autocast
+from rampup.engine.tasks import CausalLM
 from rampup.errors import ConfigError, RampupError
 from rampup.models.adapter import Batch, ModuleAdapter
-from rampup.engine.tasks import CausalLM
 
 REGIONS = ("rampup.forward", "rampup.backward", "rampup.optimizer")
 """The torch.profiler labels of a step's parts (the loss in forward; clipping and the update in optimizer)."""

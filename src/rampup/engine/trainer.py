@@ -42,11 +42,18 @@ from rampup.engine.precision import (
 from rampup.engine.records import Display, MetricsWriter, NullMetrics, write_record_file
 from rampup.engine.rundata import RunData, micro_shapes, prepare_run
 from rampup.engine.runlock import RunLock
-from rampup.engine.state import KEPT_ON_ROLLBACK, TrainState
-from rampup.engine.step import REGIONS, Interrupted, optimizer_step, resolve_device
+from rampup.engine.state import KEPT_ON_ROLLBACK, Progress, TrainState
+from rampup.engine.step import (
+    REGIONS,
+    Interrupted,
+    evaluate,
+    optimizer_step,
+    resolve_device,
+    train_step,
+)
+from rampup.engine.tasks import CausalLM
 from rampup.errors import ConfigError, NonFiniteError
 from rampup.models.build import build_adapter
-from rampup.engine.tasks import CausalLM
 from rampup.protocols import Batch, RunSettings
 from rampup.schedule.registry import (
     KNOBS,
@@ -59,6 +66,10 @@ from rampup.schedule.registry import (
     parameter_groups,
 )
 from rampup.units import Duration, Unit
+
+__all__ = ["Interrupted", "Progress", "RunData", "Trainer", "evaluate", "optimizer_step", "prepare_run",
+           "resolve_device", "train", "train_step"]
+"""The engine's public functions, for a loop of your own or a whole run."""
 
 _FAULT_EVENTS = ("skip", "rollback")
 _COMPARED_ON_RESUME = ("model", "data", "schedule", "optimizer")

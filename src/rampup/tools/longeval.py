@@ -41,8 +41,8 @@ def loss_by_position(model, windows: torch.Tensor, n_buckets: int = 8, *,
     task's own (per token, ``reduction='none'``)."""
     from rampup.engine.evaluation import window_batches
     from rampup.engine.precision import autocast
-    from rampup.models.adapter import ModuleAdapter
     from rampup.engine.tasks import CausalLM
+    from rampup.models.adapter import ModuleAdapter
 
     adapter = model if hasattr(model, "module") else ModuleAdapter(model)
     task = task or CausalLM()

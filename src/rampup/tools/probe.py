@@ -55,6 +55,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     from rampup.config import RunConfig
     from rampup.engine.optim import build_optimizer
     from rampup.engine.step import optimizer_step
+    from rampup.engine.tasks import CausalLM
     from rampup.knobs.memory import (
         MemorySettings,
         apply_memory,
@@ -62,7 +63,6 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         rss_bytes,
     )
     from rampup.models.build import build_adapter
-    from rampup.engine.tasks import CausalLM
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
