@@ -17,6 +17,7 @@ import random
 from collections.abc import Iterator
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 
 def derived_seed(seed: int, purpose: str, step: int = 0) -> int:
@@ -47,7 +48,6 @@ def normal_(t: torch.Tensor, std: float, gen: torch.Generator, mean: float = 0.0
 
 
 def _is_fake(t: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
 
     return isinstance(t, FakeTensor)
 

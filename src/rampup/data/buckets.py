@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from rampup.data.dataset import TokenDataset
+from rampup.data.prepare import remove_stale_tmp
 from rampup.errors import ConfigError, DataError
 
 BUCKETS_VERSION = 1
@@ -152,7 +153,6 @@ def get_buckets(prepared: str | Path, min_log2: int, max_log2: int,
 
 def _write(folder: Path, dataset: TokenDataset, min_log2: int, max_log2: int) -> None:
     starts, dropped = decompose(dataset, min_log2, max_log2)
-    from rampup.data.prepare import remove_stale_tmp
 
     if folder.parent.is_dir():
         remove_stale_tmp(folder.parent)

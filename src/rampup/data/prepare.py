@@ -29,6 +29,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -199,14 +200,8 @@ def _val_bucket(text: str) -> int:
     return int.from_bytes(digest, "little") % _VAL_BUCKETS
 
 
-def _build(
-    cfg: DataConfig, files: list[Path], settings: dict, out: Path, progress: Progress | None
-) -> None:
-    t0 = time.perf_counter()
-    threshold = round(cfg.val_fraction * _VAL_BUCKETS)
-    report = progress or (lambda phase, done, total: None)
-
-    # Pass 1: each document's validation bucket, and the tokenizer trained on the training docs.
+def _train_pass(cfg: DataConfig, files: list[Path], threshold: int, report: Progress):
+    """Pass 1: each document's validation bucket and the tokenizer, trained on the training documents."""
     buckets: list[int] = []
     stats = CorpusStats()
 
@@ -229,8 +224,25 @@ def _build(
             f"no documents in {cfg.source} ({len(files)} files, {stats.n_empty} empty documents, "
             f"{stats.n_binary_files} binary files, {stats.n_undecodable} undecodable inputs)"
         )
-    is_val = _assign_val(np.array(buckets), threshold)
+    return tok, buckets, stats
 
+
+def _meta(cfg: DataConfig, files: list[Path], stats: CorpusStats, settings: dict, **found: Any) -> dict[str, Any]:
+    return {"format_version": FORMAT_VERSION, **found, "n_files": len(files), "n_empty_docs": stats.n_empty,
+            "n_binary_files": stats.n_binary_files, "n_undecodable": stats.n_undecodable,
+            "undecodable": stats.undecodable, "bytes_total": stats.bytes_total, "bytes_skipped": stats.bytes_skipped,
+            "skipped_files": stats.skipped, "n_skipped_files": stats.n_skipped_files, "source": cfg.source,
+            "settings": settings}
+
+
+def _build(
+    cfg: DataConfig, files: list[Path], settings: dict, out: Path, progress: Progress | None
+) -> None:
+    t0 = time.perf_counter()
+    threshold = round(cfg.val_fraction * _VAL_BUCKETS)
+    report = progress or (lambda phase, done, total: None)
+    tok, buckets, stats = _train_pass(cfg, files, threshold, report)
+    is_val = _assign_val(np.array(buckets), threshold)
     vocab_size = tok.get_vocab_size()
     eot = eot_id(tok, cfg.tokenizer.eot or EOT)
     dtype = token_dtype(vocab_size)
@@ -250,26 +262,8 @@ def _build(
             done += 1
         report("tokenize", done, len(buckets))
     splits = {s: w.close() for s, w in writers.items()}
-
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "vocab_size": vocab_size,
-        "eot_id": eot,
-        "dtype": dtype.name,
-        "splits": splits,
-        "n_files": len(files),
-        "n_empty_docs": stats.n_empty,
-        "n_binary_files": stats.n_binary_files,
-        "n_undecodable": stats.n_undecodable,
-        "undecodable": stats.undecodable,
-        "bytes_total": stats.bytes_total,
-        "bytes_skipped": stats.bytes_skipped,
-        "skipped_files": stats.skipped,
-        "n_skipped_files": stats.n_skipped_files,
-        "source": cfg.source,
-        "settings": settings,
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
+    meta = _meta(cfg, files, stats, settings, vocab_size=vocab_size, eot_id=eot, dtype=dtype.name, splits=splits)
+    meta["seconds"] = round(time.perf_counter() - t0, 3)
     tmp_meta = out / (META + ".tmp")
     tmp_meta.write_text(json.dumps(meta, indent=2))
     os.replace(tmp_meta, out / META)

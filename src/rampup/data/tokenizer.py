@@ -1,6 +1,7 @@
 """A byte-level BPE tokenizer (Hugging Face ``tokenizers``), trained locally or loaded from disk."""
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -59,6 +60,5 @@ def eot_id(tok: Tokenizer, token: str = EOT) -> int:
 def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
     """Whether two tokenizers map text to the same ids (their models: vocabulary and merges), whatever
     their special-token or template settings."""
-    import json
 
     return json.loads(a.to_str()).get("model") == json.loads(b.to_str()).get("model")

@@ -34,17 +34,30 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
+import inspect
+import logging
 import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+from torch.distributed.run import get_args_parser, run
+from torch.nn.parallel import DistributedDataParallel as DDP
 
+from rampup.engine.checkpoint.local import ShardedCheckpointer
 from rampup.engine.checkpoint.sharded import all_trainable as _all_trainable  # noqa: F401
-from rampup.errors import ConfigError
-from rampup.schedule.registry import parameter_groups
+from rampup.engine.optim import build_optimizer
+from rampup.errors import ConfigError, DistributedError, RampupError
+from rampup.models.build import build_adapter
+from rampup.schedule.registry import knob_keys_set, parameter_groups
 
 
 @dataclass
@@ -143,13 +156,11 @@ class Dist:
         signature = tuple((id(p), tuple(p.shape)) for p in module.parameters() if p.requires_grad)
         if signature == self._signature:
             return
-        from torch.nn.parallel import DistributedDataParallel as DDP
 
         if self._plain_hidden is None:
             self._plain_hidden = adapter._hidden
         device_ids = [self.local_rank] if next(module.parameters()).device.type == "cuda" else None
         # no buffer sync in forward: the only buffers are RoPE tables every rank computes itself
-        import inspect
 
         buffers = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
                    else {"broadcast_buffers": False})
@@ -172,12 +183,9 @@ class Dist:
         root's hooks (``forward_hidden`` registered as an FSDP forward method)."""
         if not self.fsdp:
             return
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
         n = sum(p.numel() for p in adapter.module.parameters())
         if self.main and 16 * n < SMALL_FOR_FSDP:
-            import sys
 
             print(f"warning: train.strategy fsdp shards a model of {n:,} parameters ({16 * n / 2**20:.1f} MiB with "
                   f"gradients and AdamW state) over {self.world} ranks: it saves little memory and adds an "
@@ -196,12 +204,9 @@ class Dist:
         a single-process checkpoint through an unsharded replica (built without moving the run's RNG)."""
         if not self.enabled and cfg.train.checkpoint_format != "dcp":
             return local
-        from rampup.engine.checkpoint.local import ShardedCheckpointer
 
         if not self.fsdp:
             return ShardedCheckpointer(local, self)
-        from rampup.engine.optim import build_optimizer
-        from rampup.models.build import build_adapter
 
         def replica():
             with torch.random.fork_rng(devices=[]):
@@ -245,7 +250,6 @@ class Dist:
         try:
             yield
         except (RuntimeError, dist.DistError) as e:
-            from rampup.errors import DistributedError, RampupError
 
             words = ("gloo", "nccl", "timed out", "timeout", "connection", "collective", "peer")
             if isinstance(e, RampupError) or not (isinstance(e, dist.DistError) or
@@ -284,7 +288,6 @@ class Dist:
             self._adapter._hidden = self._plain_hidden
         self.ddp = self._adapter = None
         if self.enabled and dist.is_initialized():
-            import gc
 
             gc.collect()
             dist.barrier()
@@ -312,7 +315,6 @@ _FSDP_NOT_YET = {"depth": 0, "width": 0, "mlp_width": 0, "subnet": "none"}
 
 def check_context_parallel(cfg: Any, world: int) -> None:
     """``train.context_parallel`` above 1, refused by name with what stands in the way (before compute)."""
-    from rampup.schedule.registry import knob_keys_set
 
     n = cfg.train.context_parallel
     if n == 1:
@@ -339,7 +341,6 @@ def check_context_parallel(cfg: Any, world: int) -> None:
 
 def check_fsdp(cfg: Any) -> None:
     """What FSDP2 does not run yet, refused by name before compute."""
-    from rampup.schedule.registry import knob_keys_set
 
     if cfg.model.source != "reference":
         raise ConfigError("train.strategy fsdp shards rampup's reference model only so far; use train.strategy: ddp "
@@ -404,12 +405,7 @@ def launch(argv: list[str], nproc: int, max_restarts: int) -> int:
     A signal to this process reaches the workers (rank 0 checkpoints and says so, once) and the launcher
     exits as one process would: 128+N, no torchrun traceback. A failed worker has already printed its
     own error; the launcher exits with that worker's code (the lowest failing rank's)."""
-    import logging
-    import sys
 
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run
 
     args = get_args_parser().parse_args(["--standalone", f"--nproc_per_node={nproc}",
                                          f"--max-restarts={max_restarts}", "-m", "rampup", *argv])

@@ -16,7 +16,7 @@ import torch
 
 from rampup.data.passkey import PasskeyTemplate, passkey_example
 from rampup.engine.precision import autocast
-from rampup.models.adapter import ModelAdapter
+from rampup.models.adapter import Batch, ModelAdapter
 
 
 @torch.no_grad()
@@ -69,7 +69,6 @@ def evaluate_lengths(adapter: ModelAdapter, task, runner, knobs: dict[str, Any],
 def _logits(model, x: torch.Tensor) -> torch.Tensor:
     """Logits of a ModelAdapter (hidden states through its head) or of a module returning them."""
     if hasattr(model, "head") and hasattr(model, "module"):
-        from rampup.models.adapter import Batch
 
         out = model.forward(Batch(x, x, {}))
         return out.head(out.hidden)
@@ -84,7 +83,6 @@ def passkey_accuracy(model, template: PasskeyTemplate, stream: np.ndarray,
     Filler windows are drawn from ``stream`` (held-out tokens) at random offsets; the same seed gives
     the same examples, so runs are compared on identical questions.
     """
-    from rampup.engine.precision import autocast
 
     module = model.module if hasattr(model, "module") else model  # an adapter or a plain module
     was_training = module.training

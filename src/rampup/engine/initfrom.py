@@ -14,7 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+import yaml
+from safetensors.torch import load_file
+from tokenizers import Tokenizer
+
+from rampup.data.prepare import TOKENIZER, prepared_dir
 from rampup.data.tokenizer import same_tokenizer
+from rampup.engine.checkpoint.format import latest_checkpoint, model_tensors
 from rampup.errors import ConfigError
 
 
@@ -34,10 +41,7 @@ def resolve(path: str | Path, config_cls: Any = None) -> InitSource:
     """What ``train.init_from`` names; a ConfigError says what is missing. ``config_cls`` (RunConfig, passed
     in so that this module does not import the config that imports it) reads a source run's config and
     finds its tokenizer; without it the source's tokenizer is not looked up."""
-    import yaml
 
-    from rampup.data.prepare import TOKENIZER, prepared_dir
-    from rampup.engine.checkpoint.format import latest_checkpoint
 
     p = Path(path).expanduser()
     if not p.exists():
@@ -81,7 +85,6 @@ def check_tokenizer(cfg: Any) -> None:
 
 
 def _load(path: Path):
-    from tokenizers import Tokenizer
 
     try:
         return Tokenizer.from_file(str(path))
@@ -91,10 +94,7 @@ def _load(path: Path):
 
 def load_weights(adapter: Any, init_from: str | Path) -> InitSource:
     """Copy the source's weights into the freshly built model (every tensor, same shapes, or a named error)."""
-    import torch
-    from safetensors.torch import load_file
 
-    from rampup.engine.checkpoint.format import model_tensors
 
     src = resolve(init_from)
     if src.kind == "run":

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -22,6 +24,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from rampup.engine.faults import finite_json
 from rampup.errors import RecordWriteError
 from rampup.units import format_tokens
 
@@ -178,3 +181,49 @@ class Display:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one optimizer step did (Trainer.train_step returns it)."""
+
+    step: int
+    """The step's number (1 for the first)."""
+    tokens: int
+    """Tokens of the global batch."""
+    rows: int
+    seq_len: int
+    loss: float
+    grad_norm: float
+    lr: float
+    seconds: float
+    flops: float
+    """Training FLOPs of the global batch."""
+    compiled: bool = False
+    """The step compiled a new graph (its time counts as compile time)."""
+    applied: bool = True
+    """False: the loss or gradient norm was not finite, and the update was skipped."""
+    rolled_back: bool = False
+    """A streak of skipped steps rolled the run back to its newest intact checkpoint."""
+
+
+def step_record(p: Any, r: StepResult, stage: int, stage_name: str, roof_flops: float = 0.0) -> dict[str, Any]:
+    """The ``step`` event of an applied step (``p``: the Progress after it; ``roof_flops``: the job's
+    matmul roof in FLOP/s, 0 when unknown)."""
+    achieved = r.flops / r.seconds  # honest FLOPs per second of the whole job
+    rec = {"event": "step", "step": p.step, "tokens": p.tokens, "loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm,
+           "seq_len": r.seq_len, "batch_size": r.rows, "stage": stage, "stage_name": stage_name,
+           "tok_per_s": r.tokens / r.seconds, "step_time": r.seconds, "train_time": p.train_time, "flops": p.flops,
+           "flops_per_s": achieved, "wall": time.time()}
+    if roof_flops:
+        rec["roof_share"] = achieved / roof_flops
+    if r.compiled:
+        rec["compiled"] = True
+        rec["compile_time"] = p.compile_time
+    return rec
+
+
+def skip_record(p: Any, r: StepResult) -> dict[str, Any]:
+    """The ``skip`` event of a step whose update was not applied."""
+    return {"event": "skip", "step": p.step, "tokens": p.tokens, "loss": finite_json(r.loss),
+            "grad_norm": finite_json(r.grad_norm), "lr": r.lr, "in_a_row": p.consecutive_skips}

@@ -7,6 +7,7 @@ refused naming the holder.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sys
@@ -36,7 +37,6 @@ class RunLock:
         self.created = False
 
     def acquire(self) -> RunLock:
-        import fcntl
 
         if self.folder.exists() and not self.folder.is_dir():
             raise ConfigError(f"train.out_dir {self.folder} is a file, not a folder; choose another "

@@ -46,6 +46,22 @@ class Progress:
     lr_scale: float = 1.0
     """Learning-rate multiple left by rollbacks (train.nonfinite.lr_factor per rollback)."""
 
+    def count(self, r: Any) -> None:
+        """Add one step (a rampup.engine.records.StepResult): its tokens, FLOPs and time, or its skip."""
+        self.step += 1
+        self.tokens += r.tokens
+        self.flops += r.flops
+        if r.compiled:
+            self.compile_time += r.seconds
+        else:
+            self.train_time += r.seconds
+        if r.applied:
+            self.consecutive_skips = 0
+        else:
+            self.skipped_steps += 1
+            self.skipped_tokens += r.tokens
+            self.consecutive_skips += 1
+
 
 KEPT_ON_ROLLBACK = ("flops", "train_time", "compile_time", "skipped_steps", "skipped_tokens", "rollbacks")
 """What a rollback keeps from the timeline it abandons: the record of work done and faults met."""

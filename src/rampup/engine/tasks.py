@@ -14,6 +14,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from rampup.data.packing import document_positions, segment_ids
+from rampup.models.docmask import document_spans
+from rampup.models.tiling import tiled_head_loss
 from rampup.protocols import Batch, ModelAdapter
 from rampup.protocols import (
     Task as Task,  # re-exported: its home before rampup.protocols
@@ -29,8 +32,6 @@ class CausalLM:
     def make_batch(self, x: torch.Tensor, y: torch.Tensor, *, training: bool = True) -> Batch:
         extra = {}
         if self.doc_mask and training:  # evaluation windows are scored with full causal context
-            from rampup.data.packing import document_positions, segment_ids
-            from rampup.models.docmask import document_spans
 
             seg = segment_ids(x, self.eot_id)  # (B, T) document index within each row, on the host
             extra["spans"] = document_spans(seg)
@@ -45,7 +46,6 @@ class CausalLM:
     def loss(self, adapter: ModelAdapter, batch: Batch, *, reduction: str = "mean") -> torch.Tensor:
         out = adapter.forward(batch)
         if out.loss_shards > 1 and reduction != "none":  # tiled: the full logits never exist
-            from rampup.models.tiling import tiled_head_loss
 
             targets = batch.targets
 

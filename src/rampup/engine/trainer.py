@@ -16,20 +16,23 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+from torch.profiler import ProfilerActivity, profile
 
 from rampup.engine.checkpoint.format import Checkpoint
 from rampup.engine.checkpoint.local import LocalCheckpointer
 from rampup.engine.distributed import device_for, setup
 from rampup.engine.evaluation import evaluate_lengths, passkey_accuracy
-from rampup.engine.faults import NanInjector, StallInjector, clock_scale, finite_json
+from rampup.engine.faults import NanInjector, StallInjector, clock_scale
 from rampup.engine.initfrom import load_weights
 from rampup.engine.loggers import build_loggers
 from rampup.engine.optim import build_optimizer, lr_at
@@ -39,7 +42,15 @@ from rampup.engine.precision import (
     resolve_precision,
     saved_precision,
 )
-from rampup.engine.records import Display, MetricsWriter, NullMetrics, write_record_file
+from rampup.engine.records import (
+    Display,
+    MetricsWriter,
+    NullMetrics,
+    StepResult,
+    skip_record,
+    step_record,
+    write_record_file,
+)
 from rampup.engine.rundata import RunData, micro_shapes, prepare_run
 from rampup.engine.runlock import RunLock
 from rampup.engine.state import KEPT_ON_ROLLBACK, Progress, TrainState
@@ -291,16 +302,16 @@ class Trainer:
         that checkpoint found non-finite weights and rolled back)."""
         while True:
             while self.progress.tokens < self.schedule.total_tokens:
-                if not self.train_step():
-                    continue  # rolled back: the step after the restored checkpoint is next
+                if self.train_step().rolled_back:
+                    continue  # the step after the restored checkpoint is next
                 self.after_step()
             final = self.evaluate()
             path = self.save()
             if path is not None:
                 return final, path
 
-    def train_step(self) -> bool:
-        """One optimizer step with its knobs applied and its record written; False if it rolled back."""
+    def train_step(self) -> StepResult:
+        """One optimizer step with its knobs applied and its record written: what happened."""
         p, cfg = self.progress, self.cfg
         sp = self.schedule.step_at(p.step, p.tokens)
         self.enter_stage(sp)
@@ -322,11 +333,11 @@ class Trainer:
                 for family in families():
                     family.after_step(self.knobs.ctx, batch.items * self.dist.world)  # the global batch's tokens
         dt = (time.perf_counter() - t0) * self.clock_scale
-        applied = self.record_step(sp, batch, loss, gnorm, lr, dt)
+        result = self.record_step(sp, batch, loss, gnorm, lr, dt)
         if isinstance(profiler, _StepProfiler):
             self.metrics.write({"event": "profile", "step": self.progress.step, "rows": batch.rows * self.dist.world,
                                 "seq_len": batch.items // batch.rows, "step_time": dt, **profiler.seconds(dt)})
-        return applied
+        return result
 
     def after_step(self) -> None:
         """Data epochs, evaluation, a pending signal and checkpoints, in that order."""
@@ -381,7 +392,9 @@ class Trainer:
                 self.metrics.write(record)
         return batch.to(self.device)
 
-    def record_step(self, sp, batch, loss: float, gnorm: float, lr: float, dt: float) -> bool:
+    def record_step(self, sp, batch, loss: float, gnorm: float, lr: float, dt: float) -> StepResult:
+        """The step counted into the progress and written to the record (a non-finite one as a skip,
+        rolling back after too many in a row)."""
         p, cfg = self.progress, self.cfg
         B, n_items = batch.rows * self.dist.world, batch.items * self.dist.world  # the global batch
         T = n_items // B  # the sampler's shape: the buckets sampler picks T itself
@@ -389,42 +402,23 @@ class Trainer:
         compiled = cfg.train.compile and not graphs <= self.seen_graphs
         self.seen_graphs |= graphs
         flops = self.state.model.flops_per_item(tuple(batch.inputs.shape), doc_lengths=self.task.doc_lengths(batch))
-        achieved = flops * n_items / dt  # honest FLOPs per second of the whole job
         self._tokens_before = p.tokens
-        p.step += 1
-        p.tokens += n_items
-        p.flops += flops * n_items
-        if compiled:
-            p.compile_time += dt
-        else:
-            p.train_time += dt
-        stage = self.schedule.stages[sp.stage]
-        if math.isfinite(loss) and math.isfinite(gnorm):
-            p.consecutive_skips = 0
-            rec = {"event": "step", "step": p.step, "tokens": p.tokens, "loss": loss, "lr": lr, "grad_norm": gnorm,
-                   "seq_len": T, "batch_size": B, "stage": stage.index, "stage_name": stage.name,
-                   "tok_per_s": n_items / dt, "step_time": dt, "train_time": p.train_time, "flops": p.flops,
-                   "flops_per_s": achieved, "wall": time.time()}
-            if self.roof:
-                rec["roof_share"] = achieved / (self.roof * 1e9 * self.dist.world)
-            if compiled:
-                rec["compiled"] = True
-                rec["compile_time"] = p.compile_time
+        result = StepResult(p.step + 1, n_items, B, T, loss, gnorm, lr, dt, flops * n_items, compiled,
+                            math.isfinite(loss) and math.isfinite(gnorm))
+        p.count(result)
+        if result.applied:
+            stage = self.schedule.stages[sp.stage]
+            rec = step_record(p, result, stage.index, stage.name, self.roof * 1e9 * self.dist.world)
             self.metrics.write(rec)
-            eta = p.train_time / max(1, p.tokens) * max(0, self.schedule.total_tokens - p.tokens)
-            self.display.step(rec, eta)
-            return True
-        p.skipped_steps += 1
-        p.skipped_tokens += n_items
-        p.consecutive_skips += 1
-        self.metrics.write({"event": "skip", "step": p.step, "tokens": p.tokens, "loss": finite_json(loss),
-                            "grad_norm": finite_json(gnorm), "lr": lr, "in_a_row": p.consecutive_skips})
+            self.display.step(rec, p.train_time / max(1, p.tokens) * max(0, self.schedule.total_tokens - p.tokens))
+            return result
+        self.metrics.write(skip_record(p, result))
         self.display.print(f"step {p.step}: loss {loss}, grad norm {gnorm}: skipped, not applied "
                            f"({p.consecutive_skips} in a row; {self.policy.max_skips} trigger {self.policy.on_limit})")
         if p.consecutive_skips >= self.policy.max_skips:
             self.rollback_or_stop(f"{p.consecutive_skips} steps in a row had a non-finite loss or gradient norm")
-            return False
-        return True
+            return replace(result, rolled_back=True)
+        return result
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict[int, float]:
@@ -594,7 +588,6 @@ class _StepProfiler:
     backward, optimizer: rampup.engine.step.REGIONS) and the rest (host work)."""
 
     def __enter__(self) -> _StepProfiler:
-        from torch.profiler import ProfilerActivity, profile
 
         self._prof = profile(activities=[ProfilerActivity.CPU])
         with _quiet_fd2():
@@ -615,7 +608,6 @@ class _StepProfiler:
 @contextlib.contextmanager
 def _quiet_fd2():
     """Kineto prints a line to the process's stderr at every profiler start and stop: not for the user."""
-    import os
 
     sys.stderr.flush()
     saved = os.dup(2)

@@ -30,25 +30,36 @@ A teacher whose vocabulary differs from the run's is refused before any compute.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+import yaml
+from tokenizers import Tokenizer
 
-from rampup.data.prepare import load_prepared_tokenizer
+from rampup.data.prepare import TOKENIZER, load_prepared_tokenizer, prepared_dir
+from rampup.engine.checkpoint.format import load_checkpoint, verify_checkpoint
 from rampup.engine.runs import read_run
-from rampup.errors import ConfigError
-from rampup.knobs.memory import STEP_HOOKS
+from rampup.errors import ConfigError, RampupError
+from rampup.knobs.ema import full
+from rampup.knobs.growth import fit_to_checkpoint, fit_to_tensors
+from rampup.knobs.memory import STEP_HOOKS, _fake_adapter, _storage_bytes
 from rampup.models.build import build_adapter
+from rampup.models.hf import HFCausalLMAdapter
+from rampup.models.tiling import tiled_head_loss
 from rampup.protocols import unwrap
 from rampup.schedule.registry import (
     Family,
     Knob,
+    KnobContext,
+    KnobRunner,
     RunSetup,
     register_family,
     register_knob,
 )
+from rampup.seeding import generator, normal_, untouched_rng
 
 MODEL_KNOBS = ("rope", "attention", "window")
 """Knobs that shape a snapshot teacher as they shaped the model at its snapshot."""
@@ -105,19 +116,16 @@ class Teachers:
     # -- snapshots and teachers
     @torch.no_grad()
     def refresh_from_ema(self, teacher: Any) -> None:
-        from rampup.knobs.ema import full
 
         shadows = {k: full(v) for k, v in self.ema.tensors().items()}  # a sharded average is gathered
         if set(shadows) != {n for n, _ in teacher.module.named_parameters()} or any(
                 p.shape != shadows[n].shape for n, p in teacher.module.named_parameters()):
-            from rampup.knobs.growth import fit_to_tensors
 
             fit_to_tensors(teacher, shadows)  # the model grew since: the teacher follows
         for name, p in teacher.module.named_parameters():
             p.copy_(shadows[name])
 
     def snapshot(self, stage_name: str, module: torch.nn.Module) -> None:
-        from rampup.knobs.ema import full
 
         # whole tensors: a sharded (FSDP2) model is gathered, on every rank at the same step
         self.snapshots[stage_name] = {k: full(v.detach()).clone() for k, v in module.state_dict().items()}
@@ -130,15 +138,12 @@ class Teachers:
             self.active = None
             return
         if spec not in self._built:
-            from rampup.seeding import untouched_rng
 
             with untouched_rng():  # a model built to hold loaded weights draws nothing that training sees
                 self._built[spec] = self._build(spec, vocab_size)
         self.active = self._built[spec]
 
     def _build(self, spec: str, vocab_size: int):
-        from rampup.models.build import build_adapter
-        from rampup.schedule.registry import KnobContext, KnobRunner
 
         kind, _, arg = spec.partition(":")
         if spec == "ema":  # its weights are the EMA's shadows, copied in before every use (DistillTask.loss)
@@ -149,7 +154,6 @@ class Teachers:
                                   "a stage's snapshot teaches only the stages after it")
             stage = next(s for s in self.schedule.stages if s.name == arg)
             adapter = build_adapter(self.cfg.model, "cpu")
-            from rampup.knobs.growth import fit_to_tensors
 
             fit_to_tensors(adapter, self.snapshots[arg])  # the snapshot of a model that grew
             adapter.module.load_state_dict(self.snapshots[arg])
@@ -159,7 +163,6 @@ class Teachers:
         elif kind == "run":
             adapter = load_run_teacher(arg)
         else:  # hf
-            from rampup.models.hf import HFCausalLMAdapter
 
             adapter = HFCausalLMAdapter.from_pretrained(arg)
         teacher_vocab = adapter.head.weight.shape[0]
@@ -174,17 +177,13 @@ class Teachers:
 
 def load_run_teacher(path: str):
     """The model of a rampup run folder (its latest checkpoint) or of one checkpoint folder."""
-    from rampup.engine.checkpoint.format import load_checkpoint
-    from rampup.models.build import build_adapter
     if not Path(path).exists():
         raise ConfigError(f"teacher run:{path}: no such folder; give a rampup run folder or checkpoint folder")
-    from rampup.seeding import untouched_rng
 
     saved = read_run(path, "a teacher")
     ckpt = saved.checkpoint
     with untouched_rng():  # its weights are the checkpoint's
         adapter = build_adapter(saved.model, "cpu")
-    from rampup.knobs.growth import fit_to_checkpoint
 
     fit_to_checkpoint(adapter, ckpt)
     load_checkpoint(ckpt, adapter.module, None)
@@ -211,8 +210,6 @@ def check_static(cfg: Any, schedule_cfg: Any) -> None:
         if kind == "hf" and not (Path(arg) / "config.json").is_file():
             raise ConfigError(f"teacher '{spec}': {arg} has no config.json; give a Hugging Face model folder")
         if kind == "run":  # a damaged or unreadable teacher checkpoint is named now, not at its stage
-            from rampup.engine.checkpoint.format import verify_checkpoint
-            from rampup.errors import RampupError
 
             try:
                 verify_checkpoint(read_run(arg, "a teacher").checkpoint)
@@ -229,14 +226,12 @@ def check_tokenizer(spec: str, cfg: Any, own: Any) -> None:
     """A run: or hf: teacher must tokenize as the run does: the same vocabulary, token for token.
     ``own`` is the run's tokenizer (tokenizers.Tokenizer); a teacher whose tokenizer cannot be found
     (a run not prepared here) is checked by vocabulary size only."""
-    from tokenizers import Tokenizer
 
     kind, _, arg = spec.partition(":")
     theirs = None
     if kind == "hf" and (Path(arg) / "tokenizer.json").is_file():
         theirs = Tokenizer.from_file(str(Path(arg) / "tokenizer.json"))
     elif kind == "run":
-        from rampup.data.prepare import TOKENIZER, prepared_dir
         folder = prepared_dir(read_run(arg, "a teacher").data)
         if (folder / TOKENIZER).is_file():
             theirs = Tokenizer.from_file(str(folder / TOKENIZER))
@@ -246,9 +241,7 @@ def check_tokenizer(spec: str, cfg: Any, own: Any) -> None:
 
 
 def _folder_vocab(kind: str, arg: str) -> int | None:
-    import json
 
-    import yaml
 
     p = Path(arg)
     if kind == "hf":
@@ -334,7 +327,6 @@ class Projections:
         self.seed = seed
 
     def add(self, key: str, d_in: int, d_out: int, device: Any = "cpu") -> None:
-        from rampup.seeding import generator, normal_, untouched_rng
 
         with untouched_rng(device):
             m = torch.nn.Linear(d_in, d_out, bias=False, device=device)
@@ -381,7 +373,6 @@ class DistillTask:
         if teacher is None or (distill_w == 0 and hidden_w == 0) or reduction == "none" or not torch.is_grad_enabled():
             loss = self.task.loss(adapter, batch, reduction=reduction)
             return loss * label_w if reduction != "none" and torch.is_grad_enabled() else loss
-        from rampup.models.tiling import tiled_head_loss
 
         s_states: dict[str, torch.Tensor] = {}
         t_states: dict[str, torch.Tensor] = {}
@@ -500,7 +491,6 @@ def build_projections(cfg: Any, schedule: Any, adapter: Any, projections: Projec
 def estimate_teacher(cfg: Any, knobs: dict[str, Any], adapter: Any, task: Any, precision: str, seq_len: int):
     """rampup.knobs.memory's step hook: the distillation task around ``task`` with a fake teacher, the teacher's
     tensors and weight bytes, when the knobs teach (None otherwise)."""
-    from rampup.knobs.memory import _fake_adapter, _storage_bytes
 
     spec = knobs.get("teacher", "none")
     pairs = parse_pairs(knobs.get("distill_hidden", "none"))
@@ -513,12 +503,10 @@ def estimate_teacher(cfg: Any, knobs: dict[str, Any], adapter: Any, task: Any, p
     if kind == "run":
         teacher = _fake_adapter(read_run(arg, "a teacher").model)
     elif kind == "hf":
-        from rampup.models.hf import HFCausalLMAdapter
 
         teacher = HFCausalLMAdapter.from_folder_config(arg, "cpu")
     else:  # a snapshot or the EMA of the run's own model, at its present shape
         teacher = _fake_adapter(adapter.module.cfg if hasattr(adapter.module, "tok_emb") else cfg.model)
-    from rampup.schedule.registry import KnobContext, KnobRunner
 
     KnobRunner(KnobContext(teacher, cfg=cfg, precision=precision)).apply(
         {k: v for k, v in knobs.items() if k in MODEL_KNOBS}, seq_len)
@@ -565,7 +553,6 @@ def teacher_adapter(cfg: Any, spec: str) -> Any:
     if kind == "run":
         return build_adapter(read_run(arg, "a teacher").model, "meta")
     if kind == "hf":
-        from rampup.models.hf import HFCausalLMAdapter
 
         return HFCausalLMAdapter.from_folder_config(arg, "meta")
     return build_adapter(cfg.model, "meta")  # a snapshot of the run's own model

@@ -40,8 +40,11 @@ from typing import Any
 
 import torch
 
+from rampup.engine.checkpoint.format import model_shapes, verify_checkpoint
 from rampup.errors import ConfigError
+from rampup.models.llm import Block
 from rampup.schedule.registry import Family, Knob, register_family, register_knob
+from rampup.seeding import generator, normal_, untouched_rng
 
 
 def _check_method(value: Any) -> str:
@@ -56,8 +59,6 @@ def grow(adapter: Any, depth: int, method: str = "zero", optimizer: torch.optim.
     """Grow the reference model to ``depth`` blocks in place (and the optimizer's groups); False if it
     already has them. New block i draws its weights from its own generator, (``seed``, block i, ``step``:
     rampup.seeding), never from torch's global one, so a resumed run grows the same blocks."""
-    from rampup.models.llm import Block
-    from rampup.seeding import generator, normal_, untouched_rng
 
     module = adapter.module
     n = len(module.layers)
@@ -127,7 +128,6 @@ def widen_mlp(adapter: Any, hidden: int, noise: float = 0.0, optimizer: torch.op
     src = torch.arange(hidden) % old
     counts = torch.tensor([hidden // old + (j < hidden % old) for j in range(old)],  # copies of each unit
                           dtype=module.tok_emb.weight.dtype)
-    from rampup.seeding import generator
 
     g = generator(seed, "growth.mlp_width", step)
     replaced = {}
@@ -200,7 +200,6 @@ class _Tiler:
     """The copies ``widen_model`` makes: k whole copies of every stream coordinate and head."""
 
     def __init__(self, k: int, dim: int, noise: float, std: float, seed: int, step: int) -> None:
-        from rampup.seeding import generator
 
         self.k, self.dim, self.noise, self.std = k, dim, noise, std
         self.gen = generator(seed, "growth.width", step)
@@ -261,7 +260,6 @@ def _swap_in_optimizer(optimizer: torch.optim.Optimizer | None, replaced: dict[i
 
 
 def checkpoint_width(path: Path) -> int | None:
-    from rampup.engine.checkpoint.format import model_shapes
 
     shape = model_shapes(path).get("norm.weight")  # the stream's width: the final norm's size
     return shape[0] if shape else None
@@ -269,14 +267,12 @@ def checkpoint_width(path: Path) -> int | None:
 
 def checkpoint_depth(path: Path) -> int | None:
     """How many blocks the reference model in a checkpoint folder has (None: no ``layers.N`` keys)."""
-    from rampup.engine.checkpoint.format import model_shapes
 
     idx = {int(k.split(".")[1]) for k in model_shapes(path) if k.startswith("layers.")}
     return max(idx) + 1 if idx else None
 
 
 def checkpoint_mlp_width(path: Path) -> int | None:
-    from rampup.engine.checkpoint.format import model_shapes
 
     shape = model_shapes(path).get("layers.0.mlp.w1.weight")
     return shape[0] if shape else None
@@ -317,7 +313,6 @@ def fit_to_checkpoint(adapter: Any, path: Path, optimizer: torch.optim.Optimizer
     if not hasattr(adapter.module, "layers") or not hasattr(adapter.module, "tok_emb"):
         return
     if verify:
-        from rampup.engine.checkpoint.format import verify_checkpoint
 
         verify_checkpoint(path)
     fit_to_shapes(adapter, checkpoint_width(path), checkpoint_mlp_width(path), checkpoint_depth(path), optimizer,

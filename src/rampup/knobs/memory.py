@@ -33,14 +33,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from rampup.errors import ConfigError
+from rampup.engine.optim import build_optimizer
+from rampup.engine.step import accumulate_gradients
+from rampup.engine.tasks import CausalLM
+from rampup.errors import ConfigError, did_you_mean
+from rampup.knobs.transitions import uses_parameter_groups
+from rampup.models.adapter import DecoderLMAdapter
+from rampup.models.build import build_adapter
+from rampup.models.hf import HFCausalLMAdapter
+from rampup.models.llm import DecoderLM
+from rampup.models.tiling import checkpoint_block, tile_mlp
 from rampup.schedule.registry import (
     Family,
     Knob,
     KnobContext,
+    KnobRunner,
     RunSetup,
     register_family,
     register_knob,
@@ -119,7 +130,6 @@ def block_modes(spec: str, names: list[str]) -> list[str]:
             continue
         r = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
         if r is None:
-            from rampup.errors import did_you_mean
 
             raise ConfigError(f"activation_checkpoint '{spec}': no block named '{part}'{did_you_mean(part, names)}; "
                               f"the blocks are {names[0]} .. {names[-1]} (or indices 0-{n - 1})")
@@ -152,7 +162,6 @@ class MemorySettings:
 
 def apply_memory(adapter: Any, s: MemorySettings) -> None:
     """Give the adapter's blocks and head the settings (rampup.models.tiling); idempotent."""
-    from rampup.models.tiling import checkpoint_block, tile_mlp
 
     blocks = adapter.blocks()
     names = [name for name, _ in blocks]
@@ -468,15 +477,11 @@ def _storage_bytes(tensors) -> int:
 
 
 def _fake_adapter(model_cfg: Any):
-    from rampup.models.build import build_adapter
 
     if model_cfg.source == "hf" and model_cfg.path is not None:
-        from rampup.models.hf import HFCausalLMAdapter
 
         return HFCausalLMAdapter.from_folder_config(model_cfg.path, "cpu")
     if model_cfg.source == "reference":  # built in place: .to() cannot swap fake parameters
-        from rampup.models.adapter import DecoderLMAdapter
-        from rampup.models.llm import DecoderLM
 
         return DecoderLMAdapter(DecoderLM(model_cfg))
     return build_adapter(model_cfg, "cpu")
@@ -493,12 +498,7 @@ def estimate_step(cfg: Any, knobs: dict[str, Any], rows: int, seq_len: int, prec
     ``teacher`` and a distillation weight) adds the teacher's weights and its no-grad forward inside the
     loss, as the distillation task runs it; a snapshot teacher is taken at the model's current shape (an
     upper bound for a model that grew since)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from rampup.engine.optim import build_optimizer
-    from rampup.engine.step import accumulate_gradients
-    from rampup.engine.tasks import CausalLM
-    from rampup.schedule.registry import KnobContext, KnobRunner
 
     if settings is None:
         settings = requested(knobs)
@@ -511,7 +511,6 @@ def estimate_step(cfg: Any, knobs: dict[str, Any], rows: int, seq_len: int, prec
         batch = task.make_batch(x, x.clone())
         adapter = _fake_adapter(cfg.model)
         adapter.module.train()
-        from rampup.knobs.transitions import uses_parameter_groups
 
         optimizer = build_optimizer(adapter.module, cfg.optimizer, uses_parameter_groups(cfg.schedule))
         others = {k: v for k, v in knobs.items() if k not in MEMORY_KNOBS}

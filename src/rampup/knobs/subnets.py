@@ -24,6 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from rampup.errors import ConfigError
+from rampup.models.adapter import DecoderLMAdapter
+from rampup.models.llm import DecoderLM
+from rampup.models.tiling import tiled_head_loss
 from rampup.protocols import unwrap
 from rampup.schedule.registry import (
     Family,
@@ -118,7 +121,6 @@ class SubnetTask:
 
         both = torch.cat([out.hidden, sub.hidden])  # the head is shared: one pass over both
         if out.loss_shards > 1:  # tiled: neither network's full logits ever exist
-            from rampup.models.tiling import tiled_head_loss
 
             total = tiled_head_loss(both, out.head, shard_loss, out.loss_shards)
         else:
@@ -168,8 +170,6 @@ def parse_export(spec: str) -> tuple[int, float]:
 @torch.no_grad()
 def extract(adapter: Any, depth: int, hidden: int):
     """A standalone reference model holding the sub-network's weights (blocks and MLP units sliced)."""
-    from rampup.models.adapter import DecoderLMAdapter
-    from rampup.models.llm import DecoderLM
 
     module = adapter.module
     if depth > len(module.layers) or not 0 < hidden <= module.cfg.hidden:

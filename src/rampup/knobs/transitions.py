@@ -36,7 +36,15 @@ from typing import Any
 import torch.nn as nn
 
 from rampup.errors import ConfigError, did_you_mean
-from rampup.schedule.registry import Family, Knob, register_family, register_knob
+from rampup.schedule.registry import (
+    KNOBS,
+    Family,
+    Knob,
+    Ramp,
+    knob_keys_set,
+    register_family,
+    register_knob,
+)
 
 # ----------------------------------------------------------------------------- names
 
@@ -156,7 +164,6 @@ def _apply_trainable(ctx: Any, value: Any) -> None:
 
 def check_lr_groups(value: Any) -> dict[str, Any]:
     """{glob: multiplier}, each multiplier a number >= 0 or a ramp across the stage ({from: 0.01, to: 1})."""
-    from rampup.schedule.registry import Ramp
 
     if not isinstance(value, dict):
         raise ValueError(f"knob 'lr_groups' takes a mapping of parameter-name globs to lr multipliers, got {value!r}")
@@ -177,7 +184,6 @@ def check_lr_groups(value: Any) -> dict[str, Any]:
 
 def evaluate_lr_groups(value: Any, p: float) -> Any:
     """lr_groups at stage progress p: every ramping multiplier at its value there."""
-    from rampup.schedule.registry import Ramp
 
     if not isinstance(value, dict):
         return value
@@ -225,7 +231,6 @@ def _apply_lr_groups(ctx: Any, value: Any) -> None:
 def uses_parameter_groups(schedule_cfg: Any) -> bool:
     """Whether the schedule sets lr_groups or lr_layer_decay anywhere (the optimizer then has one group per
     parameter, for the whole run, so its layout never changes)."""
-    from rampup.schedule.registry import KNOBS, knob_keys_set
 
     return any(k in knob_keys_set(schedule_cfg) and any(
         v is not None and v != KNOBS[k].default for v in [schedule_cfg.knobs.get(k)] +

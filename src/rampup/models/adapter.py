@@ -25,8 +25,12 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_model
 
 from rampup.errors import ConfigError
+from rampup.models.attention import layer_patterns
+from rampup.models.llm import DecoderLM, flops_per_token
+from rampup.models.rope import apply_rope_spec
 from rampup.protocols import Batch, ModelOutput
 from rampup.protocols import (
     ModelAdapter as ModelAdapter,  # re-exported: its home before rampup.protocols
@@ -69,7 +73,6 @@ class DecoderLMAdapter:
     @classmethod
     def build(cls, cfg, device: torch.device | str = "cpu") -> DecoderLMAdapter:
         """A fresh model from a ModelConfig, initialised from torch's current RNG."""
-        from rampup.models.llm import DecoderLM
 
         if torch.device(device).type == "meta":  # built in place: .to("meta") would untie a tied head
             with torch.device("meta"):
@@ -79,7 +82,6 @@ class DecoderLMAdapter:
     @classmethod
     def load(cls, cfg, weights: str, device: torch.device | str = "cpu") -> DecoderLMAdapter:
         """A model with the weights of a safetensors file (a checkpoint's model.safetensors)."""
-        from safetensors.torch import load_model
 
         adapter = cls.build(cfg, device)
         missing, unexpected = load_model(adapter.module, weights, strict=False, device=str(device))
@@ -125,19 +127,16 @@ class DecoderLMAdapter:
         self.module.layers[index] = fn(self.module.layers[index])
 
     def set_rope(self, spec, seq_len: int | None = None) -> None:
-        from rampup.models.rope import apply_rope_spec
 
         apply_rope_spec(self.module, spec, seq_len)
 
     def set_attention(self, spec, window: int) -> None:
-        from rampup.models.attention import layer_patterns
 
         self.module.set_attention(layer_patterns(spec, window, len(self.module.layers)))
 
     def flops_per_item(self, shape: tuple[int, ...], *, doc_lengths: list[list[int]] | None = None,
                        **_: Any) -> float:
         """Training FLOPs per token of a (B, T) batch at the live attention patterns."""
-        from rampup.models.llm import flops_per_token
 
         return flops_per_token(self.cfg, shape[-1], patterns=self.module.attn_patterns, doc_lengths=doc_lengths)
 

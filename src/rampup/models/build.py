@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from rampup.models.adapter import DecoderLMAdapter
+from rampup.models.hf import HFCausalLMAdapter
 
 
 def build_adapter(cfg, device: torch.device | str = "cpu"):
@@ -11,7 +12,6 @@ def build_adapter(cfg, device: torch.device | str = "cpu"):
     (its folder's weights, or fresh from its inline config; on the meta device, weights are not read)."""
     if cfg.source == "reference":
         return DecoderLMAdapter.build(cfg, device)
-    from rampup.models.hf import HFCausalLMAdapter
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.weights_dtype]
     if cfg.hf_config is not None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask
 
 
 def starts_of(seg: torch.Tensor) -> torch.Tensor:
@@ -116,7 +117,6 @@ def document_block_mask(seg: torch.Tensor, block_size: int = 128):
     Fully masked (block_size x block_size) tiles are skipped by flex_attention. On CPU, torch 2.13
     runs flex_attention forward only (eager: an unfused reference; compiled: a fused kernel).
     """
-    from torch.nn.attention.flex_attention import create_block_mask
 
     B, T = seg.shape
 

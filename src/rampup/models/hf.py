@@ -34,7 +34,11 @@ import torch.nn as nn
 
 from rampup.errors import ConfigError
 from rampup.models.adapter import Batch, ModelOutput
+from rampup.models.attention import Pattern
+from rampup.models.docmask import document_mask
 from rampup.models.llm import HF_FAMILIES as FAMILIES  # noqa: E402
+from rampup.models.llm import attended_keys
+from rampup.models.rope import rope_frequencies
 
 _WINDOWED = ("mistral", "qwen2")
 
@@ -134,7 +138,6 @@ class HFCausalLMAdapter:
     def _document_mask(self, idx: torch.Tensor, extra: dict[str, Any]) -> torch.Tensor | None:
         """Document masking as the 4-d bool mask (B, 1, T, T) every family's attention accepts, the
         model's own sliding window folded in (its mask function is bypassed by a given mask)."""
-        from rampup.models.docmask import document_mask
 
         spans, seg, mask = extra.pop("spans", None), extra.pop("segments", None), extra.pop("attn_mask", None)
         if spans is not None:
@@ -229,7 +232,6 @@ class HFCausalLMAdapter:
     # knob effects (called by the knobs' apply through ctx.model)
     @torch.no_grad()
     def set_rope(self, spec, seq_len: int | None = None) -> None:
-        from rampup.models.rope import rope_frequencies
 
         inv_freq, scale = rope_frequencies(spec, self.rotary_dim, self._base_theta, seq_len)
         device = self._rotary.inv_freq.device
@@ -256,8 +258,6 @@ class HFCausalLMAdapter:
 
     def flops_per_item(self, shape: tuple[int, ...], **_: Any) -> float:
         """6N (matmul weights: every >= 2-d parameter but the embeddings, plus the head) + attention pairs."""
-        from rampup.models.attention import Pattern
-        from rampup.models.llm import attended_keys
 
         n = self._matmul_params
         T = shape[-1]

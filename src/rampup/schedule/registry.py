@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from pydantic import ValidationError
 
-from rampup.errors import ConfigError
+from rampup.errors import ConfigError, did_you_mean
 from rampup.protocols import ModelAdapter, RunResources, RunSettings, Sampler, Task
 from rampup.schedule.ramps import Ramp
 
@@ -87,7 +88,6 @@ class Knob:
     def validate(self, value: Any) -> Any:
         """The value checked and normalised; a structured value's own errors keep their keys under the
         knob's name (``rope.original_max_length``), so the config error names the whole path."""
-        from pydantic import ValidationError
 
         try:
             return self._validate(value)
@@ -153,7 +153,6 @@ def register_knob(knob: Knob) -> Knob:
 
 
 def get_knob(name: str) -> Knob:
-    from rampup.errors import did_you_mean
 
     if name not in KNOBS:
         raise ConfigError(f"unknown knob '{name}'{did_you_mean(name, KNOBS)}; knobs: {', '.join(KNOBS)}")

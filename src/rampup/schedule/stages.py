@@ -21,6 +21,7 @@ from pydantic import BaseModel, ValidationError, model_serializer, model_validat
 from rampup.configbase import Section
 from rampup.errors import ConfigError, did_you_mean
 from rampup.schedule.registry import KNOBS, Ramp, get_knob
+from rampup.schedule.shapes import StepShape, TokenShape
 from rampup.units import Duration, Unit
 
 
@@ -129,122 +130,140 @@ class Stage:
         return {name: KNOBS[name].evaluate(v, p) for name, v in self.settings.items()}
 
 
-def _rows(batch_tokens: int, seq_len: int, mode: str, longest: int) -> int:
-    """Sequences per step: reshape keeps the tokens per step, truncate the sequences per step."""
-    return max(1, batch_tokens // (longest if mode == "truncate" else seq_len))
-
-
 @dataclass(frozen=True)
 class StepPlan:
     """One optimizer step as the engine will run it."""
 
     step: int
     tokens_before: int
+    """Progress before the step, in the schedule's unit (tokens for a language model)."""
     stage: int
     knobs: dict[str, Any]
     batch_size: int
+    """Items (sequences) in the step."""
     seq_len: int
+    """Units of progress one item counts (a sequence's tokens)."""
 
     @property
     def tokens(self) -> int:
+        """The step's progress in the schedule's unit (tokens)."""
         return self.batch_size * self.seq_len
+
+
+def _settings(cfg: ScheduleConfig) -> list[dict[str, Any]]:
+    """Every stage's knob settings: its own, and where it sets none, the value the previous stage ended on."""
+    current: dict[str, Any] = {k: v.default for k, v in KNOBS.items()}
+    current.update(cfg.knobs)
+    settings: list[dict[str, Any]] = []
+    for i, st in enumerate(cfg.stages):
+        s = {k: KNOBS[k].end_value(v) for k, v in current.items()} | st.knobs
+        missing = [k for k, v in s.items() if v is None]
+        if missing:
+            raise ConfigError(f"knob '{missing[0]}' has no value in stage {i}; set it in schedule.knobs or in the stage")
+        settings.append(s)
+        current = s
+    return settings
+
+
+@dataclass(frozen=True)
+class _Units:
+    """Durations to the schedule's unit, for one run's settings and shape."""
+
+    shape: StepShape
+    longest: int
+    tokens_per_epoch: int | None
+
+    def per_step(self, s: dict[str, Any], what: str) -> int:
+        if any(isinstance(s[k], Ramp) for k in self.shape.knobs):
+            raise ConfigError(f"{what} is given in steps or samples but {' or '.join(self.shape.knobs)} ramps "
+                              f"within it; give that duration in tokens or % instead")
+        return self.shape.rows(s, self.longest) * self.shape.units_per_row(s)
+
+    def convert(self, d: Duration, s: dict[str, Any] | None, what: str, total: int | None) -> int:
+        if d.unit in (Unit.STEP, Unit.SAMPLE):
+            if s is None:
+                raise ConfigError(f"{what} in {d.unit.value}s needs one constant batch shape; give it in tokens instead")
+            return d.to_tokens(tokens_per_step=self.per_step(s, what), tokens_per_sample=self.shape.units_per_row(s))
+        if d.unit is Unit.EPOCH and self.tokens_per_epoch is None:
+            raise ConfigError(f"{what} is in epochs, which needs the prepared corpus; run `rampup prepare` first")
+        if d.unit is Unit.FRACTION and total is None:
+            raise ConfigError(f"{what} is a % of the run, but train.duration is not set; set it (e.g. '20M tok')")
+        return d.to_tokens(total_tokens=total, tokens_per_epoch=self.tokens_per_epoch)
+
+    def total(self, total: Duration | None, settings: list[dict[str, Any]]) -> int | None:
+        """train.duration in the schedule's unit (None: not set)."""
+        if total is None:
+            return None
+        if total.unit is Unit.FRACTION:
+            raise ConfigError("train.duration cannot be a percentage; give tokens, steps or epochs")
+        first = None  # steps/samples convert only when every stage has the same batch shape
+        if total.unit in (Unit.STEP, Unit.SAMPLE):
+            shapes = {(self.per_step(s, "train.duration"), self.shape.units_per_row(s)) for s in settings}
+            if len({n for n, _ in shapes}) > 1 or (total.unit is Unit.SAMPLE and len(shapes) > 1):
+                raise ConfigError(f"train.duration is in {total.unit.value}s but the stages differ in tokens "
+                                  "per step or seq_len; give train.duration in tokens instead")
+            first = settings[0]
+        return self.convert(total, first, "train.duration", None)
+
+
+def _stage_lengths(cfg: ScheduleConfig, settings: list[dict[str, Any]], units: _Units,
+                   total: Duration | None) -> tuple[list[int], int]:
+    """(each stage's length, the run's total) in the schedule's unit; the last stage may take the rest."""
+    total_tokens = units.total(total, settings)
+    lengths = [units.convert(st.duration, settings[i], f"stage {i} duration", total_tokens)
+               if st.duration is not None else None for i, st in enumerate(cfg.stages)]
+    known = sum(n for n in lengths if n is not None)
+    if total_tokens is None:
+        if lengths[-1] is None:
+            raise ConfigError("the last stage has no duration and train.duration is not set; set one of them")
+        total_tokens = known
+    elif lengths[-1] is None:
+        if known >= total_tokens:
+            raise ConfigError(f"stages before the last already take {known:,} of the {total_tokens:,} "
+                              "tokens in train.duration; shorten them or lengthen the run")
+        lengths[-1] = total_tokens - known
+    elif known != total_tokens:
+        raise ConfigError(f"stage durations add up to {known:,} tokens but train.duration is {total_tokens:,}; "
+                          "make them agree, or omit the last stage's duration so it takes the rest")
+    if total_tokens <= 0:
+        raise ConfigError("the run has no tokens; give train.duration a positive value")
+    return lengths, total_tokens
 
 
 @dataclass
 class Schedule:
-    """Stages resolved onto the token axis; ``at(t)`` is the whole state of the knobs at t tokens."""
+    """Stages resolved onto the axis of progress (tokens); ``at(t)`` is the whole state of the knobs at t."""
 
     stages: list[Stage]
     total_tokens: int
     seq_len_mode: str = "reshape"
+    shape: StepShape | None = None
+    """How the task's knobs shape a step (default: a language model's, TokenShape(seq_len_mode))."""
     _starts: list[int] = field(init=False, repr=False)
     _longest: int = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.shape is None:
+            self.shape = TokenShape(self.seq_len_mode)
         self._starts = [s.start for s in self.stages]
-        self._longest = int(self.max_knob("seq_len"))
+        self._longest = int(self.max_knob(self.shape.size_knob))
 
     @classmethod
-    def build(
-        cls,
-        cfg: ScheduleConfig,
-        *,
-        total: Duration | None,
-        tokens_per_epoch: int | None = None,
-    ) -> Schedule:
-        """Resolve ``cfg`` against the run's budget (``train.duration``)."""
-        current: dict[str, Any] = {k: v.default for k, v in KNOBS.items()}
-        current.update(cfg.knobs)
-        settings: list[dict[str, Any]] = []
-        for i, st in enumerate(cfg.stages):
-            s = {k: KNOBS[k].end_value(v) for k, v in current.items()} | st.knobs
-            missing = [k for k, v in s.items() if v is None]
-            if missing:
-                raise ConfigError(
-                    f"knob '{missing[0]}' has no value in stage {i}; set it in schedule.knobs or in the stage"
-                )
-            settings.append(s)
-            current = s
-
-        longest = int(max(max(v.start, v.to) if isinstance(v, Ramp) else v for v in (s["seq_len"] for s in settings)))
-
-        def step_tokens(s: dict[str, Any], what: str) -> int:
-            if isinstance(s["seq_len"], Ramp) or isinstance(s["batch_tokens"], Ramp):
-                raise ConfigError(f"{what} is given in steps or samples but seq_len or batch_tokens ramps "
-                                  "within it; give that duration in tokens or % instead")
-            return _rows(s["batch_tokens"], s["seq_len"], cfg.seq_len_mode, longest) * s["seq_len"]
-
-        def to_tokens(d: Duration, s: dict[str, Any] | None, what: str, total_tokens: int | None) -> int:
-            if d.unit in (Unit.STEP, Unit.SAMPLE):
-                if s is None:
-                    raise ConfigError(f"{what} in {d.unit.value}s needs one constant batch shape; "
-                                      "give it in tokens instead")
-                per_step = step_tokens(s, what)
-                return d.to_tokens(tokens_per_step=per_step, tokens_per_sample=s["seq_len"])
-            if d.unit is Unit.EPOCH and tokens_per_epoch is None:
-                raise ConfigError(f"{what} is in epochs, which needs the prepared corpus; run `rampup prepare` first")
-            if d.unit is Unit.FRACTION and total_tokens is None:
-                raise ConfigError(f"{what} is a % of the run, but train.duration is not set; set it (e.g. '20M tok')")
-            return d.to_tokens(total_tokens=total_tokens, tokens_per_epoch=tokens_per_epoch)
-
-        total_tokens = None
-        if total is not None:
-            if total.unit is Unit.FRACTION:
-                raise ConfigError("train.duration cannot be a percentage; give tokens, steps or epochs")
-            shape = None  # steps/samples convert only when every stage has the same batch shape
-            if total.unit in (Unit.STEP, Unit.SAMPLE):
-                shapes = {(step_tokens(s, "train.duration"), s["seq_len"]) for s in settings}
-                per_step = {n for n, _ in shapes}
-                if len(per_step) > 1 or (total.unit is Unit.SAMPLE and len(shapes) > 1):
-                    raise ConfigError(f"train.duration is in {total.unit.value}s but the stages differ in tokens "
-                                      "per step or seq_len; give train.duration in tokens instead")
-                shape = settings[0]
-            total_tokens = to_tokens(total, shape, "train.duration", None)
-        lengths = [to_tokens(st.duration, settings[i], f"stage {i} duration", total_tokens)
-                   if st.duration is not None else None for i, st in enumerate(cfg.stages)]
-        known = sum(n for n in lengths if n is not None)
-        if total_tokens is None:
-            if lengths[-1] is None:
-                raise ConfigError("the last stage has no duration and train.duration is not set; set one of them")
-            total_tokens = known
-        elif lengths[-1] is None:
-            if known >= total_tokens:
-                raise ConfigError(f"stages before the last already take {known:,} of the {total_tokens:,} "
-                                  "tokens in train.duration; shorten them or lengthen the run")
-            lengths[-1] = total_tokens - known
-        elif known != total_tokens:
-            raise ConfigError(f"stage durations add up to {known:,} tokens but train.duration is {total_tokens:,}; "
-                              "make them agree, or omit the last stage's duration so it takes the rest")
-        if total_tokens <= 0:
-            raise ConfigError("the run has no tokens; give train.duration a positive value")
-
+    def build(cls, cfg: ScheduleConfig, *, total: Duration | None, tokens_per_epoch: int | None = None,
+              shape: StepShape | None = None) -> Schedule:
+        """Resolve ``cfg`` against the run's budget (``train.duration``); ``shape``: the task's step shape."""
+        shape = shape or TokenShape(cfg.seq_len_mode)
+        settings = _settings(cfg)
+        longest = int(max(max(v.start, v.to) if isinstance(v, Ramp) else v
+                          for v in (s[shape.size_knob] for s in settings)))
+        lengths, total_tokens = _stage_lengths(cfg, settings, _Units(shape, longest, tokens_per_epoch), total)
         stages, start = [], 0
         for i, (st, n) in enumerate(zip(cfg.stages, lengths)):
             if n <= 0:
                 raise ConfigError(f"stage {i} ({st.name or f'stage{i}'}) has zero length; remove it or give it a duration")
             stages.append(Stage(i, st.name or f"stage{i}", start, start + n, settings[i]))
             start += n
-        return cls(stages, total_tokens, cfg.seq_len_mode)
+        return cls(stages, total_tokens, cfg.seq_len_mode, shape)
 
     def stage_at(self, t: int) -> Stage:
         i = bisect.bisect_right(self._starts, t) - 1
@@ -257,9 +276,8 @@ class Schedule:
     def step_at(self, step: int, t: int) -> StepPlan:
         stage = self.stage_at(t)
         knobs = stage.knobs_at(t)
-        seq_len = knobs["seq_len"]
-        rows = _rows(knobs["batch_tokens"], seq_len, self.seq_len_mode, self._longest)
-        return StepPlan(step, t, stage.index, knobs, rows, seq_len)
+        return StepPlan(step, t, stage.index, knobs, self.shape.rows(knobs, self._longest),
+                        self.shape.units_per_row(knobs))
 
     def steps(self) -> Iterator[StepPlan]:
         """Every optimizer step of the run; a step starts at ``tokens_before`` and belongs to its stage."""

@@ -43,6 +43,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.table import Table
+
+from rampup.engine.optim import build_optimizer
+from rampup.engine.precision import ISA_VARIABLES, cpu_model, resolve_precision
+from rampup.engine.step import optimizer_step, resolve_device
+from rampup.engine.tasks import CausalLM
+from rampup.knobs.transitions import uses_parameter_groups
+from rampup.models.build import build_adapter
+from rampup.schedule.registry import KNOBS, KnobContext, KnobRunner
+from rampup.tools.report import _fmt_seconds
 
 COST_KNOBS = ("attention", "window", "loss_shards", "mlp_shards", "activation_checkpoint", "activation_offload",
               "freeze", "depth", "mlp_width", "width", "subnet", "distill_hidden")
@@ -63,13 +73,11 @@ def _jsonable(v: Any) -> Any:
 
 def cost_knobs(knobs: dict[str, Any]) -> dict[str, Any]:
     """The cost-changing knobs' values (a knob not given: its default, as the engine applies it)."""
-    from rampup.schedule.registry import KNOBS
 
     return {k: _jsonable(knobs.get(k, KNOBS[k].default)) for k in COST_KNOBS}
 
 
 def machine_key(device: torch.device) -> dict[str, Any]:
-    from rampup.engine.precision import ISA_VARIABLES, cpu_model
 
     key = {"cpu": cpu_model(), "capability": torch.backends.cpu.get_cpu_capability(),
            "isa_env": {v: os.environ.get(v, "") for v in ISA_VARIABLES}, "threads": torch.get_num_threads(),
@@ -155,8 +163,6 @@ class Calibrator:
                  recalibrate: bool = False, budget: float = 10.0, clock: Callable[[], float] = time.perf_counter,
                  measure: Measure | None = None, others: Callable[[], float] = others_cpu_seconds,
                  progress: Callable[[str], None] | None = None) -> None:
-        from rampup.engine.precision import resolve_precision
-        from rampup.engine.step import resolve_device
 
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
@@ -219,8 +225,6 @@ class Calibrator:
         """Seconds of ``steps`` real optimizer steps after at least ``warmup`` + 1 (up to 3 more while a step is
         still 20% faster than the one before); one model per cost class, random token ids. A step that would
         end past the budget's deadline is not started, beyond a first warm-up and a first timed step."""
-        from rampup.engine.step import optimizer_step
-        from rampup.engine.tasks import CausalLM
 
         cfg = self.cfg
         with torch.random.fork_rng(devices=[]):
@@ -259,10 +263,6 @@ class Calibrator:
         return times
 
     def _model(self, knobs: dict[str, Any]) -> tuple[Any, Any, Any]:
-        from rampup.engine.optim import build_optimizer
-        from rampup.knobs.transitions import uses_parameter_groups
-        from rampup.models.build import build_adapter
-        from rampup.schedule.registry import KnobContext, KnobRunner
 
         cls = cost_class(knobs)
         if cls not in self._live:
@@ -282,7 +282,6 @@ def cost_class(knobs: dict[str, Any]) -> str:
 
 def _class_text(knobs: dict[str, Any]) -> str:
     """The cost knobs a class sets away from their defaults, for the progress line."""
-    from rampup.schedule.registry import KNOBS
 
     on = {k: v for k, v in cost_knobs(knobs).items() if v != _jsonable(KNOBS[k].default)}
     return f" ({', '.join(f'{k}: {v}' for k, v in on.items())})" if on else ""
@@ -298,8 +297,6 @@ class _Flops:
         self._memo: dict[tuple[str, int], tuple[float, float]] = {}
 
     def per_token(self, knobs: dict[str, Any], seq_len: int) -> tuple[float, float]:
-        from rampup.models.build import build_adapter
-        from rampup.schedule.registry import KnobContext, KnobRunner
 
         cls = cost_class(knobs)
         if (cls, seq_len) not in self._memo:
@@ -379,6 +376,46 @@ def _spans(values: list[int]) -> list[int]:
     return list(dict.fromkeys([*out, mid]))
 
 
+def _rows_at(c: _Class, T: int) -> int:
+    return max(1, min(c.rows.get(T, max(c.rows.values())), math.ceil(CAL_TOKENS / T)))
+
+
+def _wanted(classes: dict[str, _Class], main: str, baseline: tuple[int, int, dict[str, Any]]) -> list[tuple[str, int, int]]:
+    """(class, rows, seq_len) to time, most needed first (see :func:`calibrate`)."""
+    m = classes[main]
+    spans = _spans(list(m.lengths))
+    r0 = _rows_at(m, spans[0])
+    want = [(main, r0, spans[0])]  # the cheapest shape: a first rate, for what the budget allows next
+    full = m.rows[spans[0]]
+    # the run's own step size at its shortest length (shrunk if the budget says so): the fit then
+    # interpolates in tokens per step instead of extrapolating from small steps
+    want.append((main, full, spans[0]) if full > r0 else (main, max(1, r0 // 4), spans[0]))
+    want += [(main, _rows_at(m, T), T) for T in spans[1:2]]
+    base_rows, L, base_knobs = baseline
+    base_cls = cost_class(base_knobs)
+    classes.setdefault(base_cls, _Class(base_knobs, 0, {L: 0}, {L: base_rows}))
+    if base_cls != main:
+        want.append((base_cls, _rows_at(classes[base_cls], L), L))
+    want += [(main, _rows_at(m, T), T) for T in spans[2:]]
+    for c in sorted(classes, key=lambda c: -classes[c].steps):
+        if c not in (main, base_cls):
+            T = max(classes[c].lengths, key=lambda t: classes[c].lengths[t])
+            want.append((c, _rows_at(classes[c], T), T))
+    return want
+
+
+def _fit(points: list[Point], main: str) -> StepTimeModel:
+    fit_on = [p for p in points if p.cls == main] or points[:1]
+    coef = fit_step_time([p.features for p in fit_on], [p.timing.seconds for p in fit_on])
+    model = StepTimeModel(coef, {})
+    for p in points:
+        if p.cls != fit_on[0].cls and p.cls not in model.factors:
+            model.factors[p.cls] = p.timing.seconds / max(model.predict(p.cls, p.features), 1e-12)
+    if fit_on[0].cls != main:
+        model.factors[main] = 1.0
+    return model
+
+
 def calibrate(cal: Calibrator, flops: _Flops, classes: dict[str, _Class], baseline: tuple[int, int, dict[str, Any]]
               ) -> tuple[StepTimeModel, list[Point], list[str]]:
     """Time shapes in order of what the estimate needs most, within ``cal.budget``; fit the model.
@@ -388,30 +425,7 @@ def calibrate(cal: Calibrator, flops: _Flops, classes: dict[str, _Class], baseli
     other class by its number of steps. A shape whose predicted cost would overrun the budget is shrunk to fewer tokens
     (a shorter length of the same class); what still does not fit is not timed and said so."""
     main = max(classes, key=lambda c: classes[c].steps)
-    m = classes[main]
-    want: list[tuple[str, int, int]] = []  # (class, rows, seq_len)
-
-    def rows_at(c: _Class, T: int) -> int:
-        return max(1, min(c.rows.get(T, max(c.rows.values())), math.ceil(CAL_TOKENS / T)))
-
-    spans = _spans(list(m.lengths))
-    r0 = rows_at(m, spans[0])
-    want.append((main, r0, spans[0]))  # the cheapest shape: a first rate, for what the budget allows next
-    full = m.rows[spans[0]]
-    # the run's own step size at its shortest length (shrunk if the budget says so): the fit then
-    # interpolates in tokens per step instead of extrapolating from small steps
-    want.append((main, full, spans[0]) if full > r0 else (main, max(1, r0 // 4), spans[0]))
-    want += [(main, rows_at(m, T), T) for T in spans[1:2]]
-    base_rows, L, base_knobs = baseline
-    base_cls = cost_class(base_knobs)
-    classes.setdefault(base_cls, _Class(base_knobs, 0, {L: 0}, {L: base_rows}))
-    if base_cls != main:
-        want.append((base_cls, rows_at(classes[base_cls], L), L))
-    want += [(main, rows_at(m, T), T) for T in spans[2:]]
-    for c in sorted(classes, key=lambda c: -classes[c].steps):
-        if c not in (main, base_cls):
-            T = max(classes[c].lengths, key=lambda t: classes[c].lengths[t])
-            want.append((c, rows_at(classes[c], T), T))
+    want = _wanted(classes, main, baseline)
     points: list[Point] = []
     skipped: list[str] = []
     start = cal.clock()
@@ -436,15 +450,7 @@ def calibrate(cal: Calibrator, flops: _Flops, classes: dict[str, _Class], baseli
         points.append(Point(cls, rows, T, t, feats))
         cal.progress(f"timed {rows} x {T:,}{_class_text(knobs)}: {1000 * t.seconds:.0f} ms a step"
                      f"{' (cached)' if t.cached else ''}; {cal.clock() - start:.1f} s of a {cal.budget:g} s budget")
-    fit_on = [p for p in points if p.cls == main] or points[:1]
-    coef = fit_step_time([p.features for p in fit_on], [p.timing.seconds for p in fit_on])
-    model = StepTimeModel(coef, {})
-    for p in points:
-        if p.cls != fit_on[0].cls and p.cls not in model.factors:
-            model.factors[p.cls] = p.timing.seconds / max(model.predict(p.cls, p.features), 1e-12)
-    if fit_on[0].cls != main:
-        model.factors[main] = 1.0
-    return model, points, skipped
+    return _fit(points, main), points, skipped
 
 
 @dataclass
@@ -559,9 +565,7 @@ def corpus_stats(doc_lengths: np.ndarray, L: int) -> CorpusStats:
 
 
 def print_time_estimate(est: TimeEstimate, schedule: Any, console: Any, baseline_seq_len: int) -> None:
-    from rich.table import Table
 
-    from rampup.tools.report import _fmt_seconds
 
     t = Table(title="estimated train time on this machine (a step-time model fitted on timed steps; evaluation not counted)")
     for col in ("stage", "steps", "est. time", "share"):

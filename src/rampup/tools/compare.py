@@ -41,7 +41,9 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from rampup.config import load_config
 from rampup.engine.records import read_metrics
+from rampup.engine.trainer import train
 from rampup.errors import ConfigError, DataError
 from rampup.units import format_tokens
 
@@ -190,6 +192,57 @@ def _precision_warning(precisions: dict[str, list[str]]) -> list[str]:
             "not the curriculum; set the same train.precision (bf16 or fp32) in every run to compare time"]
 
 
+_AXES = ("tokens", "time", "train_time", "compile_time", "flops")
+
+
+def _groups(runs: list[Run]) -> tuple[dict[str, list[Run]], dict[str, str]]:
+    """Runs grouped by config (seeds together), and each group's unique label."""
+    groups: dict[str, list[Run]] = {}
+    for r in runs:
+        groups.setdefault(r.group_key, []).append(r)
+    labels: dict[str, str] = {}
+    for key, members in groups.items():
+        label, i = _label(members), 2
+        while label in labels.values():
+            label, i = f"{_label(members)} ({i})", i + 1
+        labels[key] = label
+    return groups, labels
+
+
+def _shared_lengths(runs: list[Run], warnings: list[str]) -> list[int]:
+    all_lens = set().union(*(r.evals for r in runs))
+    shared = sorted(set.intersection(*(set(r.evals) for r in runs)))
+    dropped = sorted(all_lens - set(shared))
+    if dropped:
+        warnings.append(f"context lengths {dropped} are not evaluated by every run and are left out; "
+                        f"compared: {shared}")
+    if not shared:
+        raise ConfigError("the compared runs share no evaluated context length; set the same eval.seq_lens in each")
+    return shared
+
+
+def _per_length(members: list[Run], n: int, target: float) -> dict[str, Any]:
+    """One group at one evaluation length: each seed's time to ``target`` and their spread."""
+    seeds = []
+    for r in sorted(members, key=lambda r: r.seed):
+        hit = time_to_target(r.evals[n], target)
+        seeds.append({"run": r.name, "path": str(r.path), "seed": r.seed, "final_loss": r.final[n],
+                      "reached": hit is not None, **{k: (hit[k] if hit else None) for k in _AXES}})
+    return {"target": target, "final_loss": _spread([s["final_loss"] for s in seeds]),
+            **{k: _spread([s[k] for s in seeds]) for k in _AXES}, "seeds": seeds}
+
+
+def _with_speedups(d: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    d = copy.deepcopy(d)
+    for axis, name in (("time", "speedup_wall"), ("train_time", "speedup_wall_excl_compile"),
+                       ("tokens", "speedup_tokens"), ("flops", "speedup_flops")):
+        ref = base[axis]["median"]
+        # the slowest seed gives the smallest speed-up
+        d[name] = {"median": _ratio(ref, d[axis]["median"]), "min": _ratio(ref, d[axis]["max"]),
+                   "max": _ratio(ref, d[axis]["min"])}
+    return d
+
+
 def compare_runs(run_dirs: Sequence[str | Path], *, baseline: str | None = None,
                  target_loss: float | None = None) -> dict[str, Any]:
     """Group runs by config (seeds together) and measure each group against the baseline group.
@@ -201,66 +254,21 @@ def compare_runs(run_dirs: Sequence[str | Path], *, baseline: str | None = None,
         raise ConfigError("compare needs at least one run folder")
     runs = [load_run(d) for d in run_dirs]
     _check_same_data(runs)
-
-    groups: dict[str, list[Run]] = {}
-    for r in runs:
-        groups.setdefault(r.group_key, []).append(r)
-    labels: dict[str, str] = {}
-    for key, members in groups.items():
-        label, i = _label(members), 2
-        while label in labels.values():
-            label, i = f"{_label(members)} ({i})", i + 1
-        labels[key] = label
-
+    groups, labels = _groups(runs)
     base_key = _baseline_key(runs, labels, baseline)
-
-    all_lens = set().union(*(r.evals for r in runs))
-    shared = sorted(set.intersection(*(set(r.evals) for r in runs)))
-    warnings = []
-    dropped = sorted(all_lens - set(shared))
-    if dropped:
-        warnings.append(f"context lengths {dropped} are not evaluated by every run and are left out; "
-                        f"compared: {shared}")
-    if not shared:
-        raise ConfigError("the compared runs share no evaluated context length; set the same eval.seq_lens in each")
-
-    targets: dict[int, float] = {}
-    for n in shared:
-        # median_high: with an even seed count the plain median lies between two seeds, so only half of
-        # the baseline would reach it and its median time-to-target would be "not reached"
-        targets[n] = target_loss if target_loss is not None else statistics.median_high(
-            r.final[n] for r in groups[base_key])
-
-    axes = ("tokens", "time", "train_time", "compile_time", "flops")
-
-    def per_length(members: list[Run], n: int) -> dict[str, Any]:
-        seeds = []
-        for r in sorted(members, key=lambda r: r.seed):
-            hit = time_to_target(r.evals[n], targets[n])
-            seeds.append({"run": r.name, "path": str(r.path), "seed": r.seed, "final_loss": r.final[n],
-                          "reached": hit is not None, **{k: (hit[k] if hit else None) for k in axes}})
-        return {"target": targets[n],
-                "final_loss": _spread([s["final_loss"] for s in seeds]),
-                **{k: _spread([s[k] for s in seeds]) for k in axes},
-                "seeds": seeds}
-
+    warnings: list[str] = []
+    shared = _shared_lengths(runs, warnings)
+    # median_high: with an even seed count the plain median lies between two seeds, so only half of
+    # the baseline would reach it and its median time-to-target would be "not reached"
+    targets = {n: target_loss if target_loss is not None else statistics.median_high(r.final[n] for r in groups[base_key])
+               for n in shared}
     precisions = {labels[key]: sorted({r.precision for r in members if r.precision}) for key, members in groups.items()}
     warnings += _precision_warning(precisions)
-
+    base_lengths = {n: _per_length(groups[base_key], n, targets[n]) for n in shared}
     out_groups = []
-    base_lengths = {n: per_length(groups[base_key], n) for n in shared}
     for key, members in groups.items():
-        lengths = {}
-        for n in shared:
-            d = base_lengths[n] if key == base_key else per_length(members, n)
-            d = copy.deepcopy(d)
-            for axis, name in (("time", "speedup_wall"), ("train_time", "speedup_wall_excl_compile"),
-                               ("tokens", "speedup_tokens"), ("flops", "speedup_flops")):
-                ref = base_lengths[n][axis]["median"]
-                # the slowest seed gives the smallest speed-up
-                d[name] = {"median": _ratio(ref, d[axis]["median"]), "min": _ratio(ref, d[axis]["max"]),
-                           "max": _ratio(ref, d[axis]["min"])}
-            lengths[str(n)] = d
+        lengths = {str(n): _with_speedups(base_lengths[n] if key == base_key else _per_length(members, n, targets[n]),
+                                          base_lengths[n]) for n in shared}
         out_groups.append({"label": labels[key], "baseline": key == base_key, "precision": precisions[labels[key]],
                            "runs": [r.name for r in members], "paths": [str(r.path) for r in members],
                            "seeds": sorted(r.seed for r in members), "lengths": lengths})
@@ -356,8 +364,6 @@ def run_and_compare(config_paths: Sequence[str | Path], *, seeds: int, overrides
     All configs are loaded and validated before any training, and must share ``train.duration``.
     The last config is the baseline. Writes ``out_root/compare.json`` and prints the table.
     """
-    from rampup.config import load_config
-    from rampup.engine.trainer import train
 
     if seeds < 1:
         raise ConfigError(f"seeds must be >= 1, got {seeds}")

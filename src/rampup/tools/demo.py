@@ -16,6 +16,13 @@ from rich.table import Table
 from rampup.config import load_config
 from rampup.engine.trainer import train
 from rampup.errors import ConfigError
+from rampup.tools.compare import (
+        compare_runs,
+        comparison_table,
+        print_comparison,
+        write_comparison,
+    )
+from rampup.tools.report import report_runs
 
 QUICK = ["model.dim=64", "train.duration=400K tok", "schedule.knobs.batch_tokens=2048", "eval.max_tokens=8192",
          "train.checkpoint_every=null"]
@@ -52,13 +59,6 @@ def run_demo(configs: list[str], *, quick: bool = False, overrides: list[str] = 
                       f"{base['train_time'] / r['train_time']:.2f}x", f"{r['flops']:.3g}",
                       str(Path(r["metrics"]).parent))
     console.print(table)
-    from rampup.tools.compare import (
-        compare_runs,
-        comparison_table,
-        print_comparison,
-        write_comparison,
-    )
-    from rampup.tools.report import report_runs
 
     run_dirs = [Path(r["metrics"]).parent for r in results]
     comparison = compare_runs(run_dirs)  # the baseline is the last run

@@ -25,8 +25,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer
 
+from rampup.data.prepare import get_prepared, load_prepared_tokenizer
+from rampup.data.tokenizer import EOT, eot_id, same_tokenizer
+from rampup.engine.checkpoint.format import load_checkpoint
 from rampup.errors import ConfigError
+from rampup.knobs.ema import load_ema_weights
+from rampup.knobs.growth import fit_to_checkpoint
+from rampup.knobs.subnets import extract, parse_export
+from rampup.models.build import build_adapter
+from rampup.schedule.registry import KnobContext, KnobRunner
+from rampup.tools.longeval import open_run
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -76,7 +86,6 @@ def hf_config(model_cfg, knobs: dict[str, Any], *, eos_token_id: int | None, dty
 
 def hf_model_with_knobs(adapter, knobs: dict[str, Any], dtype: str):
     """A Hugging Face model trained by rampup, its config carrying the last stage's RoPE and window."""
-    from rampup.schedule.registry import KnobContext, KnobRunner
 
     model = adapter.module
     KnobRunner(KnobContext(adapter)).apply(knobs, model.config.max_position_embeddings)  # sets sliding_window
@@ -94,9 +103,7 @@ def _source_tokenizer(cfg, tok):
     """The Hugging Face folder's own tokenizer, whole (bos/unk/pad tokens, chat template, its class), when
     the run trained an HF folder with it; None otherwise (rampup's tokenizer is written instead)."""
     import transformers
-    from tokenizers import Tokenizer
 
-    from rampup.data.tokenizer import same_tokenizer
 
     folder = Path(cfg.model.path) if cfg.model.source == "hf" and cfg.model.path else None
     if folder is None or not (folder / "tokenizer.json").is_file():
@@ -111,11 +118,6 @@ def export_hf(path: str | Path, out_dir: str | Path, *, dtype: str = "float32", 
     """Write the checkpoint at ``path`` (a run folder: its latest) as a Hugging Face model folder."""
     import transformers
 
-    from rampup.data.prepare import get_prepared, load_prepared_tokenizer
-    from rampup.data.tokenizer import EOT, eot_id
-    from rampup.engine.checkpoint.format import load_checkpoint
-    from rampup.models.build import build_adapter
-    from rampup.tools.longeval import open_run
 
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -124,17 +126,14 @@ def export_hf(path: str | Path, out_dir: str | Path, *, dtype: str = "float32", 
         raise ConfigError(f"{out} exists and is not an empty folder; export into a new folder (nothing was written)")
     ckpt, cfg, schedule = open_run(path, "rampup export")
     adapter = build_adapter(cfg.model)
-    from rampup.knobs.growth import fit_to_checkpoint
 
     fit_to_checkpoint(adapter, ckpt)  # a run that grew: the model at the checkpoint's depth
     ck = load_checkpoint(ckpt, adapter.module, None)  # verifies the manifest: a damaged one is refused
     state = ck.state
     if ema:  # the averaged weights instead of the raw ones (train.ema)
-        from rampup.knobs.ema import load_ema_weights
 
         load_ema_weights(adapter.module, ck.part_tensors, str(ckpt))
     if subnet is not None:  # a sub-network of the model (rampup.knobs.subnets), as a standalone model
-        from rampup.knobs.subnets import extract, parse_export
 
         if cfg.model.source != "reference":
             raise ConfigError("--subnet extracts sub-networks of the reference model only")

@@ -24,12 +24,27 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from tokenizers import Tokenizer
 
+from rampup.config import RunConfig, load_config
+from rampup.data.dataset import TokenDataset
 from rampup.data.passkey import PasskeyTemplate
-from rampup.engine.evaluation import passkey_accuracy
+from rampup.data.prepare import get_prepared, load_prepared_tokenizer
+from rampup.data.samplers import EVAL_WINDOWS
+from rampup.data.tokenizer import same_tokenizer
+from rampup.engine.checkpoint.format import load_checkpoint
+from rampup.engine.evaluation import evaluate_lengths, passkey_accuracy, window_batches
+from rampup.engine.precision import autocast, saved_precision
 from rampup.engine.runs import read_run
+from rampup.engine.tasks import CausalLM
 from rampup.errors import ConfigError, DataError
+from rampup.knobs.growth import fit_to_checkpoint
+from rampup.models.adapter import ModuleAdapter
+from rampup.models.build import build_adapter
+from rampup.models.hf import HFCausalLMAdapter
+from rampup.schedule.registry import KnobContext, KnobRunner
+from rampup.schedule.stages import Schedule
 
 
 @torch.no_grad()
@@ -39,10 +54,6 @@ def loss_by_position(model, windows: torch.Tensor, n_buckets: int = 8, *,
 
     ``model`` is a ModelAdapter, or a plain module mapping token ids to logits; the loss is the
     task's own (per token, ``reduction='none'``)."""
-    from rampup.engine.evaluation import window_batches
-    from rampup.engine.precision import autocast
-    from rampup.engine.tasks import CausalLM
-    from rampup.models.adapter import ModuleAdapter
 
     adapter = model if hasattr(model, "module") else ModuleAdapter(model)
     task = task or CausalLM()
@@ -67,8 +78,6 @@ def loss_by_position(model, windows: torch.Tensor, n_buckets: int = 8, *,
 def open_run(path: str | Path, command: str):
     """(checkpoint folder, RunConfig, Schedule) of a run folder or one of its checkpoints."""
 
-    from rampup.config import RunConfig
-    from rampup.schedule.stages import Schedule
 
     saved = read_run(path, command)
     cfg = RunConfig.model_validate(saved.config)
@@ -77,9 +86,7 @@ def open_run(path: str | Path, command: str):
 
 def _data_config(data: str | Path):
     """The RunConfig whose corpus ``--data`` names: a run folder (its config.yaml) or a config file."""
-    import yaml
 
-    from rampup.config import RunConfig, load_config
 
     p = Path(data)
     if (p / "config.yaml").is_file():
@@ -91,6 +98,32 @@ def _data_config(data: str | Path):
 
 def _is_hf_folder(path: Path) -> bool:
     return (path / "config.json").is_file() and not (path / "checkpoints").exists() and not (path / "state.json").exists()
+
+
+def _open_model(path: Path, rope: Any, data: str | Path | None) -> tuple:
+    """(adapter, cfg, knobs, precision, trained length, meta) of a checkpoint or an HF folder, with the
+    config whose held-out data scores it (``data``: another run's or config's, of the same tokenizer)."""
+    if _is_hf_folder(path):
+        if data is None:
+            raise ConfigError(f"{path} is a Hugging Face model folder: give --data RUN|CONFIG, the run or config "
+                              "whose held-out split to score it on")
+        return _hf_folder_model(path, _data_config(data), rope)
+    adapter, cfg, knobs, precision, trained, meta = _checkpoint_model(path, rope)
+    if data is not None:
+        own = load_prepared_tokenizer(get_prepared(cfg.data))
+        cfg = _data_config(data)
+        if not same_tokenizer(own, load_prepared_tokenizer(get_prepared(cfg.data))):
+            raise ConfigError(f"--data {data} is tokenized with another tokenizer than {path}'s run; score a "
+                              "model on data tokenized with its own tokenizer")
+    return adapter, cfg, knobs, precision, trained, meta
+
+
+def _passkey_stream(val: TokenDataset, longest: int) -> np.ndarray:
+    stream = np.concatenate([val.doc(i) for i in range(val.n_docs)])
+    if len(stream) < longest + 2:
+        raise DataError(f"the validation split has {len(stream)} tokens, too few for passkey filler at "
+                        f"{longest}; raise data.val_fraction")
+    return stream
 
 
 def evaluate_run(path: str | Path, *, lengths: list[int] | None = None, passkey_samples: int = 10,
@@ -109,28 +142,9 @@ def evaluate_run(path: str | Path, *, lengths: list[int] | None = None, passkey_
     config's eval settings, so a run's checkpoint scores exactly as its own evaluation did. ``rope``
     (a RopeSpec) replaces the RoPE method, e.g. to measure zero-shot extrapolation.
     """
-    from rampup.data.dataset import TokenDataset
-    from rampup.data.prepare import get_prepared, load_prepared_tokenizer
-    from rampup.data.samplers import EVAL_WINDOWS
-    from rampup.data.tokenizer import same_tokenizer
-    from rampup.engine.evaluation import evaluate_lengths, window_batches
-    from rampup.engine.tasks import CausalLM
-    from rampup.schedule.registry import KnobContext, KnobRunner
 
     path = Path(path)
-    if _is_hf_folder(path):
-        if data is None:
-            raise ConfigError(f"{path} is a Hugging Face model folder: give --data RUN|CONFIG, the run or config "
-                              "whose held-out split to score it on")
-        adapter, cfg, knobs, precision, trained, meta = _hf_folder_model(path, _data_config(data), rope)
-    else:
-        adapter, cfg, knobs, precision, trained, meta = _checkpoint_model(path, rope)
-        if data is not None:
-            own = load_prepared_tokenizer(get_prepared(cfg.data))
-            cfg = _data_config(data)
-            if not same_tokenizer(own, load_prepared_tokenizer(get_prepared(cfg.data))):
-                raise ConfigError(f"--data {data} is tokenized with another tokenizer than {path}'s run; score a "
-                                  "model on data tokenized with its own tokenizer")
+    adapter, cfg, knobs, precision, trained, meta = _open_model(path, rope, data)
     max_tokens = max_tokens or cfg.eval.max_tokens
     windows = windows or cfg.eval.windows
     lengths = sorted(lengths or [max(1, trained // 4), trained, 2 * trained])
@@ -150,12 +164,7 @@ def evaluate_run(path: str | Path, *, lengths: list[int] | None = None, passkey_
     runner = KnobRunner(KnobContext(adapter))
     make = EVAL_WINDOWS[windows]
     result = _record(meta, knobs, trained, data if data is not None else prepared, precision, max_tokens, windows)
-    stream = None
-    if passkey_samples:
-        stream = np.concatenate([val.doc(i) for i in range(val.n_docs)])
-        if len(stream) < longest + 2:
-            raise DataError(f"the validation split has {len(stream)} tokens, too few for passkey filler at "
-                            f"{longest}; raise data.val_fraction")
+    stream = _passkey_stream(val, longest) if passkey_samples else None
 
     def passkey(n: int, loss: float) -> None:
         if stream is None or n < template.min_len():
@@ -191,10 +200,6 @@ def _record(meta: dict[str, Any], knobs: dict[str, Any], trained: int, data: Any
 def _checkpoint_model(path: Path, rope) -> tuple:
     """(adapter with the checkpoint's weights, its RunConfig, knobs at the checkpoint, precision, trained
     length, record fields) of a run folder or checkpoint."""
-    from rampup.engine.checkpoint.format import load_checkpoint
-    from rampup.engine.precision import saved_precision
-    from rampup.knobs.growth import fit_to_checkpoint
-    from rampup.models.build import build_adapter
 
     ckpt, cfg, schedule = open_run(path, "rampup eval")
     adapter = build_adapter(cfg.model)
@@ -212,7 +217,6 @@ def _checkpoint_model(path: Path, rope) -> tuple:
 def _hf_folder_model(folder: Path, cfg, rope) -> tuple:
     """The same for a Hugging Face model folder scored on ``cfg``'s corpus: no knobs (its own config's RoPE
     and attention), fp32, trained length = its max_position_embeddings."""
-    from rampup.models.hf import HFCausalLMAdapter
 
     adapter = HFCausalLMAdapter.from_pretrained(folder)
     if not (folder / "tokenizer.json").is_file():

@@ -14,13 +14,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+import matplotlib.pyplot as plt
+import torch
 from rich.console import Console
 from rich.table import Table
 
 from rampup.config import RunConfig
 from rampup.engine.optim import lr_at
+from rampup.engine.precision import resolve_precision
 from rampup.engine.rundata import step_shapes
+from rampup.engine.step import resolve_device
 from rampup.knobs.distill import teacher_adapter
+from rampup.knobs.memory import (
+    MemorySettings,
+    _width,
+    auto_levels,
+    check_auto,
+    check_static_fits,
+    estimate_step,
+    memory_limit,
+    requested,
+    resolve,
+)
 from rampup.knobs.transitions import backward_flops_saved, trainable_count
 from rampup.models.build import build_adapter
 from rampup.schedule.registry import (
@@ -89,6 +105,36 @@ class Plan:
         return 1 - self.total_flops / self.baseline_flops
 
 
+def _add_step(st: StageSummary, knobs: dict[str, Any], rows: int, seq_len: int, adapter: Any, teacher: Any,
+              dense_per_token: float, buckets: bool) -> None:
+    """One step of ``rows`` x ``seq_len`` (its knobs applied to ``adapter``) counted into its stage's summary."""
+    st.steps += 1
+    tokens = rows * seq_len
+    if st.biggest is None or (tokens, seq_len) > (st.biggest[0] * st.biggest[1], st.biggest[1]):
+        st.biggest = (rows, seq_len, knobs)
+    per_token = adapter.flops_per_item((rows, seq_len))
+    st.flops += per_token * tokens
+    st.trainable = trainable_count(adapter)
+    st.total_params = sum(p.numel() for p in adapter.module.parameters())
+    st.backward_saved += backward_flops_saved(adapter) * tokens
+    spec = knobs.get("teacher", "none")
+    if spec != "none":
+        model = teacher(spec)
+        st.teacher = spec
+        st.teacher_flops += model.flops_per_item((rows, seq_len)) / 3 * tokens  # forward: 2N of 6N, 4d of 12d
+        st.teacher_bytes = sum(p.numel() * 4 for p in model.module.parameters())
+    st.attn_flops += (per_token - dense_per_token) * tokens
+    st.seq_lens.add(seq_len)
+    st.shapes.append((rows, seq_len))
+    if buckets:
+        st.bucket_tokens[seq_len] = st.bucket_tokens.get(seq_len, 0) + tokens
+    for k, v in knobs.items():
+        if k not in ("seq_len", "batch_tokens", "lr_mult"):
+            vals = st.extra.setdefault(k, [])
+            if _knob_text(v) not in vals:
+                vals.append(_knob_text(v))
+
+
 def make_plan(cfg: RunConfig, schedule: Schedule, shapes: list[tuple[int, int]] | None = None,
               memory: str = "peak") -> Plan:
     """The run step by step; ``shapes`` are :func:`step_shapes` (computed here when not given).
@@ -106,13 +152,8 @@ def make_plan(cfg: RunConfig, schedule: Schedule, shapes: list[tuple[int, int]] 
     check_supported(adapter, cfg.schedule)
     precision = "fp32"
     if memory != "off":
-        from rampup.engine.precision import resolve_precision
-        from rampup.engine.step import resolve_device
-
         device = resolve_device(cfg.train.device)
         precision = resolve_precision(cfg.train.precision, device).precision
-        from rampup.knobs.memory import check_static_fits
-
         check_static_fits(cfg, device)
     runner = KnobRunner(KnobContext(adapter, cfg=cfg, precision=precision))
     dense_per_token = adapter.flops_per_item((1, 0))  # the 6N term; the rest is attention
@@ -120,36 +161,12 @@ def make_plan(cfg: RunConfig, schedule: Schedule, shapes: list[tuple[int, int]] 
     buckets = cfg.data.sampler == "buckets"
     n = 0
     for sp, (rows, seq_len) in zip(schedule.steps(), shapes):
-        st = stages[sp.stage]
-        st.steps += 1
-        tokens = rows * seq_len
         runner.ctx.rows = rows
         runner.apply(sp.knobs, seq_len)
-        if st.biggest is None or (tokens, seq_len) > (st.biggest[0] * st.biggest[1], st.biggest[1]):
-            st.biggest = (rows, seq_len, sp.knobs)
-        per_token = adapter.flops_per_item((rows, seq_len))
-        st.flops += per_token * tokens
-        st.trainable = trainable_count(adapter)
-        st.total_params = sum(p.numel() for p in adapter.module.parameters())
-        st.backward_saved += backward_flops_saved(adapter) * tokens
-        spec = sp.knobs.get("teacher", "none")
-        if spec != "none":
-            teacher = teachers.get(spec) or teachers.setdefault(spec, teacher_adapter(cfg, spec))
-            st.teacher = spec
-            st.teacher_flops += teacher.flops_per_item((rows, seq_len)) / 3 * tokens  # forward: 2N of 6N, 4d of 12d
-            st.teacher_bytes = sum(p.numel() * 4 for p in teacher.module.parameters())
-        st.attn_flops += (per_token - dense_per_token) * tokens
-        st.seq_lens.add(seq_len)
-        st.shapes.append((rows, seq_len))
-        if buckets:
-            st.bucket_tokens[seq_len] = st.bucket_tokens.get(seq_len, 0) + tokens
         lr = lr_at(cfg.optimizer, sp.tokens_before + sp.tokens, total) * runner.ctx.lr_mult  # as the engine
-        st.lrs.append(lr)
-        for k, v in sp.knobs.items():
-            if k not in ("seq_len", "batch_tokens", "lr_mult"):
-                vals = st.extra.setdefault(k, [])
-                if _knob_text(v) not in vals:
-                    vals.append(_knob_text(v))
+        _add_step(stages[sp.stage], sp.knobs, rows, seq_len, adapter, lambda spec: teachers.get(spec) or
+                  teachers.setdefault(spec, teacher_adapter(cfg, spec)), dense_per_token, buckets)
+        stages[sp.stage].lrs.append(lr)
         for key, val in (("tokens", sp.tokens_before), ("seq_len", seq_len), ("batch_size", rows), ("lr", lr)):
             curve[key].append(val)
         n += 1
@@ -169,20 +186,12 @@ loss shard, seq_len / width MLP shards)."""
 
 
 def technique_settings(name: str, rows: int, seq_len: int, width: int, vocab: int):
-    from rampup.knobs.memory import MemorySettings, auto_levels, requested
 
     s = requested(TECHNIQUES[name])
     return auto_levels(s, rows, seq_len, width, vocab)[-1] if name != "plain" else MemorySettings()
 
 
 def _estimate_memory(cfg: RunConfig, stages: list[StageSummary], ctx: KnobContext, *, detail: bool) -> None:
-    from rampup.knobs.memory import (
-        _width,
-        check_auto,
-        estimate_step,
-        requested,
-        resolve,
-    )
 
     for st in stages:
         if st.biggest is None:
@@ -291,9 +300,7 @@ def print_plan(plan: Plan, cfg: RunConfig, console: Console | None = None) -> No
 def memory_warnings(plan: Plan, cfg: RunConfig) -> list[str]:
     """A stage whose largest step's estimate exceeds the memory limit (train.memory_limit, else what
     this machine offers when the run would train here): training will refuse it before any step."""
-    import torch
 
-    from rampup.knobs.memory import memory_limit
 
     here = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
     if cfg.train.memory_limit is None and not here:
@@ -311,10 +318,8 @@ def memory_warnings(plan: Plan, cfg: RunConfig) -> list[str]:
 
 def plot_plan(plan: Plan, path: Path, title: str = "") -> Path:
     """A PNG of seq_len, batch size and learning rate over the run, with stage boundaries marked."""
-    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     c = plan.curve
     fig, axes = plt.subplots(3, 1, figsize=(8, 7), sharex=True)

@@ -16,13 +16,40 @@ from __future__ import annotations
 
 import json
 import math
+import resource
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from rampup.config import RunConfig
+from rampup.engine.optim import build_optimizer
+from rampup.engine.precision import resolve_precision
+from rampup.engine.step import optimizer_step, resolve_device
+from rampup.engine.tasks import CausalLM
 from rampup.errors import ConfigError
+from rampup.knobs.memory import (
+    MEMORY_KNOBS,
+    MemorySettings,
+    _fake_adapter,
+    _width,
+    apply_memory,
+    malloc_env,
+    requested,
+    reset_peak_rss,
+    resolve,
+    rss_bytes,
+)
+from rampup.knobs.memory import _is_auto as _auto
+from rampup.knobs.transitions import uses_parameter_groups
+from rampup.models.build import build_adapter
+from rampup.schedule.registry import KNOBS, KnobContext, KnobRunner
+from rampup.schedule.stages import Schedule
+from rampup.tools.plan import TECHNIQUES, technique_settings
 
 
 @dataclass
@@ -48,21 +75,8 @@ def _vm(key: str) -> int:
 
 def _child(spec: dict[str, Any]) -> dict[str, Any]:
     """One trial, in this (child) process: build, warm up, hold to the limit, train one step."""
-    import resource
 
-    import torch
 
-    from rampup.config import RunConfig
-    from rampup.engine.optim import build_optimizer
-    from rampup.engine.step import optimizer_step
-    from rampup.engine.tasks import CausalLM
-    from rampup.knobs.memory import (
-        MemorySettings,
-        apply_memory,
-        reset_peak_rss,
-        rss_bytes,
-    )
-    from rampup.models.build import build_adapter
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -70,11 +84,8 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     T, rows, prec = spec["seq_len"], spec["rows"], spec["precision"]
     torch.manual_seed(0)
     adapter = build_adapter(cfg.model, "cpu")
-    from rampup.knobs.transitions import uses_parameter_groups
 
     optimizer = build_optimizer(adapter.module, cfg.optimizer, uses_parameter_groups(cfg.schedule))
-    from rampup.knobs.memory import MEMORY_KNOBS
-    from rampup.schedule.registry import KNOBS, KnobContext, KnobRunner
 
     knobs = {k: KNOBS[k].validate(v) for k, v in spec["knobs"].items() if k not in MEMORY_KNOBS}
     KnobRunner(KnobContext(adapter, optimizer, cfg=cfg, precision=prec)).apply(knobs, T)
@@ -124,9 +135,7 @@ def run_trial(cfg: Any, knobs: dict[str, Any], seq_len: int, settings: Any, limi
               rows: int = 1, precision: str = "fp32", timeout: float | None = None,
               threads: int | None = None) -> Trial:
     """One trial in a child process (see the module docstring)."""
-    from dataclasses import asdict
 
-    from rampup.knobs.memory import malloc_env
 
     spec = {"config": cfg.model_dump(mode="json", by_alias=True), "knobs": _jsonable(knobs), "seq_len": seq_len,
             "rows": rows, "precision": precision, "settings": asdict(settings), "limit": limit, "mode": mode,
@@ -149,9 +158,7 @@ def run_trial(cfg: Any, knobs: dict[str, Any], seq_len: int, settings: Any, limi
 def time_steps(cfg: Any, knobs: dict[str, Any], seq_len: int, settings: Any, *, repeat: int = 3, rows: int = 1,
                precision: str = "fp32", threads: int | None = None) -> list[float]:
     """Seconds of each of ``repeat`` training steps at (rows, seq_len) in a fresh child (no memory limit)."""
-    from dataclasses import asdict
 
-    from rampup.knobs.memory import malloc_env
 
     spec = {"config": cfg.model_dump(mode="json", by_alias=True), "knobs": _jsonable(knobs), "seq_len": seq_len,
             "rows": rows, "precision": precision, "settings": asdict(settings), "repeat": repeat, "threads": threads}
@@ -208,7 +215,6 @@ def probe_config(cfg: Any, stop: int) -> Any:
     """The run's config with the reference model's max_seq_len raised to ``stop`` (its RoPE tables reach
     the probed lengths); a Hugging Face model keeps its position limit."""
     if cfg.model.source == "reference" and cfg.model.max_seq_len < stop:
-        from rampup.config import RunConfig
 
         d = cfg.model_dump(mode="json", by_alias=True)
         d["model"]["max_seq_len"] = stop
@@ -221,12 +227,6 @@ def probe(cfg: Any, limit: int, techniques: list[str], *, mode: str = "total", r
           threads: int | None = None, log=None) -> dict[str, Any]:
     """For each technique (rampup.plan.TECHNIQUES, or 'as set': the run's own memory knobs), the longest
     seq_len of one ``rows`` x seq_len training step within ``limit`` bytes, with every trial."""
-    from rampup.engine.precision import resolve_precision
-    from rampup.engine.step import resolve_device
-    from rampup.knobs.memory import _fake_adapter, _width, requested
-    from rampup.knobs.memory import _is_auto as _auto
-    from rampup.schedule.stages import Schedule
-    from rampup.tools.plan import TECHNIQUES, technique_settings
 
     stop = stop or cfg.model.max_seq_len
     if cfg.model.source == "hf" and stop > cfg.model.max_seq_len:
@@ -238,8 +238,6 @@ def probe(cfg: Any, limit: int, techniques: list[str], *, mode: str = "total", r
     schedule = Schedule.build(cfg.schedule, total=cfg.train.duration, tokens_per_epoch=10**12)
     knobs = schedule.at(schedule.total_tokens - 1)  # the last (longest) stage's knobs
     precision = resolve_precision(cfg.train.precision, resolve_device(cfg.train.device)).precision
-    import torch
-    from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():
         width = _width(_fake_adapter(cfg.model))
@@ -252,9 +250,6 @@ def probe(cfg: Any, limit: int, techniques: list[str], *, mode: str = "total", r
                 s = requested(knobs)
                 if not _auto(s):
                     return s
-                from rampup.knobs.memory import resolve
-                from rampup.models.build import build_adapter
-                from rampup.schedule.registry import KnobContext
 
                 d = cfg.model_dump(mode="json", by_alias=True)
                 d["train"]["memory_limit"] = f"{limit}B"

@@ -30,6 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from rampup.config import dump_config, load_config
+from rampup.engine.checkpoint.format import latest_checkpoint, model_tensors
+from rampup.engine.records import read_metrics
+from rampup.engine.trainer import Trainer
+
 Runner = Callable[[Path, Path, bool, Sequence[str]], None]
 """runner(config file, run folder, resume, overrides): trains the config into the folder (resuming its
 checkpoint), with ``--set`` style overrides."""
@@ -40,8 +47,6 @@ say that writing a checkpoint changes nothing)."""
 
 
 def in_process(config: Path, out: Path, resume: bool, overrides: Sequence[str] = ()) -> None:
-    from rampup.config import load_config
-    from rampup.engine.trainer import Trainer
 
     Trainer(load_config(config, [*overrides, f"train.out_dir={out}"]), resume=resume, display_mode="off").run()
 
@@ -61,7 +66,6 @@ def subprocess_runner(nproc: int = 1, timeout: float = 600) -> Runner:
 def checkpointed(config: str | Path, overrides: Iterable[str] = ()) -> Any:
     """The RunConfig of ``config`` (with ``--set`` style overrides) checkpointed after every step, every
     checkpoint kept, no console display."""
-    from rampup.config import load_config
 
     cfg = load_config(config, [*overrides, "train.checkpoint_every=1 steps", "log.progress=off"])
     cfg.train.keep_checkpoints = 1 << 30
@@ -82,10 +86,7 @@ class RunRecord:
 
     @classmethod
     def of(cls, run: Path) -> RunRecord:
-        import torch
 
-        from rampup.engine.checkpoint.format import latest_checkpoint, model_tensors
-        from rampup.engine.records import read_metrics
 
         recs = read_metrics(run / "metrics.jsonl")
         steps = {r["step"]: (r["loss"], r["grad_norm"]) for r in recs if r["event"] == "step"}
@@ -117,7 +118,6 @@ def differences(ref: RunRecord, got: RunRecord, limit: int = 5) -> list[str]:
 
 def stage_boundaries(run: Path) -> list[int]:
     """The last step of every stage but the last (a checkpoint there resumes into the next stage)."""
-    from rampup.engine.records import read_metrics
 
     stage = {r["step"]: r["stage"] for r in read_metrics(run / "metrics.jsonl") if r["event"] == "step"}
     return [s for s in sorted(stage) if s + 1 in stage and stage[s + 1] != stage[s]]
@@ -139,7 +139,6 @@ def sample(run: Path, seed: int = 0, n_random: int = 2) -> list[int]:
 def copy_at(run: Path, step: int, dst: Path) -> Path:
     """``dst``: the run folder as a process killed right after writing checkpoint ``step`` leaves it (the
     checkpoint's files hard-linked: checkpoints are written whole and renamed, never changed in place)."""
-    from rampup.engine.records import read_metrics
 
     name = f"step_{step:07d}"
     if dst.exists():
@@ -173,7 +172,6 @@ def sweep(cfg: Any, work: Path, steps: Iterable[int] | str = "all", runner: Runn
     """Train ``cfg`` (see :func:`checkpointed`) into ``work/reference``, then resume from each of ``steps``
     (``all``: every checkpoint but the last; ``sample``: :func:`sample`) into ``work/from_K``. Returns the
     checkpoints tried, the mismatching ones with their differences, and seconds spent."""
-    from rampup.config import dump_config
 
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)

@@ -31,8 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from rampup.engine import sharded
 from rampup.engine.checkpoint.folders import (  # noqa: F401
     _PARTIAL,
     FORMAT_VERSION,
@@ -50,6 +52,12 @@ from rampup.engine.checkpoint.folders import (  # noqa: F401
     restore_rng,
     rng_tensors,
     sha256_file,
+)
+from rampup.engine.checkpoint.sharded import (
+    DCP_DIR,
+    METADATA,
+    is_sharded,
+    read_metadata,
 )
 from rampup.errors import (
     CheckpointDamaged,
@@ -157,7 +165,6 @@ def verify_checkpoint(path: Path) -> None:
                                 "checksums, or damaged), so it cannot be verified") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointDamaged(f"checkpoint {path}: {MANIFEST} is unreadable ({e})") from None
-    from rampup.engine.checkpoint.sharded import DCP_DIR, METADATA, is_sharded
 
     if is_sharded(path):  # every rank's shard file, DCP's index and state.json
         shards = [str(p.relative_to(path)) for p in sorted((path / DCP_DIR).iterdir()) if p.is_file()]
@@ -184,9 +191,7 @@ def verify_checkpoint(path: Path) -> None:
 def check_readable(path: Path, names: list[str]) -> None:
     """Every file of a checkpoint parses (state.json as a JSON object, each safetensors file's header,
     DCP's index): a checkpoint whose manifest matches bytes that are not a checkpoint's is damaged too."""
-    from safetensors import safe_open
 
-    from rampup.engine.checkpoint.sharded import read_metadata
 
     for name in names:
         f = path / name
@@ -214,7 +219,6 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     """
     if verify:
         verify_checkpoint(path)
-    from rampup.engine import sharded
 
     if sharded.is_sharded(path):
         state = sharded.read_state(path)
@@ -257,7 +261,6 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
 
 def model_tensors(path: Path) -> dict[str, torch.Tensor]:
     """The model's full tensors in a checkpoint folder (either format), on the CPU, unverified."""
-    from rampup.engine import sharded
 
     if sharded.is_sharded(path):
         return sharded.read_full(path, "model/")
@@ -266,11 +269,9 @@ def model_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def model_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """The model's tensor names and shapes in a checkpoint folder (either format), reading no weights."""
-    from rampup.engine import sharded
 
     if sharded.is_sharded(path):
         return sharded.model_shapes(path)
-    from safetensors import safe_open
 
     with safe_open(str(path / "model.safetensors"), "pt") as f:
         return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from rampup.engine import sharded
 from rampup.engine.checkpoint.format import (
     Checkpoint,
     latest_checkpoint,
@@ -22,6 +23,12 @@ from rampup.engine.checkpoint.format import (
     remove_partial_writes,
     restore_rng,
     save_checkpoint,
+)
+from rampup.engine.checkpoint.sharded import (
+    full_state,
+    load_into,
+    save_sharded,
+    set_full_state,
 )
 from rampup.schedule.registry import fit_checkpoint
 
@@ -93,7 +100,6 @@ class ShardedCheckpointer:
         self._pending: tuple | None = None
 
     def save(self, state, extra: dict[str, Any]) -> Path:
-        from rampup.engine.checkpoint.sharded import save_sharded
 
         return save_sharded(self.folder, state.progress.step, state.model.module, state.optimizer,
                             state.state_dict() | extra, self.dist, keep=self.keep, parts=state.part_tensors())
@@ -101,7 +107,6 @@ class ShardedCheckpointer:
     def load_latest(self, state, *, report, check=None) -> Checkpoint | None:
         """Verify and pick the newest intact checkpoint and read its JSON state and parts; the model
         and optimizer take its tensors in :meth:`install`, on every rank together."""
-        from rampup.engine import sharded
         def prepare(path: Path) -> None:
             fit_checkpoint(state.model, path, state.optimizer)  # a grown model takes the saved shapes
 
@@ -133,12 +138,10 @@ class ShardedCheckpointer:
         if pending is None:
             return
         if pending[0] == "sharded":
-            from rampup.engine.checkpoint.sharded import load_into
 
             _, path, groups, metadata = pending
             restore_rng(load_into(path, state.model.module, state.optimizer, groups, metadata))
             return
-        from rampup.engine.checkpoint.sharded import full_state, set_full_state
 
         _, adapter, optimizer = pending
         model_sd, optim_sd = full_state(adapter, optimizer, to_rank0=False)

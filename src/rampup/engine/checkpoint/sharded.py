@@ -35,6 +35,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from rampup.engine.checkpoint.folders import (
     finish,
@@ -93,7 +103,6 @@ def read_metadata(path: Path) -> Any:
 
 
 def _reader(path: Path, metadata: Any):
-    from torch.distributed.checkpoint import FileSystemReader
 
     class Reader(FileSystemReader):
         def read_metadata(self, *args: Any, **kwargs: Any) -> Any:  # the index we read safely above
@@ -104,7 +113,6 @@ def _reader(path: Path, metadata: Any):
 
 def saved_tensors(metadata: Any) -> dict[str, Any]:
     """Key -> TensorStorageMetadata (``.size``, ``.properties.dtype``) of every tensor in the index."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     return {k: v for k, v in metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
 
@@ -117,7 +125,6 @@ def model_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 def read_full(path: Path, prefix: str, metadata: Any | None = None) -> dict[str, torch.Tensor]:
     """Every tensor under ``prefix`` (``part/``, ``rng/``, ``model/``), whole, in this process alone."""
-    import torch.distributed.checkpoint as dcp
 
     metadata = read_metadata(path) if metadata is None else metadata
     target = {k: torch.empty(tuple(v.size), dtype=v.properties.dtype)
@@ -163,11 +170,6 @@ def full_state(adapter: Any, optimizer: torch.optim.Optimizer, *, to_rank0: bool
     """(model, optimizer) state dicts with full, unsharded tensors, frozen parameters' optimizer state
     included. ``to_rank0``: gathered to rank 0's CPU (a collective under FSDP2; the other ranks get
     empty dicts); otherwise every rank its own (for a plain, unsharded module)."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=to_rank0)
     with all_trainable(adapter.module):
@@ -177,11 +179,6 @@ def full_state(adapter: Any, optimizer: torch.optim.Optimizer, *, to_rank0: bool
 
 def set_full_state(adapter: Any, optimizer: torch.optim.Optimizer | None, model_sd: dict, optim_sd: dict | None) -> None:
     """Load full state dicts into a (sharded or plain) model and its optimizer; every rank shards its part."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
 
     set_model_state_dict(adapter.module, model_sd, options=StateDictOptions(full_state_dict=True))
     if optimizer is not None and optim_sd is not None:
@@ -212,10 +209,6 @@ def aliases(module: torch.nn.Module) -> dict[str, str]:
 def live_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict, dict]:
     """(model, optimizer) state dicts of the live model, sharded (DTensors) under FSDP2, keyed by
     parameter name; frozen parameters' optimizer state included (pytorch #192202)."""
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
 
     model_sd = get_model_state_dict(module)
     if optimizer is None:
@@ -242,12 +235,6 @@ def load_into(path: Path, module: torch.nn.Module, optimizer: torch.optim.Optimi
               groups: list[dict[str, Any]] | None, metadata: Any | None = None) -> dict[str, torch.Tensor]:
     """Read a sharded checkpoint's model (and optimizer, when given) into a live model, plain or
     sharded, at any world size: each rank reads only the chunks its shards cover. Returns rng tensors."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
 
     metadata = read_metadata(path) if metadata is None else metadata
     saved = saved_tensors(metadata)
@@ -306,8 +293,6 @@ def save_sharded(ckpt_dir: Path, step: int, module: torch.nn.Module, optimizer: 
     :class:`NonFiniteError` (nothing written) if any rank's shard holds a NaN or inf;
     :class:`CheckpointWriteError` on every rank if any rank's write failed (earlier checkpoints intact).
     """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemWriter
 
     flat, groups = flat_state(module, optimizer, parts, dist_.broadcast(rng_tensors()))
     bad = dist_.union(nonfinite_tensors((k, _local(v)) for k, v in flat.items()))

@@ -1,0 +1,49 @@
+"""Step shapes: how a task's knobs shape one optimizer step, and what the schedule's axis counts.
+
+A schedule places stages on one axis of progress and walks it step by step. What a step is depends on
+the task: a language model's step is ``batch_tokens // seq_len`` sequences of ``seq_len`` tokens and
+progress counts tokens (:class:`TokenShape`); an image task's step is a batch of images at a size and
+progress counts images. The task declares its shape (``Task.step_shape``), so that :class:`Schedule`,
+the plan and the samplers need not assume rows x seq_len."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+class StepShape(Protocol):
+    """How a task's knobs make one optimizer step."""
+
+    unit: str
+    """What the schedule's axis counts ("tok": tokens)."""
+    knobs: tuple[str, ...]
+    """The knobs that set a step's shape: a duration in steps or samples converts only where they are
+    constant, and plan shows them."""
+    size_knob: str
+    """The knob that sets one item's size (seq_len): the longest value is the run's target shape."""
+
+    def rows(self, knobs: dict[str, Any], longest: int) -> int:
+        """Items (sequences, images) in a step with these knob values; ``longest``: the run's largest size."""
+        ...
+
+    def units_per_row(self, knobs: dict[str, Any]) -> int:
+        """Units of progress one item counts (a sequence: its tokens)."""
+        ...
+
+
+@dataclass(frozen=True)
+class TokenShape:
+    """A language model's step: ``batch_tokens`` of ``seq_len``-token sequences; progress in tokens.
+    ``mode`` (schedule.seq_len_mode): ``reshape`` keeps the tokens per step (more, shorter sequences),
+    ``truncate`` keeps the sequences per step (the longest length's count, each cut short)."""
+
+    mode: str = "reshape"
+    unit: str = "tok"
+    knobs: tuple[str, ...] = ("batch_tokens", "seq_len")
+    size_knob: str = "seq_len"
+
+    def rows(self, knobs: dict[str, Any], longest: int) -> int:
+        return max(1, knobs["batch_tokens"] // (longest if self.mode == "truncate" else knobs["seq_len"]))
+
+    def units_per_row(self, knobs: dict[str, Any]) -> int:
+        return knobs["seq_len"]
