@@ -12,7 +12,7 @@ run's bitwise (rampup.tools.resumecheck). One config also runs on 2 ranks, DDP a
 
 Writes benchmarks/results/resume_sweep.json: per config the checkpoints tried and ``mismatches`` (0 each);
 the headline is ``mismatched_fraction`` (mismatching resumes / resumes tried). Exit 1 on any mismatch.
-The test suite runs a sample in process (tests/test_combinations.py).
+The test suite runs a sample in process (tests/unit/knobs/test_combinations.py).
 """
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 import contextlib
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -9,6 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+
+from rampup.models.adapter import DecoderLMAdapter
+from rampup.models.llm import ModelConfig
 
 ROOT = Path(__file__).parent.parent
 
@@ -114,3 +118,50 @@ def uninterrupted(data_cache, tmp_path_factory) -> Path:
     res = run_rampup("train", str(cfg))
     assert res.returncode == 0, res.stderr
     return out / "run"
+
+
+# ----------------------------------------------------------------------------- runs killed around a stage transition
+
+def kill_after_checkpoints(cfg, out, steps):
+    """For each step: `rampup train` (resuming when there is a checkpoint) stalled in the next step and
+    SIGKILLed once the step's checkpoint exists; the next process resumes from it."""
+    import subprocess
+
+    for ckpt in steps:
+        resume = ["--resume"] if (out / "checkpoints").is_dir() else []
+        env = {**os.environ, "PYTHONHASHSEED": "0", "RAMPUP_FAULT_STALL_STEPS": f"{ckpt + 1}:60"}
+        proc = subprocess.Popen(rampup_cmd("train", str(cfg), *resume), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, env=env)
+        wait_for(lambda: (out / "checkpoints" / f"step_{ckpt:07d}").is_dir(), proc)
+        proc.kill()
+        proc.wait()
+
+
+N, B = 20, 10  # steps of the runs killed here, and the last step of their first stage (the transition is B + 1)
+
+
+def short_tree(data_cache, out, **sections):
+    """tiny_tree cut to N steps, checkpointed every step and keeping one (what a kill must survive)."""
+    train = {"duration": f"{N} steps", "checkpoint_every": "1 step", "keep_checkpoints": 1, **sections.pop("train", {})}
+    return tiny_tree(data_cache, out, train=train, **sections)
+
+
+def kill_steps(seed, *also, n=1):
+    """Checkpoints to SIGKILL after: the transition's first step, those given, and n at seeded random steps."""
+    rng = random.Random(seed)
+    return sorted({B + 1, *also, *rng.sample(range(2, N), n)})
+
+
+@pytest.fixture(scope="session")
+def plain(data_cache, tmp_path_factory):
+    """The N-step run without any transition, uninterrupted."""
+    out = tmp_path_factory.mktemp("plain")
+    tree = short_tree(data_cache, out / "run", train={"checkpoint_every": None})
+    assert run_rampup("train", str(write_config(out / "plain.yaml", tree))).returncode == 0
+    return step_losses(out / "run")
+
+
+@pytest.fixture(scope="module")
+def tied():
+    torch.manual_seed(0)
+    return DecoderLMAdapter.build(ModelConfig(vocab_size=512, dim=64, n_layers=4, n_heads=4, max_seq_len=128))

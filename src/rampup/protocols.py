@@ -87,6 +87,10 @@ class ModelAdapter(Protocol):
 
 @runtime_checkable
 class Task(Protocol):
+    """What a batch is and what its loss is. A task whose steps are not ``batch_tokens`` of ``seq_len``-token
+    sequences also declares ``step_shape(...) -> StepShape`` (rampup.schedule.shapes): the knobs that shape
+    its steps and the unit its progress counts; the run's Schedule is built with it."""
+
     def make_batch(self, x: torch.Tensor, y: torch.Tensor, *, training: bool = True) -> Batch:
         """A sampler's (x, y) as a Batch; ``training=False`` for evaluation batches."""
         ...

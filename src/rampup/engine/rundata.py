@@ -20,6 +20,7 @@ from rampup.data.prepare import (
 )
 from rampup.data.samplers import EVAL_WINDOWS, sampler_for_run
 from rampup.engine.evaluation import window_batches
+from rampup.engine.tasks import CausalLM
 from rampup.errors import ConfigError, DataError
 from rampup.protocols import RunSettings
 from rampup.schedule.registry import check_knobs, graph_id
@@ -95,7 +96,8 @@ def prepare_run(cfg: RunSettings) -> RunData:
     if train_ds.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"the tokenizer has {train_ds.vocab_size} tokens but model.vocab_size is "
                           f"{cfg.model.vocab_size}; set model.vocab_size >= {train_ds.vocab_size}")
-    schedule = Schedule.build(cfg.schedule, total=cfg.train.duration, tokens_per_epoch=train_ds.n_tokens)
+    schedule = Schedule.build(cfg.schedule, total=cfg.train.duration, tokens_per_epoch=train_ds.n_tokens,
+                              shape=CausalLM.step_shape(cfg.schedule.seq_len_mode))
     eval_lens = cfg.eval.seq_lens or [schedule.max_knob("seq_len")]
     for n in eval_lens:
         if val_ds.n_tokens < n + 1:

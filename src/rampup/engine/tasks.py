@@ -7,7 +7,7 @@ alike; with ``loss_shards`` it runs tiled (rampup.models.tiling), and distillati
 - :class:`CausalLM`: next-token cross-entropy; with document masking it adds the per-document
   attention plan (computed on the host from the CPU tensor, so the forward pass never syncs) and,
   optionally, positions that restart at every document.
-- A classifier or any other task is a class with the same three methods (tests/test_seams.py).
+- A classifier or any other task is a class with the same three methods (tests/unit/engine/test_seams.py).
 """
 from __future__ import annotations
 
@@ -21,10 +21,17 @@ from rampup.protocols import Batch, ModelAdapter
 from rampup.protocols import (
     Task as Task,  # re-exported: its home before rampup.protocols
 )
+from rampup.schedule.shapes import TokenShape
 
 
 class CausalLM:
-    """Next-token prediction on token windows; optional document masking (data.doc_mask)."""
+    """Next-token prediction on token windows; optional document masking (data.doc_mask). Its steps are
+    ``batch_tokens`` of ``seq_len``-token sequences, and progress counts tokens (:meth:`step_shape`)."""
+
+    @staticmethod
+    def step_shape(seq_len_mode: str = "reshape") -> TokenShape:
+        """How the schedule's knobs shape this task's steps (schedule.seq_len_mode: reshape or truncate)."""
+        return TokenShape(seq_len_mode)
 
     def __init__(self, eot_id: int | None = None, *, doc_mask: bool = False, restart_positions: bool = False):
         self.eot_id, self.doc_mask, self.restart_positions = eot_id, doc_mask, restart_positions

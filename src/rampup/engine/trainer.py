@@ -626,6 +626,6 @@ def train(cfg: RunSettings, *, resume: bool = False, display_mode: str | None = 
 
     ``build_model(cfg, device) -> ModelAdapter`` (called once torch's RNG is seeded with
     train.seed), ``task`` and ``data`` replace the reference decoder LM, next-token prediction and
-    the token corpus of ``cfg`` (tests/test_seams.py trains a vector classifier this way)."""
+    the token corpus of ``cfg`` (tests/unit/engine/test_seams.py trains a vector classifier this way)."""
     return Trainer(cfg, resume=resume, display_mode=display_mode, build_model=build_model, task=task,
                    data=data).run()

@@ -18,7 +18,7 @@ The estimate (:func:`estimate_step`) is not a formula: it runs one real training
 (the engine's own forward, loss, backward and AdamW step, at the real shape, precision and knobs) on
 fake tensors (``torch._subclasses.FakeTensorMode``: shapes and dtypes, no storage, no FLOPs) and
 records every tensor's life, so its peak counts what the kernels allocate, for the reference model
-and Hugging Face models alike. tests/test_memory.py checks it against the measured peak RSS of real
+and Hugging Face models alike. tests/unit/knobs/test_memory.py checks it against the measured peak RSS of real
 steps in child processes.
 """
 from __future__ import annotations

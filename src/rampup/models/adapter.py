@@ -3,7 +3,7 @@
 torchtitan's ``ModelSpec`` idea: the model is built, wrapped, checkpointed and converted by
 functions outside it, and knows nothing of training. The engine, the knobs and the tasks talk to a
 :class:`ModelAdapter` only, so a Hugging Face causal LM or an image classifier plugs in by writing
-one adapter (tests/test_seams.py trains a classifier over plain vectors through the engine).
+one adapter (tests/unit/engine/test_seams.py trains a classifier over plain vectors through the engine).
 
 An adapter holds ``module`` (the ``nn.Module`` the optimizer, checkpointer and compile see) and
 answers:

@@ -1,7 +1,7 @@
 """The reference decoder language model: a Llama-style transformer in one readable file.
 
 Pre-norm blocks of RMSNorm -> grouped-query attention with rotary positions -> RMSNorm -> SwiGLU,
-numerically the same as Hugging Face's ``LlamaForCausalLM`` (tests/test_model.py checks parity).
+numerically the same as Hugging Face's ``LlamaForCausalLM`` (tests/unit/models/test_model.py checks parity).
 The model knows nothing of training. Two things exist for progressive training:
 
 - the RoPE cache is non-persistent state that ``DecoderLM.set_rope`` recomputes when a stage

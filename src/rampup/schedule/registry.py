@@ -14,7 +14,7 @@ knob carries its effect (Composer's algorithm, without the event zoo), declared 
 
 The engine, ``plan`` and the config never name a knob: they call these through :class:`KnobRunner`
 and :func:`check_knobs`. Adding a knob with an effect is one :func:`register_knob` call in the knob's
-own module (tests/test_seams.py adds one from outside the package). The built-in knobs live with what
+own module (tests/unit/engine/test_seams.py adds one from outside the package). The built-in knobs live with what
 they act on: ``seq_len`` and ``batch_tokens`` here, ``lr_mult`` in rampup.engine.optim, ``rope`` in
 rampup.models.rope, ``attention`` and ``window`` in rampup.models.attention, ``passkey_fraction`` in
 rampup.tools.longeval, ``bucket_odds`` in rampup.data.bucket_sampler.

@@ -7,7 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "pre_layout"
+FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "pre_layout"
 HOME = Path("/tmp/rampup_pre_layout_fixture")
 """Where the fixture was written: its saved config names the corpus there by absolute path."""
 

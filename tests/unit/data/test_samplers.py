@@ -58,7 +58,7 @@ def digest(x: torch.Tensor, y: torch.Tensor) -> str:
     return hashlib.sha256(x.numpy().tobytes() + y.numpy().tobytes()).hexdigest()[:16]
 
 
-@pytest.mark.parametrize("kind", ["fixed", "staged"])  # buckets: tests/test_buckets.py
+@pytest.mark.parametrize("kind", ["fixed", "staged"])  # buckets: tests/unit/data/test_buckets.py
 def test_shapes_and_shift(kind: str, train: TokenDataset) -> None:
     sampler = build_sampler(kind, train, seed=0, seq_len=16)
     assert isinstance(sampler, Sampler)

@@ -65,7 +65,7 @@ FAMILIES = {
     "subnets": Family(("subnet",), {"subnet": "depth:1-2,mlp:0.5-1.0"}),
 }
 """activation_offload is CUDA-only (refused on the CPU); distill_hidden is tested with its projections in
-tests/test_transitions.py (with a width growth it is refused: its projections are sized at the start).
+tests/unit/knobs/test_transitions.py (with a width growth it is refused: its projections are sized at the start).
 The EMA (train.ema, not a knob) is in the shipped transitions config, resumed below."""
 
 BF16 = {"memory", "subnets", "distill"}

@@ -13,7 +13,7 @@ from rampup.errors import ConfigError, RampupError
 from rampup.schedule.stages import Schedule
 from rampup.tools.plan import make_plan, plot_plan, print_plan
 
-CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("**/*.yaml"))
+CONFIGS = sorted((Path(__file__).parents[3] / "configs").glob("**/*.yaml"))
 
 
 def write(tmp_path, tree) -> Path:

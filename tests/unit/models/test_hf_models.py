@@ -144,7 +144,7 @@ def test_model_folders_load_safetensors_only_and_name_what_is_wrong(tmp_path):
 
 
 # ----------------------------------------------------------------------------- shipped configs, model.source: hf
-SHIPPED = sorted((Path(__file__).parent.parent / "configs" / "hf").glob("*.yaml"))
+SHIPPED = sorted((Path(__file__).parents[3] / "configs" / "hf").glob("*.yaml"))
 
 
 def overrides(path, data_cache, out):

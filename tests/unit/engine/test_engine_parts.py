@@ -12,7 +12,7 @@ from rampup.models import ModelConfig
 from rampup.models.adapter import Batch, DecoderLMAdapter
 from rampup.models.llm import flops_per_token
 
-SRC = Path(__file__).parent.parent / "src" / "rampup"
+SRC = Path(__file__).parents[3] / "src" / "rampup"
 TINY = dict(vocab_size=100, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=64)
 
 
@@ -118,7 +118,7 @@ def test_supports_names_the_knobs_it_honours():
     from rampup.schedule.registry import KNOBS
 
     a = adapter()
-    assert all(a.supports(k) for k in KNOBS if k != "temperature")  # temperature: tests/test_seams.py's own knob
+    assert all(a.supports(k) for k in KNOBS if k != "temperature")  # temperature: tests/unit/engine/test_seams.py's own knob
     assert not a.supports("no_such_knob")
 
 

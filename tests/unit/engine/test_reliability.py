@@ -1,6 +1,6 @@
 """Nothing lost: one process per run folder, a resume only on the data it started with, every failed
 write and unreadable file named (exit codes of rampup.errors), sizes that cannot fit refused before
-compute. The faults that need real processes are in tests/test_faults.py."""
+compute. The faults that need real processes are in tests/e2e/test_faults.py."""
 import os
 import re
 import subprocess
