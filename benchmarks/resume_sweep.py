@@ -85,18 +85,25 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
             for k, found in r["mismatched"].items():
                 print(f"    from step {k}: " + "; ".join(found), flush=True)
+            out = _write(args, results, time.perf_counter() - t0)  # after every config: a cut-off sweep still reports
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
+    out = _write(args, results, time.perf_counter() - t0)
+    print(f"{out['resumes_tried']} resumes over {len(results)} configs, {out['mismatches']} mismatches -> {args.out}")
+    return 1 if out["mismatches"] else 0
+
+
+def _write(args: argparse.Namespace, results: dict, seconds: float) -> dict:
     tried = sum(len(r["checkpoints_tried"]) for r in results.values())
     bad = sum(r["mismatches"] for r in results.values())
     out = {"benchmark": "resume_sweep", "mode": "sample" if args.sample else "every checkpoint",
            "machine": machine(), "configs": results, "resumes_tried": tried, "mismatches": bad,
-           "mismatched_fraction": bad / max(tried, 1), "seconds": round(time.perf_counter() - t0, 1)}
+           "mismatched_fraction": bad / max(tried, 1), "seconds": round(seconds, 1),
+           "complete": len(results) == len(args.only or CONFIGS)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"{tried} resumes over {len(results)} configs, {bad} mismatches -> {args.out}")
-    return 1 if bad else 0
+    return out
 
 
 if __name__ == "__main__":
