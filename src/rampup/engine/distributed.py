@@ -54,6 +54,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from rampup.engine.checkpoint.local import ShardedCheckpointer
 from rampup.engine.checkpoint.sharded import all_trainable as _all_trainable  # noqa: F401
+from rampup.engine.checkpoint.sharded import full_state as full_state  # re-exported: its import path before the layout
+from rampup.engine.checkpoint.sharded import set_full_state as set_full_state  # re-exported: likewise
 from rampup.engine.optim import build_optimizer
 from rampup.errors import ConfigError, DistributedError, RampupError
 from rampup.models.build import build_adapter

@@ -51,7 +51,7 @@ from rampup.engine.records import (
     step_record,
     write_record_file,
 )
-from rampup.engine.rundata import RunData, micro_shapes, prepare_run
+from rampup.engine.rundata import RunData, RunInputs, check_graphs, micro_shapes, prepare_run
 from rampup.engine.runlock import RunLock
 from rampup.engine.state import KEPT_ON_ROLLBACK, Progress, TrainState
 from rampup.engine.step import (
@@ -78,7 +78,7 @@ from rampup.schedule.registry import (
 )
 from rampup.units import Duration, Unit
 
-__all__ = ["Interrupted", "Progress", "RunData", "Trainer", "evaluate", "optimizer_step", "prepare_run",
+__all__ = ["Interrupted", "Progress", "RunData", "RunInputs", "Trainer", "check_graphs", "micro_shapes", "evaluate", "optimizer_step", "prepare_run",
            "resolve_device", "train", "train_step"]
 """The engine's public functions, for a loop of your own or a whole run."""
 

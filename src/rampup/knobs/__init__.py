@@ -14,7 +14,11 @@ from rampup.schedule.registry import (
     Knob,
     KnobContext,
     KnobRunner,
+    check_knobs,
+    check_supported,
     get_knob,
+    graph_id,
+    knob_keys_set,
     register_knob,
 )
 
@@ -24,4 +28,5 @@ FAMILIES = tuple(info.name for info in pkgutil.iter_modules(__path__) if not inf
 for _name in FAMILIES:
     importlib.import_module(f"{__name__}.{_name}")
 
-__all__ = ["FAMILIES", "KNOBS", "Knob", "KnobContext", "KnobRunner", "Ramp", "get_knob", "register_knob"]
+__all__ = ["FAMILIES", "KNOBS", "Knob", "KnobContext", "KnobRunner", "Ramp", "check_knobs", "check_supported", "get_knob",
+           "graph_id", "knob_keys_set", "register_knob"]

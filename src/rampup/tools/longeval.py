@@ -29,7 +29,7 @@ from tokenizers import Tokenizer
 
 from rampup.config import RunConfig, load_config
 from rampup.data.dataset import TokenDataset
-from rampup.data.passkey import PasskeyTemplate
+from rampup.data.passkey import NEEDLE, QUESTION, PasskeyTemplate, inject_passkeys, passkey_example  # noqa: F401 (re-exported)
 from rampup.data.prepare import get_prepared, load_prepared_tokenizer
 from rampup.data.samplers import EVAL_WINDOWS
 from rampup.data.tokenizer import same_tokenizer
