@@ -21,10 +21,11 @@ Ctrl-C stopped at once; 128+N stopped by signal N after writing a checkpoint (14
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
-from rampup.errors import EXIT_ABORTED, RampupError
+from rampup.errors import EXIT_ABORTED, Interrupted, RampupError
 
 
 def _train_arguments(sp: argparse.ArgumentParser) -> None:
@@ -34,7 +35,6 @@ def _train_arguments(sp: argparse.ArgumentParser) -> None:
                     "(train.strategy: ddp or fsdp); for many machines run torchrun ... -m rampup train CONFIG yourself")
     sp.add_argument("--max-restarts", type=int, default=0, help="with --nproc: times torchrun restarts the job after "
                     "a process fails; each restart resumes from the latest checkpoint")
-    sp.set_defaults(fn="cmd_train")
 
 
 def _eval_arguments(sp: argparse.ArgumentParser) -> None:
@@ -50,7 +50,6 @@ def _eval_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--seed", type=int, default=0, help="seed of the passkey examples")
     sp.add_argument("--out", help="where to write the JSON (default: RUN/eval.json; eval_FOLDER.json here for a "
                     "Hugging Face folder)")
-    sp.set_defaults(fn="cmd_eval")
 
 
 def _with_config(sub, name: str, help_: str) -> argparse.ArgumentParser:
@@ -72,7 +71,6 @@ def _plan_probe_parsers(sub) -> None:
                     help="seconds the train-time estimate may spend timing steps (default 10; the first shape is "
                     "always timed, a shape that would overrun is shrunk or left to its FLOPs)")
     sp.add_argument("--recalibrate", action="store_true", help="time the steps again whatever the cache holds")
-    sp.set_defaults(fn="cmd_plan")
     sp = _with_config(sub, "probe", "find by measurement the longest seq_len that trains within a memory limit, "
                      "plain and with each memory technique (each trial in a child process held to the limit)")
     sp.add_argument("--memory-limit", required=True, help="e.g. 8GiB: the child's whole data (or, with "
@@ -88,7 +86,6 @@ def _plan_probe_parsers(sub) -> None:
     sp.add_argument("--refine", type=int, default=2, help="bisection steps after the doubling")
     sp.add_argument("--timeout", type=float, help="seconds a trial may take (a slower one counts as failed)")
     sp.add_argument("--json", help="write the results here")
-    sp.set_defaults(fn="cmd_probe")
 
 
 def _run_parsers(sub) -> None:
@@ -97,7 +94,6 @@ def _run_parsers(sub) -> None:
                     help="configs to run with the same budget (the last is the baseline)")
     sp.add_argument("--quick", action="store_true", help="a much shorter run (under a minute), for tests")
     sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key in every config")
-    sp.set_defaults(fn="cmd_demo")
     sp = sub.add_parser("compare", help="compare finished runs by time, tokens and FLOPs to a target loss")
     sp.add_argument("runs", nargs="*", help="run folders; the last (or --baseline) is the baseline")
     sp.add_argument("--run", nargs="+", metavar="CONFIG", help="train these configs first (same budget), then compare")
@@ -106,11 +102,9 @@ def _run_parsers(sub) -> None:
     sp.add_argument("--target-loss", type=float, help="target validation loss (default: the baseline's final loss)")
     sp.add_argument("--out", default="runs/compare", help="where compare.json and the HTML report go")
     sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="with --run: override a key in every config")
-    sp.set_defaults(fn="cmd_compare")
     sp = sub.add_parser("report", help="write an HTML report (plots embedded) and PNGs for a run")
     sp.add_argument("run_dir", help="a run folder (train.out_dir)")
     sp.add_argument("--out", help="where to write (default: RUN_DIR/report)")
-    sp.set_defaults(fn="cmd_report")
 
 
 def _model_parsers(sub) -> None:
@@ -127,16 +121,14 @@ def _model_parsers(sub) -> None:
     sp.add_argument("--subnet", metavar="depth=D,mlp=F", help="export the sub-network of the lowest D blocks "
                     "with the first F of each MLP's units (rampup.knobs.subnets)")
     sp.add_argument("--ema", action="store_true", help="export the run's EMA weights (train.ema) instead of the raw ones")
-    sp.set_defaults(fn="cmd_export")
     sp = sub.add_parser("config", help="list every config key with its default and meaning")
     sp.add_argument("section", nargs="?", help="only keys under this prefix, e.g. train")
-    sp.set_defaults(fn="cmd_config")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rampup", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    _with_config(sub, "prepare", "tokenize the corpus into token shards (cached)").set_defaults(fn="cmd_prepare")
+    _with_config(sub, "prepare", "tokenize the corpus into token shards (cached)")
     _plan_probe_parsers(sub)
     _train_arguments(_with_config(sub, "train", "train a run, or continue one with --resume"))
     _run_parsers(sub)
@@ -146,14 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from rampup import (
-        commands,  # the commands' imports (torch, the engine) wait for a command: --help stays fast
-    )
-
-    try:
-        return getattr(commands, args.fn)(args)
+    try:  # only the command's own module is imported: --help imports none, each command what it needs
+        return importlib.import_module(f"rampup.commands.{args.command}").run(args)
     except RampupError as e:
-        if isinstance(e, commands.Interrupted):  # a requested stop, not a failure: what was kept and how to go on
+        if isinstance(e, Interrupted):  # a requested stop, not a failure: what was kept and how to go on
             if os.environ.get("RANK", "0") == "0":  # one voice: rank 0's
                 print(f"stopped: {e}", file=sys.stderr)
         else:

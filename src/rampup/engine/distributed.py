@@ -48,14 +48,17 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 from torch.distributed.run import get_args_parser, run
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from rampup.engine.checkpoint.local import ShardedCheckpointer
 from rampup.engine.checkpoint.sharded import all_trainable as _all_trainable  # noqa: F401
-from rampup.engine.checkpoint.sharded import full_state as full_state  # re-exported: its import path before the layout
-from rampup.engine.checkpoint.sharded import set_full_state as set_full_state  # re-exported: likewise
+from rampup.engine.checkpoint.sharded import (
+    full_state as full_state,  # re-exported: its import path before the layout
+)
+from rampup.engine.checkpoint.sharded import (
+    set_full_state as set_full_state,  # re-exported: likewise
+)
 from rampup.engine.optim import build_optimizer
 from rampup.errors import ConfigError, DistributedError, RampupError
 from rampup.models.build import build_adapter
@@ -183,6 +186,8 @@ class Dist:
     def shard(self, adapter: Any, device: torch.device) -> None:
         """FSDP2: every block one unit, the rest the root's; the training forward goes through the
         root's hooks (``forward_hidden`` registered as an FSDP forward method)."""
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
         if not self.fsdp:
             return
 
@@ -407,8 +412,6 @@ def launch(argv: list[str], nproc: int, max_restarts: int) -> int:
     A signal to this process reaches the workers (rank 0 checkpoints and says so, once) and the launcher
     exits as one process would: 128+N, no torchrun traceback. A failed worker has already printed its
     own error; the launcher exits with that worker's code (the lowest failing rank's)."""
-
-
     args = get_args_parser().parse_args(["--standalone", f"--nproc_per_node={nproc}",
                                          f"--max-restarts={max_restarts}", "-m", "rampup", *argv])
     logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)  # its shutdown notes: the workers speak

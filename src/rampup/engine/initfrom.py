@@ -41,8 +41,6 @@ def resolve(path: str | Path, config_cls: Any = None) -> InitSource:
     """What ``train.init_from`` names; a ConfigError says what is missing. ``config_cls`` (RunConfig, passed
     in so that this module does not import the config that imports it) reads a source run's config and
     finds its tokenizer; without it the source's tokenizer is not looked up."""
-
-
     p = Path(path).expanduser()
     if not p.exists():
         raise ConfigError(f"train.init_from {p} does not exist; give a run folder, one of its checkpoints "
@@ -94,8 +92,6 @@ def _load(path: Path):
 
 def load_weights(adapter: Any, init_from: str | Path) -> InitSource:
     """Copy the source's weights into the freshly built model (every tensor, same shapes, or a named error)."""
-
-
     src = resolve(init_from)
     if src.kind == "run":
         state = model_tensors(src.path)

@@ -17,19 +17,14 @@ from torch.profiler import record_function
 from rampup.engine.evaluation import eval_loss, window_batches
 from rampup.engine.precision import autocast
 from rampup.engine.tasks import CausalLM
-from rampup.errors import ConfigError, RampupError
+from rampup.errors import ConfigError
+from rampup.errors import (
+    Interrupted as Interrupted,  # re-exported: its home before rampup.errors
+)
 from rampup.models.adapter import Batch, ModuleAdapter
 
 REGIONS = ("rampup.forward", "rampup.backward", "rampup.optimizer")
 """The torch.profiler labels of a step's parts (the loss in forward; clipping and the update in optimizer)."""
-
-
-class Interrupted(RampupError):
-    """Training stopped by a signal after writing a checkpoint; ``exit_code`` is 128 + the signal."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 def resolve_device(name: str) -> torch.device:

@@ -51,7 +51,13 @@ from rampup.engine.records import (
     step_record,
     write_record_file,
 )
-from rampup.engine.rundata import RunData, RunInputs, check_graphs, micro_shapes, prepare_run
+from rampup.engine.rundata import (
+    RunData,
+    RunInputs,
+    check_graphs,
+    micro_shapes,
+    prepare_run,
+)
 from rampup.engine.runlock import RunLock
 from rampup.engine.state import KEPT_ON_ROLLBACK, Progress, TrainState
 from rampup.engine.step import (

@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 from pydantic import model_validator
-from torch.distributed.tensor import distribute_tensor
 
 from rampup.configbase import Section
 from rampup.errors import ConfigError
@@ -100,6 +99,8 @@ class EMA:
 
 def _like(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """``t`` (a full tensor) laid out as ``param``: this rank's shard of it for an FSDP2 (DTensor) parameter."""
+    from torch.distributed.tensor import distribute_tensor
+
     if hasattr(param, "device_mesh") and not hasattr(t, "device_mesh"):
 
         # every rank holds the whole tensor: each keeps its own shard, no communication

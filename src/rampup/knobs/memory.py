@@ -498,8 +498,6 @@ def estimate_step(cfg: Any, knobs: dict[str, Any], rows: int, seq_len: int, prec
     ``teacher`` and a distillation weight) adds the teacher's weights and its no-grad forward inside the
     loss, as the distillation task runs it; a snapshot teacher is taken at the model's current shape (an
     upper bound for a model that grew since)."""
-
-
     if settings is None:
         settings = requested(knobs)
         if _is_auto(settings):

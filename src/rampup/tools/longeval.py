@@ -29,7 +29,13 @@ from tokenizers import Tokenizer
 
 from rampup.config import RunConfig, load_config
 from rampup.data.dataset import TokenDataset
-from rampup.data.passkey import NEEDLE, QUESTION, PasskeyTemplate, inject_passkeys, passkey_example  # noqa: F401 (re-exported)
+from rampup.data.passkey import (  # noqa: F401 (re-exported)
+    NEEDLE,
+    QUESTION,
+    PasskeyTemplate,
+    inject_passkeys,
+    passkey_example,
+)
 from rampup.data.prepare import get_prepared, load_prepared_tokenizer
 from rampup.data.samplers import EVAL_WINDOWS
 from rampup.data.tokenizer import same_tokenizer
@@ -77,8 +83,6 @@ def loss_by_position(model, windows: torch.Tensor, n_buckets: int = 8, *,
 
 def open_run(path: str | Path, command: str):
     """(checkpoint folder, RunConfig, Schedule) of a run folder or one of its checkpoints."""
-
-
     saved = read_run(path, command)
     cfg = RunConfig.model_validate(saved.config)
     return saved.checkpoint, cfg, Schedule.build(cfg.schedule, total=cfg.train.duration)
@@ -86,8 +90,6 @@ def open_run(path: str | Path, command: str):
 
 def _data_config(data: str | Path):
     """The RunConfig whose corpus ``--data`` names: a run folder (its config.yaml) or a config file."""
-
-
     p = Path(data)
     if (p / "config.yaml").is_file():
         return RunConfig.model_validate(yaml.safe_load((p / "config.yaml").read_text()))

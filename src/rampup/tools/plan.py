@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-import matplotlib.pyplot as plt
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -300,8 +298,6 @@ def print_plan(plan: Plan, cfg: RunConfig, console: Console | None = None) -> No
 def memory_warnings(plan: Plan, cfg: RunConfig) -> list[str]:
     """A stage whose largest step's estimate exceeds the memory limit (train.memory_limit, else what
     this machine offers when the run would train here): training will refuse it before any step."""
-
-
     here = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
     if cfg.train.memory_limit is None and not here:
         return []  # the run's GPU is not this machine's
@@ -318,8 +314,10 @@ def memory_warnings(plan: Plan, cfg: RunConfig) -> list[str]:
 
 def plot_plan(plan: Plan, path: Path, title: str = "") -> Path:
     """A PNG of seq_len, batch size and learning rate over the run, with stage boundaries marked."""
+    import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # before pyplot: no display is needed or wanted
+    import matplotlib.pyplot as plt
 
     c = plan.curve
     fig, axes = plt.subplots(3, 1, figsize=(8, 7), sharex=True)

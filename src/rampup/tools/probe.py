@@ -135,8 +135,6 @@ def run_trial(cfg: Any, knobs: dict[str, Any], seq_len: int, settings: Any, limi
               rows: int = 1, precision: str = "fp32", timeout: float | None = None,
               threads: int | None = None) -> Trial:
     """One trial in a child process (see the module docstring)."""
-
-
     spec = {"config": cfg.model_dump(mode="json", by_alias=True), "knobs": _jsonable(knobs), "seq_len": seq_len,
             "rows": rows, "precision": precision, "settings": asdict(settings), "limit": limit, "mode": mode,
             "threads": threads}
@@ -158,8 +156,6 @@ def run_trial(cfg: Any, knobs: dict[str, Any], seq_len: int, settings: Any, limi
 def time_steps(cfg: Any, knobs: dict[str, Any], seq_len: int, settings: Any, *, repeat: int = 3, rows: int = 1,
                precision: str = "fp32", threads: int | None = None) -> list[float]:
     """Seconds of each of ``repeat`` training steps at (rows, seq_len) in a fresh child (no memory limit)."""
-
-
     spec = {"config": cfg.model_dump(mode="json", by_alias=True), "knobs": _jsonable(knobs), "seq_len": seq_len,
             "rows": rows, "precision": precision, "settings": asdict(settings), "repeat": repeat, "threads": threads}
     res = subprocess.run([sys.executable, "-m", "rampup.tools.probe", "--child"], input=json.dumps(spec),

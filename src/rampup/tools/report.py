@@ -16,11 +16,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-import matplotlib.pyplot as plt
-import matplotlib.ticker  # noqa: F401  (plt.matplotlib.ticker)
 import yaml
-from matplotlib.ticker import FuncFormatter
 
 from rampup.engine.records import read_metrics
 from rampup.errors import DataError
@@ -88,6 +84,7 @@ def _log_axis_helps(values: Sequence[float]) -> bool:
 
 
 def _human_formatter() -> Any:
+    from matplotlib.ticker import FuncFormatter
 
     return FuncFormatter(lambda v, _: format_tokens(v))
 
@@ -226,8 +223,11 @@ def _tok_per_s_figure(plt: Any, runs: list[tuple[str, list[dict]]]) -> Any:
 
 def plot_run_figures(runs: list[tuple[str, list[dict]]], out_dir: Path) -> dict[str, Path]:
     """Write the report's PNGs for one or more runs (overlaid) into ``out_dir``; {name: path}."""
+    import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # before pyplot: no display is needed or wanted
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401  (plt.matplotlib.ticker)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from rampup.engine import sharded
+from rampup.engine.checkpoint import sharded
 from rampup.engine.checkpoint.folders import (  # noqa: F401
     _PARTIAL,
     FORMAT_VERSION,
@@ -191,8 +191,6 @@ def verify_checkpoint(path: Path) -> None:
 def check_readable(path: Path, names: list[str]) -> None:
     """Every file of a checkpoint parses (state.json as a JSON object, each safetensors file's header,
     DCP's index): a checkpoint whose manifest matches bytes that are not a checkpoint's is damaged too."""
-
-
     for name in names:
         f = path / name
         try:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from rampup.engine import sharded
+from rampup.engine.checkpoint import sharded
 from rampup.engine.checkpoint.format import (
     Checkpoint,
     latest_checkpoint,

@@ -35,16 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 
 from rampup.engine.checkpoint.folders import (
     finish,
@@ -59,6 +49,24 @@ from rampup.errors import (
     CheckpointWriteError,
     NonFiniteError,
 )
+
+
+class _LazyDCP:
+    """torch.distributed.checkpoint's names (and its state_dict and metadata modules'), imported on first
+    use: 0.8 s at the start of every process otherwise, for runs that never write or read DCP shards."""
+
+    def __getattr__(self, name: str) -> Any:
+        import torch.distributed.checkpoint as dcp
+        import torch.distributed.checkpoint.metadata as metadata
+        import torch.distributed.checkpoint.state_dict as state_dict
+
+        for module in (dcp, state_dict, metadata):
+            if hasattr(module, name):
+                return getattr(module, name)
+        raise AttributeError(name)
+
+
+DCP = _LazyDCP()
 
 DCP_DIR = "dcp"
 METADATA = ".metadata"
@@ -103,8 +111,7 @@ def read_metadata(path: Path) -> Any:
 
 
 def _reader(path: Path, metadata: Any):
-
-    class Reader(FileSystemReader):
+    class Reader(DCP.FileSystemReader):
         def read_metadata(self, *args: Any, **kwargs: Any) -> Any:  # the index we read safely above
             return metadata
 
@@ -113,8 +120,7 @@ def _reader(path: Path, metadata: Any):
 
 def saved_tensors(metadata: Any) -> dict[str, Any]:
     """Key -> TensorStorageMetadata (``.size``, ``.properties.dtype``) of every tensor in the index."""
-
-    return {k: v for k, v in metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
+    return {k: v for k, v in metadata.state_dict_metadata.items() if isinstance(v, DCP.TensorStorageMetadata)}
 
 
 def model_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -125,12 +131,11 @@ def model_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 def read_full(path: Path, prefix: str, metadata: Any | None = None) -> dict[str, torch.Tensor]:
     """Every tensor under ``prefix`` (``part/``, ``rng/``, ``model/``), whole, in this process alone."""
-
     metadata = read_metadata(path) if metadata is None else metadata
     target = {k: torch.empty(tuple(v.size), dtype=v.properties.dtype)
               for k, v in saved_tensors(metadata).items() if k.startswith(prefix)}
     if target:
-        _load(dcp, target, path, metadata)
+        _load(DCP, target, path, metadata)
     return {k[len(prefix):]: v for k, v in target.items()}
 
 
@@ -143,9 +148,10 @@ def _quiet() -> Iterator[None]:
 
 
 def _load(dcp: Any, target: dict[str, Any], path: Path, metadata: Any) -> None:
+
     try:
         with _quiet():
-            dcp.load(target, storage_reader=_reader(path, metadata), no_dist=True)
+            DCP.load(target, storage_reader=_reader(path, metadata), no_dist=True)
     except Exception as e:  # a shard cut short after verification, a size mismatch
         raise CheckpointError(f"cannot read the shards of checkpoint {path} ({str(e).strip().splitlines()[0][:300]}); "
                               "use the config it was trained with, or point to another checkpoint") from None
@@ -170,22 +176,20 @@ def full_state(adapter: Any, optimizer: torch.optim.Optimizer, *, to_rank0: bool
     """(model, optimizer) state dicts with full, unsharded tensors, frozen parameters' optimizer state
     included. ``to_rank0``: gathered to rank 0's CPU (a collective under FSDP2; the other ranks get
     empty dicts); otherwise every rank its own (for a plain, unsharded module)."""
-
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=to_rank0)
+    opts = DCP.StateDictOptions(full_state_dict=True, cpu_offload=to_rank0)
     with all_trainable(adapter.module):
-        return (get_model_state_dict(adapter.module, options=opts),
-                get_optimizer_state_dict(adapter.module, optimizer, options=opts))
+        return (DCP.get_model_state_dict(adapter.module, options=opts),
+                DCP.get_optimizer_state_dict(adapter.module, optimizer, options=opts))
 
 
 def set_full_state(adapter: Any, optimizer: torch.optim.Optimizer | None, model_sd: dict, optim_sd: dict | None) -> None:
     """Load full state dicts into a (sharded or plain) model and its optimizer; every rank shards its part."""
-
-    set_model_state_dict(adapter.module, model_sd, options=StateDictOptions(full_state_dict=True))
+    DCP.set_model_state_dict(adapter.module, model_sd, options=DCP.StateDictOptions(full_state_dict=True))
     if optimizer is not None and optim_sd is not None:
         # not strict: a parameter never stepped yet (frozen since the start) has no state to load
         with all_trainable(adapter.module):
-            set_optimizer_state_dict(adapter.module, optimizer, optim_sd,
-                                     options=StateDictOptions(full_state_dict=True, strict=False))
+            DCP.set_optimizer_state_dict(adapter.module, optimizer, optim_sd,
+                                     options=DCP.StateDictOptions(full_state_dict=True, strict=False))
         # the helper first gives every parameter a zero state (a step at lr 0); one that had none (never
         # stepped) must have none again, or its first real step's bias correction would be off
         saved = set(optim_sd.get("state", {}))
@@ -209,12 +213,11 @@ def aliases(module: torch.nn.Module) -> dict[str, str]:
 def live_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict, dict]:
     """(model, optimizer) state dicts of the live model, sharded (DTensors) under FSDP2, keyed by
     parameter name; frozen parameters' optimizer state included (pytorch #192202)."""
-
-    model_sd = get_model_state_dict(module)
+    model_sd = DCP.get_model_state_dict(module)
     if optimizer is None:
         return model_sd, {}
     with all_trainable(module):
-        return model_sd, get_optimizer_state_dict(module, optimizer)
+        return model_sd, DCP.get_optimizer_state_dict(module, optimizer)
 
 
 def flat_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, parts: dict[str, torch.Tensor],
@@ -235,7 +238,6 @@ def load_into(path: Path, module: torch.nn.Module, optimizer: torch.optim.Optimi
               groups: list[dict[str, Any]] | None, metadata: Any | None = None) -> dict[str, torch.Tensor]:
     """Read a sharded checkpoint's model (and optimizer, when given) into a live model, plain or
     sharded, at any world size: each rank reads only the chunks its shards cover. Returns rng tensors."""
-
     metadata = read_metadata(path) if metadata is None else metadata
     saved = saved_tensors(metadata)
     model_sd, optim_sd = live_state(module, optimizer)
@@ -258,16 +260,16 @@ def load_into(path: Path, module: torch.nn.Module, optimizer: torch.optim.Optimi
                 t = value if torch.is_tensor(value) else torch.tensor(value)
                 state.setdefault(fqn, {})[name] = target[key] = t
     rng = {k: torch.empty(tuple(v.size), dtype=v.properties.dtype) for k, v in saved.items() if k.startswith("rng/")}
-    _load(dcp, target | rng, path, metadata)
+    _load(DCP, target | rng, path, metadata)
     for alias, name in tied.items():
         if alias in model_sd:
             model_sd[alias] = model_sd[name]
-    set_model_state_dict(module, model_sd)
+    DCP.set_model_state_dict(module, model_sd)
     if optimizer is not None:
         groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in groups or []]  # JSON made a list
         with all_trainable(module):
-            set_optimizer_state_dict(module, optimizer, {"state": state, "param_groups": groups},
-                                     options=StateDictOptions(strict=False))
+            DCP.set_optimizer_state_dict(module, optimizer, {"state": state, "param_groups": groups},
+                                     options=DCP.StateDictOptions(strict=False))
         for name, p in module.named_parameters():  # the helper gave every parameter a zero state first
             if name not in state:
                 optimizer.state.pop(p, None)
@@ -293,7 +295,6 @@ def save_sharded(ckpt_dir: Path, step: int, module: torch.nn.Module, optimizer: 
     :class:`NonFiniteError` (nothing written) if any rank's shard holds a NaN or inf;
     :class:`CheckpointWriteError` on every rank if any rank's write failed (earlier checkpoints intact).
     """
-
     flat, groups = flat_state(module, optimizer, parts, dist_.broadcast(rng_tensors()))
     bad = dist_.union(nonfinite_tensors((k, _local(v)) for k, v in flat.items()))
     if bad:
@@ -316,9 +317,9 @@ def save_sharded(ckpt_dir: Path, step: int, module: torch.nn.Module, optimizer: 
         if error is None:
             try:
                 with _quiet():
-                    dcp.save(flat, storage_writer=FileSystemWriter(str(tmp / DCP_DIR), sync_files=True),
+                    DCP.save(flat, storage_writer=DCP.FileSystemWriter(str(tmp / DCP_DIR), sync_files=True),
                              no_dist=not dist_.enabled)
-            except (Exception, dcp.CheckpointException) as e:  # the latter (a BaseException) gathers every rank's
+            except (Exception, DCP.CheckpointException) as e:  # the latter (a BaseException) gathers every rank's
                 error = _cause(e)
             error = dist_.first_error(error)
         if error is None and dist_.main:

@@ -1,0 +1,74 @@
+"""rampup plan: the whole run as a table and a PNG, without training."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rampup.commands import console, load
+from rampup.data.dataset import TokenDataset
+from rampup.data.prepare import (
+    corpus_warnings,
+    prepared_dir,
+    read_meta,
+    unprepared_warnings,
+)
+from rampup.errors import ConfigError
+from rampup.schedule.stages import Schedule
+from rampup.tools.calibrate import (
+    Calibrator,
+    corpus_stats,
+    estimate_time,
+    print_corpus_stats,
+    print_time_estimate,
+)
+from rampup.tools.plan import make_plan, memory_warnings, plot_plan, print_plan
+
+
+def run(args: argparse.Namespace) -> int:
+
+    if not args.time_budget > 0:
+        raise ConfigError(f"--time-budget {args.time_budget:g}: give a positive number of seconds (or --no-time)")
+    cfg = load(args)
+    prepared = prepared_dir(cfg.data)
+    tokens_per_epoch = None  # known only once the corpus is prepared; plan never prepares it
+
+    if (prepared / "meta.json").is_file():
+        tokens_per_epoch = TokenDataset.open(prepared, "train", verify=cfg.data.verify_checksums).n_tokens
+    schedule = Schedule.build(cfg.schedule, total=cfg.train.duration, tokens_per_epoch=tokens_per_epoch)
+    plan = make_plan(cfg, schedule, memory="detail" if args.memory else "peak")
+    print_plan(plan, cfg, console)
+    too_big = memory_warnings(plan, cfg)
+    if (prepared / "meta.json").is_file():
+
+        print_corpus_stats(corpus_stats(TokenDataset.open(prepared, "train", verify=False).doc_lengths,
+                                        plan.baseline_seq_len), console)
+        warnings = corpus_warnings(read_meta(prepared), budget_tokens=schedule.total_tokens,
+                                   sampler=cfg.data.sampler)
+    else:
+
+        console.print(f"corpus not prepared yet ({prepared}): `rampup prepare` it for its document lengths")
+        warnings = unprepared_warnings(cfg.data, schedule.total_tokens)
+    for w in too_big + warnings:
+        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+    if not args.no_time:
+
+        shapes = list(zip(plan.curve["batch_size"], plan.curve["seq_len"]))
+        cal = Calibrator(cfg, budget=args.time_budget, recalibrate=args.recalibrate,
+                         progress=lambda line: console.print(f"  {line}", highlight=False))
+        console.print(f"timing a few small steps for the train-time estimate (at most {args.time_budget:g} s; "
+                      "cached for next time; --no-time skips it)")
+        est = estimate_time(cfg, schedule, shapes, plan, calibrator=cal)
+        print_time_estimate(est, schedule, console, plan.baseline_seq_len)
+    png = Path(args.png) if args.png else _plan_png(cfg)
+    plot_plan(plan, png, title=cfg.name)
+    console.print(f"plot: {png}")
+    return 0
+
+
+def _plan_png(cfg) -> Path:
+    """OUT_DIR/plan.png before the run starts; once its folder holds a run, the plot goes to the current
+    folder instead (a plan never writes into a run)."""
+    out = cfg.resolved_out_dir()
+    if out.exists() and not out.is_dir() or (out / "metrics.jsonl").exists() or (out / "checkpoints").exists():
+        return Path(f"{cfg.name}.plan.png")
+    return out / "plan.png"
