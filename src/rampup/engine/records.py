@@ -227,3 +227,66 @@ def skip_record(p: Any, r: StepResult) -> dict[str, Any]:
     """The ``skip`` event of a step whose update was not applied."""
     return {"event": "skip", "step": p.step, "tokens": p.tokens, "loss": finite_json(r.loss),
             "grad_norm": finite_json(r.grad_norm), "lr": r.lr, "in_a_row": p.consecutive_skips}
+
+
+def _knob_text(knobs: dict[str, Any], defaults: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}"
+                     for k, v in knobs.items() if v != defaults.get(k))
+
+
+def _jsonable(knobs: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.model_dump(mode="json", exclude_defaults=True) if hasattr(v, "model_dump") else v
+            for k, v in knobs.items()}
+
+
+class Records:
+    """What the loop writes to the run's record (metrics.jsonl and its mirrors) and says on the console,
+    one method per event, so that the loop itself holds neither dicts nor messages."""
+
+    def __init__(self, metrics: Any, display: Any) -> None:
+        self.metrics, self.display = metrics, display
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.metrics.write(record)
+
+    def stage(self, p: Any, index: int, name: str, knobs: dict[str, Any], defaults: dict[str, Any]) -> None:
+        self.metrics.write({"event": "stage", "step": p.step, "tokens": p.tokens, "stage": index, "stage_name": name,
+                            "knobs": _jsonable(knobs)})
+        self.display.print(f"stage {index} '{name}' at step {p.step}: " + _knob_text(knobs, defaults))
+
+    def step(self, p: Any, r: StepResult, stage: int, stage_name: str, roof_flops: float, eta: float) -> None:
+        rec = step_record(p, r, stage, stage_name, roof_flops)
+        self.metrics.write(rec)
+        self.display.step(rec, eta)
+
+    def skip(self, p: Any, r: StepResult, max_skips: int, on_limit: str) -> None:
+        self.metrics.write(skip_record(p, r))
+        self.display.print(f"step {p.step}: loss {r.loss}, grad norm {r.grad_norm}: skipped, not applied "
+                           f"({p.consecutive_skips} in a row; {max_skips} trigger {on_limit})")
+
+    def profile(self, p: Any, rows: int, seq_len: int, seconds: float, regions: dict[str, float]) -> None:
+        self.metrics.write({"event": "profile", "step": p.step, "rows": rows, "seq_len": seq_len, "step_time": seconds,
+                            **regions})
+
+    def data_epoch(self, p: Any, epoch: int) -> None:
+        self.metrics.write({"event": "data_epoch", "step": p.step, "epoch": epoch})
+        self.display.print(f"the sampler started data epoch {epoch} at step {p.step} "
+                           "(every sequence of the earlier epoch has been served)")
+
+    def eval_length(self, p: Any, seq_len: int, loss: float) -> None:
+        self.metrics.write({"event": "eval", "step": p.step, "tokens": p.tokens, "seq_len": seq_len, "loss": loss,
+                            "train_time": p.train_time, "compile_time": p.compile_time, "flops": p.flops})
+
+    def evaluation(self, p: Any, losses: dict[int, float]) -> None:
+        self.display.print(f"eval @ step {p.step}: " + ", ".join(f"loss@{n} {v:.4f}" for n, v in losses.items()))
+
+    def passkey(self, p: Any, seq_len: int, accuracy: dict[float, float]) -> None:
+        self.metrics.write({"event": "passkey", "step": p.step, "tokens": p.tokens, "seq_len": seq_len,
+                            "accuracy": {f"{d:g}": a for d, a in accuracy.items()},
+                            "mean": sum(accuracy.values()) / len(accuracy), "train_time": p.train_time})
+
+    def rollback(self, p: Any, at: int, reason: str, checkpoint: str, max_rollbacks: int) -> None:
+        self.metrics.write({"event": "rollback", "step": p.step, "from_step": at, "reason": reason,
+                            "checkpoint": checkpoint, "lr_scale": p.lr_scale})
+        self.display.print(f"{reason} at step {at}: rolled back to {checkpoint} with the learning rate "
+                           f"x{p.lr_scale:g} (rollback {p.rollbacks} of at most {max_rollbacks})")

@@ -46,9 +46,8 @@ from rampup.engine.records import (
     Display,
     MetricsWriter,
     NullMetrics,
+    Records,
     StepResult,
-    skip_record,
-    step_record,
     write_record_file,
 )
 from rampup.engine.rundata import (
@@ -101,11 +100,6 @@ def _every(d: Duration | None, total_tokens: int):
         return lambda step, before, after: step % n == 0
     n = max(1, d.to_tokens(total_tokens=total_tokens))
     return lambda step, before, after: after // n > before // n
-
-
-def _jsonable(knobs: dict[str, Any]) -> dict[str, Any]:
-    return {k: v.model_dump(mode="json", exclude_defaults=True) if hasattr(v, "model_dump") else v
-            for k, v in knobs.items()}
 
 
 class _SignalFlag:
@@ -202,6 +196,7 @@ class Trainer:
         self.start_lines = self.setup_families()
         config_dump = cfg.model_dump(mode="json", by_alias=True)
         self.metrics, self.display = self.open_record(config_dump, display_mode)
+        self.records = Records(self.metrics, self.display)
         self.should_eval = _every(cfg.eval.every, self.schedule.total_tokens)
         self.should_save = _every(cfg.train.checkpoint_every, self.schedule.total_tokens)
         self.extra_state = {"config": config_dump}
@@ -341,8 +336,8 @@ class Trainer:
         dt = (time.perf_counter() - t0) * self.clock_scale
         result = self.record_step(sp, batch, loss, gnorm, lr, dt)
         if isinstance(profiler, _StepProfiler):
-            self.metrics.write({"event": "profile", "step": self.progress.step, "rows": batch.rows * self.dist.world,
-                                "seq_len": batch.items // batch.rows, "step_time": dt, **profiler.seconds(dt)})
+            self.records.profile(self.progress, batch.rows * self.dist.world, batch.items // batch.rows, dt,
+                                 profiler.seconds(dt))
         return result
 
     def after_step(self) -> None:
@@ -350,9 +345,7 @@ class Trainer:
         p, before = self.progress, self._tokens_before
         if self.data.sampler.epoch != self.data_epoch:
             self.data_epoch = self.data.sampler.epoch
-            self.metrics.write({"event": "data_epoch", "step": p.step, "epoch": self.data_epoch})
-            self.display.print(f"the sampler started data epoch {self.data_epoch} at step {p.step} "
-                               "(every sequence of the earlier epoch has been served)")
+            self.records.data_epoch(p, self.data_epoch)
         done = p.tokens >= self.schedule.total_tokens
         if self.should_eval(p.step, before, p.tokens) and not done:
             self.evaluate()
@@ -372,11 +365,7 @@ class Trainer:
             return
         self.stage_index = sp.stage
         stage, p = self.schedule.stages[sp.stage], self.progress
-        self.metrics.write({"event": "stage", "step": p.step, "tokens": p.tokens, "stage": stage.index,
-                            "stage_name": stage.name, "knobs": _jsonable(sp.knobs)})
-        self.display.print(f"stage {stage.index} '{stage.name}' at step {p.step}: " +
-                           ", ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}"
-                                     for k, v in sp.knobs.items() if v != KNOBS[k].default))
+        self.records.stage(p, stage.index, stage.name, sp.knobs, {k: knob.default for k, knob in KNOBS.items()})
 
     def next_batch(self, sp):
         """The sampler's batch of this step, with the knobs' batch effects, on the device, and
@@ -395,7 +384,7 @@ class Trainer:
         self.dist.wrap(self.state.model)  # DDP over the trainable parameters, rebuilt when they change
         for family in families():
             for record in family.events(self.knobs.ctx):
-                self.metrics.write(record)
+                self.records.write(record)
         return batch.to(self.device)
 
     def record_step(self, sp, batch, loss: float, gnorm: float, lr: float, dt: float) -> StepResult:
@@ -414,13 +403,10 @@ class Trainer:
         p.count(result)
         if result.applied:
             stage = self.schedule.stages[sp.stage]
-            rec = step_record(p, result, stage.index, stage.name, self.roof * 1e9 * self.dist.world)
-            self.metrics.write(rec)
-            self.display.step(rec, p.train_time / max(1, p.tokens) * max(0, self.schedule.total_tokens - p.tokens))
+            eta = p.train_time / max(1, p.tokens) * max(0, self.schedule.total_tokens - p.tokens)
+            self.records.step(p, result, stage.index, stage.name, self.roof * 1e9 * self.dist.world, eta)
             return result
-        self.metrics.write(skip_record(p, result))
-        self.display.print(f"step {p.step}: loss {loss}, grad norm {gnorm}: skipped, not applied "
-                           f"({p.consecutive_skips} in a row; {self.policy.max_skips} trigger {self.policy.on_limit})")
+        self.records.skip(p, result, self.policy.max_skips, self.policy.on_limit)
         if p.consecutive_skips >= self.policy.max_skips:
             self.rollback_or_stop(f"{p.consecutive_skips} steps in a row had a non-finite loss or gradient norm")
             return replace(result, rolled_back=True)
@@ -441,15 +427,14 @@ class Trainer:
         def each(n: int, loss: float) -> None:
             if cfg.eval.passkey_samples:
                 self._passkey(n, prec)
-            self.metrics.write({"event": "eval", "step": p.step, "tokens": p.tokens, "seq_len": n, "loss": loss,
-                                "train_time": p.train_time, "compile_time": p.compile_time, "flops": p.flops})
+            self.records.eval_length(p, n, loss)
 
         with contextlib.ExitStack() as held:  # a family's weights swapped in (the EMA), for every length
             for family in families():
                 held.enter_context(family.evaluating(self.knobs.ctx))
             losses = evaluate_lengths(self.state.model, self.task, self.knobs, knobs, self.data.eval_sets,
                                       precision=prec, each=each)
-        self.display.print(f"eval @ step {p.step}: " + ", ".join(f"loss@{n} {v:.4f}" for n, v in losses.items()))
+        self.records.evaluation(p, losses)
         return losses
 
     def _passkey(self, n: int, precision: str) -> None:
@@ -458,9 +443,7 @@ class Trainer:
             return
         acc = passkey_accuracy(self.state.model, template, self.data.passkey_stream(), [n], cfg.eval.passkey_depths,
                                cfg.eval.passkey_samples, seed=cfg.train.seed, precision=precision)[n]
-        self.metrics.write({"event": "passkey", "step": p.step, "tokens": p.tokens, "seq_len": n,
-                            "accuracy": {f"{d:g}": a for d, a in acc.items()},
-                            "mean": sum(acc.values()) / len(acc), "train_time": p.train_time})
+        self.records.passkey(p, n, acc)
 
     # ------------------------------------------------------------------ checkpoints, resume, rollback
     def start(self) -> None:
@@ -569,10 +552,7 @@ class Trainer:
         p.lr_scale, p.consecutive_skips = lr_scale, 0
         self.metrics.truncate_after(p.step, keep_events=_FAULT_EVENTS)
         self.record_damage()
-        self.metrics.write({"event": "rollback", "step": p.step, "from_step": at, "reason": reason,
-                            "checkpoint": ck.path.name, "lr_scale": lr_scale})
-        self.display.print(f"{reason} at step {at}: rolled back to {ck.path.name} with the learning rate "
-                           f"x{lr_scale:g} (rollback {p.rollbacks} of at most {policy.max_rollbacks})")
+        self.records.rollback(p, at, reason, ck.path.name, policy.max_rollbacks)
 
     def write_summary(self, final: dict[int, float], path: Path) -> dict[str, Any]:
         p = self.progress
