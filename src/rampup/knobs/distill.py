@@ -86,8 +86,8 @@ def uses_teacher(schedule_cfg: Any) -> bool:
 class Teachers:
     """The run's teachers (a TrainState part): snapshots by stage name, built teachers by source."""
 
-    def __init__(self, cfg: Any, schedule: Any, precision: str) -> None:
-        self.cfg, self.schedule, self.precision = cfg, schedule, precision
+    def __init__(self, cfg: Any, schedule: Any, precision: str, device: torch.device | str = "cpu") -> None:
+        self.cfg, self.schedule, self.precision, self.device = cfg, schedule, precision, device
         self.snapshots: dict[str, dict[str, torch.Tensor]] = {}
         """Stage name -> the model's weights at the end of that stage."""
         self._built: dict[str, Any] = {}
@@ -126,7 +126,6 @@ class Teachers:
             p.copy_(shadows[name])
 
     def snapshot(self, stage_name: str, module: torch.nn.Module) -> None:
-
         # whole tensors: a sharded (FSDP2) model is gathered, on every rank at the same step
         self.snapshots[stage_name] = {k: full(v.detach()).clone() for k, v in module.state_dict().items()}
         self._built.pop(f"stage:{stage_name}", None)
@@ -169,6 +168,7 @@ class Teachers:
         if teacher_vocab != vocab_size:
             raise ConfigError(f"teacher '{spec}' has a vocabulary of {teacher_vocab} tokens, the run's model "
                               f"{vocab_size}; a teacher must share the run's tokenizer")
+        adapter.module.to(self.device)  # built on the CPU from saved weights; it teaches on the run's device
         adapter.module.eval()
         for p in adapter.module.parameters():
             p.requires_grad_(False)
@@ -433,7 +433,7 @@ def attach_teachers(run: RunSetup) -> None:
         for spec in {st.knobs.get("teacher") for st in cfg.schedule.stages} - {None}:
             if spec.partition(":")[0] in ("run", "hf"):
                 check_tokenizer(spec, cfg, own)
-    teachers = run.parts["teachers"] = Teachers(cfg, schedule, ctx.precision)
+    teachers = run.parts["teachers"] = Teachers(cfg, schedule, ctx.precision, ctx.device)
     teachers.ema = run.parts.get("ema")
     projections = Projections(cfg.train.seed)
     build_projections(cfg, schedule, ctx.model, projections, ctx.device)

@@ -250,3 +250,18 @@ def test_the_memory_estimate_holds_the_teacher(data_cache, tmp_path):
     assert kd.peak >= plain.peak + params + 8 * 256 * 512 * 4
     assert tiled.peak < kd.peak - 2 * 8 * 256 * 512 * 4
     assert estimate_step(cfg, taught | {"distill_weight": 0.0}, 8, 256).teacher == 0  # weight 0: no teacher runs
+
+
+def test_a_teacher_teaches_on_the_run_s_device(data_cache, tmp_path):
+    """Teachers are built on the CPU from saved weights and then moved to the run's device (on CUDA a teacher
+    left on the CPU met the batch on the GPU: found on an H200). The meta device stands in for CUDA here."""
+    from rampup.knobs.distill import Teachers
+    from rampup.schedule.stages import Schedule
+
+    cfg = RunConfig.model_validate(_teacher_tree(data_cache, tmp_path / "run"))
+    schedule = Schedule.build(cfg.schedule, total=cfg.train.duration)
+    student = DecoderLMAdapter.build(cfg.model)
+    teachers = Teachers(cfg, schedule, "fp32", device="meta")
+    teachers.snapshot("short", student.module)
+    teachers.select("stage:short", cfg.model.vocab_size)
+    assert {p.device.type for p in teachers.active.module.parameters()} == {"meta"}
