@@ -32,12 +32,6 @@ def _doc_order(n_docs: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n_docs)
 
 
-def _split_xy(buf: np.ndarray, batch_size: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B*T + 1,) tokens -> x, y of shape (B, T) each, y shifted by one token."""
-    t = torch.from_numpy(buf.astype(np.int64))
-    return t[:-1].view(batch_size, seq_len), t[1:].view(batch_size, seq_len)
-
-
 def _check_batch(seq_len: int, batch_size: int) -> None:
     if seq_len < 1 or batch_size < 1:
         raise ConfigError(f"seq_len and batch_size must be >= 1, got {seq_len} and {batch_size}")

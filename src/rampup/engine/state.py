@@ -1,11 +1,11 @@
 """What a run is at one step, and everything about it that must survive a restart.
 
 :class:`TrainState` owns the model adapter, the optimizer, the sampler, the :class:`Progress`, the
-resolved precision and any extra ``parts`` (later: EMA weights, teachers, mixture state). Its
+resolved precision and the knob families' ``parts`` (the EMA's shadows, teachers, projections). Its
 ``state_dict()`` / ``load_state_dict()`` follow torchtitan's ``Stateful``: the checkpointer saves
 the model's and optimizer's tensors itself and this JSON-able tree beside them, so the
-single-process safetensors checkpointer and, later, ``torch.distributed.checkpoint`` save the same
-tree. A part is anything with ``state_dict()`` / ``load_state_dict()`` whose state is JSON-able;
+single-process safetensors checkpointer and the sharded one (``torch.distributed.checkpoint``) save
+the same tree. A part is anything with ``state_dict()`` / ``load_state_dict()`` whose state is JSON-able;
 a part with tensors (EMA weights) also has ``tensors()`` / ``load_tensors()``, saved beside them.
 """
 from __future__ import annotations

@@ -22,10 +22,9 @@ head, and so the shared matrix, training), and takes the largest multiplier any 
 A glob that selects some names of a tied parameter but not the others is an error, so that the rule
 never silently undoes what was asked.
 
-Distributed training (later): a parameter that becomes trainable must join DDP's gradient
-synchronisation, which registers only trainable parameters when it wraps; the trainable set is
-:func:`trainable_names` of the stage's knobs, known before the stage starts, so a DDP wrapper can be
-rebuilt at the boundary.
+Distributed training: a parameter that becomes trainable must join DDP's gradient synchronisation,
+which registers only trainable parameters when it wraps, so the engine rebuilds its DDP wrapper when
+the trainable set (:func:`trainable_names` of the stage's knobs) changes at a boundary.
 """
 from __future__ import annotations
 
