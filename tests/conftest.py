@@ -1,4 +1,5 @@
 import contextlib
+import copy
 import os
 import random
 import subprocess
@@ -12,7 +13,7 @@ import torch
 import yaml
 
 from rampup.models.adapter import DecoderLMAdapter
-from rampup.models.llm import ModelConfig
+from rampup.models.llm import DecoderLM, ModelConfig
 
 ROOT = Path(__file__).parent.parent
 
@@ -165,3 +166,35 @@ def plain(data_cache, tmp_path_factory):
 def tied():
     torch.manual_seed(0)
     return DecoderLMAdapter.build(ModelConfig(vocab_size=512, dim=64, n_layers=4, n_heads=4, max_seq_len=128))
+
+
+BUCKETS = {
+    "data": {"sampler": "buckets", "buckets": {"min_log2": 5, "max_log2": 8, "cycles": 3}},
+    "schedule": {"knobs": {"batch_tokens": 2048, "seq_len": 256},
+                 "stages": [{"name": "grow", "duration": "60%", "bucket_odds": "grow-p2"},
+                            {"name": "even", "bucket_odds": "uniform"}]},
+}
+
+
+def bucket_tree(cache, out, **more):
+    tree = tiny_tree(cache, out, schedule=copy.deepcopy(BUCKETS["schedule"]))
+    tree["data"] = {**tree["data"], **copy.deepcopy(BUCKETS["data"])}
+    for k, v in more.items():
+        tree[k] = {**tree.get(k, {}), **v}
+    return tree
+
+
+def to_hf_state(m: DecoderLM) -> dict[str, torch.Tensor]:
+    """Our parameter names -> LlamaForCausalLM's. Same layouts, so no permutation is needed."""
+    sd = {"model.embed_tokens.weight": m.tok_emb.weight, "model.norm.weight": m.norm.weight,
+          "lm_head.weight": m.lm_head.weight}
+    for i, b in enumerate(m.layers):
+        p = f"model.layers.{i}."
+        sd |= {p + "input_layernorm.weight": b.attn_norm.weight,
+               p + "post_attention_layernorm.weight": b.mlp_norm.weight,
+               p + "mlp.gate_proj.weight": b.mlp.w1.weight,
+               p + "mlp.up_proj.weight": b.mlp.w3.weight,
+               p + "mlp.down_proj.weight": b.mlp.w2.weight}
+        for n in ("q", "k", "v", "o"):
+            sd[p + f"self_attn.{n}_proj.weight"] = getattr(b.attn, f"{n}_proj").weight
+    return sd

@@ -6,7 +6,14 @@ import subprocess
 import pytest
 import torch
 import yaml
-from conftest import rampup_cmd, run_rampup, tiny_tree, wait_for, write_config
+from conftest import (
+    bucket_tree,
+    rampup_cmd,
+    run_rampup,
+    tiny_tree,
+    wait_for,
+    write_config,
+)
 
 from rampup.config import RunConfig
 from rampup.data.packing import document_mask, document_positions, segment_ids
@@ -17,21 +24,6 @@ from rampup.errors import ConfigError, DataError, RampupError
 from rampup.models.llm import DecoderLM, ModelConfig
 from rampup.schedule.stages import Schedule
 from rampup.tools.plan import make_plan, plan_summary
-
-BUCKETS = {
-    "data": {"sampler": "buckets", "buckets": {"min_log2": 5, "max_log2": 8, "cycles": 3}},
-    "schedule": {"knobs": {"batch_tokens": 2048, "seq_len": 256},
-                 "stages": [{"name": "grow", "duration": "60%", "bucket_odds": "grow-p2"},
-                            {"name": "even", "bucket_odds": "uniform"}]},
-}
-
-
-def bucket_tree(cache, out, **more):
-    tree = tiny_tree(cache, out, schedule=copy.deepcopy(BUCKETS["schedule"]))
-    tree["data"] = {**tree["data"], **copy.deepcopy(BUCKETS["data"])}
-    for k, v in more.items():
-        tree[k] = {**tree.get(k, {}), **v}
-    return tree
 
 
 def steps_of(out):

@@ -198,7 +198,7 @@ def test_the_gathered_optimizer_state_keeps_the_moments_of_parameters_frozen_aft
 
 
 def test_a_bucket_curriculum_draws_the_same_shapes_and_matches_one_rank(data_cache, tmp_path):
-    from test_curricula import bucket_tree
+    from conftest import bucket_tree
 
     outs = {}
     for n in (1, 2):
@@ -257,7 +257,7 @@ def test_every_kind_of_knob_and_transition_behaves_the_same_on_two_ranks(data_ca
 def test_sampler_rows_split_disjointly_and_cover_a_bucket_epoch(data_cache, tmp_path):
     """Over a whole bucket epoch, the ranks' rows of every step are disjoint and their union is exactly
     what one process trains on (the real bucket sampler, sharded as the trainer shards it)."""
-    from test_curricula import bucket_tree
+    from conftest import bucket_tree
 
     from rampup.config import RunConfig
     from rampup.engine.distributed import Dist

@@ -79,7 +79,7 @@ def test_blocks_name_their_parameters_and_can_be_wrapped():
 
 def test_hf_state_dict_round_trip_and_parity_with_llama():
     transformers = pytest.importorskip("transformers")
-    from test_model import to_hf_state
+    from conftest import to_hf_state
 
     a = adapter(tie_embeddings=False)
     hf_sd = a.to_hf_state_dict()

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from conftest import to_hf_state
 from pydantic import ValidationError
 
 from rampup.errors import ConfigError
@@ -206,21 +207,6 @@ def test_flops_per_token_hand_count():
 
 
 # ----------------------------------------------------------------------------- Hugging Face parity
-
-def to_hf_state(m: DecoderLM) -> dict[str, torch.Tensor]:
-    """Our parameter names -> LlamaForCausalLM's. Same layouts, so no permutation is needed."""
-    sd = {"model.embed_tokens.weight": m.tok_emb.weight, "model.norm.weight": m.norm.weight,
-          "lm_head.weight": m.lm_head.weight}
-    for i, b in enumerate(m.layers):
-        p = f"model.layers.{i}."
-        sd |= {p + "input_layernorm.weight": b.attn_norm.weight,
-               p + "post_attention_layernorm.weight": b.mlp_norm.weight,
-               p + "mlp.gate_proj.weight": b.mlp.w1.weight,
-               p + "mlp.up_proj.weight": b.mlp.w3.weight,
-               p + "mlp.down_proj.weight": b.mlp.w2.weight}
-        for n in ("q", "k", "v", "o"):
-            sd[p + f"self_attn.{n}_proj.weight"] = getattr(b.attn, f"{n}_proj").weight
-    return sd
 
 
 @pytest.mark.parametrize("tie", [True, False])
