@@ -11,12 +11,14 @@ Run it (about a minute on 2 CPU cores)::
 
     .venv/bin/python benchmarks/attention_window.py
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import subprocess
 import sys
+from itertools import pairwise
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,8 +47,9 @@ print(json.dumps({"seconds": dt, "extra_peak_mib": (peak - base) / 1024}))
 
 
 def measure(kind: str, T: int, w: int) -> dict | None:
-    res = subprocess.run([sys.executable, "-c", CHILD, kind, str(T), str(w)], capture_output=True, text=True,
-                         timeout=600)
+    res = subprocess.run(
+        [sys.executable, "-c", CHILD, kind, str(T), str(w)], capture_output=True, text=True, timeout=600
+    )
     if res.returncode != 0:
         return None  # e.g. out of memory: reported as not run
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -72,19 +75,25 @@ def main() -> None:
     last = both[-1]
     out = {
         "machine": machine_info("fp32"),
-        "window": args.window, "shape": "q/k/v (1, 4, T, 64) fp32, forward + backward", "rows": rows,
+        "window": args.window,
+        "shape": "q/k/v (1, 4, T, 64) fp32, forward + backward",
+        "rows": rows,
         "at_T": last["T"],
         "dense_over_banded_peak_memory": last["dense"]["extra_peak_mib"] / max(last["banded"]["extra_peak_mib"], 1.0),
         "dense_over_banded_time": last["dense"]["seconds"] / last["banded"]["seconds"],
         "banded_memory_growth_per_doubling": [
             round(b["banded"]["extra_peak_mib"] / max(a["banded"]["extra_peak_mib"], 1.0), 2)
-            for a, b in zip(rows, rows[1:]) if a["banded"] and b["banded"]],
+            for a, b in pairwise(rows)
+            if a["banded"] and b["banded"]
+        ],
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"at T={last['T']}: dense / banded peak memory {out['dense_over_banded_peak_memory']:.1f}x, "
-          f"time {out['dense_over_banded_time']:.2f}x; banded memory per doubling of T: "
-          f"{out['banded_memory_growth_per_doubling']}; written {RESULTS}")
+    print(
+        f"at T={last['T']}: dense / banded peak memory {out['dense_over_banded_peak_memory']:.1f}x, "
+        f"time {out['dense_over_banded_time']:.2f}x; banded memory per doubling of T: "
+        f"{out['banded_memory_growth_per_doubling']}; written {RESULTS}"
+    )
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ while other processes share the cores; ``--quick --seeds 1`` is a smoke test of 
     .venv/bin/python benchmarks/curriculum.py --quick --seeds 1
     .venv/bin/python benchmarks/curriculum.py --reuse        # recompute the report from finished runs
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,18 +63,19 @@ import statistics
 import subprocess
 import sys
 import time
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
 
-from rampup.tools.calibrate import others_cpu_seconds
-from rampup.tools.compare import compare_runs, print_comparison, time_to_target
 from rampup.config import RunConfig, load_config
+from rampup.engine.precision import machine_info, resolve_precision
 from rampup.engine.records import read_metrics
 from rampup.models.llm import DecoderLM, flops_per_token
-from rampup.engine.precision import machine_info, resolve_precision
+from rampup.tools.calibrate import others_cpu_seconds
+from rampup.tools.compare import compare_runs, print_comparison, time_to_target
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "configs" / "curriculum"
@@ -88,6 +90,7 @@ ARM_ORDER = ("baseline", "buckets_grow_p2", "seq_len_warmup", "staged")
 
 # ----------------------------------------------------------------------------------------------
 # Set-up
+
 
 def load_arms(config_dir: Path, overrides: list[str]) -> dict[str, tuple[Path, RunConfig]]:
     """name -> (path, validated config), baseline first, then ARM_ORDER, then the rest by name."""
@@ -108,6 +111,7 @@ def load_arms(config_dir: Path, overrides: list[str]) -> dict[str, tuple[Path, R
 
 def check_same_setup(arms: dict[str, tuple[Path, RunConfig]]) -> None:
     """Refuse arms that differ in anything but the schedule and the sampler: a fair comparison."""
+
     def shared(cfg: RunConfig) -> dict[str, Any]:
         d = cfg.model_dump(mode="json")
         out = {k: d[k] for k in SHARED}
@@ -117,12 +121,14 @@ def check_same_setup(arms: dict[str, tuple[Path, RunConfig]]) -> None:
         return out
 
     ref = shared(arms[BASELINE][1])
-    for name, (path, cfg) in arms.items():
+    for _name, (path, cfg) in arms.items():
         mine = shared(cfg)
         diff = [k for k in ref if mine[k] != ref[k]]
         if diff:
-            raise SystemExit(f"{path} differs from the baseline in {diff}; the arms must share model, data, "
-                             "optimizer, train and eval settings and batch_tokens")
+            raise SystemExit(
+                f"{path} differs from the baseline in {diff}; the arms must share model, data, "
+                "optimizer, train and eval settings and batch_tokens"
+            )
 
 
 def wait_quiet(max_s: float) -> float:
@@ -146,8 +152,20 @@ def git(*args: str) -> str:
 # ----------------------------------------------------------------------------------------------
 # Training
 
-def run_one(name: str, path: Path, seed: int, out_dir: Path, overrides: list[str], *, timeout: float,
-            reuse: bool, quiet_s: float, max_share: float, retries: int) -> dict[str, Any]:
+
+def run_one(
+    name: str,
+    path: Path,
+    seed: int,
+    out_dir: Path,
+    overrides: list[str],
+    *,
+    timeout: float,
+    reuse: bool,
+    quiet_s: float,
+    max_share: float,
+    retries: int,
+) -> dict[str, Any]:
     """Train one (arm, seed) as a ``rampup train`` subprocess; returns timing and contention.
 
     A run during which other processes used more than ``max_share`` CPU-s per second is trained
@@ -161,8 +179,19 @@ def run_one(name: str, path: Path, seed: int, out_dir: Path, overrides: list[str
             info.update({k: v for k, v in json.loads(meta.read_text()).items() if k not in info})
         print(f"  {name} seed {seed}: reusing {out_dir}", flush=True)
         return info
-    cmd = [sys.executable, "-m", "rampup.cli", "train", str(path), "--set", f"train.seed={seed}",
-           "--set", f"train.out_dir={out_dir}", "--set", "log.progress=plain"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rampup.cli",
+        "train",
+        str(path),
+        "--set",
+        f"train.seed={seed}",
+        "--set",
+        f"train.out_dir={out_dir}",
+        "--set",
+        "log.progress=plain",
+    ]
     for o in overrides:
         cmd += ["--set", o]
     log = out_dir.parent / f"{out_dir.name}.log"
@@ -173,8 +202,12 @@ def run_one(name: str, path: Path, seed: int, out_dir: Path, overrides: list[str
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         waited = round(wait_quiet(quiet_s), 1) if quiet_s > 0 else 0.0
         load0, other0, t0 = os.getloadavg()[0], others_cpu_seconds(), time.perf_counter()
-        print(f"  {name} seed {seed} -> {out_dir} (log {log})" + (f" [attempt {attempt + 1}]" if attempt else "")
-              + (f" after waiting {waited:.0f}s for quiet" if waited >= 10 else ""), flush=True)
+        print(
+            f"  {name} seed {seed} -> {out_dir} (log {log})"
+            + (f" [attempt {attempt + 1}]" if attempt else "")
+            + (f" after waiting {waited:.0f}s for quiet" if waited >= 10 else ""),
+            flush=True,
+        )
         with open(log, "w") as fh:
             try:
                 rc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout).returncode
@@ -185,12 +218,20 @@ def run_one(name: str, path: Path, seed: int, out_dir: Path, overrides: list[str
         if rc != 0 or not (out_dir / "summary.json").is_file():
             tail = "".join(log.read_text().splitlines(keepends=True)[-20:])
             raise SystemExit(f"run {name} seed {seed} failed ({rc}); last lines of {log}:\n{tail}")
-        timing = {"commit": git("rev-parse", "HEAD"), "wall_s": round(wall, 1), "others_cpu_s": round(other, 1),
-                  "others_cpu_share": round(other / wall, 3),
-                  "loadavg_1m": [round(load0, 2), round(os.getloadavg()[0], 2)], "waited_for_quiet_s": waited}
+        timing = {
+            "commit": git("rev-parse", "HEAD"),
+            "wall_s": round(wall, 1),
+            "others_cpu_s": round(other, 1),
+            "others_cpu_share": round(other / wall, 3),
+            "loadavg_1m": [round(load0, 2), round(os.getloadavg()[0], 2)],
+            "waited_for_quiet_s": waited,
+        }
         summary = json.loads((out_dir / "summary.json").read_text())
-        print(f"    done in {wall:.0f}s, train_time {summary.get('train_time', float('nan')):.0f}s; other "
-              f"processes used {other:.0f} CPU-s meanwhile ({other / wall:.2f} per s)", flush=True)
+        print(
+            f"    done in {wall:.0f}s, train_time {summary.get('train_time', float('nan')):.0f}s; other "
+            f"processes used {other:.0f} CPU-s meanwhile ({other / wall:.2f} per s)",
+            flush=True,
+        )
         if other / wall <= max_share or attempt == retries:
             break
         aside = out_dir.parent / f"{out_dir.name}_contended{attempt}"
@@ -208,6 +249,7 @@ def run_one(name: str, path: Path, seed: int, out_dir: Path, overrides: list[str
 # ----------------------------------------------------------------------------------------------
 # Analysis
 
+
 def step_rates(run_dir: Path) -> dict[str, Any]:
     """Tokens/s per stage and per seq_len over steps 2..N (sum of tokens / sum of step times)."""
     steps = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("event") == "step"]
@@ -224,11 +266,13 @@ def step_rates(run_dir: Path) -> dict[str, Any]:
             acc[2] += 1
     rate = lambda acc: {"tok_per_s": round(acc[0] / acc[1], 1), "tokens": int(acc[0]), "steps": acc[2]}  # noqa: E731
     total = [sum(a[i] for a in by_stage.values()) for i in range(3)]
-    return {"by_stage": {k: rate(v) for k, v in by_stage.items()},
-            "by_seq_len": {str(k): rate(v) for k, v in sorted(by_len.items())},
-            "overall": rate(total) if total[1] else None,
-            "train_time": steps[-1]["train_time"] if steps else None,
-            "tokens": steps[-1]["tokens"] if steps else None}
+    return {
+        "by_stage": {k: rate(v) for k, v in by_stage.items()},
+        "by_seq_len": {str(k): rate(v) for k, v in sorted(by_len.items())},
+        "overall": rate(total) if total[1] else None,
+        "train_time": steps[-1]["train_time"] if steps else None,
+        "tokens": steps[-1]["tokens"] if steps else None,
+    }
 
 
 CAL_LENS = (64, 128, 256, 512, 1024, 1536, 2048)
@@ -239,8 +283,8 @@ def calibrate(cfg: RunConfig, lens: list[int], repeats: int) -> dict[int, float]
     engine's own ``train_step``, model and optimizer), the minimum over ``repeats`` timings taken in
     rotating order: a cost table that other processes on the machine can only make slower, and the
     minimum shrugs that off unless the contention lasts through every repeat."""
-    from rampup.engine.trainer import train_step
     from rampup.engine.optim import build_optimizer
+    from rampup.engine.trainer import train_step
 
     torch.manual_seed(0)
     model = DecoderLM(cfg.model)
@@ -260,7 +304,7 @@ def calibrate(cfg: RunConfig, lens: list[int], repeats: int) -> dict[int, float]
     for T in lens:
         once(T)  # warm-up: one-time kernel set-up of each shape
     for r in range(repeats):
-        for T in lens[r % len(lens):] + lens[:r % len(lens)]:
+        for T in lens[r % len(lens) :] + lens[: r % len(lens)]:
             best[T] = min(best[T], once(T))
     return {T: best[T] / (bt // T * T) for T in lens}
 
@@ -270,7 +314,7 @@ def cost_per_token(table: dict[int, float], T: int) -> float:
     ks = sorted(table)
     if T <= ks[0]:
         return table[ks[0]]
-    for a, b in zip(ks, ks[1:]):
+    for a, b in pairwise(ks):
         if T <= b:
             return table[a] + (table[b] - table[a]) * (T - a) / (b - a)
     return table[ks[-1]]
@@ -286,8 +330,11 @@ def calibrated_evals(run_dir: Path, table: dict[int, float], L: int) -> list[tup
             clock += (r["tokens"] - prev) * cost_per_token(table, int(r["seq_len"]))
             prev = r["tokens"]
             at_tokens[r["tokens"]] = clock
-    return [(int(r["tokens"]), at_tokens[int(r["tokens"])], float(r["flops"]), float(r["loss"]))
-            for r in recs if r.get("event") == "eval" and int(r["seq_len"]) == L]
+    return [
+        (int(r["tokens"]), at_tokens[int(r["tokens"])], float(r["flops"]), float(r["loss"]))
+        for r in recs
+        if r.get("event") == "eval" and int(r["seq_len"]) == L
+    ]
 
 
 def median_spread(xs: list[float | None]) -> dict[str, float | None]:
@@ -302,12 +349,20 @@ def spread_not_reached_inf(xs: list[float | None]) -> dict[str, float | None]:
     does; an infinite statistic comes back None."""
     ys = sorted(float("inf") if x is None else x for x in xs)
     fin = lambda v: None if v == float("inf") else v  # noqa: E731
-    return {"median": fin(statistics.median(ys)), "min": fin(ys[0]), "max": fin(ys[-1])} if ys else \
-        {"median": None, "min": None, "max": None}
+    return (
+        {"median": fin(statistics.median(ys)), "min": fin(ys[0]), "max": fin(ys[-1])}
+        if ys
+        else {"median": None, "min": None, "max": None}
+    )
 
 
-def analyse(arms: dict[str, tuple[Path, RunConfig]], runs: list[dict[str, Any]], cmp: dict[str, Any],
-            L: int, table: dict[int, float] | None) -> dict[str, Any]:
+def analyse(
+    arms: dict[str, tuple[Path, RunConfig]],
+    runs: list[dict[str, Any]],
+    cmp: dict[str, Any],
+    L: int,
+    table: dict[int, float] | None,
+) -> dict[str, Any]:
     groups = {g["label"]: g for g in cmp["groups"]}
     base = groups[BASELINE]["lengths"][str(L)]
     target = cmp["targets"][str(L)]
@@ -324,20 +379,40 @@ def analyse(arms: dict[str, tuple[Path, RunConfig]], runs: list[dict[str, Any]],
         g = groups[name]["lengths"][str(L)]
         rates = [step_rates(Path(s["path"])) for s in g["seeds"]]
         seeds = []
-        for i, (s, rt) in enumerate(zip(g["seeds"], rates)):
+        for i, (s, rt) in enumerate(zip(g["seeds"], rates, strict=True)):
             ref = base["train_time"]["median"]
-            seeds.append({**s, "total_train_time": rt["train_time"], "total_tokens": rt["tokens"],
-                          "calibrated_time_to_target": cal[name][i] if cal else None,
-                          "tok_per_s": rt["overall"]["tok_per_s"] if rt["overall"] else None,
-                          "time_to_target_ratio_vs_baseline_median":
-                              (ref / s["train_time"]) if (ref and s["train_time"]) else None,
-                          "tok_per_s_by_stage": rt["by_stage"], "tok_per_s_by_seq_len": rt["by_seq_len"],
-                          **{k: v for k, v in next((r for r in runs if r["path"] == s["path"]), {}).items()
-                             if k in ("wall_s", "others_cpu_s", "others_cpu_share", "loadavg_1m",
-                                      "waited_for_quiet_s", "contended_attempts_discarded")}})
+            seeds.append(
+                {
+                    **s,
+                    "total_train_time": rt["train_time"],
+                    "total_tokens": rt["tokens"],
+                    "calibrated_time_to_target": cal[name][i] if cal else None,
+                    "tok_per_s": rt["overall"]["tok_per_s"] if rt["overall"] else None,
+                    "time_to_target_ratio_vs_baseline_median": (ref / s["train_time"])
+                    if (ref and s["train_time"])
+                    else None,
+                    "tok_per_s_by_stage": rt["by_stage"],
+                    "tok_per_s_by_seq_len": rt["by_seq_len"],
+                    **{
+                        k: v
+                        for k, v in next((r for r in runs if r["path"] == s["path"]), {}).items()
+                        if k
+                        in (
+                            "wall_s",
+                            "others_cpu_s",
+                            "others_cpu_share",
+                            "loadavg_1m",
+                            "waited_for_quiet_s",
+                            "contended_attempts_discarded",
+                        )
+                    },
+                }
+            )
 
-        def pooled(key: str) -> dict[str, dict[str, float | None]]:
-            keys = sorted({k for s in seeds for k in s[key]}, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0))
+        def pooled(key: str, seeds: list = seeds) -> dict[str, dict[str, float | None]]:
+            keys = sorted(
+                {k for s in seeds for k in s[key]}, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0)
+            )
             keys = keys if key == "tok_per_s_by_seq_len" else list(seeds[0][key])
             return {k: median_spread([s[key][k]["tok_per_s"] if k in s[key] else None for s in seeds]) for k in keys}
 
@@ -352,17 +427,30 @@ def analyse(arms: dict[str, tuple[Path, RunConfig]], runs: list[dict[str, Any]],
             "tokens_to_target": g["tokens"],
             "reached": f"{sum(s['reached'] for s in seeds)}/{len(seeds)}",
             "final_loss": fl,
-            "final_loss_minus_baseline": {k: (fl[k] - base["final_loss"]["median"]) if fl[k] is not None else None
-                                          for k in ("median", "min", "max")},
+            "final_loss_minus_baseline": {
+                k: (fl[k] - base["final_loss"]["median"]) if fl[k] is not None else None
+                for k in ("median", "min", "max")
+            },
             "total_train_time_s": median_spread([s["total_train_time"] for s in seeds]),
             "tok_per_s": median_spread([s["tok_per_s"] for s in seeds]),
-            **({"calibrated_time_to_target_s": ct,
-                "calibrated_time_to_target_ratio": {"median": ratio(cal_ref, ct["median"]),
-                                                    "min": ratio(cal_ref, ct["max"]),
-                                                    "max": ratio(cal_ref, ct["min"])}} if ct else {}),
+            **(
+                {
+                    "calibrated_time_to_target_s": ct,
+                    "calibrated_time_to_target_ratio": {
+                        "median": ratio(cal_ref, ct["median"]),
+                        "min": ratio(cal_ref, ct["max"]),
+                        "max": ratio(cal_ref, ct["min"]),
+                    },
+                }
+                if ct
+                else {}
+            ),
             "tok_per_s_by_stage": pooled("tok_per_s_by_stage"),
-            **({"tok_per_s_by_bucket_len": pooled("tok_per_s_by_seq_len")}
-               if arms[name][1].data.sampler == "buckets" else {}),
+            **(
+                {"tok_per_s_by_bucket_len": pooled("tok_per_s_by_seq_len")}
+                if arms[name][1].data.sampler == "buckets"
+                else {}
+            ),
             "seeds": seeds,
         }
     return out
@@ -392,7 +480,7 @@ def sensitivity(res: dict[str, Any], L: int, table: dict[int, float] | None) -> 
         if name == BASELINE:
             continue
         arm: dict[str, Any] = {}
-        for clock in (["measured", "calibrated"] if table else ["measured"]):
+        for clock in ["measured", "calibrated"] if table else ["measured"]:
             paired = []
             for s in a["seeds"]:
                 if s["seed"] not in base:
@@ -400,27 +488,35 @@ def sensitivity(res: dict[str, Any], L: int, table: dict[int, float] | None) -> 
                 b, bc = base[s["seed"]]
                 tb = time_to_target(bc[clock], b["final_loss"])
                 ta = time_to_target(curves(s["path"])[clock], b["final_loss"])
-                paired.append({"seed": s["seed"], "target": b["final_loss"],
-                               "ratio": (tb["train_time"] / ta["train_time"]) if (tb and ta) else None})
+                paired.append(
+                    {
+                        "seed": s["seed"],
+                        "target": b["final_loss"],
+                        "ratio": (tb["train_time"] / ta["train_time"]) if (tb and ta) else None,
+                    }
+                )
             ref = time_to_target(base[best_seed][1][clock], strict_target)["train_time"]
             times = []
             for s in a["seeds"]:
                 hit = time_to_target(curves(s["path"])[clock], strict_target)
                 times.append(hit["train_time"] if hit else None)
             st = spread_not_reached_inf(times)
-            ratio = lambda x: (ref / x) if x else None  # noqa: E731
+            ratio = lambda x, ref=ref: (ref / x) if x else None  # noqa: E731
             arm[clock] = {
-                "paired_ratio": spread_not_reached_inf([None if r["ratio"] is None else 1 / r["ratio"]
-                                                        for r in paired]),
+                "paired_ratio": spread_not_reached_inf(
+                    [None if r["ratio"] is None else 1 / r["ratio"] for r in paired]
+                ),
                 "paired_seeds": paired,
                 "strict_ratio": {"median": ratio(st["median"]), "min": ratio(st["max"]), "max": ratio(st["min"])},
                 "strict_reached": f"{sum(t is not None for t in times)}/{len(times)}",
             }
             # paired_ratio was spread over inverse ratios (not reached = inf); turn it back into ratios
             inv = arm[clock]["paired_ratio"]
-            arm[clock]["paired_ratio"] = {"median": (1 / inv["median"]) if inv["median"] else None,
-                                          "min": (1 / inv["max"]) if inv["max"] else None,
-                                          "max": (1 / inv["min"]) if inv["min"] else None}
+            arm[clock]["paired_ratio"] = {
+                "median": (1 / inv["median"]) if inv["median"] else None,
+                "min": (1 / inv["max"]) if inv["max"] else None,
+                "max": (1 / inv["min"]) if inv["min"] else None,
+            }
         out["arms"][name] = arm
     return out
 
@@ -437,18 +533,24 @@ def fmt_range(st: dict[str, float | None], fmt: str, n: int) -> str:
 
 
 def print_table(res: dict[str, Any], target: float, L: int, n: int) -> None:
-    print(f"\nvalidation loss at L = {L} on held-out documents; target {target:.4f} = the baseline's median "
-          f"final loss; median (min..max) over {n} seed(s)")
-    hdr = (f"{'arm':17}{'final loss':>26}{'- baseline':>10}{'reached':>9}{'time to target':>22}"
-           f"{'time ratio':>22}{'calibrated ratio':>22}{'FLOPs ratio':>22}{'tok/s':>9}")
+    print(
+        f"\nvalidation loss at L = {L} on held-out documents; target {target:.4f} = the baseline's median "
+        f"final loss; median (min..max) over {n} seed(s)"
+    )
+    hdr = (
+        f"{'arm':17}{'final loss':>26}{'- baseline':>10}{'reached':>9}{'time to target':>22}"
+        f"{'time ratio':>22}{'calibrated ratio':>22}{'FLOPs ratio':>22}{'tok/s':>9}"
+    )
     print(hdr + "\n" + "-" * len(hdr))
     for name, a in res.items():
-        print(f"{name:17}{fmt_range(a['final_loss'], '.4f', n):>26}{a['final_loss_minus_baseline']['median']:>+10.4f}"
-              f"{a['reached']:>9}{fmt_range(a['time_to_target_s'], '.0f', n):>22}"
-              f"{fmt_range(a['time_to_target_ratio'], '.2f', n):>22}"
-              f"{fmt_range(a.get('calibrated_time_to_target_ratio') or {'median': None}, '.2f', n):>22}"
-              f"{fmt_range(a['flops_to_target_ratio'], '.2f', n):>22}"
-              f"{a['tok_per_s']['median'] or 0:>9,.0f}")
+        print(
+            f"{name:17}{fmt_range(a['final_loss'], '.4f', n):>26}{a['final_loss_minus_baseline']['median']:>+10.4f}"
+            f"{a['reached']:>9}{fmt_range(a['time_to_target_s'], '.0f', n):>22}"
+            f"{fmt_range(a['time_to_target_ratio'], '.2f', n):>22}"
+            f"{fmt_range(a.get('calibrated_time_to_target_ratio') or {'median': None}, '.2f', n):>22}"
+            f"{fmt_range(a['flops_to_target_ratio'], '.2f', n):>22}"
+            f"{a['tok_per_s']['median'] or 0:>9,.0f}"
+        )
     print("\ntokens/s per stage (median over seeds; steps 2..N)")
     for name, a in res.items():
         parts = [f"{k} {v['median']:,.0f}" for k, v in a["tok_per_s_by_stage"].items() if v["median"]]
@@ -469,8 +571,9 @@ def plot(res: dict[str, Any], L: int, target: float, table: dict[int, float] | N
 
     panels = [("train time (s): measured, compute only, no eval", "time_to_target_ratio", 1)]
     if table:
-        panels.append(("calibrated train time (s): the run's steps at uncontended cost",
-                       "calibrated_time_to_target_ratio", 1))
+        panels.append(
+            ("calibrated train time (s): the run's steps at uncontended cost", "calibrated_time_to_target_ratio", 1)
+        )
     panels.append(("training FLOPs", "flops_to_target_ratio", 2))
     fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 5), sharey=True)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -480,20 +583,39 @@ def plot(res: dict[str, Any], L: int, target: float, table: dict[int, float] | N
         for j, s in enumerate(a["seeds"]):
             ev = load_run(s["path"]).evals[L]
             all_losses += [e[3] for e in ev]
-            for k, (ax, (_, key, col)) in enumerate(zip(axes, panels)):
+            for ax, (_, key, col) in zip(axes, panels, strict=True):
                 curve = calibrated_evals(Path(s["path"]), table, L) if "calibrated" in key else ev
                 r = a[key]["median"] if key in a else None
-                label = None if j else (f"{name} ({'not reached' if r is None else f'{r:.2f}x'})"
-                                        if name != BASELINE else name)
-                ax.plot([e[col] for e in curve], [e[3] for e in curve], color=c, lw=1.3, alpha=0.8, label=label,
-                        marker=".", ms=3)
-    for ax, (xl, _, _) in zip(axes, panels):
+                label = (
+                    None
+                    if j
+                    else (f"{name} ({'not reached' if r is None else f'{r:.2f}x'})" if name != BASELINE else name)
+                )
+                ax.plot(
+                    [e[col] for e in curve],
+                    [e[3] for e in curve],
+                    color=c,
+                    lw=1.3,
+                    alpha=0.8,
+                    label=label,
+                    marker=".",
+                    ms=3,
+                )
+    for ax, (xl, _, _) in zip(axes, panels, strict=True):
         ax.axhline(target, color="grey", ls="--", lw=1)
         ax.set_xlabel(xl, fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, title="ratio to target (median)", title_fontsize=7)
-    axes[0].text(0.01, target, "target: baseline median final loss", transform=axes[0].get_yaxis_transform(),
-                 ha="left", va="bottom", fontsize=8, color="grey")
+    axes[0].text(
+        0.01,
+        target,
+        "target: baseline median final loss",
+        transform=axes[0].get_yaxis_transform(),
+        ha="left",
+        va="bottom",
+        fontsize=8,
+        color="grey",
+    )
     lo = min(all_losses)
     axes[0].set_ylim(lo - 0.1, min(max(all_losses), lo + 2.0) + 0.05)
     axes[0].set_ylabel(f"validation loss at L = {L} (held-out documents)")
@@ -506,16 +628,17 @@ def plot(res: dict[str, Any], L: int, target: float, table: dict[int, float] | N
 
 # ----------------------------------------------------------------------------------------------
 
+
 def predict(arms: dict[str, tuple[Path, RunConfig]], L: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """rampup plan's train-time estimate and honest FLOPs of every arm (before any run), and the corpus's
     document lengths and cross-document share at L."""
     from dataclasses import asdict
 
-    from rampup.tools.calibrate import Calibrator, corpus_stats, estimate_time
     from rampup.data.dataset import TokenDataset
     from rampup.data.prepare import get_prepared
-    from rampup.tools.plan import make_plan, step_shapes
     from rampup.schedule.stages import Schedule
+    from rampup.tools.calibrate import Calibrator, corpus_stats, estimate_time
+    from rampup.tools.plan import make_plan, step_shapes
 
     out = {}
     for name, (_, cfg) in arms.items():
@@ -527,8 +650,12 @@ def predict(arms: dict[str, tuple[Path, RunConfig]], L: int) -> tuple[dict[str, 
         plan = make_plan(cfg, sched, shapes, memory="off")
         cal = Calibrator(cfg)
         est = estimate_time(cfg, sched, shapes, plan, calibrator=cal)
-        out[name] = {**est.as_dict(), "flops": plan.total_flops, "tokens": sched.total_tokens,
-                     "calibration_s": round(time.perf_counter() - t0, 1)}
+        out[name] = {
+            **est.as_dict(),
+            "flops": plan.total_flops,
+            "tokens": sched.total_tokens,
+            "calibration_s": round(time.perf_counter() - t0, 1),
+        }
     corpus = asdict(corpus_stats(train.doc_lengths, L))
     return out, corpus
 
@@ -540,6 +667,7 @@ def fmt_opt(v: float | None, fmt: str = ".2f", suffix: str = "x") -> str:
 def physical_limits(res: dict[str, Any], predictions: dict[str, Any]) -> dict[str, Any]:
     """Per arm: the measured time ratio split into token efficiency and per-token wall speed-up, the
     honest-FLOPs limit of the latter, and the plan's estimate against the measured train time."""
+
     def per_token(name: str, key: str) -> float | None:
         vals = []
         for s in res[name]["seeds"]:
@@ -563,7 +691,8 @@ def physical_limits(res: dict[str, Any], predictions: dict[str, Any]) -> dict[st
             "wall_speedup_at_equal_tokens": wall,
             "honest_flops_speedup_at_equal_tokens": flops,
             "wall_over_flops_speedup": (wall / flops) if (wall and flops) else None,
-            "plan_estimate_s": pred, "measured_train_time_s": measured,
+            "plan_estimate_s": pred,
+            "measured_train_time_s": measured,
             "plan_estimate_error": (pred / measured - 1) if measured else None,
             "plan_estimate_within_15pct": bool(measured) and abs(pred / measured - 1) <= 0.15,
             "plan_expected_saving": predictions[name]["expected_saving"],
@@ -573,26 +702,59 @@ def physical_limits(res: dict[str, Any], predictions: dict[str, Any]) -> dict[st
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("config_dir", nargs="?", type=Path, default=CONFIG_DIR,
-                    help=f"folder of arm configs, one named '{BASELINE}' (default {CONFIG_DIR.relative_to(ROOT)})")
+    ap.add_argument(
+        "config_dir",
+        nargs="?",
+        type=Path,
+        default=CONFIG_DIR,
+        help=f"folder of arm configs, one named '{BASELINE}' (default {CONFIG_DIR.relative_to(ROOT)})",
+    )
     ap.add_argument("--seeds", type=int, default=3, help="seeds per arm: train.seed 0..N-1 (default 3)")
     ap.add_argument("--quick", action="store_true", help="smoke test: 12 steps per run, results under --out-root")
-    ap.add_argument("--out-root", type=Path, default=None,
-                    help="run folders (default /tmp/rampup-curriculum, /tmp/rampup-curriculum-quick with --quick)")
+    ap.add_argument(
+        "--out-root",
+        type=Path,
+        default=None,
+        help="run folders (default /tmp/rampup-curriculum, /tmp/rampup-curriculum-quick with --quick)",
+    )
     ap.add_argument("--reuse", action="store_true", help="skip runs whose summary.json exists")
-    ap.add_argument("--out", type=Path, default=None,
-                    help=f"results JSON, the PNG next to it (default {RESULTS.relative_to(ROOT)}; "
-                         "with --quick OUT_ROOT/curriculum.json)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="config override applied to every arm (repeatable)")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"results JSON, the PNG next to it (default {RESULTS.relative_to(ROOT)}; "
+        "with --quick OUT_ROOT/curriculum.json)",
+    )
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override applied to every arm (repeatable)",
+    )
     ap.add_argument("--timeout", type=float, default=1200, help="seconds allowed per run (default 1200)")
-    ap.add_argument("--wait-quiet", type=float, default=60, metavar="S",
-                    help="before each run wait up to S seconds for other processes to leave the CPUs (default 60; 0: no wait)")
-    ap.add_argument("--max-contention", type=float, default=0.25, metavar="SHARE",
-                    help="train a run again when other processes used more than SHARE CPU-s per second of it "
-                         "(default 0.25, of 2 cores)")
-    ap.add_argument("--calibrate-repeats", type=int, default=8,
-                    help="repeats of the per-seq_len step-cost calibration after the runs (default 8; 0: skip)")
+    ap.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=60,
+        metavar="S",
+        help="before each run wait up to S seconds for other processes to leave the CPUs (default 60; 0: no wait)",
+    )
+    ap.add_argument(
+        "--max-contention",
+        type=float,
+        default=0.25,
+        metavar="SHARE",
+        help="train a run again when other processes used more than SHARE CPU-s per second of it "
+        "(default 0.25, of 2 cores)",
+    )
+    ap.add_argument(
+        "--calibrate-repeats",
+        type=int,
+        default=8,
+        help="repeats of the per-seq_len step-cost calibration after the runs (default 8; 0: skip)",
+    )
     ap.add_argument("--retries", type=int, default=0, help="most re-trainings of a contended run (default 0)")
     args = ap.parse_args(argv)
     if args.seeds < 1:
@@ -610,9 +772,12 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"the baseline evaluates at {base_cfg.eval.seq_lens}; set eval.seq_lens: [{L}]")
     model = DecoderLM(base_cfg.model)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"{len(arms)} arms x {args.seeds} seed(s) at L = {L}: {', '.join(arms)}; model {n_params / 1e6:.2f}M "
-          f"parameters ({model.num_params() / 1e6:.2f}M non-embedding); budget {base_cfg.train.duration}; "
-          f"runs under {out_root}", flush=True)
+    print(
+        f"{len(arms)} arms x {args.seeds} seed(s) at L = {L}: {', '.join(arms)}; model {n_params / 1e6:.2f}M "
+        f"parameters ({model.num_params() / 1e6:.2f}M non-embedding); budget {base_cfg.train.duration}; "
+        f"runs under {out_root}",
+        flush=True,
+    )
 
     # Predict before compute: rampup plan's train-time estimate of every arm (calibrated steps of each
     # batch shape, cached per machine), and the corpus's document lengths and cross-document share.
@@ -620,19 +785,36 @@ def main(argv: list[str] | None = None) -> dict:
         wait_quiet(args.wait_quiet)
     predictions, corpus = predict(arms, L)
     for name, p in predictions.items():
-        print(f"  plan estimate {name}: {p['total_seconds']:.0f} s of training ({p['measured_shapes']} shape(s) "
-              f"calibrated now, {p['calibration_s']:.0f} s); honest FLOPs {p['flops']:.3g}", flush=True)
-    print(f"  corpus: {corpus['documents']:,} documents, median {corpus['percentiles']['p50']:,} tokens, "
-          f"{corpus['share_in_docs_shorter_than_L']:.0%} of tokens in documents shorter than {L}; a fixed {L} baseline "
-          f"scores {corpus['cross_document_share']:.0%} of its attention pairs across documents", flush=True)
+        print(
+            f"  plan estimate {name}: {p['total_seconds']:.0f} s of training ({p['measured_shapes']} shape(s) "
+            f"calibrated now, {p['calibration_s']:.0f} s); honest FLOPs {p['flops']:.3g}",
+            flush=True,
+        )
+    print(
+        f"  corpus: {corpus['documents']:,} documents, median {corpus['percentiles']['p50']:,} tokens, "
+        f"{corpus['share_in_docs_shorter_than_L']:.0%} of tokens in documents shorter than {L}; a fixed {L} baseline "
+        f"scores {corpus['cross_document_share']:.0%} of its attention pairs across documents",
+        flush=True,
+    )
 
     t_start = time.perf_counter()
     runs = []
     for seed in range(args.seeds):  # interleaved: every arm once per seed round
         for name, (path, _) in arms.items():
-            runs.append(run_one(name, path, seed, out_root / f"{name}_seed{seed}", overrides,
-                                timeout=args.timeout, reuse=args.reuse, quiet_s=args.wait_quiet,
-                                max_share=args.max_contention, retries=args.retries))
+            runs.append(
+                run_one(
+                    name,
+                    path,
+                    seed,
+                    out_root / f"{name}_seed{seed}",
+                    overrides,
+                    timeout=args.timeout,
+                    reuse=args.reuse,
+                    quiet_s=args.wait_quiet,
+                    max_share=args.max_contention,
+                    retries=args.retries,
+                )
+            )
     bench_wall = time.perf_counter() - t_start
 
     table = None
@@ -644,11 +826,18 @@ def main(argv: list[str] | None = None) -> dict:
         other0, t0 = others_cpu_seconds(), time.perf_counter()
         table = calibrate(base_cfg, lens, args.calibrate_repeats)
         cal_contention = round((others_cpu_seconds() - other0) / (time.perf_counter() - t0), 3)
-        print("    tokens/s: " + ", ".join(f"{T}: {1 / c:,.0f}" for T, c in table.items())
-              + f"; other processes used {cal_contention} CPU-s per s meanwhile", flush=True)
+        print(
+            "    tokens/s: "
+            + ", ".join(f"{T}: {1 / c:,.0f}" for T, c in table.items())
+            + f"; other processes used {cal_contention} CPU-s per s meanwhile",
+            flush=True,
+        )
         if cal_contention > args.max_contention:
-            print(f"    warning: the calibration was disturbed (> {args.max_contention} CPU-s per s of other "
-                  "processes); its minimum may still be off: see calibration.disturbed in the JSON", flush=True)
+            print(
+                f"    warning: the calibration was disturbed (> {args.max_contention} CPU-s per s of other "
+                "processes); its minimum may still be off: see calibration.disturbed in the JSON",
+                flush=True,
+            )
 
     run_dirs = [r["path"] for r in runs if r["arm"] != BASELINE] + [r["path"] for r in runs if r["arm"] == BASELINE]
     cmp = compare_runs(run_dirs, baseline=BASELINE)
@@ -660,19 +849,25 @@ def main(argv: list[str] | None = None) -> dict:
     curricula = [n for n in arms if n != BASELINE]
     honest = physical_limits(res, predictions)
     for n, h in honest.items():
-        print(f"  {n}: measured {fmt_opt(h['time_to_target_ratio'])} time to target = token efficiency "
-              f"{fmt_opt(h['token_efficiency'])} x per-token wall speed-up {fmt_opt(h['wall_speedup_at_equal_tokens'])}; "
-              f"physical limit (honest FLOPs ratio at equal tokens) {fmt_opt(h['honest_flops_speedup_at_equal_tokens'])}, "
-              f"so wall / FLOPs speed-up = {fmt_opt(h['wall_over_flops_speedup'], '.2f', '')} (target >= 0.9); plan "
-              f"estimate {h['plan_estimate_s']:.0f} s vs measured {h['measured_train_time_s']:.0f} s "
-              f"({h['plan_estimate_error']:+.1%}, target within 15%)", flush=True)
+        print(
+            f"  {n}: measured {fmt_opt(h['time_to_target_ratio'])} time to target = token efficiency "
+            f"{fmt_opt(h['token_efficiency'])} x per-token wall speed-up {fmt_opt(h['wall_speedup_at_equal_tokens'])}; "
+            f"physical limit (honest FLOPs ratio at equal tokens) {fmt_opt(h['honest_flops_speedup_at_equal_tokens'])}, "
+            f"so wall / FLOPs speed-up = {fmt_opt(h['wall_over_flops_speedup'], '.2f', '')} (target >= 0.9); plan "
+            f"estimate {h['plan_estimate_s']:.0f} s vs measured {h['measured_train_time_s']:.0f} s "
+            f"({h['plan_estimate_error']:+.1%}, target within 15%)",
+            flush=True,
+        )
     base_final = res[BASELINE]["final_loss"]["median"]
     headline: dict[str, Any] = {}
     verdict = {}
     for n in curricula:
         a = res[n]
         headline[f"time_to_target_ratio_{n}"] = a["time_to_target_ratio"]["median"]
-        headline[f"time_to_target_ratio_{n}_spread"] = [a["time_to_target_ratio"]["min"], a["time_to_target_ratio"]["max"]]
+        headline[f"time_to_target_ratio_{n}_spread"] = [
+            a["time_to_target_ratio"]["min"],
+            a["time_to_target_ratio"]["max"],
+        ]
         if table:
             c = a["calibrated_time_to_target_ratio"]
             headline[f"calibrated_time_to_target_ratio_{n}"] = c["median"]
@@ -681,9 +876,10 @@ def main(argv: list[str] | None = None) -> dict:
         headline[f"final_loss_at_{L}_{n}"] = a["final_loss"]["median"]
         headline[f"final_loss_at_{L}_{n}_minus_baseline"] = a["final_loss_minus_baseline"]["median"]
         r = a["time_to_target_ratio"]["median"]
-        verdict[n] = {"time_to_target_ratio_ge_target": r is not None and r >= TARGET_RATIO,
-                      "final_loss_no_worse_than_baseline": a["final_loss"]["median"] <= base_final,
-                      }
+        verdict[n] = {
+            "time_to_target_ratio_ge_target": r is not None and r >= TARGET_RATIO,
+            "final_loss_no_worse_than_baseline": a["final_loss"]["median"] <= base_final,
+        }
         verdict[n]["meets_target"] = all(verdict[n].values())
     headline[f"final_loss_at_{L}_baseline"] = base_final
     sens = sensitivity(res, L, table)
@@ -692,11 +888,14 @@ def main(argv: list[str] | None = None) -> dict:
         headline[f"time_to_target_ratio_{n}_paired_by_seed"] = m["paired_ratio"]["median"]
         headline[f"time_to_target_ratio_{n}_best_baseline_seed_target"] = m["strict_ratio"]["median"]
         verdict[n]["meets_ratio_under_every_target"] = all(
-            v is not None and v >= TARGET_RATIO for v in (headline[f"time_to_target_ratio_{n}"],
-                                                         m["paired_ratio"]["median"], m["strict_ratio"]["median"]))
+            v is not None and v >= TARGET_RATIO
+            for v in (headline[f"time_to_target_ratio_{n}"], m["paired_ratio"]["median"], m["strict_ratio"]["median"])
+        )
     bf = res[BASELINE]["final_loss"]
-    findings = [f"baseline final loss at L over seeds: median {bf['median']:.4f}, range {bf['min']:.4f}..{bf['max']:.4f} "
-                f"({bf['max'] - bf['min']:.3f} wide); the headline target is the median"]
+    findings = [
+        f"baseline final loss at L over seeds: median {bf['median']:.4f}, range {bf['min']:.4f}..{bf['max']:.4f} "
+        f"({bf['max'] - bf['min']:.3f} wide); the headline target is the median"
+    ]
     for n in curricula:
         m = sens["arms"][n]["measured"]
         show = lambda v: "not reached" if v is None else f"{v:.2f}x"  # noqa: E731
@@ -707,75 +906,106 @@ def main(argv: list[str] | None = None) -> dict:
             f"{res[n]['final_loss']['median']:.4f} vs {base_final:.4f}; "
             f"{'meets' if verdict[n]['meets_target'] else 'does not meet'} the target as defined "
             f"(ratio >= {TARGET_RATIO} against the median, loss no worse)"
-            + ("" if verdict[n]["meets_target"] == verdict[n]["meets_ratio_under_every_target"]
-               else f", {'and' if verdict[n]['meets_ratio_under_every_target'] else 'but not'} under every target choice"))
+            + (
+                ""
+                if verdict[n]["meets_target"] == verdict[n]["meets_ratio_under_every_target"]
+                else f", {'and' if verdict[n]['meets_ratio_under_every_target'] else 'but not'} under every target choice"
+            )
+        )
     met = [n for n in curricula if verdict[n]["meets_target"]]
 
     # Throughput bound: the fastest a curriculum could go is training every token at its shortest length.
     base_rate = res[BASELINE]["tok_per_s"]["median"]
-    best_short = max((v["median"] or 0) for n in curricula for v in
-                     list(res[n]["tok_per_s_by_stage"].values()) + list(res[n].get("tok_per_s_by_bucket_len", {}).values()))
+    best_short = max(
+        (v["median"] or 0)
+        for n in curricula
+        for v in list(res[n]["tok_per_s_by_stage"].values()) + list(res[n].get("tok_per_s_by_bucket_len", {}).values())
+    )
     attn_share = 1 - flops_per_token(base_cfg.model, 0) / flops_per_token(base_cfg.model, L)
 
     result = {
         "machine": machine_info(resolve_precision(base_cfg.train.precision).precision),
         "headline": headline,
-        "target": {"time_to_target_ratio": TARGET_RATIO, "final_loss": "median final loss at L no worse than the baseline's"},
+        "target": {
+            "time_to_target_ratio": TARGET_RATIO,
+            "final_loss": "median final loss at L no worse than the baseline's",
+        },
         "meets_target": {n: verdict[n] for n in curricula},
         "target_met_by": met,
         "findings": findings,
         "target_loss_at_L": target,
         "sensitivity": {
-            "what": ("the headline target is the baseline's median final loss (compare_runs). paired_by_seed: seed i "
-                     "against baseline seed i with that seed's final loss as target, median over seeds; "
-                     "best_baseline_seed_target: the lowest baseline final loss as target, the time of that "
-                     "baseline seed to it as reference"),
-            **sens},
+            "what": (
+                "the headline target is the baseline's median final loss (compare_runs). paired_by_seed: seed i "
+                "against baseline seed i with that seed's final loss as target, median over seeds; "
+                "best_baseline_seed_target: the lowest baseline final loss as target, the time of that "
+                "baseline seed to it as reference"
+            ),
+            **sens,
+        },
         "honest": {
-            "what": ("per arm: time_to_target_ratio = token_efficiency (baseline tokens to target / the arm's) x "
-                     "wall_speedup_at_equal_tokens (baseline seconds per token / the arm's, whole runs); its physical "
-                     "limit is honest_flops_speedup_at_equal_tokens (FLOPs per token as the kernels compute them: half "
-                     "the square for causal attention); wall_over_flops_speedup is how much of that limit the wall-clock "
-                     "gets (target >= 0.9). plan_estimate_s is rampup plan's prediction before any run (calibrated steps "
-                     "of each batch shape), against the measured median train time (target within 15%)"),
+            "what": (
+                "per arm: time_to_target_ratio = token_efficiency (baseline tokens to target / the arm's) x "
+                "wall_speedup_at_equal_tokens (baseline seconds per token / the arm's, whole runs); its physical "
+                "limit is honest_flops_speedup_at_equal_tokens (FLOPs per token as the kernels compute them: half "
+                "the square for causal attention); wall_over_flops_speedup is how much of that limit the wall-clock "
+                "gets (target >= 0.9). plan_estimate_s is rampup plan's prediction before any run (calibrated steps "
+                "of each batch shape), against the measured median train time (target within 15%)"
+            ),
             "arms": honest,
             "corpus": corpus,
-            "predictions": predictions},
+            "predictions": predictions,
+        },
         "limits": {
             "attention_share_of_flops_at_L": round(attn_share, 3),
             "baseline_tok_per_s": base_rate,
             "fastest_short_sequence_tok_per_s": best_short,
             "throughput_bound_on_time_ratio": round(best_short / base_rate, 3) if base_rate else None,
-            "note": ("A curriculum with the same tokens and the same loss per token can only gain what its cheaper "
-                     "tokens give: at most the fastest short-sequence rate over the baseline's rate (every token "
-                     "at the shortest length). A time-to-target ratio above that bound needs the curriculum to "
-                     "reach the baseline's loss with fewer tokens."),
+            "note": (
+                "A curriculum with the same tokens and the same loss per token can only gain what its cheaper "
+                "tokens give: at most the fastest short-sequence rate over the baseline's rate (every token "
+                "at the shortest length). A time-to-target ratio above that bound needs the curriculum to "
+                "reach the baseline's loss with fewer tokens."
+            ),
         },
-        "calibration": None if not table else {
-            "what": ("seconds per token of one engine train_step (batch_tokens per step) at each seq_len, the "
-                     "minimum of repeats taken in rotating order after all runs; calibrated_time_to_target is the "
-                     "time the run's own steps up to the target evaluation take at these costs, a view of "
-                     "wall-clock that other processes on the shared machine cannot inflate"),
+        "calibration": None
+        if not table
+        else {
+            "what": (
+                "seconds per token of one engine train_step (batch_tokens per step) at each seq_len, the "
+                "minimum of repeats taken in rotating order after all runs; calibrated_time_to_target is the "
+                "time the run's own steps up to the target evaluation take at these costs, a view of "
+                "wall-clock that other processes on the shared machine cannot inflate"
+            ),
             "tok_per_s": {str(T): round(1 / c, 1) for T, c in table.items()},
-            "others_cpu_share": cal_contention, "repeats": args.calibrate_repeats,
+            "others_cpu_share": cal_contention,
+            "repeats": args.calibrate_repeats,
             "disturbed": cal_contention > args.max_contention,
-            "throughput_bound_on_time_ratio": round(table[L] / min(table.values()), 3)},
+            "throughput_bound_on_time_ratio": round(table[L] / min(table.values()), 3),
+        },
         "arms": res,
         "comparison": cmp,
         "runs": runs,
         "setup": {
-            "L": L, "arms": {n: str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p) for n, (p, _) in arms.items()},
+            "L": L,
+            "arms": {n: str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p) for n, (p, _) in arms.items()},
             "configs": {n: p.read_text() for n, (p, _) in arms.items()},
-            "overrides": overrides, "seeds": list(range(args.seeds)), "quick": args.quick,
-            "model": base_cfg.model.model_dump(mode="json"), "n_params": n_params,
+            "overrides": overrides,
+            "seeds": list(range(args.seeds)),
+            "quick": args.quick,
+            "model": base_cfg.model.model_dump(mode="json"),
+            "n_params": n_params,
             "n_params_non_embedding": model.num_params(),
             "tokens_per_run": res[BASELINE]["seeds"][0]["total_tokens"],
             "batch_tokens": base_cfg.schedule.knobs["batch_tokens"],
-            "optimizer": base_cfg.optimizer.model_dump(mode="json"), "eval": base_cfg.eval.model_dump(mode="json"),
+            "optimizer": base_cfg.optimizer.model_dump(mode="json"),
+            "eval": base_cfg.eval.model_dump(mode="json"),
             "data": base_cfg.data.model_dump(mode="json"),
             "commit": git("rev-parse", "HEAD"),
             "uncommitted_src_changes": git("status", "--porcelain", "--", "src").splitlines(),
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(),
             "out_root": str(out_root),
             "bench_wall_s": round(bench_wall, 1),
             "runs_wall_s_total": round(sum(r.get("wall_s", 0) + r.get("waited_for_quiet_s", 0) for r in runs), 1),
@@ -786,20 +1016,26 @@ def main(argv: list[str] | None = None) -> dict:
     for n in curricula:
         r = headline[f"time_to_target_ratio_{n}"]
         c = headline.get(f"calibrated_time_to_target_ratio_{n}")
-        print(f"  {n}: time-to-target ratio {'not reached' if r is None else f'{r:.2f}x'} (target {TARGET_RATIO}x; "
-              f"calibrated {'n/a' if c is None else f'{c:.2f}x'}), "
-              f"final loss {headline[f'final_loss_at_{L}_{n}']:.4f} vs baseline {base_final:.4f}: "
-              f"{'MEETS' if verdict[n]['meets_target'] else 'does NOT meet'} the target")
+        print(
+            f"  {n}: time-to-target ratio {'not reached' if r is None else f'{r:.2f}x'} (target {TARGET_RATIO}x; "
+            f"calibrated {'n/a' if c is None else f'{c:.2f}x'}), "
+            f"final loss {headline[f'final_loss_at_{L}_{n}']:.4f} vs baseline {base_final:.4f}: "
+            f"{'MEETS' if verdict[n]['meets_target'] else 'does NOT meet'} the target"
+        )
     print("  sensitivity to the target (measured train_time; median (min..max) over seeds):")
     for n in curricula:
         m = sens["arms"][n]["measured"]
-        print(f"    {n:17} paired by seed {fmt_range(m['paired_ratio'], '.2f', args.seeds):>22}   target = best baseline "
-              f"seed's final loss {sens['strict_target']:.4f}: {fmt_range(m['strict_ratio'], '.2f', args.seeds)} "
-              f"[{m['strict_reached']} reached]")
+        print(
+            f"    {n:17} paired by seed {fmt_range(m['paired_ratio'], '.2f', args.seeds):>22}   target = best baseline "
+            f"seed's final loss {sens['strict_target']:.4f}: {fmt_range(m['strict_ratio'], '.2f', args.seeds)} "
+            f"[{m['strict_reached']} reached]"
+        )
     for f in findings:
         print(f"  - {f}")
-    print(f"  throughput bound on the time ratio (fastest short-sequence rate / baseline rate): "
-          f"{result['limits']['throughput_bound_on_time_ratio']}; attention {attn_share:.0%} of FLOPs at L")
+    print(
+        f"  throughput bound on the time ratio (fastest short-sequence rate / baseline rate): "
+        f"{result['limits']['throughput_bound_on_time_ratio']}; attention {attn_share:.0%} of FLOPs at L"
+    )
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(result, indent=1) + "\n")
     png = out_json.with_suffix(".png")

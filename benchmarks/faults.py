@@ -25,6 +25,7 @@ means the run finished with finite weights and the skipped steps / rollback reco
     .venv/bin/python benchmarks/faults.py               # ~5 min on 2 cores: results/faults.json + a markdown table
     .venv/bin/python benchmarks/faults.py --repeats 1   # smoke run
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,9 +51,9 @@ from rampup.config import dump_config, load_config  # noqa: E402
 from rampup.data.prepare import prepared_dir  # noqa: E402
 from rampup.engine.checkpoint.format import latest_checkpoint, list_checkpoints, verify_checkpoint  # noqa: E402
 from rampup.engine.faults import NAN_STEPS_ENV  # noqa: E402
+from rampup.engine.precision import machine_info, resolve_precision  # noqa: E402
 from rampup.engine.records import read_metrics  # noqa: E402
 from rampup.errors import CheckpointDamaged  # noqa: E402
-from rampup.engine.precision import machine_info, resolve_precision  # noqa: E402
 
 STEPS = 40
 
@@ -67,10 +68,19 @@ class Bench:
 
     def config(self, name: str, *overrides: str) -> tuple[Path, Path]:
         out = self.work / name
-        cfg = load_config(ROOT / "configs" / "tiny.yaml", [
-            f"train.duration={STEPS} steps", "train.checkpoint_every=10 steps", "train.threads=1",
-            "eval.every=null", "log.progress=plain", f"data.cache_dir={self.cache}", f"train.out_dir={out}",
-            *overrides])
+        cfg = load_config(
+            ROOT / "configs" / "tiny.yaml",
+            [
+                f"train.duration={STEPS} steps",
+                "train.checkpoint_every=10 steps",
+                "train.threads=1",
+                "eval.every=null",
+                "log.progress=plain",
+                f"data.cache_dir={self.cache}",
+                f"train.out_dir={out}",
+                *overrides,
+            ],
+        )
         path = self.work / f"{name}.yaml"
         path.write_text(dump_config(cfg))
         return path, out
@@ -78,9 +88,14 @@ class Bench:
     def start(self, cfg: Path, out: Path, env: dict | None = None, preexec_fn=None) -> subprocess.Popen:
         resume = ["--resume"] if latest_checkpoint(out / "checkpoints") else []
         log = open(self.work / f"{out.name}.log", "a")
-        return subprocess.Popen([sys.executable, "-m", "rampup.cli", "train", str(cfg), *resume], stdout=log,
-                                stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn,
-                                env={**os.environ, "PYTHONPATH": str(ROOT / "src"), **(env or {})})
+        return subprocess.Popen(
+            [sys.executable, "-m", "rampup.cli", "train", str(cfg), *resume],
+            stdout=log,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=preexec_fn,
+            env={**os.environ, "PYTHONPATH": str(ROOT / "src"), **(env or {})},
+        )
 
     def run(self, cfg: Path, out: Path, **kw) -> tuple[int, str]:
         proc = self.start(cfg, out, **kw)
@@ -149,6 +164,7 @@ def weights(out: Path) -> bytes:
 # ------------------------------------------------------------------------------------------ faults
 # Each takes (bench, injection index) and returns {recovered, steps_lost, data_lost, note}.
 
+
 def kill_at_step(b: Bench, i: int) -> dict:
     cfg, out = b.config(f"kill{i}")
     lost, _ = b.kill_at(cfg, out, b.rng.randint(3, STEPS - 3))
@@ -163,8 +179,12 @@ def kill_during_save(b: Bench, i: int) -> dict:
     lost, cut = b.kill_at(cfg, out, b.rng.randint(3, STEPS - 8), mid_write=True)
     damaged = b.unreported_damage(out)
     same, missing = b.finish(cfg, out)
-    return {"recovered": same, "steps_lost": lost, "data_lost": damaged + missing,
-            "note": "kill landed inside the write" if cut else "write had just finished"}
+    return {
+        "recovered": same,
+        "steps_lost": lost,
+        "data_lost": damaged + missing,
+        "note": "kill landed inside the write" if cut else "write had just finished",
+    }
 
 
 def sigterm(b: Bench, i: int) -> dict:
@@ -177,8 +197,12 @@ def sigterm(b: Bench, i: int) -> dict:
     lost = max(b.steps(out)) - b.ckpt_step(out)
     ok = proc.returncode == 128 + signal.SIGTERM and "--resume" in err
     same, missing = b.finish(cfg, out)
-    return {"recovered": same and ok, "steps_lost": lost, "data_lost": b.unreported_damage(out) + missing,
-            "note": f"exit {proc.returncode}"}
+    return {
+        "recovered": same and ok,
+        "steps_lost": lost,
+        "data_lost": b.unreported_damage(out) + missing,
+        "note": f"exit {proc.returncode}",
+    }
 
 
 def nan_batch(b: Bench, i: int) -> dict:
@@ -186,12 +210,18 @@ def nan_batch(b: Bench, i: int) -> dict:
     step = b.rng.randint(2, STEPS - 1)
     rc, _ = b.run(cfg, out, env={NAN_STEPS_ENV: str(step)})
     summary = json.loads((out / "summary.json").read_text()) if rc == 0 else {}
-    finite = rc == 0 and all(torch.isfinite(t).all() for t in load_file(
-        latest_checkpoint(out / "checkpoints") / "model.safetensors").values())
+    finite = rc == 0 and all(
+        torch.isfinite(t).all()
+        for t in load_file(latest_checkpoint(out / "checkpoints") / "model.safetensors").values()
+    )
     skipped = [r["step"] for r in read_metrics(out / "metrics.jsonl") if r["event"] == "skip"]
     ok = finite and skipped == [step] and summary.get("skipped_steps") == 1
-    return {"recovered": ok, "steps_lost": 0, "data_lost": STEPS - 1 - len(b.steps(out)),
-            "note": f"step {step} skipped ({summary.get('skipped_tokens', 0):,} tokens not trained on)"}
+    return {
+        "recovered": ok,
+        "steps_lost": 0,
+        "data_lost": STEPS - 1 - len(b.steps(out)),
+        "note": f"step {step} skipped ({summary.get('skipped_tokens', 0):,} tokens not trained on)",
+    }
 
 
 def nan_streak(b: Bench, i: int) -> dict:
@@ -202,9 +232,13 @@ def nan_streak(b: Bench, i: int) -> dict:
     summary = json.loads((out / "summary.json").read_text()) if rc == 0 else {}
     ok = rc == 0 and len(rollbacks) == 1 and summary.get("lr_scale") == 0.5
     lost = rollbacks[0]["from_step"] - rollbacks[0]["step"] if rollbacks else STEPS
-    return {"recovered": ok, "steps_lost": lost, "data_lost": STEPS - len(b.steps(out)),
-            "note": f"steps {first}-{first + 2} NaN: rolled back to step {rollbacks[0]['step'] if rollbacks else '?'}, "
-                    "lr x0.5"}
+    return {
+        "recovered": ok,
+        "steps_lost": lost,
+        "data_lost": STEPS - len(b.steps(out)),
+        "note": f"steps {first}-{first + 2} NaN: rolled back to step {rollbacks[0]['step'] if rollbacks else '?'}, "
+        "lr x0.5",
+    }
 
 
 def full_disk(b: Bench, i: int) -> dict:
@@ -218,13 +252,17 @@ def full_disk(b: Bench, i: int) -> dict:
 
     rc, err = b.run(cfg, out, preexec_fn=small_files)
     lost = max(b.steps(out)) - b.ckpt_step(out)
-    intact = latest_checkpoint(out / "checkpoints") == good and \
-        {f.name: f.read_bytes() for f in good.iterdir()} == before
+    intact = (
+        latest_checkpoint(out / "checkpoints") == good and {f.name: f.read_bytes() for f in good.iterdir()} == before
+    )
     ok = rc == 4 and "File too large" in err and "is intact" in err
     same, missing = b.finish(cfg, out)
-    return {"recovered": same and ok and intact, "steps_lost": lost,
-            "data_lost": (not intact) + b.unreported_damage(out) + missing,
-            "note": f"exit {rc}, {good.name} {'byte-identical' if intact else 'CHANGED'}"}
+    return {
+        "recovered": same and ok and intact,
+        "steps_lost": lost,
+        "data_lost": (not intact) + b.unreported_damage(out) + missing,
+        "note": f"exit {rc}, {good.name} {'byte-identical' if intact else 'CHANGED'}",
+    }
 
 
 def corrupt_shard(b: Bench, i: int) -> dict:
@@ -239,13 +277,30 @@ def corrupt_shard(b: Bench, i: int) -> dict:
     rc, err = b.run(cfg, out)
     detected = rc == 2 and shard.name in err and not b.steps(out)
     shutil.rmtree(folder)  # the fix the error names: prepare again
-    prep = subprocess.run([sys.executable, "-m", "rampup.cli", "prepare", str(cfg)], capture_output=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    prep = subprocess.run(
+        [sys.executable, "-m", "rampup.cli", "prepare", str(cfg)],
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )
     same, missing = b.finish(cfg, out) if prep.returncode == 0 else (False, STEPS)
-    caught_by = next((kind for text, kind in (("sha256", "checksum"), ("outside the vocabulary", "token id range"),
-                                              ("end-of-text", "document index")) if text in err), "not detected")
-    return {"recovered": detected and same, "steps_lost": 0, "data_lost": missing,
-            "note": f"{shard.name} byte {at}: caught by the {caught_by} check before step 1"}
+    caught_by = next(
+        (
+            kind
+            for text, kind in (
+                ("sha256", "checksum"),
+                ("outside the vocabulary", "token id range"),
+                ("end-of-text", "document index"),
+            )
+            if text in err
+        ),
+        "not detected",
+    )
+    return {
+        "recovered": detected and same,
+        "steps_lost": 0,
+        "data_lost": missing,
+        "note": f"{shard.name} byte {at}: caught by the {caught_by} check before step 1",
+    }
 
 
 def truncated_checkpoint(b: Bench, i: int) -> dict:
@@ -260,8 +315,12 @@ def truncated_checkpoint(b: Bench, i: int) -> dict:
     log = (b.work / f"{out.name}.log").read_text()
     resumed = int(log.rsplit("resumed at step ", 1)[1].split(")")[0])
     kept = (out / "checkpoints" / f"damaged_{newest.name}").is_dir()
-    return {"recovered": same and kept, "steps_lost": reached - resumed, "data_lost": missing,
-            "note": f"{newest.name}/{victim.name} cut; resumed from step {resumed}"}
+    return {
+        "recovered": same and kept,
+        "steps_lost": reached - resumed,
+        "data_lost": missing,
+        "note": f"{newest.name}/{victim.name} cut; resumed from step {resumed}",
+    }
 
 
 FAULTS = {
@@ -277,12 +336,16 @@ FAULTS = {
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| fault | injections | recovered | steps lost (mean / max) | data lost | what happened |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| fault | injections | recovered | steps lost (mean / max) | data lost | what happened |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         notes = "; ".join(dict.fromkeys(run["note"] for run in r["runs"] if run.get("note")))
-        lines.append(f"| {r['fault']} | {r['injections']} | {r['recovered']}/{r['injections']} | "
-                     f"{r['steps_lost_mean']:.1f} / {r['steps_lost_max']} | {r['data_lost']} | {notes} |")
+        lines.append(
+            f"| {r['fault']} | {r['injections']} | {r['recovered']}/{r['injections']} | "
+            f"{r['steps_lost_mean']:.1f} / {r['steps_lost_max']} | {r['data_lost']} | {notes} |"
+        )
     return "\n".join(lines)
 
 
@@ -311,15 +374,30 @@ def main() -> None:
                 results.append(fault(b, i) | {"seconds": round(time.time() - t, 1)})
                 print(f"{name} #{i + 1}: {results[-1]}", flush=True)
             lost = [r["steps_lost"] for r in results]
-            rows.append({"fault": name, "injections": len(results), "recovered": sum(r["recovered"] for r in results),
-                         "steps_lost_mean": sum(lost) / len(lost), "steps_lost_max": max(lost),
-                         "data_lost": sum(r["data_lost"] for r in results), "runs": results})
+            rows.append(
+                {
+                    "fault": name,
+                    "injections": len(results),
+                    "recovered": sum(r["recovered"] for r in results),
+                    "steps_lost_mean": sum(lost) / len(lost),
+                    "steps_lost_max": max(lost),
+                    "data_lost": sum(r["data_lost"] for r in results),
+                    "runs": results,
+                }
+            )
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    result = {"machine": machine_info(resolve_precision("auto").precision), "config": f"configs/tiny.yaml, {STEPS} steps, checkpoint every 10 steps, 1 thread", "seed": args.seed,
-              "repeats": args.repeats, "seconds": round(time.time() - t0, 1), "faults": rows,
-              "torch": torch.__version__, "loadavg_1m": os.getloadavg()[0]}
+    result = {
+        "machine": machine_info(resolve_precision("auto").precision),
+        "config": f"configs/tiny.yaml, {STEPS} steps, checkpoint every 10 steps, 1 thread",
+        "seed": args.seed,
+        "repeats": args.repeats,
+        "seconds": round(time.time() - t0, 1),
+        "faults": rows,
+        "torch": torch.__version__,
+        "loadavg_1m": os.getloadavg()[0],
+    }
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(table(rows))
     print(f"\n{result['seconds']:.0f} s; written to {args.out}" + (f"; work folder {work}" if args.keep else ""))

@@ -17,12 +17,14 @@ Run it alone on the machine (about 20-30 minutes on 2 cores)::
 
     .venv/bin/python benchmarks/memory.py
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
 import time
+from itertools import pairwise
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,19 +35,28 @@ ARMS = ["plain", "loss tiles", "mlp tiles", "ckpt selective", "ckpt full", "all"
 def config(precision: str):
     from rampup.config import RunConfig
 
-    return RunConfig.model_validate({
-        "name": "memory-bench",
-        "model": {"vocab_size": 32768, "dim": 256, "n_layers": 4, "n_heads": 4, "max_seq_len": 131072,
-                  "tie_embeddings": False},
-        "schedule": {"knobs": {"batch_tokens": 4096}, "stages": [{"seq_len": 4096}]},
-        "train": {"duration": "1M tok", "precision": precision}})
+    return RunConfig.model_validate(
+        {
+            "name": "memory-bench",
+            "model": {
+                "vocab_size": 32768,
+                "dim": 256,
+                "n_layers": 4,
+                "n_heads": 4,
+                "max_seq_len": 131072,
+                "tie_embeddings": False,
+            },
+            "schedule": {"knobs": {"batch_tokens": 4096}, "stages": [{"seq_len": 4096}]},
+            "train": {"duration": "1M tok", "precision": precision},
+        }
+    )
 
 
 def main() -> None:
 
+    from rampup.engine.precision import machine_info, resolve_precision
     from rampup.knobs.memory import estimate_step, format_bytes
     from rampup.tools.plan import technique_settings
-    from rampup.engine.precision import machine_info, resolve_precision
     from rampup.tools.probe import longest, run_trial, time_steps
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,8 +66,12 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=1200, help="seconds one trial may take")
     ap.add_argument("--arms", nargs="+", default=ARMS)
     ap.add_argument("--throughput-len", type=int, default=1024)
-    ap.add_argument("--summarize", action="store_true", help="recompute the growth estimates, headline and PNG "
-                    "of the existing results (no trials or timings are rerun)")
+    ap.add_argument(
+        "--summarize",
+        action="store_true",
+        help="recompute the growth estimates, headline and PNG "
+        "of the existing results (no trials or timings are rerun)",
+    )
     args = ap.parse_args()
 
     from rampup.knobs.memory import parse_bytes
@@ -81,10 +96,17 @@ def main() -> None:
         plot(results, RESULTS / "memory.png")
         print(json.dumps(results["headline"], indent=1))
         return
-    results = {"machine": machine_info(precision), "cap_above_rest": cap, "cap": args.cap,
-               "model": cfg.model.model_dump(), "precision": precision, "arms": {}}
+    results = {
+        "machine": machine_info(precision),
+        "cap_above_rest": cap,
+        "cap": args.cap,
+        "model": cfg.model.model_dump(),
+        "precision": precision,
+        "arms": {},
+    }
     t_start = time.perf_counter()
     for arm in args.arms:
+
         def trial(T: int, arm=arm):
             s = settings(arm, T)
             est = estimate_step(cfg, {}, 1, T, precision, s)
@@ -98,12 +120,23 @@ def main() -> None:
             return t
 
         def log(t, arm=arm):
-            print(f"{arm:15s} T={t.seq_len:6d} " + (f"ok  peak {format_bytes(t.peak_above_rest):>10s} (est "
-                  f"{format_bytes(t.estimate):>10s}) {t.step_time:6.1f}s" if t.ok else f"fail {t.why}"), flush=True)
+            print(
+                f"{arm:15s} T={t.seq_len:6d} "
+                + (
+                    f"ok  peak {format_bytes(t.peak_above_rest):>10s} (est "
+                    f"{format_bytes(t.estimate):>10s}) {t.step_time:6.1f}s"
+                    if t.ok
+                    else f"fail {t.why}"
+                ),
+                flush=True,
+            )
 
         best, trials = longest(trial, 512, args.stop, 256, refine=2, log=log)
-        results["arms"][arm] = {"longest": best, "settings": settings(arm, best or 512).describe(),
-                                "trials": [t.__dict__ for t in trials]}
+        results["arms"][arm] = {
+            "longest": best,
+            "settings": settings(arm, best or 512).describe(),
+            "trials": [t.__dict__ for t in trials],
+        }
     plain = results["arms"].get("plain", {}).get("longest") or None
     for r in results["arms"].values():
         r["longest_over_plain"] = r["longest"] / plain if plain else None
@@ -115,8 +148,11 @@ def main() -> None:
         times = time_steps(cfg, {}, T, settings(arm, T), repeat=3, precision=precision)
         tput[arm] = T / statistics.median(times)
         print(f"{arm:15s} {tput[arm]:8.0f} tok/s at T={T}", flush=True)
-    results["throughput"] = {"seq_len": T, "tok_per_s": tput,
-                             "cost_vs_plain": {a: 1 - v / tput["plain"] for a, v in tput.items()} if "plain" in tput else {}}
+    results["throughput"] = {
+        "seq_len": T,
+        "tok_per_s": tput,
+        "cost_vs_plain": {a: 1 - v / tput["plain"] for a, v in tput.items()} if "plain" in tput else {},
+    }
 
     results["growth"] = growth(cfg, args.arms, precision, settings)
     summarize(results)
@@ -137,8 +173,10 @@ def growth(cfg, arms, precision, settings) -> dict:
     out = {}
     for arm in arms:
         est = [estimate_step(cfg, {}, 1, n, precision, settings(arm, n)).step_peak for n in lengths]
-        marginal = {f"{a}-{b}": (eb - ea) / (b - a) for a, b, ea, eb in zip(lengths, lengths[1:], est, est[1:])}
-        out[arm] = {"estimate": dict(zip(map(str, lengths), est)), "marginal_bytes_per_token": marginal}
+        marginal = {
+            f"{a}-{b}": (eb - ea) / (b - a) for (a, b), (ea, eb) in zip(pairwise(lengths), pairwise(est), strict=True)
+        }
+        out[arm] = {"estimate": dict(zip(map(str, lengths), est, strict=True)), "marginal_bytes_per_token": marginal}
     return {"lengths": lengths, "arms": out}
 
 
@@ -146,22 +184,31 @@ def summarize(results: dict) -> None:
     """The headline figures and the tiled loss's measured saving, from the trials."""
     arms = results["arms"]
     if "plain" in arms and "loss tiles" in arms:  # the longest length both ran: peak saved vs full logits
-        ok = {a: {t["seq_len"]: t["peak_above_rest"] for t in arms[a]["trials"] if t["ok"]}
-              for a in ("plain", "loss tiles")}
+        ok = {
+            a: {t["seq_len"]: t["peak_above_rest"] for t in arms[a]["trials"] if t["ok"]}
+            for a in ("plain", "loss tiles")
+        }
         both = sorted(set(ok["plain"]) & set(ok["loss tiles"]))
         if both:
             n = both[-1]
             V = results["model"]["vocab_size"]
-            results["tiled_loss"] = {"seq_len": n, "full_logits_bytes": n * V * 4,
-                                     "measured_saving": ok["plain"][n] - ok["loss tiles"][n]}
+            results["tiled_loss"] = {
+                "seq_len": n,
+                "full_logits_bytes": n * V * 4,
+                "measured_saving": ok["plain"][n] - ok["loss tiles"][n],
+            }
     cost = results["throughput"]["cost_vs_plain"]
     results["headline"] = {
         "all_longest_over_plain": arms.get("all", {}).get("longest_over_plain"),
         "all_throughput_cost": cost.get("all"),
         "ckpt_full_plus_mlp_tiles_throughput_cost": cost.get("ckpt full + mlp tiles"),
-        "tiled_loss_saving_over_full_logits": (results["tiled_loss"]["measured_saving"] /
-                                               results["tiled_loss"]["full_logits_bytes"]) if "tiled_loss" in results else None,
-        "estimate_over_measured_peak": _estimate_ratio(arms)}
+        "tiled_loss_saving_over_full_logits": (
+            results["tiled_loss"]["measured_saving"] / results["tiled_loss"]["full_logits_bytes"]
+        )
+        if "tiled_loss" in results
+        else None,
+        "estimate_over_measured_peak": _estimate_ratio(arms),
+    }
 
 
 def _estimate_ratio(arms: dict) -> dict:
@@ -189,7 +236,7 @@ def plot(results: dict, path: Path) -> None:
         b.plot(g["lengths"], [est[str(n)] / 2**30 for n in g["lengths"]], marker="o", label=arm)
         pts = [(t["seq_len"], t["peak_above_rest"] / 2**30) for t in results["arms"][arm]["trials"] if t["ok"]]
         if pts:
-            b.scatter(*zip(*pts), marker="x", color=b.lines[-1].get_color())
+            b.scatter(*zip(*pts, strict=True), marker="x", color=b.lines[-1].get_color())
     b.axhline(results["cap_above_rest"] / 2**30, color="k", ls="--", lw=0.8, label="cap")
     b.set_xscale("log", base=2)
     b.set_yscale("log")

@@ -17,6 +17,7 @@
 
 Run it alone: it times steps.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,9 +31,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ARMS = {"curriculum_2048_stdlib": ("configs/curriculum/baseline.yaml", "configs/curriculum/buckets_grow_p2.yaml"),
-        "curriculum_4096_stdlib": ("configs/curriculum_4096/baseline.yaml",
-                                   "configs/curriculum_4096/buckets_grow_p2.yaml")}
+ARMS = {
+    "curriculum_2048_stdlib": ("configs/curriculum/baseline.yaml", "configs/curriculum/buckets_grow_p2.yaml"),
+    "curriculum_4096_stdlib": ("configs/curriculum_4096/baseline.yaml", "configs/curriculum_4096/buckets_grow_p2.yaml"),
+}
 INCLUDE = ["data.source=/usr/include", "data.max_files=1000"]
 
 
@@ -44,34 +46,47 @@ def plan_every_config() -> list[dict]:
             cache = Path(tmp) / cfg.stem
             env = {**os.environ, "RAMPUP_CACHE_DIR": str(cache)}
             t0 = time.perf_counter()
-            res = subprocess.run([sys.executable, "-m", "rampup.cli", "plan", str(cfg), "--png",
-                                  str(Path(tmp) / f"{cfg.stem}.png")], capture_output=True, text=True, env=env,
-                                 cwd=ROOT)
+            res = subprocess.run(
+                [sys.executable, "-m", "rampup.cli", "plan", str(cfg), "--png", str(Path(tmp) / f"{cfg.stem}.png")],
+                capture_output=True,
+                text=True,
+                env=env,
+                cwd=ROOT,
+            )
             wall = time.perf_counter() - t0
             flat = " ".join(res.stdout.split())
             est = re.search(r"estimated train time (\S+);", flat)
             timed = re.search(r"(\d+) timed now in ([\d.]+) s", flat)
-            rows.append({"config": str(cfg.relative_to(ROOT)), "exit": res.returncode, "plan_s": round(wall, 2),
-                         "estimate": est.group(1) if est else None,
-                         "shapes_timed": int(timed.group(1)) if timed else None,
-                         "calibration_s": float(timed.group(2)) if timed else None,
-                         "busy": "machine was busy" in flat})
-            print(f"{rows[-1]['config']:45s} exit {res.returncode}  plan {wall:5.1f} s  estimate "
-                  f"{rows[-1]['estimate']}  ({rows[-1]['shapes_timed']} shapes timed in {rows[-1]['calibration_s']} s)"
-                  f"{'  BUSY' if rows[-1]['busy'] else ''}", flush=True)
+            rows.append(
+                {
+                    "config": str(cfg.relative_to(ROOT)),
+                    "exit": res.returncode,
+                    "plan_s": round(wall, 2),
+                    "estimate": est.group(1) if est else None,
+                    "shapes_timed": int(timed.group(1)) if timed else None,
+                    "calibration_s": float(timed.group(2)) if timed else None,
+                    "busy": "machine was busy" in flat,
+                }
+            )
+            print(
+                f"{rows[-1]['config']:45s} exit {res.returncode}  plan {wall:5.1f} s  estimate "
+                f"{rows[-1]['estimate']}  ({rows[-1]['shapes_timed']} shapes timed in {rows[-1]['calibration_s']} s)"
+                f"{'  BUSY' if rows[-1]['busy'] else ''}",
+                flush=True,
+            )
     return rows
 
 
 def three_estimates(path: str, overrides: list[str], train: bool) -> dict:
-    from rampup.tools.calibrate import Calibrator, cost_class, estimate_time
     from rampup.config import load_config
-    from rampup.tools.plan import make_plan
     from rampup.schedule.stages import Schedule
+    from rampup.tools.calibrate import Calibrator, cost_class, estimate_time
+    from rampup.tools.plan import make_plan
 
     cfg = load_config(ROOT / path, overrides)
     sched = Schedule.build(cfg.schedule, total=cfg.train.duration)
     plan = make_plan(cfg, sched, memory="off")
-    shapes = list(zip(plan.curve["batch_size"], plan.curve["seq_len"]))
+    shapes = list(zip(plan.curve["batch_size"], plan.curve["seq_len"], strict=True))
     with tempfile.TemporaryDirectory() as cache:
         os.environ["RAMPUP_CACHE_DIR"] = cache
         t0 = time.perf_counter()
@@ -81,32 +96,64 @@ def three_estimates(path: str, overrides: list[str], train: bool) -> dict:
         full = Calibrator(cfg, budget=1e9)
         t0 = time.perf_counter()
         per_shape = {}
-        for sp, (r, T) in zip(sched.steps(), shapes):
+        for sp, (r, T) in zip(sched.steps(), shapes, strict=True):
             key = (r, T, cost_class(sp.knobs))
             if key not in per_shape:
                 per_shape[key] = full.time(r, T, sp.knobs).seconds
-        full_total = sum(per_shape[(r, T, cost_class(sp.knobs))] for sp, (r, T) in zip(sched.steps(), shapes))
+        full_total = sum(
+            per_shape[(r, T, cost_class(sp.knobs))] for sp, (r, T) in zip(sched.steps(), shapes, strict=True)
+        )
         full_s = time.perf_counter() - t0
-    out = {"config": path, "overrides": overrides, "steps": len(shapes), "distinct_shapes": len(per_shape),
-           "plan_estimate_s": est.total, "plan_calibration_s": round(fitted_s, 1), "plan_busy": est.busy,
-           "plan_timed": [f"{p.rows}x{p.seq_len}" for p in est.points],
-           "every_full_shape_s": full_total, "every_full_shape_calibration_s": round(full_s, 1),
-           "plan_over_every_full_shape": est.total / full_total}
+    out = {
+        "config": path,
+        "overrides": overrides,
+        "steps": len(shapes),
+        "distinct_shapes": len(per_shape),
+        "plan_estimate_s": est.total,
+        "plan_calibration_s": round(fitted_s, 1),
+        "plan_busy": est.busy,
+        "plan_timed": [f"{p.rows}x{p.seq_len}" for p in est.points],
+        "every_full_shape_s": full_total,
+        "every_full_shape_calibration_s": round(full_s, 1),
+        "plan_over_every_full_shape": est.total / full_total,
+    }
     if train:
         with tempfile.TemporaryDirectory() as out_dir:
-            res = subprocess.run([sys.executable, "-m", "rampup.cli", "train", str(ROOT / path), "--set",
-                                  f"train.out_dir={out_dir}/run", *[a for o in overrides for a in ("--set", o)],
-                                  "--set", "eval.every=null"], capture_output=True, text=True, cwd=ROOT)
+            res = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "rampup.cli",
+                    "train",
+                    str(ROOT / path),
+                    "--set",
+                    f"train.out_dir={out_dir}/run",
+                    *[a for o in overrides for a in ("--set", o)],
+                    "--set",
+                    "eval.every=null",
+                ],
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+            )
             if res.returncode != 0:
                 raise SystemExit(f"training {path} failed:\n{res.stderr[-3000:]}")
             summary = json.loads((Path(out_dir) / "run" / "summary.json").read_text())
-        out |= {"measured_train_time_s": summary["train_time"],
-                "plan_over_measured": est.total / summary["train_time"],
-                "every_full_shape_over_measured": full_total / summary["train_time"]}
-    print(f"{path} {' '.join(overrides)}: plan {est.total:.0f} s (timed {', '.join(out['plan_timed'])} in "
-          f"{fitted_s:.1f} s), every full shape {full_total:.0f} s ({len(per_shape)} shapes in {full_s:.0f} s)"
-          + (f", trained {out['measured_train_time_s']:.0f} s: plan {out['plan_over_measured'] - 1:+.1%}"
-             if train else ""), flush=True)
+        out |= {
+            "measured_train_time_s": summary["train_time"],
+            "plan_over_measured": est.total / summary["train_time"],
+            "every_full_shape_over_measured": full_total / summary["train_time"],
+        }
+    print(
+        f"{path} {' '.join(overrides)}: plan {est.total:.0f} s (timed {', '.join(out['plan_timed'])} in "
+        f"{fitted_s:.1f} s), every full shape {full_total:.0f} s ({len(per_shape)} shapes in {full_s:.0f} s)"
+        + (
+            f", trained {out['measured_train_time_s']:.0f} s: plan {out['plan_over_measured'] - 1:+.1%}"
+            if train
+            else ""
+        ),
+        flush=True,
+    )
     return out
 
 
@@ -115,8 +162,8 @@ def replay_stored(name: str) -> list[dict]:
     model on the shapes that a fresh plan would time there, predict the run, compare with its train time."""
     import numpy as np
 
-    from rampup.tools.calibrate import _Flops, fit_step_time
     from rampup.config import load_config
+    from rampup.tools.calibrate import _Flops, fit_step_time
 
     data = json.loads((ROOT / "benchmarks" / "results" / f"{name}.json").read_text())
     rows = []
@@ -130,14 +177,25 @@ def replay_stored(name: str) -> list[dict]:
         pick = {lens[0], lens[-1], min(lens, key=lambda v: abs(np.log(v) - (np.log(lens[0]) + np.log(lens[-1])) / 2))}
         fit = [s for s in shapes if s[1] in pick]
         coef = fit_step_time([feats[s] for s in fit], [shapes[s]["seconds_per_step"] for s in fit])
-        total = sum(shapes[s]["steps"] * sum(c * f for c, f in zip(coef, feats[s])) for s in shapes)
+        total = sum(shapes[s]["steps"] * sum(c * f for c, f in zip(coef, feats[s], strict=True)) for s in shapes)
         measured = data["honest"]["arms"][arm]["measured_train_time_s"]
-        rows.append({"benchmark": name, "arm": arm, "machine": data["machine"]["cpu"],
-                     "fitted_on": [f"{r}x{T}" for r, T in fit], "model_estimate_s": total,
-                     "every_shape_estimate_s": pred["total_seconds"], "measured_train_time_s": measured,
-                     "model_over_measured": total / measured})
-        print(f"{name} {arm}: model on stored shapes {total:.0f} s vs measured {measured:.0f} s "
-              f"({total / measured - 1:+.1%}; every shape {pred['total_seconds'] / measured - 1:+.1%})", flush=True)
+        rows.append(
+            {
+                "benchmark": name,
+                "arm": arm,
+                "machine": data["machine"]["cpu"],
+                "fitted_on": [f"{r}x{T}" for r, T in fit],
+                "model_estimate_s": total,
+                "every_shape_estimate_s": pred["total_seconds"],
+                "measured_train_time_s": measured,
+                "model_over_measured": total / measured,
+            }
+        )
+        print(
+            f"{name} {arm}: model on stored shapes {total:.0f} s vs measured {measured:.0f} s "
+            f"({total / measured - 1:+.1%}; every shape {pred['total_seconds'] / measured - 1:+.1%})",
+            flush=True,
+        )
     return rows
 
 
@@ -148,13 +206,15 @@ def main() -> dict:
     ap.add_argument("--train", action="store_true", help="also train each arm here and compare with its train time")
     ap.add_argument("--include", action="store_true", help="also the /usr/include arms at 4096")
     ap.add_argument("--skip-configs", action="store_true", help="skip timing `rampup plan` on every shipped config")
-    ap.add_argument("--only-configs", action="store_true", help="time `rampup plan` on every shipped config alone "
-                    "and update that part of an existing results file")
+    ap.add_argument(
+        "--only-configs",
+        action="store_true",
+        help="time `rampup plan` on every shipped config alone and update that part of an existing results file",
+    )
     ap.add_argument("--suffix", default="", help="results/plan_estimate{SUFFIX}.json")
     args = ap.parse_args()
     out = ROOT / "benchmarks" / "results" / f"plan_estimate{args.suffix}.json"
-    result: dict = {"machine": machine_info(resolve_precision("auto").precision),
-                    "what": __doc__.split("\n\n")[0]}
+    result: dict = {"machine": machine_info(resolve_precision("auto").precision), "what": __doc__.split("\n\n")[0]}
     if args.only_configs and out.is_file():
         result = json.loads(out.read_text()) | {"machine": result["machine"]}
     if not args.skip_configs:
@@ -176,8 +236,9 @@ def main() -> dict:
         "plan_over_every_full_shape": [round(a["plan_over_every_full_shape"], 3) for a in result["arms_here"]],
         "plan_over_measured_here": [round(r, 3) for r in ratios],
         "model_over_measured_stored": [round(r["model_over_measured"], 3) for r in result["stored_runs_replayed"]],
-        "all_within_15pct": all(abs(r - 1) <= 0.15 for r in ratios + [
-            r["model_over_measured"] for r in result["stored_runs_replayed"]]),
+        "all_within_15pct": all(
+            abs(r - 1) <= 0.15 for r in ratios + [r["model_over_measured"] for r in result["stored_runs_replayed"]]
+        ),
     }
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result["headline"]), f"\n-> {out}")

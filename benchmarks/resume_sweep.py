@@ -14,6 +14,7 @@ Writes benchmarks/results/resume_sweep.json: per config the checkpoints tried an
 the headline is ``mismatched_fraction`` (mismatching resumes / resumes tried). Exit 1 on any mismatch.
 The test suite runs a sample in process (tests/unit/knobs/test_combinations.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,16 +42,41 @@ TINY_STAGES = ["train.duration=10 steps", "schedule.knobs.batch_tokens=1024", "e
 CONFIGS: dict[str, tuple[str, list[str], int]] = {
     # name: (config file, overrides, ranks)
     "tiny": ("tiny.yaml", TINY_STAGES, 1),
-    "transitions": ("transitions.yaml", ["train.duration=20 steps", "schedule.knobs.batch_tokens=512",
-                                         "schedule.knobs.seq_len=64", "train.ema.half_life=2K tok"], 1),
-    "demo_quick": ("demo_staged.yaml", ["train.duration=12 steps", "schedule.knobs.batch_tokens=2048",
-                                        "eval.every=25%"], 1),
-    "hf_llama_staged": ("hf/llama_staged.yaml", ["train.duration=10 steps", "schedule.knobs.batch_tokens=2048",
-                                                 "model.hf_config.hidden_size=64"], 1),
-    "buckets": ("curriculum/buckets_grow_p2.yaml", ["train.duration=10 steps", "eval.every=50%",
-                                                              "eval.max_tokens=2048"], 1),
-    "memory_stage": ("tiny.yaml", [*TINY_STAGES, "schedule.stages.1.activation_checkpoint=selective",
-                                   "schedule.stages.1.mlp_shards=2", "schedule.stages.1.loss_shards=2"], 1),
+    "transitions": (
+        "transitions.yaml",
+        [
+            "train.duration=20 steps",
+            "schedule.knobs.batch_tokens=512",
+            "schedule.knobs.seq_len=64",
+            "train.ema.half_life=2K tok",
+        ],
+        1,
+    ),
+    "demo_quick": (
+        "demo_staged.yaml",
+        ["train.duration=12 steps", "schedule.knobs.batch_tokens=2048", "eval.every=25%"],
+        1,
+    ),
+    "hf_llama_staged": (
+        "hf/llama_staged.yaml",
+        ["train.duration=10 steps", "schedule.knobs.batch_tokens=2048", "model.hf_config.hidden_size=64"],
+        1,
+    ),
+    "buckets": (
+        "curriculum/buckets_grow_p2.yaml",
+        ["train.duration=10 steps", "eval.every=50%", "eval.max_tokens=2048"],
+        1,
+    ),
+    "memory_stage": (
+        "tiny.yaml",
+        [
+            *TINY_STAGES,
+            "schedule.stages.1.activation_checkpoint=selective",
+            "schedule.stages.1.mlp_shards=2",
+            "schedule.stages.1.loss_shards=2",
+        ],
+        1,
+    ),
     "subnet_stage": ("tiny.yaml", [*TINY_STAGES, "schedule.stages.1.subnet=depth:1-2,mlp:0.5-1.0"], 1),
     "tiny_ddp": ("tiny.yaml", [*TINY_STAGES, "train.strategy=ddp"], 2),
     "tiny_fsdp": ("tiny.yaml", [*TINY_STAGES, "train.strategy=fsdp"], 2),
@@ -58,9 +84,14 @@ CONFIGS: dict[str, tuple[str, list[str], int]] = {
 
 
 def machine() -> dict:
-    return {"cpu": cpu_model(), "capability": torch.backends.cpu.get_cpu_capability(),
-            "bf16_instructions": cpu_bf16_instructions(), "torch": torch.__version__,
-            "python": platform.python_version(), "threads": torch.get_num_threads()}
+    return {
+        "cpu": cpu_model(),
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "bf16_instructions": cpu_bf16_instructions(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,13 +107,14 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.only or CONFIGS:
             config, overrides, ranks = CONFIGS[name]
             cfg = checkpointed(ROOT / "configs" / config, [*SMALL, *overrides])
-            r = sweep(cfg, work / name, steps="sample" if args.sample else "all",
-                      runner=subprocess_runner(nproc=ranks))
+            r = sweep(cfg, work / name, steps="sample" if args.sample else "all", runner=subprocess_runner(nproc=ranks))
             r |= {"config": f"configs/{config}", "overrides": [*SMALL, *overrides], "ranks": ranks}
             results[name] = r
-            print(f"{name:16s} {r['steps']:3d} steps, boundaries {r['stage_boundaries']}, "
-                  f"{len(r['checkpoints_tried'])} resumes, {r['mismatches']} mismatches ({r['seconds']:.0f} s)",
-                  flush=True)
+            print(
+                f"{name:16s} {r['steps']:3d} steps, boundaries {r['stage_boundaries']}, "
+                f"{len(r['checkpoints_tried'])} resumes, {r['mismatches']} mismatches ({r['seconds']:.0f} s)",
+                flush=True,
+            )
             for k, found in r["mismatched"].items():
                 print(f"    from step {k}: " + "; ".join(found), flush=True)
             out = _write(args, results, time.perf_counter() - t0)  # after every config: a cut-off sweep still reports
@@ -97,10 +129,17 @@ def main(argv: list[str] | None = None) -> int:
 def _write(args: argparse.Namespace, results: dict, seconds: float) -> dict:
     tried = sum(len(r["checkpoints_tried"]) for r in results.values())
     bad = sum(r["mismatches"] for r in results.values())
-    out = {"benchmark": "resume_sweep", "mode": "sample" if args.sample else "every checkpoint",
-           "machine": machine(), "configs": results, "resumes_tried": tried, "mismatches": bad,
-           "mismatched_fraction": bad / max(tried, 1), "seconds": round(seconds, 1),
-           "complete": len(results) == len(args.only or CONFIGS)}
+    out = {
+        "benchmark": "resume_sweep",
+        "mode": "sample" if args.sample else "every checkpoint",
+        "machine": machine(),
+        "configs": results,
+        "resumes_tried": tried,
+        "mismatches": bad,
+        "mismatched_fraction": bad / max(tried, 1),
+        "seconds": round(seconds, 1),
+        "complete": len(results) == len(args.only or CONFIGS),
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1) + "\n")
     return out

@@ -16,6 +16,7 @@ Results: benchmarks/results/scaling.json. Run it alone (about 2 minutes)::
 
     .venv/bin/python benchmarks/scaling.py
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,7 +34,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
-ALLREDUCE = r'''
+ALLREDUCE = r"""
 import os, sys, time, json, torch, torch.distributed as dist
 dist.init_process_group("gloo")
 torch.set_num_threads(1)
@@ -50,7 +51,7 @@ for _ in range(int(sys.argv[2])):
 if dist.get_rank() == 0:
     print(json.dumps({"seconds": sorted(times)[len(times) // 2]}))
 dist.destroy_process_group()
-'''
+"""
 
 
 def machine() -> dict:
@@ -58,10 +59,21 @@ def machine() -> dict:
 
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "capability": torch.backends.cpu.get_cpu_capability(),
-            "avx512_bf16": bool(torch.cpu._is_avx512_bf16_supported()), "torch": torch.__version__}
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "avx512_bf16": bool(torch.cpu._is_avx512_bf16_supported()),
+        "torch": torch.__version__,
+    }
 
 
 def tree(out: Path, steps: int, threads: int) -> dict:
@@ -71,8 +83,13 @@ def tree(out: Path, steps: int, threads: int) -> dict:
         "data": {"source": "stdlib", "max_files": 300, "tokenizer": {"vocab_size": 4096}},
         "schedule": {"knobs": {"batch_tokens": 8192}, "stages": [{"name": "fixed", "seq_len": 512}]},
         "optimizer": {"lr": 1e-3, "warmup": "5%"},
-        "train": {"duration": f"{steps} steps", "checkpoint_every": None, "out_dir": str(out), "threads": threads,
-                  "precision": "fp32"},
+        "train": {
+            "duration": f"{steps} steps",
+            "checkpoint_every": None,
+            "out_dir": str(out),
+            "threads": threads,
+            "precision": "fp32",
+        },
         "eval": {"seq_lens": [512], "max_tokens": 4096},
         "log": {"progress": "off"},
     }
@@ -95,17 +112,36 @@ def run_arm(work: Path, nproc: int, steps: int, threads: int) -> dict:
     step = statistics.median(times)
     tokens = steps_rec[-1]["tokens"] / len(steps_rec)
     params = next(r for r in read_metrics(out / "metrics.jsonl") if r["event"] == "run")
-    return {"processes": nproc, "threads_per_process": threads, "median_step_s": step, "tok_per_s": tokens / step,
-            "global_tokens_per_step": tokens, "wall_s": wall, "final_loss": steps_rec[-1]["loss"],
-            "world_size": params.get("world_size", 1)}
+    return {
+        "processes": nproc,
+        "threads_per_process": threads,
+        "median_step_s": step,
+        "tok_per_s": tokens / step,
+        "global_tokens_per_step": tokens,
+        "wall_s": wall,
+        "final_loss": steps_rec[-1]["loss"],
+        "world_size": params.get("world_size", 1),
+    }
 
 
 def allreduce_seconds(n_floats: int, iters: int) -> float:
     with tempfile.TemporaryDirectory() as d:
         script = Path(d) / "ar.py"
         script.write_text(ALLREDUCE)
-        res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                              str(script), str(n_floats), str(iters)], capture_output=True, text=True)
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node=2",
+                str(script),
+                str(n_floats),
+                str(iters),
+            ],
+            capture_output=True,
+            text=True,
+        )
         if res.returncode:
             raise SystemExit(f"all-reduce timing failed:\n{res.stderr[-3000:]}")
         return json.loads(res.stdout.strip().splitlines()[-1])["seconds"]
@@ -135,10 +171,17 @@ def main() -> None:
     for w in (1, 2, 4, 8, 16):
         comm = 0.0 if w == 1 else 2 * (w - 1) / w * grad_bytes / bandwidth
         step = compute_1 / w + comm
-        table.append({"ranks": w, "step_s": step, "speedup": compute_1 / step, "comm_share": comm / step,
-                      "ddp_static_bytes_per_rank": 16 * n_params,
-                      "fsdp_static_bytes_per_rank": 16 * n_params / w,
-                      "activation_share_of_one_rank": 1 / w})
+        table.append(
+            {
+                "ranks": w,
+                "step_s": step,
+                "speedup": compute_1 / step,
+                "comm_share": comm / step,
+                "ddp_static_bytes_per_rank": 16 * n_params,
+                "fsdp_static_bytes_per_rank": 16 * n_params / w,
+                "activation_share_of_one_rank": 1 / w,
+            }
+        )
     result = {
         "machine": machine(),
         "model_params": n_params,
@@ -149,22 +192,28 @@ def main() -> None:
         "measured_bandwidth_bytes_per_s": bandwidth,
         "projection": table,
         "note": "2 cores: one process x 2 threads against two processes x 1 thread on the same cores measures "
-                "the cost of splitting (communication, duplicated host work), not a speed-up. The projection "
-                "assumes every rank computes as fast as this whole machine and links as fast as loopback here.",
+        "the cost of splitting (communication, duplicated host work), not a speed-up. The projection "
+        "assumes every rank computes as fast as this whole machine and links as fast as loopback here.",
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "scaling.json").write_text(json.dumps(result, indent=1) + "\n")
     print(f"machine: {result['machine']['cpu']} ({result['machine']['capability']}), model {n_params:,} parameters")
     for name, arm in result["arms"].items():
-        print(f"  {name:14s}: {arm['tok_per_s']:8.0f} tok/s, median step {arm['median_step_s'] * 1e3:.1f} ms, "
-              f"final loss {arm['final_loss']:.4f}")
+        print(
+            f"  {name:14s}: {arm['tok_per_s']:8.0f} tok/s, median step {arm['median_step_s'] * 1e3:.1f} ms, "
+            f"final loss {arm['final_loss']:.4f}"
+        )
     print(f"  two / one processes tok/s: {result['two_over_one_tok_per_s']:.2f}x (same 2 cores)")
-    print(f"  gradient all-reduce ({grad_bytes / 2**20:.1f} MiB): {ar * 1e3:.1f} ms = "
-          f"{comm_share:.0%} of a 2-process step")
+    print(
+        f"  gradient all-reduce ({grad_bytes / 2**20:.1f} MiB): {ar * 1e3:.1f} ms = "
+        f"{comm_share:.0%} of a 2-process step"
+    )
     print("  projection (ranks: step time, speed-up, communication share, AdamW+params+grads per rank DDP / FSDP2):")
     for r in table:
-        print(f"    {r['ranks']:2d}: {r['step_s'] * 1e3:7.1f} ms  {r['speedup']:5.2f}x  {r['comm_share']:4.0%}  "
-              f"{r['ddp_static_bytes_per_rank'] / 2**20:6.1f} / {r['fsdp_static_bytes_per_rank'] / 2**20:6.1f} MiB")
+        print(
+            f"    {r['ranks']:2d}: {r['step_s'] * 1e3:7.1f} ms  {r['speedup']:5.2f}x  {r['comm_share']:4.0%}  "
+            f"{r['ddp_static_bytes_per_rank'] / 2**20:6.1f} / {r['fsdp_static_bytes_per_rank'] / 2**20:6.1f} MiB"
+        )
     print(f"results: {RESULTS / 'scaling.json'}")
 
 

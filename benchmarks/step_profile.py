@@ -15,6 +15,7 @@ shape is exactly as much faster as its FLOPs allow; below 0.9 is the gap issue 1
 
 Run it alone: it times steps.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,9 +32,9 @@ RESULTS = ROOT / "benchmarks" / "results" / "step_profile.json"
 
 def main(argv: list[str] | None = None) -> dict:
     from rampup.config import load_config
+    from rampup.engine.precision import machine_info, matmul_roof, resolve_precision
     from rampup.engine.records import read_metrics
     from rampup.models.llm import flops_per_token
-    from rampup.engine.precision import machine_info, matmul_roof, resolve_precision
     from rampup.tools.report import shape_profile
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -55,46 +56,81 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for T in lengths:
             out = Path(tmp) / f"T{T}"
-            cmd = [sys.executable, "-m", "rampup.cli", "train", str(args.config),
-                   *(x for o in overrides for x in ("--set", o)),
-                   "--set", f"schedule.knobs.seq_len={T}", "--set", f"train.duration={args.steps} steps",
-                   "--set", "train.profile_every=1", "--set", "train.checkpoint_every=null",
-                   "--set", f"eval.seq_lens=[{T}]", "--set", f"eval.max_tokens={T}", "--set", "eval.windows=stream",
-                   "--set", f"train.out_dir={out}", "--set", "log.progress=off"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "rampup.cli",
+                "train",
+                str(args.config),
+                *(x for o in overrides for x in ("--set", o)),
+                "--set",
+                f"schedule.knobs.seq_len={T}",
+                "--set",
+                f"train.duration={args.steps} steps",
+                "--set",
+                "train.profile_every=1",
+                "--set",
+                "train.checkpoint_every=null",
+                "--set",
+                f"eval.seq_lens=[{T}]",
+                "--set",
+                f"eval.max_tokens={T}",
+                "--set",
+                "eval.windows=stream",
+                "--set",
+                f"train.out_dir={out}",
+                "--set",
+                "log.progress=off",
+            ]
             res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"})
             if res.returncode != 0:
                 raise SystemExit(f"T={T}: rampup train failed:\n{res.stderr[-3000:]}")
             recs = [r for r in read_metrics(out / "metrics.jsonl") if r.get("step", 0) != 1]  # step 1 builds kernels
-            (shape, d), = shape_profile(recs).items()
+            ((shape, d),) = shape_profile(recs).items()
             rows[T] = {"rows": shape[0], **d, "flops_per_token": flops_per_token(cfg.model, T)}
-            print(f"  T={T:5d}: {shape[0]:4d} x {T}: {1000 * d['median_step_time']:7.1f} ms/step, "
-                  f"{d['median_flops_per_s'] / 1e9:6.1f} GFLOP/s ({d['roof_share']:.0%} of the {roof:g} GFLOP/s roof); "
-                  + ", ".join(f"{k} {v:.0%}" for k, v in d["shares"].items()), flush=True)
+            print(
+                f"  T={T:5d}: {shape[0]:4d} x {T}: {1000 * d['median_step_time']:7.1f} ms/step, "
+                f"{d['median_flops_per_s'] / 1e9:6.1f} GFLOP/s ({d['roof_share']:.0%} of the {roof:g} GFLOP/s roof); "
+                + ", ".join(f"{k} {v:.0%}" for k, v in d["shares"].items()),
+                flush=True,
+            )
     base = rows[L]
-    for T, r in rows.items():
+    for r in rows.values():
         r["wall_speedup_per_token_vs_L"] = base["median_step_time"] / r["median_step_time"]  # same tokens per step
         r["flops_speedup_per_token_vs_L"] = base["flops_per_token"] / r["flops_per_token"]
         r["wall_over_flops"] = r["wall_speedup_per_token_vs_L"] / r["flops_speedup_per_token_vs_L"]
-    print(f"\n{'T':>6} {'rows':>5} {'ms/step':>9} {'GFLOP/s':>8} {'of roof':>8} {'fwd':>5} {'bwd':>5} {'opt':>5} "
-          f"{'host':>5} {'wall x':>7} {'FLOPs x':>8} {'wall/FLOPs':>10}")
+    print(
+        f"\n{'T':>6} {'rows':>5} {'ms/step':>9} {'GFLOP/s':>8} {'of roof':>8} {'fwd':>5} {'bwd':>5} {'opt':>5} "
+        f"{'host':>5} {'wall x':>7} {'FLOPs x':>8} {'wall/FLOPs':>10}"
+    )
     for T, r in rows.items():
         sh = r["shares"]
-        print(f"{T:>6} {r['rows']:>5} {1000 * r['median_step_time']:>9.1f} {r['median_flops_per_s'] / 1e9:>8.1f} "
-              f"{r['roof_share']:>8.0%} {sh['forward']:>5.0%} {sh['backward']:>5.0%} {sh['optimizer']:>5.0%} "
-              f"{sh['host']:>5.0%} {r['wall_speedup_per_token_vs_L']:>7.2f} {r['flops_speedup_per_token_vs_L']:>8.2f} "
-              f"{r['wall_over_flops']:>10.2f}")
+        print(
+            f"{T:>6} {r['rows']:>5} {1000 * r['median_step_time']:>9.1f} {r['median_flops_per_s'] / 1e9:>8.1f} "
+            f"{r['roof_share']:>8.0%} {sh['forward']:>5.0%} {sh['backward']:>5.0%} {sh['optimizer']:>5.0%} "
+            f"{sh['host']:>5.0%} {r['wall_speedup_per_token_vs_L']:>7.2f} {r['flops_speedup_per_token_vs_L']:>8.2f} "
+            f"{r['wall_over_flops']:>10.2f}"
+        )
     worst = min(rows, key=lambda T: rows[T]["wall_over_flops"])
     result = {
         "machine": machine_info(precision),
-        "headline": {"roof_gflops": roof, f"roof_share_at_{L}": base["roof_share"],
-                     "worst_wall_over_flops_speedup": rows[worst]["wall_over_flops"], "worst_at_seq_len": worst,
-                     **{f"wall_over_flops_speedup_at_{T}": round(r["wall_over_flops"], 3) for T, r in rows.items()}},
-        "what": ("per length T at a constant batch_tokens: a real rampup train process, steps 2..N, profiled every "
-                 "step (torch.profiler regions: forward = the loss, backward, optimizer = clipping + AdamW; host = "
-                 "the rest of the step's wall time). wall_over_flops = per-token wall speed-up over T = L divided "
-                 "by the honest-FLOPs speed-up (1.0: the shape gains exactly what its FLOPs allow)"),
+        "headline": {
+            "roof_gflops": roof,
+            f"roof_share_at_{L}": base["roof_share"],
+            "worst_wall_over_flops_speedup": rows[worst]["wall_over_flops"],
+            "worst_at_seq_len": worst,
+            **{f"wall_over_flops_speedup_at_{T}": round(r["wall_over_flops"], 3) for T, r in rows.items()},
+        },
+        "what": (
+            "per length T at a constant batch_tokens: a real rampup train process, steps 2..N, profiled every "
+            "step (torch.profiler regions: forward = the loss, backward, optimizer = clipping + AdamW; host = "
+            "the rest of the step's wall time). wall_over_flops = per-token wall speed-up over T = L divided "
+            "by the honest-FLOPs speed-up (1.0: the shape gains exactly what its FLOPs allow)"
+        ),
         "config": str(args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config),
-        "batch_tokens": tokens, "steps": args.steps, "precision": precision,
+        "batch_tokens": tokens,
+        "steps": args.steps,
+        "precision": precision,
         "lengths": {str(T): r for T, r in rows.items()},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

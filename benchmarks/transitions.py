@@ -18,6 +18,7 @@ Results: benchmarks/results/transitions.json. Run it alone (about 10 minutes on 
 
     .venv/bin/python benchmarks/transitions.py
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,9 +72,14 @@ def compared(runs: list[Path], baseline: str) -> dict:
     out = {"target": res["targets"][str(SEQ)], "arms": {}}
     for g in res["groups"]:
         d = g["lengths"][str(SEQ)]
-        out["arms"][g["label"]] = {"runs": g["runs"], "final_loss": d["final_loss"],
-                                   "train_time": d["train_time"], "speedup_wall": d["speedup_wall"],
-                                   "reached": sum(s["reached"] for s in d["seeds"]), "seeds": len(d["seeds"])}
+        out["arms"][g["label"]] = {
+            "runs": g["runs"],
+            "final_loss": d["final_loss"],
+            "train_time": d["train_time"],
+            "speedup_wall": d["speedup_wall"],
+            "reached": sum(s["reached"] for s in d["seeds"]),
+            "seeds": len(d["seeds"]),
+        }
     return out
 
 
@@ -82,22 +88,25 @@ def growth(work: Path, seeds: int, budget: str) -> dict:
     for s in range(seeds):
         full = base_tree("full4", work / f"full4_s{s}", budget=budget, model={"dim": 128, "n_layers": 4}, seed=s)
         grow = base_tree("grow2to4", work / f"grow_s{s}", budget=budget, model={"dim": 128, "n_layers": 2}, seed=s)
-        grow["schedule"]["stages"] = [{"name": "shallow", "duration": "40%"},
-                                      {"name": "deep", "depth": 4, "growth": "zero"}]
+        grow["schedule"]["stages"] = [
+            {"name": "shallow", "duration": "40%"},
+            {"name": "deep", "depth": 4, "growth": "zero"},
+        ]
         runs += [train(grow, work), train(full, work)]
     return compared(runs, "full4")
 
 
 def distillation(work: Path, seeds: int, budget: str) -> dict:
-    teacher = train(base_tree("teacher", work / "teacher", budget=budget, model={"dim": 192, "n_layers": 4},
-                              seed=100), work)
+    teacher = train(
+        base_tree("teacher", work / "teacher", budget=budget, model={"dim": 192, "n_layers": 4}, seed=100), work
+    )
     runs = []
     for s in range(seeds):
-        student = base_tree("student", work / f"student_s{s}", budget=budget, model={"dim": 96, "n_layers": 2},
-                            seed=s)
+        student = base_tree("student", work / f"student_s{s}", budget=budget, model={"dim": 96, "n_layers": 2}, seed=s)
         taught = base_tree("taught", work / f"taught_s{s}", budget=budget, model={"dim": 96, "n_layers": 2}, seed=s)
-        taught["schedule"]["stages"] = [{"name": "all", "teacher": f"run:{teacher}", "distill_weight": 0.5,
-                                         "label_weight": 1.0}]
+        taught["schedule"]["stages"] = [
+            {"name": "all", "teacher": f"run:{teacher}", "distill_weight": 0.5, "label_weight": 1.0}
+        ]
         runs += [train(taught, work), train(student, work)]
     out = compared(runs, "student")
     t_time = summary(teacher)["train_time"]
@@ -113,9 +122,9 @@ def distillation(work: Path, seeds: int, budget: str) -> dict:
 def loss_on(run: Path, windows, precision: str) -> float:
     from rampup.engine.checkpoint.format import latest_checkpoint, load_checkpoint
     from rampup.engine.evaluation import eval_loss
-    from rampup.tools.longeval import open_run
-    from rampup.models.build import build_adapter
     from rampup.engine.tasks import CausalLM
+    from rampup.models.build import build_adapter
+    from rampup.tools.longeval import open_run
 
     _, cfg, _ = open_run(run, "benchmark")
     adapter = build_adapter(cfg.model)
@@ -130,8 +139,8 @@ def unfreezing(work: Path, seeds: int, budget: str) -> dict:
     from rampup.data.prepare import get_prepared
     from rampup.data.samplers import EVAL_WINDOWS
     from rampup.engine.evaluation import window_batches
-    from rampup.tools.export import export_hf
     from rampup.engine.precision import resolve_precision
+    from rampup.tools.export import export_hf
 
     base_tree_a = base_tree("base", work / "base", budget=budget, model={"dim": 128, "n_layers": 4}, seed=100)
     base = train(base_tree_a, work)
@@ -146,13 +155,20 @@ def unfreezing(work: Path, seeds: int, budget: str) -> dict:
     for s in range(seeds):
         arms = []
         for name in ("gradual", "full_ft"):
-            t = base_tree(name, work / f"{name}_s{s}", budget=f"{int(budget.split()[0].rstrip('K')) // 2}K tok",
-                          model={"source": "hf", "path": str(hf)}, seed=s, data=corpus_b)
+            t = base_tree(
+                name,
+                work / f"{name}_s{s}",
+                budget=f"{int(budget.split()[0].rstrip('K')) // 2}K tok",
+                model={"source": "hf", "path": str(hf)},
+                seed=s,
+                data=corpus_b,
+            )
             t["optimizer"] = {"lr": 1e-3, "warmup": "5%"}
             if name == "gradual":
-                t["schedule"]["stages"] = [{"name": f"q{i}", "duration": "25%", "freeze": f"bottom:{3 - i}",
-                                            "lr_layer_decay": 2.6} for i in range(3)] + [
-                    {"name": "q3", "freeze": "none", "lr_layer_decay": 2.6}]
+                t["schedule"]["stages"] = [
+                    {"name": f"q{i}", "duration": "25%", "freeze": f"bottom:{3 - i}", "lr_layer_decay": 2.6}
+                    for i in range(3)
+                ] + [{"name": "q3", "freeze": "none", "lr_layer_decay": 2.6}]
             arms.append(train(t, work))
         runs += arms
         for r in arms:
@@ -173,13 +189,18 @@ def main() -> None:
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench_transitions"))
     args = ap.parse_args()
     work = Path(args.work)
-    results = {"machine": machine_info(resolve_precision("auto", "cpu").precision), "seeds": args.seeds,
-               "budget": args.budget, "seq_len": SEQ}
+    results = {
+        "machine": machine_info(resolve_precision("auto", "cpu").precision),
+        "seeds": args.seeds,
+        "budget": args.budget,
+        "seq_len": SEQ,
+    }
     t0 = time.perf_counter()
     for name in args.only:
         print(name, flush=True)
         results[name] = {"growth": growth, "distillation": distillation, "unfreezing": unfreezing}[name](
-            work / name, args.seeds, args.budget)
+            work / name, args.seeds, args.budget
+        )
         print(json.dumps(results[name], indent=1, default=str)[:3000], flush=True)
     results["seconds"] = time.perf_counter() - t0
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ Writes benchmarks/results/weights_identity.json: per config the digest before an
 ``identical_fraction`` (configs whose digests are equal / configs). The configs and their cuts are
 resume_sweep.py's (a few steps each, narrow models).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,9 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from resume_sweep import CONFIGS, SMALL, machine  # noqa: E402 (the sweep's configs, one list)
-
 from rampup.tools.resumecheck import copy_at, subprocess_runner  # noqa: E402
+from resume_sweep import CONFIGS, SMALL, machine  # noqa: E402 (the sweep's configs, one list)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "weights_identity.json"
@@ -79,14 +79,19 @@ def fixture(dst: Path) -> None:
         for name in ("textwrap.py", "shlex.py", "fnmatch.py"):  # three stdlib files as a fixed text corpus
             shutil.copy(Path(json.__file__).parent.parent / name, corpus / (name + ".txt"))
         (work / "run.yaml").write_text(FIXTURE_CONFIG)
-        subprocess.run([sys.executable, "-m", "rampup.cli", "train", "run.yaml", "--progress", "off"], cwd=work,
-                       check=True, env={**os.environ, "PYTHONHASHSEED": "0"})
+        subprocess.run(
+            [sys.executable, "-m", "rampup.cli", "train", "run.yaml", "--progress", "off"],
+            cwd=work,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": "0"},
+        )
         if dst.exists():
             shutil.rmtree(dst)
         copy_at(work / "run", 3, dst / "run")
         shutil.copytree(corpus, dst / "corpus")
-        (dst / "expected.json").write_text(json.dumps({"final_step": 6, "model_sha256": digest(work / "run")},
-                                                      indent=1) + "\n")
+        (dst / "expected.json").write_text(
+            json.dumps({"final_step": 6, "model_sha256": digest(work / "run")}, indent=1) + "\n"
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"fixture written to {dst}")
@@ -113,8 +118,12 @@ def main() -> int:
     else:
         before = saved.get("before", {})
         same = [n for n in CHOSEN if before.get(n) == got[n]]
-        saved |= {"after": got, "after_machine": machine(), "identical": same,
-                  "identical_fraction": len(same) / len(CHOSEN)}
+        saved |= {
+            "after": got,
+            "after_machine": machine(),
+            "identical": same,
+            "identical_fraction": len(same) / len(CHOSEN),
+        }
         for n in CHOSEN:
             print(f"{n}: {'identical' if n in same else 'DIFFERENT: ' + str(before.get(n))}")
     saved["seconds"] = round(time.perf_counter() - t0, 1)

@@ -30,8 +30,10 @@ def tiny_tree(cache: Path, out_dir: Path, **sections) -> dict:
         "name": "tiny",
         "model": {"vocab_size": 512, "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 256},
         "data": {"source": "stdlib", "max_files": 40, "cache_dir": str(cache)},
-        "schedule": {"knobs": {"batch_tokens": 2048},
-                     "stages": [{"name": "short", "duration": "50%", "seq_len": 64}, {"name": "long", "seq_len": 256}]},
+        "schedule": {
+            "knobs": {"batch_tokens": 2048},
+            "stages": [{"name": "short", "duration": "50%", "seq_len": 64}, {"name": "long", "seq_len": 256}],
+        },
         "optimizer": {"lr": 3e-3, "warmup": "5%"},
         "train": {"duration": "40 steps", "checkpoint_every": "10 steps", "out_dir": str(out_dir), "threads": 1},
         "eval": {"seq_lens": [64, 256], "max_tokens": 2048},
@@ -60,8 +62,9 @@ def rampup_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "rampup.cli", *args]
 
 
-def run_rampup(*args: str, timeout: float = 300, env_extra: dict[str, str] | None = None,
-               **kw) -> subprocess.CompletedProcess:
+def run_rampup(
+    *args: str, timeout: float = 300, env_extra: dict[str, str] | None = None, **kw
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONHASHSEED": "0", **(env_extra or {})}
     return subprocess.run(rampup_cmd(*args), capture_output=True, text=True, timeout=timeout, env=env, **kw)
 
@@ -73,8 +76,13 @@ def alongside(*args: str, timeout: float = 600):
     The suite's runs are single-threaded: an uninterrupted reference trains on the second core while
     the test kills and resumes its twin (the results are bitwise the same either way)."""
     with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen(rampup_cmd(*args), stdout=log, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, "PYTHONHASHSEED": "0"})
+        proc = subprocess.Popen(
+            rampup_cmd(*args),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONHASHSEED": "0"},
+        )
         try:
             yield proc
             proc.wait(timeout=timeout)
@@ -97,8 +105,9 @@ def weights(out: Path) -> bytes:
     from rampup.engine.checkpoint.format import latest_checkpoint, model_tensors
 
     tensors = model_tensors(latest_checkpoint(out / "checkpoints"))
-    return b"".join(k.encode() + tensors[k].contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-                    for k in sorted(tensors))
+    return b"".join(
+        k.encode() + tensors[k].contiguous().view(-1).view(torch.uint8).numpy().tobytes() for k in sorted(tensors)
+    )
 
 
 def wait_for(pred, proc: subprocess.Popen, timeout: float = 120, poll: float = 0.05) -> None:
@@ -123,6 +132,7 @@ def uninterrupted(data_cache, tmp_path_factory) -> Path:
 
 # ----------------------------------------------------------------------------- runs killed around a stage transition
 
+
 def kill_after_checkpoints(cfg, out, steps):
     """For each step: `rampup train` (resuming when there is a checkpoint) stalled in the next step and
     SIGKILLed once the step's checkpoint exists; the next process resumes from it."""
@@ -131,9 +141,10 @@ def kill_after_checkpoints(cfg, out, steps):
     for ckpt in steps:
         resume = ["--resume"] if (out / "checkpoints").is_dir() else []
         env = {**os.environ, "PYTHONHASHSEED": "0", "RAMPUP_FAULT_STALL_STEPS": f"{ckpt + 1}:60"}
-        proc = subprocess.Popen(rampup_cmd("train", str(cfg), *resume), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, env=env)
-        wait_for(lambda: (out / "checkpoints" / f"step_{ckpt:07d}").is_dir(), proc)
+        proc = subprocess.Popen(
+            rampup_cmd("train", str(cfg), *resume), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+        )
+        wait_for(lambda ckpt=ckpt: (out / "checkpoints" / f"step_{ckpt:07d}").is_dir(), proc)
         proc.kill()
         proc.wait()
 
@@ -170,9 +181,13 @@ def tied():
 
 BUCKETS = {
     "data": {"sampler": "buckets", "buckets": {"min_log2": 5, "max_log2": 8, "cycles": 3}},
-    "schedule": {"knobs": {"batch_tokens": 2048, "seq_len": 256},
-                 "stages": [{"name": "grow", "duration": "60%", "bucket_odds": "grow-p2"},
-                            {"name": "even", "bucket_odds": "uniform"}]},
+    "schedule": {
+        "knobs": {"batch_tokens": 2048, "seq_len": 256},
+        "stages": [
+            {"name": "grow", "duration": "60%", "bucket_odds": "grow-p2"},
+            {"name": "even", "bucket_odds": "uniform"},
+        ],
+    },
 }
 
 
@@ -186,15 +201,20 @@ def bucket_tree(cache, out, **more):
 
 def to_hf_state(m: DecoderLM) -> dict[str, torch.Tensor]:
     """Our parameter names -> LlamaForCausalLM's. Same layouts, so no permutation is needed."""
-    sd = {"model.embed_tokens.weight": m.tok_emb.weight, "model.norm.weight": m.norm.weight,
-          "lm_head.weight": m.lm_head.weight}
+    sd = {
+        "model.embed_tokens.weight": m.tok_emb.weight,
+        "model.norm.weight": m.norm.weight,
+        "lm_head.weight": m.lm_head.weight,
+    }
     for i, b in enumerate(m.layers):
         p = f"model.layers.{i}."
-        sd |= {p + "input_layernorm.weight": b.attn_norm.weight,
-               p + "post_attention_layernorm.weight": b.mlp_norm.weight,
-               p + "mlp.gate_proj.weight": b.mlp.w1.weight,
-               p + "mlp.up_proj.weight": b.mlp.w3.weight,
-               p + "mlp.down_proj.weight": b.mlp.w2.weight}
+        sd |= {
+            p + "input_layernorm.weight": b.attn_norm.weight,
+            p + "post_attention_layernorm.weight": b.mlp_norm.weight,
+            p + "mlp.gate_proj.weight": b.mlp.w1.weight,
+            p + "mlp.up_proj.weight": b.mlp.w3.weight,
+            p + "mlp.down_proj.weight": b.mlp.w2.weight,
+        }
         for n in ("q", "k", "v", "o"):
             sd[p + f"self_attn.{n}_proj.weight"] = getattr(b.attn, f"{n}_proj").weight
     return sd

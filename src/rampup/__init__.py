@@ -17,6 +17,7 @@ families rampup.knobs discovers):
 
 Modules that moved keep their old import path (:data:`MOVED`), so code written against an earlier layout runs.
 """
+
 import importlib
 import importlib.abc
 import importlib.util
@@ -25,19 +26,30 @@ import sys
 __version__ = "0.1.0"
 
 MOVED = {
-    "rampup.plan": "rampup.tools.plan", "rampup.calibrate": "rampup.tools.calibrate",
-    "rampup.probe": "rampup.tools.probe", "rampup.compare": "rampup.tools.compare",
-    "rampup.report": "rampup.tools.report", "rampup.export": "rampup.tools.export",
-    "rampup.longeval": "rampup.tools.longeval", "rampup.demo": "rampup.tools.demo",
+    "rampup.plan": "rampup.tools.plan",
+    "rampup.calibrate": "rampup.tools.calibrate",
+    "rampup.probe": "rampup.tools.probe",
+    "rampup.compare": "rampup.tools.compare",
+    "rampup.report": "rampup.tools.report",
+    "rampup.export": "rampup.tools.export",
+    "rampup.longeval": "rampup.tools.longeval",
+    "rampup.demo": "rampup.tools.demo",
     "rampup.resumecheck": "rampup.tools.resumecheck",
-    "rampup.distributed": "rampup.engine.distributed", "rampup.precision": "rampup.engine.precision",
-    "rampup.optim": "rampup.engine.optim", "rampup.initfrom": "rampup.engine.initfrom",
+    "rampup.distributed": "rampup.engine.distributed",
+    "rampup.precision": "rampup.engine.precision",
+    "rampup.optim": "rampup.engine.optim",
+    "rampup.initfrom": "rampup.engine.initfrom",
     "rampup.tasks": "rampup.engine.tasks",
-    "rampup.memory": "rampup.knobs.memory", "rampup.transitions": "rampup.knobs.transitions",
-    "rampup.distill": "rampup.knobs.distill", "rampup.growth": "rampup.knobs.growth",
-    "rampup.subnets": "rampup.knobs.subnets", "rampup.ema": "rampup.knobs.ema",
-    "rampup.engine.loop": "rampup.engine.trainer", "rampup.engine.checkpointer": "rampup.engine.checkpoint.local",
-    "rampup.engine.sharded": "rampup.engine.checkpoint.sharded", "rampup.engine.folders": "rampup.engine.checkpoint.folders",
+    "rampup.memory": "rampup.knobs.memory",
+    "rampup.transitions": "rampup.knobs.transitions",
+    "rampup.distill": "rampup.knobs.distill",
+    "rampup.growth": "rampup.knobs.growth",
+    "rampup.subnets": "rampup.knobs.subnets",
+    "rampup.ema": "rampup.knobs.ema",
+    "rampup.engine.loop": "rampup.engine.trainer",
+    "rampup.engine.checkpointer": "rampup.engine.checkpoint.local",
+    "rampup.engine.sharded": "rampup.engine.checkpoint.sharded",
+    "rampup.engine.folders": "rampup.engine.checkpoint.folders",
     "rampup.engine.metrics": "rampup.engine.records",
 }
 """Old module path -> where it lives now (the README's import paths before the layout of issue 26)."""

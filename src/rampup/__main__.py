@@ -1,4 +1,5 @@
 """``python -m rampup``: the command line, as torchrun starts it (``torchrun ... -m rampup train CONFIG``)."""
+
 import sys
 
 from rampup.cli import main

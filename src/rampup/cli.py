@@ -18,6 +18,7 @@ Exit codes: 0 done; 2 bad config, data or checkpoint; 3 stopped on non-finite nu
 (train.nonfinite); 4 a checkpoint could not be written (the previous one is intact); 5 a second
 Ctrl-C stopped at once; 128+N stopped by signal N after writing a checkpoint (143 SIGTERM, 130 SIGINT).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,55 +31,109 @@ from rampup.errors import EXIT_ABORTED, Interrupted, RampupError
 
 def _train_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
-    sp.add_argument("--progress", choices=["auto", "rich", "plain", "off"], help="console display (default: log.progress)")
-    sp.add_argument("--nproc", type=int, default=1, help="processes on this machine, launched through torchrun "
-                    "(train.strategy: ddp or fsdp); for many machines run torchrun ... -m rampup train CONFIG yourself")
-    sp.add_argument("--max-restarts", type=int, default=0, help="with --nproc: times torchrun restarts the job after "
-                    "a process fails; each restart resumes from the latest checkpoint")
+    sp.add_argument(
+        "--progress", choices=["auto", "rich", "plain", "off"], help="console display (default: log.progress)"
+    )
+    sp.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="processes on this machine, launched through torchrun "
+        "(train.strategy: ddp or fsdp); for many machines run torchrun ... -m rampup train CONFIG yourself",
+    )
+    sp.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        help="with --nproc: times torchrun restarts the job after "
+        "a process fails; each restart resumes from the latest checkpoint",
+    )
 
 
 def _eval_arguments(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("path", help="a run folder (its latest checkpoint), a checkpoint folder, or a Hugging Face "
-                    "model folder (a base model, or an export)")
-    sp.add_argument("--data", metavar="RUN|CONFIG", help="score on the held-out split of this run's (or config's) "
-                    "corpus (required for a Hugging Face folder; its tokenizer must be the model's)")
+    sp.add_argument(
+        "path",
+        help="a run folder (its latest checkpoint), a checkpoint folder, or a Hugging Face "
+        "model folder (a base model, or an export)",
+    )
+    sp.add_argument(
+        "--data",
+        metavar="RUN|CONFIG",
+        help="score on the held-out split of this run's (or config's) "
+        "corpus (required for a Hugging Face folder; its tokenizer must be the model's)",
+    )
     sp.add_argument("--lengths", type=int, nargs="+", help="context lengths (default: L/4, L, 2L of the run's L)")
     sp.add_argument("--passkey-samples", type=int, default=10, help="examples per length and depth (0: skip)")
-    sp.add_argument("--max-tokens", type=int, help="held-out tokens scored per length (default: the data's "
-                    "eval.max_tokens, as the run's own evaluation)")
+    sp.add_argument(
+        "--max-tokens",
+        type=int,
+        help="held-out tokens scored per length (default: the data's eval.max_tokens, as the run's own evaluation)",
+    )
     sp.add_argument("--windows", choices=["stream", "documents"], help="default: the data's eval.windows")
     sp.add_argument("--seed", type=int, default=0, help="seed of the passkey examples")
-    sp.add_argument("--out", help="where to write the JSON (default: RUN/eval.json; eval_FOLDER.json here for a "
-                    "Hugging Face folder)")
+    sp.add_argument(
+        "--out",
+        help="where to write the JSON (default: RUN/eval.json; eval_FOLDER.json here for a Hugging Face folder)",
+    )
 
 
 def _with_config(sub, name: str, help_: str) -> argparse.ArgumentParser:
     sp = sub.add_parser(name, help=help_, description=help_)
     sp.add_argument("config", help="YAML run config (see configs/; `rampup config` lists every key)")
-    sp.add_argument("--set", action="append", metavar="KEY=VALUE",
-                    help="override a config key, e.g. --set train.duration='2M tok' (repeatable)")
+    sp.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.duration='2M tok' (repeatable)",
+    )
     return sp
 
 
 def _plan_probe_parsers(sub) -> None:
     sp = _with_config(sub, "plan", "print the whole run as a table and write a PNG of its knobs, without training")
     sp.add_argument("--png", help="where to write the plot (default: OUT_DIR/plan.png)")
-    sp.add_argument("--memory", action="store_true", help="also estimate each stage's peak memory with each "
-                    "memory technique alone and all together")
-    sp.add_argument("--no-time", action="store_true", help="skip the train-time estimate (which times a few small "
-                    "real steps on this machine the first time, then reads them from a cache)")
-    sp.add_argument("--time-budget", type=float, default=10.0, metavar="SECONDS",
-                    help="seconds the train-time estimate may spend timing steps (default 10; the first shape is "
-                    "always timed, a shape that would overrun is shrunk or left to its FLOPs)")
+    sp.add_argument(
+        "--memory",
+        action="store_true",
+        help="also estimate each stage's peak memory with each memory technique alone and all together",
+    )
+    sp.add_argument(
+        "--no-time",
+        action="store_true",
+        help="skip the train-time estimate (which times a few small "
+        "real steps on this machine the first time, then reads them from a cache)",
+    )
+    sp.add_argument(
+        "--time-budget",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="seconds the train-time estimate may spend timing steps (default 10; the first shape is "
+        "always timed, a shape that would overrun is shrunk or left to its FLOPs)",
+    )
     sp.add_argument("--recalibrate", action="store_true", help="time the steps again whatever the cache holds")
-    sp = _with_config(sub, "probe", "find by measurement the longest seq_len that trains within a memory limit, "
-                     "plain and with each memory technique (each trial in a child process held to the limit)")
-    sp.add_argument("--memory-limit", required=True, help="e.g. 8GiB: the child's whole data (or, with "
-                    "--above-rest, what a step may add to its resting footprint)")
-    sp.add_argument("--above-rest", action="store_true", help="count the limit above the resting footprint "
-                    "once the model and optimizer state are built")
-    sp.add_argument("--techniques", nargs="+", default=["plain", "loss-tiles", "mlp-tiles", "ckpt-selective",
-                    "ckpt-full", "all"], help="plain, loss-tiles, mlp-tiles, ckpt-selective, ckpt-full, all, as-set")
+    sp = _with_config(
+        sub,
+        "probe",
+        "find by measurement the longest seq_len that trains within a memory limit, "
+        "plain and with each memory technique (each trial in a child process held to the limit)",
+    )
+    sp.add_argument(
+        "--memory-limit",
+        required=True,
+        help="e.g. 8GiB: the child's whole data (or, with --above-rest, what a step may add to its resting footprint)",
+    )
+    sp.add_argument(
+        "--above-rest",
+        action="store_true",
+        help="count the limit above the resting footprint once the model and optimizer state are built",
+    )
+    sp.add_argument(
+        "--techniques",
+        nargs="+",
+        default=["plain", "loss-tiles", "mlp-tiles", "ckpt-selective", "ckpt-full", "all"],
+        help="plain, loss-tiles, mlp-tiles, ckpt-selective, ckpt-full, all, as-set",
+    )
     sp.add_argument("--rows", type=int, default=1, help="sequences per step (default 1)")
     sp.add_argument("--start", type=int, default=256, help="first length tried (then doubled)")
     sp.add_argument("--max-seq-len", type=int, help="longest length tried (default: model.max_seq_len)")
@@ -90,8 +145,12 @@ def _plan_probe_parsers(sub) -> None:
 
 def _run_parsers(sub) -> None:
     sp = sub.add_parser("demo", help="staged curriculum vs fixed baseline on the embedded corpus")
-    sp.add_argument("configs", nargs="*", default=["configs/demo_staged.yaml", "configs/demo_baseline.yaml"],
-                    help="configs to run with the same budget (the last is the baseline)")
+    sp.add_argument(
+        "configs",
+        nargs="*",
+        default=["configs/demo_staged.yaml", "configs/demo_baseline.yaml"],
+        help="configs to run with the same budget (the last is the baseline)",
+    )
     sp.add_argument("--quick", action="store_true", help="a much shorter run (under a minute), for tests")
     sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key in every config")
     sp = sub.add_parser("compare", help="compare finished runs by time, tokens and FLOPs to a target loss")
@@ -108,25 +167,42 @@ def _run_parsers(sub) -> None:
 
 
 def _model_parsers(sub) -> None:
-    sp = sub.add_parser("eval", help="long-context evaluation of a run or checkpoint: loss by length (beyond "
-                        "training too) and by position, passkey retrieval by length and depth")
+    sp = sub.add_parser(
+        "eval",
+        help="long-context evaluation of a run or checkpoint: loss by length (beyond "
+        "training too) and by position, passkey retrieval by length and depth",
+    )
     _eval_arguments(sp)
-    sp = sub.add_parser("export", help="write a run or checkpoint as a Hugging Face model folder (config, "
-                        "safetensors weights, fast tokenizer)")
+    sp = sub.add_parser(
+        "export",
+        help="write a run or checkpoint as a Hugging Face model folder (config, safetensors weights, fast tokenizer)",
+    )
     sp.add_argument("path", help="a run folder (its latest checkpoint) or a checkpoint folder")
     sp.add_argument("out_dir", help="a new (or empty) folder to write")
     sp.add_argument("--format", choices=["hf"], default="hf", help="output format (hf: Hugging Face transformers)")
-    sp.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                    help="dtype of the written weights (default float32)")
-    sp.add_argument("--subnet", metavar="depth=D,mlp=F", help="export the sub-network of the lowest D blocks "
-                    "with the first F of each MLP's units (rampup.knobs.subnets)")
-    sp.add_argument("--ema", action="store_true", help="export the run's EMA weights (train.ema) instead of the raw ones")
+    sp.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="dtype of the written weights (default float32)",
+    )
+    sp.add_argument(
+        "--subnet",
+        metavar="depth=D,mlp=F",
+        help="export the sub-network of the lowest D blocks "
+        "with the first F of each MLP's units (rampup.knobs.subnets)",
+    )
+    sp.add_argument(
+        "--ema", action="store_true", help="export the run's EMA weights (train.ema) instead of the raw ones"
+    )
     sp = sub.add_parser("config", help="list every config key with its default and meaning")
     sp.add_argument("section", nargs="?", help="only keys under this prefix, e.g. train")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rampup", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="rampup", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
     _with_config(sub, "prepare", "tokenize the corpus into token shards (cached)")
     _plan_probe_parsers(sub)
@@ -148,8 +224,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:  # the trainer turns the first Ctrl-C into a checkpoint; this is the second
-        print("stopped at once by a second Ctrl-C: nothing was written for the steps since the last "
-              "checkpoint, which is untouched; continue with: rampup train CONFIG --resume", file=sys.stderr)
+        print(
+            "stopped at once by a second Ctrl-C: nothing was written for the steps since the last "
+            "checkpoint, which is untouched; continue with: rampup train CONFIG --resume",
+            file=sys.stderr,
+        )
         return EXIT_ABORTED
 
 

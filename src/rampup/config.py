@@ -4,6 +4,7 @@ Everything a run can get wrong in its configuration (a typo in a key, a duration
 stage longer than the model accepts) is caught here, before any data is read or any step runs, and
 reported as a :class:`ConfigError` that names the key and the fix.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,17 +42,21 @@ def hf_folder_tokenizer(folder: Path) -> tuple[str, str]:
 
     fast = folder / "tokenizer.json"
     if not fast.is_file():
-        raise ValueError(f"model.path {folder} has no tokenizer.json (a fast tokenizer); write one with "
-                         "transformers: AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR), or set "
-                         "data.tokenizer.path")
+        raise ValueError(
+            f"model.path {folder} has no tokenizer.json (a fast tokenizer); write one with "
+            "transformers: AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR), or set "
+            "data.tokenizer.path"
+        )
     eos = None
     tc = folder / "tokenizer_config.json"
     if tc.is_file():
         eos = json.loads(tc.read_text()).get("eos_token")
         eos = eos.get("content") if isinstance(eos, dict) else eos
     if eos is None:
-        raise ValueError(f"model.path {folder}: its tokenizer_config.json names no eos_token, which rampup needs "
-                         "to end every document; set data.tokenizer.eot to the model's end-of-text token")
+        raise ValueError(
+            f"model.path {folder}: its tokenizer_config.json names no eos_token, which rampup needs "
+            "to end every document; set data.tokenizer.eot to the model's end-of-text token"
+        )
     return str(fast), eos
 
 
@@ -73,7 +78,6 @@ class RunConfig(Section):
 
         tok = self.data.tokenizer
         if self.train.init_from is not None:
-
             check_tokenizer(self)  # the source's tokenizer, or a named refusal of another one
         if self.model.source == "hf" and self.model.path is not None and tok.path is None:
             # continued pre-training: the corpus is tokenized by the model's own tokenizer, ending
@@ -82,12 +86,16 @@ class RunConfig(Section):
             tok.eot = tok.eot or eos
         if tok.path is None:
             if "vocab_size" in tok.model_fields_set and tok.vocab_size != self.model.vocab_size:
-                raise ValueError(f"data.tokenizer.vocab_size {tok.vocab_size} differs from model.vocab_size "
-                                 f"{self.model.vocab_size}; set model.vocab_size only (the trained tokenizer follows it)")
+                raise ValueError(
+                    f"data.tokenizer.vocab_size {tok.vocab_size} differs from model.vocab_size "
+                    f"{self.model.vocab_size}; set model.vocab_size only (the trained tokenizer follows it)"
+                )
             tok.vocab_size = self.model.vocab_size
         if self.data.sampler == "buckets" and self.schedule.seq_len_mode == "truncate":
-            raise ValueError("schedule.seq_len_mode: truncate shapes packed windows; the buckets sampler "
-                             "draws its own lengths, so remove seq_len_mode")
+            raise ValueError(
+                "schedule.seq_len_mode: truncate shapes packed windows; the buckets sampler "
+                "draws its own lengths, so remove seq_len_mode"
+            )
         check_knobs(self)  # each knob's own cross-checks (seq_len within the model, attention layers, ...)
         limit = self.model.max_seq_len  # after the seq_len check, which a rope-covered extension raises
         for n in self.eval.seq_lens:
@@ -117,8 +125,10 @@ def set_override(tree: dict[str, Any], assignment: str) -> None:
         last = i == len(keys) - 1
         if isinstance(node, list):
             if not key.isdigit() or int(key) >= len(node):
-                raise ConfigError(f"--set {path}: '{key}' is not an index of the {len(node)}-item list at "
-                                  f"{'.'.join(keys[:i]) or 'top level'}")
+                raise ConfigError(
+                    f"--set {path}: '{key}' is not an index of the {len(node)}-item list at "
+                    f"{'.'.join(keys[:i]) or 'top level'}"
+                )
             key = int(key)  # type: ignore[assignment]
         elif not isinstance(node, dict):
             raise ConfigError(f"--set {path}: {'.'.join(keys[:i])} is a value, not a section")
@@ -199,15 +209,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), *, na
         p = Path(path)
         source = str(p)
         if p.is_dir():
-            inside = " (a run folder: its config is " + str(p / "config.yaml") + ")" if (p / "config.yaml").is_file() else ""
-            raise ConfigError(f"config {p} is a folder, not a file{inside}; give the path of a YAML file (see configs/)")
+            inside = (
+                " (a run folder: its config is " + str(p / "config.yaml") + ")" if (p / "config.yaml").is_file() else ""
+            )
+            raise ConfigError(
+                f"config {p} is a folder, not a file{inside}; give the path of a YAML file (see configs/)"
+            )
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist; give the path of a YAML file (see configs/)")
         try:
             tree = yaml.safe_load(p.read_bytes().decode("utf-8")) or {}
         except UnicodeDecodeError as e:
-            raise ConfigError(f"config file {p} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8 "
-                              "(a YAML config is text)") from None
+            raise ConfigError(
+                f"config file {p} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8 "
+                "(a YAML config is text)"
+            ) from None
         except OSError as e:
             raise ConfigError(f"cannot read config file {p}: {e.strerror}") from None
         except yaml.YAMLError as e:
@@ -228,5 +244,3 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), *, na
 
 def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False)
-
-

@@ -1,4 +1,5 @@
 """The base every config section derives from: unknown keys are errors, assignments re-validate."""
+
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal

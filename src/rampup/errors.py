@@ -16,6 +16,7 @@ Exit codes of ``rampup``:
 128+N stopped by signal N (143 SIGTERM, 130 SIGINT) after writing a checkpoint of the current step
 ====  =======================================================================================
 """
+
 from __future__ import annotations
 
 import difflib

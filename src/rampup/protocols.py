@@ -2,16 +2,17 @@
 and what a knob may know of the run (its config and data). They sit at the bottom so that the schedule's
 :class:`~rampup.schedule.registry.KnobContext` can be typed without importing the layers that implement
 them (rampup.models.adapter, rampup.engine.tasks, rampup.data.samplers, rampup.engine.rundata)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-T = TypeVar("T")
-
 import torch
 import torch.nn as nn
+
+T = TypeVar("T")
 
 
 @dataclass

@@ -9,6 +9,7 @@ any checkpoint draw the same numbers. (The data order is drawn the same way, by 
 with the seed and the epoch, in rampup.data.samplers.) A model built only to have weights loaded into
 it is built under :func:`untouched_rng`, so that it draws nothing from the global generator either.
 """
+
 from __future__ import annotations
 
 import contextlib

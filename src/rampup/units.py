@@ -8,6 +8,7 @@ rampup counts time in **tokens**. Converting any other unit to tokens needs a fa
 (its total budget, its tokens per step, its tokens per epoch); :meth:`Duration.to_tokens` takes those
 facts as explicit keyword arguments and raises :class:`DurationError` naming the one that is missing.
 """
+
 from __future__ import annotations
 
 import enum
@@ -32,11 +33,23 @@ class Unit(str, enum.Enum):
 
 # Every spelling a user may write, mapped to its unit. Composer's short forms are accepted too.
 UNIT_ALIASES: dict[str, Unit] = {
-    "tok": Unit.TOKEN, "toks": Unit.TOKEN, "token": Unit.TOKEN, "tokens": Unit.TOKEN,
-    "step": Unit.STEP, "steps": Unit.STEP, "ba": Unit.STEP, "batch": Unit.STEP, "batches": Unit.STEP,
-    "sample": Unit.SAMPLE, "samples": Unit.SAMPLE, "sp": Unit.SAMPLE, "seq": Unit.SAMPLE,
+    "tok": Unit.TOKEN,
+    "toks": Unit.TOKEN,
+    "token": Unit.TOKEN,
+    "tokens": Unit.TOKEN,
+    "step": Unit.STEP,
+    "steps": Unit.STEP,
+    "ba": Unit.STEP,
+    "batch": Unit.STEP,
+    "batches": Unit.STEP,
+    "sample": Unit.SAMPLE,
+    "samples": Unit.SAMPLE,
+    "sp": Unit.SAMPLE,
+    "seq": Unit.SAMPLE,
     "sequences": Unit.SAMPLE,
-    "epoch": Unit.EPOCH, "epochs": Unit.EPOCH, "ep": Unit.EPOCH,
+    "epoch": Unit.EPOCH,
+    "epochs": Unit.EPOCH,
+    "ep": Unit.EPOCH,
     "%": Unit.FRACTION,
 }
 SUFFIXES = {"": 1, "k": 10**3, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
@@ -68,8 +81,9 @@ class Duration:
             raise DurationError(f"a duration must be a string such as '4M tok', got {text!r}")
         if isinstance(text, (int, float)):
             if isinstance(text, float) and 0 < text < 1:  # a fraction of the run, written as a number
-                raise DurationError(f"duration {text!r} has no unit; a share of the run is written "
-                                    f"'{text * 100:g}%' ({_UNIT_HELP})")
+                raise DurationError(
+                    f"duration {text!r} has no unit; a share of the run is written '{text * 100:g}%' ({_UNIT_HELP})"
+                )
             raise DurationError(
                 f"duration {text!r} has no unit; write e.g. '{text} steps' or '{text} tok' ({_UNIT_HELP})"
             )
@@ -78,8 +92,10 @@ class Duration:
             raise DurationError(f"cannot read duration {text!r}; {_UNIT_HELP}")
         number, suffix, unit_name = m.groups()
         if not unit_name and not suffix and 0 < float(number) < 1:
-            raise DurationError(f"duration {text!r} has no unit; a share of the run is written "
-                                f"'{float(number) * 100:g}%' ({_UNIT_HELP})")
+            raise DurationError(
+                f"duration {text!r} has no unit; a share of the run is written "
+                f"'{float(number) * 100:g}%' ({_UNIT_HELP})"
+            )
         if not unit_name:
             raise DurationError(
                 f"duration {text!r} has no unit; write e.g. '{text.strip()} steps' or "
@@ -145,9 +161,26 @@ def format_tokens(n: float) -> str:
     return f"{n:.0f}"
 
 
-_UNITS = {"": None, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "t": 10**12, "tb": 10**12, "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20, "gi": 2**30,
-          "gib": 2**30, "ti": 2**40, "tib": 2**40}
+_UNITS = {
+    "": None,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "ki": 2**10,
+    "kib": 2**10,
+    "mi": 2**20,
+    "mib": 2**20,
+    "gi": 2**30,
+    "gib": 2**30,
+    "ti": 2**40,
+    "tib": 2**40,
+}
 
 
 def parse_bytes(value: Any, what: str = "a memory size") -> int:

@@ -1,10 +1,11 @@
 """The command line as a user runs it: real processes, real files."""
+
 import json
 import re
 
 import pytest
-from conftest import ROOT, run_rampup, tiny_tree, write_config
 
+from conftest import ROOT, run_rampup, tiny_tree, write_config
 from rampup.engine.faults import CLOCK_SCALE_ENV
 
 
@@ -44,8 +45,13 @@ def test_config_lists_keys_with_docs():
     assert res.returncode == 0
     assert "train.duration" in res.stdout and "micro_batch_tokens" in res.stdout
     assert "seq_len" in res.stdout  # knobs are listed with their docs
-    for key in ("train.keep_checkpoints", "train.nonfinite.max_skips", "train.nonfinite.on_limit",
-                "train.nonfinite.lr_factor", "train.nonfinite.max_rollbacks"):
+    for key in (
+        "train.keep_checkpoints",
+        "train.nonfinite.max_skips",
+        "train.nonfinite.on_limit",
+        "train.nonfinite.lr_factor",
+        "train.nonfinite.max_rollbacks",
+    ):
         assert key in res.stdout
     res = run_rampup("config", "data")
     assert "data.verify_checksums: true" in res.stdout and "data.on_undecodable: skip" in res.stdout
@@ -71,8 +77,16 @@ def test_demo_quick_runs_both_and_compares(tmp_path):
     asserted. The curriculum trains under a clock that says it ran 4x slower (as on a loaded machine), so
     an assertion on wall-clock time or its ratio would fail here every time, not on a busy day."""
     configs = [str(ROOT / "configs" / f) for f in ("demo_staged.yaml", "demo_baseline.yaml")]
-    res = run_rampup("demo", *configs, "--quick", "--set", "train.threads=2", cwd=tmp_path, timeout=600,
-                     env_extra={CLOCK_SCALE_ENV: "demo_staged:4"})
+    res = run_rampup(
+        "demo",
+        *configs,
+        "--quick",
+        "--set",
+        "train.threads=2",
+        cwd=tmp_path,
+        timeout=600,
+        env_extra={CLOCK_SCALE_ENV: "demo_staged:4"},
+    )
     assert res.returncode == 0, res.stderr
     assert "demo_staged" in res.stdout and "demo_baseline" in res.stdout and "val loss @ 1024" in res.stdout
     summaries = [json.loads(p.read_text()) for p in sorted((tmp_path / "runs" / "demo").glob("*/*/summary.json"))]
@@ -97,11 +111,20 @@ def test_demo_quick_runs_both_and_compares(tmp_path):
 @pytest.mark.slow
 def test_compare_and_report_commands_on_real_runs(data_cache, tmp_path):
     """Two real tiny runs (64-then-256 staged vs fixed 256), compared and reported from the CLI."""
-    staged = write_config(tmp_path / "staged.yaml", tiny_tree(
-        data_cache, tmp_path / "staged", train={"duration": "12 steps", "checkpoint_every": None}))
-    fixed = write_config(tmp_path / "fixed.yaml", tiny_tree(
-        data_cache, tmp_path / "fixed", name="fixed", train={"duration": "12 steps", "checkpoint_every": None},
-        schedule={"knobs": {"batch_tokens": 2048, "seq_len": 256}, "stages": [{"name": "full"}]}))
+    staged = write_config(
+        tmp_path / "staged.yaml",
+        tiny_tree(data_cache, tmp_path / "staged", train={"duration": "12 steps", "checkpoint_every": None}),
+    )
+    fixed = write_config(
+        tmp_path / "fixed.yaml",
+        tiny_tree(
+            data_cache,
+            tmp_path / "fixed",
+            name="fixed",
+            train={"duration": "12 steps", "checkpoint_every": None},
+            schedule={"knobs": {"batch_tokens": 2048, "seq_len": 256}, "stages": [{"name": "full"}]},
+        ),
+    )
     for cfg in (staged, fixed):
         res = run_rampup("train", str(cfg))
         assert res.returncode == 0, res.stderr
@@ -123,15 +146,23 @@ def test_compare_and_report_commands_on_real_runs(data_cache, tmp_path):
 def test_compare_run_trains_each_config_with_offset_seeds(data_cache, tmp_path):
     steps = {"duration": "6 steps", "checkpoint_every": None}
     staged = write_config(tmp_path / "a.yaml", tiny_tree(data_cache, tmp_path / "unused", name="a", train=steps))
-    fixed = write_config(tmp_path / "b.yaml", tiny_tree(
-        data_cache, tmp_path / "unused", name="b", train=steps,
-        schedule={"knobs": {"batch_tokens": 2048, "seq_len": 256}, "stages": [{"name": "full"}]}))
+    fixed = write_config(
+        tmp_path / "b.yaml",
+        tiny_tree(
+            data_cache,
+            tmp_path / "unused",
+            name="b",
+            train=steps,
+            schedule={"knobs": {"batch_tokens": 2048, "seq_len": 256}, "stages": [{"name": "full"}]},
+        ),
+    )
     res = run_rampup("compare", "--run", str(staged), str(fixed), "--seeds", "2", "--out", str(tmp_path / "cmp"))
     assert res.returncode == 0, res.stderr
     result = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     groups = {g["label"]: g for g in result["groups"]}
     assert set(groups) == {"a", "b"} and groups["b"]["baseline"]
     assert sorted(groups["a"]["seeds"]) == [0, 1]  # train.seed 0 offset by 0 and 1
-    losses = [json.loads((tmp_path / "cmp" / "runs" / f"a_seed{i}" / "summary.json").read_text())["val_loss"]
-              for i in (0, 1)]
+    losses = [
+        json.loads((tmp_path / "cmp" / "runs" / f"a_seed{i}" / "summary.json").read_text())["val_loss"] for i in (0, 1)
+    ]
     assert losses[0] != losses[1]  # different seeds really trained differently

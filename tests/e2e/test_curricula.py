@@ -1,11 +1,13 @@
 """Variable-length curricula end to end: bucket runs, exact resume, plan = run, warmup modes,
 document-masked packing in the engine, torch.compile with bounded graphs, and plan-time errors."""
+
 import copy
 import subprocess
 
 import pytest
 import torch
 import yaml
+
 from conftest import (
     bucket_tree,
     rampup_cmd,
@@ -14,7 +16,6 @@ from conftest import (
     wait_for,
     write_config,
 )
-
 from rampup.config import RunConfig
 from rampup.data.packing import document_mask, document_positions, segment_ids
 from rampup.engine.checkpoint.format import latest_checkpoint
@@ -63,7 +64,9 @@ def test_bucket_run_killed_and_resumed_is_bitwise_identical(bucket_run, data_cac
     assert len(steps_of(out)) < 40
     res = run_rampup("train", str(cfg), "--resume")
     assert res.returncode == 0, res.stderr
-    assert [(r["loss"], r["seq_len"]) for r in steps_of(out)] == [(r["loss"], r["seq_len"]) for r in steps_of(bucket_run)]
+    assert [(r["loss"], r["seq_len"]) for r in steps_of(out)] == [
+        (r["loss"], r["seq_len"]) for r in steps_of(bucket_run)
+    ]
     a = (latest_checkpoint(out / "checkpoints") / "model.safetensors").read_bytes()
     assert a == (latest_checkpoint(bucket_run / "checkpoints") / "model.safetensors").read_bytes()
 
@@ -73,9 +76,12 @@ def test_compiled_graphs_are_bounded_by_the_buckets(data_cache, tmp_path):
 
     torch._dynamo.reset()
     counters.clear()
-    tree = bucket_tree(data_cache, tmp_path / "out", train={"duration": "30 steps", "compile": True,
-                                                           "compile_backend": "eager", "checkpoint_every": None},
-                       log={"progress": "off"})
+    tree = bucket_tree(
+        data_cache,
+        tmp_path / "out",
+        train={"duration": "30 steps", "compile": True, "compile_backend": "eager", "checkpoint_every": None},
+        log={"progress": "off"},
+    )
     summary = train(RunConfig.model_validate(tree))
     steps = steps_of(tmp_path / "out")
     shapes = {(r["batch_size"], r["seq_len"]) for r in steps}
@@ -86,7 +92,9 @@ def test_compiled_graphs_are_bounded_by_the_buckets(data_cache, tmp_path):
 
 
 def test_compile_refuses_unbounded_shapes(data_cache, tmp_path):
-    tree = tiny_tree(data_cache, tmp_path / "out", train={"compile": True, "compile_max_graphs": 4, "duration": "80K tok"})
+    tree = tiny_tree(
+        data_cache, tmp_path / "out", train={"compile": True, "compile_max_graphs": 4, "duration": "80K tok"}
+    )
     tree["schedule"]["stages"] = [{"duration": "100%", "seq_len": {"from": 16, "to": 256, "multiple_of": 8}}]
     with pytest.raises(ConfigError, match="distinct batch shapes"):
         train(RunConfig.model_validate(tree))
@@ -97,10 +105,13 @@ def test_seq_len_warmup_truncate_keeps_sequences_and_reshape_keeps_tokens(data_c
     ramp = {"duration": "50%", "seq_len": {"from": 32, "to": 256, "ramp": "root", "degree": 2, "multiple_of": 8}}
     runs = {}
     for mode in ("truncate", "reshape"):
-        tree = tiny_tree(data_cache, tmp_path / mode, train={"duration": "60K tok", "checkpoint_every": None},
-                         log={"progress": "off"})
-        tree["schedule"] = {"knobs": {"batch_tokens": 2048}, "seq_len_mode": mode,
-                            "stages": [ramp, {"seq_len": 256}]}
+        tree = tiny_tree(
+            data_cache,
+            tmp_path / mode,
+            train={"duration": "60K tok", "checkpoint_every": None},
+            log={"progress": "off"},
+        )
+        tree["schedule"] = {"knobs": {"batch_tokens": 2048}, "seq_len_mode": mode, "stages": [ramp, {"seq_len": 256}]}
         train(RunConfig.model_validate(tree))
         runs[mode] = steps_of(tmp_path / mode)
     trunc, resh = runs["truncate"], runs["reshape"]
@@ -120,7 +131,7 @@ def same_sgd_step(model: DecoderLM, x, y, step_a: dict, step_b: dict) -> Decoder
     la, _ = train_step(a, opts[0], x, y, lr=1.0, precision="fp32", **step_a)
     lb, _ = train_step(b, opts[1], x, y, lr=1.0, precision="fp32", **step_b)
     assert la == pytest.approx(lb, rel=1e-5)
-    for pa, pb in zip(a.parameters(), b.parameters()):
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
     return b
 
@@ -134,16 +145,27 @@ def test_document_masked_micro_batches_match_the_whole_step():
     seg = segment_ids(x, 0)
     mask, pos = document_mask(seg), document_positions(seg)
     # a dense document mask: the whole step equals the step split into micro-batches
-    b = same_sgd_step(DecoderLM(cfg), x, y, {"attn_mask": mask, "positions": pos},
-                      {"attn_mask": mask, "positions": pos, "micro_batch_tokens": 64})
+    b = same_sgd_step(
+        DecoderLM(cfg),
+        x,
+        y,
+        {"attn_mask": mask, "positions": pos},
+        {"attn_mask": mask, "positions": pos, "micro_batch_tokens": 64},
+    )
     # the engine's path: per-document attention from segment ids, split into micro-batches
-    same_sgd_step(b, x, y, {"attn_mask": mask, "positions": pos},
-                  {"segments": seg, "positions": pos, "micro_batch_tokens": 64})
+    same_sgd_step(
+        b, x, y, {"attn_mask": mask, "positions": pos}, {"segments": seg, "positions": pos, "micro_batch_tokens": 64}
+    )
 
 
 def test_document_masked_run_trains(data_cache, tmp_path):
-    tree = tiny_tree(data_cache, tmp_path / "out", train={"duration": "12 steps", "checkpoint_every": None},
-                     log={"progress": "off"}, eval={"seq_lens": [256], "windows": "documents"})
+    tree = tiny_tree(
+        data_cache,
+        tmp_path / "out",
+        train={"duration": "12 steps", "checkpoint_every": None},
+        log={"progress": "off"},
+        eval={"seq_lens": [256], "windows": "documents"},
+    )
     tree["data"] |= {"sampler": "fixed", "doc_mask": True, "restart_positions": True}
     tree["schedule"] = {"knobs": {"batch_tokens": 2048, "seq_len": 256}, "stages": [{}]}
     summary = train(RunConfig.model_validate(tree))
@@ -155,13 +177,16 @@ def _knobs(tree, **kv):
     tree["schedule"]["knobs"] |= kv
 
 
-@pytest.mark.parametrize("change, error, fragment", [
-    (lambda t: _knobs(t, batch_tokens=2000), ConfigError, "not divisible"),
-    (lambda t: _knobs(t, seq_len=128), ConfigError, "must be the longest bucket, 256"),
-    (lambda t: t["schedule"]["stages"][0].update(bucket_odds=[1, 2, 3]), ConfigError, "one value per bucket"),
-    (lambda t: t["train"].update(duration="5000 steps"), DataError, "repeat: true"),
-    (lambda t: t["data"]["buckets"].update(max_log2=10) or _knobs(t, seq_len=1024), ValueError, "max_seq_len"),
-])
+@pytest.mark.parametrize(
+    "change, error, fragment",
+    [
+        (lambda t: _knobs(t, batch_tokens=2000), ConfigError, "not divisible"),
+        (lambda t: _knobs(t, seq_len=128), ConfigError, "must be the longest bucket, 256"),
+        (lambda t: t["schedule"]["stages"][0].update(bucket_odds=[1, 2, 3]), ConfigError, "one value per bucket"),
+        (lambda t: t["train"].update(duration="5000 steps"), DataError, "repeat: true"),
+        (lambda t: t["data"]["buckets"].update(max_log2=10) or _knobs(t, seq_len=1024), ValueError, "max_seq_len"),
+    ],
+)
 def test_bucket_curricula_fail_before_compute(data_cache, tmp_path, change, error, fragment):
     tree = bucket_tree(data_cache, tmp_path / "out", log={"progress": "off"})
     change(tree)
@@ -170,10 +195,13 @@ def test_bucket_curricula_fail_before_compute(data_cache, tmp_path, change, erro
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("data, fragment", [
-    ({"doc_mask": False, "restart_positions": True}, "needs data.doc_mask"),
-    ({"sampler": "buckets", "doc_mask": True}, "never packs"),
-])
+@pytest.mark.parametrize(
+    "data, fragment",
+    [
+        ({"doc_mask": False, "restart_positions": True}, "needs data.doc_mask"),
+        ({"sampler": "buckets", "doc_mask": True}, "never packs"),
+    ],
+)
 def test_packing_options_that_cannot_be_honoured_are_refused(data_cache, tmp_path, data, fragment):
     tree = tiny_tree(data_cache, tmp_path / "out")
     tree["data"] |= data
@@ -195,12 +223,23 @@ def test_compile_bound_counts_the_graphs_a_window_ramp_makes_and_books_their_tim
 
     torch._dynamo.reset()
     counters.clear()
-    tree = tiny_tree(data_cache, tmp_path / "out", train={"duration": "16 steps", "compile": True,
-                                                         "compile_backend": "eager", "checkpoint_every": None},
-                     log={"progress": "off"}, eval={"seq_lens": [256], "max_tokens": 512})
-    tree["schedule"] = {"knobs": {"batch_tokens": 1024, "seq_len": 256},
-                        "stages": [{"name": "grow", "attention": {"kind": "window"},
-                                    "window": {"from": 32, "to": 128, "ramp": "step", "levels": 4}}]}
+    tree = tiny_tree(
+        data_cache,
+        tmp_path / "out",
+        train={"duration": "16 steps", "compile": True, "compile_backend": "eager", "checkpoint_every": None},
+        log={"progress": "off"},
+        eval={"seq_lens": [256], "max_tokens": 512},
+    )
+    tree["schedule"] = {
+        "knobs": {"batch_tokens": 1024, "seq_len": 256},
+        "stages": [
+            {
+                "name": "grow",
+                "attention": {"kind": "window"},
+                "window": {"from": 32, "to": 128, "ramp": "step", "levels": 4},
+            }
+        ],
+    }
     summary = train(RunConfig.model_validate(tree))
     steps = steps_of(tmp_path / "out")
     assert {(r["batch_size"], r["seq_len"]) for r in steps} == {(4, 256)}

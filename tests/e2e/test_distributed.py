@@ -1,4 +1,5 @@
 """Scale-out with real processes: torchrun, gloo, 2 ranks on this machine (rampup.engine.distributed)."""
+
 import contextlib
 import os
 import signal
@@ -8,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import rampup_cmd, tiny_tree, wait_for, weights, write_config
 
+from conftest import rampup_cmd, tiny_tree, wait_for, weights, write_config
 from rampup.engine.records import read_metrics
 from rampup.errors import ConfigError
 
@@ -44,8 +45,9 @@ _JOBS: list[subprocess.Popen] = []
 def job(*args: str, env_extra: dict | None = None) -> subprocess.Popen:
     """``rampup ARGS`` in its own session, so that torchrun and its workers go together if a test fails."""
     env = {**os.environ, "PYTHONHASHSEED": "0", **(env_extra or {})}
-    proc = subprocess.Popen(rampup_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        rampup_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
     _JOBS.append(proc)
     return proc
 
@@ -105,7 +107,8 @@ def test_two_ranks_match_one_rank_step_by_step_through_a_stage_change_and_an_unf
 
 
 def test_fsdp2_matches_one_rank_through_an_unfreeze_and_its_checkpoints_resume_at_any_world_size(
-        data_cache, tmp_path, one_rank):
+    data_cache, tmp_path, one_rank
+):
     """FSDP2 (fully_shard per block): losses and gradient norms match one process step by step (gloo's
     reduce-scatter averages); its checkpoint (DCP shards, one file per rank) resumes in one process, and
     a one-process checkpoint (single-file format) resumes sharded over two."""
@@ -136,8 +139,9 @@ def test_fsdp2_matches_one_rank_through_an_unfreeze_and_its_checkpoints_resume_a
         (dst / "checkpoints").mkdir(parents=True)
         shutil.copytree(src / "checkpoints" / "step_0000020", dst / "checkpoints" / "step_0000020")
         shutil.copy(src / "metrics.jsonl", dst / "metrics.jsonl")
-        train(write_config(tmp_path / f"{name}.yaml", staged(data_cache, dst, strategy=strategy)), "--resume",
-              nproc=nproc)
+        train(
+            write_config(tmp_path / f"{name}.yaml", staged(data_cache, dst, strategy=strategy)), "--resume", nproc=nproc
+        )
         assert_match(records(dst), ref, range(21, 41))
 
 
@@ -206,8 +210,10 @@ def test_a_bucket_curriculum_draws_the_same_shapes_and_matches_one_rank(data_cac
         t = bucket_tree(data_cache, out, train={"precision": "fp32", "checkpoint_every": None, "duration": "24 steps"})
         train(write_config(tmp_path / f"r{n}.yaml", t), nproc=n)
         outs[n] = out
-    shapes = [[(r["seq_len"], r["batch_size"]) for r in read_metrics(o / "metrics.jsonl") if r["event"] == "step"]
-              for o in outs.values()]
+    shapes = [
+        [(r["seq_len"], r["batch_size"]) for r in read_metrics(o / "metrics.jsonl") if r["event"] == "step"]
+        for o in outs.values()
+    ]
     assert shapes[0] == shapes[1] and len({s for s, _ in shapes[0]}) > 2
     assert_match(records(outs[2]), records(outs[1]), range(1, 25))
 
@@ -224,13 +230,27 @@ def test_every_kind_of_knob_and_transition_behaves_the_same_on_two_ranks(data_ca
     ddp = strategy == "ddp"
 
     def tree(out, n):
-        t = staged(data_cache, out, duration="24 steps", checkpoint_every="6 steps", strategy=strategy,
-                   ema={"half_life": "8K tok", "evaluate": True})
-        t["schedule"]["stages"][0] |= {"lr_groups": {"layers.1.*": {"from": 0.3, "to": 1.0}}, "loss_shards": 2,
-                                       "attention": {"kind": "window"}, "window": 32}
-        t["schedule"]["stages"][1] |= {"optimizer_state": "reset_new", "lr_layer_decay": 2.0,
-                                       "rope": {"method": "yarn", "factor": 4, "original_max_len": 64},
-                                       "activation_checkpoint": "selective", "mlp_shards": 2}
+        t = staged(
+            data_cache,
+            out,
+            duration="24 steps",
+            checkpoint_every="6 steps",
+            strategy=strategy,
+            ema={"half_life": "8K tok", "evaluate": True},
+        )
+        t["schedule"]["stages"][0] |= {
+            "lr_groups": {"layers.1.*": {"from": 0.3, "to": 1.0}},
+            "loss_shards": 2,
+            "attention": {"kind": "window"},
+            "window": 32,
+        }
+        t["schedule"]["stages"][1] |= {
+            "optimizer_state": "reset_new",
+            "lr_layer_decay": 2.0,
+            "rope": {"method": "yarn", "factor": 4, "original_max_len": 64},
+            "activation_checkpoint": "selective",
+            "mlp_shards": 2,
+        }
         t["schedule"]["stages"][1] |= {"teacher": "previous_stage", "distill_weight": {"from": 0.0, "to": 0.4}}
         if ddp:
             t["schedule"]["stages"][1] |= {"depth": 3, "width": 128}  # DDP re-wraps the grown model
@@ -258,7 +278,6 @@ def test_sampler_rows_split_disjointly_and_cover_a_bucket_epoch(data_cache, tmp_
     """Over a whole bucket epoch, the ranks' rows of every step are disjoint and their union is exactly
     what one process trains on (the real bucket sampler, sharded as the trainer shards it)."""
     from conftest import bucket_tree
-
     from rampup.config import RunConfig
     from rampup.engine.distributed import Dist
     from rampup.engine.rundata import prepare_run
@@ -317,8 +336,7 @@ def _rank(pid: int) -> int:
 def test_a_rank_killed_mid_run_restarts_and_finishes_with_the_uninterrupted_weights(data_cache, tmp_path, two_ranks):
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "run.yaml", staged(data_cache, out))
-    proc = job("train", str(cfg), "--nproc", "2", "--max-restarts", "1",
-               env_extra={"RAMPUP_FAULT_STALL_STEPS": "25:4"})
+    proc = job("train", str(cfg), "--nproc", "2", "--max-restarts", "1", env_extra={"RAMPUP_FAULT_STALL_STEPS": "25:4"})
     wait_for(lambda: (out / "checkpoints" / "step_0000020").is_dir(), proc)
     time.sleep(1.0)
     workers = {_rank(w): w for w in _children(proc.pid)}
@@ -360,8 +378,9 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(data_cache, tmp_
     os.kill(workers[1], signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     stopped = max(records(out))
-    assert [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_")] == \
-        [f"step_{stopped:07d}"] and stopped < 40
+    assert [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_")] == [
+        f"step_{stopped:07d}"
+    ] and stopped < 40
     assert f"stopped: by signal 15 (SIGTERM) after step {stopped}" in stderr, stderr[-3000:]
     assert latest_checkpoint(out / "checkpoints").name == f"step_{stopped:07d}"
 
@@ -369,22 +388,37 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(data_cache, tmp_
 def test_a_rank_that_hangs_in_a_collective_is_timed_out_and_named(data_cache, tmp_path):
     """Rank 1 stalls 8 s in step 5; rank 0 gives up after train.collective_timeout (2 s) and names it."""
     cfg = write_config(tmp_path / "run.yaml", staged(data_cache, tmp_path / "run", collective_timeout=2))
-    res = run_job("train", str(cfg), "--nproc", "2", timeout=120,
-                     env_extra={"RAMPUP_FAULT_STALL_STEPS": "5:8", "RAMPUP_FAULT_STALL_RANK": "1"})
+    res = run_job(
+        "train",
+        str(cfg),
+        "--nproc",
+        "2",
+        timeout=120,
+        env_extra={"RAMPUP_FAULT_STALL_STEPS": "5:8", "RAMPUP_FAULT_STALL_RANK": "1"},
+    )
     assert res.returncode != 0
     assert "rank 0 of 2: a collective with the other ranks failed" in res.stderr, res.stderr[-3000:]
     assert "rank 1 hung in step 4 while rank 0 reached step 5" in res.stderr
     assert "train.collective_timeout, 2 s" in res.stderr
 
 
-@pytest.mark.parametrize("tree, words", [
-    ({"train": {"strategy": "fsdp"}, "schedule": {"knobs": {"batch_tokens": 2048},
-                                                  "stages": [{"name": "s", "seq_len": 64, "depth": 3}]}},
-     "knob 'depth' with train.strategy fsdp"),
-    ({"train": {"backend": "nccl"}}, "nccl needs CUDA"),
-    ({"schedule": {"knobs": {"batch_tokens": 3072}, "stages": [{"name": "s", "seq_len": 1024}]}},
-     "does not divide the global batch"),
-])
+@pytest.mark.parametrize(
+    "tree, words",
+    [
+        (
+            {
+                "train": {"strategy": "fsdp"},
+                "schedule": {"knobs": {"batch_tokens": 2048}, "stages": [{"name": "s", "seq_len": 64, "depth": 3}]},
+            },
+            "knob 'depth' with train.strategy fsdp",
+        ),
+        ({"train": {"backend": "nccl"}}, "nccl needs CUDA"),
+        (
+            {"schedule": {"knobs": {"batch_tokens": 3072}, "stages": [{"name": "s", "seq_len": 1024}]}},
+            "does not divide the global batch",
+        ),
+    ],
+)
 def test_bad_distributed_settings_are_named_before_compute(data_cache, tmp_path, tree, words):
     t = tiny_tree(data_cache, tmp_path / "run")
     for k, v in tree.items():
@@ -396,14 +430,21 @@ def test_bad_distributed_settings_are_named_before_compute(data_cache, tmp_path,
     assert torch.distributed.is_available()
 
 
-@pytest.mark.parametrize("section, value, world, words", [
-    ("train", {"device": "cpu"}, 2, "train.context_parallel 2: it needs CUDA GPUs"),
-    ("data", {"doc_mask": True}, 2, r"document masks \(data.doc_mask\) cannot be split"),
-    ("schedule", {"knobs": {"batch_tokens": 2048, "window": 32}, "stages": [{"name": "s", "seq_len": 64}]}, 2,
-     "the banded window kernel"),
-    ("schedule", None, 3, "the world size 3 is not a multiple of it"),
-    ("schedule", None, 2, "rampup has not wired it yet"),
-])
+@pytest.mark.parametrize(
+    "section, value, world, words",
+    [
+        ("train", {"device": "cpu"}, 2, "train.context_parallel 2: it needs CUDA GPUs"),
+        ("data", {"doc_mask": True}, 2, r"document masks \(data.doc_mask\) cannot be split"),
+        (
+            "schedule",
+            {"knobs": {"batch_tokens": 2048, "window": 32}, "stages": [{"name": "s", "seq_len": 64}]},
+            2,
+            "the banded window kernel",
+        ),
+        ("schedule", None, 3, "the world size 3 is not a multiple of it"),
+        ("schedule", None, 2, "rampup has not wired it yet"),
+    ],
+)
 def test_context_parallel_on_gpus_names_what_stands_in_its_way(data_cache, tmp_path, section, value, world, words):
     """A CPU run is refused for want of a CPU kernel; a config for CUDA is validated here without a GPU
     (the check reads the config, before any device), and each obstacle is named."""

@@ -1,5 +1,6 @@
 """Faults injected into real training processes: SIGKILL (also mid-checkpoint), Ctrl-C twice, a full
 disk, NaN losses. Every recovered run must end bitwise equal to the uninterrupted one on CPU."""
+
 import json
 import os
 import random
@@ -10,6 +11,8 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
 from conftest import (
     rampup_cmd,
     run_rampup,
@@ -19,8 +22,6 @@ from conftest import (
     weights,
     write_config,
 )
-from safetensors.torch import load_file
-
 from rampup.engine.checkpoint.format import (
     latest_checkpoint,
     list_checkpoints,
@@ -36,9 +37,13 @@ def start(cfg, out, *, env=None, preexec_fn=None) -> subprocess.Popen:
     """`rampup train` in the background, resuming when a checkpoint exists; output to files in the run's parent."""
     resume = ["--resume"] if latest_checkpoint(out / "checkpoints") else []
     log = out.parent / f"log_{time.monotonic_ns()}"
-    return subprocess.Popen(rampup_cmd("train", str(cfg), *resume), stdout=open(f"{log}.out", "w"),
-                            stderr=open(f"{log}.err", "w"), env={**os.environ, "PYTHONHASHSEED": "0", **(env or {})},
-                            preexec_fn=preexec_fn)
+    return subprocess.Popen(
+        rampup_cmd("train", str(cfg), *resume),
+        stdout=open(f"{log}.out", "w"),
+        stderr=open(f"{log}.err", "w"),
+        env={**os.environ, "PYTHONHASHSEED": "0", **(env or {})},
+        preexec_fn=preexec_fn,
+    )
 
 
 def killed_after_checkpoint(data_cache, tmp_path, step: int):
@@ -77,7 +82,7 @@ def test_sigkill_at_random_moments_and_mid_checkpoint_resumes_bitwise(uninterrup
     for i in range(5):
         proc = start(cfg, out)
         target = max(step_losses(out), default=0) + rng.randint(1, 6)
-        wait_for(lambda: max(step_losses(out), default=0) >= target, proc, poll=0.01)
+        wait_for(lambda target=target: max(step_losses(out), default=0) >= target, proc, poll=0.01)
         if i % 2:  # kill inside the next checkpoint write
             wait_for(lambda: any(n.startswith(".tmp_step_") for n in partial_writes(out)), proc, poll=0.0005)
         proc.kill()
@@ -100,8 +105,13 @@ def stalled_at_step_3(data_cache, tmp_path, seconds: float):
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "run.yaml", tiny_tree(data_cache, out, train={"checkpoint_every": "2 steps"}))
     err = tmp_path / "stderr.txt"
-    proc = subprocess.Popen(rampup_cmd("train", str(cfg)), stdout=subprocess.DEVNULL, stderr=open(err, "w"),
-                            text=True, env={**os.environ, STALL_STEPS_ENV: f"3:{seconds}"})
+    proc = subprocess.Popen(
+        rampup_cmd("train", str(cfg)),
+        stdout=subprocess.DEVNULL,
+        stderr=open(err, "w"),
+        text=True,
+        env={**os.environ, STALL_STEPS_ENV: f"3:{seconds}"},
+    )
     wait_for(lambda: "step 3 stalls" in err.read_text(), proc)
     return proc, out, err
 
@@ -178,7 +188,10 @@ def test_a_nan_step_is_skipped_and_counted(uninterrupted, data_cache, tmp_path):
     assert losses[8] != ref[8]  # step 7's update really was not applied
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["skipped_steps"], summary["skipped_tokens"], summary["rollbacks"]) == (1, 2048, 0)
-    assert all(torch.isfinite(t).all() for t in load_file(latest_checkpoint(out / "checkpoints") / "model.safetensors").values())
+    assert all(
+        torch.isfinite(t).all()
+        for t in load_file(latest_checkpoint(out / "checkpoints") / "model.safetensors").values()
+    )
 
 
 def test_nan_streak_rolls_back_at_a_lower_lr_and_resumes_exactly(uninterrupted, data_cache, tmp_path):
@@ -193,7 +206,8 @@ def test_nan_streak_rolls_back_at_a_lower_lr_and_resumes_exactly(uninterrupted, 
     recs = read_metrics(ref_out / "metrics.jsonl")
     rollback = [r for r in recs if r["event"] == "rollback"]
     assert [(r["from_step"], r["step"], r["checkpoint"], r["lr_scale"]) for r in rollback] == [
-        (14, 10, "step_0000010", 0.5)]
+        (14, 10, "step_0000010", 0.5)
+    ]
     assert [r["step"] for r in recs if r["event"] == "skip"] == [12, 13, 14]
     steps = {r["step"]: r for r in recs if r["event"] == "step"}
     ref_steps = {r["step"]: r for r in read_metrics(uninterrupted / "metrics.jsonl") if r["event"] == "step"}
@@ -223,11 +237,14 @@ def test_nan_streak_rolls_back_at_a_lower_lr_and_resumes_exactly(uninterrupted, 
     assert weights(out) == weights(ref_out)
 
 
-@pytest.mark.parametrize("nonfinite, nan_steps, fragment", [
-    ({"on_limit": "stop", "max_skips": 1}, "12", "on_limit is stop. The newest checkpoint is step_0000010"),
-    ({"max_rollbacks": 0}, "12,13,14", "all 0 rollbacks that train.nonfinite.max_rollbacks allows are used"),
-    ({}, "2,3,4", "before the first checkpoint, so there is nothing to roll back to"),
-])
+@pytest.mark.parametrize(
+    "nonfinite, nan_steps, fragment",
+    [
+        ({"on_limit": "stop", "max_skips": 1}, "12", "on_limit is stop. The newest checkpoint is step_0000010"),
+        ({"max_rollbacks": 0}, "12,13,14", "all 0 rollbacks that train.nonfinite.max_rollbacks allows are used"),
+        ({}, "2,3,4", "before the first checkpoint, so there is nothing to roll back to"),
+    ],
+)
 def test_nonfinite_limit_stops_with_exit_3(data_cache, tmp_path, nonfinite, nan_steps, fragment):
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "run.yaml", tiny_tree(data_cache, out, train={"nonfinite": nonfinite}))
@@ -250,7 +267,7 @@ def test_one_process_per_run_folder_and_kill_9_leaves_no_stale_lock(uninterrupte
         res = run_rampup("train", str(cfg), *extra)
         assert res.returncode == 2, res.stderr
         assert f"is in use by another rampup process (pid {proc.pid}: " in res.stderr and "Traceback" not in res.stderr
-    assert (out / "metrics.jsonl").read_bytes()[:len(before)] == before  # the live run's record untouched
+    assert (out / "metrics.jsonl").read_bytes()[: len(before)] == before  # the live run's record untouched
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_0000010"]
     proc.kill()
     proc.wait()
@@ -269,8 +286,10 @@ def test_unparsable_checkpoints_set_aside_and_a_full_disk_while_writing_metrics(
     from rampup.engine.checkpoint.folders import MANIFEST
 
     cfg, out = killed_after_checkpoint(data_cache, tmp_path, 30)
-    for step, name, data in ((30, "model.safetensors", pickle.dumps({"weights": list(range(1000))})),
-                             (20, "state.json", b"\x80\x04not json at all")):
+    for step, name, data in (
+        (30, "model.safetensors", pickle.dumps({"weights": list(range(1000))})),
+        (20, "state.json", b"\x80\x04not json at all"),
+    ):
         folder = out / "checkpoints" / f"step_{step:07d}"
         (folder / name).write_bytes(data)
         manifest = json.loads((folder / MANIFEST).read_text())
@@ -278,11 +297,15 @@ def test_unparsable_checkpoints_set_aside_and_a_full_disk_while_writing_metrics(
         (folder / MANIFEST).write_text(json.dumps(manifest))
     good = out / "checkpoints" / "step_0000010"
     before = {f.name: f.read_bytes() for f in good.iterdir()}
-    size = sum(len(line) for line in (out / "metrics.jsonl").read_text().splitlines(keepends=True)
-               if json.loads(line).get("step", 0) <= 10)  # the record cut back to step 10
+    size = sum(
+        len(line)
+        for line in (out / "metrics.jsonl").read_text().splitlines(keepends=True)
+        if json.loads(line).get("step", 0) <= 10
+    )  # the record cut back to step 10
     for i, limit in enumerate((size + 3000, size // 2)):  # 3000: the damage records, a few steps
-        res = run_rampup("train", str(cfg), "--resume",
-                         preexec_fn=lambda n=limit: resource.setrlimit(resource.RLIMIT_FSIZE, (n, n)))
+        res = run_rampup(
+            "train", str(cfg), "--resume", preexec_fn=lambda n=limit: resource.setrlimit(resource.RLIMIT_FSIZE, (n, n))
+        )
         assert res.returncode == 4, res.stderr
         if i == 0:
             assert "step_0000030: model.safetensors matches its manifest but cannot be read" in res.stderr

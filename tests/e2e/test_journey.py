@@ -1,6 +1,7 @@
 """A user's own Hugging Face model, start to finish, with real processes: a 128-position Llama folder and
 its tokenizer, continued on a folder of text with a YaRN stage at 256, scored before and after on the
 same windows, stopped by SIGTERM and resumed, exported, loaded with from_pretrained and generated from."""
+
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+
 from conftest import rampup_cmd, run_rampup, wait_for
 
 transformers = pytest.importorskip("transformers")
@@ -24,15 +26,31 @@ def llama_folder(folder: Path) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=600, special_tokens=["<s>", "</s>", "<pad>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    cfg = transformers.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=128, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=600,
+            special_tokens=["<s>", "</s>", "<pad>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    cfg = transformers.LlamaConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+    )
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                                pad_token="<pad>", model_max_length=128)
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", model_max_length=128
+    )
     fast.chat_template = "{% for m in messages %}{{ m['content'] }}</s>{% endfor %}"
     fast.save_pretrained(folder)
 
@@ -45,29 +63,64 @@ def test_continue_an_hf_model_past_its_positions_compare_before_and_after_and_sh
     for p in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[30:90]:
         (proj / "corpus" / f"{p.stem}.txt").write_text(p.read_text(errors="replace"))
     config = proj / "extend.yaml"
-    config.write_text(yaml.safe_dump({  # paths relative to the config file, as a user writes them
-        "name": "extend", "model": {"source": "hf", "path": "model"},
-        "data": {"source": "corpus", "cache_dir": str(tmp_path / "cache")},
-        "schedule": {"knobs": {"batch_tokens": 1024},
-                     "stages": [{"name": "short", "duration": "70%", "seq_len": 128},
-                                {"name": "long", "seq_len": 256,
-                                 "rope": {"method": "yarn", "factor": 2, "original_max_len": 128}}]},
-        "optimizer": {"lr": 2e-3, "warmup": "10%"},
-        "train": {"duration": "20 steps", "checkpoint_every": "5 steps", "out_dir": str(tmp_path / "run"),
-                  "threads": 1, "precision": "fp32"},
-        "eval": {"seq_lens": [128, 256], "max_tokens": 2048}, "log": {"progress": "plain"}}))
+    config.write_text(
+        yaml.safe_dump(
+            {  # paths relative to the config file, as a user writes them
+                "name": "extend",
+                "model": {"source": "hf", "path": "model"},
+                "data": {"source": "corpus", "cache_dir": str(tmp_path / "cache")},
+                "schedule": {
+                    "knobs": {"batch_tokens": 1024},
+                    "stages": [
+                        {"name": "short", "duration": "70%", "seq_len": 128},
+                        {
+                            "name": "long",
+                            "seq_len": 256,
+                            "rope": {"method": "yarn", "factor": 2, "original_max_len": 128},
+                        },
+                    ],
+                },
+                "optimizer": {"lr": 2e-3, "warmup": "10%"},
+                "train": {
+                    "duration": "20 steps",
+                    "checkpoint_every": "5 steps",
+                    "out_dir": str(tmp_path / "run"),
+                    "threads": 1,
+                    "precision": "fp32",
+                },
+                "eval": {"seq_lens": [128, 256], "max_tokens": 2048},
+                "log": {"progress": "plain"},
+            }
+        )
+    )
     run = tmp_path / "run"
 
     # before: the base folder scored on the run's held-out windows (the corpus is prepared by it)
-    res = run_rampup("eval", str(proj / "model"), "--data", str(config), "--lengths", "128", "256",
-                     "--passkey-samples", "0", "--out", str(tmp_path / "base.json"))
+    res = run_rampup(
+        "eval",
+        str(proj / "model"),
+        "--data",
+        str(config),
+        "--lengths",
+        "128",
+        "256",
+        "--passkey-samples",
+        "0",
+        "--out",
+        str(tmp_path / "base.json"),
+    )
     assert res.returncode == 0, res.stderr
     base = json.loads((tmp_path / "base.json").read_text())
     assert base["kind"] == "hf_folder" and base["scored"]["max_tokens"] == 2048
 
     # train past the folder's 128 positions; SIGTERM mid-run, then resume
-    proc = subprocess.Popen(rampup_cmd("train", str(config)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONHASHSEED": "0"})
+    proc = subprocess.Popen(
+        rampup_cmd("train", str(config)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONHASHSEED": "0"},
+    )
     wait_for(lambda: (run / "checkpoints" / "step_0000010").is_dir(), proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -105,8 +158,10 @@ def test_continue_an_hf_model_past_its_positions_compare_before_and_after_and_sh
     cfg = RunConfig.model_validate(yaml.safe_load((run / "config.yaml").read_text()))
     adapter = build_adapter(cfg.model)
     load_checkpoint(latest_checkpoint(run / "checkpoints"), adapter.module, None)
-    KnobRunner(KnobContext(adapter)).apply(Schedule.build(cfg.schedule, total=cfg.train.duration).at(0) |
-                                           {"rope": cfg.schedule.stages[1].knobs["rope"]}, 256)
+    KnobRunner(KnobContext(adapter)).apply(
+        Schedule.build(cfg.schedule, total=cfg.train.duration).at(0) | {"rope": cfg.schedule.stages[1].knobs["rope"]},
+        256,
+    )
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     ids = torch.tensor([tok.encode(" ".join(["def f(x): return x"] * 40))[:200]])
     adapter.module.eval()

@@ -1,4 +1,5 @@
 """End-to-end training: real corpus files, real tokenizer, real processes for interruption."""
+
 import json
 import math
 import signal
@@ -6,6 +7,7 @@ import subprocess
 
 import pytest
 import torch
+
 from conftest import (
     rampup_cmd,
     run_rampup,
@@ -15,7 +17,6 @@ from conftest import (
     weights,
     write_config,
 )
-
 from rampup.config import RunConfig
 from rampup.engine.checkpoint.format import latest_checkpoint
 from rampup.engine.records import read_metrics
@@ -69,7 +70,10 @@ def test_steps_record_achieved_flops_against_the_roof_and_sampled_profiles_split
         assert (p["rows"], p["seq_len"]) == (steps[p["step"]]["batch_size"], steps[p["step"]]["seq_len"])
     shapes = shape_profile(recs)
     assert list(shapes) == [(32, 64), (8, 256)]
-    assert [d["steps"] for d in shapes.values()] == [20, 20] and [d["profiled_steps"] for d in shapes.values()] == [2, 3]
+    assert [d["steps"] for d in shapes.values()] == [20, 20] and [d["profiled_steps"] for d in shapes.values()] == [
+        2,
+        3,
+    ]
     assert sum(shapes[(8, 256)]["shares"].values()) == pytest.approx(1.0)
     rows = shape_table_rows("tiny", recs)
     assert [r[1] for r in rows] == ["32 x 64", "8 x 256"] and all(r[5].endswith("%") for r in rows)
@@ -137,8 +141,12 @@ def test_init_from_starts_a_new_run_from_a_runs_weights_with_its_tokenizer(unint
     from rampup.engine.checkpoint.format import model_tensors
     from rampup.engine.trainer import Trainer
 
-    tree = tiny_tree(data_cache, tmp_path / "more", train={"init_from": str(uninterrupted), "duration": "4 steps",
-                                                          "checkpoint_every": None}, log={"progress": "off"})
+    tree = tiny_tree(
+        data_cache,
+        tmp_path / "more",
+        train={"init_from": str(uninterrupted), "duration": "4 steps", "checkpoint_every": None},
+        log={"progress": "off"},
+    )
     cfg = RunConfig.model_validate(tree)
     source = RunConfig.model_validate(tiny_tree(data_cache, uninterrupted))
     assert cfg.data.tokenizer.path == str(prepared_dir(source.data) / TOKENIZER)  # the source's tokenizer
@@ -164,13 +172,16 @@ def test_resume_with_a_different_config_is_refused(uninterrupted, data_cache, tm
 
 
 @pytest.mark.slow  # real processes
-@pytest.mark.parametrize("sections, fragment", [
-    ({"data": {"source": "/no/such/corpus"}}, "/no/such/corpus"),
-    ({"schedule": {"knobs": {"batch_tokens": 2048}, "stages": [{"seq_len": 512}]}}, "raise model.max_seq_len"),
-    ({"train": {"duration": "40"}}, "has no unit"),
-    ({"model": {"n_layer": 3}}, "did you mean 'n_layers'"),
-    ({"train": {"context_parallel": 2}}, "train.context_parallel 2: it needs CUDA GPUs"),
-])
+@pytest.mark.parametrize(
+    "sections, fragment",
+    [
+        ({"data": {"source": "/no/such/corpus"}}, "/no/such/corpus"),
+        ({"schedule": {"knobs": {"batch_tokens": 2048}, "stages": [{"seq_len": 512}]}}, "raise model.max_seq_len"),
+        ({"train": {"duration": "40"}}, "has no unit"),
+        ({"model": {"n_layer": 3}}, "did you mean 'n_layers'"),
+        ({"train": {"context_parallel": 2}}, "train.context_parallel 2: it needs CUDA GPUs"),
+    ],
+)
 def test_bad_input_fails_fast_with_a_named_error(data_cache, tmp_path, sections, fragment):
     cfg = write_config(tmp_path / "run.yaml", tiny_tree(data_cache, tmp_path / "out", **sections))
     res = run_rampup("train", str(cfg))
@@ -201,7 +212,7 @@ def test_gradient_accumulation_matches_one_big_step():
     la, ga = train_step(a, opts[0], x, y, lr=1.0, precision="fp32")
     lb, gb = train_step(b, opts[1], x, y, lr=1.0, precision="fp32", micro_batch_tokens=64)  # 4 micro-batches
     assert la == pytest.approx(lb, rel=1e-5) and ga == pytest.approx(gb, rel=1e-4)
-    for pa, pb in zip(a.parameters(), b.parameters()):
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
 
 
@@ -231,8 +242,9 @@ def test_train_step_skips_a_nonfinite_step_entirely():
 
 
 def test_train_in_process_returns_summary(data_cache, tmp_path):
-    tree = tiny_tree(data_cache, tmp_path / "out", train={"duration": "6 steps", "checkpoint_every": None},
-                     log={"progress": "off"})
+    tree = tiny_tree(
+        data_cache, tmp_path / "out", train={"duration": "6 steps", "checkpoint_every": None}, log={"progress": "off"}
+    )
     summary = train(RunConfig.model_validate(tree))
     assert summary["steps"] == 6 and set(summary["val_loss"]) == {"64", "256"}
     with pytest.raises(ConfigError, match="already holds a checkpoint"):
@@ -240,8 +252,12 @@ def test_train_in_process_returns_summary(data_cache, tmp_path):
 
 
 def test_tensorboard_events_or_a_named_error(data_cache, tmp_path):
-    tree = tiny_tree(data_cache, tmp_path / "out", train={"duration": "3 steps", "checkpoint_every": None},
-                     log={"progress": "off", "tensorboard": True})
+    tree = tiny_tree(
+        data_cache,
+        tmp_path / "out",
+        train={"duration": "3 steps", "checkpoint_every": None},
+        log={"progress": "off", "tensorboard": True},
+    )
     try:
         import tensorboard  # noqa: F401
     except ImportError:

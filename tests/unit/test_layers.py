@@ -1,6 +1,7 @@
 """The architecture, enforced: every import in src/rampup (at the top of a module, inside functions, and
 the knob families rampup.knobs discovers) points down the layer order stated in rampup/__init__.py, the
 import graph has no cycle, few imports hide inside functions, and no function is longer than a screen."""
+
 from __future__ import annotations
 
 import ast
@@ -26,8 +27,19 @@ public API, re-exports from every layer)."""
 MAX_FUNCTION_LINES = 60
 MAX_INNER_IMPORTS = 30
 
-LAZY = ("transformers", "datasets", "pyarrow", "tensorboard", "torch.utils.tensorboard", "wandb", "rampup.commands",
-        "torch.distributed.checkpoint", "torch.distributed.fsdp", "torch.distributed.tensor", "matplotlib")
+LAZY = (
+    "transformers",
+    "datasets",
+    "pyarrow",
+    "tensorboard",
+    "torch.utils.tensorboard",
+    "wandb",
+    "rampup.commands",
+    "torch.distributed.checkpoint",
+    "torch.distributed.fsdp",
+    "torch.distributed.tensor",
+    "matplotlib",
+)
 """What may be imported inside a function: optional dependencies (the ``hf``, ``parquet`` and ``loggers``
 extras); the commands, which rampup.cli imports once a command runs so that ``rampup --help`` stays fast;
 and the heavy parts of torch and matplotlib that only some runs use (DCP and DTensor, FSDP2, plotting):
@@ -60,7 +72,9 @@ def imports(path: Path, known: set[str]) -> list[tuple[str, bool, int]]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             names = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
         else:
             continue
@@ -108,8 +122,12 @@ def test_no_module_imports_an_old_path():
     import rampup
 
     mods = modules()
-    old = [f"{m}:{line} {target}" for m, p in mods.items() for target, _, line in imports(p, set(mods) | set(rampup.MOVED))
-           if target in rampup.MOVED]
+    old = [
+        f"{m}:{line} {target}"
+        for m, p in mods.items()
+        for target, _, line in imports(p, set(mods) | set(rampup.MOVED))
+        if target in rampup.MOVED
+    ]
     assert not old, "imports through an old path:\n  " + "\n  ".join(old)
 
 
@@ -123,7 +141,7 @@ def test_the_import_graph_has_no_cycle():
         state[n] = 1
         for d in sorted(g[n]):
             if state.get(d) == 1:
-                cycles.append(path[path.index(d):] + [d] if d in path else [n, d])
+                cycles.append(path[path.index(d) :] + [d] if d in path else [n, d])
             elif d not in state:
                 visit(d, [*path, d])
         state[n] = 2
@@ -139,8 +157,10 @@ def test_few_imports_hide_inside_functions():
     statements = {where for where, _ in inner}
     eager = sorted(f"{where} {what}" for where, what in inner if not what.startswith(LAZY))
     assert not eager, "imports inside functions that should be at the top of their module:\n  " + "\n  ".join(eager)
-    assert len(statements) < MAX_INNER_IMPORTS, f"{len(statements)} import statements inside functions:\n  " + \
-        "\n  ".join(f"{where} {what}" for where, what in inner)
+    assert len(statements) < MAX_INNER_IMPORTS, (
+        f"{len(statements)} import statements inside functions:\n  "
+        + "\n  ".join(f"{where} {what}" for where, what in inner)
+    )
 
 
 def test_no_function_is_longer_than_a_screen():

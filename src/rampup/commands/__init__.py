@@ -1,6 +1,7 @@
 """What each ``rampup`` command does: one module per command, each with ``run(args)``. rampup.cli parses the
 command line and imports only the module of the command given, so ``rampup --help`` imports none of them
 and each command only what it needs."""
+
 from __future__ import annotations
 
 import argparse

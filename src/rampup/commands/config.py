@@ -1,4 +1,5 @@
 """rampup config: every config key with its default and meaning."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,11 +17,12 @@ from rampup.units import Duration
 
 def run(args: argparse.Namespace) -> int:
 
-
     def walk(cls: type[BaseModel], prefix: str) -> None:
         for name, field in cls.model_fields.items():
             ann = field.annotation
-            sub = next((a for a in (ann, *typing.get_args(ann)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+            sub = next(
+                (a for a in (ann, *typing.get_args(ann)) if isinstance(a, type) and issubclass(a, BaseModel)), None
+            )
             key = f"{prefix}{field.alias or name}"
             if args.section and not key.startswith(args.section):
                 continue
@@ -32,8 +34,10 @@ def run(args: argparse.Namespace) -> int:
                 console.print(f"  {key}: {_as_yaml(default)}  [dim]{field.description or ''}[/]", highlight=False)
 
     walk(RunConfig, "")
-    console.print("[bold]knobs[/] (set in schedule.knobs or in a stage; numbers may be ramps "
-                  "{ramp: linear|cosine|step|exponential|root, from: A, to: B}):")
+    console.print(
+        "[bold]knobs[/] (set in schedule.knobs or in a stage; numbers may be ramps "
+        "{ramp: linear|cosine|step|exponential|root, from: A, to: B}):"
+    )
     for k in KNOBS.values():
         shown = f" (default {_as_yaml(k.default)})" if k.default is not None else " (no default: set it)"
         console.print(f"  {k.name}{shown}  [dim]{k.doc}[/]", highlight=False)
@@ -42,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _as_yaml(value: typing.Any) -> str:
     """A default as a user writes it in YAML: '2%' for a duration, {method: base} for a model, (required)."""
+
     def plain(v: typing.Any) -> typing.Any:
         if isinstance(v, Duration):
             return str(v)

@@ -1,4 +1,5 @@
 """rampup demo: a staged curriculum against a fixed baseline on the embedded corpus."""
+
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,5 @@
 """rampup export: a run or checkpoint as a Hugging Face model folder."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,6 +11,7 @@ from rampup.tools.export import export_hf
 def run(args: argparse.Namespace) -> int:
 
     out = export_hf(args.path, args.out_dir, dtype=args.dtype, ema=args.ema, subnet=args.subnet)
-    console.print(f"exported {args.path} as a Hugging Face model: {out} "
-                  "(AutoModelForCausalLM / AutoTokenizer .from_pretrained)")
+    console.print(
+        f"exported {args.path} as a Hugging Face model: {out} (AutoModelForCausalLM / AutoTokenizer .from_pretrained)"
+    )
     return 0

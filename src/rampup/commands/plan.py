@@ -1,4 +1,5 @@
 """rampup plan: the whole run as a table and a PNG, without training."""
+
 from __future__ import annotations
 
 import argparse
@@ -39,24 +40,27 @@ def run(args: argparse.Namespace) -> int:
     print_plan(plan, cfg, console)
     too_big = memory_warnings(plan, cfg)
     if (prepared / "meta.json").is_file():
-
-        print_corpus_stats(corpus_stats(TokenDataset.open(prepared, "train", verify=False).doc_lengths,
-                                        plan.baseline_seq_len), console)
-        warnings = corpus_warnings(read_meta(prepared), budget_tokens=schedule.total_tokens,
-                                   sampler=cfg.data.sampler)
+        print_corpus_stats(
+            corpus_stats(TokenDataset.open(prepared, "train", verify=False).doc_lengths, plan.baseline_seq_len), console
+        )
+        warnings = corpus_warnings(read_meta(prepared), budget_tokens=schedule.total_tokens, sampler=cfg.data.sampler)
     else:
-
         console.print(f"corpus not prepared yet ({prepared}): `rampup prepare` it for its document lengths")
         warnings = unprepared_warnings(cfg.data, schedule.total_tokens)
     for w in too_big + warnings:
         console.print(f"[yellow]warning:[/] {w}", highlight=False)
     if not args.no_time:
-
-        shapes = list(zip(plan.curve["batch_size"], plan.curve["seq_len"]))
-        cal = Calibrator(cfg, budget=args.time_budget, recalibrate=args.recalibrate,
-                         progress=lambda line: console.print(f"  {line}", highlight=False))
-        console.print(f"timing a few small steps for the train-time estimate (at most {args.time_budget:g} s; "
-                      "cached for next time; --no-time skips it)")
+        shapes = list(zip(plan.curve["batch_size"], plan.curve["seq_len"], strict=True))
+        cal = Calibrator(
+            cfg,
+            budget=args.time_budget,
+            recalibrate=args.recalibrate,
+            progress=lambda line: console.print(f"  {line}", highlight=False),
+        )
+        console.print(
+            f"timing a few small steps for the train-time estimate (at most {args.time_budget:g} s; "
+            "cached for next time; --no-time skips it)"
+        )
         est = estimate_time(cfg, schedule, shapes, plan, calibrator=cal)
         print_time_estimate(est, schedule, console, plan.baseline_seq_len)
     png = Path(args.png) if args.png else _plan_png(cfg)

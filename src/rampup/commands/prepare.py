@@ -1,4 +1,5 @@
 """rampup prepare: tokenize the corpus into token shards (cached)."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,7 +17,6 @@ from rampup.data.prepare import (
 
 def run(args: argparse.Namespace) -> int:
 
-
     cfg = load(args)
     path = get_prepared(cfg.data)
     meta = read_meta(path)
@@ -31,10 +31,13 @@ def run(args: argparse.Namespace) -> int:
     for col in ("bucket", "sequences", "tokens", "share"):
         table.add_column(col, justify="right")
     for n, row in summary["buckets"].items():
-        table.add_row(n, f"{row['sequences']:,}", f"{row['tokens']:,}",
-                      f"{row['tokens'] / summary['tokens_total']:.1%}")
+        table.add_row(
+            n, f"{row['sequences']:,}", f"{row['tokens']:,}", f"{row['tokens'] / summary['tokens_total']:.1%}"
+        )
     console.print(table)
-    console.print(f"{summary['tokens_dropped']:,} of {summary['tokens_total']:,} tokens "
-                  f"({summary['tokens_dropped'] / summary['tokens_total']:.2%}) dropped as remainders shorter "
-                  f"than {1 << b.min_log2} + 1 tokens; each sequence also holds one target token past its inputs")
+    console.print(
+        f"{summary['tokens_dropped']:,} of {summary['tokens_total']:,} tokens "
+        f"({summary['tokens_dropped'] / summary['tokens_total']:.2%}) dropped as remainders shorter "
+        f"than {1 << b.min_log2} + 1 tokens; each sequence also holds one target token past its inputs"
+    )
     return 0

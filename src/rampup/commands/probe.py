@@ -1,4 +1,5 @@
 """rampup probe: the longest seq_len that trains within a memory limit, by measurement."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,8 +16,6 @@ from rampup.tools.probe import probe
 
 def run(args: argparse.Namespace) -> int:
 
-
-
     cfg = load(args)
     limit = parse_bytes(args.memory_limit, "--memory-limit")
     if args.above_rest:
@@ -30,21 +29,45 @@ def run(args: argparse.Namespace) -> int:
     techniques = [t.replace("-", " ") for t in args.techniques]
 
     def log(t) -> None:
-        console.print(f"  {t.technique}: seq_len {t.seq_len}: " + (
-            f"ok, peak {format_bytes(t.peak_above_rest)} above rest, {t.step_time:.1f}s" if t.ok else f"failed ({t.why})"))
+        console.print(
+            f"  {t.technique}: seq_len {t.seq_len}: "
+            + (
+                f"ok, peak {format_bytes(t.peak_above_rest)} above rest, {t.step_time:.1f}s"
+                if t.ok
+                else f"failed ({t.why})"
+            )
+        )
 
-    res = probe(cfg, limit, techniques, mode=mode, rows=args.rows, start=args.start, stop=args.max_seq_len,
-                granule=args.granule, refine=args.refine, timeout=args.timeout, log=log)
-    table = Table(title=f"longest seq_len of one {args.rows}-row training step within {format_bytes(limit)} "
-                        f"({'above the resting footprint' if mode == 'above_rest' else 'of data, whole process'}), "
-                        f"{res['precision']}")
+    res = probe(
+        cfg,
+        limit,
+        techniques,
+        mode=mode,
+        rows=args.rows,
+        start=args.start,
+        stop=args.max_seq_len,
+        granule=args.granule,
+        refine=args.refine,
+        timeout=args.timeout,
+        log=log,
+    )
+    table = Table(
+        title=f"longest seq_len of one {args.rows}-row training step within {format_bytes(limit)} "
+        f"({'above the resting footprint' if mode == 'above_rest' else 'of data, whole process'}), "
+        f"{res['precision']}"
+    )
     for col in ("technique", "settings at that length", "longest seq_len", "x plain", "peak above rest", "step time"):
         table.add_column(col, justify="left" if col in ("technique", "settings at that length") else "right")
     for name, r in res["techniques"].items():
         ok = [t for t in r["trials"] if t["ok"] and t["seq_len"] == r["longest"]]
-        table.add_row(name, r["settings"], str(r["longest"] or f"< {args.start}"),
-                      f"{r['x_plain']:.1f}x" if r["x_plain"] else "-",
-                      format_bytes(ok[0]["peak_above_rest"]) if ok else "-", f"{ok[0]['step_time']:.1f}s" if ok else "-")
+        table.add_row(
+            name,
+            r["settings"],
+            str(r["longest"] or f"< {args.start}"),
+            f"{r['x_plain']:.1f}x" if r["x_plain"] else "-",
+            format_bytes(ok[0]["peak_above_rest"]) if ok else "-",
+            f"{ok[0]['step_time']:.1f}s" if ok else "-",
+        )
     console.print(table)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1) + "\n")

@@ -1,4 +1,5 @@
 """rampup report: an HTML report and PNGs of a run."""
+
 from __future__ import annotations
 
 import argparse

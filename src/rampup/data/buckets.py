@@ -20,6 +20,7 @@ Try it::
     python -c "from rampup.data import DataConfig, prepare; from rampup.data.buckets import \\
 get_buckets; print(get_buckets(prepare(DataConfig()), 6, 12).summary())"
 """
+
 from __future__ import annotations
 
 import json
@@ -44,9 +45,11 @@ _DRAW_SEED = 0x5EED
 
 def check_range(min_log2: int, max_log2: int) -> None:
     if not MIN_LOG2_LIMIT <= min_log2 <= max_log2 <= MAX_LOG2_LIMIT:
-        raise ConfigError(f"bucket range min_log2={min_log2}, max_log2={max_log2} is invalid; need "
-                          f"{MIN_LOG2_LIMIT} <= min_log2 <= max_log2 <= {MAX_LOG2_LIMIT} "
-                          "(e.g. 6 and 12: sequences of 64 to 4096 tokens)")
+        raise ConfigError(
+            f"bucket range min_log2={min_log2}, max_log2={max_log2} is invalid; need "
+            f"{MIN_LOG2_LIMIT} <= min_log2 <= max_log2 <= {MAX_LOG2_LIMIT} "
+            "(e.g. 6 and 12: sequences of 64 to 4096 tokens)"
+        )
 
 
 def long_doc_odds(min_log2: int, max_log2: int) -> np.ndarray:
@@ -55,8 +58,9 @@ def long_doc_odds(min_log2: int, max_log2: int) -> np.ndarray:
     return w / w.sum()
 
 
-def decompose_document(length: int, min_log2: int, max_log2: int,
-                       rng: np.random.Generator | None = None) -> tuple[list[tuple[int, int]], int]:
+def decompose_document(
+    length: int, min_log2: int, max_log2: int, rng: np.random.Generator | None = None
+) -> tuple[list[tuple[int, int]], int]:
     """([(offset, k), ...], dropped tokens) for one document of ``length`` tokens.
 
     ``rng`` draws k for long remainders; it is only used (and may only be None) when
@@ -124,24 +128,26 @@ class BucketSet:
         n = (1 << k) + 1
         out = np.empty((len(idx), n), dtype=np.int64)
         for r, (shard, start) in enumerate(self.starts[k][idx].tolist()):
-            out[r] = self.dataset.shards[shard][start:start + n]
+            out[r] = self.dataset.shards[shard][start : start + n]
         return out
 
     def summary(self) -> dict:
         used = sum((n << k) + n for k, n in self.counts().items())
-        return {"min_log2": self.min_log2, "max_log2": self.max_log2,
-                "buckets": {str(1 << k): {"sequences": n, "tokens": n << k}
-                            for k, n in self.counts().items()},
-                "tokens_total": self.dataset.n_tokens, "tokens_in_buckets": used,
-                "tokens_dropped": self.dropped}
+        return {
+            "min_log2": self.min_log2,
+            "max_log2": self.max_log2,
+            "buckets": {str(1 << k): {"sequences": n, "tokens": n << k} for k, n in self.counts().items()},
+            "tokens_total": self.dataset.n_tokens,
+            "tokens_in_buckets": used,
+            "tokens_dropped": self.dropped,
+        }
 
 
 def buckets_dir(prepared: str | Path, min_log2: int, max_log2: int) -> Path:
     return Path(prepared) / f"buckets-{min_log2}-{max_log2}"
 
 
-def get_buckets(prepared: str | Path, min_log2: int, max_log2: int,
-                dataset: TokenDataset | None = None) -> BucketSet:
+def get_buckets(prepared: str | Path, min_log2: int, max_log2: int, dataset: TokenDataset | None = None) -> BucketSet:
     """The train split's buckets for this range: decomposed on first use, then read from the cache."""
     check_range(min_log2, max_log2)
     dataset = dataset or TokenDataset.open(prepared, "train")
@@ -162,9 +168,15 @@ def _write(folder: Path, dataset: TokenDataset, min_log2: int, max_log2: int) ->
     try:
         for k, arr in starts.items():
             np.save(tmp / f"train_b{k:02d}.npy", arr)
-        meta = {"version": BUCKETS_VERSION, "min_log2": min_log2, "max_log2": max_log2,
-                "n_docs": dataset.n_docs, "n_tokens": dataset.n_tokens, "dropped": dropped,
-                "counts": {str(k): len(a) for k, a in starts.items()}}
+        meta = {
+            "version": BUCKETS_VERSION,
+            "min_log2": min_log2,
+            "max_log2": max_log2,
+            "n_docs": dataset.n_docs,
+            "n_tokens": dataset.n_tokens,
+            "dropped": dropped,
+            "counts": {str(k): len(a) for k, a in starts.items()},
+        }
         (tmp / BUCKETS_META).write_text(json.dumps(meta, indent=1))
         shutil.rmtree(folder, ignore_errors=True)
         os.rename(tmp, folder)
@@ -177,28 +189,40 @@ def _read(folder: Path, dataset: TokenDataset, min_log2: int, max_log2: int) -> 
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{meta_path} is unreadable ({e}); delete {folder} and run `rampup prepare`")
+        raise DataError(f"{meta_path} is unreadable ({e}); delete {folder} and run `rampup prepare`") from e
     if (meta.get("version"), meta.get("n_docs"), meta.get("n_tokens")) != (
-            BUCKETS_VERSION, dataset.n_docs, dataset.n_tokens):
-        raise DataError(f"{folder} was decomposed from other data or by another rampup version; "
-                        f"delete it and run `rampup prepare`")
+        BUCKETS_VERSION,
+        dataset.n_docs,
+        dataset.n_tokens,
+    ):
+        raise DataError(
+            f"{folder} was decomposed from other data or by another rampup version; delete it and run `rampup prepare`"
+        )
     starts = {}
     for k in range(min_log2, max_log2 + 1):
         path = folder / f"train_b{k:02d}.npy"
         try:
             arr = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as e:
-            raise DataError(f"bucket file {path} is missing or unreadable ({e}); delete {folder} "
-                            "and run `rampup prepare`") from None
+            raise DataError(
+                f"bucket file {path} is missing or unreadable ({e}); delete {folder} and run `rampup prepare`"
+            ) from None
         if arr.ndim != 2 or arr.shape[1] != 2 or len(arr) != meta["counts"][str(k)]:
-            raise DataError(f"bucket file {path} has shape {arr.shape}, buckets.json says "
-                            f"({meta['counts'][str(k)]}, 2); delete {folder} and run `rampup prepare`")
+            raise DataError(
+                f"bucket file {path} has shape {arr.shape}, buckets.json says "
+                f"({meta['counts'][str(k)]}, 2); delete {folder} and run `rampup prepare`"
+            )
         if len(arr):
             shard, start = arr[:, 0], arr[:, 1]
             sizes = np.array([len(s) for s in dataset.shards], dtype=np.int64)
-            if shard.min() < 0 or shard.max() >= len(sizes) or start.min() < 0 or \
-                    (start + (1 << k) + 1 > sizes[shard]).any():
-                raise DataError(f"bucket file {path} points outside the token shards; delete "
-                                f"{folder} and run `rampup prepare`")
+            if (
+                shard.min() < 0
+                or shard.max() >= len(sizes)
+                or start.min() < 0
+                or (start + (1 << k) + 1 > sizes[shard]).any()
+            ):
+                raise DataError(
+                    f"bucket file {path} points outside the token shards; delete {folder} and run `rampup prepare`"
+                )
         starts[k] = arr
     return BucketSet(folder, dataset, min_log2, max_log2, starts, int(meta["dropped"]))

@@ -1,4 +1,5 @@
 """The ``data`` section of a run config: where the corpus is, how it is tokenized and cached."""
+
 from __future__ import annotations
 
 from typing import Literal
@@ -43,8 +44,9 @@ class BucketsConfig(Section):
     @model_validator(mode="after")
     def _range(self) -> BucketsConfig:
         if not 1 <= self.min_log2 <= self.max_log2 <= 24:
-            raise ValueError(f"data.buckets needs 1 <= min_log2 <= max_log2 <= 24, got "
-                             f"{self.min_log2}..{self.max_log2}")
+            raise ValueError(
+                f"data.buckets needs 1 <= min_log2 <= max_log2 <= 24, got {self.min_log2}..{self.max_log2}"
+            )
         return self
 
 
@@ -106,11 +108,15 @@ class DataConfig(Section):
     @model_validator(mode="after")
     def _packing(self) -> DataConfig:
         if self.restart_positions and not self.doc_mask:
-            raise ValueError("data.restart_positions needs data.doc_mask: true (positions restart "
-                             "per document only when attention is masked per document)")
+            raise ValueError(
+                "data.restart_positions needs data.doc_mask: true (positions restart "
+                "per document only when attention is masked per document)"
+            )
         if self.doc_mask and self.sampler == "buckets":
-            raise ValueError("data.doc_mask is for packed windows; the buckets sampler never packs "
-                             "two documents into one sequence, so remove doc_mask")
+            raise ValueError(
+                "data.doc_mask is for packed windows; the buckets sampler never packs "
+                "two documents into one sequence, so remove doc_mask"
+            )
         return self
 
     @field_validator("val_fraction")

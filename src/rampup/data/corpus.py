@@ -7,6 +7,7 @@ whitespace) are skipped and counted, never tokenized. A text file or JSONL line 
 UTF-8 is skipped and counted, stops the prepare with its path and byte offset, or is read with the
 bad bytes replaced, as ``data.on_undecodable`` says.
 """
+
 from __future__ import annotations
 
 import json
@@ -67,8 +68,7 @@ class CorpusStats:
             self.undecodable.append(where)
 
 
-def _decode(data: bytes, where: str, on_undecodable: OnUndecodable, stats: CorpusStats,
-            base: int = 0) -> str | None:
+def _decode(data: bytes, where: str, on_undecodable: OnUndecodable, stats: CorpusStats, base: int = 0) -> str | None:
     """UTF-8 text of ``data`` (which starts at byte ``base`` of its file); None when it is
     undecodable and skipped."""
     try:
@@ -77,8 +77,10 @@ def _decode(data: bytes, where: str, on_undecodable: OnUndecodable, stats: Corpu
         if on_undecodable == "replace":
             return data.decode("utf-8", errors="replace")
         if on_undecodable == "error":
-            raise DataError(f"{where}: not valid UTF-8 at byte offset {base + e.start} ({e.reason}); convert it to "
-                            "UTF-8 or remove it, or set data.on_undecodable to skip or replace") from None
+            raise DataError(
+                f"{where}: not valid UTF-8 at byte offset {base + e.start} ({e.reason}); convert it to "
+                "UTF-8 or remove it, or set data.on_undecodable to skip or replace"
+            ) from None
         stats.skip_undecodable(f"{where} (byte {base + e.start})")
         return None
 
@@ -109,7 +111,7 @@ def resolve_source(source: str, max_files: int | None = None, split: str | None 
             raise DataError(
                 f"data source '{source}' does not exist; data.source should point to a file or a "
                 f"folder of .txt/.md/.py/.jsonl/.parquet files, a Hugging Face datasets folder "
-                f"(save_to_disk), or be \"{STDLIB}\""
+                f'(save_to_disk), or be "{STDLIB}"'
             )
         is_dict = (path / "dataset_dict.json").is_file()
         hf = hf_dataset_files(path, split) if path.is_dir() else None
@@ -122,19 +124,24 @@ def resolve_source(source: str, max_files: int | None = None, split: str | None 
             for folder, dirs, names in os.walk(path):
                 dirs[:] = [d for d in dirs if not d.startswith(".")]  # .git, .rampup_cache, ...
                 if "dataset_dict.json" in names:
-                    raise DataError(f"{folder} (inside data source '{source}') is a Hugging Face DatasetDict; "
-                                    "point data.source at it and pick one split with data.split")
+                    raise DataError(
+                        f"{folder} (inside data source '{source}') is a Hugging Face DatasetDict; "
+                        "point data.source at it and pick one split with data.split"
+                    )
                 inner = hf_dataset_files(Path(folder), None)
                 if inner is not None:  # a datasets folder inside: its Arrow files, not its metadata
                     files += inner
                     dirs[:] = []
                     continue
-                files += [Path(folder, n) for n in names
-                          if not n.startswith(".") and os.path.isfile(os.path.join(folder, n))]
+                files += [
+                    Path(folder, n) for n in names if not n.startswith(".") and os.path.isfile(os.path.join(folder, n))
+                ]
             files.sort(key=lambda f: f.relative_to(path).as_posix())
     if split is not None and not is_dict:
-        raise DataError(f"data.split '{split}' picks a split of a Hugging Face DatasetDict folder, but "
-                        f"'{source}' is not one (no dataset_dict.json); remove data.split")
+        raise DataError(
+            f"data.split '{split}' picks a split of a Hugging Face DatasetDict folder, but "
+            f"'{source}' is not one (no dataset_dict.json); remove data.split"
+        )
     if max_files is not None:
         files = files[:max_files]
     if not files:
@@ -158,32 +165,41 @@ def hf_dataset_files(folder: Path, split: str | None) -> list[Path] | None:
     if (folder / "dataset_dict.json").is_file():
         splits = _read_json(folder / "dataset_dict.json").get("splits") or []
         if split is None:
-            raise DataError(f"{folder} is a Hugging Face DatasetDict with splits {', '.join(splits)}; "
-                            f"set data.split to the one to train on (e.g. data.split: {splits[0] if splits else 'train'})")
+            raise DataError(
+                f"{folder} is a Hugging Face DatasetDict with splits {', '.join(splits)}; "
+                f"set data.split to the one to train on (e.g. data.split: {splits[0] if splits else 'train'})"
+            )
         if split not in splits:
             raise DataError(f"data.split '{split}' is not a split of {folder}; its splits: {', '.join(splits)}")
         sub = hf_dataset_files(folder / split, None)
         if sub is None:
-            raise DataError(f"{folder / split}: split '{split}' is listed in dataset_dict.json but its folder "
-                            "holds no state.json; save the DatasetDict again with save_to_disk")
+            raise DataError(
+                f"{folder / split}: split '{split}' is listed in dataset_dict.json but its folder "
+                "holds no state.json; save the DatasetDict again with save_to_disk"
+            )
         return sub
     if not ((folder / "state.json").is_file() and (folder / "dataset_info.json").is_file()):
         return None
     state = _read_json(folder / "state.json")
     names = [d.get("filename") for d in state.get("_data_files") or [] if isinstance(d, dict)]
     if not names or not all(isinstance(n, str) for n in names):
-        raise DataError(f"{folder / 'state.json'} lists no data files (_data_files); save the dataset again "
-                        "with save_to_disk")
+        raise DataError(
+            f"{folder / 'state.json'} lists no data files (_data_files); save the dataset again with save_to_disk"
+        )
     files = [folder / n for n in names]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
-        raise DataError(f"{folder}: the Arrow files {', '.join(missing)} listed in state.json are missing; "
-                        "copy the whole folder save_to_disk wrote")
+        raise DataError(
+            f"{folder}: the Arrow files {', '.join(missing)} listed in state.json are missing; "
+            "copy the whole folder save_to_disk wrote"
+        )
     return files
 
 
 def iter_documents(
-    paths: list[Path], text_field: str = "text", stats: CorpusStats | None = None,
+    paths: list[Path],
+    text_field: str = "text",
+    stats: CorpusStats | None = None,
     on_undecodable: OnUndecodable = "skip",
 ) -> Iterator[str]:
     """Yield the non-empty documents of ``paths`` in order; ``stats`` (if given) counts them."""
@@ -222,8 +238,9 @@ def _file_text(path: Path, stats: CorpusStats, on_undecodable: OnUndecodable) ->
         yield text
 
 
-def _jsonl_texts(path: Path, text_field: str, stats: CorpusStats,
-                 on_undecodable: OnUndecodable) -> Iterator[str | None]:
+def _jsonl_texts(
+    path: Path, text_field: str, stats: CorpusStats, on_undecodable: OnUndecodable
+) -> Iterator[str | None]:
     with path.open("rb") as f:
         offset = 0
         for lineno, raw in enumerate(f, start=1):
@@ -243,9 +260,7 @@ def _jsonl_texts(path: Path, text_field: str, stats: CorpusStats,
                 )
             text = record[text_field]
             if text is not None and not isinstance(text, str):
-                raise DataError(
-                    f"{path}:{lineno}: field '{text_field}' is {type(text).__name__}, not a string"
-                )
+                raise DataError(f"{path}:{lineno}: field '{text_field}' is {type(text).__name__}, not a string")
             yield text
 
 
@@ -253,17 +268,13 @@ def _pyarrow(path: Path):
     try:
         import pyarrow
     except ImportError:
-        raise DataError(
-            f"reading {path} needs pyarrow: install pyarrow (pip install rampup[parquet])"
-        ) from None
+        raise DataError(f"reading {path} needs pyarrow: install pyarrow (pip install rampup[parquet])") from None
     return pyarrow
 
 
 def _string_column(path: Path, what: str, columns: list[str], text_field: str) -> None:
     if text_field not in columns:
-        raise DataError(
-            f"{path}: no {what} '{text_field}' (columns: {', '.join(columns)}); set data.text_field"
-        )
+        raise DataError(f"{path}: no {what} '{text_field}' (columns: {', '.join(columns)}); set data.text_field")
 
 
 def _check_strings(path: Path, text_field: str, texts: list) -> list:
@@ -287,8 +298,11 @@ def _arrow_texts(path: Path, text_field: str) -> Iterator[str | None]:
         raise DataError(f"{path}: not a readable Arrow file ({e})") from None
     _string_column(path, "column", schema.names, text_field)
     index = schema.get_field_index(text_field)
-    batches = (reader.get_batch(i) for i in range(reader.num_record_batches)) \
-        if isinstance(reader, pa.ipc.RecordBatchFileReader) else reader
+    batches = (
+        (reader.get_batch(i) for i in range(reader.num_record_batches))
+        if isinstance(reader, pa.ipc.RecordBatchFileReader)
+        else reader
+    )
     try:
         for batch in batches:
             yield from _check_strings(path, text_field, batch.column(index).to_pylist())
@@ -299,6 +313,7 @@ def _arrow_texts(path: Path, text_field: str) -> Iterator[str | None]:
 def _parquet_texts(path: Path, text_field: str) -> Iterator[str | None]:
     _pyarrow(path)
     import pyarrow.parquet as pq
+
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for a corrupt file

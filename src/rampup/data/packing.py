@@ -23,6 +23,7 @@ Two ways to run the attention:
 ``document_block_mask`` builds the same mask as a flex_attention BlockMask. On CPU (torch 2.13)
 flex_attention has no backward pass at all, so it is for inference or for CUDA.
 """
+
 from __future__ import annotations
 
 import torch
@@ -53,5 +54,3 @@ def document_positions(seg: torch.Tensor) -> torch.Tensor:
     t = torch.arange(seg.shape[1], device=seg.device).expand_as(seg)  # (B, T)
     first = torch.where(starts_of(seg), t, 0).cummax(dim=1).values  # start of the current document
     return t - first
-
-

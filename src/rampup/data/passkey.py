@@ -2,6 +2,7 @@
 5-digit key is stated once at a chosen depth of a window of text, and the window ends with a question;
 the model must predict every token of the key. Scored by rampup.engine.evaluation.passkey_accuracy;
 mixed into training by the ``passkey_fraction`` knob (:func:`inject_passkeys`)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -37,8 +38,9 @@ class PasskeyTemplate:
         return len(n) + len(q) + len(a) + 8
 
 
-def passkey_example(filler: np.ndarray, seq_len: int, depth: float, key: int,
-                    template: PasskeyTemplate) -> tuple[np.ndarray, int]:
+def passkey_example(
+    filler: np.ndarray, seq_len: int, depth: float, key: int, template: PasskeyTemplate
+) -> tuple[np.ndarray, int]:
     """(seq_len + 1 tokens, number of answer tokens at the end) with the needle at ``depth`` in [0, 1].
 
     The tokens are: filler[:a] + needle + filler[a:f] + question + answer, so the answer is
@@ -47,8 +49,10 @@ def passkey_example(filler: np.ndarray, seq_len: int, depth: float, key: int,
     needle, question, answer = template.pieces(key)
     n_fill = seq_len + 1 - len(needle) - len(question) - len(answer)
     if n_fill < 1:
-        raise ConfigError(f"a passkey example needs more than {seq_len} tokens with this tokenizer; "
-                          f"use lengths >= {template.min_len()}")
+        raise ConfigError(
+            f"a passkey example needs more than {seq_len} tokens with this tokenizer; "
+            f"use lengths >= {template.min_len()}"
+        )
     if len(filler) < n_fill:
         raise DataError(f"passkey filler has {len(filler)} tokens, {n_fill} needed")
     a = int(round(depth * n_fill))
@@ -56,8 +60,9 @@ def passkey_example(filler: np.ndarray, seq_len: int, depth: float, key: int,
     return out, len(answer)
 
 
-def inject_passkeys(x: torch.Tensor, y: torch.Tensor, fraction: float, template: PasskeyTemplate,
-                    rng: np.random.Generator) -> int:
+def inject_passkeys(
+    x: torch.Tensor, y: torch.Tensor, fraction: float, template: PasskeyTemplate, rng: np.random.Generator
+) -> int:
     """Turn about ``fraction`` of the rows of (x, y) (B, T) into passkey examples, in place.
 
     Each chosen row keeps its own tokens as filler; rows too short for the task are left alone.

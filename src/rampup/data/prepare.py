@@ -18,6 +18,7 @@ Try it (a few seconds on a laptop CPU)::
 
     python -c "from rampup.data import DataConfig, prepare; print(prepare(DataConfig()))"
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -79,13 +80,11 @@ def read_meta(folder: str | Path) -> dict:
     """The meta.json of a prepared folder; missing or unreadable -> DataError saying what to run."""
     path = Path(folder) / META
     if not path.is_file():
-        raise DataError(
-            f"no prepared data in {folder} ({META} is missing); run `rampup prepare` first"
-        )
+        raise DataError(f"no prepared data in {folder} ({META} is missing); run `rampup prepare` first")
     try:
         meta = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{path} is unreadable ({e}); delete the folder and run `rampup prepare`")
+        raise DataError(f"{path} is unreadable ({e}); delete the folder and run `rampup prepare`") from e
     if meta.get("format_version") != FORMAT_VERSION:
         raise DataError(
             f"{path} has format version {meta.get('format_version')}, this rampup reads "
@@ -171,8 +170,7 @@ def _location(cfg: DataConfig, files: list[Path]) -> tuple[Path, dict]:
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", path.stem)[:40] or "corpus"
     if cfg.tokenizer.path is not None:
         tok_path = Path(cfg.tokenizer.path).expanduser().resolve()
-        sha = hashlib.blake2b(tok_path.read_bytes(), digest_size=16).hexdigest() \
-            if tok_path.is_file() else None
+        sha = hashlib.blake2b(tok_path.read_bytes(), digest_size=16).hexdigest() if tok_path.is_file() else None
         tokenizer = {"path": str(tok_path), "blake2b": sha}
         if cfg.tokenizer.eot is not None:
             tokenizer["eot"] = cfg.tokenizer.eot
@@ -228,16 +226,24 @@ def _train_pass(cfg: DataConfig, files: list[Path], threshold: int, report: Prog
 
 
 def _meta(cfg: DataConfig, files: list[Path], stats: CorpusStats, settings: dict, **found: Any) -> dict[str, Any]:
-    return {"format_version": FORMAT_VERSION, **found, "n_files": len(files), "n_empty_docs": stats.n_empty,
-            "n_binary_files": stats.n_binary_files, "n_undecodable": stats.n_undecodable,
-            "undecodable": stats.undecodable, "bytes_total": stats.bytes_total, "bytes_skipped": stats.bytes_skipped,
-            "skipped_files": stats.skipped, "n_skipped_files": stats.n_skipped_files, "source": cfg.source,
-            "settings": settings}
+    return {
+        "format_version": FORMAT_VERSION,
+        **found,
+        "n_files": len(files),
+        "n_empty_docs": stats.n_empty,
+        "n_binary_files": stats.n_binary_files,
+        "n_undecodable": stats.n_undecodable,
+        "undecodable": stats.undecodable,
+        "bytes_total": stats.bytes_total,
+        "bytes_skipped": stats.bytes_skipped,
+        "skipped_files": stats.skipped,
+        "n_skipped_files": stats.n_skipped_files,
+        "source": cfg.source,
+        "settings": settings,
+    }
 
 
-def _build(
-    cfg: DataConfig, files: list[Path], settings: dict, out: Path, progress: Progress | None
-) -> None:
+def _build(cfg: DataConfig, files: list[Path], settings: dict, out: Path, progress: Progress | None) -> None:
     t0 = time.perf_counter()
     threshold = round(cfg.val_fraction * _VAL_BUCKETS)
     report = progress or (lambda phase, done, total: None)
@@ -334,8 +340,13 @@ class _SplitWriter:
         index = np.array(self.index, dtype=np.int64).reshape(-1, 3)
         path = docs_path(self.folder, self.split)
         np.save(path, index)
-        return {"n_tokens": self.n_tokens, "n_docs": len(self.index), "n_shards": self.n_shards,
-                "shards": self.shards, "index_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+        return {
+            "n_tokens": self.n_tokens,
+            "n_docs": len(self.index),
+            "n_shards": self.n_shards,
+            "shards": self.shards,
+            "index_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        }
 
 
 def unprepared_warnings(cfg: DataConfig, budget_tokens: int) -> list[str]:
@@ -353,24 +364,37 @@ def unprepared_warnings(cfg: DataConfig, budget_tokens: int) -> list[str]:
                     continue
         readable += size
     binary.sort(key=lambda x: -x[1])
-    out = corpus_warnings({"bytes_total": total, "bytes_skipped": total - readable, "skipped_files": binary,
-                           "n_skipped_files": len(binary), "source": cfg.source})
+    out = corpus_warnings(
+        {
+            "bytes_total": total,
+            "bytes_skipped": total - readable,
+            "skipped_files": binary,
+            "n_skipped_files": len(binary),
+            "source": cfg.source,
+        }
+    )
     if cfg.sampler in ("staged", "fixed") and budget_tokens > MAX_EPOCHS * readable:
-        out.append(f"the run's {budget_tokens:,} tokens are over {budget_tokens / max(readable, 1):.0f} epochs of "
-                f"{cfg.source} (at most {readable:,} tokens: {format_bytes(readable)} of readable files; over "
-                f"{MAX_EPOCHS} repeats a model mostly memorises); use a larger corpus or a shorter train.duration")
+        out.append(
+            f"the run's {budget_tokens:,} tokens are over {budget_tokens / max(readable, 1):.0f} epochs of "
+            f"{cfg.source} (at most {readable:,} tokens: {format_bytes(readable)} of readable files; over "
+            f"{MAX_EPOCHS} repeats a model mostly memorises); use a larger corpus or a shorter train.duration"
+        )
     return out
 
 
 def describe_prepared(meta: dict) -> list[str]:
     """What `rampup prepare` prints about a prepared folder: its size and what was left out."""
     splits = meta["splits"]
-    lines = [f"{s}: {info['n_docs']:,} documents, {info['n_tokens']:,} tokens in {info['n_shards']} shards"
-             for s, info in splits.items()]
-    lines.append(f"{meta['n_files']:,} input files, vocabulary {meta['vocab_size']:,} ({meta['dtype']}); "
-                 f"skipped: {meta['n_empty_docs']:,} empty documents, {meta['n_binary_files']:,} binary files, "
-                 f"{meta['n_undecodable']:,} undecodable inputs (data.on_undecodable: "
-                 f"{meta['settings']['on_undecodable']})")
+    lines = [
+        f"{s}: {info['n_docs']:,} documents, {info['n_tokens']:,} tokens in {info['n_shards']} shards"
+        for s, info in splits.items()
+    ]
+    lines.append(
+        f"{meta['n_files']:,} input files, vocabulary {meta['vocab_size']:,} ({meta['dtype']}); "
+        f"skipped: {meta['n_empty_docs']:,} empty documents, {meta['n_binary_files']:,} binary files, "
+        f"{meta['n_undecodable']:,} undecodable inputs (data.on_undecodable: "
+        f"{meta['settings']['on_undecodable']})"
+    )
     if meta["undecodable"]:
         more = meta["n_undecodable"] - len(meta["undecodable"])
         lines.append("not valid UTF-8: " + ", ".join(meta["undecodable"]) + (f" and {more} more" if more else ""))
@@ -386,17 +410,26 @@ def corpus_warnings(meta: dict, *, budget_tokens: int | None = None, sampler: st
         files = meta.get("skipped_files", [])
         named = ", ".join(f"{Path(p).name} ({format_bytes(n)})" for p, n in files[:5])
         more = meta.get("n_skipped_files", len(files)) - len(files[:5])
-        hint = ("; a Hugging Face datasets folder (save_to_disk)? point data.source at the folder that holds "
-                "its state.json (or dataset_dict.json, with data.split)"
-                if any(str(p).endswith(".arrow") for p, _ in files) else "")
-        out.append(f"only {(total - skipped) / total:.1%} of the {format_bytes(total)} in {meta['source']} is "
-                   f"readable text: skipped {named}" + (f" and {more} more" if more > 0 else "") +
-                   " (binary or not UTF-8)" + hint)
+        hint = (
+            "; a Hugging Face datasets folder (save_to_disk)? point data.source at the folder that holds "
+            "its state.json (or dataset_dict.json, with data.split)"
+            if any(str(p).endswith(".arrow") for p, _ in files)
+            else ""
+        )
+        out.append(
+            f"only {(total - skipped) / total:.1%} of the {format_bytes(total)} in {meta['source']} is "
+            f"readable text: skipped {named}"
+            + (f" and {more} more" if more > 0 else "")
+            + " (binary or not UTF-8)"
+            + hint
+        )
     train = meta["splits"]["train"]["n_tokens"] if "splits" in meta else 0
     if budget_tokens and sampler in ("staged", "fixed") and train and budget_tokens > MAX_EPOCHS * train:
-        out.append(f"the run's {budget_tokens:,} tokens are {budget_tokens / train:.0f} epochs of this corpus's "
-                   f"{train:,} training tokens (over {MAX_EPOCHS} repeats a model mostly memorises); use a larger "
-                   "corpus or a shorter train.duration")
+        out.append(
+            f"the run's {budget_tokens:,} tokens are {budget_tokens / train:.0f} epochs of this corpus's "
+            f"{train:,} training tokens (over {MAX_EPOCHS} repeats a model mostly memorises); use a larger "
+            "corpus or a shorter train.duration"
+        )
     return out
 
 

@@ -13,9 +13,10 @@ whole state is a few integers (JSON-serialisable, see ``state_dict``) and never 
 - ``BucketSampler`` (:mod:`rampup.data.bucket_sampler`): dataset decomposition, one length bucket
   per step.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -59,9 +60,11 @@ class StagedSampler:
             raise ConfigError(f"block_len must be >= 1, got {block_len}")
         self.n_blocks = (dataset.n_tokens - 1) // block_len
         if self.n_blocks < 1:
-            raise DataError(f"the {dataset.split} split of {dataset.folder} has {dataset.n_tokens} "
-                            f"tokens, fewer than one block of {block_len + 1}; use a larger corpus "
-                            "or a shorter seq_len")
+            raise DataError(
+                f"the {dataset.split} split of {dataset.folder} has {dataset.n_tokens} "
+                f"tokens, fewer than one block of {block_len + 1}; use a larger corpus "
+                "or a shorter seq_len"
+            )
         self.dataset = dataset
         self.seed = seed
         self.block_len = block_len
@@ -70,15 +73,17 @@ class StagedSampler:
         seq_len (the rest of the block is skipped), so a step has as many rows as at full length."""
         self.epoch = 0
         self.block_pos = 0  # cursor: position in this epoch's block order ...
-        self.offset = 0     # ... and token offset inside that block
+        self.offset = 0  # ... and token offset inside that block
         self.tokens_served = 0
         self._plan = _EpochPlan(dataset, seed, block_len, self.n_blocks)
 
     def next_batch(self, seq_len: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         _check_batch(seq_len, batch_size)
         if seq_len > self.block_len:
-            raise ConfigError(f"seq_len {seq_len} exceeds the sampler's block length {self.block_len}; "
-                              "build it with the schedule's longest seq_len")
+            raise ConfigError(
+                f"seq_len {seq_len} exceeds the sampler's block length {self.block_len}; "
+                "build it with the schedule's longest seq_len"
+            )
         rows = np.empty((batch_size, seq_len + 1), dtype=np.int64)  # (B, T+1)
         for b in range(batch_size):
             if self.offset + seq_len > self.block_len or (self.truncate and self.offset):
@@ -86,7 +91,7 @@ class StagedSampler:
             if self.block_pos == self.n_blocks:
                 self.epoch, self.block_pos, self.offset = self.epoch + 1, 0, 0
             block = self._plan.window(self.epoch, self.block_pos)
-            rows[b] = block[self.offset:self.offset + seq_len + 1]
+            rows[b] = block[self.offset : self.offset + seq_len + 1]
             self.offset += seq_len
         self.tokens_served += batch_size * seq_len
         t = torch.from_numpy(rows)
@@ -97,19 +102,32 @@ class StagedSampler:
         return self.next_batch(sp.seq_len, sp.batch_size)
 
     def state_dict(self) -> dict:
-        return {"kind": self.kind, "seed": self.seed, "block_len": self.block_len, "epoch": self.epoch,
-                "block_pos": self.block_pos, "offset": self.offset, "truncate": self.truncate,
-                "tokens_served": self.tokens_served,
-                "n_docs": self.dataset.n_docs, "n_tokens": self.dataset.n_tokens, "data_id": self.dataset.identity}
+        return {
+            "kind": self.kind,
+            "seed": self.seed,
+            "block_len": self.block_len,
+            "epoch": self.epoch,
+            "block_pos": self.block_pos,
+            "offset": self.offset,
+            "truncate": self.truncate,
+            "tokens_served": self.tokens_served,
+            "n_docs": self.dataset.n_docs,
+            "n_tokens": self.dataset.n_tokens,
+            "data_id": self.dataset.identity,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         _check_fingerprint(state, self.kind, self.dataset)
         if state["block_len"] != self.block_len:
-            raise ConfigError(f"sampler state has block length {state['block_len']}, this sampler "
-                              f"{self.block_len}; resume with the schedule the run was started with")
+            raise ConfigError(
+                f"sampler state has block length {state['block_len']}, this sampler "
+                f"{self.block_len}; resume with the schedule the run was started with"
+            )
         if state.get("truncate", False) != self.truncate:
-            raise ConfigError("sampler state was saved with another schedule.seq_len_mode; resume with "
-                              "the schedule the run was started with")
+            raise ConfigError(
+                "sampler state was saved with another schedule.seq_len_mode; resume with "
+                "the schedule the run was started with"
+            )
         self.seed = int(state["seed"])
         self.epoch = int(state["epoch"])
         self.block_pos = int(state["block_pos"])
@@ -155,9 +173,11 @@ class FixedSampler:
         # Windows per epoch: window i covers stream[i*T : i*T + T + 1].
         self.n_windows = (dataset.n_tokens - 1) // seq_len
         if self.n_windows < 1:
-            raise DataError(f"the {dataset.split} split of {dataset.folder} has "
-                            f"{dataset.n_tokens} tokens, fewer than one window of "
-                            f"seq_len + 1 = {seq_len + 1}")
+            raise DataError(
+                f"the {dataset.split} split of {dataset.folder} has "
+                f"{dataset.n_tokens} tokens, fewer than one window of "
+                f"seq_len + 1 = {seq_len + 1}"
+            )
         self.dataset = dataset
         self.seed = seed
         self.seq_len = seq_len
@@ -188,15 +208,24 @@ class FixedSampler:
         return self.next_batch(sp.seq_len, sp.batch_size)
 
     def state_dict(self) -> dict:
-        return {"kind": self.kind, "seed": self.seed, "seq_len": self.seq_len,
-                "epoch": self.epoch, "pos": self.pos, "tokens_served": self.tokens_served,
-                "n_docs": self.dataset.n_docs, "n_tokens": self.dataset.n_tokens, "data_id": self.dataset.identity}
+        return {
+            "kind": self.kind,
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+            "epoch": self.epoch,
+            "pos": self.pos,
+            "tokens_served": self.tokens_served,
+            "n_docs": self.dataset.n_docs,
+            "n_tokens": self.dataset.n_tokens,
+            "data_id": self.dataset.identity,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         _check_fingerprint(state, self.kind, self.dataset)
         if state["seq_len"] != self.seq_len:
-            raise ConfigError(f"sampler state is for seq_len {state['seq_len']}, this fixed "
-                              f"sampler serves {self.seq_len}")
+            raise ConfigError(
+                f"sampler state is for seq_len {state['seq_len']}, this fixed sampler serves {self.seq_len}"
+            )
         self.seed = int(state["seed"])
         self.epoch = int(state["epoch"])
         self.pos = int(state["pos"])
@@ -204,12 +233,14 @@ class FixedSampler:
         self._plan = _EpochPlan(self.dataset, self.seed, self.seq_len, self.n_windows)
 
 
-def _bucket_sampler(dataset: TokenDataset, seed: int, seq_len: int, *, data=None, run_tokens=None,
-                    truncate: bool = False) -> Sampler:
+def _bucket_sampler(
+    dataset: TokenDataset, seed: int, seq_len: int, *, data=None, run_tokens=None, truncate: bool = False
+) -> Sampler:
 
     if data is None or run_tokens is None:
-        raise ConfigError("the buckets sampler needs the data config and the run's tokens; "
-                          "build it with sampler_for_run")
+        raise ConfigError(
+            "the buckets sampler needs the data config and the run's tokens; build it with sampler_for_run"
+        )
     cfg = data.buckets
     check_context(seq_len, cfg.min_log2, cfg.max_log2)
     buckets = get_buckets(dataset.folder, cfg.min_log2, cfg.max_log2, dataset)
@@ -218,7 +249,8 @@ def _bucket_sampler(dataset: TokenDataset, seed: int, seq_len: int, *, data=None
 
 SAMPLERS: dict[str, Callable[..., Sampler]] = {
     "staged": lambda dataset, seed, seq_len, truncate=False, **_: StagedSampler(
-        dataset, seed, block_len=seq_len, truncate=truncate),
+        dataset, seed, block_len=seq_len, truncate=truncate
+    ),
     "fixed": lambda dataset, seed, seq_len, **_: FixedSampler(dataset, seed, seq_len),
     "buckets": _bucket_sampler,
 }
@@ -230,15 +262,23 @@ def build_sampler(kind: str, dataset: TokenDataset, seed: int, seq_len: int, **r
     (the fixed sampler's window, the staged sampler's block, the longest bucket). The buckets
     sampler also needs ``data`` (the DataConfig) and ``run_tokens``; staged takes ``truncate``."""
     if kind not in SAMPLERS:
-        raise ConfigError(f"unknown data.sampler '{kind}'{did_you_mean(kind, SAMPLERS)}; "
-                          f"choose one of {sorted(SAMPLERS)}")
+        raise ConfigError(
+            f"unknown data.sampler '{kind}'{did_you_mean(kind, SAMPLERS)}; choose one of {sorted(SAMPLERS)}"
+        )
     return SAMPLERS[kind](dataset, seed, seq_len, **run)
 
 
 def sampler_for_run(data, dataset: TokenDataset, seed: int, schedule) -> Sampler:
     """The sampler a run config asks for (``data``: its DataConfig, ``schedule``: its Schedule)."""
-    return build_sampler(data.sampler, dataset, seed, int(schedule.max_knob("seq_len")), data=data,
-                         run_tokens=schedule.total_tokens, truncate=schedule.seq_len_mode == "truncate")
+    return build_sampler(
+        data.sampler,
+        dataset,
+        seed,
+        int(schedule.max_knob("seq_len")),
+        data=data,
+        run_tokens=schedule.total_tokens,
+        truncate=schedule.seq_len_mode == "truncate",
+    )
 
 
 def eval_windows(dataset: TokenDataset, seq_len: int, max_tokens: int) -> torch.Tensor:
@@ -248,8 +288,7 @@ def eval_windows(dataset: TokenDataset, seq_len: int, max_tokens: int) -> torch.
     (the predicted tokens) stays within ``max_tokens``.
     """
     if seq_len < 1 or max_tokens < seq_len:
-        raise ConfigError(f"eval needs seq_len >= 1 and max_tokens >= seq_len, got {seq_len} and "
-                          f"{max_tokens}")
+        raise ConfigError(f"eval needs seq_len >= 1 and max_tokens >= seq_len, got {seq_len} and {max_tokens}")
     if dataset.n_tokens < seq_len + 1:
         raise DataError(
             f"the {dataset.split} split has {dataset.n_tokens} tokens, fewer than one evaluation "
@@ -270,8 +309,7 @@ def document_eval_windows(dataset: TokenDataset, seq_len: int, max_tokens: int) 
     N is capped so that N * seq_len stays within ``max_tokens``.
     """
     if seq_len < 1 or max_tokens < seq_len:
-        raise ConfigError(f"eval needs seq_len >= 1 and max_tokens >= seq_len, got {seq_len} and "
-                          f"{max_tokens}")
+        raise ConfigError(f"eval needs seq_len >= 1 and max_tokens >= seq_len, got {seq_len} and {max_tokens}")
     n_max = max_tokens // seq_len
     rows = []
     for i in np.flatnonzero(dataset.doc_lengths >= seq_len + 1):
@@ -279,12 +317,13 @@ def document_eval_windows(dataset: TokenDataset, seq_len: int, max_tokens: int) 
         for start in range(0, len(doc) - seq_len, seq_len + 1):
             if len(rows) == n_max:
                 break
-            rows.append(np.asarray(doc[start:start + seq_len + 1], dtype=np.int64))
+            rows.append(np.asarray(doc[start : start + seq_len + 1], dtype=np.int64))
     if not rows:
         raise DataError(
             f"no {dataset.split} document has seq_len + 1 = {seq_len + 1} tokens, so eval.windows: "
             f"documents has nothing to score at {seq_len}; raise data.val_fraction, lower "
-            "eval.seq_lens, or use eval.windows: stream")
+            "eval.seq_lens, or use eval.windows: stream"
+        )
     return torch.from_numpy(np.stack(rows))  # (N, T+1)
 
 

@@ -1,4 +1,5 @@
 """A byte-level BPE tokenizer (Hugging Face ``tokenizers``), trained locally or loaded from disk."""
+
 from __future__ import annotations
 
 import json
@@ -18,9 +19,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     Every byte is in the initial alphabet, so any text encodes without unknown tokens.
     """
     if vocab_size < 257:
-        raise ConfigError(
-            f"data.tokenizer.vocab_size must be at least 257 (256 bytes + {EOT}), got {vocab_size}"
-        )
+        raise ConfigError(f"data.tokenizer.vocab_size must be at least 257 (256 bytes + {EOT}), got {vocab_size}")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

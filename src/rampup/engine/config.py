@@ -1,6 +1,7 @@
 """The engine's config sections: the training loop (``train``), in-training evaluation (``eval``) and the
 run's record (``log``). rampup.config assembles them with the other owners' sections into RunConfig (and
 adds the fields knob families own, such as ``train.ema``)."""
+
 from __future__ import annotations
 
 from typing import Literal
@@ -78,7 +79,11 @@ class TrainConfig(Section):
             parse_bytes(self.memory_limit, "train.memory_limit")
         if self.micro_batch_tokens is not None and self.micro_batch_tokens < 1:
             raise ValueError("train.micro_batch_tokens must be >= 1, or null for no split")
-        if self.checkpoint_every is not None and self.checkpoint_every.unit not in (Unit.STEP, Unit.TOKEN, Unit.FRACTION):
+        if self.checkpoint_every is not None and self.checkpoint_every.unit not in (
+            Unit.STEP,
+            Unit.TOKEN,
+            Unit.FRACTION,
+        ):
             raise ValueError("train.checkpoint_every takes steps, tokens or % of the run")
         if self.checkpoint_every is not None and self.checkpoint_every.value == 0:
             raise ValueError("train.checkpoint_every must be positive, or null for end-of-run only")
@@ -112,7 +117,9 @@ class EvalConfig(Section):
             raise ValueError(f"eval.passkey_depths are fractions of the window, in [0, 1]; got {self.passkey_depths}")
         if self.max_tokens < 1:
             raise ValueError("eval.max_tokens must be positive")
-        if self.every is not None and (self.every.unit not in (Unit.STEP, Unit.TOKEN, Unit.FRACTION) or self.every.value == 0):
+        if self.every is not None and (
+            self.every.unit not in (Unit.STEP, Unit.TOKEN, Unit.FRACTION) or self.every.value == 0
+        ):
             raise ValueError("eval.every takes a positive number of steps, tokens or % of the run")
         return self
 

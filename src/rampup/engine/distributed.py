@@ -30,6 +30,7 @@ read into an unsharded replica that is then sharded (``set_model_state_dict``). 
 sharded like the parameters; teachers' snapshots are whole on every rank. Not yet with FSDP2 (refused
 by name): Hugging Face models, growth, sub-networks.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -137,7 +138,7 @@ class Dist:
         if not self.enabled:
             return x
         b = x.shape[0] // self.world
-        return x[self.rank * b:(self.rank + 1) * b]
+        return x[self.rank * b : (self.rank + 1) * b]
 
     def check_rows(self, shapes: list[tuple[int, int]], batch_tokens_hint: str = "") -> None:
         """A step whose global rows do not split evenly over the ranks is an error before compute."""
@@ -146,10 +147,12 @@ class Dist:
         bad = sorted({(r, t) for r, t in shapes if r % self.world})
         if bad:
             r, t = bad[0]
-            raise ConfigError(f"world size {self.world} does not divide the global batch: steps of {r} rows x {t} "
-                              f"tokens cannot be split evenly over the ranks{batch_tokens_hint}; choose a world "
-                              f"size dividing every step's rows, or a batch_tokens giving a multiple of {self.world} "
-                              "rows at every length")
+            raise ConfigError(
+                f"world size {self.world} does not divide the global batch: steps of {r} rows x {t} "
+                f"tokens cannot be split evenly over the ranks{batch_tokens_hint}; choose a world "
+                f"size dividing every step's rows, or a batch_tokens giving a multiple of {self.world} "
+                "rows at every length"
+            )
 
     # ----------------------------------------------------------------- the model
     def wrap(self, adapter: Any, extra_params: Callable[[], list[torch.nn.Parameter]] = list) -> None:
@@ -167,10 +170,14 @@ class Dist:
         device_ids = [self.local_rank] if next(module.parameters()).device.type == "cuda" else None
         # no buffer sync in forward: the only buffers are RoPE tables every rank computes itself
 
-        buffers = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
-                   else {"broadcast_buffers": False})
-        self.ddp = DDP(_Forward(module, self._plain_hidden), device_ids=device_ids,
-                       init_sync=self._signature == (), **buffers)
+        buffers = (
+            {"forward_sync_buffers": False}
+            if "forward_sync_buffers" in inspect.signature(DDP).parameters
+            else {"broadcast_buffers": False}
+        )
+        self.ddp = DDP(
+            _Forward(module, self._plain_hidden), device_ids=device_ids, init_sync=self._signature == (), **buffers
+        )
         adapter._hidden = self.ddp
         self._adapter, self._signature = adapter, signature
 
@@ -193,11 +200,13 @@ class Dist:
 
         n = sum(p.numel() for p in adapter.module.parameters())
         if self.main and 16 * n < SMALL_FOR_FSDP:
-
-            print(f"warning: train.strategy fsdp shards a model of {n:,} parameters ({16 * n / 2**20:.1f} MiB with "
-                  f"gradients and AdamW state) over {self.world} ranks: it saves little memory and adds an "
-                  "all-gather per block; train.strategy: ddp is faster for a model this small", file=sys.stderr,
-                  flush=True)
+            print(
+                f"warning: train.strategy fsdp shards a model of {n:,} parameters ({16 * n / 2**20:.1f} MiB with "
+                f"gradients and AdamW state) over {self.world} ranks: it saves little memory and adds an "
+                "all-gather per block; train.strategy: ddp is faster for a model this small",
+                file=sys.stderr,
+                flush=True,
+            )
         mesh = init_device_mesh(device.type, (self.world,))
         for _, block in adapter.blocks():
             fully_shard(block, mesh=mesh)
@@ -219,6 +228,7 @@ class Dist:
             with torch.random.fork_rng(devices=[]):
                 a = build_adapter(cfg.model, "cpu")
             return a, build_optimizer(a.module, cfg.optimizer, parameter_groups(cfg))
+
         return ShardedCheckpointer(local, self, replica)
 
     def union(self, items: list[str]) -> list[str]:
@@ -257,16 +267,17 @@ class Dist:
         try:
             yield
         except (RuntimeError, dist.DistError) as e:
-
             words = ("gloo", "nccl", "timed out", "timeout", "connection", "collective", "peer")
-            if isinstance(e, RampupError) or not (isinstance(e, dist.DistError) or
-                                                  any(w in str(e).lower() for w in words)):
+            if isinstance(e, RampupError) or not (
+                isinstance(e, dist.DistError) or any(w in str(e).lower() for w in words)
+            ):
                 raise
             first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
             raise DistributedError(
                 f"rank {self.rank} of {self.world}: a collective with the other ranks failed ({first}); "
                 f"{self._behind()} (longer than train.collective_timeout, {self.timeout:g} s) or died. "
-                "torchrun's --max-restarts restarts the job from the latest checkpoint") from e
+                "torchrun's --max-restarts restarts the job from the latest checkpoint"
+            ) from e
 
     def heartbeat(self, step: int) -> None:
         """Note in the job's store the step this rank is starting (read when a collective fails)."""
@@ -286,8 +297,10 @@ class Dist:
             return "another rank hung"
         top = max(steps.values())
         late = sorted(r for r, s in steps.items() if s < top)
-        return (f"rank {', '.join(map(str, late))} hung in step {min(steps[r] for r in late)} while rank "
-                f"{self.rank} reached step {steps.get(self.rank, top)}")
+        return (
+            f"rank {', '.join(map(str, late))} hung in step {min(steps[r] for r in late)} while rank "
+            f"{self.rank} reached step {steps.get(self.rank, top)}"
+        )
 
     def close(self) -> None:
         """Leave the job: every rank together, after the DDP wrapper (and its reducer threads) is gone."""
@@ -295,7 +308,6 @@ class Dist:
             self._adapter._hidden = self._plain_hidden
         self.ddp = self._adapter = None
         if self.enabled and dist.is_initialized():
-
             gc.collect()
             dist.barrier()
             dist.destroy_process_group()
@@ -329,11 +341,14 @@ def check_context_parallel(cfg: Any, world: int) -> None:
     cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
     sched = cfg.schedule
     windowed = "window" in knob_keys_set(sched) and any(
-        v not in (None, 0) for v in [sched.knobs.get("window")] + [st.knobs.get("window") for st in sched.stages])
+        v not in (None, 0) for v in [sched.knobs.get("window")] + [st.knobs.get("window") for st in sched.stages]
+    )
     if not cuda:
-        why = ("it needs CUDA GPUs: PyTorch's ring attention (torch.distributed.tensor.experimental.context_parallel) "
-               "shards SDPA's CUDA flash and memory-efficient kernels, and the CPU kernel "
-               "(aten._scaled_dot_product_flash_attention_for_cpu) has no sharding strategy")
+        why = (
+            "it needs CUDA GPUs: PyTorch's ring attention (torch.distributed.tensor.experimental.context_parallel) "
+            "shards SDPA's CUDA flash and memory-efficient kernels, and the CPU kernel "
+            "(aten._scaled_dot_product_flash_attention_for_cpu) has no sharding strategy"
+        )
     elif cfg.data.doc_mask:
         why = "ring attention runs causal SDPA without a mask, so document masks (data.doc_mask) cannot be split"
     elif windowed:
@@ -342,22 +357,28 @@ def check_context_parallel(cfg: Any, world: int) -> None:
         why = f"the world size {world} is not a multiple of it"
     else:
         why = "rampup has not wired it yet (no GPUs to test ring attention on)"
-    raise ConfigError(f"train.context_parallel {n}: {why}; set train.context_parallel: 1 (the long-context "
-                      "alternatives here: the memory knobs loss_shards, mlp_shards and activation_checkpoint)")
+    raise ConfigError(
+        f"train.context_parallel {n}: {why}; set train.context_parallel: 1 (the long-context "
+        "alternatives here: the memory knobs loss_shards, mlp_shards and activation_checkpoint)"
+    )
 
 
 def check_fsdp(cfg: Any) -> None:
     """What FSDP2 does not run yet, refused by name before compute."""
 
     if cfg.model.source != "reference":
-        raise ConfigError("train.strategy fsdp shards rampup's reference model only so far; use train.strategy: ddp "
-                          "for Hugging Face models")
+        raise ConfigError(
+            "train.strategy fsdp shards rampup's reference model only so far; use train.strategy: ddp "
+            "for Hugging Face models"
+        )
     sched = cfg.schedule
     for name in sorted(knob_keys_set(sched) & set(_FSDP_NOT_YET)):
         values = [sched.knobs.get(name)] + [st.knobs.get(name) for st in sched.stages]
         if any(v not in (None, _FSDP_NOT_YET[name]) for v in values):
-            raise ConfigError(f"knob '{name}' with train.strategy fsdp is not built yet (growth and sub-networks "
-                              "change the sharded model's structure); use train.strategy: ddp")
+            raise ConfigError(
+                f"knob '{name}' with train.strategy fsdp is not built yet (growth and sub-networks "
+                "change the sharded model's structure); use train.strategy: ddp"
+            )
 
 
 def from_env() -> tuple[int, int, int]:
@@ -380,12 +401,16 @@ def setup(cfg: Any) -> Dist:
     if backend == "auto":
         backend = "nccl" if cuda else "gloo"
     if backend == "nccl" and not torch.cuda.is_available():
-        raise ConfigError("train.backend nccl needs CUDA GPUs, and this machine has none; use train.backend: gloo "
-                          "(or auto) for CPU processes")
+        raise ConfigError(
+            "train.backend nccl needs CUDA GPUs, and this machine has none; use train.backend: gloo "
+            "(or auto) for CPU processes"
+        )
     if cuda:
         if local >= torch.cuda.device_count():
-            raise ConfigError(f"LOCAL_RANK {local} but this machine has {torch.cuda.device_count()} GPUs; start at "
-                              "most one process per GPU (torchrun --nproc_per_node)")
+            raise ConfigError(
+                f"LOCAL_RANK {local} but this machine has {torch.cuda.device_count()} GPUs; start at "
+                "most one process per GPU (torchrun --nproc_per_node)"
+            )
         torch.cuda.set_device(local)
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=cfg.train.collective_timeout)
@@ -393,8 +418,13 @@ def setup(cfg: Any) -> Dist:
         # torchrun's agent keeps one store across restarts: without a prefix per attempt, a restarted
         # rank can read the address a dead rank of the previous attempt published, and fail to connect
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        dist.init_process_group(backend, store=dist.PrefixStore(f"rampup/attempt_{attempt}", store), rank=rank,
-                                world_size=world, timeout=timeout)
+        dist.init_process_group(
+            backend,
+            store=dist.PrefixStore(f"rampup/attempt_{attempt}", store),
+            rank=rank,
+            world_size=world,
+            timeout=timeout,
+        )
     return Dist(rank, world, local, backend, cfg.train.collective_timeout, strategy=strategy)
 
 
@@ -412,8 +442,9 @@ def launch(argv: list[str], nproc: int, max_restarts: int) -> int:
     A signal to this process reaches the workers (rank 0 checkpoints and says so, once) and the launcher
     exits as one process would: 128+N, no torchrun traceback. A failed worker has already printed its
     own error; the launcher exits with that worker's code (the lowest failing rank's)."""
-    args = get_args_parser().parse_args(["--standalone", f"--nproc_per_node={nproc}",
-                                         f"--max-restarts={max_restarts}", "-m", "rampup", *argv])
+    args = get_args_parser().parse_args(
+        ["--standalone", f"--nproc_per_node={nproc}", f"--max-restarts={max_restarts}", "-m", "rampup", *argv]
+    )
     logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)  # its shutdown notes: the workers speak
     sys.stdout.flush()
     sys.stderr.flush()

@@ -6,6 +6,7 @@ current ones, so a windowed stage is scored windowed; RoPE recomputed per length
 through the same :class:`~rampup.knobs.KnobRunner` as training, scores the batches with the task's
 own loss (:meth:`rampup.tasks.Task.loss`) and afterwards puts the training values back.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
@@ -20,8 +21,9 @@ from rampup.models.adapter import Batch, ModelAdapter
 
 
 @torch.no_grad()
-def eval_loss(adapter: ModelAdapter, task, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
-              precision: str = "auto") -> float:
+def eval_loss(
+    adapter: ModelAdapter, task, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, precision: str = "auto"
+) -> float:
     """Mean loss per item over ``batches`` of (x, y) pairs, every item scored."""
     module = adapter.module
     was_training = module.training
@@ -46,9 +48,16 @@ def window_batches(windows: torch.Tensor, batch_tokens: int = 16384) -> list[tup
     return [(w[:, :-1], w[:, 1:]) for w in windows.split(rows)]
 
 
-def evaluate_lengths(adapter: ModelAdapter, task, runner, knobs: dict[str, Any],
-                     sets: dict[int, Any], *, precision: str = "auto",
-                     each: Callable[[int, float], None] | None = None) -> dict[int, float]:
+def evaluate_lengths(
+    adapter: ModelAdapter,
+    task,
+    runner,
+    knobs: dict[str, Any],
+    sets: dict[int, Any],
+    *,
+    precision: str = "auto",
+    each: Callable[[int, float], None] | None = None,
+) -> dict[int, float]:
     """{length: mean loss} over ``sets`` ({length: batches}), each scored with ``knobs`` applied at
     that length; the knob values applied before the call are restored after it. ``each(length, loss)``
     runs with that length's knobs still applied (extra metrics such as passkey accuracy)."""
@@ -69,15 +78,22 @@ def evaluate_lengths(adapter: ModelAdapter, task, runner, knobs: dict[str, Any],
 def _logits(model, x: torch.Tensor) -> torch.Tensor:
     """Logits of a ModelAdapter (hidden states through its head) or of a module returning them."""
     if hasattr(model, "head") and hasattr(model, "module"):
-
         out = model.forward(Batch(x, x, {}))
         return out.head(out.hidden)
     return model(x)
 
 
-def passkey_accuracy(model, template: PasskeyTemplate, stream: np.ndarray,
-                     lengths: list[int], depths: list[float], samples: int, *, seed: int = 0,
-                     precision: str = "auto") -> dict[int, dict[float, float]]:
+def passkey_accuracy(
+    model,
+    template: PasskeyTemplate,
+    stream: np.ndarray,
+    lengths: list[int],
+    depths: list[float],
+    samples: int,
+    *,
+    seed: int = 0,
+    precision: str = "auto",
+) -> dict[int, dict[float, float]]:
     """{length: {depth: fraction of examples whose every key token is the model's argmax}}.
 
     Filler windows are drawn from ``stream`` (held-out tokens) at random offsets; the same seed gives
@@ -96,14 +112,15 @@ def passkey_accuracy(model, template: PasskeyTemplate, stream: np.ndarray,
             rows, n_ans = [], []
             for _ in range(samples):
                 start = int(rng.integers(0, max(1, len(stream) - T - 1)))
-                ex, n = passkey_example(stream[start:start + T + 1], T, depth, int(rng.integers(10000, 99999)),
-                                        template)
+                ex, n = passkey_example(
+                    stream[start : start + T + 1], T, depth, int(rng.integers(10000, 99999)), template
+                )
                 rows.append(ex)
                 n_ans.append(n)
             batch = torch.from_numpy(np.stack(rows)).to(device)  # (S, T + 1)
             with autocast(device, precision):
                 pred = _logits(model, batch[:, :-1]).argmax(-1)  # (S, T)
-            hits = [bool((pred[i, T - n:] == batch[i, T + 1 - n:]).all()) for i, n in enumerate(n_ans)]
+            hits = [bool((pred[i, T - n :] == batch[i, T + 1 - n :]).all()) for i, n in enumerate(n_ans)]
             out[T][depth] = sum(hits) / len(hits)
     module.train(was_training)
     return out

@@ -23,6 +23,7 @@ taking 4 times as long as it did, as if the machine had been loaded while that r
 sleep: it costs nothing). The suite runs its curriculum-against-baseline comparisons under it, so a
 test that asserted a wall-clock time or ratio would fail every time instead of on a busy day.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -80,8 +81,10 @@ class NanInjector:
         try:
             steps = {int(s) for s in raw.split(",") if s.strip()}
         except ValueError:
-            raise ConfigError(f"{NAN_STEPS_ENV}={raw!r}: expected step numbers separated by commas, "
-                              "e.g. 6,7,8 (a testing hook; unset it for normal training)") from None
+            raise ConfigError(
+                f"{NAN_STEPS_ENV}={raw!r}: expected step numbers separated by commas, "
+                "e.g. 6,7,8 (a testing hook; unset it for normal training)"
+            ) from None
         if any(s < 1 for s in steps):
             raise ConfigError(f"{NAN_STEPS_ENV}={raw!r}: steps are numbered from 1")
         return cls(steps)
@@ -118,8 +121,10 @@ class StallInjector:
             try:
                 stalls[int(step)] = float(secs) if sep else 60.0
             except ValueError:
-                raise ConfigError(f"{STALL_STEPS_ENV}={raw!r}: expected STEP:SECONDS items separated by commas, "
-                                  "e.g. 3:60 (a testing hook; unset it for normal training)") from None
+                raise ConfigError(
+                    f"{STALL_STEPS_ENV}={raw!r}: expected STEP:SECONDS items separated by commas, "
+                    "e.g. 3:60 (a testing hook; unset it for normal training)"
+                ) from None
         if any(s < 1 or not math.isfinite(t) or t < 0 for s, t in stalls.items()):
             raise ConfigError(f"{STALL_STEPS_ENV}={raw!r}: steps are numbered from 1 and seconds must be >= 0")
         return cls(stalls)
@@ -146,7 +151,9 @@ def clock_scale(run_name: str) -> float:
         except ValueError:
             factors[name] = math.nan
         if not sep or not name or not math.isfinite(factors[name]) or factors[name] <= 0:
-            raise ConfigError(f"{CLOCK_SCALE_ENV}={raw!r}: expected RUN_NAME:FACTOR items separated by commas, "
-                              "each factor a positive number, e.g. demo_staged:4 (a testing hook; unset it for "
-                              "normal training)")
+            raise ConfigError(
+                f"{CLOCK_SCALE_ENV}={raw!r}: expected RUN_NAME:FACTOR items separated by commas, "
+                "each factor a positive number, e.g. demo_staged:4 (a testing hook; unset it for "
+                "normal training)"
+            )
     return factors.get(run_name, 1.0)

@@ -12,6 +12,7 @@ x-axis is the record's ``tokens``. Mirrors:
 
 A missing package is a named error before any compute.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,9 +34,11 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
     """The scalars a mirror shows for one metrics record (empty for records it does not plot)."""
     event = record.get("event")
     if event == "step":
-        return {f"train/{k}": float(v) for k, v in record.items()
-                if k not in _STEP_SKIP and isinstance(v, (int, float)) and not isinstance(v, bool)
-                and math.isfinite(v)}
+        return {
+            f"train/{k}": float(v)
+            for k, v in record.items()
+            if k not in _STEP_SKIP and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        }
     if event == "eval":
         return {f"eval/loss@{record['seq_len']}": float(record["loss"])}
     if event == "passkey":
@@ -48,8 +51,10 @@ class TensorBoardLogger:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise ConfigError("log.tensorboard is true but the tensorboard package is not installed; "
-                              "pip install tensorboard, or set log.tensorboard: false") from None
+            raise ConfigError(
+                "log.tensorboard is true but the tensorboard package is not installed; "
+                "pip install tensorboard, or set log.tensorboard: false"
+            ) from None
         self._w = SummaryWriter(log_dir=str(log_dir))
 
     def log(self, record: dict[str, Any]) -> None:
@@ -67,11 +72,13 @@ class WandbLogger:
         try:
             import wandb
         except ImportError:
-            raise ConfigError(f"log.wandb is {mode} but the wandb package is not installed; "
-                              "pip install wandb, or set log.wandb: off") from None
+            raise ConfigError(
+                f"log.wandb is {mode} but the wandb package is not installed; pip install wandb, or set log.wandb: off"
+            ) from None
         out_dir.mkdir(parents=True, exist_ok=True)
-        self._run = wandb.init(project="rampup", name=name, config=config, dir=str(out_dir), mode=mode,
-                               reinit="create_new")
+        self._run = wandb.init(
+            project="rampup", name=name, config=config, dir=str(out_dir), mode=mode, reinit="create_new"
+        )
 
     def log(self, record: dict[str, Any]) -> None:
         values = scalars(record)

@@ -4,6 +4,7 @@ The LR is a pure function of tokens seen (``lr_at``), so it needs no state of it
 schedule whose steps change size (seq-len or batch ramps) still warms up and decays over the right
 share of the data.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,8 +51,10 @@ class OptimizerConfig(Section):
             raise ValueError("optimizer.grad_clip must be > 0, or null to disable clipping")
         for name in ("warmup", "cooldown"):
             if getattr(self, name).unit not in (Unit.TOKEN, Unit.FRACTION):
-                raise ValueError(f"optimizer.{name} is counted in tokens: give tokens or % of the run "
-                                 f"(e.g. '2%' or '500K tok'), not {getattr(self, name)}")
+                raise ValueError(
+                    f"optimizer.{name} is counted in tokens: give tokens or % of the run "
+                    f"(e.g. '2%' or '500K tok'), not {getattr(self, name)}"
+                )
         return self
 
 
@@ -90,12 +93,18 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, per_parameter:
     learning-rate groups. ``fused``/``foreach`` are left to PyTorch's default."""
     params = list(model.parameters())  # de-duplicated: a tied weight appears once
     if per_parameter:  # lr_groups / lr_layer_decay: one group per parameter, named by its first name
-        groups = [{"name": name, "params": [p], "weight_decay": cfg.weight_decay if p.dim() >= 2 else 0.0,
-                   "lr_mult": 1.0} for name, p in model.named_parameters()]
+        groups = [
+            {"name": name, "params": [p], "weight_decay": cfg.weight_decay if p.dim() >= 2 else 0.0, "lr_mult": 1.0}
+            for name, p in model.named_parameters()
+        ]
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
     groups = [
-        {"name": "decay", "params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay,
-         "lr_mult": 1.0},
+        {
+            "name": "decay",
+            "params": [p for p in params if p.dim() >= 2],
+            "weight_decay": cfg.weight_decay,
+            "lr_mult": 1.0,
+        },
         {"name": "no_decay", "params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_mult": 1.0},
     ]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)

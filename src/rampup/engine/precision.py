@@ -16,6 +16,7 @@ bf16 ~1000 GFLOP/s; the same machine with ``ONEDNN_MAX_CPU_ISA=AVX2``, bf16 ~3 G
 The resolved choice travels with the run (printed at its start, in ``summary.json``, the first
 metrics record and every checkpoint); a resumed run keeps it wherever it resumes.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -109,8 +110,12 @@ def probe_cpu_bf16(*, use_cache: bool = True) -> dict:
         if isinstance(cache.get(key), dict):
             return cache[key]
     fp32, bf16 = _time_matmul(torch.float32), _time_matmul(torch.bfloat16)
-    result = {"fp32_gflops": round(fp32, 1), "bf16_gflops": round(bf16, 1), "ratio": round(bf16 / fp32, 3),
-              "native": bf16 >= NATIVE_RATIO * fp32}
+    result = {
+        "fp32_gflops": round(fp32, 1),
+        "bf16_gflops": round(bf16, 1),
+        "ratio": round(bf16 / fp32, 3),
+        "native": bf16 >= NATIVE_RATIO * fp32,
+    }
     if use_cache:
         with contextlib.suppress(OSError):  # a read-only home only costs the probe next time
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -168,8 +173,9 @@ def cpu_native_bf16() -> tuple[bool, str]:
         return False, f"this CPU ({cpu_model()}, {cap}) has no AVX-512 bf16 or AMX instructions"
     p = probe_cpu_bf16()
     limits = [f"{v}={os.environ[v]}" for v in ISA_VARIABLES if os.environ.get(v)]
-    measured = (f"bf16 matmul {p['bf16_gflops']:g} vs fp32 {p['fp32_gflops']:g} GFLOP/s on {cpu_model()}"
-                + (f" under {' '.join(limits)}" if limits else ""))
+    measured = f"bf16 matmul {p['bf16_gflops']:g} vs fp32 {p['fp32_gflops']:g} GFLOP/s on {cpu_model()}" + (
+        f" under {' '.join(limits)}" if limits else ""
+    )
     if p["native"]:
         return True, f"native bf16: {measured}"
     return False, f"bf16 is not native here: {measured}"
@@ -216,11 +222,15 @@ def saved_precision(state: dict, device: torch.device) -> Precision:
     saved = state.get("precision")
     if saved is None:
         requested = state.get("config", {}).get("train", {}).get("precision", "bf16")
-        saved = {"precision": "fp32" if requested == "fp32" else "bf16", "requested": requested,
-                 "reason": "written before train.precision: auto"}
+        saved = {
+            "precision": "fp32" if requested == "fp32" else "bf16",
+            "requested": requested,
+            "reason": "written before train.precision: auto",
+        }
     here = resolve_precision("auto", device)  # native_bf16 describes the machine it runs on now
-    return Precision(saved["precision"], saved.get("requested", saved["precision"]), here.native_bf16,
-                     saved.get("reason", ""))
+    return Precision(
+        saved["precision"], saved.get("requested", saved["precision"]), here.native_bf16, saved.get("reason", "")
+    )
 
 
 def bf16_slow_warning(p: Precision, device: torch.device | str = "cpu", *, resumed: bool = False) -> str | None:
@@ -230,11 +240,15 @@ def bf16_slow_warning(p: Precision, device: torch.device | str = "cpu", *, resum
         return None
     here = here.reason
     if resumed:
-        return (f"this run trains in bf16, the precision it started with (kept so the resume is bitwise), "
-                f"but {here}, so it will be slow on this machine; start a new run with train.precision: auto "
-                "to train at this machine's best speed")
-    return (f"training in bf16 as asked, but {here}, so it will be slow; set train.precision: auto "
-            "(or fp32) to train at this machine's best speed")
+        return (
+            f"this run trains in bf16, the precision it started with (kept so the resume is bitwise), "
+            f"but {here}, so it will be slow on this machine; start a new run with train.precision: auto "
+            "to train at this machine's best speed"
+        )
+    return (
+        f"training in bf16 as asked, but {here}, so it will be slow; set train.precision: auto "
+        "(or fp32) to train at this machine's best speed"
+    )
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -251,10 +265,15 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 def machine_info(precision: str | None = None) -> dict:
     """What a benchmark ran on: CPU model, torch's CPU capability, native bf16, precision, threads, torch."""
     native, why = cpu_native_bf16()
-    info = {"cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "bf16_native": native, "bf16_detail": why, "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "isa_env": {v: os.environ[v] for v in ISA_VARIABLES if os.environ.get(v)}}
+    info = {
+        "cpu": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "bf16_native": native,
+        "bf16_detail": why,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "isa_env": {v: os.environ[v] for v in ISA_VARIABLES if os.environ.get(v)},
+    }
     if precision is not None:
         info["precision"] = precision
     if torch.cuda.is_available():

@@ -6,6 +6,7 @@ start; ``skip`` (a step with a non-finite loss or gradient norm, not applied), `
 ``damaged_checkpoint`` record faults. On resume the file is cut back to the checkpoint's step, so it
 always describes one uninterrupted run; a rollback cuts it back too but keeps its fault records.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,7 +50,8 @@ def _write_failed(path: Path, e: OSError) -> RecordWriteError:
     return RecordWriteError(
         f"could not write the run's record {path}: {e.strerror or e}; the run's checkpoints are untouched (the "
         "record is cut back to the checkpoint on resume). Free disk space or fix the folder's permissions, then "
-        "continue with: rampup train CONFIG --resume")
+        "continue with: rampup train CONFIG --resume"
+    )
 
 
 def write_record_file(path: Path, text: str) -> None:
@@ -143,7 +145,9 @@ def _fmt_time(seconds: float) -> str:
 class Display:
     """Live rich progress on a terminal; plain lines every ``every`` steps otherwise; or nothing."""
 
-    def __init__(self, mode: str, total_steps: int, total_tokens: int, every: int, stream: TextIO | None = None) -> None:
+    def __init__(
+        self, mode: str, total_steps: int, total_tokens: int, every: int, stream: TextIO | None = None
+    ) -> None:
         stream = stream or sys.stdout
         if mode == "auto":
             mode = "rich" if stream.isatty() else "plain"
@@ -153,8 +157,13 @@ class Display:
         self._progress: Progress | None = None
         if mode == "rich":
             self._progress = Progress(
-                TextColumn("[bold]{task.fields[stage]}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
-                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=self.console,
+                TextColumn("[bold]{task.fields[stage]}"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total} steps"),
+                TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=self.console,
             )
             self._task = self._progress.add_task("train", total=total_steps, stage="", info="")
             self._progress.start()
@@ -168,14 +177,19 @@ class Display:
             print(message, file=self._stream, flush=True)
 
     def step(self, rec: dict[str, Any], eta_s: float) -> None:
-        info = (f"seq {rec['seq_len']} x{rec['batch_size']} | loss {rec['loss']:.4f} | "
-                f"{format_tokens(rec['tok_per_s'])} tok/s")
+        info = (
+            f"seq {rec['seq_len']} x{rec['batch_size']} | loss {rec['loss']:.4f} | "
+            f"{format_tokens(rec['tok_per_s'])} tok/s"
+        )
         if self._progress is not None:
             self._progress.update(self._task, completed=rec["step"], stage=rec["stage_name"], info=info)
         elif self.mode == "plain" and (rec["step"] % self.every == 0 or rec["step"] == self.total_steps):
-            print(f"step {rec['step']}/{self.total_steps} | {rec['stage_name']} | {info} | lr {rec['lr']:.2e} | "
-                  f"{format_tokens(rec['tokens'])}/{format_tokens(self.total_tokens)} tok | eta {_fmt_time(eta_s)}",
-                  file=self._stream, flush=True)
+            print(
+                f"step {rec['step']}/{self.total_steps} | {rec['stage_name']} | {info} | lr {rec['lr']:.2e} | "
+                f"{format_tokens(rec['tokens'])}/{format_tokens(self.total_tokens)} tok | eta {_fmt_time(eta_s)}",
+                file=self._stream,
+                flush=True,
+            )
 
     def close(self) -> None:
         if self._progress is not None:
@@ -211,10 +225,24 @@ def step_record(p: Any, r: StepResult, stage: int, stage_name: str, roof_flops: 
     """The ``step`` event of an applied step (``p``: the Progress after it; ``roof_flops``: the job's
     matmul roof in FLOP/s, 0 when unknown)."""
     achieved = r.flops / r.seconds  # honest FLOPs per second of the whole job
-    rec = {"event": "step", "step": p.step, "tokens": p.tokens, "loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm,
-           "seq_len": r.seq_len, "batch_size": r.rows, "stage": stage, "stage_name": stage_name,
-           "tok_per_s": r.tokens / r.seconds, "step_time": r.seconds, "train_time": p.train_time, "flops": p.flops,
-           "flops_per_s": achieved, "wall": time.time()}
+    rec = {
+        "event": "step",
+        "step": p.step,
+        "tokens": p.tokens,
+        "loss": r.loss,
+        "lr": r.lr,
+        "grad_norm": r.grad_norm,
+        "seq_len": r.seq_len,
+        "batch_size": r.rows,
+        "stage": stage,
+        "stage_name": stage_name,
+        "tok_per_s": r.tokens / r.seconds,
+        "step_time": r.seconds,
+        "train_time": p.train_time,
+        "flops": p.flops,
+        "flops_per_s": achieved,
+        "wall": time.time(),
+    }
     if roof_flops:
         rec["roof_share"] = achieved / roof_flops
     if r.compiled:
@@ -225,18 +253,27 @@ def step_record(p: Any, r: StepResult, stage: int, stage_name: str, roof_flops: 
 
 def skip_record(p: Any, r: StepResult) -> dict[str, Any]:
     """The ``skip`` event of a step whose update was not applied."""
-    return {"event": "skip", "step": p.step, "tokens": p.tokens, "loss": finite_json(r.loss),
-            "grad_norm": finite_json(r.grad_norm), "lr": r.lr, "in_a_row": p.consecutive_skips}
+    return {
+        "event": "skip",
+        "step": p.step,
+        "tokens": p.tokens,
+        "loss": finite_json(r.loss),
+        "grad_norm": finite_json(r.grad_norm),
+        "lr": r.lr,
+        "in_a_row": p.consecutive_skips,
+    }
 
 
 def _knob_text(knobs: dict[str, Any], defaults: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}"
-                     for k, v in knobs.items() if v != defaults.get(k))
+    return ", ".join(
+        f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in knobs.items() if v != defaults.get(k)
+    )
 
 
 def _jsonable(knobs: dict[str, Any]) -> dict[str, Any]:
-    return {k: v.model_dump(mode="json", exclude_defaults=True) if hasattr(v, "model_dump") else v
-            for k, v in knobs.items()}
+    return {
+        k: v.model_dump(mode="json", exclude_defaults=True) if hasattr(v, "model_dump") else v for k, v in knobs.items()
+    }
 
 
 class Records:
@@ -250,8 +287,16 @@ class Records:
         self.metrics.write(record)
 
     def stage(self, p: Any, index: int, name: str, knobs: dict[str, Any], defaults: dict[str, Any]) -> None:
-        self.metrics.write({"event": "stage", "step": p.step, "tokens": p.tokens, "stage": index, "stage_name": name,
-                            "knobs": _jsonable(knobs)})
+        self.metrics.write(
+            {
+                "event": "stage",
+                "step": p.step,
+                "tokens": p.tokens,
+                "stage": index,
+                "stage_name": name,
+                "knobs": _jsonable(knobs),
+            }
+        )
         self.display.print(f"stage {index} '{name}' at step {p.step}: " + _knob_text(knobs, defaults))
 
     def step(self, p: Any, r: StepResult, stage: int, stage_name: str, roof_flops: float, eta: float) -> None:
@@ -261,32 +306,65 @@ class Records:
 
     def skip(self, p: Any, r: StepResult, max_skips: int, on_limit: str) -> None:
         self.metrics.write(skip_record(p, r))
-        self.display.print(f"step {p.step}: loss {r.loss}, grad norm {r.grad_norm}: skipped, not applied "
-                           f"({p.consecutive_skips} in a row; {max_skips} trigger {on_limit})")
+        self.display.print(
+            f"step {p.step}: loss {r.loss}, grad norm {r.grad_norm}: skipped, not applied "
+            f"({p.consecutive_skips} in a row; {max_skips} trigger {on_limit})"
+        )
 
     def profile(self, p: Any, rows: int, seq_len: int, seconds: float, regions: dict[str, float]) -> None:
-        self.metrics.write({"event": "profile", "step": p.step, "rows": rows, "seq_len": seq_len, "step_time": seconds,
-                            **regions})
+        self.metrics.write(
+            {"event": "profile", "step": p.step, "rows": rows, "seq_len": seq_len, "step_time": seconds, **regions}
+        )
 
     def data_epoch(self, p: Any, epoch: int) -> None:
         self.metrics.write({"event": "data_epoch", "step": p.step, "epoch": epoch})
-        self.display.print(f"the sampler started data epoch {epoch} at step {p.step} "
-                           "(every sequence of the earlier epoch has been served)")
+        self.display.print(
+            f"the sampler started data epoch {epoch} at step {p.step} "
+            "(every sequence of the earlier epoch has been served)"
+        )
 
     def eval_length(self, p: Any, seq_len: int, loss: float) -> None:
-        self.metrics.write({"event": "eval", "step": p.step, "tokens": p.tokens, "seq_len": seq_len, "loss": loss,
-                            "train_time": p.train_time, "compile_time": p.compile_time, "flops": p.flops})
+        self.metrics.write(
+            {
+                "event": "eval",
+                "step": p.step,
+                "tokens": p.tokens,
+                "seq_len": seq_len,
+                "loss": loss,
+                "train_time": p.train_time,
+                "compile_time": p.compile_time,
+                "flops": p.flops,
+            }
+        )
 
     def evaluation(self, p: Any, losses: dict[int, float]) -> None:
         self.display.print(f"eval @ step {p.step}: " + ", ".join(f"loss@{n} {v:.4f}" for n, v in losses.items()))
 
     def passkey(self, p: Any, seq_len: int, accuracy: dict[float, float]) -> None:
-        self.metrics.write({"event": "passkey", "step": p.step, "tokens": p.tokens, "seq_len": seq_len,
-                            "accuracy": {f"{d:g}": a for d, a in accuracy.items()},
-                            "mean": sum(accuracy.values()) / len(accuracy), "train_time": p.train_time})
+        self.metrics.write(
+            {
+                "event": "passkey",
+                "step": p.step,
+                "tokens": p.tokens,
+                "seq_len": seq_len,
+                "accuracy": {f"{d:g}": a for d, a in accuracy.items()},
+                "mean": sum(accuracy.values()) / len(accuracy),
+                "train_time": p.train_time,
+            }
+        )
 
     def rollback(self, p: Any, at: int, reason: str, checkpoint: str, max_rollbacks: int) -> None:
-        self.metrics.write({"event": "rollback", "step": p.step, "from_step": at, "reason": reason,
-                            "checkpoint": checkpoint, "lr_scale": p.lr_scale})
-        self.display.print(f"{reason} at step {at}: rolled back to {checkpoint} with the learning rate "
-                           f"x{p.lr_scale:g} (rollback {p.rollbacks} of at most {max_rollbacks})")
+        self.metrics.write(
+            {
+                "event": "rollback",
+                "step": p.step,
+                "from_step": at,
+                "reason": reason,
+                "checkpoint": checkpoint,
+                "lr_scale": p.lr_scale,
+            }
+        )
+        self.display.print(
+            f"{reason} at step {at}: rolled back to {checkpoint} with the learning rate "
+            f"x{p.lr_scale:g} (rollback {p.rollbacks} of at most {max_rollbacks})"
+        )

@@ -1,5 +1,6 @@
 """The data seam (:class:`RunData`) and :func:`prepare_run`: everything a run reads, checked
 before any compute."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -85,7 +86,8 @@ def check_graphs(cfg: RunSettings, graphs: set[tuple]) -> None:
             f"values such as window that change a graph), more than train.compile_max_graphs "
             f"({cfg.train.compile_max_graphs}); its distinct batch shapes and window widths each compile their "
             "own graph; bucket the lengths (data.sampler: buckets, a seq_len ramp: step, or a coarser "
-            "multiple_of), step the window, raise compile_max_graphs, or turn compile off")
+            "multiple_of), step the window, raise compile_max_graphs, or turn compile off"
+        )
 
 
 def prepare_run(cfg: RunSettings) -> RunData:
@@ -94,28 +96,47 @@ def prepare_run(cfg: RunSettings) -> RunData:
     train_ds = TokenDataset.open(prepared, "train", verify=cfg.data.verify_checksums)
     val_ds = TokenDataset.open(prepared, "val", verify=cfg.data.verify_checksums)
     if train_ds.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"the tokenizer has {train_ds.vocab_size} tokens but model.vocab_size is "
-                          f"{cfg.model.vocab_size}; set model.vocab_size >= {train_ds.vocab_size}")
-    schedule = Schedule.build(cfg.schedule, total=cfg.train.duration, tokens_per_epoch=train_ds.n_tokens,
-                              shape=CausalLM.step_shape(cfg.schedule.seq_len_mode))
+        raise ConfigError(
+            f"the tokenizer has {train_ds.vocab_size} tokens but model.vocab_size is "
+            f"{cfg.model.vocab_size}; set model.vocab_size >= {train_ds.vocab_size}"
+        )
+    schedule = Schedule.build(
+        cfg.schedule,
+        total=cfg.train.duration,
+        tokens_per_epoch=train_ds.n_tokens,
+        shape=CausalLM.step_shape(cfg.schedule.seq_len_mode),
+    )
     eval_lens = cfg.eval.seq_lens or [schedule.max_knob("seq_len")]
     for n in eval_lens:
         if val_ds.n_tokens < n + 1:
-            raise DataError(f"the validation split has {val_ds.n_tokens} tokens, too few for eval at seq_len {n}; "
-                            "raise data.val_fraction or lower eval.seq_lens")
+            raise DataError(
+                f"the validation split has {val_ds.n_tokens} tokens, too few for eval at seq_len {n}; "
+                "raise data.val_fraction or lower eval.seq_lens"
+            )
     sampler = sampler_for_run(cfg.data, train_ds, cfg.train.seed, schedule)
     graphs: set[tuple] = set()
     step_knobs: dict[tuple[int, int], dict[str, Any]] = {}
     every = step_shapes(cfg, schedule)  # buckets: the draws, walked dry
-    for sp, (rows, seq_len) in zip(schedule.steps(), every):
+    for sp, (rows, seq_len) in zip(schedule.steps(), every, strict=True):
         graphs |= {graph_id(sp.knobs, s) for s in micro_shapes(rows, seq_len, cfg.train.micro_batch_tokens)}
         step_knobs.setdefault((rows, seq_len), sp.knobs)
     check_graphs(cfg, graphs)
     make_windows = EVAL_WINDOWS[cfg.eval.windows]
     eval_sets = {n: window_batches(make_windows(val_ds, n, cfg.eval.max_tokens)) for n in eval_lens}
     warnings = corpus_warnings(read_meta(prepared), budget_tokens=schedule.total_tokens, sampler=cfg.data.sampler)
-    return RunData(schedule, sampler, eval_sets, graphs, train_ds, val_ds, train_ds.eot_id, every, set(step_knobs),
-                   step_knobs, warnings)
+    return RunData(
+        schedule,
+        sampler,
+        eval_sets,
+        graphs,
+        train_ds,
+        val_ds,
+        train_ds.eot_id,
+        every,
+        set(step_knobs),
+        step_knobs,
+        warnings,
+    )
 
 
 def step_shapes(cfg: RunSettings, schedule: Schedule) -> list[tuple[int, int]]:
@@ -134,4 +155,4 @@ def step_shapes(cfg: RunSettings, schedule: Schedule) -> list[tuple[int, int]]:
     train_ds = TokenDataset.open(prepared, "train", verify=cfg.data.verify_checksums)
     counts = get_buckets(prepared, b.min_log2, b.max_log2, train_ds).counts()
     draws = plan_buckets(counts, schedule, seed=cfg.train.seed, cycles=b.cycles, repeat=b.repeat)
-    return [(sp.knobs["batch_tokens"] >> k, 1 << k) for sp, k in zip(schedule.steps(), draws)]
+    return [(sp.knobs["batch_tokens"] >> k, 1 << k) for sp, k in zip(schedule.steps(), draws, strict=True)]

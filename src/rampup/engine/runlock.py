@@ -5,6 +5,7 @@ leaves a stale lock. Only rank 0 of a multi-process run holds it: the workers of
 folder. The file also holds who took the lock (pid, command line, start time), so a second process is
 refused naming the holder.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -39,15 +40,18 @@ class RunLock:
     def acquire(self) -> RunLock:
 
         if self.folder.exists() and not self.folder.is_dir():
-            raise ConfigError(f"train.out_dir {self.folder} is a file, not a folder; choose another "
-                              "train.out_dir (or name) for the run")
+            raise ConfigError(
+                f"train.out_dir {self.folder} is a file, not a folder; choose another "
+                "train.out_dir (or name) for the run"
+            )
         self.created = not self.folder.exists()
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise ConfigError(f"cannot create the run folder {self.folder} ({e.strerror}); choose a writable "
-                              "train.out_dir") from None
+            raise ConfigError(
+                f"cannot create the run folder {self.folder} ({e.strerror}); choose a writable train.out_dir"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -60,18 +64,23 @@ class RunLock:
         if not same:  # its holder removed the file between our open and our lock: take the new one
             os.close(fd)
             return self.acquire()
-        info = {"pid": os.getpid(), "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
-                "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        info = {
+            "pid": os.getpid(),
+            "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
         self._fd = fd
         return self
 
     def _in_use(self) -> ConfigError:
-        return ConfigError(f"{self.folder} is in use by another rampup process ({_holder(self.path)}); "
-                           "one process trains a run folder at a time: wait for it to finish (or stop it: it "
-                           "checkpoints on SIGTERM) and then --resume, or give this run another "
-                           "name / train.out_dir")
+        return ConfigError(
+            f"{self.folder} is in use by another rampup process ({_holder(self.path)}); "
+            "one process trains a run folder at a time: wait for it to finish (or stop it: it "
+            "checkpoints on SIGTERM) and then --resume, or give this run another "
+            "name / train.out_dir"
+        )
 
     def release(self, *, undo: bool = False) -> None:
         """Let go and remove the lock file (a process that opened it meanwhile sees it gone and retries);

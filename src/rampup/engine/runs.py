@@ -1,5 +1,6 @@
 """Reading a run folder written by the engine: which checkpoint a path names, and the model and data
 sections of the run's saved config (what a teacher, an initial-weights source or an evaluation needs)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -32,8 +33,10 @@ def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
         return path.parent.parent, path
     ckpt = latest_checkpoint(path / "checkpoints")
     if ckpt is None:
-        raise CheckpointError(f"{path} is neither a checkpoint nor a run folder with checkpoints; "
-                              "give runs/NAME or runs/NAME/checkpoints/step_N")
+        raise CheckpointError(
+            f"{path} is neither a checkpoint nor a run folder with checkpoints; "
+            "give runs/NAME or runs/NAME/checkpoints/step_N"
+        )
     return path, ckpt
 
 
@@ -44,5 +47,10 @@ def read_run(path: str | Path, command: str) -> SavedRun:
     if not cfg_path.is_file():
         raise CheckpointError(f"{cfg_path} is missing; {command} reads the run's config from it")
     tree = yaml.safe_load(cfg_path.read_text()) or {}
-    return SavedRun(run_dir, ckpt, ModelConfig.model_validate(tree.get("model") or {}),
-                    DataConfig.model_validate(tree.get("data") or {}), tree)
+    return SavedRun(
+        run_dir,
+        ckpt,
+        ModelConfig.model_validate(tree.get("model") or {}),
+        DataConfig.model_validate(tree.get("data") or {}),
+        tree,
+    )

@@ -8,6 +8,7 @@ single-process safetensors checkpointer and the sharded one (``torch.distributed
 the same tree. A part is anything with ``state_dict()`` / ``load_state_dict()`` whose state is JSON-able;
 a part with tensors (EMA weights) also has ``tensors()`` / ``load_tensors()``, saved beside them.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -79,9 +80,12 @@ class TrainState:
 
     def state_dict(self) -> dict[str, Any]:
         """The JSON-able part of the state (the checkpointer adds model and optimizer tensors)."""
-        return {"progress": asdict(self.progress), "sampler": self.sampler.state_dict(),
-                "precision": self.precision.as_dict(),
-                "parts": {name: part.state_dict() for name, part in self.parts.items()}}
+        return {
+            "progress": asdict(self.progress),
+            "sampler": self.sampler.state_dict(),
+            "precision": self.precision.as_dict(),
+            "parts": {name: part.state_dict() for name, part in self.parts.items()},
+        }
 
     def load_state_dict(self, state: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> None:
         self.progress = Progress(**state["progress"])
@@ -91,9 +95,13 @@ class TrainState:
                 part.load_state_dict(state["parts"][name])
             if hasattr(part, "load_tensors"):
                 prefix = f"{name}/"
-                part.load_tensors({k[len(prefix):]: v for k, v in (tensors or {}).items() if k.startswith(prefix)})
+                part.load_tensors({k[len(prefix) :]: v for k, v in (tensors or {}).items() if k.startswith(prefix)})
 
     def part_tensors(self) -> dict[str, torch.Tensor]:
         """Every part's tensors, keyed ``PART/NAME`` (what parts.safetensors holds)."""
-        return {f"{name}/{k}": v for name, part in self.parts.items() if hasattr(part, "tensors")
-                for k, v in part.tensors().items()}
+        return {
+            f"{name}/{k}": v
+            for name, part in self.parts.items()
+            if hasattr(part, "tensors")
+            for k, v in part.tensors().items()
+        }

@@ -5,6 +5,7 @@
   ``nn.Module`` that maps token ids to logits.
 - :func:`evaluate`: held-out next-token loss of a plain module at one context length.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,9 +36,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def optimizer_step(adapter, task, optimizer: torch.optim.Optimizer, batch: Batch, *, lr: float,
-                   precision: str = "auto", micro_batch_items: int | None = None,
-                   grad_clip: float | None = None, dist: Any = None) -> tuple[float, float]:
+def optimizer_step(
+    adapter,
+    task,
+    optimizer: torch.optim.Optimizer,
+    batch: Batch,
+    *,
+    lr: float,
+    precision: str = "auto",
+    micro_batch_items: int | None = None,
+    grad_clip: float | None = None,
+    dist: Any = None,
+) -> tuple[float, float]:
     """One optimizer step on ``batch``; returns (mean loss, grad norm before clipping).
 
     Each parameter group's lr is ``lr`` times the group's own ``lr_mult``. If the loss or the
@@ -51,8 +61,9 @@ def optimizer_step(adapter, task, optimizer: torch.optim.Optimizer, batch: Batch
     """
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_mult", 1.0)
-    total = accumulate_gradients(adapter, task, batch, precision=precision, micro_batch_items=micro_batch_items,
-                                 dist=dist)
+    total = accumulate_gradients(
+        adapter, task, batch, precision=precision, micro_batch_items=micro_batch_items, dist=dist
+    )
     params = [p for g in optimizer.param_groups for p in g["params"]]
     with record_function(REGIONS[2]):
         if dist is not None and dist.enabled:
@@ -68,8 +79,9 @@ def optimizer_step(adapter, task, optimizer: torch.optim.Optimizer, batch: Batch
     return loss_value, norm_value
 
 
-def accumulate_gradients(adapter, task, batch: Batch, *, precision: str = "auto",
-                         micro_batch_items: int | None = None, dist: Any = None) -> torch.Tensor:
+def accumulate_gradients(
+    adapter, task, batch: Batch, *, precision: str = "auto", micro_batch_items: int | None = None, dist: Any = None
+) -> torch.Tensor:
     """Forward and backward of ``batch`` in micro-batches of at most ``micro_batch_items`` items, each
     weighted by its share of rows; returns the mean loss (a 0-d tensor, not synced)."""
     B = batch.rows
@@ -111,13 +123,23 @@ def train_step(
     ``attn_mask`` (B, 1, T, T) bool, ``segments`` (B, T) document ids and ``positions`` (B, T), when
     given, go to the model with their rows (document-masked packing).
     """
-    extra = {k: v for k, v in (("attn_mask", attn_mask), ("positions", positions), ("segments", segments))
-             if v is not None}
-    return optimizer_step(ModuleAdapter(model), CausalLM(), optimizer, Batch(x, y, extra), lr=lr,
-                          precision=precision, micro_batch_items=micro_batch_tokens, grad_clip=grad_clip)
+    extra = {
+        k: v for k, v in (("attn_mask", attn_mask), ("positions", positions), ("segments", segments)) if v is not None
+    }
+    return optimizer_step(
+        ModuleAdapter(model),
+        CausalLM(),
+        optimizer,
+        Batch(x, y, extra),
+        lr=lr,
+        precision=precision,
+        micro_batch_items=micro_batch_tokens,
+        grad_clip=grad_clip,
+    )
 
 
-def evaluate(model: torch.nn.Module, windows: torch.Tensor, *, precision: str = "auto",
-             batch_tokens: int = 16384) -> float:
+def evaluate(
+    model: torch.nn.Module, windows: torch.Tensor, *, precision: str = "auto", batch_tokens: int = 16384
+) -> float:
     """Mean next-token loss of a logits module over ``windows`` (N, T+1), every position scored."""
     return eval_loss(ModuleAdapter(model), CausalLM(), window_batches(windows, batch_tokens), precision=precision)

@@ -9,7 +9,10 @@ alike; with ``loss_shards`` it runs tiled (rampup.models.tiling), and distillati
   optionally, positions that restart at every document.
 - A classifier or any other task is a class with the same three methods (tests/unit/engine/test_seams.py).
 """
+
 from __future__ import annotations
+
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +42,6 @@ class CausalLM:
     def make_batch(self, x: torch.Tensor, y: torch.Tensor, *, training: bool = True) -> Batch:
         extra = {}
         if self.doc_mask and training:  # evaluation windows are scored with full causal context
-
             seg = segment_ids(x, self.eot_id)  # (B, T) document index within each row, on the host
             extra["spans"] = document_spans(seg)
             if self.restart_positions:
@@ -53,7 +55,6 @@ class CausalLM:
     def loss(self, adapter: ModelAdapter, batch: Batch, *, reduction: str = "mean") -> torch.Tensor:
         out = adapter.forward(batch)
         if out.loss_shards > 1 and reduction != "none":  # tiled: the full logits never exist
-
             targets = batch.targets
 
             def shard_loss(logits: torch.Tensor, sl: slice) -> torch.Tensor:
@@ -72,5 +73,5 @@ class CausalLM:
             return None
         lengths = []
         for r0, r1, bounds in spans.groups:
-            lengths += [[e - s for s, e in zip(bounds, bounds[1:])]] * (r1 - r0)
+            lengths += [[e - s for s, e in pairwise(bounds)]] * (r1 - r0)
         return lengths

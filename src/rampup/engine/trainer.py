@@ -11,6 +11,7 @@ Guarantees kept from the single-function engine: a run stopped at any step resum
 a non-finite step is skipped, a streak rolls back to the newest intact checkpoint at a lower lr (or
 stops); the first SIGTERM/SIGINT checkpoints and exits 128+N, a second Ctrl-C stops at once.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -83,8 +84,21 @@ from rampup.schedule.registry import (
 )
 from rampup.units import Duration, Unit
 
-__all__ = ["Interrupted", "Progress", "RunData", "RunInputs", "Trainer", "check_graphs", "micro_shapes", "evaluate", "optimizer_step", "prepare_run",
-           "resolve_device", "train", "train_step"]
+__all__ = [
+    "Interrupted",
+    "Progress",
+    "RunData",
+    "RunInputs",
+    "Trainer",
+    "check_graphs",
+    "micro_shapes",
+    "evaluate",
+    "optimizer_step",
+    "prepare_run",
+    "resolve_device",
+    "train",
+    "train_step",
+]
 """The engine's public functions, for a loop of your own or a whole run."""
 
 _FAULT_EVENTS = ("skip", "rollback")
@@ -142,8 +156,11 @@ def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
 def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """``key: old -> new`` for every setting that differs (a key one side lacks shows as missing)."""
     a, b = _leaves(saved), _leaves(now)
-    return [f"{k}: {a.get(k, '(missing)')} -> {b.get(k, '(missing)')}" for k in sorted(a.keys() | b.keys())
-            if a.get(k, ...) != b.get(k, ...)]
+    return [
+        f"{k}: {a.get(k, '(missing)')} -> {b.get(k, '(missing)')}"
+        for k in sorted(a.keys() | b.keys())
+        if a.get(k, ...) != b.get(k, ...)
+    ]
 
 
 def check_resumable(saved: dict[str, Any], cfg: RunSettings) -> None:
@@ -152,18 +169,29 @@ def check_resumable(saved: dict[str, Any], cfg: RunSettings) -> None:
     train = ("duration", "seed", "precision", "micro_batch_tokens", "ema")
     changes = config_changes(
         compared[0] | {"train": {k: saved.get("train", {}).get(k) for k in train}},
-        compared[1] | {"train": {k: now["train"].get(k) for k in train}})
+        compared[1] | {"train": {k: now["train"].get(k) for k in train}},
+    )
     if changes:
         shown = "; ".join(changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8 else "")
-        raise ConfigError(f"the config differs from the checkpoint's: {shown}. Resume with the config the run "
-                          "started with (saved as config.yaml in the run folder)")
+        raise ConfigError(
+            f"the config differs from the checkpoint's: {shown}. Resume with the config the run "
+            "started with (saved as config.yaml in the run folder)"
+        )
 
 
 class Trainer:
     """One run: built (and checked) in ``__init__``, trained by :meth:`run`."""
 
-    def __init__(self, cfg: RunSettings, *, resume: bool = False, display_mode: str | None = None,
-                 build_model=None, task=None, data: RunData | None = None) -> None:
+    def __init__(
+        self,
+        cfg: RunSettings,
+        *,
+        resume: bool = False,
+        display_mode: str | None = None,
+        build_model=None,
+        task=None,
+        data: RunData | None = None,
+    ) -> None:
         self.cfg, self.resume = cfg, resume
         self.dist = setup(cfg)  # one process, or this rank of the job torchrun started
         # rank 0 prepares (tokenizes, caches) the corpus before the others read it
@@ -185,8 +213,10 @@ class Trainer:
         self.checkpointer = LocalCheckpointer(out / "checkpoints", keep=cfg.train.keep_checkpoints)
         found = self.checkpointer.latest()
         if found is not None and not resume:
-            raise ConfigError(f"{out} already holds a checkpoint ({found.name}); pass --resume to continue it, "
-                              "or choose another name / train.out_dir for a new run")
+            raise ConfigError(
+                f"{out} already holds a checkpoint ({found.name}); pass --resume to continue it, "
+                "or choose another name / train.out_dir for a new run"
+            )
         if resume and found is None:
             raise ConfigError(f"--resume: no checkpoint in {self.checkpointer.folder}; run without --resume to start")
         self.nan_faults, self.stall_faults = NanInjector.from_env(), StallInjector.from_env()
@@ -227,19 +257,30 @@ class Trainer:
         if cfg.train.compile:
             # One static graph per batch shape and graph-making knob value: they are few (checked in
             # prepare_run), and static graphs are the fastest; dynamo must be allowed to keep all of them.
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
-                                                       len(self.data.graphs) + 1)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(self.data.graphs) + 1)
             adapter.compile(backend=cfg.train.compile_backend, dynamic=False)
-        self.task = task if task is not None else CausalLM(self.data.eot_id, doc_mask=cfg.data.doc_mask,
-                                                           restart_positions=cfg.data.restart_positions)
+        self.task = (
+            task
+            if task is not None
+            else CausalLM(self.data.eot_id, doc_mask=cfg.data.doc_mask, restart_positions=cfg.data.restart_positions)
+        )
         self.state = TrainState(adapter, optimizer, self.data.sampler, precision)
 
     def setup_families(self) -> list[str]:
         """Every knob family's build-time hook (parts, a wrapped task), then its checks before any step
         (memory: what fits, what ``auto`` picks per shape); returns the lines the run prints at its start."""
         cfg, state = self.cfg, self.state
-        ctx = KnobContext(state.model, state.optimizer, self.data.sampler, self.data, seed=cfg.train.seed, cfg=cfg,
-                          precision=state.precision.precision, device=self.device, parts=state.parts)
+        ctx = KnobContext(
+            state.model,
+            state.optimizer,
+            self.data.sampler,
+            self.data,
+            seed=cfg.train.seed,
+            cfg=cfg,
+            precision=state.precision.precision,
+            device=self.device,
+            parts=state.parts,
+        )
         self.knobs = KnobRunner(ctx)
         run = RunSetup(cfg, self.schedule, self.data, ctx, state.parts, self.task, self.dist.world)
         for family in families():
@@ -256,8 +297,12 @@ class Trainer:
             metrics = MetricsWriter(out / "metrics.jsonl", mirrors=mirrors)
         else:
             metrics, display_mode = NullMetrics(), "off"
-        return metrics, Display(display_mode or cfg.log.progress, self.schedule.num_steps(),
-                                self.schedule.total_tokens, int(cfg.log.every.value))
+        return metrics, Display(
+            display_mode or cfg.log.progress,
+            self.schedule.num_steps(),
+            self.schedule.total_tokens,
+            int(cfg.log.every.value),
+        )
 
     @property
     def progress(self):
@@ -291,11 +336,21 @@ class Trainer:
             summary = json.loads(path.read_text())
         else:
             p = self.progress
-            summary = {"name": self.cfg.name, "steps": p.step, "tokens": p.tokens, "flops": p.flops,
-                       "train_time": p.train_time, "compile_time": p.compile_time, "val_loss": {},
-                       "skipped_steps": p.skipped_steps, "skipped_tokens": p.skipped_tokens,
-                       "rollbacks": p.rollbacks, "lr_scale": p.lr_scale,
-                       "checkpoint": str(self.checkpointer.latest()), "metrics": str(self.out / "metrics.jsonl")}
+            summary = {
+                "name": self.cfg.name,
+                "steps": p.step,
+                "tokens": p.tokens,
+                "flops": p.flops,
+                "train_time": p.train_time,
+                "compile_time": p.compile_time,
+                "val_loss": {},
+                "skipped_steps": p.skipped_steps,
+                "skipped_tokens": p.skipped_tokens,
+                "rollbacks": p.rollbacks,
+                "lr_scale": p.lr_scale,
+                "checkpoint": str(self.checkpointer.latest()),
+                "metrics": str(self.out / "metrics.jsonl"),
+            }
         return summary | {"already_finished": True}
 
     def fit(self) -> tuple[dict[int, float], Path]:
@@ -319,25 +374,34 @@ class Trainer:
         t0 = time.perf_counter()
         batch = self.next_batch(sp)
         # the step's lr is the schedule's value at the end of the step, so warmup's first step is not ~0
-        lr = (lr_at(cfg.optimizer, p.tokens + sp.tokens, self.schedule.total_tokens)
-              * self.knobs.ctx.lr_mult * p.lr_scale)
+        lr = (
+            lr_at(cfg.optimizer, p.tokens + sp.tokens, self.schedule.total_tokens) * self.knobs.ctx.lr_mult * p.lr_scale
+        )
         self.stall_faults.maybe_stall(p.step + 1)
         self.dist.heartbeat(p.step + 1)  # this rank is at the step's collectives
         every = cfg.train.profile_every
         profiler = _StepProfiler() if every and (p.step + 1) % every == 0 else contextlib.nullcontext()
         with profiler, self.nan_faults.poison(self.state.model.head, p.step + 1):
-            loss, gnorm = optimizer_step(self.state.model, self.task, self.state.optimizer, batch, lr=lr,
-                                         precision=self.state.precision.precision,
-                                         micro_batch_items=cfg.train.micro_batch_tokens,
-                                         grad_clip=cfg.optimizer.grad_clip, dist=self.dist)
+            loss, gnorm = optimizer_step(
+                self.state.model,
+                self.task,
+                self.state.optimizer,
+                batch,
+                lr=lr,
+                precision=self.state.precision.precision,
+                micro_batch_items=cfg.train.micro_batch_tokens,
+                grad_clip=cfg.optimizer.grad_clip,
+                dist=self.dist,
+            )
             if math.isfinite(loss) and math.isfinite(gnorm):  # applied steps only
                 for family in families():
                     family.after_step(self.knobs.ctx, batch.items * self.dist.world)  # the global batch's tokens
         dt = (time.perf_counter() - t0) * self.clock_scale
         result = self.record_step(sp, batch, loss, gnorm, lr, dt)
         if isinstance(profiler, _StepProfiler):
-            self.records.profile(self.progress, batch.rows * self.dist.world, batch.items // batch.rows, dt,
-                                 profiler.seconds(dt))
+            self.records.profile(
+                self.progress, batch.rows * self.dist.world, batch.items // batch.rows, dt, profiler.seconds(dt)
+            )
         return result
 
     def after_step(self) -> None:
@@ -353,9 +417,12 @@ class Trainer:
             sent = self.dist.broadcast(self.flag.signum)  # every rank joins: rank 0 may have none
             self.flag.signum = self.flag.signum or sent or signal.SIGTERM
             path = self.save() or self.checkpointer.latest()
-            raise Interrupted(f"by signal {self.flag.signum} ({signal.Signals(self.flag.signum).name}) after step "
-                              f"{p.step}; checkpoint "
-                              f"{path}. Resume with: {self.resume_hint}", 128 + self.flag.signum)
+            raise Interrupted(
+                f"by signal {self.flag.signum} ({signal.Signals(self.flag.signum).name}) after step "
+                f"{p.step}; checkpoint "
+                f"{path}. Resume with: {self.resume_hint}",
+                128 + self.flag.signum,
+            )
         if self.should_save(p.step, before, p.tokens) and not done:
             self.save()
 
@@ -398,8 +465,19 @@ class Trainer:
         self.seen_graphs |= graphs
         flops = self.state.model.flops_per_item(tuple(batch.inputs.shape), doc_lengths=self.task.doc_lengths(batch))
         self._tokens_before = p.tokens
-        result = StepResult(p.step + 1, n_items, B, T, loss, gnorm, lr, dt, flops * n_items, compiled,
-                            math.isfinite(loss) and math.isfinite(gnorm))
+        result = StepResult(
+            p.step + 1,
+            n_items,
+            B,
+            T,
+            loss,
+            gnorm,
+            lr,
+            dt,
+            flops * n_items,
+            compiled,
+            math.isfinite(loss) and math.isfinite(gnorm),
+        )
         p.count(result)
         if result.applied:
             stage = self.schedule.stages[sp.stage]
@@ -432,8 +510,9 @@ class Trainer:
         with contextlib.ExitStack() as held:  # a family's weights swapped in (the EMA), for every length
             for family in families():
                 held.enter_context(family.evaluating(self.knobs.ctx))
-            losses = evaluate_lengths(self.state.model, self.task, self.knobs, knobs, self.data.eval_sets,
-                                      precision=prec, each=each)
+            losses = evaluate_lengths(
+                self.state.model, self.task, self.knobs, knobs, self.data.eval_sets, precision=prec, each=each
+            )
         self.records.evaluation(p, losses)
         return losses
 
@@ -441,8 +520,16 @@ class Trainer:
         template, p, cfg = self.data.passkey_template(), self.progress, self.cfg
         if n < template.min_len():
             return
-        acc = passkey_accuracy(self.state.model, template, self.data.passkey_stream(), [n], cfg.eval.passkey_depths,
-                               cfg.eval.passkey_samples, seed=cfg.train.seed, precision=precision)[n]
+        acc = passkey_accuracy(
+            self.state.model,
+            template,
+            self.data.passkey_stream(),
+            [n],
+            cfg.eval.passkey_depths,
+            cfg.eval.passkey_samples,
+            seed=cfg.train.seed,
+            precision=precision,
+        )[n]
         self.records.passkey(p, n, acc)
 
     # ------------------------------------------------------------------ checkpoints, resume, rollback
@@ -450,8 +537,9 @@ class Trainer:
         removed = self.checkpointer.clean_partial() if self.dist.main else []
         self.dist.barrier()
         if removed:
-            self.display.print(f"removed what a killed checkpoint write left in {self.checkpointer.folder}: "
-                               f"{', '.join(removed)}")
+            self.display.print(
+                f"removed what a killed checkpoint write left in {self.checkpointer.folder}: {', '.join(removed)}"
+            )
         if self.resume:
             ck = self.load_latest(check=lambda st: check_resumable(st["config"], self.cfg))
             self.restore(ck)
@@ -461,19 +549,37 @@ class Trainer:
         self.roof = matmul_roof(self.state.precision.precision, self.device)
         if not self.resume:
             if self.dist.main:
-                write_record_file(self.out / "config.yaml", yaml.safe_dump(self.cfg.model_dump(mode="json", by_alias=True), sort_keys=False))
+                write_record_file(
+                    self.out / "config.yaml",
+                    yaml.safe_dump(self.cfg.model_dump(mode="json", by_alias=True), sort_keys=False),
+                )
             self.metrics.truncate_after(0)
-            self.metrics.write({"event": "run", "step": 0, "name": self.cfg.name, "device": str(self.device),
-                                "precision": self.state.precision.as_dict(), "world_size": self.dist.world,
-                                "roof_gflops": self.roof,
-                                **({"strategy": self.cfg.train.strategy, "backend": self.dist.backend}
-                                   if self.dist.enabled else {})})
+            self.metrics.write(
+                {
+                    "event": "run",
+                    "step": 0,
+                    "name": self.cfg.name,
+                    "device": str(self.device),
+                    "precision": self.state.precision.as_dict(),
+                    "world_size": self.dist.world,
+                    "roof_gflops": self.roof,
+                    **(
+                        {"strategy": self.cfg.train.strategy, "backend": self.dist.backend} if self.dist.enabled else {}
+                    ),
+                }
+            )
         s, prec = self.schedule, self.state.precision
-        self.display.print(f"run '{self.cfg.name}': {self.display.total_steps} steps, {s.total_tokens:,} tokens, "
-                           f"{self.state.model.num_params():,} non-embedding parameters, device {self.device}, "
-                           f"output {self.out}" + (f" (resumed at step {self.progress.step})" if self.resume else "") +
-                           (f"; {self.dist.world} processes ({self.cfg.train.strategy}, {self.dist.backend})"
-                            if self.dist.enabled else ""))
+        self.display.print(
+            f"run '{self.cfg.name}': {self.display.total_steps} steps, {s.total_tokens:,} tokens, "
+            f"{self.state.model.num_params():,} non-embedding parameters, device {self.device}, "
+            f"output {self.out}"
+            + (f" (resumed at step {self.progress.step})" if self.resume else "")
+            + (
+                f"; {self.dist.world} processes ({self.cfg.train.strategy}, {self.dist.backend})"
+                if self.dist.enabled
+                else ""
+            )
+        )
         self.display.print(prec.line() + (" -- kept from the run's start, for a bitwise resume" if self.resume else ""))
         for line in self.start_lines:
             self.display.print(line)
@@ -531,19 +637,26 @@ class Trainer:
         p, policy = self.progress, self.policy
         at = p.step
         if policy.on_limit == "stop" or p.rollbacks >= policy.max_rollbacks:
-            why = ("train.nonfinite.on_limit is stop" if policy.on_limit == "stop" else
-                   f"all {policy.max_rollbacks} rollbacks that train.nonfinite.max_rollbacks allows are used")
+            why = (
+                "train.nonfinite.on_limit is stop"
+                if policy.on_limit == "stop"
+                else f"all {policy.max_rollbacks} rollbacks that train.nonfinite.max_rollbacks allows are used"
+            )
             newest = self.checkpointer.latest()
-            raise NonFiniteError(f"{reason} (step {at}); stopping because {why}. The newest checkpoint is "
-                                 f"{newest.name if newest else 'none'}: lower optimizer.lr or raise optimizer.warmup "
-                                 f"and start a new run, or continue with {self.resume_hint}")
+            raise NonFiniteError(
+                f"{reason} (step {at}); stopping because {why}. The newest checkpoint is "
+                f"{newest.name if newest else 'none'}: lower optimizer.lr or raise optimizer.warmup "
+                f"and start a new run, or continue with {self.resume_hint}"
+            )
         kept = {k: getattr(p, k) for k in KEPT_ON_ROLLBACK}
         lr_scale = p.lr_scale * policy.lr_factor
         ck = self.load_latest()
         if ck is None:
-            raise NonFiniteError(f"{reason} (step {at}), before the first checkpoint, so there is nothing to "
-                                 "roll back to; lower optimizer.lr, raise optimizer.warmup or checkpoint earlier "
-                                 "(train.checkpoint_every), and start again")
+            raise NonFiniteError(
+                f"{reason} (step {at}), before the first checkpoint, so there is nothing to "
+                "roll back to; lower optimizer.lr, raise optimizer.warmup or checkpoint earlier "
+                "(train.checkpoint_every), and start again"
+            )
         self.restore(ck)
         p = self.progress
         for k, v in kept.items():
@@ -556,12 +669,22 @@ class Trainer:
 
     def write_summary(self, final: dict[int, float], path: Path) -> dict[str, Any]:
         p = self.progress
-        summary = {"name": self.cfg.name, "steps": p.step, "tokens": p.tokens, "flops": p.flops,
-                   "train_time": p.train_time, "compile_time": p.compile_time,
-                   "val_loss": {str(k): v for k, v in final.items()},
-                   "skipped_steps": p.skipped_steps, "skipped_tokens": p.skipped_tokens,
-                   "rollbacks": p.rollbacks, "lr_scale": p.lr_scale, "precision": self.state.precision.as_dict(),
-                   "checkpoint": str(path), "metrics": str(self.out / "metrics.jsonl")}
+        summary = {
+            "name": self.cfg.name,
+            "steps": p.step,
+            "tokens": p.tokens,
+            "flops": p.flops,
+            "train_time": p.train_time,
+            "compile_time": p.compile_time,
+            "val_loss": {str(k): v for k, v in final.items()},
+            "skipped_steps": p.skipped_steps,
+            "skipped_tokens": p.skipped_tokens,
+            "rollbacks": p.rollbacks,
+            "lr_scale": p.lr_scale,
+            "precision": self.state.precision.as_dict(),
+            "checkpoint": str(path),
+            "metrics": str(self.out / "metrics.jsonl"),
+        }
         if self.clock_scale != 1:
             summary["clock_scale"] = self.clock_scale  # the testing hook made its times lie: say so
         if self.dist.main:
@@ -606,12 +729,18 @@ def _quiet_fd2():
         os.close(saved)
 
 
-def train(cfg: RunSettings, *, resume: bool = False, display_mode: str | None = None, build_model=None,
-          task=None, data: RunData | None = None) -> dict[str, Any]:
+def train(
+    cfg: RunSettings,
+    *,
+    resume: bool = False,
+    display_mode: str | None = None,
+    build_model=None,
+    task=None,
+    data: RunData | None = None,
+) -> dict[str, Any]:
     """Run (or resume) a whole training run; returns the summary also written to summary.json.
 
     ``build_model(cfg, device) -> ModelAdapter`` (called once torch's RNG is seeded with
     train.seed), ``task`` and ``data`` replace the reference decoder LM, next-token prediction and
     the token corpus of ``cfg`` (tests/unit/engine/test_seams.py trains a vector classifier this way)."""
-    return Trainer(cfg, resume=resume, display_mode=display_mode, build_model=build_model, task=task,
-                   data=data).run()
+    return Trainer(cfg, resume=resume, display_mode=display_mode, build_model=build_model, task=task, data=data).run()

@@ -5,6 +5,7 @@ rampup.schedule.registry. A new family is one new file here.
 
     from rampup.knobs import Knob, register_knob      # a knob of your own (the registry's names)
 """
+
 import importlib
 import pkgutil
 
@@ -28,5 +29,17 @@ FAMILIES = tuple(info.name for info in pkgutil.iter_modules(__path__) if not inf
 for _name in FAMILIES:
     importlib.import_module(f"{__name__}.{_name}")
 
-__all__ = ["FAMILIES", "KNOBS", "Knob", "KnobContext", "KnobRunner", "Ramp", "check_knobs", "check_supported", "get_knob",
-           "graph_id", "knob_keys_set", "register_knob"]
+__all__ = [
+    "FAMILIES",
+    "KNOBS",
+    "Knob",
+    "KnobContext",
+    "KnobRunner",
+    "Ramp",
+    "check_knobs",
+    "check_supported",
+    "get_knob",
+    "graph_id",
+    "knob_keys_set",
+    "register_knob",
+]

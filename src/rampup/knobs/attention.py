@@ -1,5 +1,6 @@
 """The ``attention`` and ``window`` knobs: a stage's attention pattern (causal, sliding window, sinks,
 hybrids of full and windowed layers; the kernels: rampup.models.attention)."""
+
 from __future__ import annotations
 
 from rampup.errors import ConfigError
@@ -7,6 +8,7 @@ from rampup.models.attention import AttentionSpec, check_attention_knob
 from rampup.schedule.registry import Knob, register_knob
 
 # ----------------------------------------------------------------------------- the attention and window knobs
+
 
 def _attention_key(spec: AttentionSpec, knobs: dict, length: int):
     return spec if spec.kind == "causal" else (spec, knobs["window"])
@@ -24,8 +26,7 @@ def _check_full_layers(cfg) -> None:
         bad = [k for k in layers if not 0 <= k < n]
         if bad:
             where = "schedule.knobs" if st is None else f"schedule.stages.{i - 1}"
-            raise ValueError(f"{where}.attention.full_layers names layers {bad}, but the model has "
-                             f"{n} (0..{n - 1})")
+            raise ValueError(f"{where}.attention.full_layers names layers {bad}, but the model has {n} (0..{n - 1})")
 
 
 def _check_windows(cfg, schedule) -> None:
@@ -36,18 +37,41 @@ def _check_windows(cfg, schedule) -> None:
             continue
         name = schedule.stages[sp.stage].name
         if w < 1:
-            raise ConfigError(f"stage '{name}' uses attention '{spec.kind}' but the knob window is {w}; "
-                              "set window (tokens) in the stage or in schedule.knobs")
+            raise ConfigError(
+                f"stage '{name}' uses attention '{spec.kind}' but the knob window is {w}; "
+                "set window (tokens) in the stage or in schedule.knobs"
+            )
         if w > sp.seq_len:
-            raise ConfigError(f"stage '{name}': window {w} is larger than the sequence ({sp.seq_len} tokens) "
-                              f"at step {sp.step}; use a window <= seq_len, or attention: causal")
+            raise ConfigError(
+                f"stage '{name}': window {w} is larger than the sequence ({sp.seq_len} tokens) "
+                f"at step {sp.step}; use a window <= seq_len, or attention: causal"
+            )
 
 
-register_knob(Knob("attention", "Attention pattern of the stage: causal | window | sinks, or {kind, n_global, "
-                   "full_layers | full_every} for a hybrid of full and windowed layers.",
-                   default=AttentionSpec(), rampable=False, check=check_attention_knob, spec=AttentionSpec, apply=_apply_attention,
-                   key=_attention_key, graph_key=lambda spec: spec.model_dump_json(), check_config=_check_full_layers,
-                   check_plan=_check_windows))
+register_knob(
+    Knob(
+        "attention",
+        "Attention pattern of the stage: causal | window | sinks, or {kind, n_global, "
+        "full_layers | full_every} for a hybrid of full and windowed layers.",
+        default=AttentionSpec(),
+        rampable=False,
+        check=check_attention_knob,
+        spec=AttentionSpec,
+        apply=_apply_attention,
+        key=_attention_key,
+        graph_key=lambda spec: spec.model_dump_json(),
+        check_config=_check_full_layers,
+        check_plan=_check_windows,
+    )
+)
 # the window's effect is the attention knob's (its key includes the window); each width is its own graph
-register_knob(Knob("window", "Sliding-window width in tokens for attention: window or sinks (may ramp).",
-                   default=0, integer=True, minimum=0, graph_key=lambda w: w))
+register_knob(
+    Knob(
+        "window",
+        "Sliding-window width in tokens for attention: window or sinks (may ramp).",
+        default=0,
+        integer=True,
+        minimum=0,
+        graph_key=lambda w: w,
+    )
+)

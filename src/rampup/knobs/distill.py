@@ -28,6 +28,7 @@ and a resume is exact. Every teacher is rebuilt the same way (a fresh model of i
 weights loaded, its stage's RoPE and attention knobs applied), whether taken now or read back.
 A teacher whose vocabulary differs from the run's is refused before any compute.
 """
+
 from __future__ import annotations
 
 import json
@@ -67,8 +68,9 @@ MODEL_KNOBS = ("rope", "attention", "window")
 
 def check_teacher(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"knob 'teacher' takes none | ema | previous_stage | stage:NAME | run:PATH | hf:PATH, "
-                         f"got {value!r}")
+        raise ValueError(
+            f"knob 'teacher' takes none | ema | previous_stage | stage:NAME | run:PATH | hf:PATH, got {value!r}"
+        )
     v = value.strip()
     kind, _, arg = v.partition(":")
     if v in ("none", "previous_stage", "ema") or (kind in ("stage", "run", "hf") and arg.strip()):
@@ -82,6 +84,7 @@ def uses_teacher(schedule_cfg: Any) -> bool:
 
 
 # ----------------------------------------------------------------------------- the teacher part
+
 
 class Teachers:
     """The run's teachers (a TrainState part): snapshots by stage name, built teachers by source."""
@@ -119,8 +122,8 @@ class Teachers:
 
         shadows = {k: full(v) for k, v in self.ema.tensors().items()}  # a sharded average is gathered
         if set(shadows) != {n for n, _ in teacher.module.named_parameters()} or any(
-                p.shape != shadows[n].shape for n, p in teacher.module.named_parameters()):
-
+            p.shape != shadows[n].shape for n, p in teacher.module.named_parameters()
+        ):
             fit_to_tensors(teacher, shadows)  # the model grew since: the teacher follows
         for name, p in teacher.module.named_parameters():
             p.copy_(shadows[name])
@@ -137,7 +140,6 @@ class Teachers:
             self.active = None
             return
         if spec not in self._built:
-
             with untouched_rng():  # a model built to hold loaded weights draws nothing that training sees
                 self._built[spec] = self._build(spec, vocab_size)
         self.active = self._built[spec]
@@ -149,8 +151,10 @@ class Teachers:
             adapter = build_adapter(self.cfg.model, "cpu")
         elif kind == "stage":
             if arg not in self.snapshots:
-                raise ConfigError(f"teacher '{spec}': stage '{arg}' has not ended yet, so there is no snapshot of it; "
-                                  "a stage's snapshot teaches only the stages after it")
+                raise ConfigError(
+                    f"teacher '{spec}': stage '{arg}' has not ended yet, so there is no snapshot of it; "
+                    "a stage's snapshot teaches only the stages after it"
+                )
             stage = next(s for s in self.schedule.stages if s.name == arg)
             adapter = build_adapter(self.cfg.model, "cpu")
 
@@ -158,16 +162,18 @@ class Teachers:
             adapter.module.load_state_dict(self.snapshots[arg])
             knobs = self.schedule.at(stage.end - 1)
             KnobRunner(KnobContext(adapter, cfg=self.cfg, precision=self.precision)).apply(
-                {k: v for k, v in knobs.items() if k in MODEL_KNOBS}, knobs["seq_len"])
+                {k: v for k, v in knobs.items() if k in MODEL_KNOBS}, knobs["seq_len"]
+            )
         elif kind == "run":
             adapter = load_run_teacher(arg)
         else:  # hf
-
             adapter = HFCausalLMAdapter.from_pretrained(arg)
         teacher_vocab = adapter.head.weight.shape[0]
         if teacher_vocab != vocab_size:
-            raise ConfigError(f"teacher '{spec}' has a vocabulary of {teacher_vocab} tokens, the run's model "
-                              f"{vocab_size}; a teacher must share the run's tokenizer")
+            raise ConfigError(
+                f"teacher '{spec}' has a vocabulary of {teacher_vocab} tokens, the run's model "
+                f"{vocab_size}; a teacher must share the run's tokenizer"
+            )
         adapter.module.to(self.device)  # built on the CPU from saved weights; it teaches on the run's device
         adapter.module.eval()
         for p in adapter.module.parameters():
@@ -199,18 +205,21 @@ def check_static(cfg: Any, schedule_cfg: Any) -> None:
             continue
         kind, _, arg = spec.partition(":")
         if spec == "ema" and cfg.train.ema is None:
-            raise ConfigError("teacher: ema needs train.ema (the moving average it learns from); set train.ema.half_life")
+            raise ConfigError(
+                "teacher: ema needs train.ema (the moving average it learns from); set train.ema.half_life"
+            )
         if spec == "previous_stage" and i == 0:
             raise ConfigError("teacher: previous_stage in the first stage: there is no previous stage")
         if kind == "stage" and arg not in names[:i]:
-            raise ConfigError(f"teacher '{spec}' in stage {i} ('{st.name}'): the teacher must be an earlier stage "
-                              f"(earlier stages: {', '.join(names[:i]) or 'none'})")
+            raise ConfigError(
+                f"teacher '{spec}' in stage {i} ('{st.name}'): the teacher must be an earlier stage "
+                f"(earlier stages: {', '.join(names[:i]) or 'none'})"
+            )
         if kind in ("run", "hf") and not Path(arg).exists():
             raise ConfigError(f"teacher '{spec}': no such folder")
         if kind == "hf" and not (Path(arg) / "config.json").is_file():
             raise ConfigError(f"teacher '{spec}': {arg} has no config.json; give a Hugging Face model folder")
         if kind == "run":  # a damaged or unreadable teacher checkpoint is named now, not at its stage
-
             try:
                 verify_checkpoint(read_run(arg, "a teacher").checkpoint)
             except RampupError as e:
@@ -218,8 +227,10 @@ def check_static(cfg: Any, schedule_cfg: Any) -> None:
         if kind in ("run", "hf"):
             vocab = _folder_vocab(kind, arg)
             if vocab is not None and vocab != cfg.model.vocab_size:
-                raise ConfigError(f"teacher '{spec}' has a vocabulary of {vocab} tokens, the run's model "
-                                  f"{cfg.model.vocab_size}; a teacher must share the run's tokenizer")
+                raise ConfigError(
+                    f"teacher '{spec}' has a vocabulary of {vocab} tokens, the run's model "
+                    f"{cfg.model.vocab_size}; a teacher must share the run's tokenizer"
+                )
 
 
 def check_tokenizer(spec: str, cfg: Any, own: Any) -> None:
@@ -236,12 +247,13 @@ def check_tokenizer(spec: str, cfg: Any, own: Any) -> None:
         if (folder / TOKENIZER).is_file():
             theirs = Tokenizer.from_file(str(folder / TOKENIZER))
     if theirs is not None and theirs.get_vocab() != own.get_vocab():
-        raise ConfigError(f"teacher '{spec}' tokenizes differently from this run (its vocabulary maps tokens to "
-                          "other ids); a teacher must share the run's tokenizer")
+        raise ConfigError(
+            f"teacher '{spec}' tokenizes differently from this run (its vocabulary maps tokens to "
+            "other ids); a teacher must share the run's tokenizer"
+        )
 
 
 def _folder_vocab(kind: str, arg: str) -> int | None:
-
 
     p = Path(arg)
     if kind == "hf":
@@ -254,6 +266,7 @@ def _folder_vocab(kind: str, arg: str) -> int | None:
 
 # ----------------------------------------------------------------------------- knob effects
 
+
 def _on_stage(ctx: Any, value: Any, previous: dict[str, Any]) -> None:
     """At a stage's first step: snapshot the stage that just ended if a later stage learns from it."""
     teachers = ctx.parts.get("teachers")
@@ -262,8 +275,9 @@ def _on_stage(ctx: Any, value: Any, previous: dict[str, Any]) -> None:
     schedule = teachers.schedule
     idx = next(i for i, s in enumerate(schedule.stages) if s.start == ctx.tokens)
     ended = schedule.stages[idx - 1].name
-    if value == "previous_stage" or any(s.knobs_at(s.start).get("teacher") == f"stage:{ended}"
-                                        for s in schedule.stages[idx:]):
+    if value == "previous_stage" or any(
+        s.knobs_at(s.start).get("teacher") == f"stage:{ended}" for s in schedule.stages[idx:]
+    ):
         teachers.snapshot(ended, ctx.model.module)
     _apply_teacher(ctx, value)  # previous_stage names a new teacher at every stage
 
@@ -288,8 +302,10 @@ def parse_pairs(spec: str) -> list[tuple[str, str]]:
     for part in (p.strip() for p in spec.split(",") if p.strip()):
         s, sep, t = part.partition(":")
         if not sep or not all(x == "final" or x.isdigit() for x in (s, t)):
-            raise ValueError(f"distill_hidden '{spec}': each pair is STUDENT:TEACHER, a block index or 'final' "
-                             f"on each side (e.g. '1:3,final:final'), got '{part}'")
+            raise ValueError(
+                f"distill_hidden '{spec}': each pair is STUDENT:TEACHER, a block index or 'final' "
+                f"on each side (e.g. '1:3,final:final'), got '{part}'"
+            )
         out.append((s, t))
     return out
 
@@ -303,8 +319,9 @@ def _check_pairs(value: Any) -> str:
 
 def _check_layer(side: str, index: str, n: int, what: str) -> None:
     if index != "final" and int(index) >= n:
-        raise ConfigError(f"distill_hidden: {side} block {index} does not exist; {what} has blocks 0-{n - 1} "
-                          "(or 'final')")
+        raise ConfigError(
+            f"distill_hidden: {side} block {index} does not exist; {what} has blocks 0-{n - 1} (or 'final')"
+        )
 
 
 def _capture(adapter: Any, wanted: set[str], store: dict[str, torch.Tensor]):
@@ -312,8 +329,10 @@ def _capture(adapter: Any, wanted: set[str], store: dict[str, torch.Tensor]):
     hooks = []
     for i, (_, block) in enumerate(adapter.blocks()):
         if str(i) in wanted:
+
             def hook(m, args, out, i=i):
                 store[str(i)] = out[0] if isinstance(out, tuple) else out
+
             hooks.append(block.register_forward_hook(hook))
     return hooks
 
@@ -330,7 +349,7 @@ class Projections:
 
         with untouched_rng(device):
             m = torch.nn.Linear(d_in, d_out, bias=False, device=device)
-        normal_(m.weight, d_in ** -0.5, generator(self.seed, f"distill.projection:{key}"))
+        normal_(m.weight, d_in**-0.5, generator(self.seed, f"distill.projection:{key}"))
         self.maps[key] = m
 
     def parameters(self):
@@ -399,8 +418,9 @@ class DistillTask:
                 t_logits = t_out.head(t_out.hidden[:, sl]).float()
             s = logits.float()
             ce = F.cross_entropy(s.flatten(0, 1), targets[:, sl].flatten(), reduction="sum")
-            kl = F.kl_div(F.log_softmax(s / tau, -1), F.log_softmax(t_logits / tau, -1), log_target=True,
-                          reduction="sum")
+            kl = F.kl_div(
+                F.log_softmax(s / tau, -1), F.log_softmax(t_logits / tau, -1), log_target=True, reduction="sum"
+            )
             return label_w * ce + distill_w * tau * tau * kl
 
         if out.loss_shards > 1:
@@ -439,8 +459,14 @@ def attach_teachers(run: RunSetup) -> None:
     build_projections(cfg, schedule, ctx.model, projections, ctx.device)
     if len(projections.maps):  # learned with the model: in the optimizer from the first step
         run.parts["projections"] = projections
-        ctx.optimizer.add_param_group({"name": "distill_projections", "params": list(projections.parameters()),
-                                       "weight_decay": 0.0, "lr_mult": 1.0})
+        ctx.optimizer.add_param_group(
+            {
+                "name": "distill_projections",
+                "params": list(projections.parameters()),
+                "weight_decay": 0.0,
+                "lr_mult": 1.0,
+            }
+        )
     run.task = DistillTask(run.task, teachers, projections)
 
 
@@ -457,8 +483,11 @@ def _apply_weights(ctx: Any, value: Any) -> None:
     task = unwrap(ctx.task, DistillTask)
     if task is not None:
         k = ctx.knobs
-        task.weights = (float(k.get("label_weight", 1.0)), float(k.get("distill_weight", 0.0)),
-                        float(k.get("distill_temperature", 1.0)))
+        task.weights = (
+            float(k.get("label_weight", 1.0)),
+            float(k.get("distill_weight", 0.0)),
+            float(k.get("distill_temperature", 1.0)),
+        )
         task.hidden = (parse_pairs(k.get("distill_hidden", "none")), float(k.get("distill_hidden_weight", 0.0)))
 
 
@@ -478,7 +507,7 @@ def build_projections(cfg: Any, schedule: Any, adapter: Any, projections: Projec
         if spec == "none":
             raise ConfigError(f"stage '{st.name}' sets distill_hidden but has no teacher; set teacher")
         teacher = teacher_adapter(cfg, spec)
-        names = (f"stage:{schedule.stages[st.index - 1].name}" if spec == "previous_stage" else spec)
+        names = f"stage:{schedule.stages[st.index - 1].name}" if spec == "previous_stage" else spec
         for s, t in pairs:
             _check_layer("student", s, len(adapter.blocks()), "the model")
             _check_layer("teacher", t, len(teacher.blocks()), f"teacher '{spec}'")
@@ -494,8 +523,11 @@ def estimate_teacher(cfg: Any, knobs: dict[str, Any], adapter: Any, task: Any, p
 
     spec = knobs.get("teacher", "none")
     pairs = parse_pairs(knobs.get("distill_hidden", "none"))
-    weights = (float(knobs.get("label_weight", 1.0)), float(knobs.get("distill_weight", 0.0)),
-               float(knobs.get("distill_temperature", 1.0)))
+    weights = (
+        float(knobs.get("label_weight", 1.0)),
+        float(knobs.get("distill_weight", 0.0)),
+        float(knobs.get("distill_temperature", 1.0)),
+    )
     hidden_w = float(knobs.get("distill_hidden_weight", 0.0)) if pairs else 0.0
     if spec in (None, "none") or (weights[1] == 0 and hidden_w == 0):
         return None
@@ -503,13 +535,13 @@ def estimate_teacher(cfg: Any, knobs: dict[str, Any], adapter: Any, task: Any, p
     if kind == "run":
         teacher = _fake_adapter(read_run(arg, "a teacher").model)
     elif kind == "hf":
-
         teacher = HFCausalLMAdapter.from_folder_config(arg, "cpu")
     else:  # a snapshot or the EMA of the run's own model, at its present shape
         teacher = _fake_adapter(adapter.module.cfg if hasattr(adapter.module, "tok_emb") else cfg.model)
 
     KnobRunner(KnobContext(teacher, cfg=cfg, precision=precision)).apply(
-        {k: v for k, v in knobs.items() if k in MODEL_KNOBS}, seq_len)
+        {k: v for k, v in knobs.items() if k in MODEL_KNOBS}, seq_len
+    )
     teacher.module.eval()
     for p in teacher.module.parameters():
         p.requires_grad_(False)
@@ -524,24 +556,72 @@ def estimate_teacher(cfg: Any, knobs: dict[str, Any], adapter: Any, task: Any, p
             projections.add(f"{spec}|{s}:{t}".replace(".", "_"), d_s, d_t)
     distill = DistillTask(task, _One(), projections)
     distill.weights, distill.hidden = weights, (pairs, hidden_w)
-    return distill, [*teacher.module.parameters(), *teacher.module.buffers()], _storage_bytes(teacher.module.parameters())
+    return (
+        distill,
+        [*teacher.module.parameters(), *teacher.module.buffers()],
+        _storage_bytes(teacher.module.parameters()),
+    )
 
 
-
-register_knob(Knob("teacher", "The stage's teacher: none | previous_stage | stage:NAME | run:PATH | hf:PATH.",
-                   default="none", rampable=False, check=check_teacher, apply=_apply_teacher, on_stage=_on_stage,
-                   check_config=lambda cfg: check_static(cfg, cfg.schedule)))
-register_knob(Knob("distill_hidden", "Hidden-state MSE to the teacher at block pairs 'STUDENT:TEACHER,...' "
-                   "(indices or final; a learned projection where widths differ).", default="none",
-                   rampable=False, check=_check_pairs, apply=_apply_weights))
-register_knob(Knob("distill_hidden_weight", "Weight of the hidden-state MSE (may ramp).", default=0.0, minimum=0.0,
-                   apply=_apply_weights))
-register_knob(Knob("distill_weight", "Weight of the distillation KL to the teacher (may ramp).", default=0.0,
-                   minimum=0.0, apply=_apply_weights))
-register_knob(Knob("label_weight", "Weight of the label cross-entropy (may ramp; PS-KD: 1 - distill_weight).",
-                   default=1.0, minimum=0.0, apply=_apply_weights))
-register_knob(Knob("distill_temperature", "Softmax temperature of the distillation KL.", default=1.0,
-                   minimum=1e-3, apply=_apply_weights))
+register_knob(
+    Knob(
+        "teacher",
+        "The stage's teacher: none | previous_stage | stage:NAME | run:PATH | hf:PATH.",
+        default="none",
+        rampable=False,
+        check=check_teacher,
+        apply=_apply_teacher,
+        on_stage=_on_stage,
+        check_config=lambda cfg: check_static(cfg, cfg.schedule),
+    )
+)
+register_knob(
+    Knob(
+        "distill_hidden",
+        "Hidden-state MSE to the teacher at block pairs 'STUDENT:TEACHER,...' "
+        "(indices or final; a learned projection where widths differ).",
+        default="none",
+        rampable=False,
+        check=_check_pairs,
+        apply=_apply_weights,
+    )
+)
+register_knob(
+    Knob(
+        "distill_hidden_weight",
+        "Weight of the hidden-state MSE (may ramp).",
+        default=0.0,
+        minimum=0.0,
+        apply=_apply_weights,
+    )
+)
+register_knob(
+    Knob(
+        "distill_weight",
+        "Weight of the distillation KL to the teacher (may ramp).",
+        default=0.0,
+        minimum=0.0,
+        apply=_apply_weights,
+    )
+)
+register_knob(
+    Knob(
+        "label_weight",
+        "Weight of the label cross-entropy (may ramp; PS-KD: 1 - distill_weight).",
+        default=1.0,
+        minimum=0.0,
+        apply=_apply_weights,
+    )
+)
+register_knob(
+    Knob(
+        "distill_temperature",
+        "Softmax temperature of the distillation KL.",
+        default=1.0,
+        minimum=1e-3,
+        apply=_apply_weights,
+    )
+)
 
 STEP_HOOKS.append(estimate_teacher)
 register_family(DistillFamily())
@@ -553,6 +633,5 @@ def teacher_adapter(cfg: Any, spec: str) -> Any:
     if kind == "run":
         return build_adapter(read_run(arg, "a teacher").model, "meta")
     if kind == "hf":
-
         return HFCausalLMAdapter.from_folder_config(arg, "meta")
     return build_adapter(cfg.model, "meta")  # a snapshot of the run's own model

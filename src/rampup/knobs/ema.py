@@ -6,6 +6,7 @@ step and the half-life both in tokens (a step of n tokens) or both in steps. The
 every checkpoint (``parts.safetensors``), so a resumed run continues the same average bitwise;
 ``train.ema.evaluate`` scores evaluations with them, and ``rampup export --ema`` exports them.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,8 +33,10 @@ class EMAConfig(Section):
     @model_validator(mode="after")
     def _check(self) -> EMAConfig:
         if self.half_life.unit not in (Unit.TOKEN, Unit.STEP) or not self.half_life.value > 0:
-            raise ValueError(f"train.ema.half_life takes a positive number of tokens or steps ('20K tok', "
-                             f"'100 steps'), got {self.half_life}")
+            raise ValueError(
+                f"train.ema.half_life takes a positive number of tokens or steps ('20K tok', "
+                f"'100 steps'), got {self.half_life}"
+            )
         return self
 
 
@@ -76,8 +79,10 @@ class EMA:
         names = [n for n, _ in self.module.named_parameters()]
         missing = [n for n in names if n not in tensors]
         if missing:
-            raise ConfigError(f"the checkpoint holds no EMA weights for {missing[0]} (was it written before "
-                              "train.ema was set?); resume with the config the run started with")
+            raise ConfigError(
+                f"the checkpoint holds no EMA weights for {missing[0]} (was it written before "
+                "train.ema was set?); resume with the config the run started with"
+            )
         params = dict(self.module.named_parameters())
         self.shadow = {n: _like(tensors[n], params[n]) for n in names}
 
@@ -87,13 +92,13 @@ class EMA:
         params = list(self.module.parameters())
         with torch.no_grad():
             raw = [p.detach().clone() for p in params]
-            for p, s in zip(params, self._follow()):
+            for p, s in zip(params, self._follow(), strict=True):
                 p.copy_(s)
         try:
             yield
         finally:
             with torch.no_grad():
-                for p, r in zip(params, raw):
+                for p, r in zip(params, raw, strict=True):
                     p.copy_(r)
 
 
@@ -102,7 +107,6 @@ def _like(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import distribute_tensor
 
     if hasattr(param, "device_mesh") and not hasattr(t, "device_mesh"):
-
         # every rank holds the whole tensor: each keeps its own shard, no communication
         return distribute_tensor(t.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
     return t.clone()
@@ -115,7 +119,7 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 def load_ema_weights(module: torch.nn.Module, part_tensors: dict[str, torch.Tensor], where: str) -> None:
     """Put a checkpoint's EMA weights (its ``parts.safetensors``) into ``module``."""
-    ema = {k[len("ema/"):]: v for k, v in part_tensors.items() if k.startswith("ema/")}
+    ema = {k[len("ema/") :]: v for k, v in part_tensors.items() if k.startswith("ema/")}
     if not ema:
         raise ConfigError(f"{where} holds no EMA weights; train with train.ema set, or export without --ema")
     with torch.no_grad():

@@ -33,6 +33,7 @@ from nothing; its groups are re-laid in the grown model's parameter order, the s
 built at that depth has, so a checkpoint written after a growth loads into a model grown from the
 run's config: a run killed after a growth resumes into the grown model (tested bitwise).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -54,8 +55,15 @@ def _check_method(value: Any) -> str:
 
 
 @torch.no_grad()
-def grow(adapter: Any, depth: int, method: str = "zero", optimizer: torch.optim.Optimizer | None = None, *,
-         seed: int = 0, step: int = 0) -> bool:
+def grow(
+    adapter: Any,
+    depth: int,
+    method: str = "zero",
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    seed: int = 0,
+    step: int = 0,
+) -> bool:
     """Grow the reference model to ``depth`` blocks in place (and the optimizer's groups); False if it
     already has them. New block i draws its weights from its own generator, (``seed``, block i, ``step``:
     rampup.seeding), never from torch's global one, so a resumed run grows the same blocks."""
@@ -108,16 +116,23 @@ def relayout(optimizer: torch.optim.Optimizer, module: torch.nn.Module) -> None:
     decay = max(g["weight_decay"] for g in groups if g.get("name") in names)
     for name, p in names.items():
         if name not in by_name:
-            optimizer.add_param_group({k: v for k, v in template.items() if k != "params"} |
-                                      {"name": name, "params": [p], "lr_mult": 1.0,
-                                       "weight_decay": decay if p.dim() >= 2 else 0.0})
+            optimizer.add_param_group(
+                {k: v for k, v in template.items() if k != "params"}
+                | {"name": name, "params": [p], "lr_mult": 1.0, "weight_decay": decay if p.dim() >= 2 else 0.0}
+            )
     by_name = {g.get("name"): g for g in optimizer.param_groups}
     optimizer.param_groups[:] = [by_name[name] for name in names] + extra
 
 
 @torch.no_grad()
-def widen_mlp(adapter: Any, hidden: int, noise: float = 0.0, optimizer: torch.optim.Optimizer | None = None,
-              seed: int = 0, step: int = 0) -> bool:
+def widen_mlp(
+    adapter: Any,
+    hidden: int,
+    noise: float = 0.0,
+    optimizer: torch.optim.Optimizer | None = None,
+    seed: int = 0,
+    step: int = 0,
+) -> bool:
     """Widen every MLP of the reference model to ``hidden`` units in place (Net2WiderNet, see above)."""
     module = adapter.module
     old = module.layers[0].mlp.w1.weight.shape[0]
@@ -126,8 +141,10 @@ def widen_mlp(adapter: Any, hidden: int, noise: float = 0.0, optimizer: torch.op
             raise ConfigError(f"mlp_width {hidden}: the MLPs already have {old} units; the width only grows")
         return False
     src = torch.arange(hidden) % old
-    counts = torch.tensor([hidden // old + (j < hidden % old) for j in range(old)],  # copies of each unit
-                          dtype=module.tok_emb.weight.dtype)
+    counts = torch.tensor(
+        [hidden // old + (j < hidden % old) for j in range(old)],  # copies of each unit
+        dtype=module.tok_emb.weight.dtype,
+    )
 
     g = generator(seed, "growth.mlp_width", step)
     replaced = {}
@@ -149,8 +166,14 @@ def widen_mlp(adapter: Any, hidden: int, noise: float = 0.0, optimizer: torch.op
 
 
 @torch.no_grad()
-def widen_model(adapter: Any, dim: int, noise: float = 0.0, optimizer: torch.optim.Optimizer | None = None,
-                seed: int = 0, step: int = 0) -> bool:
+def widen_model(
+    adapter: Any,
+    dim: int,
+    noise: float = 0.0,
+    optimizer: torch.optim.Optimizer | None = None,
+    seed: int = 0,
+    step: int = 0,
+) -> bool:
     """Widen the residual stream of the reference model to ``dim`` (an integer multiple k of its width) in
     place, function-preservingly (bert2BERT's function-preserving initialisation, with whole copies):
 
@@ -174,8 +197,10 @@ def widen_model(adapter: Any, dim: int, noise: float = 0.0, optimizer: torch.opt
             raise ConfigError(f"width {dim}: the model is already {old} wide; the width only grows")
         return False
     if dim % old:
-        raise ConfigError(f"width {dim} is not a multiple of the model's width {old}: function-preserving "
-                          f"widening repeats every coordinate equally (choose {2 * old}, {3 * old}, ...)")
+        raise ConfigError(
+            f"width {dim} is not a multiple of the model's width {old}: function-preserving "
+            f"widening repeats every coordinate equally (choose {2 * old}, {3 * old}, ...)"
+        )
     k = dim // old
     t = _Tiler(k, dim, noise, module.cfg.init_std, seed, step)
     tied = module.lm_head.weight is module.tok_emb.weight
@@ -190,8 +215,14 @@ def widen_model(adapter: Any, dim: int, noise: float = 0.0, optimizer: torch.opt
         t.put(module.lm_head, "weight", t.in_cols(module.lm_head.weight))
     module.lm_head.in_features = dim
     cfg = module.cfg
-    module.cfg = cfg.model_copy(update={"dim": dim, "n_heads": cfg.n_heads * k, "ffn_hidden": cfg.hidden,
-                                        "n_kv_heads": None if cfg.n_kv_heads is None else cfg.n_kv_heads * k})
+    module.cfg = cfg.model_copy(
+        update={
+            "dim": dim,
+            "n_heads": cfg.n_heads * k,
+            "ffn_hidden": cfg.hidden,
+            "n_kv_heads": None if cfg.n_kv_heads is None else cfg.n_kv_heads * k,
+        }
+    )
     _swap_in_optimizer(optimizer, t.replaced)
     return True
 
@@ -278,8 +309,14 @@ def checkpoint_mlp_width(path: Path) -> int | None:
     return shape[0] if shape else None
 
 
-def fit_to_shapes(adapter: Any, dim: int | None, mlp_width: int | None, depth: int | None,
-                  optimizer: torch.optim.Optimizer | None = None, where: str = "the checkpoint") -> None:
+def fit_to_shapes(
+    adapter: Any,
+    dim: int | None,
+    mlp_width: int | None,
+    depth: int | None,
+    optimizer: torch.optim.Optimizer | None = None,
+    where: str = "the checkpoint",
+) -> None:
     """Grow a reference model to a residual width, MLP width and depth (None: keep), as a run that grew
     left them; a model already past them cannot shrink back."""
     module = adapter.module
@@ -290,9 +327,11 @@ def fit_to_shapes(adapter: Any, dim: int | None, mlp_width: int | None, depth: i
     if depth is not None and depth > len(module.layers):
         grow(adapter, depth, "zero", optimizer)
     elif depth is not None and depth < len(module.layers):
-        raise ConfigError(f"{where} holds a {depth}-block model but the run's model has already grown "
-                          f"to {len(module.layers)} blocks; a rollback cannot cross a growth (resume from a "
-                          "checkpoint after it)")
+        raise ConfigError(
+            f"{where} holds a {depth}-block model but the run's model has already grown "
+            f"to {len(module.layers)} blocks; a rollback cannot cross a growth (resume from a "
+            "checkpoint after it)"
+        )
 
 
 def fit_to_tensors(adapter: Any, tensors: dict[str, torch.Tensor]) -> None:
@@ -300,23 +339,33 @@ def fit_to_tensors(adapter: Any, tensors: dict[str, torch.Tensor]) -> None:
     if not hasattr(adapter.module, "tok_emb"):
         return
     layers = {int(k.split(".")[1]) for k in tensors if k.startswith("layers.")}
-    fit_to_shapes(adapter, tensors["norm.weight"].shape[0] if "norm.weight" in tensors else None,
-                  tensors["layers.0.mlp.w1.weight"].shape[0] if "layers.0.mlp.w1.weight" in tensors else None,
-                  max(layers) + 1 if layers else None, where="the weights")
+    fit_to_shapes(
+        adapter,
+        tensors["norm.weight"].shape[0] if "norm.weight" in tensors else None,
+        tensors["layers.0.mlp.w1.weight"].shape[0] if "layers.0.mlp.w1.weight" in tensors else None,
+        max(layers) + 1 if layers else None,
+        where="the weights",
+    )
 
 
-def fit_to_checkpoint(adapter: Any, path: Path, optimizer: torch.optim.Optimizer | None = None, *,
-                      verify: bool = True) -> None:
+def fit_to_checkpoint(
+    adapter: Any, path: Path, optimizer: torch.optim.Optimizer | None = None, *, verify: bool = True
+) -> None:
     """Grow a freshly built reference model to the architecture (width, MLP width, depth) of the
     checkpoint about to be loaded into it; ``verify`` first checks the checkpoint against its manifest
     (a damaged one is named, never read)."""
     if not hasattr(adapter.module, "layers") or not hasattr(adapter.module, "tok_emb"):
         return
     if verify:
-
         verify_checkpoint(path)
-    fit_to_shapes(adapter, checkpoint_width(path), checkpoint_mlp_width(path), checkpoint_depth(path), optimizer,
-                  f"checkpoint {path}")
+    fit_to_shapes(
+        adapter,
+        checkpoint_width(path),
+        checkpoint_mlp_width(path),
+        checkpoint_depth(path),
+        optimizer,
+        f"checkpoint {path}",
+    )
 
 
 def _apply_depth(ctx: Any, value: int) -> None:
@@ -342,11 +391,14 @@ def _check_plan(cfg: Any, schedule: Any) -> None:
     for st in schedule.stages:
         d = int(st.knobs_at(st.start).get("depth", 0)) or cfg.model.n_layers
         if d < last:
-            raise ConfigError(f"stage '{st.name}' sets depth {d} after {last}: depth only grows "
-                              f"(and starts at model.n_layers {cfg.model.n_layers} or more)")
+            raise ConfigError(
+                f"stage '{st.name}' sets depth {d} after {last}: depth only grows "
+                f"(and starts at model.n_layers {cfg.model.n_layers} or more)"
+            )
         last = d
-    if cfg.model.source != "reference" and any(st.knobs_at(st.start).get(k, 0) for st in schedule.stages
-                                               for k in ("depth", "mlp_width", "width")):
+    if cfg.model.source != "reference" and any(
+        st.knobs_at(st.start).get(k, 0) for st in schedule.stages for k in ("depth", "mlp_width", "width")
+    ):
         raise ConfigError("depth, mlp_width and width growth are built for the reference model only")
     if cfg.model.source != "reference":
         return
@@ -355,13 +407,18 @@ def _check_plan(cfg: Any, schedule: Any) -> None:
         knobs = st.knobs_at(st.start)
         w = int(knobs.get("width", 0)) or last
         if w < last or w % last:
-            raise ConfigError(f"stage '{st.name}' sets width {w} after {last}: the residual width only grows, "
-                              f"by a whole multiple ({2 * last}, {3 * last}, ...), so that widening preserves "
-                              "the function")
-        if w != cfg.model.dim and any(s.knobs_at(s.start).get("distill_hidden") not in (None, "", "none")
-                                      for s in schedule.stages):
-            raise ConfigError(f"stage '{st.name}' widens the model, but distill_hidden's learned projections are "
-                              "sized for the starting width; use logit distillation with a width growth")
+            raise ConfigError(
+                f"stage '{st.name}' sets width {w} after {last}: the residual width only grows, "
+                f"by a whole multiple ({2 * last}, {3 * last}, ...), so that widening preserves "
+                "the function"
+            )
+        if w != cfg.model.dim and any(
+            s.knobs_at(s.start).get("distill_hidden") not in (None, "", "none") for s in schedule.stages
+        ):
+            raise ConfigError(
+                f"stage '{st.name}' widens the model, but distill_hidden's learned projections are "
+                "sized for the starting width; use logit distillation with a width growth"
+            )
         last = w
     last = cfg.model.hidden if cfg.model.source == "reference" else 0
     for st in schedule.stages:
@@ -371,19 +428,67 @@ def _check_plan(cfg: Any, schedule: Any) -> None:
         last = w
 
 
-register_knob(Knob("depth", "Blocks of the model from this stage on (0: model.n_layers); grows at the boundary, "
-                   "as knob 'growth' says.", default=0, integer=True, minimum=0, rampable=False, apply=_apply_depth,
-                   graph_key=lambda v: v, check_plan=_check_plan, restructures=True))
-register_knob(Knob("mlp_width", "Hidden units of every MLP from this stage on (0: the model's own); widens "
-                   "function-preservingly (Net2WiderNet) at the boundary.", default=0, integer=True, minimum=0,
-                   rampable=False, apply=_apply_width, graph_key=lambda v: v, restructures=True))
-register_knob(Knob("width", "Residual-stream width (model dim) from this stage on (0: model.dim); a whole multiple, "
-                   "widened function-preservingly (bert2BERT's FPI) at the boundary.", default=0, integer=True,
-                   minimum=0, rampable=False, apply=_apply_model_width, graph_key=lambda v: v, restructures=True))
-register_knob(Knob("growth_noise", "Symmetry-breaking noise on widened units and heads, as a fraction of the init std.",
-                   default=0.0, minimum=0.0, rampable=False))
-register_knob(Knob("growth", "How new blocks start: zero (function-preserving: zero output projections) or "
-                   "stack (copies of the existing blocks).", default="zero", rampable=False, check=_check_method))
+register_knob(
+    Knob(
+        "depth",
+        "Blocks of the model from this stage on (0: model.n_layers); grows at the boundary, as knob 'growth' says.",
+        default=0,
+        integer=True,
+        minimum=0,
+        rampable=False,
+        apply=_apply_depth,
+        graph_key=lambda v: v,
+        check_plan=_check_plan,
+        restructures=True,
+    )
+)
+register_knob(
+    Knob(
+        "mlp_width",
+        "Hidden units of every MLP from this stage on (0: the model's own); widens "
+        "function-preservingly (Net2WiderNet) at the boundary.",
+        default=0,
+        integer=True,
+        minimum=0,
+        rampable=False,
+        apply=_apply_width,
+        graph_key=lambda v: v,
+        restructures=True,
+    )
+)
+register_knob(
+    Knob(
+        "width",
+        "Residual-stream width (model dim) from this stage on (0: model.dim); a whole multiple, "
+        "widened function-preservingly (bert2BERT's FPI) at the boundary.",
+        default=0,
+        integer=True,
+        minimum=0,
+        rampable=False,
+        apply=_apply_model_width,
+        graph_key=lambda v: v,
+        restructures=True,
+    )
+)
+register_knob(
+    Knob(
+        "growth_noise",
+        "Symmetry-breaking noise on widened units and heads, as a fraction of the init std.",
+        default=0.0,
+        minimum=0.0,
+        rampable=False,
+    )
+)
+register_knob(
+    Knob(
+        "growth",
+        "How new blocks start: zero (function-preserving: zero output projections) or "
+        "stack (copies of the existing blocks).",
+        default="zero",
+        rampable=False,
+        check=_check_method,
+    )
+)
 
 
 class GrowthFamily(Family):

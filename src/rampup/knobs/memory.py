@@ -21,6 +21,7 @@ records every tensor's life, so its peak counts what the kernels allocate, for t
 and Hugging Face models alike. tests/unit/knobs/test_memory.py checks it against the measured peak RSS of real
 steps in child processes.
 """
+
 from __future__ import annotations
 
 import math
@@ -93,23 +94,29 @@ def available_memory(device: torch.device | str = "cpu") -> tuple[int, str]:
 
 # ----------------------------------------------------------------------------- activation checkpointing spec
 
+
 def _check_ac(value: Any) -> str:
     if not isinstance(value, str):
-        raise ValueError(f"knob 'activation_checkpoint' takes none | full | selective | every:K | full:BLOCKS | "
-                         f"selective:BLOCKS | auto, got {value!r}")
+        raise ValueError(
+            f"knob 'activation_checkpoint' takes none | full | selective | every:K | full:BLOCKS | "
+            f"selective:BLOCKS | auto, got {value!r}"
+        )
     v = value.strip()
     if v in ("none", "full", "selective", "auto"):
         return v
     mode, _, sel = v.partition(":")
     if mode == "every":
         if not sel.isdigit() or int(sel) < 1:
-            raise ValueError(f"activation_checkpoint '{v}': every:K needs a whole K >= 1 (every:2 checkpoints "
-                             "blocks 0, 2, 4, ...)")
+            raise ValueError(
+                f"activation_checkpoint '{v}': every:K needs a whole K >= 1 (every:2 checkpoints blocks 0, 2, 4, ...)"
+            )
         return v
     if mode in ("full", "selective") and sel.strip():
         return v
-    raise ValueError(f"activation_checkpoint '{v}' is not one of none, full, selective, every:K, full:BLOCKS, "
-                     "selective:BLOCKS (BLOCKS: indices, ranges a-b or block names, comma-separated), auto")
+    raise ValueError(
+        f"activation_checkpoint '{v}' is not one of none, full, selective, every:K, full:BLOCKS, "
+        "selective:BLOCKS (BLOCKS: indices, ranges a-b or block names, comma-separated), auto"
+    )
 
 
 def block_modes(spec: str, names: list[str]) -> list[str]:
@@ -130,18 +137,22 @@ def block_modes(spec: str, names: list[str]) -> list[str]:
             continue
         r = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
         if r is None:
-
-            raise ConfigError(f"activation_checkpoint '{spec}': no block named '{part}'{did_you_mean(part, names)}; "
-                              f"the blocks are {names[0]} .. {names[-1]} (or indices 0-{n - 1})")
+            raise ConfigError(
+                f"activation_checkpoint '{spec}': no block named '{part}'{did_you_mean(part, names)}; "
+                f"the blocks are {names[0]} .. {names[-1]} (or indices 0-{n - 1})"
+            )
         lo, hi = int(r.group(1)), int(r.group(2) or r.group(1))
         if lo > hi or hi >= n:
-            raise ConfigError(f"activation_checkpoint '{spec}': block {part} does not exist; the model has "
-                              f"blocks 0-{n - 1} ({names[0]} .. {names[-1]})")
+            raise ConfigError(
+                f"activation_checkpoint '{spec}': block {part} does not exist; the model has "
+                f"blocks 0-{n - 1} ({names[0]} .. {names[-1]})"
+            )
         chosen |= set(range(lo, hi + 1))
     return [mode if i in chosen else "none" for i in range(n)]
 
 
 # ----------------------------------------------------------------------------- settings and their effect
+
 
 @dataclass(frozen=True)
 class MemorySettings:
@@ -153,10 +164,12 @@ class MemorySettings:
     activation_offload: bool = False
 
     def describe(self) -> str:
-        parts = [f"loss x{self.loss_shards}" if self.loss_shards > 1 else "",
-                 f"mlp x{self.mlp_shards}" if self.mlp_shards > 1 else "",
-                 f"ckpt {self.activation_checkpoint}" if self.activation_checkpoint != "none" else "",
-                 "offload" if self.activation_offload else ""]
+        parts = [
+            f"loss x{self.loss_shards}" if self.loss_shards > 1 else "",
+            f"mlp x{self.mlp_shards}" if self.mlp_shards > 1 else "",
+            f"ckpt {self.activation_checkpoint}" if self.activation_checkpoint != "none" else "",
+            "offload" if self.activation_offload else "",
+        ]
         return ", ".join(p for p in parts if p) or "plain"
 
 
@@ -166,7 +179,7 @@ def apply_memory(adapter: Any, s: MemorySettings) -> None:
     blocks = adapter.blocks()
     names = [name for name, _ in blocks]
     modes = block_modes(s.activation_checkpoint, names)
-    for (name, block), mode in zip(blocks, modes):
+    for (name, block), mode in zip(blocks, modes, strict=True):
         mlp = getattr(block, "mlp", None)
         if mlp is None and s.mlp_shards > 1:
             raise ConfigError(f"mlp_shards: block {name} of this model has no .mlp to tile; set mlp_shards: 1")
@@ -178,11 +191,16 @@ def apply_memory(adapter: Any, s: MemorySettings) -> None:
 
 def requested(knobs: dict[str, Any]) -> MemorySettings:
     """The memory knobs' values at a step, ``auto`` kept as requested (as -1 / 'auto')."""
+
     def shards(v: Any) -> int:
         return -1 if v == "auto" else int(v)
 
-    return MemorySettings(shards(knobs.get("loss_shards", 1)), shards(knobs.get("mlp_shards", 1)),
-                          knobs.get("activation_checkpoint", "none"), bool(knobs.get("activation_offload", False)))
+    return MemorySettings(
+        shards(knobs.get("loss_shards", 1)),
+        shards(knobs.get("mlp_shards", 1)),
+        knobs.get("activation_checkpoint", "none"),
+        bool(knobs.get("activation_offload", False)),
+    )
 
 
 def _is_auto(s: MemorySettings) -> bool:
@@ -195,9 +213,12 @@ LOSS_SHARD_LOGITS = 2**23
 
 def auto_levels(s: MemorySettings, rows: int, seq_len: int, width: int, vocab: int = 32768) -> list[MemorySettings]:
     """The candidates ``auto`` tries, cheapest first; knobs not set to auto keep their values."""
-    plain = replace(s, loss_shards=1 if s.loss_shards == -1 else s.loss_shards,
-                    mlp_shards=1 if s.mlp_shards == -1 else s.mlp_shards,
-                    activation_checkpoint="none" if s.activation_checkpoint == "auto" else s.activation_checkpoint)
+    plain = replace(
+        s,
+        loss_shards=1 if s.loss_shards == -1 else s.loss_shards,
+        mlp_shards=1 if s.mlp_shards == -1 else s.mlp_shards,
+        activation_checkpoint="none" if s.activation_checkpoint == "auto" else s.activation_checkpoint,
+    )
     levels = [plain]
     if s.loss_shards == -1:  # shards whose fp32 logits hold about 8M numbers (32 MiB)
         per_shard = max(64, LOSS_SHARD_LOGITS // vocab)
@@ -205,8 +226,10 @@ def auto_levels(s: MemorySettings, rows: int, seq_len: int, width: int, vocab: i
     if s.mlp_shards == -1:  # ALST: about seq_len / hidden shards
         levels.append(replace(levels[-1], mlp_shards=min(seq_len, max(1, math.ceil(seq_len / width)))))
     if s.activation_checkpoint == "auto":
-        levels += [replace(levels[-1], activation_checkpoint="selective"),
-                   replace(levels[-1], activation_checkpoint="full")]
+        levels += [
+            replace(levels[-1], activation_checkpoint="selective"),
+            replace(levels[-1], activation_checkpoint="full"),
+        ]
     return [lv for i, lv in enumerate(levels) if i == 0 or lv != levels[i - 1]]
 
 
@@ -228,7 +251,9 @@ class MemoryState:
     resolved: dict[tuple, tuple[MemorySettings, Any, bool]] = field(default_factory=dict)
 
 
-def resolve(ctx: Any, knobs: dict[str, Any], rows: int, seq_len: int) -> tuple[MemorySettings, MemoryEstimate | None, bool]:
+def resolve(
+    ctx: Any, knobs: dict[str, Any], rows: int, seq_len: int
+) -> tuple[MemorySettings, MemoryEstimate | None, bool]:
     """The settings of a (rows, seq_len) batch: as set, or for ``auto`` the cheapest whose estimate fits
     the memory limit; with the estimate (None when nothing is auto) and whether it fits (if nothing
     does, the most frugal candidate: the caller decides whether that is an error)."""
@@ -262,10 +287,12 @@ def check_auto(ctx: Any, steps: list[tuple[dict[str, Any], int, int]]) -> list[t
         level, est, fits = resolve(ctx, knobs, rows, T)
         if not fits:
             limit, source = memory_limit(ctx.cfg, ctx.device)
-            raise ConfigError(f"a {rows} x {T} training step needs about {format_bytes(est.peak)} even with "
-                              f"{level.describe()}, more than the memory limit {format_bytes(limit)} ({source}) "
-                              f"allows with its margins; lower seq_len or batch_tokens, set train.micro_batch_tokens, "
-                              "or raise train.memory_limit")
+            raise ConfigError(
+                f"a {rows} x {T} training step needs about {format_bytes(est.peak)} even with "
+                f"{level.describe()}, more than the memory limit {format_bytes(limit)} ({source}) "
+                f"allows with its margins; lower seq_len or batch_tokens, set train.micro_batch_tokens, "
+                "or raise train.memory_limit"
+            )
         out.append((rows, T, level))
     return out
 
@@ -289,10 +316,12 @@ def check_fits(ctx: Any, steps: dict[tuple[int, int], dict[str, Any]], world: in
             return
         est = estimate_step(ctx.cfg, knobs, rows, T, ctx.precision, requested(knobs))
         if est.peak > limit:
-            raise ConfigError(f"a {rows} x {T} training step needs about {format_bytes(est.peak)} (a traced estimate: "
-                              f"{est.settings.describe()}), more than the memory limit {format_bytes(limit)} ({source}); "
-                              "lower batch_tokens or seq_len, set train.micro_batch_tokens, turn on a memory knob "
-                              "(activation_checkpoint, loss_chunk, ... or auto), or raise train.memory_limit")
+            raise ConfigError(
+                f"a {rows} x {T} training step needs about {format_bytes(est.peak)} (a traced estimate: "
+                f"{est.settings.describe()}), more than the memory limit {format_bytes(limit)} ({source}); "
+                "lower batch_tokens or seq_len, set train.micro_batch_tokens, turn on a memory knob "
+                "(activation_checkpoint, loss_chunk, ... or auto), or raise train.memory_limit"
+            )
 
 
 def _depth(adapter: Any) -> int:
@@ -312,14 +341,17 @@ def _width(adapter: Any) -> int:
 
 # ----------------------------------------------------------------------------- the knobs
 
+
 def _check_shards(name: str):
     def check(value: Any) -> Any:
         if value == "auto":
             return "auto"
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"knob '{name}' takes a whole number of sequence shards >= 1 (1: off) or 'auto', "
-                             f"got {value!r}")
+            raise ValueError(
+                f"knob '{name}' takes a whole number of sequence shards >= 1 (1: off) or 'auto', got {value!r}"
+            )
         return value
+
     return check
 
 
@@ -378,34 +410,78 @@ def _check_plan(cfg: Any, schedule: Any) -> None:
                     bad.setdefault((name, n), set()).add(T)
     if bad:
         (name, n), Ts = next(iter(bad.items()))
-        raise ConfigError(f"{name} {n} does not divide the sequence length {min(Ts)} of a training step "
-                          f"(lengths it fails: {sorted(Ts)[:5]}); use a divisor of every seq_len it applies to "
-                          "(a power of two), or 'auto'")
+        raise ConfigError(
+            f"{name} {n} does not divide the sequence length {min(Ts)} of a training step "
+            f"(lengths it fails: {sorted(Ts)[:5]}); use a divisor of every seq_len it applies to "
+            "(a power of two), or 'auto'"
+        )
     if any(sp.knobs.get("activation_offload") for sp in schedule.steps()):
         device = cfg.train.device
         if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
-            raise ConfigError("activation_offload moves saved activations from GPU to host memory; this run trains "
-                              "on the CPU, where they already are: remove activation_offload (or train on cuda)")
+            raise ConfigError(
+                "activation_offload moves saved activations from GPU to host memory; this run trains "
+                "on the CPU, where they already are: remove activation_offload (or train on cuda)"
+            )
 
 
-register_knob(Knob("loss_shards", "Tiled logits and loss: sequence shards the output head and loss run over, "
-                   "each shard's backward done at once (1: off; auto: as train.memory_limit needs).",
-                   default=1, rampable=False, check=_check_shards("loss_shards"), apply=_apply_memory,
-                   key=_memory_key, check_plan=_check_plan, check_model=lambda a, v: _check_model(a, "loss_shards", v)))
-register_knob(Knob("mlp_shards", "Tiled MLP: sequence shards each block's MLP runs over, recomputed in backward "
-                   "(1: off; auto: as train.memory_limit needs).",
-                   default=1, rampable=False, check=_check_shards("mlp_shards"), apply=_apply_memory,
-                   key=_memory_key, graph_key=lambda v: v, check_model=lambda a, v: _check_model(a, "mlp_shards", v)))
-register_knob(Knob("activation_checkpoint", "Activation checkpointing: none | full | selective (keep attention "
-                   "outputs) | every:K | full:BLOCKS | selective:BLOCKS | auto.",
-                   default="none", rampable=False, check=_check_ac, apply=_apply_memory, key=_memory_key,
-                   graph_key=lambda v: v, check_model=lambda a, v: _check_model(a, "activation_checkpoint", v)))
-register_knob(Knob("activation_offload", "Keep what checkpointed blocks save for backward in pinned host memory "
-                   "(CUDA only).", default=False, rampable=False, check=_check_bool, apply=_apply_memory,
-                   key=_memory_key, graph_key=lambda v: v))
+register_knob(
+    Knob(
+        "loss_shards",
+        "Tiled logits and loss: sequence shards the output head and loss run over, "
+        "each shard's backward done at once (1: off; auto: as train.memory_limit needs).",
+        default=1,
+        rampable=False,
+        check=_check_shards("loss_shards"),
+        apply=_apply_memory,
+        key=_memory_key,
+        check_plan=_check_plan,
+        check_model=lambda a, v: _check_model(a, "loss_shards", v),
+    )
+)
+register_knob(
+    Knob(
+        "mlp_shards",
+        "Tiled MLP: sequence shards each block's MLP runs over, recomputed in backward "
+        "(1: off; auto: as train.memory_limit needs).",
+        default=1,
+        rampable=False,
+        check=_check_shards("mlp_shards"),
+        apply=_apply_memory,
+        key=_memory_key,
+        graph_key=lambda v: v,
+        check_model=lambda a, v: _check_model(a, "mlp_shards", v),
+    )
+)
+register_knob(
+    Knob(
+        "activation_checkpoint",
+        "Activation checkpointing: none | full | selective (keep attention "
+        "outputs) | every:K | full:BLOCKS | selective:BLOCKS | auto.",
+        default="none",
+        rampable=False,
+        check=_check_ac,
+        apply=_apply_memory,
+        key=_memory_key,
+        graph_key=lambda v: v,
+        check_model=lambda a, v: _check_model(a, "activation_checkpoint", v),
+    )
+)
+register_knob(
+    Knob(
+        "activation_offload",
+        "Keep what checkpointed blocks save for backward in pinned host memory (CUDA only).",
+        default=False,
+        rampable=False,
+        check=_check_bool,
+        apply=_apply_memory,
+        key=_memory_key,
+        graph_key=lambda v: v,
+    )
+)
 
 
 # ----------------------------------------------------------------------------- the estimate
+
 
 class _LiveBytes(TorchDispatchMode):
     """Counts the bytes of every storage an op creates, until it is freed; keeps the peak."""
@@ -462,8 +538,15 @@ class MemoryEstimate:
         return self.params + self.optimizer + self.teacher + self.step_peak
 
     def as_dict(self) -> dict[str, Any]:
-        return {"params": self.params, "grads": self.grads, "optimizer": self.optimizer, "teacher": self.teacher,
-                "activations": self.activations, "peak": self.peak, "settings": self.settings.describe()}
+        return {
+            "params": self.params,
+            "grads": self.grads,
+            "optimizer": self.optimizer,
+            "teacher": self.teacher,
+            "activations": self.activations,
+            "peak": self.peak,
+            "settings": self.settings.describe(),
+        }
 
 
 def _storage_bytes(tensors) -> int:
@@ -479,16 +562,20 @@ def _storage_bytes(tensors) -> int:
 def _fake_adapter(model_cfg: Any):
 
     if model_cfg.source == "hf" and model_cfg.path is not None:
-
         return HFCausalLMAdapter.from_folder_config(model_cfg.path, "cpu")
     if model_cfg.source == "reference":  # built in place: .to() cannot swap fake parameters
-
         return DecoderLMAdapter(DecoderLM(model_cfg))
     return build_adapter(model_cfg, "cpu")
 
 
-def estimate_step(cfg: Any, knobs: dict[str, Any], rows: int, seq_len: int, precision: str = "fp32",
-                  settings: MemorySettings | None = None) -> MemoryEstimate:
+def estimate_step(
+    cfg: Any,
+    knobs: dict[str, Any],
+    rows: int,
+    seq_len: int,
+    precision: str = "fp32",
+    settings: MemorySettings | None = None,
+) -> MemoryEstimate:
     """Peak tensor memory of one training step of ``cfg``'s model at (rows, seq_len), traced on fake tensors.
 
     ``knobs`` are the step's knob values (RoPE, attention pattern ...); ``settings`` the memory
@@ -505,7 +592,9 @@ def estimate_step(cfg: Any, knobs: dict[str, Any], rows: int, seq_len: int, prec
     task = CausalLM(0, doc_mask=cfg.data.doc_mask, restart_positions=cfg.data.restart_positions)
     with FakeTensorMode(allow_non_fake_inputs=True):
         # fake too: a plan of a step far beyond this machine's memory must not allocate it
-        x = torch.zeros(rows, seq_len, dtype=torch.long)  # one document per row: the mask's memory does not depend on it
+        x = torch.zeros(
+            rows, seq_len, dtype=torch.long
+        )  # one document per row: the mask's memory does not depend on it
         batch = task.make_batch(x, x.clone())
         adapter = _fake_adapter(cfg.model)
         adapter.module.train()
@@ -531,8 +620,9 @@ def estimate_step(cfg: Any, knobs: dict[str, Any], rows: int, seq_len: int, prec
                 held, held_bytes = held + tensors, held_bytes + n
         tracker = _LiveBytes([*adapter.module.parameters(), *adapter.module.buffers(), *state, *held])
         with tracker:
-            accumulate_gradients(adapter, task, batch, precision=precision,
-                                 micro_batch_items=cfg.train.micro_batch_tokens)
+            accumulate_gradients(
+                adapter, task, batch, precision=precision, micro_batch_items=cfg.train.micro_batch_tokens
+            )
             torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.grad_clip or math.inf)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -552,10 +642,12 @@ def check_static_fits(cfg: Any, device: torch.device | str = "cpu") -> None:
     limit, _ = memory_limit(cfg, device)
     fp = static_footprint(cfg)
     if fp.static > limit:
-        raise ConfigError(f"train.memory_limit {cfg.train.memory_limit} is below the model's static footprint "
-                          f"{format_bytes(fp.static)} (parameters {format_bytes(fp.params)}, gradients "
-                          f"{format_bytes(fp.grads)}, AdamW state {format_bytes(fp.optimizer)}) before any "
-                          "activation; raise the limit or use a smaller model")
+        raise ConfigError(
+            f"train.memory_limit {cfg.train.memory_limit} is below the model's static footprint "
+            f"{format_bytes(fp.static)} (parameters {format_bytes(fp.params)}, gradients "
+            f"{format_bytes(fp.grads)}, AdamW state {format_bytes(fp.optimizer)}) before any "
+            "activation; raise the limit or use a smaller model"
+        )
 
 
 def rss_bytes() -> tuple[int, int]:
@@ -583,7 +675,7 @@ def malloc_env() -> dict[str, str]:
 def auto_steps(schedule: Any, shapes: list[tuple[int, int]]) -> list[tuple[dict[str, Any], int, int]]:
     """(knobs, rows, seq_len) of each distinct step whose memory knobs say ``auto`` (``shapes``: every step's)."""
     auto: dict[tuple, tuple[dict[str, Any], int, int]] = {}
-    for sp, (rows, seq_len) in zip(schedule.steps(), shapes):
+    for sp, (rows, seq_len) in zip(schedule.steps(), shapes, strict=True):
         mem = requested(sp.knobs)
         if _is_auto(mem):
             auto.setdefault((mem, rows, seq_len), (sp.knobs, rows, seq_len))
@@ -613,8 +705,15 @@ class MemoryFamily(Family):
         if state.settings is None or state.settings == state.recorded:
             return []
         state.recorded = state.settings
-        return [{"event": "memory", "step": ctx.step, "seq_len": ctx.length, "rows": ctx.rows,
-                 "settings": state.settings.describe()}]
+        return [
+            {
+                "event": "memory",
+                "step": ctx.step,
+                "seq_len": ctx.length,
+                "rows": ctx.rows,
+                "settings": state.settings.describe(),
+            }
+        ]
 
 
 register_family(MemoryFamily())

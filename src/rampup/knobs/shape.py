@@ -1,5 +1,6 @@
 """The shape family: ``seq_len`` (tokens per training sequence) and ``batch_tokens`` (tokens per optimizer
 step), with the checks that every stage's length fits the model's positions and the sampler."""
+
 from __future__ import annotations
 
 import math
@@ -28,22 +29,34 @@ def _check_seq_len_limit(cfg: Any) -> None:
         top = _top(seq)
         if top is None or top <= limit:
             continue
-        covers = (m.extendable and rope is not None and rope.method in ("pi", "ntk", "yarn")
-                  and rope.factor * (rope.original_max_len or m.native_positions) >= top)
+        covers = (
+            m.extendable
+            and rope is not None
+            and rope.method in ("pi", "ntk", "yarn")
+            and rope.factor * (rope.original_max_len or m.native_positions) >= top
+        )
         if covers:
             longest = max(longest, int(top))
         elif m.source != "hf":
-            raise ValueError(f"{where} reaches {top:g} but model.max_seq_len is {limit}; "
-                             "raise model.max_seq_len or shorten the stage")
+            raise ValueError(
+                f"{where} reaches {top:g} but model.max_seq_len is {limit}; "
+                "raise model.max_seq_len or shorten the stage"
+            )
         else:
             native = m.native_positions or limit
             raise ValueError(
                 f"{where} reaches {top:g} but this Hugging Face model takes {limit} positions"
-                + (" (model.max_seq_len)" if not m.extendable else
-                   f" (max_position_embeddings of {m.path})" if m.path else " (its max_position_embeddings)")
+                + (
+                    " (model.max_seq_len)"
+                    if not m.extendable
+                    else f" (max_position_embeddings of {m.path})"
+                    if m.path
+                    else " (its max_position_embeddings)"
+                )
                 + f"; give the stage a rope that covers it, e.g. rope: {{method: yarn, factor: "
                 f"{math.ceil(top / native)}, original_max_len: {native}}} (factor x original >= {top:g}), "
-                "or set model.max_seq_len to train past the limit with any rope")
+                "or set model.max_seq_len to train past the limit with any rope"
+            )
     if longest > limit:
         m.__dict__["max_seq_len"] = longest
 
@@ -54,9 +67,11 @@ def _check_one_length(cfg: Any) -> None:
         lens = {st.knobs["seq_len"] for st in cfg.schedule.stages if "seq_len" in st.knobs}
         ramps = [x for x in lens if isinstance(x, Ramp)]
         if ramps or len(lens | ({start} if start else set())) > 1:
-            raise ValueError(f"data.sampler '{cfg.data.sampler}' needs one constant seq_len (the "
-                             "longest context), but the schedule changes seq_len; use data.sampler: staged "
-                             "for a seq_len curriculum")
+            raise ValueError(
+                f"data.sampler '{cfg.data.sampler}' needs one constant seq_len (the "
+                "longest context), but the schedule changes seq_len; use data.sampler: staged "
+                "for a seq_len curriculum"
+            )
 
 
 def _check_seq_len(cfg: Any) -> None:
@@ -70,7 +85,15 @@ def _check_seq_len(cfg: Any) -> None:
         raise ValueError("\n  ".join(problems))
 
 
-register_knob(Knob("seq_len", "Tokens per training sequence (context length).", integer=True, minimum=1,
-                   check_config=_check_seq_len))
-register_knob(Knob("batch_tokens", "Tokens per optimizer step (rounded down to whole sequences).",
-                   integer=True, minimum=1))
+register_knob(
+    Knob(
+        "seq_len",
+        "Tokens per training sequence (context length).",
+        integer=True,
+        minimum=1,
+        check_config=_check_seq_len,
+    )
+)
+register_knob(
+    Knob("batch_tokens", "Tokens per optimizer step (rounded down to whole sequences).", integer=True, minimum=1)
+)

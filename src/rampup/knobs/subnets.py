@@ -13,6 +13,7 @@ shared head), so neither's full logits exist. A stage with ``subnet`` takes no o
 model (its blocks and MLP units sliced out); its outputs equal the sub-network's inside the full
 model (tested).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -115,13 +116,13 @@ class SubnetTask:
             # rows [0, B): the full network (cross-entropy); [B, 2B): the sub-network, taught by it
             full, s_logits = logits[:rows].float(), logits[rows:].float()
             ce = F.cross_entropy(full.flatten(0, 1), targets[:, sl].flatten(), reduction="sum")
-            kd = F.kl_div(F.log_softmax(s_logits, -1), F.log_softmax(full.detach(), -1), log_target=True,
-                          reduction="sum")
+            kd = F.kl_div(
+                F.log_softmax(s_logits, -1), F.log_softmax(full.detach(), -1), log_target=True, reduction="sum"
+            )
             return ce + kd
 
         both = torch.cat([out.hidden, sub.hidden])  # the head is shared: one pass over both
         if out.loss_shards > 1:  # tiled: neither network's full logits ever exist
-
             total = tiled_head_loss(both, out.head, shard_loss, out.loss_shards)
         else:
             total = shard_loss(out.head(both), slice(None))
@@ -150,9 +151,11 @@ def _check_plan(cfg: Any, schedule: Any) -> None:
         if _ranges(v)[1] > cfg.model.n_layers:
             raise ConfigError(f"subnet '{v}' in stage '{st.name}': the model has {cfg.model.n_layers} blocks")
         if k.get("teacher", "none") != "none":
-            raise ConfigError(f"subnet in stage '{st.name}' comes with its own teacher (the full network teaches "
-                              "its sub-networks); remove the stage's teacher, or train the sub-networks in a "
-                              "stage without one")
+            raise ConfigError(
+                f"subnet in stage '{st.name}' comes with its own teacher (the full network teaches "
+                "its sub-networks); remove the stage's teacher, or train the sub-networks in a "
+                "stage without one"
+            )
 
 
 def uses_subnets(schedule_cfg: Any) -> bool:
@@ -173,8 +176,10 @@ def extract(adapter: Any, depth: int, hidden: int):
 
     module = adapter.module
     if depth > len(module.layers) or not 0 < hidden <= module.cfg.hidden:
-        raise ConfigError(f"sub-network depth {depth} / {hidden} MLP units is not inside this model "
-                          f"({len(module.layers)} blocks, {module.cfg.hidden} units)")
+        raise ConfigError(
+            f"sub-network depth {depth} / {hidden} MLP units is not inside this model "
+            f"({len(module.layers)} blocks, {module.cfg.hidden} units)"
+        )
     cfg = module.cfg.model_copy(update={"n_layers": depth, "ffn_hidden": hidden})
     small = DecoderLM(cfg)
     state = {}
@@ -195,9 +200,17 @@ def extract(adapter: Any, depth: int, hidden: int):
     return DecoderLMAdapter(small)
 
 
-register_knob(Knob("subnet", "Train a sampled sub-network each step with the full network as its teacher: none | "
-                   "depth:A-B,mlp:F-G.", default="none", rampable=False, check=check_subnet, on_batch=_on_batch,
-                   check_plan=_check_plan))
+register_knob(
+    Knob(
+        "subnet",
+        "Train a sampled sub-network each step with the full network as its teacher: none | depth:A-B,mlp:F-G.",
+        default="none",
+        rampable=False,
+        check=check_subnet,
+        on_batch=_on_batch,
+        check_plan=_check_plan,
+    )
+)
 
 
 class SubnetFamily(Family):

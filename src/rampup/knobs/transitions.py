@@ -26,6 +26,7 @@ Distributed training: a parameter that becomes trainable must join DDP's gradien
 which registers only trainable parameters when it wraps, so the engine rebuilds its DDP wrapper when
 the trainable set (:func:`trainable_names` of the stage's knobs) changes at a boundary.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -68,11 +69,17 @@ def _embedding_names(adapter: Any) -> set[str]:
     tied to the embedding keeps its own name on the output side."""
     module = adapter.module
     emb_ids = {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding)}
-    head_names = {f"{path}.weight" if path else "weight" for path, m in module.named_modules()
-                  if m is getattr(adapter, "head", None)}
+    head_names = {
+        f"{path}.weight" if path else "weight"
+        for path, m in module.named_modules()
+        if m is getattr(adapter, "head", None)
+    }
     blocks = [n for n, _ in adapter.blocks()]
-    return {name for name, p in module.named_parameters(remove_duplicate=False)
-            if id(p) in emb_ids and _block_of(name, blocks) is None and name not in head_names}
+    return {
+        name
+        for name, p in module.named_parameters(remove_duplicate=False)
+        if id(p) in emb_ids and _block_of(name, blocks) is None and name not in head_names
+    }
 
 
 # ----------------------------------------------------------------------------- freeze
@@ -80,8 +87,9 @@ def _embedding_names(adapter: Any) -> set[str]:
 
 def check_freeze(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"knob 'freeze' takes none | globs (comma-separated) | blocks:A-B | bottom:K | top:K, "
-                         f"got {value!r}")
+        raise ValueError(
+            f"knob 'freeze' takes none | globs (comma-separated) | blocks:A-B | bottom:K | top:K, got {value!r}"
+        )
     v = value.strip()
     kind, _, arg = v.partition(":")
     if kind in ("bottom", "top") and not (arg.isdigit() and int(arg) >= 0):
@@ -129,8 +137,10 @@ def frozen_names(spec: str, adapter: Any) -> set[str]:
     for glob in (g.strip() for g in spec.split(",") if g.strip()):
         hit = {name for name in all_names if fnmatch.fnmatchcase(name, glob)}
         if not hit:
-            raise ConfigError(f"freeze: the glob '{glob}' matches no parameter{did_you_mean(glob, all_names)}; "
-                              f"names look like {', '.join(all_names[:3])} ...")
+            raise ConfigError(
+                f"freeze: the glob '{glob}' matches no parameter{did_you_mean(glob, all_names)}; "
+                f"names look like {', '.join(all_names[:3])} ..."
+            )
         out |= hit
     return out
 
@@ -143,8 +153,10 @@ def trainable_names(spec: str, adapter: Any) -> set[str]:
     for names in parameter_names(adapter.module).values():
         hit = [n for n in names if n in frozen]
         if explicit and hit and len(hit) < len(names):
-            raise ConfigError(f"freeze '{spec}' selects {hit[0]} but not {[n for n in names if n not in frozen][0]}, "
-                              "which is the same (tied) parameter; select both names or neither")
+            raise ConfigError(
+                f"freeze '{spec}' selects {hit[0]} but not {[n for n in names if n not in frozen][0]}, "
+                "which is the same (tied) parameter; select both names or neither"
+            )
         if len(hit) < len(names):  # trainable if any of its names is
             out |= set(names)
     return out
@@ -223,17 +235,24 @@ def _apply_lr_groups(ctx: Any, value: Any) -> None:
         if g.get("name") in mults:
             g["lr_mult"] = mults[g["name"]]
         elif groups or decay != 1.0:
-            raise ConfigError("lr_groups / lr_layer_decay need one optimizer group per parameter; the optimizer "
-                              "was built without them (build_optimizer(..., per_parameter=True))")
+            raise ConfigError(
+                "lr_groups / lr_layer_decay need one optimizer group per parameter; the optimizer "
+                "was built without them (build_optimizer(..., per_parameter=True))"
+            )
 
 
 def uses_parameter_groups(schedule_cfg: Any) -> bool:
     """Whether the schedule sets lr_groups or lr_layer_decay anywhere (the optimizer then has one group per
     parameter, for the whole run, so its layout never changes)."""
 
-    return any(k in knob_keys_set(schedule_cfg) and any(
-        v is not None and v != KNOBS[k].default for v in [schedule_cfg.knobs.get(k)] +
-        [st.knobs.get(k) for st in schedule_cfg.stages]) for k in ("lr_groups", "lr_layer_decay"))
+    return any(
+        k in knob_keys_set(schedule_cfg)
+        and any(
+            v is not None and v != KNOBS[k].default
+            for v in [schedule_cfg.knobs.get(k)] + [st.knobs.get(k) for st in schedule_cfg.stages]
+        )
+        for k in ("lr_groups", "lr_layer_decay")
+    )
 
 
 # ----------------------------------------------------------------------------- optimizer state
@@ -286,20 +305,52 @@ def backward_flops_saved(adapter: Any) -> float:
     return saved
 
 
-register_knob(Knob("freeze", "What does not train: none | globs | blocks:A-B | bottom:K | top:K (gradual "
-                   "unfreezing: one stage per K).", default="none", rampable=False, check=check_freeze,
-                   apply=_apply_trainable, graph_key=lambda v: v,
-                   check_model=lambda a, v: trainable_names(v, a)))
-register_knob(Knob("lr_groups", "Learning-rate multipliers by parameter-name glob, e.g. {'layers.*': 0.01}.",
-                   default={}, rampable=False, check=check_lr_groups, apply=_apply_lr_groups, evaluate_value=evaluate_lr_groups,
-                   key=lambda v, k, n: (tuple(sorted((v or {}).items())), k.get("lr_layer_decay", 1.0)),
-                   check_model=lambda a, v: lr_multipliers(a, evaluate_lr_groups(v, 0.0), 1.0)))
-register_knob(Knob("lr_layer_decay", "Discriminative learning rates: block l-1 trains at block l's lr / this "
-                   "factor (1: off).", default=1.0, minimum=1.0, apply=_apply_lr_groups,
-                   key=lambda v, k, n: (tuple(sorted((k.get("lr_groups") or {}).items())), v)))
-register_knob(Knob("optimizer_state", "At the stage's first step: keep | reset (all moments) | reset_new (of the "
-                   "parameters the stage makes trainable).", default="keep", rampable=False,
-                   check=_check_state_policy, on_stage=_on_stage_state))
+register_knob(
+    Knob(
+        "freeze",
+        "What does not train: none | globs | blocks:A-B | bottom:K | top:K (gradual unfreezing: one stage per K).",
+        default="none",
+        rampable=False,
+        check=check_freeze,
+        apply=_apply_trainable,
+        graph_key=lambda v: v,
+        check_model=lambda a, v: trainable_names(v, a),
+    )
+)
+register_knob(
+    Knob(
+        "lr_groups",
+        "Learning-rate multipliers by parameter-name glob, e.g. {'layers.*': 0.01}.",
+        default={},
+        rampable=False,
+        check=check_lr_groups,
+        apply=_apply_lr_groups,
+        evaluate_value=evaluate_lr_groups,
+        key=lambda v, k, n: (tuple(sorted((v or {}).items())), k.get("lr_layer_decay", 1.0)),
+        check_model=lambda a, v: lr_multipliers(a, evaluate_lr_groups(v, 0.0), 1.0),
+    )
+)
+register_knob(
+    Knob(
+        "lr_layer_decay",
+        "Discriminative learning rates: block l-1 trains at block l's lr / this factor (1: off).",
+        default=1.0,
+        minimum=1.0,
+        apply=_apply_lr_groups,
+        key=lambda v, k, n: (tuple(sorted((k.get("lr_groups") or {}).items())), v),
+    )
+)
+register_knob(
+    Knob(
+        "optimizer_state",
+        "At the stage's first step: keep | reset (all moments) | reset_new (of the "
+        "parameters the stage makes trainable).",
+        default="keep",
+        rampable=False,
+        check=_check_state_policy,
+        on_stage=_on_stage_state,
+    )
+)
 
 
 class TransitionsFamily(Family):

@@ -18,6 +18,7 @@ answers:
 - ``supports(knob)``: knobs it can honour; a schedule that sets another one is refused at plan time;
 - ``to_hf_state_dict`` / ``from_hf_state_dict``: its weights under Hugging Face's names.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
@@ -56,12 +57,38 @@ class ModuleAdapter:
 class DecoderLMAdapter:
     """rampup's reference :class:`~rampup.models.llm.DecoderLM` behind the seam."""
 
-    KNOBS = frozenset({"seq_len", "batch_tokens", "lr_mult", "passkey_fraction", "bucket_odds", "rope",
-                       "attention", "window", "loss_shards", "mlp_shards", "activation_checkpoint",
-                       "activation_offload", "freeze", "lr_groups", "lr_layer_decay", "optimizer_state",
-                       "teacher", "distill_weight", "label_weight", "distill_temperature",
-                       "distill_hidden", "distill_hidden_weight", "depth", "growth",
-                       "subnet", "mlp_width", "width", "growth_noise"})
+    KNOBS = frozenset(
+        {
+            "seq_len",
+            "batch_tokens",
+            "lr_mult",
+            "passkey_fraction",
+            "bucket_odds",
+            "rope",
+            "attention",
+            "window",
+            "loss_shards",
+            "mlp_shards",
+            "activation_checkpoint",
+            "activation_offload",
+            "freeze",
+            "lr_groups",
+            "lr_layer_decay",
+            "optimizer_state",
+            "teacher",
+            "distill_weight",
+            "label_weight",
+            "distill_temperature",
+            "distill_hidden",
+            "distill_hidden_weight",
+            "depth",
+            "growth",
+            "subnet",
+            "mlp_width",
+            "width",
+            "growth_noise",
+        }
+    )
     """Every knob rampup ships acts on the reference model."""
 
     def __init__(self, module: nn.Module) -> None:
@@ -86,8 +113,10 @@ class DecoderLMAdapter:
         adapter = cls.build(cfg, device)
         missing, unexpected = load_model(adapter.module, weights, strict=False, device=str(device))
         if missing or unexpected:
-            raise ConfigError(f"{weights} does not fit this model config (missing {sorted(missing)[:3]}, "
-                              f"unexpected {sorted(unexpected)[:3]}); use the config it was trained with")
+            raise ConfigError(
+                f"{weights} does not fit this model config (missing {sorted(missing)[:3]}, "
+                f"unexpected {sorted(unexpected)[:3]}); use the config it was trained with"
+            )
         return adapter
 
     @property
@@ -106,11 +135,16 @@ class DecoderLMAdapter:
         n = len(self.module.layers)
         bad = [i for i in wanted if not 0 <= i <= n]
         if bad:
-            raise ConfigError(f"hidden_states: layers {bad} do not exist; the model has blocks 0..{n - 1} "
-                              f"(and {n} for the final norm)")
+            raise ConfigError(
+                f"hidden_states: layers {bad} do not exist; the model has blocks 0..{n - 1} "
+                f"(and {n} for the final norm)"
+            )
         out: dict[int, torch.Tensor] = {}
-        hooks = [self.module.layers[i].register_forward_hook(lambda m, a, y, i=i: out.__setitem__(i, y))
-                 for i in wanted if i < n]
+        hooks = [
+            self.module.layers[i].register_forward_hook(lambda m, a, y, i=i: out.__setitem__(i, y))
+            for i in wanted
+            if i < n
+        ]
         try:
             h = self.module.forward_hidden(batch.inputs, **batch.extra)
         finally:
@@ -134,8 +168,7 @@ class DecoderLMAdapter:
 
         self.module.set_attention(layer_patterns(spec, window, len(self.module.layers)))
 
-    def flops_per_item(self, shape: tuple[int, ...], *, doc_lengths: list[list[int]] | None = None,
-                       **_: Any) -> float:
+    def flops_per_item(self, shape: tuple[int, ...], *, doc_lengths: list[list[int]] | None = None, **_: Any) -> float:
         """Training FLOPs per token of a (B, T) batch at the live attention patterns."""
 
         return flops_per_token(self.cfg, shape[-1], patterns=self.module.attn_patterns, doc_lengths=doc_lengths)
@@ -151,13 +184,22 @@ class DecoderLMAdapter:
         return self.module.num_params()
 
     # ------------------------------------------------------------------ Hugging Face names
-    _HF_LAYER = {"attn_norm.weight": "input_layernorm.weight", "mlp_norm.weight": "post_attention_layernorm.weight",
-                 "attn.q_proj.weight": "self_attn.q_proj.weight", "attn.k_proj.weight": "self_attn.k_proj.weight",
-                 "attn.v_proj.weight": "self_attn.v_proj.weight", "attn.o_proj.weight": "self_attn.o_proj.weight",
-                 "mlp.w1.weight": "mlp.gate_proj.weight", "mlp.w3.weight": "mlp.up_proj.weight",
-                 "mlp.w2.weight": "mlp.down_proj.weight"}
-    _HF_TOP = {"tok_emb.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-               "lm_head.weight": "lm_head.weight"}
+    _HF_LAYER = {
+        "attn_norm.weight": "input_layernorm.weight",
+        "mlp_norm.weight": "post_attention_layernorm.weight",
+        "attn.q_proj.weight": "self_attn.q_proj.weight",
+        "attn.k_proj.weight": "self_attn.k_proj.weight",
+        "attn.v_proj.weight": "self_attn.v_proj.weight",
+        "attn.o_proj.weight": "self_attn.o_proj.weight",
+        "mlp.w1.weight": "mlp.gate_proj.weight",
+        "mlp.w3.weight": "mlp.up_proj.weight",
+        "mlp.w2.weight": "mlp.down_proj.weight",
+    }
+    _HF_TOP = {
+        "tok_emb.weight": "model.embed_tokens.weight",
+        "norm.weight": "model.norm.weight",
+        "lm_head.weight": "lm_head.weight",
+    }
 
     def _to_hf_key(self, key: str) -> str:
         if key in self._HF_TOP:
@@ -175,7 +217,7 @@ class DecoderLMAdapter:
         if self.cfg.tie_embeddings:
             missing = [k for k in missing if k != "lm_head.weight"]
         if missing:
-            raise ConfigError(f"the Hugging Face state dict lacks {missing[:3]}; is it a Llama-family model "
-                              "with this config's shape?")
+            raise ConfigError(
+                f"the Hugging Face state dict lacks {missing[:3]}; is it a Llama-family model with this config's shape?"
+            )
         self.module.load_state_dict({ours[k]: v for k, v in state.items() if k in ours}, strict=False)
-

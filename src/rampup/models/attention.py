@@ -17,6 +17,7 @@ Document masking of packed windows (``data.doc_mask``) combines with any of thes
 the ``2 * window - 1`` keys it can see (plus the global ones), so memory grows as T * window rather
 than T^2; :func:`pattern_mask` is the dense reference it is tested against.
 """
+
 from __future__ import annotations
 
 import math
@@ -53,8 +54,9 @@ class AttentionSpec(Section):
         if self.capped_distance and self.kind != "sinks":
             raise ValueError("attention: capped_distance applies to the global tokens of kind: sinks")
         if self.kind == "causal" and (self.full_layers is not None or self.full_every is not None):
-            raise ValueError("attention: full_layers/full_every make a hybrid of a window pattern; "
-                             "set kind: window or sinks")
+            raise ValueError(
+                "attention: full_layers/full_every make a hybrid of a window pattern; set kind: window or sinks"
+            )
         return self
 
     def full(self, n_layers: int) -> set[int]:
@@ -70,8 +72,9 @@ class AttentionSpec(Section):
     def __str__(self) -> str:
         if self.kind == "causal":
             return "causal"
-        s = self.kind + (f"({self.n_global}{', capped' if self.capped_distance else ''})"
-                         if self.kind == "sinks" else "")
+        s = self.kind + (
+            f"({self.n_global}{', capped' if self.capped_distance else ''})" if self.kind == "sinks" else ""
+        )
         if self.full_layers is not None:
             s += f", full layers {self.full_layers}"
         if self.full_every is not None:
@@ -96,8 +99,7 @@ def layer_patterns(spec: AttentionSpec, window: int, n_layers: int) -> list[Patt
     full = spec.full(n_layers)
     bad = sorted(i for i in full if not 0 <= i < n_layers)
     if bad:
-        raise ValueError(f"attention.full_layers names layers {bad}, but the model has {n_layers} "
-                         f"(0..{n_layers - 1})")
+        raise ValueError(f"attention.full_layers names layers {bad}, but the model has {n_layers} (0..{n_layers - 1})")
     if window < 1:
         raise ValueError(f"attention '{spec.kind}' needs the knob window >= 1, got {window}")
     sinks = spec.kind == "sinks"
@@ -112,8 +114,14 @@ def pattern_mask(T: int, pattern: Pattern, device=None) -> torch.Tensor:
     return (j <= i) & ((i - j < pattern.window) | (j < pattern.n_global))
 
 
-def banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
-                     q_cap: torch.Tensor | None = None, k_cap: torch.Tensor | None = None) -> torch.Tensor:
+def banded_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: Pattern,
+    q_cap: torch.Tensor | None = None,
+    k_cap: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Attention of q (B, H, T, hd) over k, v (B, KV, T, hd) restricted to ``pattern``: (B, H, T, hd).
 
     Queries are cut into nb blocks of c = window; block b sees keys [b*c - w + 1, b*c + c), i.e.
@@ -158,15 +166,25 @@ def banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
         vb = torch.cat([v[:, :, None, :g].expand(B, H, nb, g, hd), vb], dim=3)
         band = torch.cat([seen, band], dim=2)  # (nb, c, g + L)
     qb = q.view(B, H, nb, c, q.shape[-1])
-    y = F.scaled_dot_product_attention(qb.reshape(B, H * nb, c, -1), kb.reshape(B, H * nb, -1, kb.shape[-1]),
-                                       vb.reshape(B, H * nb, -1, hd), attn_mask=band.repeat(H, 1, 1)[None],
-                                       scale=hd ** -0.5)  # (B, H*nb, c, hd)
+    y = F.scaled_dot_product_attention(
+        qb.reshape(B, H * nb, c, -1),
+        kb.reshape(B, H * nb, -1, kb.shape[-1]),
+        vb.reshape(B, H * nb, -1, hd),
+        attn_mask=band.repeat(H, 1, 1)[None],
+        scale=hd**-0.5,
+    )  # (B, H*nb, c, hd)
     return y.view(B, H, nb * c, hd)[:, :, :T]
 
 
-def masked_pattern_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                             pattern: Pattern, q_cap: torch.Tensor | None = None,
-                             k_cap: torch.Tensor | None = None) -> torch.Tensor:
+def masked_pattern_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    pattern: Pattern,
+    q_cap: torch.Tensor | None = None,
+    k_cap: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``pattern`` combined with a dense bool ``mask`` (B or 1, 1, T, T), e.g. a document mask.
 
     Without capping this is SDPA under mask & pattern_mask. With ``q_cap``/``k_cap`` (as in
@@ -176,18 +194,19 @@ def masked_pattern_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     gqa = k.shape[1] != q.shape[1]
     g = min(pattern.n_global, T)
     if not g or q_cap is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask & pattern_mask(T, pattern, q.device),
-                                              enable_gqa=gqa)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask & pattern_mask(T, pattern, q.device), enable_gqa=gqa
+        )
     i = torch.arange(T, device=q.device)[:, None]
     j = torch.arange(g, device=q.device)[None, :]
     outside = i - j >= pattern.window  # (T, g) global keys a query sees at the capped distance
     full_mask = torch.cat([mask[..., :g] & outside, mask & pattern_mask(T, Pattern(pattern.window), q.device)], -1)
     qq = torch.cat([q, q_cap], dim=-1)
-    kk = torch.cat([torch.cat([torch.zeros_like(k_cap), k_cap], dim=-1),
-                    torch.cat([k, torch.zeros_like(k)], dim=-1)], dim=2)
+    kk = torch.cat(
+        [torch.cat([torch.zeros_like(k_cap), k_cap], dim=-1), torch.cat([k, torch.zeros_like(k)], dim=-1)], dim=2
+    )
     vv = torch.cat([v[:, :, :g], v], dim=2)
-    return F.scaled_dot_product_attention(qq, kk, vv, attn_mask=full_mask, scale=q.shape[-1] ** -0.5,
-                                          enable_gqa=gqa)
+    return F.scaled_dot_product_attention(qq, kk, vv, attn_mask=full_mask, scale=q.shape[-1] ** -0.5, enable_gqa=gqa)
 
 
 def check_attention_knob(value) -> AttentionSpec:
@@ -198,5 +217,7 @@ def check_attention_knob(value) -> AttentionSpec:
         return AttentionSpec(kind=value)
     if isinstance(value, dict):
         return AttentionSpec.model_validate(value)
-    raise ValueError(f"knob 'attention' takes causal | window | sinks or a mapping such as "
-                     f"{{kind: window, full_every: 3}}, got {value!r}")
+    raise ValueError(
+        f"knob 'attention' takes causal | window | sinks or a mapping such as "
+        f"{{kind: window, full_every: 3}}, got {value!r}"
+    )

@@ -1,4 +1,5 @@
 """Which adapter a ModelConfig asks for (kept apart from both adapters, which must not import each other)."""
+
 from __future__ import annotations
 
 import torch

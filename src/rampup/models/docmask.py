@@ -9,9 +9,11 @@ sync inside the model's forward when the spans are computed beforehand:
   document slice, so the work is sum(len^2) / 2 instead of T^2;
 - ``document_block_mask``: the same mask as a flex_attention BlockMask (forward only on CPU).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +59,7 @@ class DocumentSpans:
         """(B, T) long document index of each token (as segment_ids of the data side)."""
         seg = torch.empty(self.batch_size, self.seq_len, dtype=torch.long)
         for r0, r1, bounds in self.groups:
-            for n, (s, e) in enumerate(zip(bounds, bounds[1:])):
+            for n, (s, e) in enumerate(pairwise(bounds)):
                 seg[r0:r1, s:e] = n
         return seg.to(device)
 
@@ -77,7 +79,7 @@ def document_spans(seg: torch.Tensor) -> DocumentSpans:
         raise ValueError("segment ids must be non-decreasing along each row (see segment_ids)")
     rows, cols = starts_of(seg)[:, 1:].nonzero(as_tuple=True)
     starts: list[list[int]] = [[0] for _ in range(B)]
-    for r, c in zip(rows.tolist(), (cols + 1).tolist()):
+    for r, c in zip(rows.tolist(), (cols + 1).tolist(), strict=True):
         starts[r].append(c)
     groups: list[tuple[int, int, tuple[int, ...]]] = []
     for r in range(B):
@@ -89,8 +91,9 @@ def document_spans(seg: torch.Tensor) -> DocumentSpans:
     return DocumentSpans(B, T, tuple(groups))
 
 
-def per_document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           spans: DocumentSpans, *, enable_gqa: bool = False) -> torch.Tensor:
+def per_document_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: DocumentSpans, *, enable_gqa: bool = False
+) -> torch.Tensor:
     """Causal attention within each document: q (B, H, T, hd), k/v (B, KV, T, hd) -> (B, H, T, hd).
 
     The same result as SDPA with ``document_mask``, computed as one ``is_causal`` SDPA call per
@@ -98,15 +101,19 @@ def per_document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     would make every slice's backward write a zero-filled gradient of the full size).
     """
     if (q.shape[0], q.shape[2]) != (spans.batch_size, spans.seq_len):
-        raise ValueError(f"spans are for (B, T) = ({spans.batch_size}, {spans.seq_len}), "
-                         f"q has B = {q.shape[0]}, T = {q.shape[2]}")
+        raise ValueError(
+            f"spans are for (B, T) = ({spans.batch_size}, {spans.seq_len}), q has B = {q.shape[0]}, T = {q.shape[2]}"
+        )
     rows = [r1 - r0 for r0, r1, _ in spans.groups]
     outs = []
-    for qg, kg, vg, (_, _, bounds) in zip(q.split(rows), k.split(rows), v.split(rows), spans.groups):
-        lengths = [e - s for s, e in zip(bounds, bounds[1:])]
-        pieces = [F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=enable_gqa)
-                  for qd, kd, vd in zip(qg.split(lengths, dim=2), kg.split(lengths, dim=2),
-                                        vg.split(lengths, dim=2))]  # each (rows, H, length, hd)
+    for qg, kg, vg, (_, _, bounds) in zip(q.split(rows), k.split(rows), v.split(rows), spans.groups, strict=True):
+        lengths = [e - s for s, e in pairwise(bounds)]
+        pieces = [
+            F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=enable_gqa)
+            for qd, kd, vd in zip(
+                qg.split(lengths, dim=2), kg.split(lengths, dim=2), vg.split(lengths, dim=2), strict=True
+            )
+        ]  # each (rows, H, length, hd)
         outs.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
@@ -123,5 +130,4 @@ def document_block_mask(seg: torch.Tensor, block_size: int = 128):
     def same_document_causal(b, h, q_idx, kv_idx):
         return (seg[b, q_idx] == seg[b, kv_idx]) & (kv_idx <= q_idx)
 
-    return create_block_mask(same_document_causal, B, None, T, T, device=seg.device,
-                             BLOCK_SIZE=block_size)
+    return create_block_mask(same_document_causal, B, None, T, T, device=seg.device, BLOCK_SIZE=block_size)

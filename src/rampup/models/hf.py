@@ -23,6 +23,7 @@ data.restart_positions is set (GPT-2's learned positions need that to see each d
     from rampup.models.hf import HFCausalLMAdapter
     adapter = HFCausalLMAdapter.from_config({"model_type": "llama", "hidden_size": 64, ...})
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
@@ -47,8 +48,9 @@ class HFCausalLMAdapter:
     def __init__(self, module: nn.Module) -> None:
         family = module.config.model_type
         if family not in FAMILIES:
-            raise ConfigError(f"Hugging Face model type '{family}' is not supported; rampup supports "
-                              f"{', '.join(FAMILIES)}")
+            raise ConfigError(
+                f"Hugging Face model type '{family}' is not supported; rampup supports {', '.join(FAMILIES)}"
+            )
         self.module, self.family = module, family
         self.head = module.get_output_embeddings()
         self.base = module.base_model
@@ -73,8 +75,9 @@ class HFCausalLMAdapter:
 
     # ------------------------------------------------------------------ building
     @classmethod
-    def from_config(cls, config: dict[str, Any], device: torch.device | str = "cpu",
-                    dtype: torch.dtype = torch.float32) -> HFCausalLMAdapter:
+    def from_config(
+        cls, config: dict[str, Any], device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> HFCausalLMAdapter:
         """A freshly initialised model from an inline config (``model_type`` plus its fields)."""
         import transformers
 
@@ -86,8 +89,10 @@ class HFCausalLMAdapter:
             hf_cfg = transformers.AutoConfig.for_model(family, **config)
         except Exception as e:  # transformers validates its config fields strictly (its own error types)
             why = " ".join(str(e).split())
-            raise ConfigError(f"model.hf_config is not a valid {family} config: {why} (YAML reads a float "
-                              "written 1e-5 as a string: write 1.0e-5)") from None
+            raise ConfigError(
+                f"model.hf_config is not a valid {family} config: {why} (YAML reads a float "
+                "written 1e-5 as a string: write 1.0e-5)"
+            ) from None
         with torch.device(device):
             module = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
         return cls(module)
@@ -102,8 +107,9 @@ class HFCausalLMAdapter:
             return cls(transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32))
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: torch.device | str = "cpu",
-                        dtype: torch.dtype = torch.float32) -> HFCausalLMAdapter:
+    def from_pretrained(
+        cls, path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> HFCausalLMAdapter:
         """A local model folder (config.json + safetensors), its weights in ``dtype`` (default fp32
         master weights, whatever the folder stores)."""
         import transformers
@@ -112,15 +118,22 @@ class HFCausalLMAdapter:
         if not (path / "config.json").is_file():
             raise ConfigError(f"{path} has no config.json; give a Hugging Face model folder (save_pretrained)")
         if not list(path.glob("*.safetensors")):
-            hint = (" It holds pickled .bin weights, which rampup never loads (they can run code): convert "
+            hint = (
+                (
+                    " It holds pickled .bin weights, which rampup never loads (they can run code): convert "
                     "them once with transformers: AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR, "
-                    "safe_serialization=True)") if list(path.glob("*.bin")) else ""
+                    "safe_serialization=True)"
+                )
+                if list(path.glob("*.bin"))
+                else ""
+            )
             raise ConfigError(f"{path} has no safetensors weights.{hint}")
         family = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False).model_type
         if family not in FAMILIES:
             raise ConfigError(f"{path} holds a '{family}' model; rampup supports {', '.join(FAMILIES)}")
-        module = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
-                                                                   trust_remote_code=False)
+        module = transformers.AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, use_safetensors=True, trust_remote_code=False
+        )
         return cls(module.to(device))
 
     # ------------------------------------------------------------------ the seam
@@ -151,8 +164,10 @@ class HFCausalLMAdapter:
         allowed = i[:, None] >= i[None, :]  # causal, in case the given mask is not
         windows = set(self._layer_windows())
         if len(windows) > 1:
-            raise ConfigError(f"document masking with a mix of full and windowed layers is not supported for "
-                              f"{self.family}; use one window for every layer or data.doc_mask: false")
+            raise ConfigError(
+                f"document masking with a mix of full and windowed layers is not supported for "
+                f"{self.family}; use one window for every layer or data.doc_mask: false"
+            )
         w = windows.pop()
         if w:
             allowed = allowed & (i[:, None] - i[None, :] < w)
@@ -172,8 +187,10 @@ class HFCausalLMAdapter:
         states = {i: out.hidden_states[i + 1] for i in range(n - 1)} | {n - 1: None, n: out.last_hidden_state}
         got = {i: states[i] for i in layers}
         if any(v is None for v in got.values()):  # HF's last entry is after the final norm
-            raise ConfigError(f"hidden_states: block {n - 1}'s output before the final norm is not exposed by "
-                              f"{self.family}; use {n} for the final hidden states")
+            raise ConfigError(
+                f"hidden_states: block {n - 1}'s output before the final norm is not exposed by "
+                f"{self.family}; use {n} for the final hidden states"
+            )
         return got
 
     def _block_list(self) -> tuple[str, nn.ModuleList]:
@@ -196,24 +213,45 @@ class HFCausalLMAdapter:
             return self._rotary is not None
         if knob in ("attention", "window"):
             return self.family in _WINDOWED
-        return knob in ("seq_len", "batch_tokens", "lr_mult", "passkey_fraction", "bucket_odds", "loss_shards",
-                        "mlp_shards", "activation_checkpoint", "activation_offload", "freeze", "lr_groups",
-                        "lr_layer_decay", "optimizer_state", "teacher", "distill_weight", "label_weight",
-                        "distill_temperature", "distill_hidden", "distill_hidden_weight")
+        return knob in (
+            "seq_len",
+            "batch_tokens",
+            "lr_mult",
+            "passkey_fraction",
+            "bucket_odds",
+            "loss_shards",
+            "mlp_shards",
+            "activation_checkpoint",
+            "activation_offload",
+            "freeze",
+            "lr_groups",
+            "lr_layer_decay",
+            "optimizer_state",
+            "teacher",
+            "distill_weight",
+            "label_weight",
+            "distill_temperature",
+            "distill_hidden",
+            "distill_hidden_weight",
+        )
 
     def check_knob(self, knob: str, value: Any) -> None:
         """Values of a supported knob this model still cannot take (raises ConfigError)."""
         hybrid = value is not None and knob == "attention" and value.kind != "causal" and value.full(len(self.blocks()))
         if knob == "attention" and value is not None and (value.kind == "sinks" or (hybrid and self.family != "qwen2")):
-            raise ConfigError(f"{self.family} has one sliding window for every layer (Qwen2 also takes a mix of "
-                              f"full and windowed layers); attention '{value}' cannot be expressed")
+            raise ConfigError(
+                f"{self.family} has one sliding window for every layer (Qwen2 also takes a mix of "
+                f"full and windowed layers); attention '{value}' cannot be expressed"
+            )
         if knob == "seq_len" and value is not None:
             top = max(value.start, value.to) if hasattr(value, "start") else value
             cfg = self.module.config
             limit = cfg.max_position_embeddings if self._rotary is not None else cfg.n_positions
             if top > limit:
-                raise ConfigError(f"seq_len {top:g} is beyond this {self.family} model's position limit "
-                                  f"(max_position_embeddings {limit})")
+                raise ConfigError(
+                    f"seq_len {top:g} is beyond this {self.family} model's position limit "
+                    f"(max_position_embeddings {limit})"
+                )
 
     def extend_positions(self, n: int) -> None:
         """Declare ``n`` positions (model.max_seq_len past the folder's limit, which a stage's rope covers):
@@ -221,8 +259,9 @@ class HFCausalLMAdapter:
         cfg = self.module.config
         if self._rotary is None:
             if n > cfg.n_positions:
-                raise ConfigError(f"{self.family} learns one embedding per position ({cfg.n_positions}); it "
-                                  f"cannot take {n}")
+                raise ConfigError(
+                    f"{self.family} learns one embedding per position ({cfg.n_positions}); it cannot take {n}"
+                )
             return
         if n > cfg.max_position_embeddings:
             cfg.max_position_embeddings = n

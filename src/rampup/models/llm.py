@@ -15,6 +15,7 @@ Try it on a CPU in a second:
     python -c "import torch; from rampup.models import ModelConfig, DecoderLM; \
 m = DecoderLM(ModelConfig(dim=64, n_layers=2)); print(m(torch.randint(0, 4096, (2, 16))).shape)"
 """
+
 from __future__ import annotations
 
 import json
@@ -83,8 +84,9 @@ class ModelConfig(Section):
     """Standard deviation of the normal initialisation of weights."""
     _native_positions: int | None = PrivateAttr(default=None)
 
-    @field_validator("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden",
-                     "multiple_of", "max_seq_len")
+    @field_validator(
+        "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "multiple_of", "max_seq_len"
+    )
     @classmethod
     def _positive(cls, v: int | None, info) -> int | None:
         if v is not None and v <= 0:
@@ -109,26 +111,36 @@ class ModelConfig(Section):
     def _hf(self) -> ModelConfig:
         if self.source == "reference":
             if self.weights_dtype != "float32":
-                raise ValueError("model.weights_dtype is for model.source: hf; the reference model keeps fp32 "
-                                 "weights (train.precision sets the compute dtype)")
+                raise ValueError(
+                    "model.weights_dtype is for model.source: hf; the reference model keeps fp32 "
+                    "weights (train.precision sets the compute dtype)"
+                )
             if self.path is not None or self.hf_config is not None:
-                raise ValueError("model.path and model.hf_config are for model.source: hf; set source: hf or remove them")
+                raise ValueError(
+                    "model.path and model.hf_config are for model.source: hf; set source: hf or remove them"
+                )
             return self
         if (self.path is None) == (self.hf_config is None):
-            raise ValueError("model.source hf needs exactly one of model.path (a local model folder) or "
-                             "model.hf_config (an inline config with model_type)")
+            raise ValueError(
+                "model.source hf needs exactly one of model.path (a local model folder) or "
+                "model.hf_config (an inline config with model_type)"
+            )
         if self.path is not None:
             cfg_file = Path(self.path) / "config.json"
             if not Path(self.path).exists():
-                raise ValueError(f"model.path {self.path} does not exist; give a Hugging Face model folder "
-                                 "(a relative path is read from the config file's folder)")
+                raise ValueError(
+                    f"model.path {self.path} does not exist; give a Hugging Face model folder "
+                    "(a relative path is read from the config file's folder)"
+                )
             if not cfg_file.is_file():
                 raise ValueError(f"model.path {self.path} has no config.json; give a Hugging Face model folder")
             d = json.loads(cfg_file.read_text())
         else:
             d = self.hf_config
         if d.get("model_type") not in HF_FAMILIES:
-            raise ValueError(f"model type {d.get('model_type')!r} is not supported; use one of {', '.join(HF_FAMILIES)}")
+            raise ValueError(
+                f"model type {d.get('model_type')!r} is not supported; use one of {', '.join(HF_FAMILIES)}"
+            )
         # the Hugging Face config is the truth for what rampup checks against (tokenizer, positions)
         self.__dict__["vocab_size"] = int(d.get("vocab_size") or self.vocab_size)
         native = int(d.get("max_position_embeddings") or d.get("n_positions") or self.max_seq_len)
@@ -136,8 +148,10 @@ class ModelConfig(Section):
         if "max_seq_len" not in self.model_fields_set:
             self.__dict__["max_seq_len"] = native  # raised where a stage's rope covers a longer seq_len
         elif d.get("model_type") == "gpt2" and self.max_seq_len > native:
-            raise ValueError(f"model.max_seq_len {self.max_seq_len}: GPT-2 learns one embedding per position "
-                             f"({native} in this model), so it cannot take longer sequences; lower it to {native}")
+            raise ValueError(
+                f"model.max_seq_len {self.max_seq_len}: GPT-2 learns one embedding per position "
+                f"({native} in this model), so it cannot take longer sequences; lower it to {native}"
+            )
         return self
 
     @property
@@ -154,14 +168,19 @@ class ModelConfig(Section):
     @model_validator(mode="after")
     def _shapes(self) -> ModelConfig:
         if self.dim % self.n_heads:
-            raise ValueError(f"model.dim {self.dim} is not divisible by model.n_heads "
-                             f"{self.n_heads}; choose n_heads dividing dim")
+            raise ValueError(
+                f"model.dim {self.dim} is not divisible by model.n_heads {self.n_heads}; choose n_heads dividing dim"
+            )
         if self.head_dim % 2:
-            raise ValueError(f"head dim model.dim / model.n_heads = {self.head_dim} must be even "
-                             "for RoPE; change model.dim or model.n_heads")
+            raise ValueError(
+                f"head dim model.dim / model.n_heads = {self.head_dim} must be even "
+                "for RoPE; change model.dim or model.n_heads"
+            )
         if self.n_heads % self.kv_heads:
-            raise ValueError(f"model.n_heads {self.n_heads} is not divisible by model.n_kv_heads "
-                             f"{self.kv_heads}; choose n_kv_heads dividing n_heads")
+            raise ValueError(
+                f"model.n_heads {self.n_heads} is not divisible by model.n_kv_heads "
+                f"{self.kv_heads}; choose n_kv_heads dividing n_heads"
+            )
         return self
 
     @property
@@ -197,8 +216,13 @@ def attended_keys(T: int, pattern: Pattern | None = None) -> int:
     return pairs
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int, *, patterns: list[Pattern | None] | None = None,
-                    doc_lengths: list[list[int]] | None = None) -> float:
+def flops_per_token(
+    cfg: ModelConfig,
+    seq_len: int,
+    *,
+    patterns: list[Pattern | None] | None = None,
+    doc_lengths: list[list[int]] | None = None,
+) -> float:
     """Training FLOPs per token (forward + backward) as the kernels compute them: ``6 N + 12 d K / T``.
 
     N counts the parameters that take part in matmuls (every Linear weight in the blocks plus the
@@ -224,14 +248,22 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, *, patterns: list[Pattern | 
 
 # ----------------------------------------------------------------------------- rotary positions
 
+
 def rope_inv_freq(head_dim: int, base: float, device=None) -> torch.Tensor:
     """Unscaled RoPE frequencies base^(-2i/head_dim), i < head_dim/2, in fp32."""
     i = torch.arange(0, head_dim, 2, device=device, dtype=torch.float32)
     return 1.0 / base ** (i / head_dim)
 
 
-def precompute_rope(head_dim: int, max_seq_len: int, base: float = 10000.0, device=None, *,
-                    inv_freq: torch.Tensor | None = None, attention_scale: float = 1.0):
+def precompute_rope(
+    head_dim: int,
+    max_seq_len: int,
+    base: float = 10000.0,
+    device=None,
+    *,
+    inv_freq: torch.Tensor | None = None,
+    attention_scale: float = 1.0,
+):
     """cos, sin tables, each (max_seq_len, head_dim), in Hugging Face's rotate-half layout.
 
     Frequency i drives dims i and i + head_dim/2 (hence the duplicated halves). ``attention_scale``
@@ -260,6 +292,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 # ----------------------------------------------------------------------------- the blocks
 
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -269,8 +302,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, self.n_kv * self.hd, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask: torch.Tensor | DocumentSpans | None = None,
-                pattern: Pattern | None = None, cap_rope: tuple[torch.Tensor, ...] | None = None):
+    def forward(
+        self,
+        x,
+        cos,
+        sin,
+        mask: torch.Tensor | DocumentSpans | None = None,
+        pattern: Pattern | None = None,
+        cap_rope: tuple[torch.Tensor, ...] | None = None,
+    ):
         """x (B, T, C); cos/sin broadcastable to (B, 1, T, hd), already gathered at the positions.
 
         ``pattern`` (a sliding window, with or without global tokens) restricts attention further:
@@ -290,7 +330,7 @@ class Attention(nn.Module):
         q_cap = k_cap = None
         if cap_rope is not None and pattern is not None and pattern.capped and pattern.n_global:
             cos_w, sin_w, cos_0, sin_0 = cap_rope
-            q_cap, k_cap = apply_rope(q, cos_w, sin_w), apply_rope(k[:, :, :pattern.n_global], cos_0, sin_0)
+            q_cap, k_cap = apply_rope(q, cos_w, sin_w), apply_rope(k[:, :, : pattern.n_global], cos_0, sin_0)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # enable_gqa shares each kv head among n_heads/n_kv consecutive query heads, the same
         # grouping as repeat_interleave, without materialising the repeated k and v
@@ -302,8 +342,9 @@ class Attention(nn.Module):
         elif isinstance(mask, DocumentSpans):
             y = per_document_attention(q, k, v, mask, enable_gqa=gqa)  # (B, H, T, hd)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                               enable_gqa=gqa)  # (B, H, T, hd)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa
+            )  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -322,7 +363,9 @@ class MLP(nn.Module):
         k = hidden
         if k is None:
             return self.w2(F.silu(self.w1(x)) * self.w3(x))
-        return F.linear(F.silu(F.linear(x, self.w1.weight[:k])) * F.linear(x, self.w3.weight[:k]), self.w2.weight[:, :k])
+        return F.linear(
+            F.silu(F.linear(x, self.w1.weight[:k])) * F.linear(x, self.w3.weight[:k]), self.w2.weight[:, :k]
+        )
 
 
 class Block(nn.Module):
@@ -339,6 +382,7 @@ class Block(nn.Module):
 
 
 # ----------------------------------------------------------------------------- the model
+
 
 class DecoderLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -382,8 +426,14 @@ class DecoderLM(nn.Module):
                 nn.init.normal_(w, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layers))
 
     @torch.no_grad()
-    def set_rope(self, base: float | None = None, *, inv_freq: torch.Tensor | None = None,
-                 max_seq_len: int | None = None, attention_scale: float = 1.0) -> None:
+    def set_rope(
+        self,
+        base: float | None = None,
+        *,
+        inv_freq: torch.Tensor | None = None,
+        max_seq_len: int | None = None,
+        attention_scale: float = 1.0,
+    ) -> None:
         """Recompute the RoPE tables in place, on the model's device; nothing else changes.
 
         Give ``base`` for plain RoPE, or ``inv_freq`` (head_dim/2,) for frequencies a context
@@ -394,8 +444,7 @@ class DecoderLM(nn.Module):
             raise ConfigError("set_rope takes either base or inv_freq, not both")
         half = self.cfg.head_dim // 2
         if inv_freq is not None and tuple(inv_freq.shape) != (half,):
-            raise ConfigError(f"inv_freq must have shape ({half},) = (head_dim/2,), "
-                              f"got {tuple(inv_freq.shape)}")
+            raise ConfigError(f"inv_freq must have shape ({half},) = (head_dim/2,), got {tuple(inv_freq.shape)}")
         if base is not None and not base > 1:
             raise ConfigError(f"rope base must be > 1, got {base}")
         if max_seq_len is not None and max_seq_len <= 0:
@@ -410,13 +459,22 @@ class DecoderLM(nn.Module):
         self.max_seq_len = max_seq_len or self.max_seq_len
         self.attention_scale = float(attention_scale)
         self.rope_cos, self.rope_sin = precompute_rope(
-            self.cfg.head_dim, self.max_seq_len, device=device, inv_freq=self.inv_freq,
-            attention_scale=self.attention_scale)
+            self.cfg.head_dim,
+            self.max_seq_len,
+            device=device,
+            inv_freq=self.inv_freq,
+            attention_scale=self.attention_scale,
+        )
 
-    def forward_hidden(self, idx: torch.Tensor, *, positions: torch.Tensor | None = None,
-                       attn_mask: torch.Tensor | None = None,
-                       segments: torch.Tensor | None = None,
-                       spans: DocumentSpans | None = None) -> torch.Tensor:
+    def forward_hidden(
+        self,
+        idx: torch.Tensor,
+        *,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
+        spans: DocumentSpans | None = None,
+    ) -> torch.Tensor:
         """Final-normed hidden states (B, T, dim) for token ids idx (B, T).
 
         positions: (B, T) long RoPE positions (default 0..T-1), e.g. restarting at each packed
@@ -430,8 +488,10 @@ class DecoderLM(nn.Module):
         """
         B, T = idx.shape
         if T > self.max_seq_len:
-            raise ConfigError(f"sequence length {T} exceeds model.max_seq_len {self.max_seq_len}; "
-                              "raise model.max_seq_len or shorten the stage's seq_len")
+            raise ConfigError(
+                f"sequence length {T} exceeds model.max_seq_len {self.max_seq_len}; "
+                "raise model.max_seq_len or shorten the stage's seq_len"
+            )
         if positions is None:
             cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, hd), broadcasts over (B, H)
         else:
@@ -451,21 +511,19 @@ class DecoderLM(nn.Module):
             if attn_mask is not None:
                 raise ValueError("give attn_mask or segments, not both")
             if tuple(segments.shape) != (B, T):
-                raise ValueError(f"segments must have the shape of idx {(B, T)}, "
-                                 f"got {tuple(segments.shape)}")
+                raise ValueError(f"segments must have the shape of idx {(B, T)}, got {tuple(segments.shape)}")
             if any(self.attn_patterns):  # a window pattern combines with a dense document mask
                 attn_mask = document_mask(segments)
             else:
                 mask = document_spans(segments)
         if attn_mask is not None:
             if attn_mask.dtype != torch.bool:
-                raise TypeError("attn_mask must be a bool tensor (True = may attend), "
-                                f"got {attn_mask.dtype}")
+                raise TypeError(f"attn_mask must be a bool tensor (True = may attend), got {attn_mask.dtype}")
             causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
             mask = attn_mask & causal  # (B or 1, 1, T, T)
         x = self.tok_emb(idx)  # (B, T, C)
         depth = self.active_depth or len(self.layers)  # a sub-network runs the lowest blocks only
-        for layer, pattern in zip(self.layers[:depth], self.attn_patterns[:depth]):
+        for layer, pattern in zip(self.layers[:depth], self.attn_patterns[:depth], strict=True):
             cap = None
             if pattern is not None and pattern.capped and T > pattern.window:  # some globals lie outside windows
                 cap = (self.rope_cos[pattern.window], self.rope_sin[pattern.window], self.rope_cos[0], self.rope_sin[0])
@@ -482,12 +540,19 @@ class DecoderLM(nn.Module):
         """(B, T, C) hidden states -> (B, T, vocab) logits."""
         return self.lm_head(h)
 
-    def forward(self, idx: torch.Tensor, *, positions: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None,
-                segments: torch.Tensor | None = None, spans: DocumentSpans | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        *,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
+        spans: DocumentSpans | None = None,
+    ) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, vocab); keywords as in ``forward_hidden``."""
-        return self.logits(self.forward_hidden(idx, positions=positions, attn_mask=attn_mask,
-                                               segments=segments, spans=spans))
+        return self.logits(
+            self.forward_hidden(idx, positions=positions, attn_mask=attn_mask, segments=segments, spans=spans)
+        )
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; shared (tied) tensors count once. non_embedding drops the token

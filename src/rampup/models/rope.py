@@ -20,6 +20,7 @@ With theta_i = b^(-2i/d), i < d/2, and the scale s = ``factor`` (new length / or
 :func:`rope_frequencies` is the pure function; :func:`apply_rope_spec` sets it on a live
 :class:`~rampup.models.llm.DecoderLM` (only the cached tables change).
 """
+
 from __future__ import annotations
 
 import math
@@ -54,8 +55,9 @@ class RopeSpec(Section):
         if self.base is not None and not self.base > 1:
             raise ValueError(f"rope.base must be > 1, got {self.base}")
         if self.method in ("yarn", "dynamic_ntk") and self.original_max_len is None:
-            raise ValueError(f"rope method {self.method} needs original_max_len (the context trained "
-                             "at before the extension)")
+            raise ValueError(
+                f"rope method {self.method} needs original_max_len (the context trained at before the extension)"
+            )
         if self.method == "base" and self.factor != 1.0:
             raise ValueError("rope method 'base' takes no factor; use pi, ntk or yarn to scale, or raise base")
         if self.beta_fast <= self.beta_slow:
@@ -73,9 +75,9 @@ class RopeSpec(Section):
         return " ".join(parts)
 
 
-def _yarn_ramp(head_dim: int, base: float, original_max_len: int, beta_fast: float,
-               beta_slow: float) -> torch.Tensor:
+def _yarn_ramp(head_dim: int, base: float, original_max_len: int, beta_fast: float, beta_slow: float) -> torch.Tensor:
     """ramp_i in [0, 1] over the head_dim/2 frequencies: 0 keeps theta_i, 1 divides it by s."""
+
     def dim_of(rotations: float) -> float:
         return head_dim * math.log(original_max_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
 
@@ -89,8 +91,9 @@ def _yarn_ramp(head_dim: int, base: float, original_max_len: int, beta_fast: flo
     return ((i - low) / (high - low)).clamp(0, 1)
 
 
-def rope_frequencies(spec: RopeSpec, head_dim: int, model_base: float,
-                     seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+def rope_frequencies(
+    spec: RopeSpec, head_dim: int, model_base: float, seq_len: int | None = None
+) -> tuple[torch.Tensor, float]:
     """(inv_freq (head_dim/2,) fp32, attention scale applied to cos and sin) for ``spec``.
 
     ``seq_len`` is the length of the forward pass, used only by dynamic_ntk.
@@ -125,6 +128,7 @@ def check_rope_knob(value) -> RopeSpec:
     if isinstance(value, RopeSpec):
         return value
     if not isinstance(value, dict):
-        raise ValueError(f"knob 'rope' takes a mapping such as {{method: yarn, factor: 4, "
-                         f"original_max_len: 512}}, got {value!r}")
+        raise ValueError(
+            f"knob 'rope' takes a mapping such as {{method: yarn, factor: 4, original_max_len: 512}}, got {value!r}"
+        )
     return RopeSpec.model_validate(value)

@@ -15,6 +15,7 @@
 Each acts by giving the module an instance-level ``forward`` (removed again when turned off), so
 parameter names, state dicts and checkpoints are the same with and without it.
 """
+
 from __future__ import annotations
 
 import functools
@@ -44,13 +45,15 @@ def _shard_step(shards: int, length: int, what: str) -> int:
 
 # ----------------------------------------------------------------------------- tiled logits and loss
 
+
 class _TiledHeadLoss(torch.autograd.Function):
     """Sum of ``loss_fn`` over sequence shards of ``hidden``; the gradients of the hidden states and
     of the head's parameters are computed shard by shard in forward and only scaled in backward."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, head: nn.Module, loss_fn: ShardLoss, shards: int,
-                *params: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx, hidden: torch.Tensor, head: nn.Module, loss_fn: ShardLoss, shards: int, *params: torch.Tensor
+    ) -> torch.Tensor:
         T = hidden.shape[1]
         step = _shard_step(shards, T, "loss_shards")
         grad_hidden = torch.empty_like(hidden)
@@ -74,7 +77,7 @@ class _TiledHeadLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         grad_hidden, *grad_params = ctx.saved_tensors
-        params = [g * grad_out.to(g.dtype) if has else None for g, has in zip(grad_params, ctx.has_grad)]
+        params = [g * grad_out.to(g.dtype) if has else None for g, has in zip(grad_params, ctx.has_grad, strict=True)]
         return grad_hidden * grad_out.to(grad_hidden.dtype), None, None, None, *params
 
 
@@ -98,6 +101,7 @@ def tiled_head_loss(hidden: torch.Tensor, head: nn.Module, loss_fn: ShardLoss, s
 
 # ----------------------------------------------------------------------------- tiled MLP
 
+
 def _class_forward(module: nn.Module) -> Callable:
     return type(module).forward.__get__(module)
 
@@ -120,10 +124,16 @@ def tile_mlp(mlp: nn.Module, shards: int) -> None:
 
 # ----------------------------------------------------------------------------- activation checkpointing
 
-_ATTENTION_OPS = tuple(getattr(torch.ops.aten, name).default for name in (
-    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
-    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
-    if hasattr(torch.ops.aten, name))
+_ATTENTION_OPS = tuple(
+    getattr(torch.ops.aten, name).default
+    for name in (
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+    )
+    if hasattr(torch.ops.aten, name)
+)
 
 
 def _keep_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:

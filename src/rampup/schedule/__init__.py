@@ -3,6 +3,7 @@
 
     from rampup.schedule import Schedule, ScheduleConfig
 """
+
 from rampup.schedule.ramps import Ramp
 from rampup.schedule.registry import (
     KNOBS,
@@ -24,6 +25,21 @@ from rampup.schedule.stages import (
     StepPlan,
 )
 
-__all__ = ["KNOBS", "Knob", "KnobContext", "KnobRunner", "Ramp", "Schedule", "ScheduleConfig", "Stage",
-           "StageConfig", "StepPlan", "check_knobs", "check_supported", "get_knob", "graph_id", "knob_keys_set",
-           "register_knob"]
+__all__ = [
+    "KNOBS",
+    "Knob",
+    "KnobContext",
+    "KnobRunner",
+    "Ramp",
+    "Schedule",
+    "ScheduleConfig",
+    "Stage",
+    "StageConfig",
+    "StepPlan",
+    "check_knobs",
+    "check_supported",
+    "get_knob",
+    "graph_id",
+    "knob_keys_set",
+    "register_knob",
+]

@@ -1,4 +1,5 @@
 """Ramps: a numeric knob's continuous change across its stage (linear, cosine, step, exponential, root)."""
+
 from __future__ import annotations
 
 import math

@@ -24,6 +24,7 @@ The engine, ``plan`` and the config never name a knob or a family: they call the
 of rampup.knobs, each registering itself on import (tests/unit/knobs/test_family_hooks.py adds one
 from outside the package).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -97,9 +98,18 @@ class Knob:
         try:
             return self._validate(value)
         except ValidationError as e:
-            raise ValidationError.from_exception_data(e.title, [
-                {"type": err["type"], "loc": (self.name, *err["loc"]), "input": err["input"],
-                 **({"ctx": err["ctx"]} if "ctx" in err else {})} for err in e.errors()]) from None
+            raise ValidationError.from_exception_data(
+                e.title,
+                [
+                    {
+                        "type": err["type"],
+                        "loc": (self.name, *err["loc"]),
+                        "input": err["input"],
+                        **({"ctx": err["ctx"]} if "ctx" in err else {}),
+                    }
+                    for err in e.errors()
+                ],
+            ) from None
 
     def _validate(self, value: Any) -> Any:
         if isinstance(value, Ramp):
@@ -155,8 +165,6 @@ def register_knob(knob: Knob) -> Knob:
     return knob
 
 
-
-
 def get_knob(name: str) -> Knob:
 
     if name not in KNOBS:
@@ -164,9 +172,8 @@ def get_knob(name: str) -> Knob:
     return KNOBS[name]
 
 
-
-
 # ----------------------------------------------------------------------------- running knobs
+
 
 @dataclass
 class KnobContext:
@@ -360,8 +367,10 @@ def fit_checkpoint(model: ModelAdapter, path: Path, optimizer: torch.optim.Optim
 
 def graph_id(knobs: dict[str, Any], shape: tuple[int, ...]) -> tuple:
     """What identifies one compiled graph: the batch shape and every knob's graph_key."""
-    return (tuple(shape), *((n, KNOBS[n].graph_key(v)) for n, v in sorted(knobs.items())
-                           if KNOBS[n].graph_key is not None))
+    return (
+        tuple(shape),
+        *((n, KNOBS[n].graph_key(v)) for n, v in sorted(knobs.items()) if KNOBS[n].graph_key is not None),
+    )
 
 
 def check_knobs(cfg: Any, schedule: Any = None) -> None:
@@ -400,8 +409,10 @@ def check_supported(adapter: Any, schedule_cfg: Any) -> None:
                         adapter.check_knob(name, v)
             continue
         if any(v is not None and v != KNOBS[name].default for v in values):
-            raise ConfigError(f"the schedule sets knob '{name}', which this model ({type(adapter).__name__}) "
-                              "cannot honour; remove it from the schedule or use a model that supports it")
+            raise ConfigError(
+                f"the schedule sets knob '{name}', which this model ({type(adapter).__name__}) "
+                "cannot honour; remove it from the schedule or use a model that supports it"
+            )
 
 
 def knob_keys_set(schedule_cfg: Any) -> set[str]:

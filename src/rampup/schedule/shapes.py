@@ -5,6 +5,7 @@ the task: a language model's step is ``batch_tokens // seq_len`` sequences of ``
 progress counts tokens (:class:`TokenShape`); an image task's step is a batch of images at a size and
 progress counts images. The task declares its shape (``Task.step_shape``), so that :class:`Schedule`,
 the plan and the samplers need not assume rows x seq_len."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -9,6 +9,7 @@ every knob after t training tokens. :meth:`Schedule.steps` walks the run step by
 engine will (each step consumes ``floor(batch_tokens / seq_len)`` whole sequences), which is what
 ``rampup plan`` prints and what the engine's step count is checked against.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -96,9 +97,18 @@ class ScheduleConfig(Section):
                 try:
                     data["knobs"][key] = knob.validate(value)
                 except ValidationError as e:  # keep the path: schedule.knobs.rope.<key>
-                    raise ValidationError.from_exception_data(e.title, [
-                        {"type": err["type"], "loc": ("knobs", *err["loc"]), "input": err["input"],
-                         **({"ctx": err["ctx"]} if "ctx" in err else {})} for err in e.errors()]) from None
+                    raise ValidationError.from_exception_data(
+                        e.title,
+                        [
+                            {
+                                "type": err["type"],
+                                "loc": ("knobs", *err["loc"]),
+                                "input": err["input"],
+                                **({"ctx": err["ctx"]} if "ctx" in err else {}),
+                            }
+                            for err in e.errors()
+                        ],
+                    ) from None
         return data
 
     @model_validator(mode="after")
@@ -159,7 +169,9 @@ def _settings(cfg: ScheduleConfig) -> list[dict[str, Any]]:
         s = {k: KNOBS[k].end_value(v) for k, v in current.items()} | st.knobs
         missing = [k for k, v in s.items() if v is None]
         if missing:
-            raise ConfigError(f"knob '{missing[0]}' has no value in stage {i}; set it in schedule.knobs or in the stage")
+            raise ConfigError(
+                f"knob '{missing[0]}' has no value in stage {i}; set it in schedule.knobs or in the stage"
+            )
         settings.append(s)
         current = s
     return settings
@@ -175,14 +187,18 @@ class _Units:
 
     def per_step(self, s: dict[str, Any], what: str) -> int:
         if any(isinstance(s[k], Ramp) for k in self.shape.knobs):
-            raise ConfigError(f"{what} is given in steps or samples but {' or '.join(self.shape.knobs)} ramps "
-                              f"within it; give that duration in tokens or % instead")
+            raise ConfigError(
+                f"{what} is given in steps or samples but {' or '.join(self.shape.knobs)} ramps "
+                f"within it; give that duration in tokens or % instead"
+            )
         return self.shape.rows(s, self.longest) * self.shape.units_per_row(s)
 
     def convert(self, d: Duration, s: dict[str, Any] | None, what: str, total: int | None) -> int:
         if d.unit in (Unit.STEP, Unit.SAMPLE):
             if s is None:
-                raise ConfigError(f"{what} in {d.unit.value}s needs one constant batch shape; give it in tokens instead")
+                raise ConfigError(
+                    f"{what} in {d.unit.value}s needs one constant batch shape; give it in tokens instead"
+                )
             return d.to_tokens(tokens_per_step=self.per_step(s, what), tokens_per_sample=self.shape.units_per_row(s))
         if d.unit is Unit.EPOCH and self.tokens_per_epoch is None:
             raise ConfigError(f"{what} is in epochs, which needs the prepared corpus; run `rampup prepare` first")
@@ -200,18 +216,25 @@ class _Units:
         if total.unit in (Unit.STEP, Unit.SAMPLE):
             shapes = {(self.per_step(s, "train.duration"), self.shape.units_per_row(s)) for s in settings}
             if len({n for n, _ in shapes}) > 1 or (total.unit is Unit.SAMPLE and len(shapes) > 1):
-                raise ConfigError(f"train.duration is in {total.unit.value}s but the stages differ in tokens "
-                                  "per step or seq_len; give train.duration in tokens instead")
+                raise ConfigError(
+                    f"train.duration is in {total.unit.value}s but the stages differ in tokens "
+                    "per step or seq_len; give train.duration in tokens instead"
+                )
             first = settings[0]
         return self.convert(total, first, "train.duration", None)
 
 
-def _stage_lengths(cfg: ScheduleConfig, settings: list[dict[str, Any]], units: _Units,
-                   total: Duration | None) -> tuple[list[int], int]:
+def _stage_lengths(
+    cfg: ScheduleConfig, settings: list[dict[str, Any]], units: _Units, total: Duration | None
+) -> tuple[list[int], int]:
     """(each stage's length, the run's total) in the schedule's unit; the last stage may take the rest."""
     total_tokens = units.total(total, settings)
-    lengths = [units.convert(st.duration, settings[i], f"stage {i} duration", total_tokens)
-               if st.duration is not None else None for i, st in enumerate(cfg.stages)]
+    lengths = [
+        units.convert(st.duration, settings[i], f"stage {i} duration", total_tokens)
+        if st.duration is not None
+        else None
+        for i, st in enumerate(cfg.stages)
+    ]
     known = sum(n for n in lengths if n is not None)
     if total_tokens is None:
         if lengths[-1] is None:
@@ -219,12 +242,16 @@ def _stage_lengths(cfg: ScheduleConfig, settings: list[dict[str, Any]], units: _
         total_tokens = known
     elif lengths[-1] is None:
         if known >= total_tokens:
-            raise ConfigError(f"stages before the last already take {known:,} of the {total_tokens:,} "
-                              "tokens in train.duration; shorten them or lengthen the run")
+            raise ConfigError(
+                f"stages before the last already take {known:,} of the {total_tokens:,} "
+                "tokens in train.duration; shorten them or lengthen the run"
+            )
         lengths[-1] = total_tokens - known
     elif known != total_tokens:
-        raise ConfigError(f"stage durations add up to {known:,} tokens but train.duration is {total_tokens:,}; "
-                          "make them agree, or omit the last stage's duration so it takes the rest")
+        raise ConfigError(
+            f"stage durations add up to {known:,} tokens but train.duration is {total_tokens:,}; "
+            "make them agree, or omit the last stage's duration so it takes the rest"
+        )
     if total_tokens <= 0:
         raise ConfigError("the run has no tokens; give train.duration a positive value")
     return lengths, total_tokens
@@ -249,18 +276,27 @@ class Schedule:
         self._longest = int(self.max_knob(self.shape.size_knob))
 
     @classmethod
-    def build(cls, cfg: ScheduleConfig, *, total: Duration | None, tokens_per_epoch: int | None = None,
-              shape: StepShape | None = None) -> Schedule:
+    def build(
+        cls,
+        cfg: ScheduleConfig,
+        *,
+        total: Duration | None,
+        tokens_per_epoch: int | None = None,
+        shape: StepShape | None = None,
+    ) -> Schedule:
         """Resolve ``cfg`` against the run's budget (``train.duration``); ``shape``: the task's step shape."""
         shape = shape or TokenShape(cfg.seq_len_mode)
         settings = _settings(cfg)
-        longest = int(max(max(v.start, v.to) if isinstance(v, Ramp) else v
-                          for v in (s[shape.size_knob] for s in settings)))
+        longest = int(
+            max(max(v.start, v.to) if isinstance(v, Ramp) else v for v in (s[shape.size_knob] for s in settings))
+        )
         lengths, total_tokens = _stage_lengths(cfg, settings, _Units(shape, longest, tokens_per_epoch), total)
         stages, start = [], 0
-        for i, (st, n) in enumerate(zip(cfg.stages, lengths)):
+        for i, (st, n) in enumerate(zip(cfg.stages, lengths, strict=True)):
             if n <= 0:
-                raise ConfigError(f"stage {i} ({st.name or f'stage{i}'}) has zero length; remove it or give it a duration")
+                raise ConfigError(
+                    f"stage {i} ({st.name or f'stage{i}'}) has zero length; remove it or give it a duration"
+                )
             stages.append(Stage(i, st.name or f"stage{i}", start, start + n, settings[i]))
             start += n
         return cls(stages, total_tokens, cfg.seq_len_mode, shape)
@@ -276,8 +312,9 @@ class Schedule:
     def step_at(self, step: int, t: int) -> StepPlan:
         stage = self.stage_at(t)
         knobs = stage.knobs_at(t)
-        return StepPlan(step, t, stage.index, knobs, self.shape.rows(knobs, self._longest),
-                        self.shape.units_per_row(knobs))
+        return StepPlan(
+            step, t, stage.index, knobs, self.shape.rows(knobs, self._longest), self.shape.units_per_row(knobs)
+        )
 
     def steps(self) -> Iterator[StepPlan]:
         """Every optimizer step of the run; a step starts at ``tokens_before`` and belongs to its stage."""

@@ -27,6 +27,7 @@ median, or other processes using more than ``BUSY_OTHERS`` of a core meanwhile) 
 but never cached, and the plan says so; ``--recalibrate`` times again whatever the cache holds.
 Evaluation is not counted: the estimate is train time, what time-to-target counts.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -54,8 +55,20 @@ from rampup.models.build import build_adapter
 from rampup.schedule.registry import KNOBS, KnobContext, KnobRunner
 from rampup.tools.report import _fmt_seconds
 
-COST_KNOBS = ("attention", "window", "loss_shards", "mlp_shards", "activation_checkpoint", "activation_offload",
-              "freeze", "depth", "mlp_width", "width", "subnet", "distill_hidden")
+COST_KNOBS = (
+    "attention",
+    "window",
+    "loss_shards",
+    "mlp_shards",
+    "activation_checkpoint",
+    "activation_offload",
+    "freeze",
+    "depth",
+    "mlp_width",
+    "width",
+    "subnet",
+    "distill_hidden",
+)
 """Knobs that change what a step computes (the others change values, not cost; a teacher's forward is
 added from its FLOPs)."""
 _OPTIMIZER_COST = ("fused", "foreach", "weight_decay")
@@ -79,9 +92,14 @@ def cost_knobs(knobs: dict[str, Any]) -> dict[str, Any]:
 
 def machine_key(device: torch.device) -> dict[str, Any]:
 
-    key = {"cpu": cpu_model(), "capability": torch.backends.cpu.get_cpu_capability(),
-           "isa_env": {v: os.environ.get(v, "") for v in ISA_VARIABLES}, "threads": torch.get_num_threads(),
-           "torch": torch.__version__, "device": device.type}
+    key = {
+        "cpu": cpu_model(),
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "isa_env": {v: os.environ.get(v, "") for v in ISA_VARIABLES},
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": device.type,
+    }
     if device.type == "cuda":
         key["gpu"] = torch.cuda.get_device_name(device)
     return key
@@ -159,10 +177,20 @@ class Calibrator:
     is called with a line after each shape.
     """
 
-    def __init__(self, cfg: Any, *, steps: int = 3, warmup: int = 1, use_cache: bool = True,
-                 recalibrate: bool = False, budget: float = 10.0, clock: Callable[[], float] = time.perf_counter,
-                 measure: Measure | None = None, others: Callable[[], float] = others_cpu_seconds,
-                 progress: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Any,
+        *,
+        steps: int = 3,
+        warmup: int = 1,
+        use_cache: bool = True,
+        recalibrate: bool = False,
+        budget: float = 10.0,
+        clock: Callable[[], float] = time.perf_counter,
+        measure: Measure | None = None,
+        others: Callable[[], float] = others_cpu_seconds,
+        progress: Callable[[str], None] | None = None,
+    ) -> None:
 
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
@@ -184,11 +212,18 @@ class Calibrator:
 
     def key(self, rows: int, seq_len: int, knobs: dict[str, Any]) -> dict[str, Any]:
         c = self.cfg
-        return {"machine": machine_key(self.device), "model": c.model.model_dump(mode="json"),
-                "precision": self.precision, "compile": bool(c.train.compile),
-                "micro_batch_tokens": c.train.micro_batch_tokens,
-                "optimizer": {k: getattr(c.optimizer, k, None) for k in _OPTIMIZER_COST},
-                "rows": rows, "seq_len": seq_len, "knobs": cost_knobs(knobs), "steps": self.steps}
+        return {
+            "machine": machine_key(self.device),
+            "model": c.model.model_dump(mode="json"),
+            "precision": self.precision,
+            "compile": bool(c.train.compile),
+            "micro_batch_tokens": c.train.micro_batch_tokens,
+            "optimizer": {k: getattr(c.optimizer, k, None) for k in _OPTIMIZER_COST},
+            "rows": rows,
+            "seq_len": seq_len,
+            "knobs": cost_knobs(knobs),
+            "steps": self.steps,
+        }
 
     def time(self, rows: int, seq_len: int, knobs: dict[str, Any]) -> Timing:
         memo = json.dumps([rows, seq_len, cost_knobs(knobs)], sort_keys=True)
@@ -201,8 +236,13 @@ class Calibrator:
         key = self.key(rows, seq_len, knobs)
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
         hit = None if self.recalibrate else self._cache.get(digest)
-        if (isinstance(hit, dict) and hit.get("key") == json.loads(json.dumps(key)) and
-                isinstance(hit.get("seconds"), (int, float)) and math.isfinite(hit["seconds"]) and hit["seconds"] > 0):
+        if (
+            isinstance(hit, dict)
+            and hit.get("key") == json.loads(json.dumps(key))
+            and isinstance(hit.get("seconds"), (int, float))
+            and math.isfinite(hit["seconds"])
+            and hit["seconds"] > 0
+        ):
             return Timing(float(hit["seconds"]), True)
         t0, busy0 = self.clock(), self.others()
         times = self._measure_fn(rows, seq_len, knobs)
@@ -210,8 +250,12 @@ class Calibrator:
         self.spent += took
         self.measured += 1
         seconds = statistics.median(times)
-        timing = Timing(seconds, False, (max(times) - min(times)) / seconds if seconds > 0 else math.inf,
-                        max(0.0, self.others() - busy0) / took)
+        timing = Timing(
+            seconds,
+            False,
+            (max(times) - min(times)) / seconds if seconds > 0 else math.inf,
+            max(0.0, self.others() - busy0) / took,
+        )
         if self.use_cache and not timing.busy:  # a figure measured under load is not kept
             self._cache = _read_cache(self.path) | {digest: {"key": key, "seconds": seconds}}
             with contextlib.suppress(OSError):  # a read-only home only costs the calibration next time
@@ -240,8 +284,16 @@ class Calibrator:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                optimizer_step(adapter, task, optimizer, batch, lr=1e-4, precision=self.precision,
-                               micro_batch_items=cfg.train.micro_batch_tokens, grad_clip=cfg.optimizer.grad_clip)
+                optimizer_step(
+                    adapter,
+                    task,
+                    optimizer,
+                    batch,
+                    lr=1e-4,
+                    precision=self.precision,
+                    micro_batch_items=cfg.train.micro_batch_tokens,
+                    grad_clip=cfg.optimizer.grad_clip,
+                )
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
                 return time.perf_counter() - t0
@@ -269,8 +321,9 @@ class Calibrator:
             torch.manual_seed(0)
             adapter = build_adapter(self.cfg.model, self.device)
             optimizer = build_optimizer(adapter.module, self.cfg.optimizer, uses_parameter_groups(self.cfg.schedule))
-            runner = KnobRunner(KnobContext(adapter, optimizer, cfg=self.cfg, precision=self.precision,
-                                            device=self.device))
+            runner = KnobRunner(
+                KnobContext(adapter, optimizer, cfg=self.cfg, precision=self.precision, device=self.device)
+            )
             self._live = {cls: (adapter, optimizer, runner)}  # one live model at a time: memory stays bounded
         return self._live[cls]
 
@@ -324,7 +377,7 @@ class StepTimeModel:
     factors: dict[str, float]
 
     def predict(self, cls: str, features: tuple[float, float, float]) -> float:
-        return self.factors.get(cls, 1.0) * sum(c * f for c, f in zip(self.coef, features))
+        return self.factors.get(cls, 1.0) * sum(c * f for c, f in zip(self.coef, features, strict=True))
 
 
 def fit_step_time(features: list[tuple[float, float, float]], seconds: list[float]) -> tuple[float, float, float]:
@@ -380,7 +433,9 @@ def _rows_at(c: _Class, T: int) -> int:
     return max(1, min(c.rows.get(T, max(c.rows.values())), math.ceil(CAL_TOKENS / T)))
 
 
-def _wanted(classes: dict[str, _Class], main: str, baseline: tuple[int, int, dict[str, Any]]) -> list[tuple[str, int, int]]:
+def _wanted(
+    classes: dict[str, _Class], main: str, baseline: tuple[int, int, dict[str, Any]]
+) -> list[tuple[str, int, int]]:
     """(class, rows, seq_len) to time, most needed first (see :func:`calibrate`)."""
     m = classes[main]
     spans = _spans(list(m.lengths))
@@ -416,8 +471,9 @@ def _fit(points: list[Point], main: str) -> StepTimeModel:
     return model
 
 
-def calibrate(cal: Calibrator, flops: _Flops, classes: dict[str, _Class], baseline: tuple[int, int, dict[str, Any]]
-              ) -> tuple[StepTimeModel, list[Point], list[str]]:
+def calibrate(
+    cal: Calibrator, flops: _Flops, classes: dict[str, _Class], baseline: tuple[int, int, dict[str, Any]]
+) -> tuple[StepTimeModel, list[Point], list[str]]:
     """Time shapes in order of what the estimate needs most, within ``cal.budget``; fit the model.
 
     Order: the main class's shortest length at a few rows and at the run's own rows (to separate the
@@ -437,7 +493,7 @@ def calibrate(cal: Calibrator, flops: _Flops, classes: dict[str, _Class], baseli
             # predicted seconds of this shape's repeats, at the slowest FLOP rate seen so far
             rate = max(p.timing.seconds / (p.features[1] + p.features[2]) for p in points)
             left = cal.budget - (cal.clock() - start)
-            cost = lambda f: (cal.warmup + 1 + cal.steps) * rate * (f[1] + f[2])  # noqa: E731
+            cost = lambda f, rate=rate: (cal.warmup + 1 + cal.steps) * rate * (f[1] + f[2])  # noqa: E731
             while cost(feats) > left and (rows > 1 or T > 64):
                 rows, T = (rows // 2, T) if rows > 1 else (rows, T // 2)
                 feats = flops.features(knobs, rows, T)
@@ -448,8 +504,10 @@ def calibrate(cal: Calibrator, flops: _Flops, classes: dict[str, _Class], baseli
                 continue  # shrunk onto a shape already timed
         t = cal.time(rows, T, knobs)
         points.append(Point(cls, rows, T, t, feats))
-        cal.progress(f"timed {rows} x {T:,}{_class_text(knobs)}: {1000 * t.seconds:.0f} ms a step"
-                     f"{' (cached)' if t.cached else ''}; {cal.clock() - start:.1f} s of a {cal.budget:g} s budget")
+        cal.progress(
+            f"timed {rows} x {T:,}{_class_text(knobs)}: {1000 * t.seconds:.0f} ms a step"
+            f"{' (cached)' if t.cached else ''}; {cal.clock() - start:.1f} s of a {cal.budget:g} s budget"
+        )
     return _fit(points, main), points, skipped
 
 
@@ -477,25 +535,44 @@ class TimeEstimate:
         return 1 - self.total / self.baseline if self.baseline > 0 else 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        return {"stage_seconds": self.stage_seconds, "total_seconds": self.total, "baseline_seconds": self.baseline,
-                "expected_saving": self.saved, "measured_shapes": self.measured,
-                "calibration_seconds": self.calibration_seconds, "busy": self.busy, "skipped": self.skipped,
-                "model": {"seconds_per_step": self.coef[0], "seconds_per_dense_flop": self.coef[1],
-                          "seconds_per_attention_flop": self.coef[2]},
-                "timed": [{"rows": p.rows, "seq_len": p.seq_len, "seconds": p.timing.seconds, "cached": p.timing.cached,
-                           "spread": p.timing.spread} for p in self.points],
-                "shapes": {f"{r}x{t}": v for (r, t), v in self.shapes.items()}}
+        return {
+            "stage_seconds": self.stage_seconds,
+            "total_seconds": self.total,
+            "baseline_seconds": self.baseline,
+            "expected_saving": self.saved,
+            "measured_shapes": self.measured,
+            "calibration_seconds": self.calibration_seconds,
+            "busy": self.busy,
+            "skipped": self.skipped,
+            "model": {
+                "seconds_per_step": self.coef[0],
+                "seconds_per_dense_flop": self.coef[1],
+                "seconds_per_attention_flop": self.coef[2],
+            },
+            "timed": [
+                {
+                    "rows": p.rows,
+                    "seq_len": p.seq_len,
+                    "seconds": p.timing.seconds,
+                    "cached": p.timing.cached,
+                    "spread": p.timing.spread,
+                }
+                for p in self.points
+            ],
+            "shapes": {f"{r}x{t}": v for (r, t), v in self.shapes.items()},
+        }
 
 
-def estimate_time(cfg: Any, schedule: Any, shapes: list[tuple[int, int]], plan: Any = None,
-                  calibrator: Calibrator | None = None) -> TimeEstimate:
+def estimate_time(
+    cfg: Any, schedule: Any, shapes: list[tuple[int, int]], plan: Any = None, calibrator: Calibrator | None = None
+) -> TimeEstimate:
     """Train-time estimate per stage and in all, and the fixed baseline's, from a step-time model fitted
     on a few timed shapes (``calibrate``)."""
     cal = calibrator or Calibrator(cfg)
     flops = _Flops(cfg)
     steps = list(schedule.steps())
     classes: dict[str, _Class] = {}
-    for sp, (rows, T) in zip(steps, shapes):
+    for sp, (rows, T) in zip(steps, shapes, strict=True):
         c = classes.setdefault(cost_class(sp.knobs), _Class(sp.knobs))
         c.steps += 1
         c.lengths[T] = c.lengths.get(T, 0) + 1
@@ -508,7 +585,7 @@ def estimate_time(cfg: Any, schedule: Any, shapes: list[tuple[int, int]], plan: 
     model, points, skipped = calibrate(cal, flops, classes, (base_rows, L, base_knobs))
     stage_s = [0.0] * len(schedule.stages)
     per_shape: dict[tuple[int, int], dict[str, Any]] = {}
-    for sp, (rows, T) in zip(steps, shapes):
+    for sp, (rows, T) in zip(steps, shapes, strict=True):
         cls = cost_class(sp.knobs)
         sec = model.predict(cls, flops.features(sp.knobs, rows, T))
         stage_s[sp.stage] += sec
@@ -523,8 +600,18 @@ def estimate_time(cfg: Any, schedule: Any, shapes: list[tuple[int, int]], plan: 
     if base_steps:
         per_step = model.predict(cost_class(base_knobs), flops.features(base_knobs, base_rows, L))
         baseline = per_step * total_tokens / (base_rows * L)
-    return TimeEstimate(stage_s, sum(stage_s), baseline, per_shape, cal.measured, points, model.coef, skipped,
-                        any(p.timing.busy for p in points), cal.clock() - t0)
+    return TimeEstimate(
+        stage_s,
+        sum(stage_s),
+        baseline,
+        per_shape,
+        cal.measured,
+        points,
+        model.coef,
+        skipped,
+        any(p.timing.busy for p in points),
+        cal.clock() - t0,
+    )
 
 
 # ----------------------------------------------------------------------------- the corpus
@@ -560,47 +647,62 @@ def cross_document_share(doc_lengths: Iterable[int], L: int) -> float:
 def corpus_stats(doc_lengths: np.ndarray, L: int) -> CorpusStats:
     d = np.asarray(doc_lengths, dtype=np.int64)
     pct = {f"p{q}": int(np.percentile(d, q)) for q in (10, 50, 90, 99)} | {"max": int(d.max())}
-    return CorpusStats(len(d), int(d.sum()), pct, float(d.mean()), float(d[d < L].sum() / d.sum()),
-                       cross_document_share(d, L), L)
+    return CorpusStats(
+        len(d), int(d.sum()), pct, float(d.mean()), float(d[d < L].sum() / d.sum()), cross_document_share(d, L), L
+    )
 
 
 def print_time_estimate(est: TimeEstimate, schedule: Any, console: Any, baseline_seq_len: int) -> None:
 
-
-    t = Table(title="estimated train time on this machine (a step-time model fitted on timed steps; evaluation not counted)")
+    t = Table(
+        title="estimated train time on this machine (a step-time model fitted on timed steps; evaluation not counted)"
+    )
     for col in ("stage", "steps", "est. time", "share"):
         t.add_column(col, justify="left" if col == "stage" else "right")
     steps = [0] * len(schedule.stages)
     for sp in schedule.steps():
         steps[sp.stage] += 1
-    for st, n, sec in zip(schedule.stages, steps, est.stage_seconds):
+    for st, n, sec in zip(schedule.stages, steps, est.stage_seconds, strict=True):
         t.add_row(f"{st.index} {st.name}", str(n), _fmt_seconds(sec), f"{sec / est.total:.0%}" if est.total else "-")
     console.print(t)
-    shapes = ", ".join(f"{r}x{n} {1000 * d['seconds_per_step']:.0f} ms" for (r, n), d in sorted(est.shapes.items(),
-                                                                                              key=lambda kv: kv[0][1]))
+    shapes = ", ".join(
+        f"{r}x{n} {1000 * d['seconds_per_step']:.0f} ms"
+        for (r, n), d in sorted(est.shapes.items(), key=lambda kv: kv[0][1])
+    )
     if len(est.shapes) > 8:
         shapes = f"{len(est.shapes)} shapes, from {shapes.split(', ')[0]} to {shapes.split(', ')[-1]}"
-    verdict = (f"expected to save {est.saved:.0%} of the wall-clock" if est.saved >= 0 else
-               f"expected to take {-est.saved:.0%} more wall-clock (what it adds costs more than its shorter steps save)")
+    verdict = (
+        f"expected to save {est.saved:.0%} of the wall-clock"
+        if est.saved >= 0
+        else f"expected to take {-est.saved:.0%} more wall-clock (what it adds costs more than its shorter steps save)"
+    )
     timed = ", ".join(f"{p.rows}x{p.seq_len}{' (cached)' if p.timing.cached else ''}" for p in est.points)
-    console.print(f"estimated train time {_fmt_seconds(est.total)}; a fixed seq_len {baseline_seq_len:,} baseline of the "
-                  f"same budget: {_fmt_seconds(est.baseline)}, so this schedule is {verdict} at equal tokens "
-                  f"(per step: {shapes}; fitted on {len(est.points)} timed step shape(s), {est.measured} timed now in "
-                  f"{est.calibration_seconds:.1f} s: {timed})")
+    console.print(
+        f"estimated train time {_fmt_seconds(est.total)}; a fixed seq_len {baseline_seq_len:,} baseline of the "
+        f"same budget: {_fmt_seconds(est.baseline)}, so this schedule is {verdict} at equal tokens "
+        f"(per step: {shapes}; fitted on {len(est.points)} timed step shape(s), {est.measured} timed now in "
+        f"{est.calibration_seconds:.1f} s: {timed})"
+    )
     if est.skipped:
-        console.print(f"[yellow]the time budget left {len(est.skipped)} shape(s) untimed ({', '.join(est.skipped)}): "
-                      "their steps are predicted from FLOPs alone; a larger --time-budget times them[/yellow]")
+        console.print(
+            f"[yellow]the time budget left {len(est.skipped)} shape(s) untimed ({', '.join(est.skipped)}): "
+            "their steps are predicted from FLOPs alone; a larger --time-budget times them[/yellow]"
+        )
     if est.busy:
-        console.print("[yellow]the machine was busy while timing (other processes or a wide spread between repeats): "
-                      "the estimate may be high and was not cached; plan again on a quiet machine, or with "
-                      "--recalibrate[/yellow]")
+        console.print(
+            "[yellow]the machine was busy while timing (other processes or a wide spread between repeats): "
+            "the estimate may be high and was not cached; plan again on a quiet machine, or with "
+            "--recalibrate[/yellow]"
+        )
 
 
 def print_corpus_stats(s: CorpusStats, console: Any) -> None:
     p = s.percentiles
-    console.print(f"corpus: {s.documents:,} training documents, {s.tokens:,} tokens; tokens per document p10 {p['p10']:,}, "
-                  f"median {p['p50']:,}, p90 {p['p90']:,}, p99 {p['p99']:,}, max {p['max']:,} (mean {s.mean:,.0f}); "
-                  f"{s.share_in_docs_shorter_than_L:.0%} of the tokens are in documents shorter than {s.L:,}. A fixed "
-                  f"{s.L:,}-token baseline cutting the concatenated documents scores {s.cross_document_share:.0%} of its "
-                  "attention pairs across document boundaries: the attention a per-document curriculum does not "
-                  "spend (the source of its token efficiency)")
+    console.print(
+        f"corpus: {s.documents:,} training documents, {s.tokens:,} tokens; tokens per document p10 {p['p10']:,}, "
+        f"median {p['p50']:,}, p90 {p['p90']:,}, p99 {p['p99']:,}, max {p['max']:,} (mean {s.mean:,.0f}); "
+        f"{s.share_in_docs_shorter_than_L:.0%} of the tokens are in documents shorter than {s.L:,}. A fixed "
+        f"{s.L:,}-token baseline cutting the concatenated documents scores {s.cross_document_share:.0%} of its "
+        "attention pairs across document boundaries: the attention a per-document curriculum does not "
+        "spend (the source of its token efficiency)"
+    )

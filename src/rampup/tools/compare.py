@@ -25,6 +25,7 @@ Example (CPU, after two runs have finished)::
     from rich.console import Console
     print_comparison(compare_runs(["runs/ramp", "runs/baseline"]), Console())
 """
+
 from __future__ import annotations
 
 import copy
@@ -102,8 +103,14 @@ def load_run(run_dir: str | Path) -> Run:
     for r in records:
         if r.get("event") == "eval":
             evals.setdefault(int(r["seq_len"]), []).append(
-                (int(r["tokens"]), float(r["train_time"]), float(r["flops"]), float(r["loss"]),
-                 float(r.get("compile_time", 0.0))))
+                (
+                    int(r["tokens"]),
+                    float(r["train_time"]),
+                    float(r["flops"]),
+                    float(r["loss"]),
+                    float(r.get("compile_time", 0.0)),
+                )
+            )
         elif r.get("event") == "run" and isinstance(r.get("precision"), dict):
             precision = str(r["precision"].get("precision", ""))
     if not evals:
@@ -130,8 +137,13 @@ def time_to_target(evals: Sequence[tuple[float, ...]], target: float) -> dict[st
     for tokens, train_time, flops, loss, *rest in evals:
         if loss <= target:
             compile_time = float(rest[0]) if rest else 0.0
-            return {"tokens": tokens, "train_time": train_time, "compile_time": compile_time,
-                    "time": train_time + compile_time, "flops": flops}
+            return {
+                "tokens": tokens,
+                "train_time": train_time,
+                "compile_time": compile_time,
+                "time": train_time + compile_time,
+                "flops": flops,
+            }
     return None
 
 
@@ -166,17 +178,22 @@ def _check_same_data(runs: list[Run]) -> None:
     differ = [r for r in runs[1:] if data(r) != ref]
     if differ:
         names = ", ".join(f"'{r.name}' ({r.path})" for r in differ)
-        raise ConfigError(f"compared runs must share data; {names} differ from '{runs[0].name}' ({runs[0].path}) "
-                          "in the data section (source, tokenizer, val_fraction, max_files, ...), so their "
-                          "validation losses are not comparable")
+        raise ConfigError(
+            f"compared runs must share data; {names} differ from '{runs[0].name}' ({runs[0].path}) "
+            "in the data section (source, tokenizer, val_fraction, max_files, ...), so their "
+            "validation losses are not comparable"
+        )
 
 
 def _baseline_key(runs: list[Run], labels: dict[str, str], baseline: str | None) -> str:
     """The group key of ``baseline`` (a run name, group label or run folder); default: the last run's group."""
     if baseline is None:
         return runs[-1].group_key
-    matches = [r.group_key for r in runs
-               if baseline in (r.name, labels[r.group_key]) or Path(baseline).resolve() == r.path.resolve()]
+    matches = [
+        r.group_key
+        for r in runs
+        if baseline in (r.name, labels[r.group_key]) or Path(baseline).resolve() == r.path.resolve()
+    ]
     if not matches:
         known = sorted({r.name for r in runs} | set(labels.values()))
         raise ConfigError(f"baseline '{baseline}' is none of the compared runs; give one of {known} or a run folder")
@@ -188,8 +205,10 @@ def _precision_warning(precisions: dict[str, list[str]]) -> list[str]:
     if len({p for ps in precisions.values() for p in ps}) <= 1:
         return []
     listed = ", ".join(f"'{g}' {'/'.join(ps)}" for g, ps in precisions.items() if ps)
-    return [f"the runs trained at different precisions ({listed}): their wall-clock differs for a reason that is "
-            "not the curriculum; set the same train.precision (bf16 or fp32) in every run to compare time"]
+    return [
+        f"the runs trained at different precisions ({listed}): their wall-clock differs for a reason that is "
+        "not the curriculum; set the same train.precision (bf16 or fp32) in every run to compare time"
+    ]
 
 
 _AXES = ("tokens", "time", "train_time", "compile_time", "flops")
@@ -214,8 +233,9 @@ def _shared_lengths(runs: list[Run], warnings: list[str]) -> list[int]:
     shared = sorted(set.intersection(*(set(r.evals) for r in runs)))
     dropped = sorted(all_lens - set(shared))
     if dropped:
-        warnings.append(f"context lengths {dropped} are not evaluated by every run and are left out; "
-                        f"compared: {shared}")
+        warnings.append(
+            f"context lengths {dropped} are not evaluated by every run and are left out; compared: {shared}"
+        )
     if not shared:
         raise ConfigError("the compared runs share no evaluated context length; set the same eval.seq_lens in each")
     return shared
@@ -226,25 +246,45 @@ def _per_length(members: list[Run], n: int, target: float) -> dict[str, Any]:
     seeds = []
     for r in sorted(members, key=lambda r: r.seed):
         hit = time_to_target(r.evals[n], target)
-        seeds.append({"run": r.name, "path": str(r.path), "seed": r.seed, "final_loss": r.final[n],
-                      "reached": hit is not None, **{k: (hit[k] if hit else None) for k in _AXES}})
-    return {"target": target, "final_loss": _spread([s["final_loss"] for s in seeds]),
-            **{k: _spread([s[k] for s in seeds]) for k in _AXES}, "seeds": seeds}
+        seeds.append(
+            {
+                "run": r.name,
+                "path": str(r.path),
+                "seed": r.seed,
+                "final_loss": r.final[n],
+                "reached": hit is not None,
+                **{k: (hit[k] if hit else None) for k in _AXES},
+            }
+        )
+    return {
+        "target": target,
+        "final_loss": _spread([s["final_loss"] for s in seeds]),
+        **{k: _spread([s[k] for s in seeds]) for k in _AXES},
+        "seeds": seeds,
+    }
 
 
 def _with_speedups(d: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
     d = copy.deepcopy(d)
-    for axis, name in (("time", "speedup_wall"), ("train_time", "speedup_wall_excl_compile"),
-                       ("tokens", "speedup_tokens"), ("flops", "speedup_flops")):
+    for axis, name in (
+        ("time", "speedup_wall"),
+        ("train_time", "speedup_wall_excl_compile"),
+        ("tokens", "speedup_tokens"),
+        ("flops", "speedup_flops"),
+    ):
         ref = base[axis]["median"]
         # the slowest seed gives the smallest speed-up
-        d[name] = {"median": _ratio(ref, d[axis]["median"]), "min": _ratio(ref, d[axis]["max"]),
-                   "max": _ratio(ref, d[axis]["min"])}
+        d[name] = {
+            "median": _ratio(ref, d[axis]["median"]),
+            "min": _ratio(ref, d[axis]["max"]),
+            "max": _ratio(ref, d[axis]["min"]),
+        }
     return d
 
 
-def compare_runs(run_dirs: Sequence[str | Path], *, baseline: str | None = None,
-                 target_loss: float | None = None) -> dict[str, Any]:
+def compare_runs(
+    run_dirs: Sequence[str | Path], *, baseline: str | None = None, target_loss: float | None = None
+) -> dict[str, Any]:
     """Group runs by config (seeds together) and measure each group against the baseline group.
 
     ``baseline`` is a run name, group label or run folder; default: the group of the last run given.
@@ -260,26 +300,46 @@ def compare_runs(run_dirs: Sequence[str | Path], *, baseline: str | None = None,
     shared = _shared_lengths(runs, warnings)
     # median_high: with an even seed count the plain median lies between two seeds, so only half of
     # the baseline would reach it and its median time-to-target would be "not reached"
-    targets = {n: target_loss if target_loss is not None else statistics.median_high(r.final[n] for r in groups[base_key])
-               for n in shared}
+    targets = {
+        n: target_loss if target_loss is not None else statistics.median_high(r.final[n] for r in groups[base_key])
+        for n in shared
+    }
     precisions = {labels[key]: sorted({r.precision for r in members if r.precision}) for key, members in groups.items()}
     warnings += _precision_warning(precisions)
     base_lengths = {n: _per_length(groups[base_key], n, targets[n]) for n in shared}
     out_groups = []
     for key, members in groups.items():
-        lengths = {str(n): _with_speedups(base_lengths[n] if key == base_key else _per_length(members, n, targets[n]),
-                                          base_lengths[n]) for n in shared}
-        out_groups.append({"label": labels[key], "baseline": key == base_key, "precision": precisions[labels[key]],
-                           "runs": [r.name for r in members], "paths": [str(r.path) for r in members],
-                           "seeds": sorted(r.seed for r in members), "lengths": lengths})
+        lengths = {
+            str(n): _with_speedups(
+                base_lengths[n] if key == base_key else _per_length(members, n, targets[n]), base_lengths[n]
+            )
+            for n in shared
+        }
+        out_groups.append(
+            {
+                "label": labels[key],
+                "baseline": key == base_key,
+                "precision": precisions[labels[key]],
+                "runs": [r.name for r in members],
+                "paths": [str(r.path) for r in members],
+                "seeds": sorted(r.seed for r in members),
+                "lengths": lengths,
+            }
+        )
     out_groups.sort(key=lambda g: g["baseline"])  # baseline last, like the input convention
-    return {"baseline": labels[base_key], "target_loss": target_loss,
-            "targets": {str(n): t for n, t in targets.items()}, "seq_lens": shared,
-            "warnings": warnings, "groups": out_groups}
+    return {
+        "baseline": labels[base_key],
+        "target_loss": target_loss,
+        "targets": {str(n): t for n, t in targets.items()},
+        "seq_lens": shared,
+        "warnings": warnings,
+        "groups": out_groups,
+    }
 
 
 # ----------------------------------------------------------------------------------------------
 # Output
+
 
 def _fmt_time(s: float) -> str:
     if s < 60:
@@ -299,9 +359,20 @@ def _fmt_stat(st: dict[str, float | None], fmt, n_seeds: int) -> str:
     return text
 
 
-COLUMNS = ("group", "seeds", "eval len", "final loss", "time to target", "of which compile", "tokens to target",
-           "FLOPs to target", "speed-up (wall)", "speed-up (wall, excl. compile)", "speed-up (tokens)",
-           "speed-up (FLOPs)")
+COLUMNS = (
+    "group",
+    "seeds",
+    "eval len",
+    "final loss",
+    "time to target",
+    "of which compile",
+    "tokens to target",
+    "FLOPs to target",
+    "speed-up (wall)",
+    "speed-up (wall, excl. compile)",
+    "speed-up (tokens)",
+    "speed-up (FLOPs)",
+)
 
 
 def comparison_table(result: dict[str, Any]) -> tuple[str, list[str], list[list[str]]]:
@@ -315,21 +386,24 @@ def comparison_table(result: dict[str, Any]) -> tuple[str, list[str], list[list[
         for i, (n, d) in enumerate(g["lengths"].items()):
             reached = sum(s["reached"] for s in d["seeds"])
             prec = "/".join(g.get("precision") or [])
-            rows.append([
-                (g["label"] + (" (baseline)" if g["baseline"] else "") + (f", {prec}" if prec and mixed else ""))
-                if i == 0 else "",
-                str(k) if i == 0 else "",
-                n,
-                _fmt_stat(d["final_loss"], lambda v: f"{v:.4f}", k),
-                _fmt_stat(d["time"], _fmt_time, k) + (f" [{reached}/{k} reached]" if 0 < reached < k else ""),
-                _fmt_stat(d["compile_time"], _fmt_time, k),
-                _fmt_stat(d["tokens"], format_tokens, k),
-                _fmt_stat(d["flops"], lambda v: f"{v:.3g}", k),
-                _fmt_stat(d["speedup_wall"], lambda v: f"{v:.2f}x", k),
-                _fmt_stat(d["speedup_wall_excl_compile"], lambda v: f"{v:.2f}x", k),
-                _fmt_stat(d["speedup_tokens"], lambda v: f"{v:.2f}x", k),
-                _fmt_stat(d["speedup_flops"], lambda v: f"{v:.2f}x", k),
-            ])
+            rows.append(
+                [
+                    (g["label"] + (" (baseline)" if g["baseline"] else "") + (f", {prec}" if prec and mixed else ""))
+                    if i == 0
+                    else "",
+                    str(k) if i == 0 else "",
+                    n,
+                    _fmt_stat(d["final_loss"], lambda v: f"{v:.4f}", k),
+                    _fmt_stat(d["time"], _fmt_time, k) + (f" [{reached}/{k} reached]" if 0 < reached < k else ""),
+                    _fmt_stat(d["compile_time"], _fmt_time, k),
+                    _fmt_stat(d["tokens"], format_tokens, k),
+                    _fmt_stat(d["flops"], lambda v: f"{v:.3g}", k),
+                    _fmt_stat(d["speedup_wall"], lambda v: f"{v:.2f}x", k),
+                    _fmt_stat(d["speedup_wall_excl_compile"], lambda v: f"{v:.2f}x", k),
+                    _fmt_stat(d["speedup_tokens"], lambda v: f"{v:.2f}x", k),
+                    _fmt_stat(d["speedup_flops"], lambda v: f"{v:.2f}x", k),
+                ]
+            )
     return f"time to target loss ({targets}; {how}); median (min–max) over seeds", list(COLUMNS), rows
 
 
@@ -357,8 +431,15 @@ def write_comparison(result: dict[str, Any], path: str | Path) -> Path:
 # ----------------------------------------------------------------------------------------------
 # Train, then compare
 
-def run_and_compare(config_paths: Sequence[str | Path], *, seeds: int, overrides: Sequence[str] = (),
-                    out_root: str | Path, console: Console) -> dict[str, Any]:
+
+def run_and_compare(
+    config_paths: Sequence[str | Path],
+    *,
+    seeds: int,
+    overrides: Sequence[str] = (),
+    out_root: str | Path,
+    console: Console,
+) -> dict[str, Any]:
     """Train every config for ``seeds`` seeds (train.seed + i) under ``out_root``, then compare them.
 
     All configs are loaded and validated before any training, and must share ``train.duration``.
@@ -371,8 +452,10 @@ def run_and_compare(config_paths: Sequence[str | Path], *, seeds: int, overrides
         raise ConfigError("run_and_compare needs at least one config")
     out_root = Path(out_root)
     cfgs = [load_config(p, list(overrides)) for p in config_paths]
-    durations = {str(p): (str(c.train.duration) if c.train.duration is not None else None)
-                 for p, c in zip(config_paths, cfgs)}
+    durations = {
+        str(p): (str(c.train.duration) if c.train.duration is not None else None)
+        for p, c in zip(config_paths, cfgs, strict=True)
+    }
     if len(set(durations.values())) > 1:
         listed = ", ".join(f"{p}: {d}" for p, d in durations.items())
         raise ConfigError(f"compared configs must share train.duration, so they get the same budget; got {listed}")

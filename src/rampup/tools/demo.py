@@ -5,6 +5,7 @@ the longest evaluated context and the training wall-clock of each, then compares
 the baseline's final loss (``compare.json``) and writes an HTML report with the plots. ``--quick`` cuts the budget to
 a few hundred thousand tokens so the whole thing takes well under a minute (used by a test).
 """
+
 from __future__ import annotations
 
 import time
@@ -17,22 +18,33 @@ from rampup.config import load_config
 from rampup.engine.trainer import train
 from rampup.errors import ConfigError
 from rampup.tools.compare import (
-        compare_runs,
-        comparison_table,
-        print_comparison,
-        write_comparison,
-    )
+    compare_runs,
+    comparison_table,
+    print_comparison,
+    write_comparison,
+)
 from rampup.tools.report import report_runs
 
-QUICK = ["model.dim=64", "train.duration=400K tok", "schedule.knobs.batch_tokens=2048", "eval.max_tokens=8192",
-         "train.checkpoint_every=null"]
+QUICK = [
+    "model.dim=64",
+    "train.duration=400K tok",
+    "schedule.knobs.batch_tokens=2048",
+    "eval.max_tokens=8192",
+    "train.checkpoint_every=null",
+]
 """--quick: a 64-wide model, 196 steps of 2K tokens (a few 8K steps of the full model barely move the
 loss), 10 evaluations: ~30-45 s on 2 cores, where the staged run reaches the baseline's final loss
 first (1.18x sooner in bf16 on an AVX-512-bf16 CPU, 1.59x in fp32 with ONEDNN_MAX_CPU_ISA=AVX2)."""
 
 
-def run_demo(configs: list[str], *, quick: bool = False, overrides: list[str] = (),
-             console: Console | None = None, root: Path = Path("runs/demo")) -> list[dict]:
+def run_demo(
+    configs: list[str],
+    *,
+    quick: bool = False,
+    overrides: list[str] = (),
+    console: Console | None = None,
+    root: Path = Path("runs/demo"),
+) -> list[dict]:
     console = console or Console()
     if len(configs) < 2:
         raise ConfigError("the demo compares at least two configs (a curriculum and its baseline, last)")
@@ -55,9 +67,14 @@ def run_demo(configs: list[str], *, quick: bool = False, overrides: list[str] = 
     for col in ("run", f"val loss @ {eval_len}", "train time (s)", "speed-up", "FLOPs", "output"):
         table.add_column(col)
     for r in results:
-        table.add_row(r["name"], f"{r['val_loss'].get(eval_len, float('nan')):.4f}", f"{r['train_time']:.1f}",
-                      f"{base['train_time'] / r['train_time']:.2f}x", f"{r['flops']:.3g}",
-                      str(Path(r["metrics"]).parent))
+        table.add_row(
+            r["name"],
+            f"{r['val_loss'].get(eval_len, float('nan')):.4f}",
+            f"{r['train_time']:.1f}",
+            f"{base['train_time'] / r['train_time']:.2f}x",
+            f"{r['flops']:.3g}",
+            str(Path(r["metrics"]).parent),
+        )
     console.print(table)
 
     run_dirs = [Path(r["metrics"]).parent for r in results]

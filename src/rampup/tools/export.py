@@ -18,6 +18,7 @@ Weights are written as safetensors in the chosen dtype, and rampup's tokenizer a
 folder's own tokenizer whole (bos, unk and pad tokens, chat template), with the run's position limit. The folder is built beside OUT_DIR and renamed
 into place, so a failed export leaves nothing half-written; an existing non-empty OUT_DIR is refused.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -52,9 +53,14 @@ def hf_rope(spec, model_base: float, d: int) -> tuple[dict[str, Any], int | None
         return {"rope_type": "linear", "rope_theta": base, "factor": spec.factor}, None
     if spec.method == "dynamic_ntk":
         return {"rope_type": "dynamic", "rope_theta": base, "factor": spec.factor}, spec.original_max_len
-    return {"rope_type": "yarn", "rope_theta": base, "factor": spec.factor,
-            "original_max_position_embeddings": spec.original_max_len,
-            "beta_fast": spec.beta_fast, "beta_slow": spec.beta_slow}, None
+    return {
+        "rope_type": "yarn",
+        "rope_theta": base,
+        "factor": spec.factor,
+        "original_max_position_embeddings": spec.original_max_len,
+        "beta_fast": spec.beta_fast,
+        "beta_slow": spec.beta_slow,
+    }, None
 
 
 def hf_config(model_cfg, knobs: dict[str, Any], *, eos_token_id: int | None, dtype: str):
@@ -63,24 +69,40 @@ def hf_config(model_cfg, knobs: dict[str, Any], *, eos_token_id: int | None, dty
 
     spec, window = knobs["attention"], knobs["window"]
     rope, max_pos = hf_rope(knobs["rope"], model_cfg.rope_base, model_cfg.head_dim)
-    common = dict(vocab_size=model_cfg.vocab_size, hidden_size=model_cfg.dim, intermediate_size=model_cfg.hidden,
-                  num_hidden_layers=model_cfg.n_layers, num_attention_heads=model_cfg.n_heads,
-                  num_key_value_heads=model_cfg.kv_heads, head_dim=model_cfg.head_dim, hidden_act="silu",
-                  max_position_embeddings=max_pos or model_cfg.max_seq_len, rms_norm_eps=model_cfg.norm_eps,
-                  tie_word_embeddings=model_cfg.tie_embeddings, rope_parameters=rope,
-                  eos_token_id=eos_token_id, bos_token_id=None, pad_token_id=None, dtype=dtype)
+    common = dict(
+        vocab_size=model_cfg.vocab_size,
+        hidden_size=model_cfg.dim,
+        intermediate_size=model_cfg.hidden,
+        num_hidden_layers=model_cfg.n_layers,
+        num_attention_heads=model_cfg.n_heads,
+        num_key_value_heads=model_cfg.kv_heads,
+        head_dim=model_cfg.head_dim,
+        hidden_act="silu",
+        max_position_embeddings=max_pos or model_cfg.max_seq_len,
+        rms_norm_eps=model_cfg.norm_eps,
+        tie_word_embeddings=model_cfg.tie_embeddings,
+        rope_parameters=rope,
+        eos_token_id=eos_token_id,
+        bos_token_id=None,
+        pad_token_id=None,
+        dtype=dtype,
+    )
     if spec.kind == "sinks":
-        raise ConfigError(f"the run's last stage uses attention '{spec}' (global tokens plus a window), which no "
-                          "Hugging Face model family expresses; export a run whose last stage is causal or window")
+        raise ConfigError(
+            f"the run's last stage uses attention '{spec}' (global tokens plus a window), which no "
+            "Hugging Face model family expresses; export a run whose last stage is causal or window"
+        )
     if spec.kind == "causal":
         return transformers.LlamaConfig(attention_bias=False, mlp_bias=False, **common)
     if spec.full(model_cfg.n_layers):
         # Qwen2 expresses per-layer windows (layer_types), but AutoTokenizer gives every qwen2 folder
         # Qwen's own tokenizer class, which re-splits text with Qwen's pattern: the export would load
         # and tokenize differently from the run. Refused until there is a family that keeps our tokenizer.
-        raise ConfigError(f"the run's last stage mixes full and windowed layers ('{spec}'); the Hugging Face "
-                          "family for that (Qwen2) would load a different tokenizer, so it is not exported; "
-                          "export a run whose last stage is causal or windowed on every layer")
+        raise ConfigError(
+            f"the run's last stage mixes full and windowed layers ('{spec}'); the Hugging Face "
+            "family for that (Qwen2) would load a different tokenizer, so it is not exported; "
+            "export a run whose last stage is causal or windowed on every layer"
+        )
     return transformers.MistralConfig(sliding_window=window, **common)
 
 
@@ -104,7 +126,6 @@ def _source_tokenizer(cfg, tok):
     the run trained an HF folder with it; None otherwise (rampup's tokenizer is written instead)."""
     import transformers
 
-
     folder = Path(cfg.model.path) if cfg.model.source == "hf" and cfg.model.path else None
     if folder is None or not (folder / "tokenizer.json").is_file():
         return None
@@ -113,11 +134,11 @@ def _source_tokenizer(cfg, tok):
     return transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
 
 
-def export_hf(path: str | Path, out_dir: str | Path, *, dtype: str = "float32", ema: bool = False,
-              subnet: str | None = None) -> Path:
+def export_hf(
+    path: str | Path, out_dir: str | Path, *, dtype: str = "float32", ema: bool = False, subnet: str | None = None
+) -> Path:
     """Write the checkpoint at ``path`` (a run folder: its latest) as a Hugging Face model folder."""
     import transformers
-
 
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -131,10 +152,8 @@ def export_hf(path: str | Path, out_dir: str | Path, *, dtype: str = "float32", 
     ck = load_checkpoint(ckpt, adapter.module, None)  # verifies the manifest: a damaged one is refused
     state = ck.state
     if ema:  # the averaged weights instead of the raw ones (train.ema)
-
         load_ema_weights(adapter.module, ck.part_tensors, str(ckpt))
     if subnet is not None:  # a sub-network of the model (rampup.knobs.subnets), as a standalone model
-
         if cfg.model.source != "reference":
             raise ConfigError("--subnet extracts sub-networks of the reference model only")
         depth, frac = parse_export(subnet)
@@ -150,8 +169,10 @@ def export_hf(path: str | Path, out_dir: str | Path, *, dtype: str = "float32", 
         missing, unexpected = model.load_state_dict(adapter.to_hf_state_dict(), strict=False)
         missing = [k for k in missing if not (cfg.model.tie_embeddings and k == "lm_head.weight")]  # tied: one tensor
         if missing or unexpected:
-            raise ConfigError(f"export to {type(model).__name__} does not match the weights (missing {missing[:3]}, "
-                              f"unexpected {list(unexpected)[:3]})")
+            raise ConfigError(
+                f"export to {type(model).__name__} does not match the weights (missing {missing[:3]}, "
+                f"unexpected {list(unexpected)[:3]})"
+            )
     model.to(DTYPES[dtype])
     fast = _source_tokenizer(cfg, tok)
     if fast is None:

@@ -16,9 +16,11 @@ Try it after ``rampup train configs/tiny.yaml``::
 
     rampup eval runs/tiny --lengths 64 256 512
 """
+
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +56,9 @@ from rampup.schedule.stages import Schedule
 
 
 @torch.no_grad()
-def loss_by_position(model, windows: torch.Tensor, n_buckets: int = 8, *,
-                     precision: str = "auto", batch_tokens: int = 16384, task=None) -> list[dict[str, float]]:
+def loss_by_position(
+    model, windows: torch.Tensor, n_buckets: int = 8, *, precision: str = "auto", batch_tokens: int = 16384, task=None
+) -> list[dict[str, float]]:
     """Mean loss per position bucket of ``windows`` (N, T + 1): [{start, end, loss}, ...].
 
     ``model`` is a ModelAdapter, or a plain module mapping token ids to logits; the loss is the
@@ -77,8 +80,7 @@ def loss_by_position(model, windows: torch.Tensor, n_buckets: int = 8, *,
     module.train(was_training)
     per_pos = total / len(windows)
     edges = np.linspace(0, T, n_buckets + 1).astype(int)
-    return [{"start": int(a), "end": int(b), "loss": float(per_pos[a:b].mean())}
-            for a, b in zip(edges[:-1], edges[1:]) if b > a]
+    return [{"start": int(a), "end": int(b), "loss": float(per_pos[a:b].mean())} for a, b in pairwise(edges) if b > a]
 
 
 def open_run(path: str | Path, command: str):
@@ -99,7 +101,9 @@ def _data_config(data: str | Path):
 
 
 def _is_hf_folder(path: Path) -> bool:
-    return (path / "config.json").is_file() and not (path / "checkpoints").exists() and not (path / "state.json").exists()
+    return (
+        (path / "config.json").is_file() and not (path / "checkpoints").exists() and not (path / "state.json").exists()
+    )
 
 
 def _open_model(path: Path, rope: Any, data: str | Path | None) -> tuple:
@@ -107,31 +111,46 @@ def _open_model(path: Path, rope: Any, data: str | Path | None) -> tuple:
     config whose held-out data scores it (``data``: another run's or config's, of the same tokenizer)."""
     if _is_hf_folder(path):
         if data is None:
-            raise ConfigError(f"{path} is a Hugging Face model folder: give --data RUN|CONFIG, the run or config "
-                              "whose held-out split to score it on")
+            raise ConfigError(
+                f"{path} is a Hugging Face model folder: give --data RUN|CONFIG, the run or config "
+                "whose held-out split to score it on"
+            )
         return _hf_folder_model(path, _data_config(data), rope)
     adapter, cfg, knobs, precision, trained, meta = _checkpoint_model(path, rope)
     if data is not None:
         own = load_prepared_tokenizer(get_prepared(cfg.data))
         cfg = _data_config(data)
         if not same_tokenizer(own, load_prepared_tokenizer(get_prepared(cfg.data))):
-            raise ConfigError(f"--data {data} is tokenized with another tokenizer than {path}'s run; score a "
-                              "model on data tokenized with its own tokenizer")
+            raise ConfigError(
+                f"--data {data} is tokenized with another tokenizer than {path}'s run; score a "
+                "model on data tokenized with its own tokenizer"
+            )
     return adapter, cfg, knobs, precision, trained, meta
 
 
 def _passkey_stream(val: TokenDataset, longest: int) -> np.ndarray:
     stream = np.concatenate([val.doc(i) for i in range(val.n_docs)])
     if len(stream) < longest + 2:
-        raise DataError(f"the validation split has {len(stream)} tokens, too few for passkey filler at "
-                        f"{longest}; raise data.val_fraction")
+        raise DataError(
+            f"the validation split has {len(stream)} tokens, too few for passkey filler at "
+            f"{longest}; raise data.val_fraction"
+        )
     return stream
 
 
-def evaluate_run(path: str | Path, *, lengths: list[int] | None = None, passkey_samples: int = 10,
-                 depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0), position_buckets: int = 8,
-                 max_tokens: int | None = None, windows: str | None = None, seed: int = 0,
-                 rope=None, data: str | Path | None = None) -> dict[str, Any]:
+def evaluate_run(
+    path: str | Path,
+    *,
+    lengths: list[int] | None = None,
+    passkey_samples: int = 10,
+    depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0),
+    position_buckets: int = 8,
+    max_tokens: int | None = None,
+    windows: str | None = None,
+    seed: int = 0,
+    rope=None,
+    data: str | Path | None = None,
+) -> dict[str, Any]:
     """Loss by length, loss by position at the longest length, and passkey accuracy of a checkpoint or
     of a Hugging Face model folder (the base model, or an export).
 
@@ -154,9 +173,11 @@ def evaluate_run(path: str | Path, *, lengths: list[int] | None = None, passkey_
     val = TokenDataset.open(prepared, "val")
     template = PasskeyTemplate(load_prepared_tokenizer(prepared))
     if meta.get("tokenizer") is not None and not same_tokenizer(meta.pop("tokenizer"), template.tok):
-        raise ConfigError(f"{path}'s tokenizer differs from the one --data {data} was tokenized with; score it on "
-                          "data prepared with the model's own tokenizer (a run of this model, or a config "
-                          "whose model.path is this folder)")
+        raise ConfigError(
+            f"{path}'s tokenizer differs from the one --data {data} was tokenized with; score it on "
+            "data prepared with the model's own tokenizer (a run of this model, or a config "
+            "whose model.path is this folder)"
+        )
     meta.pop("tokenizer", None)
     longest = max(lengths)
     model = adapter.module
@@ -171,8 +192,9 @@ def evaluate_run(path: str | Path, *, lengths: list[int] | None = None, passkey_
     def passkey(n: int, loss: float) -> None:
         if stream is None or n < template.min_len():
             return
-        acc = passkey_accuracy(adapter, template, stream, [n], list(depths), passkey_samples, seed=seed,
-                               precision=precision)[n]
+        acc = passkey_accuracy(
+            adapter, template, stream, [n], list(depths), passkey_samples, seed=seed, precision=precision
+        )[n]
         result["passkey"][str(n)] = {f"{d:g}": a for d, a in acc.items()}
 
     made = {n: make(val, n, max_tokens) for n in lengths}
@@ -181,22 +203,34 @@ def evaluate_run(path: str | Path, *, lengths: list[int] | None = None, passkey_
     losses = evaluate_lengths(adapter, task, runner, knobs, sets, precision=precision, each=passkey)
     result["loss"] = {str(n): v for n, v in losses.items()}
     runner.apply(knobs, longest)
-    result["loss_by_position"] = {"seq_len": longest, "buckets": loss_by_position(
-        adapter, make(val, longest, max_tokens), position_buckets, precision=precision, task=task)}
+    result["loss_by_position"] = {
+        "seq_len": longest,
+        "buckets": loss_by_position(
+            adapter, make(val, longest, max_tokens), position_buckets, precision=precision, task=task
+        ),
+    }
     return result
 
 
-def _record(meta: dict[str, Any], knobs: dict[str, Any], trained: int, data: Any, precision: str,
-            max_tokens: int, windows: str) -> dict[str, Any]:
+def _record(
+    meta: dict[str, Any], knobs: dict[str, Any], trained: int, data: Any, precision: str, max_tokens: int, windows: str
+) -> dict[str, Any]:
     """eval.json's header: what was scored (model, RoPE and attention, data, windows, precision)."""
     attention = "as configured"
     if "attention" in knobs:
         spec = knobs["attention"]
         attention = str(spec) + (f", window {knobs['window']}" if spec.kind != "causal" else "")
-    return {**meta, "trained_seq_len": trained,
-            "rope": str(knobs["rope"]) if "rope" in knobs else meta.get("rope", "as configured"),
-            "attention": attention, "data": str(data), "precision": precision,
-            "scored": {"max_tokens": max_tokens, "windows": windows, "tokens": {}}, "loss": {}, "passkey": {}}
+    return {
+        **meta,
+        "trained_seq_len": trained,
+        "rope": str(knobs["rope"]) if "rope" in knobs else meta.get("rope", "as configured"),
+        "attention": attention,
+        "data": str(data),
+        "precision": precision,
+        "scored": {"max_tokens": max_tokens, "windows": windows, "tokens": {}},
+        "loss": {},
+        "passkey": {},
+    }
 
 
 def _checkpoint_model(path: Path, rope) -> tuple:
@@ -226,9 +260,14 @@ def _hf_folder_model(folder: Path, cfg, rope) -> tuple:
     knobs = {"rope": rope} if rope is not None else {}
     conf = adapter.module.config
     params = getattr(conf, "rope_parameters", None) or {}
-    meta = {"kind": "hf_folder", "checkpoint": str(folder), "step": None, "tokens": None,
-            "rope": params.get("rope_type", "default") + (f" x{params['factor']:g}" if params.get("factor") else ""),
-            "tokenizer": Tokenizer.from_file(str(folder / "tokenizer.json"))}
+    meta = {
+        "kind": "hf_folder",
+        "checkpoint": str(folder),
+        "step": None,
+        "tokens": None,
+        "rope": params.get("rope_type", "default") + (f" x{params['factor']:g}" if params.get("factor") else ""),
+        "tokenizer": Tokenizer.from_file(str(folder / "tokenizer.json")),
+    }
     trained = int(getattr(conf, "max_position_embeddings", None) or conf.n_positions)
     return adapter, cfg, knobs, "fp32", trained, meta
 

@@ -8,6 +8,7 @@ layer scores, the half square for causal attention, about T x window for a windo
 convention the engine's metrics, compare and the benchmarks use; the plan compares the total with a
 fixed-length causal baseline that spends the same token budget at the schedule's longest ``seq_len``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -103,8 +104,16 @@ class Plan:
         return 1 - self.total_flops / self.baseline_flops
 
 
-def _add_step(st: StageSummary, knobs: dict[str, Any], rows: int, seq_len: int, adapter: Any, teacher: Any,
-              dense_per_token: float, buckets: bool) -> None:
+def _add_step(
+    st: StageSummary,
+    knobs: dict[str, Any],
+    rows: int,
+    seq_len: int,
+    adapter: Any,
+    teacher: Any,
+    dense_per_token: float,
+    buckets: bool,
+) -> None:
     """One step of ``rows`` x ``seq_len`` (its knobs applied to ``adapter``) counted into its stage's summary."""
     st.steps += 1
     tokens = rows * seq_len
@@ -133,8 +142,9 @@ def _add_step(st: StageSummary, knobs: dict[str, Any], rows: int, seq_len: int, 
                 vals.append(_knob_text(v))
 
 
-def make_plan(cfg: RunConfig, schedule: Schedule, shapes: list[tuple[int, int]] | None = None,
-              memory: str = "peak") -> Plan:
+def make_plan(
+    cfg: RunConfig, schedule: Schedule, shapes: list[tuple[int, int]] | None = None, memory: str = "peak"
+) -> Plan:
     """The run step by step; ``shapes`` are :func:`step_shapes` (computed here when not given).
 
     ``memory``: ``peak`` estimates each stage's peak memory (rampup.memory.estimate_step, a traced step
@@ -158,12 +168,20 @@ def make_plan(cfg: RunConfig, schedule: Schedule, shapes: list[tuple[int, int]] 
     teachers: dict[str, Any] = {}
     buckets = cfg.data.sampler == "buckets"
     n = 0
-    for sp, (rows, seq_len) in zip(schedule.steps(), shapes):
+    for sp, (rows, seq_len) in zip(schedule.steps(), shapes, strict=True):
         runner.ctx.rows = rows
         runner.apply(sp.knobs, seq_len)
         lr = lr_at(cfg.optimizer, sp.tokens_before + sp.tokens, total) * runner.ctx.lr_mult  # as the engine
-        _add_step(stages[sp.stage], sp.knobs, rows, seq_len, adapter, lambda spec: teachers.get(spec) or
-                  teachers.setdefault(spec, teacher_adapter(cfg, spec)), dense_per_token, buckets)
+        _add_step(
+            stages[sp.stage],
+            sp.knobs,
+            rows,
+            seq_len,
+            adapter,
+            lambda spec: teachers.get(spec) or teachers.setdefault(spec, teacher_adapter(cfg, spec)),
+            dense_per_token,
+            buckets,
+        )
         stages[sp.stage].lrs.append(lr)
         for key, val in (("tokens", sp.tokens_before), ("seq_len", seq_len), ("batch_size", rows), ("lr", lr)):
             curve[key].append(val)
@@ -172,13 +190,19 @@ def make_plan(cfg: RunConfig, schedule: Schedule, shapes: list[tuple[int, int]] 
         _estimate_memory(cfg, stages, runner.ctx, detail=memory == "detail")
     base_len = int(schedule.max_knob("seq_len"))
     baseline = build_adapter(cfg.model, "meta").flops_per_item((1, base_len))  # causal, default knobs
-    return Plan(schedule, stages, n, sum(s.flops for s in stages), baseline * total,
-                base_len, curve, cfg.model.vocab_size)
+    return Plan(
+        schedule, stages, n, sum(s.flops for s in stages), baseline * total, base_len, curve, cfg.model.vocab_size
+    )
 
 
-TECHNIQUES = {"plain": {}, "loss tiles": {"loss_shards": "auto"}, "mlp tiles": {"mlp_shards": "auto"},
-              "ckpt selective": {"activation_checkpoint": "selective"}, "ckpt full": {"activation_checkpoint": "full"},
-              "all": {"loss_shards": "auto", "mlp_shards": "auto", "activation_checkpoint": "full"}}
+TECHNIQUES = {
+    "plain": {},
+    "loss tiles": {"loss_shards": "auto"},
+    "mlp tiles": {"mlp_shards": "auto"},
+    "ckpt selective": {"activation_checkpoint": "selective"},
+    "ckpt full": {"activation_checkpoint": "full"},
+    "all": {"loss_shards": "auto", "mlp_shards": "auto", "activation_checkpoint": "full"},
+}
 """What ``rampup plan --memory`` and ``rampup probe`` compare (auto shard counts: about 1024 tokens per
 loss shard, seq_len / width MLP shards)."""
 
@@ -201,7 +225,13 @@ def _estimate_memory(cfg: RunConfig, stages: list[StageSummary], ctx: KnobContex
         if detail:
             for name in TECHNIQUES:
                 st.memory_by_technique[name] = estimate_step(
-                    cfg, knobs, rows, T, ctx.precision, technique_settings(name, rows, T, _width(ctx.model), cfg.model.vocab_size))
+                    cfg,
+                    knobs,
+                    rows,
+                    T,
+                    ctx.precision,
+                    technique_settings(name, rows, T, _width(ctx.model), cfg.model.vocab_size),
+                )
 
 
 def _knob_text(v: Any) -> str:
@@ -226,9 +256,20 @@ def plan_table(plan: Plan, cfg: RunConfig) -> Table:
     memory = any(s.memory is not None for s in plan.stages)
     frozen = any(s.trainable < s.total_params for s in plan.stages)
     taught = any(s.teacher != "none" for s in plan.stages)
-    for col in ("stage", "tokens", "steps", "seq_len", "batch (B x T)", "lr", "FLOPs", "attn", "compute",
-                *(("trainable", "backward saved") if frozen else ()), *(("teacher (+FLOPs, weights)",) if taught else ()),
-                *(("peak memory",) if memory else ())):
+    for col in (
+        "stage",
+        "tokens",
+        "steps",
+        "seq_len",
+        "batch (B x T)",
+        "lr",
+        "FLOPs",
+        "attn",
+        "compute",
+        *(("trainable", "backward saved") if frozen else ()),
+        *(("teacher (+FLOPs, weights)",) if taught else ()),
+        *(("peak memory",) if memory else ()),
+    ):
         t.add_column(col, justify="left" if col in ("stage", "batch (B x T)") else "right")
     # other knobs get a column only where the run sets them away from their default
     extras = sorted({k for s in plan.stages for k, vals in s.extra.items() if vals != [_knob_text(KNOBS[k].default)]})
@@ -239,14 +280,29 @@ def plan_table(plan: Plan, cfg: RunConfig) -> Table:
         t.add_column("tokens per bucket")
     for s in plan.stages:
         shapes = sorted(set(s.shapes))
-        shape = f"{shapes[0][0]} x {shapes[0][1]:,}" if len(shapes) == 1 else \
-            f"{shapes[0][0]} x {shapes[0][1]:,} .. {shapes[-1][0]} x {shapes[-1][1]:,}"
+        shape = (
+            f"{shapes[0][0]} x {shapes[0][1]:,}"
+            if len(shapes) == 1
+            else f"{shapes[0][0]} x {shapes[0][1]:,} .. {shapes[-1][0]} x {shapes[-1][1]:,}"
+        )
         t.add_row(
-            f"{s.index} {s.name}", f"{format_tokens(s.start)}-{format_tokens(s.end)}", str(s.steps),
-            _span(s.seq_lens, "{:,}"), shape, _span(s.lrs, "{:.2e}"), f"{s.flops:.3g}",
-            f"{s.attn_flops / s.flops:.0%}" if s.flops else "-", f"{s.flops / plan.total_flops:.1%}",
-            *((f"{s.trainable / s.total_params:.0%} ({s.trainable:,})",
-               f"{s.backward_saved / s.flops:.0%}" if s.flops else "-") if frozen else ()),
+            f"{s.index} {s.name}",
+            f"{format_tokens(s.start)}-{format_tokens(s.end)}",
+            str(s.steps),
+            _span(s.seq_lens, "{:,}"),
+            shape,
+            _span(s.lrs, "{:.2e}"),
+            f"{s.flops:.3g}",
+            f"{s.attn_flops / s.flops:.0%}" if s.flops else "-",
+            f"{s.flops / plan.total_flops:.1%}",
+            *(
+                (
+                    f"{s.trainable / s.total_params:.0%} ({s.trainable:,})",
+                    f"{s.backward_saved / s.flops:.0%}" if s.flops else "-",
+                )
+                if frozen
+                else ()
+            ),
             *((_teacher_cell(s),) if taught else ()),
             *((_memory_cell(s),) if memory else ()),
             *[_values_cell(s.extra.get(k)) for k in extras],
@@ -272,17 +328,30 @@ def memory_table(plan: Plan) -> Table:
     """Per stage: the static part, activations and peak as set, and the peak with each technique."""
     names = list(plan.stages[0].memory_by_technique) if plan.stages else []
     t = Table(title="estimated peak memory of each stage's largest step (tensors; a traced step on fake tensors)")
-    for col in ("stage", "step (B x T)", "params+grads+AdamW", "full fp32 logits", "activations",
-                "peak as set", *names):
+    for col in (
+        "stage",
+        "step (B x T)",
+        "params+grads+AdamW",
+        "full fp32 logits",
+        "activations",
+        "peak as set",
+        *names,
+    ):
         t.add_column(col, justify="left" if col == "stage" else "right")
     for s in plan.stages:
         if s.memory is None:
             continue
         m = s.memory
         rows, T, _ = s.biggest
-        t.add_row(f"{s.index} {s.name}", f"{rows} x {T}", format_bytes(m.static),
-                  format_bytes(rows * T * plan.vocab_size * 4), format_bytes(m.activations), format_bytes(m.peak),
-                  *[format_bytes(s.memory_by_technique[n].peak) for n in names])
+        t.add_row(
+            f"{s.index} {s.name}",
+            f"{rows} x {T}",
+            format_bytes(m.static),
+            format_bytes(rows * T * plan.vocab_size * 4),
+            format_bytes(m.activations),
+            format_bytes(m.peak),
+            *[format_bytes(s.memory_by_technique[n].peak) for n in names],
+        )
     return t
 
 
@@ -291,8 +360,10 @@ def print_plan(plan: Plan, cfg: RunConfig, console: Console | None = None) -> No
     console.print(plan_table(plan, cfg))
     if any(s.memory_by_technique for s in plan.stages):
         console.print(memory_table(plan))
-    console.print(f"total {plan.total_flops:.3g} FLOPs; a fixed seq_len {plan.baseline_seq_len:,} baseline of the same "
-                  f"budget needs {plan.baseline_flops:.3g}: this schedule saves {plan.flops_saved:.1%}")
+    console.print(
+        f"total {plan.total_flops:.3g} FLOPs; a fixed seq_len {plan.baseline_seq_len:,} baseline of the same "
+        f"budget needs {plan.baseline_flops:.3g}: this schedule saves {plan.flops_saved:.1%}"
+    )
 
 
 def memory_warnings(plan: Plan, cfg: RunConfig) -> list[str]:
@@ -306,9 +377,11 @@ def memory_warnings(plan: Plan, cfg: RunConfig) -> list[str]:
     for s in plan.stages:
         if s.memory is not None and s.memory.peak > limit and s.biggest is not None:
             rows, T, _ = s.biggest
-            out.append(f"stage {s.index} {s.name}: a {rows:,} x {T:,} step needs about {format_bytes(s.memory.peak)}, "
-                       f"more than the memory limit {format_bytes(limit)} ({source}); training refuses it before "
-                       "any step: lower batch_tokens or seq_len, set train.micro_batch_tokens or a memory knob")
+            out.append(
+                f"stage {s.index} {s.name}: a {rows:,} x {T:,} step needs about {format_bytes(s.memory.peak)}, "
+                f"more than the memory limit {format_bytes(limit)} ({source}); training refuses it before "
+                "any step: lower batch_tokens or seq_len, set train.micro_batch_tokens or a memory knob"
+            )
     return out
 
 
@@ -321,16 +394,21 @@ def plot_plan(plan: Plan, path: Path, title: str = "") -> Path:
 
     c = plan.curve
     fig, axes = plt.subplots(3, 1, figsize=(8, 7), sharex=True)
-    for ax, key, label in zip(axes, ("seq_len", "batch_size", "lr"),
-                              ("seq_len (tokens)", "batch size (sequences)", "learning rate")):
+    for ax, key, label in zip(
+        axes,
+        ("seq_len", "batch_size", "lr"),
+        ("seq_len (tokens)", "batch size (sequences)", "learning rate"),
+        strict=True,
+    ):
         ax.step(c["tokens"], c[key], where="post")
         ax.set_ylabel(label)
         for s in plan.stages[1:]:
             ax.axvline(s.start, color="grey", ls="--", lw=0.8)
         ax.grid(alpha=0.3)
     for s in plan.stages:
-        axes[0].annotate(s.name, ((s.start + s.end) / 2, 1.02), xycoords=("data", "axes fraction"),
-                         ha="center", fontsize=8)
+        axes[0].annotate(
+            s.name, ((s.start + s.end) / 2, 1.02), xycoords=("data", "axes fraction"), ha="center", fontsize=8
+        )
     axes[-1].set_xlabel("training tokens")
     fig.suptitle(title or "schedule", y=0.995)
     fig.tight_layout()
@@ -342,13 +420,28 @@ def plot_plan(plan: Plan, path: Path, title: str = "") -> Path:
 
 def plan_summary(plan: Plan) -> dict[str, Any]:
     """JSON-able numbers of a plan (for tests and tools)."""
-    return {"total_tokens": plan.schedule.total_tokens, "total_steps": plan.total_steps,
-            "total_flops": plan.total_flops, "baseline_flops": plan.baseline_flops,
-            "stages": [{"name": s.name, "start": s.start, "end": s.end, "steps": s.steps, "flops": s.flops,
-                        "seq_lens": sorted(s.seq_lens),
-                        "memory": s.memory.as_dict() if s.memory is not None else None,
-                        "trainable": s.trainable, "backward_saved": s.backward_saved, "teacher": s.teacher,
-                        "teacher_flops": s.teacher_flops, "teacher_bytes": s.teacher_bytes,
-                        "memory_by_technique": {k: v.as_dict() for k, v in s.memory_by_technique.items()},
-                        "bucket_shares": {str(n): p for n, p in s.bucket_shares().items()}}
-                       for s in plan.stages]}
+    return {
+        "total_tokens": plan.schedule.total_tokens,
+        "total_steps": plan.total_steps,
+        "total_flops": plan.total_flops,
+        "baseline_flops": plan.baseline_flops,
+        "stages": [
+            {
+                "name": s.name,
+                "start": s.start,
+                "end": s.end,
+                "steps": s.steps,
+                "flops": s.flops,
+                "seq_lens": sorted(s.seq_lens),
+                "memory": s.memory.as_dict() if s.memory is not None else None,
+                "trainable": s.trainable,
+                "backward_saved": s.backward_saved,
+                "teacher": s.teacher,
+                "teacher_flops": s.teacher_flops,
+                "teacher_bytes": s.teacher_bytes,
+                "memory_by_technique": {k: v.as_dict() for k, v in s.memory_by_technique.items()},
+                "bucket_shares": {str(n): p for n, p in s.bucket_shares().items()},
+            }
+            for s in plan.stages
+        ],
+    }

@@ -12,6 +12,7 @@ its resting footprint once the model and optimizer state exist (``above_rest``, 
 
     rampup probe configs/tiny.yaml --memory-limit 2GiB --techniques plain all
 """
+
 from __future__ import annotations
 
 import json
@@ -76,8 +77,6 @@ def _vm(key: str) -> int:
 def _child(spec: dict[str, Any]) -> dict[str, Any]:
     """One trial, in this (child) process: build, warm up, hold to the limit, train one step."""
 
-
-
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     cfg = RunConfig.model_validate(spec["config"])
@@ -99,15 +98,17 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         return task.make_batch(x[:, :-1].contiguous(), x[:, 1:].contiguous())
 
     warm = math.gcd(T, 64) if T % 64 else 64  # the optimizer state and the kernels, before measuring
-    optimizer_step(adapter, task, optimizer, batch(warm), lr=1e-4, precision=prec,
-                   micro_batch_items=cfg.train.micro_batch_tokens)
+    optimizer_step(
+        adapter, task, optimizer, batch(warm), lr=1e-4, precision=prec, micro_batch_items=cfg.train.micro_batch_tokens
+    )
     b = batch(T)
     if spec.get("repeat"):  # timing, no limit: the step's median over ``repeat`` steps after one at T
         times = []
         for _ in range(spec["repeat"] + 1):
             t0 = time.perf_counter()
-            optimizer_step(adapter, task, optimizer, b, lr=1e-4, precision=prec,
-                           micro_batch_items=cfg.train.micro_batch_tokens)
+            optimizer_step(
+                adapter, task, optimizer, b, lr=1e-4, precision=prec, micro_batch_items=cfg.train.micro_batch_tokens
+            )
             times.append(time.perf_counter() - t0)
         return {"ok": True, "times": times[1:]}
     rest, _ = rss_bytes()
@@ -119,28 +120,58 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     reset_peak_rss()
     t0 = time.perf_counter()
     try:
-        loss, _ = optimizer_step(adapter, task, optimizer, b, lr=1e-4, precision=prec,
-                                 micro_batch_items=cfg.train.micro_batch_tokens)
+        loss, _ = optimizer_step(
+            adapter, task, optimizer, b, lr=1e-4, precision=prec, micro_batch_items=cfg.train.micro_batch_tokens
+        )
     except (RuntimeError, MemoryError) as e:
         text = str(e)
         why = "memory" if isinstance(e, MemoryError) or "allocate" in text or "memory" in text.lower() else text[:300]
         return {"ok": False, "why": why, "rest": rest}
     dt = time.perf_counter() - t0
     _, peak = rss_bytes()
-    return {"ok": math.isfinite(loss), "why": "" if math.isfinite(loss) else "non-finite loss",
-            "peak_above_rest": peak - rest, "step_time": dt, "rest": rest}
+    return {
+        "ok": math.isfinite(loss),
+        "why": "" if math.isfinite(loss) else "non-finite loss",
+        "peak_above_rest": peak - rest,
+        "step_time": dt,
+        "rest": rest,
+    }
 
 
-def run_trial(cfg: Any, knobs: dict[str, Any], seq_len: int, settings: Any, limit: int, *, mode: str = "total",
-              rows: int = 1, precision: str = "fp32", timeout: float | None = None,
-              threads: int | None = None) -> Trial:
+def run_trial(
+    cfg: Any,
+    knobs: dict[str, Any],
+    seq_len: int,
+    settings: Any,
+    limit: int,
+    *,
+    mode: str = "total",
+    rows: int = 1,
+    precision: str = "fp32",
+    timeout: float | None = None,
+    threads: int | None = None,
+) -> Trial:
     """One trial in a child process (see the module docstring)."""
-    spec = {"config": cfg.model_dump(mode="json", by_alias=True), "knobs": _jsonable(knobs), "seq_len": seq_len,
-            "rows": rows, "precision": precision, "settings": asdict(settings), "limit": limit, "mode": mode,
-            "threads": threads}
+    spec = {
+        "config": cfg.model_dump(mode="json", by_alias=True),
+        "knobs": _jsonable(knobs),
+        "seq_len": seq_len,
+        "rows": rows,
+        "precision": precision,
+        "settings": asdict(settings),
+        "limit": limit,
+        "mode": mode,
+        "threads": threads,
+    }
     try:
-        res = subprocess.run([sys.executable, "-m", "rampup.tools.probe", "--child"], input=json.dumps(spec),
-                             capture_output=True, text=True, timeout=timeout, env=malloc_env())
+        res = subprocess.run(
+            [sys.executable, "-m", "rampup.tools.probe", "--child"],
+            input=json.dumps(spec),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=malloc_env(),
+        )
     except subprocess.TimeoutExpired:
         return Trial(seq_len, False, "timeout")
     line = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
@@ -149,17 +180,45 @@ def run_trial(cfg: Any, knobs: dict[str, Any], seq_len: int, settings: Any, limi
         why = "memory" if res.returncode < 0 or "allocate" in tail[0] or "MemoryError" in tail[0] else tail[0][:300]
         return Trial(seq_len, False, why)
     out = json.loads(line)
-    return Trial(seq_len, out["ok"], out.get("why", ""), out.get("peak_above_rest", 0), out.get("step_time", 0.0),
-                 out.get("rest", 0))
+    return Trial(
+        seq_len,
+        out["ok"],
+        out.get("why", ""),
+        out.get("peak_above_rest", 0),
+        out.get("step_time", 0.0),
+        out.get("rest", 0),
+    )
 
 
-def time_steps(cfg: Any, knobs: dict[str, Any], seq_len: int, settings: Any, *, repeat: int = 3, rows: int = 1,
-               precision: str = "fp32", threads: int | None = None) -> list[float]:
+def time_steps(
+    cfg: Any,
+    knobs: dict[str, Any],
+    seq_len: int,
+    settings: Any,
+    *,
+    repeat: int = 3,
+    rows: int = 1,
+    precision: str = "fp32",
+    threads: int | None = None,
+) -> list[float]:
     """Seconds of each of ``repeat`` training steps at (rows, seq_len) in a fresh child (no memory limit)."""
-    spec = {"config": cfg.model_dump(mode="json", by_alias=True), "knobs": _jsonable(knobs), "seq_len": seq_len,
-            "rows": rows, "precision": precision, "settings": asdict(settings), "repeat": repeat, "threads": threads}
-    res = subprocess.run([sys.executable, "-m", "rampup.tools.probe", "--child"], input=json.dumps(spec),
-                         capture_output=True, text=True, env=malloc_env())
+    spec = {
+        "config": cfg.model_dump(mode="json", by_alias=True),
+        "knobs": _jsonable(knobs),
+        "seq_len": seq_len,
+        "rows": rows,
+        "precision": precision,
+        "settings": asdict(settings),
+        "repeat": repeat,
+        "threads": threads,
+    }
+    res = subprocess.run(
+        [sys.executable, "-m", "rampup.tools.probe", "--child"],
+        input=json.dumps(spec),
+        capture_output=True,
+        text=True,
+        env=malloc_env(),
+    )
     out = json.loads(res.stdout.strip().splitlines()[-1]) if res.returncode == 0 and res.stdout.strip() else None
     if not out or not out.get("ok"):
         raise RuntimeError(f"timing child failed: {res.stderr[-500:]}")
@@ -211,16 +270,27 @@ def probe_config(cfg: Any, stop: int) -> Any:
     """The run's config with the reference model's max_seq_len raised to ``stop`` (its RoPE tables reach
     the probed lengths); a Hugging Face model keeps its position limit."""
     if cfg.model.source == "reference" and cfg.model.max_seq_len < stop:
-
         d = cfg.model_dump(mode="json", by_alias=True)
         d["model"]["max_seq_len"] = stop
         return RunConfig.model_validate(d)
     return cfg
 
 
-def probe(cfg: Any, limit: int, techniques: list[str], *, mode: str = "total", rows: int = 1, start: int = 256,
-          stop: int | None = None, granule: int = 256, refine: int = 2, timeout: float | None = None,
-          threads: int | None = None, log=None) -> dict[str, Any]:
+def probe(
+    cfg: Any,
+    limit: int,
+    techniques: list[str],
+    *,
+    mode: str = "total",
+    rows: int = 1,
+    start: int = 256,
+    stop: int | None = None,
+    granule: int = 256,
+    refine: int = 2,
+    timeout: float | None = None,
+    threads: int | None = None,
+    log=None,
+) -> dict[str, Any]:
     """For each technique (rampup.plan.TECHNIQUES, or 'as set': the run's own memory knobs), the longest
     seq_len of one ``rows`` x seq_len training step within ``limit`` bytes, with every trial."""
 
@@ -238,9 +308,9 @@ def probe(cfg: Any, limit: int, techniques: list[str], *, mode: str = "total", r
     with FakeTensorMode():
         width = _width(_fake_adapter(cfg.model))
     torch.set_num_threads(torch.get_num_threads())
-    results: dict[str, Any] = {"limit": limit, "mode": mode, "rows": rows, "precision": precision,
-                               "techniques": {}}
+    results: dict[str, Any] = {"limit": limit, "mode": mode, "rows": rows, "precision": precision, "techniques": {}}
     for name in techniques:
+
         def settings(T: int, name=name):
             if name == "as set":  # the run's own memory knobs; auto chooses for this limit, as training would
                 s = requested(knobs)
@@ -249,20 +319,34 @@ def probe(cfg: Any, limit: int, techniques: list[str], *, mode: str = "total", r
 
                 d = cfg.model_dump(mode="json", by_alias=True)
                 d["train"]["memory_limit"] = f"{limit}B"
-                ctx = KnobContext(build_adapter(cfg.model, "meta"), cfg=type(cfg).model_validate(d),
-                                  precision=precision)
+                ctx = KnobContext(
+                    build_adapter(cfg.model, "meta"), cfg=type(cfg).model_validate(d), precision=precision
+                )
                 return resolve(ctx, knobs, rows, T)[0]
             return technique_settings(name, rows, T, width, cfg.model.vocab_size)
 
         def trial(T: int, name=name) -> Trial:
-            t = run_trial(cfg, knobs, T, settings(T), limit, mode=mode, rows=rows, precision=precision,
-                          timeout=timeout, threads=threads)
+            t = run_trial(
+                cfg,
+                knobs,
+                T,
+                settings(T),
+                limit,
+                mode=mode,
+                rows=rows,
+                precision=precision,
+                timeout=timeout,
+                threads=threads,
+            )
             t.__dict__["technique"] = name
             return t
 
         best, trials = longest(trial, start, stop, granule, refine, log)
-        results["techniques"][name] = {"longest": best, "settings": settings(best or start).describe(),
-                                       "trials": [t.__dict__ for t in trials]}
+        results["techniques"][name] = {
+            "longest": best,
+            "settings": settings(best or start).describe(),
+            "trials": [t.__dict__ for t in trials],
+        }
     plain = results["techniques"].get("plain", {}).get("longest")
     for r in results["techniques"].values():
         r["x_plain"] = r["longest"] / plain if plain else None

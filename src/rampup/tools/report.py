@@ -5,6 +5,7 @@ writes ``report/report.html`` with the summary tables above the figures; ``repor
 several runs on the same axes for a comparison. matplotlib is imported inside the functions so that
 importing rampup stays fast.
 """
+
 from __future__ import annotations
 
 import base64
@@ -110,8 +111,17 @@ def _loss_plot(ax: Any, runs: list[tuple[str, list[dict]]], key: str, xlabel: st
             pts = [r for r in evals if int(r["seq_len"]) == length]
             ex = [float(r[key]) for r in pts]
             all_x += ex
-            ax.plot(ex, [float(r["loss"]) for r in pts], linestyle="--", linewidth=1, marker=markers[j % len(markers)],
-                    markersize=7, color=color, markeredgecolor="black", label=f"{name} (eval @ {length} tok context)")
+            ax.plot(
+                ex,
+                [float(r["loss"]) for r in pts],
+                linestyle="--",
+                linewidth=1,
+                marker=markers[j % len(markers)],
+                markersize=7,
+                color=color,
+                markeredgecolor="black",
+                label=f"{name} (eval @ {length} tok context)",
+            )
     if _log_axis_helps(all_x):
         ax.set_xscale("log")
     elif key in ("tokens", "flops"):
@@ -131,25 +141,39 @@ def _stage_lines(ax: Any, records: list[dict], color: str, label_y: float | None
         if t > 0:
             ax.axvline(t, color=color, linestyle="--", linewidth=1, alpha=0.7)
         if label_y is not None:
-            ax.annotate(str(st.get("stage_name", st.get("stage", ""))), xy=(max(t, 0), 1.0), xycoords=("data", "axes fraction"),
-                        xytext=(3, -3), textcoords="offset points", va="top", ha="left", fontsize=8, color=color, rotation=0)
+            ax.annotate(
+                str(st.get("stage_name", st.get("stage", ""))),
+                xy=(max(t, 0), 1.0),
+                xycoords=("data", "axes fraction"),
+                xytext=(3, -3),
+                textcoords="offset points",
+                va="top",
+                ha="left",
+                fontsize=8,
+                color=color,
+                rotation=0,
+            )
 
 
 def _knobs_figure(plt: Any, runs: list[tuple[str, list[dict]]]) -> Any:
     fig, axes = plt.subplots(3, 1, figsize=(10, 9), sharex=True)
-    panels = (("seq_len", "sequence length (tokens)"), ("batch_size", "batch size (sequences)"), ("lr", "learning rate"))
+    panels = (
+        ("seq_len", "sequence length (tokens)"),
+        ("batch_size", "batch size (sequences)"),
+        ("lr", "learning rate"),
+    )
     for i, (name, records) in enumerate(runs):
         color = _COLORS[i % len(_COLORS)]
         steps = [r for r in _events(records, "step") if r.get("tokens") is not None]
         # A step record's tokens count the step itself; plot each step from where it started.
         xs = [float(r["tokens"]) - float(r.get("seq_len") or 0) * float(r.get("batch_size") or 0) for r in steps]
-        for k, (ax, (key, _)) in enumerate(zip(axes, panels)):
-            pts = [(x, r[key]) for x, r in zip(xs, steps) if r.get(key) is not None]
+        for k, (ax, (key, _)) in enumerate(zip(axes, panels, strict=True)):
+            pts = [(x, r[key]) for x, r in zip(xs, steps, strict=True) if r.get(key) is not None]
             if pts:
                 pts.append((float(steps[-1]["tokens"]), pts[-1][1]))  # the last step runs to the end
                 ax.step([p[0] for p in pts], [p[1] for p in pts], where="post", color=color, linewidth=1.6, label=name)
             _stage_lines(ax, records, color, label_y=1.0 if k == 0 else None)
-    for ax, (key, label) in zip(axes, panels):
+    for ax, (key, label) in zip(axes, panels, strict=True):
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.4)
         if key == "seq_len":
@@ -177,8 +201,14 @@ def _val_by_length_figure(plt: Any, runs: list[tuple[str, list[dict]]]) -> Any:
             continue
         lengths = sorted(final)
         all_lengths.update(lengths)
-        ax.plot(lengths, [final[n]["loss"] for n in lengths], marker="o", linewidth=1.8,
-                color=_COLORS[i % len(_COLORS)], label=name)
+        ax.plot(
+            lengths,
+            [final[n]["loss"] for n in lengths],
+            marker="o",
+            linewidth=1.8,
+            color=_COLORS[i % len(_COLORS)],
+            label=name,
+        )
     ax.set_xscale("log", base=2)
     if all_lengths:
         ax.set_xticks(sorted(all_lengths))
@@ -280,8 +310,12 @@ def _title_of(name: str) -> str:
 def write_html(title: str, figures: dict[str, Path], tables: Iterable[Table], out_path: Path) -> Path:
     """One self-contained HTML file: tables first, then the figures embedded as base64 PNGs."""
     esc = html.escape
-    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-             f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>", f"<h1>{esc(title)}</h1>"]
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{esc(title)}</h1>",
+    ]
     for caption, header, rows in tables:
         parts.append(f"<h2>{esc(caption)}</h2><table><thead><tr>")
         parts += [f"<th>{esc(str(h))}</th>" for h in header]
@@ -293,8 +327,10 @@ def write_html(title: str, figures: dict[str, Path], tables: Iterable[Table], ou
         parts.append("<h2>Figures</h2>")
     for name, path in figures.items():
         data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
-        parts.append(f'<figure id="{esc(name)}"><img alt="{esc(_title_of(name))}" '
-                     f'src="data:image/png;base64,{data}"><figcaption>{esc(_title_of(name))}</figcaption></figure>')
+        parts.append(
+            f'<figure id="{esc(name)}"><img alt="{esc(_title_of(name))}" '
+            f'src="data:image/png;base64,{data}"><figcaption>{esc(_title_of(name))}</figcaption></figure>'
+        )
     parts.append("</body></html>\n")
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -323,16 +359,22 @@ def _fmt_loss(x: Any) -> str:
 def _load_run(run_dir: Path) -> tuple[str, list[dict], dict]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise DataError(f"run folder {run_dir} does not exist; train one first with `rampup train CONFIG` "
-                        f"(its train.out_dir is the run folder)")
+        raise DataError(
+            f"run folder {run_dir} does not exist; train one first with `rampup train CONFIG` "
+            f"(its train.out_dir is the run folder)"
+        )
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
-        raise DataError(f"{metrics} not found: {run_dir} is not a run folder; pass the train.out_dir of a run "
-                        f"made with `rampup train CONFIG`")
+        raise DataError(
+            f"{metrics} not found: {run_dir} is not a run folder; pass the train.out_dir of a run "
+            f"made with `rampup train CONFIG`"
+        )
     records = read_metrics(metrics)
     if not records:
-        raise DataError(f"{metrics} has no complete records; the run has not logged a step yet "
-                        f"(run `rampup train CONFIG` longer, or wait for it)")
+        raise DataError(
+            f"{metrics} has no complete records; the run has not logged a step yet "
+            f"(run `rampup train CONFIG` longer, or wait for it)"
+        )
     summary: dict[str, Any] = {}
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
@@ -349,7 +391,6 @@ def _config_name(run_dir: Path) -> str | None:
     if not path.is_file():
         return None
     try:
-
         data = yaml.safe_load(path.read_text())
     except Exception:
         return None
@@ -366,16 +407,21 @@ def _summary_row(name: str, records: list[dict], summary: dict, lengths: list[in
     n_steps = summary.get("steps", last.get("step"))
     tokens = summary.get("tokens", last.get("tokens"))
     flops = summary.get("flops", last.get("flops"))
-    return [name, "-" if n_steps is None else f"{int(n_steps):,}",
-            "-" if tokens is None else f"{format_tokens(tokens)} ({int(tokens):,})",
-            "-" if flops is None else f"{float(flops):.3g}",
-            _fmt_seconds(summary.get("train_time", last.get("train_time"))),
-            _fmt_loss(last.get("loss"))] + [_fmt_loss(val.get(n)) for n in lengths]
+    return [
+        name,
+        "-" if n_steps is None else f"{int(n_steps):,}",
+        "-" if tokens is None else f"{format_tokens(tokens)} ({int(tokens):,})",
+        "-" if flops is None else f"{float(flops):.3g}",
+        _fmt_seconds(summary.get("train_time", last.get("train_time"))),
+        _fmt_loss(last.get("loss")),
+    ] + [_fmt_loss(val.get(n)) for n in lengths]
 
 
 def _tables(loaded: list[tuple[str, list[dict], dict]]) -> list[Table]:
-    lengths = sorted({int(k) for _, rec, s in loaded for k in (s.get("val_loss") or {})}
-                     | {n for _, rec, _ in loaded for n in _final_evals(rec)})
+    lengths = sorted(
+        {int(k) for _, rec, s in loaded for k in (s.get("val_loss") or {})}
+        | {n for _, rec, _ in loaded for n in _final_evals(rec)}
+    )
     header = ["run", "steps", "tokens", "FLOPs", "train time", "last train loss"] + [f"val loss @ {n}" for n in lengths]
     summary = ("Run summary", header, [_summary_row(n, r, s, lengths) for n, r, s in loaded])
     stage_rows: list[list[str]] = []
@@ -390,17 +436,44 @@ def _tables(loaded: list[tuple[str, list[dict], dict]]) -> list[Table]:
             st = starts.get(stage, {})
             knobs = st.get("knobs") or {}
             knob_text = ", ".join(f"{k}={v2}" for k, v2 in knobs.items())
-            stage_rows.append([name, stage, format_tokens(st.get("tokens", 0)) if st else "-",
-                               f"{steps_per_stage.get(stage, 0):,}", format_tokens(v), knob_text or "-"])
-    stages = ("Throughput per stage", ["run", "stage", "starts at (tokens)", "steps", "median tokens/s", "knobs"], stage_rows)
+            stage_rows.append(
+                [
+                    name,
+                    stage,
+                    format_tokens(st.get("tokens", 0)) if st else "-",
+                    f"{steps_per_stage.get(stage, 0):,}",
+                    format_tokens(v),
+                    knob_text or "-",
+                ]
+            )
+    stages = (
+        "Throughput per stage",
+        ["run", "stage", "starts at (tokens)", "steps", "median tokens/s", "knobs"],
+        stage_rows,
+    )
     shape_rows = [row for name, records, _ in loaded for row in shape_table_rows(name, records)]
-    shapes = ("Where the time goes, per batch shape (honest FLOPs against this machine's matmul roof; shares "
-              "from train.profile_every)", SHAPE_COLUMNS, shape_rows)
+    shapes = (
+        "Where the time goes, per batch shape (honest FLOPs against this machine's matmul roof; shares "
+        "from train.profile_every)",
+        SHAPE_COLUMNS,
+        shape_rows,
+    )
     return [summary, stages, shapes]
 
 
-SHAPE_COLUMNS = ["run", "rows x length", "steps", "median step", "GFLOP/s", "of roof", "forward", "backward",
-                 "optimizer", "host", "profiled steps"]
+SHAPE_COLUMNS = [
+    "run",
+    "rows x length",
+    "steps",
+    "median step",
+    "GFLOP/s",
+    "of roof",
+    "forward",
+    "backward",
+    "optimizer",
+    "host",
+    "profiled steps",
+]
 
 
 def shape_profile(records: list[dict]) -> dict[tuple[int, int], dict[str, Any]]:
@@ -426,8 +499,14 @@ def shape_profile(records: list[dict]) -> dict[tuple[int, int], dict[str, Any]]:
         d["roof_share"] = statistics.median(roof) if roof else None
         ps = prof.get(key, [])
         d["profiled_steps"] = len(ps)
-        d["shares"] = ({part: statistics.fmean(p[part] / p["step_time"] for p in ps if p["step_time"] > 0)
-                        for part in ("forward", "backward", "optimizer", "host")} if ps else None)
+        d["shares"] = (
+            {
+                part: statistics.fmean(p[part] / p["step_time"] for p in ps if p["step_time"] > 0)
+                for part in ("forward", "backward", "optimizer", "host")
+            }
+            if ps
+            else None
+        )
     return dict(sorted(out.items(), key=lambda kv: (kv[0][1], kv[0][0])))
 
 
@@ -436,16 +515,25 @@ def shape_table_rows(name: str, records: list[dict]) -> list[list[str]]:
     for (b, t), d in shape_profile(records).items():
         sh = d["shares"] or {}
         pct = lambda v: "-" if v is None else f"{100 * v:.0f}%"  # noqa: E731
-        rows.append([name, f"{b} x {t}", f"{d['steps']:,}", f"{1000 * d['median_step_time']:.0f} ms",
-                     f"{d['median_flops_per_s'] / 1e9:.1f}", pct(d["roof_share"]),
-                     *(pct(sh.get(k)) for k in ("forward", "backward", "optimizer", "host")), str(d["profiled_steps"])])
+        rows.append(
+            [
+                name,
+                f"{b} x {t}",
+                f"{d['steps']:,}",
+                f"{1000 * d['median_step_time']:.0f} ms",
+                f"{d['median_flops_per_s'] / 1e9:.1f}",
+                pct(d["roof_share"]),
+                *(pct(sh.get(k)) for k in ("forward", "backward", "optimizer", "host")),
+                str(d["profiled_steps"]),
+            ]
+        )
     return rows
 
 
 def _unique_names(loaded: list[tuple[str, list[dict], dict]], dirs: list[Path]) -> list[tuple[str, list[dict], dict]]:
     names = [n for n, _, _ in loaded]
     out = []
-    for (name, rec, s), d in zip(loaded, dirs):
+    for (name, rec, s), d in zip(loaded, dirs, strict=True):
         if names.count(name) > 1:
             name = f"{name} ({Path(d).name})" if Path(d).name != name else f"{name} ({d})"
         out.append((name, rec, s))
@@ -460,7 +548,11 @@ def report_runs(run_dirs: list[Path], out_dir: Path, extra_tables: Iterable[Tabl
     loaded = _unique_names([_load_run(d) for d in run_dirs], run_dirs)
     out_dir = Path(out_dir)
     figures = plot_run_figures([(n, r) for n, r, _ in loaded], out_dir)
-    title = f"rampup report: {loaded[0][0]}" if len(loaded) == 1 else "rampup comparison: " + ", ".join(n for n, _, _ in loaded)
+    title = (
+        f"rampup report: {loaded[0][0]}"
+        if len(loaded) == 1
+        else "rampup comparison: " + ", ".join(n for n, _, _ in loaded)
+    )
     return write_html(title, figures, [*_tables(loaded), *extra_tables], out_dir / "report.html")
 
 

@@ -15,6 +15,7 @@ process each time, ``--nproc N`` for DDP / FSDP2; what benchmarks/resume_sweep.p
     result = sweep(checkpointed("configs/tiny.yaml", ["train.duration=12 steps"]), "runs/sweep")
     assert result["mismatches"] == 0
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -53,13 +54,27 @@ def in_process(config: Path, out: Path, resume: bool, overrides: Sequence[str] =
 
 def subprocess_runner(nproc: int = 1, timeout: float = 600) -> Runner:
     """``rampup train`` in a fresh process (``--nproc`` ranks through torchrun)."""
+
     def run(config: Path, out: Path, resume: bool, overrides: Sequence[str] = ()) -> None:
         sets = [x for o in [*overrides, f"train.out_dir={out}"] for x in ("--set", o)]
-        cmd = [sys.executable, "-m", "rampup.cli", "train", str(config), *sets, "--progress", "off", *(["--resume"] if resume else []), *(["--nproc", str(nproc)] if nproc > 1 else [])]
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                             env={**os.environ, "PYTHONHASHSEED": "0"})
+        cmd = [
+            sys.executable,
+            "-m",
+            "rampup.cli",
+            "train",
+            str(config),
+            *sets,
+            "--progress",
+            "off",
+            *(["--resume"] if resume else []),
+            *(["--nproc", str(nproc)] if nproc > 1 else []),
+        ]
+        res = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "PYTHONHASHSEED": "0"}
+        )
         if res.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} exited {res.returncode}:\n{res.stderr[-3000:]}")
+
     return run
 
 
@@ -74,6 +89,7 @@ def checkpointed(config: str | Path, overrides: Iterable[str] = ()) -> Any:
 
 # ----------------------------------------------------------------------------- what a run did
 
+
 @dataclass(frozen=True)
 class RunRecord:
     """What must be equal: per-step (loss, grad norm), evaluations, and a digest of each final tensor."""
@@ -86,7 +102,6 @@ class RunRecord:
 
     @classmethod
     def of(cls, run: Path) -> RunRecord:
-
 
         recs = read_metrics(run / "metrics.jsonl")
         steps = {r["step"]: (r["loss"], r["grad_norm"]) for r in recs if r["event"] == "step"}
@@ -106,8 +121,11 @@ def differences(ref: RunRecord, got: RunRecord, limit: int = 5) -> list[str]:
     if missing:
         out.append(f"steps recorded in one run only: {missing[:limit]}")
     bad = [s for s in sorted(set(ref.steps) & set(got.steps)) if ref.steps[s] != got.steps[s]]
-    out += [f"step {s}: loss {ref.steps[s][0]!r} vs {got.steps[s][0]!r}, grad norm {ref.steps[s][1]!r} vs "
-            f"{got.steps[s][1]!r}" for s in bad[:limit]]
+    out += [
+        f"step {s}: loss {ref.steps[s][0]!r} vs {got.steps[s][0]!r}, grad norm {ref.steps[s][1]!r} vs "
+        f"{got.steps[s][1]!r}"
+        for s in bad[:limit]
+    ]
     if ref.evals != got.evals:
         out.append(f"evaluations differ: {ref.evals[-limit:]} vs {got.evals[-limit:]}")
     tensors = sorted(k for k in ref.tensors.keys() | got.tensors.keys() if ref.tensors.get(k) != got.tensors.get(k))
@@ -136,6 +154,7 @@ def sample(run: Path, seed: int = 0, n_random: int = 2) -> list[int]:
 
 # ----------------------------------------------------------------------------- resuming
 
+
 def copy_at(run: Path, step: int, dst: Path) -> Path:
     """``dst``: the run folder as a process killed right after writing checkpoint ``step`` leaves it (the
     checkpoint's files hard-linked: checkpoints are written whole and renamed, never changed in place)."""
@@ -160,15 +179,22 @@ def _link(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def resume_from(run: Path, step: int, dst: Path, runner: Runner = in_process,
-                overrides: Sequence[str] = RESUMED) -> RunRecord:
+def resume_from(
+    run: Path, step: int, dst: Path, runner: Runner = in_process, overrides: Sequence[str] = RESUMED
+) -> RunRecord:
     copy_at(run, step, dst)
     runner(dst / "config.yaml", dst, True, overrides)
     return RunRecord.of(dst)
 
 
-def sweep(cfg: Any, work: Path, steps: Iterable[int] | str = "all", runner: Runner = in_process,
-          keep: bool = False, seed: int = 0) -> dict[str, Any]:
+def sweep(
+    cfg: Any,
+    work: Path,
+    steps: Iterable[int] | str = "all",
+    runner: Runner = in_process,
+    keep: bool = False,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Train ``cfg`` (see :func:`checkpointed`) into ``work/reference``, then resume from each of ``steps``
     (``all``: every checkpoint but the last; ``sample``: :func:`sample`) into ``work/from_K``. Returns the
     checkpoints tried, the mismatching ones with their differences, and seconds spent."""
@@ -198,6 +224,12 @@ def sweep(cfg: Any, work: Path, steps: Iterable[int] | str = "all", runner: Runn
             bad[k] = found
         if not keep and not found:
             shutil.rmtree(dst)
-    return {"steps": last, "stage_boundaries": stage_boundaries(ref), "checkpoints_tried": tried,
-            "mismatches": len(bad), "mismatched": bad, "reference_seconds": round(t_ref, 2),
-            "seconds": round(time.perf_counter() - t0, 2)}
+    return {
+        "steps": last,
+        "stage_boundaries": stage_boundaries(ref),
+        "checkpoints_tried": tried,
+        "mismatches": len(bad),
+        "mismatched": bad,
+        "reference_seconds": round(t_ref, 2),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }

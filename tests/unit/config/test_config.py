@@ -48,27 +48,41 @@ def test_shipped_configs_exist():
     assert {"demo_staged.yaml", "demo_baseline.yaml", "tiny.yaml"} <= names
 
 
-@pytest.mark.parametrize("tree, fragment", [
-    ({"modle": {}}, "unknown key 'modle' (did you mean 'model'?)"),
-    ({"model": {"n_layer": 2}}, "unknown key 'model.n_layer' (did you mean 'n_layers'?)"),
-    ({"train": {"duraton": "1M tok"}}, "unknown key 'train.duraton' (did you mean 'duration'?)"),
-    ({"optimizer": {"warmup": 100}}, "has no unit"),
-    ({"train": {"duration": "100"}}, "has no unit"),
-    ({"schedule": {"stages": [{"seq_len": 2048}]}, "model": {"max_seq_len": 1024}}, "raise model.max_seq_len"),
-    ({"schedule": {"stages": [{"duration": "1M tok", "seq_len": 64, "lr_multt": 2}]}}, "did you mean 'lr_mult'"),
-    ({"eval": {"seq_lens": [4096]}}, "beyond model.max_seq_len"),
-    ({"data": {"sampler": "fixed"}, "schedule": {"stages": [{"duration": "50%", "seq_len": 64}, {"seq_len": 128}]}},
-     "use data.sampler: staged"),
-    ({"optimizer": {"warmup": "10 steps"}}, "counted in tokens"),
-    ({"data": {"tokenizer": {"vocab_size": 1000}}, "model": {"vocab_size": 2000}}, "set model.vocab_size only"),
-    ({"schedule": {"stages": [{"rope": {"method": "yarn", "factor": 2, "original_max_length": 512}}]}},
-     "unknown key 'schedule.stages.0.rope.original_max_length' (did you mean 'original_max_len'?); valid keys in "
-     "schedule.stages.0.rope: method, base, factor, original_max_len"),
-    ({"schedule": {"knobs": {"batch_tokens": 1024, "attention": {"kindd": "window"}}}},
-     "unknown key 'schedule.knobs.attention.kindd' (did you mean 'kind'?)"),
-    ({"schedule": {"stages": [{"duration": 0.7, "seq_len": 64}, {"seq_len": 128}]}},
-     "schedule.stages.0.duration: duration 0.7 has no unit; a share of the run is written '70%'"),
-])
+@pytest.mark.parametrize(
+    "tree, fragment",
+    [
+        ({"modle": {}}, "unknown key 'modle' (did you mean 'model'?)"),
+        ({"model": {"n_layer": 2}}, "unknown key 'model.n_layer' (did you mean 'n_layers'?)"),
+        ({"train": {"duraton": "1M tok"}}, "unknown key 'train.duraton' (did you mean 'duration'?)"),
+        ({"optimizer": {"warmup": 100}}, "has no unit"),
+        ({"train": {"duration": "100"}}, "has no unit"),
+        ({"schedule": {"stages": [{"seq_len": 2048}]}, "model": {"max_seq_len": 1024}}, "raise model.max_seq_len"),
+        ({"schedule": {"stages": [{"duration": "1M tok", "seq_len": 64, "lr_multt": 2}]}}, "did you mean 'lr_mult'"),
+        ({"eval": {"seq_lens": [4096]}}, "beyond model.max_seq_len"),
+        (
+            {
+                "data": {"sampler": "fixed"},
+                "schedule": {"stages": [{"duration": "50%", "seq_len": 64}, {"seq_len": 128}]},
+            },
+            "use data.sampler: staged",
+        ),
+        ({"optimizer": {"warmup": "10 steps"}}, "counted in tokens"),
+        ({"data": {"tokenizer": {"vocab_size": 1000}}, "model": {"vocab_size": 2000}}, "set model.vocab_size only"),
+        (
+            {"schedule": {"stages": [{"rope": {"method": "yarn", "factor": 2, "original_max_length": 512}}]}},
+            "unknown key 'schedule.stages.0.rope.original_max_length' (did you mean 'original_max_len'?); valid keys in "
+            "schedule.stages.0.rope: method, base, factor, original_max_len",
+        ),
+        (
+            {"schedule": {"knobs": {"batch_tokens": 1024, "attention": {"kindd": "window"}}}},
+            "unknown key 'schedule.knobs.attention.kindd' (did you mean 'kind'?)",
+        ),
+        (
+            {"schedule": {"stages": [{"duration": 0.7, "seq_len": 64}, {"seq_len": 128}]}},
+            "schedule.stages.0.duration: duration 0.7 has no unit; a share of the run is written '70%'",
+        ),
+    ],
+)
 def test_bad_configs_name_key_and_fix(tmp_path, tree, fragment):
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, tree))
@@ -77,8 +91,11 @@ def test_bad_configs_name_key_and_fix(tmp_path, tree, fragment):
 
 def test_every_knob_check_of_one_file_is_reported_at_once(tmp_path):
     """Two knobs' problems in one file: both named in one error, not one per run."""
-    tree = {"model": {"max_seq_len": 1024}, "data": {"sampler": "fixed"},
-            "schedule": {"stages": [{"duration": "50%", "seq_len": 64}, {"seq_len": 2048}]}}
+    tree = {
+        "model": {"max_seq_len": 1024},
+        "data": {"sampler": "fixed"},
+        "schedule": {"stages": [{"duration": "50%", "seq_len": 64}, {"seq_len": 2048}]},
+    }
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, tree))
     assert "schedule.stages.1.seq_len reaches 2048" in str(info.value) and "use data.sampler: staged" in str(info.value)
@@ -97,11 +114,27 @@ def test_missing_and_malformed_files(tmp_path):
 
 
 def test_overrides(tmp_path):
-    p = write(tmp_path, {"schedule": {"knobs": {"batch_tokens": 4096},
-                                      "stages": [{"duration": "50%", "seq_len": 64}, {"seq_len": 128}]},
-                         "train": {"duration": "1M tok"}})
-    cfg = load_config(p, ["schedule.stages.1.seq_len=256", "train.duration=2M tok", "optimizer.lr=1e-3",
-                          "optimizer.betas=[0.9, 0.99]", "model.max_seq_len=512", "name=other"])
+    p = write(
+        tmp_path,
+        {
+            "schedule": {
+                "knobs": {"batch_tokens": 4096},
+                "stages": [{"duration": "50%", "seq_len": 64}, {"seq_len": 128}],
+            },
+            "train": {"duration": "1M tok"},
+        },
+    )
+    cfg = load_config(
+        p,
+        [
+            "schedule.stages.1.seq_len=256",
+            "train.duration=2M tok",
+            "optimizer.lr=1e-3",
+            "optimizer.betas=[0.9, 0.99]",
+            "model.max_seq_len=512",
+            "name=other",
+        ],
+    )
     assert cfg.schedule.stages[1].knobs["seq_len"] == 256
     assert str(cfg.train.duration) == "2000000 tok" and cfg.optimizer.lr == 1e-3
     assert cfg.optimizer.betas == (0.9, 0.99) and cfg.name == "other"
@@ -124,10 +157,26 @@ def test_defaults_alone_are_a_valid_config():
     assert cfg.model.vocab_size == cfg.data.tokenizer.vocab_size
 
 
-keys = st.sampled_from(["model.dim", "train.duration", "optimizer.warmup", "schedule.stages.0.seq_len",
-                        "eval.seq_lens", "data.val_fraction", "model.nope", "train", "optimizer.betas"])
-values = st.one_of(st.integers(-5, 5000), st.text(max_size=12), st.floats(allow_nan=True), st.none(),
-                   st.lists(st.integers(0, 3000), max_size=3))
+keys = st.sampled_from(
+    [
+        "model.dim",
+        "train.duration",
+        "optimizer.warmup",
+        "schedule.stages.0.seq_len",
+        "eval.seq_lens",
+        "data.val_fraction",
+        "model.nope",
+        "train",
+        "optimizer.betas",
+    ]
+)
+values = st.one_of(
+    st.integers(-5, 5000),
+    st.text(max_size=12),
+    st.floats(allow_nan=True),
+    st.none(),
+    st.lists(st.integers(0, 3000), max_size=3),
+)
 
 
 @settings(max_examples=150, deadline=None)
@@ -135,8 +184,9 @@ values = st.one_of(st.integers(-5, 5000), st.text(max_size=12), st.floats(allow_
 def test_fuzz_overrides_validate_or_raise_our_error(pairs):
     """Any override either validates or raises rampup's own error type, never anything else."""
     base = CONFIGS[0]
-    overrides = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
-                 for k, v in pairs]
+    overrides = [
+        f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}" for k, v in pairs
+    ]
     try:
         cfg = load_config(base, overrides)
     except RampupError:
@@ -157,14 +207,23 @@ def _leaf_keys(cls, prefix=()) -> list[tuple[str, ...]]:
 
 
 LEAVES = _leaf_keys(RunConfig)
-scalars = st.one_of(st.integers(-10, 10**6), st.floats(allow_nan=True, allow_infinity=True), st.booleans(),
-                    st.none(), st.text(max_size=10), st.sampled_from(["1M tok", "25%", "10 steps", "auto", "cpu",
-                                                                      "skip", "rollback", "stdlib", "fp32"]))
-values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                       st.dictionaries(st.text(max_size=5), inner, max_size=3)),
-                      max_leaves=6)
-paths = st.one_of(st.sampled_from(LEAVES), st.lists(st.sampled_from(["model", "train", "nonfinite", "x", "data"]),
-                                                     min_size=1, max_size=3).map(tuple))
+scalars = st.one_of(
+    st.integers(-10, 10**6),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(),
+    st.none(),
+    st.text(max_size=10),
+    st.sampled_from(["1M tok", "25%", "10 steps", "auto", "cpu", "skip", "rollback", "stdlib", "fp32"]),
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=5), inner, max_size=3)),
+    max_leaves=6,
+)
+paths = st.one_of(
+    st.sampled_from(LEAVES),
+    st.lists(st.sampled_from(["model", "train", "nonfinite", "x", "data"]), min_size=1, max_size=3).map(tuple),
+)
 
 
 def _tree(pairs) -> dict:
@@ -194,6 +253,7 @@ def test_fuzz_config_files_validate_or_raise_our_error(tmp_path, pairs):
         if isinstance(x, (list, tuple)):
             return all(finite(v) for v in x)
         return not isinstance(x, float) or math.isfinite(x)
+
     assert finite(cfg.model_dump())  # a validated config never holds NaN or infinity
 
 
@@ -201,6 +261,7 @@ def _takes_floats(path: tuple[str, ...]) -> bool:
     cls = RunConfig
     for key in path[:-1]:
         from rampup.config import _section_class
+
         cls = _section_class(cls.model_fields[key].annotation)
     return "float" in str(cls.model_fields[path[-1]].annotation)
 
@@ -216,9 +277,15 @@ def test_no_setting_takes_nan_or_infinity(tmp_path, path, value):
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(st.sampled_from(list("{}[]:,-!&*|>'\"#% \n\tab1.") + ["!!python/object/apply:os.system ", "model:",
-                                                                        "train:", "\n  ", "lr: ", "seed"]),
-                max_size=30).map("".join))
+@given(
+    st.lists(
+        st.sampled_from(
+            list("{}[]:,-!&*|>'\"#% \n\tab1.")
+            + ["!!python/object/apply:os.system ", "model:", "train:", "\n  ", "lr: ", "seed"]
+        ),
+        max_size=30,
+    ).map("".join)
+)
 def test_fuzz_raw_yaml_text_validates_or_raises_our_error(tmp_path, text):
     """Arbitrary text, tags that would run code under an unsafe loader included: never a crash."""
     path = tmp_path / "run.yaml"

@@ -1,4 +1,5 @@
 """Dataset decomposition and the bucket sampler: the paper's rule, the curriculum, exact resume."""
+
 from __future__ import annotations
 
 import hashlib
@@ -6,6 +7,7 @@ import json
 import subprocess
 import sys
 from collections import Counter
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -41,14 +43,17 @@ def digest(x: torch.Tensor, y: torch.Tensor) -> str:
 
 
 # ----------------------------------------------------------------------------- decomposition
-@pytest.mark.parametrize("length, expected, dropped", [
-    (1, [], 1),
-    (65, [(0, 6)], 0),                        # exactly 2^6 inputs + 1 target
-    (64, [], 64),                             # 63 inputs: shorter than the smallest bucket
-    (65 + 33, [(0, 6)], 33),                  # remainder 33 -> k = 5 < min_log2 = 6: dropped
-    (129 + 65 + 2, [(0, 7), (129, 6)], 2),    # the binary expansion, largest piece first
-    (1025, [(0, 10)], 0),
-])
+@pytest.mark.parametrize(
+    "length, expected, dropped",
+    [
+        (1, [], 1),
+        (65, [(0, 6)], 0),  # exactly 2^6 inputs + 1 target
+        (64, [], 64),  # 63 inputs: shorter than the smallest bucket
+        (65 + 33, [(0, 6)], 33),  # remainder 33 -> k = 5 < min_log2 = 6: dropped
+        (129 + 65 + 2, [(0, 7), (129, 6)], 2),  # the binary expansion, largest piece first
+        (1025, [(0, 10)], 0),
+    ],
+)
 def test_binary_expansion_of_one_document(length, expected, dropped):
     pieces, rest = decompose_document(length, 6, 10)
     assert pieces == expected and rest == dropped
@@ -65,7 +70,8 @@ def test_long_documents_draw_buckets_with_the_papers_odds():
         assert rest <= 1 << 8  # cut until what is left is shorter than the smallest bucket
         offsets = [o for o, _ in pieces]
         assert offsets == sorted(offsets) and all(
-            b - a == (1 << k) + 1 for (a, k), (b, _) in zip(pieces, pieces[1:]))  # no overlap, no gap
+            b - a == (1 << k) + 1 for (a, k), (b, _) in pairwise(pieces)
+        )  # no overlap, no gap
         ks += [k for _, k in pieces]
     counts = np.bincount(ks, minlength=14)[8:]
     # the draws dominate: empirical odds match P(k) within a few percent of the draws
@@ -81,13 +87,13 @@ def test_buckets_of_a_real_corpus(folder, train):
     doc_of = np.full_like(seen, -1)
     for d, (shard, start, length) in enumerate(train.index.tolist()):
         assert shard == 0
-        doc_of[start:start + length] = d
+        doc_of[start : start + length] = d
     for k in b.ks:
         rows = b.rows(k, np.arange(b.counts()[k]))
         assert rows.shape == (b.counts()[k], (1 << k) + 1)
         # no end-of-text among the inputs: a sequence never crosses a document boundary
         assert not (rows[:, :-1] == train.eot_id).any()
-        for shard, start in b.starts[k].tolist():
+        for _shard, start in b.starts[k].tolist():
             span = slice(start, start + (1 << k) + 1)
             assert len(set(doc_of[span].tolist())) == 1
             seen[span] += 1
@@ -108,8 +114,7 @@ def test_odds_presets():
 
 
 def schedule(stages, total="400 steps", batch_tokens=1024, seq_len=256) -> Schedule:
-    cfg = ScheduleConfig.model_validate({"knobs": {"batch_tokens": batch_tokens, "seq_len": seq_len},
-                                         "stages": stages})
+    cfg = ScheduleConfig.model_validate({"knobs": {"batch_tokens": batch_tokens, "seq_len": seq_len}, "stages": stages})
     return Schedule.build(cfg, total=Duration.parse(total))
 
 
@@ -118,7 +123,7 @@ def test_cycles_grow_from_short_to_long_and_use_each_bucket_evenly():
     sch = schedule([{"bucket_odds": "grow-p2"}])
     cur = BucketCurriculum(counts, seed=0, cycles=4, run_tokens=sch.total_tokens)
     ks, cycles = [], []
-    for sp in sch.steps():
+    for _ in sch.steps():
         ks.append(cur.choose(1024, "grow-p2")[0])
         cycles.append(cur.cycle)
     ks, cycles = np.array(ks), np.array(cycles)
@@ -145,8 +150,9 @@ def test_plan_time_errors():
     with pytest.raises(DataError, match="repeat: true"):  # the run needs more than the buckets hold
         plan_buckets(counts, schedule([{}], total="100 steps"), seed=0, cycles=2)
     with pytest.raises(ConfigError, match="not divisible by the longest bucket"):
-        plan_buckets({5: 4000, 6: 2000, 7: 1000, 8: 500}, schedule([{}], total="4 steps", batch_tokens=1000),
-                     seed=0, cycles=2)
+        plan_buckets(
+            {5: 4000, 6: 2000, 7: 1000, 8: 500}, schedule([{}], total="4 steps", batch_tokens=1000), seed=0, cycles=2
+        )
     with pytest.raises(ConfigError, match="one value per bucket"):
         plan_buckets({5: 4000, 6: 2000}, schedule([{"bucket_odds": [1, 2, 3]}], total="4 steps"), seed=0, cycles=1)
     ks = plan_buckets(counts, schedule([{}], total="100 steps"), seed=0, cycles=2, repeat=True)
@@ -158,8 +164,7 @@ def test_sampler_serves_each_sequence_once_per_epoch(folder, train):
     total = sum(buckets.tokens().values())
     sampler = BucketSampler(buckets, seed=1, cycles=3, run_tokens=total, repeat=True)
     # Some stdlib files share text (licence headers), so compare multisets of rows, not sets.
-    available = {k: Counter(r.tobytes() for r in buckets.rows(k, np.arange(n)))
-                 for k, n in buckets.counts().items()}
+    available = {k: Counter(r.tobytes() for r in buckets.rows(k, np.arange(n))) for k, n in buckets.counts().items()}
     served: dict[int, Counter] = {k: Counter() for k in buckets.ks}
     batch = 1024
     while True:
@@ -200,10 +205,13 @@ def test_bucket_sampler_resumes_in_a_fresh_process(folder, train):
     state = json.loads(json.dumps(sampler.state_dict()))
     after = [digest(*sampler.next_batch_tokens(1024, odds(i))) for i in range(40)]
     assert len(set(after)) == 40
-    out = subprocess.run([sys.executable, "-c", RESUME_SCRIPT, str(folder), json.dumps(state), "40"],
-                         capture_output=True, text=True, check=True).stdout.split("\n")
+    out = subprocess.run(
+        [sys.executable, "-c", RESUME_SCRIPT, str(folder), json.dumps(state), "40"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\n")
     assert out[:40] == after
     assert json.loads(out[40]) == sampler.state_dict()
     with pytest.raises(ConfigError, match="other buckets, cycles or run length"):
-        BucketSampler(get_buckets(folder, 5, 8, train), seed=11, cycles=5,
-                      run_tokens=300 * 1024).load_state_dict(state)
+        BucketSampler(get_buckets(folder, 5, 8, train), seed=11, cycles=5, run_tokens=300 * 1024).load_state_dict(state)

@@ -1,4 +1,5 @@
 """Preparing corpora: text folders, JSONL and Parquet into token shards, cached by settings."""
+
 from __future__ import annotations
 
 import hashlib
@@ -10,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pydantic
 import pytest
-from conftest import run_rampup
 
+from conftest import run_rampup
 from rampup.data import (
     EOT,
     DataConfig,
@@ -26,16 +27,17 @@ from rampup.data import (
 from rampup.data.prepare import describe_prepared
 from rampup.errors import DataError
 
-WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu def class return "
-         "import for while if else print(x) = + - * ( ) : , . ü € 日本").split()
+WORDS = (
+    "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu def class return "
+    "import for while if else print(x) = + - * ( ) : , . ü € 日本"
+).split()
 
 
 def make_texts(n: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     texts = []
     for i in range(n):
-        lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 12)))
-                 for _ in range(rng.randint(1, 8))]
+        lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 12))) for _ in range(rng.randint(1, 8))]
         texts.append(f"doc {i}\n" + "\n".join(lines) + "\n")
     return texts
 
@@ -185,8 +187,7 @@ def test_cache_is_reused_and_keyed_by_settings(text_folder, tmp_path: Path) -> N
     stamp = (first / "meta.json").stat().st_mtime_ns, (first / "train_0000.bin").stat().st_mtime_ns
     again = prepare(cfg_for(root, cache))
     assert again == first
-    assert ((first / "meta.json").stat().st_mtime_ns,
-            (first / "train_0000.bin").stat().st_mtime_ns) == stamp
+    assert ((first / "meta.json").stat().st_mtime_ns, (first / "train_0000.bin").stat().st_mtime_ns) == stamp
     changed = {
         prepare(cfg_for(root, cache, vocab_size=320)),
         prepare(cfg_for(root, cache, val_fraction=0.1)),
@@ -213,8 +214,10 @@ def test_loaded_tokenizer_gives_the_same_tokens(text_folder, tmp_path: Path) -> 
     trained = prepare(cfg_for(root, tmp_path / "a"))
     loaded = prepare(cfg_for(root, tmp_path / "b", tokenizer_path=trained / "tokenizer.json"))
     for split in ("train", "val"):
-        assert (np.fromfile(trained / f"{split}_0000.bin", np.uint16)
-                == np.fromfile(loaded / f"{split}_0000.bin", np.uint16)).all()
+        assert (
+            np.fromfile(trained / f"{split}_0000.bin", np.uint16)
+            == np.fromfile(loaded / f"{split}_0000.bin", np.uint16)
+        ).all()
 
 
 def test_bad_tokenizer_files(text_folder, tmp_path: Path) -> None:
@@ -241,11 +244,14 @@ def test_empty_corpus(tmp_path: Path) -> None:
         prepare(cfg_for(tmp_path / "corpus", tmp_path / "cache"))
 
 
-@pytest.mark.parametrize("line, message", [
-    ("{not json", r"bad\.jsonl:2: not valid JSON"),
-    ('{"body": "x"}', r"bad\.jsonl:2: no 'text' field.*data\.text_field"),
-    ('{"text": 3}', r"bad\.jsonl:2: field 'text' is int"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("{not json", r"bad\.jsonl:2: not valid JSON"),
+        ('{"body": "x"}', r"bad\.jsonl:2: no 'text' field.*data\.text_field"),
+        ('{"text": 3}', r"bad\.jsonl:2: field 'text' is int"),
+    ],
+)
 def test_bad_jsonl_line(tmp_path: Path, line: str, message: str) -> None:
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n' + line + "\n")
     with pytest.raises(DataError, match=message):
@@ -265,8 +271,11 @@ def test_index_past_shard_end_is_reported(text_folder, tmp_path: Path) -> None:
     index = np.load(folder / "train_docs.npy")
     index[-1, 2] += 5
     np.save(folder / "train_docs.npy", index)
-    with pytest.raises(DataError, match=r"train_docs\.npy, row \d+: .*offset \d+ past the end of "
-                                        r".*train_0000\.bin"):
+    with pytest.raises(
+        DataError,
+        match=r"train_docs\.npy, row \d+: .*offset \d+ past the end of "
+        r".*train_0000\.bin",
+    ):
         TokenDataset.open(folder, "train")
 
 
@@ -286,6 +295,7 @@ def test_flipped_shard_byte_fails_its_checksum(text_folder, tmp_path: Path) -> N
 
     def flip(blob):  # the low bit of the first token: still a valid id, the index checks still pass
         blob[0] ^= 0x01
+
     _shard_bytes(folder, flip)
     with pytest.raises(DataError, match=r"shard .*train_0000\.bin does not match its sha256 .*verify_checksums"):
         TokenDataset.open(folder, "train")
@@ -299,8 +309,11 @@ def test_truncated_shard_is_named_with_its_offset(text_folder, tmp_path: Path) -
     size = (folder / "train_0000.bin").stat().st_size
     with open(folder / "train_0000.bin", "r+b") as f:
         f.truncate(size - 10)
-    with pytest.raises(DataError, match=rf"train_0000\.bin has {size - 10} bytes, meta.json says {size} .*"
-                                        rf"cut short at byte offset {size - 10}"):
+    with pytest.raises(
+        DataError,
+        match=rf"train_0000\.bin has {size - 10} bytes, meta.json says {size} .*"
+        rf"cut short at byte offset {size - 10}",
+    ):
         TokenDataset.open(folder, "train", verify=False)  # a size check: always on
 
 
@@ -314,8 +327,11 @@ def test_token_outside_the_vocabulary_is_named_with_file_and_offset(text_folder,
     tokens.tofile(folder / "train_0000.bin")
     meta["splits"]["train"]["shards"][0]["sha256"] = hashlib.sha256(tokens.tobytes()).hexdigest()
     (folder / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(DataError, match=rf"train_0000\.bin: token id {meta['vocab_size'] + 5} at token offset 17 "
-                                        rf"\(byte 34\) is outside the vocabulary of {meta['vocab_size']}"):
+    with pytest.raises(
+        DataError,
+        match=rf"train_0000\.bin: token id {meta['vocab_size'] + 5} at token offset 17 "
+        rf"\(byte 34\) is outside the vocabulary of {meta['vocab_size']}",
+    ):
         TokenDataset.open(folder, "train")
 
 
@@ -358,8 +374,10 @@ def test_undecodable_inputs_are_skipped_counted_or_refused(tmp_path: Path, mode:
     assert meta["n_empty_docs"] == 1
     if mode == "skip":
         assert n_docs == 7 and meta["n_undecodable"] == 2
-        assert meta["undecodable"] == [f"{tmp_path / 'corpus' / 'docs.jsonl'}:2 (byte 31)",
-                                       f"{tmp_path / 'corpus' / 'latin1.txt'} (byte 3)"]
+        assert meta["undecodable"] == [
+            f"{tmp_path / 'corpus' / 'docs.jsonl'}:2 (byte 31)",
+            f"{tmp_path / 'corpus' / 'latin1.txt'} (byte 3)",
+        ]
         assert any("2 undecodable inputs" in line for line in describe_prepared(meta))
     else:
         assert n_docs == 9 and meta["n_undecodable"] == 0
@@ -368,9 +386,19 @@ def test_undecodable_inputs_are_skipped_counted_or_refused(tmp_path: Path, mode:
 def test_prepare_command_reports_what_it_left_out(tmp_path: Path) -> None:
     _undecodable_corpus(tmp_path / "corpus")
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(json.dumps({"model": {"vocab_size": 300}, "data": {
-        "source": str(tmp_path / "corpus"), "cache_dir": str(tmp_path / "cache"),
-        "buckets": {"min_log2": 2, "max_log2": 4}}, "schedule": {"stages": [{"seq_len": 16}]}}))
+    cfg.write_text(
+        json.dumps(
+            {
+                "model": {"vocab_size": 300},
+                "data": {
+                    "source": str(tmp_path / "corpus"),
+                    "cache_dir": str(tmp_path / "cache"),
+                    "buckets": {"min_log2": 2, "max_log2": 4},
+                },
+                "schedule": {"stages": [{"seq_len": 16}]},
+            }
+        )
+    )
     res = run_rampup("prepare", str(cfg))
     assert res.returncode == 0, res.stderr
     assert "skipped: 1 empty documents, 0 binary files, 2 undecodable inputs" in res.stdout
@@ -415,8 +443,9 @@ def test_hf_datasets_folder_is_read_as_its_arrow_files(tmp_path: Path) -> None:
         prepare(cfg_for(tmp_path / "one", tmp_path / "cache", text_field="body", split="train"))
 
     other = make_texts(8, seed=3)
-    DatasetDict({"train": Dataset.from_dict({"text": texts}), "test": Dataset.from_dict({"text": other})}
-                ).save_to_disk(str(tmp_path / "dict"))
+    DatasetDict({"train": Dataset.from_dict({"text": texts}), "test": Dataset.from_dict({"text": other})}).save_to_disk(
+        str(tmp_path / "dict")
+    )
     with pytest.raises(DataError, match=r"DatasetDict with splits train, test; set data.split"):
         prepare(cfg_for(tmp_path / "dict", tmp_path / "cache"))
     with pytest.raises(DataError, match=r"data.split 'validation' is not a split of .*its splits: train, test"):
@@ -439,7 +468,9 @@ def test_mostly_unreadable_folder_names_what_it_skipped(tmp_path: Path) -> None:
     (src / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\0" + bytes(range(256)) * 40)
     meta = read_meta(prepare(cfg_for(src, tmp_path / "cache")))
     lines = " ".join(describe_prepared(meta))
-    assert re.search(r"only 0\.\d% of the .* is readable text: skipped weights\.bin \(97\.7 KiB\), logo\.png", lines), lines
+    assert re.search(r"only 0\.\d% of the .* is readable text: skipped weights\.bin \(97\.7 KiB\), logo\.png", lines), (
+        lines
+    )
     text = tmp_path / "text"
     text.mkdir()
     (text / "a.txt").write_text("only text here " * 100)
@@ -448,18 +479,21 @@ def test_mostly_unreadable_folder_names_what_it_skipped(tmp_path: Path) -> None:
 
 def test_plan_warns_when_the_budget_repeats_a_small_corpus(tmp_path: Path, capsys) -> None:
     from conftest import tiny_tree, write_config
-
     from rampup.cli import main
 
     src = tmp_path / "docs"
     src.mkdir()
     for i, t in enumerate(make_texts(20)):
         (src / f"{i}.txt").write_text(t)
-    small = write_config(tmp_path / "small.yaml", tiny_tree(tmp_path / "cache", tmp_path / "out",
-                                                            data={"source": str(src), "max_files": None}))
+    small = write_config(
+        tmp_path / "small.yaml",
+        tiny_tree(tmp_path / "cache", tmp_path / "out", data={"source": str(src), "max_files": None}),
+    )
     assert main(["plan", str(small), "--no-time", "--png", str(tmp_path / "p.png")]) == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert re.search(r"warning: the run's 81,920 tokens are over \d+ epochs of .*docs \(at most [\d,]+ tokens", out), out
+    assert re.search(r"warning: the run's 81,920 tokens are over \d+ epochs of .*docs \(at most [\d,]+ tokens", out), (
+        out
+    )
     assert main(["prepare", str(small)]) == 0
     capsys.readouterr()
     assert main(["plan", str(small), "--no-time", "--png", str(tmp_path / "p.png")]) == 0

@@ -1,4 +1,5 @@
 """Samplers: batch shapes, exact token coverage per epoch, shuffling, and exact resume."""
+
 from __future__ import annotations
 
 import hashlib
@@ -38,8 +39,9 @@ def folder(tmp_path_factory) -> Path:
     for i in range(40):
         n = rng.randint(3, 120)  # documents of very different lengths
         (root / f"{i:02d}.txt").write_text(" ".join(rng.choice(words) for _ in range(n)))
-    cfg = DataConfig(source=str(root), cache_dir=str(root / ".cache"), val_fraction=0.2,
-                     tokenizer=TokenizerConfig(vocab_size=300))
+    cfg = DataConfig(
+        source=str(root), cache_dir=str(root / ".cache"), val_fraction=0.2, tokenizer=TokenizerConfig(vocab_size=300)
+    )
     return prepare(cfg)
 
 
@@ -85,9 +87,9 @@ def locate(stream: np.ndarray, row: np.ndarray, W: int) -> int:
     """Start of ``row`` in ``stream`` among block-aligned candidates (a piece never crosses a block)."""
     n_blocks = (len(stream) - 1) // W
     for j in range(n_blocks):
-        block = stream[j * W:j * W + W + 1]
+        block = stream[j * W : j * W + W + 1]
         for off in range(0, W - len(row) + 2):
-            if (block[off:off + len(row)] == row).all():
+            if (block[off : off + len(row)] == row).all():
                 return j * W + off
     raise AssertionError("row is not a piece of any block")
 
@@ -119,7 +121,7 @@ def test_staged_serves_each_token_once_per_epoch_when_seq_len_divides_block(trai
     for rows in seen:
         for row in rows:
             start = locate(stream, row, W)
-            covered[start:start + len(row) - 1] += 1
+            covered[start : start + len(row) - 1] += 1
     assert covered[:per_epoch].tolist() == [1] * per_epoch  # every token of the epoch's blocks, once
     assert sampler.epoch == 0 and sampler.tokens_served == per_epoch
 
@@ -142,8 +144,7 @@ def reference_pieces(ds: TokenDataset, seed: int, W: int, shapes) -> list[tuple[
 
 
 @settings(max_examples=20, deadline=None)
-@given(st.lists(st.tuples(st.integers(1, 24), st.integers(1, 5)), min_size=1, max_size=10),
-       st.integers(0, 2**32 - 1))
+@given(st.lists(st.tuples(st.integers(1, 24), st.integers(1, 5)), min_size=1, max_size=10), st.integers(0, 2**32 - 1))
 def test_staged_pieces_follow_the_block_rule(train: TokenDataset, shapes, seed: int) -> None:
     W = 24
     sampler = StagedSampler(train, seed, block_len=W)
@@ -154,9 +155,9 @@ def test_staged_pieces_follow_the_block_rule(train: TokenDataset, shapes, seed: 
         x, y = sampler.next_batch(seq_len, b)
         for row in torch.cat([x, y[:, -1:]], 1).numpy():
             epoch, start, n = next(expected)
-            assert (row == streams[epoch][start:start + n + 1]).all()
+            assert (row == streams[epoch][start : start + n + 1]).all()
             assert start // W == (start + n - 1) // W  # inside one block
-            used[epoch][start:start + n] += 1
+            used[epoch][start : start + n] += 1
     assert max(u.max() for u in used.values()) <= 1  # no token twice in an epoch
 
 
@@ -170,16 +171,16 @@ def test_fixed_windows_cover_the_epoch_in_shuffled_order(train: TokenDataset) ->
     sampler = FixedSampler(train, seed=1, seq_len=T)
     W = (train.n_tokens - 1) // T
     stream0, stream1 = epoch_stream(train, 1, 0), epoch_stream(train, 1, 1)
-    windows0 = {stream0[i * T:i * T + T + 1].tobytes(): i for i in range(W)}
+    windows0 = {stream0[i * T : i * T + T + 1].tobytes(): i for i in range(W)}
     rows = []
     while len(rows) < W:
         x, y = sampler.next_batch(T, B)
-        rows += [torch.cat([xi, yi[-1:]]).numpy() for xi, yi in zip(x, y)]
+        rows += [torch.cat([xi, yi[-1:]]).numpy() for xi, yi in zip(x, y, strict=True)]
     starts = [windows0[r.tobytes()] for r in rows[:W]]
     assert sorted(starts) == list(range(W))  # every window of epoch 0 exactly once
     assert starts != sorted(starts)  # ... in a shuffled order
     assert sampler.epoch == 1
-    windows1 = {stream1[i * T:i * T + T + 1].tobytes() for i in range(W)}
+    windows1 = {stream1[i * T : i * T + T + 1].tobytes() for i in range(W)}
     assert all(r.tobytes() in windows1 for r in rows[W:])  # then epoch 1's own permutation
     with pytest.raises(ConfigError, match="data.sampler: staged"):
         sampler.next_batch(T + 1, B)
@@ -204,12 +205,14 @@ print(json.dumps(sampler.state_dict()))
 """
 
 
-@pytest.mark.parametrize("kind, shapes", [
-    ("staged", [(64, 4), (64, 2), (5, 9), (8, 3)] * 8),
-    ("fixed", [(16, 7)] * 30),
-])
-def test_resume_in_a_fresh_process_matches(kind: str, shapes, folder: Path,
-                                           train: TokenDataset) -> None:
+@pytest.mark.parametrize(
+    "kind, shapes",
+    [
+        ("staged", [(64, 4), (64, 2), (5, 9), (8, 3)] * 8),
+        ("fixed", [(16, 7)] * 30),
+    ],
+)
+def test_resume_in_a_fresh_process_matches(kind: str, shapes, folder: Path, train: TokenDataset) -> None:
     sampler = build_sampler(kind, train, seed=7, seq_len=shapes[0][0])
     n = 9  # mid-epoch for both; the batches after it cross into the next epoch
     for seq_len, b in shapes[:n]:
@@ -219,11 +222,12 @@ def test_resume_in_a_fresh_process_matches(kind: str, shapes, folder: Path,
     uninterrupted = [digest(*sampler.next_batch(s, b)) for s, b in shapes[n:]]
 
     out = subprocess.run(
-        [sys.executable, "-c", RESUME_SCRIPT, str(folder), kind, json.dumps(state),
-         json.dumps(shapes[n:])],
-        capture_output=True, text=True, check=True,
+        [sys.executable, "-c", RESUME_SCRIPT, str(folder), kind, json.dumps(state), json.dumps(shapes[n:])],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split("\n")
-    assert out[:len(uninterrupted)] == uninterrupted
+    assert out[: len(uninterrupted)] == uninterrupted
     assert json.loads(out[len(uninterrupted)]) == sampler.state_dict()
     assert sampler.epoch >= 1  # the batches after the save crossed an epoch boundary
 
@@ -246,7 +250,7 @@ def test_eval_windows(folder: Path) -> None:
     stream = np.concatenate([val.doc(i) for i in range(val.n_docs)]).astype(np.int64)
     assert w.shape == ((val.n_tokens - 1) // T, T + 1) and w.dtype == torch.int64
     for i in range(len(w)):
-        assert (w[i].numpy() == stream[i * T:i * T + T + 1]).all()
+        assert (w[i].numpy() == stream[i * T : i * T + T + 1]).all()
     assert torch.equal(w, eval_windows(val, T, max_tokens=10**6))
     assert eval_windows(val, T, max_tokens=3 * T).shape == (3, T + 1)
     with pytest.raises(DataError, match="val_fraction"):

@@ -1,5 +1,6 @@
 """The engine's parts: model adapter, tasks and batches, optimizer groups, honest FLOPs, the package's
 import structure."""
+
 import ast
 from pathlib import Path
 
@@ -42,7 +43,9 @@ def test_hidden_states_at_chosen_layers_are_the_blocks_outputs():
     b = Batch(tokens(), tokens(), {})
     got = a.hidden_states(b, [0, 2, 3])
     seen = {}
-    hooks = [blk.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, o)) for n, blk in enumerate(a.module.layers)]
+    hooks = [
+        blk.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, o)) for n, blk in enumerate(a.module.layers)
+    ]
     final = a.module.forward_hidden(b.inputs)
     for h in hooks:
         h.remove()
@@ -86,10 +89,21 @@ def test_hf_state_dict_round_trip_and_parity_with_llama():
     hand = {k: v for k, v in to_hf_state(a.module).items()}
     assert set(hf_sd) == set(hand) and all(torch.equal(hf_sd[k], hand[k]) for k in hand)
     cfg = a.cfg
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_base,
-        tie_word_embeddings=False, attn_implementation="eager")).eval()
+    hf = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=100,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            rms_norm_eps=cfg.norm_eps,
+            rope_theta=cfg.rope_base,
+            tie_word_embeddings=False,
+            attn_implementation="eager",
+        )
+    ).eval()
     hf.load_state_dict(hf_sd, strict=True)
     x = tokens()
     with torch.no_grad():
@@ -118,7 +132,9 @@ def test_supports_names_the_knobs_it_honours():
     from rampup.schedule.registry import KNOBS
 
     a = adapter()
-    assert all(a.supports(k) for k in KNOBS if k != "temperature")  # temperature: tests/unit/engine/test_seams.py's own knob
+    assert all(
+        a.supports(k) for k in KNOBS if k != "temperature"
+    )  # temperature: tests/unit/engine/test_seams.py's own knob
     assert not a.supports("no_such_knob")
 
 
@@ -136,8 +152,9 @@ def test_document_spans_are_built_on_the_host_and_match_segments():
     assert isinstance(b.extra["spans"], DocumentSpans)  # plain ints: the forward pass reads no device tensor
     torch.testing.assert_close(a.module(x, spans=b.extra["spans"]), a.module(x, segments=segment_ids(x, 7)))
     part = b.slice(1, 3)  # a micro-batch keeps its rows' documents
-    torch.testing.assert_close(a.module(x[1:3], spans=part.extra["spans"]),
-                               a.module(x[1:3], segments=segment_ids(x[1:3], 7)))
+    torch.testing.assert_close(
+        a.module(x[1:3], spans=part.extra["spans"]), a.module(x[1:3], segments=segment_ids(x[1:3], 7))
+    )
     assert task.doc_lengths(b) == [[6, 18], [6, 18], [12, 12], [24]]
     assert "spans" not in task.make_batch(x, x, training=False).extra  # evaluation: whole windows
 
@@ -203,7 +220,8 @@ def test_flops_count_windows_and_documents():
     assert flops_per_token(cfg, T, patterns=pats) == pytest.approx(dense + 12 * cfg.dim * sum(keys) / T)
     sinks = Pattern(w, 4)
     assert flops_per_token(cfg, T, patterns=[sinks] * 3) == pytest.approx(
-        dense + 12 * cfg.dim * 3 * int(pattern_mask(T, sinks).sum()) / T)
+        dense + 12 * cfg.dim * 3 * int(pattern_mask(T, sinks).sum()) / T
+    )
     docs = [[10, 54], [64]]
     pairs = 3 * sum(L * (L + 1) // 2 for r in docs for L in r)
     assert flops_per_token(cfg, T, doc_lengths=docs) == pytest.approx(dense + 12 * cfg.dim * pairs / 128)

@@ -1,10 +1,11 @@
 """The logger seam: metrics.jsonl is canonical; TensorBoard and Weights & Biases (offline, no network)
 mirror the same numbers through one interface."""
+
 import json
 
 import pytest
-from conftest import tiny_tree
 
+from conftest import tiny_tree
 from rampup.config import RunConfig
 from rampup.engine.loggers import scalars
 from rampup.engine.records import read_metrics
@@ -18,8 +19,12 @@ def test_tensorboard_and_wandb_offline_mirror_the_metrics_file(data_cache, tmp_p
 
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "out"
-    tree = tiny_tree(data_cache, out, train={"duration": "6 steps", "checkpoint_every": None},
-                     log={"progress": "off", "tensorboard": True, "wandb": "offline"})
+    tree = tiny_tree(
+        data_cache,
+        out,
+        train={"duration": "6 steps", "checkpoint_every": None},
+        log={"progress": "off", "tensorboard": True, "wandb": "offline"},
+    )
     summary = train(RunConfig.model_validate(tree))
     steps = [r for r in read_metrics(out / "metrics.jsonl") if r["event"] == "step"]
 
@@ -33,7 +38,9 @@ def test_tensorboard_and_wandb_offline_mirror_the_metrics_file(data_cache, tmp_p
     history = wandb_history(record)
     logged = [h for h in history if "train/loss" in h]
     assert [(h["tokens"], h["train/loss"]) for h in logged] == [(r["tokens"], pytest.approx(r["loss"])) for r in steps]
-    assert [h["eval/loss@256"] for h in history if "eval/loss@256" in h][-1] == pytest.approx(summary["val_loss"]["256"])
+    assert [h["eval/loss@256"] for h in history if "eval/loss@256" in h][-1] == pytest.approx(
+        summary["val_loss"]["256"]
+    )
 
 
 def wandb_history(path):
@@ -48,11 +55,11 @@ def wandb_history(path):
         if left < 7:  # a block's tail too short for a chunk header is padding
             pos += left
             continue
-        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
         if kind == 0 and length == 0:
             pos += left
             continue
-        chunk = data[pos + 7:pos + 7 + length]
+        chunk = data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind == 1:
             records.append(chunk)
@@ -70,9 +77,19 @@ def wandb_history(path):
             rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
     return rows
 
+
 def test_mirrors_take_the_numbers_of_each_record_and_nothing_else():
-    rec = {"event": "step", "step": 3, "tokens": 96, "loss": 2.5, "lr": 1e-3, "stage_name": "short",
-           "compiled": True, "wall": 1.7e9, "grad_norm": float("nan")}
+    rec = {
+        "event": "step",
+        "step": 3,
+        "tokens": 96,
+        "loss": 2.5,
+        "lr": 1e-3,
+        "stage_name": "short",
+        "compiled": True,
+        "wall": 1.7e9,
+        "grad_norm": float("nan"),
+    }
     assert scalars(rec) == {"train/loss": 2.5, "train/lr": 1e-3}
     assert scalars({"event": "eval", "tokens": 9, "seq_len": 64, "loss": 3.0}) == {"eval/loss@64": 3.0}
     assert scalars({"event": "stage", "tokens": 0}) == {}

@@ -1,5 +1,6 @@
 """A checkpoint written before the layout refactor (benchmarks/weights_identity.py --fixture, at the parent
 commit) resumes on today's code and ends on the weights its uninterrupted run ended on, bitwise."""
+
 from __future__ import annotations
 
 import hashlib

@@ -71,7 +71,7 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
     model2, opt2 = _trained(seed=1)
     ck = load_checkpoint(latest_checkpoint(tmp_path), model2, opt2)
     assert ck.state["progress"]["step"] == 7
-    for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
+    for a, b in zip(model.state_dict().values(), model2.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     s1, s2 = opt.state_dict(), opt2.state_dict()
     for k in s1["state"]:
@@ -114,6 +114,7 @@ except CheckpointWriteError as e:
 def _file_size_limit(limit: int):
     def apply() -> None:  # in the child: writes past `limit` bytes fail with EFBIG (Python ignores SIGXFSZ)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
     return apply
 
 
@@ -125,12 +126,17 @@ def test_failed_write_keeps_the_last_good_checkpoint(tmp_path, fmt):
     assert ok.returncode == 0, ok.stderr
     first = tmp_path / "step_0000001"
     before = {f: f.read_bytes() for f in first.rglob("*") if f.is_file()}
-    res = subprocess.run([sys.executable, "-c", _SAVE_SCRIPT, str(tmp_path), "2", fmt], capture_output=True, text=True,
-                         preexec_fn=_file_size_limit(100_000))
+    res = subprocess.run(
+        [sys.executable, "-c", _SAVE_SCRIPT, str(tmp_path), "2", fmt],
+        capture_output=True,
+        text=True,
+        preexec_fn=_file_size_limit(100_000),
+    )
     assert res.returncode == 4, res.stderr
     # torch.save (DCP's shard writer) reports the short write as a position mismatch, not EFBIG
     assert "could not write the checkpoint of step 2" in res.stderr and (
-        "File too large" in res.stderr if fmt == "single" else "unexpected pos" in res.stderr)
+        "File too large" in res.stderr if fmt == "single" else "unexpected pos" in res.stderr
+    )
     assert "step_0000001, is intact" in res.stderr and "--resume" in res.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_0000001"]  # no temporary folder left
     assert {f: f.read_bytes() for f in first.rglob("*") if f.is_file()} == before
@@ -186,7 +192,9 @@ def test_nonfinite_weights_are_never_written(tmp_path):
     with pytest.raises(NonFiniteError, match=r"step 2: layers\.0\.attn\.q_proj\.weight hold NaN or inf"):
         save_checkpoint(tmp_path, 2, model, opt, {})
     assert list_checkpoints(tmp_path) == [first] and sorted(p.name for p in tmp_path.iterdir()) == [
-        "latest", "step_0000001"]
+        "latest",
+        "step_0000001",
+    ]
 
 
 def test_partial_writes_are_cleaned_up(tmp_path):
@@ -228,10 +236,16 @@ def test_nothing_is_ever_unpickled():
 
     import rampup
 
-    unsafe = re.compile(r"\bpickle\b|\bmarshal\b|torch\.load\((?![^)]*weights_only=True)|"
-                        r"np\.load\((?![^)]*allow_pickle=False)|yaml\.(load|unsafe_load|full_load)\(|yaml\.(Unsafe)?Loader")
-    found = [f"{path.name}:{n}: {line.strip()}" for path in Path(rampup.__file__).parent.rglob("*.py")
-             for n, line in enumerate(path.read_text().splitlines(), 1) if unsafe.search(line)]
+    unsafe = re.compile(
+        r"\bpickle\b|\bmarshal\b|torch\.load\((?![^)]*weights_only=True)|"
+        r"np\.load\((?![^)]*allow_pickle=False)|yaml\.(load|unsafe_load|full_load)\(|yaml\.(Unsafe)?Loader"
+    )
+    found = [
+        f"{path.name}:{n}: {line.strip()}"
+        for path in Path(rampup.__file__).parent.rglob("*.py")
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if unsafe.search(line)
+    ]
     assert [f for f in found if not f.startswith("sharded.py:")] == []
     sharded_src = (Path(rampup.__file__).parent / "engine" / "checkpoint" / "sharded.py").read_text()
     assert "pickle.load(" not in sharded_src and "pickle.loads(" not in sharded_src
@@ -248,8 +262,7 @@ def _sharded(tmp_path, step, model, opt, parts=None, keep=None):
     from rampup.engine.checkpoint.sharded import save_sharded
     from rampup.engine.distributed import Dist
 
-    return save_sharded(tmp_path, step, model, opt, {"progress": {"step": step}}, Dist(), keep=keep,
-                        parts=parts or {})
+    return save_sharded(tmp_path, step, model, opt, {"progress": {"step": step}}, Dist(), keep=keep, parts=parts or {})
 
 
 def test_sharded_checkpoint_round_trip_is_exact_and_reads_like_the_single_file_format(tmp_path):
@@ -266,7 +279,10 @@ def test_sharded_checkpoint_round_trip_is_exact_and_reads_like_the_single_file_f
     path = _sharded(tmp_path / "dcp", 7, model, opt, parts=ema)
     single = save_checkpoint(tmp_path / "single", 7, model, opt, {})
     assert sorted(json.loads((path / "manifest.json").read_text())["files"]) == [
-        "dcp/.metadata", "dcp/__0_0.distcp", "state.json"]
+        "dcp/.metadata",
+        "dcp/__0_0.distcp",
+        "state.json",
+    ]
     a, b = model_tensors(path), model_tensors(single)
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)  # tied head/embedding once in both
     assert model_shapes(path) == model_shapes(single)
@@ -274,9 +290,10 @@ def test_sharded_checkpoint_round_trip_is_exact_and_reads_like_the_single_file_f
     model2, opt2 = _trained(seed=1)
     ck = load_checkpoint(path, model2, opt2)
     assert torch.equal(torch.rand(3), expected_draw)  # the RNG state of the save
-    assert ck.state["progress"]["step"] == 7 and torch.equal(ck.part_tensors["ema.tok_emb.weight"],
-                                                              ema["ema.tok_emb.weight"])
-    for x, y in zip(model.state_dict().values(), model2.state_dict().values()):
+    assert ck.state["progress"]["step"] == 7 and torch.equal(
+        ck.part_tensors["ema.tok_emb.weight"], ema["ema.tok_emb.weight"]
+    )
+    for x, y in zip(model.state_dict().values(), model2.state_dict().values(), strict=True):
         assert torch.equal(x, y)
     assert model2.lm_head.weight is model2.tok_emb.weight  # still tied after the load
     s1, s2 = opt.state_dict(), opt2.state_dict()
@@ -312,7 +329,10 @@ def test_sharded_checkpoints_refuse_nonfinite_weights_and_another_model(tmp_path
     model, opt = _trained()
     first = _sharded(tmp_path, 1, model, opt, keep=3)
     other = DecoderLM(ModelConfig(vocab_size=64, dim=64, n_layers=1, n_heads=2, max_seq_len=16))
-    with pytest.raises(CheckpointError, match=r"does not fit this model \(layers\.0\.attn\.k_proj\.weight is \[32, 32\] there but \[64, 64\] here") as info:
+    with pytest.raises(
+        CheckpointError,
+        match=r"does not fit this model \(layers\.0\.attn\.k_proj\.weight is \[32, 32\] there but \[64, 64\] here",
+    ) as info:
         load_checkpoint(first, other, None)
     assert not isinstance(info.value, CheckpointDamaged)
     with torch.no_grad():
@@ -320,7 +340,9 @@ def test_sharded_checkpoints_refuse_nonfinite_weights_and_another_model(tmp_path
     with pytest.raises(NonFiniteError, match=r"step 2: layers\.0\.attn\.q_proj\.weight hold NaN or inf"):
         _sharded(tmp_path, 2, model, opt, keep=3)
     assert list_checkpoints(tmp_path) == [first] and sorted(p.name for p in tmp_path.iterdir()) == [
-        "latest", "step_0000001"]
+        "latest",
+        "step_0000001",
+    ]
 
 
 def test_the_index_of_a_sharded_checkpoint_cannot_run_code(tmp_path):

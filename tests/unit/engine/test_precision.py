@@ -4,6 +4,7 @@ The slow path is checked on every machine: ``ONEDNN_MAX_CPU_ISA=AVX2`` takes one
 away on an AVX-512-bf16 or AMX CPU (bf16 matmuls then run ~80x slower than fp32), and CPUID-based
 helpers cannot see that, so `auto` must measure it.
 """
+
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ import sys
 
 import pytest
 import yaml
+
 from conftest import (
     rampup_cmd,
     run_rampup,
@@ -34,8 +36,9 @@ print(json.dumps({"auto": p.as_dict(), "cpuid": cpuid, "probe": probe_cpu_bf16()
 
 def resolve_in_child(cache, env_extra=None) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in SLOW_BF16} | {"RAMPUP_CACHE_DIR": str(cache)}
-    res = subprocess.run([sys.executable, "-c", RESOLVE], capture_output=True, text=True, timeout=120,
-                         env=env | (env_extra or {}))
+    res = subprocess.run(
+        [sys.executable, "-c", RESOLVE], capture_output=True, text=True, timeout=120, env=env | (env_extra or {})
+    )
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout)
 
@@ -64,8 +67,11 @@ def test_the_probe_is_cached_per_machine(tmp_path):
     path = tmp_path / "precision.json"
     cache = json.loads(path.read_text())
     (key,) = cache
-    flipped = {"fp32_gflops": 100.0, "bf16_gflops": 1000.0, "ratio": 10.0, "native": True} if not \
-        cache[key]["native"] else {"fp32_gflops": 100.0, "bf16_gflops": 1.0, "ratio": 0.01, "native": False}
+    flipped = (
+        {"fp32_gflops": 100.0, "bf16_gflops": 1000.0, "ratio": 10.0, "native": True}
+        if not cache[key]["native"]
+        else {"fp32_gflops": 100.0, "bf16_gflops": 1.0, "ratio": 0.01, "native": False}
+    )
     path.write_text(json.dumps({key: flipped}))
     again = resolve_in_child(tmp_path)  # reads the (doctored) cache instead of measuring again
     assert again["auto"]["native_bf16"] == flipped["native"]
@@ -97,13 +103,20 @@ def test_yaml_booleans_are_the_words_the_user_wrote(tmp_path):
 
 @pytest.mark.slow
 def test_bf16_on_a_cpu_without_it_warns_once_before_the_first_step(data_cache, tmp_path):
-    cfg = write_config(tmp_path / "run.yaml", tiny_tree(
-        data_cache, tmp_path / "run", train={"duration": "3 steps", "checkpoint_every": None, "precision": "bf16"},
-        eval={"seq_lens": [64], "max_tokens": 128}, schedule={"knobs": {"batch_tokens": 256, "seq_len": 64},
-                                                             "stages": [{"name": "one"}]}))
+    cfg = write_config(
+        tmp_path / "run.yaml",
+        tiny_tree(
+            data_cache,
+            tmp_path / "run",
+            train={"duration": "3 steps", "checkpoint_every": None, "precision": "bf16"},
+            eval={"seq_lens": [64], "max_tokens": 128},
+            schedule={"knobs": {"batch_tokens": 256, "seq_len": 64}, "stages": [{"name": "one"}]},
+        ),
+    )
     env = os.environ | {"PYTHONHASHSEED": "0", "RAMPUP_CACHE_DIR": str(tmp_path / "cache")} | SLOW_BF16
-    res = subprocess.run(rampup_cmd("train", str(cfg)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True, timeout=300, env=env)
+    res = subprocess.run(
+        rampup_cmd("train", str(cfg)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300, env=env
+    )
     assert res.returncode == 0, res.stdout
     out = res.stdout
     assert out.count("warning: training in bf16 as asked") == 1

@@ -1,14 +1,15 @@
 """Nothing lost: one process per run folder, a resume only on the data it started with, every failed
 write and unreadable file named (exit codes of rampup.errors), sizes that cannot fit refused before
 compute. The faults that need real processes are in tests/e2e/test_faults.py."""
+
 import os
 import re
 import subprocess
 import sys
 
 import pytest
-from conftest import tiny_tree, write_config
 
+from conftest import tiny_tree, write_config
 from rampup.cli import main
 from rampup.config import RunConfig
 from rampup.errors import ConfigError, DataError
@@ -24,9 +25,14 @@ def test_a_resume_on_another_corpus_is_refused(tmp_path):
     texts = [f"document {i}: " + " ".join(f"word{(i * 7 + j) % 50}" for j in range(40 + 30 * i)) for i in range(12)]
     for i, t in enumerate(texts):
         (src / f"{i:02d}.txt").write_text(t)
-    tree = tiny_tree(tmp_path / "cache", tmp_path / "run", data={"source": str(src), "max_files": None},
-                     train={"duration": "4 steps", "checkpoint_every": "2 steps"}, log={"progress": "off"},
-                     eval={"seq_lens": [64], "max_tokens": 128})
+    tree = tiny_tree(
+        tmp_path / "cache",
+        tmp_path / "run",
+        data={"source": str(src), "max_files": None},
+        train={"duration": "4 steps", "checkpoint_every": "2 steps"},
+        log={"progress": "off"},
+        eval={"seq_lens": [64], "max_tokens": 128},
+    )
     tree["model"]["vocab_size"] = 300
     tree["data"]["tokenizer"] = {"vocab_size": 300}
     tree["schedule"] = {"knobs": {"batch_tokens": 256}, "stages": [{"name": "s", "seq_len": 64}]}
@@ -41,8 +47,11 @@ def test_a_resume_on_another_corpus_is_refused(tmp_path):
     a, b = (src / "03.txt").read_text(), (src / "08.txt").read_text()
     (src / "03.txt").write_text(b)
     (src / "08.txt").write_text(a)
-    with pytest.raises(DataError, match=r"the corpus changed since the run started: its train split has the same "
-                                        r"[\d,]+ documents and [\d,]+ tokens, but other tokens .*train.init_from"):
+    with pytest.raises(
+        DataError,
+        match=r"the corpus changed since the run started: its train split has the same "
+        r"[\d,]+ documents and [\d,]+ tokens, but other tokens .*train.init_from",
+    ):
         Trainer(cfg, resume=True).run()
 
 
@@ -52,21 +61,30 @@ def test_a_step_that_cannot_fit_is_refused_before_compute_and_plan_never_allocat
     for batch in (10**12, 10**8):
         out = tmp_path / f"run{batch}"
         tree = tiny_tree(data_cache, out, schedule={"knobs": {"batch_tokens": batch}}, log={"progress": "off"})
-        with pytest.raises(ConfigError, match=r"a \d+ x (64|256) training step needs about [\d.e+]+ [TG]iB .* more than "
-                                              r"the memory limit"):
+        with pytest.raises(
+            ConfigError,
+            match=r"a \d+ x (64|256) training step needs about [\d.e+]+ [TG]iB .* more than "
+            r"the memory limit",
+        ):
             Trainer(RunConfig.model_validate(tree))
         assert not out.exists()  # no config, no metrics, no checkpoint: nothing written
         cfg = write_config(tmp_path / f"big{batch}.yaml", tree)
         assert main(["plan", str(cfg), "--no-time", "--png", str(tmp_path / "p.png")]) == 0
         flat = " ".join(capsys.readouterr().out.split())
-        assert re.search(r"warning: stage 1 long: a [\d,]+ x 256 step needs about [\d.e+]+ [TG]iB, more than the "
-                         r"memory limit", flat), flat
+        assert re.search(
+            r"warning: stage 1 long: a [\d,]+ x 256 step needs about [\d.e+]+ [TG]iB, more than the "
+            r"memory limit",
+            flat,
+        ), flat
 
 
-@pytest.mark.parametrize("make, words", [
-    (lambda p: p.write_bytes(b"name: caf\xe9\n"), r"is not UTF-8 text \(byte 9"),
-    (lambda p: p.mkdir(), "is a folder, not a file"),
-])
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (lambda p: p.write_bytes(b"name: caf\xe9\n"), r"is not UTF-8 text \(byte 9"),
+        (lambda p: p.mkdir(), "is a folder, not a file"),
+    ],
+)
 def test_a_config_that_is_not_a_yaml_file_is_named(tmp_path, capsys, make, words):
     path = tmp_path / "run.yaml"
     make(path)

@@ -1,8 +1,10 @@
 """The engine's seams, used from outside the package: a new knob with an effect, a non-token model
 adapter (a classifier over fixed-size vectors), its task and its data, trained through the engine
 with nothing changed under src/."""
+
 import math
 import shutil
+from itertools import pairwise
 
 import pytest
 import torch
@@ -28,8 +30,15 @@ def _apply_temperature(ctx, value):
 
 
 if "temperature" not in KNOBS:
-    register_knob(Knob("temperature", "Test knob: the classifier divides its features by this.", default=1.0,
-                       minimum=0.1, apply=_apply_temperature))
+    register_knob(
+        Knob(
+            "temperature",
+            "Test knob: the classifier divides its features by this.",
+            default=1.0,
+            minimum=0.1,
+            apply=_apply_temperature,
+        )
+    )
 
 
 # ----------------------------------------------------------------------------- model, task, data
@@ -128,16 +137,22 @@ class VectorSampler:
 
 
 def config(out, **train):
-    return RunConfig.model_validate({
-        "name": "vectors",
-        "schedule": {"knobs": {"seq_len": 1, "batch_tokens": 32},  # 32 samples a step, one item each
-                     "stages": [{"name": "warm", "duration": "30 steps", "temperature": 2.0},
-                                {"name": "anneal", "temperature": {"from": 2.0, "to": 0.5}}]},
-        "optimizer": {"lr": 1e-2, "warmup": "5%"},
-        "train": {"duration": "60 steps", "checkpoint_every": "20 steps", "out_dir": str(out), **train},
-        "eval": {"every": "50%"},
-        "log": {"progress": "off"},
-    })
+    return RunConfig.model_validate(
+        {
+            "name": "vectors",
+            "schedule": {
+                "knobs": {"seq_len": 1, "batch_tokens": 32},  # 32 samples a step, one item each
+                "stages": [
+                    {"name": "warm", "duration": "30 steps", "temperature": 2.0},
+                    {"name": "anneal", "temperature": {"from": 2.0, "to": 0.5}},
+                ],
+            },
+            "optimizer": {"lr": 1e-2, "warmup": "5%"},
+            "train": {"duration": "60 steps", "checkpoint_every": "20 steps", "out_dir": str(out), **train},
+            "eval": {"every": "50%"},
+            "log": {"progress": "off"},
+        }
+    )
 
 
 def run(cfg, resume=False):
@@ -148,8 +163,9 @@ def run(cfg, resume=False):
         return adapters[0]
 
     xv, yv = blobs(N_VAL, seed=2)
-    data = RunData(Schedule.build(cfg.schedule, total=cfg.train.duration), VectorSampler(cfg.train.seed),
-                   eval_sets={1: [(xv, yv)]})
+    data = RunData(
+        Schedule.build(cfg.schedule, total=cfg.train.duration), VectorSampler(cfg.train.seed), eval_sets={1: [(xv, yv)]}
+    )
     summary = train(cfg, resume=resume, build_model=build, task=Classify(), data=data)
     return summary, adapters[0], data.schedule
 
@@ -162,7 +178,7 @@ def test_a_vector_classifier_trains_through_the_engine_with_a_new_knob(tmp_path)
     expected = [s.knobs["temperature"] for s in schedule.steps()]
     assert adapter.seen == pytest.approx(expected)
     assert adapter.applied[0] == (0, 2.0) and [s for s, _ in adapter.applied[1:]][0] >= 30
-    changes = sum(a != b for a, b in zip(expected, expected[1:]))
+    changes = sum(a != b for a, b in pairwise(expected))
     # applied at step 0, at each change, and twice by the final evaluation: it scores the model at
     # the run's last value (the end of the ramp) and then puts the training value back
     assert len(adapter.applied) == 1 + changes + 2
@@ -183,8 +199,9 @@ def test_the_classifier_resumes_bitwise_with_its_knob_reapplied(tmp_path):
         shutil.rmtree(tmp_path / "resumed" / "checkpoints" / step)
     resumed, adapter, schedule = run(config(tmp_path / "resumed"), resume=True)
     assert adapter.applied[0] == (20, 2.0)  # a fresh model gets the stage's value again on resume
-    assert (latest_checkpoint(tmp_path / "resumed" / "checkpoints") / "model.safetensors").read_bytes() == \
-        (latest_checkpoint(tmp_path / "full" / "checkpoints") / "model.safetensors").read_bytes()
+    assert (latest_checkpoint(tmp_path / "resumed" / "checkpoints") / "model.safetensors").read_bytes() == (
+        latest_checkpoint(tmp_path / "full" / "checkpoints") / "model.safetensors"
+    ).read_bytes()
     assert resumed["val_loss"] == full["val_loss"]
 
 

@@ -10,14 +10,15 @@
   stage boundary, one step on each side, seeded random ones); benchmarks/resume_sweep.py resumes
   from every checkpoint, in fresh processes and on 2 ranks.
 """
+
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, tiny_tree
 
+from conftest import ROOT, tiny_tree
 from rampup.config import RunConfig
 from rampup.errors import ConfigError
 from rampup.schedule.registry import KNOBS
@@ -45,23 +46,38 @@ class Family:
 FAMILIES = {
     "shape": Family(("seq_len", "batch_tokens"), {"seq_len": 128, "batch_tokens": 512}),
     "lr": Family(("lr_mult",), {"lr_mult": {"from": 1.0, "to": 0.5}}),
-    "attention": Family(("attention", "window"),
-                        {"attention": {"kind": "sinks", "n_global": 2, "capped_distance": True}, "window": 8}),
+    "attention": Family(
+        ("attention", "window"), {"attention": {"kind": "sinks", "n_global": 2, "capped_distance": True}, "window": 8}
+    ),
     "rope": Family(("rope",), {"rope": {"method": "yarn", "factor": 2, "original_max_len": 64}}),
     "passkey": Family(("passkey_fraction",), {"passkey_fraction": 0.5}),
-    "buckets": Family(("bucket_odds",), {"bucket_odds": "grow-p2"},
-                      sections={"data": {"sampler": "buckets", "buckets": {"min_log2": 4, "max_log2": 6, "cycles": 1}}}),
-    "memory": Family(("loss_shards", "mlp_shards", "activation_checkpoint", "activation_offload"),
-                     {"loss_shards": 2, "mlp_shards": 2, "activation_checkpoint": "selective"}),
-    "transitions": Family(("freeze", "lr_groups", "lr_layer_decay", "optimizer_state"),
-                          {"freeze": "none", "lr_groups": {}, "optimizer_state": "reset_new", "lr_layer_decay": 2.0},
-                          {"freeze": "bottom:1", "lr_groups": {"layers.*": 0.5}}),
-    "distill": Family(("teacher", "distill_weight", "label_weight", "distill_temperature", "distill_hidden",
-                       "distill_hidden_weight"),
-                      {"teacher": "previous_stage", "distill_weight": {"from": 0.2, "to": 0.5}, "label_weight": 0.7,
-                       "distill_temperature": 2.0}),
-    "growth": Family(("depth", "growth", "mlp_width", "width", "growth_noise"),
-                     {"depth": 3, "growth": "zero", "mlp_width": 192, "width": 64, "growth_noise": 0.1}),
+    "buckets": Family(
+        ("bucket_odds",),
+        {"bucket_odds": "grow-p2"},
+        sections={"data": {"sampler": "buckets", "buckets": {"min_log2": 4, "max_log2": 6, "cycles": 1}}},
+    ),
+    "memory": Family(
+        ("loss_shards", "mlp_shards", "activation_checkpoint", "activation_offload"),
+        {"loss_shards": 2, "mlp_shards": 2, "activation_checkpoint": "selective"},
+    ),
+    "transitions": Family(
+        ("freeze", "lr_groups", "lr_layer_decay", "optimizer_state"),
+        {"freeze": "none", "lr_groups": {}, "optimizer_state": "reset_new", "lr_layer_decay": 2.0},
+        {"freeze": "bottom:1", "lr_groups": {"layers.*": 0.5}},
+    ),
+    "distill": Family(
+        ("teacher", "distill_weight", "label_weight", "distill_temperature", "distill_hidden", "distill_hidden_weight"),
+        {
+            "teacher": "previous_stage",
+            "distill_weight": {"from": 0.2, "to": 0.5},
+            "label_weight": 0.7,
+            "distill_temperature": 2.0,
+        },
+    ),
+    "growth": Family(
+        ("depth", "growth", "mlp_width", "width", "growth_noise"),
+        {"depth": 3, "growth": "zero", "mlp_width": 192, "width": 64, "growth_noise": 0.1},
+    ),
     "subnets": Family(("subnet",), {"subnet": "depth:1-2,mlp:0.5-1.0"}),
 }
 """activation_offload is CUDA-only (refused on the CPU); distill_hidden is tested with its projections in
@@ -92,13 +108,18 @@ def test_every_knob_belongs_to_exactly_one_family():
 
 def pair_tree(cache: Path, out: Path, families, precision: str) -> dict:
     """Two stages of a 2-block, 32-wide model: 2 steps without, 2 with the families' values."""
-    t = tiny_tree(cache, out, model={"vocab_size": 512, "dim": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1,
-                                     "max_seq_len": 128},
-                  schedule={"knobs": {"batch_tokens": 256, "seq_len": 64},
-                            "stages": [{"name": "a", "duration": "2 steps"}, {"name": "b"}]},
-                  train={"checkpoint_every": "2 steps", "keep_checkpoints": STEPS,
-                         "precision": precision, "threads": 1},
-                  eval={"seq_lens": [64], "max_tokens": 512}, log={"progress": "off"})
+    t = tiny_tree(
+        cache,
+        out,
+        model={"vocab_size": 512, "dim": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "max_seq_len": 128},
+        schedule={
+            "knobs": {"batch_tokens": 256, "seq_len": 64},
+            "stages": [{"name": "a", "duration": "2 steps"}, {"name": "b"}],
+        },
+        train={"checkpoint_every": "2 steps", "keep_checkpoints": STEPS, "precision": precision, "threads": 1},
+        eval={"seq_lens": [64], "max_tokens": 512},
+        log={"progress": "off"},
+    )
     for name in families:
         f = FAMILIES[name]
         t["schedule"]["stages"][0] |= f.first
@@ -144,6 +165,7 @@ def test_every_pair_of_knob_families_trains_and_resumes_or_is_refused_with_its_r
 
 # ----------------------------------------------------------------------------- the two cases of the issue
 
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_a_subnetwork_under_recomputation_gets_the_gradients_it_gets_without(precision):
     """Case 2: a sub-network's blocks checkpointed (full, selective) or its MLPs tiled recompute in backward
@@ -173,12 +195,20 @@ def test_a_subnetwork_under_recomputation_gets_the_gradients_it_gets_without(pre
 
     plain = grads(MemorySettings())
     tol = {"rtol": 0, "atol": 0} if precision == "fp32" else {"rtol": 2e-2, "atol": 1e-4}
-    for s in (MemorySettings(activation_checkpoint="full"), MemorySettings(activation_checkpoint="selective"),
-              MemorySettings(mlp_shards=2), MemorySettings(loss_shards=2, mlp_shards=2, activation_checkpoint="selective")):
+    for s in (
+        MemorySettings(activation_checkpoint="full"),
+        MemorySettings(activation_checkpoint="selective"),
+        MemorySettings(mlp_shards=2),
+        MemorySettings(loss_shards=2, mlp_shards=2, activation_checkpoint="selective"),
+    ):
         got = grads(s)
         for n, g in plain.items():  # recomputation repeats the forward's ops exactly; tiling reorders sums
-            torch.testing.assert_close(got[n], g, **(tol if s.mlp_shards == 1 and s.loss_shards == 1 else
-                                                     {"rtol": 2e-2, "atol": 1e-4}), msg=f"{s.describe()}: {n}")
+            torch.testing.assert_close(
+                got[n],
+                g,
+                **(tol if s.mlp_shards == 1 and s.loss_shards == 1 else {"rtol": 2e-2, "atol": 1e-4}),
+                msg=f"{s.describe()}: {n}",
+            )
     apply_memory(adapter, MemorySettings())
 
 
@@ -187,23 +217,52 @@ def test_a_resume_inside_a_teacher_stage_grows_the_blocks_the_uninterrupted_run_
     growth), resumed from checkpoints inside the teacher stage: the resumed process builds the teacher again
     before the growth, which drew the new blocks from the global generator; they now come from (seed, block,
     step), and every step and weight equals the uninterrupted run's."""
-    cfg = checkpointed(ROOT / "configs" / "transitions.yaml", [
-        "train.duration=10 steps", "model.dim=32", "schedule.knobs.batch_tokens=256", "schedule.knobs.seq_len=64",
-        "eval.max_tokens=1024", "train.threads=1", f"data.cache_dir={data_cache}"])  # stages: head 1-2, all 3-7 (the teacher), deep 8-10 (8 blocks)
+    cfg = checkpointed(
+        ROOT / "configs" / "transitions.yaml",
+        [
+            "train.duration=10 steps",
+            "model.dim=32",
+            "schedule.knobs.batch_tokens=256",
+            "schedule.knobs.seq_len=64",
+            "eval.max_tokens=1024",
+            "train.threads=1",
+            f"data.cache_dir={data_cache}",
+        ],
+    )  # stages: head 1-2, all 3-7 (the teacher), deep 8-10 (8 blocks)
     result = sweep(cfg, tmp_path, steps=[3, 5])
     assert result["stage_boundaries"] == [2, 7] and result["mismatched"] == {}
 
 
 SHIPPED_SAMPLES = {
-    "tiny": ("tiny.yaml", ["train.duration=8 steps", "schedule.knobs.batch_tokens=1024", "eval.every=null",
-                           "eval.max_tokens=1024"]),
-    "transitions": ("transitions.yaml", ["train.duration=10 steps", "model.dim=32", "schedule.knobs.batch_tokens=256",
-                                         "schedule.knobs.seq_len=64", "eval.max_tokens=1024"]),
-    "memory_subnet_bf16": ("tiny.yaml", [
-        "train.duration=6 steps", "model.dim=32", "schedule.knobs.batch_tokens=512", "eval.every=null",
-        "eval.max_tokens=1024", "train.precision=bf16", "schedule.stages.1.subnet=depth:1-2,mlp:0.5-1.0",
-        "schedule.stages.1.activation_checkpoint=selective", "schedule.stages.1.mlp_shards=2",
-        "schedule.stages.1.loss_shards=2"]),
+    "tiny": (
+        "tiny.yaml",
+        ["train.duration=8 steps", "schedule.knobs.batch_tokens=1024", "eval.every=null", "eval.max_tokens=1024"],
+    ),
+    "transitions": (
+        "transitions.yaml",
+        [
+            "train.duration=10 steps",
+            "model.dim=32",
+            "schedule.knobs.batch_tokens=256",
+            "schedule.knobs.seq_len=64",
+            "eval.max_tokens=1024",
+        ],
+    ),
+    "memory_subnet_bf16": (
+        "tiny.yaml",
+        [
+            "train.duration=6 steps",
+            "model.dim=32",
+            "schedule.knobs.batch_tokens=512",
+            "eval.every=null",
+            "eval.max_tokens=1024",
+            "train.precision=bf16",
+            "schedule.stages.1.subnet=depth:1-2,mlp:0.5-1.0",
+            "schedule.stages.1.activation_checkpoint=selective",
+            "schedule.stages.1.mlp_shards=2",
+            "schedule.stages.1.loss_shards=2",
+        ],
+    ),
 }
 
 

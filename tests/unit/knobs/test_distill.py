@@ -1,9 +1,11 @@
 """Teachers and distillation (rampup.knobs.distill): snapshots of earlier stages, the EMA, other runs, hidden
 states through learned projections; resumed bitwise, refused before compute when they cannot run."""
+
 import json
 
 import pytest
 import torch
+
 from conftest import (
     B,
     N,
@@ -18,7 +20,6 @@ from conftest import (
     weights,
     write_config,
 )
-
 from rampup.config import RunConfig
 from rampup.errors import ConfigError
 from rampup.models.adapter import DecoderLMAdapter
@@ -67,8 +68,12 @@ def test_progressive_self_distillation_is_the_soft_target_cross_entropy(tied):
 
 def _teacher_tree(data_cache, out, **train):
     t = short_tree(data_cache, out, train=train)
-    t["schedule"]["stages"][1] |= {"teacher": "previous_stage", "distill_weight": {"from": 0.0, "to": 0.5},
-                                   "label_weight": 0.8, "distill_temperature": 2.0}
+    t["schedule"]["stages"][1] |= {
+        "teacher": "previous_stage",
+        "distill_weight": {"from": 0.0, "to": 0.5},
+        "label_weight": 0.8,
+        "distill_temperature": 2.0,
+    }
     return t
 
 
@@ -104,8 +109,11 @@ def test_an_evaluation_at_a_stage_boundary_scores_the_stage_just_trained(data_ca
     t = _teacher_tree(data_cache, tmp_path / "run", checkpoint_every=None)
     t["eval"] |= {"every": f"{B} steps"}
     summary = Trainer(RunConfig.model_validate(t), display_mode="off").run()
-    evals = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
-             if r["event"] == "eval"]
+    evals = [
+        r
+        for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+        if r["event"] == "eval"
+    ]
     assert summary["steps"] == N and {r["step"] for r in evals} == {B, N}
 
 
@@ -115,11 +123,13 @@ def test_bad_teachers_are_named_before_compute(data_cache, tmp_path):
     hf = tmp_path / "hf"
     hf.mkdir()
     (hf / "config.json").write_text('{"model_type": "llama", "vocab_size": 1000}')
-    cases = [({0: {"teacher": "previous_stage"}}, "no previous stage"),
-             ({0: {"teacher": "stage:long"}}, "must be an earlier stage"),
-             ({1: {"teacher": "run:/no/such/run"}}, "no such folder"),
-             ({1: {"teacher": f"hf:{hf}"}}, "vocabulary of 1000 tokens"),
-             ({1: {"teacher": "yesterday"}}, "is not one of")]
+    cases = [
+        ({0: {"teacher": "previous_stage"}}, "no previous stage"),
+        ({0: {"teacher": "stage:long"}}, "must be an earlier stage"),
+        ({1: {"teacher": "run:/no/such/run"}}, "no such folder"),
+        ({1: {"teacher": f"hf:{hf}"}}, "vocabulary of 1000 tokens"),
+        ({1: {"teacher": "yesterday"}}, "is not one of"),
+    ]
     for stages, words in cases:
         tree = tiny_tree(data_cache, tmp_path / "run")
         for i, k in stages.items():
@@ -137,8 +147,9 @@ def test_plan_shows_trainable_parameters_teacher_cost_and_backward_saved(data_ca
     tree["schedule"]["stages"][0]["freeze"] = "bottom:1"
     tree["schedule"]["stages"][1]["freeze"] = "none"
     cfg = RunConfig.model_validate(tree)
-    short, long = plan_summary(make_plan(cfg, Schedule.build(cfg.schedule, total=cfg.train.duration),
-                                         memory="off"))["stages"]
+    short, long = plan_summary(make_plan(cfg, Schedule.build(cfg.schedule, total=cfg.train.duration), memory="off"))[
+        "stages"
+    ]
     params = sum(p.numel() for p in DecoderLMAdapter.build(cfg.model, "meta").module.parameters())
     assert short["trainable"] < long["trainable"] == params
     assert short["backward_saved"] > 0 == long["backward_saved"]
@@ -163,8 +174,12 @@ def test_hidden_state_distillation_from_a_narrower_run_through_a_learned_project
 
     def tree(out):
         t = short_tree(data_cache, out)
-        t["schedule"]["stages"][1] |= {"teacher": f"run:{tmp_path / 'teacher'}", "distill_weight": 0.5,
-                                       "distill_hidden": "1:0,final:final", "distill_hidden_weight": 0.1}
+        t["schedule"]["stages"][1] |= {
+            "teacher": f"run:{tmp_path / 'teacher'}",
+            "distill_weight": 0.5,
+            "distill_hidden": "1:0,final:final",
+            "distill_hidden_weight": 0.1,
+        }
         return t
 
     ref = write_config(tmp_path / "ref.yaml", tree(tmp_path / "ref"))
@@ -181,8 +196,11 @@ def test_hidden_state_distillation_from_a_narrower_run_through_a_learned_project
     assert all(not torch.equal(first[k.split("/", 1)[1]], v) for k, v in proj.items())  # they trained
     assert run_rampup("train", str(cfg), "--resume").returncode == 0
     assert step_losses(out) == step_losses(tmp_path / "ref") and weights(out) == weights(tmp_path / "ref")
-    for bad, words in (("4:0", "student block 4 does not exist"), ("1:3", "teacher block 3 does not exist"),
-                       ("1-0", "STUDENT:TEACHER")):
+    for bad, words in (
+        ("4:0", "student block 4 does not exist"),
+        ("1:3", "teacher block 3 does not exist"),
+        ("1-0", "STUDENT:TEACHER"),
+    ):
         t = tree(tmp_path / "bad")
         t["schedule"]["stages"][1]["distill_hidden"] = bad
         with pytest.raises((ConfigError, ValueError), match=words):
@@ -192,10 +210,14 @@ def test_hidden_state_distillation_from_a_narrower_run_through_a_learned_project
 @pytest.mark.slow
 def test_an_ema_teacher_for_progressive_self_distillation_resumes_bitwise(data_cache, tmp_path):
     """PS-KD with the run's own EMA as teacher (a ramping from 0 to 0.4), SIGKILLed after the transition."""
+
     def tree(out):
         t = short_tree(data_cache, out, train={"ema": {"half_life": "4 steps"}})
-        t["schedule"]["stages"][1] |= {"teacher": "ema", "distill_weight": {"from": 0.0, "to": 0.4},
-                                       "label_weight": {"from": 1.0, "to": 0.6}}
+        t["schedule"]["stages"][1] |= {
+            "teacher": "ema",
+            "distill_weight": {"from": 0.0, "to": 0.4},
+            "label_weight": {"from": 1.0, "to": 0.6},
+        }
         return t
 
     ref = write_config(tmp_path / "ref.yaml", tree(tmp_path / "ref"))
@@ -217,8 +239,12 @@ def test_a_teacher_with_another_tokenizer_or_a_damaged_checkpoint_is_refused_bef
 
     from rampup.engine.trainer import Trainer
 
-    other = tiny_tree(data_cache, tmp_path / "other", train={"duration": "2 steps", "checkpoint_every": None},
-                      data={"source": "/usr/include", "max_files": 30})  # the same vocabulary size, other tokens
+    other = tiny_tree(
+        data_cache,
+        tmp_path / "other",
+        train={"duration": "2 steps", "checkpoint_every": None},
+        data={"source": "/usr/include", "max_files": 30},
+    )  # the same vocabulary size, other tokens
     assert run_rampup("train", str(write_config(tmp_path / "other.yaml", other))).returncode == 0
     tree = tiny_tree(data_cache, tmp_path / "student")
     tree["schedule"]["stages"][1] |= {"teacher": f"run:{tmp_path / 'other'}", "distill_weight": 0.5}

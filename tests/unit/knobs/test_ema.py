@@ -3,6 +3,7 @@ export, and a model that grows under it."""
 
 import pytest
 import torch
+
 from conftest import (
     alongside,
     kill_after_checkpoints,
@@ -12,7 +13,6 @@ from conftest import (
     weights,
     write_config,
 )
-
 from rampup.errors import ConfigError
 
 
@@ -28,7 +28,7 @@ def test_ema_follows_its_half_life_in_tokens():
     ema.update(1000)  # one half-life: halfway
     torch.testing.assert_close(ema.tensors()["weight"], start + 0.5)
     ema.update(500)
-    torch.testing.assert_close(ema.tensors()["weight"], start + 1 - 0.5 * 0.5 ** 0.5)
+    torch.testing.assert_close(ema.tensors()["weight"], start + 1 - 0.5 * 0.5**0.5)
     raw = m.weight.detach().clone()
     with ema.applied():
         assert torch.equal(m.weight, ema.tensors()["weight"])
@@ -44,9 +44,12 @@ def test_ema_is_checkpointed_evaluated_resumed_bitwise_and_exported(data_cache, 
     from rampup.engine.records import read_metrics
 
     def tree(out):
-        return short_tree(data_cache, out, train={"checkpoint_every": "5 steps",
-                                                  "ema": {"half_life": "8K tok", "evaluate": True}},
-                          eval={"seq_lens": [256], "every": "5 steps", "max_tokens": 2048})
+        return short_tree(
+            data_cache,
+            out,
+            train={"checkpoint_every": "5 steps", "ema": {"half_life": "8K tok", "evaluate": True}},
+            eval={"seq_lens": [256], "every": "5 steps", "max_tokens": 2048},
+        )
 
     ref = write_config(tmp_path / "ref.yaml", tree(tmp_path / "ref"))
     out = tmp_path / "run"
@@ -57,7 +60,9 @@ def test_ema_is_checkpointed_evaluated_resumed_bitwise_and_exported(data_cache, 
     assert step_losses(out) == step_losses(tmp_path / "ref") and weights(out) == weights(tmp_path / "ref")
     parts = [load_file(latest_checkpoint(d / "checkpoints") / "parts.safetensors") for d in (out, tmp_path / "ref")]
     assert parts[0].keys() == parts[1].keys() and all(torch.equal(parts[0][k], parts[1][k]) for k in parts[0])
-    evals = [[r["loss"] for r in read_metrics(d / "metrics.jsonl") if r["event"] == "eval"] for d in (out, tmp_path / "ref")]
+    evals = [
+        [r["loss"] for r in read_metrics(d / "metrics.jsonl") if r["event"] == "eval"] for d in (out, tmp_path / "ref")
+    ]
     assert evals[0] == evals[1] and len(evals[0]) == 4  # steps 5, 10, 15 and the end, all scored with EMA weights
     # the raw model scores differently from the average it exports
     res = run_rampup("export", str(out), str(tmp_path / "hf_ema"), "--ema")

@@ -1,6 +1,7 @@
 """A knob family defined here, outside the package, with every kind of hook: a knob whose value a wrapped
 task reads, a checkpointed part with tensors, a per-step update and an evaluation context. It trains
 through the engine (which names no family) and resumes from a mid-run checkpoint bitwise, part included."""
+
 from __future__ import annotations
 
 import contextlib
@@ -8,8 +9,8 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import tiny_tree, write_config
 
+from conftest import tiny_tree, write_config
 from rampup.engine.trainer import Trainer
 from rampup.schedule.registry import (
     FAMILIES,
@@ -96,8 +97,16 @@ def _apply(ctx, value: float) -> None:
 
 @pytest.fixture(scope="module")
 def family():
-    register_knob(Knob("head_penalty", "Test knob: weight of the head's mean square in the loss.", default=0.0,
-                       minimum=0.0, apply=_apply, model_free=True))
+    register_knob(
+        Knob(
+            "head_penalty",
+            "Test knob: weight of the head's mean square in the loss.",
+            default=0.0,
+            minimum=0.0,
+            apply=_apply,
+            model_free=True,
+        )
+    )
     register_family(PenaltyFamily())
     yield
     KNOBS.pop("head_penalty")
@@ -105,8 +114,13 @@ def family():
 
 
 def test_a_family_from_outside_the_package_trains_and_resumes_bitwise(family, data_cache, tmp_path):
-    tree = tiny_tree(data_cache, tmp_path / "unused", train={"duration": "8 steps", "threads": 1},
-                     model={"dim": 32}, eval={"every": "4 steps", "max_tokens": 1024})
+    tree = tiny_tree(
+        data_cache,
+        tmp_path / "unused",
+        train={"duration": "8 steps", "threads": 1},
+        model={"dim": 32},
+        eval={"every": "4 steps", "max_tokens": 1024},
+    )
     tree["schedule"]["knobs"]["batch_tokens"] = 1024
     tree["schedule"]["stages"][1]["head_penalty"] = 2.0
     config = write_config(tmp_path / "run.yaml", tree)
@@ -121,8 +135,9 @@ def test_a_family_from_outside_the_package_trains_and_resumes_bitwise(family, da
     parts = load_file(tmp_path / "ref" / "checkpoints" / "step_0000008" / "parts.safetensors")
     assert "head_trace/mean" in parts and float(parts["head_trace/mean"]) > 0
 
-    plain = tree | {"schedule": {**tree["schedule"], "stages": [tree["schedule"]["stages"][0],
-                                                                 {"name": "long", "seq_len": 256}]}}
+    plain = tree | {
+        "schedule": {**tree["schedule"], "stages": [tree["schedule"]["stages"][0], {"name": "long", "seq_len": 256}]}
+    }
     in_process(write_config(tmp_path / "plain.yaml", plain), tmp_path / "plain", False, [])
     assert RunRecord.of(tmp_path / "plain").steps[8] != ref.steps[8]  # the penalty changed training
 

@@ -1,9 +1,11 @@
 """Growth (rampup.knobs.growth): deeper and wider models mid-run, function-preserving, resumed into the grown
 model and exported."""
+
 import json
 
 import pytest
 import torch
+
 from conftest import (
     B,
     alongside,
@@ -16,7 +18,6 @@ from conftest import (
     weights,
     write_config,
 )
-
 from rampup.errors import ConfigError
 from rampup.models.adapter import DecoderLMAdapter
 from rampup.models.llm import ModelConfig
@@ -50,8 +51,9 @@ def test_zero_growth_preserves_the_function_and_stacking_copies_blocks(tied):
             assert a.module.layers[5].mlp.w2.weight.grad.abs().sum() > 0  # the new blocks learn
         else:
             for i in (4, 5):
-                for (n, p), (_, q) in zip(a.module.layers[i].named_parameters(),
-                                          a.module.layers[i - 4].named_parameters()):
+                for (n, p), (_, q) in zip(
+                    a.module.layers[i].named_parameters(), a.module.layers[i - 4].named_parameters(), strict=True
+                ):
                     assert torch.equal(p, q), n
             assert not torch.allclose(after, before)
 
@@ -63,7 +65,9 @@ def test_a_run_grown_deeper_and_wider_mid_way_resumes_into_the_grown_model_and_e
     from rampup.engine.records import read_metrics
 
     def tree(out):
-        t = short_tree(data_cache, out, eval={"every": f"{B} steps"})  # an evaluation at the boundary: growth waits for the step
+        t = short_tree(
+            data_cache, out, eval={"every": f"{B} steps"}
+        )  # an evaluation at the boundary: growth waits for the step
         t["schedule"]["stages"][1] |= {"depth": 4, "growth": "stack", "mlp_width": 256, "width": 128}
         return t
 
@@ -133,8 +137,11 @@ def test_residual_width_growth_preserves_the_function(tie, kv_heads):
     from rampup.knobs.growth import grow, widen_model
 
     torch.manual_seed(0)
-    a = DecoderLMAdapter.build(ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=kv_heads,
-                                           max_seq_len=128, tie_embeddings=tie))
+    a = DecoderLMAdapter.build(
+        ModelConfig(
+            vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=kv_heads, max_seq_len=128, tie_embeddings=tie
+        )
+    )
     opt = build_optimizer(a.module, OptimizerConfig())
     x = torch.randint(0, 512, (2, 32))
     a.module(x).sum().backward()

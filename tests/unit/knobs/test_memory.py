@@ -3,14 +3,15 @@
 Gradients are compared with the plain computation on real models (the reference model and a Hugging
 Face Llama); memory estimates against measured peak RSS of real steps in child processes; the probe
 runs real children held to a real RLIMIT_DATA."""
+
 import copy
 import json
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_rampup, step_losses, tiny_tree, write_config
 
+from conftest import run_rampup, step_losses, tiny_tree, write_config
 from rampup.config import RunConfig
 from rampup.engine.precision import autocast
 from rampup.engine.tasks import CausalLM
@@ -21,9 +22,15 @@ from rampup.models.llm import ModelConfig
 from rampup.models.tiling import tiled_head_loss
 
 CPU = torch.device("cpu")
-SETTINGS = [MemorySettings(loss_shards=4), MemorySettings(mlp_shards=4), MemorySettings(activation_checkpoint="full"),
-            MemorySettings(activation_checkpoint="selective"), MemorySettings(activation_checkpoint="every:2"),
-            MemorySettings(activation_checkpoint="full:1-2"), MemorySettings(8, 8, "full")]
+SETTINGS = [
+    MemorySettings(loss_shards=4),
+    MemorySettings(mlp_shards=4),
+    MemorySettings(activation_checkpoint="full"),
+    MemorySettings(activation_checkpoint="selective"),
+    MemorySettings(activation_checkpoint="every:2"),
+    MemorySettings(activation_checkpoint="full:1-2"),
+    MemorySettings(8, 8, "full"),
+]
 
 
 def _grads(adapter, settings, x, y, precision, extra=None):
@@ -82,8 +89,12 @@ def test_tiled_loss_with_a_distillation_term_gives_the_plain_gradients(reference
 
     def shard_loss(logits, sl):
         ce = F.cross_entropy(logits.float().flatten(0, 1), y[:, sl].flatten(), reduction="sum")
-        kl = F.kl_div(F.log_softmax(logits.float() / tau, -1), F.log_softmax(teacher[:, sl] / tau, -1),
-                      log_target=True, reduction="sum")
+        kl = F.kl_div(
+            F.log_softmax(logits.float() / tau, -1),
+            F.log_softmax(teacher[:, sl] / tau, -1),
+            log_target=True,
+            reduction="sum",
+        )
         return ce + 0.5 * tau**2 * kl
 
     out = []
@@ -91,7 +102,7 @@ def test_tiled_loss_with_a_distillation_term_gives_the_plain_gradients(reference
         a = copy.deepcopy(reference)
         with autocast(CPU, precision):
             h = a.module.forward_hidden(x)
-            loss = (shard_loss(a.head(h), slice(None)) if shards == 1 else tiled_head_loss(h, a.head, shard_loss, 8))
+            loss = shard_loss(a.head(h), slice(None)) if shards == 1 else tiled_head_loss(h, a.head, shard_loss, 8)
         loss.backward()
         out.append((loss.detach(), {n: p.grad for n, p in a.module.named_parameters()}))
     (l1, g1), (l8, g8) = out
@@ -115,9 +126,18 @@ def test_a_hugging_face_llama_takes_every_technique():
     from rampup.models.hf import HFCausalLMAdapter
 
     torch.manual_seed(0)
-    a = HFCausalLMAdapter.from_config({"model_type": "llama", "vocab_size": 512, "hidden_size": 64,
-                                       "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-                                       "num_key_value_heads": 2, "max_position_embeddings": 256})
+    a = HFCausalLMAdapter.from_config(
+        {
+            "model_type": "llama",
+            "vocab_size": 512,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 256,
+        }
+    )
     a.module.train()
     x, y = torch.randint(0, 512, (2, 64)), torch.randint(0, 512, (2, 64))
     l0, g0 = _grads(a, MemorySettings(), x, y, "fp32")
@@ -142,14 +162,18 @@ def test_offloaded_checkpoints_give_the_plain_gradients_on_cuda():
 
 # ----------------------------------------------------------------------------- knobs per stage
 
+
 def test_a_schedule_turns_techniques_on_for_its_long_stage_only(data_cache, tmp_path):
     """Checkpointing recomputes the same numbers: the run with it in its long stage trains bitwise like
     the run without; the techniques are on in that stage only, and are recorded with the stage."""
     from rampup.engine.records import read_metrics
     from rampup.engine.trainer import Trainer
 
-    plain = tiny_tree(data_cache, tmp_path / "plain", train={"duration": "12 steps", "checkpoint_every": None,
-                                                             "threads": 1, "precision": "fp32"})
+    plain = tiny_tree(
+        data_cache,
+        tmp_path / "plain",
+        train={"duration": "12 steps", "checkpoint_every": None, "threads": 1, "precision": "fp32"},
+    )
     staged = copy.deepcopy(plain)
     staged["train"]["out_dir"] = str(tmp_path / "staged")
     staged["schedule"]["stages"][1] |= {"activation_checkpoint": "full", "mlp_shards": 1}
@@ -160,6 +184,7 @@ def test_a_schedule_turns_techniques_on_for_its_long_stage_only(data_cache, tmp_
     def spy(sp, *a):  # after the step ran with its knobs applied
         seen.append((sp.stage, "forward" in t.state.model.module.layers[0].__dict__))
         return record(sp, *a)
+
     t.record_step = spy
     t.run()
     Trainer(RunConfig.model_validate(plain)).run()
@@ -175,8 +200,12 @@ def test_a_schedule_turns_techniques_on_for_its_long_stage_only(data_cache, tmp_
 def test_tiled_loss_in_a_stage_trains_like_the_plain_run(data_cache, tmp_path):
     from rampup.engine.trainer import train
 
-    tree = tiny_tree(data_cache, tmp_path / "a", train={"duration": "10 steps", "checkpoint_every": None,
-                                                        "threads": 1, "precision": "fp32"}, log={"progress": "off"})
+    tree = tiny_tree(
+        data_cache,
+        tmp_path / "a",
+        train={"duration": "10 steps", "checkpoint_every": None, "threads": 1, "precision": "fp32"},
+        log={"progress": "off"},
+    )
     tiled = copy.deepcopy(tree)
     tiled["train"]["out_dir"] = str(tmp_path / "b")
     tiled["schedule"]["stages"][1] |= {"loss_shards": 8, "mlp_shards": 4}
@@ -188,15 +217,18 @@ def test_tiled_loss_in_a_stage_trains_like_the_plain_run(data_cache, tmp_path):
         assert b[k] == pytest.approx(a[k], rel=1e-5)
 
 
-@pytest.mark.parametrize("knobs, words", [
-    ({"loss_shards": 3}, ["loss_shards 3 does not divide", "64"]),
-    ({"mlp_shards": 0}, ["mlp_shards", ">= 1"]),
-    ({"activation_checkpoint": "full:5"}, ["block 5 does not exist", "0-1"]),
-    ({"activation_checkpoint": "full:layerz.1"}, ["no block named 'layerz.1'", "layers.1"]),
-    ({"activation_checkpoint": "sometimes"}, ["not one of"]),
-    ({"activation_offload": True}, ["activation_offload", "CPU"]),
-    ({"activation_offload": "auto"}, ["true or false"]),
-])
+@pytest.mark.parametrize(
+    "knobs, words",
+    [
+        ({"loss_shards": 3}, ["loss_shards 3 does not divide", "64"]),
+        ({"mlp_shards": 0}, ["mlp_shards", ">= 1"]),
+        ({"activation_checkpoint": "full:5"}, ["block 5 does not exist", "0-1"]),
+        ({"activation_checkpoint": "full:layerz.1"}, ["no block named 'layerz.1'", "layers.1"]),
+        ({"activation_checkpoint": "sometimes"}, ["not one of"]),
+        ({"activation_offload": True}, ["activation_offload", "CPU"]),
+        ({"activation_offload": "auto"}, ["true or false"]),
+    ],
+)
 def test_bad_memory_knobs_are_named_before_compute(data_cache, tmp_path, knobs, words):
     from rampup.engine.trainer import Trainer
 
@@ -223,11 +255,14 @@ def test_memory_limits_need_units_and_must_hold_the_model(data_cache, tmp_path):
 
 
 def _bench_cfg(limit=None, **model):
-    return RunConfig.model_validate({
-        "name": "m", "model": {"vocab_size": 8192, "dim": 128, "n_layers": 2, "n_heads": 4, "max_seq_len": 8192,
-                               **model},
-        "schedule": {"knobs": {"batch_tokens": 4096}, "stages": [{"seq_len": 4096}]},
-        "train": {"duration": "1M tok", "precision": "fp32", **({"memory_limit": limit} if limit else {})}})
+    return RunConfig.model_validate(
+        {
+            "name": "m",
+            "model": {"vocab_size": 8192, "dim": 128, "n_layers": 2, "n_heads": 4, "max_seq_len": 8192, **model},
+            "schedule": {"knobs": {"batch_tokens": 4096}, "stages": [{"seq_len": 4096}]},
+            "train": {"duration": "1M tok", "precision": "fp32", **({"memory_limit": limit} if limit else {})},
+        }
+    )
 
 
 def test_auto_turns_on_what_the_limit_needs_and_refuses_what_nothing_fits():
@@ -264,8 +299,9 @@ def test_plan_shows_each_stages_peak_memory_and_what_each_technique_buys(data_ca
     by = long["memory_by_technique"]
     assert by["all"]["peak"] < by["loss tiles"]["peak"] < by["plain"]["peak"]
     assert by["ckpt full"]["activations"] < by["plain"]["activations"]
-    res = run_rampup("plan", str(write_config(tmp_path / "c.yaml", tree)), "--memory", "--png", str(tmp_path / "p.png"),
-                     "--no-time")
+    res = run_rampup(
+        "plan", str(write_config(tmp_path / "c.yaml", tree)), "--memory", "--png", str(tmp_path / "p.png"), "--no-time"
+    )
     assert res.returncode == 0, res.stderr
     assert "estimated peak memory" in res.stdout and "loss tiles" in res.stdout and "MiB" in res.stdout
 
@@ -287,9 +323,25 @@ def test_the_estimate_matches_measured_peaks_of_real_steps():
 def test_probe_finds_longer_contexts_with_the_techniques_in_held_children(tmp_path):
     tree = _bench_cfg().model_dump(mode="json", by_alias=True)
     cfg = write_config(tmp_path / "m.yaml", tree)
-    res = run_rampup("probe", str(cfg), "--memory-limit", "200MiB", "--above-rest", "--techniques", "plain", "all",
-                     "--start", "512", "--max-seq-len", "8192", "--refine", "1", "--json", str(tmp_path / "p.json"),
-                     timeout=600)
+    res = run_rampup(
+        "probe",
+        str(cfg),
+        "--memory-limit",
+        "200MiB",
+        "--above-rest",
+        "--techniques",
+        "plain",
+        "all",
+        "--start",
+        "512",
+        "--max-seq-len",
+        "8192",
+        "--refine",
+        "1",
+        "--json",
+        str(tmp_path / "p.json"),
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr
     out = json.loads((tmp_path / "p.json").read_text())["techniques"]
     plain, every = out["plain"], out["all"]
@@ -306,8 +358,12 @@ def test_auto_in_a_run_picks_per_stage_what_the_limit_needs(data_cache, tmp_path
     from rampup.engine.trainer import train
     from rampup.knobs.memory import RUNTIME_ALLOWANCE, auto_levels, requested
 
-    tree = tiny_tree(data_cache, tmp_path / "run", train={"duration": "20K tok", "checkpoint_every": None,
-                                                          "threads": 1, "precision": "fp32"}, log={"progress": "off"})
+    tree = tiny_tree(
+        data_cache,
+        tmp_path / "run",
+        train={"duration": "20K tok", "checkpoint_every": None, "threads": 1, "precision": "fp32"},
+        log={"progress": "off"},
+    )
     tree["model"]["vocab_size"] = 8192
     tree["schedule"]["knobs"]["loss_shards"] = "auto"
     tree["schedule"]["stages"][0]["batch_tokens"] = 1024

@@ -3,6 +3,7 @@ resumes bitwise, and the tiled loss."""
 
 import pytest
 import torch
+
 from conftest import (
     B,
     alongside,
@@ -14,7 +15,6 @@ from conftest import (
     weights,
     write_config,
 )
-
 from rampup.config import RunConfig
 from rampup.models.adapter import DecoderLMAdapter
 

@@ -4,6 +4,7 @@ in real processes."""
 
 import pytest
 import torch
+
 from conftest import (
     B,
     alongside,
@@ -16,7 +17,6 @@ from conftest import (
     weights,
     write_config,
 )
-
 from rampup.config import RunConfig
 from rampup.errors import ConfigError
 from rampup.knobs.transitions import frozen_names, lr_multipliers, trainable_names
@@ -37,11 +37,14 @@ def test_freeze_selections_and_the_tied_weight_rule(tied):
     assert "tok_emb.weight" not in trainable_names("tok_emb.*,lm_head.*", tied)
 
 
-@pytest.mark.parametrize("spec, words", [
-    ("layerz.*", ["'layerz.*' matches no parameter", "layers"]),
-    ("blocks:2-7", ["block 2-7 does not exist", "0-3"]),
-    ("bottom:9", ["only 4 blocks"]),
-])
+@pytest.mark.parametrize(
+    "spec, words",
+    [
+        ("layerz.*", ["'layerz.*' matches no parameter", "layers"]),
+        ("blocks:2-7", ["block 2-7 does not exist", "0-3"]),
+        ("bottom:9", ["only 4 blocks"]),
+    ],
+)
 def test_bad_freezes_are_named(tied, spec, words):
     with pytest.raises(ConfigError) as e:
         trainable_names(spec, tied)
@@ -62,8 +65,12 @@ def test_layer_decay_and_glob_multipliers(tied):
 def _run(data_cache, out, **stages):
     from rampup.engine.trainer import Trainer
 
-    tree = tiny_tree(data_cache, out, train={"duration": "12 steps", "checkpoint_every": None, "threads": 1,
-                                             "precision": "fp32"}, log={"progress": "off"})
+    tree = tiny_tree(
+        data_cache,
+        out,
+        train={"duration": "12 steps", "checkpoint_every": None, "threads": 1, "precision": "fp32"},
+        log={"progress": "off"},
+    )
     for i, knobs in stages.items():
         tree["schedule"]["stages"][int(i[1:])] |= knobs
     t = Trainer(RunConfig.model_validate(tree))
@@ -80,6 +87,7 @@ def test_frozen_parameters_get_no_gradient_no_update_no_decay_and_stay_in_the_op
         if t.progress.step == 5:  # inside stage 0: frozen parts unchanged so far, the rest moved
             seen.update({n: p.detach().clone() for n, p in t.state.model.module.named_parameters()})
         return record(sp, *a)
+
     t.record_step = spy
     t.run()
     frozen = frozen_names("bottom:1", t.state.model) - {"tok_emb.weight"}  # tied to the head: trains
@@ -95,43 +103,56 @@ def test_optimizer_state_is_reset_at_the_boundary_as_asked(data_cache, tmp_path)
     from rampup.knobs.transitions import parameter_names
 
     for policy in ("keep", "reset", "reset_new"):
-        t = _run(data_cache, tmp_path / policy, s0={"freeze": "bottom:1"},
-                 s1={"freeze": "none", "optimizer_state": policy})
+        t = _run(
+            data_cache, tmp_path / policy, s0={"freeze": "bottom:1"}, s1={"freeze": "none", "optimizer_state": policy}
+        )
         t.run()
-        steps = {parameter_names(t.state.model.module)[id(p)][0]: int(st["step"])
-                 for p, st in t.state.optimizer.state.items()}
+        steps = {
+            parameter_names(t.state.model.module)[id(p)][0]: int(st["step"])
+            for p, st in t.state.optimizer.state.items()
+        }
         # 6 steps in stage 0, 6 in stage 1; frozen layers.0 only trained in stage 1
         assert steps["layers.0.mlp.w1.weight"] == 6
         assert steps["layers.1.mlp.w1.weight"] == {"keep": 12, "reset": 6, "reset_new": 12}[policy]
 
 
 def test_lr_groups_reach_the_optimizer_groups(data_cache, tmp_path):
-    t = _run(data_cache, tmp_path / "run", s0={"lr_groups": {"layers.*": {"from": 0.01, "to": 1.0}, "norm.*": 0.5}},
-             s1={"lr_groups": {}, "lr_layer_decay": 2.6})
+    t = _run(
+        data_cache,
+        tmp_path / "run",
+        s0={"lr_groups": {"layers.*": {"from": 0.01, "to": 1.0}, "norm.*": 0.5}},
+        s1={"lr_groups": {}, "lr_layer_decay": 2.6},
+    )
     lrs = {}
     record = t.record_step
 
     def spy(sp, batch, loss, gnorm, lr, dt):
         lrs[t.progress.step] = {g["name"]: g["lr"] / lr for g in t.state.optimizer.param_groups}
         return record(sp, batch, loss, gnorm, lr, dt)
+
     t.record_step = spy
     t.run()
     assert lrs[0]["layers.0.attn.q_proj.weight"] == pytest.approx(0.01)  # the backbone's multiplier ramps
     assert lrs[3]["layers.0.attn.q_proj.weight"] == pytest.approx(0.01 + 0.99 * 3 / 6)  # step 3 of the stage's 6
     assert lrs[0]["norm.weight"] == lrs[5]["norm.weight"] == pytest.approx(0.5)
     assert lrs[0]["tok_emb.weight"] == pytest.approx(1.0)
-    assert lrs[11]["layers.1.attn.q_proj.weight"] == pytest.approx(2.6 ** -1)
-    assert lrs[11]["layers.0.attn.q_proj.weight"] == pytest.approx(2.6 ** -2)
+    assert lrs[11]["layers.1.attn.q_proj.weight"] == pytest.approx(2.6**-1)
+    assert lrs[11]["layers.0.attn.q_proj.weight"] == pytest.approx(2.6**-2)
 
 
 def test_bad_transition_knobs_are_named_before_compute(data_cache, tmp_path):
     from rampup.engine.trainer import Trainer
 
-    for knobs, words in (({"freeze": "layerz.*"}, "matches no parameter"), ({"freeze": "bottom:x"}, "whole K"),
-                         ({"optimizer_state": "forget"}, "keep | reset | reset_new"),
-                         ({"lr_groups": {"head.*": 2}}, "matches no parameter"), ({"lr_layer_decay": 0.5}, ">= 1"),
-                         ({"lr_groups": {"layers.*": {"from": 1, "to": -1}}}, "negative multipliers"),
-                         ({"width": 96}, "whole multiple"), ({"width": 32}, "only grows")):
+    for knobs, words in (
+        ({"freeze": "layerz.*"}, "matches no parameter"),
+        ({"freeze": "bottom:x"}, "whole K"),
+        ({"optimizer_state": "forget"}, "keep | reset | reset_new"),
+        ({"lr_groups": {"head.*": 2}}, "matches no parameter"),
+        ({"lr_layer_decay": 0.5}, ">= 1"),
+        ({"lr_groups": {"layers.*": {"from": 1, "to": -1}}}, "negative multipliers"),
+        ({"width": 96}, "whole multiple"),
+        ({"width": 32}, "only grows"),
+    ):
         tree = tiny_tree(data_cache, tmp_path / "run")
         tree["schedule"]["stages"][1] |= knobs
         with pytest.raises((ConfigError, ValueError), match=words):

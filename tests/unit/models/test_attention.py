@@ -1,9 +1,10 @@
 """Attention patterns: the block-banded kernel and the per-layer model path against dense masks."""
+
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_tree
 
+from conftest import tiny_tree
 from rampup.config import RunConfig
 from rampup.engine.records import read_metrics
 from rampup.engine.trainer import train
@@ -19,13 +20,16 @@ from rampup.models.attention import (
 from rampup.models.llm import DecoderLM, ModelConfig
 
 
-@pytest.mark.parametrize("T, window, n_global, H, KV", [
-    (37, 8, 0, 4, 2),     # T not a multiple of the window, grouped-query attention
-    (64, 16, 4, 2, 2),    # sinks + window
-    (10, 16, 2, 2, 1),    # window longer than the sequence: plain causal
-    (33, 1, 0, 2, 2),     # each token sees only itself
-    (50, 7, 3, 4, 4),
-])
+@pytest.mark.parametrize(
+    "T, window, n_global, H, KV",
+    [
+        (37, 8, 0, 4, 2),  # T not a multiple of the window, grouped-query attention
+        (64, 16, 4, 2, 2),  # sinks + window
+        (10, 16, 2, 2, 1),  # window longer than the sequence: plain causal
+        (33, 1, 0, 2, 2),  # each token sees only itself
+        (50, 7, 3, 4, 4),
+    ],
+)
 def test_banded_matches_the_dense_masked_reference(T, window, n_global, H, KV):
     torch.manual_seed(T)
     q = torch.randn(2, H, T, 8, requires_grad=True)
@@ -33,11 +37,12 @@ def test_banded_matches_the_dense_masked_reference(T, window, n_global, H, KV):
     v = torch.randn(2, KV, T, 8, requires_grad=True)
     p = Pattern(window, n_global)
     y = banded_attention(q, k, v, p)
-    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(H // KV, 1), v.repeat_interleave(H // KV, 1),
-                                         attn_mask=pattern_mask(T, p))
+    ref = F.scaled_dot_product_attention(
+        q, k.repeat_interleave(H // KV, 1), v.repeat_interleave(H // KV, 1), attn_mask=pattern_mask(T, p)
+    )
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     g = torch.randn_like(y)
-    for a, b in zip(torch.autograd.grad(y, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+    for a, b in zip(torch.autograd.grad(y, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
@@ -73,7 +78,7 @@ def test_model_banded_path_matches_dense_path_with_document_masks():
     torch.testing.assert_close(banded, dense, rtol=1e-5, atol=1e-5)
     ga = torch.autograd.grad(banded.square().mean(), list(model.parameters()))
     gb = torch.autograd.grad(dense.square().mean(), list(model.parameters()))
-    for a, b in zip(ga, gb):
+    for a, b in zip(ga, gb, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     # a pattern really restricts attention: logits differ from full causal attention
     model.set_attention([None] * 3)
@@ -87,10 +92,13 @@ def test_model_banded_path_matches_dense_path_with_document_masks():
 
 
 def test_windowed_stage_is_applied_and_bad_windows_are_refused(data_cache, tmp_path):
-    tree = tiny_tree(data_cache, tmp_path / "out", train={"duration": "16 steps", "checkpoint_every": None},
-                     log={"progress": "off"})
-    tree["schedule"]["stages"][1] |= {"attention": {"kind": "sinks", "n_global": 4, "full_every": 2},
-                                      "window": {"from": 32, "to": 128, "ramp": "linear"}}
+    tree = tiny_tree(
+        data_cache, tmp_path / "out", train={"duration": "16 steps", "checkpoint_every": None}, log={"progress": "off"}
+    )
+    tree["schedule"]["stages"][1] |= {
+        "attention": {"kind": "sinks", "n_global": 4, "full_every": 2},
+        "window": {"from": 32, "to": 128, "ramp": "linear"},
+    }
     train(RunConfig.model_validate(tree))
     stage = [r for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if r["event"] == "stage"][1]
     assert stage["knobs"]["attention"] == {"kind": "sinks", "full_every": 2} and stage["knobs"]["window"] == 32
@@ -122,7 +130,7 @@ def capped_reference(q_raw, k_raw, v, pattern, cos, sin):
         for j in range(i + 1):
             d = i - j if i - j < pattern.window else pattern.window
             qi = apply_rope(q_raw[:, :, i], cos[d], sin[d])
-            scores[:, :, i, j] = (qi * k0[:, :, j]).sum(-1) * hd ** -0.5
+            scores[:, :, i, j] = (qi * k0[:, :, j]).sum(-1) * hd**-0.5
     mask = pattern_mask(T, pattern)
     att = scores.masked_fill(~mask, float("-inf")).softmax(-1)
     return att @ v.repeat_interleave(rep, 1)
@@ -150,7 +158,7 @@ def test_capped_global_distance_matches_the_pairwise_reference(T, window, n_glob
     want = torch.autograd.grad(ref, (q_raw, k_raw, v), g, retain_graph=True)
     for y in (banded, dense):
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
-        for a, b in zip(torch.autograd.grad(y, (q_raw, k_raw, v), g, retain_graph=True), want):
+        for a, b in zip(torch.autograd.grad(y, (q_raw, k_raw, v), g, retain_graph=True), want, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(banded_attention(q, k, v, Pattern(window, n_global)), banded, atol=1e-3)
 
@@ -162,8 +170,9 @@ def test_model_with_capped_sinks():
     spec = AttentionSpec(kind="sinks", n_global=2, capped_distance=True)
     model.set_attention(layer_patterns(spec, 8, 2))
     capped = model(x)
-    torch.testing.assert_close(capped, model(x, attn_mask=torch.ones(1, 1, 40, 40, dtype=torch.bool)),
-                               rtol=1e-5, atol=1e-5)  # banded and dense-mask paths agree
+    torch.testing.assert_close(
+        capped, model(x, attn_mask=torch.ones(1, 1, 40, 40, dtype=torch.bool)), rtol=1e-5, atol=1e-5
+    )  # banded and dense-mask paths agree
     model.set_attention(layer_patterns(AttentionSpec(kind="sinks", n_global=2), 8, 2))
     uncapped = model(x)
     torch.testing.assert_close(capped[:, :8], uncapped[:, :8])  # before position `window` nothing changes

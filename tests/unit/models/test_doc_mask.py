@@ -1,5 +1,6 @@
 """Tests of document-masked packing (rampup.data.packing) and the model's two masked paths:
 a packed window must give each document the logits it gets alone."""
+
 from __future__ import annotations
 
 import warnings
@@ -30,8 +31,7 @@ BACKENDS = ["attn_mask", "segments"]
 
 def tiny() -> DecoderLM:
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64,
-                      max_seq_len=T)
+    cfg = ModelConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=T)
     return DecoderLM(cfg).eval()
 
 
@@ -64,32 +64,28 @@ def doc_kwargs(x: torch.Tensor, backend: str, restart_positions: bool = True) ->
 
 # ----------------------------------------------------------------------------- the pure functions
 
+
 def test_segment_ids_hand_written():
-    x = torch.tensor([[5, 3, 7, 8, 3, 3, 9],    # EOTs end documents; a lone EOT is a document
-                      [5, 6, 7, 8, 9, 5, 6],    # no EOT: one document
-                      [3, 4, 4, 4, 4, 4, 3]])   # EOT first: a one-token document, then the next
-    expected = torch.tensor([[0, 0, 1, 1, 1, 2, 3],
-                             [0, 0, 0, 0, 0, 0, 0],
-                             [0, 1, 1, 1, 1, 1, 1]])
+    x = torch.tensor(
+        [
+            [5, 3, 7, 8, 3, 3, 9],  # EOTs end documents; a lone EOT is a document
+            [5, 6, 7, 8, 9, 5, 6],  # no EOT: one document
+            [3, 4, 4, 4, 4, 4, 3],
+        ]
+    )  # EOT first: a one-token document, then the next
+    expected = torch.tensor([[0, 0, 1, 1, 1, 2, 3], [0, 0, 0, 0, 0, 0, 0], [0, 1, 1, 1, 1, 1, 1]])
     torch.testing.assert_close(segment_ids(x, eot_id=3), expected)
 
 
 def test_document_positions_hand_written():
-    seg = torch.tensor([[0, 0, 1, 1, 1, 2, 3],
-                        [0, 0, 0, 0, 0, 0, 0],
-                        [4, 4, 5, 5, 5, 5, 5]])  # ids need not start at 0
-    expected = torch.tensor([[0, 1, 0, 1, 2, 0, 0],
-                             [0, 1, 2, 3, 4, 5, 6],
-                             [0, 1, 0, 1, 2, 3, 4]])
+    seg = torch.tensor([[0, 0, 1, 1, 1, 2, 3], [0, 0, 0, 0, 0, 0, 0], [4, 4, 5, 5, 5, 5, 5]])  # ids need not start at 0
+    expected = torch.tensor([[0, 1, 0, 1, 2, 0, 0], [0, 1, 2, 3, 4, 5, 6], [0, 1, 0, 1, 2, 3, 4]])
     torch.testing.assert_close(document_positions(seg), expected)
 
 
 def test_document_mask_hand_written():
     seg = torch.tensor([[0, 0, 1, 1]])
-    expected = torch.tensor([[1, 0, 0, 0],
-                             [1, 1, 0, 0],
-                             [0, 0, 1, 0],
-                             [0, 0, 1, 1]], dtype=torch.bool)
+    expected = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]], dtype=torch.bool)
     mask = document_mask(seg)
     assert mask.shape == (1, 1, 4, 4) and mask.dtype == torch.bool
     torch.testing.assert_close(mask[0, 0], expected)
@@ -123,7 +119,7 @@ def test_per_document_attention_equals_masked_sdpa_with_grads(n_kv):
     got = per_document_attention(q, k, v, document_spans(seg), enable_gqa=gqa)
     got_grads = torch.autograd.grad(got, (q, k, v), grad)
     torch.testing.assert_close(got, ref)
-    for a, b in zip(got_grads, ref_grads):
+    for a, b in zip(got_grads, ref_grads, strict=True):
         torch.testing.assert_close(a, b)
     # plain causal attention differs: the masking is doing something
     assert not torch.allclose(F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa), ref)
@@ -151,6 +147,7 @@ def test_flex_block_mask_forward_equals_masked_sdpa():
 
 # ----------------------------------------------------------------------------- the model
 
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_packed_documents_equal_documents_alone(backend):
     m = tiny()
@@ -159,7 +156,7 @@ def test_packed_documents_equal_documents_alone(backend):
         logits = m(x, **doc_kwargs(x, backend))  # (B, T, V)
         for b, row_spans in enumerate(spans):
             for s, e in row_spans:
-                torch.testing.assert_close(logits[b, s:e], m(x[b:b + 1, s:e])[0])  # positions 0..n-1
+                torch.testing.assert_close(logits[b, s:e], m(x[b : b + 1, s:e])[0])  # positions 0..n-1
         # without document masking the later documents see the earlier ones
         plain = m(x, positions=document_positions(segment_ids(x, EOT)))
         s, e = spans[0][-1]
@@ -176,7 +173,7 @@ def test_masked_without_position_restart_equals_offset_positions(backend):
         logits = m(x, **doc_kwargs(x, backend, restart_positions=False))
         for b, row_spans in enumerate(spans):
             for s, e in row_spans:
-                alone = m(x[b:b + 1, s:e], positions=torch.arange(s, e)[None])[0]
+                alone = m(x[b : b + 1, s:e], positions=torch.arange(s, e)[None])[0]
                 torch.testing.assert_close(logits[b, s:e], alone)
 
 

@@ -1,13 +1,14 @@
 """Hugging Face causal LMs trained through rampup's engine: Llama, Qwen2, Mistral, GPT-NeoX, GPT-2.
 
 Tiny random models are built from configs (no network); the corpus and tokenizer are rampup's own."""
+
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_tree
 
+from conftest import tiny_tree
 from rampup.config import RunConfig
 from rampup.errors import ConfigError
 from rampup.models.adapter import Batch
@@ -15,14 +16,28 @@ from rampup.models.adapter import Batch
 transformers = pytest.importorskip("transformers")
 from rampup.models.hf import HFCausalLMAdapter  # noqa: E402
 
-SMALL = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-         "num_attention_heads": 4, "max_position_embeddings": 256}
+SMALL = {
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 256,
+}
 FAMILIES = {
     "llama": {"model_type": "llama", "num_key_value_heads": 2, **SMALL},
     "qwen2": {"model_type": "qwen2", "num_key_value_heads": 2, **SMALL},
     "gpt_neox": {"model_type": "gpt_neox", "rotary_pct": 0.25, **SMALL},  # rotates a quarter of each head
-    "gpt2": {"model_type": "gpt2", "vocab_size": 512, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256,
-             "bos_token_id": None, "eos_token_id": None},
+    "gpt2": {
+        "model_type": "gpt2",
+        "vocab_size": 512,
+        "n_embd": 64,
+        "n_layer": 2,
+        "n_head": 4,
+        "n_positions": 256,
+        "bos_token_id": None,
+        "eos_token_id": None,
+    },
 }
 ROPE_STAGE = {"rope": {"method": "yarn", "factor": 4, "original_max_len": 64}}
 
@@ -30,15 +45,17 @@ ROPE_STAGE = {"rope": {"method": "yarn", "factor": 4, "original_max_len": 64}}
 def builder(config):
     def build(cfg, device):
         return HFCausalLMAdapter.from_config(config, device)
+
     return build
 
 
 def run(data_cache, out, family, *, last=None, resume=False):
     from rampup.engine.trainer import train
 
-    tree = tiny_tree(data_cache, out, train={"duration": "16 steps", "checkpoint_every": "8 steps"},
-                     log={"progress": "off"})
-    tree["schedule"]["stages"][1] |= (last if last is not None else ({} if family == "gpt2" else ROPE_STAGE))
+    tree = tiny_tree(
+        data_cache, out, train={"duration": "16 steps", "checkpoint_every": "8 steps"}, log={"progress": "off"}
+    )
+    tree["schedule"]["stages"][1] |= last if last is not None else ({} if family == "gpt2" else ROPE_STAGE)
     return train(RunConfig.model_validate(tree), resume=resume, build_model=builder(FAMILIES[family]))
 
 
@@ -51,8 +68,9 @@ def test_each_family_trains_through_the_engine_and_resumes_bitwise(data_cache, t
     resumed = run(data_cache, tmp_path / "resumed", family, resume=True)
     assert resumed["val_loss"] == full["val_loss"]
     for name in ("model.safetensors", "optimizer.safetensors"):
-        assert (tmp_path / "resumed" / "checkpoints" / "step_0000016" / name).read_bytes() == \
-            (tmp_path / "full" / "checkpoints" / "step_0000016" / name).read_bytes()
+        assert (tmp_path / "resumed" / "checkpoints" / "step_0000016" / name).read_bytes() == (
+            tmp_path / "full" / "checkpoints" / "step_0000016" / name
+        ).read_bytes()
 
 
 def test_a_rope_method_on_gpt2_is_refused_before_compute(data_cache, tmp_path):
@@ -68,12 +86,27 @@ def test_rope_through_llamas_own_rotary_embedding_equals_the_reference_model():
 
     torch.manual_seed(0)
     hf = HFCausalLMAdapter.from_config(FAMILIES["llama"] | {"tie_word_embeddings": False, "rms_norm_eps": 1e-5})
-    ref = DecoderLMAdapter(DecoderLM(ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                                                 ffn_hidden=128, max_seq_len=256, tie_embeddings=False)))
+    ref = DecoderLMAdapter(
+        DecoderLM(
+            ModelConfig(
+                vocab_size=512,
+                dim=64,
+                n_layers=2,
+                n_heads=4,
+                n_kv_heads=2,
+                ffn_hidden=128,
+                max_seq_len=256,
+                tie_embeddings=False,
+            )
+        )
+    )
     ref.from_hf_state_dict(hf.to_hf_state_dict())
     x = torch.randint(0, 512, (2, 200), generator=torch.Generator().manual_seed(1))
-    for spec in (RopeSpec(method="yarn", factor=4, original_max_len=64), RopeSpec(method="pi", factor=2),
-                 RopeSpec(base=500000.0)):
+    for spec in (
+        RopeSpec(method="yarn", factor=4, original_max_len=64),
+        RopeSpec(method="pi", factor=2),
+        RopeSpec(base=500000.0),
+    ):
         hf.set_rope(spec, 200)
         ref.set_rope(spec, 200)
         b = Batch(x, x, {})
@@ -100,8 +133,9 @@ def test_mistral_windows_through_its_own_sliding_window():
     torch.manual_seed(0)
     a = HFCausalLMAdapter.from_config({"model_type": "mistral", "num_key_value_heads": 2, **SMALL})
     torch.manual_seed(0)
-    native = transformers.MistralForCausalLM(transformers.MistralConfig(
-        num_key_value_heads=2, sliding_window=16, **SMALL)).eval()
+    native = transformers.MistralForCausalLM(
+        transformers.MistralConfig(num_key_value_heads=2, sliding_window=16, **SMALL)
+    ).eval()
     native.load_state_dict(a.module.state_dict())
     a.module.eval()
     x = torch.randint(0, 512, (1, 100), generator=torch.Generator().manual_seed(2))
@@ -149,12 +183,25 @@ SHIPPED = sorted((Path(__file__).parents[3] / "configs" / "hf").glob("*.yaml"))
 
 def overrides(path, data_cache, out):
     """--set values that shrink a shipped HF config to a few steps on the tests' small corpus."""
-    small = [f"data.cache_dir={data_cache}", "data.max_files=40", f"train.out_dir={out}", "train.duration=8 steps",
-             "train.checkpoint_every=2 steps", "eval.max_tokens=2048", "eval.every=null", "log.progress=plain",
-             "schedule.knobs.batch_tokens=2048", "train.threads=1"]
+    small = [
+        f"data.cache_dir={data_cache}",
+        "data.max_files=40",
+        f"train.out_dir={out}",
+        "train.duration=8 steps",
+        "train.checkpoint_every=2 steps",
+        "eval.max_tokens=2048",
+        "eval.every=null",
+        "log.progress=plain",
+        "schedule.knobs.batch_tokens=2048",
+        "train.threads=1",
+    ]
     if "buckets" in path.name:
-        return small + ["data.buckets.max_log2=8", "schedule.knobs.seq_len=256", "data.buckets.repeat=true",
-                        "eval.seq_lens=[256]"]
+        return small + [
+            "data.buckets.max_log2=8",
+            "schedule.knobs.seq_len=256",
+            "data.buckets.repeat=true",
+            "eval.seq_lens=[256]",
+        ]
     return small + ["schedule.stages.0.seq_len=64", "schedule.stages.1.seq_len=256", "eval.seq_lens=[256]"]
 
 
@@ -206,8 +253,15 @@ def test_bad_hf_model_settings_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="not a valid llama config.*write 1.0e-5"):
         build_adapter(cfg.model, "meta")  # what rampup plan and train do first
     with pytest.raises(ConfigError, match="seq_len reaches 256 but this Hugging Face model takes 128 positions"):
-        load_config(None, ["model.source=hf", "model.hf_config={model_type: llama, max_position_embeddings: 128}",
-                           "schedule.knobs.seq_len=256", "schedule.knobs.batch_tokens=1024"])
+        load_config(
+            None,
+            [
+                "model.source=hf",
+                "model.hf_config={model_type: llama, max_position_embeddings: 128}",
+                "schedule.knobs.seq_len=256",
+                "schedule.knobs.batch_tokens=1024",
+            ],
+        )
 
 
 def model_folder(folder, *, with_tokenizer=True):
@@ -221,13 +275,20 @@ def model_folder(folder, *, with_tokenizer=True):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=600, special_tokens=["<s>", "</s>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    a = HFCausalLMAdapter.from_config(FAMILIES["llama"] | {"vocab_size": tok.get_vocab_size(), "eos_token_id": 1,
-                                                           "bos_token_id": 0})
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=600, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    a = HFCausalLMAdapter.from_config(
+        FAMILIES["llama"] | {"vocab_size": tok.get_vocab_size(), "eos_token_id": 1, "bos_token_id": 0}
+    )
     a.module.save_pretrained(folder, safe_serialization=True)
     if with_tokenizer:
-        transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", bos_token="<s>").save_pretrained(folder)
+        transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", bos_token="<s>").save_pretrained(
+            folder
+        )
     return tok
 
 
@@ -238,11 +299,22 @@ def test_continued_pretraining_uses_the_models_own_tokenizer_and_eos(data_cache,
     from rampup.engine.trainer import train
 
     tok = model_folder(tmp_path / "model")
-    cfg = load_config(None, ["model.source=hf", f"model.path={tmp_path / 'model'}", "data.max_files=40",
-                             f"data.cache_dir={tmp_path / 'cache'}", f"train.out_dir={tmp_path / 'run'}",
-                             "train.duration=6 steps", "train.checkpoint_every=null", "log.progress=off",
-                             "schedule.knobs.seq_len=128", "schedule.knobs.batch_tokens=1024",
-                             "eval.max_tokens=1024"])
+    cfg = load_config(
+        None,
+        [
+            "model.source=hf",
+            f"model.path={tmp_path / 'model'}",
+            "data.max_files=40",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            f"train.out_dir={tmp_path / 'run'}",
+            "train.duration=6 steps",
+            "train.checkpoint_every=null",
+            "log.progress=off",
+            "schedule.knobs.seq_len=128",
+            "schedule.knobs.batch_tokens=1024",
+            "eval.max_tokens=1024",
+        ],
+    )
     assert cfg.data.tokenizer.path == str(tmp_path / "model" / "tokenizer.json") and cfg.data.tokenizer.eot == "</s>"
     summary = train(cfg)
     ds = TokenDataset.open(get_prepared(cfg.data), "train")
@@ -261,11 +333,18 @@ def test_an_hf_folder_trains_past_its_positions_where_a_stage_rope_covers_them(t
     from rampup.models.build import build_adapter
 
     model_folder(tmp_path / "model")
-    base = ["model.source=hf", f"model.path={tmp_path / 'model'}", "schedule.knobs.batch_tokens=2048",
-            "schedule.stages=[{name: short, duration: 70%, seq_len: 128}, {name: long, seq_len: 512}]"]
-    with pytest.raises(ConfigError, match=r"schedule.stages.1.seq_len reaches 512 but this Hugging Face model takes "
-                       r"256 positions \(max_position_embeddings of .*model\); give the stage a rope that covers it, "
-                       r"e.g. rope: \{method: yarn, factor: 2, original_max_len: 256\}"):
+    base = [
+        "model.source=hf",
+        f"model.path={tmp_path / 'model'}",
+        "schedule.knobs.batch_tokens=2048",
+        "schedule.stages=[{name: short, duration: 70%, seq_len: 128}, {name: long, seq_len: 512}]",
+    ]
+    with pytest.raises(
+        ConfigError,
+        match=r"schedule.stages.1.seq_len reaches 512 but this Hugging Face model takes "
+        r"256 positions \(max_position_embeddings of .*model\); give the stage a rope that covers it, "
+        r"e.g. rope: \{method: yarn, factor: 2, original_max_len: 256\}",
+    ):
         load_config(None, base)
     yarn = "schedule.stages.1.rope={method: yarn, factor: 2, original_max_len: 256}"
     cfg = load_config(None, [*base, yarn, "eval.seq_lens=[128, 512]"])
@@ -277,11 +356,15 @@ def test_an_hf_folder_trains_past_its_positions_where_a_stage_rope_covers_them(t
         load_config(None, [*base, "schedule.stages.1.rope={method: pi, factor: 1.5}"])
     # model.max_seq_len set by the user overrides the folder's limit for every method
     assert load_config(None, [*base, "model.max_seq_len=512"]).model.max_seq_len == 512
-    with pytest.raises(ConfigError, match=r"reaches 512 but this Hugging Face model takes 384 positions \(model.max_seq_len\)"):
+    with pytest.raises(
+        ConfigError, match=r"reaches 512 but this Hugging Face model takes 384 positions \(model.max_seq_len\)"
+    ):
         load_config(None, [*base, "model.max_seq_len=384", yarn])
     # learned positions cannot grow
     with pytest.raises(ConfigError, match="GPT-2 learns one embedding per position"):
-        load_config(None, ["model.source=hf", "model.max_seq_len=512", "model.hf_config={model_type: gpt2, n_positions: 256}"])
+        load_config(
+            None, ["model.source=hf", "model.max_seq_len=512", "model.hf_config={model_type: gpt2, n_positions: 256}"]
+        )
 
 
 def test_a_model_folder_without_a_fast_tokenizer_is_named(tmp_path):
@@ -306,23 +389,34 @@ def test_document_masking_equals_each_document_alone(family):
     with torch.no_grad():
         packed = a.forward(b).hidden
         for row, cut in ((0, 10), (1, 20)):
-            alone = torch.cat([a.forward(Batch(x[row:row + 1, :cut], x, {})).hidden,
-                               a.forward(Batch(x[row:row + 1, cut:], x, {})).hidden], dim=1)
-            torch.testing.assert_close(packed[row:row + 1], alone)
+            alone = torch.cat(
+                [
+                    a.forward(Batch(x[row : row + 1, :cut], x, {})).hidden,
+                    a.forward(Batch(x[row : row + 1, cut:], x, {})).hidden,
+                ],
+                dim=1,
+            )
+            torch.testing.assert_close(packed[row : row + 1], alone)
 
 
 def test_an_hf_model_trains_with_document_masking(data_cache, tmp_path):
     from rampup.engine.trainer import train
 
-    tree = tiny_tree(data_cache, tmp_path / "run", train={"duration": "6 steps", "checkpoint_every": None},
-                     log={"progress": "off"}, data={"doc_mask": True, "restart_positions": True})
+    tree = tiny_tree(
+        data_cache,
+        tmp_path / "run",
+        train={"duration": "6 steps", "checkpoint_every": None},
+        log={"progress": "off"},
+        data={"doc_mask": True, "restart_positions": True},
+    )
     summary = train(RunConfig.model_validate(tree), build_model=builder(FAMILIES["llama"]))
     assert summary["steps"] == 6 and summary["val_loss"]["256"] < 6.2
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", [p for p in SHIPPED if p.stem in ("llama_buckets", "gpt_neox_staged")],
-                         ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "path", [p for p in SHIPPED if p.stem in ("llama_buckets", "gpt_neox_staged")], ids=lambda p: p.stem
+)
 def test_shipped_hf_configs_killed_mid_run_resume_bitwise(data_cache, tmp_path, path):
     """Real processes: `rampup train configs/hf/X.yaml` (shrunk by --set) SIGKILLed mid-step after its
     step-4 checkpoint (the staged configs' RoPE change still ahead), then resumed with --resume. Two
@@ -346,8 +440,9 @@ def test_shipped_hf_configs_killed_mid_run_resume_bitwise(data_cache, tmp_path, 
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONHASHSEED": "0", "RAMPUP_FAULT_STALL_STEPS": "5:60"}
     with alongside("train", str(path), *sets(tmp_path / "ref")):
-        proc = subprocess.Popen(rampup_cmd("train", str(path), *sets(out)), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, env=env)
+        proc = subprocess.Popen(
+            rampup_cmd("train", str(path), *sets(out)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+        )
         wait_for(lambda: (out / "checkpoints" / "step_0000004").is_dir(), proc)
         proc.kill()
         proc.wait()
@@ -364,10 +459,15 @@ def test_qwen2_windows_and_hybrids_through_its_own_layer_types():
     a = HFCausalLMAdapter.from_config(FAMILIES["qwen2"])
     a.module.eval()
     x = torch.randint(0, 512, (1, 100), generator=torch.Generator().manual_seed(4))
-    for spec, types in ((AttentionSpec(kind="window"), ["sliding_attention"] * 2),
-                        (AttentionSpec(kind="window", full_layers=[1]), ["sliding_attention", "full_attention"])):
-        native = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
-            num_key_value_heads=2, use_sliding_window=True, sliding_window=16, layer_types=types, **SMALL)).eval()
+    for spec, types in (
+        (AttentionSpec(kind="window"), ["sliding_attention"] * 2),
+        (AttentionSpec(kind="window", full_layers=[1]), ["sliding_attention", "full_attention"]),
+    ):
+        native = transformers.Qwen2ForCausalLM(
+            transformers.Qwen2Config(
+                num_key_value_heads=2, use_sliding_window=True, sliding_window=16, layer_types=types, **SMALL
+            )
+        ).eval()
         native.load_state_dict(a.module.state_dict())
         a.set_attention(spec, 16)
         with torch.no_grad():
@@ -394,9 +494,18 @@ def test_bf16_weights_become_fp32_master_weights_unless_asked_to_stay(data_cache
     m.save_pretrained(tmp_path / "bf16", safe_serialization=True)  # a folder that stores bf16 weights
     for f in ("tokenizer.json", "tokenizer_config.json"):
         (tmp_path / "bf16" / f).write_bytes((tmp_path / "model" / f).read_bytes())
-    base = ["model.source=hf", f"model.path={tmp_path / 'bf16'}", "data.max_files=40",
-            f"data.cache_dir={tmp_path / 'cache'}", "train.duration=2 steps", "train.checkpoint_every=null",
-            "log.progress=off", "schedule.knobs.seq_len=128", "schedule.knobs.batch_tokens=1024", "eval.max_tokens=512"]
+    base = [
+        "model.source=hf",
+        f"model.path={tmp_path / 'bf16'}",
+        "data.max_files=40",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "train.duration=2 steps",
+        "train.checkpoint_every=null",
+        "log.progress=off",
+        "schedule.knobs.seq_len=128",
+        "schedule.knobs.batch_tokens=1024",
+        "eval.max_tokens=512",
+    ]
     cfg = load_config(None, base + [f"train.out_dir={tmp_path / 'a'}"])
     assert {p.dtype for p in build_adapter(cfg.model).module.parameters()} == {torch.float32}
     kept = load_config(None, base + [f"train.out_dir={tmp_path / 'b'}", "model.weights_dtype=bfloat16"])

@@ -1,19 +1,19 @@
 """Tests of the reference decoder LM: shapes, causality, RoPE, masking, Hugging Face parity."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
-from conftest import to_hf_state
 from pydantic import ValidationError
 
+from conftest import to_hf_state
 from rampup.errors import ConfigError
 from rampup.models import DecoderLM, ModelConfig, flops_per_token
 from rampup.models.llm import Attention, apply_rope, precompute_rope, rope_inv_freq
 
-TINY = dict(vocab_size=100, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64,
-            max_seq_len=32)
+TINY = dict(vocab_size=100, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=32)
 
 
 def tiny(**kw) -> DecoderLM:
@@ -26,6 +26,7 @@ def tokens(B=2, T=16, vocab=100, seed=1):
 
 
 # ----------------------------------------------------------------------------- shapes and causality
+
 
 def test_forward_shapes():
     m = tiny()
@@ -47,6 +48,7 @@ def test_causal():
 
 
 # ----------------------------------------------------------------------------- attention and RoPE
+
 
 def test_gqa_matches_explicit_reference():
     cfg = ModelConfig(**{**TINY, "dim": 64, "n_heads": 8, "n_kv_heads": 2})
@@ -74,7 +76,7 @@ def test_apply_rope_matches_complex_reference():
     cos, sin = precompute_rope(hd, T, base)
     got = apply_rope(x, cos.double(), sin.double())
     # rotate-half layout: dims i and i + hd/2 form the complex number rotated by pos * freq_i
-    z = torch.complex(x[..., : hd // 2], x[..., hd // 2:])
+    z = torch.complex(x[..., : hd // 2], x[..., hd // 2 :])
     inv_freq = base ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
     theta = torch.arange(T, dtype=torch.float64)[:, None] * inv_freq  # (T, hd/2)
     z = z * torch.polar(torch.ones_like(theta), theta)
@@ -147,6 +149,7 @@ def test_rope_buffers_not_in_state_dict():
 
 # ----------------------------------------------------------------------------- sizes and config
 
+
 def test_tied_embeddings_share_storage():
     m = tiny()
     assert m.lm_head.weight.data_ptr() == m.tok_emb.weight.data_ptr()
@@ -183,14 +186,17 @@ def test_too_long_sequence_raises():
         tiny()(tokens(T=33))
 
 
-@pytest.mark.parametrize("kw, field", [
-    (dict(dim=30, n_heads=4), "n_heads"),
-    (dict(dim=12, n_heads=4), "head dim"),
-    (dict(n_heads=4, n_kv_heads=3), "n_kv_heads"),
-    (dict(n_layers=0), "n_layers"),
-    (dict(rope_base=1.0), "rope_base"),
-    (dict(dims=64), "dims"),
-])
+@pytest.mark.parametrize(
+    "kw, field",
+    [
+        (dict(dim=30, n_heads=4), "n_heads"),
+        (dict(dim=12, n_heads=4), "head dim"),
+        (dict(n_heads=4, n_kv_heads=3), "n_kv_heads"),
+        (dict(n_layers=0), "n_layers"),
+        (dict(rope_base=1.0), "rope_base"),
+        (dict(dims=64), "dims"),
+    ],
+)
 def test_invalid_config_names_the_field(kw, field):
     with pytest.raises(ValidationError, match=field):
         ModelConfig(**kw)
@@ -199,7 +205,9 @@ def test_invalid_config_names_the_field(kw, field):
 def test_flops_per_token_hand_count():
     cfg = ModelConfig(**TINY)
     n = 2 * (32 * 32 + 2 * 32 * 16 + 32 * 32 + 3 * 32 * 64) + 32 * 100  # block matmuls + head
-    assert flops_per_token(cfg, 16) == 6 * n + 12 * 2 * 32 * (16 + 1) / 2  # causal: the half square, 17/2 keys per query
+    assert (
+        flops_per_token(cfg, 16) == 6 * n + 12 * 2 * 32 * (16 + 1) / 2
+    )  # causal: the half square, 17/2 keys per query
     # matmul parameters are the non-embedding ones minus norms, plus the (tied) head
     m = tiny()
     norms = sum(p.numel() for name, p in m.named_parameters() if "norm" in name)
@@ -212,8 +220,17 @@ def test_flops_per_token_hand_count():
 @pytest.mark.parametrize("tie", [True, False])
 def test_parity_with_hf_llama(tie):
     transformers = pytest.importorskip("transformers")
-    cfg = ModelConfig(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64,
-                      rope_base=5000.0, norm_eps=1e-5, tie_embeddings=tie)
+    cfg = ModelConfig(
+        vocab_size=128,
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        max_seq_len=64,
+        rope_base=5000.0,
+        norm_eps=1e-5,
+        tie_embeddings=tie,
+    )
     torch.manual_seed(0)
     m = DecoderLM(cfg).eval()
     with torch.no_grad():  # norm weights are ones at init: make them count
@@ -221,10 +238,21 @@ def test_parity_with_hf_llama(tie):
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
     hf_cfg = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=cfg.hidden, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        rms_norm_eps=1e-5, rope_theta=5000.0, tie_word_embeddings=tie, attention_bias=False,
-        mlp_bias=False, hidden_act="silu", attn_implementation="eager")
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=cfg.hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        rope_theta=5000.0,
+        tie_word_embeddings=tie,
+        attention_bias=False,
+        mlp_bias=False,
+        hidden_act="silu",
+        attn_implementation="eager",
+    )
     hf = transformers.LlamaForCausalLM(hf_cfg).eval()
     ours = to_hf_state(m)
     with torch.no_grad():

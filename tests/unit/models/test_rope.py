@@ -1,13 +1,14 @@
 """The rope knob: each method's frequencies against its closed form and against transformers,
 and its application to the live model at a stage boundary."""
+
 import json
 import math
 
 import pytest
 import torch
 import yaml
-from conftest import tiny_tree
 
+from conftest import tiny_tree
 from rampup.config import RunConfig
 from rampup.data.dataset import TokenDataset
 from rampup.data.prepare import get_prepared
@@ -20,11 +21,11 @@ from rampup.schedule.stages import Schedule
 from rampup.tools.plan import make_plan, plan_table
 
 D, B = 32, 10000.0
-I = torch.arange(D // 2, dtype=torch.float64)
+IDX = torch.arange(D // 2, dtype=torch.float64)
 
 
 def theta(base=B):
-    return base ** (-2 * I / D)
+    return base ** (-2 * IDX / D)
 
 
 def test_base_pi_ntk_match_their_formulas():
@@ -56,41 +57,59 @@ def test_yarn_keeps_fast_dims_interpolates_slow_ones_and_scales_attention():
         return D * math.log(L / (2 * math.pi * r)) / (2 * math.log(B))
 
     low, high = math.floor(dim_of(32)), math.ceil(dim_of(1))
-    ramp = ((I - low) / (high - low)).clamp(0, 1)
+    ramp = ((IDX - low) / (high - low)).clamp(0, 1)
     torch.testing.assert_close(f.double(), theta() * (1 - ramp) + theta() / s * ramp, rtol=1e-6, atol=0)
-    assert f[0] == pytest.approx(float(theta()[0]))        # highest frequency: kept
+    assert f[0] == pytest.approx(float(theta()[0]))  # highest frequency: kept
     assert f[-1] == pytest.approx(float(theta()[-1] / s))  # lowest frequency: interpolated
 
 
-@pytest.mark.parametrize("rope_type, spec, params, seq_len", [
-    ("yarn", RopeSpec(method="yarn", factor=4, original_max_len=256),
-     {"factor": 4.0, "original_max_position_embeddings": 256}, None),
-    ("yarn", RopeSpec(method="yarn", factor=8, original_max_len=512, base=5e5),
-     {"factor": 8.0, "original_max_position_embeddings": 512}, None),
-    ("linear", RopeSpec(method="pi", factor=3), {"factor": 3.0}, None),
-    ("dynamic", RopeSpec(method="dynamic_ntk", factor=2, original_max_len=256), {"factor": 2.0}, 1000),
-])
+@pytest.mark.parametrize(
+    "rope_type, spec, params, seq_len",
+    [
+        (
+            "yarn",
+            RopeSpec(method="yarn", factor=4, original_max_len=256),
+            {"factor": 4.0, "original_max_position_embeddings": 256},
+            None,
+        ),
+        (
+            "yarn",
+            RopeSpec(method="yarn", factor=8, original_max_len=512, base=5e5),
+            {"factor": 8.0, "original_max_position_embeddings": 512},
+            None,
+        ),
+        ("linear", RopeSpec(method="pi", factor=3), {"factor": 3.0}, None),
+        ("dynamic", RopeSpec(method="dynamic_ntk", factor=2, original_max_len=256), {"factor": 2.0}, 1000),
+    ],
+)
 def test_against_transformers(rope_type, spec, params, seq_len):
     transformers = pytest.importorskip("transformers")
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     theta0 = spec.base or B
-    cfg = transformers.LlamaConfig(hidden_size=4 * D, num_attention_heads=4, max_position_embeddings=256,
-                                   rope_parameters={"rope_type": rope_type, "rope_theta": theta0, **params})
+    cfg = transformers.LlamaConfig(
+        hidden_size=4 * D,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        rope_parameters={"rope_type": rope_type, "rope_theta": theta0, **params},
+    )
     ref, ref_scale = ROPE_INIT_FUNCTIONS[rope_type](cfg, "cpu", **({"seq_len": seq_len} if seq_len else {}))
     ours, scale = rope_frequencies(spec, D, B, seq_len=seq_len)
     torch.testing.assert_close(ours, ref.float(), rtol=1e-6, atol=0)
     assert scale == pytest.approx(ref_scale)
 
 
-@pytest.mark.parametrize("value, fragment", [
-    ({"method": "pi", "factor": 0}, "greater than 0"),
-    ({"method": "pi", "factor": -2}, "greater than 0"),
-    ({"method": "yarn", "factor": 4}, "needs original_max_len"),
-    ({"method": "base", "factor": 4}, "takes no factor"),
-    ({"method": "yarm"}, "method"),
-    ({"base": 0.5}, "must be > 1"),
-])
+@pytest.mark.parametrize(
+    "value, fragment",
+    [
+        ({"method": "pi", "factor": 0}, "greater than 0"),
+        ({"method": "pi", "factor": -2}, "greater than 0"),
+        ({"method": "yarn", "factor": 4}, "needs original_max_len"),
+        ({"method": "base", "factor": 4}, "takes no factor"),
+        ({"method": "yarm"}, "method"),
+        ({"base": 0.5}, "must be > 1"),
+    ],
+)
 def test_bad_rope_settings_are_named_errors(data_cache, tmp_path, value, fragment):
     tree = tiny_tree(data_cache, tmp_path / "out")
     tree["schedule"]["stages"][1]["rope"] = value
@@ -106,13 +125,18 @@ def test_apply_changes_only_the_rope_tables():
     f, scale = rope_frequencies(RopeSpec(method="yarn", factor=4, original_max_len=16), D, 10000.0)
     torch.testing.assert_close(model.inv_freq, f)
     pos = torch.arange(64, dtype=torch.float32)[:, None] * f[None]
-    torch.testing.assert_close(model.rope_cos[:, :D // 2], pos.cos() * scale)
+    torch.testing.assert_close(model.rope_cos[:, : D // 2], pos.cos() * scale)
 
 
 def test_stage_boundary_applies_rope_to_the_live_model(data_cache, tmp_path):
     spec = {"method": "yarn", "factor": 4, "original_max_len": 64}
-    tree = tiny_tree(data_cache, tmp_path / "out", train={"duration": "40 steps", "checkpoint_every": None},
-                     log={"progress": "off"}, eval={"seq_lens": [256], "max_tokens": 2048})
+    tree = tiny_tree(
+        data_cache,
+        tmp_path / "out",
+        train={"duration": "40 steps", "checkpoint_every": None},
+        log={"progress": "off"},
+        eval={"seq_lens": [256], "max_tokens": 2048},
+    )
     tree["schedule"]["stages"][1]["rope"] = spec
     cfg = RunConfig.model_validate(tree)
     plan = make_plan(cfg, Schedule.build(cfg.schedule, total=cfg.train.duration))
@@ -132,4 +156,7 @@ def test_stage_boundary_applies_rope_to_the_live_model(data_cache, tmp_path):
     apply_rope_spec(model, RopeSpec(**spec))
     assert evaluate(model, windows) == pytest.approx(summary["val_loss"]["256"], abs=1e-6)
     assert plain != pytest.approx(summary["val_loss"]["256"], abs=1e-3)
-    assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["schedule"]["stages"][1]["rope"]["method"] == "yarn"
+    assert (
+        yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["schedule"]["stages"][1]["rope"]["method"]
+        == "yarn"
+    )

@@ -1,4 +1,5 @@
 """The plan's train-time estimate: calibrated steps, the cache's keys, the corpus's cross-document share."""
+
 import json
 
 import numpy as np
@@ -39,17 +40,35 @@ def test_cross_document_share_counts_the_pairs_a_fixed_window_scores_across_docu
 
 
 def _cfg(tmp_path, stages=None, **train):
-    return RunConfig.model_validate({
-        "name": "cal", "model": {"vocab_size": 512, "dim": 32, "n_layers": 1, "n_heads": 2, "max_seq_len": 128},
-        "schedule": {"knobs": {"batch_tokens": 256},
-                     "stages": stages or [{"name": "a", "duration": "50%", "seq_len": 32}, {"name": "b", "seq_len": 128}]},
-        "train": {"duration": "8 steps", "threads": 1, "precision": "fp32", "out_dir": str(tmp_path / "run"), **train}})
+    return RunConfig.model_validate(
+        {
+            "name": "cal",
+            "model": {"vocab_size": 512, "dim": 32, "n_layers": 1, "n_heads": 2, "max_seq_len": 128},
+            "schedule": {
+                "knobs": {"batch_tokens": 256},
+                "stages": stages or [{"name": "a", "duration": "50%", "seq_len": 32}, {"name": "b", "seq_len": 128}],
+            },
+            "train": {
+                "duration": "8 steps",
+                "threads": 1,
+                "precision": "fp32",
+                "out_dir": str(tmp_path / "run"),
+                **train,
+            },
+        }
+    )
 
 
 def _warmup_cfg(tmp_path):
     """seq_len warmup 16 -> 128 in steps of 8 (15 shapes), then a stage with activation checkpointing."""
-    return _cfg(tmp_path, [{"name": "ramp", "duration": "60%", "seq_len": {"from": 16, "to": 128, "multiple_of": 8}},
-                           {"name": "ckpt", "seq_len": 128, "activation_checkpoint": "full"}], duration="10K tok")
+    return _cfg(
+        tmp_path,
+        [
+            {"name": "ramp", "duration": "60%", "seq_len": {"from": 16, "to": 128, "multiple_of": 8}},
+            {"name": "ckpt", "seq_len": 128, "activation_checkpoint": "full"},
+        ],
+        duration="10K tok",
+    )
 
 
 TRUE = (0.004, 2e-10, 9e-10)
@@ -69,7 +88,9 @@ class FakeMachine:
 
     def seconds(self, knobs, rows, T):
         f = self.flops.features(knobs, rows, T)
-        return sum(c * x for c, x in zip(TRUE, f)) * (1.5 if knobs.get("activation_checkpoint", "none") != "none" else 1)
+        return sum(c * x for c, x in zip(TRUE, f, strict=True)) * (
+            1.5 if knobs.get("activation_checkpoint", "none") != "none" else 1
+        )
 
     def measure(self, rows, T, knobs):
         s = self.seconds(knobs, rows, T)
@@ -87,8 +108,8 @@ def _estimate(cfg, machine, **kw):
 
 def test_fit_recovers_a_known_cost_model():
     rng = np.random.default_rng(0)
-    feats = [(1.0, float(d), float(a)) for d, a in zip(rng.uniform(1e8, 1e9, 6), rng.uniform(0, 5e8, 6))]
-    secs = [sum(c * x for c, x in zip(TRUE, f)) for f in feats]
+    feats = [(1.0, float(d), float(a)) for d, a in zip(rng.uniform(1e8, 1e9, 6), rng.uniform(0, 5e8, 6), strict=True)]
+    secs = [sum(c * x for c, x in zip(TRUE, f, strict=True)) for f in feats]
     assert fit_step_time(feats, secs) == pytest.approx(TRUE, rel=1e-6)
     # a term the data says is negative is dropped, never fitted below zero
     coef = fit_step_time(feats, [s - 0.0039 for s in secs])
@@ -105,13 +126,15 @@ def test_a_few_small_timed_steps_predict_every_shape_of_a_seq_len_warmup(tmp_pat
     sched, shapes, est, cal = _estimate(cfg, machine, budget=60)
     assert len(set(shapes)) >= 10 and cal.measured == len(machine.timed) <= 5  # a handful, not one per shape
     assert all(r * T <= 256 for r, T in machine.timed)  # never more rows than the run's own steps
-    truth = [machine.seconds(sp.knobs, r, T) for sp, (r, T) in zip(sched.steps(), shapes)]
+    truth = [machine.seconds(sp.knobs, r, T) for sp, (r, T) in zip(sched.steps(), shapes, strict=True)]
     assert est.total == pytest.approx(sum(truth), rel=1e-6)  # the model and the class factor are exact here
-    stage = [sum(t for sp, t in zip(sched.steps(), truth) if sp.stage == i) for i in (0, 1)]
+    stage = [sum(t for sp, t in zip(sched.steps(), truth, strict=True) if sp.stage == i) for i in (0, 1)]
     assert est.stage_seconds == pytest.approx(stage, rel=1e-6)
     assert est.coef == pytest.approx(TRUE, rel=1e-6) and not est.busy and not est.skipped
-    assert est.baseline == pytest.approx(sum(t for _, t in [(0, machine.seconds({"seq_len": 128}, 2, 128))])
-                                         * sum(r * T for r, T in shapes) / 256, rel=1e-6)
+    assert est.baseline == pytest.approx(
+        sum(t for _, t in [(0, machine.seconds({"seq_len": 128}, 2, 128))]) * sum(r * T for r, T in shapes) / 256,
+        rel=1e-6,
+    )
 
 
 def test_the_time_budget_shrinks_then_skips_shapes_and_says_so(tmp_path, monkeypatch):
@@ -145,9 +168,12 @@ def test_the_cache_is_used_only_for_the_same_key_and_never_for_a_busy_timing(tmp
     _, _, _, cal = _estimate(cfg, FakeMachine(cfg), recalibrate=True)
     assert cal.measured >= 2
     # another model or setting does not match: timed again, never trusted
-    for other in (_cfg(tmp_path, micro_batch_tokens=128),
-                  RunConfig.model_validate({**cfg.model_dump(mode="json"), "model": {**cfg.model.model_dump(mode="json"),
-                                                                                     "dim": 64}})):
+    for other in (
+        _cfg(tmp_path, micro_batch_tokens=128),
+        RunConfig.model_validate(
+            {**cfg.model_dump(mode="json"), "model": {**cfg.model.model_dump(mode="json"), "dim": 64}}
+        ),
+    ):
         _, _, _, c = _estimate(other, FakeMachine(other))
         assert c.measured >= 2
     # an entry written on another machine, or a stored time that is not a positive number, is ignored
@@ -171,8 +197,9 @@ def test_the_cache_is_used_only_for_the_same_key_and_never_for_a_busy_timing(tmp
     used = iter(range(0, 1000, 7))
     sched = Schedule.build(cfg.schedule, total=cfg.train.duration)
     shapes = [(sp.batch_size, sp.seq_len) for sp in sched.steps()]
-    cal = Calibrator(cfg, clock=machine.clock, measure=machine.measure, others=lambda: float(next(used)),
-                     recalibrate=True)
+    cal = Calibrator(
+        cfg, clock=machine.clock, measure=machine.measure, others=lambda: float(next(used)), recalibrate=True
+    )
     assert estimate_time(cfg, sched, shapes, calibrator=cal).busy
 
 

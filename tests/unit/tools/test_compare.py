@@ -1,4 +1,5 @@
 """compare: synthetic run folders (real files in the trainer's formats), numbers recomputed by hand."""
+
 from __future__ import annotations
 
 import io
@@ -19,39 +20,87 @@ from rampup.tools.compare import (
 )
 
 
-def make_run(root: Path, folder: str, evals: dict[int, list[tuple[float, float]]], *, name: str | None = None,
-             seed: int = 0, lr: float = 3e-3, data: dict | None = None, summary: bool = True,
-             compile_time: float | None = None, precision: str | None = None) -> Path:
+def make_run(
+    root: Path,
+    folder: str,
+    evals: dict[int, list[tuple[float, float]]],
+    *,
+    name: str | None = None,
+    seed: int = 0,
+    lr: float = 3e-3,
+    data: dict | None = None,
+    summary: bool = True,
+    compile_time: float | None = None,
+    precision: str | None = None,
+) -> Path:
     """A run folder whose eval at each length goes through (train_time, loss) pairs; tokens = 100 * time.
     ``compile_time``: seconds of compiling, all before the first eval; ``precision``: the run event's."""
     out = root / folder
     out.mkdir(parents=True)
-    cfg = RunConfig.model_validate({"name": name or folder, "optimizer": {"lr": lr}, "data": data or {},
-                                    "train": {"seed": seed, "out_dir": str(out)},
-                                    "eval": {"seq_lens": sorted(evals)}})
+    cfg = RunConfig.model_validate(
+        {
+            "name": name or folder,
+            "optimizer": {"lr": lr},
+            "data": data or {},
+            "train": {"seed": seed, "out_dir": str(out)},
+            "eval": {"seq_lens": sorted(evals)},
+        }
+    )
     (out / "config.yaml").write_text(dump_config(cfg))
     lines, step = [], 0
     if precision is not None:
-        lines.append({"event": "run", "step": 0, "name": cfg.name, "device": "cpu",
-                      "precision": {"precision": precision, "requested": "auto", "native_bf16": True, "reason": ""}})
+        lines.append(
+            {
+                "event": "run",
+                "step": 0,
+                "name": cfg.name,
+                "device": "cpu",
+                "precision": {"precision": precision, "requested": "auto", "native_bf16": True, "reason": ""},
+            }
+        )
     n_points = max(len(v) for v in evals.values())
     for i in range(n_points):
         t = next(v[i][0] for v in evals.values() if i < len(v))
         step += 1
-        lines.append({"event": "step", "step": step, "tokens": int(100 * t), "loss": 6.0, "lr": lr,
-                      "seq_len": 64, "batch_size": 8, "stage": 0, "stage_name": "s", "tok_per_s": 1.0,
-                      "step_time": 1.0, "train_time": t, "flops": 1e9 * t, "wall": 0.0})
+        lines.append(
+            {
+                "event": "step",
+                "step": step,
+                "tokens": int(100 * t),
+                "loss": 6.0,
+                "lr": lr,
+                "seq_len": 64,
+                "batch_size": 8,
+                "stage": 0,
+                "stage_name": "s",
+                "tok_per_s": 1.0,
+                "step_time": 1.0,
+                "train_time": t,
+                "flops": 1e9 * t,
+                "wall": 0.0,
+            }
+        )
         for n, pts in evals.items():
             if i < len(pts):
                 tt, loss = pts[i]
-                lines.append({"event": "eval", "step": step, "tokens": int(100 * tt), "seq_len": n, "loss": loss,
-                              "train_time": tt, "flops": 1e9 * tt,
-                              **({"compile_time": compile_time} if compile_time is not None else {})})
+                lines.append(
+                    {
+                        "event": "eval",
+                        "step": step,
+                        "tokens": int(100 * tt),
+                        "seq_len": n,
+                        "loss": loss,
+                        "train_time": tt,
+                        "flops": 1e9 * tt,
+                        **({"compile_time": compile_time} if compile_time is not None else {}),
+                    }
+                )
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     if summary:
         last = {n: pts[-1][1] for n, pts in evals.items()}
-        (out / "summary.json").write_text(json.dumps({"name": cfg.name, "steps": step, "val_loss":
-                                                      {str(n): v for n, v in last.items()}}))
+        (out / "summary.json").write_text(
+            json.dumps({"name": cfg.name, "steps": step, "val_loss": {str(n): v for n, v in last.items()}})
+        )
     return out
 
 
@@ -88,8 +137,12 @@ def test_compile_time_counts_toward_time_to_target_and_mixed_precisions_are_flag
     assert any("different precisions ('fast' bf16, 'base' fp32)" in w for w in result["warnings"])
     text = render(result)
     assert "fast, bf16" in text and "base (baseline), fp32" in text and "1.25x" in text and "2.00x" in text
-    same = compare_runs([make_run(tmp_path, "a", {256: [(10, 3.0)]}, precision="fp32"),
-                         make_run(tmp_path, "b", {256: [(10, 3.0)]}, lr=1e-3, precision="fp32")])
+    same = compare_runs(
+        [
+            make_run(tmp_path, "a", {256: [(10, 3.0)]}, precision="fp32"),
+            make_run(tmp_path, "b", {256: [(10, 3.0)]}, lr=1e-3, precision="fp32"),
+        ]
+    )
     assert not any("precision" in w for w in same["warnings"]) and ", fp32" not in render(same)
 
 
@@ -114,10 +167,14 @@ def test_speedup_against_baseline_recomputed(tmp_path):
 
 
 def test_seeds_grouped_with_median_and_spread(tmp_path):
-    dirs = [make_run(tmp_path, f"ramp_seed{i}", {128: pts}, name="ramp", seed=i, lr=1e-3)
-            for i, pts in enumerate([[(10, 4.0), (20, 3.0)], [(15, 3.8), (25, 3.2)], [(12, 3.9), (40, 3.4)]])]
-    dirs += [make_run(tmp_path, f"base_seed{i}", {128: pts}, name="base", seed=i)
-             for i, pts in enumerate([[(20, 4.0), (50, 3.6)], [(20, 4.1), (60, 3.4)], [(20, 4.2), (70, 3.5)]])]
+    dirs = [
+        make_run(tmp_path, f"ramp_seed{i}", {128: pts}, name="ramp", seed=i, lr=1e-3)
+        for i, pts in enumerate([[(10, 4.0), (20, 3.0)], [(15, 3.8), (25, 3.2)], [(12, 3.9), (40, 3.4)]])
+    ]
+    dirs += [
+        make_run(tmp_path, f"base_seed{i}", {128: pts}, name="base", seed=i)
+        for i, pts in enumerate([[(20, 4.0), (50, 3.6)], [(20, 4.1), (60, 3.4)], [(20, 4.2), (70, 3.5)]])
+    ]
     result = compare_runs(dirs)
     assert [g["label"] for g in result["groups"]] == ["ramp", "base"]
     assert result["targets"]["128"] == 3.5  # median of 3.6, 3.4, 3.5
@@ -129,8 +186,11 @@ def test_seeds_grouped_with_median_and_spread(tmp_path):
     # seed 0 ends at 3.6 > 3.5: never reached; counted as +inf, so the median is 70 and the max unknown
     assert [s["train_time"] for s in b["seeds"]] == [None, 60, 70]
     assert b["train_time"] == {"median": 70, "min": 60, "max": None}
-    assert r["speedup_wall"] == {"median": pytest.approx(70 / 25), "min": pytest.approx(70 / 40),
-                                 "max": pytest.approx(70 / 20)}
+    assert r["speedup_wall"] == {
+        "median": pytest.approx(70 / 25),
+        "min": pytest.approx(70 / 40),
+        "max": pytest.approx(70 / 20),
+    }
     assert r["final_loss"]["median"] == 3.2 and r["final_loss"]["min"] == 3.0 and r["final_loss"]["max"] == 3.4
     assert "not reached" in render(result)
 
@@ -225,6 +285,7 @@ def test_group_key_ignores_seed_out_dir_and_name(tmp_path):
 
 def test_run_and_compare_checks_configs_before_training(tmp_path):
     from rampup.tools.compare import run_and_compare
+
     a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
     a.write_text("train: {duration: '10 steps'}\n")
     b.write_text("train: {duration: '20 steps'}\n")
@@ -236,8 +297,10 @@ def test_run_and_compare_checks_configs_before_training(tmp_path):
 
 
 def test_even_seed_count_uses_upper_median_target(tmp_path):
-    base = [make_run(tmp_path, f"base_seed{i}", {128: pts}, name="base", seed=i)
-            for i, pts in enumerate([[(20, 4.0), (50, 3.6)], [(20, 4.1), (60, 3.4)]])]
+    base = [
+        make_run(tmp_path, f"base_seed{i}", {128: pts}, name="base", seed=i)
+        for i, pts in enumerate([[(20, 4.0), (50, 3.6)], [(20, 4.1), (60, 3.4)]])
+    ]
     result = compare_runs(base)
     assert result["targets"]["128"] == 3.6  # upper median of 3.4, 3.6: both seeds reach it
     b = row(result, "base", 128)

@@ -1,10 +1,11 @@
 """rampup export --format hf: what transformers' from_pretrained loads, equal to rampup's model."""
+
 import json
 
 import pytest
 import torch
-from conftest import flip_bit, run_rampup, tiny_tree
 
+from conftest import flip_bit, run_rampup, tiny_tree
 from rampup.config import RunConfig
 
 transformers = pytest.importorskip("transformers")
@@ -19,8 +20,9 @@ LAST_STAGE = {
 def trained(data_cache, tmp_path, last):
     from rampup.engine.trainer import train
 
-    tree = tiny_tree(data_cache, tmp_path / "run", train={"duration": "8 steps", "checkpoint_every": None},
-                     log={"progress": "off"})
+    tree = tiny_tree(
+        data_cache, tmp_path / "run", train={"duration": "8 steps", "checkpoint_every": None}, log={"progress": "off"}
+    )
     tree["schedule"]["stages"][1] |= last
     cfg = RunConfig.model_validate(tree)
     train(cfg)
@@ -90,8 +92,12 @@ def test_export_refuses_what_it_cannot_write(data_cache, tmp_path):
     from rampup.models.rope import RopeSpec
 
     with pytest.raises(ConfigError, match="mixes full and windowed layers"):
-        hf_config(hybrid, {"attention": AttentionSpec(kind="window", full_layers=[1]), "window": 32,
-                           "rope": RopeSpec()}, eos_token_id=0, dtype="float32")
+        hf_config(
+            hybrid,
+            {"attention": AttentionSpec(kind="window", full_layers=[1]), "window": 32, "rope": RopeSpec()},
+            eos_token_id=0,
+            dtype="float32",
+        )
     cfg, run = trained(data_cache, tmp_path, {"attention": {"kind": "sinks", "n_global": 4}, "window": 32})
     res = run_rampup("export", str(run), str(tmp_path / "hf"))
     assert res.returncode == 2 and "no Hugging Face model family expresses" in res.stderr

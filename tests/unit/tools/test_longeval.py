@@ -1,11 +1,12 @@
 """Long-context evaluation: passkey examples and scoring, the mixture knob, loss by position, rampup eval."""
+
 import json
 
 import numpy as np
 import pytest
 import torch
-from conftest import run_rampup, tiny_tree, write_config
 
+from conftest import run_rampup, tiny_tree, write_config
 from rampup.data import DataConfig, TokenizerConfig, prepare
 from rampup.data.passkey import PasskeyTemplate, inject_passkeys, passkey_example
 from rampup.data.prepare import load_prepared_tokenizer
@@ -27,10 +28,10 @@ def test_example_places_the_key_at_its_depth_and_ends_with_the_answer(template):
     for depth in (0.0, 0.5, 1.0):
         ex, n = passkey_example(filler, 128, depth, 31415, template)
         assert len(ex) == 129 and n == len(answer)
-        assert ex[-n:].tolist() == answer and ex[-n - len(question):-n].tolist() == question
+        assert ex[-n:].tolist() == answer and ex[-n - len(question) : -n].tolist() == question
         text = template.tok.decode(ex.tolist())
         assert text.count("31415") == 3  # twice in the needle, once as the answer
-        start = next(i for i in range(len(ex)) if ex[i:i + len(needle)].tolist() == needle)
+        start = next(i for i in range(len(ex)) if ex[i : i + len(needle)].tolist() == needle)
         n_fill = 129 - len(needle) - len(question) - n
         assert start == round(depth * n_fill)
     with pytest.raises(ConfigError, match="lengths >="):
@@ -46,7 +47,7 @@ class Oracle(torch.nn.Module):
         self.batch, self.vocab, self.wrong_at = batch, vocab, wrong_at
 
     def forward(self, x):
-        y = self.batch[:, 1:x.shape[1] + 1].clone()
+        y = self.batch[:, 1 : x.shape[1] + 1].clone()
         if self.wrong_at is not None:
             y[:, self.wrong_at] = (y[:, self.wrong_at] + 1) % self.vocab
         return torch.nn.functional.one_hot(y, self.vocab).float()
@@ -60,15 +61,19 @@ def test_accuracy_scores_exactly_the_answer_tokens(template):
     rows = []
     for _ in range(4):
         start = int(rng.integers(0, len(stream) - T - 1))
-        rows.append(passkey_example(stream[start:start + T + 1], T, 0.5, int(rng.integers(10000, 99999)), template)[0])
+        rows.append(
+            passkey_example(stream[start : start + T + 1], T, 0.5, int(rng.integers(10000, 99999)), template)[0]
+        )
     batch = torch.from_numpy(np.stack(rows))
     acc = passkey_accuracy(Oracle(batch, 512), template, stream, [T], [0.5], 4, seed=3, precision="fp32")
     assert acc == {T: {0.5: 1.0}}
-    wrong_last = passkey_accuracy(Oracle(batch, 512, wrong_at=T - 1), template, stream, [T], [0.5], 4, seed=3,
-                                  precision="fp32")
+    wrong_last = passkey_accuracy(
+        Oracle(batch, 512, wrong_at=T - 1), template, stream, [T], [0.5], 4, seed=3, precision="fp32"
+    )
     assert wrong_last == {T: {0.5: 0.0}}  # one wrong key token fails the example
-    wrong_filler = passkey_accuracy(Oracle(batch, 512, wrong_at=3), template, stream, [T], [0.5], 4, seed=3,
-                                    precision="fp32")
+    wrong_filler = passkey_accuracy(
+        Oracle(batch, 512, wrong_at=3), template, stream, [T], [0.5], 4, seed=3, precision="fp32"
+    )
     assert wrong_filler == {T: {0.5: 1.0}}  # filler predictions do not count
 
 
@@ -83,7 +88,7 @@ def test_inject_passkeys_rewrites_about_the_fraction_and_keeps_the_shift(templat
     question = torch.tensor(template.pieces(0)[1])
     for b in torch.nonzero(changed).flatten().tolist():
         row = torch.cat([x[b], y[b, -1:]])
-        assert any(torch.equal(row[i:i + len(question)], question) for i in range(len(row) - len(question)))
+        assert any(torch.equal(row[i : i + len(question)], question) for i in range(len(row) - len(question)))
     short = torch.randint(0, 500, (4, 8))
     assert inject_passkeys(short, short.clone(), 1.0, template, np.random.default_rng(0)) == 0
 
@@ -105,8 +110,9 @@ def test_rampup_eval_reports_lengths_beyond_training(data_cache, tmp_path):
     tree["schedule"]["stages"][1]["rope"] = {"method": "yarn", "factor": 4, "original_max_len": 64}
     cfg = write_config(tmp_path / "run.yaml", tree)
     assert run_rampup("train", str(cfg)).returncode == 0
-    res = run_rampup("eval", str(tmp_path / "run"), "--lengths", "64", "256", "512", "--passkey-samples", "2",
-                     "--max-tokens", "2048")
+    res = run_rampup(
+        "eval", str(tmp_path / "run"), "--lengths", "64", "256", "512", "--passkey-samples", "2", "--max-tokens", "2048"
+    )
     assert res.returncode == 0, res.stderr
     assert "beyond training" in res.stdout
     r = json.loads((tmp_path / "run" / "eval.json").read_text())
@@ -120,7 +126,6 @@ def test_rampup_eval_reports_lengths_beyond_training(data_cache, tmp_path):
 def test_rampup_eval_scores_a_windowed_run_with_its_window(data_cache, tmp_path):
     """The run's last stage is windowed: rampup eval scores it windowed, as the run's own final eval did."""
     from conftest import tiny_tree
-
     from rampup.config import RunConfig
     from rampup.data.dataset import TokenDataset
     from rampup.data.prepare import get_prepared
@@ -131,8 +136,13 @@ def test_rampup_eval_scores_a_windowed_run_with_its_window(data_cache, tmp_path)
     from rampup.tools.longeval import evaluate_run
 
     out = tmp_path / "run"
-    tree = tiny_tree(data_cache, out, train={"duration": "12 steps", "checkpoint_every": None},
-                     eval={"seq_lens": [256], "max_tokens": 2048}, log={"progress": "off"})
+    tree = tiny_tree(
+        data_cache,
+        out,
+        train={"duration": "12 steps", "checkpoint_every": None},
+        eval={"seq_lens": [256], "max_tokens": 2048},
+        log={"progress": "off"},
+    )
     tree["schedule"]["stages"][1] |= {"attention": {"kind": "window"}, "window": 16}
     cfg = RunConfig.model_validate(tree)
     summary = train(cfg)

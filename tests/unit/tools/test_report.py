@@ -1,4 +1,5 @@
 """Reports: figures and a self-contained HTML page from run folders in the real on-disk format."""
+
 from __future__ import annotations
 
 import json
@@ -27,27 +28,68 @@ def make_run(root: Path, name: str, steps: int = 40, loss0: float = 6.0, cut_las
         stage = 0 if step <= steps // 2 else 1
         start, sname, seq, bs = stages[stage]
         if step == start + 1:
-            records.append({"event": "stage", "step": start, "tokens": tokens, "stage": stage, "stage_name": sname,
-                            "knobs": {"seq_len": seq, "batch_tokens": seq * bs, "lr_mult": 1.0}})
+            records.append(
+                {
+                    "event": "stage",
+                    "step": start,
+                    "tokens": tokens,
+                    "stage": stage,
+                    "stage_name": sname,
+                    "knobs": {"seq_len": seq, "batch_tokens": seq * bs, "lr_mult": 1.0},
+                }
+            )
         tokens += seq * bs
         step_time = 0.05 if stage == 0 else 0.04
         train_time += step_time
         flops += 1e9
-        records.append({"event": "step", "step": step, "tokens": tokens, "loss": loss0 - math.log(step) * 0.3,
-                        "lr": 1e-3 * min(1.0, step / 5), "seq_len": seq, "batch_size": bs, "stage": stage,
-                        "stage_name": sname, "tok_per_s": seq * bs / step_time, "step_time": step_time,
-                        "train_time": train_time, "flops": flops, "wall": 1.7e9 + step})
+        records.append(
+            {
+                "event": "step",
+                "step": step,
+                "tokens": tokens,
+                "loss": loss0 - math.log(step) * 0.3,
+                "lr": 1e-3 * min(1.0, step / 5),
+                "seq_len": seq,
+                "batch_size": bs,
+                "stage": stage,
+                "stage_name": sname,
+                "tok_per_s": seq * bs / step_time,
+                "step_time": step_time,
+                "train_time": train_time,
+                "flops": flops,
+                "wall": 1.7e9 + step,
+            }
+        )
         if step % 20 == 0:
             for length, delta in ((64, 0.05), (256, 0.0)):
-                records.append({"event": "eval", "step": step, "tokens": tokens, "seq_len": length,
-                                "loss": loss0 - math.log(step) * 0.3 + delta, "train_time": train_time, "flops": flops})
+                records.append(
+                    {
+                        "event": "eval",
+                        "step": step,
+                        "tokens": tokens,
+                        "seq_len": length,
+                        "loss": loss0 - math.log(step) * 0.3 + delta,
+                        "train_time": train_time,
+                        "flops": flops,
+                    }
+                )
     text = "".join(json.dumps(r) + "\n" for r in records)
     if cut_last_line:
         text += json.dumps({"event": "step", "step": steps + 1, "tokens": tokens})[:25]  # a crash mid-write
     (run / "metrics.jsonl").write_text(text)
     final = {str(r["seq_len"]): r["loss"] for r in records if r["event"] == "eval"}
-    (run / "summary.json").write_text(json.dumps({"name": name, "steps": steps, "tokens": tokens, "flops": flops,
-                                                  "train_time": train_time, "val_loss": final}))
+    (run / "summary.json").write_text(
+        json.dumps(
+            {
+                "name": name,
+                "steps": steps,
+                "tokens": tokens,
+                "flops": flops,
+                "train_time": train_time,
+                "val_loss": final,
+            }
+        )
+    )
     return run
 
 
@@ -59,7 +101,7 @@ def check_png(path: Path) -> None:
 
 def check_html(html: str, figures: dict | None = None) -> None:
     assert html.count("data:image/png;base64,") == len(FIGURES)
-    assert 'src="http' not in html and "href=\"http" not in html and "<script" not in html
+    assert 'src="http' not in html and 'href="http' not in html and "<script" not in html
     assert "<link" not in html
 
 

@@ -2,6 +2,7 @@
 them (:mod:`.local`: :class:`Checkpointer`, :class:`LocalCheckpointer`), and FSDP2's sharded form
 (:mod:`.sharded`, torch.distributed.checkpoint). The names below were rampup.engine.checkpoint's before
 it became a package, and stay importable from it."""
+
 from rampup.engine.checkpoint.folders import (
     FORMAT_VERSION,
     MANIFEST,
@@ -31,7 +32,30 @@ from rampup.engine.checkpoint.format import (
 )
 from rampup.engine.checkpoint.local import Checkpointer, LocalCheckpointer
 
-__all__ = ["FORMAT_VERSION", "MANIFEST", "PARTS", "Checkpoint", "Checkpointer", "LocalCheckpointer", "check_readable",
-           "finish", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "load_latest", "load_optimizer_tensors",
-           "model_shapes", "model_tensors", "nonfinite_tensors", "optimizer_tensors", "prune", "quarantine",
-           "remove_partial_writes", "restore_rng", "rng_tensors", "save_checkpoint", "sha256_file", "verify_checkpoint"]
+__all__ = [
+    "FORMAT_VERSION",
+    "MANIFEST",
+    "PARTS",
+    "Checkpoint",
+    "Checkpointer",
+    "LocalCheckpointer",
+    "check_readable",
+    "finish",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "load_latest",
+    "load_optimizer_tensors",
+    "model_shapes",
+    "model_tensors",
+    "nonfinite_tensors",
+    "optimizer_tensors",
+    "prune",
+    "quarantine",
+    "remove_partial_writes",
+    "restore_rng",
+    "rng_tensors",
+    "save_checkpoint",
+    "sha256_file",
+    "verify_checkpoint",
+]

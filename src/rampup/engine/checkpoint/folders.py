@@ -1,6 +1,7 @@
 """Checkpoint folders, whatever format the tensors inside take: checksums, the atomic finish, listing,
 rotation and quarantine (rampup.engine.checkpoint.format writes the single-process format into them,
 rampup.engine.checkpoint.sharded the torch.distributed.checkpoint one)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -69,8 +70,16 @@ def finish(tmp: Path, final: Path, state: dict[str, Any], files: list[str]) -> P
     ckpt_dir, step = final.parent, _step_of(final)
     _write_json(tmp / "state.json", dict(state, step=step, format_version=FORMAT_VERSION))
     files = [*files, "state.json"]
-    _write_json(tmp / MANIFEST, {"format_version": FORMAT_VERSION, "step": step, "files": {
-        name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)} for name in files}})
+    _write_json(
+        tmp / MANIFEST,
+        {
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "files": {
+                name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)} for name in files
+            },
+        },
+    )
     _fsync_dir(tmp)
     if final.exists():  # an earlier run wrote this step and we resumed before it: replace it whole
         old = ckpt_dir / f".old_step_{step:07d}_{os.getpid()}"

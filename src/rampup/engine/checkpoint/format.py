@@ -20,6 +20,7 @@ optimizer state with a NaN or inf are never written, and a write that fails (dis
 large, permission) removes its temporary folder and leaves the previous checkpoint as it was.
 Nothing is ever unpickled.
 """
+
 from __future__ import annotations
 
 import json
@@ -121,8 +122,10 @@ def save_checkpoint(
     bad += [f"optimizer state {k}" for k in nonfinite_tensors(tensors.items())]
     bad += [f"part {k}" for k in nonfinite_tensors((part_tensors or {}).items())]
     if bad:
-        raise NonFiniteError(f"not writing the checkpoint of step {step}: {', '.join(bad[:3])}"
-                             f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''} hold NaN or inf")
+        raise NonFiniteError(
+            f"not writing the checkpoint of step {step}: {', '.join(bad[:3])}"
+            f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''} hold NaN or inf"
+        )
     final = ckpt_dir / f"step_{step:07d}"
     tmp = ckpt_dir / f".tmp_step_{step:07d}_{os.getpid()}"
     try:
@@ -146,7 +149,8 @@ def save_checkpoint(
         kept = f"the newest checkpoint, {newest}, is intact" if newest else "no earlier checkpoint exists"
         raise CheckpointWriteError(
             f"could not write the checkpoint of step {step} to {ckpt_dir}: {e}; {kept}. Free disk space "
-            "or fix the folder's permissions, then continue with: rampup train CONFIG --resume") from None
+            "or fix the folder's permissions, then continue with: rampup train CONFIG --resume"
+        ) from None
     except BaseException:  # a second Ctrl-C mid-write: leave no half-written folder behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -161,15 +165,18 @@ def verify_checkpoint(path: Path) -> None:
         manifest = json.loads((path / MANIFEST).read_text())
         files = manifest["files"]
     except FileNotFoundError:
-        raise CheckpointDamaged(f"checkpoint {path} has no {MANIFEST} (written by a rampup without "
-                                "checksums, or damaged), so it cannot be verified") from None
+        raise CheckpointDamaged(
+            f"checkpoint {path} has no {MANIFEST} (written by a rampup without "
+            "checksums, or damaged), so it cannot be verified"
+        ) from None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointDamaged(f"checkpoint {path}: {MANIFEST} is unreadable ({e})") from None
 
     if is_sharded(path):  # every rank's shard file, DCP's index and state.json
         shards = [str(p.relative_to(path)) for p in sorted((path / DCP_DIR).iterdir()) if p.is_file()]
-        required = sorted({*shards, f"{DCP_DIR}/{METADATA}", "state.json",
-                           *(n for n in files if n.startswith(f"{DCP_DIR}/"))})
+        required = sorted(
+            {*shards, f"{DCP_DIR}/{METADATA}", "state.json", *(n for n in files if n.startswith(f"{DCP_DIR}/"))}
+        )
     else:
         required = [*_FILES, *([PARTS] if PARTS in files or (path / PARTS).exists() else [])]
     for name in required:
@@ -180,11 +187,15 @@ def verify_checkpoint(path: Path) -> None:
             raise CheckpointDamaged(f"checkpoint {path}: {name} is missing")
         size = f.stat().st_size
         if size != files[name]["bytes"]:
-            raise CheckpointDamaged(f"checkpoint {path}: {name} has {size} bytes, the manifest says "
-                                    f"{files[name]['bytes']} (cut short or overwritten)")
+            raise CheckpointDamaged(
+                f"checkpoint {path}: {name} has {size} bytes, the manifest says "
+                f"{files[name]['bytes']} (cut short or overwritten)"
+            )
         if sha256_file(f) != files[name]["sha256"]:
-            raise CheckpointDamaged(f"checkpoint {path}: {name} does not match its sha256 in the manifest "
-                                    "(its bytes changed after it was written)")
+            raise CheckpointDamaged(
+                f"checkpoint {path}: {name} does not match its sha256 in the manifest "
+                "(its bytes changed after it was written)"
+            )
     check_readable(path, required)
 
 
@@ -201,15 +212,22 @@ def check_readable(path: Path, names: list[str]) -> None:
                 with safe_open(str(f), "pt") as sf:
                     sf.keys()
         except Exception as e:  # OSError, ValueError, safetensors' own error type
-            raise CheckpointDamaged(f"checkpoint {path}: {name} matches its manifest but cannot be read "
-                                    f"({type(e).__name__}: {e})") from None
+            raise CheckpointDamaged(
+                f"checkpoint {path}: {name} matches its manifest but cannot be read ({type(e).__name__}: {e})"
+            ) from None
     if any(n.endswith(".metadata") for n in names):
         read_metadata(path)  # CheckpointDamaged when unreadable
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    *, verify: bool = True, check: Callable[[dict[str, Any]], None] | None = None,
-                    prepare: Callable[[Path], None] | None = None) -> Checkpoint:
+def load_checkpoint(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    *,
+    verify: bool = True,
+    check: Callable[[dict[str, Any]], None] | None = None,
+    prepare: Callable[[Path], None] | None = None,
+) -> Checkpoint:
     """Load weights (and optimizer + RNG state when ``optimizer`` is given) from a checkpoint folder.
 
     With ``verify`` the files are first checked against the manifest (:class:`CheckpointDamaged`);
@@ -231,8 +249,10 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         return Checkpoint(path, state, sharded.read_full(path, "part/", metadata))
     missing = [f for f in _FILES if not (path / f).is_file()]
     if missing:
-        raise CheckpointDamaged(f"checkpoint {path} is incomplete (missing {', '.join(missing)}); "
-                                "point to another checkpoint or start a fresh run")
+        raise CheckpointDamaged(
+            f"checkpoint {path} is incomplete (missing {', '.join(missing)}); "
+            "point to another checkpoint or start a fresh run"
+        )
     try:
         state = json.loads((path / "state.json").read_text())
     except (OSError, ValueError) as e:
@@ -245,11 +265,15 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         missing_keys, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
         tensors = load_file(str(path / "optimizer.safetensors")) if optimizer is not None else {}
     except Exception as e:  # OSError, a shape mismatch, or safetensors' own error type
-        raise CheckpointError(f"cannot load checkpoint {path} into this model ({e}); use the config it was "
-                              "trained with (config.yaml in the run folder)") from None
+        raise CheckpointError(
+            f"cannot load checkpoint {path} into this model ({e}); use the config it was "
+            "trained with (config.yaml in the run folder)"
+        ) from None
     if missing_keys or unexpected:
-        raise CheckpointError(f"checkpoint {path} does not fit this model (missing {sorted(missing_keys)[:3]}, "
-                              f"unexpected {sorted(unexpected)[:3]}); use the config it was trained with")
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this model (missing {sorted(missing_keys)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}); use the config it was trained with"
+        )
     if optimizer is not None:
         load_optimizer_tensors(optimizer, tensors, state["optimizer_groups"])
         restore_rng(tensors)
@@ -275,10 +299,15 @@ def model_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
 
 
-def load_latest(ckpt_dir: Path, model: torch.nn.Module | None, optimizer: torch.optim.Optimizer | None,
-                report: Callable[[str], None], check: Callable[[dict[str, Any]], None] | None = None,
-                prepare: Callable[[Path], None] | None = None,
-                load: Callable[[Path], Checkpoint] | None = None) -> Checkpoint | None:
+def load_latest(
+    ckpt_dir: Path,
+    model: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer | None,
+    report: Callable[[str], None],
+    check: Callable[[dict[str, Any]], None] | None = None,
+    prepare: Callable[[Path], None] | None = None,
+    load: Callable[[Path], Checkpoint] | None = None,
+) -> Checkpoint | None:
     """Load the newest checkpoint that verifies; None when there is no checkpoint at all.
 
     Each damaged one met on the way is reported through ``report`` and renamed ``damaged_step_N``.
@@ -297,6 +326,8 @@ def load_latest(ckpt_dir: Path, model: torch.nn.Module | None, optimizer: torch.
             damaged.append(moved.name)
             report(f"{e}; moved it to {moved.name} and falling back to the previous checkpoint")
     if damaged:
-        raise CheckpointError(f"no intact checkpoint in {ckpt_dir}: {', '.join(damaged)} failed verification "
-                              "and were kept under those names; start a fresh run in another train.out_dir")
+        raise CheckpointError(
+            f"no intact checkpoint in {ckpt_dir}: {', '.join(damaged)} failed verification "
+            "and were kept under those names; start a fresh run in another train.out_dir"
+        )
     return None

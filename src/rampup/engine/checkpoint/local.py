@@ -8,6 +8,7 @@ is verified on load, a damaged one is reported and set aside (``damaged_step_N``
 the next newest used, non-finite tensors are never written, and a failed write leaves the previous
 checkpoint intact.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -42,8 +43,9 @@ class Checkpointer(Protocol):
         """Write ``state`` at its progress.step (plus JSON ``extra``, e.g. the config); returns where."""
         ...
 
-    def load_latest(self, state, *, report: Callable[[str], None],
-                    check: Callable[[dict[str, Any]], None] | None = None) -> Checkpoint | None:
+    def load_latest(
+        self, state, *, report: Callable[[str], None], check: Callable[[dict[str, Any]], None] | None = None
+    ) -> Checkpoint | None:
         """Load the newest intact checkpoint into ``state``'s model and optimizer (not its JSON
         tree: the caller decides what to restore); None if there is none."""
         ...
@@ -70,12 +72,25 @@ class LocalCheckpointer:
         pass  # load_latest loaded the model and optimizer in place
 
     def save(self, state, extra: dict[str, Any]) -> Path:
-        return save_checkpoint(self.folder, state.progress.step, state.model.module, state.optimizer,
-                               state.state_dict() | extra, keep=self.keep, part_tensors=state.part_tensors())
+        return save_checkpoint(
+            self.folder,
+            state.progress.step,
+            state.model.module,
+            state.optimizer,
+            state.state_dict() | extra,
+            keep=self.keep,
+            part_tensors=state.part_tensors(),
+        )
 
     def load_latest(self, state, *, report, check=None) -> Checkpoint | None:
-        return load_latest(self.folder, state.model.module, state.optimizer, report=report, check=check,
-                           prepare=lambda path: fit_checkpoint(state.model, path, state.optimizer))
+        return load_latest(
+            self.folder,
+            state.model.module,
+            state.optimizer,
+            report=report,
+            check=check,
+            prepare=lambda path: fit_checkpoint(state.model, path, state.optimizer),
+        )
 
     def latest(self) -> Path | None:
         return latest_checkpoint(self.folder)
@@ -93,20 +108,30 @@ class ShardedCheckpointer:
     collective = True
     """``save`` is DCP's collective write: every rank calls it."""
 
-    def __init__(self, local: LocalCheckpointer, dist_: Any,
-                 make_replica: Callable[[], tuple[Any, Any]] | None = None) -> None:
+    def __init__(
+        self, local: LocalCheckpointer, dist_: Any, make_replica: Callable[[], tuple[Any, Any]] | None = None
+    ) -> None:
         self.local, self.dist, self.make_replica = local, dist_, make_replica
         self.folder, self.keep = local.folder, local.keep
         self._pending: tuple | None = None
 
     def save(self, state, extra: dict[str, Any]) -> Path:
 
-        return save_sharded(self.folder, state.progress.step, state.model.module, state.optimizer,
-                            state.state_dict() | extra, self.dist, keep=self.keep, parts=state.part_tensors())
+        return save_sharded(
+            self.folder,
+            state.progress.step,
+            state.model.module,
+            state.optimizer,
+            state.state_dict() | extra,
+            self.dist,
+            keep=self.keep,
+            parts=state.part_tensors(),
+        )
 
     def load_latest(self, state, *, report, check=None) -> Checkpoint | None:
         """Verify and pick the newest intact checkpoint and read its JSON state and parts; the model
         and optimizer take its tensors in :meth:`install`, on every rank together."""
+
         def prepare(path: Path) -> None:
             fit_checkpoint(state.model, path, state.optimizer)  # a grown model takes the saved shapes
 
@@ -121,11 +146,18 @@ class ShardedCheckpointer:
                 self._pending = ("sharded", path, st.get("optimizer_groups"), metadata)
                 return Checkpoint(path, st, sharded.read_full(path, "part/", metadata))
             if self.make_replica is None:  # a plain model reads the single-process format in place
-                return load_checkpoint(path, state.model.module, state.optimizer, verify=False, check=check,
-                                       prepare=prepare)
+                return load_checkpoint(
+                    path, state.model.module, state.optimizer, verify=False, check=check, prepare=prepare
+                )
             adapter, optimizer = self.make_replica()
-            ck = load_checkpoint(path, adapter.module, optimizer, verify=False, check=check,
-                                 prepare=lambda p: fit_checkpoint(adapter, p, optimizer))
+            ck = load_checkpoint(
+                path,
+                adapter.module,
+                optimizer,
+                verify=False,
+                check=check,
+                prepare=lambda p: fit_checkpoint(adapter, p, optimizer),
+            )
             self._pending = ("replica", adapter, optimizer)
             return ck
 
@@ -138,7 +170,6 @@ class ShardedCheckpointer:
         if pending is None:
             return
         if pending[0] == "sharded":
-
             _, path, groups, metadata = pending
             restore_rng(load_into(path, state.model.module, state.optimizer, groups, metadata))
             return

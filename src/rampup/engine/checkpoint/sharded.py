@@ -20,6 +20,7 @@ was. DCP's ``.metadata`` is a pickle: it is read through an unpickler that admit
 metadata dataclasses and enums, torch sizes and dtypes, so a checkpoint cannot run code; tensor
 data is read with ``torch.load(weights_only=True)``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -78,9 +79,15 @@ def is_sharded(path: Path) -> bool:
 
 
 # ---------------------------------------------------------------------------- reading DCP's index
-_PLAIN = {("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
-          ("pathlib", "PureWindowsPath"), ("torch", "Size"), ("torch.serialization", "_get_layout"),
-          ("collections", "OrderedDict")}
+_PLAIN = {
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PureWindowsPath"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("collections", "OrderedDict"),
+}
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -89,8 +96,9 @@ class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _PLAIN:
             return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
-                                                                            torch.memory_format)):
+        if module == "torch" and isinstance(
+            getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)
+        ):
             return getattr(torch, name)
         if module.startswith("torch.distributed.checkpoint."):
             obj = super().find_class(module, name)
@@ -125,18 +133,24 @@ def saved_tensors(metadata: Any) -> dict[str, Any]:
 
 def model_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """The model's tensor names and full shapes in a sharded checkpoint, without reading any shard."""
-    return {k[len("model/"):]: tuple(v.size) for k, v in saved_tensors(read_metadata(path)).items()
-            if k.startswith("model/")}
+    return {
+        k[len("model/") :]: tuple(v.size)
+        for k, v in saved_tensors(read_metadata(path)).items()
+        if k.startswith("model/")
+    }
 
 
 def read_full(path: Path, prefix: str, metadata: Any | None = None) -> dict[str, torch.Tensor]:
     """Every tensor under ``prefix`` (``part/``, ``rng/``, ``model/``), whole, in this process alone."""
     metadata = read_metadata(path) if metadata is None else metadata
-    target = {k: torch.empty(tuple(v.size), dtype=v.properties.dtype)
-              for k, v in saved_tensors(metadata).items() if k.startswith(prefix)}
+    target = {
+        k: torch.empty(tuple(v.size), dtype=v.properties.dtype)
+        for k, v in saved_tensors(metadata).items()
+        if k.startswith(prefix)
+    }
     if target:
         _load(DCP, target, path, metadata)
-    return {k[len(prefix):]: v for k, v in target.items()}
+    return {k[len(prefix) :]: v for k, v in target.items()}
 
 
 @contextlib.contextmanager
@@ -153,8 +167,10 @@ def _load(dcp: Any, target: dict[str, Any], path: Path, metadata: Any) -> None:
         with _quiet():
             DCP.load(target, storage_reader=_reader(path, metadata), no_dist=True)
     except Exception as e:  # a shard cut short after verification, a size mismatch
-        raise CheckpointError(f"cannot read the shards of checkpoint {path} ({str(e).strip().splitlines()[0][:300]}); "
-                              "use the config it was trained with, or point to another checkpoint") from None
+        raise CheckpointError(
+            f"cannot read the shards of checkpoint {path} ({str(e).strip().splitlines()[0][:300]}); "
+            "use the config it was trained with, or point to another checkpoint"
+        ) from None
 
 
 # ---------------------------------------------------------------------------- state dicts
@@ -178,18 +194,23 @@ def full_state(adapter: Any, optimizer: torch.optim.Optimizer, *, to_rank0: bool
     empty dicts); otherwise every rank its own (for a plain, unsharded module)."""
     opts = DCP.StateDictOptions(full_state_dict=True, cpu_offload=to_rank0)
     with all_trainable(adapter.module):
-        return (DCP.get_model_state_dict(adapter.module, options=opts),
-                DCP.get_optimizer_state_dict(adapter.module, optimizer, options=opts))
+        return (
+            DCP.get_model_state_dict(adapter.module, options=opts),
+            DCP.get_optimizer_state_dict(adapter.module, optimizer, options=opts),
+        )
 
 
-def set_full_state(adapter: Any, optimizer: torch.optim.Optimizer | None, model_sd: dict, optim_sd: dict | None) -> None:
+def set_full_state(
+    adapter: Any, optimizer: torch.optim.Optimizer | None, model_sd: dict, optim_sd: dict | None
+) -> None:
     """Load full state dicts into a (sharded or plain) model and its optimizer; every rank shards its part."""
     DCP.set_model_state_dict(adapter.module, model_sd, options=DCP.StateDictOptions(full_state_dict=True))
     if optimizer is not None and optim_sd is not None:
         # not strict: a parameter never stepped yet (frozen since the start) has no state to load
         with all_trainable(adapter.module):
-            DCP.set_optimizer_state_dict(adapter.module, optimizer, optim_sd,
-                                     options=DCP.StateDictOptions(full_state_dict=True, strict=False))
+            DCP.set_optimizer_state_dict(
+                adapter.module, optimizer, optim_sd, options=DCP.StateDictOptions(full_state_dict=True, strict=False)
+            )
         # the helper first gives every parameter a zero state (a step at lr 0); one that had none (never
         # stepped) must have none again, or its first real step's bias correction would be off
         saved = set(optim_sd.get("state", {}))
@@ -220,8 +241,12 @@ def live_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None)
         return model_sd, DCP.get_optimizer_state_dict(module, optimizer)
 
 
-def flat_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, parts: dict[str, torch.Tensor],
-               rng: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+def flat_state(
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    parts: dict[str, torch.Tensor],
+    rng: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     """The tensors DCP writes (flat, world-size independent keys) and the optimizer's param groups (JSON)."""
     model_sd, optim_sd = live_state(module, optimizer)
     tied = aliases(module)
@@ -234,23 +259,35 @@ def flat_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, parts:
     return flat, optim_sd["param_groups"]
 
 
-def load_into(path: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-              groups: list[dict[str, Any]] | None, metadata: Any | None = None) -> dict[str, torch.Tensor]:
+def load_into(
+    path: Path,
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    groups: list[dict[str, Any]] | None,
+    metadata: Any | None = None,
+) -> dict[str, torch.Tensor]:
     """Read a sharded checkpoint's model (and optimizer, when given) into a live model, plain or
     sharded, at any world size: each rank reads only the chunks its shards cover. Returns rng tensors."""
     metadata = read_metadata(path) if metadata is None else metadata
     saved = saved_tensors(metadata)
     model_sd, optim_sd = live_state(module, optimizer)
     tied = aliases(module)
-    have = {k[len("model/"):]: tuple(v.size) for k, v in saved.items() if k.startswith("model/")}
+    have = {k[len("model/") :]: tuple(v.size) for k, v in saved.items() if k.startswith("model/")}
     wanted = set(model_sd) - set(tied)
     missing, unexpected = sorted(wanted - set(have)), sorted(set(have) - wanted)
     wrong = sorted(k for k in set(model_sd) & set(have) if tuple(model_sd[k].shape) != have[k])
     if missing or unexpected or wrong:
-        what = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected else
-                f"{wrong[0]} is {list(have[wrong[0]])} there but {list(model_sd[wrong[0]].shape)} here")
-        raise CheckpointError(f"checkpoint {path} does not fit this model ({what}); use the config it was "
-                              "trained with (config.yaml in the run folder)")
+        what = (
+            f"missing {missing[:3]}"
+            if missing
+            else f"unexpected {unexpected[:3]}"
+            if unexpected
+            else f"{wrong[0]} is {list(have[wrong[0]])} there but {list(model_sd[wrong[0]].shape)} here"
+        )
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this model ({what}); use the config it was "
+            "trained with (config.yaml in the run folder)"
+        )
     target: dict[str, Any] = {f"model/{k}": v for k, v in model_sd.items() if k not in tied}
     state: dict[str, dict[str, Any]] = {}
     for fqn, st in optim_sd.get("state", {}).items():
@@ -268,12 +305,13 @@ def load_into(path: Path, module: torch.nn.Module, optimizer: torch.optim.Optimi
     if optimizer is not None:
         groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in groups or []]  # JSON made a list
         with all_trainable(module):
-            DCP.set_optimizer_state_dict(module, optimizer, {"state": state, "param_groups": groups},
-                                     options=DCP.StateDictOptions(strict=False))
+            DCP.set_optimizer_state_dict(
+                module, optimizer, {"state": state, "param_groups": groups}, options=DCP.StateDictOptions(strict=False)
+            )
         for name, p in module.named_parameters():  # the helper gave every parameter a zero state first
             if name not in state:
                 optimizer.state.pop(p, None)
-    return {k[len("rng/"):]: v for k, v in rng.items()}
+    return {k[len("rng/") :]: v for k, v in rng.items()}
 
 
 # ---------------------------------------------------------------------------- writing
@@ -287,8 +325,17 @@ def _cause(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[-1][:300]}" if text else type(e).__name__
 
 
-def save_sharded(ckpt_dir: Path, step: int, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 state: dict[str, Any], dist_: Any, *, keep: int | None, parts: dict[str, torch.Tensor]) -> Path:
+def save_sharded(
+    ckpt_dir: Path,
+    step: int,
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    dist_: Any,
+    *,
+    keep: int | None,
+    parts: dict[str, torch.Tensor],
+) -> Path:
     """Every rank together: write this step's shards into a temporary folder (DCP), then rank 0 adds
     state.json and the manifest and renames it into place. Returns the folder on every rank.
 
@@ -298,10 +345,14 @@ def save_sharded(ckpt_dir: Path, step: int, module: torch.nn.Module, optimizer: 
     flat, groups = flat_state(module, optimizer, parts, dist_.broadcast(rng_tensors()))
     bad = dist_.union(nonfinite_tensors((k, _local(v)) for k, v in flat.items()))
     if bad:
-        names = [k.replace("model/", "", 1).replace("optim/", "optimizer state ", 1).replace("part/", "part ", 1)
-                 for k in bad]
-        raise NonFiniteError(f"not writing the checkpoint of step {step}: {', '.join(names[:3])}"
-                             f"{f' and {len(names) - 3} more' if len(names) > 3 else ''} hold NaN or inf")
+        names = [
+            k.replace("model/", "", 1).replace("optim/", "optimizer state ", 1).replace("part/", "part ", 1)
+            for k in bad
+        ]
+        raise NonFiniteError(
+            f"not writing the checkpoint of step {step}: {', '.join(names[:3])}"
+            f"{f' and {len(names) - 3} more' if len(names) > 3 else ''} hold NaN or inf"
+        )
     tmp = ckpt_dir / dist_.broadcast(f".tmp_step_{step:07d}_{os.getpid()}")
     error = None
     try:
@@ -317,8 +368,11 @@ def save_sharded(ckpt_dir: Path, step: int, module: torch.nn.Module, optimizer: 
         if error is None:
             try:
                 with _quiet():
-                    DCP.save(flat, storage_writer=DCP.FileSystemWriter(str(tmp / DCP_DIR), sync_files=True),
-                             no_dist=not dist_.enabled)
+                    DCP.save(
+                        flat,
+                        storage_writer=DCP.FileSystemWriter(str(tmp / DCP_DIR), sync_files=True),
+                        no_dist=not dist_.enabled,
+                    )
             except (Exception, DCP.CheckpointException) as e:  # the latter (a BaseException) gathers every rank's
                 error = _cause(e)
             error = dist_.first_error(error)
@@ -340,7 +394,8 @@ def save_sharded(ckpt_dir: Path, step: int, module: torch.nn.Module, optimizer: 
         kept = f"the newest checkpoint, {newest}, is intact" if newest else "no earlier checkpoint exists"
         raise CheckpointWriteError(
             f"could not write the checkpoint of step {step} to {ckpt_dir}: {error}; {kept}. Free disk space "
-            "or fix the folder's permissions, then continue with: rampup train CONFIG --resume")
+            "or fix the folder's permissions, then continue with: rampup train CONFIG --resume"
+        )
     if keep is not None and dist_.main:
         prune(ckpt_dir, keep)
     return final
