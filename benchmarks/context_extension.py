@@ -1,4 +1,4 @@
-"""Staged context extension vs training at the full length, with every RoPE method (TECHNIQUES A3).
+"""Staged context extension vs training at the full length, with every RoPE method (docs/context.md).
 
 Same model, data, tokenizer and token budget for every arm; target context L:
 

@@ -3,7 +3,7 @@
 The arms are the configs of CONFIG_DIR (default configs/curriculum); the one named ``baseline`` is the
 baseline, here concat-and-chunk at the target context L = 2048 for the whole run:
 
-- ``buckets_grow_p2``: dataset decomposition (TECHNIQUES A1), buckets of 64..2048 tokens cut from
+- ``buckets_grow_p2``: dataset decomposition (docs/curricula.md), buckets of 64..2048 tokens cut from
   single documents, Grow-P2 odds, 8 cycles over the run;
 - ``seq_len_warmup``: sequence-length warmup (A2), seq_len 64 -> 2048 linearly over the first half,
   reshaped to a constant 8K tokens per step;

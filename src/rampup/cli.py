@@ -197,6 +197,9 @@ def _model_parsers(sub) -> None:
     )
     sp = sub.add_parser("config", help="list every config key with its default and meaning")
     sp.add_argument("section", nargs="?", help="only keys under this prefix, e.g. train")
+    sp.add_argument(
+        "--markdown", action="store_true", help="print the whole reference as Markdown (docs/reference/config.md)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
