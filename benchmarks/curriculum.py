@@ -852,7 +852,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(
             f"  {n}: measured {fmt_opt(h['time_to_target_ratio'])} time to target = token efficiency "
             f"{fmt_opt(h['token_efficiency'])} x per-token wall speed-up {fmt_opt(h['wall_speedup_at_equal_tokens'])}; "
-            f"physical limit (honest FLOPs ratio at equal tokens) {fmt_opt(h['honest_flops_speedup_at_equal_tokens'])}, "
+            "physical limit (honest FLOPs ratio at equal tokens) "
+            f"{fmt_opt(h['honest_flops_speedup_at_equal_tokens'])}, "
             f"so wall / FLOPs speed-up = {fmt_opt(h['wall_over_flops_speedup'], '.2f', '')} (target >= 0.9); plan "
             f"estimate {h['plan_estimate_s']:.0f} s vs measured {h['measured_train_time_s']:.0f} s "
             f"({h['plan_estimate_error']:+.1%}, target within 15%)",
@@ -909,7 +910,8 @@ def main(argv: list[str] | None = None) -> dict:
             + (
                 ""
                 if verdict[n]["meets_target"] == verdict[n]["meets_ratio_under_every_target"]
-                else f", {'and' if verdict[n]['meets_ratio_under_every_target'] else 'but not'} under every target choice"
+                else f", {'and' if verdict[n]['meets_ratio_under_every_target'] else 'but not'} "
+                "under every target choice"
             )
         )
     met = [n for n in curricula if verdict[n]["meets_target"]]

@@ -1,17 +1,15 @@
-"""The library's own error types.
+"""The library's own error types, and the exit codes of ``rampup``.
 
-Every problem a user can cause (a bad config, a missing file, a corrupt shard) is raised as a
-subclass of :class:`RampupError` whose message names the problem and the fix. The CLI prints these
-without a traceback and exits with the error's ``exit_code``; anything else is a bug in rampup.
-
-Exit codes of ``rampup``:
+Every problem a user can cause (a bad config, a missing file, a corrupt shard) is raised as a subclass
+of :class:`RampupError` whose message names the problem and the fix; the CLI prints it without a
+traceback and exits with its ``exit_code``. Anything else is a bug in rampup. See docs/reliability.md.
 
 ====  =======================================================================================
 0     finished
 2     a bad config, corpus, shard or checkpoint (:class:`RampupError`); nothing was trained
 3     training stopped on non-finite numbers (:class:`NonFiniteError`); the last checkpoint is good
 4     a checkpoint or the run's record could not be written (:class:`CheckpointWriteError`,
-      :class:`RecordWriteError`: disk full, file too large, permission); the checkpoints are intact
+      :class:`RecordWriteError`); the checkpoints are intact
 5     a second Ctrl-C stopped training at once; the last checkpoint is untouched
 128+N stopped by signal N (143 SIGTERM, 130 SIGINT) after writing a checkpoint of the current step
 ====  =======================================================================================

@@ -1,23 +1,15 @@
 """The bucket sampler: each optimizer step draws one length bucket and serves a whole batch from it.
 
-A step with a budget of b tokens that draws bucket k gets b / 2^k sequences of 2^k tokens, each
-cut from one document (see :mod:`rampup.data.buckets`): the token count per step is constant, there
-is no padding and no cross-document attention.
+A step of b tokens from bucket k holds b / 2^k sequences of 2^k tokens (rampup.data.buckets): constant
+tokens per step, no padding, no cross-document attention. The draw is Algorithm 1 of Dataset
+Decomposition (Pouransari et al. 2024): each bucket's sequences are split into ``cycles``, and within a
+cycle bucket k is drawn with probability proportional to its odds (knob ``bucket_odds``) among the
+buckets with a whole batch left. The cycles span the run, not the corpus (each bucket gives the same
+fraction of its sequences); within an epoch a sequence is served at most once, and running dry is
+refused at plan time unless ``data.buckets.repeat``.
 
-Which bucket: the paper's Algorithm 1. Each bucket's sequences are split into ``cycles`` equal
-parts; within a cycle, bucket k is drawn with probability proportional to its odds o_k among the
-buckets that still have a whole batch left in the cycle, and the next cycle starts when none has.
-With Grow-P2 odds (32, 16, 8, ... from the shortest bucket up) every cycle runs from mostly short
-to mostly long sequences. The odds are the schedule knob ``bucket_odds``, so a stage can change them.
-
-The cycles span the run, not the corpus: when the run needs fewer tokens than the buckets hold,
-each bucket contributes the same fraction of its sequences, so a run over a third of the data still
-sees all of its cycles. Within an epoch a sequence is served at most once (buckets are permuted per
-epoch); a run longer than the buckets is refused at plan time unless ``data.buckets.repeat`` asks
-for a new epoch.
-
-:class:`BucketCurriculum` is the bookkeeping alone (which bucket each step draws, from counts and
-odds, no token reads), so ``rampup plan`` can walk a run exactly as the sampler will.
+:class:`BucketCurriculum` is the bookkeeping alone (no token reads), so ``rampup plan`` walks a run
+exactly as the sampler will. See docs/curricula.md.
 """
 
 from __future__ import annotations
@@ -44,7 +36,7 @@ def check_context(seq_len: int, min_log2: int, max_log2: int) -> None:
 
 
 BUCKET_ODDS_PRESETS = ("uniform", "grow-linear", "grow-p2", "shrink-linear", "shrink-p2")
-"""Named odds over length buckets, shortest bucket first (Dataset Decomposition, TECHNIQUES A1):
+"""Named odds over length buckets, shortest bucket first (Dataset Decomposition, Pouransari et al. 2024):
 grow-* favour short buckets (6,5,4,... or 32,16,8,...), so each cycle grows from short to long;
 shrink-* are the reverse."""
 

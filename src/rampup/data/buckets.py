@@ -1,19 +1,11 @@
 """Dataset decomposition (Pouransari et al. 2024): every document cut into power-of-two sequences.
 
-Each document (its end-of-text token included) is split by the binary expansion of its length:
-while more than one token remains, take ``k = floor(log2(remaining - 1))``; stop when k <
-``min_log2`` (the short remainder is dropped); when k > ``max_log2`` (a long document) draw k from
-[min_log2, max_log2] with P(k) proportional to 2^(max_log2 - k), so long documents give every bucket
-the same expected number of tokens; emit the next ``2^k + 1`` tokens (inputs plus the shifted
-target) into bucket k. Sequences never overlap, so each token lands in at most one sequence, and
-every sequence comes from one document: no padding and no cross-document attention.
-
-The buckets of a prepared folder live in ``<prepared>/buckets-<min>-<max>/``::
-
-    train_b06.npy ... train_b12.npy   int64 (n, 2): shard id and start token of each sequence
-    buckets.json                      written last: counts per bucket, dropped tokens, settings
-
-Decomposition reads only the document index, so it takes seconds and is cached like ``prepare``.
+Each document (EOT included) is cut by the binary expansion of its length into sequences of ``2^k + 1``
+tokens (inputs plus the shifted target) in bucket k, ``min_log2 <= k <= max_log2``: short remainders are
+dropped, and long documents draw k with P(k) proportional to 2^(max_log2 - k). Sequences never overlap
+and each comes from one document: no padding and no cross-document attention. Buckets live in
+``<prepared>/buckets-<min>-<max>/`` (``train_bKK.npy``: shard id and start per sequence; ``buckets.json``
+written last); decomposition reads only the document index and is cached. See docs/curricula.md.
 
 Try it::
 

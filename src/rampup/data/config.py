@@ -25,7 +25,7 @@ class TokenizerConfig(Section):
 
 
 class BucketsConfig(Section):
-    """Dataset decomposition into power-of-two length buckets (TECHNIQUES A1), for data.sampler: buckets."""
+    """Dataset decomposition into power-of-two length buckets (Pouransari et al. 2024), for data.sampler: buckets."""
 
     min_log2: int = 6
     """Shortest bucket is 2^min_log2 tokens; shorter document remainders are dropped."""

@@ -2,10 +2,10 @@
 
 A document is one text file, one JSONL line, or one Parquet or Arrow row. A Hugging Face
 ``datasets`` folder (written by ``save_to_disk``) is read as its Arrow files, in the order its
-``state.json`` lists them; a ``DatasetDict`` folder is read as one split (``data.split``). Documents that are empty (or only
-whitespace) are skipped and counted, never tokenized. A text file or JSONL line that is not valid
-UTF-8 is skipped and counted, stops the prepare with its path and byte offset, or is read with the
-bad bytes replaced, as ``data.on_undecodable`` says.
+``state.json`` lists them; a ``DatasetDict`` folder is read as one split (``data.split``). Documents
+that are empty (or only whitespace) are skipped and counted, never tokenized. A text file or JSONL
+line that is not valid UTF-8 is skipped and counted, stops the prepare with its path and byte offset,
+or is read with the bad bytes replaced, as ``data.on_undecodable`` says.
 """
 
 from __future__ import annotations

@@ -1,27 +1,17 @@
 """Document-masked packing: windows of concatenated documents in which attention stops at the
 document boundaries.
 
-A packed window (B, T) holds pieces of several documents, each ending in the EOT token. Here a
-token may attend only to the earlier tokens of its own document, and its RoPE position can
-restart at 0 where its document starts, so each document is seen as if it were alone. (RoPE
-scores depend only on relative positions, so once attention is masked per document the restart
-changes the logits by rounding only; it matters for absolute positions or without the mask.)
+Each document in a packed (B, T) window ends in EOT; a token attends only to the earlier tokens of its
+own document, and its RoPE position may restart at 0 where the document starts.
 
     seg = segment_ids(x, eot_id)                    # (B, T) document index within the row
     pos = document_positions(seg)                   # (B, T) 0, 1, ... from each document start
     logits = model(x, positions=pos, attn_mask=document_mask(seg))   # dense (B, 1, T, T) mask
     logits = model(x, positions=pos, segments=seg)                    # per-document SDPA calls
 
-Two ways to run the attention:
-
-- ``document_mask``: a dense block-diagonal causal bool mask for SDPA. One kernel call, but SDPA
-  cannot skip the masked blocks as it does for ``is_causal``, so it computes the full T x T square.
-- ``document_spans`` + ``per_document_attention``: one causal SDPA call per document slice
-  (batched over rows that share their boundaries), so the work is sum(len^2) / 2 instead of T^2.
-  Building the spans reads the boundaries on the host: device syncs once per forward.
-
-``document_block_mask`` builds the same mask as a flex_attention BlockMask. On CPU (torch 2.13)
-flex_attention has no backward pass at all, so it is for inference or for CUDA.
+``document_mask`` is one SDPA call that still computes the full T x T square; ``document_spans`` +
+``per_document_attention`` make one causal call per document (sum(len^2) / 2, one host sync per forward).
+``document_block_mask`` (flex_attention) has no backward on CPU: inference or CUDA. See docs/curricula.md.
 """
 
 from __future__ import annotations

@@ -1,18 +1,11 @@
 """Prepare a corpus once: tokenize it into on-disk shards plus a document index, cached by settings.
 
-The prepared folder (``<cache_dir>/<source name>-<key>/``) holds::
-
-    tokenizer.json
-    train_0000.bin, train_0001.bin, ...   raw token ids (uint16, or uint32 for vocabularies > 65535)
-    train_docs.npy                        int64 (n_docs, 3): shard id, start, length (EOT included)
-    val_0000.bin, ..., val_docs.npy       the same for the held-out documents
-    meta.json                             written last: its presence marks a complete folder; holds
-                                          each shard's token count and sha256, each index's sha256,
-                                          and what was skipped (empty, binary, undecodable inputs)
-
-``key`` hashes everything the output depends on (the source files' paths, sizes and mtimes, the
-tokenizer settings, the validation settings, the format version), so changing any of them
-prepares afresh while an unchanged config reuses the folder.
+``<cache_dir>/<source name>-<key>/`` holds ``tokenizer.json``, ``train_NNNN.bin`` (raw ids, uint16, or
+uint32 for vocabularies > 65535), ``train_docs.npy`` (int64 (n_docs, 3): shard id, start, length with
+EOT), the same for ``val``, and ``meta.json``, written last: its presence marks a complete folder (shard
+token counts and sha256s, index sha256s, what was skipped). ``key`` hashes everything the output depends
+on (source paths, sizes and mtimes, tokenizer and validation settings, format version).
+See docs/curricula.md.
 
 Try it (a few seconds on a laptop CPU)::
 

@@ -42,7 +42,8 @@ class TrainConfig(Section):
     collective_timeout: float = Field(default=600.0, gt=0)
     """Seconds a collective may wait for the other ranks before the job fails (a rank that hangs)."""
     micro_batch_tokens: int | None = None
-    """Most tokens in one forward/backward pass; larger steps are split and their gradients accumulated. None: no split."""
+    """Most tokens in one forward/backward pass; larger steps are split and their gradients accumulated.
+    None: no split."""
     out_dir: str = "runs/{name}"
     """Where checkpoints, metrics and plots go; {name} is replaced by the run name."""
     checkpoint_every: Duration | None = Duration(200, Unit.STEP)

@@ -1,34 +1,16 @@
-"""Scale-out through PyTorch's own distributed engine: torchrun launches, torch.distributed
-communicates, DistributedDataParallel holds the model.
+"""Scale-out through PyTorch's own engine: torchrun launches, torch.distributed communicates, and
+DistributedDataParallel (``train.strategy: ddp``) or FSDP2 (``fsdp``: ``fully_shard``, one unit per block,
+on a 1-D DeviceMesh) holds the model.
 
-How a run splits over ranks (``train.strategy: ddp``, on as soon as torchrun starts more than one
-process):
-
-- **The same run at any world size.** Every rank draws the same global batch from its own copy of the
-  sampler (the same bucket, so the same shape, on every rank each step) and trains on its own
-  contiguous rows of it: the ranks' sequences are disjoint and their union is what one process reads.
-  The global tokens per step, the schedule, the sampler state and so the checkpoint do not depend on
-  the world size; per-rank micro-batches (``train.micro_batch_tokens``) come from the rank's rows.
-- **Gradients** are averaged by DDP's bucketed all-reduce (``no_sync`` on all micro-batches but the
-  last). Parameters outside the model that train with it (distillation projections) are averaged
-  after backward. DDP registers only trainable parameters when it wraps, so the wrapper is rebuilt
-  whenever the trainable set or the architecture changes (unfreezing, growth).
-- **One voice.** The loss is averaged over ranks before it is logged or judged (the gradient norm is
-  already the same everywhere), so every rank skips or applies a step together; a stop signal on any
-  rank stops all at the same step. Only rank 0 writes metrics, reports and checkpoint metadata; the
-  others wait for each write and read checkpoints after rank 0 has checked them.
-- **Checkpoints** are torch.distributed.checkpoint (DCP) shards (rampup.engine.checkpoint.sharded): every rank
-  writes its own part, rank 0 adds the JSON state and the sha256 manifest, and the folder is renamed
-  into place whole. Keys are parameter names, so a checkpoint saved by N ranks resumes on M, with
-  either strategy or in one process; a single-process checkpoint resumes on N ranks too.
-
-``train.strategy: fsdp`` shards the reference model with FSDP2 (``fully_shard`` on a 1-D DeviceMesh):
-each block is one unit, the embedding, final norm and (tied) head are the root's. Parameters,
-gradients and AdamW state are 1/W per rank; gradients are reduce-scattered (averaged). Each rank
-saves and loads only its shards (no rank ever holds the whole model); a single-process checkpoint is
-read into an unsharded replica that is then sharded (``set_model_state_dict``). The EMA's shadows are
-sharded like the parameters; teachers' snapshots are whole on every rank. Not yet with FSDP2 (refused
-by name): Hugging Face models, growth, sub-networks.
+Invariants: the same run at any world size (every rank draws the same global batch, so the same shape,
+and trains on its own contiguous rows; tokens per step, schedule, sampler state and checkpoints do not
+depend on the world size). DDP registers only trainable parameters when it wraps, so the wrapper is
+rebuilt whenever the trainable set or the architecture changes; parameters outside the model
+(distillation projections) are averaged after backward. One voice: the loss is averaged over ranks
+before it is judged, so all ranks skip, apply or stop at the same step, and only rank 0 writes records
+and checkpoint metadata. Checkpoints are DCP shards keyed by parameter name
+(rampup.engine.checkpoint.sharded), so N ranks resume on M. FSDP2 refuses Hugging Face models, growth
+and sub-networks by name. See docs/scaling.md.
 """
 
 from __future__ import annotations

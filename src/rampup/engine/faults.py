@@ -1,27 +1,18 @@
-"""What training does about non-finite numbers, and the testing hook that injects them.
+"""What training does about non-finite numbers, and the testing hooks that inject faults.
 
-A step whose loss or gradient norm is not finite is *skipped*: its gradients are discarded and the
-optimizer is not stepped, but the step still counts (step number, tokens and the learning-rate
-schedule move on, and the sampler has served its batch). Counting it keeps the run on the plan
-that ``rampup plan`` printed and never feeds the same bad batch again; the tokens of skipped steps
-are reported, so the loss of data is visible. ``max_skips`` skipped steps in a row mean the run
-has diverged rather than met one bad batch: it then rolls back to the newest intact checkpoint and
-continues with the learning rate multiplied by ``lr_factor`` (saved in every later checkpoint, so a
-resumed run keeps it), or stops, as configured.
+A step whose loss or gradient norm is not finite is skipped (gradients discarded, optimizer not
+stepped) but still counts: step, tokens, lr schedule and sampler move on, so the run stays on the plan
+``rampup plan`` printed and never sees the bad batch again. ``max_skips`` in a row roll back to the newest
+intact checkpoint at the lr times ``lr_factor`` (saved in later checkpoints), or stop, as configured.
 
-Testing hook (no mocks needed to exercise all of this with a real process)::
+Testing hooks, for real processes without mocks::
 
     RAMPUP_FAULT_NAN_STEPS=6,7,8 rampup train configs/tiny.yaml
 
-makes the model's output NaN in steps 6, 7 and 8 (numbered from 1, as in metrics.jsonl) the first
-time this process trains each of them, so the loss and every gradient are NaN, as after a
-transient fault. A rollback replays those steps cleanly; a new process (a resumed run) poisons them
-again. ``RAMPUP_FAULT_STALL_STEPS=3:60`` makes step 3 stall for 60 s before its forward pass (a hung
-read or collective), announced on stderr, so a test can signal a process that is surely mid-step.
-``RAMPUP_FAULT_CLOCK_SCALE=demo_staged:4`` records every step of the run named ``demo_staged`` as
-taking 4 times as long as it did, as if the machine had been loaded while that run trained (no
-sleep: it costs nothing). The suite runs its curriculum-against-baseline comparisons under it, so a
-test that asserted a wall-clock time or ratio would fail every time instead of on a busy day.
+makes the output NaN in those steps (numbered from 1) the first time this process trains each; a
+rollback replays them cleanly. ``RAMPUP_FAULT_STALL_STEPS=3:60`` stalls step 3 for 60 s before its forward.
+``RAMPUP_FAULT_CLOCK_SCALE=demo_staged:4`` records run ``demo_staged``'s steps as 4x slower (no sleep), so
+a test asserting wall-clock fails every time. See docs/reliability.md.
 """
 
 from __future__ import annotations

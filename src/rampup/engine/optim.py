@@ -33,7 +33,8 @@ class OptimizerConfig(Section):
     warmup: Duration = Duration(2, Unit.FRACTION)
     """Linear warmup from 0, in tokens or % of the run ('2%', '200K tok')."""
     decay: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
-    """Shape after warmup: cosine or linear to min_lr_ratio*lr, or warmup-stable-decay (constant, then linear cooldown)."""
+    """Shape after warmup: cosine or linear to min_lr_ratio*lr, or warmup-stable-decay (constant, then linear
+    cooldown)."""
     cooldown: Duration = Duration(20, Unit.FRACTION)
     """For decay 'wsd': length of the final linear decay."""
     min_lr_ratio: float = 0.1

@@ -1,20 +1,14 @@
 """Which precision a run trains in: ``train.precision: auto | bf16 | fp32``.
 
-``auto`` (the default) picks bf16 autocast where the hardware runs bf16 matmuls natively and fp32
-elsewhere. On a CPU, CPUID alone is not enough: torch's helpers (``_is_avx512_bf16_supported``,
-``_is_amx_tile_supported``) read the instruction set, but oneDNN, which runs the matmuls, obeys
-``ONEDNN_MAX_CPU_ISA`` (and ``DNNL_MAX_CPU_ISA``), and under ``ONEDNN_MAX_CPU_ISA=AVX2`` a bf16 matmul
-on an AVX-512-bf16 or AMX machine falls back to a path ~80x slower than fp32. So where CPUID says
-bf16 instructions exist, a short timed probe (a 1024x512 @ 512x512 matmul in each dtype) decides,
-and its result is cached per machine, torch version, thread count and ISA-limiting variables in
-``~/.cache/rampup/precision.json`` (``RAMPUP_CACHE_DIR`` moves it), so a run pays for it once per
-machine. On CUDA, ``torch.cuda.is_bf16_supported(including_emulation=False)`` decides.
+``auto`` picks bf16 autocast where the hardware runs bf16 matmuls natively, else fp32. On CUDA,
+``torch.cuda.is_bf16_supported(including_emulation=False)`` decides. On a CPU, CPUID is not enough: oneDNN
+obeys ``ONEDNN_MAX_CPU_ISA`` (and ``DNNL_MAX_CPU_ISA``), and under ``ONEDNN_MAX_CPU_ISA=AVX2`` a bf16 matmul
+on an AVX-512-bf16 or AMX machine is ~80x slower than fp32. So where CPUID says bf16 exists, a short timed
+matmul probe decides, cached in ``precision.json`` (``RAMPUP_CACHE_DIR``, else ``~/.cache/rampup``) per
+machine, torch version, thread count and ISA-limiting variables.
 
-Measured (torch 2.13 CPU, 2 threads, 1024x512 @ 512x512): AMD EPYC with AVX-512 bf16, fp32 ~200 and
-bf16 ~1000 GFLOP/s; the same machine with ``ONEDNN_MAX_CPU_ISA=AVX2``, bf16 ~3 GFLOP/s.
-
-The resolved choice travels with the run (printed at its start, in ``summary.json``, the first
-metrics record and every checkpoint); a resumed run keeps it wherever it resumes.
+The resolved choice travels with the run (printed at its start, in ``summary.json``, the first metrics
+record and every checkpoint); a resumed run keeps it wherever it resumes. See docs/architecture.md.
 """
 
 from __future__ import annotations

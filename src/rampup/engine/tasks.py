@@ -1,8 +1,9 @@
 """The task seam: what a batch is and what its loss is.
 
 One loss path: :meth:`Task.loss` serves the training step, in-training evaluation and ``rampup eval``
-alike; with ``loss_shards`` it runs tiled (rampup.models.tiling), and distillation will wrap it. A task turns a sampler's raw ``(x, y)`` into a
-:class:`~rampup.models.adapter.Batch` (``make_batch``) and scores a forward pass of the adapter.
+alike; with ``loss_shards`` it runs tiled (rampup.models.tiling), and distillation will wrap it. A task
+turns a sampler's raw ``(x, y)`` into a :class:`~rampup.models.adapter.Batch` (``make_batch``) and scores
+a forward pass of the adapter.
 
 - :class:`CausalLM`: next-token cross-entropy; with document masking it adds the per-document
   attention plan (computed on the host from the CPU tensor, so the forward pass never syncs) and,

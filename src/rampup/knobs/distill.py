@@ -1,32 +1,17 @@
-"""Teachers and distillation per stage (../shared/TECHNIQUES.md C: cross-stage and progressive
-distillation, progressive self-distillation).
+"""Teachers and distillation per stage: cross-stage, progressive and progressive self-distillation.
 
-Knobs:
+Knobs: ``teacher`` (``none`` | ``ema`` | ``previous_stage`` | ``stage:NAME`` | ``run:PATH`` | ``hf:PATH``);
+``distill_weight`` and ``label_weight`` (both may ramp): loss = ``label_weight * CE + distill_weight * T^2 *
+KL(p_teacher^T || p_student^T)`` at ``distill_temperature`` T; ``distill_hidden`` / ``distill_hidden_weight``:
+MSE between chosen student and teacher blocks, through a learned projection (trained, checkpointed) where
+the widths differ. PS-KD (Kim et al. 2021) is ``previous_stage`` with weights a and 1 - a.
 
-- ``teacher``: ``none`` | ``ema`` (the run's moving average of its own weights, ``train.ema``, as it
-  is at each step) | ``previous_stage`` (the model as it was at the end of the previous stage) |
-  ``stage:NAME`` (as it was at the end of stage NAME, an earlier one) | ``run:PATH`` (the latest
-  checkpoint of a rampup run folder, or a checkpoint folder, with that run's own model config) |
-  ``hf:PATH`` (a local Hugging Face model folder). A stage sequence may change teacher at every stage.
-- ``distill_weight`` (default 0) and ``label_weight`` (default 1), both may ramp: the loss is
-  ``label_weight * CE(labels) + distill_weight * T^2 * KL(p_teacher^T || p_student^T)``;
-  ``distill_temperature`` T (default 1).
-- ``distill_hidden``: ``"S:T,S:T"`` pairs of a student block and a teacher block (``final`` for the
-  final-normed states) whose outputs are matched by mean squared error with weight
-  ``distill_hidden_weight`` (may ramp); when the widths differ, a learned projection (student width
-  to teacher width, one per pair, trained with the model, in every checkpoint) maps the student's.
-- Progressive self-distillation (PS-KD for language models) is ``teacher: previous_stage`` with
-  ``distill_weight`` ramping a and ``label_weight`` 1 - a: at T = 1 the gradient is that of the
-  cross-entropy against ``(1 - a) one-hot + a p_teacher`` (no per-example memory needed).
-
-A teacher runs without gradients, in eval mode, in the run's precision, and never enters the
-optimizer. Its logits are computed shard by shard with the student's (``loss_shards``), so a tiled
-loss never holds either model's full logits. Snapshot teachers (``previous_stage``, ``stage:NAME``)
-are taken at the first step of the stage after the one they snapshot, from the live weights, and
-saved in every checkpoint (``parts.safetensors``), so they survive the rotation of old checkpoints
-and a resume is exact. Every teacher is rebuilt the same way (a fresh model of its config, its
-weights loaded, its stage's RoPE and attention knobs applied), whether taken now or read back.
-A teacher whose vocabulary differs from the run's is refused before any compute.
+Invariants: a teacher runs without gradients, in eval mode, in the run's precision, never in the
+optimizer, and shard by shard with the student (``loss_shards``), so neither model's full logits exist.
+Snapshot teachers are taken from the live weights at the first step of the following stage and saved in
+every checkpoint (``parts.safetensors``), so a resume is exact; every teacher, taken now or read back, is
+rebuilt the same way (fresh model, weights, its stage's RoPE and attention knobs). A teacher with another
+vocabulary is refused before any compute. See docs/transitions.md.
 """
 
 from __future__ import annotations

@@ -1,37 +1,15 @@
-"""Growing the reference model's depth at a stage boundary (progressive stacking and its kin).
+"""Growing the reference model at a stage boundary: depth, MLP width and residual width.
 
-Knobs: ``depth`` (blocks from this stage on; 0: the model's own ``n_layers``) and ``growth``, how
-the new blocks start:
-
-- ``zero`` (the default): new blocks on top, initialised as the model initialises blocks but with
-  their two residual output projections (attention ``o_proj``, MLP ``w2``) at zero, so each adds
-  nothing to the residual stream: **function-preserving** (outputs unchanged at the moment of growth,
-  tested with assert_close), and the new blocks still receive gradients through their projections.
-- ``stack``: new block i copies block ``i mod n`` (StackBERT / MSG: doubling copies the whole stack
-  on top). Not function-preserving: what it promises, and what is tested, is that each new block
-  starts equal to the block it copies.
-
-Knob ``mlp_width`` (hidden units of every MLP from this stage on; 0: the model's own) widens the
-SwiGLU MLPs as Net2WiderNet does: new unit j copies unit ``j mod h`` (its rows of ``w1`` and
-``w3``), and each copied unit's column of ``w2`` is divided among its copies, so the output is
-unchanged: **function-preserving** (tested with assert_close). ``growth_noise`` (default 0) adds
-that fraction of the init std as noise to the copies' ``w1`` rows to break their symmetry (then only
-approximately preserving). The widened matrices' AdamW moments restart (the other parameters keep
-theirs).
-
-Knob ``width`` (the residual stream, model dim; 0: the model's own) widens by a whole multiple k,
-bert2BERT's function-preserving initialisation with whole copies (``widen_model``): every stream
-coordinate and every head is repeated k times, readers of the stream divide their copied columns by k,
-RMSNorm weights are tiled (the norm of whole copies is the copies of the norm, eps included):
-**function-preserving** (tested with assert_close, tied and untied heads; ``growth_noise`` breaks the
-copies' symmetry, approximately preserving). A non-multiple width is refused: partial copies change
-every RMSNorm's mean square. Every matrix changes shape, so every moment restarts. Hugging Face models
-refuse ``depth``, ``mlp_width`` and ``width``.
-
-The optimizer keeps every old parameter's moments (the mapping is exact) and starts the new ones
-from nothing; its groups are re-laid in the grown model's parameter order, the same order a model
-built at that depth has, so a checkpoint written after a growth loads into a model grown from the
-run's config: a run killed after a growth resumes into the grown model (tested bitwise).
+Knobs: ``depth`` with ``growth`` (``zero``: new blocks on top whose residual output projections, ``o_proj``
+and ``w2``, start at zero; ``stack``: block i copies block ``i mod n``, StackBERT), ``mlp_width``
+(Net2WiderNet: copied units, each copied ``w2`` column divided among its copies), ``width`` (the residual
+stream times a whole k, bert2BERT with whole copies, :func:`widen_model`) and ``growth_noise``, which breaks
+the copies' symmetry. ``zero``, ``mlp_width`` and ``width`` are function-preserving (tested with
+assert_close); ``stack`` only starts each new block equal to the block it copies. A width that is not a
+whole multiple is refused (partial copies change every RMSNorm's mean square); Hugging Face models refuse
+all three. Old parameters keep their AdamW moments, new or reshaped ones restart, and the optimizer's groups
+are re-laid in the order a model built at the grown size has, so a run killed after a growth resumes
+bitwise into the grown model. See docs/transitions.md.
 """
 
 from __future__ import annotations

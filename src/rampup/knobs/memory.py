@@ -1,25 +1,15 @@
 """Memory per stage: the memory knobs, the estimated peak of a training step, and the memory limit.
 
-Four knobs turn the techniques of rampup.models.tiling on per stage, so a schedule pays for them
-only in the long stages that need them:
+Knobs (techniques in rampup.models.tiling): ``loss_shards``, ``mlp_shards``, ``activation_checkpoint``
+(``none`` | ``full`` | ``selective`` | ``every:K`` | ``full:SEL`` | ``selective:SEL``) and
+``activation_offload`` (CUDA only). The first three take ``auto``: per batch shape, the cheapest
+combination (loss tiling, then MLP tiling, then selective, then full) whose estimated peak fits
+``train.memory_limit``.
 
-- ``loss_shards``: tiled logits and loss over this many sequence shards (1: off);
-- ``mlp_shards``: tiled MLP over this many sequence shards (1: off);
-- ``activation_checkpoint``: ``none`` | ``full`` | ``selective`` | ``every:K`` (full, on blocks
-  0, K, 2K, ...) | ``full:SEL`` / ``selective:SEL`` (SEL: block indices, ranges and names, e.g.
-  ``0-3,layers.6``);
-- ``activation_offload``: keep what checkpointed blocks save in pinned host memory (CUDA only).
-
-The first three also take ``auto``: for each batch shape, the cheapest combination of the ``auto``
-knobs (loss tiling, then MLP tiling, then selective, then full checkpointing) whose estimated peak
-fits ``train.memory_limit`` (default: the cgroup's limit, else the machine's available memory).
-
-The estimate (:func:`estimate_step`) is not a formula: it runs one real training step of the model
-(the engine's own forward, loss, backward and AdamW step, at the real shape, precision and knobs) on
-fake tensors (``torch._subclasses.FakeTensorMode``: shapes and dtypes, no storage, no FLOPs) and
-records every tensor's life, so its peak counts what the kernels allocate, for the reference model
-and Hugging Face models alike. tests/unit/knobs/test_memory.py checks it against the measured peak RSS of real
-steps in child processes.
+:func:`estimate_step` is not a formula: it runs the engine's own training step on fake tensors
+(``FakeTensorMode``) at the real shape, precision and knobs and follows every tensor's life, so it counts
+what the kernels allocate, for any model adapter (tests/unit/knobs/test_memory.py checks it against the
+measured peak RSS). See docs/memory.md.
 """
 
 from __future__ import annotations

@@ -1,30 +1,14 @@
 """Stage transitions of what trains: freezing, learning-rate groups, optimizer state at a boundary.
 
-Three knobs, set per stage like any other (../shared/TECHNIQUES.md C):
+Knobs: ``freeze`` (``none``, name globs, ``blocks:A-B``, ``bottom:K``, ``top:K``), ``lr_groups``
+(multipliers by glob, each may ramp), ``lr_layer_decay`` (discriminative rates by depth, ULMFiT / BEiT)
+and ``optimizer_state`` (``keep`` | ``reset`` | ``reset_new`` at the stage's first step).
 
-- ``freeze``: what does not train. ``none``; parameter-name globs (``"tok_emb.*,layers.0.*"``);
-  ``blocks:A-B`` (block indices, comma lists too); ``bottom:K`` (the input embeddings and the lowest K
-  blocks) or ``top:K`` (the highest K blocks, the final norm and the head). Gradual unfreezing is one
-  stage per step: ``bottom:3``, ``bottom:2``, ``bottom:1``, ``none`` (top-down). A frozen parameter
-  gets no gradient, so AdamW neither updates nor decays it, and no backward runs into a frozen
-  prefix; every parameter stays in the optimizer, so a checkpoint from any stage loads in any other.
-- ``lr_groups``: learning-rate multipliers by glob (``{"layers.*": 0.01, "lm_head.*": 1}``: a slow
-  learner), each a number or a ramp across its stage (``{"layers.*": {from: 0.01, to: 1}}``: the
-  backbone warms up to full speed); ``lr_layer_decay``: discriminative rates by depth (BEiT/ELECTRA layer decay, ULMFiT's
-  factor 2.6): the head and final norm at 1, block l at factor^-(n - l), the embeddings at
-  factor^-(n + 1). It may ramp. Both multiply the schedule's lr, and ``lr_mult``.
-- ``optimizer_state``: at the first step of the stage, ``keep`` (the default) the moments, ``reset``
-  them all, or ``reset_new`` only those of the parameters the stage makes trainable.
-
-**Tied weights** (the reference model ties its embedding and head by default) are one parameter with
-several names: it trains if any of its names is trainable (freezing the lower layers leaves the
-head, and so the shared matrix, training), and takes the largest multiplier any of its names gets.
-A glob that selects some names of a tied parameter but not the others is an error, so that the rule
-never silently undoes what was asked.
-
-Distributed training: a parameter that becomes trainable must join DDP's gradient synchronisation,
-which registers only trainable parameters when it wraps, so the engine rebuilds its DDP wrapper when
-the trainable set (:func:`trainable_names` of the stage's knobs) changes at a boundary.
+Invariants: a frozen parameter gets no gradient (so no update and no decay) but stays in the optimizer,
+so a checkpoint of any stage loads in any other. A tied weight is one parameter with several names: it
+trains if any of them is trainable and takes the largest multiplier; a glob that selects only some of
+its names is an error. DDP registers only trainable parameters, so the engine rebuilds its wrapper when
+:func:`trainable_names` of the stage's knobs changes at a boundary. See docs/transitions.md.
 """
 
 from __future__ import annotations

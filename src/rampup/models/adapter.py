@@ -1,22 +1,13 @@
 """The model seam: what the engine may ask of a model, and rampup's own DecoderLM behind it.
 
-torchtitan's ``ModelSpec`` idea: the model is built, wrapped, checkpointed and converted by
-functions outside it, and knows nothing of training. The engine, the knobs and the tasks talk to a
-:class:`ModelAdapter` only, so a Hugging Face causal LM or an image classifier plugs in by writing
-one adapter (tests/unit/engine/test_seams.py trains a classifier over plain vectors through the engine).
-
-An adapter holds ``module`` (the ``nn.Module`` the optimizer, checkpointer and compile see) and
-answers:
-
-- ``forward(batch) -> ModelOutput``: hidden states plus the head that maps them to outputs, so a loss
-  can run the head itself (``loss_shards``: tiled over the sequence, rampup.models.tiling); ``hidden_states(batch, layers)`` for
-  distillation;
-- ``blocks()`` (name, module) of the repeated blocks, for freezing by layer, activation
-  checkpointing, tiled MLPs (rampup.knobs.memory) and FSDP wrapping; ``wrap_block(index, fn)`` replaces one;
-- ``flops_per_item(shape, **how)``: training FLOPs per loss item at a batch shape, counting what the
-  kernels compute (see :func:`rampup.models.llm.flops_per_token`);
-- ``supports(knob)``: knobs it can honour; a schedule that sets another one is refused at plan time;
-- ``to_hf_state_dict`` / ``from_hf_state_dict``: its weights under Hugging Face's names.
+The engine, the knobs and the tasks talk only to a :class:`ModelAdapter` (torchtitan's ``ModelSpec``
+idea: the model knows nothing of training), so a new model plugs in by writing one adapter
+(tests/unit/engine/test_seams.py trains a classifier through it). An adapter holds ``module`` (what the
+optimizer, checkpointer and compile see) and answers ``forward(batch)`` (hidden states plus the head, so a
+loss can run the head itself, tiled), ``hidden_states``, ``blocks`` / ``wrap_block`` (freezing,
+checkpointing, tiled MLPs, FSDP), ``flops_per_item`` (what the kernels compute), ``supports(knob)``
+(other knobs are refused at plan time) and ``to_hf_state_dict`` / ``from_hf_state_dict``.
+See docs/architecture.md.
 """
 
 from __future__ import annotations

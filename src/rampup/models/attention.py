@@ -1,21 +1,14 @@
-"""Attention patterns (TECHNIQUES A4) as schedule knobs, with a block-banded kernel for windows.
+"""Attention patterns as schedule knobs, with a block-banded kernel for windows.
 
-Knob ``attention`` chooses the pattern of a stage, knob ``window`` its width (it may ramp):
+Knob ``attention``: ``causal``; ``window`` (the last ``window`` tokens, the query's own included);
+``sinks`` (the first ``n_global`` tokens plus the window, LM-Infinite / StreamingLLM; ``capped_distance``
+shows the global tokens at RoPE distance ``window``); hybrids, where ``full_layers`` or ``full_every: k``
+(layers k-1, 2k-1, ...) keep full causal attention (LongGen). Knob ``window`` is the width and may ramp;
+document masking (``data.doc_mask``) combines with any pattern.
 
-- ``causal``: every earlier token (the default);
-- ``window``: the last ``window`` tokens, the query's own included (sliding window);
-- ``sinks``: the first ``n_global`` tokens of the sequence plus the last ``window`` tokens
-  (LM-Infinite's Lambda mask, StreamingLLM's sinks + window); with ``capped_distance: true`` a query
-  sees the global tokens it reaches outside its window at relative distance ``window`` (LM-Infinite's
-  distance limit: RoPE never shows a distance longer than the window the model was trained on);
-- hybrid: ``full_layers`` (a list of layer indices) or ``full_every: k`` (layers k-1, 2k-1, ...)
-  keep full causal attention while the other layers use the window pattern (LongGen, Gemma-style).
-
-Document masking of packed windows (``data.doc_mask``) combines with any of these.
-
-:func:`banded_attention` computes a window pattern in blocks of ``window`` queries, each against
-the ``2 * window - 1`` keys it can see (plus the global ones), so memory grows as T * window rather
-than T^2; :func:`pattern_mask` is the dense reference it is tested against.
+:func:`banded_attention` computes a window in blocks of ``window`` queries against the ``2 * window - 1``
+keys each can see (plus the global ones), so memory grows as T * window, not T^2; :func:`pattern_mask` is
+the dense reference it is tested against. See docs/context.md.
 """
 
 from __future__ import annotations

@@ -1,24 +1,12 @@
 """Hugging Face causal LMs behind rampup's model seam: Llama, Qwen2, Mistral, GPT-NeoX and GPT-2.
 
-:class:`HFCausalLMAdapter` wraps a ``transformers`` ``*ForCausalLM`` so that the engine trains it
-like the reference model (``train(cfg, build_model=...)``). What the knobs do to it:
-
-- ``rope``: the model's own rotary embedding gets the stage's frequencies (rampup.models.rope, the
-  same formulas as the reference model), over the rotary dimension the model really uses (GPT-NeoX
-  rotates only ``partial_rotary_factor`` of each head); GPT-2's learned positions take no RoPE
-  method, so the knob is refused before any compute;
-- ``attention``/``window``: a sliding window through the model's own support: on every layer
-  (Mistral's ``sliding_window``), or on every layer or a chosen mix (Qwen2's ``layer_types``);
-  sinks, and other families, are refused;
-- ``seq_len`` up to the model's ``max_position_embeddings``, or beyond it where model.max_seq_len is
-  set or a stage's rope (pi, ntk, yarn) covers the length (:meth:`extend_positions`; the export then
-  declares the new limit with the last stage's scaling).
-
-Loading runs no code from files: safetensors weights only (a folder with pickled ``.bin`` weights
-is refused with the conversion to do), never ``trust_remote_code``; weights are fp32 master weights
-whatever their saved dtype. Document masking (data.doc_mask) goes in as a 4-d bool attention mask
-(dense, T x T per row: every family takes it) with position ids restarting per document when
-data.restart_positions is set (GPT-2's learned positions need that to see each document alone).
+:class:`HFCausalLMAdapter` wraps a ``transformers`` ``*ForCausalLM`` so that the engine trains it like the
+reference model. Knobs act through the model's own machinery: ``rope`` sets its rotary embedding (the
+formulas of rampup.models.rope, over the rotary dims it really uses; GPT-2 refuses it); ``attention`` /
+``window`` use its own sliding-window support (sinks, and families without one, are refused); ``seq_len``
+past ``max_position_embeddings`` needs model.max_seq_len or a stage rope that covers it
+(:meth:`extend_positions`). Loading runs no code: safetensors only (pickled ``.bin`` refused), never
+``trust_remote_code``. Document masks go in as a dense 4-d bool mask. See docs/hf.md.
 
     from rampup.models.hf import HFCausalLMAdapter
     adapter = HFCausalLMAdapter.from_config({"model_type": "llama", "hidden_size": 64, ...})

@@ -1,14 +1,10 @@
 """The reference decoder language model: a Llama-style transformer in one readable file.
 
-Pre-norm blocks of RMSNorm -> grouped-query attention with rotary positions -> RMSNorm -> SwiGLU,
-numerically the same as Hugging Face's ``LlamaForCausalLM`` (tests/unit/models/test_model.py checks parity).
-The model knows nothing of training. Two things exist for progressive training:
-
-- the RoPE cache is non-persistent state that ``DecoderLM.set_rope`` recomputes when a stage
-  changes the context length (plain base change, or frequencies already scaled by YaRN and friends);
-- ``positions`` and ``attn_mask`` let packed sequences restart positions and attend only within
-  their own document; ``segments`` (document ids, see rampup.data.packing) does the same masking
-  with one causal SDPA call per document, which skips the masked blocks a dense mask computes.
+Pre-norm RMSNorm -> grouped-query attention with RoPE -> RMSNorm -> SwiGLU, numerically the same as
+Hugging Face's ``LlamaForCausalLM`` (tests/unit/models/test_model.py checks parity); it knows nothing of
+training. For progressive training: the RoPE cache is non-persistent state that ``DecoderLM.set_rope``
+recomputes when a stage changes it, and ``positions`` / ``attn_mask`` / ``segments`` (rampup.data.packing)
+restart positions and mask attention per packed document. See docs/architecture.md.
 
 Try it on a CPU in a second:
 

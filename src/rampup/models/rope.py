@@ -1,24 +1,14 @@
-"""RoPE context-extension methods (TECHNIQUES A3) as one spec: the ``rope`` schedule knob.
+"""RoPE context-extension methods as one spec: the ``rope`` schedule knob.
 
-With theta_i = b^(-2i/d), i < d/2, and the scale s = ``factor`` (new length / original length):
-
-- ``base``: plain RoPE with a (possibly raised) base b -- "adjusted base frequency", as Llama 2 Long
-  and ProLong raise it at each extension;
-- ``pi``: position interpolation, theta_i / s;
-- ``ntk``: NTK-aware base, b' = b * s^(d / (d - 2));
-- ``dynamic_ntk``: the NTK base recomputed from the length T of each forward pass, once T exceeds
-  ``original_max_len``: b' = b * (s * T / L_orig - (s - 1))^(d / (d - 2)) (Hugging Face's rule);
-- ``yarn``: interpolate the low-frequency dims and keep the high-frequency ones. With
-  dim(r) = d * ln(L_orig / (2 pi r)) / (2 ln b), low = floor(dim(beta_fast)), high =
-  ceil(dim(beta_slow)), and ramp_i = clamp((i - low) / (high - low), 0, 1):
-  theta'_i = theta_i * (1 - ramp_i) + (theta_i / s) * ramp_i, and attention logits scaled by
-  (0.1 ln s + 1)^2 (cos and sin each multiplied by 0.1 ln s + 1, as the paper and Hugging Face do).
-  TECHNIQUES.md writes the blend with its two weights swapped; that would interpolate the
-  high-frequency dims, the opposite of its own note and of the paper, so we follow the paper
-  (tests compare against ``transformers``' implementation).
+With theta_i = b^(-2i/d) and s = ``factor``: ``base`` (a raised base, ABF), ``pi`` (theta_i / s), ``ntk``
+(b' = b * s^(d / (d - 2))), ``dynamic_ntk`` (the NTK base recomputed from each forward's length, Hugging
+Face's rule) and ``yarn`` (Peng et al. 2024): theta'_i = theta_i * (1 - ramp_i) + (theta_i / s) * ramp_i,
+ramp_i rising from 0 to 1 as i grows, so the high-frequency dims are kept and the low-frequency ones
+interpolated, as the paper and ``transformers`` do (tests compare against it; do not swap the weights).
+YaRN also scales attention logits by (0.1 ln s + 1)^2, as cos and sin each times 0.1 ln s + 1.
 
 :func:`rope_frequencies` is the pure function; :func:`apply_rope_spec` sets it on a live
-:class:`~rampup.models.llm.DecoderLM` (only the cached tables change).
+:class:`~rampup.models.llm.DecoderLM` (only the cached tables change). See docs/context.md.
 """
 
 from __future__ import annotations

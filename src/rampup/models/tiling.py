@@ -1,19 +1,15 @@
-"""Memory techniques for long sequences, as plain PyTorch on any model adapter (../shared/TECHNIQUES.md B).
+"""Memory techniques for long sequences, as plain PyTorch on any model adapter.
 
-- :func:`tiled_head_loss`: the output head and the loss run over sequence shards, each shard's
-  backward done at once inside the forward pass (ALST's TiledFusedLogitsLoss), so the full
-  (tokens x vocab) logits never exist; only the gradient of the hidden states (tokens x width) is
-  kept for the backward pass. Any per-shard loss fits (cross-entropy, a distillation KL).
-- :func:`tile_mlp`: a block's MLP runs over sequence shards, each recomputed in backward
-  (non-reentrant ``torch.utils.checkpoint``), so one shard's (tokens x hidden) intermediates exist
-  at a time.
-- :func:`checkpoint_blocks`: activation checkpointing per block (``full``: keep only the block's
-  input, recompute the rest; ``selective``: also keep the attention kernel's outputs, so backward
-  recomputes projections, norms and the MLP but not attention), optionally offloading what is kept
-  to pinned host memory (CUDA only, torch's saved-tensor hooks).
+- :func:`tiled_head_loss`: head and loss over sequence shards, each shard's backward run inside the
+  forward (TiledFusedLogitsLoss of ALST, Arctic Long Sequence Training), so the full (tokens x vocab)
+  logits never exist; any per-shard loss fits (cross-entropy, a distillation KL).
+- :func:`tile_mlp`: a block's MLP over sequence shards, each recomputed in backward (non-reentrant
+  ``torch.utils.checkpoint``).
+- :func:`checkpoint_block`: activation checkpointing of a block (``full``, or ``selective``: also keep
+  the attention kernel's outputs), optionally offloading to pinned host memory (CUDA only).
 
 Each acts by giving the module an instance-level ``forward`` (removed again when turned off), so
-parameter names, state dicts and checkpoints are the same with and without it.
+parameter names, state dicts and checkpoints are the same with and without it. See docs/memory.md.
 """
 
 from __future__ import annotations

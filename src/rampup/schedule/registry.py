@@ -1,28 +1,16 @@
 """The registry of schedule knobs and knob families, and what each does.
 
-A knob is a named quantity the schedule may change over the run. Each stage sets a knob to a
-constant or to a :class:`Ramp` between two values; ``Schedule.at(t)`` gives every knob's value. A
-knob carries its effect (Composer's algorithm, without the event zoo), declared beside its check:
+A knob is a named quantity each stage sets to a constant or a :class:`Ramp`; ``Schedule.at(t)`` gives
+every value. A knob carries its effect beside its checks: ``apply`` (called when ``key`` changes, and
+again on resume), ``on_batch``, ``on_stage``, ``graph_key`` (what makes a new compiled graph) and
+``check_config`` / ``check_plan`` / ``check_model`` (before any compute). Its FLOPs are what its
+``apply`` makes the model compute, counted by ``ModelAdapter.flops_per_item``. A :class:`Family` adds
+build-time setup, per-step updates, evaluation context, records and checkpointed parts; its per-run
+scratch is typed and keyed by class (:meth:`KnobContext.state`).
 
-- ``apply(ctx, value)``: what setting the value does to the model, sampler or optimizer (the engine
-  calls it when ``key`` changes, which by default is when the value changes, and again on resume);
-- ``on_batch(ctx, batch, value)``: a change to each step's batch (a data mixture);
-- ``on_stage(ctx, value, previous)``: at a stage's first step (an optimizer-state reset);
-- ``graph_key(value)``: the part of the value that makes a new compiled graph (None: none); a
-  knob's FLOPs are what its ``apply`` makes the model compute, which the model adapter counts
-  (``ModelAdapter.flops_per_item``), so plan, metrics and compare see them without knowing the knob;
-- ``check_config(cfg)`` / ``check_plan(cfg, schedule)`` / ``check_model(adapter, value)``: cross-checks
-  run before any compute.
-
-A :class:`Family` holds what a group of knobs needs beyond per-value effects: build-time setup (a
-checkpointed part in ``RunSetup.parts``, a wrapped task), checks before any step, a per-step update,
-a context around evaluation, records, and fitting a checkpoint into a grown model. Its per-run scratch
-is typed and keyed by class (:meth:`KnobContext.state`), its checkpointed state a TrainState part.
-
-The engine, ``plan`` and the config never name a knob or a family: they call these through
-:class:`KnobRunner`, :func:`families` and :func:`check_knobs`. The built-in families are the modules
-of rampup.knobs, each registering itself on import (tests/unit/knobs/test_family_hooks.py adds one
-from outside the package).
+Invariant: the engine, ``plan`` and the config never name a knob or a family; they go through
+:class:`KnobRunner`, :func:`families` and :func:`check_knobs`. The families are the modules of
+rampup.knobs, each registering itself on import. See docs/schedules.md and docs/architecture.md.
 """
 
 from __future__ import annotations

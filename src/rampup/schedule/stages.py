@@ -32,7 +32,8 @@ class StageConfig(Section):
     name: str | None = None
     """Label shown in the plan, logs and metrics (default: stage0, stage1, ...)."""
     duration: Duration | None = None
-    """How long the stage lasts, with a unit ('4M tok', '500 steps', '25%'). Only the last stage may omit it: it then takes the rest of train.duration."""
+    """How long the stage lasts, with a unit ('4M tok', '500 steps', '25%'). Only the last stage may omit it:
+    it then takes the rest of train.duration."""
     knobs: dict[str, Any] = {}
     """Knob values (written flat in YAML, next to name and duration)."""
 
@@ -78,8 +79,8 @@ class ScheduleConfig(Section):
     stages: list[StageConfig] = [StageConfig()]
     """The stages, in order."""
     seq_len_mode: Literal["reshape", "truncate"] = "reshape"
-    """How a seq_len shorter than the run's longest shapes a step (sequence-length warmup, TECHNIQUES
-    A2): `reshape` keeps tokens per step constant (batch_tokens // seq_len sequences); `truncate`
+    """How a seq_len shorter than the run's longest shapes a step (sequence-length warmup,
+    docs/curricula.md): `reshape` keeps tokens per step constant (batch_tokens // seq_len sequences); `truncate`
     keeps sequences per step constant (batch_tokens // longest seq_len), each cut to seq_len, so
     tokens per step grow with seq_len."""
 

@@ -1,31 +1,17 @@
 """Predicting a run's wall-clock before it runs, in seconds: a step-time model fitted on a few timed steps.
 
-``rampup plan`` walks the schedule step by step (rampup.tools.plan). Timing every batch shape a run uses
-took minutes on a fresh machine (62 shapes of a seq_len warmup, five 8 x 8192 steps of a bucket
-curriculum), so this module times a handful of *small* steps instead (the real engine step,
-:func:`rampup.engine.step.optimizer_step`, with the step's knobs applied, AdamW, random token ids;
-about ``CAL_TOKENS`` tokens each, never more rows than the run's own steps) and fits the cost model
-the FLOPs already suggest::
+``rampup plan`` (rampup.tools.plan) needs seconds per step, and timing every batch shape takes minutes,
+so this times a handful of *small* real engine steps (:func:`rampup.engine.step.optimizer_step` with the
+step's knobs, about ``CAL_TOKENS`` tokens each) and fits, by non-negative least squares on relative error::
 
     seconds(step) = factor[cost class] * (a + b * dense FLOPs + c * attention FLOPs)
 
-per step, per matmul FLOP (6N a token) and per attention FLOP (what the kernels compute: half the
-square for causal attention, about T x window for a window), by non-negative least squares on the
-relative error. A cost class is one combination of the knobs that change what a step computes
-(``COST_KNOBS``: checkpointing, tiling, freezing, growth, ...); the class with the most steps is fitted,
-every other class gets one timed shape and a factor. Timing stops at ``--time-budget`` (a shape
-predicted to overrun it is shrunk to fewer rows or a shorter length first); a class left untimed is
-predicted from its FLOPs and said so.
-
-Timed shapes are cached (``$RAMPUP_CACHE_DIR`` or ``~/.cache/rampup``, ``calibration.json``) under a
-key naming everything that changes a step's cost: the machine (CPU model, torch's CPU capability,
-ISA-limiting variables, threads, torch version, GPU), the model config, the precision, compile,
-micro-batching, the optimizer's implementation settings and the knob values. An entry is used only
-when its whole stored key equals this one, and a stored time that is not a positive finite number is
-ignored. A timing disturbed by other processes (repeats spread by more than ``BUSY_SPREAD`` of their
-median, or other processes using more than ``BUSY_OTHERS`` of a core meanwhile) is used for this plan
-but never cached, and the plan says so; ``--recalibrate`` times again whatever the cache holds.
-Evaluation is not counted: the estimate is train time, what time-to-target counts.
+A cost class is one combination of ``COST_KNOBS``; the largest class is fitted, every other gets one
+timed shape and a factor, and a class ``--time-budget`` leaves untimed is predicted from FLOPs and said so.
+Cached timings (``calibration.json`` in ``$RAMPUP_CACHE_DIR`` or ``~/.cache/rampup``) are used only when
+the whole stored key (machine, model, precision, compile, micro-batching, optimizer, knob values) equals
+this one; a timing disturbed by other processes (``BUSY_SPREAD``, ``BUSY_OTHERS``) is never cached.
+Evaluation is not counted. See docs/measuring.md.
 """
 
 from __future__ import annotations

@@ -1,29 +1,18 @@
 """Compare finished runs: time, tokens and FLOPs to reach a target validation loss.
 
-A run folder (written by :func:`rampup.engine.trainer.train`) holds ``config.yaml``, ``metrics.jsonl``
-and ``summary.json``. Runs whose configs differ only in ``train.seed``, ``train.out_dir`` and ``name``
-are seeds of one *group*; each group is reported as the median and spread (min, max) over its seeds.
-
-For each context length evaluated by every run, the target loss is ``target_loss`` when given, else
-the baseline group's median final loss (the upper median for an even number of seeds, so that at
-least half of the baseline seeds reach it). Time-to-target is read off the FIRST evaluation whose loss is
-<= target, without interpolating between evaluations: the run reached the target at some point before
-that evaluation, so the reported time is an upper bound (conservative, and coarser when evaluations
-are sparse). A target never reached is ``None`` (null in JSON, "not reached" on screen), never a number.
-
-Time is accounted honestly: with ``train.compile`` the steps that built a graph are compile time,
-not train time, and time to target is their sum (``time``: an arm with six bucket shapes pays six
-compiles); ``speedup_wall`` compares that sum, ``speedup_wall_excl_compile`` train time alone;
-``speedup_tokens`` and ``speedup_flops`` compare tokens and FLOPs to target, which a loaded machine
-cannot change (deterministic for a seed on a CPU: what tests assert). Runs
-trained at different resolved precisions (bf16 against fp32) are flagged: their wall-clock
-differs for a reason that is not the curriculum.
+Runs whose configs differ only in ``train.seed``, ``train.out_dir`` and ``name`` are seeds of one group,
+reported as median and (min, max). The target is ``target_loss`` or the baseline group's upper-median
+final loss (so at least half its seeds reach it). Time to target is read at the FIRST evaluation at or
+below it, without interpolation (an upper bound); a target never reached is ``None``, never a number.
+Compile steps count as compile time, not train time; runs at different resolved precisions are flagged.
 
 Example (CPU, after two runs have finished)::
 
     from rampup.tools.compare import compare_runs, print_comparison
     from rich.console import Console
     print_comparison(compare_runs(["runs/ramp", "runs/baseline"]), Console())
+
+See docs/measuring.md.
 """
 
 from __future__ import annotations

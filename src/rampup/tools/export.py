@@ -1,22 +1,12 @@
 """``rampup export RUN|CHECKPOINT --format hf OUT_DIR``: a folder Hugging Face ``from_pretrained`` loads.
 
-The reference decoder LM is a Llama; its export carries the RoPE and attention settings of the
-run's last stage, as the family's own config expresses them:
-
-- RoPE: ``base`` and ``ntk`` (a base change, b' = b * s^(d/(d-2))) as ``rope_theta``; ``pi`` as
-  ``linear`` scaling; ``dynamic_ntk`` as ``dynamic`` (its original length becomes
-  ``max_position_embeddings``, as Hugging Face's rule reads it); ``yarn`` as ``yarn`` with its
-  original length, beta_fast and beta_slow;
-- attention: causal exports as ``LlamaForCausalLM``; a sliding window on every layer as
-  ``MistralForCausalLM`` (``sliding_window``). A hybrid of full and windowed layers is refused:
-  Qwen2 expresses it (``layer_types``), but ``AutoTokenizer`` loads every qwen2 folder with Qwen's
-  tokenizer class, which splits text differently from rampup's. Sinks (global tokens) have no
-  Hugging Face family and are refused.
-
-Weights are written as safetensors in the chosen dtype, and rampup's tokenizer as a fast tokenizer
-(tokenizer.json) with its end-of-text token as eos; a run of a Hugging Face folder exports that
-folder's own tokenizer whole (bos, unk and pad tokens, chat template), with the run's position limit. The folder is built beside OUT_DIR and renamed
-into place, so a failed export leaves nothing half-written; an existing non-empty OUT_DIR is refused.
+The reference model exports as ``LlamaForCausalLM`` (or ``MistralForCausalLM`` with a window on every
+layer), carrying its last stage's RoPE in the family's own config (``rope_theta``, ``linear``, ``yarn``;
+``dynamic`` with its original length as ``max_position_embeddings``). Refused: sinks, and full/window
+hybrids (Qwen2 expresses them, but ``AutoTokenizer`` loads every qwen2 folder with Qwen's tokenizer).
+Weights are safetensors in the chosen dtype; rampup's tokenizer is written as a fast tokenizer with EOT
+as eos, while a Hugging Face run exports its folder's own tokenizer whole. The folder is built beside
+OUT_DIR and renamed into place; a non-empty OUT_DIR is refused. See docs/hf.md.
 """
 
 from __future__ import annotations

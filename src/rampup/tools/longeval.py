@@ -1,16 +1,10 @@
 """Long-context evaluation: loss by context length and by position, and passkey retrieval.
 
-- :func:`loss_by_position`: the mean next-token loss of each position bucket of long windows
-  (does the model use the far context, or only the last few hundred tokens?).
-- Passkey retrieval (RULER-style, generated from the corpus's own text as filler): a random
-  5-digit key is stated once at a chosen depth of a window of held-out text, and the window ends
-  with a question; the model must predict every token of the key (greedy, teacher-forced).
-  :func:`passkey_accuracy` reports accuracy by length and depth. :func:`inject_passkeys` turns a
-  fraction of a training batch's rows into such examples (the ``passkey_fraction`` knob), with the
-  row's own tokens as filler, so that a small model can learn the task.
-- :func:`evaluate_run`: all of it for a run folder or one of its checkpoints (``rampup eval``),
-  at lengths beyond the trained one too (the RoPE tables are extended; the weights do not depend
-  on their length), with the RoPE method of the run's last stage applied.
+:func:`loss_by_position` (mean next-token loss per position bucket); :func:`passkey_accuracy`
+(RULER-style: a 5-digit key stated once at a chosen depth of held-out text, predicted greedily,
+teacher-forced); :func:`inject_passkeys` (the ``passkey_fraction`` knob: training rows turned into such
+examples); :func:`evaluate_run` (``rampup eval``: all of it for a run or checkpoint, at lengths beyond the
+trained one too, with the RoPE method of the run's last stage). See docs/context.md.
 
 Try it after ``rampup train configs/tiny.yaml``::
 

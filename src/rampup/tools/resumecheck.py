@@ -1,15 +1,11 @@
 """Proving that a run resumes exactly: from each of its checkpoints, against the run never stopped.
 
-The run trains once with a checkpoint after every step (:func:`checkpointed`): that run is the
-uninterrupted reference (writing a checkpoint changes no number). Resuming from step k copies the run
-folder as a process killed right after writing checkpoint k leaves it (its config, its record, that
-checkpoint; later checkpoints and the summary are not there yet), resumes it and trains to the end
-(:func:`resume_from`). The resumed run must equal the reference bitwise: every step's loss and gradient
-norm, every evaluation, every tensor of the final weights (:func:`differences`).
-
-A *runner* trains a config file into a run folder: :func:`in_process` (a :class:`Trainer` in this
-process; fast, what the test suite uses) or :func:`subprocess_runner` (``rampup train`` in a fresh
-process each time, ``--nproc N`` for DDP / FSDP2; what benchmarks/resume_sweep.py uses).
+:func:`checkpointed` trains once with a checkpoint after every step (the reference: writing a checkpoint
+changes no number); :func:`resume_from` copies the folder as a process killed right after checkpoint k
+leaves it (later checkpoints and the summary absent), resumes and trains to the end; :func:`differences`
+demands bitwise equality of every step's loss and gradient norm, every evaluation and every final
+weight. Runners: :func:`in_process` (fast, the test suite) or :func:`subprocess_runner` (``rampup train``
+in a fresh process, ``--nproc N`` for DDP / FSDP2; benchmarks/resume_sweep.py). See docs/reliability.md.
 
     from rampup.tools.resumecheck import checkpointed, sweep
     result = sweep(checkpointed("configs/tiny.yaml", ["train.duration=12 steps"]), "runs/sweep")

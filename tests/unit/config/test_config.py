@@ -70,8 +70,8 @@ def test_shipped_configs_exist():
         ({"data": {"tokenizer": {"vocab_size": 1000}}, "model": {"vocab_size": 2000}}, "set model.vocab_size only"),
         (
             {"schedule": {"stages": [{"rope": {"method": "yarn", "factor": 2, "original_max_length": 512}}]}},
-            "unknown key 'schedule.stages.0.rope.original_max_length' (did you mean 'original_max_len'?); valid keys in "
-            "schedule.stages.0.rope: method, base, factor, original_max_len",
+            "unknown key 'schedule.stages.0.rope.original_max_length' (did you mean 'original_max_len'?); "
+            "valid keys in schedule.stages.0.rope: method, base, factor, original_max_len",
         ),
         (
             {"schedule": {"knobs": {"batch_tokens": 1024, "attention": {"kindd": "window"}}}},

@@ -1,24 +1,15 @@
 """Checkpoints: safetensors for tensors, JSON for everything else, written atomically and checksummed.
 
-This is the single-process format; a run of several processes writes the sharded one
-(rampup.engine.checkpoint.sharded, torch.distributed.checkpoint) with the same guarantees, and every reader
-here (resume, export, eval, teachers) takes either.
+The single-process format; several processes write the sharded one (rampup.engine.checkpoint.sharded)
+with the same guarantees, and every reader (resume, export, eval, teachers) takes either.
+``OUT/checkpoints/step_0000100/`` holds ``model.safetensors`` (tied weights once),
+``optimizer.safetensors`` (keyed ``"<param index>.<name>"``, plus RNG states), ``state.json`` and
+``manifest.json``, written last (size and sha256 of each file).
 
-Layout of one checkpoint, ``OUT/checkpoints/step_0000100/``::
-
-    model.safetensors      weights (tied weights stored once)
-    optimizer.safetensors  optimizer state tensors, keyed "<param index>.<name>", plus RNG states
-    state.json             step, tokens, sampler state, optimizer hyper-parameters, config
-    manifest.json          written last: size and sha256 of each file above (``sha256sum`` agrees)
-
-A checkpoint is built in a temporary folder and renamed into place, and ``OUT/checkpoints/latest``
-(a one-line text file, for people and scripts) is replaced atomically afterwards, so a crash at any
-moment leaves the last good checkpoint readable. Loading verifies the manifest first; a checkpoint
-that fails (a file cut short, a flipped byte, a file missing) is reported, renamed
-``damaged_step_N`` (kept for inspection, never deleted) and the next newest one is used. Weights or
-optimizer state with a NaN or inf are never written, and a write that fails (disk full, file too
-large, permission) removes its temporary folder and leaves the previous checkpoint as it was.
-Nothing is ever unpickled.
+Invariants: built in a temporary folder and renamed into place, ``latest`` replaced atomically after;
+loading verifies the manifest first and renames a failing checkpoint ``damaged_step_N`` (never deleted);
+NaN or inf state is never written; a failed write leaves the previous checkpoint as it was; nothing is
+ever unpickled. See docs/reliability.md.
 """
 
 from __future__ import annotations

@@ -1,24 +1,15 @@
 """Sharded checkpoints through ``torch.distributed.checkpoint`` (DCP): every rank writes its own shards.
 
-Layout of one checkpoint, ``OUT/checkpoints/step_0000100/``::
+``OUT/checkpoints/step_0000100/`` holds ``dcp/.metadata`` (DCP's index, rank 0), ``dcp/__R_0.distcp``
+(rank R's shards), ``state.json`` (rank 0) and ``manifest.json`` (last: size and sha256 of each file).
+Keys are flat and world-size independent (``model/<fqn>``, ``optim/<fqn>/<name>`` keyed by parameter name,
+``part/<name>``, ``rng/<name>``), so N ranks resume on M, with either strategy or in one process.
 
-    dcp/.metadata          DCP's index of every tensor's chunks (written by rank 0)
-    dcp/__R_0.distcp       rank R's shards: model weights, optimizer state, sharded EMA shadows
-    state.json             step, tokens, sampler state, optimizer hyper-parameters, config (rank 0)
-    manifest.json          written last: size and sha256 of each file above (``sha256sum`` agrees)
-
-The keys are flat and world-size independent: ``model/<fqn>``, ``optim/<fqn>/<name>`` (AdamW's
-moments keyed by parameter name, not position), ``part/<name>`` (EMA shadows, teacher snapshots) and
-``rng/<name>`` (rank 0's generators). DCP re-shards on load, so a checkpoint saved by N ranks resumes
-on M, with either strategy or in one process (``rampup export``, ``eval`` and teachers read it too).
-
-The single-process guarantees hold: the checkpoint is built in a temporary folder and renamed into
-place whole, its manifest is verified before anything is read (a damaged one is reported, renamed
-``damaged_step_N`` and the next newest used), non-finite tensors are never written (each rank checks
-its own shards, all agree), and a write that fails on any rank leaves the previous checkpoint as it
-was. DCP's ``.metadata`` is a pickle: it is read through an unpickler that admits only DCP's own
-metadata dataclasses and enums, torch sizes and dtypes, so a checkpoint cannot run code; tensor
-data is read with ``torch.load(weights_only=True)``.
+The single-process guarantees hold: built in a temporary folder and renamed whole, manifest verified
+before anything is read, non-finite tensors never written, a write that fails on any rank leaves the
+previous checkpoint as it was. DCP's ``.metadata`` is a pickle, read through an unpickler that admits
+only DCP's metadata classes, sizes and dtypes; tensors through ``torch.load(weights_only=True)``.
+See docs/scaling.md.
 """
 
 from __future__ import annotations
