@@ -22,10 +22,11 @@ from __future__ import annotations
 import json
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
+import torch.nn as nn
 import yaml
 from tokenizers import Tokenizer
 
@@ -51,20 +52,29 @@ from rampup.knobs.growth import fit_to_checkpoint
 from rampup.models.adapter import ModuleAdapter
 from rampup.models.build import build_adapter
 from rampup.models.hf import HFCausalLMAdapter
+from rampup.models.llm import DecoderLM
+from rampup.models.rope import RopeSpec
+from rampup.protocols import ModelAdapter, Task
 from rampup.schedule.registry import KnobContext, KnobRunner
 from rampup.schedule.stages import Schedule
 
 
 @torch.no_grad()
 def loss_by_position(
-    model, windows: torch.Tensor, n_buckets: int = 8, *, precision: str = "auto", batch_tokens: int = 16384, task=None
+    model: ModelAdapter | nn.Module,
+    windows: torch.Tensor,
+    n_buckets: int = 8,
+    *,
+    precision: str = "auto",
+    batch_tokens: int = 16384,
+    task: Task | None = None,
 ) -> list[dict[str, float]]:
     """Mean loss per position bucket of ``windows`` (N, T + 1): [{start, end, loss}, ...].
 
     ``model`` is a ModelAdapter, or a plain module mapping token ids to logits; the loss is the
     task's own (per token, ``reduction='none'``)."""
 
-    adapter = model if hasattr(model, "module") else ModuleAdapter(model)
+    adapter = cast(ModelAdapter, model) if hasattr(model, "module") else ModuleAdapter(cast(nn.Module, model))
     task = task or CausalLM()
     module = adapter.module
     was_training = module.training
@@ -83,14 +93,14 @@ def loss_by_position(
     return [{"start": int(a), "end": int(b), "loss": float(per_pos[a:b].mean())} for a, b in pairwise(edges) if b > a]
 
 
-def open_run(path: str | Path, command: str):
+def open_run(path: str | Path, command: str) -> tuple[Path, RunConfig, Schedule]:
     """(checkpoint folder, RunConfig, Schedule) of a run folder or one of its checkpoints."""
     saved = read_run(path, command)
     cfg = RunConfig.model_validate(saved.config)
     return saved.checkpoint, cfg, Schedule.build(cfg.schedule, total=cfg.train.duration)
 
 
-def _data_config(data: str | Path):
+def _data_config(data: str | Path) -> RunConfig:
     """The RunConfig whose corpus ``--data`` names: a run folder (its config.yaml) or a config file."""
     p = Path(data)
     if (p / "config.yaml").is_file():
@@ -106,7 +116,9 @@ def _is_hf_folder(path: Path) -> bool:
     )
 
 
-def _open_model(path: Path, rope: Any, data: str | Path | None) -> tuple:
+def _open_model(
+    path: Path, rope: RopeSpec | None, data: str | Path | None
+) -> tuple[ModelAdapter, RunConfig, dict[str, Any], str, int, dict[str, Any]]:
     """(adapter, cfg, knobs, precision, trained length, meta) of a checkpoint or an HF folder, with the
     config whose held-out data scores it (``data``: another run's or config's, of the same tokenizer)."""
     if _is_hf_folder(path):
@@ -148,7 +160,7 @@ def evaluate_run(
     max_tokens: int | None = None,
     windows: str | None = None,
     seed: int = 0,
-    rope=None,
+    rope: RopeSpec | None = None,
     data: str | Path | None = None,
 ) -> dict[str, Any]:
     """Loss by length, loss by position at the longest length, and passkey accuracy of a checkpoint or
@@ -180,8 +192,8 @@ def evaluate_run(
         )
     meta.pop("tokenizer", None)
     longest = max(lengths)
-    model = adapter.module
-    if cfg.model.source == "reference" and meta["kind"] == "checkpoint" and longest > model.max_seq_len:
+    model = adapter.module  # a DecoderLM: the model of a checkpoint of a run of the reference model
+    if meta["kind"] == "checkpoint" and isinstance(model, DecoderLM) and longest > model.max_seq_len:
         model.set_rope(max_seq_len=longest)  # extend the RoPE tables (no weights change)
     task = CausalLM()
     runner = KnobRunner(KnobContext(adapter))
@@ -233,7 +245,9 @@ def _record(
     }
 
 
-def _checkpoint_model(path: Path, rope) -> tuple:
+def _checkpoint_model(
+    path: Path, rope: RopeSpec | None
+) -> tuple[ModelAdapter, RunConfig, dict[str, Any], str, int, dict[str, Any]]:
     """(adapter with the checkpoint's weights, its RunConfig, knobs at the checkpoint, precision, trained
     length, record fields) of a run folder or checkpoint."""
 
@@ -250,7 +264,9 @@ def _checkpoint_model(path: Path, rope) -> tuple:
     return adapter, cfg, knobs, precision, int(schedule.max_knob("seq_len")), meta
 
 
-def _hf_folder_model(folder: Path, cfg, rope) -> tuple:
+def _hf_folder_model(
+    folder: Path, cfg: RunConfig, rope: RopeSpec | None
+) -> tuple[ModelAdapter, RunConfig, dict[str, Any], str, int, dict[str, Any]]:
     """The same for a Hugging Face model folder scored on ``cfg``'s corpus: no knobs (its own config's RoPE
     and attention), fp32, trained length = its max_position_embeddings."""
 
@@ -258,7 +274,7 @@ def _hf_folder_model(folder: Path, cfg, rope) -> tuple:
     if not (folder / "tokenizer.json").is_file():
         raise ConfigError(f"{folder} has no tokenizer.json, so rampup cannot check it matches --data's tokenizer")
     knobs = {"rope": rope} if rope is not None else {}
-    conf = adapter.module.config
+    conf: Any = adapter.module.config  # a transformers config: its fields depend on the model family
     params = getattr(conf, "rope_parameters", None) or {}
     meta = {
         "kind": "hf_folder",

@@ -21,6 +21,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -48,6 +49,7 @@ from rampup.knobs.memory import (
 from rampup.knobs.memory import _is_auto as _auto
 from rampup.knobs.transitions import uses_parameter_groups
 from rampup.models.build import build_adapter
+from rampup.protocols import Batch
 from rampup.schedule.registry import KNOBS, KnobContext, KnobRunner
 from rampup.schedule.stages import Schedule
 from rampup.tools.plan import TECHNIQUES, technique_settings
@@ -93,7 +95,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     V = cfg.model.vocab_size
     g = torch.Generator().manual_seed(0)
 
-    def batch(t: int):
+    def batch(t: int) -> Batch:
         x = torch.randint(0, V, (rows, t + 1), generator=g)
         return task.make_batch(x[:, :-1].contiguous(), x[:, 1:].contiguous())
 
@@ -139,10 +141,10 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_trial(
-    cfg: Any,
+    cfg: RunConfig,
     knobs: dict[str, Any],
     seq_len: int,
-    settings: Any,
+    settings: MemorySettings,
     limit: int,
     *,
     mode: str = "total",
@@ -191,10 +193,10 @@ def run_trial(
 
 
 def time_steps(
-    cfg: Any,
+    cfg: RunConfig,
     knobs: dict[str, Any],
     seq_len: int,
-    settings: Any,
+    settings: MemorySettings,
     *,
     repeat: int = 3,
     rows: int = 1,
@@ -229,7 +231,14 @@ def _jsonable(knobs: dict[str, Any]) -> dict[str, Any]:
     return {k: v.model_dump(mode="json", by_alias=True) if hasattr(v, "model_dump") else v for k, v in knobs.items()}
 
 
-def longest(trial, start: int, stop: int, granule: int, refine: int = 2, log=None) -> tuple[int, list[Trial]]:
+def longest(
+    trial: Callable[[int], Trial],
+    start: int,
+    stop: int,
+    granule: int,
+    refine: int = 2,
+    log: Callable[[Trial], None] | None = None,
+) -> tuple[int, list[Trial]]:
     """The longest length in [start, stop] (multiples of ``granule``) for which ``trial(T)`` succeeds:
     doubling from ``start``, then ``refine`` bisections between the last success and the first failure.
     Returns (longest length that succeeded or 0, every trial run)."""
@@ -255,7 +264,9 @@ def longest(trial, start: int, stop: int, granule: int, refine: int = 2, log=Non
         if run(stop):
             return stop, trials
         bad = stop
-    for _ in range(refine if bad else 0):
+    if not bad:
+        return good, trials
+    for _ in range(refine):
         mid = (good + bad) // 2 // granule * granule
         if mid <= good or mid >= bad:
             break
@@ -266,7 +277,7 @@ def longest(trial, start: int, stop: int, granule: int, refine: int = 2, log=Non
     return good, trials
 
 
-def probe_config(cfg: Any, stop: int) -> Any:
+def probe_config(cfg: RunConfig, stop: int) -> RunConfig:
     """The run's config with the reference model's max_seq_len raised to ``stop`` (its RoPE tables reach
     the probed lengths); a Hugging Face model keeps its position limit."""
     if cfg.model.source == "reference" and cfg.model.max_seq_len < stop:
@@ -277,7 +288,7 @@ def probe_config(cfg: Any, stop: int) -> Any:
 
 
 def probe(
-    cfg: Any,
+    cfg: RunConfig,
     limit: int,
     techniques: list[str],
     *,
@@ -289,7 +300,7 @@ def probe(
     refine: int = 2,
     timeout: float | None = None,
     threads: int | None = None,
-    log=None,
+    log: Callable[[Trial], None] | None = None,
 ) -> dict[str, Any]:
     """For each technique (rampup.plan.TECHNIQUES, or 'as set': the run's own memory knobs), the longest
     seq_len of one ``rows`` x seq_len training step within ``limit`` bytes, with every trial."""
@@ -311,7 +322,7 @@ def probe(
     results: dict[str, Any] = {"limit": limit, "mode": mode, "rows": rows, "precision": precision, "techniques": {}}
     for name in techniques:
 
-        def settings(T: int, name=name):
+        def settings(T: int, name: str = name) -> MemorySettings:
             if name == "as set":  # the run's own memory knobs; auto chooses for this limit, as training would
                 s = requested(knobs)
                 if not _auto(s):
@@ -325,7 +336,7 @@ def probe(
                 return resolve(ctx, knobs, rows, T)[0]
             return technique_settings(name, rows, T, width, cfg.model.vocab_size)
 
-        def trial(T: int, name=name) -> Trial:
+        def trial(T: int, name: str = name) -> Trial:
             t = run_trial(
                 cfg,
                 knobs,

@@ -33,7 +33,7 @@ import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -50,6 +50,9 @@ from rampup.errors import (
     CheckpointWriteError,
     NonFiniteError,
 )
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint import FileSystemReader
 
 
 class _LazyDCP:
@@ -118,8 +121,10 @@ def read_metadata(path: Path) -> Any:
         raise CheckpointDamaged(f"checkpoint {path}: {DCP_DIR}/{METADATA} is unreadable ({e})") from None
 
 
-def _reader(path: Path, metadata: Any):
-    class Reader(DCP.FileSystemReader):
+def _reader(path: Path, metadata: Any) -> FileSystemReader:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class Reader(FileSystemReader):
         def read_metadata(self, *args: Any, **kwargs: Any) -> Any:  # the index we read safely above
             return metadata
 
