@@ -9,8 +9,8 @@ An adapter holds ``module`` (the ``nn.Module`` the optimizer, checkpointer and c
 answers:
 
 - ``forward(batch) -> ModelOutput``: hidden states plus the head that maps them to outputs, so a loss
-  can run the head itself (``loss_shards``: tiled over the sequence, rampup.models.tiling); ``hidden_states(batch, layers)`` for
-  distillation;
+  can run the head itself (``loss_shards``: tiled over the sequence, rampup.models.tiling);
+  ``hidden_states(batch, layers)`` for distillation;
 - ``blocks()`` (name, module) of the repeated blocks, for freezing by layer, activation
   checkpointing, tiled MLPs (rampup.knobs.memory) and FSDP wrapping; ``wrap_block(index, fn)`` replaces one;
 - ``flops_per_item(shape, **how)``: training FLOPs per loss item at a batch shape, counting what the
@@ -29,9 +29,9 @@ import torch.nn as nn
 from safetensors.torch import load_model
 
 from rampup.errors import ConfigError
-from rampup.models.attention import layer_patterns
-from rampup.models.llm import DecoderLM, flops_per_token
-from rampup.models.rope import apply_rope_spec
+from rampup.models.attention import AttentionSpec, layer_patterns
+from rampup.models.llm import DecoderLM, ModelConfig, flops_per_token
+from rampup.models.rope import RopeSpec, apply_rope_spec
 from rampup.protocols import Batch, ModelOutput
 from rampup.protocols import (
     ModelAdapter as ModelAdapter,  # re-exported: its home before rampup.protocols
@@ -91,14 +91,14 @@ class DecoderLMAdapter:
     )
     """Every knob rampup ships acts on the reference model."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: DecoderLM) -> None:
         self.module = module
-        self.head = module.lm_head
+        self.head: nn.Module = module.lm_head
         self.loss_shards = 1  # the loss_shards knob (rampup.knobs.memory)
-        self._hidden = module.forward_hidden  # replaced by a compiled version by compile()
+        self._hidden: Callable[..., torch.Tensor] = module.forward_hidden  # replaced by a compiled version by compile()
 
     @classmethod
-    def build(cls, cfg, device: torch.device | str = "cpu") -> DecoderLMAdapter:
+    def build(cls, cfg: ModelConfig, device: torch.device | str = "cpu") -> DecoderLMAdapter:
         """A fresh model from a ModelConfig, initialised from torch's current RNG."""
 
         if torch.device(device).type == "meta":  # built in place: .to("meta") would untie a tied head
@@ -107,7 +107,7 @@ class DecoderLMAdapter:
         return cls(DecoderLM(cfg).to(device))
 
     @classmethod
-    def load(cls, cfg, weights: str, device: torch.device | str = "cpu") -> DecoderLMAdapter:
+    def load(cls, cfg: ModelConfig, weights: str, device: torch.device | str = "cpu") -> DecoderLMAdapter:
         """A model with the weights of a safetensors file (a checkpoint's model.safetensors)."""
 
         adapter = cls.build(cfg, device)
@@ -120,7 +120,7 @@ class DecoderLMAdapter:
         return adapter
 
     @property
-    def cfg(self):
+    def cfg(self) -> ModelConfig:
         return self.module.cfg
 
     def forward(self, batch: Batch) -> ModelOutput:
@@ -160,11 +160,11 @@ class DecoderLMAdapter:
     def wrap_block(self, index: int, fn: Callable[[nn.Module], nn.Module]) -> None:
         self.module.layers[index] = fn(self.module.layers[index])
 
-    def set_rope(self, spec, seq_len: int | None = None) -> None:
+    def set_rope(self, spec: RopeSpec, seq_len: int | None = None) -> None:
 
         apply_rope_spec(self.module, spec, seq_len)
 
-    def set_attention(self, spec, window: int) -> None:
+    def set_attention(self, spec: AttentionSpec, window: int) -> None:
 
         self.module.set_attention(layer_patterns(spec, window, len(self.module.layers)))
 
