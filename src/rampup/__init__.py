@@ -20,8 +20,11 @@ Modules that moved keep their old import path (:data:`MOVED`), so code written a
 
 import importlib
 import importlib.abc
+import importlib.machinery
 import importlib.util
 import sys
+from collections.abc import Sequence
+from types import ModuleType
 
 __version__ = "0.1.0"
 
@@ -58,13 +61,15 @@ MOVED = {
 class _MovedFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Imports an old path as the module at its new one (the same module object, not a copy)."""
 
-    def find_spec(self, name, path=None, target=None):
+    def find_spec(
+        self, name: str, path: Sequence[str] | None = None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
         return importlib.util.spec_from_loader(name, self) if name in MOVED else None
 
-    def create_module(self, spec):
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
         return importlib.import_module(MOVED[spec.name])
 
-    def exec_module(self, module):
+    def exec_module(self, module: ModuleType) -> None:
         """Nothing to run: the module ran when it was imported at its new path."""
 
 

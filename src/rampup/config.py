@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -121,15 +122,16 @@ def set_override(tree: dict[str, Any], assignment: str) -> None:
         raise ConfigError(f"--set has an empty key in {path!r}")
     value = yaml.safe_load(raw) if raw.strip() else None
     node: Any = tree
-    for i, key in enumerate(keys):
+    for i, part in enumerate(keys):
         last = i == len(keys) - 1
+        key: str | int = part
         if isinstance(node, list):
-            if not key.isdigit() or int(key) >= len(node):
+            if not part.isdigit() or int(part) >= len(node):
                 raise ConfigError(
-                    f"--set {path}: '{key}' is not an index of the {len(node)}-item list at "
+                    f"--set {path}: '{part}' is not an index of the {len(node)}-item list at "
                     f"{'.'.join(keys[:i]) or 'top level'}"
                 )
-            key = int(key)  # type: ignore[assignment]
+            key = int(part)
         elif not isinstance(node, dict):
             raise ConfigError(f"--set {path}: {'.'.join(keys[:i])} is a value, not a section")
         if last:
@@ -162,7 +164,7 @@ def _valid_keys(loc: tuple[Any, ...]) -> list[str]:
         elif cls is ScheduleConfig and part == "knobs":
             cls = "knobs"
         else:
-            field = cls.model_fields.get(part) if isinstance(cls, type) else None
+            field = cls.model_fields.get(part) if isinstance(cls, type) and issubclass(cls, BaseModel) else None
             cls = _section_class(field.annotation) if field else None
     return list(cls.model_fields) if isinstance(cls, type) and issubclass(cls, BaseModel) else []
 
@@ -201,7 +203,7 @@ def _resolve_paths(tree: dict[str, Any], folder: Path) -> None:
             node[keys[-1]] = str(folder / value)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = (), *, name: str | None = None) -> RunConfig:
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), *, name: str | None = None) -> RunConfig:
     """Read a YAML config (or the defaults when ``path`` is None), apply ``--set`` overrides, validate."""
     tree: dict[str, Any] = {}
     source = "(defaults)"

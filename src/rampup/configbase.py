@@ -38,4 +38,4 @@ def choice(*words: str) -> Any:
             return false
         return v
 
-    return Annotated[Literal[words], BeforeValidator(words_from_bool)]  # type: ignore[valid-type]
+    return Annotated[Literal[words], BeforeValidator(words_from_bool)]

@@ -62,7 +62,11 @@ class Batch:
 class ModelAdapter(Protocol):
     """What the engine needs from a model (see the module docstring)."""
 
-    module: nn.Module
+    @property
+    def module(self) -> nn.Module:
+        """The model as the optimizer, checkpointer and compile see it (an adapter may hold a subclass)."""
+        ...
+
     head: nn.Module
 
     def forward(self, batch: Batch) -> ModelOutput: ...
@@ -109,10 +113,14 @@ class Task(Protocol):
 class Sampler(Protocol):
     """What the engine needs from a sampler."""
 
-    epoch: int
+    @property
+    def epoch(self) -> int:
+        """The pass over the data it is in (a sampler may derive it, e.g. from its curriculum)."""
+        ...
+
     tokens_served: int
 
-    def take(self, sp) -> tuple[torch.Tensor, torch.Tensor]:
+    def take(self, sp: Any) -> tuple[torch.Tensor, torch.Tensor]:  # sp: a StepPlan (rampup.schedule, a layer up)
         """The batch of one schedule step (a StepPlan): (x, y), both (B, T) int64, with y[:, t]
         the token after x[:, t]. B and T are the step's, except for the buckets sampler, which
         draws T from its buckets and serves batch_tokens / T rows."""

@@ -191,7 +191,7 @@ def parse_bytes(value: Any, what: str = "a memory size") -> int:
     unit = _UNITS.get(m.group(2).lower(), "bad") if m else "bad"
     if unit is None or isinstance(value, (int, float)):
         raise ConfigError(f"{what} {value!r} has no unit; write it with one, e.g. '8GiB' or '512MiB'")
-    if unit == "bad":
+    if m is None or isinstance(unit, str):  # "bad": no number, or a unit not in _UNITS
         raise ConfigError(f"{what} {value!r} is not a size; write e.g. '8GiB', '512MiB' or '16GB'")
     n = int(float(m.group(1)) * unit)
     if n <= 0:

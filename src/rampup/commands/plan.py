@@ -50,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
     for w in too_big + warnings:
         console.print(f"[yellow]warning:[/] {w}", highlight=False)
     if not args.no_time:
-        shapes = list(zip(plan.curve["batch_size"], plan.curve["seq_len"], strict=True))
+        # (rows, seq_len) of every step: whole numbers, in a curve that also holds floats (lr)
+        shapes = [(int(b), int(t)) for b, t in zip(plan.curve["batch_size"], plan.curve["seq_len"], strict=True)]
         cal = Calibrator(
             cfg,
             budget=args.time_budget,

@@ -14,7 +14,7 @@ exactly as the sampler will. See docs/curricula.md.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,6 +22,9 @@ import torch
 from rampup.data.buckets import BucketSet
 from rampup.data.dataset import check_sampler_state
 from rampup.errors import ConfigError, DataError, did_you_mean
+
+if TYPE_CHECKING:
+    from rampup.schedule import Schedule, StepPlan
 
 
 def check_context(seq_len: int, min_log2: int, max_log2: int) -> None:
@@ -121,7 +124,7 @@ class BucketCurriculum:
         quota = np.floor(self.counts * self.fraction * (self.cycle + 1) / self.cycles).astype(np.int64)
         return np.minimum(quota, self.counts) - self.used
 
-    def choose(self, batch_tokens: int, odds) -> tuple[int, int, int]:
+    def choose(self, batch_tokens: int, odds: Any) -> tuple[int, int, int]:
         """(k, first sequence index in this epoch's order of bucket k, number of sequences)."""
         if batch_tokens % (1 << self.ks[-1]):
             raise ConfigError(
@@ -209,7 +212,7 @@ class BucketSampler:
             self._perm[epoch, k] = np.random.default_rng([self.seed, epoch, 1, k]).permutation(n)
         return self._perm[epoch, k]
 
-    def next_batch_tokens(self, batch_tokens: int, odds) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_batch_tokens(self, batch_tokens: int, odds: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y), both (batch_tokens / 2^k, 2^k) int64, from the bucket k this step draws."""
         k, first, n = self.curriculum.choose(batch_tokens, odds)
         idx = self._order(self.curriculum.epoch, k)[first : first + n]
@@ -217,7 +220,7 @@ class BucketSampler:
         self.tokens_served += n << k
         return t[:, :-1].contiguous(), t[:, 1:].contiguous()
 
-    def take(self, sp) -> tuple[torch.Tensor, torch.Tensor]:
+    def take(self, sp: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
         return self.next_batch_tokens(sp.knobs["batch_tokens"], sp.knobs["bucket_odds"])
 
     def state_dict(self) -> dict:
@@ -240,7 +243,9 @@ class BucketSampler:
         self._perm = {}
 
 
-def plan_buckets(counts: dict[int, int], schedule, *, seed: int, cycles: int, repeat: bool = False) -> list[int]:
+def plan_buckets(
+    counts: dict[int, int], schedule: Schedule, *, seed: int, cycles: int, repeat: bool = False
+) -> list[int]:
     """The bucket k every step of ``schedule`` will draw, walked dry (no token reads) exactly as the
     sampler will; raises at plan time what the run would hit (buckets running dry, bad odds)."""
     cur = BucketCurriculum(counts, seed=seed, cycles=cycles, run_tokens=schedule.total_tokens, repeat=repeat)

@@ -16,6 +16,7 @@ import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Literal
 
 from rampup.errors import DataError
@@ -186,7 +187,7 @@ def hf_dataset_files(folder: Path, split: str | None) -> list[Path] | None:
         raise DataError(
             f"{folder / 'state.json'} lists no data files (_data_files); save the dataset again with save_to_disk"
         )
-    files = [folder / n for n in names]
+    files = [folder / n for n in names if isinstance(n, str)]  # all are (checked above)
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise DataError(
@@ -264,7 +265,7 @@ def _jsonl_texts(
             yield text
 
 
-def _pyarrow(path: Path):
+def _pyarrow(path: Path) -> ModuleType:
     try:
         import pyarrow
     except ImportError:

@@ -60,7 +60,7 @@ class TokenDataset:
         info = meta["splits"][split]
         dtype = np.dtype(meta["dtype"])
 
-        shards = []
+        shards: list[np.ndarray] = []
         for s, expected in enumerate(info["shards"]):
             path = shard_path(folder, split, s)
             if not path.is_file():
@@ -166,7 +166,7 @@ def _verify_shard(tokens: np.ndarray, path: Path, sha256: str, vocab_size: int, 
     h = hashlib.sha256()
     for start in range(0, len(tokens), _VERIFY_CHUNK):
         chunk = np.asarray(tokens[start : start + _VERIFY_CHUNK])
-        h.update(chunk)
+        h.update(chunk.data)
         if len(chunk) and int(chunk.max()) >= vocab_size:
             at = start + int(np.argmax(chunk >= vocab_size))
             raise DataError(

@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -164,7 +164,7 @@ def _location(cfg: DataConfig, files: list[Path]) -> tuple[Path, dict]:
     if cfg.tokenizer.path is not None:
         tok_path = Path(cfg.tokenizer.path).expanduser().resolve()
         sha = hashlib.blake2b(tok_path.read_bytes(), digest_size=16).hexdigest() if tok_path.is_file() else None
-        tokenizer = {"path": str(tok_path), "blake2b": sha}
+        tokenizer: dict[str, str | int | None] = {"path": str(tok_path), "blake2b": sha}
         if cfg.tokenizer.eot is not None:
             tokenizer["eot"] = cfg.tokenizer.eot
     else:
@@ -191,7 +191,9 @@ def _val_bucket(text: str) -> int:
     return int.from_bytes(digest, "little") % _VAL_BUCKETS
 
 
-def _train_pass(cfg: DataConfig, files: list[Path], threshold: int, report: Progress):
+def _train_pass(
+    cfg: DataConfig, files: list[Path], threshold: int, report: Progress
+) -> tuple[Tokenizer, list[int], CorpusStats]:
     """Pass 1: each document's validation bucket and the tokenizer, trained on the training documents."""
     buckets: list[int] = []
     stats = CorpusStats()
@@ -304,14 +306,15 @@ class _SplitWriter:
         self.n_shards = 0
         self.fill = 0  # tokens in the open shard
         self.n_tokens = 0
-        self.file = None
+        self.file: BinaryIO | None = None
         self.hash = hashlib.sha256()
 
     def add(self, ids: np.ndarray) -> None:
         if self.file is None or (self.fill > 0 and self.fill + len(ids) > self.shard_tokens):
             self._next_shard()
+        assert self.file is not None  # _next_shard opened it
         ids.tofile(self.file)
-        self.hash.update(ids)  # contiguous: hashed in place
+        self.hash.update(ids.data)  # contiguous: hashed in place
         self.index.append((self.n_shards - 1, self.fill, len(ids)))
         self.fill += len(ids)
         self.n_tokens += len(ids)

@@ -17,16 +17,21 @@ whole state is a few integers (JSON-serialisable, see ``state_dict``) and never 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from rampup.data.bucket_sampler import BucketSampler, check_context
 from rampup.data.buckets import get_buckets
+from rampup.data.config import DataConfig
 from rampup.data.dataset import TokenDataset
 from rampup.data.dataset import check_sampler_state as _check_fingerprint
 from rampup.errors import ConfigError, DataError, did_you_mean
 from rampup.protocols import Sampler
+
+if TYPE_CHECKING:
+    from rampup.schedule import Schedule, StepPlan
 
 
 def _doc_order(n_docs: int, seed: int, epoch: int) -> np.ndarray:
@@ -97,7 +102,7 @@ class StagedSampler:
         t = torch.from_numpy(rows)
         return t[:, :-1].contiguous(), t[:, 1:].contiguous()
 
-    def take(self, sp) -> tuple[torch.Tensor, torch.Tensor]:
+    def take(self, sp: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch of one schedule step (a :class:`rampup.schedule.StepPlan`)."""
         return self.next_batch(sp.seq_len, sp.batch_size)
 
@@ -203,7 +208,7 @@ class FixedSampler:
         t = torch.from_numpy(rows)
         return t[:, :-1].contiguous(), t[:, 1:].contiguous()
 
-    def take(self, sp) -> tuple[torch.Tensor, torch.Tensor]:
+    def take(self, sp: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch of one schedule step (a :class:`rampup.schedule.StepPlan`)."""
         return self.next_batch(sp.seq_len, sp.batch_size)
 
@@ -234,7 +239,13 @@ class FixedSampler:
 
 
 def _bucket_sampler(
-    dataset: TokenDataset, seed: int, seq_len: int, *, data=None, run_tokens=None, truncate: bool = False
+    dataset: TokenDataset,
+    seed: int,
+    seq_len: int,
+    *,
+    data: DataConfig | None = None,
+    run_tokens: int | None = None,
+    truncate: bool = False,
 ) -> Sampler:
 
     if data is None or run_tokens is None:
@@ -257,7 +268,7 @@ SAMPLERS: dict[str, Callable[..., Sampler]] = {
 """kind -> factory(dataset, seed, seq_len, **run facts); the kinds are data.sampler's choices."""
 
 
-def build_sampler(kind: str, dataset: TokenDataset, seed: int, seq_len: int, **run) -> Sampler:
+def build_sampler(kind: str, dataset: TokenDataset, seed: int, seq_len: int, **run: Any) -> Sampler:
     """The sampler ``kind`` over ``dataset``; ``seq_len`` is the run's longest sequence length
     (the fixed sampler's window, the staged sampler's block, the longest bucket). The buckets
     sampler also needs ``data`` (the DataConfig) and ``run_tokens``; staged takes ``truncate``."""
@@ -268,7 +279,7 @@ def build_sampler(kind: str, dataset: TokenDataset, seed: int, seq_len: int, **r
     return SAMPLERS[kind](dataset, seed, seq_len, **run)
 
 
-def sampler_for_run(data, dataset: TokenDataset, seed: int, schedule) -> Sampler:
+def sampler_for_run(data: DataConfig, dataset: TokenDataset, seed: int, schedule: Schedule) -> Sampler:
     """The sampler a run config asks for (``data``: its DataConfig, ``schedule``: its Schedule)."""
     return build_sampler(
         data.sampler,
@@ -311,7 +322,7 @@ def document_eval_windows(dataset: TokenDataset, seq_len: int, max_tokens: int) 
     if seq_len < 1 or max_tokens < seq_len:
         raise ConfigError(f"eval needs seq_len >= 1 and max_tokens >= seq_len, got {seq_len} and {max_tokens}")
     n_max = max_tokens // seq_len
-    rows = []
+    rows: list[np.ndarray] = []
     for i in np.flatnonzero(dataset.doc_lengths >= seq_len + 1):
         doc = dataset.doc(int(i))
         for start in range(0, len(doc) - seq_len, seq_len + 1):

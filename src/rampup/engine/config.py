@@ -4,13 +4,29 @@ adds the fields knob families own, such as ``train.ema``)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, model_validator
 
 from rampup.configbase import Section, choice
 from rampup.engine.faults import NonFiniteConfig
 from rampup.units import Duration, Unit, parse_bytes
+
+if TYPE_CHECKING:
+    # A type checker cannot read a call as a type: to it each choice is the Literal that choice() builds.
+    PrecisionChoice = Literal["auto", "bf16", "fp32"]
+    StrategyChoice = Literal["ddp", "fsdp"]
+    BackendChoice = Literal["auto", "gloo", "nccl"]
+    CheckpointFormatChoice = Literal["auto", "dcp"]
+    ProgressChoice = Literal["auto", "rich", "plain", "off"]
+    WandbChoice = Literal["off", "offline", "online"]
+else:
+    PrecisionChoice = choice("auto", "bf16", "fp32")
+    StrategyChoice = choice("ddp", "fsdp")
+    BackendChoice = choice("auto", "gloo", "nccl")
+    CheckpointFormatChoice = choice("auto", "dcp")
+    ProgressChoice = choice("auto", "rich", "plain", "off")
+    WandbChoice = choice("off", "offline", "online")
 
 
 class TrainConfig(Section):
@@ -23,17 +39,17 @@ class TrainConfig(Section):
     init_from: str | None = None
     """Start from existing weights: a run folder, one of its checkpoints, or a Hugging Face model folder
     (schedule, optimizer and data order fresh; the corpus is tokenized with the source's tokenizer)."""
-    precision: choice("auto", "bf16", "fp32") = "auto"
+    precision: PrecisionChoice = "auto"
     """Autocast dtype for matmuls: auto (bf16 where the hardware runs it natively -- AMX or AVX-512 bf16
     CPUs, recent GPUs -- measured once per machine; fp32 elsewhere), bf16 or fp32. Weights stay fp32.
     A resumed run keeps the precision it started with."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train; auto picks cuda when available."""
-    strategy: choice("ddp", "fsdp") = "ddp"
+    strategy: StrategyChoice = "ddp"
     """How a run under torchrun (more than one process) holds the model: ddp (DistributedDataParallel,
     every rank a replica) or fsdp (FSDP2: parameters, gradients and AdamW state sharded over the ranks).
     One process ignores it."""
-    backend: choice("auto", "gloo", "nccl") = "auto"
+    backend: BackendChoice = "auto"
     """torch.distributed backend: auto is nccl on CUDA GPUs and gloo on CPUs."""
     context_parallel: int = Field(default=1, ge=1)
     """Ranks one sequence is split over (context parallelism: ring attention over SDPA). 1: off. Not
@@ -48,7 +64,7 @@ class TrainConfig(Section):
     """Where checkpoints, metrics and plots go; {name} is replaced by the run name."""
     checkpoint_every: Duration | None = Duration(200, Unit.STEP)
     """How often to write a checkpoint, in steps, tokens or % of the run (None: only at the end)."""
-    checkpoint_format: choice("auto", "dcp") = "auto"
+    checkpoint_format: CheckpointFormatChoice = "auto"
     """auto: one process writes single-file safetensors checkpoints, several processes write
     torch.distributed.checkpoint (DCP) shards, each rank its own; dcp: shards in one process too.
     Either format resumes at any world size, and export, eval and teachers read both."""
@@ -128,13 +144,13 @@ class EvalConfig(Section):
 class LogConfig(Section):
     """Metrics and the console."""
 
-    progress: choice("auto", "rich", "plain", "off") = "auto"
+    progress: ProgressChoice = "auto"
     """Console display: a live rich display on a terminal, plain lines otherwise (auto), or off."""
     every: Duration = Duration(10, Unit.STEP)
     """How often the plain display prints a line (the metrics file gets every step)."""
     tensorboard: bool = False
     """Also write TensorBoard event files to OUT_DIR/tensorboard (needs `pip install tensorboard`)."""
-    wandb: choice("off", "offline", "online") = "off"
+    wandb: WandbChoice = "off"
     """Also log to Weights & Biases in OUT_DIR/wandb (needs `pip install wandb`): offline writes files
     only (no network; `wandb sync` uploads them later), online streams to the server."""
 

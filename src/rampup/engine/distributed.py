@@ -45,6 +45,7 @@ from rampup.engine.checkpoint.sharded import (
 from rampup.engine.optim import build_optimizer
 from rampup.errors import ConfigError, DistributedError, RampupError
 from rampup.models.build import build_adapter
+from rampup.protocols import ModelAdapter
 from rampup.schedule.registry import knob_keys_set, parameter_groups
 
 
@@ -152,7 +153,7 @@ class Dist:
         device_ids = [self.local_rank] if next(module.parameters()).device.type == "cuda" else None
         # no buffer sync in forward: the only buffers are RoPE tables every rank computes itself
 
-        buffers = (
+        buffers: dict[str, Any] = (  # the keyword this torch version knows
             {"forward_sync_buffers": False}
             if "forward_sync_buffers" in inspect.signature(DDP).parameters
             else {"broadcast_buffers": False}
@@ -206,7 +207,7 @@ class Dist:
         if not self.fsdp:
             return ShardedCheckpointer(local, self)
 
-        def replica():
+        def replica() -> tuple[ModelAdapter, torch.optim.Optimizer]:
             with torch.random.fork_rng(devices=[]):
                 a = build_adapter(cfg.model, "cpu")
             return a, build_optimizer(a.module, cfg.optimizer, parameter_groups(cfg))

@@ -9,20 +9,25 @@ own loss (:meth:`rampup.tasks.Task.loss`) and afterwards puts the training value
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from rampup.data.passkey import PasskeyTemplate, passkey_example
 from rampup.engine.precision import autocast
 from rampup.models.adapter import Batch, ModelAdapter
+from rampup.protocols import Task
+
+if TYPE_CHECKING:
+    from rampup.schedule.registry import KnobRunner
 
 
 @torch.no_grad()
 def eval_loss(
-    adapter: ModelAdapter, task, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, precision: str = "auto"
+    adapter: ModelAdapter, task: Task, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, precision: str = "auto"
 ) -> float:
     """Mean loss per item over ``batches`` of (x, y) pairs, every item scored."""
     module = adapter.module
@@ -50,10 +55,10 @@ def window_batches(windows: torch.Tensor, batch_tokens: int = 16384) -> list[tup
 
 def evaluate_lengths(
     adapter: ModelAdapter,
-    task,
-    runner,
+    task: Task,
+    runner: KnobRunner,
     knobs: dict[str, Any],
-    sets: dict[int, Any],
+    sets: Mapping[int, Iterable[tuple[torch.Tensor, torch.Tensor]]],
     *,
     precision: str = "auto",
     each: Callable[[int, float], None] | None = None,
@@ -62,7 +67,7 @@ def evaluate_lengths(
     that length; the knob values applied before the call are restored after it. ``each(length, loss)``
     runs with that length's knobs still applied (extra metrics such as passkey accuracy)."""
     saved = runner.save()
-    losses = {}
+    losses: dict[int, float] = {}
     try:
         for n, batches in sets.items():
             runner.apply(knobs, n)
@@ -75,16 +80,16 @@ def evaluate_lengths(
 
 
 @torch.no_grad()
-def _logits(model, x: torch.Tensor) -> torch.Tensor:
+def _logits(model: ModelAdapter | nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Logits of a ModelAdapter (hidden states through its head) or of a module returning them."""
-    if hasattr(model, "head") and hasattr(model, "module"):
-        out = model.forward(Batch(x, x, {}))
+    if hasattr(model, "head") and hasattr(model, "module"):  # duck-typed: an adapter has both
+        out = cast(ModelAdapter, model).forward(Batch(x, x, {}))
         return out.head(out.hidden)
-    return model(x)
+    return cast(nn.Module, model)(x)
 
 
 def passkey_accuracy(
-    model,
+    model: ModelAdapter | nn.Module,
     template: PasskeyTemplate,
     stream: np.ndarray,
     lengths: list[int],
@@ -100,7 +105,7 @@ def passkey_accuracy(
     the same examples, so runs are compared on identical questions.
     """
 
-    module = model.module if hasattr(model, "module") else model  # an adapter or a plain module
+    module = cast(nn.Module, getattr(model, "module", model))  # an adapter's module, or the plain module itself
     was_training = module.training
     module.eval()
     device = next(module.parameters()).device

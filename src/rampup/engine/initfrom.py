@@ -77,6 +77,7 @@ def resolve(path: str | Path, config_cls: Any = None) -> InitSource:
 def check_tokenizer(cfg: Any) -> None:
     """Set the new run's tokenizer to the source's, or refuse a different one (called while validating)."""
     src = resolve(cfg.train.init_from, type(cfg))
+    assert src.tokenizer is not None  # resolve() given a config class always finds the source's tokenizer
     tok = cfg.data.tokenizer
     if tok.path is not None and not same_tokenizer(_load(Path(tok.path)), _load(src.tokenizer)):
         raise ConfigError(
@@ -95,7 +96,7 @@ def check_tokenizer(cfg: Any) -> None:
         )
 
 
-def _load(path: Path):
+def _load(path: Path) -> Tokenizer:
 
     try:
         return Tokenizer.from_file(str(path))

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
+from rampup.engine.config import LogConfig
 from rampup.errors import ConfigError
 
 _STEP_SKIP = ("event", "step", "tokens", "stage", "stage_name", "wall", "compiled")
@@ -68,7 +69,7 @@ class TensorBoardLogger:
 class WandbLogger:
     """A Weights & Biases run in OUT_DIR/wandb; ``mode`` offline writes files only."""
 
-    def __init__(self, out_dir: Path, name: str, config: dict[str, Any], mode: str) -> None:
+    def __init__(self, out_dir: Path, name: str, config: dict[str, Any], mode: Literal["offline", "online"]) -> None:
         try:
             import wandb
         except ImportError:
@@ -89,7 +90,7 @@ class WandbLogger:
         self._run.finish()
 
 
-def build_loggers(log_cfg, out: Path, name: str, config: dict[str, Any]) -> list[Logger]:
+def build_loggers(log_cfg: LogConfig, out: Path, name: str, config: dict[str, Any]) -> list[Logger]:
     """The mirrors a LogConfig asks for (each fails here, before training, if its package is missing)."""
     loggers: list[Logger] = []
     if log_cfg.tensorboard:

@@ -232,15 +232,15 @@ def bf16_slow_warning(p: Precision, device: torch.device | str = "cpu", *, resum
     here = resolve_precision("auto", device)
     if p.precision != "bf16" or here.native_bf16:
         return None
-    here = here.reason
+    why = here.reason
     if resumed:
         return (
             f"this run trains in bf16, the precision it started with (kept so the resume is bitwise), "
-            f"but {here}, so it will be slow on this machine; start a new run with train.precision: auto "
+            f"but {why}, so it will be slow on this machine; start a new run with train.precision: auto "
             "to train at this machine's best speed"
         )
     return (
-        f"training in bf16 as asked, but {here}, so it will be slow; set train.precision: auto "
+        f"training in bf16 as asked, but {why}, so it will be slow; set train.precision: auto "
         "(or fp32) to train at this machine's best speed"
     )
 

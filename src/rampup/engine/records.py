@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -26,13 +27,14 @@ from rich.progress import (
 )
 
 from rampup.engine.faults import finite_json
+from rampup.engine.loggers import Logger
 from rampup.errors import RecordWriteError
 from rampup.units import format_tokens
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """All complete records of a metrics file; a line cut off by a crash is ignored."""
-    records = []
+    records: list[dict[str, Any]] = []
     if not path.is_file():
         return records
     with open(path) as f:
@@ -72,7 +74,7 @@ class MetricsWriter:
     get every record after it is written.
     """
 
-    def __init__(self, path: Path, mirrors: list[Any] = ()) -> None:
+    def __init__(self, path: Path, mirrors: Sequence[Logger] = ()) -> None:
         self.path = path
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

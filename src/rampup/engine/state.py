@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import torch
 
 from rampup.engine.precision import Precision
+from rampup.protocols import ModelAdapter
 
 
 class Stateful(Protocol):
@@ -70,8 +71,8 @@ KEPT_ON_ROLLBACK = ("flops", "train_time", "compile_time", "skipped_steps", "ski
 
 @dataclass
 class TrainState:
-    model: Any
-    """A ModelAdapter (rampup.models.adapter)."""
+    model: ModelAdapter
+    """The model behind its adapter (rampup.models.adapter)."""
     optimizer: torch.optim.Optimizer
     sampler: Stateful
     precision: Precision

@@ -22,7 +22,8 @@ from rampup.errors import ConfigError
 from rampup.errors import (
     Interrupted as Interrupted,  # re-exported: its home before rampup.errors
 )
-from rampup.models.adapter import Batch, ModuleAdapter
+from rampup.models.adapter import Batch, ModelAdapter, ModuleAdapter
+from rampup.protocols import Task
 
 REGIONS = ("rampup.forward", "rampup.backward", "rampup.optimizer")
 """The torch.profiler labels of a step's parts (the loss in forward; clipping and the update in optimizer)."""
@@ -37,8 +38,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def optimizer_step(
-    adapter,
-    task,
+    adapter: ModelAdapter,
+    task: Task,
     optimizer: torch.optim.Optimizer,
     batch: Batch,
     *,
@@ -80,7 +81,13 @@ def optimizer_step(
 
 
 def accumulate_gradients(
-    adapter, task, batch: Batch, *, precision: str = "auto", micro_batch_items: int | None = None, dist: Any = None
+    adapter: ModelAdapter,
+    task: Task,
+    batch: Batch,
+    *,
+    precision: str = "auto",
+    micro_batch_items: int | None = None,
+    dist: Any = None,
 ) -> torch.Tensor:
     """Forward and backward of ``batch`` in micro-batches of at most ``micro_batch_items`` items, each
     weighted by its share of rows; returns the mean loss (a 0-d tensor, not synced)."""

@@ -14,11 +14,13 @@ a forward pass of the adapter.
 from __future__ import annotations
 
 from itertools import pairwise
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from rampup.data.packing import document_positions, segment_ids
+from rampup.errors import ConfigError
 from rampup.models.docmask import document_spans
 from rampup.models.tiling import tiled_head_loss
 from rampup.protocols import Batch, ModelAdapter
@@ -41,8 +43,10 @@ class CausalLM:
         self.eot_id, self.doc_mask, self.restart_positions = eot_id, doc_mask, restart_positions
 
     def make_batch(self, x: torch.Tensor, y: torch.Tensor, *, training: bool = True) -> Batch:
-        extra = {}
+        extra: dict[str, Any] = {}
         if self.doc_mask and training:  # evaluation windows are scored with full causal context
+            if self.eot_id is None:
+                raise ConfigError("data.doc_mask needs the tokenizer's end-of-text id, and this task was given none")
             seg = segment_ids(x, self.eot_id)  # (B, T) document index within each row, on the host
             extra["spans"] = document_spans(seg)
             if self.restart_positions:

@@ -21,9 +21,10 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import yaml
@@ -71,7 +72,7 @@ from rampup.engine.step import (
 from rampup.engine.tasks import CausalLM
 from rampup.errors import ConfigError, NonFiniteError
 from rampup.models.build import build_adapter
-from rampup.protocols import Batch, RunSettings
+from rampup.protocols import Batch, ModelAdapter, RunSettings, Task
 from rampup.schedule.registry import (
     KNOBS,
     KnobContext,
@@ -82,6 +83,7 @@ from rampup.schedule.registry import (
     graph_id,
     parameter_groups,
 )
+from rampup.schedule.stages import StepPlan
 from rampup.units import Duration, Unit
 
 __all__ = [
@@ -101,11 +103,20 @@ __all__ = [
 ]
 """The engine's public functions, for a loop of your own or a whole run."""
 
+
+class TrainerSettings(RunSettings, Protocol):
+    """The run config as the trainer reads it: rampup.config.RunConfig, a layer above the engine."""
+
+    def model_dump(self, *, mode: str = ..., by_alias: bool | None = ...) -> dict[str, Any]: ...
+
+    def resolved_out_dir(self) -> Path: ...
+
+
 _FAULT_EVENTS = ("skip", "rollback")
 _COMPARED_ON_RESUME = ("model", "data", "schedule", "optimizer")
 
 
-def _every(d: Duration | None, total_tokens: int):
+def _every(d: Duration | None, total_tokens: int) -> Callable[[int, int, int], bool]:
     """A predicate (step, tokens_before, tokens_after) -> bool firing every ``d``."""
     if d is None:
         return lambda step, before, after: False
@@ -141,6 +152,7 @@ class _SignalFlag:
 
 def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
     """``{"a.b.c": value}`` of a nested dict (lists by index)."""
+    items: Iterable[tuple[Any, Any]]
     if isinstance(tree, dict):
         items = tree.items()
     elif isinstance(tree, list):
@@ -163,7 +175,7 @@ def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     ]
 
 
-def check_resumable(saved: dict[str, Any], cfg: RunSettings) -> None:
+def check_resumable(saved: dict[str, Any], cfg: TrainerSettings) -> None:
     now = cfg.model_dump(mode="json", by_alias=True)
     compared = {k: saved.get(k) for k in _COMPARED_ON_RESUME}, {k: now.get(k) for k in _COMPARED_ON_RESUME}
     train = ("duration", "seed", "precision", "micro_batch_tokens", "ema")
@@ -184,12 +196,12 @@ class Trainer:
 
     def __init__(
         self,
-        cfg: RunSettings,
+        cfg: TrainerSettings,
         *,
         resume: bool = False,
         display_mode: str | None = None,
-        build_model=None,
-        task=None,
+        build_model: Callable[[TrainerSettings, torch.device], ModelAdapter] | None = None,
+        task: Task | None = None,
         data: RunData | None = None,
     ) -> None:
         self.cfg, self.resume = cfg, resume
@@ -208,7 +220,13 @@ class Trainer:
                 self.lock.release(undo=True)
             raise
 
-    def _build(self, cfg: RunSettings, display_mode: str | None, build_model, task) -> None:
+    def _build(
+        self,
+        cfg: TrainerSettings,
+        display_mode: str | None,
+        build_model: Callable[[TrainerSettings, torch.device], ModelAdapter] | None,
+        task: Task | None,
+    ) -> None:
         out, resume = self.out, self.resume
         self.checkpointer = LocalCheckpointer(out / "checkpoints", keep=cfg.train.keep_checkpoints)
         found = self.checkpointer.latest()
@@ -239,7 +257,9 @@ class Trainer:
         self.damage: list[str] = []
         """Damaged checkpoints met by the last load, not yet in the record."""
 
-    def build_model(self, build_model, task) -> None:
+    def build_model(
+        self, build_model: Callable[[TrainerSettings, torch.device], ModelAdapter] | None, task: Task | None
+    ) -> None:
         """The model on its device (seeded; initial weights loaded; sharded), its optimizer, the task, the state."""
         cfg = self.cfg
         if cfg.train.threads:
@@ -288,9 +308,12 @@ class Trainer:
         self.task = ctx.task = run.task
         return [line for family in families() for line in family.check(run)]
 
-    def open_record(self, config_dump: dict, display_mode: str | None):
+    def open_record(
+        self, config_dump: dict[str, Any], display_mode: str | None
+    ) -> tuple[MetricsWriter | NullMetrics, Display]:
         """(metrics writer, display): rank 0 writes the one record (its loggers' packages checked now)."""
         cfg, out = self.cfg, self.out
+        metrics: MetricsWriter | NullMetrics
         if self.dist.main:
             mirrors = build_loggers(cfg.log, out, cfg.name, config_dump)  # a missing package fails before training
             out.mkdir(parents=True, exist_ok=True)
@@ -305,7 +328,7 @@ class Trainer:
         )
 
     @property
-    def progress(self):
+    def progress(self) -> Progress:
         return self.state.progress
 
     # ------------------------------------------------------------------ the loop
@@ -427,14 +450,14 @@ class Trainer:
             self.save()
 
     # ------------------------------------------------------------------ the parts of a step
-    def enter_stage(self, sp) -> None:
+    def enter_stage(self, sp: StepPlan) -> None:
         if sp.stage == self.stage_index:
             return
         self.stage_index = sp.stage
         stage, p = self.schedule.stages[sp.stage], self.progress
         self.records.stage(p, stage.index, stage.name, sp.knobs, {k: knob.default for k, knob in KNOBS.items()})
 
-    def next_batch(self, sp):
+    def next_batch(self, sp: StepPlan) -> Batch:
         """The sampler's batch of this step, with the knobs' batch effects, on the device, and
         every knob whose value (or the batch's length) changed applied."""
         x, y = self.data.sampler.take(sp)
@@ -454,7 +477,7 @@ class Trainer:
                 self.records.write(record)
         return batch.to(self.device)
 
-    def record_step(self, sp, batch, loss: float, gnorm: float, lr: float, dt: float) -> StepResult:
+    def record_step(self, sp: StepPlan, batch: Batch, loss: float, gnorm: float, lr: float, dt: float) -> StepResult:
         """The step counted into the progress and written to the record (a non-finite one as a skip,
         rolling back after too many in a row)."""
         p, cfg = self.progress, self.cfg
@@ -542,6 +565,10 @@ class Trainer:
             )
         if self.resume:
             ck = self.load_latest(check=lambda st: check_resumable(st["config"], self.cfg))
+            if ck is None:  # the folder held one when the run was built: it was removed since
+                raise ConfigError(
+                    f"--resume: no checkpoint in {self.checkpointer.folder}; run without --resume to start"
+                )
             self.restore(ck)
             self.metrics.truncate_after(self.progress.step)
             self.record_damage()
@@ -626,7 +653,7 @@ class Trainer:
             return None
         return path
 
-    def load_latest(self, check=None) -> Checkpoint | None:
+    def load_latest(self, check: Callable[[dict[str, Any]], None] | None = None) -> Checkpoint | None:
         """The newest intact checkpoint: rank 0 verifies (setting damaged ones aside) before the others read."""
         ck = self.dist.main_first(lambda: self.checkpointer.load_latest(self.state, report=self.warn, check=check))
         self.checkpointer.install(self.state)  # every rank together (FSDP2 shards what it read)
@@ -715,7 +742,7 @@ class _StepProfiler:
 
 
 @contextlib.contextmanager
-def _quiet_fd2():
+def _quiet_fd2() -> Iterator[None]:
     """Kineto prints a line to the process's stderr at every profiler start and stop: not for the user."""
 
     sys.stderr.flush()
@@ -730,12 +757,12 @@ def _quiet_fd2():
 
 
 def train(
-    cfg: RunSettings,
+    cfg: TrainerSettings,
     *,
     resume: bool = False,
     display_mode: str | None = None,
-    build_model=None,
-    task=None,
+    build_model: Callable[[TrainerSettings, torch.device], ModelAdapter] | None = None,
+    task: Task | None = None,
     data: RunData | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) a whole training run; returns the summary also written to summary.json.

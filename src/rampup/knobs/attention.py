@@ -3,22 +3,38 @@ hybrids of full and windowed layers; the kernels: rampup.models.attention)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, Protocol, cast
+
 from rampup.errors import ConfigError
 from rampup.models.attention import AttentionSpec, check_attention_knob
-from rampup.schedule.registry import Knob, register_knob
+from rampup.protocols import RunSettings
+from rampup.schedule.registry import Knob, KnobContext, register_knob
+
+if TYPE_CHECKING:
+    from rampup.schedule import Schedule
+
+
+class _AttentionModel(Protocol):
+    """An adapter that supports the attention knob (the reference and Hugging Face adapters)."""
+
+    def set_attention(self, spec: AttentionSpec, window: int) -> None: ...
+
 
 # ----------------------------------------------------------------------------- the attention and window knobs
 
 
-def _attention_key(spec: AttentionSpec, knobs: dict, length: int):
+def _attention_key(
+    spec: AttentionSpec, knobs: dict[str, Any], length: int
+) -> AttentionSpec | tuple[AttentionSpec, Any]:
     return spec if spec.kind == "causal" else (spec, knobs["window"])
 
 
-def _apply_attention(ctx, spec: AttentionSpec) -> None:
-    ctx.model.set_attention(spec, ctx.knobs["window"])
+def _apply_attention(ctx: KnobContext, spec: AttentionSpec) -> None:
+    # the runner applies the knob only to a model whose adapter supports("attention")
+    cast(_AttentionModel, ctx.model).set_attention(spec, ctx.knobs["window"])
 
 
-def _check_full_layers(cfg) -> None:
+def _check_full_layers(cfg: RunSettings) -> None:
     n = cfg.model.n_layers
     for i, st in enumerate([None, *cfg.schedule.stages]):
         spec = (cfg.schedule.knobs if st is None else st.knobs).get("attention")
@@ -29,7 +45,7 @@ def _check_full_layers(cfg) -> None:
             raise ValueError(f"{where}.attention.full_layers names layers {bad}, but the model has {n} (0..{n - 1})")
 
 
-def _check_windows(cfg, schedule) -> None:
+def _check_windows(cfg: RunSettings, schedule: Schedule) -> None:
     """Every windowed step has a window of at least 1 and no larger than its sequence."""
     for sp in schedule.steps():
         spec, w = sp.knobs["attention"], sp.knobs["window"]

@@ -4,10 +4,11 @@ sampler that reads them each step: rampup.data.bucket_sampler)."""
 from __future__ import annotations
 
 from rampup.data.bucket_sampler import BUCKET_ODDS_PRESETS, _check_bucket_odds
+from rampup.protocols import RunSettings
 from rampup.schedule.registry import Knob, knob_keys_set, register_knob
 
 
-def _only_for_buckets(cfg) -> None:
+def _only_for_buckets(cfg: RunSettings) -> None:
     if "bucket_odds" in knob_keys_set(cfg.schedule) and cfg.data.sampler != "buckets":
         raise ValueError(
             "the schedule sets bucket_odds, which only the buckets sampler uses; set "

@@ -17,13 +17,15 @@ vocabulary is refused before any compute. See docs/transitions.md.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 import yaml
 from tokenizers import Tokenizer
+from torch.utils.hooks import RemovableHandle
 
 from rampup.data.prepare import TOKENIZER, load_prepared_tokenizer, prepared_dir
 from rampup.engine.checkpoint.format import load_checkpoint, verify_checkpoint
@@ -35,7 +37,7 @@ from rampup.knobs.memory import STEP_HOOKS, _fake_adapter, _storage_bytes
 from rampup.models.build import build_adapter
 from rampup.models.hf import HFCausalLMAdapter
 from rampup.models.tiling import tiled_head_loss
-from rampup.protocols import unwrap
+from rampup.protocols import Batch, ModelAdapter, unwrap
 from rampup.schedule.registry import (
     Family,
     Knob,
@@ -129,9 +131,10 @@ class Teachers:
                 self._built[spec] = self._build(spec, vocab_size)
         self.active = self._built[spec]
 
-    def _build(self, spec: str, vocab_size: int):
+    def _build(self, spec: str, vocab_size: int) -> ModelAdapter:
 
         kind, _, arg = spec.partition(":")
+        adapter: ModelAdapter
         if spec == "ema":  # its weights are the EMA's shadows, copied in before every use (DistillTask.loss)
             adapter = build_adapter(self.cfg.model, "cpu")
         elif kind == "stage":
@@ -153,7 +156,9 @@ class Teachers:
             adapter = load_run_teacher(arg)
         else:  # hf
             adapter = HFCausalLMAdapter.from_pretrained(arg)
-        teacher_vocab = adapter.head.weight.shape[0]
+        head_weight = adapter.head.weight
+        assert isinstance(head_weight, torch.Tensor)  # every causal LM's head is a Linear (or tied embedding)
+        teacher_vocab = head_weight.shape[0]
         if teacher_vocab != vocab_size:
             raise ConfigError(
                 f"teacher '{spec}' has a vocabulary of {teacher_vocab} tokens, the run's model "
@@ -166,7 +171,7 @@ class Teachers:
         return adapter
 
 
-def load_run_teacher(path: str):
+def load_run_teacher(path: str) -> ModelAdapter:
     """The model of a rampup run folder (its latest checkpoint) or of one checkpoint folder."""
     if not Path(path).exists():
         raise ConfigError(f"teacher run:{path}: no such folder; give a rampup run folder or checkpoint folder")
@@ -309,13 +314,13 @@ def _check_layer(side: str, index: str, n: int, what: str) -> None:
         )
 
 
-def _capture(adapter: Any, wanted: set[str], store: dict[str, torch.Tensor]):
+def _capture(adapter: Any, wanted: set[str], store: dict[str, torch.Tensor]) -> list[RemovableHandle]:
     """Forward hooks that keep the outputs of the wanted blocks (by index) in ``store``."""
     hooks = []
     for i, (_, block) in enumerate(adapter.blocks()):
         if str(i) in wanted:
 
-            def hook(m, args, out, i=i):
+            def hook(m: torch.nn.Module, args: tuple[Any, ...], out: Any, i: int = i) -> None:
                 store[str(i)] = out[0] if isinstance(out, tuple) else out
 
             hooks.append(block.register_forward_hook(hook))
@@ -337,7 +342,7 @@ class Projections:
         normal_(m.weight, d_in**-0.5, generator(self.seed, f"distill.projection:{key}"))
         self.maps[key] = m
 
-    def parameters(self):
+    def parameters(self) -> Iterator[torch.nn.Parameter]:
         return self.maps.parameters()
 
     def state_dict(self) -> dict[str, Any]:
@@ -355,19 +360,32 @@ class Projections:
             self.maps.load_state_dict(tensors)
 
 
+class TeacherView(Protocol):
+    """What DistillTask reads of its teachers: the run's :class:`Teachers`, or the one fake teacher of a
+    memory estimate (``estimate_teacher``)."""
+
+    @property
+    def active(self) -> ModelAdapter | None: ...
+
+    @property
+    def active_name(self) -> str: ...
+
+    def refresh_from_ema(self, teacher: Any) -> None: ...
+
+
 class DistillTask:
     """A task whose loss adds the knobs' distillation terms to the wrapped task's label loss."""
 
-    def __init__(self, task: Any, teachers: Teachers, projections: Projections | None = None) -> None:
+    def __init__(self, task: Any, teachers: TeacherView, projections: Projections | None = None) -> None:
         self.task, self.teachers = task, teachers
         self.projections = projections if projections is not None else Projections()
         self.weights = (1.0, 0.0, 1.0)  # label, distill, temperature (set by the knobs each step)
         self.hidden: tuple[list[tuple[str, str]], float] = ([], 0.0)  # pairs, weight
 
-    def make_batch(self, x, y, *, training: bool = True):
+    def make_batch(self, x: torch.Tensor, y: torch.Tensor, *, training: bool = True) -> Batch:
         return self.task.make_batch(x, y, training=training)
 
-    def doc_lengths(self, batch):
+    def doc_lengths(self, batch: Batch) -> list[list[int]] | None:
         return self.task.doc_lengths(batch)
 
     def loss(self, adapter: Any, batch: Any, *, reduction: str = "mean") -> torch.Tensor:
@@ -414,7 +432,7 @@ class DistillTask:
             total = shard_loss(out.head(out.hidden), slice(None))
         total = total / targets.numel() if reduction == "mean" else total
         if hidden_w:
-            mse = 0.0
+            mse: float | torch.Tensor = 0.0
             for s, t in pairs:
                 h_s, h_t = s_states[s].float(), t_states[t].float()
                 key = f"{self.teachers.active_name}|{s}:{t}".replace(".", "_")
@@ -444,6 +462,7 @@ def attach_teachers(run: RunSetup) -> None:
     build_projections(cfg, schedule, ctx.model, projections, ctx.device)
     if len(projections.maps):  # learned with the model: in the optimizer from the first step
         run.parts["projections"] = projections
+        assert ctx.optimizer is not None  # the trainer builds the optimizer before the families' setup
         ctx.optimizer.add_param_group(
             {
                 "name": "distill_projections",
@@ -502,7 +521,9 @@ def build_projections(cfg: Any, schedule: Any, adapter: Any, projections: Projec
                     projections.add(key, _width(adapter), _width(teacher), device)
 
 
-def estimate_teacher(cfg: Any, knobs: dict[str, Any], adapter: Any, task: Any, precision: str, seq_len: int):
+def estimate_teacher(
+    cfg: Any, knobs: dict[str, Any], adapter: Any, task: Any, precision: str, seq_len: int
+) -> tuple[DistillTask, list[torch.Tensor], int] | None:
     """rampup.knobs.memory's step hook: the distillation task around ``task`` with a fake teacher, the teacher's
     tensors and weight bytes, when the knobs teach (None otherwise)."""
 
@@ -534,8 +555,12 @@ def estimate_teacher(cfg: Any, knobs: dict[str, Any], adapter: Any, task: Any, p
     class _One:  # the Teachers part's view the task reads
         active, active_name = teacher, spec
 
+        def refresh_from_ema(self, teacher: Any) -> None:
+            """Nothing to copy: the stand-in is built at the model's current shape and no EMA weights exist
+            here; the trace only needs the teacher's forward (an EMA teacher's estimate crashed without it)."""
+
     projections = Projections()
-    d_s, d_t = int(adapter.head.weight.shape[1]), int(teacher.head.weight.shape[1])
+    d_s, d_t = _width(adapter), _width(teacher)
     for s, t in pairs:
         if d_s != d_t:
             projections.add(f"{spec}|{s}:{t}".replace(".", "_"), d_s, d_t)

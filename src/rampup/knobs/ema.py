@@ -104,9 +104,10 @@ class EMA:
 
 def _like(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """``t`` (a full tensor) laid out as ``param``: this rank's shard of it for an FSDP2 (DTensor) parameter."""
-    from torch.distributed.tensor import distribute_tensor
+    from torch.distributed.tensor import DTensor, distribute_tensor
 
     if hasattr(param, "device_mesh") and not hasattr(t, "device_mesh"):
+        assert isinstance(param, DTensor)  # FSDP2's parameters are DTensors
         # every rank holds the whole tensor: each keeps its own shard, no communication
         return distribute_tensor(t.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
     return t.clone()

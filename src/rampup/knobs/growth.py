@@ -241,7 +241,7 @@ class _Tiler:
         self.put(n, "weight", n.weight.repeat(self.k) * scale)
         n.normalized_shape = (self.dim,)
 
-    def widen_block(self, layer: torch.nn.Module) -> None:
+    def widen_block(self, layer: Block) -> None:
         a, m = layer.attn, layer.mlp
         for lin in (a.q_proj, a.k_proj, a.v_proj):
             self.put(lin, "weight", self.out_rows(self.in_cols(lin.weight)))  # heads repeated, wider stream read

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from rampup.schedule.registry import Knob, register_knob
+from rampup.schedule.registry import Knob, KnobContext, register_knob
 
 # ----------------------------------------------------------------------------- the lr_mult knob
 
 
-def _apply_lr_mult(ctx, value: float) -> None:
+def _apply_lr_mult(ctx: KnobContext, value: float) -> None:
     ctx.lr_factors["lr_mult"] = value
 
 

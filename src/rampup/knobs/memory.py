@@ -18,7 +18,7 @@ import math
 import os
 import re
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from rampup.models.build import build_adapter
 from rampup.models.hf import HFCausalLMAdapter
 from rampup.models.llm import DecoderLM
 from rampup.models.tiling import checkpoint_block, tile_mlp
+from rampup.protocols import ModelAdapter
 from rampup.schedule.registry import (
     Family,
     Knob,
@@ -276,6 +277,7 @@ def check_auto(ctx: Any, steps: list[tuple[dict[str, Any], int, int]]) -> list[t
         seen.add((s, rows, T))
         level, est, fits = resolve(ctx, knobs, rows, T)
         if not fits:
+            assert est is not None  # auto: resolve estimated the step
             limit, source = memory_limit(ctx.cfg, ctx.device)
             raise ConfigError(
                 f"a {rows} x {T} training step needs about {format_bytes(est.peak)} even with "
@@ -332,7 +334,7 @@ def _width(adapter: Any) -> int:
 # ----------------------------------------------------------------------------- the knobs
 
 
-def _check_shards(name: str):
+def _check_shards(name: str) -> Callable[[Any], Any]:
     def check(value: Any) -> Any:
         if value == "auto":
             return "auto"
@@ -476,7 +478,7 @@ register_knob(
 class _LiveBytes(TorchDispatchMode):
     """Counts the bytes of every storage an op creates, until it is freed; keeps the peak."""
 
-    def __init__(self, existing=()) -> None:
+    def __init__(self, existing: Iterable[torch.Tensor] = ()) -> None:
         super().__init__()
         self.live: dict[int, int] = {}
         self.current = self.peak = 0
@@ -486,7 +488,9 @@ class _LiveBytes(TorchDispatchMode):
     def _free(self, key: int) -> None:
         self.current -= self.live.pop(key, 0)
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
@@ -539,7 +543,7 @@ class MemoryEstimate:
         }
 
 
-def _storage_bytes(tensors) -> int:
+def _storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
     seen, n = set(), 0
     for t in tensors:
         st = t.untyped_storage()
@@ -549,7 +553,7 @@ def _storage_bytes(tensors) -> int:
     return n
 
 
-def _fake_adapter(model_cfg: Any):
+def _fake_adapter(model_cfg: Any) -> ModelAdapter:
 
     if model_cfg.source == "hf" and model_cfg.path is not None:
         return HFCausalLMAdapter.from_folder_config(model_cfg.path, "cpu")
@@ -602,7 +606,8 @@ def estimate_step(
         opt_bytes = _storage_bytes(t for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t))
         grad_bytes = _storage_bytes(p for p in params if p.requires_grad)
         state = [t for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t)]
-        held, held_bytes = [], 0  # what the step's hooks add beside the model (a teacher)
+        held: list[torch.Tensor] = []
+        held_bytes = 0  # what the step's hooks add beside the model (a teacher)
         for hook in STEP_HOOKS:
             found = hook(cfg, knobs, adapter, task, precision, seq_len)
             if found is not None:
@@ -683,8 +688,9 @@ class MemoryFamily(Family):
         cfg, ctx, data = run.cfg, run.ctx, run.data
         if cfg.train.memory_limit is not None:
             check_static_fits(cfg, ctx.device)
-        if getattr(data, "step_knobs", None):
-            check_fits(ctx, data.step_knobs, run.world)
+        step_knobs = getattr(data, "step_knobs", None)
+        if step_knobs:
+            check_fits(ctx, step_knobs, run.world)
         shapes = getattr(data, "step_shapes", None)
         steps = auto_steps(run.schedule, shapes) if shapes else []
         chosen = check_auto(ctx, [(k, rows // run.world, T) for k, rows, T in steps]) if steps else []

@@ -3,19 +3,29 @@ model at the stage boundary (the maths: rampup.models.rope)."""
 
 from __future__ import annotations
 
+from typing import Any, Protocol, cast
+
 from rampup.models.rope import RopeSpec, check_rope_knob
-from rampup.schedule.registry import Knob, register_knob
+from rampup.schedule.registry import Knob, KnobContext, register_knob
+
+
+class _RopeModel(Protocol):
+    """An adapter that supports the rope knob (the reference and Hugging Face adapters)."""
+
+    def set_rope(self, spec: RopeSpec, seq_len: int | None = None) -> None: ...
+
 
 # ----------------------------------------------------------------------------- the rope knob
 
 
-def _rope_key(spec: RopeSpec, knobs: dict, length: int):
+def _rope_key(spec: RopeSpec, knobs: dict[str, Any], length: int) -> tuple[RopeSpec, int | None]:
     # dynamic NTK recomputes its base from the length of each forward pass
     return (spec, length if spec.method == "dynamic_ntk" else None)
 
 
-def _apply_rope(ctx, spec: RopeSpec) -> None:
-    ctx.model.set_rope(spec, ctx.length)
+def _apply_rope(ctx: KnobContext, spec: RopeSpec) -> None:
+    # the runner applies the knob only to a model whose adapter supports("rope")
+    cast(_RopeModel, ctx.model).set_rope(spec, ctx.length)
 
 
 register_knob(

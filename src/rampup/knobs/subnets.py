@@ -28,7 +28,7 @@ from rampup.errors import ConfigError
 from rampup.models.adapter import DecoderLMAdapter
 from rampup.models.llm import DecoderLM
 from rampup.models.tiling import tiled_head_loss
-from rampup.protocols import unwrap
+from rampup.protocols import Batch, unwrap
 from rampup.schedule.registry import (
     Family,
     Knob,
@@ -58,6 +58,8 @@ def check_subnet(value: Any) -> str:
 
 def _ranges(spec: str) -> tuple[int, int, float, float]:
     m = _SPEC.fullmatch(spec)
+    if m is None:
+        raise ConfigError(f"subnet '{spec}' is not depth:A-B,mlp:F-G (e.g. depth:2-4,mlp:0.5-1.0)")
     return int(m[1]), int(m[2]), float(m[3]), float(m[4])
 
 
@@ -92,10 +94,10 @@ class SubnetTask:
         self.task = task
         self.current: tuple[int, int] | None = None
 
-    def make_batch(self, x, y, *, training: bool = True):
+    def make_batch(self, x: torch.Tensor, y: torch.Tensor, *, training: bool = True) -> Batch:
         return self.task.make_batch(x, y, training=training)
 
-    def doc_lengths(self, batch):
+    def doc_lengths(self, batch: Batch) -> list[list[int]] | None:
         return self.task.doc_lengths(batch)
 
     def loss(self, adapter: Any, batch: Any, *, reduction: str = "mean") -> torch.Tensor:
@@ -171,7 +173,7 @@ def parse_export(spec: str) -> tuple[int, float]:
 
 
 @torch.no_grad()
-def extract(adapter: Any, depth: int, hidden: int):
+def extract(adapter: Any, depth: int, hidden: int) -> DecoderLMAdapter:
     """A standalone reference model holding the sub-network's weights (blocks and MLP units sliced)."""
 
     module = adapter.module
@@ -182,7 +184,7 @@ def extract(adapter: Any, depth: int, hidden: int):
         )
     cfg = module.cfg.model_copy(update={"n_layers": depth, "ffn_hidden": hidden})
     small = DecoderLM(cfg)
-    state = {}
+    state: dict[str, torch.Tensor] = {}
     for k, v in module.state_dict().items():
         if k.startswith("layers."):
             i = int(k.split(".")[1])

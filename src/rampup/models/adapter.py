@@ -20,9 +20,9 @@ import torch.nn as nn
 from safetensors.torch import load_model
 
 from rampup.errors import ConfigError
-from rampup.models.attention import layer_patterns
-from rampup.models.llm import DecoderLM, flops_per_token
-from rampup.models.rope import apply_rope_spec
+from rampup.models.attention import AttentionSpec, layer_patterns
+from rampup.models.llm import DecoderLM, ModelConfig, flops_per_token
+from rampup.models.rope import RopeSpec, apply_rope_spec
 from rampup.protocols import Batch, ModelOutput
 from rampup.protocols import (
     ModelAdapter as ModelAdapter,  # re-exported: its home before rampup.protocols
@@ -30,19 +30,55 @@ from rampup.protocols import (
 
 
 class ModuleAdapter:
-    """The smallest adapter: a module whose forward gives the outputs (logits) itself."""
+    """The smallest adapter: a module whose forward gives the outputs (logits) itself.
+
+    It knows no blocks, layers or FLOPs of the module, so it supports no knob; what needs them (hidden
+    states for distillation, block wrapping, a FLOP count, Hugging Face names) is refused with the reason.
+    """
 
     def __init__(self, module: nn.Module) -> None:
-        self.module, self.head = module, nn.Identity()
+        self._module = module
+        self.head: nn.Module = nn.Identity()
+
+    @property
+    def module(self) -> nn.Module:
+        return self._module
 
     def forward(self, batch: Batch) -> ModelOutput:
-        return ModelOutput(self.module(batch.inputs, **batch.extra), self.head)
+        return ModelOutput(self._module(batch.inputs, **batch.extra), self.head)
+
+    def hidden_states(self, batch: Batch, layers: Iterable[int]) -> dict[int, torch.Tensor]:
+        raise ConfigError(_BARE.format(what="hidden states at chosen layers"))
+
+    def blocks(self) -> list[tuple[str, nn.Module]]:
+        return []
+
+    def wrap_block(self, index: int, fn: Callable[[nn.Module], nn.Module]) -> None:
+        raise ConfigError(_BARE.format(what=f"block {index}"))
+
+    def flops_per_item(self, shape: tuple[int, ...], **how: Any) -> float:
+        raise ConfigError(_BARE.format(what="a FLOP count"))
 
     def supports(self, knob: str) -> bool:
         return False
 
+    def compile(self, **kwargs: Any) -> None:
+        self._module = torch.compile(self._module, **kwargs)  # type: ignore[assignment]  # returns a callable Module
+
     def num_params(self) -> int:
-        return sum(p.numel() for p in self.module.parameters())
+        return sum(p.numel() for p in self._module.parameters())
+
+    def to_hf_state_dict(self) -> dict[str, torch.Tensor]:
+        raise ConfigError(_BARE.format(what="Hugging Face parameter names"))
+
+    def from_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        raise ConfigError(_BARE.format(what="Hugging Face parameter names"))
+
+
+_BARE = (
+    "a bare module (ModuleAdapter) has no {what}; wrap the model in an adapter that knows its structure "
+    "(rampup.models.adapter.DecoderLMAdapter, rampup.models.hf.HFCausalLMAdapter, or your own ModelAdapter)"
+)
 
 
 class DecoderLMAdapter:
@@ -82,14 +118,14 @@ class DecoderLMAdapter:
     )
     """Every knob rampup ships acts on the reference model."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: DecoderLM) -> None:
         self.module = module
-        self.head = module.lm_head
+        self.head: nn.Module = module.lm_head
         self.loss_shards = 1  # the loss_shards knob (rampup.knobs.memory)
-        self._hidden = module.forward_hidden  # replaced by a compiled version by compile()
+        self._hidden: Callable[..., torch.Tensor] = module.forward_hidden  # replaced by a compiled version by compile()
 
     @classmethod
-    def build(cls, cfg, device: torch.device | str = "cpu") -> DecoderLMAdapter:
+    def build(cls, cfg: ModelConfig, device: torch.device | str = "cpu") -> DecoderLMAdapter:
         """A fresh model from a ModelConfig, initialised from torch's current RNG."""
 
         if torch.device(device).type == "meta":  # built in place: .to("meta") would untie a tied head
@@ -98,7 +134,7 @@ class DecoderLMAdapter:
         return cls(DecoderLM(cfg).to(device))
 
     @classmethod
-    def load(cls, cfg, weights: str, device: torch.device | str = "cpu") -> DecoderLMAdapter:
+    def load(cls, cfg: ModelConfig, weights: str, device: torch.device | str = "cpu") -> DecoderLMAdapter:
         """A model with the weights of a safetensors file (a checkpoint's model.safetensors)."""
 
         adapter = cls.build(cfg, device)
@@ -111,7 +147,7 @@ class DecoderLMAdapter:
         return adapter
 
     @property
-    def cfg(self):
+    def cfg(self) -> ModelConfig:
         return self.module.cfg
 
     def forward(self, batch: Batch) -> ModelOutput:
@@ -151,11 +187,11 @@ class DecoderLMAdapter:
     def wrap_block(self, index: int, fn: Callable[[nn.Module], nn.Module]) -> None:
         self.module.layers[index] = fn(self.module.layers[index])
 
-    def set_rope(self, spec, seq_len: int | None = None) -> None:
+    def set_rope(self, spec: RopeSpec, seq_len: int | None = None) -> None:
 
         apply_rope_spec(self.module, spec, seq_len)
 
-    def set_attention(self, spec, window: int) -> None:
+    def set_attention(self, spec: AttentionSpec, window: int) -> None:
 
         self.module.set_attention(layer_patterns(spec, window, len(self.module.layers)))
 

@@ -100,11 +100,22 @@ def layer_patterns(spec: AttentionSpec, window: int, n_layers: int) -> list[Patt
     return [None if i in full else p for i in range(n_layers)]
 
 
-def pattern_mask(T: int, pattern: Pattern, device=None) -> torch.Tensor:
+def pattern_mask(T: int, pattern: Pattern, device: torch.device | str | None = None) -> torch.Tensor:
     """(T, T) bool, True = query i may attend key j: causal, within the window or global."""
     i = torch.arange(T, device=device)[:, None]
     j = torch.arange(T, device=device)[None, :]
     return (j <= i) & ((i - j < pattern.window) | (j < pattern.n_global))
+
+
+def _capped_scores(
+    q_cap: torch.Tensor | None, k_cap: torch.Tensor | None, n_global: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(q_cap, k_cap) when the ``n_global`` leading keys are scored at the capped distance, else None."""
+    if not n_global or q_cap is None:
+        return None
+    if k_cap is None:
+        raise ValueError("q_cap needs k_cap (the global keys rotated for the capped distance)")
+    return q_cap, k_cap
 
 
 def banded_attention(
@@ -133,9 +144,9 @@ def banded_attention(
     nb = math.ceil(T / c)
     pad = nb * c - T
     g = min(pattern.n_global, T)
-    capped = g > 0 and q_cap is not None
-    if capped:  # score band keys with q and global keys with q_cap: [q, q_cap] . [k, 0] and . [0, k_cap]
-        q = torch.cat([q, q_cap], dim=-1)
+    caps = _capped_scores(q_cap, k_cap, g)
+    if caps is not None:  # score band keys with q and global keys with q_cap: [q, q_cap] . [k, 0] and . [0, k_cap]
+        q = torch.cat([q, caps[0]], dim=-1)
     q = F.pad(q, (0, 0, 0, pad))
     # keys padded by w - 1 on the left (nothing to see before token 0) and to nb * c on the right
     kp, vp = (F.pad(t, (0, 0, w - 1, pad)) for t in (k, v))
@@ -152,9 +163,9 @@ def banded_attention(
         gpos = torch.arange(g, device=q.device)[None, None, :]
         seen = qpos - gpos >= w  # global keys the band does not already cover (and causal)
         kg = k[:, :, :g]
-        if capped:
+        if caps is not None:
             kb = torch.cat([kb, torch.zeros_like(kb)], dim=-1)
-            kg = torch.cat([torch.zeros_like(k_cap), k_cap], dim=-1)
+            kg = torch.cat([torch.zeros_like(caps[1]), caps[1]], dim=-1)
         kb = torch.cat([kg[:, :, None].expand(B, H, nb, g, kg.shape[-1]), kb], dim=3)
         vb = torch.cat([v[:, :, None, :g].expand(B, H, nb, g, hd), vb], dim=3)
         band = torch.cat([seen, band], dim=2)  # (nb, c, g + L)
@@ -186,10 +197,12 @@ def masked_pattern_attention(
     T = q.shape[2]
     gqa = k.shape[1] != q.shape[1]
     g = min(pattern.n_global, T)
-    if not g or q_cap is None:
+    caps = _capped_scores(q_cap, k_cap, g)
+    if caps is None:
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask & pattern_mask(T, pattern, q.device), enable_gqa=gqa
         )
+    q_cap, k_cap = caps
     i = torch.arange(T, device=q.device)[:, None]
     j = torch.arange(g, device=q.device)[None, :]
     outside = i - j >= pattern.window  # (T, g) global keys a query sees at the capped distance
@@ -202,12 +215,12 @@ def masked_pattern_attention(
     return F.scaled_dot_product_attention(qq, kk, vv, attn_mask=full_mask, scale=q.shape[-1] ** -0.5, enable_gqa=gqa)
 
 
-def check_attention_knob(value) -> AttentionSpec:
+def check_attention_knob(value: object) -> AttentionSpec:
     """The ``attention`` knob's validator: a kind name or a mapping -> AttentionSpec."""
     if isinstance(value, AttentionSpec):
         return value
     if isinstance(value, str):
-        return AttentionSpec(kind=value)
+        return AttentionSpec.model_validate({"kind": value})
     if isinstance(value, dict):
         return AttentionSpec.model_validate(value)
     raise ValueError(

@@ -17,7 +17,7 @@ from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import create_block_mask
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 
 def starts_of(seg: torch.Tensor) -> torch.Tensor:
@@ -55,7 +55,7 @@ class DocumentSpans:
         groups = tuple((max(r0, i) - i, min(r1, j) - i, b) for r0, r1, b in self.groups if r0 < j and r1 > i)
         return DocumentSpans(j - i, self.seq_len, groups)
 
-    def segment_ids(self, device=None) -> torch.Tensor:
+    def segment_ids(self, device: torch.device | str | None = None) -> torch.Tensor:
         """(B, T) long document index of each token (as segment_ids of the data side)."""
         seg = torch.empty(self.batch_size, self.seq_len, dtype=torch.long)
         for r0, r1, bounds in self.groups:
@@ -118,7 +118,7 @@ def per_document_attention(
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
 
-def document_block_mask(seg: torch.Tensor, block_size: int = 128):
+def document_block_mask(seg: torch.Tensor, block_size: int = 128) -> BlockMask:
     """``document_mask`` as a flex_attention BlockMask for (B, T) segment ids, on seg's device.
 
     Fully masked (block_size x block_size) tiles are skipped by flex_attention. On CPU, torch 2.13
@@ -127,7 +127,9 @@ def document_block_mask(seg: torch.Tensor, block_size: int = 128):
 
     B, T = seg.shape
 
-    def same_document_causal(b, h, q_idx, kv_idx):
+    def same_document_causal(
+        b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor
+    ) -> torch.Tensor:
         return (seg[b, q_idx] == seg[b, kv_idx]) & (kv_idx <= q_idx)
 
     return create_block_mask(same_document_causal, B, None, T, T, device=seg.device, BLOCK_SIZE=block_size)

@@ -23,33 +23,36 @@ import torch.nn as nn
 
 from rampup.errors import ConfigError
 from rampup.models.adapter import Batch, ModelOutput
-from rampup.models.attention import Pattern
+from rampup.models.attention import AttentionSpec, Pattern
 from rampup.models.docmask import document_mask
 from rampup.models.llm import HF_FAMILIES as FAMILIES  # noqa: E402
 from rampup.models.llm import attended_keys
-from rampup.models.rope import rope_frequencies
+from rampup.models.rope import RopeSpec, rope_frequencies
 
 _WINDOWED = ("mistral", "qwen2")
 
 
 class HFCausalLMAdapter:
     def __init__(self, module: nn.Module) -> None:
-        family = module.config.model_type
+        hf: Any = module  # a transformers *ForCausalLM: its config's fields and its submodules differ by family
+        family = hf.config.model_type
         if family not in FAMILIES:
             raise ConfigError(
                 f"Hugging Face model type '{family}' is not supported; rampup supports {', '.join(FAMILIES)}"
             )
         self.module, self.family = module, family
-        self.head = module.get_output_embeddings()
-        self.base = module.base_model
+        head = hf.get_output_embeddings()
+        self.head: nn.Module = head
+        self.base: Any = hf.base_model  # the transformers base model (its attributes differ by family)
         self.loss_shards = 1  # the loss_shards knob (rampup.knobs.memory)
-        self._rotary = next((m for m in module.modules() if hasattr(m, "inv_freq")), None)
-        self._base_theta = (module.config.rope_parameters or {}).get("rope_theta") if self._rotary else None
-        self._hidden = self.base.forward
+        # the model's rotary embedding (None: learned positions), whose buffers and fields differ by family
+        self._rotary: Any | None = next((m for m in module.modules() if hasattr(m, "inv_freq")), None)
+        self._base_theta: float | None = (hf.config.rope_parameters or {}).get("rope_theta") if self._rotary else None
+        self._hidden: Callable[..., Any] = self.base.forward
         # matmul weights (every >= 2-d parameter but the embeddings) plus the head: fixed for the model's life
         embeddings = {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding)}
         self._matmul_params = sum(p.numel() for p in module.parameters() if p.dim() >= 2 and id(p) not in embeddings)
-        self._matmul_params += self.head.weight.numel()
+        self._matmul_params += head.weight.numel()
         self._non_embedding = sum(p.numel() for p in module.parameters() if id(p) not in embeddings)
 
     @property
@@ -60,6 +63,11 @@ class HFCausalLMAdapter:
     @property
     def rope_base(self) -> float | None:
         return self._base_theta
+
+    @property
+    def _config(self) -> Any:
+        """The model's transformers config (its fields differ by family)."""
+        return self.module.config
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -119,7 +127,7 @@ class HFCausalLMAdapter:
         family = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False).model_type
         if family not in FAMILIES:
             raise ConfigError(f"{path} holds a '{family}' model; rampup supports {', '.join(FAMILIES)}")
-        module = transformers.AutoModelForCausalLM.from_pretrained(
+        module: nn.Module = transformers.AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, use_safetensors=True, trust_remote_code=False
         )
         return cls(module.to(device))
@@ -127,7 +135,7 @@ class HFCausalLMAdapter:
     # ------------------------------------------------------------------ the seam
     def forward(self, batch: Batch) -> ModelOutput:
         extra = dict(batch.extra)
-        kwargs = {"position_ids": extra.pop("positions")} if "positions" in extra else {}
+        kwargs: dict[str, torch.Tensor] = {"position_ids": extra.pop("positions")} if "positions" in extra else {}
         mask = self._document_mask(batch.inputs, extra)
         if mask is not None:
             kwargs["attention_mask"] = mask
@@ -163,7 +171,7 @@ class HFCausalLMAdapter:
 
     def _layer_windows(self) -> list[int | None]:
         """Per block, the sliding window its attention uses (None: full causal)."""
-        cfg, n = self.module.config, len(self._block_list()[1])
+        cfg, n = self._config, len(self._block_list()[1])
         if self.family == "qwen2":  # per-layer types; sliding_window alone means nothing there
             return [cfg.sliding_window if t == "sliding_attention" else None for t in cfg.layer_types[:n]]
         return [getattr(cfg, "sliding_window", None)] * n
@@ -233,7 +241,7 @@ class HFCausalLMAdapter:
             )
         if knob == "seq_len" and value is not None:
             top = max(value.start, value.to) if hasattr(value, "start") else value
-            cfg = self.module.config
+            cfg = self._config
             limit = cfg.max_position_embeddings if self._rotary is not None else cfg.n_positions
             if top > limit:
                 raise ConfigError(
@@ -244,7 +252,7 @@ class HFCausalLMAdapter:
     def extend_positions(self, n: int) -> None:
         """Declare ``n`` positions (model.max_seq_len past the folder's limit, which a stage's rope covers):
         the config the model is exported with carries it. Learned positions (GPT-2) cannot grow."""
-        cfg = self.module.config
+        cfg = self._config
         if self._rotary is None:
             if n > cfg.n_positions:
                 raise ConfigError(
@@ -258,17 +266,19 @@ class HFCausalLMAdapter:
 
     # knob effects (called by the knobs' apply through ctx.model)
     @torch.no_grad()
-    def set_rope(self, spec, seq_len: int | None = None) -> None:
+    def set_rope(self, spec: RopeSpec, seq_len: int | None = None) -> None:
+        rotary, rotary_dim, theta = self._rotary, self.rotary_dim, self._base_theta
+        if rotary is None or rotary_dim is None or theta is None:  # supports('rope') is False: refused at plan time
+            raise ConfigError(f"{self.family} has no rotary embedding with a rope_theta; the rope knob cannot apply")
+        inv_freq, scale = rope_frequencies(spec, rotary_dim, theta, seq_len)
+        device = rotary.inv_freq.device
+        rotary.inv_freq = inv_freq.to(device)
+        if hasattr(rotary, "original_inv_freq"):
+            rotary.original_inv_freq = inv_freq.to(device)
+        rotary.attention_scaling = scale
 
-        inv_freq, scale = rope_frequencies(spec, self.rotary_dim, self._base_theta, seq_len)
-        device = self._rotary.inv_freq.device
-        self._rotary.inv_freq = inv_freq.to(device)
-        if hasattr(self._rotary, "original_inv_freq"):
-            self._rotary.original_inv_freq = inv_freq.to(device)
-        self._rotary.attention_scaling = scale
-
-    def set_attention(self, spec, window: int) -> None:
-        cfg = self.module.config
+    def set_attention(self, spec: AttentionSpec, window: int) -> None:
+        cfg = self._config
         if self.family != "qwen2":
             cfg.sliding_window = None if spec.kind == "causal" else int(window)
             return
@@ -280,8 +290,9 @@ class HFCausalLMAdapter:
         cfg.sliding_window = int(window) if cfg.use_sliding_window else None
         self.base.has_sliding_layers = cfg.use_sliding_window
         for i, block in enumerate(blocks):
-            block.self_attn.layer_type = cfg.layer_types[i]
-            block.self_attn.sliding_window = cfg.sliding_window if i not in full else None
+            attn: Any = block.self_attn  # Qwen2's attention module
+            attn.layer_type = cfg.layer_types[i]
+            attn.sliding_window = cfg.sliding_window if i not in full else None
 
     def flops_per_item(self, shape: tuple[int, ...], **_: Any) -> float:
         """6N (matmul weights: every >= 2-d parameter but the embeddings, plus the head) + attention pairs."""
@@ -290,7 +301,7 @@ class HFCausalLMAdapter:
         T = shape[-1]
         if T <= 0:
             return 6.0 * n
-        cfg = self.module.config
+        cfg = self._config
         heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         pairs = sum(attended_keys(T, Pattern(w) if w else None) for w in self._layer_windows())

@@ -17,12 +17,12 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import PrivateAttr, field_validator, model_validator
+from pydantic import PrivateAttr, ValidationInfo, field_validator, model_validator
 
 from rampup.configbase import Section, choice
 from rampup.errors import ConfigError
@@ -37,18 +37,26 @@ from rampup.models.docmask import (
 HF_FAMILIES = ("llama", "qwen2", "mistral", "gpt_neox", "gpt2")
 """Hugging Face model types that model.source: hf accepts (rampup.models.hf)."""
 
+if TYPE_CHECKING:
+    # A type checker cannot read a call as a type: to it each choice is the Literal that choice() builds.
+    SourceChoice = Literal["reference", "hf"]
+    WeightsDtypeChoice = Literal["float32", "bfloat16"]
+else:
+    SourceChoice = choice("reference", "hf")
+    WeightsDtypeChoice = choice("float32", "bfloat16")
+
 
 class ModelConfig(Section):
     """The model: rampup's reference decoder LM (its shape below) or a Hugging Face causal LM."""
 
-    source: choice("reference", "hf") = "reference"
+    source: SourceChoice = "reference"
     """reference: rampup's DecoderLM, shaped by the fields below; hf: a Hugging Face causal LM
     (Llama, Qwen2, Mistral, GPT-NeoX, GPT-2) from model.path or model.hf_config."""
     path: str | None = None
     """source hf: a local model folder (config.json and safetensors weights), for continued pre-training."""
     hf_config: dict[str, Any] | None = None
     """source hf: an inline transformers config with its model_type, for a freshly initialised model."""
-    weights_dtype: choice("float32", "bfloat16") = "float32"
+    weights_dtype: WeightsDtypeChoice = "float32"
     """source hf: the dtype the weights train in. float32 (the default) keeps fp32 master weights
     whatever the folder stores (bf16 weights are upcast); bfloat16 trains them as they are, at half the
     memory and with bf16 optimizer state."""
@@ -84,14 +92,14 @@ class ModelConfig(Section):
         "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "multiple_of", "max_seq_len"
     )
     @classmethod
-    def _positive(cls, v: int | None, info) -> int | None:
+    def _positive(cls, v: int | None, info: ValidationInfo) -> int | None:
         if v is not None and v <= 0:
             raise ValueError(f"model.{info.field_name} must be a positive integer, got {v}")
         return v
 
     @field_validator("norm_eps", "init_std")
     @classmethod
-    def _positive_float(cls, v: float, info) -> float:
+    def _positive_float(cls, v: float, info: ValidationInfo) -> float:
         if not v > 0:
             raise ValueError(f"model.{info.field_name} must be > 0, got {v}")
         return v
@@ -245,7 +253,7 @@ def flops_per_token(
 # ----------------------------------------------------------------------------- rotary positions
 
 
-def rope_inv_freq(head_dim: int, base: float, device=None) -> torch.Tensor:
+def rope_inv_freq(head_dim: int, base: float, device: torch.device | str | None = None) -> torch.Tensor:
     """Unscaled RoPE frequencies base^(-2i/head_dim), i < head_dim/2, in fp32."""
     i = torch.arange(0, head_dim, 2, device=device, dtype=torch.float32)
     return 1.0 / base ** (i / head_dim)
@@ -255,11 +263,11 @@ def precompute_rope(
     head_dim: int,
     max_seq_len: int,
     base: float = 10000.0,
-    device=None,
+    device: torch.device | str | None = None,
     *,
     inv_freq: torch.Tensor | None = None,
     attention_scale: float = 1.0,
-):
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin tables, each (max_seq_len, head_dim), in Hugging Face's rotate-half layout.
 
     Frequency i drives dims i and i + head_dim/2 (hence the duplicated halves). ``attention_scale``
@@ -300,13 +308,13 @@ class Attention(nn.Module):
 
     def forward(
         self,
-        x,
-        cos,
-        sin,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
         mask: torch.Tensor | DocumentSpans | None = None,
         pattern: Pattern | None = None,
         cap_rope: tuple[torch.Tensor, ...] | None = None,
-    ):
+    ) -> torch.Tensor:
         """x (B, T, C); cos/sin broadcastable to (B, 1, T, hd), already gathered at the positions.
 
         ``pattern`` (a sliding window, with or without global tokens) restricts attention further:
@@ -334,6 +342,8 @@ class Attention(nn.Module):
         if pattern is not None and mask is None:
             y = banded_attention(q, k, v, pattern, q_cap, k_cap)  # (B, H, T, hd)
         elif pattern is not None:
+            if not isinstance(mask, torch.Tensor):  # forward_hidden gives a window pattern a dense mask instead
+                raise ValueError("a window pattern combines with a dense attention mask, not with DocumentSpans")
             y = masked_pattern_attention(q, k, v, mask, pattern, q_cap, k_cap)
         elif isinstance(mask, DocumentSpans):
             y = per_document_attention(q, k, v, mask, enable_gqa=gqa)  # (B, H, T, hd)
@@ -353,7 +363,7 @@ class MLP(nn.Module):
         self.w3 = nn.Linear(cfg.dim, cfg.hidden, bias=False)  # up
         self.w2 = nn.Linear(cfg.hidden, cfg.dim, bias=False)  # down
 
-    def forward(self, x, hidden: int | None = None):
+    def forward(self, x: torch.Tensor, hidden: int | None = None) -> torch.Tensor:
         """``hidden``: sub-network training (rampup.knobs.subnets) runs only the first this-many units (None: all);
         an argument, not module state, so that a recomputation in backward runs the same units."""
         k = hidden
@@ -372,7 +382,16 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask=None, pattern=None, cap_rope=None, mlp_hidden=None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | DocumentSpans | None = None,
+        pattern: Pattern | None = None,
+        cap_rope: tuple[torch.Tensor, ...] | None = None,
+        mlp_hidden: int | None = None,
+    ) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, pattern, cap_rope)
         return x + self.mlp(self.mlp_norm(x), mlp_hidden)
 
@@ -381,6 +400,11 @@ class Block(nn.Module):
 
 
 class DecoderLM(nn.Module):
+    # buffers (register_buffer), declared for the type checker
+    inv_freq: torch.Tensor
+    rope_cos: torch.Tensor
+    rope_sin: torch.Tensor
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -408,7 +432,7 @@ class DecoderLM(nn.Module):
         passed to the blocks as an argument (a checkpointed block recomputes what it ran)."""
         self.reset_parameters()
 
-    def reset_parameters(self):
+    def reset_parameters(self) -> None:
         std = self.cfg.init_std
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -418,6 +442,8 @@ class DecoderLM(nn.Module):
         # GPT-2: each block adds two projections to the residual stream; shrinking them keeps the
         # stream's variance independent of depth at initialisation
         for layer in self.layers:
+            if not isinstance(layer, Block):
+                raise TypeError(f"reset_parameters: {type(layer).__name__} in model.layers is not a Block")
             for w in (layer.attn.o_proj.weight, layer.mlp.w2.weight):
                 nn.init.normal_(w, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layers))
 
@@ -493,7 +519,27 @@ class DecoderLM(nn.Module):
         else:
             cos = self.rope_cos[positions].unsqueeze(1)  # (B, 1, T, hd)
             sin = self.rope_sin[positions].unsqueeze(1)
-        mask = None
+        mask = self._mask(idx, attn_mask, segments, spans)
+        x = self.tok_emb(idx)  # (B, T, C)
+        depth = self.active_depth or len(self.layers)  # a sub-network runs the lowest blocks only
+        for layer, pattern in zip(self.layers[:depth], self.attn_patterns[:depth], strict=True):
+            cap = None
+            if pattern is not None and pattern.capped and T > pattern.window:  # some globals lie outside windows
+                cap = (self.rope_cos[pattern.window], self.rope_sin[pattern.window], self.rope_cos[0], self.rope_sin[0])
+            x = layer(x, cos, sin, mask, pattern, cap, self.active_hidden)
+        return self.norm(x)
+
+    def _mask(
+        self,
+        idx: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        segments: torch.Tensor | None,
+        spans: DocumentSpans | None,
+    ) -> torch.Tensor | DocumentSpans | None:
+        """The one mask forward_hidden's attention takes: per-document spans where no window pattern needs a
+        dense mask, else a bool (B or 1, 1, T, T) mask combined with the causal one; None for plain causal."""
+        B, T = idx.shape
+        mask: torch.Tensor | DocumentSpans | None = None
         if spans is not None:
             if segments is not None or attn_mask is not None:
                 raise ValueError("give one of attn_mask, segments or spans")
@@ -517,14 +563,7 @@ class DecoderLM(nn.Module):
                 raise TypeError(f"attn_mask must be a bool tensor (True = may attend), got {attn_mask.dtype}")
             causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
             mask = attn_mask & causal  # (B or 1, 1, T, T)
-        x = self.tok_emb(idx)  # (B, T, C)
-        depth = self.active_depth or len(self.layers)  # a sub-network runs the lowest blocks only
-        for layer, pattern in zip(self.layers[:depth], self.attn_patterns[:depth], strict=True):
-            cap = None
-            if pattern is not None and pattern.capped and T > pattern.window:  # some globals lie outside windows
-                cap = (self.rope_cos[pattern.window], self.rope_sin[pattern.window], self.rope_cos[0], self.rope_sin[0])
-            x = layer(x, cos, sin, mask, pattern, cap, self.active_hidden)
-        return self.norm(x)
+        return mask
 
     def set_attention(self, patterns: list[Pattern | None]) -> None:
         """Per layer: None for full causal attention, or a window Pattern (rampup.models.attention)."""

@@ -14,12 +14,15 @@ YaRN also scales attention logits by (0.1 ln s + 1)^2, as cos and sin each times
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import Field, model_validator
 
 from rampup.configbase import Section
+
+if TYPE_CHECKING:
+    from rampup.models.llm import DecoderLM
 
 RopeMethod = Literal["base", "pi", "ntk", "dynamic_ntk", "yarn"]
 
@@ -74,11 +77,18 @@ def _yarn_ramp(head_dim: int, base: float, original_max_len: int, beta_fast: flo
     half = head_dim // 2
     # clamped to the head dimension (not half of it), as the reference implementation does
     low = max(math.floor(dim_of(beta_fast)), 0)
-    high = min(math.ceil(dim_of(beta_slow)), head_dim - 1)
+    high: float = min(math.ceil(dim_of(beta_slow)), head_dim - 1)
     if low == high:
         high += 0.001  # avoid a division by zero, as the reference does
     i = torch.arange(half, dtype=torch.float32)
     return ((i - low) / (high - low)).clamp(0, 1)
+
+
+def _original_max_len(spec: RopeSpec) -> int:
+    """``original_max_len``, which RopeSpec's validation requires of yarn and dynamic_ntk."""
+    if spec.original_max_len is None:
+        raise ValueError(f"rope method {spec.method} needs original_max_len")
+    return spec.original_max_len
 
 
 def rope_frequencies(
@@ -95,25 +105,25 @@ def rope_frequencies(
     if spec.method == "ntk":
         b = b * s ** (d / (d - 2))
     elif spec.method == "dynamic_ntk":
-        if seq_len is not None and seq_len > spec.original_max_len:
-            b = b * (s * seq_len / spec.original_max_len - (s - 1)) ** (d / (d - 2))
+        if seq_len is not None and seq_len > (original := _original_max_len(spec)):
+            b = b * (s * seq_len / original - (s - 1)) ** (d / (d - 2))
     theta = 1.0 / (b ** (i / d))  # (d/2,)
     if spec.method == "pi":
         return theta / s, 1.0
     if spec.method == "yarn":
-        ramp = _yarn_ramp(d, b, spec.original_max_len, spec.beta_fast, spec.beta_slow)
+        ramp = _yarn_ramp(d, b, _original_max_len(spec), spec.beta_fast, spec.beta_slow)
         theta = theta * (1 - ramp) + (theta / s) * ramp
         return theta, (0.1 * math.log(s) + 1.0) if s > 1 else 1.0
     return theta, 1.0
 
 
-def apply_rope_spec(model, spec: RopeSpec, seq_len: int | None = None) -> None:
+def apply_rope_spec(model: DecoderLM, spec: RopeSpec, seq_len: int | None = None) -> None:
     """Set ``spec``'s frequencies on a DecoderLM in place (the cos/sin tables only)."""
     inv_freq, scale = rope_frequencies(spec, model.cfg.head_dim, model.cfg.rope_base, seq_len)
     model.set_rope(inv_freq=inv_freq, attention_scale=scale)
 
 
-def check_rope_knob(value) -> RopeSpec:
+def check_rope_knob(value: object) -> RopeSpec:
     """The ``rope`` knob's validator: a mapping (or RopeSpec) -> RopeSpec."""
     if isinstance(value, RopeSpec):
         return value

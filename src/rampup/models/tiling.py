@@ -16,13 +16,17 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import (
     CheckpointPolicy,
+    SelectiveCheckpointContext,
     checkpoint,
     create_selective_checkpoint_contexts,
+    noop_context_fn,
 )
 
 from rampup.errors import ConfigError
@@ -48,7 +52,7 @@ class _TiledHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, hidden: torch.Tensor, head: nn.Module, loss_fn: ShardLoss, shards: int, *params: torch.Tensor
+        ctx: Any, hidden: torch.Tensor, head: nn.Module, loss_fn: ShardLoss, shards: int, *params: torch.Tensor
     ) -> torch.Tensor:
         T = hidden.shape[1]
         step = _shard_step(shards, T, "loss_shards")
@@ -64,14 +68,15 @@ class _TiledHeadLoss(torch.autograd.Function):
                 grad_hidden[:, sl] = grads[0]
                 for i, g in enumerate(grads[1:]):
                     if g is not None:
-                        grad_params[i] = g if grad_params[i] is None else grad_params[i] + g
+                        prev = grad_params[i]
+                        grad_params[i] = g if prev is None else prev + g
                 total += loss.detach().float()
         ctx.save_for_backward(grad_hidden, *[g if g is not None else torch.zeros(()) for g in grad_params])
         ctx.has_grad = [g is not None for g in grad_params]
         return total
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         grad_hidden, *grad_params = ctx.saved_tensors
         params = [g * grad_out.to(g.dtype) if has else None for g, has in zip(grad_params, ctx.has_grad, strict=True)]
         return grad_hidden * grad_out.to(grad_hidden.dtype), None, None, None, *params
@@ -98,11 +103,11 @@ def tiled_head_loss(hidden: torch.Tensor, head: nn.Module, loss_fn: ShardLoss, s
 # ----------------------------------------------------------------------------- tiled MLP
 
 
-def _class_forward(module: nn.Module) -> Callable:
+def _class_forward(module: nn.Module) -> Callable[..., Any]:
     return type(module).forward.__get__(module)
 
 
-def _tiled_forward(inner: Callable, shards: int, x: torch.Tensor, *args) -> torch.Tensor:
+def _tiled_forward(inner: Callable[..., torch.Tensor], shards: int, x: torch.Tensor, *args: Any) -> torch.Tensor:
     # ``args`` (a sub-network's hidden units) go to every shard's recomputation as they came forward
     chunks = x.split(_shard_step(shards, x.shape[1], "mlp_shards"), dim=1)
     if not torch.is_grad_enabled():
@@ -132,25 +137,25 @@ _ATTENTION_OPS = tuple(
 )
 
 
-def _keep_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+def _keep_attention(ctx: SelectiveCheckpointContext, op: object, *args: Any, **kwargs: Any) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in _ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def _selective_contexts():
+def _selective_contexts() -> tuple[AbstractContextManager[Any], AbstractContextManager[Any]]:
     return create_selective_checkpoint_contexts(_keep_attention)
 
 
-def _checkpointed_forward(inner: Callable, mode: str, offload: bool, *args, **kwargs):
+def _checkpointed_forward(inner: Callable[..., Any], mode: str, offload: bool, *args: Any, **kwargs: Any) -> Any:
     if not torch.is_grad_enabled():
         return inner(*args, **kwargs)
-    extra = {"context_fn": _selective_contexts} if mode == "selective" else {}
+    context_fn = _selective_contexts if mode == "selective" else noop_context_fn  # the latter: checkpoint's default
     if offload:
         with torch.autograd.graph.save_on_cpu(pin_memory=True):
-            return checkpoint(inner, *args, use_reentrant=False, **extra, **kwargs)
-    return checkpoint(inner, *args, use_reentrant=False, **extra, **kwargs)
+            return checkpoint(inner, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+    return checkpoint(inner, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
 
 
-def _offloaded_forward(inner: Callable, *args, **kwargs):
+def _offloaded_forward(inner: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     with torch.autograd.graph.save_on_cpu(pin_memory=True):
         return inner(*args, **kwargs)
 

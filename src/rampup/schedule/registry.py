@@ -20,7 +20,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from pydantic import ValidationError
@@ -28,6 +28,17 @@ from pydantic import ValidationError
 from rampup.errors import ConfigError, did_you_mean
 from rampup.protocols import ModelAdapter, RunResources, RunSettings, Sampler, Task
 from rampup.schedule.ramps import Ramp
+
+if TYPE_CHECKING:
+    from pydantic_core import ErrorDetails, InitErrorDetails
+
+
+def error_under(prefix: str, err: ErrorDetails) -> InitErrorDetails:
+    """One error of a ValidationError, to raise again with ``prefix`` in front of its location."""
+    out: InitErrorDetails = {"type": err["type"], "loc": (prefix, *err["loc"]), "input": err["input"]}
+    if "ctx" in err:
+        out["ctx"] = err["ctx"]
+    return out
 
 
 @dataclass(frozen=True)
@@ -75,9 +86,9 @@ class Knob:
     model_free: bool = False
     """Its effect never touches the model (a loss term, a data mixture): every model honours it, whatever
     its adapter's ``supports`` says."""
-    check_model: Callable[[Any, Any], None] | None = None
+    check_model: Callable[[Any, Any], object] | None = None
     """check_model(adapter, value): a value the built model cannot take (a block that does not exist);
-    raises ConfigError. Run on every value the schedule sets, before any compute."""
+    raises ConfigError (what it returns is ignored). Run on every value the schedule sets, before any compute."""
 
     def validate(self, value: Any) -> Any:
         """The value checked and normalised; a structured value's own errors keep their keys under the
@@ -87,16 +98,7 @@ class Knob:
             return self._validate(value)
         except ValidationError as e:
             raise ValidationError.from_exception_data(
-                e.title,
-                [
-                    {
-                        "type": err["type"],
-                        "loc": (self.name, *err["loc"]),
-                        "input": err["input"],
-                        **({"ctx": err["ctx"]} if "ctx" in err else {}),
-                    }
-                    for err in e.errors()
-                ],
+                e.title, [error_under(self.name, err) for err in e.errors()]
             ) from None
 
     def _validate(self, value: Any) -> Any:
@@ -253,8 +255,9 @@ class KnobRunner:
     def batch(self, knobs: dict[str, Any], batch: Any) -> None:
         self.ctx.knobs = knobs
         for name, value in knobs.items():
-            if KNOBS[name].on_batch is not None:
-                KNOBS[name].on_batch(self.ctx, batch, value)
+            on_batch = KNOBS[name].on_batch
+            if on_batch is not None:
+                on_batch(self.ctx, batch, value)
 
     def stage_start(self, knobs: dict[str, Any], previous: dict[str, Any]) -> list[str]:
         """The ``on_stage`` effects of a stage's first step (``previous``: the knobs at the end of the last stage)."""
@@ -357,7 +360,7 @@ def graph_id(knobs: dict[str, Any], shape: tuple[int, ...]) -> tuple:
     """What identifies one compiled graph: the batch shape and every knob's graph_key."""
     return (
         tuple(shape),
-        *((n, KNOBS[n].graph_key(v)) for n, v in sorted(knobs.items()) if KNOBS[n].graph_key is not None),
+        *((n, key(v)) for n, v in sorted(knobs.items()) if (key := KNOBS[n].graph_key) is not None),
     )
 
 
@@ -386,10 +389,11 @@ def check_supported(adapter: Any, schedule_cfg: Any) -> None:
     """A knob the schedule sets away from its default that the model cannot honour is an error."""
     for name in sorted(knob_keys_set(schedule_cfg)):
         values = [schedule_cfg.knobs.get(name)] + [st.knobs.get(name) for st in schedule_cfg.stages]
-        if honours(adapter, name) and KNOBS[name].check_model is not None:
+        check_model = KNOBS[name].check_model
+        if honours(adapter, name) and check_model is not None:
             for v in values:
                 if v is not None:
-                    KNOBS[name].check_model(adapter, v)
+                    check_model(adapter, v)
         if honours(adapter, name):
             if hasattr(adapter, "check_knob"):  # values a supported knob still cannot take on this model
                 for v in values:

@@ -13,15 +13,24 @@ from typing import Any, Protocol
 
 
 class StepShape(Protocol):
-    """How a task's knobs make one optimizer step."""
+    """How a task's knobs make one optimizer step (read-only: a frozen dataclass such as
+    :class:`TokenShape` declares one)."""
 
-    unit: str
-    """What the schedule's axis counts ("tok": tokens)."""
-    knobs: tuple[str, ...]
-    """The knobs that set a step's shape: a duration in steps or samples converts only where they are
-    constant, and plan shows them."""
-    size_knob: str
-    """The knob that sets one item's size (seq_len): the longest value is the run's target shape."""
+    @property
+    def unit(self) -> str:
+        """What the schedule's axis counts ("tok": tokens)."""
+        ...
+
+    @property
+    def knobs(self) -> tuple[str, ...]:
+        """The knobs that set a step's shape: a duration in steps or samples converts only where they are
+        constant, and plan shows them."""
+        ...
+
+    @property
+    def size_knob(self) -> str:
+        """The knob that sets one item's size (seq_len): the longest value is the run's target shape."""
+        ...
 
     def rows(self, knobs: dict[str, Any], longest: int) -> int:
         """Items (sequences, images) in a step with these knob values; ``longest``: the run's largest size."""

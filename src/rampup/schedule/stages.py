@@ -21,7 +21,7 @@ from pydantic import BaseModel, ValidationError, model_serializer, model_validat
 
 from rampup.configbase import Section
 from rampup.errors import ConfigError, did_you_mean
-from rampup.schedule.registry import KNOBS, Ramp, get_knob
+from rampup.schedule.registry import KNOBS, Ramp, error_under, get_knob
 from rampup.schedule.shapes import StepShape, TokenShape
 from rampup.units import Duration, Unit
 
@@ -99,16 +99,7 @@ class ScheduleConfig(Section):
                     data["knobs"][key] = knob.validate(value)
                 except ValidationError as e:  # keep the path: schedule.knobs.rope.<key>
                     raise ValidationError.from_exception_data(
-                        e.title,
-                        [
-                            {
-                                "type": err["type"],
-                                "loc": ("knobs", *err["loc"]),
-                                "input": err["input"],
-                                **({"ctx": err["ctx"]} if "ctx" in err else {}),
-                            }
-                            for err in e.errors()
-                        ],
+                        e.title, [error_under("knobs", err) for err in e.errors()]
                     ) from None
         return data
 
@@ -255,7 +246,9 @@ def _stage_lengths(
         )
     if total_tokens <= 0:
         raise ConfigError("the run has no tokens; give train.duration a positive value")
-    return lengths, total_tokens
+    resolved = [n for n in lengths if n is not None]
+    assert len(resolved) == len(lengths)  # only the last stage may omit its duration (ScheduleConfig); set above
+    return resolved, total_tokens
 
 
 @dataclass
@@ -313,6 +306,7 @@ class Schedule:
     def step_at(self, step: int, t: int) -> StepPlan:
         stage = self.stage_at(t)
         knobs = stage.knobs_at(t)
+        assert self.shape is not None  # set in __post_init__
         return StepPlan(
             step, t, stage.index, knobs, self.shape.rows(knobs, self._longest), self.shape.units_per_row(knobs)
         )

@@ -22,7 +22,7 @@ import json
 import math
 import re
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -232,7 +232,7 @@ def _shared_lengths(runs: list[Run], warnings: list[str]) -> list[int]:
 
 def _per_length(members: list[Run], n: int, target: float) -> dict[str, Any]:
     """One group at one evaluation length: each seed's time to ``target`` and their spread."""
-    seeds = []
+    seeds: list[dict[str, Any]] = []
     for r in sorted(members, key=lambda r: r.seed):
         hit = time_to_target(r.evals[n], target)
         seeds.append(
@@ -296,7 +296,7 @@ def compare_runs(
     precisions = {labels[key]: sorted({r.precision for r in members if r.precision}) for key, members in groups.items()}
     warnings += _precision_warning(precisions)
     base_lengths = {n: _per_length(groups[base_key], n, targets[n]) for n in shared}
-    out_groups = []
+    out_groups: list[dict[str, Any]] = []
     for key, members in groups.items():
         lengths = {
             str(n): _with_speedups(
@@ -338,7 +338,7 @@ def _fmt_time(s: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{sec:02d}s"
 
 
-def _fmt_stat(st: dict[str, float | None], fmt, n_seeds: int) -> str:
+def _fmt_stat(st: dict[str, float | None], fmt: Callable[[float], str], n_seeds: int) -> str:
     show = lambda v: "not reached" if v is None else fmt(v)  # noqa: E731
     if st["median"] is None:
         return "not reached"

@@ -9,6 +9,7 @@ a few hundred thousand tokens so the whole thing takes well under a minute (used
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
@@ -41,7 +42,7 @@ def run_demo(
     configs: list[str],
     *,
     quick: bool = False,
-    overrides: list[str] = (),
+    overrides: Sequence[str] = (),
     console: Console | None = None,
     root: Path = Path("runs/demo"),
 ) -> list[dict]:

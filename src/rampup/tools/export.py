@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tokenizers import Tokenizer
@@ -25,14 +25,23 @@ from rampup.errors import ConfigError
 from rampup.knobs.ema import load_ema_weights
 from rampup.knobs.growth import fit_to_checkpoint
 from rampup.knobs.subnets import extract, parse_export
+from rampup.models.adapter import DecoderLMAdapter
 from rampup.models.build import build_adapter
+from rampup.models.hf import HFCausalLMAdapter
 from rampup.schedule.registry import KnobContext, KnobRunner
 from rampup.tools.longeval import open_run
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+    from rampup.config import RunConfig
+    from rampup.models.llm import ModelConfig
+    from rampup.models.rope import RopeSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def hf_rope(spec, model_base: float, d: int) -> tuple[dict[str, Any], int | None]:
+def hf_rope(spec: RopeSpec, model_base: float, d: int) -> tuple[dict[str, Any], int | None]:
     """(rope_parameters, max_position_embeddings override) for a RopeSpec over d rotary dims."""
     base = spec.base or model_base
     if spec.method == "base":
@@ -53,13 +62,15 @@ def hf_rope(spec, model_base: float, d: int) -> tuple[dict[str, Any], int | None
     }, None
 
 
-def hf_config(model_cfg, knobs: dict[str, Any], *, eos_token_id: int | None, dtype: str):
+def hf_config(
+    model_cfg: ModelConfig, knobs: dict[str, Any], *, eos_token_id: int | None, dtype: str
+) -> PretrainedConfig:
     """The transformers config of the reference model with a stage's rope/attention knobs."""
     import transformers
 
     spec, window = knobs["attention"], knobs["window"]
     rope, max_pos = hf_rope(knobs["rope"], model_cfg.rope_base, model_cfg.head_dim)
-    common = dict(
+    common: dict[str, Any] = dict(
         vocab_size=model_cfg.vocab_size,
         hidden_size=model_cfg.dim,
         intermediate_size=model_cfg.hidden,
@@ -96,13 +107,22 @@ def hf_config(model_cfg, knobs: dict[str, Any], *, eos_token_id: int | None, dty
     return transformers.MistralConfig(sliding_window=window, **common)
 
 
-def hf_model_with_knobs(adapter, knobs: dict[str, Any], dtype: str):
+def hf_model_with_knobs(adapter: HFCausalLMAdapter, knobs: dict[str, Any], dtype: str) -> PreTrainedModel:
     """A Hugging Face model trained by rampup, its config carrying the last stage's RoPE and window."""
 
+    import transformers
+
     model = adapter.module
+    assert isinstance(model, transformers.PreTrainedModel)  # what an HF adapter wraps
     KnobRunner(KnobContext(adapter)).apply(knobs, model.config.max_position_embeddings)  # sets sliding_window
     if adapter.supports("rope"):
-        rope, max_pos = hf_rope(knobs["rope"], adapter.rope_base, adapter.rotary_dim)
+        base, d = adapter.rope_base, adapter.rotary_dim  # d is set: supports("rope") means rotary embeddings
+        if base is None or d is None:
+            raise ConfigError(
+                f"{type(model).__name__}'s config names no rope_theta, so the RoPE of the run's last stage "
+                "cannot be written into the export"
+            )
+        rope, max_pos = hf_rope(knobs["rope"], base, d)
         partial = (model.config.rope_parameters or {}).get("partial_rotary_factor")
         model.config.rope_parameters = rope | ({"partial_rotary_factor": partial} if partial else {})
         if max_pos:
@@ -111,7 +131,7 @@ def hf_model_with_knobs(adapter, knobs: dict[str, Any], dtype: str):
     return model
 
 
-def _source_tokenizer(cfg, tok):
+def _source_tokenizer(cfg: RunConfig, tok: Tokenizer) -> PreTrainedTokenizerBase | None:
     """The Hugging Face folder's own tokenizer, whole (bos/unk/pad tokens, chat template, its class), when
     the run trained an HF folder with it; None otherwise (rampup's tokenizer is written instead)."""
     import transformers
@@ -144,13 +164,13 @@ def export_hf(
     if ema:  # the averaged weights instead of the raw ones (train.ema)
         load_ema_weights(adapter.module, ck.part_tensors, str(ckpt))
     if subnet is not None:  # a sub-network of the model (rampup.knobs.subnets), as a standalone model
-        if cfg.model.source != "reference":
+        if not isinstance(adapter, DecoderLMAdapter):  # model.source: hf
             raise ConfigError("--subnet extracts sub-networks of the reference model only")
         depth, frac = parse_export(subnet)
         adapter = extract(adapter, depth, max(1, int(round(frac * adapter.cfg.hidden))))
     knobs = schedule.at(min(int(state["progress"]["tokens"]), schedule.total_tokens - 1))
     tok = load_prepared_tokenizer(get_prepared(cfg.data))
-    if cfg.model.source == "hf":
+    if isinstance(adapter, HFCausalLMAdapter):  # model.source: hf
         model = hf_model_with_knobs(adapter, knobs, dtype)
         hf_cfg = model.config
     else:
@@ -163,7 +183,7 @@ def export_hf(
                 f"export to {type(model).__name__} does not match the weights (missing {missing[:3]}, "
                 f"unexpected {list(unexpected)[:3]})"
             )
-    model.to(DTYPES[dtype])
+    model.to(DTYPES[dtype])  # type: ignore[arg-type]  # transformers wraps .to in functools.wraps: self typed as arg 1
     fast = _source_tokenizer(cfg, tok)
     if fast is None:
         fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=cfg.data.tokenizer.eot or EOT)

@@ -16,10 +16,11 @@ from __future__ import annotations
 import json
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
+import torch.nn as nn
 import yaml
 from tokenizers import Tokenizer
 
@@ -45,20 +46,29 @@ from rampup.knobs.growth import fit_to_checkpoint
 from rampup.models.adapter import ModuleAdapter
 from rampup.models.build import build_adapter
 from rampup.models.hf import HFCausalLMAdapter
+from rampup.models.llm import DecoderLM
+from rampup.models.rope import RopeSpec
+from rampup.protocols import ModelAdapter, Task
 from rampup.schedule.registry import KnobContext, KnobRunner
 from rampup.schedule.stages import Schedule
 
 
 @torch.no_grad()
 def loss_by_position(
-    model, windows: torch.Tensor, n_buckets: int = 8, *, precision: str = "auto", batch_tokens: int = 16384, task=None
+    model: ModelAdapter | nn.Module,
+    windows: torch.Tensor,
+    n_buckets: int = 8,
+    *,
+    precision: str = "auto",
+    batch_tokens: int = 16384,
+    task: Task | None = None,
 ) -> list[dict[str, float]]:
     """Mean loss per position bucket of ``windows`` (N, T + 1): [{start, end, loss}, ...].
 
     ``model`` is a ModelAdapter, or a plain module mapping token ids to logits; the loss is the
     task's own (per token, ``reduction='none'``)."""
 
-    adapter = model if hasattr(model, "module") else ModuleAdapter(model)
+    adapter = cast(ModelAdapter, model) if hasattr(model, "module") else ModuleAdapter(cast(nn.Module, model))
     task = task or CausalLM()
     module = adapter.module
     was_training = module.training
@@ -77,14 +87,14 @@ def loss_by_position(
     return [{"start": int(a), "end": int(b), "loss": float(per_pos[a:b].mean())} for a, b in pairwise(edges) if b > a]
 
 
-def open_run(path: str | Path, command: str):
+def open_run(path: str | Path, command: str) -> tuple[Path, RunConfig, Schedule]:
     """(checkpoint folder, RunConfig, Schedule) of a run folder or one of its checkpoints."""
     saved = read_run(path, command)
     cfg = RunConfig.model_validate(saved.config)
     return saved.checkpoint, cfg, Schedule.build(cfg.schedule, total=cfg.train.duration)
 
 
-def _data_config(data: str | Path):
+def _data_config(data: str | Path) -> RunConfig:
     """The RunConfig whose corpus ``--data`` names: a run folder (its config.yaml) or a config file."""
     p = Path(data)
     if (p / "config.yaml").is_file():
@@ -100,7 +110,9 @@ def _is_hf_folder(path: Path) -> bool:
     )
 
 
-def _open_model(path: Path, rope: Any, data: str | Path | None) -> tuple:
+def _open_model(
+    path: Path, rope: RopeSpec | None, data: str | Path | None
+) -> tuple[ModelAdapter, RunConfig, dict[str, Any], str, int, dict[str, Any]]:
     """(adapter, cfg, knobs, precision, trained length, meta) of a checkpoint or an HF folder, with the
     config whose held-out data scores it (``data``: another run's or config's, of the same tokenizer)."""
     if _is_hf_folder(path):
@@ -142,20 +154,15 @@ def evaluate_run(
     max_tokens: int | None = None,
     windows: str | None = None,
     seed: int = 0,
-    rope=None,
+    rope: RopeSpec | None = None,
     data: str | Path | None = None,
 ) -> dict[str, Any]:
     """Loss by length, loss by position at the longest length, and passkey accuracy of a checkpoint or
-    of a Hugging Face model folder (the base model, or an export).
-
-    The scoring is the engine's own evaluation path (rampup.engine.evaluation): the knobs of the
-    run's stage at the checkpoint (RoPE method, attention pattern and window) are applied at each
-    length, so a run whose last stage is windowed is scored windowed; a Hugging Face folder is scored
-    as its own config says (its RoPE scaling included), in fp32. ``data`` (a run folder or config)
-    gives the held-out split scored: required for a folder, optional for a run (its own corpus by
-    default); its tokenizer must be the model's. ``max_tokens`` and ``windows`` default to that
-    config's eval settings, so a run's checkpoint scores exactly as its own evaluation did. ``rope``
-    (a RopeSpec) replaces the RoPE method, e.g. to measure zero-shot extrapolation.
+    of a Hugging Face model folder (the base model, or an export), through the engine's own evaluation
+    with the knobs of the checkpoint's stage applied at each length. ``data`` (a run folder or config,
+    required for a model folder) names the held-out split, tokenized with the model's own tokenizer;
+    ``max_tokens`` and ``windows`` default to its eval settings; ``rope`` replaces the RoPE method (e.g.
+    for zero-shot extrapolation). See docs/context.md.
     """
 
     path = Path(path)
@@ -165,17 +172,10 @@ def evaluate_run(
     lengths = sorted(lengths or [max(1, trained // 4), trained, 2 * trained])
     prepared = get_prepared(cfg.data)
     val = TokenDataset.open(prepared, "val")
-    template = PasskeyTemplate(load_prepared_tokenizer(prepared))
-    if meta.get("tokenizer") is not None and not same_tokenizer(meta.pop("tokenizer"), template.tok):
-        raise ConfigError(
-            f"{path}'s tokenizer differs from the one --data {data} was tokenized with; score it on "
-            "data prepared with the model's own tokenizer (a run of this model, or a config "
-            "whose model.path is this folder)"
-        )
-    meta.pop("tokenizer", None)
+    template = _template(prepared, meta, path, data)
     longest = max(lengths)
-    model = adapter.module
-    if cfg.model.source == "reference" and meta["kind"] == "checkpoint" and longest > model.max_seq_len:
+    model = adapter.module  # a DecoderLM: the model of a checkpoint of a run of the reference model
+    if meta["kind"] == "checkpoint" and isinstance(model, DecoderLM) and longest > model.max_seq_len:
         model.set_rope(max_seq_len=longest)  # extend the RoPE tables (no weights change)
     task = CausalLM()
     runner = KnobRunner(KnobContext(adapter))
@@ -206,6 +206,20 @@ def evaluate_run(
     return result
 
 
+def _template(prepared: Path, meta: dict[str, Any], path: Path, data: str | Path | None) -> PasskeyTemplate:
+    """The passkey pieces of the scored data's tokenizer, which must be the model's own (its record leaves
+    ``meta``)."""
+    template = PasskeyTemplate(load_prepared_tokenizer(prepared))
+    saved = meta.pop("tokenizer", None)
+    if saved is not None and not same_tokenizer(saved, template.tok):
+        raise ConfigError(
+            f"{path}'s tokenizer differs from the one --data {data} was tokenized with; score it on "
+            "data prepared with the model's own tokenizer (a run of this model, or a config "
+            "whose model.path is this folder)"
+        )
+    return template
+
+
 def _record(
     meta: dict[str, Any], knobs: dict[str, Any], trained: int, data: Any, precision: str, max_tokens: int, windows: str
 ) -> dict[str, Any]:
@@ -227,7 +241,9 @@ def _record(
     }
 
 
-def _checkpoint_model(path: Path, rope) -> tuple:
+def _checkpoint_model(
+    path: Path, rope: RopeSpec | None
+) -> tuple[ModelAdapter, RunConfig, dict[str, Any], str, int, dict[str, Any]]:
     """(adapter with the checkpoint's weights, its RunConfig, knobs at the checkpoint, precision, trained
     length, record fields) of a run folder or checkpoint."""
 
@@ -244,7 +260,9 @@ def _checkpoint_model(path: Path, rope) -> tuple:
     return adapter, cfg, knobs, precision, int(schedule.max_knob("seq_len")), meta
 
 
-def _hf_folder_model(folder: Path, cfg, rope) -> tuple:
+def _hf_folder_model(
+    folder: Path, cfg: RunConfig, rope: RopeSpec | None
+) -> tuple[ModelAdapter, RunConfig, dict[str, Any], str, int, dict[str, Any]]:
     """The same for a Hugging Face model folder scored on ``cfg``'s corpus: no knobs (its own config's RoPE
     and attention), fp32, trained length = its max_position_embeddings."""
 
@@ -252,7 +270,7 @@ def _hf_folder_model(folder: Path, cfg, rope) -> tuple:
     if not (folder / "tokenizer.json").is_file():
         raise ConfigError(f"{folder} has no tokenizer.json, so rampup cannot check it matches --data's tokenizer")
     knobs = {"rope": rope} if rope is not None else {}
-    conf = adapter.module.config
+    conf: Any = adapter.module.config  # a transformers config: its fields depend on the model family
     params = getattr(conf, "rope_parameters", None) or {}
     meta = {
         "kind": "hf_folder",

@@ -207,7 +207,7 @@ TECHNIQUES = {
 loss shard, seq_len / width MLP shards)."""
 
 
-def technique_settings(name: str, rows: int, seq_len: int, width: int, vocab: int):
+def technique_settings(name: str, rows: int, seq_len: int, width: int, vocab: int) -> MemorySettings:
 
     s = requested(TECHNIQUES[name])
     return auto_levels(s, rows, seq_len, width, vocab)[-1] if name != "plain" else MemorySettings()
@@ -342,6 +342,7 @@ def memory_table(plan: Plan) -> Table:
         if s.memory is None:
             continue
         m = s.memory
+        assert s.biggest is not None  # a stage's memory is estimated at its largest step
         rows, T, _ = s.biggest
         t.add_row(
             f"{s.index} {s.name}",

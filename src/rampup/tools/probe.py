@@ -21,6 +21,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -48,6 +49,7 @@ from rampup.knobs.memory import (
 from rampup.knobs.memory import _is_auto as _auto
 from rampup.knobs.transitions import uses_parameter_groups
 from rampup.models.build import build_adapter
+from rampup.protocols import Batch
 from rampup.schedule.registry import KNOBS, KnobContext, KnobRunner
 from rampup.schedule.stages import Schedule
 from rampup.tools.plan import TECHNIQUES, technique_settings
@@ -93,22 +95,22 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     V = cfg.model.vocab_size
     g = torch.Generator().manual_seed(0)
 
-    def batch(t: int):
+    def batch(t: int) -> Batch:
         x = torch.randint(0, V, (rows, t + 1), generator=g)
         return task.make_batch(x[:, :-1].contiguous(), x[:, 1:].contiguous())
 
+    def step(b: Batch) -> tuple[float, float]:
+        micro = cfg.train.micro_batch_tokens
+        return optimizer_step(adapter, task, optimizer, b, lr=1e-4, precision=prec, micro_batch_items=micro)
+
     warm = math.gcd(T, 64) if T % 64 else 64  # the optimizer state and the kernels, before measuring
-    optimizer_step(
-        adapter, task, optimizer, batch(warm), lr=1e-4, precision=prec, micro_batch_items=cfg.train.micro_batch_tokens
-    )
+    step(batch(warm))
     b = batch(T)
     if spec.get("repeat"):  # timing, no limit: the step's median over ``repeat`` steps after one at T
         times = []
         for _ in range(spec["repeat"] + 1):
             t0 = time.perf_counter()
-            optimizer_step(
-                adapter, task, optimizer, b, lr=1e-4, precision=prec, micro_batch_items=cfg.train.micro_batch_tokens
-            )
+            step(b)
             times.append(time.perf_counter() - t0)
         return {"ok": True, "times": times[1:]}
     rest, _ = rss_bytes()
@@ -120,9 +122,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     reset_peak_rss()
     t0 = time.perf_counter()
     try:
-        loss, _ = optimizer_step(
-            adapter, task, optimizer, b, lr=1e-4, precision=prec, micro_batch_items=cfg.train.micro_batch_tokens
-        )
+        loss, _ = step(b)
     except (RuntimeError, MemoryError) as e:
         text = str(e)
         why = "memory" if isinstance(e, MemoryError) or "allocate" in text or "memory" in text.lower() else text[:300]
@@ -139,10 +139,10 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_trial(
-    cfg: Any,
+    cfg: RunConfig,
     knobs: dict[str, Any],
     seq_len: int,
-    settings: Any,
+    settings: MemorySettings,
     limit: int,
     *,
     mode: str = "total",
@@ -191,10 +191,10 @@ def run_trial(
 
 
 def time_steps(
-    cfg: Any,
+    cfg: RunConfig,
     knobs: dict[str, Any],
     seq_len: int,
-    settings: Any,
+    settings: MemorySettings,
     *,
     repeat: int = 3,
     rows: int = 1,
@@ -229,7 +229,14 @@ def _jsonable(knobs: dict[str, Any]) -> dict[str, Any]:
     return {k: v.model_dump(mode="json", by_alias=True) if hasattr(v, "model_dump") else v for k, v in knobs.items()}
 
 
-def longest(trial, start: int, stop: int, granule: int, refine: int = 2, log=None) -> tuple[int, list[Trial]]:
+def longest(
+    trial: Callable[[int], Trial],
+    start: int,
+    stop: int,
+    granule: int,
+    refine: int = 2,
+    log: Callable[[Trial], None] | None = None,
+) -> tuple[int, list[Trial]]:
     """The longest length in [start, stop] (multiples of ``granule``) for which ``trial(T)`` succeeds:
     doubling from ``start``, then ``refine`` bisections between the last success and the first failure.
     Returns (longest length that succeeded or 0, every trial run)."""
@@ -255,7 +262,9 @@ def longest(trial, start: int, stop: int, granule: int, refine: int = 2, log=Non
         if run(stop):
             return stop, trials
         bad = stop
-    for _ in range(refine if bad else 0):
+    if not bad:
+        return good, trials
+    for _ in range(refine):
         mid = (good + bad) // 2 // granule * granule
         if mid <= good or mid >= bad:
             break
@@ -266,7 +275,7 @@ def longest(trial, start: int, stop: int, granule: int, refine: int = 2, log=Non
     return good, trials
 
 
-def probe_config(cfg: Any, stop: int) -> Any:
+def probe_config(cfg: RunConfig, stop: int) -> RunConfig:
     """The run's config with the reference model's max_seq_len raised to ``stop`` (its RoPE tables reach
     the probed lengths); a Hugging Face model keeps its position limit."""
     if cfg.model.source == "reference" and cfg.model.max_seq_len < stop:
@@ -276,8 +285,34 @@ def probe_config(cfg: Any, stop: int) -> Any:
     return cfg
 
 
+def _check_probe(cfg: RunConfig, techniques: list[str], stop: int | None) -> int:
+    """The longest length to try (default: the model's limit), after refusing what cannot be probed."""
+    stop = stop or cfg.model.max_seq_len
+    if cfg.model.source == "hf" and stop > cfg.model.max_seq_len:
+        raise ConfigError(f"--max-seq-len {stop} is beyond this model's position limit {cfg.model.max_seq_len}")
+    for name in techniques:
+        if name not in TECHNIQUES and name != "as set":
+            raise ConfigError(f"unknown technique '{name}'; choose from {', '.join(['as set', *TECHNIQUES])}")
+    return stop
+
+
+def _technique(
+    name: str, cfg: RunConfig, knobs: dict[str, Any], rows: int, T: int, limit: int, precision: str, width: int
+) -> MemorySettings:
+    """The memory settings a trial of technique ``name`` runs with at seq_len T."""
+    if name != "as set":
+        return technique_settings(name, rows, T, width, cfg.model.vocab_size)
+    s = requested(knobs)  # the run's own memory knobs; auto chooses for this limit, as training would
+    if not _auto(s):
+        return s
+    d = cfg.model_dump(mode="json", by_alias=True)
+    d["train"]["memory_limit"] = f"{limit}B"
+    ctx = KnobContext(build_adapter(cfg.model, "meta"), cfg=type(cfg).model_validate(d), precision=precision)
+    return resolve(ctx, knobs, rows, T)[0]
+
+
 def probe(
-    cfg: Any,
+    cfg: RunConfig,
     limit: int,
     techniques: list[str],
     *,
@@ -289,17 +324,12 @@ def probe(
     refine: int = 2,
     timeout: float | None = None,
     threads: int | None = None,
-    log=None,
+    log: Callable[[Trial], None] | None = None,
 ) -> dict[str, Any]:
     """For each technique (rampup.plan.TECHNIQUES, or 'as set': the run's own memory knobs), the longest
     seq_len of one ``rows`` x seq_len training step within ``limit`` bytes, with every trial."""
 
-    stop = stop or cfg.model.max_seq_len
-    if cfg.model.source == "hf" and stop > cfg.model.max_seq_len:
-        raise ConfigError(f"--max-seq-len {stop} is beyond this model's position limit {cfg.model.max_seq_len}")
-    for name in techniques:
-        if name not in TECHNIQUES and name != "as set":
-            raise ConfigError(f"unknown technique '{name}'; choose from {', '.join(['as set', *TECHNIQUES])}")
+    stop = _check_probe(cfg, techniques, stop)
     cfg = probe_config(cfg, stop)
     schedule = Schedule.build(cfg.schedule, total=cfg.train.duration, tokens_per_epoch=10**12)
     knobs = schedule.at(schedule.total_tokens - 1)  # the last (longest) stage's knobs
@@ -311,21 +341,10 @@ def probe(
     results: dict[str, Any] = {"limit": limit, "mode": mode, "rows": rows, "precision": precision, "techniques": {}}
     for name in techniques:
 
-        def settings(T: int, name=name):
-            if name == "as set":  # the run's own memory knobs; auto chooses for this limit, as training would
-                s = requested(knobs)
-                if not _auto(s):
-                    return s
+        def settings(T: int, name: str = name) -> MemorySettings:
+            return _technique(name, cfg, knobs, rows, T, limit, precision, width)
 
-                d = cfg.model_dump(mode="json", by_alias=True)
-                d["train"]["memory_limit"] = f"{limit}B"
-                ctx = KnobContext(
-                    build_adapter(cfg.model, "meta"), cfg=type(cfg).model_validate(d), precision=precision
-                )
-                return resolve(ctx, knobs, rows, T)[0]
-            return technique_settings(name, rows, T, width, cfg.model.vocab_size)
-
-        def trial(T: int, name=name) -> Trial:
+        def trial(T: int, name: str = name) -> Trial:
             t = run_trial(
                 cfg,
                 knobs,

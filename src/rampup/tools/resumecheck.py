@@ -29,10 +29,11 @@ from typing import Any
 
 import torch
 
-from rampup.config import dump_config, load_config
+from rampup.config import RunConfig, dump_config, load_config
 from rampup.engine.checkpoint.format import latest_checkpoint, model_tensors
 from rampup.engine.records import read_metrics
 from rampup.engine.trainer import Trainer
+from rampup.errors import CheckpointError
 
 Runner = Callable[[Path, Path, bool, Sequence[str]], None]
 """runner(config file, run folder, resume, overrides): trains the config into the folder (resuming its
@@ -74,7 +75,7 @@ def subprocess_runner(nproc: int = 1, timeout: float = 600) -> Runner:
     return run
 
 
-def checkpointed(config: str | Path, overrides: Iterable[str] = ()) -> Any:
+def checkpointed(config: str | Path, overrides: Iterable[str] = ()) -> RunConfig:
     """The RunConfig of ``config`` (with ``--set`` style overrides) checkpointed after every step, every
     checkpoint kept, no console display."""
 
@@ -102,8 +103,11 @@ class RunRecord:
         recs = read_metrics(run / "metrics.jsonl")
         steps = {r["step"]: (r["loss"], r["grad_norm"]) for r in recs if r["event"] == "step"}
         evals = [(r["step"], r["seq_len"], r["loss"]) for r in recs if r["event"] == "eval"]
+        ckpt = latest_checkpoint(run / "checkpoints")
+        if ckpt is None:
+            raise CheckpointError(f"{run / 'checkpoints'} holds no checkpoint: the run wrote none")
         tensors = {}
-        for name, t in model_tensors(latest_checkpoint(run / "checkpoints")).items():
+        for name, t in model_tensors(ckpt).items():
             h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
             h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
             tensors[name] = h.hexdigest()
@@ -184,7 +188,7 @@ def resume_from(
 
 
 def sweep(
-    cfg: Any,
+    cfg: RunConfig,
     work: Path,
     steps: Iterable[int] | str = "all",
     runner: Runner = in_process,
@@ -207,12 +211,17 @@ def sweep(
     t_ref = time.perf_counter() - t0
     expected = RunRecord.of(ref)
     last = max(expected.steps)
+    chosen: Iterable[int]
     if steps == "all":
-        steps = range(1, last)
+        chosen = range(1, last)
     elif steps == "sample":
-        steps = sample(ref, seed)
+        chosen = sample(ref, seed)
+    elif isinstance(steps, str):
+        raise ValueError(f"steps is 'all', 'sample' or step numbers, not {steps!r}")
+    else:
+        chosen = steps
     tried, bad = [], {}
-    for k in steps:
+    for k in chosen:
         dst = work / f"from_{k}"
         found = differences(expected, resume_from(ref, k, dst, runner))
         tried.append(k)

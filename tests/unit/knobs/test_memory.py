@@ -379,3 +379,12 @@ def test_auto_in_a_run_picks_per_stage_what_the_limit_needs(data_cache, tmp_path
     train(RunConfig.model_validate(tree))
     mem = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["event"] == "memory"]
     assert [(r["seq_len"], r["settings"]) for r in mem] == [(64, "plain"), (256, levels[1].describe())]
+
+
+def test_an_ema_teacher_stage_is_estimated_with_its_teacher():
+    """The traced estimate of a stage taught by the run's own EMA holds the teacher's weights and forward
+    (its stand-in teacher once had no refresh_from_ema, and the estimate crashed)."""
+    cfg = _bench_cfg()
+    alone = estimate_step(cfg, {}, 1, 512, "fp32").peak
+    taught = estimate_step(cfg, {"teacher": "ema", "distill_weight": 0.5}, 1, 512, "fp32").peak
+    assert taught > alone

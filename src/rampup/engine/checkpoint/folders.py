@@ -114,8 +114,8 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
     it is still intact is what :func:`verify_checkpoint` checks."""
     if not ckpt_dir.is_dir():
         return []
-    found = [p for p in ckpt_dir.iterdir() if p.is_dir() and _step_of(p) is not None]
-    return sorted(found, key=_step_of)
+    steps = {p: step for p in ckpt_dir.iterdir() if p.is_dir() and (step := _step_of(p)) is not None}
+    return sorted(steps, key=steps.__getitem__)
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:

@@ -309,6 +309,8 @@ def load_latest(
     for path in reversed(list_checkpoints(ckpt_dir)):
         try:
             if load is None:
+                if model is None:
+                    raise TypeError("load_latest needs the model to load into, or a load function")
                 return load_checkpoint(path, model, optimizer, check=check, prepare=prepare)
             verify_checkpoint(path)
             return load(path)

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
 
 from rampup.engine.checkpoint import sharded
 from rampup.engine.checkpoint.format import (
@@ -31,7 +33,11 @@ from rampup.engine.checkpoint.sharded import (
     save_sharded,
     set_full_state,
 )
+from rampup.protocols import ModelAdapter
 from rampup.schedule.registry import fit_checkpoint
+
+if TYPE_CHECKING:
+    from rampup.engine.state import TrainState
 
 
 class Checkpointer(Protocol):
@@ -39,18 +45,18 @@ class Checkpointer(Protocol):
     collective: bool
     """``save`` needs every rank (it gathers a sharded model); otherwise rank 0 alone calls it."""
 
-    def save(self, state, extra: dict[str, Any]) -> Path:
+    def save(self, state: TrainState, extra: dict[str, Any]) -> Path:
         """Write ``state`` at its progress.step (plus JSON ``extra``, e.g. the config); returns where."""
         ...
 
     def load_latest(
-        self, state, *, report: Callable[[str], None], check: Callable[[dict[str, Any]], None] | None = None
+        self, state: TrainState, *, report: Callable[[str], None], check: Callable[[dict[str, Any]], None] | None = None
     ) -> Checkpoint | None:
         """Load the newest intact checkpoint into ``state``'s model and optimizer (not its JSON
         tree: the caller decides what to restore); None if there is none."""
         ...
 
-    def install(self, state) -> None:
+    def install(self, state: TrainState) -> None:
         """After every rank's ``load_latest``, all ranks together: put what was read into ``state``
         (a sharded model takes its shards here)."""
         ...
@@ -68,10 +74,10 @@ class LocalCheckpointer:
     def __init__(self, folder: Path, keep: int | None = 3) -> None:
         self.folder, self.keep = folder, keep
 
-    def install(self, state) -> None:
+    def install(self, state: TrainState) -> None:
         pass  # load_latest loaded the model and optimizer in place
 
-    def save(self, state, extra: dict[str, Any]) -> Path:
+    def save(self, state: TrainState, extra: dict[str, Any]) -> Path:
         return save_checkpoint(
             self.folder,
             state.progress.step,
@@ -82,7 +88,13 @@ class LocalCheckpointer:
             part_tensors=state.part_tensors(),
         )
 
-    def load_latest(self, state, *, report, check=None) -> Checkpoint | None:
+    def load_latest(
+        self,
+        state: TrainState,
+        *,
+        report: Callable[[str], None],
+        check: Callable[[dict[str, Any]], None] | None = None,
+    ) -> Checkpoint | None:
         return load_latest(
             self.folder,
             state.model.module,
@@ -109,13 +121,16 @@ class ShardedCheckpointer:
     """``save`` is DCP's collective write: every rank calls it."""
 
     def __init__(
-        self, local: LocalCheckpointer, dist_: Any, make_replica: Callable[[], tuple[Any, Any]] | None = None
+        self,
+        local: LocalCheckpointer,
+        dist_: Any,
+        make_replica: Callable[[], tuple[ModelAdapter, torch.optim.Optimizer]] | None = None,
     ) -> None:
         self.local, self.dist, self.make_replica = local, dist_, make_replica
         self.folder, self.keep = local.folder, local.keep
         self._pending: tuple | None = None
 
-    def save(self, state, extra: dict[str, Any]) -> Path:
+    def save(self, state: TrainState, extra: dict[str, Any]) -> Path:
 
         return save_sharded(
             self.folder,
@@ -128,7 +143,13 @@ class ShardedCheckpointer:
             parts=state.part_tensors(),
         )
 
-    def load_latest(self, state, *, report, check=None) -> Checkpoint | None:
+    def load_latest(
+        self,
+        state: TrainState,
+        *,
+        report: Callable[[str], None],
+        check: Callable[[dict[str, Any]], None] | None = None,
+    ) -> Checkpoint | None:
         """Verify and pick the newest intact checkpoint and read its JSON state and parts; the model
         and optimizer take its tensors in :meth:`install`, on every rank together."""
 
@@ -163,7 +184,7 @@ class ShardedCheckpointer:
 
         return load_latest(self.folder, None, None, report, load=load)
 
-    def install(self, state) -> None:
+    def install(self, state: TrainState) -> None:
         """Every rank together: the shards of the checkpoint :meth:`load_latest` picked into the live
         model and optimizer (DCP re-shards for this world size), or the replica it read, sharded."""
         pending, self._pending = self._pending, None

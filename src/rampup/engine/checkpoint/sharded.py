@@ -24,7 +24,7 @@ import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -41,6 +41,9 @@ from rampup.errors import (
     CheckpointWriteError,
     NonFiniteError,
 )
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint import FileSystemReader
 
 
 class _LazyDCP:
@@ -109,8 +112,10 @@ def read_metadata(path: Path) -> Any:
         raise CheckpointDamaged(f"checkpoint {path}: {DCP_DIR}/{METADATA} is unreadable ({e})") from None
 
 
-def _reader(path: Path, metadata: Any):
-    class Reader(DCP.FileSystemReader):
+def _reader(path: Path, metadata: Any) -> FileSystemReader:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class Reader(FileSystemReader):
         def read_metadata(self, *args: Any, **kwargs: Any) -> Any:  # the index we read safely above
             return metadata
 
@@ -316,6 +321,32 @@ def _cause(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[-1][:300]}" if text else type(e).__name__
 
 
+def _write_failed(ckpt_dir: Path, tmp: Path, step: int, error: str, dist_: Any) -> None:
+    """Remove the partial write and raise :class:`CheckpointWriteError` on every rank, naming the intact one."""
+    if dist_.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    newest = latest_checkpoint(ckpt_dir)
+    kept = f"the newest checkpoint, {newest}, is intact" if newest else "no earlier checkpoint exists"
+    raise CheckpointWriteError(
+        f"could not write the checkpoint of step {step} to {ckpt_dir}: {error}; {kept}. Free disk space "
+        "or fix the folder's permissions, then continue with: rampup train CONFIG --resume"
+    )
+
+
+def _refuse_nonfinite(flat: dict[str, Any], step: int, dist_: Any) -> None:
+    """:class:`NonFiniteError` on every rank if any rank's shard holds a NaN or inf (nothing is written)."""
+    bad = dist_.union(nonfinite_tensors((k, _local(v)) for k, v in flat.items()))
+    if bad:
+        names = [
+            k.replace("model/", "", 1).replace("optim/", "optimizer state ", 1).replace("part/", "part ", 1)
+            for k in bad
+        ]
+        raise NonFiniteError(
+            f"not writing the checkpoint of step {step}: {', '.join(names[:3])}"
+            f"{f' and {len(names) - 3} more' if len(names) > 3 else ''} hold NaN or inf"
+        )
+
+
 def save_sharded(
     ckpt_dir: Path,
     step: int,
@@ -334,16 +365,7 @@ def save_sharded(
     :class:`CheckpointWriteError` on every rank if any rank's write failed (earlier checkpoints intact).
     """
     flat, groups = flat_state(module, optimizer, parts, dist_.broadcast(rng_tensors()))
-    bad = dist_.union(nonfinite_tensors((k, _local(v)) for k, v in flat.items()))
-    if bad:
-        names = [
-            k.replace("model/", "", 1).replace("optim/", "optimizer state ", 1).replace("part/", "part ", 1)
-            for k in bad
-        ]
-        raise NonFiniteError(
-            f"not writing the checkpoint of step {step}: {', '.join(names[:3])}"
-            f"{f' and {len(names) - 3} more' if len(names) > 3 else ''} hold NaN or inf"
-        )
+    _refuse_nonfinite(flat, step, dist_)
     tmp = ckpt_dir / dist_.broadcast(f".tmp_step_{step:07d}_{os.getpid()}")
     error = None
     try:
@@ -379,14 +401,7 @@ def save_sharded(
         raise
     final, error = dist_.broadcast((final, error))
     if error is not None:
-        if dist_.main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        newest = latest_checkpoint(ckpt_dir)
-        kept = f"the newest checkpoint, {newest}, is intact" if newest else "no earlier checkpoint exists"
-        raise CheckpointWriteError(
-            f"could not write the checkpoint of step {step} to {ckpt_dir}: {error}; {kept}. Free disk space "
-            "or fix the folder's permissions, then continue with: rampup train CONFIG --resume"
-        )
+        _write_failed(ckpt_dir, tmp, step, error, dist_)
     if keep is not None and dist_.main:
         prune(ckpt_dir, keep)
     return final
