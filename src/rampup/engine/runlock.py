@@ -99,4 +99,9 @@ class RunLock:
         self._fd = None
 
     def __del__(self) -> None:
-        self.release()
+        if sys.meta_path is None:  # interpreter shutdown: modules are torn down; the OS drops the lock with the process
+            return
+        try:
+            self.release()
+        except (AttributeError, TypeError):  # a module global already cleared during shutdown
+            pass

@@ -29,7 +29,9 @@ def _apply_temperature(ctx, value):
     ctx.model.applied.append((ctx.step, value))
 
 
-if "temperature" not in KNOBS:
+@pytest.fixture(autouse=True, scope="module")
+def temperature_knob():
+    """Registered for this module only, so the knob does not leak into other tests (the docs test lists knobs)."""
     register_knob(
         Knob(
             "temperature",
@@ -39,6 +41,8 @@ if "temperature" not in KNOBS:
             apply=_apply_temperature,
         )
     )
+    yield
+    KNOBS.pop("temperature")
 
 
 # ----------------------------------------------------------------------------- model, task, data
