@@ -44,6 +44,40 @@ def tiny_tree(cache: Path, out_dir: Path, **sections) -> dict:
     return tree
 
 
+def text_corpus(folder: Path, alphabet: str, n_docs: int, seed: int) -> Path:
+    """A folder of real text files whose words use only ``alphabet`` (two such corpora share no token but EOT)."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for d in range(n_docs):
+        words = ["".join(rng.choice(alphabet) for _ in range(rng.randint(2, 6))) for _ in range(rng.randint(30, 400))]
+        (folder / f"doc{d:03d}.txt").write_text(" ".join(words))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def two_corpora(tmp_path_factory) -> dict[str, Path]:
+    """Two corpora for data mixtures (letters, digits) and a cache for them."""
+    root = tmp_path_factory.mktemp("mix")
+    return {
+        "letters": text_corpus(root / "letters", "abcdefghij", 60, 1),
+        "digits": text_corpus(root / "digits", "0123456789", 40, 2),
+        "cache": root / "cache",
+    }
+
+
+def mix_tree(corpora: dict[str, Path], out: Path, sources: dict | None = None, **sections) -> dict:
+    """The tiny run over a mixture of the two corpora (a 300-token tokenizer trained on both)."""
+    tree = tiny_tree(corpora["cache"], out, **sections)
+    tree["model"]["vocab_size"] = 300
+    tree["data"] = {
+        "cache_dir": str(corpora["cache"]),
+        "val_fraction": 0.1,
+        "sources": sources
+        or {"letters": {"source": str(corpora["letters"])}, "digits": {"source": str(corpora["digits"])}},
+    }
+    return tree
+
+
 def flip_bit(path: Path, offset: int) -> None:
     """Damage a file in place: flip the lowest bit of the byte at ``offset``."""
     with open(path, "r+b") as f:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from rampup.commands import console, load
 from rampup.data.dataset import TokenDataset
+from rampup.data.mixture import all_prepared, source_folders
 from rampup.data.prepare import (
     corpus_warnings,
     prepared_dir,
@@ -30,6 +31,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.time_budget > 0:
         raise ConfigError(f"--time-budget {args.time_budget:g}: give a positive number of seconds (or --no-time)")
     cfg = load(args)
+    if cfg.data.sources is not None:
+        return _plan_mixture(args, cfg)
     prepared = prepared_dir(cfg.data)
     tokens_per_epoch = None  # known only once the corpus is prepared; plan never prepares it
 
@@ -49,6 +52,34 @@ def run(args: argparse.Namespace) -> int:
         warnings = unprepared_warnings(cfg.data, schedule.total_tokens)
     for w in too_big + warnings:
         console.print(f"[yellow]warning:[/] {w}", highlight=False)
+    _time_and_plot(args, cfg, schedule, plan)
+    return 0
+
+
+def _plan_mixture(args: argparse.Namespace, cfg) -> int:
+    """A data mixture: the plan with its tokens per source per stage, and each source's warnings."""
+    folders = source_folders(cfg.data)
+    prepared = all_prepared(cfg.data)
+    tokens_per_epoch = (
+        sum(TokenDataset.open(f, "train", verify=False).n_tokens for f in folders.values()) if prepared else None
+    )
+    schedule = Schedule.build(cfg.schedule, total=cfg.train.duration, tokens_per_epoch=tokens_per_epoch)
+    plan = make_plan(cfg, schedule, memory="detail" if args.memory else "peak")
+    print_plan(plan, cfg, console)
+    warnings = memory_warnings(plan, cfg)
+    for name, sub in cfg.data.source_configs().items():
+        meta = folders[name] / "meta.json"
+        found = corpus_warnings(read_meta(folders[name])) if meta.is_file() else unprepared_warnings(sub, 0)
+        warnings += [f"source '{name}': {w}" for w in found]
+    if not prepared:
+        console.print("sources not prepared yet: `rampup prepare` them for their sizes and document lengths")
+    for w in warnings:
+        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+    _time_and_plot(args, cfg, schedule, plan)
+    return 0
+
+
+def _time_and_plot(args: argparse.Namespace, cfg, schedule: Schedule, plan) -> None:
     if not args.no_time:
         # (rows, seq_len) of every step: whole numbers, in a curve that also holds floats (lr)
         shapes = [(int(b), int(t)) for b, t in zip(plan.curve["batch_size"], plan.curve["seq_len"], strict=True)]
@@ -67,7 +98,6 @@ def run(args: argparse.Namespace) -> int:
     png = Path(args.png) if args.png else _plan_png(cfg)
     plot_plan(plan, png, title=cfg.name)
     console.print(f"plot: {png}")
-    return 0
 
 
 def _plan_png(cfg) -> Path:

@@ -8,9 +8,9 @@ from rich.table import Table
 
 from rampup.commands import console, load
 from rampup.data.buckets import get_buckets
+from rampup.data.mixture import prepare_sources
 from rampup.data.prepare import (
     describe_prepared,
-    get_prepared,
     read_meta,
 )
 
@@ -18,7 +18,14 @@ from rampup.data.prepare import (
 def run(args: argparse.Namespace) -> int:
 
     cfg = load(args)
-    path = get_prepared(cfg.data)
+    for name, path in prepare_sources(cfg.data).items():
+        if cfg.data.sources is not None:
+            console.print(f"[bold]source '{name}'[/]")
+        _describe(cfg, path)
+    return 0
+
+
+def _describe(cfg, path) -> None:
     meta = read_meta(path)
     console.print(f"prepared data in {path}")
     for line in describe_prepared(meta):
@@ -40,4 +47,3 @@ def run(args: argparse.Namespace) -> int:
         f"({summary['tokens_dropped'] / summary['tokens_total']:.2%}) dropped as remainders shorter "
         f"than {1 << b.min_log2} + 1 tokens; each sequence also holds one target token past its inputs"
     )
-    return 0

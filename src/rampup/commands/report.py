@@ -11,6 +11,6 @@ from rampup.tools.report import report_run
 
 def run(args: argparse.Namespace) -> int:
 
-    html = report_run(Path(args.run_dir), Path(args.out) if args.out else None)
+    html = report_run(Path(args.run_dir), Path(args.out) if args.out else None, on=args.on)
     console.print(f"report: {html}")
     return 0

@@ -124,8 +124,10 @@ class BucketCurriculum:
         quota = np.floor(self.counts * self.fraction * (self.cycle + 1) / self.cycles).astype(np.int64)
         return np.minimum(quota, self.counts) - self.used
 
-    def choose(self, batch_tokens: int, odds: Any) -> tuple[int, int, int]:
-        """(k, first sequence index in this epoch's order of bucket k, number of sequences)."""
+    def choose(self, batch_tokens: int, odds: Any, mask: np.ndarray | None = None) -> tuple[int, int, int]:
+        """(k, first sequence index in this epoch's order of bucket k, number of sequences); ``mask``
+        (bool per bucket) leaves out buckets that cannot serve this step for another reason (a mixture's
+        source short of sequences)."""
         if batch_tokens % (1 << self.ks[-1]):
             raise ConfigError(
                 f"batch_tokens {batch_tokens} is not divisible by the longest bucket's "
@@ -135,6 +137,8 @@ class BucketCurriculum:
         need = np.array([batch_tokens >> k for k in self.ks], dtype=np.int64)  # sequences per batch
         while True:
             ok = (self._allowed() >= need) & (self.counts - self.used >= need) & (weights > 0)
+            if mask is not None:
+                ok &= mask
             if ok.any():
                 p = np.where(ok, weights, 0.0)
                 rng = np.random.default_rng([self.seed, self.epoch, self.draws])

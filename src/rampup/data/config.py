@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from rampup.configbase import Section
+from rampup.units import Duration, Unit
 
 
 class TokenizerConfig(Section):
@@ -50,6 +52,49 @@ class BucketsConfig(Section):
         return self
 
 
+class SourceConfig(Section):
+    """One corpus of a mixture (``data.sources``): any source ``data.source`` takes, prepared with the
+    mixture's one tokenizer, with its own validation split."""
+
+    source: str
+    """The corpus, as for data.source: `stdlib`, a text folder or file, .jsonl/.parquet/.arrow files, or a
+    Hugging Face `datasets` folder."""
+
+    text_field: str = "text"
+    """The JSONL field, or Parquet/Arrow column, holding each document's text."""
+
+    split: str | None = None
+    """The split of a Hugging Face `DatasetDict` folder to read."""
+
+    max_files: int | None = Field(default=None, ge=1)
+    """Use only the first N files of the source (sorted by path)."""
+
+    subset: Duration | None = None
+    """Train on a fixed subset of this many tokens of the source (e.g. `2M tok`): whole documents drawn
+    once in a seeded order that does not depend on the run's seed, served for as many epochs as the run
+    asks (a small high-quality set repeated). Unset: the whole source."""
+
+    repeat: bool | None = None
+    """What happens when the run needs more of this source than it holds: true starts a new epoch
+    (reshuffled), false makes running dry a plan-time error. Unset: data.buckets.repeat for the buckets
+    sampler; true (a new epoch, as with one source) for the staged and fixed samplers."""
+
+    tokenizer: str | None = None
+    """A tokenizer.json this source was meant for; it must be the mixture's own (data.tokenizer.path, or
+    the one trained on the union of the sources): a check, never a second tokenizer."""
+
+    @field_validator("subset")
+    @classmethod
+    def _subset_in_tokens(cls, v: Duration | None) -> Duration | None:
+        if v is not None and (v.unit is not Unit.TOKEN or v.value < 1):
+            raise ValueError(f"subset takes a positive number of tokens, e.g. '2M tok', got '{v}'")
+        return v
+
+
+_SOURCE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+_PER_SOURCE = ("source", "text_field", "split", "max_files")
+
+
 class DataConfig(Section):
     """The training corpus and how it is prepared (tokenized once, cached on disk)."""
 
@@ -88,6 +133,11 @@ class DataConfig(Section):
     buckets: BucketsConfig = Field(default_factory=BucketsConfig)
     """Length buckets for data.sampler: buckets."""
 
+    sources: dict[str, SourceConfig] | None = None
+    """Several corpora mixed by the `mix` knob: `{name: {source: ..., subset: ..., repeat: ...}}`. Each is
+    prepared into its own shards with one shared tokenizer and keeps its own validation split;
+    evaluation reports the loss of each. Exclusive with data.source (its one-source shorthand)."""
+
     doc_mask: bool = False
     """Packed windows (fixed/staged samplers): attend only within each document (the end-of-text
     token closes a document) instead of across the whole window."""
@@ -104,6 +154,28 @@ class DataConfig(Section):
     """Read every token shard in full when it is opened: compare its sha256 with meta.json and check
     every token id is below the vocabulary size (about 1 GB/s). false skips both; the document
     index and shard sizes are always checked."""
+
+    @model_validator(mode="after")
+    def _sources(self) -> DataConfig:
+        if self.sources is None:
+            return self
+        if not self.sources:
+            raise ValueError("data.sources is empty; name at least one source, or use data.source for one corpus")
+        bad = [n for n in self.sources if not _SOURCE_NAME.match(n)]
+        if bad:
+            raise ValueError(
+                f"data.sources: the name {bad[0]!r} is not a plain name; use letters, digits, '_' and '-', "
+                "starting with a letter (it names the source in the mix knob, metrics and --on)"
+            )
+        # against the defaults, not the keys set: a saved run config holds every key at its value
+        shared = [k for k in _PER_SOURCE if getattr(self, k) != type(self).model_fields[k].default]
+        if shared:
+            raise ValueError(
+                f"data.{shared[0]} and data.sources are exclusive: with several sources, set "
+                f"{shared[0]} under each source (data.sources.NAME.{shared[0]}); data.source is the "
+                "one-source shorthand"
+            )
+        return self
 
     @model_validator(mode="after")
     def _packing(self) -> DataConfig:
@@ -125,3 +197,14 @@ class DataConfig(Section):
         if not 0.0 < v < 0.5:
             raise ValueError(f"data.val_fraction must be between 0 and 0.5 (exclusive), got {v}")
         return v
+
+    def source_configs(self) -> dict[str, DataConfig]:
+        """{name: the one-source DataConfig of each source} (the shared settings copied); one source
+        ``main`` for the shorthand. Their tokenizer is set by :func:`rampup.data.mixture.prepare_sources`."""
+        if self.sources is None:
+            return {"main": self}
+        shared = self.model_dump(exclude={"sources", *_PER_SOURCE})
+        return {
+            name: DataConfig.model_validate(shared | src.model_dump(include=set(_PER_SOURCE), exclude_none=True))
+            for name, src in self.sources.items()
+        }

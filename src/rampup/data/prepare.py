@@ -87,7 +87,12 @@ def read_meta(folder: str | Path) -> dict:
 
 
 def prepared_dir(cfg: DataConfig) -> Path:
-    """Where ``cfg``'s prepared data lives (whether or not it has been prepared yet)."""
+    """Where ``cfg``'s prepared data lives (whether or not it has been prepared yet); for a mixture
+    (data.sources) its first source's folder, which holds the shared tokenizer."""
+    if cfg.sources is not None:
+        from rampup.data.mixture import source_folders
+
+        return next(iter(source_folders(cfg).values()))
     return _location(cfg, resolve_source(cfg.source, cfg.max_files, cfg.split))[0]
 
 
@@ -97,12 +102,17 @@ def get_prepared(cfg: DataConfig, *, progress: Progress | None = None) -> Path:
 
 
 def prepare(cfg: DataConfig, *, progress: Progress | None = None, force: bool = False) -> Path:
-    """Tokenize ``cfg.source`` into the cache and return the prepared folder.
+    """Tokenize ``cfg.source`` into the cache and return the prepared folder (a mixture: prepare every
+    source and return the first one's).
 
     A complete folder for the same settings is reused unless ``force``. The folder is built under
     a temporary name and renamed into place, with meta.json written last, so an interrupted
     prepare leaves nothing that looks complete.
     """
+    if cfg.sources is not None:  # a mixture: every source, and its first folder (the shared tokenizer's)
+        from rampup.data.mixture import prepare_sources
+
+        return next(iter(prepare_sources(cfg, progress=progress, force=force).values()))
     files = resolve_source(cfg.source, cfg.max_files, cfg.split)
     final, settings = _location(cfg, files)
     if not force and (final / META).is_file():

@@ -91,16 +91,28 @@ class StagedSampler:
             )
         rows = np.empty((batch_size, seq_len + 1), dtype=np.int64)  # (B, T+1)
         for b in range(batch_size):
-            if self.offset + seq_len > self.block_len or (self.truncate and self.offset):
-                self.block_pos, self.offset = self.block_pos + 1, 0  # next block
-            if self.block_pos == self.n_blocks:
-                self.epoch, self.block_pos, self.offset = self.epoch + 1, 0, 0
+            self._next_row(seq_len)
             block = self._plan.window(self.epoch, self.block_pos)
             rows[b] = block[self.offset : self.offset + seq_len + 1]
             self.offset += seq_len
         self.tokens_served += batch_size * seq_len
         t = torch.from_numpy(rows)
         return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+
+    def _next_row(self, seq_len: int) -> None:
+        """Move the cursor to where the next row of ``seq_len`` starts (a new block or epoch when needed)."""
+        if self.offset + seq_len > self.block_len or (self.truncate and self.offset):
+            self.block_pos, self.offset = self.block_pos + 1, 0  # next block
+        if self.block_pos == self.n_blocks:
+            self.epoch, self.block_pos, self.offset = self.epoch + 1, 0, 0
+
+    def skip(self, seq_len: int, batch_size: int) -> None:
+        """Advance exactly as :meth:`next_batch` would, without reading a token (a plan's dry walk)."""
+        _check_batch(seq_len, batch_size)
+        for _ in range(batch_size):
+            self._next_row(seq_len)
+            self.offset += seq_len
+        self.tokens_served += batch_size * seq_len
 
     def take(self, sp: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch of one schedule step (a :class:`rampup.schedule.StepPlan`)."""
@@ -201,12 +213,22 @@ class FixedSampler:
         rows = np.empty((batch_size, seq_len + 1), dtype=np.int64)  # (B, T+1)
         for b in range(batch_size):
             rows[b] = self._plan.window(self.epoch, self.pos)
-            self.pos += 1
-            if self.pos == self.n_windows:
-                self.epoch, self.pos = self.epoch + 1, 0
+            self._advance()
         self.tokens_served += batch_size * seq_len
         t = torch.from_numpy(rows)
         return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+
+    def _advance(self) -> None:
+        self.pos += 1
+        if self.pos == self.n_windows:
+            self.epoch, self.pos = self.epoch + 1, 0
+
+    def skip(self, seq_len: int, batch_size: int) -> None:
+        """Advance exactly as :meth:`next_batch` would, without reading a token (a plan's dry walk)."""
+        _check_batch(seq_len, batch_size)
+        for _ in range(batch_size):
+            self._advance()
+        self.tokens_served += batch_size * seq_len
 
     def take(self, sp: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch of one schedule step (a :class:`rampup.schedule.StepPlan`)."""

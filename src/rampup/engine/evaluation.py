@@ -30,6 +30,15 @@ def eval_loss(
     adapter: ModelAdapter, task: Task, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, precision: str = "auto"
 ) -> float:
     """Mean loss per item over ``batches`` of (x, y) pairs, every item scored."""
+    loss_sum, count = eval_loss_sum(adapter, task, batches, precision=precision)
+    return loss_sum / count
+
+
+@torch.no_grad()
+def eval_loss_sum(
+    adapter: ModelAdapter, task: Task, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, precision: str = "auto"
+) -> tuple[float, int]:
+    """(summed loss, items scored) over ``batches``: parts of one set pool into its mean."""
     module = adapter.module
     was_training = module.training
     module.eval()
@@ -43,7 +52,7 @@ def eval_loss(
             count += batch.items
     finally:
         module.train(was_training)
-    return loss_sum / count
+    return loss_sum, count
 
 
 def window_batches(windows: torch.Tensor, batch_tokens: int = 16384) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -77,6 +86,38 @@ def evaluate_lengths(
     finally:
         runner.restore(saved)
     return losses
+
+
+def evaluate_parts(
+    adapter: ModelAdapter,
+    task: Task,
+    runner: KnobRunner,
+    knobs: dict[str, Any],
+    parts: Mapping[str, Mapping[int, Iterable[tuple[torch.Tensor, torch.Tensor]]]],
+    *,
+    precision: str = "auto",
+    each: Callable[[int, float], None] | None = None,
+) -> tuple[dict[int, float], dict[str, dict[int, float]]]:
+    """:func:`evaluate_lengths` over a set in named parts ({name: {length: batches}}, every part at the same
+    lengths): ({length: pooled mean loss}, {name: {length: the part's mean loss}}); ``each`` sees the pooled one."""
+    saved = runner.save()
+    pooled: dict[int, float] = {}
+    by_part: dict[str, dict[int, float]] = {name: {} for name in parts}
+    lengths = list(next(iter(parts.values())))
+    try:
+        for n in lengths:
+            runner.apply(knobs, n)
+            total, items = 0.0, 0
+            for name, sets in parts.items():
+                s, c = eval_loss_sum(adapter, task, sets[n], precision=precision)
+                by_part[name][n] = s / c
+                total, items = total + s, items + c
+            pooled[n] = total / items
+            if each is not None:
+                each(n, pooled[n])
+    finally:
+        runner.restore(saved)
+    return pooled, by_part
 
 
 @torch.no_grad()

@@ -41,7 +41,8 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
             if k not in _STEP_SKIP and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
         }
     if event == "eval":
-        return {f"eval/loss@{record['seq_len']}": float(record["loss"])}
+        part = f"{record['set']}/" if "set" in record else ""
+        return {f"eval/{part}loss@{record['seq_len']}": float(record["loss"])}
     if event == "passkey":
         return {f"eval/passkey@{record['seq_len']}": float(record["mean"])}
     return {}

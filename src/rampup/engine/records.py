@@ -28,8 +28,30 @@ from rich.progress import (
 
 from rampup.engine.faults import finite_json
 from rampup.engine.loggers import Logger
-from rampup.errors import RecordWriteError
+from rampup.errors import DataError, RecordWriteError
 from rampup.units import format_tokens
+
+
+def select_eval_set(records: list[dict[str, Any]], on: str | None, where: Any = "") -> list[dict[str, Any]]:
+    """The records with the evaluations of set ``on`` (a mixture's source) as the run's evaluations, the
+    others dropped; ``on=None`` keeps the run's main evaluations. A run that evaluated no set ``on`` but
+    has one corpus (no data.sources) keeps its main evaluations: that corpus is the one compared."""
+    if on is None:
+        return [r for r in records if not (r.get("event") == "eval" and "set" in r)]
+    sets = {r["set"] for r in records if r.get("event") == "eval" and "set" in r}
+    if on not in sets:
+        if sets:
+            raise DataError(
+                f"the run in {where} evaluated no source named '{on}'; its sources: {', '.join(sorted(sets))}"
+            )
+        return select_eval_set(records, None)
+    out = []
+    for r in records:
+        if r.get("event") != "eval":
+            out.append(r)
+        elif r.get("set") == on:
+            out.append({k: v for k, v in r.items() if k != "set"})
+    return out
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -325,10 +347,12 @@ class Records:
             "(every sequence of the earlier epoch has been served)"
         )
 
-    def eval_length(self, p: Any, seq_len: int, loss: float) -> None:
+    def eval_length(self, p: Any, seq_len: int, loss: float, part: str | None = None) -> None:
+        """One evaluation length's loss; ``part`` names a part of the set (a mixture's source: ``"set"``)."""
         self.metrics.write(
             {
                 "event": "eval",
+                **({"set": part} if part is not None else {}),
                 "step": p.step,
                 "tokens": p.tokens,
                 "seq_len": seq_len,

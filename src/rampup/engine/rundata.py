@@ -12,6 +12,7 @@ import torch
 from rampup.data.bucket_sampler import check_context, plan_buckets
 from rampup.data.buckets import get_buckets
 from rampup.data.dataset import TokenDataset
+from rampup.data.mixture import MixtureSampler, all_prepared, prepare_sources
 from rampup.data.passkey import PasskeyTemplate
 from rampup.data.prepare import (
     corpus_warnings,
@@ -53,6 +54,9 @@ class RunData:
     """The knobs of the first step of each distinct (global rows, seq_len): its memory is checked before any step."""
     warnings: list[str] = field(default_factory=list)
     """What the run prints as warnings at its start (a corpus mostly skipped, or repeated many times)."""
+    eval_parts: dict[str, dict[int, list[tuple[torch.Tensor, torch.Tensor]]]] = field(default_factory=dict)
+    """An evaluation set in named parts (a mixture's sources): each part's loss is recorded under its
+    name, and the loss of ``eval_sets`` (all parts together) is their pooled mean. Empty: one set."""
     _passkey: PasskeyTemplate | None = field(default=None, repr=False)
     _stream: np.ndarray | None = field(default=None, repr=False)
 
@@ -92,9 +96,11 @@ def check_graphs(cfg: RunSettings, graphs: set[tuple]) -> None:
 
 def prepare_run(cfg: RunSettings) -> RunData:
     """Everything that can fail on bad input, done before any training compute."""
-    prepared = get_prepared(cfg.data)
-    train_ds = TokenDataset.open(prepared, "train", verify=cfg.data.verify_checksums)
-    val_ds = TokenDataset.open(prepared, "val", verify=cfg.data.verify_checksums)
+    folders = prepare_sources(cfg.data)  # {"main": folder} for one source
+    verify = cfg.data.verify_checksums
+    trains = {n: TokenDataset.open(f, "train", verify=verify) for n, f in folders.items()}
+    vals = {n: TokenDataset.open(f, "val", verify=verify) for n, f in folders.items()}
+    train_ds, val_ds = next(iter(trains.values())), next(iter(vals.values()))
     if train_ds.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             f"the tokenizer has {train_ds.vocab_size} tokens but model.vocab_size is "
@@ -103,27 +109,48 @@ def prepare_run(cfg: RunSettings) -> RunData:
     schedule = Schedule.build(
         cfg.schedule,
         total=cfg.train.duration,
-        tokens_per_epoch=train_ds.n_tokens,
+        tokens_per_epoch=sum(d.n_tokens for d in trains.values()),
         shape=CausalLM.step_shape(cfg.schedule.seq_len_mode),
     )
     eval_lens = cfg.eval.seq_lens or [schedule.max_knob("seq_len")]
-    for n in eval_lens:
-        if val_ds.n_tokens < n + 1:
-            raise DataError(
-                f"the validation split has {val_ds.n_tokens} tokens, too few for eval at seq_len {n}; "
-                "raise data.val_fraction or lower eval.seq_lens"
-            )
-    sampler = sampler_for_run(cfg.data, train_ds, cfg.train.seed, schedule)
+    for name, ds in vals.items():
+        for n in eval_lens:
+            if ds.n_tokens < n + 1:
+                of = f" of source '{name}'" if cfg.data.sources is not None else ""
+                raise DataError(
+                    f"the validation split{of} has {ds.n_tokens} tokens, too few for eval at seq_len {n}; "
+                    "raise data.val_fraction or lower eval.seq_lens"
+                )
+    if cfg.data.sources is None:
+        sampler: Any = sampler_for_run(cfg.data, train_ds, cfg.train.seed, schedule)
+    else:
+        sampler = MixtureSampler(trains, cfg.data, cfg.train.seed, schedule)
     graphs: set[tuple] = set()
     step_knobs: dict[tuple[int, int], dict[str, Any]] = {}
-    every = step_shapes(cfg, schedule)  # buckets: the draws, walked dry
+    every = step_shapes(cfg, schedule, sampler)  # buckets or a mixture: the draws, walked dry
     for sp, (rows, seq_len) in zip(schedule.steps(), every, strict=True):
         graphs |= {graph_id(sp.knobs, s) for s in micro_shapes(rows, seq_len, cfg.train.micro_batch_tokens)}
         step_knobs.setdefault((rows, seq_len), sp.knobs)
     check_graphs(cfg, graphs)
     make_windows = EVAL_WINDOWS[cfg.eval.windows]
-    eval_sets = {n: window_batches(make_windows(val_ds, n, cfg.eval.max_tokens)) for n in eval_lens}
-    warnings = corpus_warnings(read_meta(prepared), budget_tokens=schedule.total_tokens, sampler=cfg.data.sampler)
+    firsts = {f: n for n, f in reversed(folders.items())}  # sources sharing a corpus share its held-out split:
+    parts = {  # evaluated once, under the first such source's name
+        name: {n: window_batches(make_windows(ds, n, cfg.eval.max_tokens)) for n in eval_lens}
+        for name, ds in vals.items()
+        if firsts[folders[name]] == name
+    }
+    eval_sets = {n: [b for part in parts.values() for b in part[n]] for n in eval_lens}
+    warnings = [
+        w
+        for folder in folders.values()
+        for w in corpus_warnings(
+            read_meta(folder),
+            budget_tokens=schedule.total_tokens if cfg.data.sources is None else None,
+            sampler=cfg.data.sampler,
+        )
+    ]
+    if isinstance(sampler, MixtureSampler):
+        warnings += sampler.warnings(schedule)
     return RunData(
         schedule,
         sampler,
@@ -136,17 +163,27 @@ def prepare_run(cfg: RunSettings) -> RunData:
         set(step_knobs),
         step_knobs,
         warnings,
+        eval_parts=parts if cfg.data.sources is not None else {},
     )
 
 
-def step_shapes(cfg: RunSettings, schedule: Schedule) -> list[tuple[int, int]]:
+def step_shapes(cfg: RunSettings, schedule: Schedule, sampler: Any = None) -> list[tuple[int, int]]:
     """(rows, seq_len) of every step as the sampler will serve it.
 
     For the buckets sampler that needs the bucket counts (the corpus is prepared and decomposed if
     it is not yet) and walks the sampler's own draws dry, so a curriculum whose buckets run dry or
-    whose odds do not fit the buckets fails here, before any compute.
+    whose odds do not fit the buckets fails here, before any compute; a mixture walks its sampler dry
+    (``sampler``, or one built here), so a source that runs dry with repeat: false fails here too.
     """
     check_knobs(cfg, schedule)  # every knob's plan-time checks (windows within their sequences, ...)
+    if cfg.data.sources is not None:
+        if sampler is None:
+            if cfg.data.sampler != "buckets" and not all_prepared(cfg.data):  # plan never prepares for shapes
+                return [(sp.batch_size, sp.seq_len) for sp in schedule.steps()]
+            folders = prepare_sources(cfg.data)
+            trains = {n: TokenDataset.open(f, "train", verify=cfg.data.verify_checksums) for n, f in folders.items()}
+            sampler = MixtureSampler(trains, cfg.data, cfg.train.seed, schedule)
+        return [(rows, seq_len) for rows, seq_len, _ in sampler.walk(schedule)]
     if cfg.data.sampler != "buckets":
         return [(sp.batch_size, sp.seq_len) for sp in schedule.steps()]
     b = cfg.data.buckets

@@ -33,7 +33,7 @@ from torch.profiler import ProfilerActivity, profile
 from rampup.engine.checkpoint.format import Checkpoint
 from rampup.engine.checkpoint.local import LocalCheckpointer
 from rampup.engine.distributed import device_for, setup
-from rampup.engine.evaluation import evaluate_lengths, passkey_accuracy
+from rampup.engine.evaluation import evaluate_lengths, evaluate_parts, passkey_accuracy
 from rampup.engine.faults import NanInjector, StallInjector, clock_scale
 from rampup.engine.initfrom import load_weights
 from rampup.engine.loggers import build_loggers
@@ -533,9 +533,17 @@ class Trainer:
         with contextlib.ExitStack() as held:  # a family's weights swapped in (the EMA), for every length
             for family in families():
                 held.enter_context(family.evaluating(self.knobs.ctx))
-            losses = evaluate_lengths(
-                self.state.model, self.task, self.knobs, knobs, self.data.eval_sets, precision=prec, each=each
-            )
+            if self.data.eval_parts:  # a set in named parts (a mixture's sources): each part recorded too
+                losses, by_part = evaluate_parts(
+                    self.state.model, self.task, self.knobs, knobs, self.data.eval_parts, precision=prec, each=each
+                )
+                for name, part in by_part.items():
+                    for n, loss in part.items():
+                        self.records.eval_length(p, n, loss, part=name)
+            else:
+                losses = evaluate_lengths(
+                    self.state.model, self.task, self.knobs, knobs, self.data.eval_sets, precision=prec, each=each
+                )
         self.records.evaluation(p, losses)
         return losses
 

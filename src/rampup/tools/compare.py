@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rampup.config import load_config
-from rampup.engine.records import read_metrics
+from rampup.engine.records import read_metrics, select_eval_set
 from rampup.engine.trainer import train
 from rampup.errors import ConfigError, DataError
 from rampup.units import format_tokens
@@ -70,8 +70,9 @@ def _group_key(config: dict[str, Any]) -> str:
     return json.dumps(c, sort_keys=True, default=str)
 
 
-def load_run(run_dir: str | Path) -> Run:
-    """Read a run folder; a missing folder, config or evaluation is a :class:`DataError` naming the path."""
+def load_run(run_dir: str | Path, on: str | None = None) -> Run:
+    """Read a run folder; a missing folder, config or evaluation is a :class:`DataError` naming the path.
+    ``on``: the evaluations of that source of a mixture (data.sources) count as the run's."""
     path = Path(run_dir)
     if not path.is_dir():
         raise DataError(f"run folder {path} does not exist; give the out_dir of a finished run")
@@ -87,6 +88,7 @@ def load_run(run_dir: str | Path) -> Run:
     records = read_metrics(path / "metrics.jsonl")
     if not records:
         raise DataError(f"{path / 'metrics.jsonl'} is missing or empty; the run in {path} recorded no metrics")
+    records = select_eval_set(records, on, path)
     evals: dict[int, list[tuple[int, float, float, float, float]]] = {}
     precision = ""
     for r in records:
@@ -156,8 +158,30 @@ def _label(runs: list[Run]) -> str:
     return stripped.pop() if len(stripped) == 1 else runs[0].name
 
 
-def _check_same_data(runs: list[Run]) -> None:
+def _held_out(config: dict[str, Any], on: str) -> dict[str, Any]:
+    """What a run's held-out data of source ``on`` depends on: the source, how it is split and tokenized (a
+    tokenizer trained by rampup is named by the corpora it was trained on)."""
+    d = dict(config.get("data") or {})
+    sources = d.get("sources") or {"": {k: d.get(k) for k in ("source", "text_field", "split", "max_files")}}
+    src = dict(sources.get(on) or next(iter(sources.values())))
+    tok = dict(d.get("tokenizer") or {})
+    if tok.get("path") is None:
+        tok["trained_on"] = sorted(str(s.get("source")) for s in sources.values())
+    return {
+        "source": src.get("source"),
+        "text_field": src.get("text_field", "text"),
+        "split": src.get("split"),
+        "max_files": src.get("max_files"),
+        "tokenizer": tok,
+        "val_fraction": d.get("val_fraction"),
+        "on_undecodable": d.get("on_undecodable"),
+    }
+
+
+def _check_same_data(runs: list[Run], on: str | None = None) -> None:
     def data(r: Run) -> dict[str, Any]:
+        if on is not None:
+            return _held_out(r.config, on)
         d = dict(r.config.get("data") or {})
         for k in _DATA_KEYS_IGNORED:
             d.pop(k, None)
@@ -171,6 +195,7 @@ def _check_same_data(runs: list[Run]) -> None:
             f"compared runs must share data; {names} differ from '{runs[0].name}' ({runs[0].path}) "
             "in the data section (source, tokenizer, val_fraction, max_files, ...), so their "
             "validation losses are not comparable"
+            + ("" if on is not None else "; runs on data mixtures compare on one source's loss: --on SOURCE")
         )
 
 
@@ -272,17 +297,23 @@ def _with_speedups(d: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
 
 
 def compare_runs(
-    run_dirs: Sequence[str | Path], *, baseline: str | None = None, target_loss: float | None = None
+    run_dirs: Sequence[str | Path],
+    *,
+    baseline: str | None = None,
+    target_loss: float | None = None,
+    on: str | None = None,
 ) -> dict[str, Any]:
     """Group runs by config (seeds together) and measure each group against the baseline group.
 
     ``baseline`` is a run name, group label or run folder; default: the group of the last run given.
-    Returns a JSON-ready dict (see :func:`write_comparison`).
+    ``on``: compare on that source's validation loss (a mixture's data.sources; a one-corpus run's own
+    corpus when it is the same source, split and tokenizer). Returns a JSON-ready dict (see
+    :func:`write_comparison`).
     """
     if not run_dirs:
         raise ConfigError("compare needs at least one run folder")
-    runs = [load_run(d) for d in run_dirs]
-    _check_same_data(runs)
+    runs = [load_run(d, on) for d in run_dirs]
+    _check_same_data(runs, on)
     groups, labels = _groups(runs)
     base_key = _baseline_key(runs, labels, baseline)
     warnings: list[str] = []
@@ -318,6 +349,7 @@ def compare_runs(
     out_groups.sort(key=lambda g: g["baseline"])  # baseline last, like the input convention
     return {
         "baseline": labels[base_key],
+        "on": on,
         "target_loss": target_loss,
         "targets": {str(n): t for n, t in targets.items()},
         "seq_lens": shared,
@@ -428,6 +460,7 @@ def run_and_compare(
     overrides: Sequence[str] = (),
     out_root: str | Path,
     console: Console,
+    on: str | None = None,
 ) -> dict[str, Any]:
     """Train every config for ``seeds`` seeds (train.seed + i) under ``out_root``, then compare them.
 
@@ -462,7 +495,7 @@ def run_and_compare(
             console.print(f"training '{cfg.name}' seed {c.train.seed} -> {c.train.out_dir}")
             train(c, display_mode="plain")
             run_dirs.append(c.resolved_out_dir())
-    result = compare_runs(run_dirs, baseline=cfgs[-1].name)
+    result = compare_runs(run_dirs, baseline=cfgs[-1].name, on=on)
     write_comparison(result, out_root / "compare.json")
     print_comparison(result, console)
     return result

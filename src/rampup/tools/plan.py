@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rampup.config import RunConfig
+from rampup.data.mixture import SourcePlan, plan_sources
 from rampup.engine.optim import lr_at
 from rampup.engine.precision import resolve_precision
 from rampup.engine.rundata import step_shapes
@@ -98,6 +99,8 @@ class Plan:
     curve: dict[str, list[float]]
     """Per step: tokens, seq_len, batch_size, lr — for the PNG."""
     vocab_size: int = 0
+    sources: SourcePlan | None = None
+    """A data mixture's tokens per source per stage (data.sources)."""
 
     @property
     def flops_saved(self) -> float:
@@ -190,8 +193,17 @@ def make_plan(
         _estimate_memory(cfg, stages, runner.ctx, detail=memory == "detail")
     base_len = int(schedule.max_knob("seq_len"))
     baseline = build_adapter(cfg.model, "meta").flops_per_item((1, base_len))  # causal, default knobs
+    sources = plan_sources(cfg.data, schedule, cfg.train.seed) if cfg.data.sources is not None else None
     return Plan(
-        schedule, stages, n, sum(s.flops for s in stages), baseline * total, base_len, curve, cfg.model.vocab_size
+        schedule,
+        stages,
+        n,
+        sum(s.flops for s in stages),
+        baseline * total,
+        base_len,
+        curve,
+        cfg.model.vocab_size,
+        sources,
     )
 
 
@@ -356,9 +368,38 @@ def memory_table(plan: Plan) -> Table:
     return t
 
 
+def sources_table(plan: Plan) -> Table:
+    """Tokens and epochs of each source in each stage (a data mixture)."""
+    sp = plan.sources
+    assert sp is not None
+    t = Table(title="data mixture: tokens (epochs) per source")
+    t.add_column("stage")
+    for name in sp.names:
+        held = sp.held[name]
+        size = format_tokens(held) if held is not None else f"<= {format_tokens(sp.readable[name])}"
+        t.add_column(f"{name}{' (subset)' if sp.subset[name] else ''}\n{size} tok", justify="right")
+    for i, st in enumerate(plan.stages):
+        cells = []
+        for name in sp.names:
+            ep = sp.epochs(i, name)
+            cells.append(format_tokens(sp.stage_tokens[i][name]) + (f" ({ep:.2f})" if ep is not None else ""))
+        t.add_row(f"{st.index} {st.name}", *cells)
+    totals = []
+    for name in sp.names:
+        held = sp.held[name]
+        ratio = f" ({sp.total(name) / max(1, held):.2f})" if held is not None else ""
+        totals.append(format_tokens(sp.total(name)) + ratio)
+    t.add_row("run", *totals)
+    return t
+
+
 def print_plan(plan: Plan, cfg: RunConfig, console: Console | None = None) -> None:
     console = console or Console()
     console.print(plan_table(plan, cfg))
+    if plan.sources is not None:
+        console.print(sources_table(plan))
+        if any(h is None for h in plan.sources.held.values()):
+            console.print("epochs are known once the sources are prepared (`rampup prepare CONFIG`)")
     if any(s.memory_by_technique for s in plan.stages):
         console.print(memory_table(plan))
     console.print(
@@ -445,4 +486,5 @@ def plan_summary(plan: Plan) -> dict[str, Any]:
             }
             for s in plan.stages
         ],
+        "sources": plan.sources.as_dict() if plan.sources is not None else None,
     }

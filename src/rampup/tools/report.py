@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from rampup.engine.records import read_metrics
+from rampup.engine.records import read_metrics, select_eval_set
 from rampup.errors import DataError
 from rampup.units import format_tokens
 
@@ -356,7 +356,7 @@ def _fmt_loss(x: Any) -> str:
     return "-" if x is None else f"{float(x):.4f}"
 
 
-def _load_run(run_dir: Path) -> tuple[str, list[dict], dict]:
+def _load_run(run_dir: Path, on: str | None = None) -> tuple[str, list[dict], dict]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise DataError(
@@ -375,6 +375,10 @@ def _load_run(run_dir: Path) -> tuple[str, list[dict], dict]:
             f"{metrics} has no complete records; the run has not logged a step yet "
             f"(run `rampup train CONFIG` longer, or wait for it)"
         )
+    parts = _source_table_rows(records)
+    records = select_eval_set(records, on, run_dir)
+    if parts:
+        records.append({"event": "_sources", "rows": parts})
     summary: dict[str, Any] = {}
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
@@ -540,12 +544,49 @@ def _unique_names(loaded: list[tuple[str, list[dict], dict]], dirs: list[Path]) 
     return out
 
 
-def report_runs(run_dirs: list[Path], out_dir: Path, extra_tables: Iterable[Table] = ()) -> Path:
-    """Compare runs: overlaid figures plus summary tables (and ``extra_tables``) in ``out_dir/report.html``."""
+def _source_table_rows(records: list[dict]) -> list[list[str]]:
+    """A mixture run's final loss per source and length, and the tokens each source gave."""
+    final: dict[tuple[str, int], float] = {}
+    for r in _events(records, "eval"):
+        if "set" in r:
+            final[str(r["set"]), int(r["seq_len"])] = float(r["loss"])
+    tokens: dict[str, int] = {}
+    for r in _events(records, "mix"):
+        for name, n in r.get("tokens", {}).items():
+            tokens[name] = tokens.get(name, 0) + int(n)
+    names = sorted({n for n, _ in final} | set(tokens))
+    return [
+        [
+            name,
+            format_tokens(tokens.get(name, 0)),
+            ", ".join(f"{final[name, n]:.4f} @ {n}" for n in sorted(L for m, L in final if m == name)) or "-",
+        ]
+        for name in names
+    ]
+
+
+def _sources_table(loaded: list[tuple[str, list[dict], dict]]) -> list[Table]:
+    tables = []
+    for name, records, _ in loaded:
+        rows = next((r["rows"] for r in records if r.get("event") == "_sources"), None)
+        if rows:
+            tables.append(
+                (
+                    f"sources of {name}: tokens trained and final validation loss",
+                    ["source", "tokens", "final loss"],
+                    rows,
+                )
+            )
+    return tables
+
+
+def report_runs(run_dirs: list[Path], out_dir: Path, extra_tables: Iterable[Table] = (), on: str | None = None) -> Path:
+    """Compare runs: overlaid figures plus summary tables (and ``extra_tables``) in ``out_dir/report.html``;
+    ``on``: the loss of that source of a data mixture is the runs' validation loss."""
     run_dirs = [Path(d) for d in run_dirs]
     if not run_dirs:
         raise DataError("no run folders given; pass one or more train.out_dir folders of `rampup train` runs")
-    loaded = _unique_names([_load_run(d) for d in run_dirs], run_dirs)
+    loaded = _unique_names([_load_run(d, on) for d in run_dirs], run_dirs)
     out_dir = Path(out_dir)
     figures = plot_run_figures([(n, r) for n, r, _ in loaded], out_dir)
     title = (
@@ -553,10 +594,11 @@ def report_runs(run_dirs: list[Path], out_dir: Path, extra_tables: Iterable[Tabl
         if len(loaded) == 1
         else "rampup comparison: " + ", ".join(n for n, _, _ in loaded)
     )
-    return write_html(title, figures, [*_tables(loaded), *extra_tables], out_dir / "report.html")
+    tables = [*_tables(loaded), *_sources_table(loaded), *extra_tables]
+    return write_html(title, figures, tables, out_dir / "report.html")
 
 
-def report_run(run_dir: Path, out_dir: Path | None = None) -> Path:
+def report_run(run_dir: Path, out_dir: Path | None = None, on: str | None = None) -> Path:
     """Report of one run (``rampup report RUN_DIR``); written to ``out_dir`` (default RUN_DIR/report)."""
     run_dir = Path(run_dir)
-    return report_runs([run_dir], run_dir / "report" if out_dir is None else Path(out_dir))
+    return report_runs([run_dir], run_dir / "report" if out_dir is None else Path(out_dir), on=on)

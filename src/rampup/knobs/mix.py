@@ -1,0 +1,95 @@
+"""The ``mix`` knob: the weight of each source of a data mixture (``data.sources``), per stage, constant
+or ramping (the sampler that reads it each step: rampup.data.mixture). See docs/mixtures.md."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rampup.errors import did_you_mean
+from rampup.protocols import RunSettings
+from rampup.schedule.ramps import Ramp
+from rampup.schedule.registry import Family, Knob, KnobContext, knob_keys_set, register_family, register_knob
+
+
+def check_mix(value: Any) -> dict[str, Any]:
+    """{source: weight}, each weight a number >= 0 or a ramp across the stage ({from: 1.0, to: 0.4})."""
+    if value is None or value == {}:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"knob 'mix' takes a mapping of source names to weights, e.g. {{code: 0.6, books: 0.4}}, got {value!r}"
+        )
+    out: dict[str, Any] = {}
+    for k, v in value.items():
+        if isinstance(v, dict) and ("from" in v or "ramp" in v):
+            v = Ramp.model_validate(v)
+        if isinstance(v, Ramp):
+            if min(v.start, v.to) < 0:
+                raise ValueError(f"mix['{k}'] ramps through a negative weight ({v.describe()}); weights are >= 0")
+            out[str(k)] = v
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+            raise ValueError(f"mix['{k}'] must be a weight >= 0 or a ramp ({{from: 1.0, to: 0.4}}), got {v!r}")
+        out[str(k)] = float(v)
+    ends = [{k: v.value(p) if isinstance(v, Ramp) else v for k, v in out.items()} for p in (0.0, 1.0)]
+    if any(not sum(e.values()) > 0 for e in ends):  # ramps are monotone: zero inside a stage means zero at an end
+        raise ValueError(f"mix {value!r}: the weights are all zero at the start or end of the stage; one must be > 0")
+    return out
+
+
+def evaluate_mix(value: Any, p: float) -> Any:
+    """The weights at stage progress p: every ramping weight at its value there."""
+    if not isinstance(value, dict):
+        return value
+    return {k: v.value(p) if isinstance(v, Ramp) else v for k, v in value.items()}
+
+
+def _check_config(cfg: RunSettings) -> None:
+    """mix needs data.sources and may name only them; several sources without a mix mix by size."""
+    if "mix" not in knob_keys_set(cfg.schedule):
+        return
+    sources = getattr(cfg.data, "sources", None)
+    if sources is None:
+        raise ValueError(
+            "the schedule sets mix, which weighs the sources of data.sources; define data.sources "
+            "({name: {source: ...}}) or remove mix"
+        )
+    values = [cfg.schedule.knobs.get("mix")] + [st.knobs.get("mix") for st in cfg.schedule.stages]
+    for v in values:
+        for name in v or {}:
+            if name not in sources:
+                raise ValueError(
+                    f"mix names the source '{name}'{did_you_mean(name, sources)}, which data.sources does not "
+                    f"define; sources: {', '.join(sources)}"
+                )
+
+
+register_knob(
+    Knob(
+        "mix",
+        "Weight of each source of data.sources in every step's rows ({name: weight}, each constant or a ramp; "
+        "a source left out weighs 0). Unset ({}): in proportion to the sources' training tokens.",
+        default={},
+        rampable=False,
+        check=check_mix,
+        evaluate_value=evaluate_mix,
+        check_config=_check_config,
+        model_free=True,
+    )
+)
+
+
+class MixFamily(Family):
+    """Records the tokens each source gave to every step (metrics.jsonl ``{"event": "mix"}``)."""
+
+    name = "mix"
+
+    def events(self, ctx: KnobContext) -> list[dict[str, Any]]:
+        sampler = ctx.sampler
+        last = getattr(sampler, "last", None) if getattr(sampler, "kind", None) == "mixture" else None
+        if not last:
+            return []
+        return [{"event": "mix", "step": ctx.step + 1, "tokens": dict(last)}]
+
+
+register_family(MixFamily())
