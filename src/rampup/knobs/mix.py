@@ -7,7 +7,7 @@ from typing import Any
 
 from rampup.errors import did_you_mean
 from rampup.protocols import RunSettings
-from rampup.schedule.ramps import Ramp
+from rampup.schedule.ramps import evaluate_mapping, ramped_mapping
 from rampup.schedule.registry import Family, Knob, KnobContext, knob_keys_set, register_family, register_knob
 
 
@@ -15,33 +15,11 @@ def check_mix(value: Any) -> dict[str, Any]:
     """{source: weight}, each weight a number >= 0 or a ramp across the stage ({from: 1.0, to: 0.4})."""
     if value is None or value == {}:
         return {}
-    if not isinstance(value, dict):
-        raise ValueError(
-            f"knob 'mix' takes a mapping of source names to weights, e.g. {{code: 0.6, books: 0.4}}, got {value!r}"
-        )
-    out: dict[str, Any] = {}
-    for k, v in value.items():
-        if isinstance(v, dict) and ("from" in v or "ramp" in v):
-            v = Ramp.model_validate(v)
-        if isinstance(v, Ramp):
-            if min(v.start, v.to) < 0:
-                raise ValueError(f"mix['{k}'] ramps through a negative weight ({v.describe()}); weights are >= 0")
-            out[str(k)] = v
-            continue
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
-            raise ValueError(f"mix['{k}'] must be a weight >= 0 or a ramp ({{from: 1.0, to: 0.4}}), got {v!r}")
-        out[str(k)] = float(v)
-    ends = [{k: v.value(p) if isinstance(v, Ramp) else v for k, v in out.items()} for p in (0.0, 1.0)]
+    out = ramped_mapping(value, "mix", "weight", "{code: 0.6, books: 0.4}")
+    ends = [evaluate_mapping(out, p) for p in (0.0, 1.0)]
     if any(not sum(e.values()) > 0 for e in ends):  # ramps are monotone: zero inside a stage means zero at an end
         raise ValueError(f"mix {value!r}: the weights are all zero at the start or end of the stage; one must be > 0")
     return out
-
-
-def evaluate_mix(value: Any, p: float) -> Any:
-    """The weights at stage progress p: every ramping weight at its value there."""
-    if not isinstance(value, dict):
-        return value
-    return {k: v.value(p) if isinstance(v, Ramp) else v for k, v in value.items()}
 
 
 def _check_config(cfg: RunSettings) -> None:
@@ -72,7 +50,7 @@ register_knob(
         default={},
         rampable=False,
         check=check_mix,
-        evaluate_value=evaluate_mix,
+        evaluate_value=evaluate_mapping,
         check_config=_check_config,
         model_free=True,
     )

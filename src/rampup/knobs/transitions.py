@@ -20,11 +20,11 @@ from typing import Any
 import torch.nn as nn
 
 from rampup.errors import ConfigError, did_you_mean
+from rampup.schedule.ramps import evaluate_mapping, ramped_mapping
 from rampup.schedule.registry import (
     KNOBS,
     Family,
     Knob,
-    Ramp,
     knob_keys_set,
     register_family,
     register_knob,
@@ -159,30 +159,11 @@ def _apply_trainable(ctx: Any, value: Any) -> None:
 
 def check_lr_groups(value: Any) -> dict[str, Any]:
     """{glob: multiplier}, each multiplier a number >= 0 or a ramp across the stage ({from: 0.01, to: 1})."""
-
-    if not isinstance(value, dict):
-        raise ValueError(f"knob 'lr_groups' takes a mapping of parameter-name globs to lr multipliers, got {value!r}")
-    out: dict[str, Any] = {}
-    for k, v in value.items():
-        if isinstance(v, dict) and ("from" in v or "ramp" in v):
-            v = Ramp.model_validate(v)
-        if isinstance(v, Ramp):
-            if min(v.start, v.to) < 0:
-                raise ValueError(f"lr_groups['{k}'] ramps through negative multipliers ({v.describe()})")
-            out[str(k)] = v
-            continue
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-            raise ValueError(f"lr_groups['{k}'] must be a number >= 0 or a ramp ({{from: 0.01, to: 1}}), got {v!r}")
-        out[str(k)] = float(v)
-    return out
+    return ramped_mapping(value, "lr_groups", "multiplier", "{'layers.0.*': 0.1}")
 
 
-def evaluate_lr_groups(value: Any, p: float) -> Any:
-    """lr_groups at stage progress p: every ramping multiplier at its value there."""
-
-    if not isinstance(value, dict):
-        return value
-    return {k: v.value(p) if isinstance(v, Ramp) else v for k, v in value.items()}
+evaluate_lr_groups = evaluate_mapping
+"""lr_groups at stage progress p: every ramping multiplier at its value there."""
 
 
 def lr_multipliers(adapter: Any, groups: dict[str, float], layer_decay: float) -> dict[str, float]:

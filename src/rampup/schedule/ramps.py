@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -67,3 +67,30 @@ class Ramp(Section):
     def describe(self) -> str:
         extra = {"root": f"^(1/{self.degree:g})", "step": f" x{self.levels}"}.get(self.ramp, "")
         return f"{self.start:g}->{self.to:g} ({self.ramp}{extra})"
+
+
+def ramped_mapping(value: Any, knob: str, what: str, example: str) -> dict[str, float | Ramp]:
+    """A knob whose value maps names to numbers >= 0, each constant or a :class:`Ramp` across the stage
+    (lr_groups' multipliers, mix's weights): checked and normalised; ``what`` names one entry's meaning."""
+    if not isinstance(value, dict):
+        raise ValueError(f"knob '{knob}' takes a mapping of names to {what}s, e.g. {example}, got {value!r}")
+    out: dict[str, float | Ramp] = {}
+    for k, v in value.items():
+        if isinstance(v, dict) and ("from" in v or "ramp" in v):
+            v = Ramp.model_validate(v)
+        if isinstance(v, Ramp):
+            if min(v.start, v.to) < 0:
+                raise ValueError(f"{knob}['{k}'] ramps through negative {what}s ({v.describe()})")
+            out[str(k)] = v
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+            raise ValueError(f"{knob}['{k}'] must be a {what} >= 0 or a ramp ({{from: 0.1, to: 1}}), got {v!r}")
+        out[str(k)] = float(v)
+    return out
+
+
+def evaluate_mapping(value: Any, p: float) -> Any:
+    """A :func:`ramped_mapping` at stage progress p: every ramping entry at its value there."""
+    if not isinstance(value, dict):
+        return value
+    return {k: v.value(p) if isinstance(v, Ramp) else v for k, v in value.items()}
