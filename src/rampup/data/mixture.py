@@ -633,6 +633,9 @@ def plan_sources(data: DataConfig, schedule: Schedule, seed: int) -> SourcePlan:
     subset = {n: s.subset is not None for n, s in data.sources.items()}
     configs = data.source_configs()
     readable = {n: _readable_bytes(c) for n, c in configs.items()}
+    for n, s in data.sources.items():  # a subset holds at most its own tokens
+        if s.subset is not None:
+            readable[n] = min(readable[n], int(s.subset.value))
     if data.sampler == "buckets" or all_prepared(data):
         folders = prepare_sources(data)
         trains = {n: TokenDataset.open(f, "train", verify=False) for n, f in folders.items()}
@@ -642,9 +645,7 @@ def plan_sources(data: DataConfig, schedule: Schedule, seed: int) -> SourcePlan:
                 stage_tokens[sp.stage][n] += t
         held: dict[str, int | None] = {s.name: s.dataset.n_tokens for s in sampler.sources}
         return SourcePlan(names, stage_tokens, held, readable, subset)
-    sizes = [
-        min(int(s.subset.value), readable[n]) if s.subset is not None else readable[n] for n, s in data.sources.items()
-    ]
+    sizes = [readable[n] for n in names]
     counts, target = [0] * len(names), [0.0] * len(names)
     for sp in schedule.steps():
         rows = split_rows(counts, target, mix_weights(sp.knobs.get("mix"), names, sizes), sp.batch_size)
@@ -653,7 +654,7 @@ def plan_sources(data: DataConfig, schedule: Schedule, seed: int) -> SourcePlan:
     default_repeat = True
     for n, s in data.sources.items():
         need = sum(t[n] for t in stage_tokens)
-        bound = int(s.subset.value) if s.subset is not None else readable[n]
+        bound = readable[n]
         if not (default_repeat if s.repeat is None else s.repeat) and need > bound:
             raise DataError(
                 f"source '{n}' runs dry: the run needs {need:,} of its tokens but it holds at most {bound:,} "

@@ -584,12 +584,11 @@ def estimate_step(
         if _is_auto(settings):
             settings = auto_levels(settings, rows, seq_len, 1)[0]
     task = CausalLM(0, doc_mask=cfg.data.doc_mask, restart_positions=cfg.data.restart_positions)
+    # one document per row (no token is the end-of-text id 0), built on real tensors: a document mask's
+    # spans are read on the host, which fake tensors cannot do; the ids are 8 bytes a token
+    x = torch.ones(rows, seq_len, dtype=torch.long)
+    batch = task.make_batch(x, x.clone())
     with FakeTensorMode(allow_non_fake_inputs=True):
-        # fake too: a plan of a step far beyond this machine's memory must not allocate it
-        x = torch.zeros(
-            rows, seq_len, dtype=torch.long
-        )  # one document per row: the mask's memory does not depend on it
-        batch = task.make_batch(x, x.clone())
         adapter = _fake_adapter(cfg.model)
         adapter.module.train()
 
