@@ -306,3 +306,39 @@ def test_even_seed_count_uses_upper_median_target(tmp_path):
     b = row(result, "base", 128)
     assert [s["train_time"] for s in b["seeds"]] == [50, 60] and b["train_time"]["median"] == 55
     assert b["speedup_wall"] == {"median": 1.0, "min": pytest.approx(55 / 60), "max": pytest.approx(55 / 50)}
+
+
+def _with_parts(run: Path, parts: dict[str, float]) -> Path:
+    """Add a mixture's per-source evaluations (``{"set": name}``) beside each main evaluation, at loss + offset."""
+    path = run / "metrics.jsonl"
+    out = []
+    for r in map(json.loads, path.read_text().splitlines()):
+        out.append(r)
+        if r["event"] == "eval":
+            out += [{**r, "set": name, "loss": r["loss"] + d} for name, d in parts.items()]
+    path.write_text("".join(json.dumps(r) + "\n" for r in out))
+    return run
+
+
+def test_on_a_source_compares_that_source_and_a_one_corpus_run_by_its_corpus(tmp_path):
+    tok = tmp_path / "tok.json"
+    tok.write_text("{}")
+    mixed = {
+        "sources": {"code": {"source": "stdlib"}, "docs": {"source": str(tmp_path)}},
+        "tokenizer": {"path": str(tok)},
+    }
+    a = _with_parts(make_run(tmp_path, "a", {64: [(1.0, 5.0), (2.0, 4.0)]}, data=mixed), {"code": 0.5, "docs": -0.5})
+    b = _with_parts(make_run(tmp_path, "b", {64: [(1.0, 5.0), (2.0, 4.2)]}, data=mixed), {"code": 0.1, "docs": 0.0})
+    on_code = compare_runs([a, b], on="code")
+    assert on_code["on"] == "code" and on_code["targets"]["64"] == pytest.approx(4.3)  # b's final code loss
+    assert row(on_code, "a", 64)["final_loss"]["median"] == pytest.approx(4.5)
+    pooled = compare_runs([a, b])
+    assert pooled["targets"]["64"] == pytest.approx(4.2)
+    with pytest.raises(DataError, match="evaluated no source named 'cod'; its sources: code, docs"):
+        compare_runs([a, b], on="cod")
+    # a one-corpus run over the same source and tokenizer compares with the mixture's source
+    one = make_run(tmp_path, "one", {64: [(1.0, 5.0), (2.0, 4.4)]}, data={"tokenizer": {"path": str(tok)}})
+    assert compare_runs([a, one], on="code")["targets"]["64"] == pytest.approx(4.4)
+    other = make_run(tmp_path, "other", {64: [(1.0, 5.0), (2.0, 4.4)]})  # its own tokenizer: not comparable
+    with pytest.raises(ConfigError, match="must share data"):
+        compare_runs([a, other], on="code")
