@@ -30,16 +30,19 @@ import torch
 from rampup.data.bucket_sampler import BucketCurriculum, bucket_odds_weights, check_context
 from rampup.data.buckets import BucketSet, get_buckets
 from rampup.data.config import DataConfig
-from rampup.data.corpus import iter_documents, resolve_source
+from rampup.data.corpus import BINARY_SNIFF, iter_documents, resolve_source
 from rampup.data.dataset import TokenDataset
 from rampup.data.prepare import (
     _VAL_BUCKETS,
+    MAX_EPOCHS,
     TOKENIZER,
     _location,
     _val_bucket,
     prepare,
+    prepared_dir,
     remove_stale_tmp,
 )
+from rampup.data.samplers import build_sampler
 from rampup.data.tokenizer import load_tokenizer, same_tokenizer, train_tokenizer
 from rampup.errors import ConfigError, DataError, did_you_mean
 
@@ -140,9 +143,15 @@ def prepare_sources(data: DataConfig, **how: Any) -> dict[str, Path]:
 
 def source_folders(data: DataConfig) -> dict[str, Path]:
     """{name: where each source's prepared folder is}, prepared or not (nothing is read or trained)."""
-    from rampup.data.prepare import prepared_dir
-
     return {name: prepared_dir(cfg) for name, cfg in source_configs(data).items()}
+
+
+def first_folder(data: DataConfig, *, prepare: bool = False) -> Path:
+    """The prepared folder that speaks for a run's data (its tokenizer, its validation text): the one
+    source's, or a mixture's first source's (which holds the shared tokenizer); ``prepare``: prepare every
+    source first."""
+    folders = prepare_sources(data) if prepare else source_folders(data)
+    return next(iter(folders.values()))
 
 
 def all_prepared(data: DataConfig) -> bool:
@@ -322,8 +331,6 @@ class MixtureSampler:
                     src.buckets = _restrict_buckets(src.buckets, ds)
                 src.cursor = {k: [0, 0] for k in src.buckets.ks}
             else:
-                from rampup.data.samplers import build_sampler
-
                 src.sampler = build_sampler(
                     self.mode, cast(TokenDataset, ds), src.seed, seq_len, truncate=truncate
                 )  # reads as one
@@ -490,8 +497,6 @@ class MixtureSampler:
 
     def warnings(self, schedule: Schedule) -> list[str]:
         """A source (not a subset, which is meant to repeat) trained for more epochs than MAX_EPOCHS."""
-        from rampup.data.prepare import MAX_EPOCHS
-
         assert self.data.sources is not None
         used = dict.fromkeys(self.names, 0)
         for _, _, per in self.walk(schedule):
@@ -611,8 +616,6 @@ class SourcePlan:
 
 
 def _readable_bytes(cfg: DataConfig) -> int:
-    from rampup.data.corpus import BINARY_SNIFF
-
     total = 0
     for f in resolve_source(cfg.source, cfg.max_files, cfg.split):
         if f.suffix.lower() not in (".jsonl", ".parquet", ".arrow"):

@@ -38,7 +38,7 @@ from rampup.data.corpus import (
     resolve_source,
 )
 from rampup.data.tokenizer import EOT, eot_id, load_tokenizer, train_tokenizer
-from rampup.errors import DataError
+from rampup.errors import ConfigError, DataError
 from rampup.units import format_bytes
 
 FORMAT_VERSION = 2  # 2: shard and index checksums in meta.json
@@ -87,13 +87,18 @@ def read_meta(folder: str | Path) -> dict:
 
 
 def prepared_dir(cfg: DataConfig) -> Path:
-    """Where ``cfg``'s prepared data lives (whether or not it has been prepared yet); for a mixture
-    (data.sources) its first source's folder, which holds the shared tokenizer."""
-    if cfg.sources is not None:
-        from rampup.data.mixture import source_folders
-
-        return next(iter(source_folders(cfg).values()))
+    """Where ``cfg``'s prepared data lives (whether or not it has been prepared yet); one source only
+    (a mixture's folders: rampup.data.mixture.source_folders)."""
+    _one_source(cfg)
     return _location(cfg, resolve_source(cfg.source, cfg.max_files, cfg.split))[0]
+
+
+def _one_source(cfg: DataConfig) -> None:
+    if cfg.sources is not None:
+        raise ConfigError(
+            "this data section has several sources (data.sources): prepare them with "
+            "rampup.data.mixture.prepare_sources, which gives them one tokenizer"
+        )
 
 
 def get_prepared(cfg: DataConfig, *, progress: Progress | None = None) -> Path:
@@ -102,17 +107,14 @@ def get_prepared(cfg: DataConfig, *, progress: Progress | None = None) -> Path:
 
 
 def prepare(cfg: DataConfig, *, progress: Progress | None = None, force: bool = False) -> Path:
-    """Tokenize ``cfg.source`` into the cache and return the prepared folder (a mixture: prepare every
-    source and return the first one's).
+    """Tokenize ``cfg.source`` into the cache and return the prepared folder (a mixture's sources:
+    rampup.data.mixture.prepare_sources).
 
     A complete folder for the same settings is reused unless ``force``. The folder is built under
     a temporary name and renamed into place, with meta.json written last, so an interrupted
     prepare leaves nothing that looks complete.
     """
-    if cfg.sources is not None:  # a mixture: every source, and its first folder (the shared tokenizer's)
-        from rampup.data.mixture import prepare_sources
-
-        return next(iter(prepare_sources(cfg, progress=progress, force=force).values()))
+    _one_source(cfg)
     files = resolve_source(cfg.source, cfg.max_files, cfg.split)
     final, settings = _location(cfg, files)
     if not force and (final / META).is_file():

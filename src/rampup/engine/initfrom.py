@@ -20,7 +20,8 @@ import yaml
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
-from rampup.data.prepare import TOKENIZER, prepared_dir
+from rampup.data.mixture import first_folder
+from rampup.data.prepare import TOKENIZER
 from rampup.data.tokenizer import same_tokenizer
 from rampup.engine.checkpoint.format import latest_checkpoint, model_tensors
 from rampup.errors import ConfigError
@@ -64,7 +65,7 @@ def resolve(path: str | Path, config_cls: Any = None) -> InitSource:
     if config_cls is None:
         return InitSource("run", ckpt, None)
     cfg = config_cls.model_validate(yaml.safe_load((run / "config.yaml").read_text()))
-    tok = Path(cfg.data.tokenizer.path) if cfg.data.tokenizer.path else prepared_dir(cfg.data) / TOKENIZER
+    tok = Path(cfg.data.tokenizer.path) if cfg.data.tokenizer.path else first_folder(cfg.data) / TOKENIZER
     if not tok.is_file():
         raise ConfigError(
             f"train.init_from {p}: its tokenizer ({tok}) is not on this machine; prepare the "

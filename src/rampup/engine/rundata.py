@@ -113,14 +113,6 @@ def prepare_run(cfg: RunSettings) -> RunData:
         shape=CausalLM.step_shape(cfg.schedule.seq_len_mode),
     )
     eval_lens = cfg.eval.seq_lens or [schedule.max_knob("seq_len")]
-    for name, ds in vals.items():
-        for n in eval_lens:
-            if ds.n_tokens < n + 1:
-                of = f" of source '{name}'" if cfg.data.sources is not None else ""
-                raise DataError(
-                    f"the validation split{of} has {ds.n_tokens} tokens, too few for eval at seq_len {n}; "
-                    "raise data.val_fraction or lower eval.seq_lens"
-                )
     if cfg.data.sources is None:
         sampler: Any = sampler_for_run(cfg.data, train_ds, cfg.train.seed, schedule)
     else:
@@ -132,13 +124,7 @@ def prepare_run(cfg: RunSettings) -> RunData:
         graphs |= {graph_id(sp.knobs, s) for s in micro_shapes(rows, seq_len, cfg.train.micro_batch_tokens)}
         step_knobs.setdefault((rows, seq_len), sp.knobs)
     check_graphs(cfg, graphs)
-    make_windows = EVAL_WINDOWS[cfg.eval.windows]
-    firsts = {f: n for n, f in reversed(folders.items())}  # sources sharing a corpus share its held-out split:
-    parts = {  # evaluated once, under the first such source's name
-        name: {n: window_batches(make_windows(ds, n, cfg.eval.max_tokens)) for n in eval_lens}
-        for name, ds in vals.items()
-        if firsts[folders[name]] == name
-    }
+    parts = _eval_parts(cfg, folders, vals, eval_lens)
     eval_sets = {n: [b for part in parts.values() for b in part[n]] for n in eval_lens}
     warnings = [
         w
@@ -165,6 +151,28 @@ def prepare_run(cfg: RunSettings) -> RunData:
         warnings,
         eval_parts=parts if cfg.data.sources is not None else {},
     )
+
+
+def _eval_parts(
+    cfg: RunSettings, folders: dict[str, Any], vals: dict[str, TokenDataset], eval_lens: list[int]
+) -> dict[str, dict[int, list[tuple[torch.Tensor, torch.Tensor]]]]:
+    """{source: {length: batches}} of every source's validation windows (one source: ``main``), each long
+    enough; sources sharing a corpus share its held-out split, evaluated once under the first one's name."""
+    for name, ds in vals.items():
+        for n in eval_lens:
+            if ds.n_tokens < n + 1:
+                of = f" of source '{name}'" if cfg.data.sources is not None else ""
+                raise DataError(
+                    f"the validation split{of} has {ds.n_tokens} tokens, too few for eval at seq_len {n}; "
+                    "raise data.val_fraction or lower eval.seq_lens"
+                )
+    make_windows = EVAL_WINDOWS[cfg.eval.windows]
+    firsts = {f: n for n, f in reversed(folders.items())}
+    return {
+        name: {n: window_batches(make_windows(ds, n, cfg.eval.max_tokens)) for n in eval_lens}
+        for name, ds in vals.items()
+        if firsts[folders[name]] == name
+    }
 
 
 def step_shapes(cfg: RunSettings, schedule: Schedule, sampler: Any = None) -> list[tuple[int, int]]:

@@ -166,12 +166,13 @@ def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """``key: old -> new`` for every setting that differs (a key one side lacks shows as missing)."""
+    """``key: old -> new`` for every setting that differs (a key one side lacks shows as missing; a key
+    added since the checkpoint was written, at its unset value None, is no change)."""
     a, b = _leaves(saved), _leaves(now)
     return [
         f"{k}: {a.get(k, '(missing)')} -> {b.get(k, '(missing)')}"
         for k in sorted(a.keys() | b.keys())
-        if a.get(k, ...) != b.get(k, ...)
+        if a.get(k) != b.get(k)
     ]
 
 

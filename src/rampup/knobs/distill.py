@@ -27,7 +27,8 @@ import yaml
 from tokenizers import Tokenizer
 from torch.utils.hooks import RemovableHandle
 
-from rampup.data.prepare import TOKENIZER, load_prepared_tokenizer, prepared_dir
+from rampup.data.mixture import first_folder
+from rampup.data.prepare import TOKENIZER, load_prepared_tokenizer
 from rampup.engine.checkpoint.format import load_checkpoint, verify_checkpoint
 from rampup.engine.runs import read_run
 from rampup.errors import ConfigError, RampupError
@@ -233,7 +234,7 @@ def check_tokenizer(spec: str, cfg: Any, own: Any) -> None:
     if kind == "hf" and (Path(arg) / "tokenizer.json").is_file():
         theirs = Tokenizer.from_file(str(Path(arg) / "tokenizer.json"))
     elif kind == "run":
-        folder = prepared_dir(read_run(arg, "a teacher").data)
+        folder = first_folder(read_run(arg, "a teacher").data)
         if (folder / TOKENIZER).is_file():
             theirs = Tokenizer.from_file(str(folder / TOKENIZER))
     if theirs is not None and theirs.get_vocab() != own.get_vocab():

@@ -35,10 +35,11 @@ from rampup.errors import ConfigError, did_you_mean
 from rampup.knobs.transitions import uses_parameter_groups
 from rampup.models.adapter import DecoderLMAdapter
 from rampup.models.build import build_adapter
+from rampup.models.docmask import DocumentSpans
 from rampup.models.hf import HFCausalLMAdapter
 from rampup.models.llm import DecoderLM
 from rampup.models.tiling import checkpoint_block, tile_mlp
-from rampup.protocols import ModelAdapter
+from rampup.protocols import Batch, ModelAdapter
 from rampup.schedule.registry import (
     Family,
     Knob,
@@ -562,6 +563,18 @@ def _fake_adapter(model_cfg: Any) -> ModelAdapter:
     return build_adapter(model_cfg, "cpu")
 
 
+def _one_document_per_row(task: CausalLM, x: torch.Tensor) -> Batch:
+    """The estimate's batch: every row one document (the mask's memory does not depend on where documents
+    end). A document mask's spans are built here rather than read from the (fake) tokens on the host."""
+    batch = CausalLM(0).make_batch(x, x.clone())
+    if task.doc_mask:
+        rows, T = x.shape
+        batch.extra["spans"] = DocumentSpans(rows, T, ((0, rows, (0, T)),))
+        if task.restart_positions:
+            batch.extra["positions"] = torch.arange(T).expand(rows, T)
+    return batch
+
+
 def estimate_step(
     cfg: Any,
     knobs: dict[str, Any],
@@ -584,11 +597,10 @@ def estimate_step(
         if _is_auto(settings):
             settings = auto_levels(settings, rows, seq_len, 1)[0]
     task = CausalLM(0, doc_mask=cfg.data.doc_mask, restart_positions=cfg.data.restart_positions)
-    # one document per row (no token is the end-of-text id 0), built on real tensors: a document mask's
-    # spans are read on the host, which fake tensors cannot do; the ids are 8 bytes a token
-    x = torch.ones(rows, seq_len, dtype=torch.long)
-    batch = task.make_batch(x, x.clone())
     with FakeTensorMode(allow_non_fake_inputs=True):
+        # fake too: a plan of a step far beyond this machine's memory must not allocate it
+        x = torch.zeros(rows, seq_len, dtype=torch.long)
+        batch = _one_document_per_row(task, x)
         adapter = _fake_adapter(cfg.model)
         adapter.module.train()
 

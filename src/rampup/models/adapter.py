@@ -90,6 +90,7 @@ class DecoderLMAdapter:
             "batch_tokens",
             "lr_mult",
             "passkey_fraction",
+            "mix",
             "bucket_odds",
             "rope",
             "attention",

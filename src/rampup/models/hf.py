@@ -214,6 +214,7 @@ class HFCausalLMAdapter:
             "batch_tokens",
             "lr_mult",
             "passkey_fraction",
+            "mix",
             "bucket_odds",
             "loss_shards",
             "mlp_shards",

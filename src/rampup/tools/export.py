@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tokenizers import Tokenizer
 
-from rampup.data.prepare import get_prepared, load_prepared_tokenizer
+from rampup.data.mixture import first_folder
+from rampup.data.prepare import load_prepared_tokenizer
 from rampup.data.tokenizer import EOT, eot_id, same_tokenizer
 from rampup.engine.checkpoint.format import load_checkpoint
 from rampup.errors import ConfigError
@@ -169,7 +170,7 @@ def export_hf(
         depth, frac = parse_export(subnet)
         adapter = extract(adapter, depth, max(1, int(round(frac * adapter.cfg.hidden))))
     knobs = schedule.at(min(int(state["progress"]["tokens"]), schedule.total_tokens - 1))
-    tok = load_prepared_tokenizer(get_prepared(cfg.data))
+    tok = load_prepared_tokenizer(first_folder(cfg.data, prepare=True))
     if isinstance(adapter, HFCausalLMAdapter):  # model.source: hf
         model = hf_model_with_knobs(adapter, knobs, dtype)
         hf_cfg = model.config

@@ -26,6 +26,7 @@ from tokenizers import Tokenizer
 
 from rampup.config import RunConfig, load_config
 from rampup.data.dataset import TokenDataset
+from rampup.data.mixture import first_folder
 from rampup.data.passkey import (  # noqa: F401 (re-exported)
     NEEDLE,
     QUESTION,
@@ -33,7 +34,7 @@ from rampup.data.passkey import (  # noqa: F401 (re-exported)
     inject_passkeys,
     passkey_example,
 )
-from rampup.data.prepare import get_prepared, load_prepared_tokenizer
+from rampup.data.prepare import load_prepared_tokenizer
 from rampup.data.samplers import EVAL_WINDOWS
 from rampup.data.tokenizer import same_tokenizer
 from rampup.engine.checkpoint.format import load_checkpoint
@@ -124,9 +125,9 @@ def _open_model(
         return _hf_folder_model(path, _data_config(data), rope)
     adapter, cfg, knobs, precision, trained, meta = _checkpoint_model(path, rope)
     if data is not None:
-        own = load_prepared_tokenizer(get_prepared(cfg.data))
+        own = load_prepared_tokenizer(first_folder(cfg.data, prepare=True))
         cfg = _data_config(data)
-        if not same_tokenizer(own, load_prepared_tokenizer(get_prepared(cfg.data))):
+        if not same_tokenizer(own, load_prepared_tokenizer(first_folder(cfg.data, prepare=True))):
             raise ConfigError(
                 f"--data {data} is tokenized with another tokenizer than {path}'s run; score a "
                 "model on data tokenized with its own tokenizer"
@@ -170,7 +171,7 @@ def evaluate_run(
     max_tokens = max_tokens or cfg.eval.max_tokens
     windows = windows or cfg.eval.windows
     lengths = sorted(lengths or [max(1, trained // 4), trained, 2 * trained])
-    prepared = get_prepared(cfg.data)
+    prepared = first_folder(cfg.data, prepare=True)
     val = TokenDataset.open(prepared, "val")
     template = _template(prepared, meta, path, data)
     longest = max(lengths)

@@ -79,6 +79,20 @@ FAMILIES = {
         {"depth": 3, "growth": "zero", "mlp_width": 192, "width": 64, "growth_noise": 0.1},
     ),
     "subnets": Family(("subnet",), {"subnet": "depth:1-2,mlp:0.5-1.0"}),
+    "mix": Family(
+        ("mix",),
+        {"mix": {"big": {"from": 0.5, "to": 0.2}, "small": {"from": 0.5, "to": 0.8}}},
+        {"mix": {"big": 1.0}},
+        sections={
+            "data": {
+                "max_files": None,
+                "sources": {
+                    "big": {"source": "stdlib", "max_files": 40},
+                    "small": {"source": "stdlib", "max_files": 12},
+                },
+            }
+        },
+    ),
 }
 """activation_offload is CUDA-only (refused on the CPU); distill_hidden is tested with its projections in
 tests/unit/knobs/test_transitions.py (with a width growth it is refused: its projections are sized at the start).

@@ -328,7 +328,9 @@ def test_on_a_source_compares_that_source_and_a_one_corpus_run_by_its_corpus(tmp
         "tokenizer": {"path": str(tok)},
     }
     a = _with_parts(make_run(tmp_path, "a", {64: [(1.0, 5.0), (2.0, 4.0)]}, data=mixed), {"code": 0.5, "docs": -0.5})
-    b = _with_parts(make_run(tmp_path, "b", {64: [(1.0, 5.0), (2.0, 4.2)]}, data=mixed), {"code": 0.1, "docs": 0.0})
+    b = _with_parts(  # another config (lr): another group, the baseline
+        make_run(tmp_path, "b", {64: [(1.0, 5.0), (2.0, 4.2)]}, data=mixed, lr=1e-3), {"code": 0.1, "docs": 0.0}
+    )
     on_code = compare_runs([a, b], on="code")
     assert on_code["on"] == "code" and on_code["targets"]["64"] == pytest.approx(4.3)  # b's final code loss
     assert row(on_code, "a", 64)["final_loss"]["median"] == pytest.approx(4.5)
@@ -337,8 +339,8 @@ def test_on_a_source_compares_that_source_and_a_one_corpus_run_by_its_corpus(tmp
     with pytest.raises(DataError, match="evaluated no source named 'cod'; its sources: code, docs"):
         compare_runs([a, b], on="cod")
     # a one-corpus run over the same source and tokenizer compares with the mixture's source
-    one = make_run(tmp_path, "one", {64: [(1.0, 5.0), (2.0, 4.4)]}, data={"tokenizer": {"path": str(tok)}})
+    one = make_run(tmp_path, "one", {64: [(1.0, 5.0), (2.0, 4.4)]}, data={"tokenizer": {"path": str(tok)}}, lr=1e-3)
     assert compare_runs([a, one], on="code")["targets"]["64"] == pytest.approx(4.4)
-    other = make_run(tmp_path, "other", {64: [(1.0, 5.0), (2.0, 4.4)]})  # its own tokenizer: not comparable
+    other = make_run(tmp_path, "other", {64: [(1.0, 5.0), (2.0, 4.4)]}, lr=1e-3)  # its own tokenizer: not comparable
     with pytest.raises(ConfigError, match="must share data"):
         compare_runs([a, other], on="code")
