@@ -8,6 +8,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -76,6 +77,24 @@ def mix_tree(corpora: dict[str, Path], out: Path, sources: dict | None = None, *
         or {"letters": {"source": str(corpora["letters"])}, "digits": {"source": str(corpora["digits"])}},
     }
     return tree
+
+
+def png_folder(root: Path, classes=3, per_class=12, size=40, seed=0) -> Path:
+    """A folder of real PNGs, one subfolder per class: a coloured square (class k: colour k) at a random
+    place on grey noise, not square (centre-cropped when prepared); crops and flips keep the class."""
+    from PIL import Image
+
+    colours = [(255, 40, 40), (40, 255, 40), (40, 40, 255), (255, 255, 40), (40, 255, 255), (255, 40, 255)]
+    rng = np.random.default_rng(seed)
+    for k in range(classes):
+        d = root / f"class_{k}"
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            a = np.repeat(rng.integers(60, 120, size=(size, size + 6, 1), dtype=np.uint8), 3, axis=2)
+            top, left = rng.integers(0, size - 16, size=2)
+            a[top : top + 16, left : left + 16] = colours[k]
+            Image.fromarray(a).save(d / f"img{i:03d}.png")
+    return root
 
 
 def flip_bit(path: Path, offset: int) -> None:

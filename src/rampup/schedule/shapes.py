@@ -57,3 +57,23 @@ class TokenShape:
 
     def units_per_row(self, knobs: dict[str, Any]) -> int:
         return knobs["seq_len"]
+
+
+@dataclass(frozen=True)
+class ImageShape:
+    """An image classifier's step: ``batch_size`` images at ``image_size``; progress counts images. With
+    ``batch_scale: multigrid`` a smaller size takes more images, batch x H x W constant against the run's
+    largest size (Wu et al. 2020): ``floor(batch_size * (longest / image_size)^2)``."""
+
+    unit: str = "img"
+    knobs: tuple[str, ...] = ("batch_size", "image_size")
+    size_knob: str = "image_size"
+
+    def rows(self, knobs: dict[str, Any], longest: int) -> int:
+        b, size = int(knobs["batch_size"]), int(knobs["image_size"])
+        if knobs.get("batch_scale", "constant") == "multigrid" and size > 0:
+            return max(1, b * longest * longest // (size * size))
+        return max(1, b)
+
+    def units_per_row(self, knobs: dict[str, Any]) -> int:
+        return 1

@@ -152,14 +152,16 @@ class StepPlan:
         return self.batch_size * self.seq_len
 
 
-def _settings(cfg: ScheduleConfig) -> list[dict[str, Any]]:
-    """Every stage's knob settings: its own, and where it sets none, the value the previous stage ended on."""
+def _settings(cfg: ScheduleConfig, required: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+    """Every stage's knob settings: its own, and where it sets none, the value the previous stage ended on.
+    A knob without a default must be set when the task's step shape needs it (``required``: its knobs;
+    None: every such knob)."""
     current: dict[str, Any] = {k: v.default for k, v in KNOBS.items()}
     current.update(cfg.knobs)
     settings: list[dict[str, Any]] = []
     for i, st in enumerate(cfg.stages):
         s = {k: KNOBS[k].end_value(v) for k, v in current.items()} | st.knobs
-        missing = [k for k, v in s.items() if v is None]
+        missing = [k for k, v in s.items() if v is None and (required is None or k in required)]
         if missing:
             raise ConfigError(
                 f"knob '{missing[0]}' has no value in stage {i}; set it in schedule.knobs or in the stage"
@@ -207,10 +209,13 @@ class _Units:
         first = None  # steps/samples convert only when every stage has the same batch shape
         if total.unit in (Unit.STEP, Unit.SAMPLE):
             shapes = {(self.per_step(s, "train.duration"), self.shape.units_per_row(s)) for s in settings}
-            if len({n for n, _ in shapes}) > 1 or (total.unit is Unit.SAMPLE and len(shapes) > 1):
+            # steps need one step size; samples only one size of a sample (images: always 1)
+            differ = {n for n, _ in shapes} if total.unit is Unit.STEP else {u for _, u in shapes}
+            if len(differ) > 1:
                 raise ConfigError(
-                    f"train.duration is in {total.unit.value}s but the stages differ in tokens "
-                    "per step or seq_len; give train.duration in tokens instead"
+                    f"train.duration is in {total.unit.value}s but the stages differ in "
+                    f"{'tokens per step' if total.unit is Unit.STEP else 'seq_len'}; give train.duration "
+                    "in tokens instead"
                 )
             first = settings[0]
         return self.convert(total, first, "train.duration", None)
@@ -280,7 +285,7 @@ class Schedule:
     ) -> Schedule:
         """Resolve ``cfg`` against the run's budget (``train.duration``); ``shape``: the task's step shape."""
         shape = shape or TokenShape(cfg.seq_len_mode)
-        settings = _settings(cfg)
+        settings = _settings(cfg, shape.knobs)
         longest = int(
             max(max(v.start, v.to) if isinstance(v, Ramp) else v for v in (s[shape.size_knob] for s in settings))
         )

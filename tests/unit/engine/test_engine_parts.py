@@ -129,12 +129,13 @@ def test_load_builds_the_model_with_saved_weights(tmp_path):
 
 
 def test_supports_names_the_knobs_it_honours():
+    from rampup.knobs.image import IMAGE_KNOBS
     from rampup.schedule.registry import KNOBS
 
     a = adapter()
-    assert all(
-        a.supports(k) for k in KNOBS if k != "temperature"
-    )  # temperature: tests/unit/engine/test_seams.py's own knob
+    # temperature: tests/unit/engine/test_seams.py's own knob; the image family's knobs: an image task's
+    assert all(a.supports(k) for k in KNOBS if k != "temperature" and k not in IMAGE_KNOBS)
+    assert not any(a.supports(k) for k in IMAGE_KNOBS)
     assert not a.supports("no_such_knob")
 
 

@@ -1,0 +1,102 @@
+"""The image-shape family: ``image_size`` (pixels per side of a training image), ``batch_size`` (images per
+step at the run's largest size), ``batch_scale`` (``constant``, or ``multigrid``: batch x H x W kept
+constant, Wu et al. 2020), ``lr_scale`` (the learning rate scaled with the step's batch: ``none``,
+``linear`` as multigrid does, ``sqrt``) and ``crop_scale`` (the smallest area a random resized crop
+keeps). The mechanism is rampup.data.images (the sampler reads image_size and crop_scale each step) and
+rampup.schedule.shapes.ImageShape (rows per step). See docs/vision.md."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from rampup.schedule.ramps import Ramp
+from rampup.schedule.registry import Knob, KnobContext, register_knob
+from rampup.schedule.shapes import ImageShape
+
+
+def _check_choice(name: str, choices: tuple[str, ...]) -> Any:
+    def check(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"knob '{name}' takes one of {', '.join(choices)}, got {value!r}")
+        return str(value)
+
+    return check
+
+
+IMAGE_KNOBS = ("image_size", "batch_size", "batch_scale", "lr_scale", "crop_scale")
+"""The family's knobs: an image task's; a language model refuses them (their defaults mean "not an image run")."""
+
+
+def longest_image(schedule_cfg: Any) -> int:
+    """The largest image_size a schedule config sets (constants and ramp ends): the run's base shape."""
+    values = [schedule_cfg.knobs.get("image_size")] + [st.knobs.get("image_size") for st in schedule_cfg.stages]
+    tops = [max(v.start, v.to) if isinstance(v, Ramp) else v for v in values if v is not None]
+    return int(max(tops, default=0))
+
+
+def _apply_lr_scale(ctx: KnobContext, value: str) -> None:
+    """The lr factor of this step's images against batch_size: linear or square root (global rows, so the
+    factor is the same on every rank)."""
+    knobs = ctx.knobs
+    if value == "none" or not knobs.get("batch_size") or not knobs.get("image_size") or ctx.cfg is None:
+        ctx.lr_factors.pop("lr_scale", None)
+        return
+    rows = ImageShape().rows(knobs, longest_image(ctx.cfg.schedule))
+    ratio = rows / int(knobs["batch_size"])
+    ctx.lr_factors["lr_scale"] = ratio if value == "linear" else math.sqrt(ratio)
+
+
+register_knob(
+    Knob(
+        "image_size",
+        "Pixels per side of each training image (0: not an image run); a ramp rounds down to multiple_of "
+        "(default 4, Composer's size_increment; a ViT's patch for a ViT).",
+        default=0,
+        integer=True,
+        minimum=0,
+        multiple_of=4,
+    )
+)
+register_knob(
+    Knob(
+        "batch_size",
+        "Images per optimizer step at the run's largest image_size (batch_scale: multigrid scales it up at "
+        "smaller sizes; 0: not an image run).",
+        default=0,
+        integer=True,
+        minimum=0,
+    )
+)
+register_knob(
+    Knob(
+        "batch_scale",
+        "How a smaller image_size shapes a step: constant (the same images per step) or multigrid (batch x "
+        "H x W constant: (largest / image_size)^2 x batch_size images, rounded down).",
+        default="constant",
+        rampable=False,
+        check=_check_choice("batch_scale", ("constant", "multigrid")),
+    )
+)
+register_knob(
+    Knob(
+        "lr_scale",
+        "The learning rate scaled with the step's images against batch_size: none, linear (multigrid's "
+        "rule, Goyal et al.) or sqrt.",
+        default="none",
+        rampable=False,
+        check=_check_choice("lr_scale", ("none", "linear", "sqrt")),
+        apply=_apply_lr_scale,
+        key=lambda v, knobs, length: (v, knobs.get("image_size"), knobs.get("batch_size"), knobs.get("batch_scale")),
+    )
+)
+register_knob(
+    Knob(
+        "crop_scale",
+        "The smallest area fraction a random resized crop keeps (1: whole images, no crop).",
+        default=0.35,
+        minimum=0.01,
+        maximum=1.0,
+        model_free=True,
+    )
+)

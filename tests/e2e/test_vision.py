@@ -1,0 +1,113 @@
+"""An image classifier trained through the engine unchanged: progressive resizing and multigrid batches
+over a generated PNG folder, with the step shapes the schedule plans, the lr scaled with the batch, and a
+bitwise resume across a resolution stage."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import png_folder
+from rampup.config import RunConfig
+from rampup.data.images import ImageDataset, ImagePrepare, ImageSampler, eval_batches, prepare_images
+from rampup.engine.checkpoint.format import latest_checkpoint
+from rampup.engine.records import read_metrics
+from rampup.engine.trainer import RunData, train
+from rampup.errors import ConfigError
+from rampup.models.vision import ImageClassification, ImageClassifierAdapter, VisionConfig
+from rampup.schedule.shapes import ImageShape
+from rampup.schedule.stages import Schedule
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = png_folder(tmp_path_factory.mktemp("pngs"), classes=3, per_class=16)
+    return prepare_images(
+        ImagePrepare(str(root), resolution=32, val_fraction=0.25, cache_dir=str(tmp_path_factory.mktemp("c")))
+    )
+
+
+def config(out: Path, stages: list[dict], duration: str = "24 steps", **knobs) -> RunConfig:
+    return RunConfig.model_validate(
+        {
+            "name": "images",
+            "schedule": {"knobs": {"batch_size": 8, "crop_scale": 0.5, **knobs}, "stages": stages},
+            "optimizer": {"lr": 3e-3, "warmup": "5%"},
+            "train": {"duration": duration, "checkpoint_every": "25%", "out_dir": str(out), "precision": "fp32"},
+            "eval": {"every": "50%"},
+            "log": {"progress": "off"},
+        }
+    )
+
+
+def run(cfg: RunConfig, prepared: Path, arch: str = "resnet", resume: bool = False):
+    made = []
+
+    def build(cfg, device):
+        torch.manual_seed(cfg.train.seed)
+        vc = VisionConfig(
+            arch=arch,
+            channels=3,
+            classes=3,
+            widths=(8, 16),
+            depths=(1, 1),
+            dim=32,
+            depth=2,
+            heads=4,
+            patch=8,
+            base_size=32,
+        )
+        made.append(ImageClassifierAdapter(vc.build().to(device)))
+        return made[0]
+
+    schedule = Schedule.build(cfg.schedule, total=cfg.train.duration, shape=ImageShape())
+    data = RunData(
+        schedule,
+        ImageSampler(ImageDataset(prepared, "train"), cfg.train.seed),
+        eval_sets={32: eval_batches(ImageDataset(prepared, "val"), 32, 64)},
+    )
+    return train(cfg, resume=resume, build_model=build, task=ImageClassification(), data=data), schedule
+
+
+def steps(out: Path) -> list[dict]:
+    return [r for r in read_metrics(out / "metrics.jsonl") if r["event"] == "step"]
+
+
+PROGRESSIVE = [{"name": "small", "duration": "50%", "image_size": 16}, {"name": "full", "image_size": 32}]
+
+
+def test_progressive_resizing_trains_at_the_planned_shapes_and_resumes_bitwise(prepared, tmp_path):
+    summary, schedule = run(config(tmp_path / "full", PROGRESSIVE), prepared)
+    recs = steps(tmp_path / "full")
+    assert [r["batch_size"] for r in recs] == [sp.batch_size for sp in schedule.steps()] == [8] * 24
+    assert summary["tokens"] == 24 * 8  # progress counts images
+    flops = [r["flops"] for r in recs]
+    assert flops[12] > 3.5 * flops[0]  # a 32-pixel step costs about 4x a 16-pixel one
+    shutil.copytree(tmp_path / "full", tmp_path / "resumed")
+    for step in ("step_0000018", "step_0000024"):
+        shutil.rmtree(tmp_path / "resumed" / "checkpoints" / step)
+    resumed, _ = run(config(tmp_path / "resumed", PROGRESSIVE), prepared, resume=True)
+    assert [r["loss"] for r in steps(tmp_path / "resumed")] == [r["loss"] for r in recs]
+    assert (latest_checkpoint(tmp_path / "resumed" / "checkpoints") / "model.safetensors").read_bytes() == (
+        latest_checkpoint(tmp_path / "full" / "checkpoints") / "model.safetensors"
+    ).read_bytes()
+    assert resumed["val_loss"] == summary["val_loss"]
+
+
+def test_multigrid_keeps_pixels_per_step_and_scales_the_lr_linearly(prepared, tmp_path):
+    cfg = config(tmp_path / "mg", PROGRESSIVE, duration="512 samples", batch_scale="multigrid", lr_scale="linear")
+    summary, schedule = run(cfg, prepared)
+    recs = steps(tmp_path / "mg")
+    assert [r["batch_size"] for r in recs] == [32] * 8 + [8] * 32  # 16 px: 4x the images of 32 px
+    assert summary["tokens"] == 512
+    assert recs[7]["lr"] / recs[8]["lr"] == pytest.approx(4.0, rel=0.05)  # the cosine barely moves in one step
+
+
+def test_a_vit_resolution_stage_and_knobs_an_image_model_cannot_take(prepared, tmp_path):
+    summary, _ = run(config(tmp_path / "vit", PROGRESSIVE), prepared, arch="vit")
+    assert summary["steps"] == 24
+    with pytest.raises(ConfigError, match="knob 'rope'.*cannot honour"):
+        run(
+            config(tmp_path / "bad", [{"name": "a", "image_size": 32, "rope": {"method": "pi", "factor": 2}}]), prepared
+        )
