@@ -11,13 +11,14 @@ import json
 import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from rampup.configbase import Section
 from rampup.data.config import DataConfig
+from rampup.data.images import ImagePrepare
 from rampup.engine.config import EvalConfig, LogConfig
 from rampup.engine.config import TrainConfig as EngineTrainConfig
 from rampup.engine.initfrom import check_tokenizer
@@ -25,6 +26,7 @@ from rampup.engine.optim import OptimizerConfig
 from rampup.errors import ConfigError, did_you_mean
 from rampup.knobs.ema import EMAConfig
 from rampup.models.llm import ModelConfig
+from rampup.models.vision import VisionConfig
 from rampup.schedule.registry import KNOBS, check_knobs
 from rampup.schedule.stages import ScheduleConfig, StageConfig
 
@@ -61,8 +63,28 @@ def hf_folder_tokenizer(folder: Path) -> tuple[str, str]:
     return str(fast), eos
 
 
+class ImagesConfig(Section):
+    """An image classification run (docs/vision.md): its images and its model. The data section gives
+    cache_dir and val_fraction; model (a language model's) is not used."""
+
+    source: str
+    """elpv (the elpv-dataset package), fashion-mnist (Debian's dataset-fashion-mnist) or a folder with one
+    subfolder of images per class."""
+    resolution: int = Field(default=64, ge=8, le=1024)
+    """Pixels per side the images are decoded to once and cached at (centre-cropped square); the largest
+    image_size a run trains at should not exceed it."""
+    on_unreadable: Literal["skip", "error"] = "skip"
+    """An image Pillow cannot decode (unreadable or truncated): skip leaves it out (listed in meta.json),
+    error stops with its path."""
+    model: VisionConfig = Field(default_factory=VisionConfig)
+    """The classifier: a small ResNet or ViT (channels and classes come from the images)."""
+
+    def prepare(self, data: DataConfig) -> ImagePrepare:
+        return ImagePrepare(self.source, self.resolution, data.val_fraction, data.cache_dir, self.on_unreadable)
+
+
 class RunConfig(Section):
-    """A whole run. Sections: model, data, schedule, optimizer, train, eval, log."""
+    """A whole run. Sections: model, data, schedule, optimizer, train, eval, log; images for an image run."""
 
     name: str = "run"
     """Run name, used in out_dir and reports."""
@@ -73,9 +95,14 @@ class RunConfig(Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     log: LogConfig = LogConfig()
+    images: ImagesConfig | None = None
+    """An image classification run (its images and model) instead of a language model's."""
 
     @model_validator(mode="after")
     def _cross_check(self) -> RunConfig:
+        if self.images is not None:
+            check_knobs(self)  # the image family's checks (sizes, batches); no tokenizer, no seq_len
+            return self
 
         tok = self.data.tokenizer
         if self.train.init_from is not None:

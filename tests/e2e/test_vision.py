@@ -111,3 +111,65 @@ def test_a_vit_resolution_stage_and_knobs_an_image_model_cannot_take(prepared, t
         run(
             config(tmp_path / "bad", [{"name": "a", "image_size": 32, "rope": {"method": "pi", "factor": 2}}]), prepared
         )
+
+
+# ----------------------------------------------------------------------------- from YAML, through the CLI
+def image_tree(folder: Path, out: Path, cache: Path, arch: str = "resnet") -> dict:
+    return {
+        "name": "pngs",
+        "images": {
+            "source": str(folder),
+            "resolution": 32,
+            "model": {"arch": arch, "widths": [8, 16], "depths": [1, 1], "patch": 8, "dim": 32, "depth": 2, "heads": 4},
+        },
+        "data": {"cache_dir": str(cache), "val_fraction": 0.25},
+        "schedule": {
+            "knobs": {"batch_size": 8},
+            "stages": [{"name": "small", "duration": "50%", "image_size": 16}, {"name": "full", "image_size": 32}],
+        },
+        "optimizer": {"lr": 3e-3, "warmup": "5%"},
+        "train": {"duration": "192 samples", "checkpoint_every": "50%", "out_dir": str(out), "threads": 1},
+        "eval": {"seq_lens": [32], "every": "50%", "max_tokens": 64},
+        "log": {"progress": "plain"},
+    }
+
+
+def test_rampup_train_and_plan_take_an_image_run_from_yaml(tmp_path):
+    from conftest import run_rampup, write_config
+
+    folder = png_folder(tmp_path / "pngs", classes=3, per_class=8)
+    cfg = write_config(tmp_path / "run.yaml", image_tree(folder, tmp_path / "run", tmp_path / "cache"))
+    res = run_rampup("plan", str(cfg))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "small" in res.stdout and "saves" in res.stdout
+    res = run_rampup("train", str(cfg))
+    assert res.returncode == 0, res.stderr[-2000:]
+    recs = steps(tmp_path / "run")
+    assert len(recs) == 24 and {r["batch_size"] for r in recs} == {8}
+    assert (tmp_path / "run" / "checkpoints").is_dir()
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (
+            lambda t: t["images"]["model"].update(arch="vit") or t["schedule"]["stages"][0].update(image_size=12),
+            "does not keep to the ViT's patch 8",
+        ),
+        (lambda t: t["schedule"]["stages"][1].update(rope={"method": "pi", "factor": 2}), "knob 'rope'"),
+        (lambda t: t["schedule"]["knobs"].update(batch_size=0), "needs batch_size > 0"),
+        (lambda t: t["schedule"]["stages"][1].update(image_size=64), "raise images.resolution to 64"),
+    ],
+)
+def test_bad_image_runs_are_named_before_compute(tmp_path, change, words):
+    from rampup.config import RunConfig
+    from rampup.tools.images import image_run
+
+    folder = png_folder(tmp_path / "pngs", classes=2, per_class=4)
+    tree = image_tree(folder, tmp_path / "run", tmp_path / "cache")
+    change(tree)
+    with pytest.raises((ConfigError, ValueError), match=words):
+        cfg = RunConfig.model_validate(tree)
+        run = image_run(cfg)
+        train(cfg, build_model=run.build_model, task=run.task, data=run.data)
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -23,6 +23,7 @@ from rampup.tools.calibrate import (
     print_corpus_stats,
     print_time_estimate,
 )
+from rampup.tools.images import plan_images, prepared_shape
 from rampup.tools.plan import make_plan, memory_warnings, plot_plan, print_plan
 
 
@@ -31,6 +32,17 @@ def run(args: argparse.Namespace) -> int:
     if not args.time_budget > 0:
         raise ConfigError(f"--time-budget {args.time_budget:g}: give a positive number of seconds (or --no-time)")
     cfg = load(args)
+    if cfg.images is not None:
+        channels, classes, known = prepared_shape(cfg)
+        table, summary = plan_images(cfg, channels, classes)
+        console.print(table)
+        console.print(
+            f"total {summary['total_flops']:.3g} FLOPs; the largest size throughout for the same images needs "
+            f"{summary['baseline_flops']:.3g}: this schedule saves {summary['flops_saved']:.1%}"
+            + ("" if known else " (counted for 3 channels and 10 classes: the images are not prepared yet)")
+        )
+        console.print("no memory or time estimate for image runs yet")
+        return 0
     if cfg.data.sources is not None:
         return _plan_mixture(args, cfg)
     prepared = prepared_dir(cfg.data)

@@ -11,6 +11,7 @@ from rampup.engine.checkpoint.local import LocalCheckpointer
 from rampup.engine.distributed import launch
 from rampup.engine.trainer import train
 from rampup.errors import ConfigError
+from rampup.tools.images import image_run
 
 
 def run(args: argparse.Namespace) -> int:
@@ -23,7 +24,13 @@ def run(args: argparse.Namespace) -> int:
     resume = args.resume
     if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0:  # torchrun restarted the job after a failure
         resume = resume or LocalCheckpointer(cfg.resolved_out_dir() / "checkpoints", keep=1).latest() is not None
-    summary = train(cfg, resume=resume, display_mode=args.progress)
+    if cfg.images is not None:  # an image run: its data, classifier and task, through the same engine
+        run = image_run(cfg)
+        summary = train(
+            cfg, resume=resume, display_mode=args.progress, build_model=run.build_model, task=run.task, data=run.data
+        )
+    else:
+        summary = train(cfg, resume=resume, display_mode=args.progress)
     if int(os.environ.get("RANK", 0)) != 0:
         return 0  # rank 0 reports
     if summary.get("already_finished"):

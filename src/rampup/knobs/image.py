@@ -35,6 +35,40 @@ def longest_image(schedule_cfg: Any) -> int:
     return int(max(tops, default=0))
 
 
+def _values(schedule_cfg: Any, name: str) -> list[Any]:
+    return [
+        v for v in [schedule_cfg.knobs.get(name)] + [st.knobs.get(name) for st in schedule_cfg.stages] if v is not None
+    ]
+
+
+def _check_images(cfg: Any) -> None:
+    """An image run sets its sizes and batch; each size within the cached resolution and, for a ViT, a
+    multiple of the patch (a ramp rounds to a multiple of it)."""
+    images = getattr(cfg, "images", None)
+    if images is None:  # a language model refuses image knobs when it is built (it does not support them)
+        return
+    for name in ("image_size", "batch_size"):
+        first = cfg.schedule.knobs.get(name, cfg.schedule.stages[0].knobs.get(name) if cfg.schedule.stages else None)
+        if not first:
+            raise ValueError(f"an image run needs {name} > 0 from its first step: set schedule.knobs.{name}")
+    longest = longest_image(cfg.schedule)
+    if longest > images.resolution:
+        raise ValueError(
+            f"image_size reaches {longest} but images.resolution is {images.resolution} (the size the images "
+            f"are cached at): raise images.resolution to {longest} or lower image_size"
+        )
+    if images.model.arch == "vit":
+        patch = images.model.patch
+        for v in _values(cfg.schedule, "image_size"):
+            ends = [v.start, v.to] if isinstance(v, Ramp) else [v]
+            step = (v.multiple_of or 4) if isinstance(v, Ramp) else patch
+            if any(int(e) % patch for e in ends) or step % patch:
+                raise ValueError(
+                    f"image_size {v.describe() if isinstance(v, Ramp) else v} does not keep to the ViT's patch "
+                    f"{patch}: sizes (and a ramp's ends and multiple_of) must be multiples of {patch}"
+                )
+
+
 def _apply_lr_scale(ctx: KnobContext, value: str) -> None:
     """The lr factor of this step's images against batch_size: linear or square root (global rows, so the
     factor is the same on every rank)."""
@@ -56,6 +90,7 @@ register_knob(
         integer=True,
         minimum=0,
         multiple_of=4,
+        check_config=_check_images,
     )
 )
 register_knob(

@@ -10,15 +10,16 @@ weights. A ViT size must be a multiple of its patch. See docs/vision.md.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 
+from rampup.configbase import Section
 from rampup.errors import ConfigError
 from rampup.protocols import Batch, ModelOutput
 
@@ -146,24 +147,38 @@ def check_patch(size: int, patch: int) -> None:
 # ----------------------------------------------------------------------------- config, adapter, task
 
 
-@dataclass
-class VisionConfig:
-    """An image classifier: ``arch`` resnet or vit, its sizes, and the data's channels and classes."""
+class VisionConfig(Section):
+    """An image classifier (``images.model``): ``arch`` resnet or vit and its sizes; the data gives its
+    channels and classes, and for a ViT the run's largest image_size is ``base_size``."""
 
     arch: Literal["resnet", "vit"] = "resnet"
-    channels: int = 3
-    classes: int = 10
-    widths: tuple[int, ...] = (32, 64, 128)
+    """resnet: a small ResNet (widths, depths); vit: a small vision transformer (patch, dim, depth, heads)."""
+    channels: int = Field(default=3, ge=1)
+    """Input channels (set from the prepared images)."""
+    classes: int = Field(default=10, ge=2)
+    """Output classes (set from the prepared images)."""
+    widths: list[int] = Field(default_factory=lambda: [32, 64, 128])
     """ResNet: channels per stage."""
-    depths: tuple[int, ...] = (2, 2, 2)
-    """ResNet: blocks per stage."""
-    patch: int = 4
-    dim: int = 128
-    depth: int = 6
-    heads: int = 4
-    base_size: int = 32
-    """ViT: the image size its position embeddings are learned for."""
-    extra: dict[str, Any] = field(default_factory=dict)
+    depths: list[int] = Field(default_factory=lambda: [2, 2, 2])
+    """ResNet: basic blocks per stage."""
+    patch: int = Field(default=8, ge=1)
+    """ViT: patch size in pixels; every image_size must be a multiple of it."""
+    dim: int = Field(default=128, ge=8)
+    """ViT: embedding width."""
+    depth: int = Field(default=6, ge=1)
+    """ViT: encoder blocks."""
+    heads: int = Field(default=4, ge=1)
+    """ViT: attention heads (dim must be a multiple)."""
+    base_size: int = Field(default=32, ge=1)
+    """ViT: the image size its position embeddings are learned for (an image run sets the largest image_size)."""
+
+    @model_validator(mode="after")
+    def _shape(self) -> VisionConfig:
+        if self.arch == "resnet" and (len(self.widths) != len(self.depths) or not self.widths):
+            raise ValueError(f"images.model: widths {self.widths} and depths {self.depths} need one entry per stage")
+        if self.arch == "vit" and self.dim % self.heads:
+            raise ValueError(f"images.model: dim {self.dim} must be a multiple of heads {self.heads}")
+        return self
 
     def build(self) -> nn.Module:
         if self.arch == "resnet":

@@ -187,12 +187,23 @@ class _Units:
             )
         return self.shape.rows(s, self.longest) * self.shape.units_per_row(s)
 
+    def per_sample(self, s: dict[str, Any], what: str) -> int:
+        per = self.shape.units_per_row(s)
+        if isinstance(per, Ramp):
+            raise ConfigError(
+                f"{what} is given in samples but {self.shape.size_knob} ramps within it; give that duration "
+                "in tokens or % instead"
+            )
+        return per
+
     def convert(self, d: Duration, s: dict[str, Any] | None, what: str, total: int | None) -> int:
         if d.unit in (Unit.STEP, Unit.SAMPLE):
             if s is None:
                 raise ConfigError(
                     f"{what} in {d.unit.value}s needs one constant batch shape; give it in tokens instead"
                 )
+            if d.unit is Unit.SAMPLE:  # a sample's size is all it needs (an image: 1, whatever the batch)
+                return d.to_tokens(tokens_per_sample=self.per_sample(s, what))
             return d.to_tokens(tokens_per_step=self.per_step(s, what), tokens_per_sample=self.shape.units_per_row(s))
         if d.unit is Unit.EPOCH and self.tokens_per_epoch is None:
             raise ConfigError(f"{what} is in epochs, which needs the prepared corpus; run `rampup prepare` first")
@@ -208,9 +219,12 @@ class _Units:
             raise ConfigError("train.duration cannot be a percentage; give tokens, steps or epochs")
         first = None  # steps/samples convert only when every stage has the same batch shape
         if total.unit in (Unit.STEP, Unit.SAMPLE):
-            shapes = {(self.per_step(s, "train.duration"), self.shape.units_per_row(s)) for s in settings}
             # steps need one step size; samples only one size of a sample (images: always 1)
-            differ = {n for n, _ in shapes} if total.unit is Unit.STEP else {u for _, u in shapes}
+            differ = (
+                {self.per_step(s, "train.duration") for s in settings}
+                if total.unit is Unit.STEP
+                else {self.per_sample(s, "train.duration") for s in settings}
+            )
             if len(differ) > 1:
                 raise ConfigError(
                     f"train.duration is in {total.unit.value}s but the stages differ in "

@@ -27,6 +27,15 @@ def write(tmp_path, tree) -> Path:
 def test_every_shipped_config_validates_and_plans(path, data_cache, tmp_path):
     cfg = load_config(path)
     assert cfg.name == yaml.safe_load(path.read_text()).get("name", path.stem)
+    if cfg.images is not None:  # an image run: its own plan (the model counted at each size)
+        from rampup.tools.images import image_schedule, plan_images
+
+        _, summary = plan_images(cfg)
+        assert summary["total_flops"] > 0 and sum(s["steps"] for s in summary["stages"]) == len(
+            list(image_schedule(cfg).steps())
+        )
+        assert RunConfig.model_validate(yaml.safe_load(dump_config(cfg))) == cfg
+        return
     schedule = Schedule.build(cfg.schedule, total=cfg.train.duration)
     # a buckets run's plan walks the sampler over the real buckets: prepare into the test cache
     planned = load_config(path, [f"data.cache_dir={data_cache}"])
