@@ -161,6 +161,12 @@ def _run_parsers(sub) -> None:
     sp.add_argument("--target-loss", type=float, help="target validation loss (default: the baseline's final loss)")
     sp.add_argument("--out", default="runs/compare", help="where compare.json and the HTML report go")
     sp.add_argument("--on", metavar="SOURCE", help="compare on this source's validation loss (data.sources)")
+    sp.add_argument(
+        "--metric",
+        choices=["loss", "error"],
+        default="loss",
+        help="time to the baseline's final validation loss, or error rate (1 - accuracy: image runs)",
+    )
     sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="with --run: override a key in every config")
     sp = sub.add_parser("report", help="write an HTML report (plots embedded) and PNGs for a run")
     sp.add_argument("run_dir", help="a run folder (train.out_dir)")

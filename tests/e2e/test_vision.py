@@ -2,6 +2,7 @@
 over a generated PNG folder, with the step shapes the schedule plans, the lr scaled with the batch, and a
 bitwise resume across a resolution stage."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from rampup.data.images import ImageDataset, ImagePrepare, ImageSampler, eval_ba
 from rampup.engine.checkpoint.format import latest_checkpoint
 from rampup.engine.records import read_metrics
 from rampup.engine.trainer import RunData, train
-from rampup.errors import ConfigError
+from rampup.errors import ConfigError, DataError
 from rampup.models.vision import ImageClassification, ImageClassifierAdapter, VisionConfig
 from rampup.schedule.shapes import ImageShape
 from rampup.schedule.stages import Schedule
@@ -173,3 +174,40 @@ def test_bad_image_runs_are_named_before_compute(tmp_path, change, words):
         run = image_run(cfg)
         train(cfg, build_model=run.build_model, task=run.task, data=run.data)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_evaluation_records_accuracy_and_compare_measures_time_to_the_baselines_error(prepared, tmp_path):
+    from rampup.tools.compare import compare_runs
+
+    run(config(tmp_path / "progressive", PROGRESSIVE), prepared)
+    base = config(tmp_path / "baseline", [{"name": "full", "image_size": 32}])
+    base.name = "baseline"
+    run(base, prepared)
+    evals = [r for r in read_metrics(tmp_path / "baseline" / "metrics.jsonl") if r["event"] == "eval"]
+    assert evals and all(0.0 <= r["accuracy"] <= 1.0 for r in evals)
+    # the recorded accuracy is the final weights' on the validation images, counted again here
+    from rampup.engine.checkpoint.format import load_checkpoint
+    from rampup.protocols import Batch
+
+    vc = VisionConfig(arch="resnet", channels=3, classes=3, widths=(8, 16), depths=(1, 1))
+    model = ImageClassifierAdapter(vc.build())
+    load_checkpoint(latest_checkpoint(tmp_path / "baseline" / "checkpoints"), model.module, None)
+    model.module.eval()
+    val = eval_batches(ImageDataset(prepared, "val"), 32, 64)
+    with torch.no_grad():
+        hits = sum(ImageClassification().correct(model, Batch(x, y, {})) for x, y in val)
+    assert evals[-1]["accuracy"] == pytest.approx(hits / sum(len(y) for _, y in val))
+    result = compare_runs([tmp_path / "progressive", tmp_path / "baseline"], metric="error")
+    assert result["metric"] == "error"
+    assert result["targets"]["32"] == pytest.approx(1.0 - evals[-1]["accuracy"])
+    base_row = next(g for g in result["groups"] if g["baseline"])
+    assert base_row["lengths"]["32"]["final_loss"]["median"] == pytest.approx(1.0 - evals[-1]["accuracy"])
+    # a run without accuracy (a language model's) cannot be compared on error: the same run, accuracy removed
+    (tmp_path / "text").mkdir()
+    with pytest.raises(DataError, match="recorded no accuracy"):
+        (tmp_path / "text" / "config.yaml").write_text((tmp_path / "baseline" / "config.yaml").read_text())
+        lines = read_metrics(tmp_path / "baseline" / "metrics.jsonl")
+        for r in lines:
+            r.pop("accuracy", None)
+        (tmp_path / "text" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+        compare_runs([tmp_path / "text", tmp_path / "baseline"], metric="error")

@@ -29,7 +29,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         if len(args.runs) < 2:
             raise ConfigError("rampup compare needs at least two run folders (the baseline last), or --run CONFIG...")
-        result = compare_runs(args.runs, baseline=args.baseline, target_loss=args.target_loss, on=args.on)
+        result = compare_runs(
+            args.runs, baseline=args.baseline, target_loss=args.target_loss, on=args.on, metric=args.metric
+        )
     print_comparison(result, console)
     json_path = write_comparison(result, out / "compare.json")
     html = report_runs(

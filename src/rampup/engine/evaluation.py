@@ -36,9 +36,17 @@ def eval_loss(
 
 @torch.no_grad()
 def eval_loss_sum(
-    adapter: ModelAdapter, task: Task, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, precision: str = "auto"
+    adapter: ModelAdapter,
+    task: Task,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    precision: str = "auto",
+    correct: list[int] | None = None,
 ) -> tuple[float, int]:
-    """(summed loss, items scored) over ``batches``: parts of one set pool into its mean."""
+    """(summed loss, items scored) over ``batches``: parts of one set pool into its mean. A task that also
+    counts correct predictions (``score(adapter, batch) -> (loss sum, correct)``, a classifier) adds them
+    to ``correct[0]`` in the same pass."""
+    scores = getattr(task, "score", None) if correct is not None else None
     module = adapter.module
     was_training = module.training
     module.eval()
@@ -48,7 +56,12 @@ def eval_loss_sum(
         for x, y in batches:
             batch = task.make_batch(x, y, training=False).to(device)
             with autocast(device, precision):
-                loss_sum += task.loss(adapter, batch, reduction="sum").item()
+                if scores is not None and correct is not None:
+                    part, hits = scores(adapter, batch)
+                    loss_sum += part
+                    correct[0] += hits
+                else:
+                    loss_sum += task.loss(adapter, batch, reduction="sum").item()
             count += batch.items
     finally:
         module.train(was_training)
@@ -71,16 +84,22 @@ def evaluate_lengths(
     *,
     precision: str = "auto",
     each: Callable[[int, float], None] | None = None,
+    accuracy: dict[int, float] | None = None,
 ) -> dict[int, float]:
     """{length: mean loss} over ``sets`` ({length: batches}), each scored with ``knobs`` applied at
     that length; the knob values applied before the call are restored after it. ``each(length, loss)``
-    runs with that length's knobs still applied (extra metrics such as passkey accuracy)."""
+    runs with that length's knobs still applied (extra metrics such as passkey accuracy). ``accuracy``
+    receives {length: fraction correct} when the task counts correct predictions (a classifier)."""
     saved = runner.save()
     losses: dict[int, float] = {}
     try:
         for n, batches in sets.items():
             runner.apply(knobs, n)
-            losses[n] = eval_loss(adapter, task, batches, precision=precision)
+            hits = [0]
+            loss_sum, count = eval_loss_sum(adapter, task, batches, precision=precision, correct=hits)
+            losses[n] = loss_sum / count
+            if accuracy is not None and hasattr(task, "score"):
+                accuracy[n] = hits[0] / count
             if each is not None:
                 each(n, losses[n])
     finally:

@@ -42,7 +42,10 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
         }
     if event == "eval":
         part = f"{record['set']}/" if "set" in record else ""
-        return {f"eval/{part}loss@{record['seq_len']}": float(record["loss"])}
+        out = {f"eval/{part}loss@{record['seq_len']}": float(record["loss"])}
+        if "accuracy" in record:
+            out[f"eval/{part}accuracy@{record['seq_len']}"] = float(record["accuracy"])
+        return out
     if event == "passkey":
         return {f"eval/passkey@{record['seq_len']}": float(record["mean"])}
     return {}

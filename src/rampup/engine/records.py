@@ -347,12 +347,16 @@ class Records:
             "(every sequence of the earlier epoch has been served)"
         )
 
-    def eval_length(self, p: Any, seq_len: int, loss: float, part: str | None = None) -> None:
-        """One evaluation length's loss; ``part`` names a part of the set (a mixture's source: ``"set"``)."""
+    def eval_length(
+        self, p: Any, seq_len: int, loss: float, part: str | None = None, accuracy: float | None = None
+    ) -> None:
+        """One evaluation length's loss (and a classifier's accuracy); ``part`` names a part of the set (a
+        mixture's source: ``"set"``)."""
         self.metrics.write(
             {
                 "event": "eval",
                 **({"set": part} if part is not None else {}),
+                **({"accuracy": accuracy} if accuracy is not None else {}),
                 "step": p.step,
                 "tokens": p.tokens,
                 "seq_len": seq_len,

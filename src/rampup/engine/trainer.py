@@ -526,10 +526,12 @@ class Trainer:
         if trained is not None:  # a knob that restructures the model (growth) acts at its step, never in evaluation
             knobs = {k: trained[0][k] if KNOBS[k].restructures and k in trained[0] else v for k, v in knobs.items()}
 
+        accuracy: dict[int, float] = {}  # a classifier's, filled before each(n, ...) runs
+
         def each(n: int, loss: float) -> None:
             if cfg.eval.passkey_samples:
                 self._passkey(n, prec)
-            self.records.eval_length(p, n, loss)
+            self.records.eval_length(p, n, loss, accuracy=accuracy.get(n))
 
         with contextlib.ExitStack() as held:  # a family's weights swapped in (the EMA), for every length
             for family in families():
@@ -543,7 +545,14 @@ class Trainer:
                         self.records.eval_length(p, n, loss, part=name)
             else:
                 losses = evaluate_lengths(
-                    self.state.model, self.task, self.knobs, knobs, self.data.eval_sets, precision=prec, each=each
+                    self.state.model,
+                    self.task,
+                    self.knobs,
+                    knobs,
+                    self.data.eval_sets,
+                    precision=prec,
+                    each=each,
+                    accuracy=accuracy,
                 )
         self.records.evaluation(p, losses)
         return losses

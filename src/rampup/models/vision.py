@@ -304,6 +304,12 @@ class ImageClassification:
     def doc_lengths(self, batch: Batch) -> list[list[int]] | None:
         return None
 
+    def score(self, adapter: Any, batch: Batch) -> tuple[float, int]:
+        """(summed loss, correct predictions) of a batch from one forward pass (evaluation's accuracy)."""
+        logits = self.logits(adapter, batch).float()
+        loss = F.cross_entropy(logits, batch.targets, reduction="sum")
+        return float(loss), int((logits.argmax(-1) == batch.targets).sum())
+
     def correct(self, adapter: Any, batch: Batch) -> int:
         """Items whose argmax class is the label (accuracy = correct / items)."""
         return int((self.logits(adapter, batch).argmax(-1) == batch.targets).sum())

@@ -38,6 +38,8 @@ from rampup.errors import ConfigError, DataError
 from rampup.units import format_tokens
 
 # Keys of the data section that do not change which tokens are trained on or evaluated.
+METRICS = ("loss", "error")
+"""What compare measures time to: validation loss, or a classifier's error rate (1 - accuracy)."""
 _DATA_KEYS_IGNORED = ("cache_dir", "shard_tokens", "sampler")
 _SEED_SUFFIX = re.compile(r"(_seed\d+|-s\d+)$")
 
@@ -70,9 +72,12 @@ def _group_key(config: dict[str, Any]) -> str:
     return json.dumps(c, sort_keys=True, default=str)
 
 
-def load_run(run_dir: str | Path, on: str | None = None) -> Run:
+def load_run(run_dir: str | Path, on: str | None = None, metric: str = "loss") -> Run:
     """Read a run folder; a missing folder, config or evaluation is a :class:`DataError` naming the path.
-    ``on``: the evaluations of that source of a mixture (data.sources) count as the run's."""
+    ``on``: the evaluations of that source of a mixture (data.sources) count as the run's. ``metric``:
+    ``loss``, or ``error`` (1 - accuracy, a classifier's; lower is better like a loss)."""
+    if metric not in METRICS:
+        raise ConfigError(f"unknown metric '{metric}'; compare on one of {', '.join(METRICS)}")
     path = Path(run_dir)
     if not path.is_dir():
         raise DataError(f"run folder {path} does not exist; give the out_dir of a finished run")
@@ -93,12 +98,17 @@ def load_run(run_dir: str | Path, on: str | None = None) -> Run:
     precision = ""
     for r in records:
         if r.get("event") == "eval":
+            if metric == "error" and "accuracy" not in r:
+                raise DataError(
+                    f"the run in {path} recorded no accuracy (a classifier's evaluation records it); compare it "
+                    "on loss instead"
+                )
             evals.setdefault(int(r["seq_len"]), []).append(
                 (
                     int(r["tokens"]),
                     float(r["train_time"]),
                     float(r["flops"]),
-                    float(r["loss"]),
+                    float(r["loss"]) if metric == "loss" else 1.0 - float(r["accuracy"]),
                     float(r.get("compile_time", 0.0)),
                 )
             )
@@ -302,6 +312,7 @@ def compare_runs(
     baseline: str | None = None,
     target_loss: float | None = None,
     on: str | None = None,
+    metric: str = "loss",
 ) -> dict[str, Any]:
     """Group runs by config (seeds together) and measure each group against the baseline group.
 
@@ -312,7 +323,7 @@ def compare_runs(
     """
     if not run_dirs:
         raise ConfigError("compare needs at least one run folder")
-    runs = [load_run(d, on) for d in run_dirs]
+    runs = [load_run(d, on, metric) for d in run_dirs]
     _check_same_data(runs, on)
     groups, labels = _groups(runs)
     base_key = _baseline_key(runs, labels, baseline)
@@ -350,6 +361,7 @@ def compare_runs(
     return {
         "baseline": labels[base_key],
         "on": on,
+        "metric": metric,
         "target_loss": target_loss,
         "targets": {str(n): t for n, t in targets.items()},
         "seq_lens": shared,
