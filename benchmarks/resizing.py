@@ -1,0 +1,172 @@
+"""Progressive resizing and multigrid against a fixed-resolution baseline, on real images.
+
+Table 1, elpv-dataset (pip install rampup[vision]: 2,624 300x300 solar-cell images, 4 defect classes,
+cached at 128 px): the small ResNet of configs/images/ (widths 32, 64, 128) for the same number of
+images in three arms, each the shipped recipe:
+
+- ``resnet_baseline``: 128 px throughout;
+- ``resnet_progressive``: Composer's defaults, 64 px for 50%, a ramp to 128 px until 80% (multiples of 4),
+  128 px for the last 20%;
+- ``resnet_multigrid``: 64 px with 4x the images per step, 92 px with 2x, then 128 px, the lr scaled
+  linearly with the batch.
+
+Table 2, Fashion-MNIST (Debian's dataset-fashion-mnist), smaller: a ViT at 28 px throughout against a
+resolution stage (16 px for 60%, then 28 px; configs/images/vit_fashion_resolution.yaml).
+
+Every run is a ``rampup train`` subprocess, 3 seeds per arm, alone on the machine. Reported per arm
+(median and spread over seeds): final validation accuracy, time to the baseline's final accuracy
+(:func:`rampup.tools.compare.compare_runs` with ``metric="error"``, train time), training FLOPs.
+Results: benchmarks/results/resizing.json and resizing.png. A source that is not installed is skipped
+with a message::
+
+    .venv/bin/python benchmarks/resizing.py                   # ~25 min on 2 cores
+    .venv/bin/python benchmarks/resizing.py --seeds 1 --images 2000 --fashion-images 6000   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+ELPV = ("resnet_baseline", "resnet_progressive", "resnet_multigrid")
+
+
+def tree(recipe: str, out: Path, seed: int, images: int) -> dict:
+    t = yaml.safe_load((ROOT / "configs" / "images" / f"{recipe}.yaml").read_text())
+    t["train"] = {
+        **t["train"],
+        "duration": f"{images} samples",
+        "seed": seed,
+        "out_dir": str(out),
+        "checkpoint_every": None,
+        "threads": 2,
+    }
+    t["eval"] = {**t["eval"], "every": "10%"}
+    t["log"] = {"progress": "off"}
+    return t
+
+
+def train(t: dict, work: Path) -> Path:
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = work / f"{t['name']}_s{t['train']['seed']}.yaml"
+    cfg.write_text(yaml.safe_dump(t))
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-m", "rampup.cli", "train", str(cfg)], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"{cfg} failed:\n{res.stderr[-3000:]}")
+    print(f"  {t['name']} seed {t['train']['seed']}: {time.perf_counter() - t0:.0f}s", flush=True)
+    return Path(t["train"]["out_dir"])
+
+
+def table(runs: list[Path], baseline: str) -> dict:
+    from rampup.engine.records import read_metrics
+    from rampup.tools.compare import compare_runs
+
+    res = compare_runs([str(r) for r in runs], baseline=baseline, metric="error")
+    size = res["seq_lens"][-1]
+    out: dict = {"target_accuracy": 1 - res["targets"][str(size)], "size": size, "arms": {}}
+    for g in res["groups"]:
+        d = g["lengths"][str(size)]
+        flops = [json.loads((Path(p) / "summary.json").read_text())["flops"] for p in g["paths"]]
+        curves = [
+            [(r["tokens"], r["accuracy"]) for r in read_metrics(Path(p) / "metrics.jsonl") if r["event"] == "eval"]
+            for p in g["paths"]
+        ]
+        out["arms"][g["label"]] = {
+            "final_accuracy": {k: (1 - v if v is not None else None) for k, v in d["final_loss"].items()},
+            "train_time": d["train_time"],
+            "time_to_baseline_accuracy": d["time"],
+            "speedup_to_baseline_accuracy": d["speedup_wall"],
+            "reached": sum(s["reached"] for s in d["seeds"]),
+            "seeds": len(d["seeds"]),
+            "flops": statistics.median(flops),
+            "curve": [(pts[0][0], statistics.median(p[1] for p in pts)) for pts in zip(*curves, strict=True)],
+        }
+    base = next(a for k, a in out["arms"].items() if k.startswith(baseline))
+    for arm in out["arms"].values():
+        arm["flops_over_baseline"] = arm["flops"] / base["flops"]
+    return out
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tables = [k for k in ("elpv", "fashion") if isinstance(results.get(k), dict) and "arms" in results[k]]
+    fig, axes = plt.subplots(1, max(1, len(tables)), figsize=(6 * max(1, len(tables)), 4), squeeze=False)
+    for ax, key in zip(axes[0], tables, strict=False):
+        for name, arm in results[key]["arms"].items():
+            ax.plot([t for t, _ in arm["curve"]], [a for _, a in arm["curve"]], marker="o", ms=3, label=name)
+        ax.set_xlabel("images trained")
+        ax.set_ylabel(f"validation accuracy @ {results[key]['size']} px")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"resizing curricula, median of seeds ({results['machine'].get('cpu', '?')})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    from rampup.engine.precision import machine_info, resolve_precision
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--images", type=int, default=11200, help="images per elpv run (~5 epochs of its training split)")
+    ap.add_argument("--fashion-images", type=int, default=30000, help="images per Fashion-MNIST run")
+    ap.add_argument("--work", default=str(ROOT / "runs" / "bench_resizing"))
+    args = ap.parse_args()
+    work = Path(args.work)
+    results: dict = {"machine": machine_info(resolve_precision("auto", "cpu").precision), "seeds": args.seeds}
+    t0 = time.perf_counter()
+    if importlib.util.find_spec("elpv_dataset") is None:
+        results["elpv"] = "skipped: elpv-dataset is not installed (pip install rampup[vision])"
+        print(results["elpv"])
+    else:
+        print("elpv: ResNet, 128 px baseline vs progressive resizing vs multigrid", flush=True)
+        runs = [train(tree(r, work / f"{r}_s{s}", s, args.images), work) for s in range(args.seeds) for r in ELPV]
+        results["elpv"] = {"images": args.images, **table(runs, "resnet_baseline")}
+    if not Path("/usr/share/datasets/fashion-mnist").is_dir():
+        results["fashion"] = (
+            "skipped: Debian's dataset-fashion-mnist is not installed (apt install dataset-fashion-mnist)"
+        )
+        print(results["fashion"])
+    else:
+        print("fashion-mnist: ViT, 28 px throughout vs a 16 -> 28 px resolution stage", flush=True)
+        runs = []
+        for s in range(args.seeds):
+            staged = tree("vit_fashion_resolution", work / f"vit_staged_s{s}", s, args.fashion_images)
+            fixed = tree("vit_fashion_resolution", work / f"vit_fixed_s{s}", s, args.fashion_images)
+            fixed["name"] = "vit_fixed"
+            fixed["schedule"]["stages"] = [{"name": "native", "image_size": 28}]
+            runs += [train(staged, work), train(fixed, work)]
+        results["fashion"] = {"images": args.fashion_images, **table(runs, "vit_fixed")}
+    results["seconds"] = time.perf_counter() - t0
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "resizing.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    plot(results, RESULTS / "resizing.png")
+    for key in ("elpv", "fashion"):
+        if isinstance(results[key], dict):
+            for name, arm in results[key]["arms"].items():
+                print(
+                    f"{key} {name}: accuracy {arm['final_accuracy']['median']:.3f}, speedup to the baseline's "
+                    f"accuracy {arm['speedup_to_baseline_accuracy']['median']}, FLOPs x{arm['flops_over_baseline']:.2f}"
+                )
+    print(f"results: {RESULTS / 'resizing.json'}")
+
+
+if __name__ == "__main__":
+    main()
