@@ -277,7 +277,7 @@ def _write(cfg: ImagePrepare, src: ImageSource, out: Path) -> None:
         arr.flush()
         del arr
         if n < len(items):  # skipped images: rewrite at the kept count
-            kept = np.load(out / f"{split}_images.npy", mmap_mode="r")[:n].copy()
+            kept = np.load(out / f"{split}_images.npy", mmap_mode="r", allow_pickle=False)[:n].copy()
             np.save(out / f"{split}_images.npy", kept)
         np.save(out / f"{split}_labels.npy", np.array(labels, dtype=np.int64))
         meta[split] = {
@@ -289,7 +289,7 @@ def _write(cfg: ImagePrepare, src: ImageSource, out: Path) -> None:
             f"image source {cfg.source}: {meta['train']['n']} training and {meta['val']['n']} validation images "
             "after the split; add images or change data.val_fraction"
         )
-    train = np.load(out / "train_images.npy", mmap_mode="r")
+    train = np.load(out / "train_images.npy", mmap_mode="r", allow_pickle=False)
     sums = np.zeros(channels)
     sq = np.zeros(channels)
     for start in range(0, len(train), 1024):
@@ -319,8 +319,8 @@ class ImageDataset:
             raise DataError(f"no prepared images in {folder} (meta.json is missing); prepare them first")
         self.folder, self.split = folder, split
         self.meta = json.loads(meta_path.read_text())
-        self.images = np.load(folder / f"{split}_images.npy", mmap_mode="r")  # (N, H, W, C) uint8
-        self.labels = np.load(folder / f"{split}_labels.npy")
+        self.images = np.load(folder / f"{split}_images.npy", mmap_mode="r", allow_pickle=False)  # (N, H, W, C) uint8
+        self.labels = np.load(folder / f"{split}_labels.npy", allow_pickle=False)
         if len(self.images) != len(self.labels) or len(self.labels) != self.meta[split]["n"]:
             raise DataError(f"{folder}: the {split} images and labels disagree with meta.json; delete the folder")
         self.classes: list[str] = self.meta["classes"]

@@ -306,6 +306,39 @@ def _with_speedups(d: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
+def _group_rows(
+    groups: dict[str, list[Run]],
+    labels: dict[str, str],
+    base_key: str,
+    shared: list[int],
+    targets: dict[int, float],
+    precisions: dict[str, list[str]],
+) -> list[dict[str, Any]]:
+    """Each group's numbers at every shared length against the baseline's, the baseline last."""
+    base_lengths = {n: _per_length(groups[base_key], n, targets[n]) for n in shared}
+    out: list[dict[str, Any]] = []
+    for key, members in groups.items():
+        lengths = {
+            str(n): _with_speedups(
+                base_lengths[n] if key == base_key else _per_length(members, n, targets[n]), base_lengths[n]
+            )
+            for n in shared
+        }
+        out.append(
+            {
+                "label": labels[key],
+                "baseline": key == base_key,
+                "precision": precisions[labels[key]],
+                "runs": [r.name for r in members],
+                "paths": [str(r.path) for r in members],
+                "seeds": sorted(r.seed for r in members),
+                "lengths": lengths,
+            }
+        )
+    out.sort(key=lambda g: g["baseline"])  # baseline last, like the input convention
+    return out
+
+
 def compare_runs(
     run_dirs: Sequence[str | Path],
     *,
@@ -337,27 +370,7 @@ def compare_runs(
     }
     precisions = {labels[key]: sorted({r.precision for r in members if r.precision}) for key, members in groups.items()}
     warnings += _precision_warning(precisions)
-    base_lengths = {n: _per_length(groups[base_key], n, targets[n]) for n in shared}
-    out_groups: list[dict[str, Any]] = []
-    for key, members in groups.items():
-        lengths = {
-            str(n): _with_speedups(
-                base_lengths[n] if key == base_key else _per_length(members, n, targets[n]), base_lengths[n]
-            )
-            for n in shared
-        }
-        out_groups.append(
-            {
-                "label": labels[key],
-                "baseline": key == base_key,
-                "precision": precisions[labels[key]],
-                "runs": [r.name for r in members],
-                "paths": [str(r.path) for r in members],
-                "seeds": sorted(r.seed for r in members),
-                "lengths": lengths,
-            }
-        )
-    out_groups.sort(key=lambda g: g["baseline"])  # baseline last, like the input convention
+    out_groups = _group_rows(groups, labels, base_key, shared, targets, precisions)
     return {
         "baseline": labels[base_key],
         "on": on,
