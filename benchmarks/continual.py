@@ -25,12 +25,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import yaml
+from trainruns import train  # noqa: E402 (benchmarks/trainruns.py: run as a script, its folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -56,18 +54,6 @@ def tree(name: str, out: Path, *, budget: str, seed: int, data: dict, lr: float)
         "eval": {"seq_lens": [SEQ], "every": "5%", "max_tokens": 16384, "windows": "documents"},
         "log": {"progress": "off"},
     }
-
-
-def train(t: dict, folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    cfg = folder / f"{t['name']}_s{t['train']['seed']}.yaml"
-    cfg.write_text(yaml.safe_dump(t))
-    t0 = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "rampup.cli", "train", str(cfg)], capture_output=True, text=True)
-    if res.returncode != 0:
-        raise SystemExit(f"{cfg} failed:\n{res.stderr[-3000:]}")
-    print(f"  {t['name']} seed {t['train']['seed']}: {time.perf_counter() - t0:.0f}s", flush=True)
-    return Path(t["train"]["out_dir"])
 
 
 def curve(run: Path, source: str) -> list[tuple[int, float]]:

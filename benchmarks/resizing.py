@@ -29,12 +29,12 @@ import argparse
 import importlib.util
 import json
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import yaml
+
+from trainruns import train  # noqa: E402 (benchmarks/trainruns.py: run as a script, its folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -54,18 +54,6 @@ def tree(recipe: str, out: Path, seed: int, images: int) -> dict:
     t["eval"] = {**t["eval"], "every": "10%"}
     t["log"] = {"progress": "off"}
     return t
-
-
-def train(t: dict, work: Path) -> Path:
-    work.mkdir(parents=True, exist_ok=True)
-    cfg = work / f"{t['name']}_s{t['train']['seed']}.yaml"
-    cfg.write_text(yaml.safe_dump(t))
-    t0 = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "rampup.cli", "train", str(cfg)], capture_output=True, text=True)
-    if res.returncode != 0:
-        raise SystemExit(f"{cfg} failed:\n{res.stderr[-3000:]}")
-    print(f"  {t['name']} seed {t['train']['seed']}: {time.perf_counter() - t0:.0f}s", flush=True)
-    return Path(t["train"]["out_dir"])
 
 
 def table(runs: list[Path], baseline: str) -> dict:

@@ -24,12 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import yaml
+from trainruns import train  # noqa: E402 (benchmarks/trainruns.py: run as a script, its folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -47,18 +45,6 @@ def base_tree(name: str, out: Path, *, budget: str, model: dict, seed: int, data
         "eval": {"seq_lens": [SEQ], "every": "10%", "max_tokens": 16384, "windows": "documents"},
         "log": {"progress": "off"},
     }
-
-
-def train(tree: dict, folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    cfg = folder / f"{tree['name']}_s{tree['train']['seed']}.yaml"
-    cfg.write_text(yaml.safe_dump(tree))
-    t0 = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "rampup.cli", "train", str(cfg)], capture_output=True, text=True)
-    if res.returncode != 0:
-        raise SystemExit(f"{cfg} failed:\n{res.stderr[-2000:]}")
-    print(f"  {tree['name']} seed {tree['train']['seed']}: {time.perf_counter() - t0:.0f}s", flush=True)
-    return Path(tree["train"]["out_dir"])
 
 
 def summary(run: Path) -> dict:
