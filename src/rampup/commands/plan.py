@@ -14,6 +14,8 @@ from rampup.data.prepare import (
     read_meta,
     unprepared_warnings,
 )
+from rampup.engine.precision import resolve_precision
+from rampup.engine.step import resolve_device
 from rampup.errors import ConfigError
 from rampup.schedule.stages import Schedule
 from rampup.tools.calibrate import (
@@ -33,16 +35,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--time-budget {args.time_budget:g}: give a positive number of seconds (or --no-time)")
     cfg = load(args)
     if cfg.images is not None:
-        channels, classes, known = prepared_shape(cfg)
-        table, summary = plan_images(cfg, channels, classes)
-        console.print(table)
-        console.print(
-            f"total {summary['total_flops']:.3g} FLOPs; the largest size throughout for the same images needs "
-            f"{summary['baseline_flops']:.3g}: this schedule saves {summary['flops_saved']:.1%}"
-            + ("" if known else " (counted for 3 channels and 10 classes: the images are not prepared yet)")
-        )
-        console.print("no memory or time estimate for image runs yet")
-        return 0
+        return _plan_images(args, cfg)
     if cfg.data.sources is not None:
         return _plan_mixture(args, cfg)
     prepared = prepared_dir(cfg.data)
@@ -65,6 +58,29 @@ def run(args: argparse.Namespace) -> int:
     for w in too_big + warnings:
         console.print(f"[yellow]warning:[/] {w}", highlight=False)
     _time_and_plot(args, cfg, schedule, plan)
+    return 0
+
+
+def _plan_images(args: argparse.Namespace, cfg) -> int:
+    """An image run: FLOPs, peak memory and (unless --no-time) measured time per stage against the largest
+    size throughout."""
+    channels, classes, known = prepared_shape(cfg)
+    precision = resolve_precision(cfg.train.precision, resolve_device(cfg.train.device)).precision
+    if not args.no_time:
+        console.print("timing a few steps of the model at the cheapest and costliest shapes (--no-time skips it)")
+    table, summary = plan_images(cfg, channels, classes, precision=precision, timing=not args.no_time)
+    console.print(table)
+    console.print(
+        f"total {summary['total_flops']:.3g} FLOPs; the largest size throughout for the same images needs "
+        f"{summary['baseline_flops']:.3g}: this schedule saves {summary['flops_saved']:.1%}"
+        + ("" if known else " (counted for 3 channels and 10 classes: the images are not prepared yet)")
+    )
+    if "seconds" in summary:
+        console.print(
+            f"predicted train time (steps only, {precision}, this machine): {summary['seconds']:.0f} s; the "
+            f"largest size throughout: {summary['baseline_seconds']:.0f} s "
+            f"({summary['seconds'] / max(summary['baseline_seconds'], 1e-9):.2f}x)"
+        )
     return 0
 
 

@@ -151,12 +151,13 @@ class Dist:
         if self._plain_hidden is None:
             self._plain_hidden = adapter._hidden
         device_ids = [self.local_rank] if next(module.parameters()).device.type == "cuda" else None
-        # no buffer sync in forward: the only buffers are RoPE tables every rank computes itself
-
+        # a language model's buffers are RoPE tables every rank computes itself: no sync in forward; batch
+        # norms' running statistics are rank 0's on every rank, synced in each forward (DDP's default)
+        sync = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules())
         buffers: dict[str, Any] = (  # the keyword this torch version knows
-            {"forward_sync_buffers": False}
+            {"forward_sync_buffers": sync}
             if "forward_sync_buffers" in inspect.signature(DDP).parameters
-            else {"broadcast_buffers": False}
+            else {"broadcast_buffers": sync}
         )
         self.ddp = DDP(
             _Forward(module, self._plain_hidden), device_ids=device_ids, init_sync=self._signature == (), **buffers

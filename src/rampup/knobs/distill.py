@@ -86,6 +86,9 @@ class Teachers:
         self.active_name = "none"
         self.ema: Any = None
         """The run's EMA part (train.ema), for ``teacher: ema``."""
+        self.fresh: Any = None
+        """For a model that is not a language model (an image classifier): a callable giving a new adapter
+        of the run's architecture, which snapshot and EMA teachers are loaded into."""
 
     # -- state
     def state_dict(self) -> dict[str, Any]:
@@ -109,12 +112,12 @@ class Teachers:
     def refresh_from_ema(self, teacher: Any) -> None:
 
         shadows = {k: full(v) for k, v in self.ema.tensors().items()}  # a sharded average is gathered
-        if set(shadows) != {n for n, _ in teacher.module.named_parameters()} or any(
-            p.shape != shadows[n].shape for n, p in teacher.module.named_parameters()
-        ):
+        params = dict(teacher.module.named_parameters())
+        if not set(params) <= set(shadows) or any(p.shape != shadows[n].shape for n, p in params.items()):
             fit_to_tensors(teacher, shadows)  # the model grew since: the teacher follows
-        for name, p in teacher.module.named_parameters():
-            p.copy_(shadows[name])
+        for name, t in teacher.module.state_dict(keep_vars=True).items():
+            if name in shadows:  # parameters, and batch norms' running statistics
+                t.detach().copy_(shadows[name])
 
     def snapshot(self, stage_name: str, module: torch.nn.Module) -> None:
         # whole tensors: a sharded (FSDP2) model is gathered, on every rank at the same step
@@ -132,18 +135,26 @@ class Teachers:
                 self._built[spec] = self._build(spec, vocab_size)
         self.active = self._built[spec]
 
+    def _snapshot_of(self, stage: str) -> None:
+        if stage not in self.snapshots:
+            raise ConfigError(
+                f"teacher 'stage:{stage}': stage '{stage}' has not ended yet, so there is no snapshot of it; "
+                "a stage's snapshot teaches only the stages after it"
+            )
+
     def _build(self, spec: str, vocab_size: int) -> ModelAdapter:
 
         kind, _, arg = spec.partition(":")
         adapter: ModelAdapter
-        if spec == "ema":  # its weights are the EMA's shadows, copied in before every use (DistillTask.loss)
+        if self.fresh is not None and (spec == "ema" or kind == "stage"):  # a classifier: no RoPE, no growth
+            adapter = self.fresh()
+            if kind == "stage":
+                self._snapshot_of(arg)
+                adapter.module.load_state_dict(self.snapshots[arg])
+        elif spec == "ema":  # its weights are the EMA's shadows, copied in before every use (DistillTask.loss)
             adapter = build_adapter(self.cfg.model, "cpu")
         elif kind == "stage":
-            if arg not in self.snapshots:
-                raise ConfigError(
-                    f"teacher '{spec}': stage '{arg}' has not ended yet, so there is no snapshot of it; "
-                    "a stage's snapshot teaches only the stages after it"
-                )
+            self._snapshot_of(arg)
             stage = next(s for s in self.schedule.stages if s.name == arg)
             adapter = build_adapter(self.cfg.model, "cpu")
 
@@ -163,7 +174,7 @@ class Teachers:
         if teacher_vocab != vocab_size:
             raise ConfigError(
                 f"teacher '{spec}' has a vocabulary of {teacher_vocab} tokens, the run's model "
-                f"{vocab_size}; a teacher must share the run's tokenizer"
+                f"{vocab_size}; a teacher must share the run's tokenizer (a classifier: its classes)"
             )
         adapter.module.to(self.device)  # built on the CPU from saved weights; it teaches on the run's device
         adapter.module.eval()
@@ -198,6 +209,11 @@ def check_static(cfg: Any, schedule_cfg: Any) -> None:
         if spec == "ema" and cfg.train.ema is None:
             raise ConfigError(
                 "teacher: ema needs train.ema (the moving average it learns from); set train.ema.half_life"
+            )
+        if kind in ("run", "hf") and getattr(cfg, "images", None) is not None:
+            raise ConfigError(
+                f"teacher '{spec}' in an image run: an image classifier learns from ema, previous_stage or "
+                "stage:NAME (its own snapshots); another run's or a Hugging Face model is a language model's teacher"
             )
         if spec == "previous_stage" and i == 0:
             raise ConfigError("teacher: previous_stage in the first stage: there is no previous stage")
@@ -452,13 +468,15 @@ def attach_teachers(run: RunSetup) -> None:
     cfg, ctx, schedule = run.cfg, run.ctx, run.schedule
     if not uses_teacher(cfg.schedule):
         return
-    if run.data.train_ds is not None:  # run:/hf: teachers must tokenize as this run does
+    specs = {st.knobs.get("teacher") for st in cfg.schedule.stages} - {None}
+    outside = [s for s in specs if s.partition(":")[0] in ("run", "hf")]
+    if outside and run.data.train_ds is not None:  # run:/hf: teachers must tokenize as this run does
         own = load_prepared_tokenizer(run.data.train_ds.folder)
-        for spec in {st.knobs.get("teacher") for st in cfg.schedule.stages} - {None}:
-            if spec.partition(":")[0] in ("run", "hf"):
-                check_tokenizer(spec, cfg, own)
+        for spec in outside:
+            check_tokenizer(spec, cfg, own)
     teachers = run.parts["teachers"] = Teachers(cfg, schedule, ctx.precision, ctx.device)
     teachers.ema = run.parts.get("ema")
+    teachers.fresh = getattr(ctx.model, "fresh", None)
     projections = Projections(cfg.train.seed)
     build_projections(cfg, schedule, ctx.model, projections, ctx.device)
     if len(projections.maps):  # learned with the model: in the optimizer from the first step

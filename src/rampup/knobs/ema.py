@@ -26,34 +26,43 @@ class EMAConfig(Section):
     """Exponential moving average of the weights."""
 
     half_life: Duration
-    """After this many tokens ('20K tok') or steps ('100 steps') a weight's old value weighs half."""
+    """After this many tokens ('20K tok'), steps ('100 steps') or, in an image run, images ('2000 samples') a
+    weight's old value weighs half."""
     evaluate: bool = False
     """Score every evaluation (and the run's final losses) with the averaged weights instead of the raw ones."""
 
     @model_validator(mode="after")
     def _check(self) -> EMAConfig:
-        if self.half_life.unit not in (Unit.TOKEN, Unit.STEP) or not self.half_life.value > 0:
+        if self.half_life.unit not in (Unit.TOKEN, Unit.STEP, Unit.SAMPLE) or not self.half_life.value > 0:
             raise ValueError(
-                f"train.ema.half_life takes a positive number of tokens or steps ('20K tok', "
-                f"'100 steps'), got {self.half_life}"
+                f"train.ema.half_life takes a positive number of tokens, steps or (an image run) images ('20K tok', "
+                f"'100 steps', '2000 samples'), got {self.half_life}"
             )
         return self
 
 
+def _averaged(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """What the average follows: every parameter, and batch norms' running statistics (timm's ModelEmaV3
+    averages them too: the averaged weights are evaluated with statistics of their own)."""
+    stats = [(n, b) for n, b in module.named_buffers() if n.endswith((".running_mean", ".running_var"))]
+    return [(n, p.detach()) for n, p in module.named_parameters()] + stats
+
+
 class EMA:
-    """The shadow weights of ``module``'s parameters (a TrainState part)."""
+    """The shadow weights of ``module``'s parameters and batch-norm statistics (a TrainState part)."""
 
     def __init__(self, module: torch.nn.Module, half_life: Duration) -> None:
         self.module, self.half_life = module, half_life
-        self.shadow: dict[str, torch.Tensor] = {n: p.detach().clone() for n, p in module.named_parameters()}
+        self.shadow: dict[str, torch.Tensor] = {n: p.clone() for n, p in _averaged(module)}
         self.updates = 0
 
     def _follow(self) -> list[torch.Tensor]:
-        """The shadows in parameter order; a parameter the model grew (or widened) starts at its own value."""
-        for n, p in self.module.named_parameters():
+        """The shadows in the followed order; a parameter the model grew (or widened) starts at its own value."""
+        followed = _averaged(self.module)
+        for n, p in followed:
             if n not in self.shadow or self.shadow[n].shape != p.shape:  # grown, or widened: starts afresh
-                self.shadow[n] = p.detach().clone()
-        return [self.shadow[n] for n, _ in self.module.named_parameters()]
+                self.shadow[n] = p.clone()
+        return [self.shadow[n] for n, _ in followed]
 
     def decay(self, tokens: int) -> float:
         n = 1 if self.half_life.unit is Unit.STEP else tokens
@@ -61,7 +70,7 @@ class EMA:
 
     @torch.no_grad()
     def update(self, tokens: int) -> None:
-        torch._foreach_lerp_(self._follow(), [p.detach() for p in self.module.parameters()], 1.0 - self.decay(tokens))
+        torch._foreach_lerp_(self._follow(), [p for _, p in _averaged(self.module)], 1.0 - self.decay(tokens))
         self.updates += 1
 
     def state_dict(self) -> dict[str, Any]:
@@ -76,29 +85,28 @@ class EMA:
 
     @torch.no_grad()
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        names = [n for n, _ in self.module.named_parameters()]
-        missing = [n for n in names if n not in tensors]
+        followed = dict(_averaged(self.module))
+        missing = [n for n in followed if n not in tensors]
         if missing:
             raise ConfigError(
                 f"the checkpoint holds no EMA weights for {missing[0]} (was it written before "
                 "train.ema was set?); resume with the config the run started with"
             )
-        params = dict(self.module.named_parameters())
-        self.shadow = {n: _like(tensors[n], params[n]) for n in names}
+        self.shadow = {n: _like(tensors[n], p) for n, p in followed.items()}
 
     @contextlib.contextmanager
     def applied(self) -> Iterator[None]:
         """The module holds the averaged weights inside the block; its own come back bitwise after."""
-        params = list(self.module.parameters())
+        live = [p for _, p in _averaged(self.module)]
         with torch.no_grad():
-            raw = [p.detach().clone() for p in params]
-            for p, s in zip(params, self._follow(), strict=True):
+            raw = [p.clone() for p in live]
+            for p, s in zip(live, self._follow(), strict=True):
                 p.copy_(s)
         try:
             yield
         finally:
             with torch.no_grad():
-                for p, r in zip(params, raw, strict=True):
+                for p, r in zip(live, raw, strict=True):
                     p.copy_(r)
 
 
@@ -137,6 +145,11 @@ class EMAFamily(Family):
 
     def setup(self, run: RunSetup) -> None:
         if run.cfg.train.ema is not None:
+            if run.cfg.train.ema.half_life.unit is Unit.SAMPLE and getattr(run.cfg, "images", None) is None:
+                raise ConfigError(
+                    f"train.ema.half_life {run.cfg.train.ema.half_life}: a language model's progress counts "
+                    "tokens; give the half-life in tokens ('20K tok') or steps"
+                )
             run.parts["ema"] = EMA(run.ctx.model.module, run.cfg.train.ema.half_life)
 
     def after_step(self, ctx: KnobContext, tokens: int) -> None:

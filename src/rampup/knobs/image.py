@@ -24,7 +24,7 @@ def _check_choice(name: str, choices: tuple[str, ...]) -> Any:
     return check
 
 
-IMAGE_KNOBS = ("image_size", "batch_size", "batch_scale", "lr_scale", "crop_scale")
+IMAGE_KNOBS = ("image_size", "batch_size", "batch_scale", "lr_scale", "crop_scale", "short_cycle")
 """The family's knobs: an image task's; a language model refuses them (their defaults mean "not an image run")."""
 
 
@@ -73,6 +73,9 @@ def _apply_lr_scale(ctx: KnobContext, value: str) -> None:
     """The lr factor of this step's images against batch_size: linear or square root (global rows, so the
     factor is the same on every rank)."""
     knobs = ctx.knobs
+    schedule = getattr(ctx.data, "schedule", None)
+    if knobs.get("short_cycle", "none") != "none" and schedule is not None:
+        knobs = schedule.at(ctx.tokens)  # the long cycle's shape sets the lr, the short cycle's does not (SlowFast)
     if value == "none" or not knobs.get("batch_size") or not knobs.get("image_size") or ctx.cfg is None:
         ctx.lr_factors.pop("lr_scale", None)
         return
@@ -91,6 +94,7 @@ register_knob(
         minimum=0,
         multiple_of=4,
         check_config=_check_images,
+        graph_key=lambda v: v,  # a new image size is a new input shape
     )
 )
 register_knob(
@@ -122,7 +126,24 @@ register_knob(
         rampable=False,
         check=_check_choice("lr_scale", ("none", "linear", "sqrt")),
         apply=_apply_lr_scale,
-        key=lambda v, knobs, length: (v, knobs.get("image_size"), knobs.get("batch_size"), knobs.get("batch_scale")),
+        key=lambda v, knobs, length: (
+            v,
+            knobs.get("image_size"),
+            knobs.get("batch_size"),
+            knobs.get("batch_scale"),
+            knobs.get("short_cycle"),
+        ),
+    )
+)
+register_knob(
+    Knob(
+        "short_cycle",
+        "Multigrid's short cycle: none, or multigrid (consecutive steps at image_size x 1/2, 1/sqrt(2), 1, "
+        "each rounded down to the size's multiple; with batch_scale: multigrid, 4x, 2x, 1x the images). "
+        "lr_scale follows the long cycle only.",
+        default="none",
+        rampable=False,
+        check=_check_choice("short_cycle", ("none", "multigrid")),
     )
 )
 register_knob(

@@ -608,31 +608,47 @@ def estimate_step(
         others = {k: v for k, v in knobs.items() if k not in MEMORY_KNOBS}
         KnobRunner(KnobContext(adapter, optimizer, cfg=cfg, precision=precision)).apply(others, seq_len)
         apply_memory(adapter, settings)
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        for p in params:  # the optimizer state of a step after the first
-            p.grad = torch.zeros_like(p)
+        hooks = [lambda task, hook=hook: hook(cfg, knobs, adapter, task, precision, seq_len) for hook in STEP_HOOKS]
+        return traced_step(cfg, adapter, optimizer, task, batch, precision, settings, hooks)
+
+
+def traced_step(
+    cfg: Any,
+    adapter: ModelAdapter,
+    optimizer: torch.optim.Optimizer,
+    task: Any,
+    batch: Batch,
+    precision: str,
+    settings: MemorySettings | None = None,
+    hooks: Iterable[Callable[[Any], Any]] = (),
+) -> MemoryEstimate:
+    """The bytes of one engine step of ``adapter`` on ``batch`` (inside a FakeTensorMode: nothing is
+    allocated): the optimizer's state made by a first step, then micro-batched forward and backward,
+    clipping and the optimizer step, tracked. A hook may wrap the task and hold tensors beside the model
+    (a teacher): it returns (task, tensors, bytes) or None."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for p in params:  # the optimizer state of a step after the first
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    param_bytes = _storage_bytes(adapter.module.parameters())
+    opt_bytes = _storage_bytes(t for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t))
+    grad_bytes = _storage_bytes(p for p in params if p.requires_grad)
+    state = [t for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t)]
+    held: list[torch.Tensor] = []
+    held_bytes = 0  # what the step's hooks add beside the model (a teacher)
+    for hook in hooks:
+        found = hook(task)
+        if found is not None:
+            task, tensors, n = found
+            held, held_bytes = held + tensors, held_bytes + n
+    tracker = _LiveBytes([*adapter.module.parameters(), *adapter.module.buffers(), *state, *held])
+    with tracker:
+        accumulate_gradients(adapter, task, batch, precision=precision, micro_batch_items=cfg.train.micro_batch_tokens)
+        torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.grad_clip or math.inf)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        param_bytes = _storage_bytes(adapter.module.parameters())
-        opt_bytes = _storage_bytes(t for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t))
-        grad_bytes = _storage_bytes(p for p in params if p.requires_grad)
-        state = [t for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t)]
-        held: list[torch.Tensor] = []
-        held_bytes = 0  # what the step's hooks add beside the model (a teacher)
-        for hook in STEP_HOOKS:
-            found = hook(cfg, knobs, adapter, task, precision, seq_len)
-            if found is not None:
-                task, tensors, n = found
-                held, held_bytes = held + tensors, held_bytes + n
-        tracker = _LiveBytes([*adapter.module.parameters(), *adapter.module.buffers(), *state, *held])
-        with tracker:
-            accumulate_gradients(
-                adapter, task, batch, precision=precision, micro_batch_items=cfg.train.micro_batch_tokens
-            )
-            torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.grad_clip or math.inf)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-    return MemoryEstimate(param_bytes, grad_bytes, opt_bytes, tracker.peak, settings, held_bytes)
+    return MemoryEstimate(param_bytes, grad_bytes, opt_bytes, tracker.peak, settings or MemorySettings(), held_bytes)
 
 
 def static_footprint(cfg: Any) -> MemoryEstimate:

@@ -138,8 +138,9 @@ def _on_batch(ctx: Any, batch: Any, value: str) -> None:
     if value == "none":
         task.current = None
         return
-    cfg = ctx.model.cfg
-    task.current = draw(value, ctx.seed, ctx.step, cfg.n_layers, cfg.hidden)
+    space = getattr(ctx.model, "subnet_space", None)  # an image classifier's (the ResNet's) own ranges
+    n_layers, hidden = space() if space is not None else (ctx.model.cfg.n_layers, ctx.model.cfg.hidden)
+    task.current = draw(value, ctx.seed, ctx.step, n_layers, hidden)
 
 
 def _check_plan(cfg: Any, schedule: Any) -> None:
@@ -148,16 +149,32 @@ def _check_plan(cfg: Any, schedule: Any) -> None:
         v = k.get("subnet", "none")
         if v == "none":
             continue
-        if cfg.model.source != "reference":
-            raise ConfigError("subnet training is built for the reference model only")
-        if _ranges(v)[1] > cfg.model.n_layers:
-            raise ConfigError(f"subnet '{v}' in stage '{st.name}': the model has {cfg.model.n_layers} blocks")
+        _check_model(cfg, v, st.name)
         if k.get("teacher", "none") != "none":
             raise ConfigError(
                 f"subnet in stage '{st.name}' comes with its own teacher (the full network teaches "
                 "its sub-networks); remove the stage's teacher, or train the sub-networks in a "
                 "stage without one"
             )
+
+
+def _check_model(cfg: Any, spec: str, stage: str) -> None:
+    images = getattr(cfg, "images", None)
+    if images is not None:
+        if images.model.arch != "resnet":
+            raise ConfigError(
+                f"subnet in stage '{stage}': sub-networks are built for the ResNet, not a {images.model.arch}"
+            )
+        if _ranges(spec)[1] > max(images.model.depths):
+            raise ConfigError(
+                f"subnet '{spec}' in stage '{stage}': the ResNet's deepest stage has {max(images.model.depths)} "
+                "blocks (an image run's depth counts blocks per stage)"
+            )
+        return
+    if cfg.model.source != "reference":
+        raise ConfigError("subnet training is built for the reference model and the ResNet only")
+    if _ranges(spec)[1] > cfg.model.n_layers:
+        raise ConfigError(f"subnet '{spec}' in stage '{stage}': the model has {cfg.model.n_layers} blocks")
 
 
 def uses_subnets(schedule_cfg: Any) -> bool:

@@ -9,7 +9,8 @@ weights. A ViT size must be a multiple of its patch. See docs/vision.md.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal, cast
 
 import torch
@@ -27,7 +28,9 @@ from rampup.protocols import Batch, ModelOutput
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convolutions with batch norm and a residual; a strided 1x1 projection when the shape changes."""
+    """Two 3x3 convolutions with batch norm and a residual; a strided 1x1 projection when the shape changes.
+    ``forward(x, inner)`` with ``inner`` < the block's width runs the Once-for-All sub-block: the first
+    ``inner`` channels of the first convolution (and of its batch norm), the matching inputs of the second."""
 
     def __init__(self, c_in: int, c_out: int, stride: int) -> None:
         super().__init__()
@@ -42,32 +45,92 @@ class BasicBlock(nn.Module):
             else nn.Identity()
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(y)) + self.proj(x))
+    def forward(self, x: torch.Tensor, inner: int | None = None) -> torch.Tensor:
+        if inner is None or inner >= self.conv1.out_channels:
+            y = F.relu(self.bn1(self.conv1(x)))
+            return F.relu(self.bn2(self.conv2(y)) + self.proj(x))
+        c1, bn = self.conv1, self.bn1
+        y = F.conv2d(x, c1.weight[:inner], None, c1.stride, c1.padding)
+        assert bn.running_mean is not None and bn.running_var is not None
+        y = F.batch_norm(
+            y,
+            bn.running_mean[:inner],
+            bn.running_var[:inner],
+            bn.weight[:inner],
+            bn.bias[:inner],
+            self.training,
+            0.0,
+            bn.eps,
+        )  # momentum 0: a sub-network's statistics never enter the full network's running ones
+        y = F.conv2d(F.relu(y), self.conv2.weight[:, :inner], None, 1, 1)
+        return F.relu(self.bn2(y) + self.proj(x))
+
+
+@contextlib.contextmanager
+def _frozen_stats(module: nn.Module) -> Iterator[None]:
+    """Batch norms normalise by the batch's statistics (in training) without updating their running ones."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, v in zip(norms, saved, strict=True):
+            m.momentum = v
 
 
 class ResNet(nn.Module):
     """A small ResNet: a 3x3 stem, stages of basic blocks (the first of each later stage strided),
-    global average pooling and a linear head. ``widths`` and ``depths`` per stage."""
+    global average pooling and a linear head. ``widths`` and ``depths`` per stage.
+
+    Once-for-All sub-networks (knob ``subnet``): with ``active_depth`` d each stage runs its first d blocks
+    (OFA's elastic depth; a stage's first block always runs, it changes the shape), and with
+    ``active_hidden`` k each block keeps the first ``k / widths[-1]`` of its inner channels (OFA's elastic
+    width, rounded to a multiple of 8). A sub-network's forward leaves the running statistics alone."""
 
     def __init__(self, channels: int, classes: int, widths: tuple[int, ...], depths: tuple[int, ...]) -> None:
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]))
         blocks: list[nn.Module] = []
+        self.position: list[int] = []  # each block's index within its stage
         c = widths[0]
         for s, (w, d) in enumerate(zip(widths, depths, strict=True)):
             for i in range(d):
                 blocks.append(BasicBlock(c, w, 2 if s > 0 and i == 0 else 1))
+                self.position.append(i)
                 c = w
         self.blocks = nn.ModuleList(blocks)
         self.head = nn.Linear(c, classes)
+        self.widest = c
+        self.active_depth: int | None = None
+        self.active_hidden: int | None = None
+
+    def subnet_space(self) -> tuple[int, int]:
+        """(blocks of the deepest stage, the last stage's width): what a ``subnet`` spec's depth and mlp
+        ranges are drawn against."""
+        return max(self.position) + 1, self.widest
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.stem(x))
-        for b in self.blocks:
-            x = b(x)
-        return x.mean(dim=(2, 3))  # (B, C)
+        depth, hidden = self.active_depth, self.active_hidden
+        if depth is None and hidden is None:
+            x = F.relu(self.stem(x))
+            for b in self.blocks:
+                x = b(x)
+            return x.mean(dim=(2, 3))  # (B, C)
+        with _frozen_stats(self):
+            x = F.relu(self.stem(x))
+            for b, i in zip(self.blocks, self.position, strict=True):
+                if depth is not None and i >= depth:
+                    continue
+                inner = None
+                if hidden is not None:
+                    width = cast(BasicBlock, b).conv1.out_channels
+                    inner = max(8, min(width, round(width * hidden / self.widest / 8) * 8))
+                x = b(x, inner)
+            return x.mean(dim=(2, 3))
+
+    forward_hidden = features  # the engine's name for a model's training forward (DDP, FSDP2)
 
 
 # ----------------------------------------------------------------------------- the ViT
@@ -133,6 +196,8 @@ class ViT(nn.Module):
         for b in self.blocks:
             x = b(x)
         return self.norm(x[:, 0])  # (B, D): the class token
+
+    forward_hidden = features  # the engine's name for a model's training forward (DDP, FSDP2)
 
 
 def check_patch(size: int, patch: int) -> None:
@@ -204,23 +269,56 @@ class ImageClassifierAdapter:
             "batch_scale",
             "lr_scale",
             "crop_scale",
+            "short_cycle",
             "lr_mult",
             "freeze",
             "lr_groups",
             "lr_layer_decay",
             "optimizer_state",
+            "teacher",
+            "distill_weight",
+            "label_weight",
+            "distill_temperature",
         }
     )
-    """What an image classifier honours; sequence knobs (rope, seq_len, window ...) are refused by name."""
+    """What an image classifier honours; sequence knobs (rope, seq_len, window ...) are refused by name
+    (``subnet`` too, unless the module has sub-networks: the ResNet)."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, fresh: Callable[[], nn.Module] | None = None) -> None:
         self.module = module
         self.head = cast(nn.Module, module.head)
-        self._features = cast(Callable[[torch.Tensor], torch.Tensor], module.features)
+        self._hidden: Callable[[torch.Tensor], torch.Tensor] = self._plain()
+        """The training forward: a compiled one after compile(), the DDP wrapper's under DDP (the engine's
+        rampup.engine.distributed replaces it, as for a language model's adapter)."""
         self._flops: dict[tuple[int, ...], float] = {}
+        self._fresh = fresh
+
+    def fresh(self) -> ImageClassifierAdapter:
+        """A new classifier of the same architecture (on the CPU, its own initial weights): what a snapshot or
+        EMA teacher of this model is loaded into."""
+        if self._fresh is None:
+            raise ConfigError("this classifier was built without a recipe for a copy; pass fresh= to the adapter")
+        return ImageClassifierAdapter(self._fresh(), self._fresh)
+
+    def _plain(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The module's own features: ``forward_hidden`` where it has one (FSDP2 registers it as a forward
+        method), else ``features``."""
+        return cast(
+            Callable[[torch.Tensor], torch.Tensor], getattr(self.module, "forward_hidden", self.module.features)
+        )
 
     def forward(self, batch: Batch) -> ModelOutput:
-        return ModelOutput(self._features(batch.inputs), self.head)
+        """Hidden states (B, 1, D): each image is a sequence of one item, so sequence losses (distillation,
+        sub-networks, tiled heads) apply to classifiers unchanged; targets are (B, 1) to match. Training
+        goes through the compiled or DDP-wrapped forward, evaluation through the plain one."""
+        hidden = self._hidden if self.module.training else self._plain()
+        return ModelOutput(hidden(batch.inputs).unsqueeze(1), self.head)
+
+    def subnet_space(self) -> tuple[int, int]:
+        space = getattr(self.module, "subnet_space", None)
+        if space is None:
+            raise ConfigError(f"{type(self.module).__name__} has no sub-networks (knob subnet): use the ResNet")
+        return cast(tuple[int, int], space())
 
     def hidden_states(self, batch: Batch, layers: Iterable[int]) -> dict[int, torch.Tensor]:
         wanted = set(layers)
@@ -231,7 +329,7 @@ class ImageClassifierAdapter:
             if n in wanted
         ]
         try:
-            self._features(batch.inputs)
+            self._plain()(batch.inputs)
         finally:
             for h in hooks:
                 h.remove()
@@ -261,10 +359,10 @@ class ImageClassifierAdapter:
         return self._flops[chw]
 
     def supports(self, knob: str) -> bool:
-        return knob in self.KNOBS
+        return knob in self.KNOBS or (knob == "subnet" and hasattr(self.module, "subnet_space"))
 
     def compile(self, **kwargs: Any) -> None:
-        self._features = torch.compile(cast(Callable[[torch.Tensor], torch.Tensor], self.module.features), **kwargs)
+        self._hidden = torch.compile(self._plain(), **kwargs)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.module.parameters())
@@ -288,18 +386,20 @@ class _Logits(nn.Module):
 
 
 class ImageClassification:
-    """Cross-entropy over classes; a batch is (B, C, H, W) float images and (B,) labels. Its step shape:
+    """Cross-entropy over classes; a batch is (B, C, H, W) float images and (B, 1) labels (one target per
+    image, as the adapter's hidden states are one item per image). Its step shape:
     rampup.schedule.shapes.ImageShape (progress counts images)."""
 
     def make_batch(self, x: torch.Tensor, y: torch.Tensor, *, training: bool = True) -> Batch:
-        return Batch(x, y, {})
+        return Batch(x, y.reshape(-1, 1), {})
 
     def logits(self, adapter: Any, batch: Batch) -> torch.Tensor:
+        """(B, classes)."""
         out = adapter.forward(batch)
-        return out.head(out.hidden)
+        return cast(torch.Tensor, out.head(out.hidden)).flatten(0, 1)
 
     def loss(self, adapter: Any, batch: Batch, *, reduction: str = "mean") -> torch.Tensor:
-        return F.cross_entropy(self.logits(adapter, batch).float(), batch.targets, reduction=reduction)
+        return F.cross_entropy(self.logits(adapter, batch).float(), batch.targets.flatten(), reduction=reduction)
 
     def doc_lengths(self, batch: Batch) -> list[list[int]] | None:
         return None
@@ -307,9 +407,10 @@ class ImageClassification:
     def score(self, adapter: Any, batch: Batch) -> tuple[float, int]:
         """(summed loss, correct predictions) of a batch from one forward pass (evaluation's accuracy)."""
         logits = self.logits(adapter, batch).float()
-        loss = F.cross_entropy(logits, batch.targets, reduction="sum")
-        return float(loss), int((logits.argmax(-1) == batch.targets).sum())
+        targets = batch.targets.flatten()
+        loss = F.cross_entropy(logits, targets, reduction="sum")
+        return float(loss), int((logits.argmax(-1) == targets).sum())
 
     def correct(self, adapter: Any, batch: Batch) -> int:
         """Items whose argmax class is the label (accuracy = correct / items)."""
-        return int((self.logits(adapter, batch).argmax(-1) == batch.targets).sum())
+        return int((self.logits(adapter, batch).argmax(-1) == batch.targets.flatten()).sum())

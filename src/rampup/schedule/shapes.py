@@ -40,6 +40,11 @@ class StepShape(Protocol):
         """Units of progress one item counts (a sequence: its tokens)."""
         ...
 
+    def at_step(self, knobs: dict[str, Any], step: int) -> dict[str, Any]:
+        """The knob values step ``step`` runs with, given the schedule's at its position (a shape that
+        changes from one step to the next, multigrid's short cycle, changes them here)."""
+        ...
+
 
 @dataclass(frozen=True)
 class TokenShape:
@@ -58,16 +63,35 @@ class TokenShape:
     def units_per_row(self, knobs: dict[str, Any]) -> int:
         return knobs["seq_len"]
 
+    def at_step(self, knobs: dict[str, Any], step: int) -> dict[str, Any]:
+        return knobs
+
+
+SHORT_CYCLE = (0.5, 0.5**0.5, 1.0)
+"""Multigrid's short cycle: the spatial size's factor on consecutive steps (Wu et al. 2020; SlowFast's
+default MULTIGRID.SHORT_CYCLE_FACTORS)."""
+
 
 @dataclass(frozen=True)
 class ImageShape:
     """An image classifier's step: ``batch_size`` images at ``image_size``; progress counts images. With
     ``batch_scale: multigrid`` a smaller size takes more images, batch x H x W constant against the run's
-    largest size (Wu et al. 2020): ``floor(batch_size * (longest / image_size)^2)``."""
+    largest size (Wu et al. 2020): ``floor(batch_size * (longest / image_size)^2)``. With ``short_cycle:
+    multigrid`` consecutive steps take ``image_size`` x 1/2, 1/sqrt(2), 1 (multigrid's short cycle), each
+    rounded down to ``multiple`` (4, or a ViT's patch)."""
 
     unit: str = "img"
     knobs: tuple[str, ...] = ("batch_size", "image_size")
     size_knob: str = "image_size"
+    multiple: int = 4
+
+    def at_step(self, knobs: dict[str, Any], step: int) -> dict[str, Any]:
+        if knobs.get("short_cycle", "none") == "none" or not knobs.get("image_size"):
+            return knobs
+        factor = SHORT_CYCLE[step % len(SHORT_CYCLE)]
+        size = int(knobs["image_size"])
+        short = max(self.multiple, int(size * factor) // self.multiple * self.multiple)
+        return {**knobs, "image_size": min(size, short)}
 
     def rows(self, knobs: dict[str, Any], longest: int) -> int:
         b, size = int(knobs["batch_size"]), int(knobs["image_size"])

@@ -324,8 +324,8 @@ class Schedule:
 
     def step_at(self, step: int, t: int) -> StepPlan:
         stage = self.stage_at(t)
-        knobs = stage.knobs_at(t)
         assert self.shape is not None  # set in __post_init__
+        knobs = self.shape.at_step(stage.knobs_at(t), step)
         return StepPlan(
             step, t, stage.index, knobs, self.shape.rows(knobs, self._longest), self.shape.units_per_row(knobs)
         )

@@ -1,0 +1,105 @@
+"""The image models beyond a plain forward: the ResNet's Once-for-All sub-networks (elastic depth per stage,
+elastic inner width, running statistics left alone), multigrid's short cycle in the step shape, and the
+plan's traced memory of an image step."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rampup.config import RunConfig
+from rampup.models.vision import ImageClassifierAdapter, ResNet
+from rampup.schedule.shapes import ImageShape
+from rampup.schedule.stages import Schedule
+
+
+def resnet() -> ResNet:
+    torch.manual_seed(0)
+    net = ResNet(3, 4, (16, 32), (3, 2))
+    for m in net.modules():  # non-trivial statistics and scales, so a wrong slice shows
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+    return net
+
+
+def test_the_full_subnetwork_is_the_network_and_a_shallow_one_skips_each_stages_later_blocks():
+    net = resnet().eval()
+    x = torch.randn(2, 3, 16, 16)
+    full = net.features(x)
+    assert net.subnet_space() == (3, 32)
+    net.active_depth, net.active_hidden = 3, 32
+    assert torch.equal(net.features(x), full)
+    net.active_depth, net.active_hidden = 1, None
+    h = F.relu(net.stem(x))
+    for i in (0, 3):  # the first block of each stage: blocks 0 (stage 1) and 3 (stage 2)
+        h = net.blocks[i](h)
+    assert torch.allclose(net.features(x), h.mean(dim=(2, 3)))
+    assert not torch.allclose(net.features(x), full)
+
+
+def test_a_narrow_subnetwork_uses_only_its_channels_and_leaves_the_running_statistics_alone():
+    net = resnet().train()
+    stats = {n: b.clone() for n, b in net.named_buffers() if n.endswith(("running_mean", "running_var"))}
+    net.active_depth, net.active_hidden = 2, 16  # half of every block's inner channels
+    y = net.head(net.features(torch.randn(4, 3, 16, 16)))
+    assert {n: torch.equal(b, stats[n]) for n, b in net.named_buffers() if n in stats} == {n: True for n in stats}
+    y.sum().backward()
+    for i, b in enumerate(net.blocks):
+        inner = b.conv1.out_channels // 2
+        if net.position[i] >= 2:  # beyond the sub-network's depth: no gradient at all
+            assert b.conv1.weight.grad is None
+            continue
+        assert b.conv1.weight.grad[inner:].abs().sum() == 0 and b.conv1.weight.grad[:inner].abs().sum() > 0
+        assert b.conv2.weight.grad[:, inner:].abs().sum() == 0
+    net.active_depth = net.active_hidden = None
+    net.features(torch.randn(4, 3, 16, 16))  # the full network updates them
+    assert not torch.equal(net.blocks[0].bn1.running_mean, stats["blocks.0.bn1.running_mean"])
+
+
+def test_the_adapter_offers_subnetworks_only_where_the_model_has_them():
+    assert ImageClassifierAdapter(resnet()).supports("subnet")
+    from rampup.models.vision import ViT
+
+    vit = ImageClassifierAdapter(ViT(3, 4, patch=8, dim=32, depth=1, heads=4, base_size=16))
+    assert not vit.supports("subnet") and vit.supports("teacher")
+
+
+def schedule(knobs: dict, multiple: int = 4) -> Schedule:
+    cfg = RunConfig.model_validate(
+        {"schedule": {"knobs": knobs, "stages": [{"name": "s"}]}, "train": {"duration": "96 samples"}}
+    )
+    return Schedule.build(cfg.schedule, total=cfg.train.duration, shape=ImageShape(multiple=multiple))
+
+
+def test_the_short_cycle_takes_half_and_a_root_two_fraction_of_the_size_on_consecutive_steps():
+    steps = list(schedule({"image_size": 32, "batch_size": 8, "short_cycle": "multigrid"}).steps())
+    assert [sp.knobs["image_size"] for sp in steps[:6]] == [16, 20, 32, 16, 20, 32]  # 32/sqrt(2) = 22.6 -> 20
+    assert [sp.batch_size for sp in steps[:3]] == [8, 8, 8]  # batch_scale constant: the same images
+    mg = list(
+        schedule({"image_size": 32, "batch_size": 8, "short_cycle": "multigrid", "batch_scale": "multigrid"}).steps()
+    )
+    assert [sp.batch_size for sp in mg[:3]] == [32, 20, 8]  # batch x H x W constant: 8 * 32^2 // 20^2 = 20
+    vit = list(schedule({"image_size": 32, "batch_size": 8, "short_cycle": "multigrid"}, multiple=8).steps())
+    assert [sp.knobs["image_size"] for sp in vit[:3]] == [16, 16, 32]  # a ViT's patch: 22 rounds down to 16
+    plain = list(schedule({"image_size": 32, "batch_size": 8}).steps())
+    assert {sp.knobs["image_size"] for sp in plain} == {32}
+    with pytest.raises(ValueError, match="short_cycle' takes one of none, multigrid"):
+        schedule({"image_size": 32, "batch_size": 8, "short_cycle": "fast"})
+
+
+def test_the_plan_traces_an_image_steps_memory_and_it_grows_with_the_area():
+    from rampup.tools.images import classifier_config, image_step_memory
+
+    cfg = RunConfig.model_validate(
+        {
+            "images": {"source": "unused", "resolution": 64, "model": {"widths": [16, 32], "depths": [1, 1]}},
+            "schedule": {"knobs": {"batch_size": 8, "image_size": 64}},
+        }
+    )
+    small, big = (image_step_memory(cfg, 3, 4, 8, s, "fp32") for s in (16, 64))
+    params = sum(p.numel() for p in classifier_config(cfg, 3, 4).build().parameters()) * 4
+    assert (
+        small.params == big.params == params and 0 <= small.optimizer - 2 * params < 1024
+    )  # AdamW: two moments (and a step count per tensor)
+    assert 12 < big.activations / small.activations < 17  # 16x the pixels; the gradients do not grow
