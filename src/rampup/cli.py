@@ -183,7 +183,8 @@ def _model_parsers(sub) -> None:
     _eval_arguments(sp)
     sp = sub.add_parser(
         "export",
-        help="write a run or checkpoint as a Hugging Face model folder (config, safetensors weights, fast tokenizer)",
+        help="write a run or checkpoint as a Hugging Face model folder (config, safetensors weights, fast "
+        "tokenizer); an image run as safetensors weights and config.yaml",
     )
     sp.add_argument("path", help="a run folder (its latest checkpoint) or a checkpoint folder")
     sp.add_argument("out_dir", help="a new (or empty) folder to write")
@@ -198,7 +199,8 @@ def _model_parsers(sub) -> None:
         "--subnet",
         metavar="depth=D,mlp=F",
         help="export the sub-network of the lowest D blocks "
-        "with the first F of each MLP's units (rampup.knobs.subnets)",
+        "with the first F of each MLP's units (rampup.knobs.subnets; an image run's ResNet: D blocks per "
+        "stage, F of each block's inner channels)",
     )
     sp.add_argument(
         "--ema", action="store_true", help="export the run's EMA weights (train.ema) instead of the raw ones"

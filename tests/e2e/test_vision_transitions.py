@@ -17,7 +17,8 @@ from rampup.engine.checkpoint.format import latest_checkpoint
 from rampup.engine.records import read_metrics
 from rampup.engine.trainer import train
 from rampup.errors import ConfigError
-from rampup.tools.images import image_run
+from rampup.tools.export import export_hf
+from rampup.tools.images import image_run, load_classifier
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +93,17 @@ def test_resnet_subnetworks_train_with_the_full_network_as_teacher(pngs, tmp_pat
     # the first sub-network step starts from the same weights: its loss is the same CE plus the sub-network's KL
     assert ofa[12]["loss"] > plain[12]["loss"]
     assert all(a["loss"] != b["loss"] for a, b in zip(ofa[13:], plain[13:], strict=True))
+    # export the whole network and one sub-network; the sub-network computes what it did inside the whole
+    export_hf(tmp_path / "ofa", tmp_path / "whole")
+    export_hf(tmp_path / "ofa", tmp_path / "sub", subnet="depth=1,mlp=0.5", dtype="float32")
+    whole, info = load_classifier(tmp_path / "whole")
+    sub, sub_info = load_classifier(tmp_path / "sub")
+    assert info["classes"] == ["class_0", "class_1", "class_2"] and sub_info["images"]["model"]["depths"] == [1, 1]
+    x = torch.randn(4, 3, 32, 32)
+    whole.eval().active_depth, whole.active_hidden = 1, 8
+    assert torch.allclose(sub.eval().head(sub.features(x)), whole.head(whole.features(x)), atol=1e-5)
+    with pytest.raises(ConfigError, match="not an empty folder"):
+        export_hf(tmp_path / "ofa", tmp_path / "sub")
     with pytest.raises(ConfigError, match="deepest stage has 2 blocks"):
         run(tree(pngs, tmp_path / "deep", [{"name": "s", "image_size": 32, "subnet": "depth:1-3,mlp:0.5-1.0"}]))
     vit = tree(pngs, tmp_path / "vit", [{"name": "s", "image_size": 32, "subnet": "depth:1-2,mlp:0.5-1.0"}])

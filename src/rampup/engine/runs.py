@@ -3,6 +3,9 @@ sections of the run's saved config (what a teacher, an initial-weights source or
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +13,7 @@ import yaml
 
 from rampup.data.config import DataConfig
 from rampup.engine.checkpoint.folders import latest_checkpoint
-from rampup.errors import CheckpointError
+from rampup.errors import CheckpointError, ConfigError
 from rampup.models.llm import ModelConfig
 
 
@@ -54,3 +57,26 @@ def read_run(path: str | Path, command: str) -> SavedRun:
         DataConfig.model_validate(tree.get("data") or {}),
         tree,
     )
+
+
+def check_new_folder(out: Path) -> None:
+    """An export's destination: a new or empty folder, refused before anything is read or written."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{out} exists and is not an empty folder; export into a new folder (nothing was written)")
+
+
+@contextlib.contextmanager
+def new_folder(out: Path) -> Iterator[Path]:
+    """A folder written whole or not at all: the block fills a hidden sibling, renamed to ``out`` when it ends
+    (removed if it fails)."""
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        yield tmp
+        if out.exists():
+            out.rmdir()  # empty (check_new_folder)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

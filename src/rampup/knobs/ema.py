@@ -134,6 +134,9 @@ def load_ema_weights(module: torch.nn.Module, part_tensors: dict[str, torch.Tens
     with torch.no_grad():
         for name, p in module.named_parameters():
             p.copy_(ema[name])
+        for name, b in module.named_buffers():  # batch norms' averaged statistics, where the average holds them
+            if name in ema:
+                b.copy_(ema[name])
 
 
 class EMAFamily(Family):

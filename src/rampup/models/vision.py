@@ -32,11 +32,12 @@ class BasicBlock(nn.Module):
     ``forward(x, inner)`` with ``inner`` < the block's width runs the Once-for-All sub-block: the first
     ``inner`` channels of the first convolution (and of its batch norm), the matching inputs of the second."""
 
-    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+    def __init__(self, c_in: int, c_out: int, stride: int, inner: int | None = None) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        inner = inner or c_out  # fewer: a Once-for-All sub-network exported as a model of its own
+        self.conv1 = nn.Conv2d(c_in, inner, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(inner)
+        self.conv2 = nn.Conv2d(inner, c_out, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
         nn.init.zeros_(self.bn2.weight)  # each block starts as the identity (Goyal et al.)
         self.proj = (
@@ -66,6 +67,12 @@ class BasicBlock(nn.Module):
         return F.relu(self.bn2(y) + self.proj(x))
 
 
+def inner_channels(width: int, hidden: int, widest: int) -> int:
+    """A block's inner channels in the sub-network drawn with ``hidden`` of the last stage's ``widest``: the
+    same fraction of its own ``width``, a multiple of 8 (at least 8, at most ``width``)."""
+    return max(8, min(width, round(width * hidden / widest / 8) * 8))
+
+
 @contextlib.contextmanager
 def _frozen_stats(module: nn.Module) -> Iterator[None]:
     """Batch norms normalise by the batch's statistics (in training) without updating their running ones."""
@@ -89,7 +96,14 @@ class ResNet(nn.Module):
     ``active_hidden`` k each block keeps the first ``k / widths[-1]`` of its inner channels (OFA's elastic
     width, rounded to a multiple of 8). A sub-network's forward leaves the running statistics alone."""
 
-    def __init__(self, channels: int, classes: int, widths: tuple[int, ...], depths: tuple[int, ...]) -> None:
+    def __init__(
+        self,
+        channels: int,
+        classes: int,
+        widths: tuple[int, ...],
+        depths: tuple[int, ...],
+        inner: tuple[int, ...] | None = None,
+    ) -> None:
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]))
         blocks: list[nn.Module] = []
@@ -97,7 +111,7 @@ class ResNet(nn.Module):
         c = widths[0]
         for s, (w, d) in enumerate(zip(widths, depths, strict=True)):
             for i in range(d):
-                blocks.append(BasicBlock(c, w, 2 if s > 0 and i == 0 else 1))
+                blocks.append(BasicBlock(c, w, 2 if s > 0 and i == 0 else 1, inner[s] if inner else None))
                 self.position.append(i)
                 c = w
         self.blocks = nn.ModuleList(blocks)
@@ -125,8 +139,7 @@ class ResNet(nn.Module):
                     continue
                 inner = None
                 if hidden is not None:
-                    width = cast(BasicBlock, b).conv1.out_channels
-                    inner = max(8, min(width, round(width * hidden / self.widest / 8) * 8))
+                    inner = inner_channels(cast(BasicBlock, b).conv1.out_channels, hidden, self.widest)
                 x = b(x, inner)
             return x.mean(dim=(2, 3))
 
@@ -226,6 +239,9 @@ class VisionConfig(Section):
     """ResNet: channels per stage."""
     depths: list[int] = Field(default_factory=lambda: [2, 2, 2])
     """ResNet: basic blocks per stage."""
+    inner: list[int] | None = None
+    """ResNet: inner channels of each stage's blocks (default: the stage's width; an exported Once-for-All
+    sub-network has fewer)."""
     patch: int = Field(default=8, ge=1)
     """ViT: patch size in pixels; every image_size must be a multiple of it."""
     dim: int = Field(default=128, ge=8)
@@ -241,13 +257,16 @@ class VisionConfig(Section):
     def _shape(self) -> VisionConfig:
         if self.arch == "resnet" and (len(self.widths) != len(self.depths) or not self.widths):
             raise ValueError(f"images.model: widths {self.widths} and depths {self.depths} need one entry per stage")
+        if self.arch == "resnet" and self.inner is not None and len(self.inner) != len(self.widths):
+            raise ValueError(f"images.model: inner {self.inner} needs one entry per stage, as widths {self.widths}")
         if self.arch == "vit" and self.dim % self.heads:
             raise ValueError(f"images.model: dim {self.dim} must be a multiple of heads {self.heads}")
         return self
 
     def build(self) -> nn.Module:
         if self.arch == "resnet":
-            return ResNet(self.channels, self.classes, tuple(self.widths), tuple(self.depths))
+            inner = tuple(self.inner) if self.inner else None
+            return ResNet(self.channels, self.classes, tuple(self.widths), tuple(self.depths), inner)
         return ViT(
             self.channels,
             self.classes,
@@ -257,6 +276,41 @@ class VisionConfig(Section):
             heads=self.heads,
             base_size=self.base_size,
         )
+
+
+@torch.no_grad()
+def extract_subnetwork(cfg: VisionConfig, module: nn.Module, depth: int, hidden: int) -> tuple[VisionConfig, ResNet]:
+    """The ResNet sub-network of ``depth`` blocks per stage and ``hidden`` of the last stage's width (as the
+    knob ``subnet`` draws them) as a model of its own: its config and a ResNet holding the sliced weights.
+    Its outputs equal the sub-network's inside ``module`` in eval mode."""
+    if cfg.arch != "resnet" or not isinstance(module, ResNet):
+        raise ConfigError(f"sub-networks are built for the ResNet, not a {cfg.arch}")
+    if not 1 <= depth <= max(cfg.depths) or not 0 < hidden <= module.widest:
+        raise ConfigError(
+            f"sub-network depth {depth} / {hidden} of {module.widest} channels is not inside this ResNet "
+            f"(at most {max(cfg.depths)} blocks per stage)"
+        )
+    inner = [inner_channels(w, hidden, module.widest) for w in cfg.widths]
+    small_cfg = cfg.model_copy(update={"depths": [min(depth, d) for d in cfg.depths], "inner": inner})
+    small = cast(ResNet, small_cfg.build())
+    state: dict[str, torch.Tensor] = {}
+    kept = [i for i, pos in enumerate(module.position) if pos < depth]
+    stage_of = [s for s, d in enumerate(cfg.depths) for _ in range(d)]
+    for k, v in module.state_dict().items():
+        if not k.startswith("blocks."):
+            state[k] = v.clone()
+            continue
+        _, i, rest = k.split(".", 2)
+        if int(i) not in kept:
+            continue
+        k_in = inner[stage_of[int(i)]]
+        if rest.startswith("conv1.") or (rest.startswith("bn1.") and v.dim() == 1):
+            v = v[:k_in]
+        elif rest.startswith("conv2."):
+            v = v[:, :k_in]
+        state[f"blocks.{kept.index(int(i))}.{rest}"] = v.clone()
+    small.load_state_dict(state)
+    return small_cfg, small
 
 
 class ImageClassifierAdapter:

@@ -11,7 +11,6 @@ OUT_DIR and renamed into place; a non-empty OUT_DIR is refused. See docs/hf.md.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +21,7 @@ from rampup.data.mixture import first_folder
 from rampup.data.prepare import load_prepared_tokenizer
 from rampup.data.tokenizer import EOT, eot_id, same_tokenizer
 from rampup.engine.checkpoint.format import load_checkpoint
+from rampup.engine.runs import check_new_folder, new_folder, read_run
 from rampup.errors import ConfigError
 from rampup.knobs.ema import load_ema_weights
 from rampup.knobs.growth import fit_to_checkpoint
@@ -30,6 +30,7 @@ from rampup.models.adapter import DecoderLMAdapter
 from rampup.models.build import build_adapter
 from rampup.models.hf import HFCausalLMAdapter
 from rampup.schedule.registry import KnobContext, KnobRunner
+from rampup.tools.images import export_classifier
 from rampup.tools.longeval import open_run
 
 if TYPE_CHECKING:
@@ -154,8 +155,9 @@ def export_hf(
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"{out} exists and is not an empty folder; export into a new folder (nothing was written)")
+    check_new_folder(out)
+    if read_run(path, "rampup export").config.get("images"):  # an image classifier: its own folder format
+        return export_classifier(path, out, dtype=dtype, ema=ema, subnet=subnet)
     ckpt, cfg, schedule = open_run(path, "rampup export")
     adapter = build_adapter(cfg.model)
 
@@ -189,15 +191,7 @@ def export_hf(
     if fast is None:
         fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=cfg.data.tokenizer.eot or EOT)
     fast.model_max_length = hf_cfg.max_position_embeddings
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with new_folder(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         fast.save_pretrained(tmp)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

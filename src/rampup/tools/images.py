@@ -8,22 +8,36 @@ import json
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from rich.table import Table
+from safetensors.torch import load_file, save_file
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from rampup.config import RunConfig
 from rampup.data.images import ImageDataset, ImageSampler, eval_batches, images_dir, prepare_images
+from rampup.engine.checkpoint.format import load_checkpoint
 from rampup.engine.optim import build_optimizer
 from rampup.engine.rundata import RunData
+from rampup.engine.runs import check_new_folder, new_folder, read_run
 from rampup.engine.step import optimizer_step
 from rampup.errors import ConfigError, DataError
+from rampup.knobs.ema import load_ema_weights
 from rampup.knobs.image import longest_image
 from rampup.knobs.memory import MemoryEstimate, traced_step
+from rampup.knobs.subnets import parse_export
 from rampup.knobs.transitions import uses_parameter_groups
-from rampup.models.vision import ImageClassification, ImageClassifierAdapter, VisionConfig, check_patch
+from rampup.models.vision import (
+    ImageClassification,
+    ImageClassifierAdapter,
+    ResNet,
+    VisionConfig,
+    check_patch,
+    extract_subnetwork,
+)
 from rampup.schedule.registry import check_knobs, graph_id
 from rampup.schedule.shapes import ImageShape
 from rampup.schedule.stages import Schedule
@@ -236,3 +250,63 @@ def _plan_table(cfg: RunConfig, schedule: Schedule, stages: list[dict[str, Any]]
             *([f"{s['seconds']:.0f} s"] if timing else []),
         )
     return t
+
+
+EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def export_classifier(
+    path: str | Path, out_dir: str | Path, *, dtype: str = "float32", ema: bool = False, subnet: str | None = None
+) -> Path:
+    """An image run's checkpoint (a run folder: its latest) as a folder of its own: ``model.safetensors``
+    and ``config.yaml`` (the classifier's ``images.model``, the class names, the training split's mean and
+    std), loaded by :func:`load_classifier`. ``subnet``: ``depth=D,mlp=F``, the ResNet sub-network of D
+    blocks per stage and F of each block's inner channels (Once-for-All), written as a smaller ResNet."""
+    if dtype not in EXPORT_DTYPES:
+        raise ConfigError(f"--dtype {dtype!r} is not one of {', '.join(EXPORT_DTYPES)}")
+    out = Path(out_dir)
+    check_new_folder(out)
+    saved = read_run(path, "rampup export")
+    cfg = RunConfig.model_validate(saved.config)
+    assert cfg.images is not None
+    channels, classes, known = prepared_shape(cfg)
+    if not known:
+        raise DataError(f"the run's images ({cfg.images.source}) are not prepared here: `rampup prepare` its config")
+    meta = json.loads((images_dir(cfg.images.prepare(cfg.data)) / "meta.json").read_text())
+    vc = classifier_config(cfg, channels, classes)
+    module = vc.build()
+    ck = load_checkpoint(saved.checkpoint, module, None)  # verifies the manifest: a damaged one is refused
+    if ema:  # the averaged weights (and statistics) instead of the raw ones
+        load_ema_weights(module, ck.part_tensors, str(saved.checkpoint))
+    if subnet is not None:
+        depth, frac = parse_export(subnet)
+        widest = module.widest if isinstance(module, ResNet) else 0
+        vc, module = extract_subnetwork(vc, module, depth, max(1, round(frac * widest)))
+    info = {
+        "images": {"model": vc.model_dump()},
+        "classes": meta["classes"],
+        "mean": meta["mean"],
+        "std": meta["std"],
+        "from": str(saved.checkpoint),
+    }
+    with new_folder(out) as tmp:
+        state = {
+            k: v.detach().to(EXPORT_DTYPES[dtype] if v.is_floating_point() else v.dtype).contiguous()
+            for k, v in module.state_dict().items()
+        }
+        save_file(state, str(tmp / "model.safetensors"))
+        (tmp / "config.yaml").write_text(yaml.safe_dump(info, sort_keys=False))
+    return out
+
+
+def load_classifier(folder: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A classifier written by :func:`export_classifier` (weights in float32) and its config.yaml."""
+    p = Path(folder)
+    if not (p / "config.yaml").is_file() or not (p / "model.safetensors").is_file():
+        raise ConfigError(f"{p} holds no exported classifier (config.yaml and model.safetensors)")
+    info = yaml.safe_load((p / "config.yaml").read_text())
+    module = VisionConfig.model_validate(info["images"]["model"]).build()
+    module.load_state_dict(
+        {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(p / "model.safetensors")).items()}
+    )
+    return module, info

@@ -103,3 +103,20 @@ def test_the_plan_traces_an_image_steps_memory_and_it_grows_with_the_area():
         small.params == big.params == params and 0 <= small.optimizer - 2 * params < 1024
     )  # AdamW: two moments (and a step count per tensor)
     assert 12 < big.activations / small.activations < 17  # 16x the pixels; the gradients do not grow
+
+
+def test_an_extracted_subnetwork_computes_what_it_computed_inside_the_full_network():
+    from rampup.models.vision import VisionConfig, extract_subnetwork
+
+    cfg = VisionConfig(channels=3, classes=4, widths=[16, 32], depths=[3, 2])
+    torch.manual_seed(0)
+    net = resnet().eval()  # the same architecture, with non-trivial statistics
+    x = torch.randn(2, 3, 16, 16)
+    net.active_depth, net.active_hidden = 2, 16
+    inside = net.head(net.features(x))
+    small_cfg, small = extract_subnetwork(cfg, net, 2, 16)
+    assert small_cfg.depths == [2, 2] and small_cfg.inner == [8, 16]
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in net.parameters())
+    assert torch.allclose(small.eval().head(small.features(x)), inside, atol=1e-5)
+    with pytest.raises(Exception, match="not inside this ResNet"):
+        extract_subnetwork(cfg, net, 4, 16)
