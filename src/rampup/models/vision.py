@@ -22,6 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from rampup.configbase import Section
 from rampup.errors import ConfigError
+from rampup.models.factory import build_factory
 from rampup.protocols import Batch, ModelOutput
 
 # ----------------------------------------------------------------------------- the ResNet
@@ -145,6 +146,10 @@ class ResNet(nn.Module):
 
     forward_hidden = features  # the engine's name for a model's training forward (DDP, FSDP2)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, classes)."""
+        return cast(torch.Tensor, self.head(self.features(x)))
+
 
 # ----------------------------------------------------------------------------- the ViT
 
@@ -212,6 +217,10 @@ class ViT(nn.Module):
 
     forward_hidden = features  # the engine's name for a model's training forward (DDP, FSDP2)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, classes)."""
+        return cast(torch.Tensor, self.head(self.features(x)))
+
 
 def check_patch(size: int, patch: int) -> None:
     if size % patch or size < patch:
@@ -229,8 +238,9 @@ class VisionConfig(Section):
     """An image classifier (``images.model``): ``arch`` resnet or vit and its sizes; the data gives its
     channels and classes, and for a ViT the run's largest image_size is ``base_size``."""
 
-    arch: Literal["resnet", "vit"] = "resnet"
-    """resnet: a small ResNet (widths, depths); vit: a small vision transformer (patch, dim, depth, heads)."""
+    arch: Literal["resnet", "vit", "factory"] = "resnet"
+    """resnet: a small ResNet (widths, depths); vit: a small vision transformer (patch, dim, depth, heads);
+    factory: a classifier built by an importable constructor (factory, kwargs, head), e.g. torchvision's."""
     channels: int = Field(default=3, ge=1)
     """Input channels (set from the prepared images)."""
     classes: int = Field(default=10, ge=2)
@@ -252,6 +262,14 @@ class VisionConfig(Section):
     """ViT: attention heads (dim must be a multiple)."""
     base_size: int = Field(default=32, ge=1)
     """ViT: the image size its position embeddings are learned for (an image run sets the largest image_size)."""
+    factory: str | None = None
+    """factory: the constructor, 'package.module:callable' (e.g. torchvision.models:get_model)."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """factory: its keyword arguments (e.g. {name: resnet18, weights: null}); the classes are added."""
+    classes_kwarg: str = "num_classes"
+    """factory: the keyword that takes the number of classes."""
+    head: str = "fc"
+    """factory: the attribute holding the model's final classifier (torchvision: fc or classifier)."""
 
     @model_validator(mode="after")
     def _shape(self) -> VisionConfig:
@@ -259,6 +277,8 @@ class VisionConfig(Section):
             raise ValueError(f"images.model: widths {self.widths} and depths {self.depths} need one entry per stage")
         if self.arch == "resnet" and self.inner is not None and len(self.inner) != len(self.widths):
             raise ValueError(f"images.model: inner {self.inner} needs one entry per stage, as widths {self.widths}")
+        if self.arch == "factory" and not self.factory:
+            raise ValueError("images.model.arch factory needs images.model.factory (e.g. torchvision.models:get_model)")
         if self.arch == "vit" and self.dim % self.heads:
             raise ValueError(f"images.model: dim {self.dim} must be a multiple of heads {self.heads}")
         return self
@@ -267,6 +287,9 @@ class VisionConfig(Section):
         if self.arch == "resnet":
             inner = tuple(self.inner) if self.inner else None
             return ResNet(self.channels, self.classes, tuple(self.widths), tuple(self.depths), inner)
+        if self.arch == "factory":
+            assert self.factory is not None  # checked by the validator
+            return build_factory(self.factory, self.kwargs, self.classes, self.classes_kwarg, self.head)
         return ViT(
             self.channels,
             self.classes,

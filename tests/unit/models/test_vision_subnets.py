@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from rampup.config import RunConfig
 from rampup.models.vision import ImageClassifierAdapter, ResNet
+from rampup.protocols import Batch
 from rampup.schedule.shapes import ImageShape
 from rampup.schedule.stages import Schedule
 
@@ -120,3 +121,70 @@ def test_an_extracted_subnetwork_computes_what_it_computed_inside_the_full_netwo
     assert torch.allclose(small.eval().head(small.features(x)), inside, atol=1e-5)
     with pytest.raises(Exception, match="not inside this ResNet"):
         extract_subnetwork(cfg, net, 4, 16)
+
+
+FACTORY = {
+    "arch": "factory",
+    "factory": "rampup.models.vision:ResNet",  # any importable constructor: torchvision.models:get_model ...
+    "kwargs": {"channels": 3, "widths": [8, 16], "depths": [1, 1]},
+    "classes_kwarg": "classes",
+    "head": "head",
+}
+
+
+def test_a_classifier_from_an_importable_constructor_trains_behind_the_seam():
+    from rampup.models.vision import ImageClassification, VisionConfig
+
+    torch.manual_seed(0)
+    adapter = ImageClassifierAdapter(VisionConfig.model_validate({**FACTORY, "classes": 3}).build())
+    assert [n for n, _ in adapter.blocks()] == ["blocks.0", "blocks.1"]  # its stem, its stages
+    assert adapter.flops_per_item((3, 16, 16)) > 0 and not adapter.supports("rope")
+    task, opt = ImageClassification(), torch.optim.AdamW(adapter.module.parameters(), lr=1e-2)
+    x, y = torch.randn(8, 1, 16, 16), torch.arange(8) % 3  # one channel: repeated to the three it takes
+    x[y == 1] += 1.0
+    losses = []
+    for _ in range(10):
+        loss = task.loss(adapter, task.make_batch(x, y))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    head = adapter.module.head
+    assert isinstance(head, torch.nn.Linear) and head.out_features == 3
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"factory": "no_such_package_xyz:build"}, "no_such_package_xyz cannot be imported"),
+        ({"factory": "rampup.models.vision"}, "is not 'package.module:callable'"),
+        ({"factory": "rampup.models.vision:nothing_here"}, "has no callable nothing_here"),
+        ({"head": "stem"}, "has no linear classifier there"),
+        ({"kwargs": {**FACTORY["kwargs"], "weights": "DEFAULT"}}, "would download weights"),
+    ],
+)
+def test_bad_factory_classifiers_are_named(change, words):
+    from rampup.errors import ConfigError
+    from rampup.models.vision import VisionConfig
+
+    with pytest.raises(ConfigError, match=words):
+        VisionConfig.model_validate({**FACTORY, **change, "classes": 3}).build()
+
+
+def test_torchvision_models_where_torchvision_imports():
+    from rampup.errors import ConfigError
+    from rampup.models.vision import VisionConfig
+
+    cfg = VisionConfig.model_validate(
+        {"arch": "factory", "factory": "torchvision.models:get_model", "kwargs": {"name": "resnet18", "weights": None}}
+    )
+    try:
+        import torchvision  # noqa: F401
+    except Exception as e:  # absent, or a build for another torch (its compiled ops fail to load)
+        with pytest.raises(ConfigError, match="torchvision.models cannot be imported"):
+            cfg.build()
+        pytest.skip(f"torchvision does not import here ({type(e).__name__}); the error names it (checked)")
+    adapter = ImageClassifierAdapter(cfg.model_copy(update={"classes": 4}).build())
+    assert adapter.module.head.out_features == 4
+    assert adapter.forward(Batch(torch.randn(2, 3, 32, 32), torch.zeros(2, 1), {})).hidden.shape == (2, 1, 512)
