@@ -67,7 +67,7 @@ class FactoryClassifier(nn.Module):
         self.body = model
         conv = _first_conv(model)
         self.in_channels = conv.in_channels if conv is not None else None
-        parts = [m for _, m in model.named_children() if any(True for _ in m.parameters())]
+        parts = [m for m in model.children() if next(m.parameters(), None) is not None]
         object.__setattr__(self, "blocks", nn.ModuleList(parts))  # a view for freezing: not registered twice
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
