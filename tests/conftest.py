@@ -4,9 +4,11 @@ import os
 import random
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -271,3 +273,44 @@ def to_hf_state(m: DecoderLM) -> dict[str, torch.Tensor]:
         for n in ("q", "k", "v", "o"):
             sd[p + f"self_attn.{n}_proj.weight"] = getattr(b.attn, f"{n}_proj").weight
     return sd
+
+
+def bpe_tokenizer(special_tokens: list[str]) -> Any:
+    """A real byte-level BPE tokenizer of 600 tokens, trained on 30 of the standard library's own files."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    texts = [p.read_text(errors="replace") for p in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:30]]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, special_tokens=special_tokens, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def llama_folder(folder: Path) -> None:
+    """A tiny Llama of 128 positions and a real BPE tokenizer (bos, eos, pad and a chat template)."""
+    import transformers
+
+    tok = bpe_tokenizer(["<s>", "</s>", "<pad>"])
+    cfg = transformers.LlamaConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", model_max_length=128
+    )
+    fast.chat_template = "{% for m in messages %}{{ m['content'] }}</s>{% endfor %}"
+    fast.save_pretrained(folder)

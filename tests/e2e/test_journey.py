@@ -13,46 +13,9 @@ import pytest
 import torch
 import yaml
 
-from conftest import rampup_cmd, run_rampup, wait_for
+from conftest import llama_folder, rampup_cmd, run_rampup, wait_for
 
 transformers = pytest.importorskip("transformers")
-
-
-def llama_folder(folder: Path) -> None:
-    """A tiny Llama of 128 positions and a real BPE tokenizer (bos, eos, pad and a chat template)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    texts = [p.read_text(errors="replace") for p in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:30]]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(
-        texts,
-        trainers.BpeTrainer(
-            vocab_size=600,
-            special_tokens=["<s>", "</s>", "<pad>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        ),
-    )
-    cfg = transformers.LlamaConfig(
-        vocab_size=tok.get_vocab_size(),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=2,
-    )
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", model_max_length=128
-    )
-    fast.chat_template = "{% for m in messages %}{{ m['content'] }}</s>{% endfor %}"
-    fast.save_pretrained(folder)
 
 
 @pytest.mark.slow

@@ -88,7 +88,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
 
     optimizer = build_optimizer(adapter.module, cfg.optimizer, uses_parameter_groups(cfg.schedule))
 
-    knobs = {k: KNOBS[k].validate(v) for k, v in spec["knobs"].items() if k not in MEMORY_KNOBS}
+    knobs = {k: KNOBS[k].validate(v) for k, v in spec["knobs"].items() if k not in MEMORY_KNOBS and v is not None}
     KnobRunner(KnobContext(adapter, optimizer, cfg=cfg, precision=prec)).apply(knobs, T)
     apply_memory(adapter, MemorySettings(**spec["settings"]))
     task = CausalLM(0, doc_mask=cfg.data.doc_mask, restart_positions=cfg.data.restart_positions)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_tree
+from conftest import bpe_tokenizer, tiny_tree
 from rampup.config import RunConfig
 from rampup.errors import ConfigError
 from rampup.models.adapter import Batch
@@ -267,20 +267,7 @@ def test_bad_hf_model_settings_are_config_errors(tmp_path):
 def model_folder(folder, *, with_tokenizer=True):
     """A local Hugging Face model folder, as `save_pretrained` writes it: a tiny Llama and a real BPE
     tokenizer (trained here on the standard library's own source) whose end-of-text token is </s>."""
-    import sysconfig
-
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    texts = [p.read_text(errors="replace") for p in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:30]]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(
-        texts,
-        trainers.BpeTrainer(
-            vocab_size=600, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-        ),
-    )
+    tok = bpe_tokenizer(["<s>", "</s>"])
     a = HFCausalLMAdapter.from_config(
         FAMILIES["llama"] | {"vocab_size": tok.get_vocab_size(), "eos_token_id": 1, "bos_token_id": 0}
     )
