@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
+import yaml
 from torch import nn
 from torch.utils.data import IterableDataset
 
@@ -54,6 +55,11 @@ HOST_REFUSED: dict[str, str] = {
 
 
 def _schedule_config(source: str | Path | Mapping[str, Any]) -> tuple[ScheduleConfig, Duration | None]:
+    """A file is a run config, or a bare ``schedule`` section (a mapping with ``stages`` at its top)."""
+    if not isinstance(source, Mapping) and Path(source).is_file():
+        tree = yaml.safe_load(Path(source).read_text())
+        if isinstance(tree, Mapping) and "stages" in tree and "schedule" not in tree:
+            source = tree
     if isinstance(source, Mapping):
         tree = dict(source)
         knobs = dict(tree.get("knobs") or {})
@@ -74,10 +80,10 @@ def load_schedule(
     tokens_per_epoch: int | None = None,
 ) -> Schedule:
     """A schedule resolved on its axis of tokens, from a run config file (its ``schedule`` section and
-    ``train.duration``) or from a mapping of the ``schedule`` section built in Python.
+    ``train.duration``), a file holding only a ``schedule`` section, or that section built in Python.
 
     ``duration`` (``"20M tok"``, ``"400 steps"``) overrides the file's ``train.duration`` and is needed with a
-    mapping; ``tokens_per_epoch`` resolves durations given in epochs. A mapping that sets neither
+    bare schedule section; ``tokens_per_epoch`` resolves durations given in epochs. A section that sets neither
     ``seq_len`` nor ``batch_tokens`` shapes no batches (a scalar curriculum, such as a completion budget):
     its progress counts optimizer steps. ``schedule.at(tokens)`` then gives every knob's value and
     ``schedule.steps()`` every optimizer step (:class:`~rampup.schedule.stages.StepPlan`).
@@ -256,13 +262,16 @@ class Curriculum:
         """The step's scalar knob values and stage, as a host logger takes them (``rampup/<knob>``)."""
         sp = self.plans[min(step, len(self.plans) - 1)]
         shown = self.set_knobs() | {"lr_mult"}
+        if self.data is None:  # a scalar curriculum: its batch shape is a placeholder, its progress steps
+            shown -= {"seq_len", "batch_tokens"}
         out = {
             f"rampup/{k}": float(v)
             for k, v in sp.knobs.items()
             if k in shown and isinstance(v, int | float) and not isinstance(v, bool)
         }
         out["rampup/stage"] = float(sp.stage)
-        out["rampup/tokens"] = float(sp.tokens_before + sp.tokens)
+        if self.data is not None:
+            out["rampup/tokens"] = float(sp.tokens_before + sp.tokens)
         return out
 
 

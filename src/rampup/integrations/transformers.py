@@ -100,13 +100,13 @@ class RampupCallback(TrainerCallback):
                 f"the Trainer's max_steps ({max_steps}) is {short} the schedule's {n} optimizer steps; "
                 f"set TrainingArguments(max_steps={n}) (Curriculum.num_steps)"
             )
+        if not self.uses_data:  # a scalar schedule (a completion budget): the host's own batches
+            return
         if args.gradient_accumulation_steps != 1:
             raise ConfigError(
                 f"gradient_accumulation_steps is {args.gradient_accumulation_steps}; a RampupDataset item is a "
                 "whole optimizer step already (its token budget is the schedule's batch_tokens): set it to 1"
             )
-        if not self.uses_data:
-            return
         if args.per_device_train_batch_size != 1:
             raise ConfigError(
                 f"per_device_train_batch_size is {args.per_device_train_batch_size}; RampupDataset serves whole "
