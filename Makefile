@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	# The CPU build of PyTorch first: a bare `torch` requirement would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[test,dev]'
+	# Anything that depends on torch (lightning, trl) must have left the CPU build in place.
+	$(BIN)/python -c "import torch; v = torch.__version__; assert v.startswith('2.13.0'), f'pip replaced torch 2.13.0 with {v}'"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -74,3 +74,24 @@ class _MovedFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 sys.meta_path.append(_MovedFinder())
+
+EXPORTS = {
+    "load_config": "rampup.config",
+    "RunConfig": "rampup.config",
+    "train": "rampup.engine.trainer",
+    "Schedule": "rampup.schedule.stages",
+    "Duration": "rampup.units",
+    "load_schedule": "rampup.integrations.curriculum",
+    "Curriculum": "rampup.integrations.curriculum",
+    "RampupDataset": "rampup.integrations.curriculum",
+}
+"""Names importable from ``rampup`` itself, and the module each lives in (imported on first use, so
+``import rampup`` stays light)."""
+
+__all__ = ["__version__", *EXPORTS]
+
+
+def __getattr__(name: str) -> object:
+    if name in EXPORTS:
+        return getattr(importlib.import_module(EXPORTS[name]), name)
+    raise AttributeError(f"module 'rampup' has no attribute '{name}'")

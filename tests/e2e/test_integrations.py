@@ -90,8 +90,9 @@ class _Logged(transformers.TrainerCallback):
         self.logs.append(dict(logs or {}))
 
 
-def test_hf_trainer_sees_the_batches_and_rotary_state_of_rampups_own_engine(project, tmp_path):
-    cfg = load_config(project / "run.yaml")
+@pytest.fixture(scope="module")
+def engine_steps(project) -> list:
+    """(batch shape, rotary inv_freq) of every step of rampup's own engine on the project's config."""
     ours: list = []
 
     def build(c, device):
@@ -99,8 +100,24 @@ def test_hf_trainer_sees_the_batches_and_rotary_state_of_rampups_own_engine(proj
         _watch(adapter.module, ours)
         return adapter
 
-    train(cfg, build_model=build, display_mode="off")
+    train(load_config(project / "run.yaml"), build_model=build, display_mode="off")
+    return ours
 
+
+def _same_steps(ours: list, theirs: list, cur: Curriculum) -> list:
+    """The host's steps saw rampup's batch shapes and rotary state, through a seq_len ramp and a YaRN stage."""
+    assert len(ours) == len(theirs) == cur.num_steps == len(cur.plans) > 4
+    shapes = [s for s, _ in theirs]
+    assert shapes == [s for s, _ in ours]
+    assert shapes[0] == (32, 32) and shapes[-1] == (4, 256)  # the warmup ramps, the long stage is whole
+    assert len(set(shapes)) >= 3
+    for (_, f_ours), (_, f_theirs) in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(f_theirs, f_ours, rtol=0, atol=0)
+    assert not torch.equal(theirs[0][1], theirs[-1][1])  # YaRN rescaled the rotary at the stage boundary
+    return shapes
+
+
+def test_hf_trainer_sees_the_batches_and_rotary_state_of_rampups_own_engine(project, engine_steps, tmp_path):
     cur = Curriculum.from_yaml(project / "run.yaml")
     model = transformers.AutoModelForCausalLM.from_pretrained(project / "model")
     theirs: list = []
@@ -111,14 +128,7 @@ def test_hf_trainer_sees_the_batches_and_rotary_state_of_rampups_own_engine(proj
     RampupCallback(cur).bind(trainer)
     trainer.train()
 
-    assert len(ours) == len(theirs) == cur.num_steps == len(cur.plans) > 4
-    shapes = [s for s, _ in theirs]
-    assert shapes == [s for s, _ in ours]
-    assert shapes[0] == (32, 32) and shapes[-1] == (4, 256)  # the warmup ramps, the long stage is whole
-    assert len(set(shapes)) >= 3
-    for (_, f_ours), (_, f_theirs) in zip(ours, theirs, strict=True):
-        torch.testing.assert_close(f_theirs, f_ours, rtol=0, atol=0)
-    assert not torch.equal(theirs[0][1], theirs[-1][1])  # YaRN rescaled the rotary at the stage boundary
+    shapes = _same_steps(engine_steps, theirs, cur)
     assert model.config.max_position_embeddings == 256  # extended where the yarn stage covers it
     # the knob values reached the Trainer's loggers (a callback after rampup's)
     lines = [entry for entry in logged.logs if "loss" in entry]
@@ -257,3 +267,77 @@ def test_a_schedule_loads_from_yaml_or_python_and_gives_each_steps_knobs(project
         {"stages": [{"duration": "100%", "completion_budget": {"from": 64, "to": 16}}]}, duration="4 steps"
     )
     assert [sp.knobs["completion_budget"] for sp in budget.steps()] == [64, 52, 40, 28]
+
+
+# ----------------------------------------------------------------------------- Lightning
+
+
+def _lightning():
+    pytest.importorskip("lightning")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lightning_run", ROOT / "tests" / "fixtures" / "lightning_run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_lightning_sees_the_batches_and_rotary_state_of_rampups_own_engine(project, engine_steps, tmp_path):
+    run = _lightning()
+    cur = Curriculum.from_yaml(project / "run.yaml")
+    model = transformers.AutoModelForCausalLM.from_pretrained(project / "model").train()
+    theirs: list = []
+    _watch(model, theirs)
+    module = run.CausalLMModule(model, tmp_path / "losses.json")
+    trainer = run.trainer_for(cur, None)
+    trainer.fit(module, train_dataloaders=cur.dataset().loader())
+    shapes = _same_steps(engine_steps, theirs, cur)
+    assert model.config.max_position_embeddings == 256
+    assert trainer.logged_metrics["rampup/seq_len"] == float(shapes[-1][1])
+    assert trainer.logged_metrics["rampup/stage"] == 1.0
+
+
+@pytest.mark.slow
+def test_a_lightning_run_killed_after_a_checkpoint_resumes_bitwise(project, tmp_path):
+    script = ROOT / "tests" / "fixtures" / "lightning_run.py"
+
+    def run(out: str, losses: str, *extra: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, str(script), str(project / "run.yaml"), out, losses, *extra]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+    done = run(str(tmp_path / "full"), str(tmp_path / "full.json"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    killed = run(str(tmp_path / "cut"), str(tmp_path / "cut.json"), "--kill-at", "6")
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == ["step=4.ckpt"]
+    resumed = run(str(tmp_path / "cut"), str(tmp_path / "cut.json"), "--resume", "4")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    full = json.loads((tmp_path / "full.json").read_text())
+    cut = json.loads((tmp_path / "cut.json").read_text())
+    assert sorted(full, key=int) == [str(i) for i in range(1, len(full) + 1)] and len(full) > 6
+    assert cut == full  # steps 5-9 from the resumed process, bitwise
+
+
+def test_lightning_settings_that_conflict_with_the_schedule_are_named(project, tmp_path):
+    run = _lightning()
+    import lightning.pytorch as pl
+
+    from rampup.integrations.lightning import RampupCallback as LightningCallback
+
+    cur = Curriculum.from_yaml(project / "run.yaml")
+    model = transformers.AutoModelForCausalLM.from_pretrained(project / "model")
+    before = [p.detach().clone() for p in model.parameters()]
+    quiet = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False}
+    quiet |= {"enable_progress_bar": False, "enable_model_summary": False}
+    cases = [
+        ({"max_steps": 6}, cur.dataset().loader(), r"max_steps \(6\) is shorter than the schedule's 9 optimizer steps"),
+        ({"max_steps": 9, "accumulate_grad_batches": 2}, cur.dataset().loader(), "accumulate_grad_batches is 2"),
+        ({"max_steps": 9}, torch.utils.data.DataLoader(list(range(4))), "serves list, not this curriculum's"),
+    ]
+    for settings, loader, match in cases:
+        trainer = pl.Trainer(callbacks=[LightningCallback(cur)], **(quiet | settings))
+        with pytest.raises(ConfigError, match=match):
+            trainer.fit(run.CausalLMModule(model, tmp_path / "l.json"), train_dataloaders=loader)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))  # no step ran
+    with pytest.raises(ConfigError, match=r"knob 'depth'.*Lightning Trainer cannot apply: growth restructures"):
+        LightningCallback(Curriculum.from_schedule({"stages": [{"duration": "100%", "depth": 8}]}, duration="4 steps"))

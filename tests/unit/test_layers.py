@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import ast
 import pkgutil
+import subprocess
+import sys
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -172,3 +174,16 @@ def test_no_function_is_longer_than_a_screen():
                 if n > MAX_FUNCTION_LINES:
                     long.append(f"{module_name(p)}.{fn.name}: {n} lines")
     assert not long, "functions longer than a screen:\n  " + "\n  ".join(long)
+
+
+def test_the_core_and_the_public_api_never_import_a_host_loop():
+    """The integrations' libraries are optional extras: `import rampup`, its exported names, the engine
+    and the command line load none of them (a subprocess, so this session's imports do not count)."""
+    code = (
+        "import sys, rampup, rampup.cli, rampup.engine.trainer, rampup.tools.plan\n"
+        "[getattr(rampup, n) for n in rampup.EXPORTS]\n"
+        "print(sorted(m for m in ('transformers', 'trl', 'lightning', 'accelerate') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

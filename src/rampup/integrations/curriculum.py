@@ -16,7 +16,7 @@ from typing import Any, cast
 import torch
 import yaml
 from torch import nn
-from torch.utils.data import IterableDataset
+from torch.utils.data import DataLoader, IterableDataset
 
 from rampup.config import RunConfig, load_config
 from rampup.engine.rundata import RunData, prepare_run
@@ -289,6 +289,34 @@ def _hf_adapter(model: nn.Module) -> Any:
     return HFCausalLMAdapter(model)
 
 
+def check_loop(
+    cur: Curriculum, host: str, *, max_steps: int, fix: str, accumulation: tuple[str, int], world_size: int
+) -> None:
+    """The settings every host loop shares, checked before its first step: ``max_steps`` equal to the
+    schedule's steps (``fix``: the setting that gives it, with ``{n}``), and for a curriculum that serves
+    the batches no gradient accumulation (``accumulation``: the host's name and value) and one process."""
+    n = cur.num_steps
+    if max_steps != n:
+        which = "shorter than" if 0 <= max_steps < n else "longer than"
+        raise ConfigError(
+            f"{host}'s max_steps ({max_steps}) is {which} the schedule's {n} optimizer steps; set "
+            f"{fix.format(n=n)} (Curriculum.num_steps)"
+        )
+    if cur.data is None:  # a scalar schedule (a completion budget): the host's own batches
+        return
+    name, value = accumulation
+    if value != 1:
+        raise ConfigError(
+            f"{name} is {value}; a RampupDataset item is a whole optimizer step already (its token budget is "
+            "the schedule's batch_tokens): set it to 1"
+        )
+    if world_size > 1:
+        raise ConfigError(
+            f"RampupDataset in {host} of {world_size} processes is not supported yet (each process would serve "
+            "the whole batch); train on one process, or with `rampup train --nproc`"
+        )
+
+
 class RampupDataset(IterableDataset):
     """The curriculum's batches, one whole constant-token batch per item, in the order of its steps.
 
@@ -348,6 +376,11 @@ class RampupDataset(IterableDataset):
         if "positions" in batch.extra:
             out["position_ids"] = batch.extra["positions"]
         return out
+
+    def loader(self) -> DataLoader:
+        """A ``DataLoader`` that serves the items as they are (no batching, no workers): what a loop
+        that takes a loader (Lightning's ``trainer.fit(module, train_dataloaders=...)``) is given."""
+        return DataLoader(self, batch_size=None, num_workers=0)
 
     @staticmethod
     def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -23,7 +23,7 @@ import transformers
 from transformers import TrainerCallback
 
 from rampup.errors import ConfigError
-from rampup.integrations.curriculum import Curriculum
+from rampup.integrations.curriculum import Curriculum, check_loop
 from rampup.schedule.registry import KNOBS
 
 __all__ = ["STATE_FILE", "RampupCallback"]
@@ -93,20 +93,18 @@ class RampupCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ checks, before any step
     def _check_args(self, args: transformers.TrainingArguments, max_steps: int) -> None:
-        n = self.curriculum.num_steps
-        if max_steps != n:
-            short = "shorter than" if max_steps < n else "longer than"
-            raise ConfigError(
-                f"the Trainer's max_steps ({max_steps}) is {short} the schedule's {n} optimizer steps; "
-                f"set TrainingArguments(max_steps={n}) (Curriculum.num_steps)"
-            )
-        if not self.uses_data:  # a scalar schedule (a completion budget): the host's own batches
+        accumulation = ("gradient_accumulation_steps", args.gradient_accumulation_steps)
+        fix = "TrainingArguments(max_steps={n})"
+        check_loop(
+            self.curriculum,
+            "the Trainer",
+            max_steps=max_steps,
+            fix=fix,
+            accumulation=accumulation,
+            world_size=args.world_size,
+        )
+        if not self.uses_data:
             return
-        if args.gradient_accumulation_steps != 1:
-            raise ConfigError(
-                f"gradient_accumulation_steps is {args.gradient_accumulation_steps}; a RampupDataset item is a "
-                "whole optimizer step already (its token budget is the schedule's batch_tokens): set it to 1"
-            )
         if args.per_device_train_batch_size != 1:
             raise ConfigError(
                 f"per_device_train_batch_size is {args.per_device_train_batch_size}; RampupDataset serves whole "
@@ -121,11 +119,6 @@ class RampupCallback(TrainerCallback):
             raise ConfigError(
                 "ignore_data_skip is False: on resume the Trainer would skip the batches already trained, "
                 "which the RampupDataset's saved state already skips; set TrainingArguments(ignore_data_skip=True)"
-            )
-        if args.world_size > 1:
-            raise ConfigError(
-                f"RampupDataset in a Trainer of {args.world_size} processes is not supported yet (each process "
-                "would serve the whole batch); train on one process, or with `rampup train --nproc`"
             )
 
     def _check_loader(self, train_dataloader: Any) -> None:

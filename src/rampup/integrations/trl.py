@@ -13,7 +13,7 @@ Needs the ``trl`` extra (``pip install 'rampup[trl]'``).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import trl
 
@@ -48,16 +48,17 @@ class CompletionBudget(RampupCallback):
         takes its budget once), whose ``max_completion_length`` is at least the schedule's largest budget."""
         if not isinstance(trainer, trl.GRPOTrainer):
             raise ConfigError(f"CompletionBudget drives a trl.GRPOTrainer, got {type(trainer).__name__}")
-        if trainer.args.use_vllm:
+        config = cast(trl.GRPOConfig, trainer.args)
+        if config.use_vllm:
             raise ConfigError(
                 "GRPOConfig(use_vllm=True): the vLLM engine takes its completion budget once, when it starts; "
                 "generate with transformers (use_vllm=False) for a scheduled budget"
             )
         top = max(p.knobs["completion_budget"] for p in self.curriculum.plans)
-        if trainer.args.max_completion_length < top:
+        if config.max_completion_length < top:
             raise ConfigError(
                 f"the schedule's completion_budget reaches {top} but GRPOConfig.max_completion_length is "
-                f"{trainer.args.max_completion_length}; set max_completion_length={top} (the largest budget)"
+                f"{config.max_completion_length}; set max_completion_length={top} (the largest budget)"
             )
         super().bind(trainer)
         return self
