@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from rampup.schedule.registry import Knob, register_knob
 
+GENERATION_KNOBS = ("completion_budget",)
+"""The family's knobs: a generating host loop's; rampup's own adapters refuse them."""
+
 register_knob(
     Knob(
         "completion_budget",

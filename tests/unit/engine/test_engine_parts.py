@@ -129,13 +129,16 @@ def test_load_builds_the_model_with_saved_weights(tmp_path):
 
 
 def test_supports_names_the_knobs_it_honours():
+    from rampup.knobs.generation import GENERATION_KNOBS
     from rampup.knobs.image import IMAGE_KNOBS
     from rampup.schedule.registry import KNOBS
 
     a = adapter()
-    # temperature: tests/unit/engine/test_seams.py's own knob; the image family's knobs: an image task's
-    assert all(a.supports(k) for k in KNOBS if k != "temperature" and k not in IMAGE_KNOBS)
-    assert not any(a.supports(k) for k in IMAGE_KNOBS)
+    # temperature: tests/unit/engine/test_seams.py's own knob; the image family's knobs: an image task's;
+    # the generation family's: a generating host loop's (TRL), never the engine's
+    foreign = (*IMAGE_KNOBS, *GENERATION_KNOBS)
+    assert all(a.supports(k) for k in KNOBS if k != "temperature" and k not in foreign)
+    assert not any(a.supports(k) for k in foreign)
     assert not a.supports("no_such_knob")
 
 

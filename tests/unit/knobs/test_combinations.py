@@ -115,12 +115,15 @@ STEPS = 4  # 2 per stage
 
 def test_every_knob_belongs_to_exactly_one_family():
     owned = [k for f in FAMILIES.values() for k in f.knobs]
+    from rampup.knobs.generation import GENERATION_KNOBS  # a host loop's: tests/e2e/test_integrations_trl.py
     from rampup.knobs.image import IMAGE_KNOBS  # an image task's: composed in tests/e2e/test_vision.py
 
     shipped = {
         k
         for k, knob in KNOBS.items()
-        if (knob.apply is None or knob.apply.__module__.startswith("rampup")) and k not in IMAGE_KNOBS
+        if (knob.apply is None or knob.apply.__module__.startswith("rampup"))
+        and k not in IMAGE_KNOBS
+        and k not in GENERATION_KNOBS
     }
     assert sorted(owned) == sorted(set(owned)) and set(owned) == shipped  # a new knob joins the sweep
     assert all(k in f.knobs for f in FAMILIES.values() for k in (*f.first, *f.second))
