@@ -145,6 +145,7 @@ def test_rampup_train_and_plan_take_an_image_run_from_yaml(tmp_path):
     assert "small" in res.stdout and "saves" in res.stdout
     res = run_rampup("train", str(cfg))
     assert res.returncode == 0, res.stderr[-2000:]
+    assert "24 steps, 192 images" in res.stdout  # the schedule's unit, not "tokens"
     recs = steps(tmp_path / "run")
     assert len(recs) == 24 and {r["batch_size"] for r in recs} == {8}
     assert (tmp_path / "run" / "checkpoints").is_dir()

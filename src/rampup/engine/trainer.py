@@ -615,7 +615,8 @@ class Trainer:
             )
         s, prec = self.schedule, self.state.precision
         self.display.print(
-            f"run '{self.cfg.name}': {self.display.total_steps} steps, {s.total_tokens:,} tokens, "
+            f"run '{self.cfg.name}': {self.display.total_steps} steps, {s.total_tokens:,} "
+            f"{'images' if s.shape is not None and s.shape.unit == 'img' else 'tokens'}, "
             f"{self.state.model.num_params():,} non-embedding parameters, device {self.device}, "
             f"output {self.out}"
             + (f" (resumed at step {self.progress.step})" if self.resume else "")

@@ -1,0 +1,337 @@
+"""Side by side with the peers: OLMo-core's variable-length curriculum and the Hugging Face Trainer, on the
+same work as rampup.
+
+Six arms train the same Llama shape (width 128, 4 layers, 4 heads / 2 KV heads, SwiGLU 352, tied
+embeddings, vocabulary 2048, L = 1024 positions) on the same documents (the embedded stdlib corpus,
+tokenized once by rampup; ``--max-files`` sizes it so that one epoch of OLMo-core's decomposition is about
+the budget, since its Grow-P2 cycles span its epoch while rampup's span the run), for the same tokens,
+8192 tokens per step, AdamW lr 3e-3 (betas 0.9/0.95, weight decay 0.1, clipping 1.0), 5% warmup and
+cosine to 0.1x, fp32, one process, 2 threads:
+
+- ``hf_fixed``: ``transformers.Trainer`` on ``LlamaForCausalLM`` with ``group_texts`` blocks of L;
+- ``hf_buckets``: the same Trainer with rampup's buckets + Grow-P2 (``rampup.integrations``);
+- ``rampup_fixed`` / ``rampup_buckets``: rampup's engine on the same ``LlamaForCausalLM`` (``model.source:
+  hf``), concat-and-chunk at L / dataset decomposition 2^6..2^10 with Grow-P2 odds in 8 cycles;
+- ``olmo_fsl`` / ``olmo_vsl``: OLMo-core 3.0.0's own trainer, Llama-like transformer (SDPA) and data
+  loader on gloo, ``NumpyFSLDataset`` / ``NumpyVSLDataset`` + ``VSLGrowP2Curriculum`` (benchmarks/peers_olmo.py).
+
+One evaluator scores every arm: the mean next-token loss on rampup's held-out ``eval_sets[1024]`` (document
+windows), called on the live model from each loop's own callback (the engine's arms use the engine's
+evaluation, checked equal to it on the final model); evaluation time is kept out of train time. Reported
+per arm (median over seeds): final loss, tokens/s (and per sequence length where the loop shows it), time
+to a common target (the highest final loss among the arms of that seed, so every arm reaches it), and
+ratios against ``hf_fixed``. A peer that is not installed, or at a version the benchmark was not written
+for, is skipped with a message naming it. Run it alone, with an interpreter where ai2-olmo-core imports
+(see benchmarks/README.md: it pins older huggingface-hub, so it goes into its own environment)::
+
+    PY=.venv-peers/bin/python
+    $PY benchmarks/peers.py                    # 3 seeds x 6 arms, 800K tokens each, ~60 min on 2 cores
+    $PY benchmarks/peers.py --seeds 1          # ~20 min
+    $PY benchmarks/peers.py --quick            # smoke run, no results file
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.metadata
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+import yaml
+
+from integrations import BUCKETS, HF_CONFIG, L, run_tree, score  # benchmarks/integrations.py
+from integrations import arm as hf_arm
+from rampup.config import load_config
+from rampup.engine.precision import machine_info
+from rampup.engine.trainer import train as rampup_train
+from rampup.integrations.curriculum import Curriculum
+from rampup.models.build import build_adapter
+from rampup.models.hf import HFCausalLMAdapter
+from rampup.tools.compare import load_run, time_to_target
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "peers.json"
+ARMS = ("hf_fixed", "hf_buckets", "rampup_fixed", "rampup_buckets", "olmo_fsl", "olmo_vsl")
+PEERS = {
+    "ai2-olmo-core": ("olmo_core", lambda v: v.split(".")[0] == "3", "3.x (written against 3.0.0)"),
+    "transformers": ("transformers", lambda v: int(v.split(".")[0]) >= 5 or v >= "4.56", ">= 4.56"),
+}
+
+
+def peer_problem(dist_name: str) -> str | None:
+    """Why a peer's arms cannot run here (not installed, another major version, does not import), or None."""
+    module, fits, want = PEERS[dist_name]
+    try:
+        version = importlib.metadata.version(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        return (
+            f"{dist_name} is not installed (pip install 'rampup[peers]' in its own environment): its arms are skipped"
+        )
+    if not fits(version):
+        return f"{dist_name} {version} is installed; this benchmark needs {want}: its arms are skipped"
+    try:
+        importlib.import_module(module)
+    except Exception as e:  # a broken install of an optional peer: name it, skip its arms
+        return f"{dist_name} {version} does not import here ({type(e).__name__}: {e}): its arms are skipped"
+    return None
+
+
+def engine_arm(name: str, tree: dict, seed: int, windows: list, out: Path) -> dict[str, Any]:
+    """rampup's engine on the run config ``tree``; the evaluator check: score() on the final model equals
+    the engine's own last evaluation."""
+    tree = {
+        **tree,
+        "name": name,
+        "train": {
+            **tree["train"],
+            "seed": seed,
+            "threads": torch.get_num_threads(),
+            "out_dir": str(out / f"{name}_s{seed}"),
+        },
+        "eval": {**tree["eval"], "every": "10%"},
+    }
+    path = out / f"{name}_s{seed}.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    held: list = []
+
+    def build(c: Any, device: Any) -> Any:
+        held.append(build_adapter(c.model, device))
+        return held[-1]
+
+    t0 = time.perf_counter()
+    rampup_train(load_config(path), build_model=build, display_mode="off")
+    wall = time.perf_counter() - t0
+    run = load_run(out / f"{name}_s{seed}")
+    ev = [tuple(e[:4]) for e in run.evals[L]]
+    for e in ev:
+        print(f"    {e[0]} tok, {e[1]:.1f}s, loss {e[3]:.4f}")
+    rates: dict[int, list[float]] = {}
+    prev = run.steps[0]["tokens"]
+    for r in run.steps[1:]:
+        a = rates.setdefault(int(r["seq_len"]), [0.0, 0.0])
+        a[0] += r["tokens"] - prev
+        a[1] += r["step_time"]
+        prev = r["tokens"]
+    return {
+        "arm": name,
+        "seed": seed,
+        "evals": ev,
+        "final_loss": ev[-1][3],
+        "train_time": ev[-1][1],
+        "wall_time": wall,
+        "tokens": ev[-1][0],
+        "flops": ev[-1][2],
+        "tokens_per_s": ev[-1][0] / ev[-1][1],
+        "tokens_per_s_by_seq_len": {str(T): round(a[0] / a[1], 1) for T, a in sorted(rates.items())},
+        "evaluator_check_abs_diff": abs(score(held[-1].module, windows) - ev[-1][3]),
+    }
+
+
+def olmo_arm(name: str, seed: int, ctx: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
+    import peers_olmo  # noqa: PLC0415 (imports olmo_core: only when its arms run)
+
+    per_token = ctx["flops_per_token"]
+    return peers_olmo.train(
+        name,
+        tokens_file=ctx["tokens_file"],
+        eos=ctx["eos"],
+        hf=HF_CONFIG,
+        L=L,
+        min_log2=BUCKETS["min_log2"],
+        cycles=BUCKETS["cycles"],
+        budget=ctx["budget"],
+        batch_tokens=a.batch_tokens,
+        lr=a.lr,
+        seed=seed,
+        evals=a.evals,
+        evaluate=lambda m: score(_Logits(m), ctx["windows"]),
+        flops_of=per_token,
+        out=ctx["out"],
+    )
+
+
+class _Logits(torch.nn.Module):
+    """OLMo-core's transformer returns the logits tensor; the evaluator reads ``.logits`` as from HF."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> Any:
+        return type("Out", (), {"logits": self.model(input_ids)})()
+
+
+def prepare(a: argparse.Namespace, out: Path, skip: dict[str, str]) -> dict[str, Any]:
+    """The shared corpus, eval windows and budget; the OLMo-core token file when its arms run."""
+    tree = run_tree(out, f"{a.tokens} tok", a.batch_tokens, a.lr, max_files=a.max_files)
+    cur = Curriculum.from_yaml(_write(out / "probe.yaml", tree))
+    data = cur.data
+    assert data is not None and data.train_ds is not None
+    ctx: dict[str, Any] = {
+        "out": out,
+        "windows": data.eval_sets[L],
+        "eos": data.eot_id,
+        "corpus_tokens": data.train_ds.n_tokens,
+    }
+    budget = a.tokens
+    if "ai2-olmo-core" not in skip:
+        import peers_olmo  # noqa: PLC0415 (imports olmo_core: only when its arms run)
+
+        ctx["tokens_file"] = out / "olmo_tokens.bin"
+        peers_olmo.write_documents(ctx["tokens_file"], data.train_ds.shards)
+        epoch = peers_olmo.epoch_tokens(
+            "olmo_vsl",
+            ctx["tokens_file"],
+            data.eot_id,
+            HF_CONFIG["vocab_size"],
+            L,
+            BUCKETS["min_log2"],
+            BUCKETS["cycles"],
+            a.batch_tokens,
+        )
+        ctx["olmo_vsl_epoch_tokens"] = epoch
+        budget = min(budget, epoch)  # OLMo-core's Grow-P2 cycles span one epoch: the run stays inside it
+    ctx["budget"] = budget // a.batch_tokens * a.batch_tokens
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**HF_CONFIG))
+    per_item = HFCausalLMAdapter(model).flops_per_item
+    ctx["flops_per_token"] = lambda T: per_item((1, T))
+    return ctx
+
+
+def _write(path: Path, tree: dict) -> Path:
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def run_arm(name: str, seed: int, ctx: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
+    out, budget = ctx["out"], f"{ctx['budget']} tok"
+    if name.startswith("olmo"):
+        return olmo_arm(name, seed, ctx, a)
+    sampler = "buckets" if name.endswith("buckets") else "fixed"
+    tree = run_tree(out, budget, a.batch_tokens, a.lr, sampler=sampler, max_files=a.max_files)
+    if name.startswith("rampup"):
+        return engine_arm(name, tree, seed, ctx["windows"], out)
+    tree["train"]["seed"] = seed
+    cur = Curriculum.from_yaml(_write(out / f"{name}_s{seed}.yaml", {**tree, "name": name}))
+    return hf_arm(name, cur, seed, cur.num_steps, a.batch_tokens // L, a.lr, a.evals, out)
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per seed a common target (the highest final loss of the seed's arms); medians over seeds."""
+    arms = sorted({r["arm"] for r in runs}, key=ARMS.index)
+    per_seed: dict[int, dict[str, Any]] = {}
+    for seed in sorted({r["seed"] for r in runs}):
+        mine = {r["arm"]: r for r in runs if r["seed"] == seed}
+        target = max(r["final_loss"] for r in mine.values())
+        hits = {n: time_to_target(r["evals"], target) for n, r in mine.items()}
+        per_seed[seed] = {"target": target, **{n: (h or {}).get("train_time") for n, h in hits.items()}}
+    med = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
+    table = {}
+    for n in arms:
+        mine = [r for r in runs if r["arm"] == n]
+        ttt = [per_seed[r["seed"]][n] for r in mine if per_seed[r["seed"]][n] is not None]
+        table[n] = {
+            "final_loss": med([r["final_loss"] for r in mine]),
+            "tokens_per_s": med([r["tokens_per_s"] for r in mine]),
+            "time_to_common_target_s": med(ttt),
+            "tokens_per_s_by_seq_len": mine[0].get("tokens_per_s_by_seq_len"),
+        }
+    head: dict[str, Any] = {}
+    base = table.get("hf_fixed")
+    for n, row in table.items():
+        if base and n != "hf_fixed" and row["time_to_common_target_s"] and base["time_to_common_target_s"]:
+            head[f"time_to_target_ratio_hf_fixed_over_{n}"] = (
+                base["time_to_common_target_s"] / row["time_to_common_target_s"]
+            )
+    pairs = [
+        ("rampup_fixed", "hf_fixed"),
+        ("olmo_fsl", "rampup_fixed"),
+        ("olmo_vsl", "rampup_buckets"),
+        ("rampup_buckets", "hf_buckets"),
+    ]
+    for x, y in pairs:
+        if x in table and y in table:
+            head[f"tokens_per_s_ratio_{x}_over_{y}"] = table[x]["tokens_per_s"] / table[y]["tokens_per_s"]
+    if "olmo_vsl" in table and "rampup_buckets" in table:
+        head["time_to_target_ratio_olmo_vsl_over_rampup_buckets"] = (
+            table["olmo_vsl"]["time_to_common_target_s"] / table["rampup_buckets"]["time_to_common_target_s"]
+            if table["olmo_vsl"]["time_to_common_target_s"] and table["rampup_buckets"]["time_to_common_target_s"]
+            else None
+        )
+    return {"headline": head, "arms": table, "per_seed": per_seed}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument(
+        "--tokens", type=int, default=800_000, help="token budget of every arm (capped at OLMo-core's VSL epoch)"
+    )
+    ap.add_argument("--max-files", type=int, default=200, help="stdlib files in the corpus (sizes OLMo-core's epoch)")
+    ap.add_argument("--batch-tokens", type=int, default=8192)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--evals", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ", ".join(ARMS))
+    ap.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 65K tokens, 2 evals; no results file")
+    a = ap.parse_args()
+    if a.quick:
+        a.seeds, a.tokens, a.evals = 1, 65_536, 2
+    torch.set_num_threads(a.threads)
+    skip = {p: why for p in PEERS if (why := peer_problem(p))}
+    for why in skip.values():
+        print(f"skipped: {why}")
+    arms = [n for n in a.arms.split(",") if not (n.startswith("olmo") and "ai2-olmo-core" in skip)]
+    arms = [n for n in arms if not (n.startswith("hf") and "transformers" in skip)]
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = prepare(a, Path(tmp), skip)
+        print(f"corpus {ctx['corpus_tokens']} tokens, budget {ctx['budget']} tokens per arm; arms: {', '.join(arms)}")
+        runs = []
+        for seed in range(a.seeds):
+            for name in arms:
+                print(f"  {name} seed {seed}", flush=True)
+                runs.append(run_arm(name, seed, ctx, a))
+        ctx_out = {k: v for k, v in ctx.items() if k in ("budget", "corpus_tokens", "olmo_vsl_epoch_tokens")}
+    res = summarise(runs)
+    result = {
+        "benchmark": "peers",
+        "machine": machine_info("fp32"),
+        "wall_s": round(time.perf_counter() - t_start),
+        "setup": {
+            "model": HF_CONFIG,
+            "L": L,
+            "buckets": BUCKETS,
+            "batch_tokens": a.batch_tokens,
+            "lr": a.lr,
+            "seeds": a.seeds,
+            **ctx_out,
+        },
+        "versions": {p: _version(p) for p in PEERS} | {"torch": torch.__version__},
+        "skipped": skip,
+        **res,
+        "runs": runs,
+    }
+    print(json.dumps(res["headline"], indent=1))
+    print(json.dumps(res["arms"], indent=1))
+    if not a.quick:
+        RESULTS.write_text(json.dumps(result, indent=1))
+        print(f"wrote {RESULTS}")
+
+
+def _version(dist_name: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+if __name__ == "__main__":
+    main()
