@@ -179,7 +179,7 @@ def arm(name: str, cur: Curriculum, seed: int, steps: int, rows: int, lr: float,
     else:
         train_ds = cur.dataset()
         collate = train_ds.collate
-        settings |= {"per_device_train_batch_size": 1, "ignore_data_skip": True}
+        settings |= {"per_device_train_batch_size": 1, "ignore_data_skip": True, "remove_unused_columns": False}
         shapes = cur.data.step_shapes  # type: ignore[union-attr]
         cum = [(0, 0.0)]
         for r, t in shapes:

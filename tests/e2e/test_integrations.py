@@ -20,6 +20,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 from rampup.config import load_config  # noqa: E402
+from rampup.engine.records import read_metrics  # noqa: E402
 from rampup.engine.trainer import train  # noqa: E402
 from rampup.errors import ConfigError  # noqa: E402
 from rampup.integrations.curriculum import Curriculum, load_schedule  # noqa: E402
@@ -71,6 +72,7 @@ def _trainer(cur: Curriculum, model, out: Path, **overrides):
         "max_steps": cur.num_steps,
         "per_device_train_batch_size": 1,
         "ignore_data_skip": True,
+        "remove_unused_columns": False,
         "learning_rate": 2e-3,
         "report_to": [],
         "use_cpu": True,
@@ -135,6 +137,10 @@ def test_hf_trainer_sees_the_batches_and_rotary_state_of_rampups_own_engine(proj
     assert [entry["rampup/seq_len"] for entry in lines] == [float(s[1]) for s in shapes]
     assert [entry["rampup/lr_mult"] for entry in lines[:4]] == [0.5] * 4
     assert lines[-1]["rampup/stage"] == 1.0
+    # the same weights on the same first batch give the engine's loss: the targets are the next tokens
+    # (had the Trainer dropped shift_labels, the model would have shifted the labels a second time)
+    first = next(r for r in read_metrics(project / "rampup_run" / "metrics.jsonl") if r.get("event") == "step")
+    assert lines[0]["loss"] == pytest.approx(first["loss"], abs=1e-3)
 
 
 def test_lr_mult_scales_the_step_and_leaves_the_trainers_schedule_alone(project, tmp_path):
@@ -211,6 +217,7 @@ def test_a_knob_the_trainer_cannot_apply_is_refused_when_the_callback_is_built(p
         ({"max_steps": 6}, r"max_steps \(6\) is shorter than the schedule's 9 optimizer steps; set .*max_steps=9"),
         ({"max_steps": 12}, r"max_steps \(12\) is longer than the schedule's 9 optimizer steps"),
         ({"ignore_data_skip": False}, "ignore_data_skip is False.*skip the batches already trained"),
+        ({"remove_unused_columns": True}, "remove_unused_columns is True.*shift_labels"),
         ({"per_device_train_batch_size": 2}, "per_device_train_batch_size is 2.*set it to 1"),
         ({"gradient_accumulation_steps": 2}, "gradient_accumulation_steps is 2"),
     ],
@@ -235,6 +242,7 @@ def test_a_dataset_other_than_the_curriculums_is_named(project, tmp_path):
         max_steps=cur.num_steps,
         per_device_train_batch_size=1,
         ignore_data_skip=True,
+        remove_unused_columns=False,
         report_to=[],
         use_cpu=True,
     )

@@ -120,6 +120,12 @@ class RampupCallback(TrainerCallback):
                 "ignore_data_skip is False: on resume the Trainer would skip the batches already trained, "
                 "which the RampupDataset's saved state already skips; set TrainingArguments(ignore_data_skip=True)"
             )
+        if args.remove_unused_columns:
+            raise ConfigError(
+                "remove_unused_columns is True: the Trainer would drop the batches' shift_labels (not an argument "
+                "of the model's forward) and the model would shift the already-shifted labels again, training "
+                "on the token after next; set TrainingArguments(remove_unused_columns=False)"
+            )
 
     def _check_loader(self, train_dataloader: Any) -> None:
         dataset = self.curriculum.dataset()
