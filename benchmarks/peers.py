@@ -212,6 +212,7 @@ def _write(path: Path, tree: dict) -> Path:
 
 def run_arm(name: str, seed: int, ctx: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
     out, budget = ctx["out"], f"{ctx['budget']} tok"
+    assert not torch.distributed.is_initialized(), "a process group left behind would wrap the next arm in DDP"
     if name.startswith("olmo"):
         return olmo_arm(name, seed, ctx, a)
     sampler = "buckets" if name.endswith("buckets") else "fixed"
@@ -281,7 +282,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ", ".join(ARMS))
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 65K tokens, 2 evals; no results file")
+    ap.add_argument("--profile", action="store_true", help="only profile one step per model")
     a = ap.parse_args()
+    if a.profile:
+        torch.set_num_threads(a.threads)
+        return profile(a.batch_tokens)
     if a.quick:
         a.seeds, a.tokens, a.evals = 1, 65_536, 2
     torch.set_num_threads(a.threads)
@@ -324,6 +329,60 @@ def main() -> None:
     if not a.quick:
         RESULTS.write_text(json.dumps(result, indent=1))
         print(f"wrote {RESULTS}")
+
+
+def _step_time(model: torch.nn.Module, x: torch.Tensor, loss_of: Any, repeats: int = 7) -> float:
+    """Median seconds of forward + backward of ``model`` on ``x`` (after two warm-up steps)."""
+    times = []
+    for i in range(repeats + 2):
+        t = time.perf_counter()
+        loss_of(model, x).backward()
+        model.zero_grad(set_to_none=True)
+        if i >= 2:
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _top_ops(model: torch.nn.Module, x: torch.Tensor, loss_of: Any, n: int = 12) -> list[dict[str, Any]]:
+    """The ``n`` operators with the most self CPU time in one forward + backward."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        loss_of(model, x).backward()
+    model.zero_grad(set_to_none=True)
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:n]
+    return [{"op": e.key, "self_ms": round(e.self_cpu_time_total / 1e3, 2), "calls": e.count} for e in rows]
+
+
+def profile(batch_tokens: int) -> None:
+    """One training step (forward + backward, fp32) of the HF Llama (what the Trainer and rampup's engine
+    run) against OLMo-core's transformer of the same shape, at every bucket length: median step time and
+    where it goes. Writes benchmarks/results/peers_profile.json."""
+    import peers_olmo  # noqa: PLC0415 (imports olmo_core)
+
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**HF_CONFIG))
+    olmo = peers_olmo.model(HF_CONFIG)
+
+    def hf_loss(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return m(input_ids=x[:, :-1], labels=x[:, :-1]).loss
+
+    def olmo_loss(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        logits = m(x[:, :-1])
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+
+    out: dict[str, Any] = {"benchmark": "peers_profile", "machine": machine_info("fp32"), "lengths": {}}
+    for T in (64, 256, 1024):
+        x = torch.randint(1, HF_CONFIG["vocab_size"], (batch_tokens // T, T + 1))
+        row: dict[str, Any] = {"hf_llama_s": _step_time(hf, x, hf_loss), "olmo_s": _step_time(olmo, x, olmo_loss)}
+        row["hf_llama_over_olmo_step_time"] = row["hf_llama_s"] / row["olmo_s"]
+        print(f"T {T}: HF Llama {row['hf_llama_s'] * 1e3:.0f} ms, OLMo-core {row['olmo_s'] * 1e3:.0f} ms per step")
+        if T == 1024:
+            row["hf_llama_top_ops"] = _top_ops(hf, x, hf_loss)
+            row["olmo_top_ops"] = _top_ops(olmo, x, olmo_loss)
+        out["lengths"][str(T)] = row
+    path = RESULTS.with_name("peers_profile.json")
+    path.write_text(json.dumps(out, indent=1))
+    print(json.dumps(out["lengths"]["1024"], indent=1))
+    print(f"wrote {path}")
 
 
 def _version(dist_name: str) -> str | None:

@@ -12,10 +12,11 @@ its file (rampup's span the run), and its first batch comes from the longest buc
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,16 +75,24 @@ class Recorder(Callback):
             self.paused += time.perf_counter() - t
 
 
-def _init_process_group() -> None:
-    if dist.is_initialized():
-        return
+ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+
+
+@contextlib.contextmanager
+def process_group() -> Iterator[None]:
+    """A gloo process group of one for OLMo-core's trainer, torn down after it: left behind, it would make
+    the Hugging Face Trainer (through accelerate) wrap the next arm's model in DDP."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0"}.items():
-        os.environ[k] = v
-    os.environ["WORLD_SIZE"] = os.environ["LOCAL_WORLD_SIZE"] = "1"
+    os.environ.update(dict(zip(ENV, ("127.0.0.1", str(port), "0", "0", "1", "1"), strict=True)))
     dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+        for k in ENV:
+            os.environ.pop(k, None)
 
 
 def model(hf: dict[str, Any]) -> torch.nn.Module:
@@ -122,7 +131,6 @@ def dataset(arm: str, tokens: Path, eos: int, vocab: int, L: int, min_log2: int,
 
 def epoch_tokens(arm: str, tokens: Path, eos: int, vocab: int, L: int, min_log2: int, cycles: int, batch: int) -> int:
     """Tokens one epoch of the arm's data loader serves (the VSL curriculum drops pieces and rounds batches)."""
-    _init_process_group()
     work = tokens.parent / f"epoch_{arm}"
     ds = dataset(arm, tokens, eos, vocab, L, min_log2, cycles)
     ds.work_dir = work
@@ -132,7 +140,13 @@ def epoch_tokens(arm: str, tokens: Path, eos: int, vocab: int, L: int, min_log2:
     return int(loader.total_batches) * batch
 
 
-def train(
+def train(arm: str, **settings: Any) -> dict[str, Any]:
+    """:func:`run` inside a process group of one that is gone afterwards."""
+    with process_group():
+        return run(arm, **settings)
+
+
+def run(
     arm: str,
     *,
     tokens_file: Path,
@@ -152,7 +166,6 @@ def train(
 ) -> dict[str, Any]:
     """One OLMo-core run: AdamW (betas 0.9/0.95, weight decay 0.1 on every parameter: one group), 5%
     warmup, cosine to 0.1x, clipping 1.0, ``budget`` tokens of ``batch_tokens`` per step."""
-    _init_process_group()
     torch.manual_seed(seed)
     work = out / f"{arm}_s{seed}"
     work.mkdir(parents=True, exist_ok=True)
