@@ -13,6 +13,7 @@ its file (rampup's span the run), and its first batch comes from the longest buc
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import socket
 import time
@@ -141,9 +142,16 @@ def epoch_tokens(arm: str, tokens: Path, eos: int, vocab: int, L: int, min_log2:
 
 
 def train(arm: str, **settings: Any) -> dict[str, Any]:
-    """:func:`run` inside a process group of one that is gone afterwards."""
-    with process_group():
-        return run(arm, **settings)
+    """:func:`run` inside a process group of one that is gone afterwards, with Python's garbage collector as
+    it was before (OLMo-core's trainer turns automatic collection off and collects every few steps itself;
+    left off, the next arms would run without it too)."""
+    collecting = gc.isenabled()  # its GarbageCollectorCallback disables gc for the run and does not restore it
+    try:
+        with process_group():
+            return run(arm, **settings)
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def run(
