@@ -19,7 +19,7 @@ of the train time. Headline: ``time_to_target_ratio_buckets`` = the baseline's t
 over the curriculum's time to that loss (median over seeds), with FLOPs to target and final losses.
 Results: benchmarks/results/integrations.json. Run it alone on the machine::
 
-    .venv/bin/python benchmarks/integrations.py             # 2 seeds x 2 arms, ~10 min on 2 cores
+    .venv/bin/python benchmarks/integrations.py             # 2 seeds x 2 arms, ~7 min on 2 cores
     .venv/bin/python benchmarks/integrations.py --quick     # smoke run (~1 min)
 """
 

@@ -25,8 +25,8 @@ for, is skipped with a message naming it. Run it alone, with an interpreter wher
 (see benchmarks/README.md: it pins older huggingface-hub, so it goes into its own environment)::
 
     PY=.venv-peers/bin/python
-    $PY benchmarks/peers.py                    # 3 seeds x 6 arms, 800K tokens each, ~60 min on 2 cores
-    $PY benchmarks/peers.py --seeds 1          # ~20 min
+    $PY benchmarks/peers.py                    # 3 seeds x 6 arms, 786K tokens each, ~25 min on 2 cores
+    $PY benchmarks/peers.py --seeds 1          # ~9 min
     $PY benchmarks/peers.py --quick            # smoke run, no results file
 """
 
