@@ -199,18 +199,34 @@ def arm(name: str, cur: Curriculum, seed: int, steps: int, rows: int, lr: float,
     t0 = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - t0
-    ev = scorer.evals
+    return run_record(name, seed, scorer.evals, wall)
+
+
+def run_record(arm: str, seed: int, evals: list[tuple[int, float, float, float]], wall: float, **extra: Any) -> dict:
+    """One run's result: its evaluations (tokens, train seconds, FLOPs, loss) and the figures of the last."""
+    tokens, train_time, flops, loss = evals[-1][:4]
     return {
-        "arm": name,
+        "arm": arm,
         "seed": seed,
-        "evals": ev,
-        "final_loss": ev[-1][3],
-        "train_time": ev[-1][1],
+        "evals": evals,
+        "final_loss": loss,
+        "train_time": train_time,
         "wall_time": wall,
-        "tokens": ev[-1][0],
-        "flops": ev[-1][2],
-        "tokens_per_s": ev[-1][0] / ev[-1][1],
+        "tokens": tokens,
+        "flops": flops,
+        "tokens_per_s": tokens / train_time,
+        **extra,
     }
+
+
+def by_length(steps: list[tuple[int, int, float]]) -> dict[str, float]:
+    """Tokens/s per sequence length over (seq_len, tokens, seconds) steps."""
+    acc: dict[int, list[float]] = {}
+    for T, n, sec in steps:
+        a = acc.setdefault(T, [0.0, 0.0])
+        a[0] += n
+        a[1] += sec
+    return {str(T): round(a[0] / a[1], 1) for T, a in sorted(acc.items())}
 
 
 def summarise(runs: list[dict]) -> dict[str, Any]:

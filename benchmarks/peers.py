@@ -46,7 +46,7 @@ import torch
 import transformers
 import yaml
 
-from integrations import BUCKETS, HF_CONFIG, L, run_tree, score  # benchmarks/integrations.py
+from integrations import BUCKETS, HF_CONFIG, L, by_length, run_record, run_tree, score  # benchmarks/integrations.py
 from integrations import arm as hf_arm
 from rampup.config import load_config
 from rampup.engine.precision import machine_info
@@ -112,26 +112,16 @@ def engine_arm(name: str, tree: dict, seed: int, windows: list, out: Path) -> di
     ev = [tuple(e[:4]) for e in run.evals[L]]
     for e in ev:
         print(f"    {e[0]} tok, {e[1]:.1f}s, loss {e[3]:.4f}")
-    rates: dict[int, list[float]] = {}
-    prev = run.steps[0]["tokens"]
-    for r in run.steps[1:]:
-        a = rates.setdefault(int(r["seq_len"]), [0.0, 0.0])
-        a[0] += r["tokens"] - prev
-        a[1] += r["step_time"]
-        prev = r["tokens"]
-    return {
-        "arm": name,
-        "seed": seed,
-        "evals": ev,
-        "final_loss": ev[-1][3],
-        "train_time": ev[-1][1],
-        "wall_time": wall,
-        "tokens": ev[-1][0],
-        "flops": ev[-1][2],
-        "tokens_per_s": ev[-1][0] / ev[-1][1],
-        "tokens_per_s_by_seq_len": {str(T): round(a[0] / a[1], 1) for T, a in sorted(rates.items())},
-        "evaluator_check_abs_diff": abs(score(held[-1].module, windows) - ev[-1][3]),
-    }
+    pairs = zip(run.steps, run.steps[1:], strict=False)  # the first step (start-up) is left out
+    steps = [(int(r["seq_len"]), r["tokens"] - p["tokens"], r["step_time"]) for p, r in pairs]
+    return run_record(
+        name,
+        seed,
+        ev,
+        wall,
+        tokens_per_s_by_seq_len=by_length(steps),
+        evaluator_check_abs_diff=abs(score(held[-1].module, windows) - ev[-1][3]),
+    )
 
 
 def olmo_arm(name: str, seed: int, ctx: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:

@@ -34,6 +34,8 @@ from olmo_core.train import Duration, TrainerConfig
 from olmo_core.train.callbacks import Callback
 from olmo_core.train.train_module import TransformerTrainModuleConfig
 
+from integrations import by_length, run_record  # benchmarks/integrations.py
+
 
 def write_documents(path: Path, shards: list[np.ndarray]) -> int:
     """rampup's token shards (each document already ends with EOT) as one OLMo-core token file; tokens."""
@@ -208,26 +210,4 @@ def run(
     t0 = time.perf_counter()
     trainer.fit()
     wall = time.perf_counter() - t0
-    ev = rec.evals
-    return {
-        "arm": arm,
-        "seed": seed,
-        "evals": ev,
-        "final_loss": ev[-1][3],
-        "train_time": ev[-1][1],
-        "wall_time": wall,
-        "tokens": ev[-1][0],
-        "flops": ev[-1][2],
-        "tokens_per_s": ev[-1][0] / ev[-1][1],
-        "tokens_per_s_by_seq_len": by_length(rec.steps[1:]),
-    }
-
-
-def by_length(steps: list[tuple[int, int, float]]) -> dict[str, float]:
-    """Tokens/s per sequence length over the given (seq_len, tokens, seconds) steps."""
-    acc: dict[int, list[float]] = {}
-    for T, n, s in steps:
-        a = acc.setdefault(T, [0.0, 0.0])
-        a[0] += n
-        a[1] += s
-    return {str(T): round(a[0] / a[1], 1) for T, a in sorted(acc.items())}
+    return run_record(arm, seed, rec.evals, wall, tokens_per_s_by_seq_len=by_length(rec.steps[1:]))
