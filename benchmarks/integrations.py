@@ -120,17 +120,23 @@ class Scorer(transformers.TrainerCallback):
         self.evals: list[tuple[int, float, float, float]] = []
         self.tokens, self.flops, self.paused = 0, 0.0, 0.0
 
+        self.step_seconds: list[float] = []  # from one step's end to the next's, evaluation left out
+
     def on_train_begin(self, args, state, control, **kwargs):
-        self.t0 = time.perf_counter()
+        self.t0 = self.last = time.perf_counter()
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
+        now = time.perf_counter()
+        self.step_seconds.append(now - self.last)
+        self.last = now
         self.tokens, self.flops = self.flops_of(state.global_step)
         if state.global_step in self.at:
             t = time.perf_counter()
             loss = score(model, self.windows)
             self.evals.append((self.tokens, t - self.t0 - self.paused, self.flops, loss))
             print(f"    step {state.global_step}: {self.tokens} tok, {t - self.t0 - self.paused:.1f}s, loss {loss:.4f}")
-            self.paused += time.perf_counter() - t
+            self.last = time.perf_counter()
+            self.paused += self.last - t
 
 
 @torch.no_grad()
@@ -146,7 +152,33 @@ def score(model: torch.nn.Module, windows: list[tuple[torch.Tensor, torch.Tensor
     return total / n
 
 
-def arm(name: str, cur: Curriculum, seed: int, steps: int, rows: int, lr: float, evals: int, out: Path) -> dict:
+class _Trainer(transformers.Trainer):
+    """The Trainer with a given per-step lr factor (its optimizer as it builds it): the engine's schedule, for
+    a comparison of the loops alone. The Trainer's own warmup starts at lr 0 (the first step moves nothing)
+    where rampup's engine and OLMo-core's trainer take the value at the end of the step."""
+
+    def __init__(self, *args: Any, lr_lambda: Any, **kw: Any):
+        super().__init__(*args, **kw)
+        self.lr_lambda = lr_lambda
+
+    def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+        if self.lr_scheduler is None:
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, self.lr_lambda)
+        return self.lr_scheduler
+
+
+def arm(
+    name: str,
+    cur: Curriculum,
+    seed: int,
+    steps: int,
+    rows: int,
+    lr: float,
+    evals: int,
+    out: Path,
+    lr_lambda: Any = None,
+) -> dict:
+    """One Trainer run; ``lr_lambda`` (step -> factor of ``lr``) replaces the Trainer's own scheduler."""
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**HF_CONFIG))
     per_token = HFCausalLMAdapter(model).flops_per_item
@@ -176,6 +208,8 @@ def arm(name: str, cur: Curriculum, seed: int, steps: int, rows: int, lr: float,
 
         def done(step: int) -> tuple[int, float]:
             return step * rows * L, step * rows * L * per_token((rows, L))
+
+        shapes = [(rows, L)] * steps
     else:
         train_ds = cur.dataset()
         collate = train_ds.collate
@@ -191,20 +225,35 @@ def arm(name: str, cur: Curriculum, seed: int, steps: int, rows: int, lr: float,
     at = {round(steps * (i + 1) / evals) for i in range(evals)}
     scorer = Scorer(cur.data.eval_sets[L], at, done)  # type: ignore[union-attr]
     args = transformers.TrainingArguments(**settings)
-    trainer = transformers.Trainer(
-        model=model, args=args, train_dataset=train_ds, data_collator=collate, callbacks=[scorer]
-    )
+    kw: dict[str, Any] = {"model": model, "args": args, "train_dataset": train_ds, "data_collator": collate}
+    if lr_lambda is None:
+        trainer = transformers.Trainer(**kw, callbacks=[scorer])
+    else:
+        trainer = _Trainer(**kw, callbacks=[scorer], lr_lambda=lr_lambda)
     if name == "hf_buckets":
         RampupCallback(cur).bind(trainer)
     t0 = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - t0
-    return run_record(name, seed, scorer.evals, wall)
+    timed = [(t, r * t, sec) for (r, t), sec in zip(shapes, scorer.step_seconds, strict=True)]
+    return run_record(name, seed, scorer.evals, wall, steps=timed[1:])  # the first step (start-up) left out
 
 
-def run_record(arm: str, seed: int, evals: list[tuple[int, float, float, float]], wall: float, **extra: Any) -> dict:
-    """One run's result: its evaluations (tokens, train seconds, FLOPs, loss) and the figures of the last."""
+def run_record(
+    arm: str,
+    seed: int,
+    evals: list[tuple[int, float, float, float]],
+    wall: float,
+    steps: list[tuple[int, int, float]] | None = None,
+    **extra: Any,
+) -> dict:
+    """One run's result: its evaluations (tokens, train seconds, FLOPs, loss), the figures of the last and,
+    from its timed ``steps`` (seq_len, tokens, seconds), tokens/s per length and the median step's
+    tokens/s at each length (robust to a neighbour's burst on a shared machine, unlike the mean)."""
     tokens, train_time, flops, loss = evals[-1][:4]
+    if steps:
+        extra["tokens_per_s_by_seq_len"] = by_length(steps)
+        extra["median_step_tokens_per_s_by_seq_len"] = median_by_length(steps)
     return {
         "arm": arm,
         "seed": seed,
@@ -227,6 +276,14 @@ def by_length(steps: list[tuple[int, int, float]]) -> dict[str, float]:
         a[0] += n
         a[1] += sec
     return {str(T): round(a[0] / a[1], 1) for T, a in sorted(acc.items())}
+
+
+def median_by_length(steps: list[tuple[int, int, float]]) -> dict[str, float]:
+    """The median step's tokens/s per sequence length over (seq_len, tokens, seconds) steps."""
+    acc: dict[int, list[float]] = {}
+    for T, n, sec in steps:
+        acc.setdefault(T, []).append(n / sec)
+    return {str(T): round(statistics.median(r), 1) for T, r in sorted(acc.items())}
 
 
 def summarise(runs: list[dict]) -> dict[str, Any]:

@@ -6,7 +6,9 @@ embeddings, vocabulary 2048, L = 1024 positions) on the same documents (the embe
 tokenized once by rampup; ``--max-files`` sizes it so that one epoch of OLMo-core's decomposition is about
 the budget, since its Grow-P2 cycles span its epoch while rampup's span the run), for the same tokens,
 8192 tokens per step, AdamW lr 3e-3 (betas 0.9/0.95, weight decay 0.1, clipping 1.0), 5% warmup and
-cosine to 0.1x, fp32, one process, 2 threads:
+cosine to 0.1x (the Trainer is given the engine's per-step values: its own scheduler starts warmup at lr 0),
+fp32, 2 threads, each run in a fresh process (runs in one process leaked into each other), the arms'
+order rotated from seed to seed:
 
 - ``hf_fixed``: ``transformers.Trainer`` on ``LlamaForCausalLM`` with ``group_texts`` blocks of L;
 - ``hf_buckets``: the same Trainer with rampup's buckets + Grow-P2 (``rampup.integrations``);
@@ -18,14 +20,14 @@ cosine to 0.1x, fp32, one process, 2 threads:
 One evaluator scores every arm: the mean next-token loss on rampup's held-out ``eval_sets[1024]`` (document
 windows), called on the live model from each loop's own callback (the engine's arms use the engine's
 evaluation, checked equal to it on the final model); evaluation time is kept out of train time. Reported
-per arm (median over seeds): final loss, tokens/s (and per sequence length where the loop shows it), time
-to a common target (the highest final loss among the arms of that seed, so every arm reaches it), and
-ratios against ``hf_fixed``. A peer that is not installed, or at a version the benchmark was not written
+per arm (median over seeds): final loss, tokens/s over the run and the median step's tokens/s per sequence
+length (the loops' own speed, robust to a neighbour's burst), time to a common target (the highest final
+loss among the arms of that seed, so every arm reaches it), and ratios against ``hf_fixed``. A peer that is not installed, or at a version the benchmark was not written
 for, is skipped with a message naming it. Run it alone, with an interpreter where ai2-olmo-core imports
 (see benchmarks/README.md: it pins older huggingface-hub, so it goes into its own environment)::
 
     PY=.venv-peers/bin/python
-    $PY benchmarks/peers.py                    # 3 seeds x 6 arms, 786K tokens each, ~25 min on 2 cores
+    $PY benchmarks/peers.py                    # 3 seeds x 6 arms, 786K tokens each, ~30 min on 2 cores
     $PY benchmarks/peers.py --seeds 1          # ~9 min
     $PY benchmarks/peers.py --quick            # smoke run, no results file
 """
@@ -37,6 +39,8 @@ import importlib
 import importlib.metadata
 import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -46,9 +50,10 @@ import torch
 import transformers
 import yaml
 
-from integrations import BUCKETS, HF_CONFIG, L, by_length, run_record, run_tree, score  # benchmarks/integrations.py
+from integrations import BUCKETS, HF_CONFIG, L, run_record, run_tree, score  # benchmarks/integrations.py
 from integrations import arm as hf_arm
 from rampup.config import load_config
+from rampup.engine.optim import lr_at
 from rampup.engine.precision import machine_info
 from rampup.engine.trainer import train as rampup_train
 from rampup.integrations.curriculum import Curriculum
@@ -119,7 +124,7 @@ def engine_arm(name: str, tree: dict, seed: int, windows: list, out: Path) -> di
         seed,
         ev,
         wall,
-        tokens_per_s_by_seq_len=by_length(steps),
+        steps=steps,
         evaluator_check_abs_diff=abs(score(held[-1].module, windows) - ev[-1][3]),
     )
 
@@ -159,14 +164,14 @@ class _Logits(torch.nn.Module):
 
 
 def prepare(a: argparse.Namespace, out: Path, skip: dict[str, str]) -> dict[str, Any]:
-    """The shared corpus, eval windows and budget; the OLMo-core token file when its arms run."""
+    """The shared corpus (prepared and cached by rampup once) and budget; the OLMo-core token file when its
+    arms run."""
     tree = run_tree(out, f"{a.tokens} tok", a.batch_tokens, a.lr, max_files=a.max_files)
     cur = Curriculum.from_yaml(_write(out / "probe.yaml", tree))
     data = cur.data
     assert data is not None and data.train_ds is not None
     ctx: dict[str, Any] = {
         "out": out,
-        "windows": data.eval_sets[L],
         "eos": data.eot_id,
         "corpus_tokens": data.train_ds.n_tokens,
     }
@@ -189,10 +194,40 @@ def prepare(a: argparse.Namespace, out: Path, skip: dict[str, str]) -> dict[str,
         ctx["olmo_vsl_epoch_tokens"] = epoch
         budget = min(budget, epoch)  # OLMo-core's Grow-P2 cycles span one epoch: the run stays inside it
     ctx["budget"] = budget // a.batch_tokens * a.batch_tokens
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**HF_CONFIG))
-    per_item = HFCausalLMAdapter(model).flops_per_item
+    return ctx
+
+
+def arm_context(ctx_file: Path) -> dict[str, Any]:
+    """What one arm's process needs: the prepared context (written by the parent), the held-out windows
+    (rampup's data preparation again, from its cache) and the model's FLOPs per token."""
+    ctx: dict[str, Any] = json.loads(ctx_file.read_text())
+    ctx["out"] = Path(ctx["out"])
+    if "tokens_file" in ctx:
+        ctx["tokens_file"] = Path(ctx["tokens_file"])
+    data = Curriculum.from_yaml(ctx["out"] / "probe.yaml").data
+    assert data is not None
+    ctx["windows"] = data.eval_sets[L]
+    per_item = HFCausalLMAdapter(transformers.LlamaForCausalLM(transformers.LlamaConfig(**HF_CONFIG))).flops_per_item
     ctx["flops_per_token"] = lambda T: per_item((1, T))
     return ctx
+
+
+def run_isolated(name: str, seed: int, ctx_file: Path, a: argparse.Namespace) -> dict[str, Any]:
+    """One arm in a fresh Python process: arms run in one process leaked into each other (a process group,
+    the garbage collector's state, allocator and thread-pool warmth moved same-arm throughput by 15-30%)."""
+    result = ctx_file.parent / f"{name}_s{seed}.result.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--arm-worker", f"{name}:{seed}:{ctx_file}"]
+    cmd += ["--batch-tokens", str(a.batch_tokens), "--lr", str(a.lr), "--evals", str(a.evals)]
+    cmd += ["--threads", str(a.threads), "--max-files", str(a.max_files)]
+    subprocess.run(cmd, check=True)
+    return json.loads(result.read_text())
+
+
+def arm_worker(spec: str, a: argparse.Namespace) -> None:
+    name, seed, ctx_file = spec.split(":", 2)
+    ctx = arm_context(Path(ctx_file))
+    record = run_arm(name, int(seed), ctx, a)
+    (Path(ctx_file).parent / f"{name}_s{seed}.result.json").write_text(json.dumps(record))
 
 
 def _write(path: Path, tree: dict) -> Path:
@@ -210,8 +245,12 @@ def run_arm(name: str, seed: int, ctx: dict[str, Any], a: argparse.Namespace) ->
     if name.startswith("rampup"):
         return engine_arm(name, tree, seed, ctx["windows"], out)
     tree["train"]["seed"] = seed
-    cur = Curriculum.from_yaml(_write(out / f"{name}_s{seed}.yaml", {**tree, "name": name}))
-    return hf_arm(name, cur, seed, cur.num_steps, a.batch_tokens // L, a.lr, a.evals, out)
+    path = _write(out / f"{name}_s{seed}.yaml", {**tree, "name": name})
+    cur = Curriculum.from_yaml(path)
+    # the engine's schedule (its lr at the end of each step), so that the loops differ in nothing else
+    opt, total, steps = load_config(path).optimizer, ctx["budget"], cur.num_steps
+    engine_lr = lambda k: lr_at(opt, (k + 1) * a.batch_tokens, total) / a.lr  # noqa: E731
+    return hf_arm(name, cur, seed, steps, a.batch_tokens // L, a.lr, a.evals, out, lr_lambda=engine_lr)
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -228,11 +267,22 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for n in arms:
         mine = [r for r in runs if r["arm"] == n]
         ttt = [per_seed[r["seed"]][n] for r in mine if per_seed[r["seed"]][n] is not None]
+        lengths = sorted({T for r in mine for T in r.get("median_step_tokens_per_s_by_seq_len", {})}, key=int)
         table[n] = {
             "final_loss": med([r["final_loss"] for r in mine]),
             "tokens_per_s": med([r["tokens_per_s"] for r in mine]),
             "time_to_common_target_s": med(ttt),
             "tokens_per_s_by_seq_len": mine[0].get("tokens_per_s_by_seq_len"),
+            "median_step_tokens_per_s_by_seq_len": {
+                T: med(
+                    [
+                        r["median_step_tokens_per_s_by_seq_len"][T]
+                        for r in mine
+                        if T in r.get("median_step_tokens_per_s_by_seq_len", {})
+                    ]
+                )
+                for T in lengths
+            },
         }
     head: dict[str, Any] = {}
     base = table.get("hf_fixed")
@@ -250,6 +300,14 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for x, y in pairs:
         if x in table and y in table:
             head[f"tokens_per_s_ratio_{x}_over_{y}"] = table[x]["tokens_per_s"] / table[y]["tokens_per_s"]
+    # the loops' own speed: the median step's tokens/s at the same length, per seed (arms of a seed ran
+    # one after another, each in a fresh process), median and range over seeds
+    for x, y in pairs:
+        for T in (str(L), str(1 << BUCKETS["min_log2"])):
+            per = [_step_rate(runs, x, s, T) / _step_rate(runs, y, s, T) for s in per_seed if _both(runs, x, y, s, T)]
+            if per:
+                head[f"step_tokens_per_s_ratio_at_{T}_{x}_over_{y}"] = statistics.median(per)
+                head[f"step_tokens_per_s_ratio_at_{T}_{x}_over_{y}_range"] = [min(per), max(per)]
     if "olmo_vsl" in table and "rampup_buckets" in table:
         head["time_to_target_ratio_olmo_vsl_over_rampup_buckets"] = (
             table["olmo_vsl"]["time_to_common_target_s"] / table["rampup_buckets"]["time_to_common_target_s"]
@@ -257,6 +315,16 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
             else None
         )
     return {"headline": head, "arms": table, "per_seed": per_seed}
+
+
+def _step_rate(runs: list[dict[str, Any]], arm: str, seed: int, T: str) -> float:
+    r = next(r for r in runs if r["arm"] == arm and r["seed"] == seed)
+    return float(r["median_step_tokens_per_s_by_seq_len"][T])
+
+
+def _both(runs: list[dict[str, Any]], x: str, y: str, seed: int, T: str) -> bool:
+    rates = {r["arm"]: r.get("median_step_tokens_per_s_by_seq_len", {}) for r in runs if r["seed"] == seed}
+    return T in rates.get(x, {}) and T in rates.get(y, {})
 
 
 def main() -> None:
@@ -273,7 +341,11 @@ def main() -> None:
     ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ", ".join(ARMS))
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 65K tokens, 2 evals; no results file")
     ap.add_argument("--profile", action="store_true", help="only profile one step per model")
+    ap.add_argument("--arm-worker", help=argparse.SUPPRESS)  # NAME:SEED:CONTEXT_FILE, one arm in this process
     a = ap.parse_args()
+    if a.arm_worker:
+        torch.set_num_threads(a.threads)
+        return arm_worker(a.arm_worker, a)
     if a.profile:
         torch.set_num_threads(a.threads)
         return profile(a.batch_tokens)
@@ -289,11 +361,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ctx = prepare(a, Path(tmp), skip)
         print(f"corpus {ctx['corpus_tokens']} tokens, budget {ctx['budget']} tokens per arm; arms: {', '.join(arms)}")
+        ctx_file = Path(tmp) / "context.json"
+        ctx_file.write_text(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in ctx.items()}))
         runs = []
         for seed in range(a.seeds):
-            for name in arms:
+            # interleaved: each seed starts at another arm, so a slow spell of the machine lands on other arms
+            k = seed * len(arms) // max(a.seeds, 1)
+            for name in arms[k:] + arms[:k]:
                 print(f"  {name} seed {seed}", flush=True)
-                runs.append(run_arm(name, seed, ctx, a))
+                runs.append(run_isolated(name, seed, ctx_file, a))
         ctx_out = {k: v for k, v in ctx.items() if k in ("budget", "corpus_tokens", "olmo_vsl_epoch_tokens")}
     res = summarise(runs)
     result = {
