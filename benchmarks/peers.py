@@ -22,8 +22,10 @@ windows), called on the live model from each loop's own callback (the engine's a
 evaluation, checked equal to it on the final model); evaluation time is kept out of train time. Reported
 per arm (median over seeds): final loss, tokens/s over the run and the median step's tokens/s per sequence
 length (the loops' own speed, robust to a neighbour's burst), time to a common target (the highest final
-loss among the arms of that seed, so every arm reaches it), and ratios against ``hf_fixed``. A peer that is not installed, or at a version the benchmark was not written
-for, is skipped with a message naming it. Run it alone, with an interpreter where ai2-olmo-core imports
+loss among the arms of that seed, so every arm reaches it), and ratios against ``hf_fixed``. For the
+fixed-length arms, the model's own training step timed alone in the same process (``bare_step_s``) and
+what the loop adds to it (``loop_overhead``). A peer that is not installed, or at a version the benchmark
+was not written for, is skipped with a message naming it. Run it alone, with an interpreter where ai2-olmo-core imports
 (see benchmarks/README.md: it pins older huggingface-hub, so it goes into its own environment)::
 
     PY=.venv-peers/bin/python
@@ -226,7 +228,11 @@ def run_isolated(name: str, seed: int, ctx_file: Path, a: argparse.Namespace) ->
 def arm_worker(spec: str, a: argparse.Namespace) -> None:
     name, seed, ctx_file = spec.split(":", 2)
     ctx = arm_context(Path(ctx_file))
+    bare = bare_step_s(name, a.batch_tokens // L) if name in FIXED_ARMS else None
     record = run_arm(name, int(seed), ctx, a)
+    if bare is not None:  # where the loop's step goes: the model's own step, and the rest
+        step = a.batch_tokens / record["median_step_tokens_per_s_by_seq_len"][str(L)]
+        record |= {"bare_step_s": bare, "median_step_s": step, "loop_overhead": step / bare - 1}
     (Path(ctx_file).parent / f"{name}_s{seed}.result.json").write_text(json.dumps(record))
 
 
@@ -273,6 +279,8 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "tokens_per_s": med([r["tokens_per_s"] for r in mine]),
             "time_to_common_target_s": med(ttt),
             "tokens_per_s_by_seq_len": mine[0].get("tokens_per_s_by_seq_len"),
+            "loop_overhead": med([r["loop_overhead"] for r in mine if "loop_overhead" in r]),
+            "bare_step_s": med([r["bare_step_s"] for r in mine if "bare_step_s" in r]),
             "median_step_tokens_per_s_by_seq_len": {
                 T: med(
                     [
@@ -397,6 +405,42 @@ def main() -> None:
         print(f"wrote {RESULTS}")
 
 
+FIXED_ARMS = ("hf_fixed", "rampup_fixed", "olmo_fsl")
+
+
+def hf_loss(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return m(input_ids=x[:, :-1], labels=x[:, :-1]).loss
+
+
+def olmo_loss(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    logits = m(x[:, :-1])
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+
+
+def bare_step_s(arm: str, rows: int, repeats: int = 7) -> float:
+    """Median seconds of the arm's model's own training step at (rows, L) with no loop around it: forward,
+    backward, clipping and AdamW, in this process just before the arm's run (two warm-up steps first)."""
+    torch.manual_seed(0)
+    if arm.startswith("olmo"):
+        import peers_olmo  # noqa: PLC0415 (imports olmo_core)
+
+        model, loss_of = peers_olmo.model(HF_CONFIG), olmo_loss
+    else:
+        model, loss_of = transformers.LlamaForCausalLM(transformers.LlamaConfig(**HF_CONFIG)), hf_loss
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    x = torch.randint(1, HF_CONFIG["vocab_size"], (rows, L + 1))
+    times = []
+    for i in range(repeats + 2):
+        t = time.perf_counter()
+        loss_of(model, x).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= 2:
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
 def _step_time(model: torch.nn.Module, x: torch.Tensor, loss_of: Any, repeats: int = 7) -> float:
     """Median seconds of forward + backward of ``model`` on ``x`` (after two warm-up steps)."""
     times = []
@@ -427,13 +471,6 @@ def profile(batch_tokens: int) -> None:
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**HF_CONFIG))
     olmo = peers_olmo.model(HF_CONFIG)
-
-    def hf_loss(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return m(input_ids=x[:, :-1], labels=x[:, :-1]).loss
-
-    def olmo_loss(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        logits = m(x[:, :-1])
-        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
 
     out: dict[str, Any] = {"benchmark": "peers_profile", "machine": machine_info("fp32"), "lengths": {}}
     for T in (64, 256, 1024):
