@@ -126,7 +126,9 @@ def prepare(cfg: DataConfig, *, progress: Progress | None = None, force: bool = 
     tmp.mkdir()
     try:
         _build(cfg, files, settings, tmp, progress)
-        if final.exists():  # forced, or a folder left without meta.json by hand
+        if not force and (final / META).is_file():  # a concurrent prepare finished first: its folder may be
+            return final  # in use by its process already, so it is kept and this one's copy dropped
+        if final.exists():  # forced, or a folder left without meta.json
             shutil.rmtree(final)
         try:
             os.rename(tmp, final)

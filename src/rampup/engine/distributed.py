@@ -177,10 +177,9 @@ class Dist:
     def shard(self, adapter: Any, device: torch.device) -> None:
         """FSDP2: every block one unit, the rest the root's; the training forward goes through the
         root's hooks (``forward_hidden`` registered as an FSDP forward method)."""
-        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-
         if not self.fsdp:
             return
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method  # ~1 s: only when sharding
 
         n = sum(p.numel() for p in adapter.module.parameters())
         if self.main and 16 * n < SMALL_FOR_FSDP:

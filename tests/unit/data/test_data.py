@@ -209,6 +209,35 @@ def test_incomplete_folder_is_prepared_again(text_folder, tmp_path: Path) -> Non
     assert sorted(decoded_docs(folder, "train") + decoded_docs(folder, "val")) == sorted(texts)
 
 
+def test_a_concurrent_prepare_that_finishes_first_keeps_its_folder(text_folder, tmp_path: Path, monkeypatch) -> None:
+    """Two prepares of one corpus at once (a run and its reference started together): the one that ends
+    second uses the complete folder of the first, which that process may be reading, and never replaces it."""
+    import importlib
+    import subprocess
+    import sys
+
+    prepare_module = importlib.import_module("rampup.data.prepare")  # the module (rampup.data.prepare is the function)
+
+    root, texts = text_folder
+    cfg = cfg_for(root, tmp_path / "cache", val_fraction=0.2)
+    build, seen = prepare_module._build, {}
+
+    def build_while_another_finishes(*args):
+        build(*args)  # this prepare's folder, under its temporary name; meanwhile another process's ends:
+        code = "import sys; from rampup.data import DataConfig as C, prepare; "
+        code += "print(prepare(C.model_validate_json(sys.argv[1])))"
+        other = subprocess.run([sys.executable, "-c", code, cfg.model_dump_json()], capture_output=True, text=True)
+        assert other.returncode == 0, other.stderr
+        seen["folder"] = Path(other.stdout.strip())
+        seen["inode"] = seen["folder"].stat().st_ino
+
+    monkeypatch.setattr(prepare_module, "_build", build_while_another_finishes)
+    folder = prepare(cfg)
+    assert folder == seen["folder"] and folder.stat().st_ino == seen["inode"]  # the other's folder, untouched
+    assert sorted(decoded_docs(folder, "train") + decoded_docs(folder, "val")) == sorted(texts)
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # this one's copy removed
+
+
 def test_loaded_tokenizer_gives_the_same_tokens(text_folder, tmp_path: Path) -> None:
     root, _ = text_folder
     trained = prepare(cfg_for(root, tmp_path / "a"))
