@@ -2,6 +2,7 @@
 
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -125,21 +126,26 @@ def test_compare_and_report_commands_on_real_runs(data_cache, tmp_path):
             schedule={"knobs": {"batch_tokens": 2048, "seq_len": 256}, "stages": [{"name": "full"}]},
         ),
     )
-    for cfg in (staged, fixed):
-        res = run_rampup("train", str(cfg))
+    with ThreadPoolExecutor(2) as pool:  # each command starts once what it reads exists, two at a time
+        one = pool.submit(run_rampup, "compare", str(tmp_path / "staged"))
+        nothing = pool.submit(run_rampup, "report", str(tmp_path / "nothing"))
+        res = run_rampup("train", str(staged))  # it prepares the corpus (alone: two prepares would race)
         assert res.returncode == 0, res.stderr
-    res = run_rampup("compare", str(tmp_path / "staged"), str(tmp_path / "fixed"), "--out", str(tmp_path / "cmp"))
-    assert res.returncode == 0, res.stderr
-    result = json.loads((tmp_path / "cmp" / "compare.json").read_text())
-    assert result["baseline"] == "fixed" and result["seq_lens"] == [64, 256]
-    assert "not reached" in res.stdout or "x" in res.stdout
-    assert (tmp_path / "cmp" / "report.html").is_file()
-    res = run_rampup("report", str(tmp_path / "staged"))
-    assert res.returncode == 0 and (tmp_path / "staged" / "report" / "report.html").is_file()
-    res = run_rampup("compare", str(tmp_path / "staged"))
-    assert res.returncode == 2 and "at least two" in res.stderr
-    res = run_rampup("report", str(tmp_path / "nothing"))
-    assert res.returncode == 2 and "nothing" in res.stderr
+        report = pool.submit(run_rampup, "report", str(tmp_path / "staged"))
+        res = run_rampup("train", str(fixed))
+        assert res.returncode == 0, res.stderr
+        res = run_rampup("compare", str(tmp_path / "staged"), str(tmp_path / "fixed"), "--out", str(tmp_path / "cmp"))
+        assert res.returncode == 0, res.stderr
+        result = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+        assert result["baseline"] == "fixed" and result["seq_lens"] == [64, 256]
+        assert "not reached" in res.stdout or "x" in res.stdout
+        assert (tmp_path / "cmp" / "report.html").is_file()
+        res = report.result()
+        assert res.returncode == 0 and (tmp_path / "staged" / "report" / "report.html").is_file()
+        res = one.result()
+        assert res.returncode == 2 and "at least two" in res.stderr
+        res = nothing.result()
+        assert res.returncode == 2 and "nothing" in res.stderr
 
 
 @pytest.mark.slow

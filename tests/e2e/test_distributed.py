@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -22,8 +23,11 @@ AdamW carries it forward. Measured on this machine: losses within 2e-6 relative,
 
 
 def staged(data_cache, out, **train):
-    """The tiny staged run (64 then 256 tokens) in fp32, frozen bottom block in stage 0, unfrozen in 1."""
-    t = tiny_tree(data_cache, out, train={"precision": "fp32", "checkpoint_every": "10 steps", **train})
+    """The tiny staged run (64 then 256 tokens) in fp32, frozen bottom block in stage 0, unfrozen in 1:
+    20 steps, 10 in each stage, a checkpoint every 5 (step 10's is the last of stage 0)."""
+    t = tiny_tree(
+        data_cache, out, train={"precision": "fp32", "duration": "20 steps", "checkpoint_every": "5 steps", **train}
+    )
     t["schedule"]["stages"][0]["freeze"] = "bottom:1"
     t["schedule"]["stages"][1]["freeze"] = "none"
     return t
@@ -77,32 +81,61 @@ def train(cfg: Path, *args: str, nproc: int = 1, env: dict | None = None, timeou
     return res
 
 
-@pytest.fixture(scope="module")
-def one_rank(data_cache, tmp_path_factory):
-    out = tmp_path_factory.mktemp("one")
-    train(write_config(out / "run.yaml", staged(data_cache, out / "run")))
-    return out / "run"
+def prepared(cfg: Path) -> None:
+    """Prepare ``cfg``'s data (tokenizer, token files) in this process, if not yet in the cache."""
+    import yaml
+
+    from rampup.config import RunConfig
+    from rampup.data.mixture import prepare_sources
+
+    prepare_sources(RunConfig.model_validate(yaml.safe_load(cfg.read_text())).data)
+
+
+def train_together(*runs: tuple) -> list[subprocess.CompletedProcess]:
+    """``train(*run)`` for each run at the same time: independent runs (other folders) overlap on the two
+    cores, each still asserted successful. The runs are deterministic, so overlapping changes no number.
+    Their data is prepared first, so that they only read the cache: two processes preparing the same
+    folder at once can delete the one the other finished and is reading."""
+    for cfg, *_ in runs:
+        prepared(cfg)
+    with ThreadPoolExecutor(len(runs)) as pool:
+        futures = [pool.submit(train, *args, **kw) for *args, kw in runs]
+        return [f.result() for f in futures]
 
 
 @pytest.fixture(scope="module")
-def two_ranks(data_cache, tmp_path_factory):
-    out = tmp_path_factory.mktemp("two")
-    res = train(write_config(out / "run.yaml", staged(data_cache, out / "run")), nproc=2)
-    return out / "run", res
+def references(data_cache, tmp_path_factory):
+    """The staged run in one process and on two ranks, trained side by side."""
+    one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
+    _, res = train_together(
+        (write_config(one / "run.yaml", staged(data_cache, one / "run")), {}),
+        (write_config(two / "run.yaml", staged(data_cache, two / "run")), {"nproc": 2}),
+    )
+    return one / "run", (two / "run", res)
+
+
+@pytest.fixture(scope="module")
+def one_rank(references):
+    return references[0]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(references):
+    return references[1]
 
 
 def test_two_ranks_match_one_rank_step_by_step_through_a_stage_change_and_an_unfreeze(one_rank, two_ranks):
     two, res = two_ranks
     a, b = records(two), records(one_rank)
-    assert sorted(a) == sorted(b) == list(range(1, 41))
+    assert sorted(a) == sorted(b) == list(range(1, 21))
     assert_match(a, b, a)  # losses and gradient norms: DDP averages, it does not sum over the ranks
     steps = [r for r in read_metrics(two / "metrics.jsonl") if r["event"] == "step"]
     assert steps[0]["batch_size"] == 32 and steps[-1]["batch_size"] == 8  # the global batch, not a rank's
-    assert steps[-1]["tokens"] == 40 * 2048
+    assert steps[-1]["tokens"] == 20 * 2048
     run = next(r for r in read_metrics(two / "metrics.jsonl") if r["event"] == "run")
     assert run["world_size"] == 2
     # one voice: one metrics file, one summary, rank 0's progress lines only
-    assert res.stdout.count("done: 40 steps") == 1
+    assert res.stdout.count("done: 20 steps") == 1
     assert not any(p.name.startswith("metrics") and p.name != "metrics.jsonl" for p in two.iterdir())
 
 
@@ -121,11 +154,11 @@ def test_fsdp2_matches_one_rank_through_an_unfreeze_and_its_checkpoints_resume_a
     res = train(write_config(tmp_path / "fsdp.yaml", staged(data_cache, out, strategy="fsdp")), nproc=2)
     assert res.stderr.count("warning: train.strategy fsdp shards a model of") == 1  # too small: a warning
     ref = records(one_rank)
-    assert_match(records(out), ref, range(1, 41))
+    assert_match(records(out), ref, range(1, 21))
     run = next(r for r in read_metrics(out / "metrics.jsonl") if r["event"] == "run")
     assert run["strategy"] == "fsdp" and run["world_size"] == 2
     # torch.distributed.checkpoint: each rank wrote its own shards; the index knows the whole shapes
-    ck = out / "checkpoints" / "step_0000020"
+    ck = out / "checkpoints" / "step_0000010"
     assert sorted(p.name for p in (ck / "dcp").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     assert not (ck / "model.safetensors").exists()
     assert model_shapes(ck)["layers.0.mlp.w1.weight"] == (192, 64)
@@ -134,15 +167,18 @@ def test_fsdp2_matches_one_rank_through_an_unfreeze_and_its_checkpoints_resume_a
     # sharded: each rank's file holds about half the weights and moments (not rank 0 alone)
     sizes = [manifest[f"dcp/__{r}_0.distcp"]["bytes"] for r in (0, 1)]
     assert min(sizes) > 0.3 * sum(sizes)
+    dsts, runs = [], []  # the step-10 checkpoint (the end of stage 0) continued at the other world size
     for name, src, nproc, strategy in (("2to1", out, 1, "ddp"), ("1to2", one_rank, 2, "fsdp")):
         dst = tmp_path / name
         (dst / "checkpoints").mkdir(parents=True)
-        shutil.copytree(src / "checkpoints" / "step_0000020", dst / "checkpoints" / "step_0000020")
+        shutil.copytree(src / "checkpoints" / "step_0000010", dst / "checkpoints" / "step_0000010")
         shutil.copy(src / "metrics.jsonl", dst / "metrics.jsonl")
-        train(
-            write_config(tmp_path / f"{name}.yaml", staged(data_cache, dst, strategy=strategy)), "--resume", nproc=nproc
-        )
-        assert_match(records(dst), ref, range(21, 41))
+        dsts.append(dst)
+        cfg = write_config(tmp_path / f"{name}.yaml", staged(data_cache, dst, strategy=strategy))
+        runs.append((cfg, "--resume", {"nproc": nproc}))
+    train_together(*runs)  # side by side
+    for dst in dsts:
+        assert_match(records(dst), ref, range(11, 21))
 
 
 def test_the_gathered_optimizer_state_keeps_the_moments_of_parameters_frozen_after_training(tmp_path):
@@ -226,15 +262,14 @@ def test_every_kind_of_knob_and_transition_behaves_the_same_on_two_ranks(data_ca
     in it) continues in one process as the 1-rank run does."""
     import shutil
 
-    outs = {}
     ddp = strategy == "ddp"
 
     def tree(out, n):
         t = staged(
             data_cache,
             out,
-            duration="24 steps",
-            checkpoint_every="6 steps",
+            duration="16 steps",
+            checkpoint_every="4 steps",
             strategy=strategy,
             ema={"half_life": "8K tok", "evaluate": True},
         )
@@ -256,20 +291,24 @@ def test_every_kind_of_knob_and_transition_behaves_the_same_on_two_ranks(data_ca
             t["schedule"]["stages"][1] |= {"depth": 3, "width": 128}  # DDP re-wraps the grown model
         return t
 
-    for n in (1, 2):
-        outs[n] = tmp_path / f"r{n}"
-        train(write_config(tmp_path / f"r{n}.yaml", tree(outs[n], n)), nproc=n)
-    assert_match(records(outs[2]), records(outs[1]), range(1, 25))
+    outs = {n: tmp_path / f"r{n}" for n in (1, 2)}
+    train_together(*((write_config(tmp_path / f"r{n}.yaml", tree(outs[n], n)), {"nproc": n}) for n in (1, 2)))
+    assert_match(records(outs[2]), records(outs[1]), range(1, 17))
     ev = [[r["loss"] for r in read_metrics(o / "metrics.jsonl") if r["event"] == "eval"] for o in outs.values()]
     assert ev[0] == pytest.approx(ev[1], **TOL)
-    # the step-18 checkpoint (stage 1: teacher snapshot, EMA) of each run, continued at the other world size
+    # the step-12 checkpoint (stage 1, steps 9-16: teacher snapshot, EMA) of each run, continued at the
+    # other world size
+    backs, runs = [], []
     for name, src, n in (("2to1", outs[2], 1), ("1to2", outs[1], 2)):
         back = tmp_path / name
         (back / "checkpoints").mkdir(parents=True)
-        shutil.copytree(src / "checkpoints" / "step_0000018", back / "checkpoints" / "step_0000018")
+        shutil.copytree(src / "checkpoints" / "step_0000012", back / "checkpoints" / "step_0000012")
         shutil.copy(src / "metrics.jsonl", back / "metrics.jsonl")
-        train(write_config(tmp_path / f"{name}.yaml", tree(back, n)), "--resume", nproc=n)
-        assert_match(records(back), records(outs[1]), range(19, 25))
+        backs.append(back)
+        runs.append((write_config(tmp_path / f"{name}.yaml", tree(back, n)), "--resume", {"nproc": n}))
+    train_together(*runs)  # side by side
+    for back in backs:
+        assert_match(records(back), records(outs[1]), range(13, 17))
         ev_back = [r["loss"] for r in read_metrics(back / "metrics.jsonl") if r["event"] == "eval"]
         assert ev_back[-1] == pytest.approx(ev[0][-1], **TOL)  # scored with the EMA weights
 
@@ -304,14 +343,16 @@ def test_save_at_two_ranks_resume_at_one_and_the_reverse(data_cache, tmp_path, o
     import shutil
 
     ref = records(one_rank)
+    runs = []
     for name, src, nproc in (("2to1", two_ranks[0], 1), ("1to2", one_rank, 2)):
         out = tmp_path / name
         (out / "checkpoints").mkdir(parents=True)
-        shutil.copytree(src / "checkpoints" / "step_0000020", out / "checkpoints" / "step_0000020")
-        shutil.copy(src / "metrics.jsonl", out / "metrics.jsonl")  # the resume keeps the records up to step 20
-        cfg = write_config(tmp_path / f"{name}.yaml", staged(data_cache, out))
-        train(cfg, "--resume", nproc=nproc)
-        assert_match(records(out), ref, range(21, 41))
+        shutil.copytree(src / "checkpoints" / "step_0000010", out / "checkpoints" / "step_0000010")
+        shutil.copy(src / "metrics.jsonl", out / "metrics.jsonl")  # the resume keeps the records up to step 10
+        runs.append((write_config(tmp_path / f"{name}.yaml", staged(data_cache, out)), "--resume", {"nproc": nproc}))
+    train_together(*runs)  # side by side
+    for name in ("2to1", "1to2"):
+        assert_match(records(tmp_path / name), ref, range(11, 21))
 
 
 def _children(pid: int) -> list[int]:
@@ -336,15 +377,15 @@ def _rank(pid: int) -> int:
 def test_a_rank_killed_mid_run_restarts_and_finishes_with_the_uninterrupted_weights(data_cache, tmp_path, two_ranks):
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "run.yaml", staged(data_cache, out))
-    proc = job("train", str(cfg), "--nproc", "2", "--max-restarts", "1", env_extra={"RAMPUP_FAULT_STALL_STEPS": "25:4"})
-    wait_for(lambda: (out / "checkpoints" / "step_0000020").is_dir(), proc)
+    proc = job("train", str(cfg), "--nproc", "2", "--max-restarts", "1", env_extra={"RAMPUP_FAULT_STALL_STEPS": "13:4"})
+    wait_for(lambda: (out / "checkpoints" / "step_0000010").is_dir(), proc)
     time.sleep(1.0)
     workers = {_rank(w): w for w in _children(proc.pid)}
     assert sorted(workers) == [0, 1], workers
-    os.kill(workers[0], signal.SIGKILL)  # rank 0 (the one that writes) dies in step 25's stall
+    os.kill(workers[0], signal.SIGKILL)  # rank 0 (the one that writes) dies in step 13's stall
     stdout, stderr = proc.communicate(timeout=240)
     assert proc.returncode == 0, stderr[-3000:]
-    assert weights(out) == weights(two_ranks[0])  # bitwise: resumed from step 20 by torchrun's restart
+    assert weights(out) == weights(two_ranks[0])  # bitwise: resumed from step 10 by torchrun's restart
     assert records(out) == records(two_ranks[0])
 
 
@@ -380,7 +421,7 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(data_cache, tmp_
     stopped = max(records(out))
     assert [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_")] == [
         f"step_{stopped:07d}"
-    ] and stopped < 40
+    ] and stopped < 20
     assert f"stopped: by signal 15 (SIGTERM) after step {stopped}" in stderr, stderr[-3000:]
     assert latest_checkpoint(out / "checkpoints").name == f"step_{stopped:07d}"
 

@@ -8,6 +8,7 @@ import resource
 import signal
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -201,8 +202,39 @@ def test_nan_streak_rolls_back_at_a_lower_lr_and_resumes_exactly(uninterrupted, 
     nan = {NAN_STEPS_ENV: "12,13,14"}
     ref_out = tmp_path / "ref"
     ref_cfg = write_config(tmp_path / "ref.yaml", tiny_tree(data_cache, ref_out))
-    res = run_rampup("train", str(ref_cfg), env_extra=nan)
-    assert res.returncode == 0, res.stderr
+    # the uninterrupted run trains on the other core while its copy is killed and resumed
+    ref_err = tmp_path / "ref.err"
+    ref_proc = subprocess.Popen(
+        rampup_cmd("train", str(ref_cfg)),
+        stdout=subprocess.DEVNULL,
+        stderr=open(ref_err, "w"),
+        env={**os.environ, "PYTHONHASHSEED": "0", **nan},
+    )
+    try:
+        # the killed copy writes torch.distributed.checkpoint shards: rollback and resume through them
+        out = tmp_path / "run"
+        cfg = write_config(tmp_path / "run.yaml", tiny_tree(data_cache, out, train={"checkpoint_format": "dcp"}))
+        proc = start(cfg, out, env=nan)
+        wait_for(lambda: any(r["event"] == "rollback" for r in read_metrics(out / "metrics.jsonl")), proc, poll=0.01)
+        proc.kill()  # before step 20's checkpoint: the resumed run meets the NaNs again and rolls back again
+        proc.wait()
+        assert latest_checkpoint(out / "checkpoints").name == "step_0000010"
+        proc = start(cfg, out, env=nan)
+        wait_for(lambda: max(step_losses(out), default=0) >= 22, proc)
+        proc.kill()  # after step 20's checkpoint, which carries lr_scale 0.5
+        proc.wait()
+        assert (
+            json.loads((out / "checkpoints" / "step_0000020" / "state.json").read_text())["progress"]["lr_scale"] == 0.5
+        )
+        assert (out / "checkpoints" / "step_0000020" / "dcp" / ".metadata").is_file()
+        proc = start(cfg, out, env=nan)
+        assert proc.wait(timeout=120) == 0
+        assert ref_proc.wait(timeout=300) == 0, ref_err.read_text()[-3000:]
+    finally:
+        if ref_proc.poll() is None:
+            ref_proc.kill()
+            ref_proc.wait()
+
     recs = read_metrics(ref_out / "metrics.jsonl")
     rollback = [r for r in recs if r["event"] == "rollback"]
     assert [(r["from_step"], r["step"], r["checkpoint"], r["lr_scale"]) for r in rollback] == [
@@ -217,22 +249,7 @@ def test_nan_streak_rolls_back_at_a_lower_lr_and_resumes_exactly(uninterrupted, 
     summary = json.loads((ref_out / "summary.json").read_text())
     assert (summary["skipped_steps"], summary["rollbacks"], summary["lr_scale"]) == (3, 1, 0.5)
 
-    # the killed copy writes torch.distributed.checkpoint shards: rollback and resume through them
-    out = tmp_path / "run"
-    cfg = write_config(tmp_path / "run.yaml", tiny_tree(data_cache, out, train={"checkpoint_format": "dcp"}))
-    proc = start(cfg, out, env=nan)
-    wait_for(lambda: any(r["event"] == "rollback" for r in read_metrics(out / "metrics.jsonl")), proc, poll=0.01)
-    proc.kill()  # before step 20's checkpoint: the resumed run meets the NaNs again and rolls back again
-    proc.wait()
-    assert latest_checkpoint(out / "checkpoints").name == "step_0000010"
-    proc = start(cfg, out, env=nan)
-    wait_for(lambda: max(step_losses(out), default=0) >= 22, proc)
-    proc.kill()  # after step 20's checkpoint, which carries lr_scale 0.5
-    proc.wait()
-    assert json.loads((out / "checkpoints" / "step_0000020" / "state.json").read_text())["progress"]["lr_scale"] == 0.5
-    assert (out / "checkpoints" / "step_0000020" / "dcp" / ".metadata").is_file()
-    proc = start(cfg, out, env=nan)
-    assert proc.wait(timeout=120) == 0
+    # the killed copy ends bitwise equal to the uninterrupted one
     assert step_losses(out) == step_losses(ref_out)
     assert weights(out) == weights(ref_out)
 
@@ -263,8 +280,9 @@ def test_one_process_per_run_folder_and_kill_9_leaves_no_stale_lock(uninterrupte
     proc = start(cfg, out, env={STALL_STEPS_ENV: "12:60"})  # holds the folder, stalled in step 12
     wait_for(lambda: (out / "checkpoints" / "step_0000010").is_dir(), proc)
     before = (out / "metrics.jsonl").read_bytes()
-    for extra in ((), ("--resume",)):
-        res = run_rampup("train", str(cfg), *extra)
+    with ThreadPoolExecutor(2) as pool:  # the two contenders side by side
+        contenders = list(pool.map(lambda extra: run_rampup("train", str(cfg), *extra), ((), ("--resume",))))
+    for res in contenders:
         assert res.returncode == 2, res.stderr
         assert f"is in use by another rampup process (pid {proc.pid}: " in res.stderr and "Traceback" not in res.stderr
     assert (out / "metrics.jsonl").read_bytes()[: len(before)] == before  # the live run's record untouched

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sysconfig
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -94,15 +95,17 @@ def test_continue_an_hf_model_past_its_positions_compare_before_and_after_and_sh
     assert summary["steps"] == 20
 
     # after: the run's checkpoint scored the same way; fp32, same windows: its own final eval exactly
-    res = run_rampup("eval", str(run), "--lengths", "128", "256", "--passkey-samples", "0")
-    assert res.returncode == 0, res.stderr
-    after = json.loads((run / "eval.json").read_text())
-    assert after["scored"] == base["scored"]  # the same tokens of the same windows
-    assert after["loss"] == summary["val_loss"]
-    assert after["loss"]["256"] < base["loss"]["256"]  # continued training at 256 helped at 256
+    with ThreadPoolExecutor(1) as pool:  # the export (below) runs meanwhile: both only read the finished run
+        export = pool.submit(run_rampup, "export", str(run), str(tmp_path / "hf"))
+        res = run_rampup("eval", str(run), "--lengths", "128", "256", "--passkey-samples", "0")
+        assert res.returncode == 0, res.stderr
+        after = json.loads((run / "eval.json").read_text())
+        assert after["scored"] == base["scored"]  # the same tokens of the same windows
+        assert after["loss"] == summary["val_loss"]
+        assert after["loss"]["256"] < base["loss"]["256"]  # continued training at 256 helped at 256
+        res = export.result()
 
     # ship it: the export declares 256 positions and the YaRN scaling, keeps the tokenizer whole
-    res = run_rampup("export", str(run), str(tmp_path / "hf"))
     assert res.returncode == 0, res.stderr
     conf = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert conf["max_position_embeddings"] == 256

@@ -3,10 +3,11 @@ buckets), two ranks draw the same sources per step with disjoint rows, and compa
 
 import json
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import mix_tree, rampup_cmd, run_rampup, wait_for, write_config
+from conftest import alongside, mix_tree, rampup_cmd, run_rampup, wait_for, write_config
 from rampup.config import RunConfig
 from rampup.engine.checkpoint.format import latest_checkpoint
 from rampup.engine.records import read_metrics
@@ -49,20 +50,29 @@ def steps_of(out):
     ]
 
 
+def run_all(*commands: tuple[str, ...]) -> list[subprocess.CompletedProcess]:
+    """``run_rampup(*command)`` for each command at the same time (independent commands, other outputs)."""
+    with ThreadPoolExecutor(len(commands)) as pool:
+        return list(pool.map(lambda command: run_rampup(*command), commands))
+
+
 @pytest.mark.parametrize("sampler", ["staged", "buckets"])
 def test_a_killed_mixture_run_resumes_bitwise(two_corpora, tmp_path, sampler):
+    from test_distributed import prepared
+
     ref = tmp_path / "ref"
-    res = run_rampup("train", str(write_config(tmp_path / "ref.yaml", mixture(two_corpora, ref, sampler))))
-    assert res.returncode == 0, res.stderr[-3000:]
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "run.yaml", mixture(two_corpora, out, sampler))
-    proc = subprocess.Popen(rampup_cmd("train", str(cfg)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    wait_for(lambda: (out / "checkpoints" / "step_0000012").is_dir(), proc, timeout=600)
-    proc.kill()
-    proc.wait()
-    assert len(steps_of(out)) < 24
-    res = run_rampup("train", str(cfg), "--resume")
-    assert res.returncode == 0, res.stderr[-3000:]
+    # the uninterrupted reference trains on the other core while its twin is killed and resumed
+    prepared(cfg)  # the two processes then only read the cache (see test_distributed.train_together)
+    with alongside("train", str(write_config(tmp_path / "ref.yaml", mixture(two_corpora, ref, sampler)))):
+        proc = subprocess.Popen(rampup_cmd("train", str(cfg)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_for(lambda: (out / "checkpoints" / "step_0000012").is_dir(), proc, timeout=600)
+        proc.kill()
+        proc.wait()
+        assert len(steps_of(out)) < 24
+        res = run_rampup("train", str(cfg), "--resume")
+        assert res.returncode == 0, res.stderr[-3000:]
     assert steps_of(out) == steps_of(ref)
     a = (latest_checkpoint(out / "checkpoints") / "model.safetensors").read_bytes()
     assert a == (latest_checkpoint(ref / "checkpoints") / "model.safetensors").read_bytes()
@@ -89,15 +99,16 @@ def test_two_ranks_draw_the_same_sources_per_step_with_disjoint_rows(two_corpora
 
 
 def test_a_two_rank_mixture_run_matches_one_rank(two_corpora, tmp_path):
-    from test_distributed import assert_match, records, train
+    from test_distributed import assert_match, records, train_together
 
-    outs = {}
+    outs, runs = {}, []
     for n in (1, 2):
         out = tmp_path / f"r{n}"
         tree = mixture(two_corpora, out, "buckets")
         tree["train"] |= {"checkpoint_every": None, "duration": "12 steps"}
-        train(write_config(tmp_path / f"r{n}.yaml", tree), nproc=n)
+        runs.append((write_config(tmp_path / f"r{n}.yaml", tree), {"nproc": n}))
         outs[n] = out
+    train_together(*runs)  # side by side
     assert steps_of(outs[1])[0][1:] == steps_of(outs[2])[0][1:]
     assert [s[1:] for s in steps_of(outs[1])] == [s[1:] for s in steps_of(outs[2])]  # the same shapes every step
     assert_match(records(outs[2]), records(outs[1]), range(1, 13))
@@ -106,7 +117,9 @@ def test_a_two_rank_mixture_run_matches_one_rank(two_corpora, tmp_path):
 
 
 def test_compare_and_report_on_one_source(two_corpora, tmp_path):
-    runs = []
+    from test_distributed import prepared
+
+    runs, configs = [], []
     for name, mix in (("replay", {"letters": 0.5, "digits": 0.5}), ("only", {"digits": 1.0})):
         tree = mix_tree(
             two_corpora,
@@ -116,13 +129,23 @@ def test_compare_and_report_on_one_source(two_corpora, tmp_path):
         )
         tree["name"] = name
         tree["schedule"]["knobs"]["mix"] = mix
-        res = run_rampup("train", str(write_config(tmp_path / f"{name}.yaml", tree)))
-        assert res.returncode == 0, res.stderr[-3000:]
+        configs.append(("train", str(write_config(tmp_path / f"{name}.yaml", tree))))
+        prepared(tmp_path / f"{name}.yaml")
         runs.append(str(tmp_path / name))
-    res = run_rampup("compare", *runs, "--out", str(tmp_path / "cmp"))  # same sources, other mixes: pooled loss
-    assert res.returncode == 0, res.stderr[-3000:]
-    for source in ("letters", "digits"):
-        res = run_rampup("compare", *runs, "--on", source, "--out", str(tmp_path / f"cmp_{source}"))
+    for res in run_all(*configs):  # the two runs side by side
+        assert res.returncode == 0, res.stderr[-3000:]
+    # the compares and reports read the runs and write to their own folders: all of them side by side
+    pooled, *on_source, nope, report = run_all(
+        ("compare", *runs, "--out", str(tmp_path / "cmp")),  # same sources, other mixes: pooled loss
+        *(
+            ("compare", *runs, "--on", source, "--out", str(tmp_path / f"cmp_{source}"))
+            for source in ("letters", "digits")
+        ),
+        ("report", runs[0], "--on", "nope"),
+        ("report", runs[0], "--on", "letters"),
+    )
+    assert pooled.returncode == 0, pooled.stderr[-3000:]
+    for source, res in zip(("letters", "digits"), on_source, strict=True):
         assert res.returncode == 0, res.stderr[-3000:]
         result = json.loads((tmp_path / f"cmp_{source}" / "compare.json").read_text())
         assert result["on"] == source
@@ -133,9 +156,7 @@ def test_compare_and_report_on_one_source(two_corpora, tmp_path):
         }
         group = next(g for g in result["groups"] if g["runs"] == ["replay"])
         assert group["lengths"]["64"]["final_loss"]["median"] == pytest.approx(finals[source])
-    res = run_rampup("report", runs[0], "--on", "nope")
-    assert res.returncode != 0 and "no source named 'nope'" in res.stderr
-    res = run_rampup("report", runs[0], "--on", "letters")
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert nope.returncode != 0 and "no source named 'nope'" in nope.stderr
+    assert report.returncode == 0, report.stderr[-3000:]
     html = (tmp_path / "replay" / "report" / "report.html").read_text()
     assert "sources of replay" in html

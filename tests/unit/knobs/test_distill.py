@@ -166,11 +166,11 @@ def test_hidden_state_distillation_from_a_narrower_run_through_a_learned_project
     from safetensors.torch import load_file
 
     from rampup.engine.checkpoint.format import latest_checkpoint
-    from rampup.engine.trainer import Trainer
+    from rampup.engine.trainer import Trainer, train
 
     small = tiny_tree(data_cache, tmp_path / "teacher", train={"duration": "8 steps", "checkpoint_every": None})
     small["model"] |= {"dim": 32, "n_heads": 2, "n_kv_heads": 1}
-    assert run_rampup("train", str(write_config(tmp_path / "teacher.yaml", small))).returncode == 0
+    assert train(RunConfig.model_validate(small), display_mode="off")["steps"] == 8  # the teacher, in this process
 
     def tree(out):
         t = short_tree(data_cache, out)
@@ -208,8 +208,9 @@ def test_hidden_state_distillation_from_a_narrower_run_through_a_learned_project
 
 
 @pytest.mark.slow
-def test_an_ema_teacher_for_progressive_self_distillation_resumes_bitwise(data_cache, tmp_path):
+def test_an_ema_teacher_for_progressive_self_distillation_resumes_bitwise(data_cache, tmp_path, capsys):
     """PS-KD with the run's own EMA as teacher (a ramping from 0 to 0.4), SIGKILLed after the transition."""
+    from rampup.cli import main
 
     def tree(out):
         t = short_tree(data_cache, out, train={"ema": {"half_life": "4 steps"}})
@@ -229,15 +230,15 @@ def test_an_ema_teacher_for_progressive_self_distillation_resumes_bitwise(data_c
     assert step_losses(out) == step_losses(tmp_path / "ref") and weights(out) == weights(tmp_path / "ref")
     no_ema = tiny_tree(data_cache, tmp_path / "bad")
     no_ema["schedule"]["stages"][1]["teacher"] = "ema"
-    res = run_rampup("plan", str(write_config(tmp_path / "bad.yaml", no_ema)))
-    assert res.returncode == 2 and "needs train.ema" in res.stderr
+    assert main(["plan", str(write_config(tmp_path / "bad.yaml", no_ema))]) == 2  # `rampup plan`, in this process
+    assert "needs train.ema" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_a_teacher_with_another_tokenizer_or_a_damaged_checkpoint_is_refused_before_compute(data_cache, tmp_path):
     import shutil
 
-    from rampup.engine.trainer import Trainer
+    from rampup.engine.trainer import Trainer, train
 
     other = tiny_tree(
         data_cache,
@@ -245,7 +246,7 @@ def test_a_teacher_with_another_tokenizer_or_a_damaged_checkpoint_is_refused_bef
         train={"duration": "2 steps", "checkpoint_every": None},
         data={"source": "/usr/include", "max_files": 30},
     )  # the same vocabulary size, other tokens
-    assert run_rampup("train", str(write_config(tmp_path / "other.yaml", other))).returncode == 0
+    assert train(RunConfig.model_validate(other), display_mode="off")["steps"] == 2  # in this process
     tree = tiny_tree(data_cache, tmp_path / "student")
     tree["schedule"]["stages"][1] |= {"teacher": f"run:{tmp_path / 'other'}", "distill_weight": 0.5}
     with pytest.raises(ConfigError, match="tokenizes differently"):

@@ -37,6 +37,7 @@ def test_ema_follows_its_half_life_in_tokens():
 
 @pytest.mark.slow
 def test_ema_is_checkpointed_evaluated_resumed_bitwise_and_exported(data_cache, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
 
     from safetensors.torch import load_file
 
@@ -64,10 +65,12 @@ def test_ema_is_checkpointed_evaluated_resumed_bitwise_and_exported(data_cache, 
         [r["loss"] for r in read_metrics(d / "metrics.jsonl") if r["event"] == "eval"] for d in (out, tmp_path / "ref")
     ]
     assert evals[0] == evals[1] and len(evals[0]) == 4  # steps 5, 10, 15 and the end, all scored with EMA weights
-    # the raw model scores differently from the average it exports
-    res = run_rampup("export", str(out), str(tmp_path / "hf_ema"), "--ema")
+    # the raw model scores differently from the average it exports (the two exports run side by side)
+    with ThreadPoolExecutor(2) as pool:
+        ema = pool.submit(run_rampup, "export", str(out), str(tmp_path / "hf_ema"), "--ema")
+        raw = pool.submit(run_rampup, "export", str(out), str(tmp_path / "hf_raw"))
+        res, raw = ema.result(), raw.result()
     assert res.returncode == 0, res.stderr
-    raw = run_rampup("export", str(out), str(tmp_path / "hf_raw"))
     assert raw.returncode == 0
     a = load_file(tmp_path / "hf_ema" / "model.safetensors")
     b = load_file(tmp_path / "hf_raw" / "model.safetensors")

@@ -59,9 +59,12 @@ def test_zero_growth_preserves_the_function_and_stacking_copies_blocks(tied):
 
 
 @pytest.mark.slow
-def test_a_run_grown_deeper_and_wider_mid_way_resumes_into_the_grown_model_and_exports(data_cache, tmp_path):
+def test_a_run_grown_deeper_and_wider_mid_way_resumes_into_the_grown_model_and_exports(data_cache, tmp_path, capsys):
     """Stage 1 stacks two more blocks, widens the MLPs and doubles the residual stream; killed before the
     growth (the resume grows), right after it and at a seeded random step (the resume builds the grown model)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rampup.cli import main
     from rampup.engine.records import read_metrics
 
     def tree(out):
@@ -71,13 +74,19 @@ def test_a_run_grown_deeper_and_wider_mid_way_resumes_into_the_grown_model_and_e
         t["schedule"]["stages"][1] |= {"depth": 4, "growth": "stack", "mlp_width": 256, "width": 128}
         return t
 
+    bad = tiny_tree(data_cache, tmp_path / "bad")
+    bad["schedule"]["stages"][0]["depth"] = 4
+    bad["schedule"]["stages"][1]["depth"] = 3
+    assert main(["plan", str(write_config(tmp_path / "bad.yaml", bad))]) == 2  # refused before anything runs
+    assert "depth only grows" in capsys.readouterr().err
     ref = write_config(tmp_path / "ref.yaml", tree(tmp_path / "ref"))
-    res = run_rampup("plan", str(ref), "--png", str(tmp_path / "p.png"), "--no-time")
-    assert res.returncode == 0, res.stderr
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "run.yaml", tree(out))
-    with alongside("train", str(ref)):
+    with ThreadPoolExecutor(1) as pool, alongside("train", str(ref)):
+        # the plan of the growing run, on the core the reference leaves free once it is done
+        plan = pool.submit(run_rampup, "plan", str(ref), "--png", str(tmp_path / "p.png"), "--no-time")
         kill_after_checkpoints(cfg, out, kill_steps(26, B))  # before the growth (resumes and grows), after it (grown)
+    assert plan.result().returncode == 0, plan.result().stderr
     assert run_rampup("train", str(cfg), "--resume").returncode == 0
     assert step_losses(out) == step_losses(tmp_path / "ref") and weights(out) == weights(tmp_path / "ref")
     flops = [r["flops"] for r in read_metrics(out / "metrics.jsonl") if r["event"] == "step"]
@@ -88,11 +97,6 @@ def test_a_run_grown_deeper_and_wider_mid_way_resumes_into_the_grown_model_and_e
     hf_cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert hf_cfg["num_hidden_layers"] == 4 and hf_cfg["intermediate_size"] == 256 and hf_cfg["hidden_size"] == 128
     assert hf_cfg["num_attention_heads"] == 8 and hf_cfg["num_key_value_heads"] == 4  # heads repeated, size kept
-    bad = tiny_tree(data_cache, tmp_path / "bad")
-    bad["schedule"]["stages"][0]["depth"] = 4
-    bad["schedule"]["stages"][1]["depth"] = 3
-    res = run_rampup("plan", str(write_config(tmp_path / "bad.yaml", bad)))
-    assert res.returncode == 2 and "depth only grows" in res.stderr
 
 
 def test_net2net_mlp_widening_preserves_the_function(tied):

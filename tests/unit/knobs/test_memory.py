@@ -286,6 +286,8 @@ def test_auto_turns_on_what_the_limit_needs_and_refuses_what_nothing_fits():
 
 
 def test_plan_shows_each_stages_peak_memory_and_what_each_technique_buys(data_cache, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
     from rampup.schedule.stages import Schedule
     from rampup.tools.plan import make_plan, plan_summary
 
@@ -293,15 +295,16 @@ def test_plan_shows_each_stages_peak_memory_and_what_each_technique_buys(data_ca
     tree["model"]["vocab_size"] = 8192  # a vocabulary whose logits matter
     tree["schedule"]["stages"][1] |= {"loss_shards": 4, "activation_checkpoint": "full"}
     cfg = RunConfig.model_validate(tree)
-    plan = make_plan(cfg, Schedule.build(cfg.schedule, total=cfg.train.duration), memory="detail")
-    short, long = plan_summary(plan)["stages"]
-    assert short["memory"]["settings"] == "plain" and long["memory"]["settings"] == "loss x4, ckpt full"
-    by = long["memory_by_technique"]
-    assert by["all"]["peak"] < by["loss tiles"]["peak"] < by["plain"]["peak"]
-    assert by["ckpt full"]["activations"] < by["plain"]["activations"]
-    res = run_rampup(
-        "plan", str(write_config(tmp_path / "c.yaml", tree)), "--memory", "--png", str(tmp_path / "p.png"), "--no-time"
-    )
+    args = str(write_config(tmp_path / "c.yaml", tree)), "--memory", "--png", str(tmp_path / "p.png"), "--no-time"
+    with ThreadPoolExecutor(1) as pool:
+        cli = pool.submit(run_rampup, "plan", *args)  # `rampup plan` runs while this process plans the same run
+        plan = make_plan(cfg, Schedule.build(cfg.schedule, total=cfg.train.duration), memory="detail")
+        short, long = plan_summary(plan)["stages"]
+        assert short["memory"]["settings"] == "plain" and long["memory"]["settings"] == "loss x4, ckpt full"
+        by = long["memory_by_technique"]
+        assert by["all"]["peak"] < by["loss tiles"]["peak"] < by["plain"]["peak"]
+        assert by["ckpt full"]["activations"] < by["plain"]["activations"]
+        res = cli.result()
     assert res.returncode == 0, res.stderr
     assert "estimated peak memory" in res.stdout and "loss tiles" in res.stdout and "MiB" in res.stdout
 
@@ -309,18 +312,28 @@ def test_plan_shows_each_stages_peak_memory_and_what_each_technique_buys(data_ca
 @pytest.mark.slow
 def test_the_estimate_matches_measured_peaks_of_real_steps():
     """Within 15% of the peak RSS a real step adds to its process (children, malloc returning freed blocks)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from rampup.tools.probe import run_trial
 
     cfg = _bench_cfg()
-    for settings in (MemorySettings(), MemorySettings(loss_shards=8), MemorySettings(8, 8, "full")):
+    every = (MemorySettings(), MemorySettings(loss_shards=8), MemorySettings(8, 8, "full"))
+
+    def trial(settings):  # each child measures its own peak RSS: the three run at once
+        return run_trial(cfg, {}, 4096, settings, 8 * 2**30, mode="above_rest", precision="fp32", timeout=300)
+
+    with ThreadPoolExecutor(len(every)) as pool:
+        trials = list(pool.map(trial, every))
+    for settings, t in zip(every, trials, strict=True):
         est = estimate_step(cfg, {}, 1, 4096, "fp32", settings)
-        t = run_trial(cfg, {}, 4096, settings, 8 * 2**30, mode="above_rest", precision="fp32", timeout=300)
         assert t.ok, t.why
         assert t.peak_above_rest == pytest.approx(est.step_peak, rel=0.15), settings.describe()
 
 
 @pytest.mark.slow
 def test_probe_finds_longer_contexts_with_the_techniques_in_held_children(tmp_path):
+    """200 MiB above rest: the plain step fits 1536 tokens (estimated 179 MiB) but not 2048 (239 MiB); with
+    every technique 4096 fits (121 MiB). Trials: plain 1024, 2048 (fails), 1536; all 1024, 2048, 4096."""
     tree = _bench_cfg().model_dump(mode="json", by_alias=True)
     cfg = write_config(tmp_path / "m.yaml", tree)
     res = run_rampup(
@@ -333,9 +346,9 @@ def test_probe_finds_longer_contexts_with_the_techniques_in_held_children(tmp_pa
         "plain",
         "all",
         "--start",
-        "512",
+        "1024",
         "--max-seq-len",
-        "8192",
+        "4096",
         "--refine",
         "1",
         "--json",
@@ -345,7 +358,7 @@ def test_probe_finds_longer_contexts_with_the_techniques_in_held_children(tmp_pa
     assert res.returncode == 0, res.stderr
     out = json.loads((tmp_path / "p.json").read_text())["techniques"]
     plain, every = out["plain"], out["all"]
-    assert 512 <= plain["longest"] < 8192
+    assert 1024 <= plain["longest"] < 4096
     assert every["longest"] >= 2 * plain["longest"]
     failed = [t for t in plain["trials"] if not t["ok"]]
     assert failed and failed[0]["why"] == "memory"  # the child's allocation failed, not the machine
